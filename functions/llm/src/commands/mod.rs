@@ -1,0 +1,15 @@
+pub mod bench;
+pub mod generate;
+pub mod inspect;
+
+use std::path::Path;
+
+use anyhow::Context;
+use llm_engine::{quant, LoadOptions, LoadedModel};
+
+/// Loads a model for a command, with `--quantize` applied.
+pub fn load_model(path: &Path, quantize: Option<&str>) -> anyhow::Result<LoadedModel> {
+    let quantize = quantize.map(quant::parse_ggml_dtype).transpose()?;
+    llm_engine::load(path, LoadOptions { quantize })
+        .with_context(|| format!("cannot load model {}", path.display()))
+}

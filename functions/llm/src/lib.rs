@@ -1,0 +1,47 @@
+//! The `llm` command line: thin argument parsing over the engine and the other libraries.
+//! Each subcommand lives in its own module under `commands/`.
+
+mod commands;
+mod threads;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "llm", version, about = "Run, inspect and benchmark Llama models on CPU")]
+pub struct Cli {
+    /// Worker threads for the matrix kernels (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt.
+    Generate(commands::generate::Args),
+    /// Print a model's metadata and tensors.
+    Inspect(commands::inspect::Args),
+    /// Measure load time, prefill and decode speed, and peak memory.
+    Bench(commands::bench::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging();
+    threads::configure(cli.threads)?;
+    match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    }
+}
+
+/// Logs go to stderr so that stdout stays machine-readable; `RUST_LOG` sets the level.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

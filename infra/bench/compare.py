@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""`llm bench` side by side with llama.cpp (llama-cpp-python) on the same GGUF files and threads.
+
+Prints a Markdown table (the one in README.md). Each engine runs in its own process, so that load
+time and peak RSS are its own.
+
+    cargo build --release -p llm-cli
+    .venv/bin/python infra/bench/compare.py infra/.work/bench/*.gguf --threads 1 2
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+LLAMA_CPP_RUN = r"""
+import json, resource, sys, time
+import llama_cpp
+path, n_prompt, n_gen, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+t0 = time.perf_counter()
+llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
+                      n_threads=threads, n_threads_batch=threads, verbose=False)
+load_s = time.perf_counter() - t0
+prompt = [1] + [(i * 7919) % 31000 + 100 for i in range(n_prompt - 1)]
+t0 = time.perf_counter()
+llm.eval(prompt)
+prefill = time.perf_counter() - t0
+t0 = time.perf_counter()
+for _ in range(n_gen - 1):
+    llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+decode = time.perf_counter() - t0
+print(json.dumps({"load_s": load_s, "prefill_tok_s": n_prompt / prefill, "decode_tok_s": (n_gen - 1) / decode,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def last_json(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--threads", nargs="+", type=int, default=[2])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--llm", type=Path, default=ROOT / "target" / "release" / "llm")
+    args = ap.parse_args()
+
+    print("| model | threads | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours | llama.cpp | ratio "
+          "| load s ours / llama.cpp | peak RSS MiB ours / llama.cpp | file MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        for t in args.threads:
+            ours = last_json([args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
+                              "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"])
+            theirs = last_json([sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens),
+                                str(args.gen_tokens), str(t)])
+            mib = lambda b: b / 2**20
+            print(f"| {model.name} | {t} "
+                  f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
+                  f"| {ours['decode_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f} "
+                  f"| {ours['load_s']:.2f} / {theirs['load_s']:.2f} "
+                  f"| {mib(ours['peak_rss_bytes']):.0f} / {mib(theirs['peak_rss_bytes']):.0f} "
+                  f"| {mib(model.stat().st_size):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

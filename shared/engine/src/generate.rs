@@ -1,0 +1,326 @@
+//! Batched text generation: one prefill pass over all prompts, then one decode pass per step,
+//! each sequence with its own sampler, stop conditions and streaming text.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::error::{EngineError, Result};
+use crate::model::{Llama, Logits};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerationRequest {
+    /// Token ids, special tokens included (see [`Tokenizer::encode`]).
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops before the first occurrence of any of these; the text excludes it.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-generation tokens (benchmarks, parity checks).
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window ran out, or the caller stopped generation.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Generated ids; an end-of-generation token that stopped the sequence is the last one.
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+/// One generated token, as it is produced.
+#[derive(Debug)]
+pub struct TokenEvent<'a> {
+    /// Index of the request in the batch.
+    pub index: usize,
+    /// `None` for text released after the last token (held-back bytes at the end).
+    pub token_id: Option<u32>,
+    /// Text this token completes; empty while a character or a possible stop string is pending.
+    pub text: &'a str,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill: Duration,
+    pub decode: Duration,
+    /// Decode steps (each extends every unfinished sequence by one token).
+    pub decode_steps: usize,
+}
+
+/// Generates completions for `requests` in one batch. `on_token` sees every token as it is
+/// sampled; returning `Break` ends generation for all sequences (`finish_reason: length`).
+pub fn generate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    requests: &[GenerationRequest],
+    mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<(Vec<Completion>, GenerationStats)> {
+    let context = model.config().max_position_embeddings;
+    let vocab = model.config().vocab_size;
+    for r in requests {
+        validate(r, context, vocab)?;
+    }
+    let mut seqs: Vec<Sequence> = requests
+        .iter()
+        .map(|r| Sequence::new(r, context))
+        .collect();
+    let mut stats = GenerationStats {
+        prompt_tokens: requests.iter().map(|r| r.prompt.len()).sum(),
+        ..Default::default()
+    };
+    if requests.is_empty() {
+        return Ok((Vec::new(), stats));
+    }
+
+    // Prefill: all prompts, left-padded to the longest.
+    let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let mut pad: Vec<usize> = requests.iter().map(|r| longest - r.prompt.len()).collect();
+    let mut tokens = Vec::with_capacity(requests.len() * longest);
+    for (r, p) in requests.iter().zip(&pad) {
+        tokens.extend(std::iter::repeat_n(0u32, *p));
+        tokens.extend(&r.prompt);
+    }
+    let started = Instant::now();
+    let mut cache = model.new_cache();
+    let input = Tensor::from_vec(tokens, (requests.len(), longest), model.device())?;
+    let mut logits = model.forward(&input, &pad, &mut cache, Logits::Last)?;
+    stats.prefill = started.elapsed();
+
+    // `active[row]` is the sequence index decoded in batch row `row`.
+    let mut active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].finished()).collect();
+    let started = Instant::now();
+    let mut stopped_by_caller = false;
+    while !active.is_empty() {
+        let rows = logits.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(active.len());
+        for (row, &i) in active.iter().enumerate() {
+            let seq = &mut seqs[i];
+            let token = seq.sampler.sample(&rows[row], &seq.context);
+            let piece = seq.push(tokenizer, token)?;
+            stats.generated_tokens += 1;
+            let flow = on_token(TokenEvent { index: i, token_id: Some(token), text: &piece });
+            stopped_by_caller |= flow.is_break();
+            next.push(token);
+        }
+        if stopped_by_caller {
+            for &i in &active {
+                seqs[i].finish.get_or_insert(FinishReason::Length);
+            }
+        }
+        let keep: Vec<usize> = (0..active.len()).filter(|&row| !seqs[active[row]].finished()).collect();
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < active.len() {
+            let rows: Vec<u32> = keep.iter().map(|&row| row as u32).collect();
+            cache.retain_rows(&rows)?;
+            pad = keep.iter().map(|&row| pad[row]).collect();
+            next = keep.iter().map(|&row| next[row]).collect();
+            active = keep.iter().map(|&row| active[row]).collect();
+        }
+        let input = Tensor::from_vec(next, (active.len(), 1), model.device())?;
+        logits = model.forward(&input, &pad, &mut cache, Logits::Last)?;
+        stats.decode_steps += 1;
+    }
+    stats.decode = started.elapsed();
+
+    let mut completions = Vec::with_capacity(seqs.len());
+    for (i, mut seq) in seqs.into_iter().enumerate() {
+        let tail = seq.close(tokenizer)?;
+        if !tail.is_empty() {
+            let _ = on_token(TokenEvent { index: i, token_id: None, text: &tail });
+        }
+        completions.push(Completion {
+            token_ids: seq.generated,
+            text: seq.text,
+            finish_reason: seq.finish.unwrap_or(FinishReason::Length),
+        });
+    }
+    Ok((completions, stats))
+}
+
+fn validate(r: &GenerationRequest, context: usize, vocab: usize) -> Result<()> {
+    let bad = |m: String| Err(EngineError::InvalidRequest(m));
+    if r.prompt.is_empty() {
+        return bad("the prompt is empty".into());
+    }
+    if r.prompt.len() >= context {
+        return bad(format!(
+            "the prompt has {} tokens; the model's context window is {context}",
+            r.prompt.len()
+        ));
+    }
+    if let Some(id) = r.prompt.iter().find(|&&id| id as usize >= vocab) {
+        return bad(format!("token id {id} is outside the vocabulary ({vocab})"));
+    }
+    if r.stop.iter().any(String::is_empty) {
+        return bad("stop strings must not be empty".into());
+    }
+    r.sampling.validate()
+}
+
+/// The state of one sequence during generation.
+struct Sequence {
+    sampler: Sampler,
+    /// Prompt and generated ids (for the repetition penalty).
+    context: Vec<u32>,
+    generated: Vec<u32>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    ignore_eos: bool,
+    decoder: IncrementalDecoder,
+    /// Decoded text so far; cut at a stop string when one appears.
+    text: String,
+    /// How much of `text` has been handed to the caller.
+    emitted: usize,
+    /// No more text will be appended (the decoder was flushed or a stop string cut it).
+    text_final: bool,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    fn new(r: &GenerationRequest, context: usize) -> Self {
+        let room = context.saturating_sub(r.prompt.len());
+        let mut seq = Self {
+            sampler: Sampler::new(r.sampling.clone()),
+            context: r.prompt.clone(),
+            generated: Vec::new(),
+            max_tokens: r.max_tokens.min(room),
+            stop: r.stop.clone(),
+            ignore_eos: r.ignore_eos,
+            decoder: IncrementalDecoder::new(),
+            text: String::new(),
+            emitted: 0,
+            text_final: false,
+            finish: None,
+        };
+        if seq.max_tokens == 0 {
+            seq.finish = Some(FinishReason::Length);
+            seq.text_final = true;
+        }
+        seq
+    }
+
+    fn finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Records `token`; returns the text that can be released to a stream now.
+    fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<String> {
+        self.context.push(token);
+        self.generated.push(token);
+        if tokenizer.is_stop(token) && !self.ignore_eos {
+            self.finalize(tokenizer, FinishReason::Stop)?;
+            return Ok(self.take_all());
+        }
+        let piece = self.decoder.push(tokenizer, token)?;
+        self.text.push_str(&piece);
+        if self.cut_at_stop_string() {
+            self.finish = Some(FinishReason::Stop);
+            self.text_final = true;
+            return Ok(self.take_all());
+        }
+        if self.generated.len() >= self.max_tokens {
+            self.finalize(tokenizer, FinishReason::Length)?;
+            return Ok(self.take_all());
+        }
+        Ok(self.take_releasable())
+    }
+
+    /// Ends the sequence: held-back bytes join the text, which may still reveal a stop string.
+    fn finalize(&mut self, tokenizer: &Tokenizer, reason: FinishReason) -> Result<()> {
+        self.finish = Some(reason);
+        if !self.text_final {
+            let tail = self.decoder.flush(tokenizer)?;
+            self.text.push_str(&tail);
+            if self.cut_at_stop_string() {
+                self.finish = Some(FinishReason::Stop);
+            }
+            self.text_final = true;
+        }
+        Ok(())
+    }
+
+    /// Whatever was not released yet, once generation is over.
+    fn close(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        if !self.text_final {
+            let reason = self.finish.unwrap_or(FinishReason::Length);
+            self.finalize(tokenizer, reason)?;
+        }
+        Ok(self.take_all())
+    }
+
+    /// Truncates `text` at the earliest stop string; true if one was found.
+    fn cut_at_stop_string(&mut self) -> bool {
+        let earliest = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min();
+        match earliest {
+            Some(at) => {
+                self.text.truncate(at);
+                self.emitted = self.emitted.min(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Text that cannot be the start of a stop string any more.
+    fn take_releasable(&mut self) -> String {
+        let mut end = self.text.len();
+        if !self.finished() {
+            let held = self
+                .stop
+                .iter()
+                .map(|s| longest_suffix_prefix(&self.text, s))
+                .max()
+                .unwrap_or(0);
+            end -= held;
+            while !self.text.is_char_boundary(end) {
+                end -= 1;
+            }
+        }
+        let start = self.emitted.min(end);
+        self.emitted = end.max(self.emitted);
+        self.text[start..end].to_string()
+    }
+
+    fn take_all(&mut self) -> String {
+        let start = self.emitted.min(self.text.len());
+        self.emitted = self.text.len();
+        self.text[start..].to_string()
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+    (1..stop.len())
+        .rev()
+        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_prefix_overlap() {
+        assert_eq!(longest_suffix_prefix("hello wor", "world"), 3);
+        assert_eq!(longest_suffix_prefix("hello", "xyz"), 0);
+        assert_eq!(longest_suffix_prefix("ab", "b"), 0);
+    }
+}

@@ -1,0 +1,208 @@
+//! GGUF files as llama.cpp writes them for `general.architecture = llama`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+
+/// A GGUF metadata value (re-exported so callers need not depend on candle).
+pub use candle_core::quantized::gguf_file::Value as GgufValue;
+use candle_core::Device;
+
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::error::{EngineError, Result};
+use crate::weights::{TensorName, Weight, WeightSource};
+
+/// An opened GGUF file: its metadata and tensor directory, with tensors read on demand.
+pub struct GgufFile {
+    path: PathBuf,
+    reader: BufReader<File>,
+    content: Content,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        let mut reader = BufReader::new(file);
+        // candle's reader bounds-checks lengths against the file size; a hostile header can
+        // still trip an arithmetic assertion inside it, which must not take the process down.
+        let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
+            .map_err(|_| EngineError::invalid_file(path, "malformed GGUF header"))?
+            .map_err(|e| EngineError::invalid_file(path, e))?;
+        let gguf = Self { path: path.to_path_buf(), reader, content };
+        gguf.check_tensor_bounds(file_len)?;
+        Ok(gguf)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// Tensor names with their GGML type and dims (row-major, `[out, in]`), sorted by name.
+    pub fn tensor_infos(&self) -> Vec<(String, String, Vec<usize>)> {
+        let mut infos: Vec<_> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(name, info)| (name.clone(), format!("{:?}", info.ggml_dtype), info.shape.dims().to_vec()))
+            .collect();
+        infos.sort();
+        infos
+    }
+
+    /// Every tensor must lie inside the file before anything is allocated for it.
+    fn check_tensor_bounds(&self, file_len: u64) -> Result<()> {
+        for (name, info) in &self.content.tensor_infos {
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .ok_or_else(|| EngineError::tensor(name, "element count overflows"))?;
+            let block = info.ggml_dtype.block_size() as u64;
+            if elems % block != 0 {
+                return Err(EngineError::tensor(
+                    name,
+                    format!("{elems} elements is not a whole number of {:?} blocks", info.ggml_dtype),
+                ));
+            }
+            let bytes = (elems / block).saturating_mul(info.ggml_dtype.type_size() as u64);
+            let end = self.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+            if end > file_len {
+                return Err(EngineError::invalid_file(
+                    &self.path,
+                    format!("tensor `{name}` ends at byte {end}, past the end of the file ({file_len} bytes): truncated?"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn get_string(&self, key: &str) -> Option<&str> {
+        match self.get(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An integer-valued key, whatever integer width the writer chose.
+    pub fn get_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key)
+            .map(|v| {
+                v.to_u64()
+                    .or_else(|_| v.to_u32().map(u64::from))
+                    .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
+                    .map(|x| x as usize)
+                    .map_err(|_| EngineError::invalid_file(&self.path, format!("`{key}` is not an integer")))
+            })
+            .transpose()
+    }
+
+    pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.get(key)
+            .map(|v| {
+                v.to_f32()
+                    .map(f64::from)
+                    .or_else(|_| v.to_f64())
+                    .map_err(|_| EngineError::invalid_file(&self.path, format!("`{key}` is not a number")))
+            })
+            .transpose()
+    }
+
+    pub fn get_bool(&self, key: &str) -> Option<bool> {
+        self.get(key).and_then(|v| v.to_bool().ok())
+    }
+
+    fn require_usize(&self, key: &str) -> Result<usize> {
+        self.get_usize(key)?
+            .ok_or_else(|| EngineError::invalid_file(&self.path, format!("missing metadata key `{key}`")))
+    }
+
+    pub fn architecture(&self) -> Result<&str> {
+        self.get_string("general.architecture")
+            .ok_or_else(|| EngineError::invalid_file(&self.path, "missing `general.architecture`"))
+    }
+
+    /// The model hyper-parameters from `llama.*` keys (and tensor shapes where keys are optional).
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let arch = self.architecture()?;
+        if arch != "llama" {
+            return Err(EngineError::UnsupportedArchitecture(arch.to_string()));
+        }
+        let key = |k: &str| format!("llama.{k}");
+        let hidden_size = self.require_usize(&key("embedding_length"))?;
+        let num_heads = self.require_usize(&key("attention.head_count"))?;
+        let head_dim = match self.get_usize(&key("attention.key_length"))? {
+            Some(d) => d,
+            None => hidden_size / num_heads.max(1),
+        };
+        let vocab_size = match self.get_usize(&key("vocab_size"))? {
+            Some(v) => v,
+            None => self
+                .content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| EngineError::tensor("token_embd.weight", "missing from the checkpoint"))?,
+        };
+        let rope_scaling = match self.get_string(&key("rope.scaling.type")) {
+            Some("linear") => RopeScaling::Linear {
+                factor: self.get_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0),
+            },
+            _ => RopeScaling::None,
+        };
+        let config = LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: self.require_usize(&key("feed_forward_length"))?,
+            num_layers: self.require_usize(&key("block_count"))?,
+            num_heads,
+            num_kv_heads: self.get_usize(&key("attention.head_count_kv"))?.unwrap_or(num_heads),
+            head_dim,
+            rms_norm_eps: self.get_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: self.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: self.get_usize(&key("context_length"))?.unwrap_or(4096),
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Reads tensors from a [`GgufFile`], keeping quantized ones quantized.
+pub struct GgufSource<'a> {
+    pub file: &'a mut GgufFile,
+    pub device: Device,
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn load(&mut self, name: TensorName) -> Result<Option<Weight>> {
+        let key = name.gguf();
+        if !self.file.content.tensor_infos.contains_key(&key) {
+            return Ok(None);
+        }
+        let tensor = self
+            .file
+            .content
+            .tensor(&mut self.file.reader, &key, &self.device)
+            .map_err(|e| EngineError::tensor(&key, e))?;
+        Ok(Some(Weight::Quantized(Arc::new(tensor))))
+    }
+
+    fn display_name(&self, name: TensorName) -> String {
+        name.gguf()
+    }
+}

@@ -1,0 +1,32 @@
+//! The Llama engine: everything between a model file and generated text, on CPU.
+//!
+//! Owns model loading (GGUF as llama.cpp writes it, Hugging Face safetensors directories),
+//! the forward pass ([`model::Llama`]: batched prefill, KV cache, GQA, Llama 3 RoPE scaling),
+//! tokenization and chat templates, sampling, and batched generation with streaming callbacks.
+//!
+//! It knows nothing of S3, HTTP or Lambda: callers hand it local paths and token callbacks.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod hf;
+pub mod loader;
+pub mod model;
+pub mod quant;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::LlamaConfig;
+pub use error::{EngineError, Result};
+pub use generate::{generate, Completion, FinishReason, GenerationRequest, GenerationStats, TokenEvent};
+pub use loader::{load, LoadedModel, ModelFormat};
+pub use quant::parse_ggml_dtype;
+pub use model::{KvCache, Llama, LoadOptions, Logits};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};

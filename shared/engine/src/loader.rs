@@ -1,0 +1,158 @@
+//! One entry point that loads a model, its tokenizer and chat template from a GGUF file or a
+//! Hugging Face directory.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::Device;
+use serde_json::Value as Json;
+
+use crate::chat::ChatTemplate;
+use crate::error::{EngineError, Result};
+use crate::gguf::{GgufFile, GgufSource};
+use crate::hf::{self, SafetensorsSource};
+use crate::model::{Llama, LoadOptions};
+use crate::rope::RopeLayout;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf,
+    HuggingFace,
+}
+
+/// Everything needed to turn text into text.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub format: ModelFormat,
+    pub path: PathBuf,
+}
+
+/// What `path` holds: a directory is a Hugging Face checkpoint, a file must start with `GGUF`.
+pub fn detect_format(path: &Path) -> Result<ModelFormat> {
+    let meta = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?;
+    if meta.is_dir() {
+        return Ok(ModelFormat::HuggingFace);
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| EngineError::invalid_file(path, format!("cannot read the file header: {e}")))?;
+    if &magic != b"GGUF" {
+        return Err(EngineError::invalid_file(
+            path,
+            "not a GGUF file (bad magic) and not a Hugging Face model directory",
+        ));
+    }
+    Ok(ModelFormat::Gguf)
+}
+
+pub fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
+    let device = Device::Cpu;
+    let format = detect_format(path)?;
+    let (model, tokenizer, chat_template) = match format {
+        ModelFormat::Gguf => load_gguf(path, options, &device)?,
+        ModelFormat::HuggingFace => load_hf(path, options, &device)?,
+    };
+    tokenizer.check_fits(model.config().vocab_size)?;
+    Ok(LoadedModel { model, tokenizer, chat_template, format, path: path.to_path_buf() })
+}
+
+type Parts = (Llama, Tokenizer, Option<ChatTemplate>);
+
+fn load_gguf(path: &Path, options: LoadOptions, device: &Device) -> Result<Parts> {
+    let mut gguf = GgufFile::open(path)?;
+    let config = gguf.llama_config()?;
+    let tokenizer = gguf_tokenizer(&gguf)?;
+    let chat_template = gguf
+        .get_string("tokenizer.chat_template")
+        .map(|t| ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()))
+        .transpose()?;
+    let mut source = GgufSource { file: &mut gguf, device: device.clone() };
+    let model = Llama::load(config, &mut source, RopeLayout::Interleaved, options, device)?;
+    Ok((model, tokenizer, chat_template))
+}
+
+fn gguf_tokenizer(gguf: &GgufFile) -> Result<Tokenizer> {
+    let inner = match gguf.get_string("tokenizer.huggingface.json") {
+        Some(json) => Tokenizer::from_json(json)?,
+        None => Tokenizer::from_json(&crate::gguf_tokenizer::tokenizer_json(gguf)?.to_string())?,
+    };
+    let token_text = |key: &str| -> Option<String> {
+        let id = gguf.get_usize(&format!("tokenizer.ggml.{key}_token_id")).ok().flatten()?;
+        match gguf.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(tokens)) => tokens.get(id).and_then(|t| t.to_string().ok()).cloned(),
+            _ => inner.id_to_token(id as u32),
+        }
+    };
+    let stop_ids: Vec<u32> = ["eos", "eot", "eom"]
+        .iter()
+        .filter_map(|k| gguf.get_usize(&format!("tokenizer.ggml.{k}_token_id")).ok().flatten())
+        .map(|id| id as u32)
+        .collect();
+    let (bos, eos) = (token_text("bos"), token_text("eos"));
+    Ok(Tokenizer::new(inner, bos, eos, stop_ids))
+}
+
+fn load_hf(dir: &Path, options: LoadOptions, device: &Device) -> Result<Parts> {
+    let config = hf::read_config(dir)?;
+    let files = hf::safetensors_files(dir)?;
+    let mut source = SafetensorsSource::open(&files, device)?;
+    let model = Llama::load(config, &mut source, RopeLayout::Halves, options, device)?;
+
+    let tokenizer_path = dir.join("tokenizer.json");
+    let json = std::fs::read_to_string(&tokenizer_path).map_err(|e| EngineError::io(&tokenizer_path, e))?;
+    let inner = Tokenizer::from_json(&json)?;
+    let tokenizer_config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
+    let generation_config = read_json_if_present(&dir.join("generation_config.json"))?;
+    let special = |key: &str| -> Option<String> {
+        let v = tokenizer_config.as_ref()?.get(key)?;
+        v.as_str().or_else(|| v.get("content")?.as_str()).map(str::to_string)
+    };
+    let stop_ids = generation_config
+        .as_ref()
+        .and_then(|g| g.get("eos_token_id"))
+        .map(|v| match v {
+            Json::Array(ids) => ids.iter().filter_map(Json::as_u64).map(|id| id as u32).collect(),
+            other => other.as_u64().map(|id| id as u32).into_iter().collect(),
+        })
+        .unwrap_or_else(Vec::new);
+    let tokenizer = Tokenizer::new(inner, special("bos_token"), special("eos_token"), stop_ids);
+
+    let template_file = dir.join("chat_template.jinja");
+    let template_source = if template_file.exists() {
+        Some(std::fs::read_to_string(&template_file).map_err(|e| EngineError::io(&template_file, e))?)
+    } else {
+        tokenizer_config.as_ref().and_then(|c| chat_template_from_config(c.get("chat_template")?))
+    };
+    let chat_template = template_source
+        .map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token()))
+        .transpose()?;
+    Ok((model, tokenizer, chat_template))
+}
+
+/// `chat_template` is a string, or a list of named templates of which `default` is the one.
+fn chat_template_from_config(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_json_if_present(path: &Path) -> Result<Option<Json>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| EngineError::invalid_file(path, e))
+}

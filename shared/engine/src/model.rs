@@ -1,0 +1,334 @@
+//! The Llama decoder: RMSNorm pre-norm blocks, grouped-query attention with RoPE, SwiGLU MLP.
+//!
+//! One forward pass takes a batch of left-padded rows (`[b, s]` token ids) and extends the
+//! per-layer KV cache; padding is masked out so rows of different lengths share every matmul.
+
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::rope::{Rope, RopeLayout};
+use crate::weights::{check_dims, load_expected, quantize_weight, LayerTensor, TensorName, Weight, WeightSource};
+
+/// A weight matrix `[out, in]` applied as `x · Wᵀ`, dense or quantized.
+#[derive(Debug, Clone)]
+struct Linear(QMatMul);
+
+impl Linear {
+    fn new(weight: Weight) -> Result<Self> {
+        Ok(Self(match weight {
+            Weight::Dense(t) => QMatMul::Tensor(t),
+            Weight::Quantized(q) => QMatMul::from_arc(q)?,
+        }))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.0.forward(&x.contiguous()?)?)
+    }
+}
+
+/// Token embedding table. A quantized table stays quantized: rows are dequantized on lookup.
+#[derive(Debug, Clone)]
+struct Embedding(QMatMul);
+
+impl Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.0.embedding(ids)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cos_sin: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, nh)?;
+        let k = heads(self.k_proj.forward(x)?, nkv)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let q = rope.apply(&q, &cos_sin.0, &cos_sin.1)?;
+        let k = rope.apply(&k, &cos_sin.0, &cos_sin.1)?;
+
+        let (k, v) = match cache.take() {
+            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let t = k.dim(2)?;
+
+        // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
+        // head are stacked along the query axis.
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * s, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((b, nkv, rep, s, t))?
+                .broadcast_add(&mask.unsqueeze(2)?)?
+                .reshape((b, nkv, rep * s, t))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?;
+        let out = out.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(gate * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Keys and values of every layer, `[b, kv_heads, t, head_dim]`, for the rows of a batch.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of positions cached (padding included).
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the batch rows in `rows` (in that order), e.g. when some sequences finish.
+    pub fn retain_rows(&mut self, rows: &[u32]) -> Result<()> {
+        let Some(Some((k, _))) = self.layers.first() else {
+            return Ok(());
+        };
+        let index = Tensor::new(rows, k.device())?;
+        for entry in self.layers.iter_mut().flatten() {
+            *entry = (entry.0.index_select(&index, 0)?, entry.1.index_select(&index, 0)?);
+        }
+        Ok(())
+    }
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// `[b, vocab]` for the last position of each row (generation).
+    Last,
+    /// `[b, s, vocab]` for every position (scoring, tests).
+    All,
+}
+
+/// Options that change how weights are held in memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Quantize f16/f32 weights to this type while loading.
+    pub quantize: Option<GgmlDType>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Llama {
+    pub fn load(
+        config: LlamaConfig,
+        source: &mut dyn WeightSource,
+        rope_layout: RopeLayout,
+        options: LoadOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = &config;
+        let q_dim = c.num_heads * c.head_dim;
+        let kv_dim = c.num_kv_heads * c.head_dim;
+        let maybe_quantize = |w: Weight| match options.quantize {
+            Some(dtype) => quantize_weight(w, dtype),
+            None => Ok(w),
+        };
+        let norm = |source: &mut dyn WeightSource, name| -> Result<RmsNorm> {
+            let weight = load_expected(source, name, &[c.hidden_size])?.to_f32()?;
+            Ok(RmsNorm { weight, eps: c.rms_norm_eps as f32 })
+        };
+        let linear = |source: &mut dyn WeightSource, name, dims: [usize; 2]| -> Result<Linear> {
+            Linear::new(maybe_quantize(load_expected(source, name, &dims)?)?)
+        };
+
+        let embed_weight = maybe_quantize(load_expected(
+            source,
+            TensorName::TokenEmbedding,
+            &[c.vocab_size, c.hidden_size],
+        )?)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let name = |t| TensorName::Layer(i, t);
+            use LayerTensor::*;
+            layers.push(DecoderLayer {
+                attn_norm: norm(source, name(AttnNorm))?,
+                attn: Attention {
+                    q_proj: linear(source, name(Q), [q_dim, c.hidden_size])?,
+                    k_proj: linear(source, name(K), [kv_dim, c.hidden_size])?,
+                    v_proj: linear(source, name(V), [kv_dim, c.hidden_size])?,
+                    o_proj: linear(source, name(O), [c.hidden_size, q_dim])?,
+                    num_heads: c.num_heads,
+                    num_kv_heads: c.num_kv_heads,
+                    head_dim: c.head_dim,
+                },
+                ffn_norm: norm(source, name(FfnNorm))?,
+                mlp: Mlp {
+                    gate: linear(source, name(Gate), [c.intermediate_size, c.hidden_size])?,
+                    up: linear(source, name(Up), [c.intermediate_size, c.hidden_size])?,
+                    down: linear(source, name(Down), [c.hidden_size, c.intermediate_size])?,
+                },
+            });
+        }
+        let norm = norm(source, TensorName::OutputNorm)?;
+        let lm_head = match source.load(TensorName::Output)? {
+            Some(w) if !c.tie_word_embeddings => {
+                check_dims(&source.display_name(TensorName::Output), w.dims(), &[c.vocab_size, c.hidden_size])?;
+                Linear::new(maybe_quantize(w)?)?
+            }
+            _ => Linear::new(embed_weight.clone())?,
+        };
+        let embed = Embedding(match embed_weight {
+            Weight::Dense(t) => QMatMul::Tensor(t),
+            Weight::Quantized(q) => QMatMul::QTensor(q),
+        });
+        let rope_factors = match source.load(TensorName::RopeFreqs)? {
+            Some(w) => {
+                check_dims(&source.display_name(TensorName::RopeFreqs), w.dims(), &[c.head_dim / 2])?;
+                Some(w.to_f32()?.to_vec1::<f32>()?)
+            }
+            None => None,
+        };
+        let rope = Rope::new(c, rope_factors.as_deref(), rope_layout, device)?;
+        Ok(Self { config, embed, layers, norm, lm_head, rope, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![None; self.config.num_layers] }
+    }
+
+    /// Runs `tokens` (`[b, s]`, u32) after what `cache` holds. `pad[r]` is the number of
+    /// padding positions at the start of row `r` (left padding); they are never attended to.
+    pub fn forward(&self, tokens: &Tensor, pad: &[usize], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        let (b, s) = tokens.dims2()?;
+        let past = cache.len();
+        let positions = positions(b, s, past, pad, &self.device)?;
+        let cos_sin = self.rope.cos_sin(&positions)?;
+        let mask = attention_mask(b, s, past, pad, &self.device)?;
+
+        let mut x = self.embed.forward(tokens)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, mask.as_ref(), layer_cache)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        let x = match which {
+            Logits::Last => x.narrow(1, s - 1, 1)?,
+            Logits::All => x,
+        };
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?.to_dtype(DType::F32)?;
+        Ok(match which {
+            Logits::Last => logits.squeeze(1)?,
+            Logits::All => logits,
+        })
+    }
+}
+
+/// Position ids `[b, s]`: each row counts from its first real token.
+fn positions(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) -> Result<Tensor> {
+    let ids: Vec<u32> = (0..b)
+        .flat_map(|r| (0..s).map(move |i| (past + i).saturating_sub(pad[r]) as u32))
+        .collect();
+    Ok(Tensor::from_vec(ids, (b, s), device)?)
+}
+
+/// Additive mask `[b, 1, s, past + s]`: causal, and hiding each row's padding. `None` when
+/// nothing needs hiding (one unpadded token at a time).
+fn attention_mask(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) -> Result<Option<Tensor>> {
+    if s == 1 && pad.iter().all(|&p| p == 0) {
+        return Ok(None);
+    }
+    let t = past + s;
+    let mut mask = vec![0f32; b * s * t];
+    for r in 0..b {
+        for i in 0..s {
+            let query = past + i;
+            for key in 0..t {
+                // A padding query still sees itself, so that its softmax row stays finite.
+                let visible = key == query || (key >= pad[r] && key <= query);
+                if !visible {
+                    mask[(r * s + i) * t + key] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(mask, (b, 1, s, t), device)?))
+}

@@ -1,0 +1,146 @@
+//! Text ↔ token ids, special tokens, and UTF-8-safe incremental decoding for streaming.
+
+use std::collections::BTreeSet;
+
+use crate::error::{EngineError, Result};
+
+/// A tokenizer with the special tokens generation needs.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<String>,
+    eos: Option<String>,
+    /// Every token that ends generation (EOS, end-of-turn, ...).
+    stop_ids: BTreeSet<u32>,
+}
+
+/// Texts of tokens that llama.cpp also treats as end of generation.
+const END_OF_GENERATION: &[&str] = &["</s>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"];
+
+impl Tokenizer {
+    /// `bos`/`eos` are token texts; `stop_ids` are extra end-of-generation ids (e.g. from
+    /// `generation_config.json`).
+    pub fn new(
+        inner: tokenizers::Tokenizer,
+        bos: Option<String>,
+        eos: Option<String>,
+        stop_ids: impl IntoIterator<Item = u32>,
+    ) -> Self {
+        let mut stop_ids: BTreeSet<u32> = stop_ids.into_iter().collect();
+        stop_ids.extend(eos.as_deref().and_then(|t| inner.token_to_id(t)));
+        stop_ids.extend(
+            END_OF_GENERATION
+                .iter()
+                .filter_map(|t| inner.token_to_id(t))
+                .filter(|&id| inner.get_added_vocabulary().is_special_token(&inner.id_to_token(id).unwrap_or_default())),
+        );
+        Self { inner, bos, eos, stop_ids }
+    }
+
+    pub fn from_json(json: &str) -> Result<tokenizers::Tokenizer> {
+        json.parse::<tokenizers::Tokenizer>()
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    /// Encodes `text`; with `add_special_tokens` the tokenizer's post-processor adds BOS/EOS as
+    /// configured (what `tokenizer(text)` does in transformers).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Decodes ids, leaving out special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos.as_deref()
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos.as_deref()
+    }
+
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+
+    pub fn stop_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.stop_ids.iter().copied()
+    }
+
+    /// One more than the largest id the tokenizer can produce.
+    pub fn id_limit(&self) -> usize {
+        let added = self.inner.get_added_tokens_decoder().keys().max().map_or(0, |&m| m as usize + 1);
+        self.inner.get_vocab_size(false).max(added)
+    }
+
+    /// Fails when the tokenizer can emit ids the model has no embedding for.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        let limit = self.id_limit();
+        if limit > vocab_size {
+            return Err(EngineError::Tokenizer(format!(
+                "the tokenizer has ids up to {} but the model's vocabulary has only {vocab_size} entries",
+                limit - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Turns a stream of token ids into text pieces, never splitting a UTF-8 character: a token
+/// that ends inside a multi-byte character is held back until the character is complete.
+/// The concatenated pieces equal decoding all ids at once.
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+
+    /// Adds one token; returns the text it completes, if any.
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let piece = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// The text still held back (an incomplete character at the end of the stream).
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
+
+impl Default for IncrementalDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
