@@ -1,0 +1,122 @@
+//! Generation behaviour on a real (fixture) model: stop strings, streaming, seeds, limits, and the
+//! Hugging Face loading variants (sharded f32 checkpoints, `chat_template.jinja`).
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use llm_engine::{generate, load, FinishReason, GenerationRequest, LoadOptions, SamplingParams};
+use llm_tests::*;
+
+fn llama3() -> llm_engine::LoadedModel {
+    load(&fixtures_dir().join("llama3/llama3-bf16.gguf"), LoadOptions::default()).unwrap()
+}
+
+/// Runs one request; returns the completion and the text as it was streamed.
+fn run(loaded: &llm_engine::LoadedModel, request: GenerationRequest) -> (llm_engine::Completion, String) {
+    let mut streamed = String::new();
+    let (mut completions, _) = generate(&loaded.model, &loaded.tokenizer, &[request], |event| {
+        streamed.push_str(event.text);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    (completions.remove(0), streamed)
+}
+
+#[test]
+fn stop_string_cuts_text_and_stream_alike() {
+    let loaded = llama3();
+    let prompt = loaded.tokenizer.encode("Hello, my name is", true).unwrap();
+    let base = GenerationRequest { prompt, max_tokens: 12, ignore_eos: true, ..Default::default() };
+    let (full, streamed) = run(&loaded, base.clone());
+    assert_eq!(full.text, streamed);
+    assert_eq!(full.finish_reason, FinishReason::Length);
+    // Stop in the middle of what greedy decoding produces.
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 6, "{:?}", full.text);
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let expected = &full.text[..full.text.find(&stop).unwrap()];
+    let (cut, streamed) = run(&loaded, GenerationRequest { stop: vec![stop.clone()], ..base });
+    assert_eq!(cut.finish_reason, FinishReason::Stop, "stop {stop:?}");
+    assert_eq!(cut.text, expected);
+    assert_eq!(streamed, expected, "the stream must not leak the stop string");
+}
+
+#[test]
+fn sampling_is_reproducible_per_sequence_in_a_batch() {
+    let loaded = llama3();
+    let prompt = loaded.tokenizer.encode("Once upon a time", true).unwrap();
+    let request = |seed| GenerationRequest {
+        prompt: prompt.clone(),
+        max_tokens: 10,
+        ignore_eos: true,
+        sampling: SamplingParams { temperature: 1.0, top_k: 50, seed, ..Default::default() },
+        ..Default::default()
+    };
+    let (batch, _) = generate(&loaded.model, &loaded.tokenizer, &[request(1), request(2), request(1)], |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(batch[0].token_ids, batch[2].token_ids);
+    assert_ne!(batch[0].token_ids, batch[1].token_ids);
+    let (alone, _) = run(&loaded, request(2));
+    assert_eq!(alone.token_ids, batch[1].token_ids);
+}
+
+#[test]
+fn limits_and_caller_stop() {
+    let loaded = llama3();
+    let prompt = loaded.tokenizer.encode("Hi", true).unwrap();
+    let long = GenerationRequest { prompt: vec![1; 200_000], max_tokens: 1, ..Default::default() };
+    let err = generate(&loaded.model, &loaded.tokenizer, &[long], |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(err.to_string().contains("context window"), "{err}");
+    let request = GenerationRequest { prompt, max_tokens: 50, ignore_eos: true, ..Default::default() };
+    let mut seen = 0;
+    let (done, _) = generate(&loaded.model, &loaded.tokenizer, &[request], |_| {
+        seen += 1;
+        if seen == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })
+    .unwrap();
+    assert_eq!(done[0].token_ids.len(), 3);
+    assert_eq!(done[0].finish_reason, FinishReason::Length);
+}
+
+/// A sharded f32 checkpoint (`model.safetensors.index.json`) gives the f16 original's logits.
+#[test]
+fn sharded_f32_checkpoint_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures_dir().join("llama2/hf");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut shards: [HashMap<String, candle_core::Tensor>; 2] = Default::default();
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, t)) in tensors.into_iter().enumerate() {
+        let shard = i % 2;
+        weight_map.insert(name.clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+        shards[shard].insert(name, t.to_dtype(candle_core::DType::F32).unwrap());
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, tmp.path().join(format!("model-0000{}-of-00002.safetensors", i + 1))).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let sharded = load(tmp.path(), LoadOptions::default()).unwrap();
+    let original = load(&src, LoadOptions::default()).unwrap();
+    let ids = original.tokenizer.encode("Hello, my name is", true).unwrap();
+    let diff = max_abs_diff(&prompt_logits(&sharded.model, &ids), &prompt_logits(&original.model, &ids));
+    assert!(diff < 1e-6, "{diff}");
+    assert!(sharded.chat_template.is_some());
+}
+
+#[test]
+fn chat_template_jinja_file_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures_dir().join("llama3/hf");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::write(tmp.path().join("chat_template.jinja"), "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}").unwrap();
+    let loaded = load(tmp.path(), LoadOptions::default()).unwrap();
+    let text = loaded.chat_template.unwrap().render(&[llm_engine::ChatMessage::new("user", "hi")], true).unwrap();
+    assert_eq!(text, "<user>hi");
+}
