@@ -24,6 +24,8 @@ pub enum Command {
     Inspect(commands::inspect::Args),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(commands::bench::Args),
+    /// Convert a Hugging Face checkpoint to a (quantized) GGUF file.
+    Quantize(commands::quantize::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,6 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => commands::generate::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Quantize(args) => commands::quantize::run(args),
     }
 }
 

@@ -103,3 +103,22 @@ pub fn tensor_infos(files: &[PathBuf]) -> Result<Vec<(String, String, Vec<usize>
     infos.sort();
     Ok(infos)
 }
+
+/// The chat template of a checkpoint directory: `chat_template.jinja` (transformers v5) or
+/// `chat_template` in `tokenizer_config.json`, a string or a list of named templates of which
+/// `default` is the one.
+pub fn chat_template(dir: &Path, tokenizer_config: Option<&serde_json::Value>) -> Result<Option<String>> {
+    let file = dir.join("chat_template.jinja");
+    if file.exists() {
+        return std::fs::read_to_string(&file).map(Some).map_err(|e| EngineError::io(&file, e));
+    }
+    Ok(match tokenizer_config.and_then(|c| c.get("chat_template")) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str())
+            .map(str::to_string),
+        _ => None,
+    })
+}

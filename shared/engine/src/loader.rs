@@ -122,29 +122,11 @@ fn load_hf(dir: &Path, options: LoadOptions, device: &Device) -> Result<Parts> {
         .unwrap_or_else(Vec::new);
     let tokenizer = Tokenizer::new(inner, special("bos_token"), special("eos_token"), stop_ids);
 
-    let template_file = dir.join("chat_template.jinja");
-    let template_source = if template_file.exists() {
-        Some(std::fs::read_to_string(&template_file).map_err(|e| EngineError::io(&template_file, e))?)
-    } else {
-        tokenizer_config.as_ref().and_then(|c| chat_template_from_config(c.get("chat_template")?))
-    };
+    let template_source = hf::chat_template(dir, tokenizer_config.as_ref())?;
     let chat_template = template_source
         .map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token()))
         .transpose()?;
     Ok((model, tokenizer, chat_template))
-}
-
-/// `chat_template` is a string, or a list of named templates of which `default` is the one.
-fn chat_template_from_config(v: &Json) -> Option<String> {
-    match v {
-        Json::String(s) => Some(s.clone()),
-        Json::Array(named) => named
-            .iter()
-            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str())
-            .map(str::to_string),
-        _ => None,
-    }
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<Json>> {

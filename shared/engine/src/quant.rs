@@ -31,14 +31,15 @@ pub fn parse_ggml_dtype(name: &str) -> Result<GgmlDType> {
 
 /// The type a row of `row_len` values can be stored in when `wanted` is asked for: `wanted`
 /// itself when the row is a whole number of blocks, otherwise llama.cpp's fallback for K-quants
-/// (`llama-quantize` picks the same), otherwise `None` (keep the tensor unquantized).
+/// (`tensor_type_fallback` in `llama-quant.cpp`), otherwise `None` (llama.cpp then uses F16).
 pub fn type_for_row(wanted: GgmlDType, row_len: usize) -> Option<GgmlDType> {
     let fits = |t: GgmlDType| row_len > 0 && row_len % t.block_size() == 0;
     if fits(wanted) {
         return Some(wanted);
     }
     let fallback = match wanted {
-        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
+        GgmlDType::Q4K => GgmlDType::Q5_0,
         GgmlDType::Q5K => GgmlDType::Q5_1,
         GgmlDType::Q6K => GgmlDType::Q8_0,
         _ => return None,

@@ -54,45 +54,50 @@ impl Rope {
     }
 }
 
-/// The per-pair rotation speeds, computed in f32 as transformers does.
+/// The per-pair rotation speeds: `theta^(-2i/d)` (in f32, as transformers computes it), each
+/// divided by its scaling factor.
 fn inverse_frequencies(config: &LlamaConfig, factors: Option<&[f32]>) -> Vec<f32> {
+    let from_config = scaling_factors(config);
+    let factors = factors.or(from_config.as_deref());
+    base_frequencies(config)
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| factors.and_then(|s| s.get(i)).map_or(f, |s| f / s))
+        .collect()
+}
+
+fn base_frequencies(config: &LlamaConfig) -> Vec<f32> {
     let dim = config.head_dim;
     let base = config.rope_theta as f32;
-    let mut inv_freq: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
-        .collect();
-    if let Some(factors) = factors {
-        for (f, factor) in inv_freq.iter_mut().zip(factors) {
-            *f /= factor;
-        }
-        return inv_freq;
-    }
+    (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32)).collect()
+}
+
+/// Per-frequency divisors for the config's RoPE scaling: what llama.cpp stores as the
+/// `rope_freqs` tensor for Llama 3 scaling. `None` without scaling.
+pub fn scaling_factors(config: &LlamaConfig) -> Option<Vec<f32>> {
+    let freqs = base_frequencies(config);
     match config.rope_scaling {
-        RopeScaling::None => {}
-        RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor as f32),
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings: old_ctx,
-        } => {
-            let low_freq_wavelen = old_ctx / low_freq_factor;
-            let high_freq_wavelen = old_ctx / high_freq_factor;
-            for f in inv_freq.iter_mut() {
-                let freq = *f as f64;
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                *f = if wavelen < high_freq_wavelen {
-                    freq
-                } else if wavelen > low_freq_wavelen {
-                    freq / factor
-                } else {
-                    let smooth =
-                        (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                    (1.0 - smooth) * freq / factor + smooth * freq
-                } as f32;
-            }
+        RopeScaling::None => None,
+        RopeScaling::Linear { factor } => Some(vec![factor as f32; freqs.len()]),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old_ctx } => {
+            let (factor, low, high, old_ctx) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old_ctx as f32);
+            let (low_freq_wavelen, high_freq_wavelen) = (old_ctx / low, old_ctx / high);
+            Some(
+                freqs
+                    .iter()
+                    .map(|&freq| {
+                        let wavelen = 2.0 * std::f32::consts::PI / freq;
+                        if wavelen < high_freq_wavelen {
+                            1.0
+                        } else if wavelen > low_freq_wavelen {
+                            factor
+                        } else {
+                            let smooth = (old_ctx / wavelen - low) / (high - low);
+                            1.0 / ((1.0 - smooth) / factor + smooth)
+                        }
+                    })
+                    .collect(),
+            )
         }
     }
-    inv_freq
 }

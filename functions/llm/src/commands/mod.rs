@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod generate;
 pub mod inspect;
+pub mod quantize;
 
 use std::path::Path;
 

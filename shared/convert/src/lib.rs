@@ -1,0 +1,19 @@
+//! Static post-training quantization: a Hugging Face Llama checkpoint (safetensors, `config.json`,
+//! `tokenizer.json`) becomes the GGUF file llama.cpp's `convert_hf_to_gguf.py` + `llama-quantize`
+//! would write: llama.cpp tensor names and Q/K row order, `general.*`/`llama.*` metadata,
+//! `tokenizer.ggml.*` keys, the chat template, the whole `tokenizer.json`, `rope_freqs` for Llama 3
+//! RoPE scaling, and llama.cpp's per-tensor choice of types for mixed formats such as Q4_K_M.
+//!
+//! Memory stays bounded by the largest tensor: the header is computed up front from shapes and
+//! types, then tensors are read one at a time, quantized on all cores and written in order.
+//! Knows nothing of S3 or Lambda: it reads a local directory and writes to any `Write`.
+
+mod error;
+mod gguf_writer;
+mod plan;
+mod target;
+mod tokenizer_meta;
+
+pub use error::{ConvertError, Result};
+pub use plan::{convert, tensor_types, ConvertReport, Progress};
+pub use target::QuantType;

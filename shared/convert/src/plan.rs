@@ -1,0 +1,302 @@
+//! The conversion itself: read the checkpoint's headers, plan every output tensor (name, shape,
+//! type), write the GGUF header, then stream the tensors one at a time.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use llm_engine::weights::{LayerTensor, TensorName};
+use llm_engine::config::RopeScaling;
+use llm_engine::LlamaConfig;
+use rayon::prelude::*;
+
+use crate::error::{ConvertError, Result};
+use crate::gguf_writer::{self, MetaValue, TensorEntry};
+use crate::target::{tensor_type, ModelShape, QuantType};
+
+/// Reported after each tensor is written.
+#[derive(Debug, Clone)]
+pub struct Progress<'a> {
+    pub tensor: &'a str,
+    pub index: usize,
+    pub count: usize,
+    pub bytes_written: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub tensors: usize,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Where one source tensor lives in the checkpoint.
+struct SourceTensor {
+    file: PathBuf,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// What fills one output tensor.
+enum Data {
+    /// A checkpoint tensor; Q and K rows are permuted into llama.cpp's RoPE order.
+    Checkpoint { hf_name: String, permute_heads: Option<usize> },
+    /// Computed by the converter (`rope_freqs`).
+    Computed(Vec<f32>),
+}
+
+struct Planned {
+    entry: TensorEntry,
+    data: Data,
+}
+
+/// Converts the Hugging Face checkpoint in `input` to GGUF of type `q`, written to `out`.
+pub fn convert(input: &Path, out: &mut impl Write, q: QuantType, mut on_progress: impl FnMut(&Progress<'_>)) -> Result<ConvertReport> {
+    let started = Instant::now();
+    let config = llm_engine::hf::read_config(input)?;
+    let sources = read_directory(&llm_engine::hf::safetensors_files(input)?)?;
+    let tied = config.tie_word_embeddings || !sources.contains_key("lm_head.weight");
+    let plan = plan_tensors(&config, &sources, q, tied)?;
+    let metadata = [model_metadata(input, &config, q), crate::tokenizer_meta::tokenizer_metadata(input)?].concat();
+
+    let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
+    let header = gguf_writer::header(&metadata, &entries);
+    let total_bytes = gguf_writer::file_size(header.len() as u64, &entries);
+    out.write_all(&header)?;
+    let mut written = header.len() as u64;
+    let mut input_bytes = 0;
+    for (index, p) in plan.iter().enumerate() {
+        let values = match &p.data {
+            Data::Computed(v) => v.clone(),
+            Data::Checkpoint { hf_name, permute_heads } => {
+                let source = &sources[hf_name];
+                input_bytes += source.end - source.start;
+                let values = read_f32(hf_name, source)?;
+                match permute_heads {
+                    Some(heads) => permute_rope_rows(&values, *heads, source.shape[0], source.shape[1]),
+                    None => values,
+                }
+            }
+        };
+        let bytes = encode(&p.entry, &values)?;
+        gguf_writer::write_tensor(out, &p.entry, &bytes)?;
+        written += bytes.len().div_ceil(gguf_writer::ALIGNMENT as usize) as u64 * gguf_writer::ALIGNMENT;
+        on_progress(&Progress { tensor: &p.entry.name, index, count: plan.len(), bytes_written: written, total_bytes });
+    }
+    out.flush()?;
+    Ok(ConvertReport { tensors: plan.len(), input_bytes, output_bytes: written, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Tensor directory of every safetensors file (headers only; data is read per tensor).
+fn read_directory(files: &[PathBuf]) -> Result<HashMap<String, SourceTensor>> {
+    let mut sources = HashMap::new();
+    for path in files {
+        let file = File::open(path).map_err(|e| ConvertError::Io { path: path.clone(), source: e })?;
+        let file_len = file.metadata().map_err(|e| ConvertError::Io { path: path.clone(), source: e })?.len();
+        let mut len = [0u8; 8];
+        file.read_exact_at(&mut len, 0).map_err(|e| ConvertError::input(path, format!("no safetensors header: {e}")))?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > 100 << 20 || 8 + header_len > file_len {
+            return Err(ConvertError::input(path, format!("safetensors header of {header_len} bytes does not fit the file")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut header, 8).map_err(|e| ConvertError::input(path, e))?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| ConvertError::input(path, format!("safetensors header: {e}")))?;
+        let data_start = 8 + header_len;
+        for (name, info) in header.into_iter().filter(|(k, _)| k != "__metadata__") {
+            let source = parse_entry(path, &name, &info, data_start, file_len)?;
+            sources.insert(name, source);
+        }
+    }
+    Ok(sources)
+}
+
+/// One safetensors header entry, validated: known dtype, offsets inside the file, and a byte
+/// length that matches the shape.
+fn parse_entry(path: &Path, name: &str, info: &serde_json::Value, data_start: u64, file_len: u64) -> Result<SourceTensor> {
+    let bad = |reason: String| ConvertError::tensor(name, format!("{}: {reason}", path.display()));
+    let (dtype, width) = match info["dtype"].as_str() {
+        Some("F32") => (safetensors::Dtype::F32, 4),
+        Some("F16") => (safetensors::Dtype::F16, 2),
+        Some("BF16") => (safetensors::Dtype::BF16, 2),
+        other => return Err(bad(format!("unsupported dtype {other:?}"))),
+    };
+    let shape: Vec<usize> = info["shape"]
+        .as_array()
+        .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+        .ok_or_else(|| bad("malformed shape".into()))?;
+    let offsets: Vec<u64> = info["data_offsets"]
+        .as_array()
+        .and_then(|o| o.iter().map(serde_json::Value::as_u64).collect())
+        .filter(|o: &Vec<u64>| o.len() == 2 && o[0] <= o[1])
+        .ok_or_else(|| bad("malformed data_offsets".into()))?;
+    let bytes = shape.iter().try_fold(width as u64, |acc, &d| acc.checked_mul(d as u64));
+    if bytes != Some(offsets[1] - offsets[0]) {
+        return Err(bad(format!("shape {shape:?} does not match its {} bytes", offsets[1] - offsets[0])));
+    }
+    let (start, end) = (data_start + offsets[0], data_start + offsets[1]);
+    if end > file_len {
+        return Err(bad(format!("ends at byte {end}, past the end of the file ({file_len} bytes): truncated?")));
+    }
+    Ok(SourceTensor { file: path.to_path_buf(), dtype, shape, start, end })
+}
+
+/// The tensors a converted file holds, in order, with their dims (PyTorch order).
+fn layout(c: &LlamaConfig, tied: bool) -> Vec<(TensorName, Vec<usize>)> {
+    use LayerTensor::*;
+    let (q_dim, kv_dim) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut names = vec![(TensorName::TokenEmbedding, vec![c.vocab_size, c.hidden_size])];
+    for i in 0..c.num_layers {
+        let l = |t| TensorName::Layer(i, t);
+        names.extend([
+            (l(AttnNorm), vec![c.hidden_size]),
+            (l(Q), vec![q_dim, c.hidden_size]),
+            (l(K), vec![kv_dim, c.hidden_size]),
+            (l(V), vec![kv_dim, c.hidden_size]),
+            (l(O), vec![c.hidden_size, q_dim]),
+            (l(FfnNorm), vec![c.hidden_size]),
+            (l(Gate), vec![c.intermediate_size, c.hidden_size]),
+            (l(Up), vec![c.intermediate_size, c.hidden_size]),
+            (l(Down), vec![c.hidden_size, c.intermediate_size]),
+        ]);
+    }
+    names.push((TensorName::OutputNorm, vec![c.hidden_size]));
+    if !tied {
+        names.push((TensorName::Output, vec![c.vocab_size, c.hidden_size]));
+    }
+    names
+}
+
+/// The GGML type of every checkpoint tensor in a conversion to `q` (GGUF names).
+pub fn tensor_types(config: &LlamaConfig, tied: bool, q: QuantType) -> Vec<(String, GgmlDType)> {
+    let shape = ModelShape { num_layers: config.num_layers, gqa: config.num_heads / config.num_kv_heads, tied_embeddings: tied };
+    layout(config, tied)
+        .into_iter()
+        .map(|(name, dims)| (name.gguf(), tensor_type(q, name, *dims.last().unwrap_or(&0), dims.len(), &shape)))
+        .collect()
+}
+
+fn plan_tensors(config: &LlamaConfig, sources: &HashMap<String, SourceTensor>, q: QuantType, tied: bool) -> Result<Vec<Planned>> {
+    let c = config;
+    let mut plan = Vec::new();
+    if let (RopeScaling::Llama3 { .. }, Some(factors)) = (&c.rope_scaling, llm_engine::rope::scaling_factors(c)) {
+        let entry = TensorEntry { name: TensorName::RopeFreqs.gguf(), dims: vec![factors.len()], dtype: GgmlDType::F32 };
+        plan.push(Planned { entry, data: Data::Computed(factors) });
+    }
+    let types = tensor_types(c, tied, q);
+    for ((name, dims), (_, dtype)) in layout(c, tied).into_iter().zip(types) {
+        let hf_name = name.hf();
+        let source = sources
+            .get(&hf_name)
+            .ok_or_else(|| ConvertError::tensor(&hf_name, "missing from the checkpoint"))?;
+        if source.shape != dims {
+            return Err(ConvertError::tensor(&hf_name, format!("has shape {:?}, the config implies {dims:?}", source.shape)));
+        }
+        let permute_heads = match name {
+            TensorName::Layer(_, LayerTensor::Q) => Some(c.num_heads),
+            TensorName::Layer(_, LayerTensor::K) => Some(c.num_kv_heads),
+            _ => None,
+        };
+        plan.push(Planned { entry: TensorEntry { name: name.gguf(), dims, dtype }, data: Data::Checkpoint { hf_name, permute_heads } });
+    }
+    Ok(plan)
+}
+
+fn model_metadata(input: &Path, c: &LlamaConfig, q: QuantType) -> Vec<(String, MetaValue)> {
+    let name = input
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let u = |v: usize| MetaValue::U32(v as u32);
+    let mut meta = vec![
+        ("general.architecture", MetaValue::Str("llama".into())),
+        ("general.type", MetaValue::Str("model".into())),
+        ("general.name", MetaValue::Str(name)),
+        ("llama.block_count", u(c.num_layers)),
+        ("llama.context_length", u(c.max_position_embeddings)),
+        ("llama.embedding_length", u(c.hidden_size)),
+        ("llama.feed_forward_length", u(c.intermediate_size)),
+        ("llama.attention.head_count", u(c.num_heads)),
+        ("llama.attention.head_count_kv", u(c.num_kv_heads)),
+        ("llama.rope.freq_base", MetaValue::F32(c.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(c.rms_norm_eps as f32)),
+        ("llama.attention.key_length", u(c.head_dim)),
+        ("llama.attention.value_length", u(c.head_dim)),
+        ("general.file_type", MetaValue::U32(q.file_type())),
+        ("llama.vocab_size", u(c.vocab_size)),
+        ("llama.rope.dimension_count", u(c.head_dim)),
+    ];
+    if let RopeScaling::Linear { factor } = c.rope_scaling {
+        meta.push(("llama.rope.scaling.type", MetaValue::Str("linear".into())));
+        meta.push(("llama.rope.scaling.factor", MetaValue::F32(factor as f32)));
+    }
+    meta.push(("general.quantization_version", MetaValue::U32(2)));
+    meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// One tensor's values as f32, read with a single positioned read.
+fn read_f32(name: &str, source: &SourceTensor) -> Result<Vec<f32>> {
+    let file = File::open(&source.file).map_err(|e| ConvertError::Io { path: source.file.clone(), source: e })?;
+    let mut bytes = vec![0u8; (source.end - source.start) as usize];
+    file.read_exact_at(&mut bytes, source.start).map_err(|e| ConvertError::tensor(name, e))?;
+    let values = match source.dtype {
+        safetensors::Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        safetensors::Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        safetensors::Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => return Err(ConvertError::tensor(name, format!("unsupported dtype {other:?}"))),
+    };
+    Ok(values)
+}
+
+/// llama.cpp's Q/K permutation: within each head, rows `[half 0 | half 1]` become interleaved
+/// pairs, so that its RoPE (adjacent pairs) equals Hugging Face's (halves).
+fn permute_rope_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let dst = h * head_dim + i * 2 + j;
+                let src = h * head_dim + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The tensor's bytes in its planned type; quantization runs over row chunks on all cores
+/// (blocks never cross rows, so chunking does not change the bytes).
+fn encode(entry: &TensorEntry, values: &[f32]) -> Result<Vec<u8>> {
+    Ok(match entry.dtype {
+        GgmlDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlDType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        GgmlDType::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        dtype => {
+            let cols = *entry.dims.last().unwrap_or(&1);
+            let rows = values.len() / cols;
+            let chunk_rows = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
+            let chunks: Vec<Vec<u8>> = values
+                .par_chunks(chunk_rows * cols)
+                .map(|chunk| -> Result<Vec<u8>> {
+                    let t = Tensor::from_slice(chunk, (chunk.len() / cols, cols), &Device::Cpu)?;
+                    Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+                })
+                .collect::<Result<_>>()?;
+            chunks.concat()
+        }
+    })
+}
