@@ -2,7 +2,8 @@
 """A random model with TinyLlama-1.1B's shapes, as GGUF files in several types, for benchmarks.
 
 Weights are random (speed does not depend on them); the tokenizer is the llama2 fixture's.
-Writes infra/.work/bench/tinyllama-shape-{f16,q8_0,q4_0,q4_k_m}.gguf (git-ignored).
+Writes infra/.work/bench/hf/ (the safetensors checkpoint) and
+infra/.work/bench/tinyllama-shape-{f16,q8_0,q4_0,q4_k_m}.gguf (git-ignored).
 
     .venv/bin/python infra/bench/make_bench_model.py --llama-cpp /tmp/llsrc/llama_cpp_python-*/vendor/llama.cpp
 """
@@ -30,7 +31,7 @@ def main():
 
     OUT.mkdir(parents=True, exist_ok=True)
     hf = OUT / "hf"
-    if not (OUT / "tinyllama-shape-f16.gguf").exists():
+    if not (hf / "model.safetensors").exists():
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                              num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
@@ -41,11 +42,11 @@ def main():
         model.save_pretrained(hf, safe_serialization=True)
         for f in ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]:
             shutil.copy(ROOT / "tests/fixtures/llama2/hf" / f, hf / f)
+    if not (OUT / "tinyllama-shape-f16.gguf").exists():
         env = {"PYTHONPATH": str(args.llama_cpp / "gguf-py"), "PATH": "/usr/bin:/bin"}
         subprocess.run([sys.executable, args.llama_cpp / "convert_hf_to_gguf.py", hf, "--outfile",
                         OUT / "tinyllama-shape-f16.gguf", "--outtype", "f16"], check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(hf)
     lc.llama_backend_init()
     for name, ftype in TYPES.items():
         out = OUT / f"tinyllama-shape-{name}.gguf"

@@ -99,3 +99,32 @@ fn bad_input_exits_non_zero_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantization type"));
 }
+
+#[test]
+fn quantize_writes_a_loadable_file_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model.gguf");
+    let input = fixtures().join("llama2/hf");
+    let run = llm(&["quantize", "--input", input.to_str().unwrap(), "--output", out.to_str().unwrap(), "--type", "q4_0"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let info = llm_json(&["inspect", out.to_str().unwrap(), "--json"]);
+    assert_eq!(info["metadata"]["general.file_type"], 2);
+    let generated = llm_json(&["generate", "--model", out.to_str().unwrap(), "--prompt", "Hello", "--max-tokens", "3", "--ignore-eos", "--json"]);
+    assert_eq!(generated["token_ids"].as_array().unwrap().len(), 3);
+
+    // A checkpoint whose weights are cut short: an error, and no output file at all.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(input.join(f), broken.join(f)).unwrap();
+    }
+    let weights = std::fs::read(input.join("model.safetensors")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
+    let failed = tmp.path().join("failed.gguf");
+    let run = llm(&["quantize", "--input", broken.to_str().unwrap(), "--output", failed.to_str().unwrap(), "--type", "q8_0"]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("truncated"));
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "partial" || x == "gguf")).count(), 1, "only the good output remains");
+    let run = llm(&["quantize", "--input", input.to_str().unwrap(), "--output", failed.to_str().unwrap(), "--type", "q9_k"]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("unknown type"));
+}
