@@ -1,6 +1,8 @@
 //! Helpers shared by the cross-crate tests: where the fixtures are and how to read them.
 //! The fixtures are written by `infra/fixtures/make_fixtures.py` (transformers, llama.cpp).
 
+pub mod local_s3;
+
 use std::path::PathBuf;
 
 pub fn fixtures_dir() -> PathBuf {

@@ -13,7 +13,8 @@ use llm_tests::*;
 fn convert_to(dir: &Path, model: &str, q: &str) -> std::path::PathBuf {
     let out = dir.join(format!("{model}-{q}.gguf"));
     let mut file = std::io::BufWriter::new(std::fs::File::create(&out).unwrap());
-    llm_convert::convert(&fixtures_dir().join(model).join("hf"), &mut file, q.parse().unwrap(), |_| {}).unwrap();
+    let source = llm_convert::CheckpointSource::open(llm_store::Location::Local(fixtures_dir().join(model).join("hf"))).unwrap();
+    llm_convert::convert(&source, &mut file, q.parse().unwrap(), |_| {}).unwrap();
     drop(file);
     out
 }
@@ -126,28 +127,25 @@ fn converted_files_run_in_the_engine() {
     let last = logits.get(case.prompt_token_ids.len() - 1).unwrap();
     assert!(max_abs_diff(&last, &reference["prompt0.logits_last"]) < 1e-4);
     assert_eq!(greedy(&f16, &[case.prompt_token_ids.clone()], 20)[0], case.greedy_token_ids);
-    // The tokenizer rebuilt from our tokenizer.ggml.* keys alone (what llama.cpp reads) encodes
-    // like transformers.
-    let gguf = GgufFile::open(&tmp.path().join("llama3-bf16.gguf")).unwrap();
+    assert_ggml_tokenizer_matches_transformers(&tmp.path().join("llama3-bf16.gguf"), "llama3");
+}
+
+/// The tokenizer rebuilt from the file's `tokenizer.ggml.*` keys alone (what llama.cpp reads,
+/// ignoring `tokenizer.huggingface.json`) encodes the fixture strings like transformers.
+fn assert_ggml_tokenizer_matches_transformers(path: &Path, model: &str) {
+    let gguf = GgufFile::open(path).unwrap();
     let rebuilt = llm_engine::Tokenizer::from_json(&llm_engine::gguf_tokenizer::tokenizer_json(&gguf).unwrap().to_string()).unwrap();
-    let cases = read_json("llama3/tokenizer_cases.json");
+    let cases = read_json(&format!("{model}/tokenizer_cases.json"));
     for c in cases["cases"].as_array().unwrap() {
         let ids: Vec<u32> = rebuilt.encode(c["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
-        assert_eq!(ids, llm_tests::ids(&c["ids"]), "{}", c["text"]);
+        assert_eq!(ids, llm_tests::ids(&c["ids"]), "{model}: {}", c["text"]);
     }
 }
 
 #[test]
 fn sentencepiece_scores_reproduce_the_merge_order() {
     let tmp = tempfile::tempdir().unwrap();
-    let path = convert_to(tmp.path(), "llama2", "q8_0");
-    let gguf = GgufFile::open(&path).unwrap();
-    let rebuilt = llm_engine::Tokenizer::from_json(&llm_engine::gguf_tokenizer::tokenizer_json(&gguf).unwrap().to_string()).unwrap();
-    let cases = read_json("llama2/tokenizer_cases.json");
-    for c in cases["cases"].as_array().unwrap() {
-        let ids: Vec<u32> = rebuilt.encode(c["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
-        assert_eq!(ids, llm_tests::ids(&c["ids"]), "{}", c["text"]);
-    }
+    assert_ggml_tokenizer_matches_transformers(&convert_to(tmp.path(), "llama2", "q8_0"), "llama2");
 }
 
 #[test]
@@ -161,7 +159,8 @@ fn bad_checkpoints_are_refused() {
     let weights = std::fs::read(fixtures_dir().join("llama2/hf/model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
     let mut sink = Vec::new();
-    let err = llm_convert::convert(&dir, &mut sink, QuantType::Q8_0, |_| {}).unwrap_err().to_string();
+    let source = llm_convert::CheckpointSource::open(llm_store::Location::Local(dir.clone())).unwrap();
+    let err = llm_convert::convert(&source, &mut sink, QuantType::Q8_0, |_| {}).unwrap_err().to_string();
     assert!(err.contains("truncated"), "{err}");
     // A header that claims more bytes than its shape holds.
     let mut hostile = weights.clone();
@@ -169,6 +168,6 @@ fn bad_checkpoints_are_refused() {
     let header = String::from_utf8(hostile[8..8 + header_len].to_vec()).unwrap().replacen("\"shape\":[32000,32]", "\"shape\":[32000,33]", 1);
     hostile[8..8 + header_len].copy_from_slice(header.as_bytes());
     std::fs::write(dir.join("model.safetensors"), &hostile).unwrap();
-    let err = llm_convert::convert(&dir, &mut sink, QuantType::Q8_0, |_| {}).unwrap_err().to_string();
+    let err = llm_convert::convert(&source, &mut sink, QuantType::Q8_0, |_| {}).unwrap_err().to_string();
     assert!(err.contains("does not match"), "{err}");
 }

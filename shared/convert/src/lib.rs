@@ -6,14 +6,17 @@
 //!
 //! Memory stays bounded by the largest tensor: the header is computed up front from shapes and
 //! types, then tensors are read one at a time, quantized on all cores and written in order.
-//! Knows nothing of S3 or Lambda: it reads a local directory and writes to any `Write`.
+//! Reads a local directory or an S3 prefix ([`CheckpointSource`]) and writes to any `Write`
+//! (a file, or an S3 multipart upload); knows nothing of Lambda.
 
 mod error;
 mod gguf_writer;
 mod plan;
+mod source;
 mod target;
 mod tokenizer_meta;
 
 pub use error::{ConvertError, Result};
 pub use plan::{convert, tensor_types, ConvertReport, Progress};
+pub use source::CheckpointSource;
 pub use target::QuantType;

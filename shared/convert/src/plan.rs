@@ -2,10 +2,7 @@
 //! type), write the GGUF header, then stream the tensors one at a time.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -17,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::{ConvertError, Result};
 use crate::gguf_writer::{self, MetaValue, TensorEntry};
+use crate::source::CheckpointSource;
 use crate::target::{tensor_type, ModelShape, QuantType};
 
 /// Reported after each tensor is written.
@@ -39,12 +37,21 @@ pub struct ConvertReport {
 
 /// Where one source tensor lives in the checkpoint.
 struct SourceTensor {
-    file: PathBuf,
-    dtype: safetensors::Dtype,
+    /// File name within the checkpoint.
+    file: String,
+    dtype: SourceDtype,
     shape: Vec<usize>,
     /// Absolute byte range in the file.
     start: u64,
     end: u64,
+}
+
+/// The float formats a checkpoint may store.
+#[derive(Debug, Clone, Copy)]
+enum SourceDtype {
+    F32,
+    F16,
+    BF16,
 }
 
 /// What fills one output tensor.
@@ -61,10 +68,13 @@ struct Planned {
 }
 
 /// Converts the Hugging Face checkpoint in `input` to GGUF of type `q`, written to `out`.
-pub fn convert(input: &Path, out: &mut impl Write, q: QuantType, mut on_progress: impl FnMut(&Progress<'_>)) -> Result<ConvertReport> {
+pub fn convert(input: &CheckpointSource, out: &mut impl Write, q: QuantType, mut on_progress: impl FnMut(&Progress<'_>)) -> Result<ConvertReport> {
     let started = Instant::now();
-    let config = llm_engine::hf::read_config(input)?;
-    let sources = read_directory(&llm_engine::hf::safetensors_files(input)?)?;
+    let config_text = input
+        .read_text("config.json")?
+        .ok_or_else(|| ConvertError::input(input.describe("config.json"), "missing"))?;
+    let config = LlamaConfig::from_hf_json(&config_text)?;
+    let sources = read_directory(input)?;
     let tied = config.tie_word_embeddings || !sources.contains_key("lm_head.weight");
     let plan = plan_tensors(&config, &sources, q, tied)?;
     let metadata = [model_metadata(input, &config, q), crate::tokenizer_meta::tokenizer_metadata(input)?].concat();
@@ -81,7 +91,7 @@ pub fn convert(input: &Path, out: &mut impl Write, q: QuantType, mut on_progress
             Data::Checkpoint { hf_name, permute_heads } => {
                 let source = &sources[hf_name];
                 input_bytes += source.end - source.start;
-                let values = read_f32(hf_name, source)?;
+                let values = read_f32(input, hf_name, source)?;
                 match permute_heads {
                     Some(heads) => permute_rope_rows(&values, *heads, source.shape[0], source.shape[1]),
                     None => values,
@@ -97,25 +107,36 @@ pub fn convert(input: &Path, out: &mut impl Write, q: QuantType, mut on_progress
     Ok(ConvertReport { tensors: plan.len(), input_bytes, output_bytes: written, seconds: started.elapsed().as_secs_f64() })
 }
 
+/// The checkpoint's safetensors files: the shards its index lists, or `model.safetensors`.
+fn shard_files(input: &CheckpointSource) -> Result<Vec<String>> {
+    let index = "model.safetensors.index.json";
+    match input.read_text(index)? {
+        Some(text) => llm_engine::hf::shard_names(&text).map_err(|e| ConvertError::input(input.describe(index), e)),
+        None if input.size("model.safetensors")?.is_some() => Ok(vec!["model.safetensors".into()]),
+        None => Err(ConvertError::input(input.root().to_string(), "no model.safetensors or model.safetensors.index.json")),
+    }
+}
+
 /// Tensor directory of every safetensors file (headers only; data is read per tensor).
-fn read_directory(files: &[PathBuf]) -> Result<HashMap<String, SourceTensor>> {
+fn read_directory(input: &CheckpointSource) -> Result<HashMap<String, SourceTensor>> {
     let mut sources = HashMap::new();
-    for path in files {
-        let file = File::open(path).map_err(|e| ConvertError::Io { path: path.clone(), source: e })?;
-        let file_len = file.metadata().map_err(|e| ConvertError::Io { path: path.clone(), source: e })?.len();
-        let mut len = [0u8; 8];
-        file.read_exact_at(&mut len, 0).map_err(|e| ConvertError::input(path, format!("no safetensors header: {e}")))?;
-        let header_len = u64::from_le_bytes(len);
-        if header_len > 100 << 20 || 8 + header_len > file_len {
-            return Err(ConvertError::input(path, format!("safetensors header of {header_len} bytes does not fit the file")));
+    for file in shard_files(input)? {
+        let path = input.describe(&file);
+        let file_len = input.size(&file)?.ok_or_else(|| ConvertError::input(&path, "missing"))?;
+        if file_len < 8 {
+            return Err(ConvertError::input(&path, "too short for a safetensors header: truncated?"));
         }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header, 8).map_err(|e| ConvertError::input(path, e))?;
+        let len = input.read_range(&file, 0, 8)?;
+        let header_len = u64::from_le_bytes(len.try_into().unwrap_or_default());
+        if header_len > 100 << 20 || 8 + header_len > file_len {
+            return Err(ConvertError::input(&path, format!("safetensors header of {header_len} bytes does not fit the file")));
+        }
+        let header = input.read_range(&file, 8, header_len)?;
         let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| ConvertError::input(path, format!("safetensors header: {e}")))?;
+            serde_json::from_slice(&header).map_err(|e| ConvertError::input(&path, format!("safetensors header: {e}")))?;
         let data_start = 8 + header_len;
         for (name, info) in header.into_iter().filter(|(k, _)| k != "__metadata__") {
-            let source = parse_entry(path, &name, &info, data_start, file_len)?;
+            let source = parse_entry(&file, &path, &name, &info, data_start, file_len)?;
             sources.insert(name, source);
         }
     }
@@ -124,12 +145,12 @@ fn read_directory(files: &[PathBuf]) -> Result<HashMap<String, SourceTensor>> {
 
 /// One safetensors header entry, validated: known dtype, offsets inside the file, and a byte
 /// length that matches the shape.
-fn parse_entry(path: &Path, name: &str, info: &serde_json::Value, data_start: u64, file_len: u64) -> Result<SourceTensor> {
-    let bad = |reason: String| ConvertError::tensor(name, format!("{}: {reason}", path.display()));
+fn parse_entry(file: &str, path: &str, name: &str, info: &serde_json::Value, data_start: u64, file_len: u64) -> Result<SourceTensor> {
+    let bad = |reason: String| ConvertError::tensor(name, format!("{path}: {reason}"));
     let (dtype, width) = match info["dtype"].as_str() {
-        Some("F32") => (safetensors::Dtype::F32, 4),
-        Some("F16") => (safetensors::Dtype::F16, 2),
-        Some("BF16") => (safetensors::Dtype::BF16, 2),
+        Some("F32") => (SourceDtype::F32, 4),
+        Some("F16") => (SourceDtype::F16, 2),
+        Some("BF16") => (SourceDtype::BF16, 2),
         other => return Err(bad(format!("unsupported dtype {other:?}"))),
     };
     let shape: Vec<usize> = info["shape"]
@@ -149,7 +170,7 @@ fn parse_entry(path: &Path, name: &str, info: &serde_json::Value, data_start: u6
     if end > file_len {
         return Err(bad(format!("ends at byte {end}, past the end of the file ({file_len} bytes): truncated?")));
     }
-    Ok(SourceTensor { file: path.to_path_buf(), dtype, shape, start, end })
+    Ok(SourceTensor { file: file.to_string(), dtype, shape, start, end })
 }
 
 /// The tensors a converted file holds, in order, with their dims (PyTorch order).
@@ -213,12 +234,14 @@ fn plan_tensors(config: &LlamaConfig, sources: &HashMap<String, SourceTensor>, q
     Ok(plan)
 }
 
-fn model_metadata(input: &Path, c: &LlamaConfig, q: QuantType) -> Vec<(String, MetaValue)> {
-    let name = input
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into());
+fn model_metadata(input: &CheckpointSource, c: &LlamaConfig, q: QuantType) -> Vec<(String, MetaValue)> {
+    let root = input.root().to_string();
+    let name = root
+        .trim_end_matches('/')
+        .rsplit('/')
+        .find(|part| !part.is_empty() && *part != ".")
+        .unwrap_or("model")
+        .to_string();
     let u = |v: usize| MetaValue::U32(v as u32);
     let mut meta = vec![
         ("general.architecture", MetaValue::Str("llama".into())),
@@ -246,18 +269,16 @@ fn model_metadata(input: &Path, c: &LlamaConfig, q: QuantType) -> Vec<(String, M
     meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-/// One tensor's values as f32, read with a single positioned read.
-fn read_f32(name: &str, source: &SourceTensor) -> Result<Vec<f32>> {
-    let file = File::open(&source.file).map_err(|e| ConvertError::Io { path: source.file.clone(), source: e })?;
-    let mut bytes = vec![0u8; (source.end - source.start) as usize];
-    file.read_exact_at(&mut bytes, source.start).map_err(|e| ConvertError::tensor(name, e))?;
-    let values = match source.dtype {
-        safetensors::Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        safetensors::Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        safetensors::Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(ConvertError::tensor(name, format!("unsupported dtype {other:?}"))),
-    };
-    Ok(values)
+/// One tensor's values as f32, read with one positioned (or ranged) read.
+fn read_f32(input: &CheckpointSource, name: &str, source: &SourceTensor) -> Result<Vec<f32>> {
+    let bytes = input
+        .read_range(&source.file, source.start, source.end - source.start)
+        .map_err(|e| ConvertError::tensor(name, e))?;
+    Ok(match source.dtype {
+        SourceDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        SourceDtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        SourceDtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    })
 }
 
 /// llama.cpp's Q/K permutation: within each head, rows `[half 0 | half 1]` become interleaved

@@ -3,12 +3,12 @@
 //! `tokenizer.huggingface.json`.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use serde_json::Value;
 
 use crate::error::{ConvertError, Result};
 use crate::gguf_writer::MetaValue;
+use crate::source::CheckpointSource;
 
 const NORMAL: i32 = 1;
 const UNKNOWN: i32 = 2;
@@ -16,15 +16,13 @@ const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const BYTE: i32 = 6;
 
-pub fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, MetaValue)>> {
-    let path = dir.join("tokenizer.json");
-    let text = read(&path)?;
+pub fn tokenizer_metadata(input: &CheckpointSource) -> Result<Vec<(String, MetaValue)>> {
+    let path = input.describe("tokenizer.json");
+    let text = input.read_text("tokenizer.json")?.ok_or_else(|| ConvertError::input(&path, "missing"))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| ConvertError::input(&path, e))?;
-    let config_path = dir.join("tokenizer_config.json");
-    let config: Value = if config_path.exists() {
-        serde_json::from_str(&read(&config_path)?).map_err(|e| ConvertError::input(&config_path, e))?
-    } else {
-        Value::Null
+    let config: Value = match input.read_text("tokenizer_config.json")? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| ConvertError::input(input.describe("tokenizer_config.json"), e))?,
+        None => Value::Null,
     };
     let model = &json["model"];
     if model["type"] != "BPE" {
@@ -130,13 +128,9 @@ pub fn tokenizer_metadata(dir: &Path) -> Result<Vec<(String, MetaValue)>> {
     if let Some(add_eos) = config["add_eos_token"].as_bool() {
         meta.push((key("add_eos_token"), MetaValue::Bool(add_eos)));
     }
-    if let Some(template) = llm_engine::hf::chat_template(dir, Some(&config))? {
+    if let Some(template) = llm_engine::hf::chat_template_source(input.read_text("chat_template.jinja")?, Some(&config)) {
         meta.push(("tokenizer.chat_template".into(), MetaValue::Str(template)));
     }
     meta.push(("tokenizer.huggingface.json".into(), MetaValue::Str(text)));
     Ok(meta)
-}
-
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| ConvertError::Io { path: path.to_path_buf(), source: e })
 }

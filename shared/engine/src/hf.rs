@@ -22,30 +22,32 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| EngineError::invalid_file(&index, e))?;
-        let map = parsed
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| EngineError::invalid_file(&index, "no `weight_map` object"))?;
-        let mut files = BTreeSet::new();
-        for file in map.values() {
-            let file = file
-                .as_str()
-                .filter(|f| !f.contains('/') && !f.contains('\\') && !f.starts_with('.'))
-                .ok_or_else(|| EngineError::invalid_file(&index, format!("bad shard name {file}")))?;
-            files.insert(dir.join(file));
-        }
-        return Ok(files.into_iter().collect());
+        return Ok(shard_names(&text).map_err(|e| EngineError::invalid_file(&index, e))?.iter().map(|f| dir.join(f)).collect());
     }
     let single = dir.join("model.safetensors");
     if single.exists() {
         return Ok(vec![single]);
     }
-    Err(EngineError::invalid_file(
-        dir,
-        "no model.safetensors or model.safetensors.index.json",
-    ))
+    Err(EngineError::invalid_file(dir, "no model.safetensors or model.safetensors.index.json"))
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`, sorted; names that could
+/// leave the checkpoint directory are refused.
+pub fn shard_names(index_json: &str) -> std::result::Result<Vec<String>, String> {
+    let parsed: serde_json::Value = serde_json::from_str(index_json).map_err(|e| e.to_string())?;
+    let map = parsed
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or("no `weight_map` object")?;
+    let mut files = BTreeSet::new();
+    for file in map.values() {
+        let file = file
+            .as_str()
+            .filter(|f| !f.is_empty() && !f.contains('/') && !f.contains('\\') && !f.starts_with('.'))
+            .ok_or_else(|| format!("bad shard name {file}"))?;
+        files.insert(file.to_string());
+    }
+    Ok(files.into_iter().collect())
 }
 
 /// Tensors of a safetensors checkpoint, memory-mapped, converted to f32 as they are read.
@@ -105,14 +107,24 @@ pub fn tensor_infos(files: &[PathBuf]) -> Result<Vec<(String, String, Vec<usize>
 }
 
 /// The chat template of a checkpoint directory: `chat_template.jinja` (transformers v5) or
-/// `chat_template` in `tokenizer_config.json`, a string or a list of named templates of which
-/// `default` is the one.
+/// `chat_template` in `tokenizer_config.json`.
 pub fn chat_template(dir: &Path, tokenizer_config: Option<&serde_json::Value>) -> Result<Option<String>> {
     let file = dir.join("chat_template.jinja");
-    if file.exists() {
-        return std::fs::read_to_string(&file).map(Some).map_err(|e| EngineError::io(&file, e));
+    let jinja = if file.exists() {
+        Some(std::fs::read_to_string(&file).map_err(|e| EngineError::io(&file, e))?)
+    } else {
+        None
+    };
+    Ok(chat_template_source(jinja, tokenizer_config))
+}
+
+/// The template file's text wins; otherwise `chat_template` from `tokenizer_config.json`, a string
+/// or a list of named templates of which `default` is the one.
+pub fn chat_template_source(jinja: Option<String>, tokenizer_config: Option<&serde_json::Value>) -> Option<String> {
+    if jinja.is_some() {
+        return jinja;
     }
-    Ok(match tokenizer_config.and_then(|c| c.get("chat_template")) {
+    match tokenizer_config.and_then(|c| c.get("chat_template")) {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Array(named)) => named
             .iter()
@@ -120,5 +132,5 @@ pub fn chat_template(dir: &Path, tokenizer_config: Option<&serde_json::Value>) -
             .and_then(|t| t.get("template")?.as_str())
             .map(str::to_string),
         _ => None,
-    })
+    }
 }

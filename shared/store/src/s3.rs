@@ -1,0 +1,200 @@
+//! A blocking S3 client: the converter and the CLI are synchronous, so each call runs on the
+//! client's own small tokio runtime. Do not call it from inside an async task (use
+//! `spawn_blocking`).
+
+use std::io::Write;
+use std::sync::Arc;
+
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+
+use crate::{Result, StoreError};
+
+/// Attempts for a ranged read whose body breaks off mid-transfer (the SDK retries requests,
+/// not bodies).
+const BODY_ATTEMPTS: usize = 4;
+
+#[derive(Clone)]
+pub struct S3 {
+    client: Client,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+fn s3_error(bucket: &str, key: &str, e: impl std::error::Error) -> StoreError {
+    StoreError::S3 { bucket: bucket.into(), key: key.into(), message: DisplayErrorContext(e).to_string() }
+}
+
+impl S3 {
+    /// The default AWS configuration chain (environment, profile, Lambda role). With
+    /// `AWS_ENDPOINT_URL` set (a local S3-compatible server) requests use path-style addressing.
+    pub fn connect() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let shared = runtime.block_on(aws_config::load_defaults(aws_config::BehaviorVersion::latest()));
+        let local_endpoint = std::env::var_os("AWS_ENDPOINT_URL").is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
+        let config = aws_sdk_s3::config::Builder::from(&shared)
+            // Streaming uploads fail on some S3-compatible servers with the new default checksums.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .force_path_style(local_endpoint)
+            .build();
+        Ok(Self { client: Client::from_conf(config), runtime: Arc::new(runtime) })
+    }
+
+    /// Creates `bucket`; an existing bucket of ours is fine.
+    pub fn create_bucket(&self, bucket: &str) -> Result<()> {
+        match self.runtime.block_on(self.client.create_bucket().bucket(bucket).send()) {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_bucket_already_owned_by_you()) => Ok(()),
+            Err(e) => Err(s3_error(bucket, "", e)),
+        }
+    }
+
+    /// The object's size, or `None` when it does not exist.
+    pub fn size(&self, bucket: &str, key: &str) -> Result<Option<u64>> {
+        let response = self.runtime.block_on(self.client.head_object().bucket(bucket).key(key).send());
+        match response {
+            Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(s3_error(bucket, key, e)),
+        }
+    }
+
+    /// The whole object, or `None` when it does not exist.
+    pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        match self.size(bucket, key)? {
+            None => Ok(None),
+            Some(0) => Ok(Some(Vec::new())),
+            Some(len) => self.get_range(bucket, key, 0, len).map(Some),
+        }
+    }
+
+    /// `len` bytes from `start`, retried when the connection breaks mid-body.
+    pub fn get_range(&self, bucket: &str, key: &str, start: u64, len: u64) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let range = format!("bytes={}-{}", start, start + len - 1);
+        let mut last_error = None;
+        for attempt in 0..BODY_ATTEMPTS {
+            let result = self.runtime.block_on(async {
+                let response = self.client.get_object().bucket(bucket).key(key).range(&range).send().await.map_err(|e| s3_error(bucket, key, e))?;
+                let body = response.body.collect().await.map_err(|e| s3_error(bucket, key, e))?;
+                Ok::<_, StoreError>(body.into_bytes().to_vec())
+            });
+            match result {
+                Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
+                Ok(bytes) => {
+                    last_error = Some(StoreError::S3 { bucket: bucket.into(), key: key.into(), message: format!("{range}: got {} bytes", bytes.len()) })
+                }
+                Err(e) => last_error = Some(e),
+            }
+            tracing::warn!(bucket, key, attempt, "ranged read failed; retrying");
+            std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
+        }
+        Err(last_error.unwrap_or_else(|| StoreError::S3 { bucket: bucket.into(), key: key.into(), message: "read failed".into() }))
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, bytes: Vec<u8>) -> Result<()> {
+        self.runtime
+            .block_on(self.client.put_object().bucket(bucket).key(key).body(ByteStream::from(bytes)).send())
+            .map(|_| ())
+            .map_err(|e| s3_error(bucket, key, e))
+    }
+
+    /// A writer that uploads `part_size`-byte parts as they fill; the object appears only when
+    /// [`MultipartWriter::finish`] succeeds, and an unfinished upload is aborted when dropped.
+    pub fn multipart(&self, bucket: &str, key: &str, part_size: usize) -> Result<MultipartWriter> {
+        let upload = self
+            .runtime
+            .block_on(self.client.create_multipart_upload().bucket(bucket).key(key).send())
+            .map_err(|e| s3_error(bucket, key, e))?;
+        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        Ok(MultipartWriter {
+            s3: self.clone(),
+            bucket: bucket.into(),
+            key: key.into(),
+            upload_id,
+            part_size: part_size.max(5 << 20),
+            buffer: Vec::new(),
+            parts: Vec::new(),
+            finished: false,
+        })
+    }
+}
+
+pub struct MultipartWriter {
+    s3: S3,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    part_size: usize,
+    buffer: Vec<u8>,
+    parts: Vec<CompletedPart>,
+    finished: bool,
+}
+
+impl MultipartWriter {
+    fn upload_part(&mut self) -> Result<()> {
+        let number = self.parts.len() as i32 + 1;
+        let body = std::mem::take(&mut self.buffer);
+        let (s3, bucket, key) = (&self.s3, &self.bucket, &self.key);
+        let part = s3
+            .runtime
+            .block_on(
+                s3.client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(&self.upload_id)
+                    .part_number(number)
+                    .body(ByteStream::from(body))
+                    .send(),
+            )
+            .map_err(|e| s3_error(bucket, key, e))?;
+        self.parts.push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build());
+        Ok(())
+    }
+
+    /// Uploads the last part and completes the upload: only now does the object exist.
+    pub fn finish(mut self) -> Result<()> {
+        if !self.buffer.is_empty() || self.parts.is_empty() {
+            self.upload_part()?;
+        }
+        let done = CompletedMultipartUpload::builder().set_parts(Some(std::mem::take(&mut self.parts))).build();
+        let (s3, bucket, key) = (&self.s3, &self.bucket, &self.key);
+        s3.runtime
+            .block_on(s3.client.complete_multipart_upload().bucket(bucket).key(key).upload_id(&self.upload_id).multipart_upload(done).send())
+            .map_err(|e| s3_error(bucket, key, e))?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Write for MultipartWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= self.part_size {
+            self.upload_part().map_err(std::io::Error::other)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for MultipartWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let (s3, bucket, key) = (&self.s3, &self.bucket, &self.key);
+            let aborted = s3.runtime.block_on(s3.client.abort_multipart_upload().bucket(bucket).key(key).upload_id(&self.upload_id).send());
+            if let Err(e) = aborted {
+                tracing::warn!(bucket, key, error = %DisplayErrorContext(e), "could not abort an unfinished multipart upload");
+            }
+        }
+    }
+}
