@@ -8,7 +8,7 @@ use candle_core::quantized::GgmlDType;
 
 use crate::error::{ConvertError, Result};
 
-pub const ALIGNMENT: u64 = 32;
+const ALIGNMENT: u64 = 32;
 
 /// A metadata value, with the GGUF value types the Llama keys use.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,8 +68,9 @@ pub fn file_size(header_len: u64, tensors: &[TensorEntry]) -> u64 {
     header_len + tensors.iter().map(|t| padded(t.size_in_bytes())).sum::<u64>()
 }
 
-/// Appends one tensor's data, checking it against the directory, and its padding.
-pub fn write_tensor(out: &mut impl Write, entry: &TensorEntry, data: &[u8]) -> Result<()> {
+/// Appends one tensor's data, checking it against the directory, and its padding; returns the
+/// bytes written.
+pub fn write_tensor(out: &mut impl Write, entry: &TensorEntry, data: &[u8]) -> Result<u64> {
     if data.len() as u64 != entry.size_in_bytes() {
         return Err(ConvertError::tensor(
             &entry.name,
@@ -77,9 +78,9 @@ pub fn write_tensor(out: &mut impl Write, entry: &TensorEntry, data: &[u8]) -> R
         ));
     }
     out.write_all(data)?;
-    let pad = padded(data.len() as u64) - data.len() as u64;
-    out.write_all(&vec![0u8; pad as usize])?;
-    Ok(())
+    let total = padded(data.len() as u64);
+    out.write_all(&vec![0u8; (total - data.len() as u64) as usize])?;
+    Ok(total)
 }
 
 fn padded(n: u64) -> u64 {

@@ -99,8 +99,7 @@ pub fn convert(input: &CheckpointSource, out: &mut impl Write, q: QuantType, mut
             }
         };
         let bytes = encode(&p.entry, &values)?;
-        gguf_writer::write_tensor(out, &p.entry, &bytes)?;
-        written += bytes.len().div_ceil(gguf_writer::ALIGNMENT as usize) as u64 * gguf_writer::ALIGNMENT;
+        written += gguf_writer::write_tensor(out, &p.entry, &bytes)?;
         on_progress(&Progress { tensor: &p.entry.name, index, count: plan.len(), bytes_written: written, total_bytes });
     }
     out.flush()?;
