@@ -29,7 +29,8 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging();
+    // stdout stays machine-readable (`--json`): logs go to stderr.
+    llm_observe::init_logging("warn");
     threads::configure(cli.threads)?;
     match cli.command {
         Command::Generate(args) => commands::generate::run(args),
@@ -37,14 +38,4 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => commands::bench::run(args),
         Command::Quantize(args) => commands::quantize::run(args),
     }
-}
-
-/// Logs go to stderr so that stdout stays machine-readable; `RUST_LOG` sets the level.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

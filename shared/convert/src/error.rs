@@ -19,6 +19,12 @@ pub enum ConvertError {
 pub type Result<T> = std::result::Result<T, ConvertError>;
 
 impl ConvertError {
+    /// A fault of the storage (reading the checkpoint or writing the result) that a retry may
+    /// not meet, as opposed to a checkpoint that will never convert.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Write(_) | Self::Store(_))
+    }
+
     pub(crate) fn input(location: impl ToString, reason: impl ToString) -> Self {
         Self::InvalidInput { location: location.to_string(), reason: reason.to_string() }
     }

@@ -17,6 +17,8 @@ mod target;
 mod tokenizer_meta;
 
 pub use error::{ConvertError, Result};
-pub use plan::{convert, tensor_types, ConvertReport, Progress};
+pub use plan::{convert, survey, tensor_types, CheckpointSurvey, ConvertReport, Progress};
 pub use source::CheckpointSource;
 pub use target::QuantType;
+/// The config type a [`CheckpointSurvey`] carries.
+pub use llm_engine::LlamaConfig;

@@ -70,13 +70,7 @@ struct Planned {
 /// Converts the Hugging Face checkpoint in `input` to GGUF of type `q`, written to `out`.
 pub fn convert(input: &CheckpointSource, out: &mut impl Write, q: QuantType, mut on_progress: impl FnMut(&Progress<'_>)) -> Result<ConvertReport> {
     let started = Instant::now();
-    let config_text = input
-        .read_text("config.json")?
-        .ok_or_else(|| ConvertError::input(input.describe("config.json"), "missing"))?;
-    let config = LlamaConfig::from_hf_json(&config_text)?;
-    let sources = read_directory(input)?;
-    let tied = config.tie_word_embeddings || !sources.contains_key("lm_head.weight");
-    let plan = plan_tensors(&config, &sources, q, tied)?;
+    let (config, sources, plan) = prepare(input, q)?;
     let metadata = [model_metadata(input, &config, q), crate::tokenizer_meta::tokenizer_metadata(input)?].concat();
 
     let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
@@ -91,7 +85,7 @@ pub fn convert(input: &CheckpointSource, out: &mut impl Write, q: QuantType, mut
             Data::Checkpoint { hf_name, permute_heads } => {
                 let source = &sources[hf_name];
                 input_bytes += source.end - source.start;
-                let values = read_f32(input, hf_name, source)?;
+                let values = read_f32(input, source)?;
                 match permute_heads {
                     Some(heads) => permute_rope_rows(&values, *heads, source.shape[0], source.shape[1]),
                     None => values,
@@ -104,6 +98,40 @@ pub fn convert(input: &CheckpointSource, out: &mut impl Write, q: QuantType, mut
     }
     out.flush()?;
     Ok(ConvertReport { tensors: plan.len(), input_bytes, output_bytes: written, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// What a conversion will read, known from the headers alone: lets a caller refuse a job (a
+/// malformed checkpoint, too large for its time or memory) before writing anything.
+#[derive(Debug, Clone)]
+pub struct CheckpointSurvey {
+    pub config: LlamaConfig,
+    /// Bytes of tensor data the conversion reads.
+    pub tensor_bytes: u64,
+    /// Elements of the largest tensor: memory holds a few copies of it at a time.
+    pub largest_tensor_elements: usize,
+}
+
+/// Reads and checks everything but the tensor data: config, tokenizer, every header and shape.
+pub fn survey(input: &CheckpointSource) -> Result<CheckpointSurvey> {
+    let (config, sources, _) = prepare(input, QuantType::F32)?;
+    crate::tokenizer_meta::tokenizer_metadata(input)?;
+    Ok(CheckpointSurvey {
+        config,
+        tensor_bytes: sources.values().map(|s| s.end - s.start).sum(),
+        largest_tensor_elements: sources.values().map(|s| s.shape.iter().product::<usize>()).max().unwrap_or(0),
+    })
+}
+
+/// The config, the checkpoint's tensor directory and the plan of output tensors.
+fn prepare(input: &CheckpointSource, q: QuantType) -> Result<(LlamaConfig, HashMap<String, SourceTensor>, Vec<Planned>)> {
+    let config_text = input
+        .read_text("config.json")?
+        .ok_or_else(|| ConvertError::input(input.describe("config.json"), "missing"))?;
+    let config = LlamaConfig::from_hf_json(&config_text)?;
+    let sources = read_directory(input)?;
+    let tied = config.tie_word_embeddings || !sources.contains_key("lm_head.weight");
+    let plan = plan_tensors(&config, &sources, q, tied)?;
+    Ok((config, sources, plan))
 }
 
 /// The checkpoint's safetensors files: the shards its index lists, or `model.safetensors`.
@@ -269,10 +297,9 @@ fn model_metadata(input: &CheckpointSource, c: &LlamaConfig, q: QuantType) -> Ve
 }
 
 /// One tensor's values as f32, read with one positioned (or ranged) read.
-fn read_f32(input: &CheckpointSource, name: &str, source: &SourceTensor) -> Result<Vec<f32>> {
-    let bytes = input
-        .read_range(&source.file, source.start, source.end - source.start)
-        .map_err(|e| ConvertError::tensor(name, e))?;
+fn read_f32(input: &CheckpointSource, source: &SourceTensor) -> Result<Vec<f32>> {
+    // Read errors keep their kind: a storage fault is retryable, a bad file is not.
+    let bytes = input.read_range(&source.file, source.start, source.end - source.start)?;
     Ok(match source.dtype {
         SourceDtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         SourceDtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),

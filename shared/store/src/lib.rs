@@ -3,13 +3,15 @@
 //! complete). The same aws-sdk-s3 code runs in Lambda and against a local S3-compatible server;
 //! only the endpoint differs (`AWS_ENDPOINT_URL`, which also switches to path-style addressing).
 //!
-//! Knows nothing of models: callers interpret the bytes.
+//! Also the model registry's layout in a bucket ([`registry`]): versions, manifests and the
+//! `latest` alias. Knows nothing of model formats: callers interpret the bytes.
 
 mod location;
+pub mod registry;
 mod s3;
 
 pub use location::Location;
-pub use s3::{MultipartWriter, S3};
+pub use s3::{MultipartWriter, ObjectInfo, S3};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

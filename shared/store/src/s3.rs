@@ -54,12 +54,31 @@ impl S3 {
 
     /// The object's size, or `None` when it does not exist.
     pub fn size(&self, bucket: &str, key: &str) -> Result<Option<u64>> {
+        Ok(self.head(bucket, key)?.map(|o| o.size))
+    }
+
+    /// The object's size, ETag and modification time, or `None` when it does not exist.
+    pub fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>> {
         let response = self.runtime.block_on(self.client.head_object().bucket(bucket).key(key).send());
         match response {
-            Ok(head) => Ok(Some(head.content_length().unwrap_or(0).max(0) as u64)),
+            Ok(head) => Ok(Some(ObjectInfo::new(key, head.content_length(), head.e_tag(), head.last_modified()))),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
             Err(e) => Err(s3_error(bucket, key, e)),
         }
+    }
+
+    /// Every object under `prefix`, in key order.
+    pub fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let mut objects = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
+        while let Some(page) = self.runtime.block_on(pages.next()) {
+            let page = page.map_err(|e| s3_error(bucket, prefix, e))?;
+            for o in page.contents() {
+                objects.push(ObjectInfo::new(o.key().unwrap_or_default(), o.size(), o.e_tag(), o.last_modified()));
+            }
+        }
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
     }
 
     /// The whole object, or `None` when it does not exist.
@@ -122,6 +141,28 @@ impl S3 {
             parts: Vec::new(),
             finished: false,
         })
+    }
+}
+
+/// What a listing or HEAD request says about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// As S3 returns it, without the surrounding quotes.
+    pub etag: String,
+    /// Milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+}
+
+impl ObjectInfo {
+    fn new(key: &str, size: Option<i64>, etag: Option<&str>, modified: Option<&aws_sdk_s3::primitives::DateTime>) -> Self {
+        Self {
+            key: key.to_string(),
+            size: size.unwrap_or(0).max(0) as u64,
+            etag: etag.unwrap_or_default().trim_matches('"').to_string(),
+            modified_ms: modified.and_then(|t| t.to_millis().ok()).unwrap_or(0),
+        }
     }
 }
 

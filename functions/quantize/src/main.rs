@@ -1,0 +1,24 @@
+//! Wires [`quantize_function::handle`] to the Lambda runtime. The conversion is blocking
+//! (rayon, and a blocking S3 client with its own runtime), so it runs on a blocking thread.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use aws_lambda_events::s3::S3Event;
+use lambda_runtime::{service_fn, LambdaEvent};
+use llm_store::S3;
+use quantize_function::{handle, Config, Summary};
+
+fn main() -> Result<(), lambda_runtime::Error> {
+    llm_observe::init_logging("info");
+    let config = Config::from_env()?;
+    let s3 = S3::connect()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(lambda_runtime::run(service_fn(|event: LambdaEvent<S3Event>| {
+        let (s3, config) = (s3.clone(), config.clone());
+        async move {
+            let deadline = UNIX_EPOCH + Duration::from_millis(event.context.deadline);
+            let summary: Summary = tokio::task::spawn_blocking(move || handle(&s3, &config, &event.payload, Some(deadline))).await??;
+            Ok::<_, lambda_runtime::Error>(summary)
+        }
+    })))
+}
