@@ -1,7 +1,9 @@
 //! Helpers shared by the cross-crate tests: where the fixtures are and how to read them.
 //! The fixtures are written by `infra/fixtures/make_fixtures.py` (transformers, llama.cpp).
 
+pub mod fault_proxy;
 pub mod local_s3;
+pub mod s3_events;
 
 use std::path::PathBuf;
 

@@ -5,17 +5,8 @@
 use llm_convert::{CheckpointSource, QuantType};
 use llm_store::{Location, S3};
 use llm_tests::local_s3::local_s3;
+use llm_tests::s3_events::upload_checkpoint;
 use llm_tests::*;
-
-/// Creates `bucket` and uploads the llama2 checkpoint under `prefix`.
-fn upload_checkpoint(s3: &S3, bucket: &str, prefix: &str) {
-    s3.create_bucket(bucket).unwrap();
-    for entry in std::fs::read_dir(fixtures_dir().join("llama2/hf")).unwrap() {
-        let entry = entry.unwrap();
-        let key = format!("{prefix}{}", entry.file_name().to_string_lossy());
-        s3.put(bucket, &key, std::fs::read(entry.path()).unwrap()).unwrap();
-    }
-}
 
 fn local_conversion(q: QuantType) -> Vec<u8> {
     let source = CheckpointSource::open(Location::Local(fixtures_dir().join("llama2/hf"))).unwrap();
@@ -28,7 +19,7 @@ fn local_conversion(q: QuantType) -> Vec<u8> {
 fn converts_from_s3_to_s3_with_the_same_bytes() {
     local_s3();
     let s3 = S3::connect().unwrap();
-    upload_checkpoint(&s3, "convert-roundtrip", "incoming/hf/");
+    upload_checkpoint(&s3, "convert-roundtrip", "incoming/hf/", "llama2");
     let source = CheckpointSource::with_s3(Location::parse("s3://convert-roundtrip/incoming/hf/").unwrap(), s3.clone());
     // A small part size so that the upload really has several parts.
     let mut upload = s3.multipart("convert-roundtrip", "models/hf-q8_0.gguf", 5 << 20).unwrap();
@@ -43,7 +34,7 @@ fn converts_from_s3_to_s3_with_the_same_bytes() {
 fn a_failed_conversion_leaves_no_object() {
     local_s3();
     let s3 = S3::connect().unwrap();
-    upload_checkpoint(&s3, "convert-failure", "incoming/hf/");
+    upload_checkpoint(&s3, "convert-failure", "incoming/hf/", "llama2");
     let weights = std::fs::read(fixtures_dir().join("llama2/hf/model.safetensors")).unwrap();
     s3.put("convert-failure", "incoming/hf/model.safetensors", weights[..weights.len() / 2].to_vec()).unwrap();
     let source = CheckpointSource::with_s3(Location::parse("s3://convert-failure/incoming/hf/").unwrap(), s3.clone());
@@ -58,7 +49,7 @@ fn a_failed_conversion_leaves_no_object() {
 fn prefix_without_trailing_slash_reads_the_same() {
     local_s3();
     let s3 = S3::connect().unwrap();
-    upload_checkpoint(&s3, "convert-prefix", "incoming/hf/");
+    upload_checkpoint(&s3, "convert-prefix", "incoming/hf/", "llama2");
     let source = CheckpointSource::open(Location::parse("s3://convert-prefix/incoming/hf").unwrap()).unwrap();
     let mut out = Vec::new();
     llm_convert::convert(&source, &mut out, QuantType::F16, |_| {}).unwrap();

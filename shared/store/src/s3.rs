@@ -123,6 +123,14 @@ impl S3 {
             .map_err(|e| s3_error(bucket, key, e))
     }
 
+    /// Deletes the object; deleting an absent object is not an error.
+    pub fn delete(&self, bucket: &str, key: &str) -> Result<()> {
+        self.runtime
+            .block_on(self.client.delete_object().bucket(bucket).key(key).send())
+            .map(|_| ())
+            .map_err(|e| s3_error(bucket, key, e))
+    }
+
     /// A writer that uploads `part_size`-byte parts as they fill; the object appears only when
     /// [`MultipartWriter::finish`] succeeds, and an unfinished upload is aborted when dropped.
     pub fn multipart(&self, bucket: &str, key: &str, part_size: usize) -> Result<MultipartWriter> {
