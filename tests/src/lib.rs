@@ -1,6 +1,7 @@
 //! Helpers shared by the cross-crate tests: where the fixtures are and how to read them.
 //! The fixtures are written by `infra/fixtures/make_fixtures.py` (transformers, llama.cpp).
 
+pub mod cargo_lambda;
 pub mod fault_proxy;
 pub mod local_s3;
 pub mod s3_events;

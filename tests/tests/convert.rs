@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::GgmlDType;
 use llm_convert::QuantType;
 use llm_engine::gguf::GgufFile;
 use llm_engine::{load, LoadOptions};
@@ -170,4 +171,25 @@ fn bad_checkpoints_are_refused() {
     std::fs::write(dir.join("model.safetensors"), &hostile).unwrap();
     let err = llm_convert::convert(&source, &mut sink, QuantType::Q8_0, |_| {}).unwrap_err().to_string();
     assert!(err.contains("does not match"), "{err}");
+}
+
+/// Every quantized tensor of llama-quantize's files has the bytes our quantizer makes from the
+/// same f32 weights (the K-quants are our own port of ggml's reference quantizers).
+#[test]
+fn quantized_blocks_match_llama_quantize_bytes() {
+    let source = tensor_bytes(&fixtures_dir().join("tinyq/tinyq-f32.gguf"));
+    let mut checked = std::collections::BTreeSet::new();
+    for name in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k"] {
+        for (tensor, (dtype, dims, theirs)) in tensor_bytes(&fixtures_dir().join(format!("tinyq/tinyq-{name}.gguf"))) {
+            let ggml = llm_engine::quant::parse_ggml_dtype(&dtype.replace('K', "_k")).unwrap();
+            if matches!(ggml, GgmlDType::F32 | GgmlDType::F16) {
+                continue;
+            }
+            let values: Vec<f32> = source[&tensor].2.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let ours = llm_convert::quantize_tensor(&values, &dims, ggml).unwrap();
+            assert!(ours == theirs, "{name}: {tensor} ({dtype}) differs from llama-quantize");
+            checked.insert(dtype);
+        }
+    }
+    assert_eq!(checked.len(), 10, "{checked:?}");
 }

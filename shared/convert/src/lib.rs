@@ -11,13 +11,14 @@
 
 mod error;
 mod gguf_writer;
+mod kquants;
 mod plan;
 mod source;
 mod target;
 mod tokenizer_meta;
 
 pub use error::{ConvertError, Result};
-pub use plan::{convert, survey, tensor_types, CheckpointSurvey, ConvertReport, Progress};
+pub use plan::{convert, quantize_tensor, survey, tensor_types, CheckpointSurvey, ConvertReport, Progress};
 pub use source::CheckpointSource;
 pub use target::QuantType;
 /// The config type a [`CheckpointSurvey`] carries.

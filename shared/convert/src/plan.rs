@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::{ConvertError, Result};
 use crate::gguf_writer::{self, MetaValue, TensorEntry};
+use crate::kquants::KQuant;
 use crate::source::CheckpointSource;
 use crate::target::{tensor_type, ModelShape, QuantType};
 
@@ -92,7 +93,7 @@ pub fn convert(input: &CheckpointSource, out: &mut impl Write, q: QuantType, mut
                 }
             }
         };
-        let bytes = encode(&p.entry, &values)?;
+        let bytes = quantize_tensor(&values, &p.entry.dims, p.entry.dtype)?;
         written += gguf_writer::write_tensor(out, &p.entry, &bytes)?;
         on_progress(&Progress { tensor: &p.entry.name, index, count: plan.len(), bytes_written: written, total_bytes });
     }
@@ -326,19 +327,23 @@ fn permute_rope_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f
 }
 
 /// The tensor's bytes in its planned type; quantization runs over row chunks on all cores
-/// (blocks never cross rows, so chunking does not change the bytes).
-fn encode(entry: &TensorEntry, values: &[f32]) -> Result<Vec<u8>> {
-    Ok(match entry.dtype {
+/// (blocks never cross rows, so chunking does not change the bytes). candle's quantizers give
+/// llama.cpp's bytes for the legacy types and Q3_K; the other K-quants are our own.
+pub fn quantize_tensor(values: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>> {
+    Ok(match dtype {
         GgmlDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         GgmlDType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
         GgmlDType::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
         dtype => {
-            let cols = *entry.dims.last().unwrap_or(&1);
+            let cols = *dims.last().unwrap_or(&1);
             let rows = values.len() / cols;
             let chunk_rows = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
             let chunks: Vec<Vec<u8>> = values
                 .par_chunks(chunk_rows * cols)
                 .map(|chunk| -> Result<Vec<u8>> {
+                    if let Some(k) = KQuant::for_dtype(dtype) {
+                        return Ok(k.quantize(chunk));
+                    }
                     let t = Tensor::from_slice(chunk, (chunk.len() / cols, cols), &Device::Cpu)?;
                     Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
                 })
