@@ -26,6 +26,8 @@ pub enum Command {
     Bench(commands::bench::Args),
     /// Convert a Hugging Face checkpoint to a (quantized) GGUF file.
     Quantize(commands::quantize::Args),
+    /// Serve the OpenAI-compatible API (the inference function's router) on a local port.
+    Serve(commands::serve::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -37,5 +39,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Quantize(args) => commands::quantize::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     }
 }

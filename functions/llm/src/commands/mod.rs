@@ -2,6 +2,7 @@ pub mod bench;
 pub mod generate;
 pub mod inspect;
 pub mod quantize;
+pub mod serve;
 
 use std::path::Path;
 

@@ -1,0 +1,61 @@
+//! `llm serve`: the OpenAI-compatible API on a local port: the same router the Lambda
+//! function runs, with the model loaded on the first request.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use llm_api::{AppState, Limits, Loader, ModelSlot};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A GGUF file or a Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/ requests.
+    #[arg(long, env = "LLM_API_KEY")]
+    pub api_key: Option<String>,
+    /// The name clients pass as `model` (default: the file or directory name without extension).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Quantize f16/f32 weights to this type while loading.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Longest accepted prompt, in tokens.
+    #[arg(long, default_value_t = Limits::default().max_prompt_tokens)]
+    pub max_prompt_tokens: usize,
+    /// Cap on `max_tokens` (and its default).
+    #[arg(long, default_value_t = Limits::default().max_tokens)]
+    pub max_tokens: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let id = args.model_id.clone().unwrap_or_else(|| {
+        args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let (path, quantize) = (args.model.clone(), args.quantize.clone());
+    let loader: Loader = Arc::new(move || super::load_model(&path, quantize.as_deref()).map_err(|e| format!("{e:#}")));
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_tokens: args.max_tokens,
+        ..Limits::default()
+    };
+    let state = Arc::new(AppState::new(ModelSlot::new(id, loader), limits, args.api_key));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        // Scripts wait for this line to know the port (with --port 0) and that requests are accepted.
+        eprintln!("listening on http://{}", listener.local_addr()?);
+        axum::serve(listener, llm_api::router(state)).await.context("server stopped")
+    })
+}

@@ -1,0 +1,90 @@
+//! `llm serve` over real HTTP, called by the official `openai` Python client
+//! (`tests/clients/openai_check.py`; `.ci/run` installs the client from PyPI).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+struct Server {
+    child: Child,
+    base_url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Starts `llm serve` on a free port and waits for its "listening on" line.
+fn serve(args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run llm serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let base_url = loop {
+        let line = lines.next().expect("llm serve exited before listening").expect("stderr line");
+        if let Some(url) = line.strip_prefix("listening on ") {
+            break format!("{url}/v1");
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, base_url }
+}
+
+#[test]
+fn the_openai_client_gets_what_it_expects() {
+    let model = root().join("tests/fixtures/llama3/llama3-bf16.gguf");
+    let server = serve(&["--model", model.to_str().unwrap(), "--api-key", "sk-test", "--threads", "2"]);
+    let out = Command::new("python3")
+        .arg(root().join("tests/clients/openai_check.py"))
+        .args(["--base-url", &server.base_url, "--model", "llama3-bf16", "--api-key", "sk-test"])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "openai client checks failed (is `openai` installed? pip install openai):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One raw HTTP/1.1 request; returns the status code and the body.
+fn post(base_url: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let address = base_url.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    write!(stream, "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let json = response.split("\r\n\r\n").nth(1).and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+    (status, json)
+}
+
+#[test]
+fn a_model_that_fails_to_load_is_503_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("late.gguf");
+    let server = serve(&["--model", model.to_str().unwrap()]);
+    let request = r#"{"model": "late", "prompt": "hello", "max_tokens": 2}"#;
+    let (status, body) = post(&server.base_url, "/v1/completions", request);
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("could not be loaded"), "{body}");
+    // The file appears: the next request loads it.
+    std::fs::copy(root().join("tests/fixtures/llama2/llama2-q8_0.gguf"), &model).unwrap();
+    let (status, body) = post(&server.base_url, "/v1/completions", request);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 2, "{body}");
+    let (status, body) = post(&server.base_url, "/v1/completions", r#"{"model": "late", "prompt": "hello", "max_tokens": 1, "#);
+    assert_eq!((status, body["error"]["type"].as_str()), (400, Some("invalid_request_error")));
+}

@@ -1,0 +1,18 @@
+//! The OpenAI-compatible API over the engine: `POST /v1/chat/completions`,
+//! `POST /v1/completions`, `GET /v1/models`, `GET /health`, as the official clients call them
+//! (JSON or server-sent events), with errors in OpenAI's shape.
+//!
+//! One [`router`] serves every launcher: `llm serve` (a local TCP listener), the Lambda
+//! function (lambda_http) and `cargo lambda watch`. The model is loaded on the first request
+//! through a [`Loader`] the launcher provides (local path, or S3). Knows nothing of Lambda or S3.
+
+mod error;
+mod model_slot;
+mod openai;
+mod params;
+mod router;
+
+pub use error::ApiError;
+pub use model_slot::{Loader, ModelSlot};
+pub use params::Limits;
+pub use router::{router, AppState};

@@ -1,0 +1,58 @@
+//! The served model, loaded on first use and kept for later requests (warm Lambda
+//! invocations). Concurrent first requests wait for one load; a failed load is reported as
+//! 503 and retried by the next request, and a half-loaded model is never served.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use llm_engine::LoadedModel;
+use tokio::sync::Mutex;
+
+use crate::error::ApiError;
+
+/// Loads the model (blocking: downloads, parses, builds tensors).
+pub type Loader = Arc<dyn Fn() -> Result<LoadedModel, String> + Send + Sync>;
+
+pub struct ModelSlot {
+    /// The name clients pass as `model`.
+    pub id: String,
+    loader: Loader,
+    loaded: Mutex<Option<Arc<LoadedModel>>>,
+}
+
+/// What [`ModelSlot::get`] did, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadReport {
+    /// Milliseconds spent loading, when this call loaded the model.
+    pub load_ms: Option<f64>,
+}
+
+impl ModelSlot {
+    pub fn new(id: impl Into<String>, loader: Loader) -> Self {
+        Self { id: id.into(), loader, loaded: Mutex::new(None) }
+    }
+
+    /// The model, loading it first if no request has yet.
+    pub async fn get(&self) -> Result<(Arc<LoadedModel>, LoadReport), ApiError> {
+        let mut slot = self.loaded.lock().await;
+        if let Some(model) = slot.as_ref() {
+            return Ok((model.clone(), LoadReport { load_ms: None }));
+        }
+        let started = Instant::now();
+        let loader = self.loader.clone();
+        let result = tokio::task::spawn_blocking(move || loader()).await.map_err(|e| ApiError::internal(format!("the model loader stopped: {e}")))?;
+        match result {
+            Ok(model) => {
+                let model = Arc::new(model);
+                *slot = Some(model.clone());
+                let load_ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(model = %self.id, load_ms, "model loaded");
+                Ok((model, LoadReport { load_ms: Some(load_ms) }))
+            }
+            Err(message) => {
+                tracing::error!(model = %self.id, message, "model failed to load");
+                Err(ApiError::unavailable(format!("The model `{}` could not be loaded: {message}", self.id)))
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Request parameters checked against OpenAI's ranges and this server's limits, and turned into
+//! engine requests. Every rejection names the parameter (HTTP 400).
+
+use llm_engine::{GenerationRequest, SamplingParams};
+
+use crate::error::ApiError;
+use crate::openai::Sampling;
+
+/// Limits that protect the function; configuration with safe defaults.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_prompt_tokens: usize,
+    /// Cap on `max_tokens`, and the default when a request gives none.
+    pub max_tokens: usize,
+    /// Cap on sequences in one request (`n` × prompts).
+    pub max_sequences: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_body_bytes: 1 << 20, max_prompt_tokens: 4096, max_tokens: 512, max_sequences: 16 }
+    }
+}
+
+/// A request's generation settings, validated.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn in_range(param: &'static str, value: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.is_finite() && (lo..=hi).contains(&v) => Ok(v),
+        Some(v) => Err(ApiError::invalid(param, format!("`{param}` must be between {lo} and {hi}, got {v}."))),
+    }
+}
+
+impl Generation {
+    pub fn from_request(s: &Sampling, limits: &Limits) -> Result<Self, ApiError> {
+        let (param, requested) = match (s.max_completion_tokens, s.max_tokens) {
+            (Some(v), _) => ("max_completion_tokens", Some(v)),
+            (None, v) => ("max_tokens", v),
+        };
+        let max_tokens = match requested {
+            None => limits.max_tokens,
+            Some(v) if v < 1 => return Err(ApiError::invalid(param, format!("`{param}` must be at least 1, got {v}."))),
+            Some(v) if v as u64 > limits.max_tokens as u64 => {
+                return Err(ApiError::invalid(param, format!("`{param}` is {v}; this server allows at most {}.", limits.max_tokens)))
+            }
+            Some(v) => v as usize,
+        };
+        let n = match s.n {
+            None => 1,
+            Some(v) if (1..=limits.max_sequences as i64).contains(&v) => v as usize,
+            Some(v) => return Err(ApiError::invalid("n", format!("`n` must be between 1 and {}, got {v}.", limits.max_sequences))),
+        };
+        let top_k = match s.top_k {
+            None | Some(-1) => 0,
+            Some(v) if v >= 0 => v as usize,
+            Some(v) => return Err(ApiError::invalid("top_k", format!("`top_k` must be -1, 0 or positive, got {v}."))),
+        };
+        let seed = match s.seed {
+            None => rand_seed(),
+            Some(v) => v as u64,
+        };
+        let stop = s.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid("stop", "`stop` takes up to 4 non-empty strings."));
+        }
+        let sampling = SamplingParams {
+            temperature: in_range("temperature", s.temperature, 0.0, 2.0, 1.0)?,
+            top_p: in_range("top_p", s.top_p, 0.0, 1.0, 1.0)?,
+            min_p: in_range("min_p", s.min_p, 0.0, 1.0, 0.0)?,
+            presence_penalty: in_range("presence_penalty", s.presence_penalty, -2.0, 2.0, 0.0)?,
+            frequency_penalty: in_range("frequency_penalty", s.frequency_penalty, -2.0, 2.0, 0.0)?,
+            repetition_penalty: in_range("repetition_penalty", s.repetition_penalty, 0.01, 10.0, 1.0)?,
+            top_k,
+            seed,
+        };
+        let include_usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        Ok(Self { max_tokens, sampling, stop, n, stream: s.stream, include_usage })
+    }
+
+    /// One engine request per prompt and choice: prompt `p`'s choice `c` is at `p * n + c`.
+    /// Seeds differ per choice so that sampled choices differ.
+    pub fn requests(&self, prompts: &[Vec<u32>]) -> Vec<GenerationRequest> {
+        let mut requests = Vec::with_capacity(prompts.len() * self.n);
+        for prompt in prompts {
+            for choice in 0..self.n {
+                let sampling = SamplingParams { seed: self.sampling.seed.wrapping_add(choice as u64), ..self.sampling.clone() };
+                requests.push(GenerationRequest {
+                    prompt: prompt.clone(),
+                    max_tokens: self.max_tokens,
+                    sampling,
+                    stop: self.stop.clone(),
+                    ignore_eos: false,
+                });
+            }
+        }
+        requests
+    }
+}
+
+/// Checks the prompts against the limits and the context window.
+pub fn check_prompts(prompts: &[Vec<u32>], generation: &Generation, limits: &Limits, context: usize) -> Result<(), ApiError> {
+    if prompts.len() * generation.n > limits.max_sequences {
+        return Err(ApiError::invalid("n", format!("{} prompts × n = {} sequences; this server allows at most {}.", prompts.len(), generation.n, limits.max_sequences)));
+    }
+    for prompt in prompts {
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("prompt", "The prompt is empty."));
+        }
+        if prompt.len() > limits.max_prompt_tokens {
+            return Err(ApiError::invalid("prompt", format!("The prompt has {} tokens; this server allows at most {}.", prompt.len(), limits.max_prompt_tokens)));
+        }
+        if prompt.len() >= context {
+            return Err(ApiError::invalid("prompt", format!("The prompt has {} tokens; the model's context is {context}.", prompt.len())));
+        }
+    }
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Generation, ApiError> {
+        Generation::from_request(&serde_json::from_str(json).unwrap(), &Limits::default())
+    }
+
+    #[test]
+    fn accepts_openai_ranges_and_rejects_the_rest() {
+        let g = parse(r#"{"max_tokens": 5, "temperature": 0, "stop": "x", "n": 2, "seed": 7}"#).unwrap();
+        assert_eq!((g.max_tokens, g.sampling.temperature, g.stop.as_slice(), g.n, g.sampling.seed), (5, 0.0, &["x".to_string()][..], 2, 7));
+        assert_eq!(parse(r#"{"max_completion_tokens": 3, "max_tokens": 9}"#).unwrap().max_tokens, 3);
+        for (body, param) in [
+            (r#"{"max_tokens": -1}"#, "max_tokens"),
+            (r#"{"max_tokens": 0}"#, "max_tokens"),
+            (r#"{"max_completion_tokens": 100000}"#, "max_completion_tokens"),
+            (r#"{"temperature": 2.5}"#, "temperature"),
+            (r#"{"temperature": -0.1}"#, "temperature"),
+            (r#"{"top_p": 1.5}"#, "top_p"),
+            (r#"{"n": 0}"#, "n"),
+            (r#"{"presence_penalty": 3}"#, "presence_penalty"),
+            (r#"{"stop": ["a", "b", "c", "d", "e"]}"#, "stop"),
+        ] {
+            assert_eq!(parse(body).unwrap_err().param, Some(param), "{body}");
+        }
+    }
+}

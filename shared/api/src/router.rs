@@ -1,0 +1,388 @@
+//! The HTTP API: one axum router that `llm serve`, the Lambda function and `cargo lambda watch`
+//! all run. Handlers parse and validate, render the chat template, and hand one batch of
+//! sequences to the engine on a blocking thread; answers are JSON or server-sent events.
+
+use std::convert::Infallible;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use llm_engine::{ChatMessage, Completion, FinishReason, GenerationRequest, GenerationStats, LoadedModel, TokenEvent};
+use llm_observe::{Metrics, Unit};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::error::ApiError;
+use crate::model_slot::{LoadReport, ModelSlot};
+use crate::openai::*;
+use crate::params::{check_prompts, Generation, Limits};
+
+pub struct AppState {
+    pub slot: ModelSlot,
+    pub limits: Limits,
+    /// When set, every `/v1/` request needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// One batch on the CPU at a time; others queue.
+    engine: Semaphore,
+    /// Cleared by the first request: that one is a cold start.
+    cold: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(slot: ModelSlot, limits: Limits, api_key: Option<String>) -> Self {
+        Self { slot, limits, api_key, engine: Semaphore::new(1), cold: AtomicBool::new(true) }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(|request: Request| async move { ApiError::not_found(request.uri().path()) })
+        .with_state(state)
+}
+
+async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "model": state.slot.id}))
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard { id: state.slot.id.clone(), object: "model", created: 0, owned_by: "llm-serverless" }],
+    })
+}
+
+/// The body as JSON of type `T`: 413 past the limit, 400 when it does not parse.
+async fn read_json<T: DeserializeOwned>(request: Request, limit: usize) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| ApiError::too_large(limit))?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_body(format!("Invalid JSON body: {e}")))
+}
+
+fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == state.slot.id {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+/// What every response of one request shares.
+#[derive(Clone)]
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Meta {
+    fn new(prefix: &str, model: &str) -> Self {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self { id: format!("{prefix}-{:016x}", now.as_nanos() as u64 ^ std::process::id() as u64), created: now.as_secs(), model: model.into() }
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(prompts: &[Vec<u32>], completions: &[Completion]) -> Usage {
+    Usage::new(prompts.iter().map(Vec::len).sum(), completions.iter().map(|c| c.token_ids.len()).sum())
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    respond(&state, chat(state.clone(), request).await)
+}
+
+async fn completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    respond(&state, complete(state.clone(), request).await)
+}
+
+fn respond(state: &AppState, result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(|e| {
+        tracing::warn!(status = e.status.as_u16(), message = %e.message, "request failed");
+        Metrics::new("llm-serverless").dimension("Function", "infer").metric("Errors", 1.0, Unit::Count).property("model", state.slot.id.as_str()).emit();
+        e.into_response()
+    })
+}
+
+fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` must not be empty."));
+    }
+    messages
+        .into_iter()
+        .map(|m| {
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                return Err(ApiError::invalid("messages", format!("Unknown role `{}`.", m.role)));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(text)) => text,
+                Some(MessageContent::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|p| match (p.kind.as_str(), p.text) {
+                        ("text", Some(text)) => Ok(text),
+                        (kind, _) => Err(ApiError::invalid("messages", format!("Content parts of type `{kind}` are not supported."))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(""),
+            };
+            Ok(ChatMessage::new(m.role, content))
+        })
+        .collect()
+}
+
+async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
+    let body: ChatRequest = read_json(request, state.limits.max_body_bytes).await?;
+    check_model(&state, &body.model)?;
+    if body.logprobs == Some(true) || body.top_logprobs.is_some() {
+        return Err(ApiError::invalid("logprobs", "Log-probabilities are not supported yet."));
+    }
+    let generation = Generation::from_request(&body.sampling, &state.limits)?;
+    let messages = chat_messages(body.messages)?;
+    let (model, load) = state.slot.get().await?;
+    let template = model
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("messages", "This model has no chat template: use /v1/completions."))?;
+    let text = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    // The template writes BOS as text; adding special tokens again would double it.
+    let prompt = model.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompts = vec![prompt];
+    check_prompts(&prompts, &generation, &state.limits, model.model.config().max_position_embeddings)?;
+    let meta = Meta::new("chatcmpl", &state.slot.id);
+    let requests = generation.requests(&prompts);
+    if generation.stream {
+        return Ok(stream_response(state, model, requests, prompts, generation.include_usage, meta, ChunkKind::Chat, load));
+    }
+    let (completions, stats) = run_batch(&state, model, requests, |_| ControlFlow::Continue(())).await?;
+    record(&state, &stats, &prompts, &completions, load);
+    let choices = completions
+        .iter()
+        .enumerate()
+        .map(|(index, c)| ChatChoice {
+            index,
+            message: ResponseMessage { role: "assistant", content: c.text.clone() },
+            finish_reason: finish_reason(c.finish_reason),
+            logprobs: None,
+        })
+        .collect();
+    let usage = usage(&prompts, &completions);
+    Ok(Json(ChatCompletion { id: meta.id, object: "chat.completion", created: meta.created, model: meta.model, choices, usage }).into_response())
+}
+
+async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
+    let body: CompletionRequest = read_json(request, state.limits.max_body_bytes).await?;
+    check_model(&state, &body.model)?;
+    if body.logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid("logprobs", "Log-probabilities are not supported yet."));
+    }
+    if body.echo {
+        return Err(ApiError::invalid("echo", "`echo` is not supported."));
+    }
+    let generation = Generation::from_request(&body.sampling, &state.limits)?;
+    let (model, load) = state.slot.get().await?;
+    let encode = |text: &str| model.tokenizer.encode(text, true).map_err(|e| ApiError::invalid("prompt", e.to_string()));
+    let prompts: Vec<Vec<u32>> = match body.prompt {
+        Prompt::Text(text) => vec![encode(&text)?],
+        Prompt::Texts(texts) => texts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Prompt::Tokens(ids) => vec![ids],
+        Prompt::TokenLists(lists) => lists,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty."));
+    }
+    let vocab = model.model.config().vocab_size as u32;
+    if prompts.iter().flatten().any(|&id| id >= vocab) {
+        return Err(ApiError::invalid("prompt", format!("Token ids must be below the vocabulary size {vocab}.")));
+    }
+    check_prompts(&prompts, &generation, &state.limits, model.model.config().max_position_embeddings)?;
+    let meta = Meta::new("cmpl", &state.slot.id);
+    let requests = generation.requests(&prompts);
+    if generation.stream {
+        return Ok(stream_response(state, model, requests, prompts, generation.include_usage, meta, ChunkKind::Text, load));
+    }
+    let (completions, stats) = run_batch(&state, model, requests, |_| ControlFlow::Continue(())).await?;
+    record(&state, &stats, &prompts, &completions, load);
+    let choices = completions
+        .iter()
+        .enumerate()
+        .map(|(index, c)| CompletionChoice { index, text: c.text.clone(), finish_reason: Some(finish_reason(c.finish_reason)), logprobs: None })
+        .collect();
+    let usage = Some(usage(&prompts, &completions));
+    Ok(Json(TextCompletion { id: meta.id, object: "text_completion", created: meta.created, model: meta.model, choices, usage }).into_response())
+}
+
+/// Runs one batch on a blocking thread, after the batches queued before it.
+async fn run_batch(
+    state: &AppState,
+    model: Arc<LoadedModel>,
+    requests: Vec<GenerationRequest>,
+    on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
+) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
+    let _permit = state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    tokio::task::spawn_blocking(move || llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token))
+        .await
+        .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Request metrics as one EMF record; the first request of the process is the cold start.
+fn record(state: &AppState, stats: &GenerationStats, prompts: &[Vec<u32>], completions: &[Completion], load: LoadReport) {
+    let cold = state.cold.swap(false, Ordering::Relaxed);
+    let decode_s = stats.decode.as_secs_f64();
+    let usage = usage(prompts, completions);
+    tracing::info!(model = %state.slot.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, prefill_ms = stats.prefill.as_secs_f64() * 1e3, decode_ms = decode_s * 1e3, "completed");
+    let mut metrics = Metrics::new("llm-serverless")
+        .dimension("Function", "infer")
+        .property("model", state.slot.id.as_str())
+        .metric("ColdStart", if cold { 1.0 } else { 0.0 }, Unit::Count)
+        .metric("TimeToFirstTokenMs", stats.prefill.as_secs_f64() * 1e3 + load.load_ms.unwrap_or(0.0), Unit::Milliseconds);
+    if let Some(ms) = load.load_ms {
+        metrics = metrics.metric("ModelLoadMs", ms, Unit::Milliseconds);
+    }
+    metrics
+        .metric("PromptTokens", usage.prompt_tokens as f64, Unit::Count)
+        .metric("CompletionTokens", usage.completion_tokens as f64, Unit::Count)
+        .metric("DecodeTokensPerSecond", if decode_s > 0.0 { stats.decode_steps as f64 / decode_s } else { 0.0 }, Unit::CountPerSecond)
+        .emit();
+}
+
+#[derive(Clone, Copy)]
+enum ChunkKind {
+    Chat,
+    Text,
+}
+
+/// What the generation thread sends to the response stream.
+enum Update {
+    Text { index: usize, text: String },
+    Done(Result<(Vec<Completion>, Usage), ApiError>),
+}
+
+fn stream_response(
+    state: Arc<AppState>,
+    model: Arc<LoadedModel>,
+    requests: Vec<GenerationRequest>,
+    prompts: Vec<Vec<u32>>,
+    include_usage: bool,
+    meta: Meta,
+    kind: ChunkKind,
+    load: LoadReport,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Update>(64);
+    let choices = requests.len();
+    let token_tx = tx.clone();
+    tokio::spawn(async move {
+        let result = run_batch(&state, model, requests, move |event| {
+            if event.text.is_empty() {
+                return ControlFlow::Continue(());
+            }
+            // A closed channel means the client went away: stop generating for it.
+            match token_tx.blocking_send(Update::Text { index: event.index, text: event.text.to_string() }) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        })
+        .await;
+        let done = result.map(|(completions, stats)| {
+            record(&state, &stats, &prompts, &completions, load);
+            let usage = usage(&prompts, &completions);
+            (completions, usage)
+        });
+        let _ = tx.send(Update::Done(done)).await;
+    });
+    Sse::new(sse_events(rx, meta, kind, choices, include_usage)).into_response()
+}
+
+/// One streamed chunk's JSON.
+#[derive(Clone)]
+struct Chunks {
+    meta: Meta,
+    kind: ChunkKind,
+}
+
+impl Chunks {
+    fn event(&self, choices: Vec<serde_json::Value>, usage: Option<Usage>) -> Event {
+        let object = match self.kind {
+            ChunkKind::Chat => "chat.completion.chunk",
+            ChunkKind::Text => "text_completion",
+        };
+        let mut body = serde_json::json!({"id": self.meta.id, "object": object, "created": self.meta.created, "model": self.meta.model, "choices": choices});
+        if let Some(usage) = usage {
+            body["usage"] = serde_json::json!(usage);
+        }
+        Event::default().data(body.to_string())
+    }
+
+    fn choice(&self, index: usize, text: Option<String>, role: bool, finish: Option<&'static str>) -> serde_json::Value {
+        match self.kind {
+            ChunkKind::Chat => {
+                let delta = Delta { role: role.then_some("assistant"), content: text };
+                serde_json::json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
+            }
+            ChunkKind::Text => serde_json::json!({"index": index, "text": text.unwrap_or_default(), "finish_reason": finish, "logprobs": null}),
+        }
+    }
+
+    /// The events one update becomes.
+    fn events(&self, update: Update, include_usage: bool) -> Vec<Event> {
+        match update {
+            Update::Text { index, text } => vec![self.event(vec![self.choice(index, Some(text), false, None)], None)],
+            Update::Done(Ok((completions, usage))) => {
+                let mut events: Vec<Event> = completions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| self.event(vec![self.choice(i, None, false, Some(finish_reason(c.finish_reason)))], None))
+                    .collect();
+                if include_usage {
+                    events.push(self.event(Vec::new(), Some(usage)));
+                }
+                events.push(Event::default().data("[DONE]"));
+                events
+            }
+            Update::Done(Err(e)) => vec![Event::default().data(e.body().to_string()), Event::default().data("[DONE]")],
+        }
+    }
+}
+
+/// Server-sent events: the assistant role first (chat), text as it is generated, a closing
+/// chunk per choice with its finish reason, usage when asked, then `[DONE]`.
+fn sse_events(rx: mpsc::Receiver<Update>, meta: Meta, kind: ChunkKind, choices: usize, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> {
+    let chunks = Chunks { meta, kind };
+    let opening: Vec<Event> = match kind {
+        ChunkKind::Chat => (0..choices).map(|i| chunks.event(vec![chunks.choice(i, Some(String::new()), true, None)], None)).collect(),
+        ChunkKind::Text => Vec::new(),
+    };
+    let updates = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|update| (update, rx)) });
+    let body = updates.flat_map(move |update| stream::iter(chunks.events(update, include_usage).into_iter().map(Ok)));
+    stream::iter(opening.into_iter().map(Ok)).chain(body)
+}

@@ -1,0 +1,80 @@
+"""The API as the official `openai` Python client calls it (pip install openai).
+
+Run by functions/llm/tests/serve.rs against `llm serve`; exits non-zero with the failed check.
+    python3 tests/clients/openai_check.py --base-url http://127.0.0.1:PORT/v1 --model ID --api-key KEY
+"""
+import argparse
+
+import openai
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--api-key", required=True)
+    args = ap.parse_args()
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
+    model = args.model
+
+    assert [m.id for m in client.models.list().data] == [model]
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    choice = chat.choices[0]
+    assert chat.object == "chat.completion" and choice.message.role == "assistant", chat
+    assert choice.finish_reason in ("stop", "length"), choice
+    assert chat.usage.completion_tokens <= 12 and chat.usage.prompt_tokens > 0
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    # Streamed text equals the non-streamed text at temperature 0, and so do the counts.
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == choice.message.content, (text, choice.message.content)
+    assert finish == choice.finish_reason and usage == chat.usage, (finish, usage, chat.usage)
+
+    # A list of prompts with n=2 is one batch: choices indexed prompt * n + choice.
+    prompts = ["The quick brown fox", "Once upon a time"]
+    done = client.completions.create(model=model, prompt=prompts, max_tokens=5, n=2, temperature=0)
+    assert [c.index for c in done.choices] == [0, 1, 2, 3], done
+    assert done.choices[0].text == done.choices[1].text, "greedy choices of one prompt differ"
+    for i, prompt in enumerate(prompts):
+        alone = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0)
+        assert alone.choices[0].text == done.choices[2 * i].text, (prompt, alone.choices[0].text, done.choices[2 * i].text)
+    assert done.usage.completion_tokens == 20 or done.usage.completion_tokens < 20
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=prompts[0], max_tokens=5, temperature=0, stream=True) if c.choices)
+    assert streamed == done.choices[0].text, (streamed, done.choices[0].text)
+
+    def expect(error, **kwargs):
+        call = kwargs.pop("call", client.chat.completions.create)
+        try:
+            call(**kwargs)
+        except error as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            assert "message" in body, e
+            return e
+        raise AssertionError(f"expected {error.__name__} for {str(kwargs)[:200]}")
+
+    expect(openai.BadRequestError, model=model, messages=messages, max_tokens=-1)
+    expect(openai.BadRequestError, model=model, messages=messages, temperature=2.5)
+    expect(openai.BadRequestError, model=model, messages=[])
+    long = expect(openai.BadRequestError, model=model, prompt="x " * 5000, call=client.completions.create)
+    assert "tokens" in long.body["message"], long.body
+    expect(openai.NotFoundError, model="no-such-model", messages=messages)
+    too_big = expect(openai.APIStatusError, model=model, prompt="x" * (2 << 20), call=client.completions.create)
+    assert too_big.status_code == 413, too_big.status_code
+    wrong = openai.OpenAI(base_url=args.base_url, api_key="wrong", max_retries=0)
+    expect(openai.AuthenticationError, model=model, messages=messages, call=wrong.chat.completions.create)
+    print("openai client checks passed")
+
+
+if __name__ == "__main__":
+    main()
