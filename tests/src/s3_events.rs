@@ -40,3 +40,13 @@ pub fn upload_checkpoint(s3: &S3, bucket: &str, prefix: &str, model: &str) {
         s3.put(bucket, &key, std::fs::read(entry.path()).expect("read fixture")).expect("upload");
     }
 }
+
+/// Publishes the llama2 checkpoint as `models/<model>/` (q8_0, alias `latest`) in `bucket`
+/// through the quantization function's handler.
+pub fn publish_model(s3: &S3, bucket: &str, model: &str) {
+    upload_checkpoint(s3, bucket, &format!("incoming/{model}/"), "llama2");
+    s3.put(bucket, &format!("incoming/{model}/quantize.json"), br#"{"types": ["q8_0"]}"#.to_vec()).expect("upload job file");
+    let event = serde_json::from_str(&s3_event_json(bucket, &[("ObjectCreated:Put", &format!("incoming/{model}/quantize.json"))])).expect("event");
+    let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(900);
+    quantize_function::handle(s3, &quantize_function::Config::default(), &event, Some(deadline)).expect("publish");
+}

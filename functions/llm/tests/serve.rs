@@ -58,17 +58,11 @@ fn the_openai_client_gets_what_it_expects() {
     );
 }
 
-/// One raw HTTP/1.1 request; returns the status code and the body.
+/// `post` against the server, with the body parsed as JSON.
 fn post(base_url: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
     let address = base_url.trim_start_matches("http://").trim_end_matches("/v1");
-    let mut stream = std::net::TcpStream::connect(address).expect("connect");
-    write!(stream, "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let json = response.split("\r\n\r\n").nth(1).and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
-    (status, json)
+    let (status, body) = llm_tests::http::post(address, path, body);
+    (status, serde_json::from_str(&body).unwrap_or_default())
 }
 
 #[test]

@@ -4,10 +4,12 @@
 //!
 //! One [`router`] serves every launcher: `llm serve` (a local TCP listener), the Lambda
 //! function (lambda_http) and `cargo lambda watch`. The model is loaded on the first request
-//! through a [`Loader`] the launcher provides (local path, or S3). Knows nothing of Lambda or S3.
+//! through a [`Loader`] ([`model_source`]: a local path, or S3 through the model registry).
+//! Knows nothing of Lambda.
 
 mod error;
 mod model_slot;
+pub mod model_source;
 mod openai;
 mod params;
 mod router;

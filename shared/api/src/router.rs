@@ -176,27 +176,21 @@ async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiErr
     let text = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template writes BOS as text; adding special tokens again would double it.
     let prompt = model.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompts = vec![prompt];
-    check_prompts(&prompts, &generation, &state.limits, model.model.config().max_position_embeddings)?;
-    let meta = Meta::new("chatcmpl", &state.slot.id);
-    let requests = generation.requests(&prompts);
-    if generation.stream {
-        return Ok(stream_response(state, model, requests, prompts, generation.include_usage, meta, ChunkKind::Chat, load));
-    }
-    let (completions, stats) = run_batch(&state, model, requests, |_| ControlFlow::Continue(())).await?;
-    record(&state, &stats, &prompts, &completions, load);
-    let choices = completions
-        .iter()
-        .enumerate()
-        .map(|(index, c)| ChatChoice {
-            index,
-            message: ResponseMessage { role: "assistant", content: c.text.clone() },
-            finish_reason: finish_reason(c.finish_reason),
-            logprobs: None,
-        })
-        .collect();
-    let usage = usage(&prompts, &completions);
-    Ok(Json(ChatCompletion { id: meta.id, object: "chat.completion", created: meta.created, model: meta.model, choices, usage }).into_response())
+    let batch = Batch { state, model, load, prompts: vec![prompt], kind: ChunkKind::Chat };
+    answer(batch, &generation, |meta, completions, usage| {
+        let choices = completions
+            .iter()
+            .enumerate()
+            .map(|(index, c)| ChatChoice {
+                index,
+                message: ResponseMessage { role: "assistant", content: c.text.clone() },
+                finish_reason: finish_reason(c.finish_reason),
+                logprobs: None,
+            })
+            .collect();
+        Json(ChatCompletion { id: meta.id, object: "chat.completion", created: meta.created, model: meta.model, choices, usage }).into_response()
+    })
+    .await
 }
 
 async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
@@ -224,21 +218,45 @@ async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, Ap
     if prompts.iter().flatten().any(|&id| id >= vocab) {
         return Err(ApiError::invalid("prompt", format!("Token ids must be below the vocabulary size {vocab}.")));
     }
-    check_prompts(&prompts, &generation, &state.limits, model.model.config().max_position_embeddings)?;
-    let meta = Meta::new("cmpl", &state.slot.id);
+    let batch = Batch { state, model, load, prompts, kind: ChunkKind::Text };
+    answer(batch, &generation, |meta, completions, usage| {
+        let choices = completions
+            .iter()
+            .enumerate()
+            .map(|(index, c)| CompletionChoice { index, text: c.text.clone(), finish_reason: Some(finish_reason(c.finish_reason)), logprobs: None })
+            .collect();
+        Json(TextCompletion { id: meta.id, object: "text_completion", created: meta.created, model: meta.model, choices, usage: Some(usage) }).into_response()
+    })
+    .await
+}
+
+/// One request's sequences, ready to run.
+struct Batch {
+    state: Arc<AppState>,
+    model: Arc<LoadedModel>,
+    load: LoadReport,
+    prompts: Vec<Vec<u32>>,
+    kind: ChunkKind,
+}
+
+/// Streams the batch as server-sent events, or runs it to the end and answers with `body`.
+async fn answer(batch: Batch, generation: &Generation, body: impl FnOnce(Meta, &[Completion], Usage) -> Response) -> Result<Response, ApiError> {
+    let Batch { state, model, load, prompts, kind } = batch;
+    check_prompts(&prompts, generation, &state.limits, model.model.config().max_position_embeddings)?;
+    let prefix = match kind {
+        ChunkKind::Chat => "chatcmpl",
+        ChunkKind::Text => "cmpl",
+    };
+    let meta = Meta::new(prefix, &state.slot.id);
     let requests = generation.requests(&prompts);
     if generation.stream {
-        return Ok(stream_response(state, model, requests, prompts, generation.include_usage, meta, ChunkKind::Text, load));
+        let batch = Batch { state, model, load, prompts, kind };
+        return Ok(stream_response(batch, requests, generation.include_usage, meta));
     }
     let (completions, stats) = run_batch(&state, model, requests, |_| ControlFlow::Continue(())).await?;
     record(&state, &stats, &prompts, &completions, load);
-    let choices = completions
-        .iter()
-        .enumerate()
-        .map(|(index, c)| CompletionChoice { index, text: c.text.clone(), finish_reason: Some(finish_reason(c.finish_reason)), logprobs: None })
-        .collect();
-    let usage = Some(usage(&prompts, &completions));
-    Ok(Json(TextCompletion { id: meta.id, object: "text_completion", created: meta.created, model: meta.model, choices, usage }).into_response())
+    let usage = usage(&prompts, &completions);
+    Ok(body(meta, &completions, usage))
 }
 
 /// Runs one batch on a blocking thread, after the batches queued before it.
@@ -288,16 +306,8 @@ enum Update {
     Done(Result<(Vec<Completion>, Usage), ApiError>),
 }
 
-fn stream_response(
-    state: Arc<AppState>,
-    model: Arc<LoadedModel>,
-    requests: Vec<GenerationRequest>,
-    prompts: Vec<Vec<u32>>,
-    include_usage: bool,
-    meta: Meta,
-    kind: ChunkKind,
-    load: LoadReport,
-) -> Response {
+fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage: bool, meta: Meta) -> Response {
+    let Batch { state, model, load, prompts, kind } = batch;
     let (tx, rx) = mpsc::channel::<Update>(64);
     let choices = requests.len();
     let token_tx = tx.clone();

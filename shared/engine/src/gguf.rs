@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,10 +16,14 @@ use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::weights::{TensorName, Weight, WeightSource};
 
+/// Where a GGUF is read from: a file, or bytes already in memory (a model downloaded from S3).
+trait GgufReader: Read + Seek + Send {}
+impl<T: Read + Seek + Send> GgufReader for T {}
+
 /// An opened GGUF file: its metadata and tensor directory, with tensors read on demand.
 pub struct GgufFile {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: Box<dyn GgufReader>,
     content: Content,
 }
 
@@ -27,14 +31,23 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
-        let mut reader = BufReader::new(file);
+        Self::read(path.to_path_buf(), Box::new(BufReader::new(file)), file_len)
+    }
+
+    /// A GGUF held in memory; `name` (e.g. its S3 URI) appears in errors.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let len = bytes.len() as u64;
+        Self::read(PathBuf::from(name), Box::new(Cursor::new(bytes)), len)
+    }
+
+    fn read(path: PathBuf, mut reader: Box<dyn GgufReader>, len: u64) -> Result<Self> {
         // candle's reader bounds-checks lengths against the file size; a hostile header can
         // still trip an arithmetic assertion inside it, which must not take the process down.
         let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
-            .map_err(|_| EngineError::invalid_file(path, "malformed GGUF header"))?
-            .map_err(|e| EngineError::invalid_file(path, e))?;
-        let gguf = Self { path: path.to_path_buf(), reader, content };
-        gguf.check_tensor_bounds(file_len)?;
+            .map_err(|_| EngineError::invalid_file(&path, "malformed GGUF header"))?
+            .map_err(|e| EngineError::invalid_file(&path, e))?;
+        let gguf = Self { path, reader, content };
+        gguf.check_tensor_bounds(len)?;
         Ok(gguf)
     }
 

@@ -54,17 +54,23 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let device = Device::Cpu;
     let format = detect_format(path)?;
     let (model, tokenizer, chat_template) = match format {
-        ModelFormat::Gguf => load_gguf(path, options, &device)?,
+        ModelFormat::Gguf => load_gguf(GgufFile::open(path)?, options, &device)?,
         ModelFormat::HuggingFace => load_hf(path, options, &device)?,
     };
     tokenizer.check_fits(model.config().vocab_size)?;
     Ok(LoadedModel { model, tokenizer, chat_template, format, path: path.to_path_buf() })
 }
 
+/// A GGUF model from bytes in memory (downloaded, not on disk); `name` appears in errors.
+pub fn load_gguf_bytes(name: &str, bytes: Vec<u8>, options: LoadOptions) -> Result<LoadedModel> {
+    let (model, tokenizer, chat_template) = load_gguf(GgufFile::from_bytes(name, bytes)?, options, &Device::Cpu)?;
+    tokenizer.check_fits(model.config().vocab_size)?;
+    Ok(LoadedModel { model, tokenizer, chat_template, format: ModelFormat::Gguf, path: PathBuf::from(name) })
+}
+
 type Parts = (Llama, Tokenizer, Option<ChatTemplate>);
 
-fn load_gguf(path: &Path, options: LoadOptions, device: &Device) -> Result<Parts> {
-    let mut gguf = GgufFile::open(path)?;
+fn load_gguf(mut gguf: GgufFile, options: LoadOptions, device: &Device) -> Result<Parts> {
     let config = gguf.llama_config()?;
     let tokenizer = gguf_tokenizer(&gguf)?;
     let chat_template = gguf

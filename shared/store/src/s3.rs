@@ -92,17 +92,41 @@ impl S3 {
 
     /// `len` bytes from `start`, retried when the connection breaks mid-body.
     pub fn get_range(&self, bucket: &str, key: &str, start: u64, len: u64) -> Result<Vec<u8>> {
+        self.runtime.block_on(self.fetch_range(bucket, key, start, len))
+    }
+
+    /// The whole object of `size` bytes, fetched with up to `concurrency` ranged GETs of
+    /// `part_size` bytes in flight, each retried on its own, straight into one buffer.
+    pub fn download(&self, bucket: &str, key: &str, size: u64, part_size: u64, concurrency: usize) -> Result<Vec<u8>> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let part_size = part_size.max(1);
+        let mut buffer = vec![0u8; size as usize];
+        let parts = (0..size).step_by(part_size as usize).map(|start| (start, part_size.min(size - start)));
+        self.runtime.block_on(async {
+            let mut fetched = futures_util::stream::iter(parts)
+                .map(|(start, len)| async move { self.fetch_range(bucket, key, start, len).await.map(|bytes| (start, bytes)) })
+                .buffer_unordered(concurrency.max(1));
+            while let Some((start, bytes)) = fetched.try_next().await? {
+                buffer[start as usize..start as usize + bytes.len()].copy_from_slice(&bytes);
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(buffer)
+    }
+
+    async fn fetch_range(&self, bucket: &str, key: &str, start: u64, len: u64) -> Result<Vec<u8>> {
         if len == 0 {
             return Ok(Vec::new());
         }
         let range = format!("bytes={}-{}", start, start + len - 1);
         let mut last_error = None;
         for attempt in 0..BODY_ATTEMPTS {
-            let result = self.runtime.block_on(async {
+            let result = async {
                 let response = self.client.get_object().bucket(bucket).key(key).range(&range).send().await.map_err(|e| s3_error(bucket, key, e))?;
                 let body = response.body.collect().await.map_err(|e| s3_error(bucket, key, e))?;
                 Ok::<_, StoreError>(body.into_bytes().to_vec())
-            });
+            }
+            .await;
             match result {
                 Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
                 Ok(bytes) => {
@@ -110,8 +134,8 @@ impl S3 {
                 }
                 Err(e) => last_error = Some(e),
             }
-            tracing::warn!(bucket, key, attempt, "ranged read failed; retrying");
-            std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
+            tracing::warn!(bucket, key, attempt, range, "ranged read failed; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
         }
         Err(last_error.unwrap_or_else(|| StoreError::S3 { bucket: bucket.into(), key: key.into(), message: "read failed".into() }))
     }

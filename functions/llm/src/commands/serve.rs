@@ -1,17 +1,19 @@
 //! `llm serve`: the OpenAI-compatible API on a local port: the same router the Lambda
 //! function runs, with the model loaded on the first request.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use llm_api::{AppState, Limits, Loader, ModelSlot};
+use llm_api::model_source::{self, DownloadSettings};
+use llm_api::{AppState, Limits, ModelSlot};
+use llm_engine::LoadOptions;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF file or a Hugging Face model directory.
+    /// A GGUF file, a Hugging Face model directory, `s3://bucket/key.gguf`, or
+    /// `s3://bucket/models/<name>/latest` (the quantization function's alias).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8080)]
@@ -37,11 +39,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let id = args.model_id.clone().unwrap_or_else(|| {
-        args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
-    });
-    let (path, quantize) = (args.model.clone(), args.quantize.clone());
-    let loader: Loader = Arc::new(move || super::load_model(&path, quantize.as_deref()).map_err(|e| format!("{e:#}")));
+    let id = args.model_id.clone().unwrap_or_else(|| model_source::model_id(&args.model));
+    let quantize = args.quantize.as_deref().map(llm_engine::quant::parse_ggml_dtype).transpose()?;
+    let loader = model_source::loader(&args.model, LoadOptions { quantize }, DownloadSettings::default()).map_err(anyhow::Error::msg)?;
     let limits = Limits {
         max_body_bytes: args.max_body_bytes,
         max_prompt_tokens: args.max_prompt_tokens,

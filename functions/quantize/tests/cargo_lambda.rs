@@ -1,4 +1,4 @@
-//! The quantization function's real binary under `cargo lambda watch`: the Lambda runtime
+//! The quantization function's real binary under `cargo lambda`'s runtime emulator: the Lambda runtime
 //! delivers an S3 event, the function converts the checkpoint on the local S3 server, and its
 //! logs are JSON lines with CloudWatch EMF metrics.
 
@@ -16,8 +16,7 @@ fn the_function_binary_answers_an_s3_event() {
     s3.put(bucket, "incoming/tiny/quantize.json", br#"{"types": ["q4_0"]}"#.to_vec()).unwrap();
 
     let watch = CargoLambdaWatch::start(
-        "quantize-function",
-        "quantize",
+        env!("CARGO_BIN_EXE_quantize"),
         &[
             ("AWS_ENDPOINT_URL", &server.endpoint),
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
@@ -27,7 +26,7 @@ fn the_function_binary_answers_an_s3_event() {
         ],
     );
     let event = s3_event_json(bucket, &[("ObjectCreated:Put", "incoming/tiny/quantize.json"), ("ObjectCreated:Put", "incoming/tiny/config.json")]);
-    let response = watch.invoke("quantize", &event).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
+    let response = watch.invoke(&event).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
     let summary: serde_json::Value = serde_json::from_str(&response).unwrap_or_else(|e| panic!("{e}: {response}"));
     assert_eq!(summary["jobs"][0]["status"], "converted", "{summary}");
     assert_eq!(summary["ignored"].as_array().map(Vec::len), Some(1), "{summary}");
@@ -36,7 +35,7 @@ fn the_function_binary_answers_an_s3_event() {
     assert!(s3.size(bucket, key).unwrap().is_some_and(|n| n > 0));
 
     // A second delivery of the same event is answered from the manifest.
-    let again: serde_json::Value = serde_json::from_str(&watch.invoke("quantize", &event).unwrap()).unwrap();
+    let again: serde_json::Value = serde_json::from_str(&watch.invoke(&event).unwrap()).unwrap();
     assert_eq!(again["jobs"][0]["status"], "already_done", "{again}");
 
     let log = watch.log();

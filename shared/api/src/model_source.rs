@@ -1,0 +1,115 @@
+//! Where the served model comes from (`MODEL_URI`, `llm serve --model`): a local GGUF file or
+//! Hugging Face directory, or an S3 object: a GGUF key, or the registry alias
+//! `models/<name>/latest` that the quantization function maintains. S3 models are downloaded
+//! into memory with parallel ranged GETs and checked against the manifest's sha256 before
+//! anything is served.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use llm_engine::{LoadOptions, LoadedModel};
+use llm_store::registry::{self, ResolvedModel, ALIAS_NAME, MODELS_PREFIX};
+use llm_store::{Location, S3};
+use sha2::{Digest, Sha256};
+
+use crate::model_slot::Loader;
+
+#[derive(Debug, Clone)]
+pub struct DownloadSettings {
+    /// Bytes per ranged GET.
+    pub part_size: u64,
+    /// Ranged GETs in flight.
+    pub concurrency: usize,
+    /// The process's memory (Lambda's `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`): a model that cannot
+    /// fit is refused before the download.
+    pub memory_limit_bytes: Option<u64>,
+    /// With an alias, the type to serve instead of the alias's default.
+    pub quant_type: Option<String>,
+}
+
+impl Default for DownloadSettings {
+    fn default() -> Self {
+        Self { part_size: 16 << 20, concurrency: 8, memory_limit_bytes: None, quant_type: None }
+    }
+}
+
+/// The name clients use for the model at `uri`: the alias's model name, else the file or
+/// directory name without its extension.
+pub fn model_id(uri: &str) -> String {
+    let trimmed = uri.trim_end_matches('/');
+    if let Some(name) = trimmed.strip_suffix(&format!("/{ALIAS_NAME}")).and_then(|p| p.rsplit('/').next()) {
+        if trimmed.contains(&format!("/{MODELS_PREFIX}")) {
+            return name.to_string();
+        }
+    }
+    let last = trimmed.rsplit('/').next().unwrap_or(trimmed);
+    last.strip_suffix(".gguf").unwrap_or(last).to_string()
+}
+
+/// A loader for the model at `uri`; nothing is read until it runs.
+pub fn loader(uri: &str, options: LoadOptions, settings: DownloadSettings) -> Result<Loader, String> {
+    match Location::parse(uri).map_err(|e| e.to_string())? {
+        Location::Local(path) => Ok(Arc::new(move || llm_engine::load(&path, options).map_err(|e| e.to_string()))),
+        Location::S3 { bucket, key } => Ok(Arc::new(move || {
+            let s3 = S3::connect().map_err(|e| e.to_string())?;
+            load_from_s3(&s3, &bucket, &key, options, &settings)
+        })),
+    }
+}
+
+/// Resolves, checks the size against memory, downloads, verifies and parses.
+pub fn load_from_s3(s3: &S3, bucket: &str, key: &str, options: LoadOptions, settings: &DownloadSettings) -> Result<LoadedModel, String> {
+    let resolved = registry::resolve(s3, bucket, key, settings.quant_type.as_deref()).map_err(|e| e.to_string())?;
+    check_fits(&resolved, settings.memory_limit_bytes)?;
+    let started = Instant::now();
+    let bytes = s3
+        .download(bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency)
+        .map_err(|e| e.to_string())?;
+    let download_s = started.elapsed().as_secs_f64();
+    if let Some(expected) = &resolved.sha256 {
+        let actual = registry::hex(&Sha256::digest(&bytes));
+        if &actual != expected {
+            return Err(format!("s3://{bucket}/{}: sha256 {actual} differs from the manifest's {expected}", resolved.key));
+        }
+    }
+    tracing::info!(
+        key = resolved.key,
+        version = resolved.version,
+        bytes = resolved.size,
+        download_s,
+        mib_per_s = resolved.size as f64 / (1 << 20) as f64 / download_s.max(1e-9),
+        verified = resolved.sha256.is_some(),
+        "model downloaded"
+    );
+    llm_engine::load_gguf_bytes(&format!("s3://{bucket}/{}", resolved.key), bytes, options).map_err(|e| e.to_string())
+}
+
+/// The download buffer and the tensors built from it are both in memory at the peak.
+fn check_fits(model: &ResolvedModel, limit: Option<u64>) -> Result<(), String> {
+    let Some(limit) = limit else { return Ok(()) };
+    let needed = model.size * 2 + (256 << 20);
+    if needed > limit {
+        return Err(format!(
+            "s3://{}/{} is {} MiB; loading it needs about {} MiB but the function has {} MiB: choose a smaller type or more memory",
+            model.bucket,
+            model.key,
+            model.size >> 20,
+            needed >> 20,
+            limit >> 20
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_come_from_the_uri() {
+        assert_eq!(model_id("s3://bucket/models/tiny-llama/latest"), "tiny-llama");
+        assert_eq!(model_id("s3://bucket/models/m/v1/m-q8_0.gguf"), "m-q8_0");
+        assert_eq!(model_id("/models/llama3-bf16.gguf"), "llama3-bf16");
+        assert_eq!(model_id("checkpoints/llama/"), "llama");
+    }
+}
