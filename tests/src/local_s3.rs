@@ -38,6 +38,11 @@ pub fn local_s3() -> &'static LocalS3 {
             "-admin.ui=false".into(),
             "-s3.port.iceberg=0".into(),
             "-s3.port.lance=0".into(),
+            // Each bucket gets volumes of its own; left to itself, SeaweedFS sizes the volume
+            // count from the free disk, and a nearly full disk then fails writes to new buckets
+            // with 500 InternalError.
+            "-volume.max=200".into(),
+            "-master.volumeSizeLimitMB=64".into(),
         ];
         // Statics are never dropped, so a watchdog shell stops the server when this test
         // process exits, however it exits.
