@@ -254,8 +254,8 @@ async fn answer(batch: Batch, generation: &Generation, body: impl FnOnce(Meta, &
         return Ok(stream_response(batch, requests, generation.include_usage, meta));
     }
     let (completions, stats) = run_batch(&state, model, requests, |_| ControlFlow::Continue(())).await?;
-    record(&state, &stats, &prompts, &completions, load);
     let usage = usage(&prompts, &completions);
+    record(&state, &stats, usage, load);
     Ok(body(meta, &completions, usage))
 }
 
@@ -274,10 +274,9 @@ async fn run_batch(
 }
 
 /// Request metrics as one EMF record; the first request of the process is the cold start.
-fn record(state: &AppState, stats: &GenerationStats, prompts: &[Vec<u32>], completions: &[Completion], load: LoadReport) {
+fn record(state: &AppState, stats: &GenerationStats, usage: Usage, load: LoadReport) {
     let cold = state.cold.swap(false, Ordering::Relaxed);
     let decode_s = stats.decode.as_secs_f64();
-    let usage = usage(prompts, completions);
     tracing::info!(model = %state.slot.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, prefill_ms = stats.prefill.as_secs_f64() * 1e3, decode_ms = decode_s * 1e3, "completed");
     let mut metrics = Metrics::new("llm-serverless")
         .dimension("Function", "infer")
@@ -324,8 +323,8 @@ fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage
         })
         .await;
         let done = result.map(|(completions, stats)| {
-            record(&state, &stats, &prompts, &completions, load);
             let usage = usage(&prompts, &completions);
+            record(&state, &stats, usage, load);
             (completions, usage)
         });
         let _ = tx.send(Update::Done(done)).await;
