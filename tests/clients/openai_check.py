@@ -40,6 +40,32 @@ def main():
     assert text == choice.message.content, (text, choice.message.content)
     assert finish == choice.finish_reason and usage == chat.usage, (finish, usage, chat.usage)
 
+    # Log-probabilities: one entry per generated token, whose texts spell the content; greedy
+    # tokens are the most likely alternative; streamed entries equal the answer's.
+    scored = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    content = scored.choices[0].logprobs.content
+    spelled = b"".join(bytes(t.bytes) for t in content).decode()
+    assert spelled == scored.choices[0].message.content, content
+    assert len(content) == scored.usage.completion_tokens - (scored.choices[0].finish_reason == "stop")
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0, t
+        assert t.token == bytes(t.bytes).decode(errors="replace") or t.token.startswith("bytes:"), t
+        assert t.top_logprobs[0].logprob == t.logprob and t.top_logprobs[0].token == t.token, t
+    streamed_lp = []
+    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=3, stream=True):
+        for c in chunk.choices:
+            streamed_lp += c.logprobs.content if c.logprobs else []
+    assert [(t.token, t.logprob) for t in streamed_lp] == [(t.token, t.logprob) for t in content]
+    legacy = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=6, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    if not any(t.startswith("bytes:") for t in lp.tokens):
+        assert "".join(lp.tokens) == legacy.choices[0].text, lp
+        assert lp.text_offset == [sum(len(t.encode()) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(top) <= 2 and max(top.values()) >= v for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
     # A list of prompts with n=2 is one batch: choices indexed prompt * n + choice.
     prompts = ["The quick brown fox", "Once upon a time"]
     done = client.completions.create(model=model, prompt=prompts, max_tokens=5, n=2, temperature=0)
@@ -66,6 +92,7 @@ def main():
     expect(openai.BadRequestError, model=model, messages=messages, max_tokens=-1)
     expect(openai.BadRequestError, model=model, messages=messages, temperature=2.5)
     expect(openai.BadRequestError, model=model, messages=[])
+    expect(openai.BadRequestError, model=model, messages=messages, logprobs=True, top_logprobs=21)
     long = expect(openai.BadRequestError, model=model, prompt="x " * 5000, call=client.completions.create)
     assert "tokens" in long.body["message"], long.body
     expect(openai.NotFoundError, model="no-such-model", messages=messages)

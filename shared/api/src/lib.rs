@@ -8,6 +8,7 @@
 //! Knows nothing of Lambda.
 
 mod error;
+mod logprobs;
 mod model_slot;
 pub mod model_source;
 mod openai;
@@ -17,4 +18,4 @@ mod router;
 pub use error::ApiError;
 pub use model_slot::{Loader, ModelSlot};
 pub use params::Limits;
-pub use router::{router, AppState};
+pub use router::{router, AppState, Deadline};

@@ -126,7 +126,39 @@ pub struct ChatChoice {
     pub index: usize,
     pub message: ResponseMessage,
     pub finish_reason: &'static str,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
+}
+
+/// `choices[].logprobs` of a chat completion (and of a streamed chunk).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+    pub refusal: Option<Vec<ChatTokenLogprob>>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Vec<u8>,
+}
+
+/// `choices[].logprobs` of a legacy completion: parallel lists, one entry per token.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f64>,
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f64>>,
+    /// Byte offset of each token in the choice's text.
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -152,7 +184,7 @@ pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
     pub finish_reason: Option<&'static str>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,6 +1,8 @@
 //! Request parameters checked against OpenAI's ranges and this server's limits, and turned into
 //! engine requests. Every rejection names the parameter (HTTP 400).
 
+use std::time::Duration;
+
 use llm_engine::{GenerationRequest, SamplingParams};
 
 use crate::error::ApiError;
@@ -15,13 +17,19 @@ pub struct Limits {
     pub max_tokens: usize,
     /// Cap on sequences in one request (`n` × prompts).
     pub max_sequences: usize,
+    /// Generation stops this long before a request's [`Deadline`](crate::Deadline), leaving
+    /// time to send the answer.
+    pub deadline_margin: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, max_prompt_tokens: 4096, max_tokens: 512, max_sequences: 16 }
+        Self { max_body_bytes: 1 << 20, max_prompt_tokens: 4096, max_tokens: 512, max_sequences: 16, deadline_margin: Duration::from_millis(1500) }
     }
 }
+
+/// Most alternatives per token a request may ask for (OpenAI's chat limit; vLLM's default).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 /// A request's generation settings, validated.
 #[derive(Debug, Clone)]
@@ -32,6 +40,8 @@ pub struct Generation {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Alternatives per token when log-probabilities were asked for.
+    pub logprobs: Option<usize>,
 }
 
 fn in_range(param: &'static str, value: Option<f32>, lo: f32, hi: f32, default: f32) -> Result<f32, ApiError> {
@@ -85,7 +95,22 @@ impl Generation {
             seed,
         };
         let include_usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(Self { max_tokens, sampling, stop, n, stream: s.stream, include_usage })
+        Ok(Self { max_tokens, sampling, stop, n, stream: s.stream, include_usage, logprobs: None })
+    }
+
+    /// Chat's `logprobs: true` with `top_logprobs` alternatives (which needs `logprobs`).
+    pub fn with_chat_logprobs(self, logprobs: Option<bool>, top_logprobs: Option<i64>) -> Result<Self, ApiError> {
+        let top = top_count("top_logprobs", top_logprobs)?;
+        match (logprobs.unwrap_or(false), top) {
+            (true, top) => Ok(Self { logprobs: Some(top.unwrap_or(0)), ..self }),
+            (false, Some(_)) => Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`.")),
+            (false, None) => Ok(self),
+        }
+    }
+
+    /// The legacy completion's `logprobs: N`: log-probabilities with N alternatives.
+    pub fn with_completion_logprobs(self, logprobs: Option<i64>) -> Result<Self, ApiError> {
+        Ok(Self { logprobs: top_count("logprobs", logprobs)?, ..self })
     }
 
     /// One engine request per prompt and choice: prompt `p`'s choice `c` is at `p * n + c`.
@@ -101,10 +126,19 @@ impl Generation {
                     sampling,
                     stop: self.stop.clone(),
                     ignore_eos: false,
+                    logprobs: self.logprobs,
                 });
             }
         }
         requests
+    }
+}
+
+fn top_count(param: &'static str, value: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) if (0..=MAX_TOP_LOGPROBS).contains(&v) => Ok(Some(v as usize)),
+        Some(v) => Err(ApiError::invalid(param, format!("`{param}` must be between 0 and {MAX_TOP_LOGPROBS}, got {v}."))),
     }
 }
 
@@ -160,5 +194,18 @@ mod tests {
         ] {
             assert_eq!(parse(body).unwrap_err().param, Some(param), "{body}");
         }
+    }
+
+    #[test]
+    fn logprobs_parameters() {
+        let chat = |lp, top| parse("{}").unwrap().with_chat_logprobs(lp, top).map(|g| g.logprobs);
+        assert_eq!(chat(Some(true), Some(3)).unwrap(), Some(3));
+        assert_eq!(chat(Some(true), None).unwrap(), Some(0));
+        assert_eq!(chat(None, None).unwrap(), None);
+        assert_eq!(chat(Some(false), Some(2)).unwrap_err().param, Some("top_logprobs"));
+        assert_eq!(chat(Some(true), Some(21)).unwrap_err().param, Some("top_logprobs"));
+        let legacy = |lp| parse("{}").unwrap().with_completion_logprobs(lp).map(|g| g.logprobs);
+        assert_eq!(legacy(Some(0)).unwrap(), Some(0));
+        assert_eq!(legacy(Some(-1)).unwrap_err().param, Some("logprobs"));
     }
 }

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -16,15 +16,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
-use llm_engine::{ChatMessage, Completion, FinishReason, GenerationRequest, GenerationStats, LoadedModel, TokenEvent};
+use llm_engine::{ChatMessage, Completion, FinishReason, GenerationRequest, GenerationStats, LoadedModel, TokenEvent, TokenLogprob};
 use llm_observe::{Metrics, Unit};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::error::ApiError;
+use crate::logprobs;
 use crate::model_slot::{LoadReport, ModelSlot};
 use crate::openai::*;
 use crate::params::{check_prompts, Generation, Limits};
+
+/// When the invocation must have answered (Lambda's deadline). A launcher that has one puts
+/// it in the request's extensions; generation stops [`Limits::deadline_margin`] before it.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);
 
 pub struct AppState {
     pub slot: ModelSlot,
@@ -161,12 +167,10 @@ fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiE
 }
 
 async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
+    let deadline = request.extensions().get::<Deadline>().copied();
     let body: ChatRequest = read_json(request, state.limits.max_body_bytes).await?;
     check_model(&state, &body.model)?;
-    if body.logprobs == Some(true) || body.top_logprobs.is_some() {
-        return Err(ApiError::invalid("logprobs", "Log-probabilities are not supported yet."));
-    }
-    let generation = Generation::from_request(&body.sampling, &state.limits)?;
+    let generation = Generation::from_request(&body.sampling, &state.limits)?.with_chat_logprobs(body.logprobs, body.top_logprobs)?;
     let messages = chat_messages(body.messages)?;
     let (model, load) = state.slot.get().await?;
     let template = model
@@ -176,8 +180,8 @@ async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiErr
     let text = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template writes BOS as text; adding special tokens again would double it.
     let prompt = model.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let batch = Batch { state, model, load, prompts: vec![prompt], kind: ChunkKind::Chat };
-    answer(batch, &generation, |meta, completions, usage| {
+    let batch = Batch { state, model, load, prompts: vec![prompt], kind: ChunkKind::Chat, deadline };
+    answer(batch, &generation, |meta, model, completions, usage| {
         let choices = completions
             .iter()
             .enumerate()
@@ -185,7 +189,7 @@ async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiErr
                 index,
                 message: ResponseMessage { role: "assistant", content: c.text.clone() },
                 finish_reason: finish_reason(c.finish_reason),
-                logprobs: None,
+                logprobs: generation.logprobs.map(|_| logprobs::chat(&model.tokenizer, &c.logprobs)),
             })
             .collect();
         Json(ChatCompletion { id: meta.id, object: "chat.completion", created: meta.created, model: meta.model, choices, usage }).into_response()
@@ -194,15 +198,13 @@ async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiErr
 }
 
 async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
+    let deadline = request.extensions().get::<Deadline>().copied();
     let body: CompletionRequest = read_json(request, state.limits.max_body_bytes).await?;
     check_model(&state, &body.model)?;
-    if body.logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid("logprobs", "Log-probabilities are not supported yet."));
-    }
     if body.echo {
         return Err(ApiError::invalid("echo", "`echo` is not supported."));
     }
-    let generation = Generation::from_request(&body.sampling, &state.limits)?;
+    let generation = Generation::from_request(&body.sampling, &state.limits)?.with_completion_logprobs(body.logprobs)?;
     let (model, load) = state.slot.get().await?;
     let encode = |text: &str| model.tokenizer.encode(text, true).map_err(|e| ApiError::invalid("prompt", e.to_string()));
     let prompts: Vec<Vec<u32>> = match body.prompt {
@@ -218,12 +220,17 @@ async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, Ap
     if prompts.iter().flatten().any(|&id| id >= vocab) {
         return Err(ApiError::invalid("prompt", format!("Token ids must be below the vocabulary size {vocab}.")));
     }
-    let batch = Batch { state, model, load, prompts, kind: ChunkKind::Text };
-    answer(batch, &generation, |meta, completions, usage| {
+    let batch = Batch { state, model, load, prompts, kind: ChunkKind::Text, deadline };
+    answer(batch, &generation, |meta, model, completions, usage| {
         let choices = completions
             .iter()
             .enumerate()
-            .map(|(index, c)| CompletionChoice { index, text: c.text.clone(), finish_reason: Some(finish_reason(c.finish_reason)), logprobs: None })
+            .map(|(index, c)| CompletionChoice {
+                index,
+                text: c.text.clone(),
+                finish_reason: Some(finish_reason(c.finish_reason)),
+                logprobs: generation.logprobs.map(|_| logprobs::completion(&model.tokenizer, logprobs::visible(&model.tokenizer, &c.logprobs), 0).0),
+            })
             .collect();
         Json(TextCompletion { id: meta.id, object: "text_completion", created: meta.created, model: meta.model, choices, usage: Some(usage) }).into_response()
     })
@@ -237,36 +244,56 @@ struct Batch {
     load: LoadReport,
     prompts: Vec<Vec<u32>>,
     kind: ChunkKind,
+    deadline: Option<Deadline>,
+}
+
+impl Batch {
+    /// When generation must stop to answer before the deadline.
+    fn stop_at(&self) -> Option<Instant> {
+        self.deadline.map(|d| d.0.checked_sub(self.state.limits.deadline_margin).unwrap_or(d.0))
+    }
 }
 
 /// Streams the batch as server-sent events, or runs it to the end and answers with `body`.
-async fn answer(batch: Batch, generation: &Generation, body: impl FnOnce(Meta, &[Completion], Usage) -> Response) -> Result<Response, ApiError> {
-    let Batch { state, model, load, prompts, kind } = batch;
-    check_prompts(&prompts, generation, &state.limits, model.model.config().max_position_embeddings)?;
-    let prefix = match kind {
+async fn answer(
+    batch: Batch,
+    generation: &Generation,
+    body: impl FnOnce(Meta, &LoadedModel, &[Completion], Usage) -> Response,
+) -> Result<Response, ApiError> {
+    check_prompts(&batch.prompts, generation, &batch.state.limits, batch.model.model.config().max_position_embeddings)?;
+    let prefix = match batch.kind {
         ChunkKind::Chat => "chatcmpl",
         ChunkKind::Text => "cmpl",
     };
-    let meta = Meta::new(prefix, &state.slot.id);
-    let requests = generation.requests(&prompts);
+    let meta = Meta::new(prefix, &batch.state.slot.id);
+    let requests = generation.requests(&batch.prompts);
     if generation.stream {
-        let batch = Batch { state, model, load, prompts, kind };
         return Ok(stream_response(batch, requests, generation.include_usage, meta));
     }
-    let (completions, stats) = run_batch(&state, model, requests, |_| ControlFlow::Continue(())).await?;
-    let usage = usage(&prompts, &completions);
-    record(&state, &stats, usage, load);
-    Ok(body(meta, &completions, usage))
+    let (completions, stats) = run_batch(&batch, requests, |_| ControlFlow::Continue(())).await?;
+    let usage = usage(&batch.prompts, &completions);
+    record(&batch.state, &stats, usage, batch.load);
+    Ok(body(meta, &batch.model, &completions, usage))
 }
 
-/// Runs one batch on a blocking thread, after the batches queued before it.
+/// Runs one batch on a blocking thread, after the batches queued before it. Generation stops
+/// early (`finish_reason: length`) when `on_token` breaks or the deadline comes near.
 async fn run_batch(
-    state: &AppState,
-    model: Arc<LoadedModel>,
+    batch: &Batch,
     requests: Vec<GenerationRequest>,
-    on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
+    mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
 ) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
-    let _permit = state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let _permit = batch.state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let model = batch.model.clone();
+    let stop_at = batch.stop_at();
+    let on_token = move |event: TokenEvent<'_>| {
+        let flow = on_token(event);
+        if flow.is_continue() && stop_at.is_some_and(|at| Instant::now() >= at) {
+            tracing::warn!("stopping generation before the invocation's deadline");
+            return ControlFlow::Break(());
+        }
+        flow
+    };
     tokio::task::spawn_blocking(move || llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token))
         .await
         .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
@@ -301,42 +328,46 @@ enum ChunkKind {
 
 /// What the generation thread sends to the response stream.
 enum Update {
-    Text { index: usize, text: String },
+    Token { index: usize, text: String, logprob: Option<TokenLogprob> },
     Done(Result<(Vec<Completion>, Usage), ApiError>),
 }
 
 fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage: bool, meta: Meta) -> Response {
-    let Batch { state, model, load, prompts, kind } = batch;
     let (tx, rx) = mpsc::channel::<Update>(64);
+    let chunks = Chunks { meta, kind: batch.kind, model: batch.model.clone(), text_offsets: vec![0; requests.len()] };
     let choices = requests.len();
     let token_tx = tx.clone();
+    let model = batch.model.clone();
     tokio::spawn(async move {
-        let result = run_batch(&state, model, requests, move |event| {
-            if event.text.is_empty() {
+        let result = run_batch(&batch, requests, move |event| {
+            let logprob = event.logprob.filter(|lp| !model.tokenizer.is_stop(lp.token_id)).cloned();
+            if event.text.is_empty() && logprob.is_none() {
                 return ControlFlow::Continue(());
             }
             // A closed channel means the client went away: stop generating for it.
-            match token_tx.blocking_send(Update::Text { index: event.index, text: event.text.to_string() }) {
+            match token_tx.blocking_send(Update::Token { index: event.index, text: event.text.to_string(), logprob }) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
         })
         .await;
         let done = result.map(|(completions, stats)| {
-            let usage = usage(&prompts, &completions);
-            record(&state, &stats, usage, load);
+            let usage = usage(&batch.prompts, &completions);
+            record(&batch.state, &stats, usage, batch.load);
             (completions, usage)
         });
         let _ = tx.send(Update::Done(done)).await;
     });
-    Sse::new(sse_events(rx, meta, kind, choices, include_usage)).into_response()
+    Sse::new(sse_events(rx, chunks, choices, include_usage)).into_response()
 }
 
-/// One streamed chunk's JSON.
-#[derive(Clone)]
+/// Builds the streamed chunks' JSON.
 struct Chunks {
     meta: Meta,
     kind: ChunkKind,
+    model: Arc<LoadedModel>,
+    /// Bytes of text streamed so far per choice (legacy logprobs' `text_offset`).
+    text_offsets: Vec<usize>,
 }
 
 impl Chunks {
@@ -352,26 +383,38 @@ impl Chunks {
         Event::default().data(body.to_string())
     }
 
-    fn choice(&self, index: usize, text: Option<String>, role: bool, finish: Option<&'static str>) -> serde_json::Value {
+    fn choice(&mut self, index: usize, text: Option<String>, role: bool, finish: Option<&'static str>, logprob: Option<&TokenLogprob>) -> serde_json::Value {
+        let tokenizer = &self.model.tokenizer;
         match self.kind {
             ChunkKind::Chat => {
                 let delta = Delta { role: role.then_some("assistant"), content: text };
-                serde_json::json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": null})
+                let logprobs = logprob.map(|lp| ChatLogprobs { content: vec![logprobs::chat_entry(tokenizer, lp)], refusal: None });
+                serde_json::json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
             }
-            ChunkKind::Text => serde_json::json!({"index": index, "text": text.unwrap_or_default(), "finish_reason": finish, "logprobs": null}),
+            ChunkKind::Text => {
+                let logprobs = logprob.map(|lp| {
+                    let (lists, next) = logprobs::completion(tokenizer, [lp], self.text_offsets[index]);
+                    self.text_offsets[index] = next;
+                    lists
+                });
+                serde_json::json!({"index": index, "text": text.unwrap_or_default(), "finish_reason": finish, "logprobs": logprobs})
+            }
         }
     }
 
     /// The events one update becomes.
-    fn events(&self, update: Update, include_usage: bool) -> Vec<Event> {
+    fn events(&mut self, update: Update, include_usage: bool) -> Vec<Event> {
         match update {
-            Update::Text { index, text } => vec![self.event(vec![self.choice(index, Some(text), false, None)], None)],
+            Update::Token { index, text, logprob } => {
+                let choice = self.choice(index, Some(text), false, None, logprob.as_ref());
+                vec![self.event(vec![choice], None)]
+            }
             Update::Done(Ok((completions, usage))) => {
-                let mut events: Vec<Event> = completions
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| self.event(vec![self.choice(i, None, false, Some(finish_reason(c.finish_reason)))], None))
-                    .collect();
+                let mut events = Vec::with_capacity(completions.len() + 2);
+                for (i, c) in completions.iter().enumerate() {
+                    let choice = self.choice(i, None, false, Some(finish_reason(c.finish_reason)), None);
+                    events.push(self.event(vec![choice], None));
+                }
                 if include_usage {
                     events.push(self.event(Vec::new(), Some(usage)));
                 }
@@ -385,10 +428,14 @@ impl Chunks {
 
 /// Server-sent events: the assistant role first (chat), text as it is generated, a closing
 /// chunk per choice with its finish reason, usage when asked, then `[DONE]`.
-fn sse_events(rx: mpsc::Receiver<Update>, meta: Meta, kind: ChunkKind, choices: usize, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> {
-    let chunks = Chunks { meta, kind };
-    let opening: Vec<Event> = match kind {
-        ChunkKind::Chat => (0..choices).map(|i| chunks.event(vec![chunks.choice(i, Some(String::new()), true, None)], None)).collect(),
+fn sse_events(rx: mpsc::Receiver<Update>, mut chunks: Chunks, choices: usize, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> {
+    let opening: Vec<Event> = match chunks.kind {
+        ChunkKind::Chat => (0..choices)
+            .map(|i| {
+                let choice = chunks.choice(i, Some(String::new()), true, None, None);
+                chunks.event(vec![choice], None)
+            })
+            .collect(),
         ChunkKind::Text => Vec::new(),
     };
     let updates = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|update| (update, rx)) });

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::{EngineError, Result};
+use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::model::{Llama, Logits};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -22,6 +23,8 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-generation tokens (benchmarks, parity checks).
     pub ignore_eos: bool,
+    /// Record each generated token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -39,6 +42,8 @@ pub struct Completion {
     pub token_ids: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// One entry per generated id when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// One generated token, as it is produced.
@@ -50,6 +55,8 @@ pub struct TokenEvent<'a> {
     pub token_id: Option<u32>,
     /// Text this token completes; empty while a character or a possible stop string is pending.
     pub text: &'a str,
+    /// The token's log-probability, when the request asked for them.
+    pub logprob: Option<&'a TokenLogprob>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -111,9 +118,12 @@ pub fn generate(
         for (row, &i) in active.iter().enumerate() {
             let seq = &mut seqs[i];
             let token = seq.sampler.sample(&rows[row], &seq.context);
+            if let Some(top_n) = seq.top_logprobs {
+                seq.logprobs.push(token_logprob(&rows[row], token, top_n));
+            }
             let piece = seq.push(tokenizer, token)?;
             stats.generated_tokens += 1;
-            let flow = on_token(TokenEvent { index: i, token_id: Some(token), text: &piece });
+            let flow = on_token(TokenEvent { index: i, token_id: Some(token), text: &piece, logprob: seq.logprobs.last() });
             stopped_by_caller |= flow.is_break();
             next.push(token);
         }
@@ -143,12 +153,13 @@ pub fn generate(
     for (i, mut seq) in seqs.into_iter().enumerate() {
         let tail = seq.close(tokenizer)?;
         if !tail.is_empty() {
-            let _ = on_token(TokenEvent { index: i, token_id: None, text: &tail });
+            let _ = on_token(TokenEvent { index: i, token_id: None, text: &tail, logprob: None });
         }
         completions.push(Completion {
             token_ids: seq.generated,
             text: seq.text,
             finish_reason: seq.finish.unwrap_or(FinishReason::Length),
+            logprobs: seq.logprobs,
         });
     }
     Ok((completions, stats))
@@ -183,6 +194,9 @@ struct Sequence {
     max_tokens: usize,
     stop: Vec<String>,
     ignore_eos: bool,
+    /// `Some(n)` records log-probabilities with `n` alternatives.
+    top_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
     decoder: IncrementalDecoder,
     /// Decoded text so far; cut at a stop string when one appears.
     text: String,
@@ -203,7 +217,9 @@ impl Sequence {
             max_tokens: r.max_tokens.min(room),
             stop: r.stop.clone(),
             ignore_eos: r.ignore_eos,
-            decoder: IncrementalDecoder::new(),
+            top_logprobs: r.logprobs,
+            logprobs: Vec::new(),
+            decoder: IncrementalDecoder::after(&r.prompt),
             text: String::new(),
             emitted: 0,
             text_final: false,

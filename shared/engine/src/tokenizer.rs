@@ -12,6 +12,8 @@ pub struct Tokenizer {
     eos: Option<String>,
     /// Every token that ends generation (EOS, end-of-turn, ...).
     stop_ids: BTreeSet<u32>,
+    /// GPT-2 style vocabulary: token texts spell bytes with printable stand-in characters.
+    byte_level: bool,
 }
 
 /// Texts of tokens that llama.cpp also treats as end of generation.
@@ -34,7 +36,8 @@ impl Tokenizer {
                 .filter_map(|t| inner.token_to_id(t))
                 .filter(|&id| inner.get_added_vocabulary().is_special_token(&inner.id_to_token(id).unwrap_or_default())),
         );
-        Self { inner, bos, eos, stop_ids }
+        let byte_level = serde_json::to_string(&inner.get_decoder()).is_ok_and(|d| d.contains("\"ByteLevel\""));
+        Self { inner, bos, eos, stop_ids, byte_level }
     }
 
     pub fn from_json(json: &str) -> Result<tokenizers::Tokenizer> {
@@ -81,6 +84,23 @@ impl Tokenizer {
         self.stop_ids.iter().copied()
     }
 
+    /// The bytes token `id` stands for in decoded text (a token may hold part of a UTF-8
+    /// character); special tokens give their own text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else { return Vec::new() };
+        if self.inner.get_added_vocabulary().is_special_token(&piece) {
+            return piece.into_bytes();
+        }
+        if self.byte_level {
+            return piece.chars().filter_map(byte_level_byte).collect();
+        }
+        // SentencePiece: byte-fallback tokens `<0xAB>`, and `▁` for spaces.
+        match piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(byte) if piece.len() == 6 => vec![byte],
+            _ => piece.replace('\u{2581}', " ").into_bytes(),
+        }
+    }
+
     /// One more than the largest id the tokenizer can produce.
     pub fn id_limit(&self) -> usize {
         let added = self.inner.get_added_tokens_decoder().keys().max().map_or(0, |&m| m as usize + 1);
@@ -100,6 +120,18 @@ impl Tokenizer {
     }
 }
 
+/// The byte a GPT-2 byte-level character stands for: printable Latin-1 bytes are themselves,
+/// the other 68 bytes are mapped in order to U+0100 and up.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let code = c as u32;
+    if code < 256 && printable(code as u8) {
+        return Some(code as u8);
+    }
+    let n = code.checked_sub(256)? as usize;
+    (0..=255u8).filter(|&b| !printable(b)).nth(n)
+}
+
 /// Turns a stream of token ids into text pieces, never splitting a UTF-8 character: a token
 /// that ends inside a multi-byte character is held back until the character is complete.
 /// The concatenated pieces equal decoding all ids at once.
@@ -109,9 +141,21 @@ pub struct IncrementalDecoder {
     read_offset: usize,
 }
 
+/// Prompt tokens decoded before the first generated one: enough for the tokenizer to see a
+/// word boundary, so a completion keeps its leading space (as in vLLM, llama.cpp and the
+/// transformers pipeline: prompt text + completion text = the decoded whole).
+const CONTEXT_TOKENS: usize = 6;
+
 impl IncrementalDecoder {
     pub fn new() -> Self {
         Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+
+    /// A decoder for tokens that continue `prompt`.
+    pub fn after(prompt: &[u32]) -> Self {
+        let context = prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..].to_vec();
+        let read_offset = context.len();
+        Self { ids: context, prefix_offset: 0, read_offset }
     }
 
     /// Adds one token; returns the text it completes, if any.

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use llm_engine::{GenerationRequest, SamplingParams};
+use llm_engine::GenerationRequest;
 use serde::Serialize;
 
 use super::generate::per_second;
@@ -56,9 +56,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let request = GenerationRequest {
         prompt,
         max_tokens: args.gen_tokens,
-        sampling: SamplingParams::default(),
-        stop: Vec::new(),
         ignore_eos: true,
+        ..Default::default()
     };
     let (_, stats) = llm_engine::generate(&loaded.model, &loaded.tokenizer, &[request], |_| ControlFlow::Continue(()))?;
     let report = Report {

@@ -92,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         stop: args.stop,
         ignore_eos: args.ignore_eos,
+        logprobs: None,
     };
     let mut stdout = std::io::stdout().lock();
     let stream = !args.json;
