@@ -35,3 +35,22 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// Serves the model at `uri` with the production router on a free local port, in a thread of
+/// its own; returns `host:port`.
+pub fn serve(uri: &str, settings: llm_api::model_source::DownloadSettings) -> String {
+    use llm_api::{model_source, AppState, Limits, ModelSlot};
+    let loader = model_source::loader(uri, llm_engine::LoadOptions::default(), settings).expect("loader");
+    let state = std::sync::Arc::new(AppState::new(ModelSlot::new(model_source::model_id(uri), loader), Limits::default(), None));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, llm_api::router(state)).await.expect("serve");
+        });
+    });
+    address
+}

@@ -1,32 +1,13 @@
 //! The inference API serving what the quantization function published on the local S3
 //! server: loaded lazily through the `latest` alias with parallel ranged GETs, verified
-//! against the manifest, refused when the object does not match.
+//! against the manifest, refused when the object does not match, cached by hash.
 
-use llm_api::model_source::{self, DownloadSettings};
-use llm_api::{AppState, Limits, ModelSlot};
-use llm_engine::LoadOptions;
+use llm_api::model_source::DownloadSettings;
 use llm_store::S3;
-use llm_tests::http::post;
+use llm_tests::http::{post, serve};
 use llm_tests::local_s3::local_s3;
 use llm_tests::s3_events::publish_model;
 use llm_tests::*;
-
-/// Serves `uri` with the production router on a free local port; returns `host:port`.
-fn serve(uri: &str, settings: DownloadSettings) -> String {
-    let loader = model_source::loader(uri, LoadOptions::default(), settings).unwrap();
-    let state = std::sync::Arc::new(AppState::new(ModelSlot::new(model_source::model_id(uri), loader), Limits::default(), None));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(async {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, llm_api::router(state)).await.unwrap();
-        });
-    });
-    address
-}
 
 const REQUEST: &str = r#"{"model": "tiny", "prompt": "hello world", "max_tokens": 6, "temperature": 0}"#;
 
@@ -69,4 +50,38 @@ fn an_object_that_does_not_match_its_manifest_is_never_served() {
     let address = serve("s3://infer-corrupt/models/tiny/latest", tight);
     let (status, body) = post(&address, "/v1/completions", REQUEST);
     assert!(status == 503 && body.contains("needs about"), "{status} {body}");
+}
+
+/// A verified download is kept in the cache directory under its sha256; a later cold start
+/// reads it instead of S3, and a damaged copy is dropped and downloaded again.
+#[test]
+fn the_cache_serves_later_cold_starts_and_drops_damaged_copies() {
+    local_s3();
+    let s3 = S3::connect().unwrap();
+    publish_model(&s3, "infer-cache", "tiny");
+    let cache = tempfile::tempdir().unwrap();
+    let settings = DownloadSettings { cache_dir: Some(cache.path().into()), ..Default::default() };
+    let uri = "s3://infer-cache/models/tiny/latest";
+    let (status, first) = post(&serve(uri, settings.clone()), "/v1/completions", REQUEST);
+    assert_eq!(status, 200, "{first}");
+    let resolved = llm_store::registry::resolve(&s3, "infer-cache", "models/tiny/latest", None).unwrap();
+    let cached = cache.path().join(format!("{}.gguf", resolved.sha256.as_deref().unwrap()));
+    assert_eq!(std::fs::metadata(&cached).unwrap().len(), resolved.size);
+
+    // The S3 object is damaged now: only the cached copy can still answer.
+    let mut bytes = s3.get("infer-cache", &resolved.key).unwrap().unwrap();
+    bytes[1000] ^= 0xff;
+    s3.put("infer-cache", &resolved.key, bytes).unwrap();
+    let (status, second) = post(&serve(uri, settings.clone()), "/v1/completions", REQUEST);
+    assert_eq!(status, 200, "{second}");
+    let text = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["choices"][0]["text"].clone();
+    assert_eq!(text(&second), text(&first));
+
+    // A damaged cached copy is not served either: it is removed and S3 is tried again.
+    let mut copy = std::fs::read(&cached).unwrap();
+    copy[1000] ^= 0xff;
+    std::fs::write(&cached, copy).unwrap();
+    let (status, third) = post(&serve(uri, settings), "/v1/completions", REQUEST);
+    assert!(status == 503 && third.contains("sha256"), "{status} {third}");
+    assert!(!cached.exists());
 }

@@ -1,7 +1,7 @@
 //! Wires [`quantize_function::handle`] to the Lambda runtime. The conversion is blocking
 //! (rayon, and a blocking S3 client with its own runtime), so it runs on a blocking thread.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use aws_lambda_events::s3::S3Event;
 use lambda_runtime::{service_fn, LambdaEvent};
@@ -16,8 +16,7 @@ fn main() -> Result<(), lambda_runtime::Error> {
     runtime.block_on(lambda_runtime::run(service_fn(|event: LambdaEvent<S3Event>| {
         let (s3, config) = (s3.clone(), config.clone());
         async move {
-            // `cargo lambda watch` sends no usable deadline; Lambda always does.
-            let deadline = Some(UNIX_EPOCH + Duration::from_millis(event.context.deadline)).filter(|d| *d > SystemTime::now());
+            let deadline = llm_observe::invocation_deadline(event.context.deadline);
             let seconds_left = deadline.and_then(|d| d.duration_since(SystemTime::now()).ok()).map(|d| d.as_secs_f64());
             tracing::info!(request_id = %event.context.request_id, seconds_left, records = event.payload.records.len(), "invoked");
             let summary: Summary = tokio::task::spawn_blocking(move || handle(&s3, &config, &event.payload, deadline)).await??;

@@ -16,6 +16,6 @@ mod params;
 mod router;
 
 pub use error::ApiError;
-pub use model_slot::{Loader, ModelSlot};
+pub use model_slot::{Loaded, Loader, ModelSlot};
 pub use params::Limits;
-pub use router::{router, AppState, Deadline};
+pub use router::{router, AppState, Deadline, RequestId};

@@ -4,15 +4,16 @@
 //! into memory with parallel ranged GETs and checked against the manifest's sha256 before
 //! anything is served.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use llm_engine::{LoadOptions, LoadedModel};
+use llm_engine::LoadOptions;
 use llm_store::registry::{self, ResolvedModel, ALIAS_NAME, MODELS_PREFIX};
 use llm_store::{Location, S3};
 use sha2::{Digest, Sha256};
 
-use crate::model_slot::Loader;
+use crate::model_slot::{Loaded, Loader};
 
 #[derive(Debug, Clone)]
 pub struct DownloadSettings {
@@ -25,11 +26,14 @@ pub struct DownloadSettings {
     pub memory_limit_bytes: Option<u64>,
     /// With an alias, the type to serve instead of the alias's default.
     pub quant_type: Option<String>,
+    /// Keep verified downloads here (Lambda's /tmp outlives a restarted runtime process), named
+    /// by their sha256, so only objects with a manifest hash are cached.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for DownloadSettings {
     fn default() -> Self {
-        Self { part_size: 16 << 20, concurrency: 8, memory_limit_bytes: None, quant_type: None }
+        Self { part_size: 16 << 20, concurrency: 8, memory_limit_bytes: None, quant_type: None, cache_dir: None }
     }
 }
 
@@ -49,7 +53,10 @@ pub fn model_id(uri: &str) -> String {
 /// A loader for the model at `uri`; nothing is read until it runs.
 pub fn loader(uri: &str, options: LoadOptions, settings: DownloadSettings) -> Result<Loader, String> {
     match Location::parse(uri).map_err(|e| e.to_string())? {
-        Location::Local(path) => Ok(Arc::new(move || llm_engine::load(&path, options).map_err(|e| e.to_string()))),
+        Location::Local(path) => Ok(Arc::new(move || {
+            let model = llm_engine::load(&path, options).map_err(|e| e.to_string())?;
+            Ok(Loaded { model, source: path.display().to_string() })
+        })),
         Location::S3 { bucket, key } => Ok(Arc::new(move || {
             let s3 = S3::connect().map_err(|e| e.to_string())?;
             load_from_s3(&s3, &bucket, &key, options, &settings)
@@ -57,19 +64,36 @@ pub fn loader(uri: &str, options: LoadOptions, settings: DownloadSettings) -> Re
     }
 }
 
-/// Resolves, checks the size against memory, downloads, verifies and parses.
-pub fn load_from_s3(s3: &S3, bucket: &str, key: &str, options: LoadOptions, settings: &DownloadSettings) -> Result<LoadedModel, String> {
+/// Resolves, checks the size against memory, downloads (or reads the cache), verifies and parses.
+pub fn load_from_s3(s3: &S3, bucket: &str, key: &str, options: LoadOptions, settings: &DownloadSettings) -> Result<Loaded, String> {
     let resolved = registry::resolve(s3, bucket, key, settings.quant_type.as_deref()).map_err(|e| e.to_string())?;
     check_fits(&resolved, settings.memory_limit_bytes)?;
+    let source = format!("s3://{bucket}/{}", resolved.key);
+    let cached = settings.cache_dir.as_deref().zip(resolved.sha256.as_deref()).map(|(dir, sha256)| dir.join(format!("{sha256}.gguf")));
+    let bytes = match cached.as_deref().and_then(|path| read_cache(path, &resolved)) {
+        Some(bytes) => bytes,
+        None => {
+            let bytes = download(s3, &resolved, settings)?;
+            if let Some(path) = &cached {
+                write_cache(path, &bytes);
+            }
+            bytes
+        }
+    };
+    let model = llm_engine::load_gguf_bytes(&source, bytes, options).map_err(|e| e.to_string())?;
+    Ok(Loaded { model, source })
+}
+
+fn download(s3: &S3, resolved: &ResolvedModel, settings: &DownloadSettings) -> Result<Vec<u8>, String> {
     let started = Instant::now();
     let bytes = s3
-        .download(bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency)
+        .download(&resolved.bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency)
         .map_err(|e| e.to_string())?;
     let download_s = started.elapsed().as_secs_f64();
     if let Some(expected) = &resolved.sha256 {
         let actual = registry::hex(&Sha256::digest(&bytes));
         if &actual != expected {
-            return Err(format!("s3://{bucket}/{}: sha256 {actual} differs from the manifest's {expected}", resolved.key));
+            return Err(format!("s3://{}/{}: sha256 {actual} differs from the manifest's {expected}", resolved.bucket, resolved.key));
         }
     }
     tracing::info!(
@@ -81,7 +105,31 @@ pub fn load_from_s3(s3: &S3, bucket: &str, key: &str, options: LoadOptions, sett
         verified = resolved.sha256.is_some(),
         "model downloaded"
     );
-    llm_engine::load_gguf_bytes(&format!("s3://{bucket}/{}", resolved.key), bytes, options).map_err(|e| e.to_string())
+    Ok(bytes)
+}
+
+/// The cached copy, if there is one whose bytes still hash to the manifest's sha256; a damaged
+/// copy is removed.
+fn read_cache(path: &Path, resolved: &ResolvedModel) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(path).ok()?;
+    if Some(registry::hex(&Sha256::digest(&bytes))) == resolved.sha256 {
+        tracing::info!(key = resolved.key, cache = %path.display(), "model read from the cache");
+        return Some(bytes);
+    }
+    tracing::warn!(cache = %path.display(), "cached model is damaged; downloading it again");
+    let _ = std::fs::remove_file(path);
+    None
+}
+
+/// Best effort: a full disk costs the next cold start a download, nothing else. Written under
+/// a temporary name and renamed, so a crash never leaves a partial file under the real name.
+fn write_cache(path: &Path, bytes: &[u8]) {
+    let partial = path.with_extension("partial");
+    let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&partial, bytes)).and_then(|()| std::fs::rename(&partial, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        tracing::warn!(cache = %path.display(), error = %e, "could not cache the model");
+    }
 }
 
 /// The download buffer and the tensors built from it are both in memory at the peak.

@@ -20,6 +20,7 @@ use llm_engine::{ChatMessage, Completion, FinishReason, GenerationRequest, Gener
 use llm_observe::{Metrics, Unit};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::logprobs;
@@ -32,11 +33,18 @@ use crate::params::{check_prompts, Generation, Limits};
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub Instant);
 
+/// The id logs carry for a request: the launcher's (Lambda's request id) when it puts one in
+/// the extensions, else the `x-request-id` header, else a fresh one.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
 pub struct AppState {
     pub slot: ModelSlot,
     pub limits: Limits,
     /// When set, every `/v1/` request needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Log prompts and completions (off by default: they may be private).
+    pub log_text: bool,
     /// One batch on the CPU at a time; others queue.
     engine: Semaphore,
     /// Cleared by the first request: that one is a cold start.
@@ -45,7 +53,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(slot: ModelSlot, limits: Limits, api_key: Option<String>) -> Self {
-        Self { slot, limits, api_key, engine: Semaphore::new(1), cold: AtomicBool::new(true) }
+        Self { slot, limits, api_key, log_text: false, engine: Semaphore::new(1), cold: AtomicBool::new(true) }
+    }
+
+    pub fn with_text_logging(self, log_text: bool) -> Self {
+        Self { log_text, ..self }
     }
 }
 
@@ -59,7 +71,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .merge(api)
         .fallback(|request: Request| async move { ApiError::not_found(request.uri().path()) })
+        .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// Every log line of a request carries its id.
+async fn trace_request(request: Request, next: Next) -> Response {
+    let id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .or_else(|| request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string))
+        .unwrap_or_else(|| format!("req-{}", unique_suffix()));
+    let span = tracing::info_span!("request", request_id = %id, path = %request.uri().path());
+    next.run(request).instrument(span).await
+}
+
+/// Distinct per call within the process and unlikely to repeat across processes.
+fn unique_suffix() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:016x}", (now.as_nanos() as u64 ^ (std::process::id() as u64) << 32).wrapping_add(count))
 }
 
 async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
@@ -107,8 +140,8 @@ struct Meta {
 
 impl Meta {
     fn new(prefix: &str, model: &str) -> Self {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        Self { id: format!("{prefix}-{:016x}", now.as_nanos() as u64 ^ std::process::id() as u64), created: now.as_secs(), model: model.into() }
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        Self { id: format!("{prefix}-{}", unique_suffix()), created, model: model.into() }
     }
 }
 
@@ -272,7 +305,7 @@ async fn answer(
     }
     let (completions, stats) = run_batch(&batch, requests, |_| ControlFlow::Continue(())).await?;
     let usage = usage(&batch.prompts, &completions);
-    record(&batch.state, &stats, usage, batch.load);
+    record(&batch, &stats, usage, &completions);
     Ok(body(meta, &batch.model, &completions, usage))
 }
 
@@ -294,22 +327,44 @@ async fn run_batch(
         }
         flow
     };
-    tokio::task::spawn_blocking(move || llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token))
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token)))
         .await
         .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 
-/// Request metrics as one EMF record; the first request of the process is the cold start.
-fn record(state: &AppState, stats: &GenerationStats, usage: Usage, load: LoadReport) {
+/// The request's log line and metrics (one EMF record); the first request of the process is
+/// the cold start. Prompts and completions are logged only when the server was told to.
+fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, completions: &[Completion]) {
+    let (state, load) = (&batch.state, &batch.load);
     let cold = state.cold.swap(false, Ordering::Relaxed);
     let decode_s = stats.decode.as_secs_f64();
-    tracing::info!(model = %state.slot.id, prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens, prefill_ms = stats.prefill.as_secs_f64() * 1e3, decode_ms = decode_s * 1e3, "completed");
+    let ttft_ms = stats.prefill.as_secs_f64() * 1e3 + load.load_ms.unwrap_or(0.0);
+    tracing::info!(
+        model = %state.slot.id,
+        source = %load.source,
+        cold,
+        sequences = completions.len(),
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        load_ms = load.load_ms,
+        ttft_ms,
+        prefill_ms = stats.prefill.as_secs_f64() * 1e3,
+        decode_ms = decode_s * 1e3,
+        "completed"
+    );
+    if state.log_text {
+        let tokenizer = &batch.model.tokenizer;
+        let prompts: Vec<String> = batch.prompts.iter().map(|p| tokenizer.decode_with_special(p).unwrap_or_default()).collect();
+        let outputs: Vec<&str> = completions.iter().map(|c| c.text.as_str()).collect();
+        tracing::info!(?prompts, completions = ?outputs, "request text");
+    }
     let mut metrics = Metrics::new("llm-serverless")
         .dimension("Function", "infer")
         .property("model", state.slot.id.as_str())
         .metric("ColdStart", if cold { 1.0 } else { 0.0 }, Unit::Count)
-        .metric("TimeToFirstTokenMs", stats.prefill.as_secs_f64() * 1e3 + load.load_ms.unwrap_or(0.0), Unit::Milliseconds);
+        .metric("TimeToFirstTokenMs", ttft_ms, Unit::Milliseconds);
     if let Some(ms) = load.load_ms {
         metrics = metrics.metric("ModelLoadMs", ms, Unit::Milliseconds);
     }
@@ -338,7 +393,7 @@ fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage
     let choices = requests.len();
     let token_tx = tx.clone();
     let model = batch.model.clone();
-    tokio::spawn(async move {
+    let task = async move {
         let result = run_batch(&batch, requests, move |event| {
             let logprob = event.logprob.filter(|lp| !model.tokenizer.is_stop(lp.token_id)).cloned();
             if event.text.is_empty() && logprob.is_none() {
@@ -353,11 +408,12 @@ fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage
         .await;
         let done = result.map(|(completions, stats)| {
             let usage = usage(&batch.prompts, &completions);
-            record(&batch.state, &stats, usage, batch.load);
+            record(&batch, &stats, usage, &completions);
             (completions, usage)
         });
         let _ = tx.send(Update::Done(done)).await;
-    });
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
     Sse::new(sse_events(rx, chunks, choices, include_usage)).into_response()
 }
 

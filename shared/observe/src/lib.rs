@@ -24,3 +24,9 @@ pub fn init_logging(default_level: &str) {
 pub fn in_lambda() -> bool {
     std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some()
 }
+
+/// The wall-clock deadline of an invocation from the runtime API's `Lambda-Runtime-Deadline-Ms`;
+/// `None` for one already past, which is what `cargo lambda watch` sends (Lambda never does).
+pub fn invocation_deadline(epoch_ms: u64) -> Option<std::time::SystemTime> {
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(epoch_ms)).filter(|d| *d > std::time::SystemTime::now())
+}

@@ -36,19 +36,26 @@ pub struct Args {
     /// Cap on `max_tokens` (and its default).
     #[arg(long, default_value_t = Limits::default().max_tokens)]
     pub max_tokens: usize,
+    /// Keep S3 downloads here, named by their sha256, for the next start.
+    #[arg(long)]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Log prompts and completions (off by default).
+    #[arg(long)]
+    pub log_text: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let id = args.model_id.clone().unwrap_or_else(|| model_source::model_id(&args.model));
     let quantize = args.quantize.as_deref().map(llm_engine::quant::parse_ggml_dtype).transpose()?;
-    let loader = model_source::loader(&args.model, LoadOptions { quantize }, DownloadSettings::default()).map_err(anyhow::Error::msg)?;
+    let settings = DownloadSettings { cache_dir: args.cache_dir, ..DownloadSettings::default() };
+    let loader = model_source::loader(&args.model, LoadOptions { quantize }, settings).map_err(anyhow::Error::msg)?;
     let limits = Limits {
         max_body_bytes: args.max_body_bytes,
         max_prompt_tokens: args.max_prompt_tokens,
         max_tokens: args.max_tokens,
         ..Limits::default()
     };
-    let state = Arc::new(AppState::new(ModelSlot::new(id, loader), limits, args.api_key));
+    let state = Arc::new(AppState::new(ModelSlot::new(id, loader), limits, args.api_key).with_text_logging(args.log_text));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
