@@ -66,6 +66,21 @@ def main():
     assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset)
     assert all(len(top) <= 2 and max(top.values()) >= v for top, v in zip(lp.top_logprobs, lp.token_logprobs))
 
+    # echo: the prompt comes back before the completion; with max_tokens=0 and logprobs (how
+    # lm-evaluation-harness scores text) every prompt token after the first gets a logprob.
+    prompt = "The quick brown fox"
+    scored = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0, scored
+    assert len(lp.tokens) == scored.usage.prompt_tokens and lp.token_logprobs[0] is None, lp
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and lp.top_logprobs[0] is None, lp
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+    echoed = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text, (echoed.choices[0].text, plain.choices[0].text)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True) if c.choices)
+    assert streamed == echoed.choices[0].text, (streamed, echoed.choices[0].text)
+
     # A list of prompts with n=2 is one batch: choices indexed prompt * n + choice.
     prompts = ["The quick brown fox", "Once upon a time"]
     done = client.completions.create(model=model, prompt=prompts, max_tokens=5, n=2, temperature=0)

@@ -65,3 +65,21 @@ fn token_bytes_spell_the_completion() {
         }
     }
 }
+
+/// Scoring a prompt (what `echo` reports) gives the same log-probabilities as generating it:
+/// scoring prompt + greedy continuation, in chunks, reproduces the generation's entries.
+#[test]
+fn prompt_scores_equal_generation_logprobs() {
+    let loaded = load(&fixtures_dir().join("llama3/llama3-bf16.gguf"), LoadOptions::default()).unwrap();
+    let prompt = loaded.tokenizer.encode(&"the quick brown fox jumps over the lazy dog ".repeat(30), true).unwrap();
+    assert!(prompt.len() > 256, "the prompt must span more than one scoring chunk");
+    let completion = run(&loaded, prompt.clone(), 4, 3);
+    let whole = [prompt.clone(), completion.token_ids.clone()].concat();
+    let scored = llm_engine::prompt_logprobs(&loaded.model, &whole, 3).unwrap();
+    assert_eq!(scored.len(), whole.len() - 1);
+    for (generated, rescored) in completion.logprobs.iter().zip(&scored[prompt.len() - 1..]) {
+        assert_eq!(generated.token_id, rescored.token_id);
+        assert!((generated.logprob - rescored.logprob).abs() < 1e-3, "{generated:?} vs {rescored:?}");
+        assert_eq!(generated.top.iter().map(|t| t.0).collect::<Vec<_>>(), rescored.top.iter().map(|t| t.0).collect::<Vec<_>>());
+    }
+}

@@ -46,11 +46,25 @@ pub fn completion<'a>(tokenizer: &Tokenizer, entries: impl IntoIterator<Item = &
     for entry in entries {
         let bytes = tokenizer.token_bytes(entry.token_id);
         lists.tokens.push(token_text(&bytes));
-        lists.token_logprobs.push(json_logprob(entry.logprob));
-        lists.top_logprobs.push(entry.top.iter().map(|&(id, lp)| (token_text(&tokenizer.token_bytes(id)), json_logprob(lp))).collect());
+        lists.token_logprobs.push(Some(json_logprob(entry.logprob)));
+        lists.top_logprobs.push(Some(entry.top.iter().map(|&(id, lp)| (token_text(&tokenizer.token_bytes(id)), json_logprob(lp))).collect()));
         lists.text_offset.push(offset);
         offset += bytes.len();
     }
+    (lists, offset)
+}
+
+/// The legacy lists for an echoed prompt: its first token (nothing predicts it: `null`), then
+/// `entries` for the rest. Returns the offset after the prompt's tokens.
+pub fn prompt(tokenizer: &Tokenizer, prompt: &[u32], entries: &[TokenLogprob]) -> (CompletionLogprobs, usize) {
+    let mut lists = CompletionLogprobs::default();
+    let first = prompt.first().map(|&id| tokenizer.token_bytes(id)).unwrap_or_default();
+    lists.tokens.push(token_text(&first));
+    lists.token_logprobs.push(None);
+    lists.top_logprobs.push(None);
+    lists.text_offset.push(0);
+    let (rest, offset) = completion(tokenizer, entries, first.len());
+    lists.append(rest);
     (lists, offset)
 }
 

@@ -155,10 +155,20 @@ pub struct TopLogprob {
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f64>,
-    pub top_logprobs: Vec<std::collections::BTreeMap<String, f64>>,
+    /// `null` for an echoed prompt's first token, which nothing predicts.
+    pub token_logprobs: Vec<Option<f64>>,
+    pub top_logprobs: Vec<Option<std::collections::BTreeMap<String, f64>>>,
     /// Byte offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    pub fn append(&mut self, other: CompletionLogprobs) {
+        self.tokens.extend(other.tokens);
+        self.token_logprobs.extend(other.token_logprobs);
+        self.top_logprobs.extend(other.top_logprobs);
+        self.text_offset.extend(other.text_offset);
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -53,14 +53,15 @@ fn in_range(param: &'static str, value: Option<f32>, lo: f32, hi: f32, default: 
 }
 
 impl Generation {
-    pub fn from_request(s: &Sampling, limits: &Limits) -> Result<Self, ApiError> {
+    /// `min_tokens` is 1, or 0 where a request may only score its prompt (`echo`).
+    pub fn from_request(s: &Sampling, limits: &Limits, min_tokens: i64) -> Result<Self, ApiError> {
         let (param, requested) = match (s.max_completion_tokens, s.max_tokens) {
             (Some(v), _) => ("max_completion_tokens", Some(v)),
             (None, v) => ("max_tokens", v),
         };
         let max_tokens = match requested {
             None => limits.max_tokens,
-            Some(v) if v < 1 => return Err(ApiError::invalid(param, format!("`{param}` must be at least 1, got {v}."))),
+            Some(v) if v < min_tokens => return Err(ApiError::invalid(param, format!("`{param}` must be at least {min_tokens}, got {v}."))),
             Some(v) if v as u64 > limits.max_tokens as u64 => {
                 return Err(ApiError::invalid(param, format!("`{param}` is {v}; this server allows at most {}.", limits.max_tokens)))
             }
@@ -173,7 +174,7 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<Generation, ApiError> {
-        Generation::from_request(&serde_json::from_str(json).unwrap(), &Limits::default())
+        Generation::from_request(&serde_json::from_str(json).unwrap(), &Limits::default(), 1)
     }
 
     #[test]

@@ -203,7 +203,7 @@ async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiErr
     let deadline = request.extensions().get::<Deadline>().copied();
     let body: ChatRequest = read_json(request, state.limits.max_body_bytes).await?;
     check_model(&state, &body.model)?;
-    let generation = Generation::from_request(&body.sampling, &state.limits)?.with_chat_logprobs(body.logprobs, body.top_logprobs)?;
+    let generation = Generation::from_request(&body.sampling, &state.limits, 1)?.with_chat_logprobs(body.logprobs, body.top_logprobs)?;
     let messages = chat_messages(body.messages)?;
     let (model, load) = state.slot.get().await?;
     let template = model
@@ -213,7 +213,7 @@ async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiErr
     let text = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     // The template writes BOS as text; adding special tokens again would double it.
     let prompt = model.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let batch = Batch { state, model, load, prompts: vec![prompt], kind: ChunkKind::Chat, deadline };
+    let batch = Batch { state, model, load, prompts: vec![prompt], kind: ChunkKind::Chat, deadline, echo: None };
     answer(batch, &generation, |meta, model, completions, usage| {
         let choices = completions
             .iter()
@@ -234,17 +234,16 @@ async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, Ap
     let deadline = request.extensions().get::<Deadline>().copied();
     let body: CompletionRequest = read_json(request, state.limits.max_body_bytes).await?;
     check_model(&state, &body.model)?;
-    if body.echo {
-        return Err(ApiError::invalid("echo", "`echo` is not supported."));
-    }
-    let generation = Generation::from_request(&body.sampling, &state.limits)?.with_completion_logprobs(body.logprobs)?;
+    // With `echo`, `max_tokens: 0` only scores the prompt (as lm-evaluation-harness asks).
+    let min_tokens = if body.echo { 0 } else { 1 };
+    let generation = Generation::from_request(&body.sampling, &state.limits, min_tokens)?.with_completion_logprobs(body.logprobs)?;
     let (model, load) = state.slot.get().await?;
     let encode = |text: &str| model.tokenizer.encode(text, true).map_err(|e| ApiError::invalid("prompt", e.to_string()));
-    let prompts: Vec<Vec<u32>> = match body.prompt {
-        Prompt::Text(text) => vec![encode(&text)?],
-        Prompt::Texts(texts) => texts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-        Prompt::Tokens(ids) => vec![ids],
-        Prompt::TokenLists(lists) => lists,
+    let (prompts, texts): (Vec<Vec<u32>>, Option<Vec<String>>) = match body.prompt {
+        Prompt::Text(text) => (vec![encode(&text)?], Some(vec![text])),
+        Prompt::Texts(texts) => (texts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?, Some(texts)),
+        Prompt::Tokens(ids) => (vec![ids], None),
+        Prompt::TokenLists(lists) => (lists, None),
     };
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt", "`prompt` must not be empty."));
@@ -253,21 +252,60 @@ async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, Ap
     if prompts.iter().flatten().any(|&id| id >= vocab) {
         return Err(ApiError::invalid("prompt", format!("Token ids must be below the vocabulary size {vocab}.")));
     }
-    let batch = Batch { state, model, load, prompts, kind: ChunkKind::Text, deadline };
+    check_prompts(&prompts, &generation, &state.limits, model.model.config().max_position_embeddings)?;
+    let echo = match body.echo {
+        true => Some(Arc::new(echo(&state, &model, &prompts, texts, generation.logprobs).await?)),
+        false => None,
+    };
+    let n = generation.n;
+    let batch = Batch { state, model, load, prompts, kind: ChunkKind::Text, deadline, echo: echo.clone() };
     answer(batch, &generation, |meta, model, completions, usage| {
         let choices = completions
             .iter()
             .enumerate()
-            .map(|(index, c)| CompletionChoice {
-                index,
-                text: c.text.clone(),
-                finish_reason: Some(finish_reason(c.finish_reason)),
-                logprobs: generation.logprobs.map(|_| logprobs::completion(&model.tokenizer, logprobs::visible(&model.tokenizer, &c.logprobs), 0).0),
+            .map(|(index, c)| {
+                let echoed = echo.as_ref().map(|e| (&e.texts[index / n], &e.logprobs[index / n]));
+                let mut logprobs = generation.logprobs.map(|_| CompletionLogprobs::default());
+                if let (Some(lists), Some((_, Some(prompt_lists)))) = (&mut logprobs, echoed) {
+                    lists.append(prompt_lists.clone());
+                }
+                let prefix = echoed.map_or("", |(text, _)| text.as_str());
+                if let Some(lists) = &mut logprobs {
+                    lists.append(logprobs::completion(&model.tokenizer, logprobs::visible(&model.tokenizer, &c.logprobs), prefix.len()).0);
+                }
+                CompletionChoice { index, text: format!("{prefix}{}", c.text), finish_reason: Some(finish_reason(c.finish_reason)), logprobs }
             })
             .collect();
         Json(TextCompletion { id: meta.id, object: "text_completion", created: meta.created, model: meta.model, choices, usage: Some(usage) }).into_response()
     })
     .await
+}
+
+/// `echo`: each prompt's text (and with `logprobs`, its tokens' lists) goes before the
+/// completions of its choices.
+struct Echo {
+    texts: Vec<String>,
+    logprobs: Vec<Option<CompletionLogprobs>>,
+}
+
+/// The prompts' texts (as given, or decoded from token ids) and, when `top_n` is set, their
+/// tokens scored by the model, after the batches queued before.
+async fn echo(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>], texts: Option<Vec<String>>, top_n: Option<usize>) -> Result<Echo, ApiError> {
+    let texts = match texts {
+        Some(texts) => texts,
+        None => prompts.iter().map(|p| model.tokenizer.decode(p).map_err(|e| ApiError::invalid("prompt", e.to_string()))).collect::<Result<_, _>>()?,
+    };
+    let Some(top_n) = top_n else {
+        return Ok(Echo { logprobs: vec![None; texts.len()], texts });
+    };
+    let _permit = state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let (scoring_model, owned) = (model.clone(), prompts.to_vec());
+    let scores = tokio::task::spawn_blocking(move || owned.iter().map(|p| llm_engine::prompt_logprobs(&scoring_model.model, p, top_n)).collect::<Result<Vec<_>, _>>())
+        .await
+        .map_err(|e| ApiError::internal(format!("scoring stopped: {e}")))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let logprobs = prompts.iter().zip(&scores).map(|(p, entries)| Some(logprobs::prompt(&model.tokenizer, p, entries).0)).collect();
+    Ok(Echo { texts, logprobs })
 }
 
 /// One request's sequences, ready to run.
@@ -278,6 +316,7 @@ struct Batch {
     prompts: Vec<Vec<u32>>,
     kind: ChunkKind,
     deadline: Option<Deadline>,
+    echo: Option<Arc<Echo>>,
 }
 
 impl Batch {
@@ -389,7 +428,7 @@ enum Update {
 
 fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage: bool, meta: Meta) -> Response {
     let (tx, rx) = mpsc::channel::<Update>(64);
-    let chunks = Chunks { meta, kind: batch.kind, model: batch.model.clone(), text_offsets: vec![0; requests.len()] };
+    let chunks = Chunks { meta, kind: batch.kind, model: batch.model.clone(), text_offsets: vec![0; requests.len()], echo: batch.echo.clone() };
     let choices = requests.len();
     let token_tx = tx.clone();
     let model = batch.model.clone();
@@ -424,6 +463,7 @@ struct Chunks {
     model: Arc<LoadedModel>,
     /// Bytes of text streamed so far per choice (legacy logprobs' `text_offset`).
     text_offsets: Vec<usize>,
+    echo: Option<Arc<Echo>>,
 }
 
 impl Chunks {
@@ -458,6 +498,21 @@ impl Chunks {
         }
     }
 
+    /// The chunk a choice starts with: the assistant role (chat), the echoed prompt (`echo`).
+    fn opening(&mut self, index: usize, choices: usize) -> Option<Event> {
+        let choice = match (self.kind, &self.echo) {
+            (ChunkKind::Chat, _) => self.choice(index, Some(String::new()), true, None, None),
+            (ChunkKind::Text, None) => return None,
+            (ChunkKind::Text, Some(echo)) => {
+                let prompt = index * echo.texts.len() / choices;
+                let text = echo.texts[prompt].clone();
+                self.text_offsets[index] = text.len();
+                serde_json::json!({"index": index, "text": text, "finish_reason": null, "logprobs": echo.logprobs[prompt]})
+            }
+        };
+        Some(self.event(vec![choice], None))
+    }
+
     /// The events one update becomes.
     fn events(&mut self, update: Update, include_usage: bool) -> Vec<Event> {
         match update {
@@ -485,15 +540,7 @@ impl Chunks {
 /// Server-sent events: the assistant role first (chat), text as it is generated, a closing
 /// chunk per choice with its finish reason, usage when asked, then `[DONE]`.
 fn sse_events(rx: mpsc::Receiver<Update>, mut chunks: Chunks, choices: usize, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> {
-    let opening: Vec<Event> = match chunks.kind {
-        ChunkKind::Chat => (0..choices)
-            .map(|i| {
-                let choice = chunks.choice(i, Some(String::new()), true, None, None);
-                chunks.event(vec![choice], None)
-            })
-            .collect(),
-        ChunkKind::Text => Vec::new(),
-    };
+    let opening: Vec<Event> = (0..choices).filter_map(|i| chunks.opening(i, choices)).collect();
     let updates = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|update| (update, rx)) });
     let body = updates.flat_map(move |update| stream::iter(chunks.events(update, include_usage).into_iter().map(Ok)));
     stream::iter(opening.into_iter().map(Ok)).chain(body)

@@ -27,7 +27,7 @@ pub use config::LlamaConfig;
 pub use error::{EngineError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationRequest, GenerationStats, TokenEvent};
 pub use loader::{load, load_gguf_bytes, LoadedModel, ModelFormat};
-pub use logprobs::TokenLogprob;
+pub use logprobs::{prompt_logprobs, TokenLogprob};
 pub use quant::parse_ggml_dtype;
 pub use model::{KvCache, Llama, LoadOptions, Logits};
 pub use sampling::{Sampler, SamplingParams};

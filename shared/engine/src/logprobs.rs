@@ -1,6 +1,14 @@
-//! Log-probabilities of sampled tokens, as OpenAI's `logprobs` reports them: taken from the
-//! model's own distribution (log-softmax of the raw logits, before penalties, temperature and
-//! filtering), as vLLM does by default.
+//! Log-probabilities of sampled tokens and of prompt tokens, as OpenAI's `logprobs` (and
+//! `echo`) report them: taken from the model's own distribution (log-softmax of the raw
+//! logits, before penalties, temperature and filtering), as vLLM does by default.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::model::{Llama, Logits};
+
+/// Prompt positions scored per forward pass: bounds the `[positions, vocab]` logits in memory.
+const SCORE_CHUNK: usize = 256;
 
 /// One generated token's log-probability and the most likely alternatives at its position.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +37,24 @@ pub fn token_logprob(logits: &[f32], chosen: u32, top_n: usize) -> TokenLogprob 
         top = ids.into_iter().map(|id| (id, logprob_of(id))).collect();
     }
     TokenLogprob { token_id: chosen, logprob: logprob_of(chosen), top }
+}
+
+/// The log-probability of every prompt token after the first, given the tokens before it
+/// (what `echo` with `logprobs` reports for the prompt).
+pub fn prompt_logprobs(model: &Llama, prompt: &[u32], top_n: usize) -> Result<Vec<TokenLogprob>> {
+    let mut cache = model.new_cache();
+    let mut entries = Vec::with_capacity(prompt.len().saturating_sub(1));
+    for (chunk_index, chunk) in prompt.chunks(SCORE_CHUNK).enumerate() {
+        let input = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
+        let rows = model.forward(&input, &[0], &mut cache, Logits::All)?.squeeze(0)?.to_vec2::<f32>()?;
+        for (offset, row) in rows.iter().enumerate() {
+            // Position p predicts token p + 1.
+            if let Some(&next) = prompt.get(chunk_index * SCORE_CHUNK + offset + 1) {
+                entries.push(token_logprob(row, next, top_n));
+            }
+        }
+    }
+    Ok(entries)
 }
 
 #[cfg(test)]

