@@ -111,7 +111,7 @@ def log_field(log, message, field):
 
 
 def cold_start(llm, endpoint, args, prompt):
-    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, RUST_LOG="info", **CREDENTIALS)
+    env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, RUST_LOG="info", NO_COLOR="1", **CREDENTIALS)
     server = subprocess.Popen([llm, "serve", "--model", f"s3://{BUCKET}/models/{MODEL}/latest", "--port", "0",
                                "--threads", str(args.threads), "--max-prompt-tokens", "8192"],
                               env=env, stderr=subprocess.PIPE, text=True)
@@ -139,10 +139,13 @@ def cold_start(llm, endpoint, args, prompt):
     log.append(server.stderr.read())
     server.wait()
     text = "".join(log)
+    if os.environ.get("COLD_START_DEBUG"):
+        print(text)
     return {
         "ttft_s": ttft,
         "download_s": log_field(text, "model downloaded", "download_s"),
         "download_mib_s": log_field(text, "model downloaded", "mib_per_s"),
+        "verify_s": log_field(text, "model downloaded", "verify_s"),
         "load_s": log_field(text, "model loaded", "load_ms") / 1e3,
         "prefill_s": log_field(text, "completed", "prefill_ms") / 1e3,
         "peak_rss_bytes": rss,
@@ -175,6 +178,7 @@ def main():
             "file": str(args.gguf), "size_mib": round(size_mib, 1), "part_mib": args.part_mib,
             "concurrency": args.concurrency, "threads": args.threads, "runs": args.runs,
             "cold_ttft_s": median("ttft_s"), "load_s": median("load_s"), "download_s": median("download_s"),
+            "verify_s": median("verify_s"),
             "prefill_s": median("prefill_s"), "peak_rss_mib": median("peak_rss_bytes") / (1 << 20),
             "loader_mib_s": median("download_mib_s"), "boto3_parallel_get_mib_s": base_rate,
             "download_rate_ratio": median("download_mib_s") / base_rate,
