@@ -65,6 +65,24 @@ impl FaultProxy {
     }
 }
 
+/// The proxy of this test process, in front of its local S3 server; every S3 client made after
+/// the first call goes through it.
+pub fn proxied() -> &'static FaultProxy {
+    static PROXY: std::sync::OnceLock<FaultProxy> = std::sync::OnceLock::new();
+    PROXY.get_or_init(|| {
+        let server = crate::local_s3::local_s3();
+        let proxy = FaultProxy::start(server.endpoint.trim_start_matches("http://"));
+        std::env::set_var("AWS_ENDPOINT_URL", &proxy.endpoint);
+        proxy
+    })
+}
+
+/// Tests of one process share the proxy's fault setting, so they hold this to run one at a time.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Copies `from` to `to` until either side closes or the fault says to cut.
 fn pump(mut from: TcpStream, mut to: TcpStream, state: &Mutex<State>) {
     let mut buf = vec![0u8; 64 << 10];

@@ -7,28 +7,10 @@ use std::time::{Duration, SystemTime};
 use aws_lambda_events::s3::S3Event;
 use llm_store::registry::{self, ModelKeys};
 use llm_store::S3;
-use llm_tests::fault_proxy::{Fault, FaultProxy};
-use llm_tests::local_s3::local_s3;
+use llm_tests::fault_proxy::{exclusive, proxied, Fault};
 use llm_tests::s3_events::{s3_event_json, upload_checkpoint};
 use quantize_function::{handle, Config, Outcome};
 use sha2::{Digest, Sha256};
-
-/// One proxy for this test process; every client made after this call goes through it.
-fn proxied() -> &'static FaultProxy {
-    static PROXY: std::sync::OnceLock<FaultProxy> = std::sync::OnceLock::new();
-    PROXY.get_or_init(|| {
-        let server = local_s3();
-        let proxy = FaultProxy::start(server.endpoint.trim_start_matches("http://"));
-        std::env::set_var("AWS_ENDPOINT_URL", &proxy.endpoint);
-        proxy
-    })
-}
-
-/// Tests here share the proxy's fault setting, so they run one at a time.
-fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn prepare(bucket: &str) -> (S3, S3Event) {
     let proxy = proxied();
