@@ -7,6 +7,7 @@
 //! through a [`Loader`] ([`model_source`]: a local path, or S3 through the model registry).
 //! Knows nothing of Lambda.
 
+mod batch;
 mod error;
 mod logprobs;
 mod model_slot;
@@ -14,6 +15,7 @@ pub mod model_source;
 mod openai;
 mod params;
 mod router;
+mod stream;
 
 pub use error::ApiError;
 pub use model_slot::{Loaded, Loader, ModelSlot};

@@ -1,9 +1,7 @@
 //! The HTTP API: one axum router that `llm serve`, the Lambda function and `cargo lambda watch`
-//! all run. Handlers parse and validate, render the chat template, and hand one batch of
-//! sequences to the engine on a blocking thread; answers are JSON or server-sent events.
+//! all run. Handlers parse and validate, render the chat template or encode the prompts, and
+//! hand one batch of sequences to [`crate::batch`].
 
-use std::convert::Infallible;
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -11,22 +9,22 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::stream::{self, Stream, StreamExt};
-use llm_engine::{ChatMessage, Completion, FinishReason, GenerationRequest, GenerationStats, LoadedModel, TokenEvent, TokenLogprob};
+use llm_engine::{ChatMessage, LoadedModel};
 use llm_observe::{Metrics, Unit};
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::batch::{answer, finish_reason, Batch, Echo};
 use crate::error::ApiError;
 use crate::logprobs;
-use crate::model_slot::{LoadReport, ModelSlot};
+use crate::model_slot::ModelSlot;
 use crate::openai::*;
 use crate::params::{check_prompts, Generation, Limits};
+use crate::stream::ChunkKind;
 
 /// When the invocation must have answered (Lambda's deadline). A launcher that has one puts
 /// it in the request's extensions; generation stops [`Limits::deadline_margin`] before it.
@@ -46,9 +44,9 @@ pub struct AppState {
     /// Log prompts and completions (off by default: they may be private).
     pub log_text: bool,
     /// One batch on the CPU at a time; others queue.
-    engine: Semaphore,
+    pub(crate) engine: Semaphore,
     /// Cleared by the first request: that one is a cold start.
-    cold: AtomicBool,
+    pub(crate) cold: AtomicBool,
 }
 
 impl AppState {
@@ -88,7 +86,7 @@ async fn trace_request(request: Request, next: Next) -> Response {
 }
 
 /// Distinct per call within the process and unlikely to repeat across processes.
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -128,32 +126,6 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::model_not_found(model))
     }
-}
-
-/// What every response of one request shares.
-#[derive(Clone)]
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-}
-
-impl Meta {
-    fn new(prefix: &str, model: &str) -> Self {
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        Self { id: format!("{prefix}-{}", unique_suffix()), created, model: model.into() }
-    }
-}
-
-fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
-fn usage(prompts: &[Vec<u32>], completions: &[Completion]) -> Usage {
-    Usage::new(prompts.iter().map(Vec::len).sum(), completions.iter().map(|c| c.token_ids.len()).sum())
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -281,13 +253,6 @@ async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, Ap
     .await
 }
 
-/// `echo`: each prompt's text (and with `logprobs`, its tokens' lists) goes before the
-/// completions of its choices.
-struct Echo {
-    texts: Vec<String>,
-    logprobs: Vec<Option<CompletionLogprobs>>,
-}
-
 /// The prompts' texts (as given, or decoded from token ids) and, when `top_n` is set, their
 /// tokens scored by the model, after the batches queued before.
 async fn echo(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>], texts: Option<Vec<String>>, top_n: Option<usize>) -> Result<Echo, ApiError> {
@@ -308,240 +273,3 @@ async fn echo(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>], 
     Ok(Echo { texts, logprobs })
 }
 
-/// One request's sequences, ready to run.
-struct Batch {
-    state: Arc<AppState>,
-    model: Arc<LoadedModel>,
-    load: LoadReport,
-    prompts: Vec<Vec<u32>>,
-    kind: ChunkKind,
-    deadline: Option<Deadline>,
-    echo: Option<Arc<Echo>>,
-}
-
-impl Batch {
-    /// When generation must stop to answer before the deadline.
-    fn stop_at(&self) -> Option<Instant> {
-        self.deadline.map(|d| d.0.checked_sub(self.state.limits.deadline_margin).unwrap_or(d.0))
-    }
-}
-
-/// Streams the batch as server-sent events, or runs it to the end and answers with `body`.
-async fn answer(
-    batch: Batch,
-    generation: &Generation,
-    body: impl FnOnce(Meta, &LoadedModel, &[Completion], Usage) -> Response,
-) -> Result<Response, ApiError> {
-    check_prompts(&batch.prompts, generation, &batch.state.limits, batch.model.model.config().max_position_embeddings)?;
-    let prefix = match batch.kind {
-        ChunkKind::Chat => "chatcmpl",
-        ChunkKind::Text => "cmpl",
-    };
-    let meta = Meta::new(prefix, &batch.state.slot.id);
-    let requests = generation.requests(&batch.prompts);
-    if generation.stream {
-        return Ok(stream_response(batch, requests, generation.include_usage, meta));
-    }
-    let (completions, stats) = run_batch(&batch, requests, |_| ControlFlow::Continue(())).await?;
-    let usage = usage(&batch.prompts, &completions);
-    record(&batch, &stats, usage, &completions);
-    Ok(body(meta, &batch.model, &completions, usage))
-}
-
-/// Runs one batch on a blocking thread, after the batches queued before it. Generation stops
-/// early (`finish_reason: length`) when `on_token` breaks or the deadline comes near.
-async fn run_batch(
-    batch: &Batch,
-    requests: Vec<GenerationRequest>,
-    mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
-) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
-    let _permit = batch.state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
-    let model = batch.model.clone();
-    let stop_at = batch.stop_at();
-    let on_token = move |event: TokenEvent<'_>| {
-        let flow = on_token(event);
-        if flow.is_continue() && stop_at.is_some_and(|at| Instant::now() >= at) {
-            tracing::warn!("stopping generation before the invocation's deadline");
-            return ControlFlow::Break(());
-        }
-        flow
-    };
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(|| llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token)))
-        .await
-        .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
-        .map_err(|e| ApiError::internal(e.to_string()))
-}
-
-/// The request's log line and metrics (one EMF record); the first request of the process is
-/// the cold start. Prompts and completions are logged only when the server was told to.
-fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, completions: &[Completion]) {
-    let (state, load) = (&batch.state, &batch.load);
-    let cold = state.cold.swap(false, Ordering::Relaxed);
-    let decode_s = stats.decode.as_secs_f64();
-    let ttft_ms = stats.prefill.as_secs_f64() * 1e3 + load.load_ms.unwrap_or(0.0);
-    tracing::info!(
-        model = %state.slot.id,
-        source = %load.source,
-        cold,
-        sequences = completions.len(),
-        prompt_tokens = usage.prompt_tokens,
-        completion_tokens = usage.completion_tokens,
-        load_ms = load.load_ms,
-        ttft_ms,
-        prefill_ms = stats.prefill.as_secs_f64() * 1e3,
-        decode_ms = decode_s * 1e3,
-        "completed"
-    );
-    if state.log_text {
-        let tokenizer = &batch.model.tokenizer;
-        let prompts: Vec<String> = batch.prompts.iter().map(|p| tokenizer.decode_with_special(p).unwrap_or_default()).collect();
-        let outputs: Vec<&str> = completions.iter().map(|c| c.text.as_str()).collect();
-        tracing::info!(?prompts, completions = ?outputs, "request text");
-    }
-    let mut metrics = Metrics::new("llm-serverless")
-        .dimension("Function", "infer")
-        .property("model", state.slot.id.as_str())
-        .metric("ColdStart", if cold { 1.0 } else { 0.0 }, Unit::Count)
-        .metric("TimeToFirstTokenMs", ttft_ms, Unit::Milliseconds);
-    if let Some(ms) = load.load_ms {
-        metrics = metrics.metric("ModelLoadMs", ms, Unit::Milliseconds);
-    }
-    metrics
-        .metric("PromptTokens", usage.prompt_tokens as f64, Unit::Count)
-        .metric("CompletionTokens", usage.completion_tokens as f64, Unit::Count)
-        .metric("DecodeTokensPerSecond", if decode_s > 0.0 { stats.decode_steps as f64 / decode_s } else { 0.0 }, Unit::CountPerSecond)
-        .emit();
-}
-
-#[derive(Clone, Copy)]
-enum ChunkKind {
-    Chat,
-    Text,
-}
-
-/// What the generation thread sends to the response stream.
-enum Update {
-    Token { index: usize, text: String, logprob: Option<TokenLogprob> },
-    Done(Result<(Vec<Completion>, Usage), ApiError>),
-}
-
-fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage: bool, meta: Meta) -> Response {
-    let (tx, rx) = mpsc::channel::<Update>(64);
-    let chunks = Chunks { meta, kind: batch.kind, model: batch.model.clone(), text_offsets: vec![0; requests.len()], echo: batch.echo.clone() };
-    let choices = requests.len();
-    let token_tx = tx.clone();
-    let model = batch.model.clone();
-    let task = async move {
-        let result = run_batch(&batch, requests, move |event| {
-            let logprob = event.logprob.filter(|lp| !model.tokenizer.is_stop(lp.token_id)).cloned();
-            if event.text.is_empty() && logprob.is_none() {
-                return ControlFlow::Continue(());
-            }
-            // A closed channel means the client went away: stop generating for it.
-            match token_tx.blocking_send(Update::Token { index: event.index, text: event.text.to_string(), logprob }) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
-        })
-        .await;
-        let done = result.map(|(completions, stats)| {
-            let usage = usage(&batch.prompts, &completions);
-            record(&batch, &stats, usage, &completions);
-            (completions, usage)
-        });
-        let _ = tx.send(Update::Done(done)).await;
-    };
-    tokio::spawn(task.instrument(tracing::Span::current()));
-    Sse::new(sse_events(rx, chunks, choices, include_usage)).into_response()
-}
-
-/// Builds the streamed chunks' JSON.
-struct Chunks {
-    meta: Meta,
-    kind: ChunkKind,
-    model: Arc<LoadedModel>,
-    /// Bytes of text streamed so far per choice (legacy logprobs' `text_offset`).
-    text_offsets: Vec<usize>,
-    echo: Option<Arc<Echo>>,
-}
-
-impl Chunks {
-    fn event(&self, choices: Vec<serde_json::Value>, usage: Option<Usage>) -> Event {
-        let object = match self.kind {
-            ChunkKind::Chat => "chat.completion.chunk",
-            ChunkKind::Text => "text_completion",
-        };
-        let mut body = serde_json::json!({"id": self.meta.id, "object": object, "created": self.meta.created, "model": self.meta.model, "choices": choices});
-        if let Some(usage) = usage {
-            body["usage"] = serde_json::json!(usage);
-        }
-        Event::default().data(body.to_string())
-    }
-
-    fn choice(&mut self, index: usize, text: Option<String>, role: bool, finish: Option<&'static str>, logprob: Option<&TokenLogprob>) -> serde_json::Value {
-        let tokenizer = &self.model.tokenizer;
-        match self.kind {
-            ChunkKind::Chat => {
-                let delta = Delta { role: role.then_some("assistant"), content: text };
-                let logprobs = logprob.map(|lp| ChatLogprobs { content: vec![logprobs::chat_entry(tokenizer, lp)], refusal: None });
-                serde_json::json!({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
-            }
-            ChunkKind::Text => {
-                let logprobs = logprob.map(|lp| {
-                    let (lists, next) = logprobs::completion(tokenizer, [lp], self.text_offsets[index]);
-                    self.text_offsets[index] = next;
-                    lists
-                });
-                serde_json::json!({"index": index, "text": text.unwrap_or_default(), "finish_reason": finish, "logprobs": logprobs})
-            }
-        }
-    }
-
-    /// The chunk a choice starts with: the assistant role (chat), the echoed prompt (`echo`).
-    fn opening(&mut self, index: usize, choices: usize) -> Option<Event> {
-        let choice = match (self.kind, &self.echo) {
-            (ChunkKind::Chat, _) => self.choice(index, Some(String::new()), true, None, None),
-            (ChunkKind::Text, None) => return None,
-            (ChunkKind::Text, Some(echo)) => {
-                let prompt = index * echo.texts.len() / choices;
-                let text = echo.texts[prompt].clone();
-                self.text_offsets[index] = text.len();
-                serde_json::json!({"index": index, "text": text, "finish_reason": null, "logprobs": echo.logprobs[prompt]})
-            }
-        };
-        Some(self.event(vec![choice], None))
-    }
-
-    /// The events one update becomes.
-    fn events(&mut self, update: Update, include_usage: bool) -> Vec<Event> {
-        match update {
-            Update::Token { index, text, logprob } => {
-                let choice = self.choice(index, Some(text), false, None, logprob.as_ref());
-                vec![self.event(vec![choice], None)]
-            }
-            Update::Done(Ok((completions, usage))) => {
-                let mut events = Vec::with_capacity(completions.len() + 2);
-                for (i, c) in completions.iter().enumerate() {
-                    let choice = self.choice(i, None, false, Some(finish_reason(c.finish_reason)), None);
-                    events.push(self.event(vec![choice], None));
-                }
-                if include_usage {
-                    events.push(self.event(Vec::new(), Some(usage)));
-                }
-                events.push(Event::default().data("[DONE]"));
-                events
-            }
-            Update::Done(Err(e)) => vec![Event::default().data(e.body().to_string()), Event::default().data("[DONE]")],
-        }
-    }
-}
-
-/// Server-sent events: the assistant role first (chat), text as it is generated, a closing
-/// chunk per choice with its finish reason, usage when asked, then `[DONE]`.
-fn sse_events(rx: mpsc::Receiver<Update>, mut chunks: Chunks, choices: usize, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> {
-    let opening: Vec<Event> = (0..choices).filter_map(|i| chunks.opening(i, choices)).collect();
-    let updates = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|update| (update, rx)) });
-    let body = updates.flat_map(move |update| stream::iter(chunks.events(update, include_usage).into_iter().map(Ok)));
-    stream::iter(opening.into_iter().map(Ok)).chain(body)
-}
