@@ -1,0 +1,23 @@
+//! What can go wrong while training, with the file or tensor it concerns.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Engine(#[from] llm_engine::EngineError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl TrainError {
+    pub fn file(path: impl Into<PathBuf>, message: impl ToString) -> Self {
+        Self::File { path: path.into(), message: message.to_string() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,13 @@
+//! Training: a differentiable Llama (the forward pass of `shared/engine`, written with ops that
+//! have gradients), LoRA adapters that PEFT reads and writes, and the losses training needs.
+//!
+//! It reads checkpoints through the engine's Hugging Face loader and knows nothing of S3, HTTP
+//! or Lambda: callers hand it local paths.
+
+pub mod error;
+pub mod lora;
+pub mod model;
+
+pub use error::{Result, TrainError};
+pub use lora::LoraConfig;
+pub use model::{Trainable, TrainLlama};
