@@ -28,6 +28,8 @@ pub enum Command {
     Quantize(commands::quantize::Args),
     /// Serve the OpenAI-compatible API (the inference function's router) on a local port.
     Serve(commands::serve::Args),
+    /// Merge a LoRA adapter into its base model (a plain Hugging Face directory).
+    Merge(commands::merge::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -40,5 +42,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => commands::bench::run(args),
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Merge(args) => commands::merge::run(args),
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod lora;
+pub mod merge;
 pub mod model;
 
 pub use error::{Result, TrainError};

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod quantize;
 pub mod serve;
 
