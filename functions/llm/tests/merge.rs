@@ -54,8 +54,17 @@ fn merged_models_give_pefts_logits() {
 #[test]
 fn an_adapter_for_another_model_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let out = merge("llama3", "llama2", &dir.path().join("out"), None);
+    let target = dir.path().join("out");
+    let out = merge("llama3", "llama2", &target, None);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot merge"), "{stderr}");
+    assert!(stderr.contains("cannot merge") && stderr.contains("the adapter's update is"), "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a failed merge left files behind");
+
+    // An existing model directory is never overwritten.
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("model.safetensors"), b"keep me").unwrap();
+    assert!(!merge("llama2", "llama2", &existing, None).status.success());
+    assert_eq!(std::fs::read(existing.join("model.safetensors")).unwrap(), b"keep me");
 }

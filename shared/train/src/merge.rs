@@ -19,11 +19,30 @@ pub struct MergeReport {
     pub tensors: usize,
 }
 
+/// Writes into `<output>.partial` and renames it when complete, so a failed merge leaves no
+/// directory that looks like a model; an existing non-empty `output` is never overwritten.
 pub fn merge(base: &Path, adapter: &Path, output: &Path, dtype: Option<DType>) -> Result<MergeReport> {
-    let device = Device::Cpu;
-    if output.exists() && std::fs::canonicalize(output).ok() == std::fs::canonicalize(base).ok() {
-        return Err(TrainError::Invalid("--output must not be the base directory".into()));
+    if std::fs::read_dir(output).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(TrainError::file(output, "already exists and is not empty"));
     }
+    let partial = output.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    let result = write_merged(base, adapter, &partial, dtype);
+    match result {
+        Ok(report) => {
+            let _ = std::fs::remove_dir(output);
+            std::fs::rename(&partial, output).map_err(|e| TrainError::file(output, e))?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            Err(e)
+        }
+    }
+}
+
+fn write_merged(base: &Path, adapter: &Path, output: &Path, dtype: Option<DType>) -> Result<MergeReport> {
+    let device = Device::Cpu;
     let (config, pairs) = load_adapter(adapter, &device)?;
     let scaling = config.scaling();
     // PEFT's `base_model.model.<module>` is the base checkpoint's `<module>.weight`.
