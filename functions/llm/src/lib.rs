@@ -30,6 +30,8 @@ pub enum Command {
     Serve(commands::serve::Args),
     /// Merge a LoRA adapter into its base model (a plain Hugging Face directory).
     Merge(commands::merge::Args),
+    /// Fine-tune a Hugging Face checkpoint (all weights or LoRA) on JSONL data.
+    Finetune(commands::finetune::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -43,5 +45,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(args) => commands::quantize::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
     }
 }

@@ -109,6 +109,13 @@ fn load_hf(dir: &Path, options: LoadOptions, device: &Device) -> Result<Parts> {
     let mut source = SafetensorsSource::open(&files, device)?;
     let model = Llama::load(config, &mut source, RopeLayout::Halves, options, device)?;
 
+    let (tokenizer, chat_template) = hf_tokenizer(dir)?;
+    Ok((model, tokenizer, chat_template))
+}
+
+/// The tokenizer and chat template of a Hugging Face directory (`tokenizer.json`,
+/// `tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`).
+pub fn hf_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     let tokenizer_path = dir.join("tokenizer.json");
     let json = std::fs::read_to_string(&tokenizer_path).map_err(|e| EngineError::io(&tokenizer_path, e))?;
     let inner = Tokenizer::from_json(&json)?;
@@ -132,7 +139,7 @@ fn load_hf(dir: &Path, options: LoadOptions, device: &Device) -> Result<Parts> {
     let chat_template = template_source
         .map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token()))
         .transpose()?;
-    Ok((model, tokenizer, chat_template))
+    Ok((tokenizer, chat_template))
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<Json>> {

@@ -76,6 +76,11 @@ impl Tokenizer {
         self.eos.as_deref()
     }
 
+    /// The id of the end-of-sequence token, when the tokenizer has one.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos.as_deref().and_then(|t| self.inner.token_to_id(t))
+    }
+
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)
     }

@@ -12,6 +12,8 @@ pub enum TrainError {
     File { path: PathBuf, message: String },
     #[error("invalid setting: {0}")]
     Invalid(String),
+    #[error("the loss became NaN or infinite at step {step}; the model was not saved to {}", output.display())]
+    NonFinite { step: usize, output: PathBuf },
 }
 
 impl TrainError {

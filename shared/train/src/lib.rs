@@ -4,10 +4,13 @@
 //! It reads checkpoints through the engine's Hugging Face loader and knows nothing of S3, HTTP
 //! or Lambda: callers hand it local paths.
 
+pub mod data;
 pub mod error;
+pub mod finetune;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod optim;
 
 pub use error::{Result, TrainError};
 pub use lora::LoraConfig;

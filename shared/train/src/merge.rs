@@ -79,19 +79,22 @@ fn write_merged(base: &Path, adapter: &Path, output: &Path, dtype: Option<DType>
     if let Some(unused) = deltas.keys().next() {
         return Err(TrainError::file(adapter, format!("the adapter updates {unused}, which the base does not have")));
     }
-    copy_other_files(base, output, dtype)?;
+    copy_other_files(base, output, dtype, &[])?;
     Ok(report)
 }
 
-/// Everything but the weights (config, tokenizer, index, chat template...), with `config.json`'s
-/// dtype changed when the weights' was.
-fn copy_other_files(base: &Path, output: &Path, dtype: Option<DType>) -> Result<()> {
+/// Everything but the weights (config, tokenizer, index, chat template...) and `skip`, with
+/// `config.json`'s dtype changed when the weights' was.
+pub(crate) fn copy_other_files(base: &Path, output: &Path, dtype: Option<DType>, skip: &[&str]) -> Result<()> {
     for entry in std::fs::read_dir(base).map_err(|e| TrainError::file(base, e))? {
         let path = entry.map_err(|e| TrainError::file(base, e))?.path();
         if !path.is_file() || path.extension().is_some_and(|e| e == "safetensors") {
             continue;
         }
         let Some(name) = path.file_name() else { continue };
+        if name.to_str().is_some_and(|n| skip.contains(&n)) {
+            continue;
+        }
         let target = output.join(name);
         match (name.to_str(), dtype) {
             (Some("config.json"), Some(dtype)) => {

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod finetune;
 pub mod generate;
 pub mod inspect;
 pub mod merge;

@@ -1,0 +1,99 @@
+//! `llm finetune` on the fixture checkpoints: the loss falls, the outputs are what the rest of
+//! the toolchain reads (a PEFT adapter llm-train and `llm merge` load, a Hugging Face directory
+//! the engine loads), runs are reproducible with a seed, and bad data is reported by line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use llm_tests::*;
+
+fn llm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llm")).args(args).output().expect("run llm")
+}
+
+fn write_data(dir: &Path) -> PathBuf {
+    let path = dir.join("train.jsonl");
+    let mut lines: Vec<String> = (0..8).map(|a| serde_json::json!({"prompt": format!("What is {a} plus {a}?"), "completion": format!(" {}", a + a)}).to_string()).collect();
+    lines.push(serde_json::json!({"text": "plain text is learned everywhere"}).to_string());
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn finetune(base: &str, data: &Path, output: &Path, extra: &[&str]) -> Output {
+    let base = fixtures_dir().join(base).join("hf");
+    let mut args = vec!["finetune", "--base", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", output.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    llm(&args)
+}
+
+#[test]
+fn lora_fine_tuning_learns_and_writes_a_peft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+    let out = dir.path().join("adapter");
+    let run = finetune("llama2", &data, &out, &["--method", "lora", "--steps", "20", "--lr", "1e-2", "--lora-dropout", "0", "--eval-data", data.to_str().unwrap(), "--eval-every", "10", "--seed", "4"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let lines = metrics(&out);
+    assert_eq!(lines.len(), 20);
+    let (first, last) = (lines[0]["loss"].as_f64().unwrap(), lines[19]["loss"].as_f64().unwrap());
+    assert!(last < first - 1.0, "loss {first} -> {last}");
+    assert!(lines[9]["eval_loss"].is_number() && lines[19]["eval_loss"].is_number() && lines[0].get("eval_loss").is_none());
+    assert!(lines.iter().all(|l| l["lr"].is_number() && l["grad_norm"].is_number() && l["tokens_per_s"].as_f64().unwrap() > 0.0));
+
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["task_type"].as_str()), (Some("LORA"), Some(8), Some("CAUSAL_LM")));
+
+    // The adapter loads and changes the model; merged, the engine serves the same change.
+    let mut adapted = llm_train::TrainLlama::load(&fixtures_dir().join("llama2/hf"), &llm_train::Trainable::Full, &candle_core::Device::Cpu).unwrap();
+    let ids = candle_core::Tensor::new(&[1u32, 1724, 338, 29871, 29941][..], &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let before = adapted.forward(&ids, false).unwrap();
+    adapted.apply_adapter(&out).unwrap();
+    let after = adapted.forward(&ids, false).unwrap();
+    assert!(max_abs_diff(&before, &after) > 1e-3);
+    let merged = dir.path().join("merged");
+    assert!(llm(&["merge", "--base", fixtures_dir().join("llama2/hf").to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--output", merged.to_str().unwrap(), "--dtype", "f32"]).status.success());
+    let served = llm_engine::load(&merged, Default::default()).unwrap();
+    let engine_logits = prompt_logits(&served.model, &[1, 1724, 338, 29871, 29941]);
+    assert!(max_abs_diff(&engine_logits, &after.squeeze(0).unwrap()) < 1e-3);
+
+    // Same seed, same adapter, to the byte.
+    let again = dir.path().join("again");
+    assert!(finetune("llama2", &data, &again, &["--method", "lora", "--steps", "20", "--lr", "1e-2", "--lora-dropout", "0", "--seed", "4"]).status.success());
+    assert_eq!(std::fs::read(out.join("adapter_model.safetensors")).unwrap(), std::fs::read(again.join("adapter_model.safetensors")).unwrap());
+}
+
+#[test]
+fn full_fine_tuning_writes_a_checkpoint_the_engine_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+    let out = dir.path().join("full");
+    let run = finetune("llama3", &data, &out, &["--method", "full", "--steps", "6", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "2", "--warmup", "2"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let lines = metrics(&out);
+    assert_eq!(lines[0]["lr"].as_f64(), Some(0.0), "warmup starts at 0");
+    assert!(lines[5]["loss"].as_f64().unwrap() < lines[0]["loss"].as_f64().unwrap());
+    let tuned = llm_engine::load(&out, Default::default()).unwrap();
+    let base = llm_engine::load(&fixtures_dir().join("llama3/hf"), Default::default()).unwrap();
+    let ids = base.tokenizer.encode("What is 3 plus 3?", true).unwrap();
+    assert!(max_abs_diff(&prompt_logits(&tuned.model, &ids), &prompt_logits(&base.model, &ids)) > 1e-3);
+    assert!(tuned.chat_template.is_some(), "tokenizer files were not copied");
+}
+
+#[test]
+fn bad_data_is_reported_by_line_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"prompt\": \"no completion\"}\nnot json\n").unwrap();
+    let out = dir.path().join("out");
+    let run = finetune("llama2", &data, &out, &["--steps", "1"]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("2 bad lines") && stderr.contains("line 2") && stderr.contains("line 3"), "{stderr}");
+    assert!(!out.exists());
+    let run = finetune("llama2", &write_data(dir.path()), &out, &["--lora-rank", "0"]);
+    assert!(!run.status.success() && String::from_utf8_lossy(&run.stderr).contains("--lora-rank"));
+}

@@ -1,0 +1,244 @@
+//! `llm finetune`: supervised fine-tuning of a Hugging Face checkpoint on JSONL data, all
+//! weights or LoRA adapters, with AdamW, warmup + cosine, gradient accumulation and clipping.
+//!
+//! The output directory gets a Hugging Face checkpoint (full) or a PEFT adapter (LoRA), and
+//! `metrics.jsonl`: one line per optimiser step (`step`, `loss`, `lr`, `grad_norm`,
+//! `tokens_per_s`, and `eval_loss` where evaluated).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use crate::data::{load_jsonl, Example, Overflow};
+use crate::error::{Result, TrainError};
+use crate::lora::{save_adapter, seeded};
+use crate::model::{causal_lm_loss, TrainLlama, Trainable};
+use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub trainable: Trainable,
+    /// Optimiser steps; when `None`, `epochs` passes over the data.
+    pub steps: Option<usize>,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub max_seq_len: usize,
+    pub overflow: Overflow,
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: usize,
+    pub seed: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            trainable: Trainable::Full,
+            steps: None,
+            epochs: 1,
+            lr: 2e-5,
+            batch_size: 4,
+            grad_accum: 1,
+            warmup: 0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_seq_len: 512,
+            overflow: Overflow::Truncate,
+            eval_data: None,
+            eval_every: 50,
+            seed: 0,
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: usize,
+    pub examples: usize,
+    pub truncated: usize,
+    pub skipped: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval_loss: Option<f64>,
+}
+
+/// Trains `base` on `data` and writes the result into `output`. `on_step` sees every step's
+/// metrics as it is written (progress bars, logs).
+pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, mut on_step: impl FnMut(&StepMetrics, usize)) -> Result<Summary> {
+    validate(settings)?;
+    let device = Device::Cpu;
+    let (tokenizer, template) = llm_engine::hf_tokenizer(base)?;
+    let (examples, report) = load_jsonl(data, &tokenizer, template.as_ref(), settings.max_seq_len, settings.overflow)?;
+    let eval = match &settings.eval_data {
+        Some(path) => Some(load_jsonl(path, &tokenizer, template.as_ref(), settings.max_seq_len, settings.overflow)?.0),
+        None => None,
+    };
+    let model = TrainLlama::load(base, &settings.trainable, &device)?;
+    let per_step = settings.batch_size * settings.grad_accum;
+    let total = settings.steps.unwrap_or_else(|| examples.len().div_ceil(per_step) * settings.epochs).max(1);
+
+    std::fs::create_dir_all(output).map_err(|e| TrainError::file(output, e))?;
+    let metrics_path = output.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| TrainError::file(&metrics_path, e))?;
+    let vars: Vec<_> = model.trainable().iter().map(|(_, v)| v.clone()).collect();
+    let mut optimizer = AdamW::new(vars.clone(), settings.weight_decay)?;
+    let mut batches = Batches::new(examples.len(), settings.batch_size, settings.seed);
+    let mut summary = Summary { steps: total, examples: report.examples, truncated: report.truncated, skipped: report.skipped, first_loss: f64::NAN, last_loss: f64::NAN, eval_loss: None };
+
+    for step in 0..total {
+        let started = Instant::now();
+        let mut grads: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
+        let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        for _ in 0..settings.grad_accum {
+            let batch: Vec<&Example> = batches.next().iter().map(|&i| &examples[i]).collect();
+            let (ids, mask) = pad(&batch, &device)?;
+            tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
+            let loss = causal_lm_loss(&model.forward(&ids, true)?, &ids, &mask)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { step: step + 1, output: output.to_path_buf() });
+            }
+            loss_sum += value;
+            let step_grads = (loss / settings.grad_accum as f64)?.backward()?;
+            for (sum, var) in grads.iter_mut().zip(&vars) {
+                if let Some(g) = step_grads.get(var.as_tensor()) {
+                    *sum = (&*sum + g)?;
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, settings.max_grad_norm)?;
+        let lr = learning_rate(settings.lr, step, settings.warmup, total);
+        optimizer.step(&grads, lr)?;
+        let loss = loss_sum / settings.grad_accum as f64;
+        let last = step + 1 == total;
+        let eval_loss = match &eval {
+            Some(eval) if last || (step + 1) % settings.eval_every.max(1) == 0 => Some(evaluate(&model, eval, settings.batch_size, &device)?),
+            _ => None,
+        };
+        let line = StepMetrics { step: step + 1, loss, lr, grad_norm, tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9), eval_loss };
+        let json = serde_json::to_string(&line).map_err(|e| TrainError::file(&metrics_path, e))?;
+        writeln!(metrics, "{json}").map_err(|e| TrainError::file(&metrics_path, e))?;
+        on_step(&line, total);
+        if step == 0 {
+            summary.first_loss = loss;
+        }
+        summary.last_loss = loss;
+        summary.eval_loss = eval_loss.or(summary.eval_loss);
+    }
+    save(&model, base, output, &settings.trainable)?;
+    Ok(summary)
+}
+
+fn validate(s: &Settings) -> Result<()> {
+    let bad = |m: &str| Err(TrainError::Invalid(m.into()));
+    if s.batch_size == 0 || s.grad_accum == 0 {
+        return bad("--batch-size and --grad-accum must be at least 1");
+    }
+    if s.max_seq_len < 2 {
+        return bad("--max-seq-len must be at least 2");
+    }
+    if !(s.lr.is_finite() && s.lr > 0.0) {
+        return bad("--lr must be a positive number");
+    }
+    if s.steps == Some(0) || (s.steps.is_none() && s.epochs == 0) {
+        return bad("nothing to do: --steps or --epochs is 0");
+    }
+    Ok(())
+}
+
+/// Mean loss over `examples`, without gradients or dropout.
+pub fn evaluate(model: &TrainLlama, examples: &[Example], batch_size: usize, device: &Device) -> Result<f64> {
+    let (mut total, mut count) = (0.0, 0usize);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let batch: Vec<&Example> = chunk.iter().collect();
+        let (ids, mask) = pad(&batch, device)?;
+        let loss = causal_lm_loss(&model.forward(&ids, false)?.detach(), &ids, &mask)?;
+        let weight = batch.iter().map(|e| e.mask.iter().skip(1).filter(|&&m| m == 1).count()).sum::<usize>();
+        total += loss.to_scalar::<f32>()? as f64 * weight as f64;
+        count += weight;
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// Right-padded ids and loss mask `[b, longest]`; padding never counts.
+fn pad(batch: &[&Example], device: &Device) -> Result<(Tensor, Tensor)> {
+    let longest = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(batch.len() * longest);
+    let mut mask = Vec::with_capacity(batch.len() * longest);
+    for e in batch {
+        ids.extend(e.ids.iter().copied().chain(std::iter::repeat_n(0, longest - e.ids.len())));
+        mask.extend(e.mask.iter().map(|&m| m as u32).chain(std::iter::repeat_n(0, longest - e.ids.len())));
+    }
+    Ok((Tensor::from_vec(ids, (batch.len(), longest), device)?, Tensor::from_vec(mask, (batch.len(), longest), device)?))
+}
+
+/// Example indices in batches: every example once per epoch, in a seeded shuffled order.
+struct Batches {
+    order: Vec<usize>,
+    at: usize,
+    size: usize,
+    rng: rand::rngs::StdRng,
+}
+
+impl Batches {
+    fn new(examples: usize, size: usize, seed: u64) -> Self {
+        let mut batches = Self { order: (0..examples).collect(), at: 0, size: size.min(examples).max(1), rng: seeded(seed) };
+        batches.order.shuffle(&mut batches.rng);
+        batches
+    }
+
+    fn next(&mut self) -> Vec<usize> {
+        if self.at + self.size > self.order.len() {
+            self.order.shuffle(&mut self.rng);
+            self.at = 0;
+        }
+        let batch = self.order[self.at..self.at + self.size].to_vec();
+        self.at += self.size;
+        batch
+    }
+}
+
+/// A PEFT adapter for LoRA; for full fine-tuning a Hugging Face directory with the base's
+/// other files and each weight in the base's dtype.
+fn save(model: &TrainLlama, base: &Path, output: &Path, trainable: &Trainable) -> Result<()> {
+    match trainable {
+        Trainable::Lora { config, .. } => save_adapter(output, config, base.to_str(), &model.adapters()),
+        Trainable::Full => {
+            let files = llm_engine::hf::safetensors_files(base)?;
+            let dtypes: HashMap<String, DType> = llm_engine::hf::tensor_infos(&files)?
+                .into_iter()
+                .map(|(name, dtype, _)| (name, match dtype.as_str() { "F16" => DType::F16, "BF16" => DType::BF16, _ => DType::F32 }))
+                .collect();
+            let mut tensors = HashMap::new();
+            for (name, var) in model.trainable() {
+                let dtype = dtypes.get(name).copied().unwrap_or(DType::F32);
+                tensors.insert(name.clone(), var.as_tensor().to_dtype(dtype)?);
+            }
+            let path = output.join("model.safetensors");
+            candle_core::safetensors::save(&tensors, &path).map_err(|e| TrainError::file(&path, e))?;
+            crate::merge::copy_other_files(base, output, None, &["model.safetensors.index.json"])
+        }
+    }
+}
