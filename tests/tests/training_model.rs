@@ -3,7 +3,7 @@
 //! fresh adapter that changes nothing, and gradients that agree with finite differences.
 
 use candle_core::{Device, Tensor};
-use llm_train::model::causal_lm_loss;
+use llm_train::loss::causal_lm_loss;
 use llm_train::{LoraConfig, TrainLlama, Trainable};
 use llm_tests::*;
 

@@ -32,6 +32,8 @@ pub enum Command {
     Merge(commands::merge::Args),
     /// Fine-tune a Hugging Face checkpoint (all weights or LoRA) on JSONL data.
     Finetune(commands::finetune::Args),
+    /// Distil a teacher into a smaller student (soft targets + labels).
+    Distill(commands::distill::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -46,5 +48,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => commands::serve::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::Finetune(args) => commands::finetune::run(args),
+        Command::Distill(args) => commands::distill::run(args),
     }
 }

@@ -17,7 +17,8 @@ use serde::Serialize;
 use crate::data::{load_jsonl, Example, Overflow};
 use crate::error::{Result, TrainError};
 use crate::lora::{save_adapter, seeded};
-use crate::model::{causal_lm_loss, TrainLlama, Trainable};
+use crate::loss::causal_lm_loss;
+use crate::model::{TrainLlama, Trainable};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 
 #[derive(Debug, Clone)]
@@ -86,16 +87,50 @@ pub struct Summary {
 
 /// Trains `base` on `data` and writes the result into `output`. `on_step` sees every step's
 /// metrics as it is written (progress bars, logs).
-pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, mut on_step: impl FnMut(&StepMetrics, usize)) -> Result<Summary> {
+pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, on_step: impl FnMut(&StepMetrics, usize)) -> Result<Summary> {
     validate(settings)?;
     let device = Device::Cpu;
-    let (tokenizer, template) = llm_engine::hf_tokenizer(base)?;
-    let (examples, report) = load_jsonl(data, &tokenizer, template.as_ref(), settings.max_seq_len, settings.overflow)?;
-    let eval = match &settings.eval_data {
-        Some(path) => Some(load_jsonl(path, &tokenizer, template.as_ref(), settings.max_seq_len, settings.overflow)?.0),
-        None => None,
-    };
+    let data = TrainingData::load(base, data, settings)?;
     let model = TrainLlama::load(base, &settings.trainable, &device)?;
+    let summary = train(&model, &data, output, settings, |model, ids, mask| causal_lm_loss(&model.forward(ids, true)?, ids, mask), on_step)?;
+    save(&model, base, output, &settings.trainable)?;
+    Ok(summary)
+}
+
+/// Tokenized training and evaluation examples.
+pub struct TrainingData {
+    pub examples: Vec<Example>,
+    pub eval: Option<Vec<Example>>,
+    pub report: crate::data::DataReport,
+}
+
+impl TrainingData {
+    /// `data` (and `settings.eval_data`) with the tokenizer and chat template of `model_dir`.
+    pub fn load(model_dir: &Path, data: &Path, settings: &Settings) -> Result<Self> {
+        let (tokenizer, template) = llm_engine::hf_tokenizer(model_dir)?;
+        let (examples, report) = load_jsonl(data, &tokenizer, template.as_ref(), settings.max_seq_len, settings.overflow)?;
+        let eval = match &settings.eval_data {
+            Some(path) => Some(load_jsonl(path, &tokenizer, template.as_ref(), settings.max_seq_len, settings.overflow)?.0),
+            None => None,
+        };
+        Ok(Self { examples, eval, report })
+    }
+}
+
+/// The optimisation loop shared by fine-tuning and distillation: `loss(model, ids, mask)` for
+/// each micro-batch, gradients accumulated and clipped, AdamW on the model's trainable
+/// parameters, `metrics.jsonl` in `output`. Evaluation uses plain cross-entropy.
+pub fn train(
+    model: &TrainLlama,
+    data: &TrainingData,
+    output: &Path,
+    settings: &Settings,
+    loss_fn: impl Fn(&TrainLlama, &Tensor, &Tensor) -> Result<Tensor>,
+    mut on_step: impl FnMut(&StepMetrics, usize),
+) -> Result<Summary> {
+    validate(settings)?;
+    let device = model.device().clone();
+    let examples = &data.examples;
     let per_step = settings.batch_size * settings.grad_accum;
     let total = settings.steps.unwrap_or_else(|| examples.len().div_ceil(per_step) * settings.epochs).max(1);
 
@@ -105,6 +140,7 @@ pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, mu
     let vars: Vec<_> = model.trainable().iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(vars.clone(), settings.weight_decay)?;
     let mut batches = Batches::new(examples.len(), settings.batch_size, settings.seed);
+    let report = &data.report;
     let mut summary = Summary { steps: total, examples: report.examples, truncated: report.truncated, skipped: report.skipped, first_loss: f64::NAN, last_loss: f64::NAN, eval_loss: None };
 
     for step in 0..total {
@@ -115,7 +151,7 @@ pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, mu
             let batch: Vec<&Example> = batches.next().iter().map(|&i| &examples[i]).collect();
             let (ids, mask) = pad(&batch, &device)?;
             tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
-            let loss = causal_lm_loss(&model.forward(&ids, true)?, &ids, &mask)?;
+            let loss = loss_fn(model, &ids, &mask)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { step: step + 1, output: output.to_path_buf() });
@@ -133,8 +169,8 @@ pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, mu
         optimizer.step(&grads, lr)?;
         let loss = loss_sum / settings.grad_accum as f64;
         let last = step + 1 == total;
-        let eval_loss = match &eval {
-            Some(eval) if last || (step + 1) % settings.eval_every.max(1) == 0 => Some(evaluate(&model, eval, settings.batch_size, &device)?),
+        let eval_loss = match &data.eval {
+            Some(eval) if last || (step + 1) % settings.eval_every.max(1) == 0 => Some(evaluate(model, eval, settings.batch_size, &device)?),
             _ => None,
         };
         let line = StepMetrics { step: step + 1, loss, lr, grad_norm, tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9), eval_loss };
@@ -147,11 +183,10 @@ pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, mu
         summary.last_loss = loss;
         summary.eval_loss = eval_loss.or(summary.eval_loss);
     }
-    save(&model, base, output, &settings.trainable)?;
     Ok(summary)
 }
 
-fn validate(s: &Settings) -> Result<()> {
+pub fn validate(s: &Settings) -> Result<()> {
     let bad = |m: &str| Err(TrainError::Invalid(m.into()));
     if s.batch_size == 0 || s.grad_accum == 0 {
         return bad("--batch-size and --grad-accum must be at least 1");
@@ -222,9 +257,10 @@ impl Batches {
 
 /// A PEFT adapter for LoRA; for full fine-tuning a Hugging Face directory with the base's
 /// other files and each weight in the base's dtype.
-fn save(model: &TrainLlama, base: &Path, output: &Path, trainable: &Trainable) -> Result<()> {
+pub fn save(model: &TrainLlama, base: &Path, output: &Path, trainable: &Trainable) -> Result<()> {
     match trainable {
         Trainable::Lora { config, .. } => save_adapter(output, config, base.to_str(), &model.adapters()),
+        Trainable::Frozen => Err(TrainError::Invalid("a frozen model has nothing to save".into())),
         Trainable::Full => {
             let files = llm_engine::hf::safetensors_files(base)?;
             let dtypes: HashMap<String, DType> = llm_engine::hf::tensor_infos(&files)?

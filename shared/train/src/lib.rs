@@ -5,9 +5,11 @@
 //! or Lambda: callers hand it local paths.
 
 pub mod data;
+pub mod distill;
 pub mod error;
 pub mod finetune;
 pub mod lora;
+pub mod loss;
 pub mod merge;
 pub mod model;
 pub mod optim;

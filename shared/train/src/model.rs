@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var, D};
 use candle_nn::ops::{rms_norm_slow, softmax};
 use candle_nn::rotary_emb::rope_slow;
 use llm_engine::config::LlamaConfig;
@@ -72,6 +72,8 @@ pub enum Trainable {
     Full,
     /// Adapters on the configured projections; the base stays frozen.
     Lora { config: LoraConfig, seed: u64 },
+    /// Nothing (a distillation teacher).
+    Frozen,
 }
 
 pub struct TrainLlama {
@@ -248,20 +250,4 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     }
     let (b, kv, s, d) = x.dims4()?;
     Ok(x.unsqueeze(2)?.expand((b, kv, n, s, d))?.reshape((b, kv * n, s, d))?)
-}
-
-/// Mean cross-entropy of predicting each token from those before it, over positions whose
-/// `mask` (`[b, s]`, 1 = counts) is set for the predicted token.
-pub fn causal_lm_loss(logits: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, s, vocab) = logits.dims3()?;
-    let predictions = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), vocab))?;
-    let targets = tokens.narrow(1, 1, s - 1)?.flatten_all()?;
-    let weights = mask.narrow(1, 1, s - 1)?.flatten_all()?.to_dtype(DType::F32)?;
-    let log_probs = candle_nn::ops::log_softmax(&predictions, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let total = weights.sum_all()?.to_scalar::<f32>()?;
-    if total == 0.0 {
-        return Err(TrainError::Invalid("a batch has no position to learn from (all masked)".into()));
-    }
-    Ok((picked.mul(&weights)?.sum_all()?.neg()? / total as f64)?)
 }

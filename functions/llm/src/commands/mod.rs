@@ -1,10 +1,12 @@
 pub mod bench;
+pub mod distill;
 pub mod finetune;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod quantize;
 pub mod serve;
+pub mod training;
 
 use std::path::Path;
 

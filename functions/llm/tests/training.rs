@@ -1,6 +1,7 @@
-//! `llm finetune` on the fixture checkpoints: the loss falls, the outputs are what the rest of
-//! the toolchain reads (a PEFT adapter llm-train and `llm merge` load, a Hugging Face directory
-//! the engine loads), runs are reproducible with a seed, and bad data is reported by line.
+//! `llm finetune` and `llm distill` on the fixture checkpoints: the loss falls, the outputs are
+//! what the rest of the toolchain reads (a PEFT adapter llm-train and `llm merge` load, Hugging
+//! Face directories the engine loads), runs are reproducible with a seed, and bad data is
+//! reported by line.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -96,4 +97,44 @@ fn bad_data_is_reported_by_line_and_nothing_is_written() {
     assert!(!out.exists());
     let run = finetune("llama2", &write_data(dir.path()), &out, &["--lora-rank", "0"]);
     assert!(!run.status.success() && String::from_utf8_lossy(&run.stderr).contains("--lora-rank"));
+}
+
+fn distill(data: &Path, output: &Path, extra: &[&str]) -> Output {
+    let teacher = fixtures_dir().join("llama2/hf");
+    let mut args = vec!["distill", "--teacher", teacher.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", output.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    llm(&args)
+}
+
+#[test]
+fn distillation_trains_a_pruned_or_fresh_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+
+    // A student identical to the teacher (all its layers) has nothing to learn from it: with
+    // alpha = 1 the first loss is the KL divergence of a model from itself.
+    let same = dir.path().join("same");
+    assert!(distill(&data, &same, &["--student-layers", "2", "--alpha", "1", "--steps", "1"]).status.success());
+    assert!(metrics(&same)[0]["loss"].as_f64().unwrap().abs() < 1e-4);
+
+    let pruned = dir.path().join("pruned");
+    let run = distill(&data, &pruned, &["--student-layers", "1", "--steps", "15", "--lr", "1e-2", "--batch-size", "3"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let lines = metrics(&pruned);
+    assert!(lines[14]["loss"].as_f64().unwrap() < lines[0]["loss"].as_f64().unwrap());
+    let student = llm_engine::load(&pruned, Default::default()).unwrap();
+    assert_eq!(student.model.config().num_layers, 1);
+    assert!(!pruned.join(".student-init").exists());
+
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("llama2/hf/config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"] = 1.into();
+    config["intermediate_size"] = 16.into();
+    let config_path = dir.path().join("student.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let fresh = dir.path().join("fresh");
+    let run = distill(&data, &fresh, &["--student-config", config_path.to_str().unwrap(), "--steps", "3"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(llm_engine::load(&fresh, Default::default()).unwrap().model.config().intermediate_size, 16);
+
+    assert!(!distill(&data, &dir.path().join("bad"), &["--student-layers", "3"]).status.success(), "more layers than the teacher");
 }

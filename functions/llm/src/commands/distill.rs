@@ -1,0 +1,52 @@
+//! `llm distill`: a smaller student trained on a teacher's soft targets and the data's labels.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use llm_train::distill::{distill, DistillSettings, Student};
+use llm_train::Trainable;
+
+use super::training::{progress, report, TrainArgs};
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("student").required(true).args(["student_config", "student_layers"])))]
+pub struct Args {
+    /// The teacher: a Hugging Face directory.
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// The student's Hugging Face directory to write (with metrics.jsonl).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// A config.json for a fresh student (same vocabulary as the teacher).
+    #[arg(long)]
+    pub student_config: Option<PathBuf>,
+    /// Start the student as the teacher pruned to this many evenly spaced layers.
+    #[arg(long)]
+    pub student_layers: Option<usize>,
+    /// Softmax temperature of the distillation term.
+    #[arg(long, default_value_t = 2.0)]
+    pub temperature: f64,
+    /// Weight of the distillation term (the rest goes to the labels' cross-entropy).
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Precomputed teacher top-k logits (not supported yet: the teacher runs alongside).
+    #[arg(long)]
+    pub soft_targets: Option<PathBuf>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.soft_targets.is_none(), "--soft-targets is not supported yet: the teacher runs alongside the student");
+    let student = match (args.student_layers, args.student_config) {
+        (Some(k), _) => Student::Layers(k),
+        (None, Some(config)) => Student::Config(config),
+        (None, None) => anyhow::bail!("give --student-layers or --student-config"),
+    };
+    let settings = DistillSettings { train: args.train.settings(Trainable::Full, 1e-4)?, student, temperature: args.temperature, alpha: args.alpha };
+    let (bar, on_step) = progress();
+    let summary = distill(&args.teacher, &args.train.data, &args.output, &settings, on_step).with_context(|| format!("distilling {} failed", args.teacher.display()))?;
+    bar.finish_and_clear();
+    report(&summary, &args.output);
+    Ok(())
+}
