@@ -24,11 +24,20 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-fn finetune(base: &str, data: &Path, output: &Path, extra: &[&str]) -> Output {
-    let base = fixtures_dir().join(base).join("hf");
-    let mut args = vec!["finetune", "--base", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", output.to_str().unwrap()];
+/// `llm COMMAND --FLAG <fixture model>/hf --data DATA --output OUTPUT EXTRA...`.
+fn train(command: &str, flag: &str, model: &str, data: &Path, output: &Path, extra: &[&str]) -> Output {
+    let source = fixtures_dir().join(model).join("hf");
+    let mut args = vec![command, flag, source.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", output.to_str().unwrap()];
     args.extend_from_slice(extra);
     llm(&args)
+}
+
+fn finetune(base: &str, data: &Path, output: &Path, extra: &[&str]) -> Output {
+    train("finetune", "--base", base, data, output, extra)
+}
+
+fn distill(data: &Path, output: &Path, extra: &[&str]) -> Output {
+    train("distill", "--teacher", "llama2", data, output, extra)
 }
 
 #[test]
@@ -97,13 +106,6 @@ fn bad_data_is_reported_by_line_and_nothing_is_written() {
     assert!(!out.exists());
     let run = finetune("llama2", &write_data(dir.path()), &out, &["--lora-rank", "0"]);
     assert!(!run.status.success() && String::from_utf8_lossy(&run.stderr).contains("--lora-rank"));
-}
-
-fn distill(data: &Path, output: &Path, extra: &[&str]) -> Output {
-    let teacher = fixtures_dir().join("llama2/hf");
-    let mut args = vec!["distill", "--teacher", teacher.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", output.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    llm(&args)
 }
 
 #[test]
