@@ -47,7 +47,8 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
         Student::Layers(k) => prune_layers(teacher_dir, *k, &init)?,
         Student::Config(config) => fresh_model(teacher_dir, config, settings.train.seed, &init)?,
     }
-    let student = TrainLlama::load(&init, &Trainable::Full, &device)?;
+    let mut student = TrainLlama::load(&init, &Trainable::Full, &device)?;
+    student.set_qat(settings.train.qat);
     if student.config().vocab_size != teacher.config().vocab_size {
         return Err(TrainError::Invalid(format!("the student's vocabulary ({}) differs from the teacher's ({})", student.config().vocab_size, teacher.config().vocab_size)));
     }

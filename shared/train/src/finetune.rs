@@ -20,6 +20,7 @@ use crate::lora::{save_adapter, seeded};
 use crate::loss::causal_lm_loss;
 use crate::model::{TrainLlama, Trainable};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::qat::QatType;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -39,6 +40,8 @@ pub struct Settings {
     /// Evaluate every this many steps (and at the end).
     pub eval_every: usize,
     pub seed: u64,
+    /// Train quantization-aware for this GGUF type.
+    pub qat: Option<QatType>,
 }
 
 impl Default for Settings {
@@ -58,6 +61,7 @@ impl Default for Settings {
             eval_data: None,
             eval_every: 50,
             seed: 0,
+            qat: None,
         }
     }
 }
@@ -91,7 +95,8 @@ pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, on
     validate(settings)?;
     let device = Device::Cpu;
     let data = TrainingData::load(base, data, settings)?;
-    let model = TrainLlama::load(base, &settings.trainable, &device)?;
+    let mut model = TrainLlama::load(base, &settings.trainable, &device)?;
+    model.set_qat(settings.qat);
     let summary = train(&model, &data, output, settings, |model, ids, mask| causal_lm_loss(&model.forward(ids, true)?, ids, mask), on_step)?;
     save(&model, base, output, &settings.trainable)?;
     Ok(summary)

@@ -13,6 +13,7 @@ pub mod loss;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod qat;
 
 pub use error::{Result, TrainError};
 pub use lora::LoraConfig;

@@ -17,16 +17,23 @@ use llm_engine::weights::{LayerTensor, TensorName, Weight, WeightSource};
 
 use crate::error::{Result, TrainError};
 use crate::lora::{load_adapter, peft_prefix, seeded, Lora, LoraConfig};
+use crate::qat::{straight_through, QatType};
 
 /// A projection: a weight `[out, in]` and, with LoRA, its adapter.
 pub struct Linear {
     pub weight: Tensor,
     pub lora: Option<Lora>,
+    /// Quantization-aware training: the forward pass sees the weight on this grid.
+    pub qat: Option<QatType>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let weight = match self.qat {
+            Some(ty) => straight_through(&self.weight, ty)?,
+            None => self.weight.clone(),
+        };
+        let y = x.broadcast_matmul(&weight.t()?)?;
         match &self.lora {
             Some(lora) => Ok((y + lora.forward(x, training)?)?),
             None => Ok(y),
@@ -117,7 +124,7 @@ impl TrainLlama {
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let mut tensor = |t| need(TensorName::Layer(i, t));
-            let linear = |weight| Linear { weight, lora: None };
+            let linear = |weight| Linear { weight, lora: None, qat: None };
             layers.push(Layer {
                 attn_norm: tensor(LayerTensor::AttnNorm)?,
                 q: linear(tensor(LayerTensor::Q)?),
@@ -178,6 +185,15 @@ impl TrainLlama {
             }
         }
         Ok(())
+    }
+
+    /// From now on the projections are trained quantization-aware.
+    pub fn set_qat(&mut self, qat: Option<QatType>) {
+        for layer in &mut self.layers {
+            for (_, linear) in layer.projections_mut() {
+                linear.qat = qat;
+            }
+        }
     }
 
     pub fn config(&self) -> &LlamaConfig {

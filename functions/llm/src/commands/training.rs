@@ -51,6 +51,9 @@ pub struct TrainArgs {
     /// cpu (the cuda backend is not built in yet).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Train quantization-aware for GGUF q8_0 or q4_0.
+    #[arg(long)]
+    pub qat: Option<String>,
 }
 
 impl TrainArgs {
@@ -74,6 +77,7 @@ impl TrainArgs {
             eval_data: self.eval_data.clone(),
             eval_every: self.eval_every,
             seed: self.seed,
+            qat: self.qat.as_deref().map(str::parse).transpose()?,
         })
     }
 }
