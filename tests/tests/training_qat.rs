@@ -35,7 +35,7 @@ fn qat_shrinks_the_quantization_loss() {
     for qat in [None, Some(QatType::Q4_0)] {
         let out = dir.path().join(format!("{qat:?}"));
         let settings = Settings { steps: Some(60), lr: 3e-3, batch_size: 8, seed: 1, qat, max_grad_norm: 1.0, ..Settings::default() };
-        finetune(&base, &data, &out, &settings, |_, _| {}).unwrap();
+        finetune(&base, &data, &out, &settings, |_, _| std::ops::ControlFlow::Continue(())).unwrap();
         let (full, quantized) = losses(&out, &data);
         eprintln!("qat {qat:?}: eval loss {full:.4} in f32, {quantized:.4} with Q4_0 projections");
         gaps.push((full, quantized));

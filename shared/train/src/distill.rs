@@ -4,6 +4,7 @@
 //! Hugging Face directory with the teacher's tokenizer files.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -32,7 +33,7 @@ pub struct DistillSettings {
     pub alpha: f64,
 }
 
-pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &DistillSettings, on_step: impl FnMut(&StepMetrics, usize)) -> Result<Summary> {
+pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &DistillSettings, on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>) -> Result<Summary> {
     validate(&settings.train)?;
     if !(settings.temperature > 0.0) || !(0.0..=1.0).contains(&settings.alpha) {
         return Err(TrainError::Invalid("--temperature must be positive and --alpha in [0, 1]".into()));
@@ -42,10 +43,13 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
     let teacher = TrainLlama::load(teacher_dir, &Trainable::Frozen, &device)?;
     // The student's starting checkpoint lives beside the output until training is done.
     let init = output.join(".student-init");
-    let _ = std::fs::remove_dir_all(&init);
-    match &settings.student {
-        Student::Layers(k) => prune_layers(teacher_dir, *k, &init)?,
-        Student::Config(config) => fresh_model(teacher_dir, config, settings.train.seed, &init)?,
+    // A resumed run keeps the student it started from; its trained weights are in the checkpoint.
+    if !(settings.train.resume && init.exists()) {
+        let _ = std::fs::remove_dir_all(&init);
+        match &settings.student {
+            Student::Layers(k) => prune_layers(teacher_dir, *k, &init)?,
+            Student::Config(config) => fresh_model(teacher_dir, config, settings.train.seed, &init)?,
+        }
     }
     let mut student = TrainLlama::load(&init, &Trainable::Full, &device)?;
     student.set_qat(settings.train.qat);
@@ -57,8 +61,11 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
         let soft = teacher.forward(ids, false)?.detach();
         distillation_loss(&model.forward(ids, true)?, &soft, ids, mask, t, alpha)
     }, on_step)?;
-    save(&student, &init, output, &Trainable::Full)?;
-    let _ = std::fs::remove_dir_all(&init);
+    if summary.completed {
+        save(&student, &init, output, &Trainable::Full)?;
+        let _ = std::fs::remove_dir_all(&init);
+        crate::checkpoint::remove(output);
+    }
     Ok(summary)
 }
 

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
+use crate::checkpoint;
 use crate::data::{load_jsonl, Example, Overflow};
 use crate::error::{Result, TrainError};
 use crate::lora::{save_adapter, seeded};
@@ -42,6 +44,10 @@ pub struct Settings {
     pub seed: u64,
     /// Train quantization-aware for this GGUF type.
     pub qat: Option<QatType>,
+    /// Write a checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
+    /// Continue from the output's checkpoint when there is one.
+    pub resume: bool,
 }
 
 impl Default for Settings {
@@ -62,6 +68,8 @@ impl Default for Settings {
             eval_every: 50,
             seed: 0,
             qat: None,
+            checkpoint_every: 50,
+            resume: false,
         }
     }
 }
@@ -81,6 +89,10 @@ pub struct StepMetrics {
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub steps: usize,
+    /// False when `on_step` stopped the run: a checkpoint holds it, no model was written.
+    pub completed: bool,
+    /// The step the run resumed after.
+    pub resumed_from: Option<usize>,
     pub examples: usize,
     pub truncated: usize,
     pub skipped: usize,
@@ -90,15 +102,18 @@ pub struct Summary {
 }
 
 /// Trains `base` on `data` and writes the result into `output`. `on_step` sees every step's
-/// metrics as it is written (progress bars, logs).
-pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, on_step: impl FnMut(&StepMetrics, usize)) -> Result<Summary> {
+/// metrics as it is written (progress bars, logs) and may stop the run (see [`train`]).
+pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>) -> Result<Summary> {
     validate(settings)?;
     let device = Device::Cpu;
     let data = TrainingData::load(base, data, settings)?;
     let mut model = TrainLlama::load(base, &settings.trainable, &device)?;
     model.set_qat(settings.qat);
     let summary = train(&model, &data, output, settings, |model, ids, mask| causal_lm_loss(&model.forward(ids, true)?, ids, mask), on_step)?;
-    save(&model, base, output, &settings.trainable)?;
+    if summary.completed {
+        save(&model, base, output, &settings.trainable)?;
+        checkpoint::remove(output);
+    }
     Ok(summary)
 }
 
@@ -124,14 +139,16 @@ impl TrainingData {
 
 /// The optimisation loop shared by fine-tuning and distillation: `loss(model, ids, mask)` for
 /// each micro-batch, gradients accumulated and clipped, AdamW on the model's trainable
-/// parameters, `metrics.jsonl` in `output`. Evaluation uses plain cross-entropy.
+/// parameters, `metrics.jsonl` and checkpoints in `output`. Evaluation uses plain
+/// cross-entropy. When `on_step` breaks, the run stops after a checkpoint (`completed: false`);
+/// `settings.resume` continues it exactly where it stopped.
 pub fn train(
     model: &TrainLlama,
     data: &TrainingData,
     output: &Path,
     settings: &Settings,
     loss_fn: impl Fn(&TrainLlama, &Tensor, &Tensor) -> Result<Tensor>,
-    mut on_step: impl FnMut(&StepMetrics, usize),
+    mut on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>,
 ) -> Result<Summary> {
     validate(settings)?;
     let device = model.device().clone();
@@ -140,15 +157,34 @@ pub fn train(
     let total = settings.steps.unwrap_or_else(|| examples.len().div_ceil(per_step) * settings.epochs).max(1);
 
     std::fs::create_dir_all(output).map_err(|e| TrainError::file(output, e))?;
-    let metrics_path = output.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| TrainError::file(&metrics_path, e))?;
     let vars: Vec<_> = model.trainable().iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(vars.clone(), settings.weight_decay)?;
     let mut batches = Batches::new(examples.len(), settings.batch_size, settings.seed);
+    let resumed = match settings.resume {
+        true => checkpoint::load(output, model.trainable(), &mut optimizer)?,
+        false => None,
+    };
+    if let Some(progress) = resumed {
+        (batches.epoch, batches.at) = (progress.epoch, progress.at);
+        batches.order = Batches::order(examples.len(), settings.seed, progress.epoch);
+    }
+    let start = resumed.map_or(0, |p| p.step);
+    let metrics_path = output.join("metrics.jsonl");
+    let mut metrics = metrics_file(&metrics_path, start)?;
     let report = &data.report;
-    let mut summary = Summary { steps: total, examples: report.examples, truncated: report.truncated, skipped: report.skipped, first_loss: f64::NAN, last_loss: f64::NAN, eval_loss: None };
+    let mut summary = Summary {
+        steps: total,
+        completed: true,
+        resumed_from: resumed.map(|p| p.step),
+        examples: report.examples,
+        truncated: report.truncated,
+        skipped: report.skipped,
+        first_loss: f64::NAN,
+        last_loss: f64::NAN,
+        eval_loss: None,
+    };
 
-    for step in 0..total {
+    for step in start..total {
         let started = Instant::now();
         let mut grads: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
@@ -181,14 +217,35 @@ pub fn train(
         let line = StepMetrics { step: step + 1, loss, lr, grad_norm, tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9), eval_loss };
         let json = serde_json::to_string(&line).map_err(|e| TrainError::file(&metrics_path, e))?;
         writeln!(metrics, "{json}").map_err(|e| TrainError::file(&metrics_path, e))?;
-        on_step(&line, total);
-        if step == 0 {
+        if step == start {
             summary.first_loss = loss;
         }
         summary.last_loss = loss;
         summary.eval_loss = eval_loss.or(summary.eval_loss);
+        let progress = checkpoint::Progress { step: step + 1, epoch: batches.epoch, at: batches.at };
+        if on_step(&line, total).is_break() {
+            checkpoint::save(output, model.trainable(), &optimizer, progress)?;
+            summary.completed = false;
+            break;
+        }
+        if !last && settings.checkpoint_every > 0 && (step + 1) % settings.checkpoint_every == 0 {
+            checkpoint::save(output, model.trainable(), &optimizer, progress)?;
+        }
     }
     Ok(summary)
+}
+
+/// `metrics.jsonl` with its first `keep` lines (the steps a resumed run already made).
+fn metrics_file(path: &Path, keep: usize) -> Result<std::fs::File> {
+    let kept: Vec<String> = match keep {
+        0 => Vec::new(),
+        _ => std::fs::read_to_string(path).map_err(|e| TrainError::file(path, e))?.lines().take(keep).map(str::to_string).collect(),
+    };
+    let mut file = std::fs::File::create(path).map_err(|e| TrainError::file(path, e))?;
+    for line in kept {
+        writeln!(file, "{line}").map_err(|e| TrainError::file(path, e))?;
+    }
+    Ok(file)
 }
 
 pub fn validate(s: &Settings) -> Result<()> {
@@ -234,24 +291,31 @@ fn pad(batch: &[&Example], device: &Device) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::from_vec(ids, (batch.len(), longest), device)?, Tensor::from_vec(mask, (batch.len(), longest), device)?))
 }
 
-/// Example indices in batches: every example once per epoch, in a seeded shuffled order.
+/// Example indices in batches: every example once per epoch, in an order that depends only
+/// on the seed and the epoch (so that a checkpoint's `(epoch, at)` is the whole state).
 struct Batches {
     order: Vec<usize>,
+    epoch: u64,
     at: usize,
     size: usize,
-    rng: rand::rngs::StdRng,
+    seed: u64,
 }
 
 impl Batches {
     fn new(examples: usize, size: usize, seed: u64) -> Self {
-        let mut batches = Self { order: (0..examples).collect(), at: 0, size: size.min(examples).max(1), rng: seeded(seed) };
-        batches.order.shuffle(&mut batches.rng);
-        batches
+        Self { order: Self::order(examples, seed, 0), epoch: 0, at: 0, size: size.min(examples).max(1), seed }
+    }
+
+    fn order(examples: usize, seed: u64, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..examples).collect();
+        order.shuffle(&mut seeded(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        order
     }
 
     fn next(&mut self) -> Vec<usize> {
         if self.at + self.size > self.order.len() {
-            self.order.shuffle(&mut self.rng);
+            self.epoch += 1;
+            self.order = Self::order(self.order.len(), self.seed, self.epoch);
             self.at = 0;
         }
         let batch = self.order[self.at..self.at + self.size].to_vec();

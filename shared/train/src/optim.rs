@@ -25,6 +25,20 @@ impl AdamW {
         Ok(Self { params, m, v, steps: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
     }
 
+    /// The moment estimates and the number of steps taken, for checkpoints.
+    pub fn state(&self) -> (&[Tensor], &[Tensor], usize) {
+        (&self.m, &self.v, self.steps)
+    }
+
+    /// Continues from a checkpoint's [`AdamW::state`].
+    pub fn restore(&mut self, m: Vec<Tensor>, v: Vec<Tensor>, steps: usize) -> Result<()> {
+        if m.len() != self.params.len() || v.len() != self.params.len() {
+            return Err(crate::error::TrainError::Invalid("the checkpoint's optimizer state does not fit the model".into()));
+        }
+        (self.m, self.v, self.steps) = (m, v, steps);
+        Ok(())
+    }
+
     /// One update with `grads[i]` for parameter `i`. Weight decay applies to matrices only
     /// (not to norms), as transformers' Trainer groups parameters.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {

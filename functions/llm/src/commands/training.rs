@@ -54,6 +54,12 @@ pub struct TrainArgs {
     /// Train quantization-aware for GGUF q8_0 or q4_0.
     #[arg(long)]
     pub qat: Option<String>,
+    /// Write a checkpoint into OUTPUT/checkpoint every this many steps (0: never).
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Continue from OUTPUT/checkpoint (an interrupted run) when there is one.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 impl TrainArgs {
@@ -78,12 +84,14 @@ impl TrainArgs {
             eval_every: self.eval_every,
             seed: self.seed,
             qat: self.qat.as_deref().map(str::parse).transpose()?,
+            checkpoint_every: self.checkpoint_every,
+            resume: self.resume,
         })
     }
 }
 
 /// A progress bar over the run's steps, showing the latest loss and learning rate.
-pub fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize)) {
+pub fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()>) {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let updates = bar.clone();
@@ -91,10 +99,14 @@ pub fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize)) {
         updates.set_length(total as u64);
         updates.set_position(m.step as u64);
         updates.set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
+        std::ops::ControlFlow::Continue(())
     })
 }
 
 pub fn report(summary: &Summary, output: &std::path::Path) {
+    if let Some(step) = summary.resumed_from {
+        eprintln!("resumed after step {step}");
+    }
     eprintln!(
         "{} steps on {} examples ({} truncated, {} skipped): loss {:.4} -> {:.4}{}; wrote {}",
         summary.steps,
