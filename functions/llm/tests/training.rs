@@ -53,6 +53,8 @@ fn lora_fine_tuning_learns_and_writes_a_peft_adapter() {
     assert!(last < first - 1.0, "loss {first} -> {last}");
     assert!(lines[9]["eval_loss"].is_number() && lines[19]["eval_loss"].is_number() && lines[0].get("eval_loss").is_none());
     assert!(lines.iter().all(|l| l["lr"].is_number() && l["grad_norm"].is_number() && l["tokens_per_s"].as_f64().unwrap() > 0.0));
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 640 * 400 * 3, "loss.png is not the 640x400 curve");
 
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((config["peft_type"].as_str(), config["r"].as_u64(), config["task_type"].as_str()), (Some("LORA"), Some(8), Some("CAUSAL_LM")));

@@ -1,9 +1,9 @@
 //! `llm finetune`: supervised fine-tuning of a Hugging Face checkpoint on JSONL data, all
 //! weights or LoRA adapters, with AdamW, warmup + cosine, gradient accumulation and clipping.
 //!
-//! The output directory gets a Hugging Face checkpoint (full) or a PEFT adapter (LoRA), and
+//! The output directory gets a Hugging Face checkpoint (full) or a PEFT adapter (LoRA),
 //! `metrics.jsonl`: one line per optimiser step (`step`, `loss`, `lr`, `grad_norm`,
-//! `tokens_per_s`, and `eval_loss` where evaluated).
+//! `tokens_per_s`, and `eval_loss` where evaluated), and `loss.png`, the loss curve.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,6 +22,7 @@ use crate::lora::{save_adapter, seeded};
 use crate::loss::causal_lm_loss;
 use crate::model::{TrainLlama, Trainable};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::plot::{write_loss_curve, Point};
 use crate::qat::QatType;
 
 #[derive(Debug, Clone)]
@@ -232,7 +233,20 @@ pub fn train(
             checkpoint::save(output, model.trainable(), &optimizer, progress)?;
         }
     }
+    drop(metrics);
+    write_loss_curve(&read_points(&metrics_path)?, &output.join("loss.png"))?;
     Ok(summary)
+}
+
+/// The `(step, loss, eval loss)` of every line of `metrics.jsonl`.
+fn read_points(path: &Path) -> Result<Vec<Point>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::file(path, e))?;
+    text.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| TrainError::file(path, e))?;
+            Ok((v["step"].as_u64().unwrap_or(0) as usize, v["loss"].as_f64().unwrap_or(f64::NAN), v["eval_loss"].as_f64()))
+        })
+        .collect()
 }
 
 /// `metrics.jsonl` with its first `keep` lines (the steps a resumed run already made).

@@ -16,6 +16,7 @@ pub mod loss;
 pub mod merge;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod qat;
 
 pub use error::{Result, TrainError};
