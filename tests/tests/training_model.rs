@@ -15,7 +15,7 @@ fn model(name: &str, trainable: Trainable) -> TrainLlama {
 
 fn logits(model: &TrainLlama, ids: &[u32]) -> Tensor {
     let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    model.forward(&input, false).unwrap().squeeze(0).unwrap()
+    model.forward(&input, None).unwrap().squeeze(0).unwrap()
 }
 
 /// Max |Δ| against recorded logits: the first columns at every position, the last in full.
@@ -69,7 +69,7 @@ fn gradients_agree_with_finite_differences() {
     let ids = &reference_cases("llama3")[0].prompt_token_ids;
     let tokens = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let mask = tokens.ones_like().unwrap();
-    let loss = |m: &TrainLlama| causal_lm_loss(&m.forward(&tokens, false).unwrap(), &tokens, &mask).unwrap();
+    let loss = |m: &TrainLlama| causal_lm_loss(&m.forward(&tokens, None).unwrap(), &tokens, &mask).unwrap();
     let grads = loss(&model).backward().unwrap();
     for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "model.embed_tokens.weight"] {
         let var = &model.trainable().iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} is not trainable")).1;

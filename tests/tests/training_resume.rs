@@ -1,5 +1,5 @@
 //! Checkpoints: a run stopped midway and resumed ends with exactly the weights and metrics of
-//! an uninterrupted run; a loss that turns NaN stops the run with the last checkpoint intact
+//! an uninterrupted run (LoRA dropout included); a loss that turns NaN stops the run with the last checkpoint intact
 //! and no model written.
 
 use std::ops::ControlFlow;
@@ -16,7 +16,7 @@ fn data(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn settings() -> Settings {
-    let lora = LoraConfig { dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..Default::default() };
+    let lora = LoraConfig { dropout: 0.1, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..Default::default() };
     Settings { trainable: Trainable::Lora { config: lora, seed: 5 }, steps: Some(12), lr: 5e-3, batch_size: 3, warmup: 2, checkpoint_every: 4, seed: 5, ..Settings::default() }
 }
 

@@ -57,9 +57,9 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
         return Err(TrainError::Invalid(format!("the student's vocabulary ({}) differs from the teacher's ({})", student.config().vocab_size, teacher.config().vocab_size)));
     }
     let (t, alpha) = (settings.temperature, settings.alpha);
-    let summary = train(&student, &data, output, &settings.train, |model, ids, mask| {
-        let soft = teacher.forward(ids, false)?.detach();
-        distillation_loss(&model.forward(ids, true)?, &soft, ids, mask, t, alpha)
+    let summary = train(&student, &data, output, &settings.train, |model, ids, mask, seed| {
+        let soft = teacher.forward(ids, None)?.detach();
+        distillation_loss(&model.forward(ids, Some(seed))?, &soft, ids, mask, t, alpha)
     }, on_step)?;
     if summary.completed {
         save(&student, &init, output, &Trainable::Full)?;

@@ -110,7 +110,7 @@ pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, on
     let data = TrainingData::load(base, data, settings)?;
     let mut model = TrainLlama::load(base, &settings.trainable, &device)?;
     model.set_qat(settings.qat);
-    let summary = train(&model, &data, output, settings, |model, ids, mask| causal_lm_loss(&model.forward(ids, true)?, ids, mask), on_step)?;
+    let summary = train(&model, &data, output, settings, |model, ids, mask, seed| causal_lm_loss(&model.forward(ids, Some(seed))?, ids, mask), on_step)?;
     if summary.completed {
         save(&model, base, output, &settings.trainable)?;
         checkpoint::remove(output);
@@ -138,8 +138,9 @@ impl TrainingData {
     }
 }
 
-/// The optimisation loop shared by fine-tuning and distillation: `loss(model, ids, mask)` for
-/// each micro-batch, gradients accumulated and clipped, AdamW on the model's trainable
+/// The optimisation loop shared by fine-tuning and distillation: `loss(model, ids, mask,
+/// dropout_seed)` for each micro-batch (the seed follows from the run's seed and the
+/// micro-batch's number, so a resumed run draws the same masks), gradients accumulated and clipped, AdamW on the model's trainable
 /// parameters, `metrics.jsonl` and checkpoints in `output`. Evaluation uses plain
 /// cross-entropy. When `on_step` breaks, the run stops after a checkpoint (`completed: false`);
 /// `settings.resume` continues it exactly where it stopped.
@@ -148,7 +149,7 @@ pub fn train(
     data: &TrainingData,
     output: &Path,
     settings: &Settings,
-    loss_fn: impl Fn(&TrainLlama, &Tensor, &Tensor) -> Result<Tensor>,
+    loss_fn: impl Fn(&TrainLlama, &Tensor, &Tensor, u64) -> Result<Tensor>,
     mut on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>,
 ) -> Result<Summary> {
     validate(settings)?;
@@ -189,11 +190,12 @@ pub fn train(
         let started = Instant::now();
         let mut grads: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
-        for _ in 0..settings.grad_accum {
+        for micro in 0..settings.grad_accum {
             let batch: Vec<&Example> = batches.next().iter().map(|&i| &examples[i]).collect();
             let (ids, mask) = pad(&batch, &device)?;
             tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
-            let loss = loss_fn(model, &ids, &mask)?;
+            let dropout_seed = settings.seed ^ ((step * settings.grad_accum + micro) as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let loss = loss_fn(model, &ids, &mask, dropout_seed)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { step: step + 1, output: output.to_path_buf() });
@@ -285,7 +287,7 @@ pub fn evaluate(model: &TrainLlama, examples: &[Example], batch_size: usize, dev
     for chunk in examples.chunks(batch_size.max(1)) {
         let batch: Vec<&Example> = chunk.iter().collect();
         let (ids, mask) = pad(&batch, device)?;
-        let loss = causal_lm_loss(&model.forward(&ids, false)?.detach(), &ids, &mask)?;
+        let loss = causal_lm_loss(&model.forward(&ids, None)?.detach(), &ids, &mask)?;
         let weight = batch.iter().map(|e| e.mask.iter().skip(1).filter(|&&m| m == 1).count()).sum::<usize>();
         total += loss.to_scalar::<f32>()? as f64 * weight as f64;
         count += weight;

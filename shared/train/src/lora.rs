@@ -107,9 +107,18 @@ impl Lora {
         })
     }
 
-    /// `scaling · B · A · dropout(x)` for `x` `[.., in]`.
-    pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
-        let x = if training && self.dropout > 0.0 { candle_nn::ops::dropout(x, self.dropout)? } else { x.clone() };
+    /// `scaling · B · A · dropout(x)` for `x` `[.., in]`; dropout only while training, with
+    /// a mask drawn from `dropout_seed` so that runs (and resumed runs) repeat exactly.
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let x = match dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let keep = 1.0 - self.dropout;
+                let mut rng = seeded(seed);
+                let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+                (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
+            }
+            _ => x.clone(),
+        };
         let down = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
         Ok((down.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scaling)?)
     }

@@ -28,14 +28,14 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let weight = match self.qat {
             Some(ty) => straight_through(&self.weight, ty)?,
             None => self.weight.clone(),
         };
         let y = x.broadcast_matmul(&weight.t()?)?;
         match &self.lora {
-            Some(lora) => Ok((y + lora.forward(x, training)?)?),
+            Some(lora) => Ok((y + lora.forward(x, dropout_seed)?)?),
             None => Ok(y),
         }
     }
@@ -222,8 +222,9 @@ impl TrainLlama {
     }
 
     /// Logits `[b, s, vocab]` for token ids `[b, s]` (causal attention; padding goes at the end
-    /// of a row, where the loss mask ignores it). `training` enables LoRA dropout.
-    pub fn forward(&self, tokens: &Tensor, training: bool) -> Result<Tensor> {
+    /// of a row, where the loss mask ignores it). A `dropout_seed` means training: LoRA dropout
+    /// is on, each projection drawing its mask from its own seed derived from this one.
+    pub fn forward(&self, tokens: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         let (b, s) = tokens.dims2()?;
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
@@ -232,20 +233,21 @@ impl TrainLlama {
         let (cos, sin) = (cos.squeeze(0)?, sin.squeeze(0)?);
         let mask = causal_mask(s, &self.device)?;
         let mut x = self.embed.embedding(&tokens.flatten_all()?)?.reshape((b, s, c.hidden_size))?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let seed = |module: u64| dropout_seed.map(|s| s ^ ((i as u64) << 8 | module).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let h = rms_norm_slow(&x, &layer.attn_norm, eps)?;
             let heads = |t: Tensor, n: usize| t.reshape((b, s, n, c.head_dim))?.transpose(1, 2)?.contiguous();
-            let q = rope_slow(&heads(layer.q.forward(&h, training)?, c.num_heads)?, &cos, &sin)?;
-            let k = rope_slow(&heads(layer.k.forward(&h, training)?, c.num_kv_heads)?, &cos, &sin)?;
-            let v = heads(layer.v.forward(&h, training)?, c.num_kv_heads)?;
+            let q = rope_slow(&heads(layer.q.forward(&h, seed(0))?, c.num_heads)?, &cos, &sin)?;
+            let k = rope_slow(&heads(layer.k.forward(&h, seed(1))?, c.num_kv_heads)?, &cos, &sin)?;
+            let v = heads(layer.v.forward(&h, seed(2))?, c.num_kv_heads)?;
             let (k, v) = (repeat_kv(&k, c.num_heads / c.num_kv_heads)?, repeat_kv(&v, c.num_heads / c.num_kv_heads)?);
             let scores = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?.broadcast_add(&mask)?;
             let attended = softmax(&scores, D::Minus1)?.matmul(&v)?;
             let attended = attended.transpose(1, 2)?.reshape((b, s, c.num_heads * c.head_dim))?;
-            x = (x + layer.o.forward(&attended, training)?)?;
+            x = (x + layer.o.forward(&attended, seed(3))?)?;
             let h = rms_norm_slow(&x, &layer.ffn_norm, eps)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, training)?)? * layer.up.forward(&h, training)?)?;
-            x = (x + layer.down.forward(&gated, training)?)?;
+            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h, seed(4))?)? * layer.up.forward(&h, seed(5))?)?;
+            x = (x + layer.down.forward(&gated, seed(6))?)?;
         }
         let x = rms_norm_slow(&x, &self.norm, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
