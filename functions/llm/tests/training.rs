@@ -146,3 +146,20 @@ fn distillation_trains_a_pruned_or_fresh_student() {
 
     assert!(!distill(&data, &dir.path().join("bad"), &["--student-layers", "3"]).status.success(), "more layers than the teacher");
 }
+
+/// The Batch job's way: base, data and output on S3 (the local S3 server).
+#[test]
+fn fine_tuning_reads_and_writes_s3() {
+    llm_tests::local_s3::local_s3();
+    let s3 = llm_store::S3::connect().unwrap();
+    llm_tests::s3_events::upload_checkpoint(&s3, "train-s3", "base/", "llama2");
+    let dir = tempfile::tempdir().unwrap();
+    s3.put("train-s3", "data/train.jsonl", std::fs::read(write_data(dir.path())).unwrap()).unwrap();
+    let run = llm(&["finetune", "--base", "s3://train-s3/base/", "--data", "s3://train-s3/data/train.jsonl", "--output", "s3://train-s3/out/", "--steps", "3"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let mut keys: Vec<String> = s3.list("train-s3", "out/").unwrap().into_iter().map(|o| o.key).collect();
+    keys.sort();
+    assert_eq!(keys, ["out/adapter_config.json", "out/adapter_model.safetensors", "out/loss.png", "out/metrics.jsonl"]);
+    let missing = llm(&["finetune", "--base", "s3://train-s3/nothing/", "--data", "s3://train-s3/data/train.jsonl", "--output", dir.path().join("x").to_str().unwrap()]);
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no objects under this prefix"));
+}

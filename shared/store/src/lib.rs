@@ -4,11 +4,12 @@
 //! only the endpoint differs (`AWS_ENDPOINT_URL`, which also switches to path-style addressing).
 //!
 //! Also the model registry's layout in a bucket ([`registry`]): versions, manifests and the
-//! `latest` alias. Knows nothing of model formats: callers interpret the bytes.
+//! `latest` alias; and whole directories to and from S3 ([`sync`]). Knows nothing of model formats: callers interpret the bytes.
 
 mod location;
 pub mod registry;
 mod s3;
+pub mod sync;
 
 pub use location::Location;
 pub use s3::{MultipartWriter, ObjectInfo, S3};

@@ -6,17 +6,18 @@ use anyhow::Context;
 use llm_train::distill::{distill, DistillSettings, Student};
 use llm_train::Trainable;
 
-use super::training::{progress, report, TrainArgs};
+use super::training::{progress, report, Staging, TrainArgs};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("student").required(true).args(["student_config", "student_layers"])))]
 pub struct Args {
-    /// The teacher: a Hugging Face directory.
+    /// The teacher: a Hugging Face directory, or an S3 prefix holding one.
     #[arg(long)]
-    pub teacher: PathBuf,
-    /// The student's Hugging Face directory to write (with metrics.jsonl).
+    pub teacher: String,
+    /// The student's Hugging Face directory to write (with metrics.jsonl and loss.png): a path
+    /// or an S3 prefix.
     #[arg(long)]
-    pub output: PathBuf,
+    pub output: String,
     /// A config.json for a fresh student (same vocabulary as the teacher).
     #[arg(long)]
     pub student_config: Option<PathBuf>,
@@ -43,10 +44,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(config)) => Student::Config(config),
         (None, None) => anyhow::bail!("give --student-layers or --student-config"),
     };
-    let settings = DistillSettings { train: args.train.settings(Trainable::Full, 1e-4)?, student, temperature: args.temperature, alpha: args.alpha };
+    let staging = Staging::new();
+    let settings = DistillSettings { train: args.train.settings(Trainable::Full, 1e-4, &staging)?, student, temperature: args.temperature, alpha: args.alpha };
+    let (teacher, data, output) = (staging.input(&args.teacher, "teacher")?, staging.input(&args.train.data, "data")?, staging.output(&args.output)?);
     let (bar, on_step) = progress();
-    let summary = distill(&args.teacher, &args.train.data, &args.output, &settings, on_step).with_context(|| format!("distilling {} failed", args.teacher.display()))?;
+    let summary = distill(&teacher, &data, &output, &settings, on_step).with_context(|| format!("distilling {} failed", args.teacher))?;
     bar.finish_and_clear();
+    staging.publish(&output, &args.output)?;
     report(&summary, &args.output);
     Ok(())
 }

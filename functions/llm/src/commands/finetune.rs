@@ -1,12 +1,10 @@
 //! `llm finetune`: full or LoRA fine-tuning of a Hugging Face checkpoint on JSONL data.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use llm_train::finetune::finetune;
 use llm_train::{LoraConfig, Trainable};
 
-use super::training::{progress, report, TrainArgs};
+use super::training::{progress, report, Staging, TrainArgs};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Method {
@@ -16,14 +14,16 @@ pub enum Method {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The base model: a Hugging Face directory (config.json, safetensors, tokenizer.json).
+    /// The base model: a Hugging Face directory (config.json, safetensors, tokenizer.json), or
+    /// an S3 prefix holding one (s3://bucket/prefix/).
     #[arg(long)]
-    pub base: PathBuf,
+    pub base: String,
     #[arg(long, value_enum, default_value = "lora")]
     pub method: Method,
-    /// A Hugging Face directory (full) or a PEFT adapter directory (LoRA), with metrics.jsonl.
+    /// A Hugging Face directory (full) or a PEFT adapter directory (LoRA), with metrics.jsonl
+    /// and loss.png: a path or an S3 prefix.
     #[arg(long)]
-    pub output: PathBuf,
+    pub output: String,
     #[arg(long, default_value_t = 8)]
     pub lora_rank: usize,
     #[arg(long, default_value_t = 16.0)]
@@ -45,10 +45,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (Trainable::Lora { config, seed: args.train.seed }, 2e-4)
         }
     };
-    let settings = args.train.settings(trainable, default_lr)?;
+    let staging = Staging::new();
+    let settings = args.train.settings(trainable, default_lr, &staging)?;
+    let (base, data, output) = (staging.input(&args.base, "base")?, staging.input(&args.train.data, "data")?, staging.output(&args.output)?);
     let (bar, on_step) = progress();
-    let summary = finetune(&args.base, &args.train.data, &args.output, &settings, on_step).with_context(|| format!("fine-tuning {} failed", args.base.display()))?;
+    let summary = finetune(&base, &data, &output, &settings, on_step).with_context(|| format!("fine-tuning {} failed", args.base))?;
     bar.finish_and_clear();
+    staging.publish(&output, &args.output)?;
     report(&summary, &args.output);
     Ok(())
 }

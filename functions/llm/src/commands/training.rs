@@ -1,6 +1,10 @@
-//! The options `llm finetune` and `llm distill` share, and how a run reports progress.
+//! The options `llm finetune` and `llm distill` share, how a run reports progress, and how
+//! `s3://` inputs and outputs are staged through a local directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use llm_store::{sync, Location, S3};
 
 use llm_train::data::Overflow;
 use llm_train::finetune::{Settings, StepMetrics, Summary};
@@ -14,9 +18,10 @@ pub enum OverflowArg {
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// JSONL: {"prompt", "completion"}, {"messages": [...]} or {"text"} per line.
+    /// JSONL: {"prompt", "completion"}, {"messages": [...]} or {"text"} per line (a path or
+    /// s3://bucket/key).
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: String,
     /// Optimiser steps (default: --epochs passes over the data).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -43,7 +48,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "truncate")]
     pub overflow: OverflowArg,
     #[arg(long)]
-    pub eval_data: Option<PathBuf>,
+    pub eval_data: Option<String>,
     #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
     #[arg(long, default_value_t = 0)]
@@ -63,7 +68,8 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    pub fn settings(&self, trainable: Trainable, default_lr: f64) -> anyhow::Result<Settings> {
+    /// The run's settings, with `--eval-data` staged into `staging` when it is on S3.
+    pub fn settings(&self, trainable: Trainable, default_lr: f64, staging: &Staging) -> anyhow::Result<Settings> {
         anyhow::ensure!(self.device == "cpu", "--device {}: only cpu is available in this build", self.device);
         Ok(Settings {
             trainable,
@@ -80,7 +86,7 @@ impl TrainArgs {
                 OverflowArg::Truncate => Overflow::Truncate,
                 OverflowArg::Skip => Overflow::Skip,
             },
-            eval_data: self.eval_data.clone(),
+            eval_data: self.eval_data.as_deref().map(|uri| staging.input(uri, "eval")).transpose()?,
             eval_every: self.eval_every,
             seed: self.seed,
             qat: self.qat.as_deref().map(str::parse).transpose()?,
@@ -103,7 +109,7 @@ pub fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) ->
     })
 }
 
-pub fn report(summary: &Summary, output: &std::path::Path) {
+pub fn report(summary: &Summary, output: &str) {
     if let Some(step) = summary.resumed_from {
         eprintln!("resumed after step {step}");
     }
@@ -116,6 +122,46 @@ pub fn report(summary: &Summary, output: &std::path::Path) {
         summary.first_loss,
         summary.last_loss,
         summary.eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
-        output.display()
+        output
     );
+}
+
+/// A run's local working copies of `s3://` inputs and outputs, removed when the run ends.
+pub struct Staging {
+    dir: PathBuf,
+}
+
+impl Staging {
+    pub fn new() -> Self {
+        Self { dir: std::env::temp_dir().join(format!("llm-staging-{}", std::process::id())) }
+    }
+
+    /// A local path for `uri` (a path, an S3 object, or an S3 prefix ending in `/`).
+    pub fn input(&self, uri: &str, name: &str) -> anyhow::Result<PathBuf> {
+        let location = Location::parse(uri)?;
+        sync::stage(&location, &self.dir.join(name)).with_context(|| format!("cannot read {uri}"))
+    }
+
+    /// Where to write the output named `uri`: itself, or a staging directory to publish.
+    pub fn output(&self, uri: &str) -> anyhow::Result<PathBuf> {
+        Ok(match Location::parse(uri)? {
+            Location::Local(path) => path,
+            Location::S3 { .. } => self.dir.join("output"),
+        })
+    }
+
+    /// Uploads the staged output to `uri` when it is on S3.
+    pub fn publish(&self, local: &Path, uri: &str) -> anyhow::Result<()> {
+        if let Location::S3 { bucket, key } = Location::parse(uri)? {
+            let s3 = S3::connect()?;
+            sync::upload_dir(&s3, local, &bucket, &key).with_context(|| format!("cannot upload to {uri}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
