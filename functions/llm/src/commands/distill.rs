@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use llm_train::distill::{distill, DistillSettings, Student};
 use llm_train::Trainable;
 
-use super::training::{progress, report, Staging, TrainArgs};
+use super::training::{run_staged, Staging, TrainArgs};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("student").required(true).args(["student_config", "student_layers"])))]
@@ -46,11 +45,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let staging = Staging::new();
     let settings = DistillSettings { train: args.train.settings(Trainable::Full, 1e-4, &staging)?, student, temperature: args.temperature, alpha: args.alpha };
-    let (teacher, data, output) = (staging.input(&args.teacher, "teacher")?, staging.input(&args.train.data, "data")?, staging.output(&args.output)?);
-    let (bar, on_step) = progress();
-    let summary = distill(&teacher, &data, &output, &settings, on_step).with_context(|| format!("distilling {} failed", args.teacher))?;
-    bar.finish_and_clear();
-    staging.publish(&output, &args.output)?;
-    report(&summary, &args.output);
-    Ok(())
+    run_staged(&staging, &args.teacher, &args.train, &args.output, "distilling", |teacher, data, output, on_step| distill(teacher, data, output, &settings, on_step))
 }

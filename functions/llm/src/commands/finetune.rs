@@ -1,10 +1,9 @@
 //! `llm finetune`: full or LoRA fine-tuning of a Hugging Face checkpoint on JSONL data.
 
-use anyhow::Context;
 use llm_train::finetune::finetune;
 use llm_train::{LoraConfig, Trainable};
 
-use super::training::{progress, report, Staging, TrainArgs};
+use super::training::{run_staged, Staging, TrainArgs};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Method {
@@ -47,11 +46,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let staging = Staging::new();
     let settings = args.train.settings(trainable, default_lr, &staging)?;
-    let (base, data, output) = (staging.input(&args.base, "base")?, staging.input(&args.train.data, "data")?, staging.output(&args.output)?);
-    let (bar, on_step) = progress();
-    let summary = finetune(&base, &data, &output, &settings, on_step).with_context(|| format!("fine-tuning {} failed", args.base))?;
-    bar.finish_and_clear();
-    staging.publish(&output, &args.output)?;
-    report(&summary, &args.output);
-    Ok(())
+    run_staged(&staging, &args.base, &args.train, &args.output, "fine-tuning", |base, data, output, on_step| finetune(base, data, output, &settings, on_step))
 }

@@ -97,7 +97,7 @@ impl TrainArgs {
 }
 
 /// A progress bar over the run's steps, showing the latest loss and learning rate.
-pub fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()>) {
+fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()>) {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let updates = bar.clone();
@@ -109,7 +109,7 @@ pub fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) ->
     })
 }
 
-pub fn report(summary: &Summary, output: &str) {
+fn report(summary: &Summary, output: &str) {
     if let Some(step) = summary.resumed_from {
         eprintln!("resumed after step {step}");
     }
@@ -124,6 +124,21 @@ pub fn report(summary: &Summary, output: &str) {
         summary.eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
         output
     );
+}
+
+/// Stages `source` and the data, runs `job(source, data, output, on_step)` under a progress
+/// bar, publishes the output and reports: the part `llm finetune` and `llm distill` share.
+pub fn run_staged<F>(staging: &Staging, source: &str, args: &TrainArgs, output: &str, what: &str, job: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&Path, &Path, &Path, &mut dyn FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()>) -> llm_train::Result<Summary>,
+{
+    let (source_dir, data, local_output) = (staging.input(source, "source")?, staging.input(&args.data, "data")?, staging.output(output)?);
+    let (bar, mut on_step) = progress();
+    let summary = job(&source_dir, &data, &local_output, &mut on_step).with_context(|| format!("{what} {source} failed"))?;
+    bar.finish_and_clear();
+    staging.publish(&local_output, output)?;
+    report(&summary, output);
+    Ok(())
 }
 
 /// A run's local working copies of `s3://` inputs and outputs, removed when the run ends.
