@@ -88,7 +88,7 @@ pub fn convert(input: &CheckpointSource, out: &mut impl Write, q: QuantType, mut
                 input_bytes += source.end - source.start;
                 let values = read_f32(input, source)?;
                 match permute_heads {
-                    Some(heads) => permute_rope_rows(&values, *heads, source.shape[0], source.shape[1]),
+                    Some(heads) => permute_rope_rows(&values, *heads, source.shape[0], source.shape[1])?,
                     None => values,
                 }
             }
@@ -308,22 +308,10 @@ fn read_f32(input: &CheckpointSource, source: &SourceTensor) -> Result<Vec<f32>>
     })
 }
 
-/// llama.cpp's Q/K permutation: within each head, rows `[half 0 | half 1]` become interleaved
-/// pairs, so that its RoPE (adjacent pairs) equals Hugging Face's (halves).
-fn permute_rope_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let dst = h * head_dim + i * 2 + j;
-                let src = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+/// llama.cpp's Q/K row order (see [`llm_engine::rope::interleave_heads`]).
+fn permute_rope_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let matrix = candle_core::Tensor::from_slice(w, (rows, cols), &candle_core::Device::Cpu)?;
+    Ok(llm_engine::rope::interleave_heads(&matrix, heads)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// The tensor's bytes in its planned type; quantization runs over row chunks on all cores

@@ -8,23 +8,46 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::rope::{Rope, RopeLayout};
+use crate::adapter::{layer_module, PeftAdapter};
+use crate::rope::{interleave_heads, Rope, RopeLayout};
 use crate::weights::{check_dims, load_expected, quantize_weight, LayerTensor, TensorName, Weight, WeightSource};
 
-/// A weight matrix `[out, in]` applied as `x · Wᵀ`, dense or quantized.
+/// A weight matrix `[out, in]` applied as `x · Wᵀ`, dense or quantized, plus a LoRA update
+/// when an adapter was applied (kept apart, so a quantized base stays quantized).
 #[derive(Debug, Clone)]
-struct Linear(QMatMul);
+struct Linear {
+    weight: QMatMul,
+    dims: (usize, usize),
+    lora: Option<LoraDelta>,
+}
+
+/// `x · Aᵀ · (scaling · B)ᵀ`, with both factors stored transposed for the matmuls.
+#[derive(Debug, Clone)]
+struct LoraDelta {
+    a_t: Tensor,
+    scaled_b_t: Tensor,
+}
 
 impl Linear {
     fn new(weight: Weight) -> Result<Self> {
-        Ok(Self(match weight {
+        let dims = match weight.dims() {
+            [out, input] => (*out, *input),
+            other => return Err(crate::error::EngineError::InvalidRequest(format!("a projection must be a matrix, not {other:?}"))),
+        };
+        let weight = match weight {
             Weight::Dense(t) => QMatMul::Tensor(t),
             Weight::Quantized(q) => QMatMul::from_arc(q)?,
-        }))
+        };
+        Ok(Self { weight, dims, lora: None })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.0.forward(&x.contiguous()?)?)
+        let x = x.contiguous()?;
+        let y = self.weight.forward(&x)?;
+        match &self.lora {
+            Some(lora) => Ok((y + x.broadcast_matmul(&lora.a_t)?.broadcast_matmul(&lora.scaled_b_t)?)?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -260,6 +283,40 @@ impl Llama {
         };
         let rope = Rope::new(c, rope_factors.as_deref(), rope_layout, device)?;
         Ok(Self { config, embed, layers, norm, lm_head, rope, device: device.clone() })
+    }
+
+    /// Adds a PEFT LoRA adapter's updates to the projections it names. Q/K updates are put in
+    /// llama.cpp's row order for GGUF models, as its converter does for the weights.
+    pub fn apply_adapter(&mut self, adapter: &PeftAdapter) -> Result<()> {
+        let scaling = adapter.config.scaling();
+        let interleaved = self.rope.layout() == RopeLayout::Interleaved;
+        let (heads, kv_heads) = (self.config.num_heads, self.config.num_kv_heads);
+        let invalid = |m: String| crate::error::EngineError::InvalidRequest(format!("LoRA adapter: {m}"));
+        for (prefix, (a, b)) in &adapter.pairs {
+            let (index, module) = layer_module(prefix).ok_or_else(|| invalid(format!("`{prefix}` is not a Llama projection")))?;
+            let layer = self.layers.get_mut(index).ok_or_else(|| invalid(format!("`{prefix}`: the model has {} layers", self.config.num_layers)))?;
+            let (linear, rope_heads) = match module {
+                "q_proj" => (&mut layer.attn.q_proj, Some(heads)),
+                "k_proj" => (&mut layer.attn.k_proj, Some(kv_heads)),
+                "v_proj" => (&mut layer.attn.v_proj, None),
+                "o_proj" => (&mut layer.attn.o_proj, None),
+                "gate_proj" => (&mut layer.mlp.gate, None),
+                "up_proj" => (&mut layer.mlp.up, None),
+                "down_proj" => (&mut layer.mlp.down, None),
+                other => return Err(invalid(format!("unknown module `{other}`"))),
+            };
+            let (out, input) = linear.dims;
+            if b.dim(0)? != out || a.dim(1)? != input {
+                return Err(invalid(format!("`{prefix}`: A {:?} and B {:?} do not fit a [{out}, {input}] weight", a.dims(), b.dims())));
+            }
+            let b = match rope_heads {
+                Some(h) if interleaved => interleave_heads(b, h)?,
+                _ => b.clone(),
+            };
+            let device = &self.device;
+            linear.lora = Some(LoraDelta { a_t: a.to_device(device)?.t()?.contiguous()?, scaled_b_t: (b.to_device(device)?.t()? * scaling)?.contiguous()? });
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &LlamaConfig {

@@ -36,6 +36,10 @@ impl Rope {
         Ok(Self { inv_freq, layout })
     }
 
+    pub fn layout(&self) -> RopeLayout {
+        self.layout
+    }
+
     /// Rotates `x` (`[b, heads, s, head_dim]`) to the per-row positions `[b, s]` (u32).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         Ok(match self.layout {
@@ -100,4 +104,13 @@ pub fn scaling_factors(config: &LlamaConfig) -> Option<Vec<f32>> {
             )
         }
     }
+}
+
+/// llama.cpp's Q/K row order: within each of `heads` heads, rows `[half 0 | half 1]` of a
+/// `[heads · head_dim, cols]` matrix become interleaved pairs, so that its RoPE (adjacent
+/// pairs) equals Hugging Face's (halves) on the same weights.
+pub fn interleave_heads(rows: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, cols) = rows.dims2()?;
+    let half = out / heads / 2;
+    Ok(rows.reshape((heads, 2, half, cols))?.transpose(1, 2)?.contiguous()?.reshape((out, cols))?)
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
+use llm_engine::adapter::{AdapterConfig, PeftAdapter};
 
 use crate::error::{Result, TrainError};
 
@@ -59,31 +59,6 @@ impl LoraConfig {
     pub fn targets(&self, module: &str) -> bool {
         self.target_modules.iter().any(|m| m == module)
     }
-}
-
-/// `adapter_config.json` as PEFT writes it (fields PEFT needs to load a LoRA onto the base).
-#[derive(Debug, Serialize, Deserialize)]
-struct AdapterConfig {
-    peft_type: String,
-    task_type: String,
-    base_model_name_or_path: Option<String>,
-    r: usize,
-    lora_alpha: f64,
-    lora_dropout: f32,
-    target_modules: Vec<String>,
-    bias: String,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    inference_mode: bool,
-    #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
-    rank_pattern: serde_json::Map<String, serde_json::Value>,
-    #[serde(default)]
-    alpha_pattern: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One adapted projection's trainable pair.
@@ -167,27 +142,10 @@ pub fn save_adapter(dir: &Path, config: &LoraConfig, base: Option<&str>, adapter
 
 /// Reads a PEFT LoRA adapter directory: its settings and its `A`/`B` tensors by PEFT prefix.
 pub fn load_adapter(dir: &Path, device: &Device) -> Result<(LoraConfig, HashMap<String, (Tensor, Tensor)>)> {
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| TrainError::file(&config_path, e))?;
-    let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| TrainError::file(&config_path, e))?;
-    if config.peft_type != "LORA" {
-        return Err(TrainError::file(&config_path, format!("peft_type is `{}`, not LORA", config.peft_type)));
-    }
-    if config.fan_in_fan_out || config.bias != "none" || config.use_dora || !config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty() {
-        return Err(TrainError::file(&config_path, "only plain LoRA is supported (no bias, DoRA, fan_in_fan_out or per-module rank/alpha patterns)"));
-    }
-    let path = dir.join("adapter_model.safetensors");
-    let mut tensors = candle_core::safetensors::load(&path, device).map_err(|e| TrainError::file(&path, e))?;
-    let prefixes: Vec<String> = tensors.keys().filter_map(|k| k.strip_suffix(".lora_A.weight")).map(str::to_string).collect();
-    let mut pairs = HashMap::new();
-    for prefix in prefixes {
-        let missing = || TrainError::file(&path, format!("{prefix}: lora_A without lora_B"));
-        let a = tensors.remove(&format!("{prefix}.lora_A.weight")).ok_or_else(missing)?;
-        let b = tensors.remove(&format!("{prefix}.lora_B.weight")).ok_or_else(missing)?;
-        pairs.insert(prefix, (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?));
-    }
-    let lora = LoraConfig { r: config.r, alpha: config.lora_alpha, dropout: config.lora_dropout, target_modules: config.target_modules, use_rslora: config.use_rslora };
-    Ok((lora, pairs))
+    let adapter = PeftAdapter::read(dir, device)?;
+    let c = adapter.config;
+    let lora = LoraConfig { r: c.r, alpha: c.lora_alpha, dropout: c.lora_dropout, target_modules: c.target_modules, use_rslora: c.use_rslora };
+    Ok((lora, adapter.pairs))
 }
 
 /// A fresh generator for adapter initialisation.
