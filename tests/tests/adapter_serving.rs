@@ -43,3 +43,31 @@ fn an_adapter_for_another_model_is_refused() {
     let error = loaded.model.apply_adapter(&adapter).unwrap_err().to_string();
     assert!(error.contains("do not fit"), "{error}");
 }
+
+/// `llm serve --adapter` / `MODEL_ADAPTER`: the API serves the adapted model, here with the
+/// adapter read from the local S3 server.
+#[test]
+fn the_api_serves_a_base_with_its_adapter_from_s3() {
+    use llm_api::model_source::DownloadSettings;
+    use llm_tests::http::{post, serve};
+    llm_tests::local_s3::local_s3();
+    let s3 = llm_store::S3::connect().unwrap();
+    s3.create_bucket("adapters").unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        s3.put("adapters", &format!("tiny/{file}"), std::fs::read(fixtures_dir().join("llama2/lora").join(file)).unwrap()).unwrap();
+    }
+    let base = fixtures_dir().join("llama2/llama2-f16.gguf");
+    let request = r#"{"model": "llama2-f16", "prompt": "The adapter changes", "max_tokens": 8, "temperature": 0, "logprobs": 0}"#;
+    let answer = |settings| serde_json::from_str::<serde_json::Value>(&post(&serve(base.to_str().unwrap(), settings), "/v1/completions", request).1).unwrap();
+    let plain = answer(DownloadSettings::default());
+    let adapted = answer(DownloadSettings { adapter: Some("s3://adapters/tiny/".into()), ..Default::default() });
+    assert_ne!(plain["choices"][0]["logprobs"]["token_logprobs"], adapted["choices"][0]["logprobs"]["token_logprobs"]);
+
+    // The same tokens as the engine with the adapter applied directly.
+    let mut loaded = load(&base, LoadOptions::default()).unwrap();
+    loaded.model.apply_adapter(&PeftAdapter::read(&fixtures_dir().join("llama2/lora"), &candle_core::Device::Cpu).unwrap()).unwrap();
+    let prompt = loaded.tokenizer.encode("The adapter changes", true).unwrap();
+    let request = llm_engine::GenerationRequest { prompt, max_tokens: 8, ..Default::default() };
+    let (completions, _) = llm_engine::generate(&loaded.model, &loaded.tokenizer, &[request], |_| std::ops::ControlFlow::Continue(())).unwrap();
+    assert_eq!(adapted["choices"][0]["text"].as_str().unwrap(), completions[0].text);
+}

@@ -15,6 +15,7 @@ use llm_engine::LoadOptions;
 /// `MODEL_URI` (required): `s3://bucket/models/<name>/latest`, `s3://bucket/key.gguf` or a
 /// local path. Optional: `MODEL_ID`, `MODEL_TYPE` (a type of the alias's version),
 /// `DOWNLOAD_PART_MIB` (16), `DOWNLOAD_CONCURRENCY` (8), `MODEL_CACHE_DIR` (e.g. `/tmp/models`),
+/// `MODEL_ADAPTER` (a PEFT LoRA adapter: directory or `s3://` prefix),
 /// `MAX_BODY_BYTES`, `MAX_PROMPT_TOKENS`, `MAX_TOKENS`, `DEADLINE_MARGIN_MS`, `LOG_TEXT`
 /// (`1` logs prompts and completions), and Lambda's `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`.
 pub fn state_from_env() -> Result<Arc<AppState>, String> {
@@ -37,6 +38,7 @@ pub fn state_from_env() -> Result<Arc<AppState>, String> {
         memory_limit_bytes: var("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").and_then(|mb| mb.parse::<u64>().ok()).map(|mb| mb << 20),
         quant_type: var("MODEL_TYPE"),
         cache_dir: var("MODEL_CACHE_DIR").map(Into::into),
+        adapter: var("MODEL_ADAPTER"),
     };
     let id = var("MODEL_ID").unwrap_or_else(|| model_source::model_id(&uri));
     let loader = model_source::loader(&uri, LoadOptions::default(), settings)?;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use llm_engine::adapter::PeftAdapter;
 use llm_engine::LoadOptions;
 use llm_store::registry::{self, ResolvedModel, ALIAS_NAME, MODELS_PREFIX};
 use llm_store::{Location, S3};
@@ -29,11 +30,13 @@ pub struct DownloadSettings {
     /// Keep verified downloads here (Lambda's /tmp outlives a restarted runtime process), named
     /// by their sha256, so only objects with a manifest hash are cached.
     pub cache_dir: Option<PathBuf>,
+    /// A PEFT LoRA adapter (a directory or an `s3://` prefix) applied to the model once loaded.
+    pub adapter: Option<String>,
 }
 
 impl Default for DownloadSettings {
     fn default() -> Self {
-        Self { part_size: 16 << 20, concurrency: 8, memory_limit_bytes: None, quant_type: None, cache_dir: None }
+        Self { part_size: 16 << 20, concurrency: 8, memory_limit_bytes: None, quant_type: None, cache_dir: None, adapter: None }
     }
 }
 
@@ -50,18 +53,39 @@ pub fn model_id(uri: &str) -> String {
     last.strip_suffix(".gguf").unwrap_or(last).to_string()
 }
 
-/// A loader for the model at `uri`; nothing is read until it runs.
+/// A loader for the model at `uri` (and its adapter); nothing is read until it runs.
 pub fn loader(uri: &str, options: LoadOptions, settings: DownloadSettings) -> Result<Loader, String> {
-    match Location::parse(uri).map_err(|e| e.to_string())? {
-        Location::Local(path) => Ok(Arc::new(move || {
-            let model = llm_engine::load(&path, options).map_err(|e| e.to_string())?;
-            Ok(Loaded { model, source: path.display().to_string() })
-        })),
-        Location::S3 { bucket, key } => Ok(Arc::new(move || {
-            let s3 = S3::connect().map_err(|e| e.to_string())?;
-            load_from_s3(&s3, &bucket, &key, options, &settings)
-        })),
+    let location = Location::parse(uri).map_err(|e| e.to_string())?;
+    let adapter = settings.adapter.as_deref().map(Location::parse).transpose().map_err(|e| e.to_string())?;
+    Ok(Arc::new(move || {
+        let mut loaded = match &location {
+            Location::Local(path) => {
+                let model = llm_engine::load(path, options).map_err(|e| e.to_string())?;
+                Loaded { model, source: path.display().to_string() }
+            }
+            Location::S3 { bucket, key } => {
+                let s3 = S3::connect().map_err(|e| e.to_string())?;
+                load_from_s3(&s3, bucket, key, options, &settings)?
+            }
+        };
+        if let Some(adapter) = &adapter {
+            apply_adapter(&mut loaded, adapter)?;
+        }
+        Ok(loaded)
+    }))
+}
+
+/// Reads the PEFT adapter at `location` (staged from S3 when it is there) onto the model.
+fn apply_adapter(loaded: &mut Loaded, location: &Location) -> Result<(), String> {
+    let staging = std::env::temp_dir().join(format!("llm-adapter-{}", std::process::id()));
+    let dir = llm_store::sync::stage(location, &staging).map_err(|e| format!("adapter {location}: {e}"))?;
+    let adapter = PeftAdapter::read(&dir, &candle_core::Device::Cpu).map_err(|e| e.to_string());
+    if matches!(location, Location::S3 { .. }) {
+        let _ = std::fs::remove_dir_all(&staging);
     }
+    loaded.model.model.apply_adapter(&adapter?).map_err(|e| e.to_string())?;
+    loaded.source = format!("{} + LoRA {location}", loaded.source);
+    Ok(())
 }
 
 /// Resolves, checks the size against memory, downloads (or reads the cache), verifies and parses.

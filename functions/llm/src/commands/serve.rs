@@ -39,6 +39,9 @@ pub struct Args {
     /// Keep S3 downloads here, named by their sha256, for the next start.
     #[arg(long)]
     pub cache_dir: Option<std::path::PathBuf>,
+    /// A PEFT LoRA adapter (directory or s3:// prefix) applied to the model when it loads.
+    #[arg(long)]
+    pub adapter: Option<String>,
     /// Log prompts and completions (off by default).
     #[arg(long)]
     pub log_text: bool,
@@ -47,7 +50,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let id = args.model_id.clone().unwrap_or_else(|| model_source::model_id(&args.model));
     let quantize = args.quantize.as_deref().map(llm_engine::quant::parse_ggml_dtype).transpose()?;
-    let settings = DownloadSettings { cache_dir: args.cache_dir, ..DownloadSettings::default() };
+    let settings = DownloadSettings { cache_dir: args.cache_dir, adapter: args.adapter, ..DownloadSettings::default() };
     let loader = model_source::loader(&args.model, LoadOptions { quantize }, settings).map_err(anyhow::Error::msg)?;
     let limits = Limits {
         max_body_bytes: args.max_body_bytes,
