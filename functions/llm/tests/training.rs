@@ -163,3 +163,33 @@ fn fine_tuning_reads_and_writes_s3() {
     let missing = llm(&["finetune", "--base", "s3://train-s3/nothing/", "--data", "s3://train-s3/data/train.jsonl", "--output", dir.path().join("x").to_str().unwrap()]);
     assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no objects under this prefix"));
 }
+
+/// AWS Batch stops a job with SIGTERM: the run checkpoints and exits non-zero, and the same
+/// command with --resume finishes it.
+#[test]
+fn sigterm_checkpoints_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path());
+    let out = dir.path().join("adapter");
+    let base = fixtures_dir().join("llama2/hf");
+    let args = ["finetune", "--base", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--steps", "150", "--checkpoint-every", "0", "--resume"];
+    let child = Command::new(env!("CARGO_BIN_EXE_llm")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let stopped = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success() && stderr.contains("--resume"), "{stderr}");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/trainer_state.json")).unwrap()).unwrap();
+    let step = state["progress"]["step"].as_u64().unwrap();
+    assert!((3..150).contains(&step), "stopped at step {step}");
+
+    let resumed = llm(&args);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains(&format!("resumed after step {step}")));
+    assert_eq!(metrics(&out).len(), 150);
+    assert!(out.join("adapter_model.safetensors").exists());
+}

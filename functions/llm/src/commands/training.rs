@@ -96,8 +96,29 @@ impl TrainArgs {
     }
 }
 
-/// A progress bar over the run's steps, showing the latest loss and learning rate.
+/// Set by SIGTERM (AWS Batch stopping or reclaiming the job) or Ctrl-C.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns SIGTERM and SIGINT into a request to stop after the current step, with a checkpoint.
+fn stop_on_signals() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        runtime.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    });
+}
+
+/// A progress bar over the run's steps, showing the latest loss and learning rate; the run
+/// stops (after a checkpoint) once a stop signal arrived.
 fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()>) {
+    stop_on_signals();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let updates = bar.clone();
@@ -105,7 +126,10 @@ fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std
         updates.set_length(total as u64);
         updates.set_position(m.step as u64);
         updates.set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
-        std::ops::ControlFlow::Continue(())
+        match STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            true => std::ops::ControlFlow::Break(()),
+            false => std::ops::ControlFlow::Continue(()),
+        }
     })
 }
 
@@ -136,6 +160,10 @@ where
     let (bar, mut on_step) = progress();
     let summary = job(&source_dir, &data, &local_output, &mut on_step).with_context(|| format!("{what} {source} failed"))?;
     bar.finish_and_clear();
+    if !summary.completed {
+        // The checkpoint is in the (local) output; the same command with --resume continues.
+        anyhow::bail!("stopped by a signal with a checkpoint in {}: run the same command with --resume to continue", local_output.display());
+    }
     staging.publish(&local_output, output)?;
     report(&summary, output);
     Ok(())
