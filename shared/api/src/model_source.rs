@@ -11,6 +11,7 @@ use std::time::Instant;
 use llm_engine::adapter::PeftAdapter;
 use llm_engine::LoadOptions;
 use llm_store::registry::{self, ResolvedModel, ALIAS_NAME, MODELS_PREFIX};
+use llm_store::sync::Staging;
 use llm_store::{Location, S3};
 use sha2::{Digest, Sha256};
 
@@ -77,13 +78,11 @@ pub fn loader(uri: &str, options: LoadOptions, settings: DownloadSettings) -> Re
 
 /// Reads the PEFT adapter at `location` (staged from S3 when it is there) onto the model.
 fn apply_adapter(loaded: &mut Loaded, location: &Location) -> Result<(), String> {
-    let staging = std::env::temp_dir().join(format!("llm-adapter-{}", std::process::id()));
-    let dir = llm_store::sync::stage(location, &staging).map_err(|e| format!("adapter {location}: {e}"))?;
-    let adapter = PeftAdapter::read(&dir, &candle_core::Device::Cpu).map_err(|e| e.to_string());
-    if matches!(location, Location::S3 { .. }) {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    loaded.model.model.apply_adapter(&adapter?).map_err(|e| e.to_string())?;
+    let staging = Staging::new("adapter");
+    let dir = staging.input(location, "adapter").map_err(|e| format!("adapter {location}: {e}"))?;
+    let adapter = PeftAdapter::read(&dir, &candle_core::Device::Cpu).map_err(|e| e.to_string())?;
+    drop(staging);
+    loaded.model.model.apply_adapter(&adapter).map_err(|e| e.to_string())?;
     loaded.source = format!("{} + LoRA {location}", loaded.source);
     Ok(())
 }

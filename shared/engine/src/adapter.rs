@@ -39,11 +39,16 @@ pub struct AdapterConfig {
 
 impl AdapterConfig {
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
-        }
+        lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+    }
+}
+
+/// How much of `B · A` a LoRA adds: `alpha / r`, or `alpha / √r` with rsLoRA.
+pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
+    if use_rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
     }
 }
 

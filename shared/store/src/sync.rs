@@ -60,3 +60,43 @@ pub fn upload_dir(s3: &S3, dir: &Path, bucket: &str, prefix: &str) -> Result<()>
     }
     Ok(())
 }
+
+/// A job's local working copies of `s3://` inputs and outputs, in a directory of its own that
+/// is removed when the staging is dropped. Local locations are used in place.
+pub struct Staging {
+    dir: PathBuf,
+}
+
+impl Staging {
+    /// `purpose` names the directory (`llm-<purpose>-<pid>` under the system's temp dir).
+    pub fn new(purpose: &str) -> Self {
+        Self { dir: std::env::temp_dir().join(format!("llm-{purpose}-{}", std::process::id())) }
+    }
+
+    /// A local path for `location` (see [`stage`]); S3 copies go under `name`.
+    pub fn input(&self, location: &Location, name: &str) -> Result<PathBuf> {
+        stage(location, &self.dir.join(name))
+    }
+
+    /// Where to write an output meant for `location`: itself, or a directory to [`publish`](Self::publish).
+    pub fn output(&self, location: &Location) -> PathBuf {
+        match location {
+            Location::Local(path) => path.clone(),
+            Location::S3 { .. } => self.dir.join("output"),
+        }
+    }
+
+    /// Uploads the staged output `local` to `location` when that is on S3.
+    pub fn publish(&self, local: &Path, location: &Location) -> Result<()> {
+        if let Location::S3 { bucket, key } = location {
+            upload_dir(&S3::connect()?, local, bucket, key)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use llm_engine::adapter::{AdapterConfig, PeftAdapter};
+use llm_engine::adapter::{lora_scaling, AdapterConfig, PeftAdapter};
 
 use crate::error::{Result, TrainError};
 
@@ -49,11 +49,7 @@ impl LoraConfig {
     }
 
     pub fn scaling(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        lora_scaling(self.alpha, self.r, self.use_rslora)
     }
 
     pub fn targets(&self, module: &str) -> bool {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use llm_store::{sync, Location, S3};
+use llm_store::{sync, Location};
 
 use llm_train::data::Overflow;
 use llm_train::finetune::{Settings, StepMetrics, Summary};
@@ -169,42 +169,27 @@ where
     Ok(())
 }
 
-/// A run's local working copies of `s3://` inputs and outputs, removed when the run ends.
-pub struct Staging {
-    dir: PathBuf,
-}
+/// A run's local working copies of `s3://` inputs and outputs, removed when the run ends:
+/// [`sync::Staging`] taking the command line's URIs.
+pub struct Staging(sync::Staging);
 
 impl Staging {
     pub fn new() -> Self {
-        Self { dir: std::env::temp_dir().join(format!("llm-staging-{}", std::process::id())) }
+        Self(sync::Staging::new("staging"))
     }
 
     /// A local path for `uri` (a path, an S3 object, or an S3 prefix ending in `/`).
     pub fn input(&self, uri: &str, name: &str) -> anyhow::Result<PathBuf> {
-        let location = Location::parse(uri)?;
-        sync::stage(&location, &self.dir.join(name)).with_context(|| format!("cannot read {uri}"))
+        self.0.input(&Location::parse(uri)?, name).with_context(|| format!("cannot read {uri}"))
     }
 
     /// Where to write the output named `uri`: itself, or a staging directory to publish.
     pub fn output(&self, uri: &str) -> anyhow::Result<PathBuf> {
-        Ok(match Location::parse(uri)? {
-            Location::Local(path) => path,
-            Location::S3 { .. } => self.dir.join("output"),
-        })
+        Ok(self.0.output(&Location::parse(uri)?))
     }
 
     /// Uploads the staged output to `uri` when it is on S3.
     pub fn publish(&self, local: &Path, uri: &str) -> anyhow::Result<()> {
-        if let Location::S3 { bucket, key } = Location::parse(uri)? {
-            let s3 = S3::connect()?;
-            sync::upload_dir(&s3, local, &bucket, &key).with_context(|| format!("cannot upload to {uri}"))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.0.publish(local, &Location::parse(uri)?).with_context(|| format!("cannot upload to {uri}"))
     }
 }
