@@ -34,6 +34,10 @@ pub enum Command {
     Finetune(commands::finetune::Args),
     /// Distil a teacher into a smaller student (soft targets + labels).
     Distill(commands::distill::Args),
+    /// Write the demo task (data, held-out questions, tokenizer, untrained teacher).
+    DemoData(commands::demo_data::Args),
+    /// Exact-match accuracy on held-out questions.
+    Eval(commands::eval::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -49,5 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(args) => commands::merge::run(args),
         Command::Finetune(args) => commands::finetune::run(args),
         Command::Distill(args) => commands::distill::run(args),
+        Command::DemoData(args) => commands::demo_data::run(args),
+        Command::Eval(args) => commands::eval::run(args),
     }
 }

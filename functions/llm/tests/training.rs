@@ -193,3 +193,37 @@ fn sigterm_checkpoints_and_resume_finishes() {
     assert_eq!(metrics(&out).len(), 150);
     assert!(out.join("adapter_model.safetensors").exists());
 }
+
+/// With the output on S3 the checkpoint is copied beside it, so a job stopped on one machine
+/// (a Spot reclaim) resumes on another: nothing of the first run's local disk is needed.
+#[test]
+fn an_s3_run_stopped_by_sigterm_resumes_from_its_s3_checkpoint() {
+    llm_tests::local_s3::local_s3();
+    let s3 = llm_store::S3::connect().unwrap();
+    llm_tests::s3_events::upload_checkpoint(&s3, "train-resume", "base/", "llama2");
+    let dir = tempfile::tempdir().unwrap();
+    s3.put("train-resume", "data/train.jsonl", std::fs::read(write_data(dir.path())).unwrap()).unwrap();
+    let args = ["finetune", "--base", "s3://train-resume/base/", "--data", "s3://train-resume/data/train.jsonl", "--output", "s3://train-resume/out/", "--steps", "150", "--checkpoint-every", "2", "--resume"];
+    let child = Command::new(env!("CARGO_BIN_EXE_llm")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while s3.size("train-resume", "out/checkpoint/trainer_state.json").unwrap().is_none() {
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint reached S3");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let stopped = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success() && stderr.contains("checkpoint in s3://train-resume/out/"), "{stderr}");
+    let state: serde_json::Value = serde_json::from_slice(&s3.get("train-resume", "out/checkpoint/trainer_state.json").unwrap().unwrap()).unwrap();
+    let step = state["progress"]["step"].as_u64().unwrap();
+    assert!((2..150).contains(&step), "stopped at step {step}");
+
+    let resumed = llm(&args);
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming from the checkpoint under s3://train-resume/out/") && stderr.contains(&format!("resumed after step {step}")), "{stderr}");
+    let metrics = String::from_utf8(s3.get("train-resume", "out/metrics.jsonl").unwrap().unwrap()).unwrap();
+    assert_eq!(metrics.lines().count(), 150);
+    let keys: Vec<String> = s3.list("train-resume", "out/").unwrap().into_iter().map(|o| o.key).collect();
+    assert!(keys.contains(&"out/adapter_model.safetensors".to_string()) && !keys.iter().any(|k| k.contains("checkpoint")), "{keys:?}");
+}

@@ -32,4 +32,4 @@ pub use logprobs::{prompt_logprobs, TokenLogprob};
 pub use quant::parse_ggml_dtype;
 pub use model::{KvCache, Llama, LoadOptions, Logits};
 pub use sampling::{Sampler, SamplingParams};
-pub use tokenizer::{IncrementalDecoder, Tokenizer};
+pub use tokenizer::{byte_level_chars, IncrementalDecoder, Tokenizer};

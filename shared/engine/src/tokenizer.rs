@@ -125,16 +125,36 @@ impl Tokenizer {
     }
 }
 
-/// The byte a GPT-2 byte-level character stands for: printable Latin-1 bytes are themselves,
-/// the other 68 bytes are mapped in order to U+0100 and up.
+/// GPT-2's byte-level alphabet: printable Latin-1 bytes are themselves, the other 68 bytes are
+/// mapped in order to U+0100 and up.
+fn byte_level_printable(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// The byte a GPT-2 byte-level character stands for.
 fn byte_level_byte(c: char) -> Option<u8> {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let code = c as u32;
-    if code < 256 && printable(code as u8) {
+    if code < 256 && byte_level_printable(code as u8) {
         return Some(code as u8);
     }
     let n = code.checked_sub(256)? as usize;
-    (0..=255u8).filter(|&b| !printable(b)).nth(n)
+    (0..=255u8).filter(|&b| !byte_level_printable(b)).nth(n)
+}
+
+/// The character that stands for each byte (index) in a byte-level BPE vocabulary.
+pub fn byte_level_chars() -> [char; 256] {
+    let mut chars = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        chars[b as usize] = match byte_level_printable(b) {
+            true => b as char,
+            false => {
+                next += 1;
+                char::from_u32(next - 1).unwrap_or('\u{FFFD}')
+            }
+        };
+    }
+    chars
 }
 
 /// Turns a stream of token ids into text pieces, never splitting a UTF-8 character: a token

@@ -20,18 +20,8 @@ pub fn stage(location: &Location, staging: &Path) -> Result<PathBuf> {
     let s3 = S3::connect()?;
     std::fs::create_dir_all(staging)?;
     if key.is_empty() || key.ends_with('/') {
-        let objects = s3.list(bucket, key)?;
-        if objects.is_empty() {
+        if !download_prefix(&s3, bucket, key, staging)? {
             return Err(StoreError::S3 { bucket: bucket.clone(), key: key.clone(), message: "no objects under this prefix".into() });
-        }
-        for object in objects {
-            let relative = &object.key[key.len()..];
-            // Only the prefix's own files: a Hugging Face directory is flat.
-            if relative.is_empty() || relative.contains('/') {
-                continue;
-            }
-            let bytes = s3.download(bucket, &object.key, object.size, PART, 8)?;
-            std::fs::write(staging.join(relative), bytes)?;
         }
         return Ok(staging.to_path_buf());
     }
@@ -40,6 +30,23 @@ pub fn stage(location: &Location, staging: &Path) -> Result<PathBuf> {
     let path = staging.join(name);
     std::fs::write(&path, s3.download(bucket, key, size, PART, 8)?)?;
     Ok(path)
+}
+
+/// Downloads the files directly under `prefix` (ending in `/`) into `dir`, which exists;
+/// false when there are none.
+pub fn download_prefix(s3: &S3, bucket: &str, prefix: &str, dir: &Path) -> Result<bool> {
+    let mut any = false;
+    for object in s3.list(bucket, prefix)? {
+        let relative = &object.key[prefix.len()..];
+        // Only the prefix's own files: a Hugging Face directory is flat.
+        if relative.is_empty() || relative.contains('/') {
+            continue;
+        }
+        let bytes = s3.download(bucket, &object.key, object.size, PART, 8)?;
+        std::fs::write(dir.join(relative), bytes)?;
+        any = true;
+    }
+    Ok(any)
 }
 
 /// Uploads every file directly in `dir` to `<prefix>/<file name>`.

@@ -56,7 +56,8 @@ pub fn load(output: &Path, params: &[(String, Var)], optimizer: &mut AdamW) -> R
     let progress: Progress = serde_json::from_value(state["progress"].clone()).map_err(|e| TrainError::file(&state_path, e))?;
     let steps = state["optimizer_steps"].as_u64().ok_or_else(|| TrainError::file(&state_path, "no optimizer_steps"))? as usize;
     let path = dir.join("state.safetensors");
-    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| TrainError::file(&path, e))?;
+    let device = params.first().map_or(Device::Cpu, |(_, var)| var.device().clone());
+    let mut tensors = candle_core::safetensors::load(&path, &device).map_err(|e| TrainError::file(&path, e))?;
     let mut take = |key: String| tensors.remove(&key).ok_or_else(|| TrainError::file(&path, format!("no {key}: the checkpoint is from another model or method")));
     let (mut m, mut v) = (Vec::new(), Vec::new());
     for (name, var) in params {

@@ -15,6 +15,7 @@ use crate::finetune::{save, train, validate, Settings, StepMetrics, Summary, Tra
 use crate::lora::seeded;
 use crate::loss::distillation_loss;
 use crate::model::{TrainLlama, Trainable};
+use crate::soft_targets::SoftTargets;
 
 #[derive(Debug, Clone)]
 pub enum Student {
@@ -31,6 +32,17 @@ pub struct DistillSettings {
     pub temperature: f64,
     /// Weight of the distillation term; `1 − alpha` goes to the labels' cross-entropy.
     pub alpha: f64,
+    /// Learn from the teacher's top-k logits stored in this file (computed and written first
+    /// when it does not exist) instead of running the teacher alongside the student.
+    pub soft_targets: Option<PathBuf>,
+    /// The k of stored soft targets.
+    pub soft_top_k: usize,
+}
+
+/// Where the teacher's logits come from during training.
+enum Teacher {
+    Live(TrainLlama),
+    Stored(SoftTargets),
 }
 
 pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &DistillSettings, on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>) -> Result<Summary> {
@@ -38,9 +50,17 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
     if !(settings.temperature > 0.0) || !(0.0..=1.0).contains(&settings.alpha) {
         return Err(TrainError::Invalid("--temperature must be positive and --alpha in [0, 1]".into()));
     }
-    let device = Device::Cpu;
+    let device = &settings.train.device;
     let data = TrainingData::load(teacher_dir, data, &settings.train)?;
-    let teacher = TrainLlama::load(teacher_dir, &Trainable::Frozen, &device)?;
+    let load_teacher = || TrainLlama::load(teacher_dir, &Trainable::Frozen, device);
+    let teacher = match &settings.soft_targets {
+        Some(path) => Teacher::Stored(SoftTargets::load_or_compute(path, &data.examples, settings.soft_top_k, settings.train.batch_size, load_teacher)?),
+        None => Teacher::Live(load_teacher()?),
+    };
+    let teacher_vocab = match &teacher {
+        Teacher::Live(model) => model.config().vocab_size,
+        Teacher::Stored(targets) => targets.vocab(),
+    };
     // The student's starting checkpoint lives beside the output until training is done.
     let init = output.join(".student-init");
     // A resumed run keeps the student it started from; its trained weights are in the checkpoint.
@@ -51,15 +71,18 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
             Student::Config(config) => fresh_model(teacher_dir, config, settings.train.seed, &init)?,
         }
     }
-    let mut student = TrainLlama::load(&init, &Trainable::Full, &device)?;
+    let mut student = TrainLlama::load(&init, &Trainable::Full, device)?;
     student.set_qat(settings.train.qat);
-    if student.config().vocab_size != teacher.config().vocab_size {
-        return Err(TrainError::Invalid(format!("the student's vocabulary ({}) differs from the teacher's ({})", student.config().vocab_size, teacher.config().vocab_size)));
+    if student.config().vocab_size != teacher_vocab {
+        return Err(TrainError::Invalid(format!("the student's vocabulary ({}) differs from the teacher's ({teacher_vocab})", student.config().vocab_size)));
     }
     let (t, alpha) = (settings.temperature, settings.alpha);
-    let summary = train(&student, &data, output, &settings.train, |model, ids, mask, seed| {
-        let soft = teacher.forward(ids, None)?.detach();
-        distillation_loss(&model.forward(ids, Some(seed))?, &soft, ids, mask, t, alpha)
+    let summary = train(&student, &data, output, &settings.train, |model, batch, seed| {
+        let soft = match &teacher {
+            Teacher::Live(teacher) => teacher.forward(&batch.ids, None)?.detach(),
+            Teacher::Stored(targets) => targets.logits(batch.examples, batch.ids.dim(1)?, device)?,
+        };
+        distillation_loss(&model.forward(&batch.ids, Some(seed))?, &soft, &batch.ids, &batch.mask, t, alpha)
     }, on_step)?;
     if summary.completed {
         save(&student, &init, output, &Trainable::Full)?;
@@ -98,7 +121,7 @@ pub fn prune_layers(teacher: &Path, k: usize, dir: &Path) -> Result<()> {
 
 /// A model of `config_path`'s shape with transformers' initialisation, and the teacher's
 /// tokenizer files.
-fn fresh_model(teacher: &Path, config_path: &Path, seed: u64, dir: &Path) -> Result<()> {
+pub(crate) fn fresh_model(teacher: &Path, config_path: &Path, seed: u64, dir: &Path) -> Result<()> {
     let text = std::fs::read_to_string(config_path).map_err(|e| TrainError::file(config_path, e))?;
     let config_json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::file(config_path, e))?;
     let c = llm_engine::LlamaConfig::from_hf_json(&text)?;

@@ -49,6 +49,8 @@ pub struct Settings {
     pub checkpoint_every: usize,
     /// Continue from the output's checkpoint when there is one.
     pub resume: bool,
+    /// Where the model trains: the CPU, or a GPU when built with the `cuda` feature.
+    pub device: Device,
 }
 
 impl Default for Settings {
@@ -71,6 +73,7 @@ impl Default for Settings {
             qat: None,
             checkpoint_every: 50,
             resume: false,
+            device: Device::Cpu,
         }
     }
 }
@@ -106,11 +109,10 @@ pub struct Summary {
 /// metrics as it is written (progress bars, logs) and may stop the run (see [`train`]).
 pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>) -> Result<Summary> {
     validate(settings)?;
-    let device = Device::Cpu;
     let data = TrainingData::load(base, data, settings)?;
-    let mut model = TrainLlama::load(base, &settings.trainable, &device)?;
+    let mut model = TrainLlama::load(base, &settings.trainable, &settings.device)?;
     model.set_qat(settings.qat);
-    let summary = train(&model, &data, output, settings, |model, ids, mask, seed| causal_lm_loss(&model.forward(ids, Some(seed))?, ids, mask), on_step)?;
+    let summary = train(&model, &data, output, settings, |model, batch, seed| causal_lm_loss(&model.forward(&batch.ids, Some(seed))?, &batch.ids, &batch.mask), on_step)?;
     if summary.completed {
         save(&model, base, output, &settings.trainable)?;
         checkpoint::remove(output);
@@ -138,18 +140,28 @@ impl TrainingData {
     }
 }
 
-/// The optimisation loop shared by fine-tuning and distillation: `loss(model, ids, mask,
+/// One micro-batch: right-padded token ids and loss mask (`[b, s]`), and which of the
+/// training examples (indices into [`TrainingData::examples`]) its rows are.
+pub struct Batch<'a> {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub examples: &'a [usize],
+}
+
+/// The optimisation loop shared by fine-tuning and distillation: `loss(model, batch,
 /// dropout_seed)` for each micro-batch (the seed follows from the run's seed and the
-/// micro-batch's number, so a resumed run draws the same masks), gradients accumulated and clipped, AdamW on the model's trainable
-/// parameters, `metrics.jsonl` and checkpoints in `output`. Evaluation uses plain
-/// cross-entropy. When `on_step` breaks, the run stops after a checkpoint (`completed: false`);
-/// `settings.resume` continues it exactly where it stopped.
+/// micro-batch's number, so a resumed run draws the same masks), gradients accumulated and
+/// clipped, AdamW on the model's trainable parameters, `metrics.jsonl` and checkpoints in
+/// `output`. Evaluation uses plain cross-entropy. `on_step` runs after the step's metrics line
+/// and its checkpoint, when one is due, are written (so it may copy them elsewhere); when it
+/// breaks, the run stops after a checkpoint (`completed: false`) and `settings.resume`
+/// continues it exactly where it stopped.
 pub fn train(
     model: &TrainLlama,
     data: &TrainingData,
     output: &Path,
     settings: &Settings,
-    loss_fn: impl Fn(&TrainLlama, &Tensor, &Tensor, u64) -> Result<Tensor>,
+    loss_fn: impl Fn(&TrainLlama, &Batch, u64) -> Result<Tensor>,
     mut on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>,
 ) -> Result<Summary> {
     validate(settings)?;
@@ -191,11 +203,12 @@ pub fn train(
         let mut grads: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
         for micro in 0..settings.grad_accum {
-            let batch: Vec<&Example> = batches.next().iter().map(|&i| &examples[i]).collect();
+            let indices = batches.next();
+            let batch: Vec<&Example> = indices.iter().map(|&i| &examples[i]).collect();
             let (ids, mask) = pad(&batch, &device)?;
             tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
             let dropout_seed = settings.seed ^ ((step * settings.grad_accum + micro) as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            let loss = loss_fn(model, &ids, &mask, dropout_seed)?;
+            let loss = loss_fn(model, &Batch { ids, mask, examples: &indices }, dropout_seed)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { step: step + 1, output: output.to_path_buf() });
@@ -226,13 +239,16 @@ pub fn train(
         summary.last_loss = loss;
         summary.eval_loss = eval_loss.or(summary.eval_loss);
         let progress = checkpoint::Progress { step: step + 1, epoch: batches.epoch, at: batches.at };
-        if on_step(&line, total).is_break() {
+        let due = !last && settings.checkpoint_every > 0 && (step + 1) % settings.checkpoint_every == 0;
+        if due {
             checkpoint::save(output, model.trainable(), &optimizer, progress)?;
+        }
+        if on_step(&line, total).is_break() {
+            if !due {
+                checkpoint::save(output, model.trainable(), &optimizer, progress)?;
+            }
             summary.completed = false;
             break;
-        }
-        if !last && settings.checkpoint_every > 0 && (step + 1) % settings.checkpoint_every == 0 {
-            checkpoint::save(output, model.trainable(), &optimizer, progress)?;
         }
     }
     drop(metrics);
@@ -296,7 +312,7 @@ pub fn evaluate(model: &TrainLlama, examples: &[Example], batch_size: usize, dev
 }
 
 /// Right-padded ids and loss mask `[b, longest]`; padding never counts.
-fn pad(batch: &[&Example], device: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn pad(batch: &[&Example], device: &Device) -> Result<(Tensor, Tensor)> {
     let longest = batch.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let mut ids = Vec::with_capacity(batch.len() * longest);
     let mut mask = Vec::with_capacity(batch.len() * longest);

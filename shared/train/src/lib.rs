@@ -8,8 +8,10 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod demo;
 pub mod distill;
 pub mod error;
+pub mod eval;
 pub mod finetune;
 pub mod lora;
 pub mod loss;
@@ -18,6 +20,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod qat;
+pub mod soft_targets;
 
 pub use error::{Result, TrainError};
 pub use lora::LoraConfig;

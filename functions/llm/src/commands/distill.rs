@@ -29,21 +29,25 @@ pub struct Args {
     /// Weight of the distillation term (the rest goes to the labels' cross-entropy).
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
-    /// Precomputed teacher top-k logits (not supported yet: the teacher runs alongside).
+    /// Offline soft targets: the teacher's top-k logits for the data, stored in this
+    /// safetensors file. Computed and written first when the file does not exist; reused
+    /// (without running the teacher) when it does and matches the data.
     #[arg(long)]
     pub soft_targets: Option<PathBuf>,
+    /// How many of the teacher's logits per position --soft-targets keeps.
+    #[arg(long, default_value_t = 32)]
+    pub soft_top_k: usize,
     #[command(flatten)]
     pub train: TrainArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    anyhow::ensure!(args.soft_targets.is_none(), "--soft-targets is not supported yet: the teacher runs alongside the student");
     let student = match (args.student_layers, args.student_config) {
         (Some(k), _) => Student::Layers(k),
         (None, Some(config)) => Student::Config(config),
         (None, None) => anyhow::bail!("give --student-layers or --student-config"),
     };
     let staging = Staging::new();
-    let settings = DistillSettings { train: args.train.settings(Trainable::Full, 1e-4, &staging)?, student, temperature: args.temperature, alpha: args.alpha };
+    let settings = DistillSettings { train: args.train.settings(Trainable::Full, 1e-4, &staging)?, student, temperature: args.temperature, alpha: args.alpha, soft_targets: args.soft_targets, soft_top_k: args.soft_top_k };
     run_staged(&staging, &args.teacher, &args.train, &args.output, "distilling", |teacher, data, output, on_step| distill(teacher, data, output, &settings, on_step))
 }

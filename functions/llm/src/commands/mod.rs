@@ -1,5 +1,7 @@
 pub mod bench;
+pub mod demo_data;
 pub mod distill;
+pub mod eval;
 pub mod finetune;
 pub mod generate;
 pub mod inspect;

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use llm_store::{sync, Location};
+use candle_core::Device;
+use llm_store::{sync, Location, S3};
+use llm_train::checkpoint;
 
 use llm_train::data::Overflow;
 use llm_train::finetune::{Settings, StepMetrics, Summary};
@@ -53,7 +55,7 @@ pub struct TrainArgs {
     pub eval_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu (the cuda backend is not built in yet).
+    /// cpu, or cuda (the first GPU; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Train quantization-aware for GGUF q8_0 or q4_0.
@@ -70,7 +72,11 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The run's settings, with `--eval-data` staged into `staging` when it is on S3.
     pub fn settings(&self, trainable: Trainable, default_lr: f64, staging: &Staging) -> anyhow::Result<Settings> {
-        anyhow::ensure!(self.device == "cpu", "--device {}: only cpu is available in this build", self.device);
+        let device = match self.device.as_str() {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::new_cuda(0).context("--device cuda: no usable GPU, or `llm` was built without `--features cuda`")?,
+            other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+        };
         Ok(Settings {
             trainable,
             steps: self.steps,
@@ -92,6 +98,7 @@ impl TrainArgs {
             qat: self.qat.as_deref().map(str::parse).transpose()?,
             checkpoint_every: self.checkpoint_every,
             resume: self.resume,
+            device,
         })
     }
 }
@@ -116,8 +123,9 @@ fn stop_on_signals() {
 }
 
 /// A progress bar over the run's steps, showing the latest loss and learning rate; the run
-/// stops (after a checkpoint) once a stop signal arrived.
-fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()>) {
+/// stops (after a checkpoint) once a stop signal arrived. Each new checkpoint is copied to S3
+/// when the output is there.
+fn progress<'a>(remote: Option<&'a RemoteCheckpoint>, checkpoint_every: usize) -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()> + 'a) {
     stop_on_signals();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
@@ -126,11 +134,59 @@ fn progress() -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std
         updates.set_length(total as u64);
         updates.set_position(m.step as u64);
         updates.set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
+        if let Some(remote) = remote.filter(|_| checkpoint_every > 0 && m.step % checkpoint_every == 0 && m.step < total) {
+            // A failed copy costs only the progress since the last one: the run goes on.
+            if let Err(err) = remote.push() {
+                tracing::warn!(step = m.step, error = %format!("{err:#}"), "cannot copy the checkpoint to S3");
+            }
+        }
         match STOP.load(std::sync::atomic::Ordering::SeqCst) {
             true => std::ops::ControlFlow::Break(()),
             false => std::ops::ControlFlow::Continue(()),
         }
     })
+}
+
+/// An S3 output's checkpoint kept on S3 (`<output>/checkpoint/`, with `metrics.jsonl`), so
+/// that a run stopped on one machine (a Spot reclaim, a Batch retry) resumes on another.
+struct RemoteCheckpoint {
+    s3: S3,
+    bucket: String,
+    prefix: String,
+    local: PathBuf,
+}
+
+impl RemoteCheckpoint {
+    fn new(output: &Location, local: &Path) -> anyhow::Result<Option<Self>> {
+        let Location::S3 { bucket, .. } = output else { return Ok(None) };
+        let Location::S3 { key, .. } = output.join("checkpoint/") else { return Ok(None) };
+        Ok(Some(Self { s3: S3::connect()?, bucket: bucket.clone(), prefix: key, local: local.to_path_buf() }))
+    }
+
+    /// Brings the S3 checkpoint (if any) into the local output; whether there was one.
+    fn pull(&self) -> anyhow::Result<bool> {
+        let dir = checkpoint::dir(&self.local);
+        std::fs::create_dir_all(&dir)?;
+        if !sync::download_prefix(&self.s3, &self.bucket, &self.prefix, &dir)? {
+            return Ok(false);
+        }
+        std::fs::rename(dir.join("metrics.jsonl"), self.local.join("metrics.jsonl")).context("the S3 checkpoint has no metrics.jsonl")?;
+        Ok(true)
+    }
+
+    fn push(&self) -> anyhow::Result<()> {
+        sync::upload_dir(&self.s3, &checkpoint::dir(&self.local), &self.bucket, &self.prefix)?;
+        let metrics = std::fs::read(self.local.join("metrics.jsonl"))?;
+        Ok(self.s3.put(&self.bucket, &format!("{}metrics.jsonl", self.prefix), metrics)?)
+    }
+
+    /// Removes the S3 checkpoint once the finished output is published.
+    fn clear(&self) -> anyhow::Result<()> {
+        for object in self.s3.list(&self.bucket, &self.prefix)? {
+            self.s3.delete(&self.bucket, &object.key)?;
+        }
+        Ok(())
+    }
 }
 
 fn report(summary: &Summary, output: &str) {
@@ -157,14 +213,29 @@ where
     F: FnOnce(&Path, &Path, &Path, &mut dyn FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()>) -> llm_train::Result<Summary>,
 {
     let (source_dir, data, local_output) = (staging.input(source, "source")?, staging.input(&args.data, "data")?, staging.output(output)?);
-    let (bar, mut on_step) = progress();
+    let remote = RemoteCheckpoint::new(&Location::parse(output)?, &local_output)?;
+    if let Some(remote) = remote.as_ref().filter(|_| args.resume) {
+        if remote.pull().with_context(|| format!("cannot read the checkpoint under {output}"))? {
+            eprintln!("resuming from the checkpoint under {output}");
+        }
+    }
+    let (bar, mut on_step) = progress(remote.as_ref(), args.checkpoint_every);
     let summary = job(&source_dir, &data, &local_output, &mut on_step).with_context(|| format!("{what} {source} failed"))?;
     bar.finish_and_clear();
     if !summary.completed {
-        // The checkpoint is in the (local) output; the same command with --resume continues.
-        anyhow::bail!("stopped by a signal with a checkpoint in {}: run the same command with --resume to continue", local_output.display());
+        let place = match &remote {
+            Some(remote) => {
+                remote.push().with_context(|| format!("cannot copy the checkpoint to {output}"))?;
+                output.to_string()
+            }
+            None => local_output.display().to_string(),
+        };
+        anyhow::bail!("stopped by a signal with a checkpoint in {place}: run the same command with --resume to continue");
     }
     staging.publish(&local_output, output)?;
+    if let Some(remote) = &remote {
+        remote.clear().with_context(|| format!("cannot remove the finished run's checkpoint under {output}"))?;
+    }
     report(&summary, output);
     Ok(())
 }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The demo pipeline, on CPU, in one command:
+#   demo task → pretrain a teacher → instruction SFT → distil a student with half the layers
+#   (and, as the baseline, the same student trained on the labels alone) → quantize each to
+#   Q8_0 and Q4_K_M → exact-match accuracy and decode speed of every stage → a Markdown table.
+#
+#   infra/demo/pipeline.sh [WORK_DIR]          (default: infra/.work/demo; git-ignored)
+#
+# Step counts can be scaled down for a smoke run: PRETRAIN_STEPS, SFT_STEPS, DISTILL_STEPS.
+# The demo model committed in models/demo/ is this run's SFT teacher at Q8_0
+# (`cp WORK_DIR/teacher-q8_0.gguf models/demo/demo-q8_0.gguf`).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+W="${1:-infra/.work/demo}"
+PRETRAIN_STEPS="${PRETRAIN_STEPS:-1500}"
+SFT_STEPS="${SFT_STEPS:-500}"
+DISTILL_STEPS="${DISTILL_STEPS:-800}"
+
+cargo build --release --locked --bin llm
+LLM="${CARGO_TARGET_DIR:-target}/release/llm"
+mkdir -p "$W"
+: > "$W/results.jsonl"
+
+train=(--batch-size 32 --max-seq-len 64 --checkpoint-every 0 --seed 0)
+"$LLM" demo-data --output "$W/data"
+"$LLM" finetune --method full --base "$W/data/teacher-init" --data "$W/data/pretrain.jsonl" \
+    --output "$W/teacher-pretrained" --steps "$PRETRAIN_STEPS" --lr 2e-3 --warmup 100 --weight-decay 0.01 "${train[@]}"
+"$LLM" finetune --method full --base "$W/teacher-pretrained" --data "$W/data/sft.jsonl" \
+    --eval-data "$W/data/sft-eval.jsonl" --eval-every 100 \
+    --output "$W/teacher" --steps "$SFT_STEPS" --lr 5e-4 --warmup 20 "${train[@]}"
+"$LLM" distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
+    --temperature 2 --alpha 0.7 --output "$W/student" --steps "$DISTILL_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
+"$LLM" distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
+    --alpha 0 --output "$W/student-labels-only" --steps "$DISTILL_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
+
+for model in teacher-pretrained teacher student student-labels-only; do
+    for type in q8_0 q4_k_m; do
+        "$LLM" quantize --input "$W/$model" --output "$W/$model-$type.gguf" --type "$type"
+    done
+done
+
+# One line per evaluated file: accuracy (and per task), parameters, size, decode speed.
+for file in teacher-pretrained teacher teacher-q8_0.gguf teacher-q4_k_m.gguf \
+            student student-q8_0.gguf student-q4_k_m.gguf \
+            student-labels-only student-labels-only-q8_0.gguf student-labels-only-q4_k_m.gguf; do
+    eval_json=$("$LLM" eval --model "$W/$file" --data "$W/data/eval.jsonl" --json)
+    bench_json=$("$LLM" bench --model "$W/$file" --prompt-tokens 16 --gen-tokens 64 --threads 1 --json)
+    inspect_json=$("$LLM" inspect "$W/$file" --json)
+    python3 - "$file" "$W/$file" "$eval_json" "$bench_json" "$inspect_json" >> "$W/results.jsonl" <<'PY'
+import json, math, os, sys
+name, path, ev, bench, inspect = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:])
+size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else os.path.getsize(path)
+print(json.dumps({"model": name, "params": sum(math.prod(t["shape"]) for t in inspect["tensors"]), "bytes": size, "accuracy": ev["accuracy"],
+                  "tasks": {t["task"]: t["accuracy"] for t in ev["tasks"]}, "decode_tok_s": bench["decode_tok_s"]}))
+PY
+done
+python3 infra/demo/table.py "$W/results.jsonl" | tee "$W/table.md"

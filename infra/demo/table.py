@@ -1,0 +1,29 @@
+"""The demo pipeline's results (results.jsonl from infra/demo/pipeline.sh) as a Markdown table,
+with the targets checked: the distilled student keeps >= 95 % of the teacher's accuracy with
+<= 50 % of its parameters and beats the student trained on labels alone; quantizing costs at most
+0.5 (Q8_0) and 2 (Q4_K_M) accuracy points."""
+import json
+import sys
+
+rows = {r["model"]: r for r in map(json.loads, open(sys.argv[1]))}
+tasks = list(next(iter(rows.values()))["tasks"])
+print("| model | params | file | exact match | " + " | ".join(tasks) + " | decode tok/s (1 thread) |")
+print("|---|---:|---:|---:|" + "---:|" * len(tasks) + "---:|")
+for name, r in rows.items():
+    size = r["bytes"] / 2**20
+    print(f"| {name} | {r['params'] / 1e6:.2f} M | {size:.2f} MiB | {100 * r['accuracy']:.1f} % | "
+          + " | ".join(f"{100 * r['tasks'][t]:.0f} %" for t in tasks) + f" | {r['decode_tok_s']:.0f} |")
+
+teacher, student, baseline = rows["teacher"], rows["student"], rows["student-labels-only"]
+checks = [
+    ("student keeps >= 95 % of the teacher's accuracy", student["accuracy"] >= 0.95 * teacher["accuracy"]),
+    ("student has <= 50 % of the teacher's parameters", student["params"] <= 0.5 * teacher["params"]),
+    ("student beats the labels-only student", student["accuracy"] > baseline["accuracy"]),
+]
+for base in ("teacher", "student"):
+    for quant, limit in (("q8_0", 0.005), ("q4_k_m", 0.02)):
+        lost = rows[base]["accuracy"] - rows[f"{base}-{quant}.gguf"]["accuracy"]
+        checks.append((f"{base} {quant} loses <= {100 * limit:g} points ({100 * lost:+.1f})", lost <= limit))
+print()
+for what, ok in checks:
+    print(f"- {'met' if ok else 'NOT met'}: {what}")
