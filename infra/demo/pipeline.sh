@@ -12,34 +12,43 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W="${1:-infra/.work/demo}"
-PRETRAIN_STEPS="${PRETRAIN_STEPS:-1500}"
-SFT_STEPS="${SFT_STEPS:-500}"
-DISTILL_STEPS="${DISTILL_STEPS:-800}"
+PRETRAIN_STEPS="${PRETRAIN_STEPS:-1200}"
+SFT_STEPS="${SFT_STEPS:-900}"
+DISTILL_STEPS="${DISTILL_STEPS:-1500}"
 
 cargo build --release --locked --bin llm
 LLM="${CARGO_TARGET_DIR:-target}/release/llm"
 mkdir -p "$W"
-: > "$W/results.jsonl"
 
 train=(--batch-size 32 --max-seq-len 64 --checkpoint-every 0 --seed 0)
-"$LLM" demo-data --output "$W/data"
-"$LLM" finetune --method full --base "$W/data/teacher-init" --data "$W/data/pretrain.jsonl" \
-    --output "$W/teacher-pretrained" --steps "$PRETRAIN_STEPS" --lr 2e-3 --warmup 100 --weight-decay 0.01 "${train[@]}"
-"$LLM" finetune --method full --base "$W/teacher-pretrained" --data "$W/data/sft.jsonl" \
-    --eval-data "$W/data/sft-eval.jsonl" --eval-every 100 \
-    --output "$W/teacher" --steps "$SFT_STEPS" --lr 5e-4 --warmup 20 "${train[@]}"
-"$LLM" distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
-    --temperature 2 --alpha 0.7 --output "$W/student" --steps "$DISTILL_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
-"$LLM" distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
-    --alpha 0 --output "$W/student-labels-only" --steps "$DISTILL_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
+# A stage that finished (OUTPUT.done) is kept, runs being deterministic on CPU with a seed; an
+# interrupted one starts again. After changing a stage, remove its .done and those after it.
+stage() {
+    local out="$W/$1"; shift
+    [ -e "$out.done" ] && return
+    rm -rf "$out"
+    "$LLM" "$@" --output "$out"
+    touch "$out.done"
+}
+
+stage data demo-data
+stage teacher-pretrained finetune --method full --base "$W/data/teacher-init" --data "$W/data/pretrain.jsonl" \
+    --steps "$PRETRAIN_STEPS" --lr 2e-3 --warmup 100 --weight-decay 0.01 "${train[@]}"
+stage teacher finetune --method full --base "$W/teacher-pretrained" --data "$W/data/sft.jsonl" \
+    --eval-data "$W/data/sft-eval.jsonl" --eval-every 100 --steps "$SFT_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
+stage student distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
+    --temperature 2 --alpha 0.7 --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
+stage student-labels-only distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
+    --alpha 0 --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
 
 for model in teacher-pretrained teacher student student-labels-only; do
     for type in q8_0 q4_k_m; do
-        "$LLM" quantize --input "$W/$model" --output "$W/$model-$type.gguf" --type "$type"
+        stage "$model-$type.gguf" quantize --input "$W/$model" --type "$type"
     done
 done
 
 # One line per evaluated file: accuracy (and per task), parameters, size, decode speed.
+: > "$W/results.jsonl"
 for file in teacher-pretrained teacher teacher-q8_0.gguf teacher-q4_k_m.gguf \
             student student-q8_0.gguf student-q4_k_m.gguf \
             student-labels-only student-labels-only-q8_0.gguf student-labels-only-q4_k_m.gguf; do

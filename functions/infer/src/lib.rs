@@ -12,8 +12,8 @@ use llm_api::model_source::{self, DownloadSettings};
 use llm_api::{AppState, Deadline, Limits, ModelSlot, RequestId};
 use llm_engine::LoadOptions;
 
-/// `MODEL_URI` (required): `s3://bucket/models/<name>/latest`, `s3://bucket/key.gguf` or a
-/// local path. Optional: `MODEL_ID`, `MODEL_TYPE` (a type of the alias's version),
+/// `MODEL_URI`: `s3://bucket/models/<name>/latest`, `s3://bucket/key.gguf` or a local path;
+/// unset, the demo model built into the binary (`cargo lambda watch` with no setup). Optional: `MODEL_ID`, `MODEL_TYPE` (a type of the alias's version),
 /// `DOWNLOAD_PART_MIB` (16), `DOWNLOAD_CONCURRENCY` (8), `MODEL_CACHE_DIR` (e.g. `/tmp/models`),
 /// `MODEL_ADAPTER` (a PEFT LoRA adapter: directory or `s3://` prefix),
 /// `MAX_BODY_BYTES`, `MAX_PROMPT_TOKENS`, `MAX_TOKENS`, `DEADLINE_MARGIN_MS`, `LOG_TEXT`
@@ -23,7 +23,7 @@ pub fn state_from_env() -> Result<Arc<AppState>, String> {
     let number = |name: &str, default: u64| -> Result<u64, String> {
         var(name).map_or(Ok(default), |v| v.trim().parse().map_err(|_| format!("{name}=`{v}` is not a whole number")))
     };
-    let uri = var("MODEL_URI").ok_or("MODEL_URI is not set: name the model to serve (s3://bucket/models/<name>/latest)")?;
+    let uri = var("MODEL_URI").unwrap_or_else(|| llm_engine::DEMO_MODEL.to_string());
     let defaults = Limits::default();
     let limits = Limits {
         max_body_bytes: number("MAX_BODY_BYTES", defaults.max_body_bytes as u64)? as usize,

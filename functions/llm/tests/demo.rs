@@ -17,6 +17,10 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// What `infra/demo/pipeline.sh` measured for the committed model on `models/demo/eval.jsonl`,
+/// less a margin for other CPUs' rounding.
+const DEMO_ACCURACY: f64 = 0.28;
+
 /// A small demo task with a 2-layer untrained teacher.
 fn demo(dir: &Path) -> PathBuf {
     let out = dir.join("demo");
@@ -55,6 +59,11 @@ fn demo_data_is_a_task_the_engine_and_trainers_read() {
     ok(llm(&["finetune", "--method", "full", "--base", demo.join("teacher-init").to_str().unwrap(), "--data", demo.join("pretrain.jsonl").to_str().unwrap(), "--output", pretrained.to_str().unwrap(), "--steps", "12", "--lr", "3e-3", "--batch-size", "8"]));
     let losses = first_losses(&pretrained);
     assert!(losses[11] < losses[0] - 0.5, "{losses:?}");
+
+    // SFT on top: its output holds its own metrics, not the base run's.
+    let tuned = dir.path().join("tuned");
+    ok(llm(&["finetune", "--method", "full", "--base", pretrained.to_str().unwrap(), "--data", demo.join("sft.jsonl").to_str().unwrap(), "--output", tuned.to_str().unwrap(), "--steps", "3", "--batch-size", "8"]));
+    assert_eq!(first_losses(&tuned).len(), 3);
 }
 
 #[test]
@@ -94,4 +103,18 @@ fn stored_soft_targets_reproduce_the_live_teacher_and_are_reused() {
     let out = dir.path().join("mismatch");
     let refused = llm(&["distill", "--teacher", teacher.to_str().unwrap(), "--data", other.to_str().unwrap(), "--output", out.to_str().unwrap(), "--student-layers", "1", "--steps", "1", "--soft-targets", targets.to_str().unwrap()]);
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("computed for other data"), "{}", String::from_utf8_lossy(&refused.stderr));
+}
+
+/// The demo model built into the engine is the committed file, and it answers held-out
+/// questions (`models/demo/eval.jsonl`, never trained on) as well as the pipeline measured.
+#[test]
+fn the_built_in_demo_model_answers_held_out_questions() {
+    assert!(llm_engine::DEMO_GGUF == std::fs::read(repo().join("models/demo/demo-q8_0.gguf")).unwrap(), "the built-in model is not models/demo/demo-q8_0.gguf");
+    let questions = repo().join("models/demo/eval.jsonl");
+    let report: serde_json::Value = serde_json::from_str(&ok(llm(&["eval", "--model", llm_engine::DEMO_MODEL, "--data", questions.to_str().unwrap(), "--json"]))).unwrap();
+    assert!(report["accuracy"].as_f64().unwrap() >= DEMO_ACCURACY, "{report}");
+
+    // `llm generate` without --model uses it.
+    let answer: serde_json::Value = serde_json::from_str(&ok(llm(&["generate", "--chat", "--prompt", "Write llama in capitals.", "--json"]))).unwrap();
+    assert_eq!(answer["text"], "LLAMA");
 }

@@ -44,6 +44,9 @@ impl Default for DownloadSettings {
 /// The name clients use for the model at `uri`: the alias's model name, else the file or
 /// directory name without its extension.
 pub fn model_id(uri: &str) -> String {
+    if uri == llm_engine::DEMO_MODEL {
+        return "demo".into();
+    }
     let trimmed = uri.trim_end_matches('/');
     if let Some(name) = trimmed.strip_suffix(&format!("/{ALIAS_NAME}")).and_then(|p| p.rsplit('/').next()) {
         if trimmed.contains(&format!("/{MODELS_PREFIX}")) {

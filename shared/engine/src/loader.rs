@@ -50,7 +50,19 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
     Ok(ModelFormat::Gguf)
 }
 
+/// The name that stands for the demo model built into the engine: what `llm` and the inference
+/// function serve when no model is named, so that a first run needs no download.
+pub const DEMO_MODEL: &str = "builtin:demo";
+
+/// The demo model (`models/demo/`, made by `infra/demo/pipeline.sh`): a 3 M-parameter Llama,
+/// SFT-trained on the demo task, at Q8_0.
+pub const DEMO_GGUF: &[u8] = include_bytes!("../../../models/demo/demo-q8_0.gguf");
+
+/// Loads the GGUF file or Hugging Face directory at `path`, or the built-in [`DEMO_MODEL`].
 pub fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
+    if path == Path::new(DEMO_MODEL) {
+        return load_gguf_bytes(DEMO_MODEL, DEMO_GGUF.to_vec(), options);
+    }
     let device = Device::Cpu;
     let format = detect_format(path)?;
     let (model, tokenizer, chat_template) = match format {

@@ -116,7 +116,8 @@ impl Default for TeacherShape {
 }
 
 /// Writes into `dir`: `pretrain.jsonl` (`{"text"}`: every capital stated, and training-side
-/// questions with their answers as plain text), `sft.jsonl` (`{"messages"}`), `sft-eval.jsonl`
+/// questions with their answers as plain text), `sft.jsonl` (`{"messages"}`, with a fifth of
+/// pretraining lines replayed among them), `sft-eval.jsonl`
 /// (held-out chats, for the trainers' eval loss), `eval.jsonl` (held-out [`Question`]s),
 /// `tokenizer/` (the demo tokenizer's files) and `teacher-init/`, a Hugging Face checkpoint of
 /// `shape` with transformers' initialisation and that tokenizer.
@@ -143,11 +144,16 @@ pub fn write_demo(dir: &Path, sizes: &DemoSizes, shape: &TeacherShape) -> Result
         pretrain.push(json!({ "text": text }));
     }
     let chat = |q: &Question| json!({ "messages": [{ "role": "user", "content": q.prompt }, { "role": "assistant", "content": q.answer }] });
-    let sft: Vec<_> = (0..sizes.sft).map(|_| chat(&draw(false, &mut rng))).collect();
+    let mut sft: Vec<_> = (0..sizes.sft).map(|_| chat(&draw(false, &mut rng))).collect();
     let eval: Vec<Question> = TASKS
         .iter()
         .flat_map(|task| (0..sizes.eval_per_task).map(|_| question(task, &mut rng, true)).collect::<Vec<_>>())
         .collect();
+    // Replay: every fourth chat is followed by a pretraining line, so that SFT keeps what
+    // pretraining taught (the held-out capitals are stated only there).
+    for (i, line) in pretrain.iter().step_by(4).take(sizes.sft / 4).enumerate() {
+        sft.insert(i * 5 + 4, line.clone());
+    }
     let sft_eval: Vec<_> = eval.iter().step_by(4).map(chat).collect();
 
     std::fs::create_dir_all(dir).map_err(|e| TrainError::file(dir, e))?;

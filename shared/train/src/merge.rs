@@ -83,8 +83,12 @@ fn write_merged(base: &Path, adapter: &Path, output: &Path, dtype: Option<DType>
     Ok(report)
 }
 
-/// Everything but the weights (config, tokenizer, index, chat template...) and `skip`, with
-/// `config.json`'s dtype changed when the weights' was.
+/// What a training run writes beside its model: a base that is itself a run's output must not
+/// hand these to the next run's output (they would replace its own).
+const RUN_FILES: [&str; 2] = ["metrics.jsonl", "loss.png"];
+
+/// Everything but the weights (config, tokenizer, index, chat template...), a run's own
+/// [`RUN_FILES`] and `skip`, with `config.json`'s dtype changed when the weights' was.
 pub(crate) fn copy_other_files(base: &Path, output: &Path, dtype: Option<DType>, skip: &[&str]) -> Result<()> {
     for entry in std::fs::read_dir(base).map_err(|e| TrainError::file(base, e))? {
         let path = entry.map_err(|e| TrainError::file(base, e))?.path();
@@ -92,7 +96,7 @@ pub(crate) fn copy_other_files(base: &Path, output: &Path, dtype: Option<DType>,
             continue;
         }
         let Some(name) = path.file_name() else { continue };
-        if name.to_str().is_some_and(|n| skip.contains(&n)) {
+        if name.to_str().is_some_and(|n| skip.contains(&n) || RUN_FILES.contains(&n)) {
             continue;
         }
         let target = output.join(name);

@@ -10,8 +10,8 @@ use serde::Serialize;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF file or a Hugging Face model directory.
-    #[arg(long)]
+    /// A GGUF file or a Hugging Face model directory (default: the built-in demo model).
+    #[arg(long, default_value = llm_engine::DEMO_MODEL)]
     pub model: PathBuf,
     #[arg(long)]
     pub prompt: String,

@@ -11,8 +11,9 @@ use llm_engine::LoadOptions;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A GGUF file, a Hugging Face model directory, `s3://bucket/key.gguf`, or
-    /// `s3://bucket/models/<name>/latest` (the quantization function's alias).
-    #[arg(long)]
+    /// `s3://bucket/models/<name>/latest` (the quantization function's alias); default: the
+    /// built-in demo model.
+    #[arg(long, default_value = llm_engine::DEMO_MODEL)]
     pub model: String,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
