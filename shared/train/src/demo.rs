@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::error::{Result, TrainError};
 use crate::lora::seeded;
+use crate::merge::write_json;
 
 /// Countries and capitals: all are stated in the pretraining text; questions about the last
 /// [`HELD_OUT_CAPITALS`] are asked only in the evaluation, so answering them needs what
@@ -185,11 +186,6 @@ fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
         out.write_all(b"\n").map_err(|e| TrainError::file(path, e))?;
     }
     out.flush().map_err(|e| TrainError::file(path, e))
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::file(path, e))?;
-    std::fs::write(path, text).map_err(|e| TrainError::file(path, e))
 }
 
 /// Special tokens after the 256 byte tokens; the template uses the role markers.

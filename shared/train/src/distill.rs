@@ -179,8 +179,7 @@ fn read_config(dir: &Path) -> Result<serde_json::Value> {
 fn write_checkpoint(source: &Path, dir: &Path, config: &serde_json::Value, tensors: &HashMap<String, Tensor>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::file(dir, e))?;
     crate::merge::copy_other_files(source, dir, None, &["config.json", "model.safetensors.index.json"])?;
-    let text = serde_json::to_string_pretty(config).map_err(|e| TrainError::file(dir, e))?;
-    std::fs::write(dir.join("config.json"), text).map_err(|e| TrainError::file(dir.join("config.json"), e))?;
+    crate::merge::write_json(&dir.join("config.json"), config)?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(tensors, &path).map_err(|e| TrainError::file(&path, e))
 }

@@ -125,8 +125,7 @@ pub fn save_adapter(dir: &Path, config: &LoraConfig, base: Option<&str>, adapter
         rank_pattern: Default::default(),
         alpha_pattern: Default::default(),
     };
-    let json = serde_json::to_string_pretty(&adapter_config).map_err(|e| TrainError::file(dir, e))?;
-    std::fs::write(dir.join("adapter_config.json"), json).map_err(|e| TrainError::file(dir.join("adapter_config.json"), e))?;
+    crate::merge::write_json(&dir.join("adapter_config.json"), &adapter_config)?;
     let mut tensors = HashMap::new();
     for (prefix, lora) in adapters {
         tensors.insert(format!("{prefix}.lora_A.weight"), lora.a.as_tensor().clone());

@@ -83,6 +83,12 @@ fn write_merged(base: &Path, adapter: &Path, output: &Path, dtype: Option<DType>
     Ok(report)
 }
 
+/// `value` as pretty-printed JSON (what transformers and PEFT write) in `path`.
+pub(crate) fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| TrainError::file(path, e))?;
+    std::fs::write(path, text).map_err(|e| TrainError::file(path, e))
+}
+
 /// What a training run writes beside its model: a base that is itself a run's output must not
 /// hand these to the next run's output (they would replace its own).
 const RUN_FILES: [&str; 2] = ["metrics.jsonl", "loss.png"];
@@ -109,8 +115,7 @@ pub(crate) fn copy_other_files(base: &Path, output: &Path, dtype: Option<DType>,
                         config[key] = serde_json::Value::String(torch_name(dtype).into());
                     }
                 }
-                let text = serde_json::to_string_pretty(&config).map_err(|e| TrainError::file(&path, e))?;
-                std::fs::write(&target, text).map_err(|e| TrainError::file(&target, e))?;
+                write_json(&target, &config)?;
             }
             _ => {
                 std::fs::copy(&path, &target).map_err(|e| TrainError::file(&target, e))?;
