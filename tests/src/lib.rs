@@ -4,6 +4,7 @@
 pub mod cargo_lambda;
 pub mod fault_proxy;
 pub mod http;
+pub mod local_batch;
 pub mod local_s3;
 pub mod s3_events;
 

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 pub use config::Config;
 pub use job::{Outcome, TransientError};
-pub use trigger::{classify, decode_key, Trigger};
+pub use trigger::{classify, Trigger};
 
 /// What one invocation did, returned as the function's response.
 #[derive(Debug, Default, Serialize)]

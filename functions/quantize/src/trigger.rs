@@ -1,7 +1,7 @@
-//! Which S3 event records start a job. Keys arrive URL-encoded (`+` for a space, `%xx` for
-//! other bytes) and come from outside: they are decoded, then validated before any use.
+//! Which S3 event records start a job.
 
 use aws_lambda_events::s3::S3EventRecord;
+use llm_store::event_key;
 use llm_store::registry::{ModelKeys, INCOMING_PREFIX, JOB_FILE};
 
 /// What one event record asks for.
@@ -25,7 +25,7 @@ pub fn classify(record: &S3EventRecord) -> Trigger {
     let Some(bucket) = record.s3.bucket.name.clone().filter(|b| !b.is_empty()) else {
         return rejected("the record names no bucket".into());
     };
-    let key = match decode_key(&raw_key).and_then(validate_key) {
+    let key = match event_key(&raw_key) {
         Ok(key) => key,
         Err(reason) => return rejected(reason),
     };
@@ -38,56 +38,5 @@ pub fn classify(record: &S3EventRecord) -> Trigger {
             Err(reason) => rejected(reason),
         },
         _ => Trigger::Ignored { key, reason: "a checkpoint file: the job starts with its quantize.json" },
-    }
-}
-
-/// Decodes an event key: `+` is a space, `%xx` a byte; the result must be UTF-8.
-pub fn decode_key(raw: &str) -> Result<String, String> {
-    let mut bytes = Vec::with_capacity(raw.len());
-    let mut input = raw.bytes();
-    while let Some(b) = input.next() {
-        match b {
-            b'+' => bytes.push(b' '),
-            b'%' => {
-                let hex = [input.next(), input.next()];
-                let value = match hex {
-                    [Some(h), Some(l)] => std::str::from_utf8(&[h, l]).ok().and_then(|s| u8::from_str_radix(s, 16).ok()),
-                    _ => None,
-                };
-                bytes.push(value.ok_or_else(|| format!("malformed escape in key `{raw}`"))?);
-            }
-            b => bytes.push(b),
-        }
-    }
-    String::from_utf8(bytes).map_err(|_| format!("key `{raw}` is not UTF-8 once decoded"))
-}
-
-/// No empty, `.` or `..` segments, no control characters, at most S3's 1024 bytes.
-fn validate_key(key: String) -> Result<String, String> {
-    let bad_segment = key.split('/').any(|s| s.is_empty() || s == "." || s == "..");
-    if key.len() > 1024 || bad_segment || key.chars().any(char::is_control) {
-        return Err(format!("invalid key `{}`", key.escape_debug()));
-    }
-    Ok(key)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decodes_plus_and_percent_escapes() {
-        assert_eq!(decode_key("incoming/my+model/a%2Bb%C3%A9").unwrap(), "incoming/my model/a+bé");
-        assert!(decode_key("incoming/%zz").is_err());
-        assert!(decode_key("incoming/%4").is_err());
-        assert!(decode_key("incoming/%FF").is_err());
-    }
-
-    #[test]
-    fn rejects_traversal_and_control_characters() {
-        for key in ["incoming/../models/x", "incoming/m//quantize.json", "incoming/./m", "incoming/m\n/quantize.json"] {
-            assert!(validate_key(key.to_string()).is_err(), "{key:?}");
-        }
-        assert!(validate_key("incoming/m/quantize.json".into()).is_ok());
     }
 }

@@ -6,11 +6,13 @@
 //! Also the model registry's layout in a bucket ([`registry`]): versions, manifests and the
 //! `latest` alias; and whole directories to and from S3 ([`sync`]). Knows nothing of model formats: callers interpret the bytes.
 
+mod event_key;
 mod location;
 pub mod registry;
 mod s3;
 pub mod sync;
 
+pub use event_key::event_key;
 pub use location::Location;
 pub use s3::{MultipartWriter, ObjectInfo, S3};
 
