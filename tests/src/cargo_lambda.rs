@@ -11,6 +11,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::workspace_root;
+
 /// The name cargo lambda gives a function it does not start itself.
 pub const FUNCTION: &str = "_";
 
@@ -19,11 +21,6 @@ pub struct CargoLambdaWatch {
     emulator: Child,
     function: Child,
     dir: tempfile::TempDir,
-}
-
-/// The workspace root: cargo lambda reads its `Cargo.toml`.
-fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace")
 }
 
 fn free_port() -> u16 {

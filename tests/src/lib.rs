@@ -6,9 +6,16 @@ pub mod fault_proxy;
 pub mod http;
 pub mod local_batch;
 pub mod local_s3;
+pub mod recording_proxy;
 pub mod s3_events;
+pub mod template;
 
 use std::path::PathBuf;
+
+/// The workspace root (`Cargo.toml`, `template.yaml`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
 
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")

@@ -227,3 +227,34 @@ fn an_s3_run_stopped_by_sigterm_resumes_from_its_s3_checkpoint() {
     let keys: Vec<String> = s3.list("train-resume", "out/").unwrap().into_iter().map(|o| o.key).collect();
     assert!(keys.contains(&"out/adapter_model.safetensors".to_string()) && !keys.iter().any(|k| k.contains("checkpoint")), "{keys:?}");
 }
+
+/// The training job's role in template.yaml allows exactly what a job does on S3: a run from
+/// training/ that writes its model to incoming/ (checkpoints pushed, then removed), and a run
+/// that starts from that model and writes under training/. Calls are recorded by a proxy in
+/// front of the local S3 server.
+#[test]
+fn the_training_job_role_allows_what_a_job_does_and_no_more() {
+    use llm_tests::template::{denied, unused, Template};
+    let server = llm_tests::local_s3::local_s3();
+    let s3 = llm_store::S3::connect().unwrap();
+    let bucket = "llm-serverless-models-123456789012";
+    llm_tests::s3_events::upload_checkpoint(&s3, bucket, "training/base/", "llama2");
+    let dir = tempfile::tempdir().unwrap();
+    s3.put(bucket, "training/data/train.jsonl", std::fs::read(write_data(dir.path())).unwrap()).unwrap();
+
+    let proxy = llm_tests::recording_proxy::RecordingProxy::start(&server.endpoint);
+    let uri = |key: &str| format!("s3://{bucket}/{key}");
+    for (base, output) in [("training/base/", "incoming/tuned/"), ("incoming/tuned/", "training/runs/second/")] {
+        let args = ["finetune", "--method", "full", "--base", &uri(base), "--data", &uri("training/data/train.jsonl"), "--output", &uri(output), "--steps", "4", "--checkpoint-every", "2", "--resume"];
+        let run = Command::new(env!("CARGO_BIN_EXE_llm")).args(args).env("AWS_ENDPOINT_URL", &proxy.endpoint).output().unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    }
+    let calls = proxy.take();
+    let names = [("AWS::Partition", "aws"), ("ModelBucket", bucket)];
+    let statements = Template::load().statements("TrainingJobRole", &names);
+    let denied = denied(&statements, &calls);
+    assert!(denied.is_empty(), "the job makes calls its role does not allow: {denied:#?}");
+    // Aborting a multipart upload happens only when one fails.
+    let unused = unused(&statements, &calls, &[("ReadWriteTrainingAndIncoming", "s3:AbortMultipartUpload")]);
+    assert!(unused.is_empty(), "the role allows what the job never does: {unused:#?}");
+}
