@@ -82,3 +82,24 @@ fn a_model_that_fails_to_load_is_503_and_retried() {
     let (status, body) = post(&server.base_url, "/v1/completions", r#"{"model": "late", "prompt": "hello", "max_tokens": 1, "#);
     assert_eq!((status, body["error"]["type"].as_str()), (400, Some("invalid_request_error")));
 }
+
+/// The deployment guide's client (`infra/deploy/chat.py`): the openai client with each request
+/// SigV4-signed for a function URL, here against `llm serve` serving the built-in demo model
+/// (which ignores the signature: AWS checks it in front of the function).
+#[test]
+fn the_deployment_chat_client_signs_and_streams() {
+    let server = serve(&["--threads", "2"]);
+    let url = server.base_url.trim_end_matches("/v1");
+    for extra in [&[][..], &["--stream"][..]] {
+        let out = Command::new("python3")
+            .arg(root().join("infra/deploy/chat.py"))
+            .args([url, "Write llama in capitals.", "--region", "us-east-1"])
+            .args(extra)
+            .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+            .env("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+            .output()
+            .expect("python3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.trim() == "LLAMA", "{extra:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
