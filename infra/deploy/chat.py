@@ -9,8 +9,12 @@ lambda:InvokeFunctionUrl on the function). With ApiAuth=NONE pass --no-sigv4.
 """
 import argparse
 
-import httpx
 import openai
+
+try:  # the openai client's HTTP library: httpx2 from openai 3 on, httpx before
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 
 class SigV4(httpx.Auth):
@@ -47,6 +51,7 @@ def main():
     parser.add_argument("prompt")
     parser.add_argument("--model", help="default: the one model the function serves (GET /v1/models)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, help="default: the server's (1.0)")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--no-sigv4", action="store_true")
     parser.add_argument("--region", default=None)
@@ -58,13 +63,16 @@ def main():
     )
     model = args.model or client.models.list().data[0].id
     messages = [{"role": "user", "content": args.prompt}]
+    options = dict(model=model, messages=messages, max_tokens=args.max_tokens)
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
     if args.stream:
-        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens, stream=True):
+        for chunk in client.chat.completions.create(**options, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
         print()
     else:
-        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=args.max_tokens)
+        reply = client.chat.completions.create(**options)
         print(reply.choices[0].message.content)
 
 

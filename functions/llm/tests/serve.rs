@@ -93,7 +93,7 @@ fn the_deployment_chat_client_signs_and_streams() {
     for extra in [&[][..], &["--stream"][..]] {
         let out = Command::new("python3")
             .arg(root().join("infra/deploy/chat.py"))
-            .args([url, "Write llama in capitals.", "--region", "us-east-1"])
+            .args([url, "Write llama in capitals.", "--region", "us-east-1", "--temperature", "0"])
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
             .env("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
