@@ -66,7 +66,7 @@ pub fn handle(s3: &S3, queue: &JobQueue, event: &S3Event) -> Result<Vec<Outcome>
 
 fn submit_one(s3: &S3, queue: &JobQueue, bucket: &str, key: &str) -> Result<Outcome, SubmitError> {
     let refused = |error: String| Ok(Outcome::Refused { spec: key.to_string(), error });
-    // Deleted again before we got to it: nothing to submit, nothing to answer.
+    // Deleted before it was read: refused (the answer says so), nothing submitted.
     let Some(info) = s3.head(bucket, key)? else { return refused("the spec no longer exists".into()) };
     if info.size > MAX_SPEC_BYTES {
         return refused(format!("the spec is {} bytes; at most {MAX_SPEC_BYTES} are read", info.size));
