@@ -38,6 +38,8 @@ pub enum Command {
     DemoData(commands::demo_data::Args),
     /// Exact-match accuracy on held-out questions.
     Eval(commands::eval::Args),
+    /// Answer an OpenAI Batch API file (requests of many lines in shared engine batches).
+    Batch(commands::batch::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -55,5 +57,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Distill(args) => commands::distill::run(args),
         Command::DemoData(args) => commands::demo_data::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Batch(args) => commands::batch::run(args),
     }
 }

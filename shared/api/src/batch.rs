@@ -7,14 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use llm_engine::{Completion, FinishReason, GenerationRequest, GenerationStats, LoadedModel, TokenEvent};
 use llm_observe::{Metrics, Unit};
 
 use crate::error::ApiError;
 use crate::model_slot::LoadReport;
 use crate::openai::{CompletionLogprobs, Usage};
-use crate::params::{check_prompts, Generation};
+use crate::prepare::Prepared;
 use crate::router::{unique_suffix, AppState, Deadline};
 use crate::stream::{stream_response, ChunkKind};
 
@@ -27,7 +28,11 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    pub(crate) fn new(prefix: &str, model: &str) -> Self {
+    pub(crate) fn new(kind: ChunkKind, model: &str) -> Self {
+        let prefix = match kind {
+            ChunkKind::Chat => "chatcmpl",
+            ChunkKind::Text => "cmpl",
+        };
         let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         Self { id: format!("{prefix}-{}", unique_suffix()), created, model: model.into() }
     }
@@ -56,10 +61,8 @@ pub(crate) struct Batch {
     pub(crate) state: Arc<AppState>,
     pub(crate) model: Arc<LoadedModel>,
     pub(crate) load: LoadReport,
-    pub(crate) prompts: Vec<Vec<u32>>,
-    pub(crate) kind: ChunkKind,
     pub(crate) deadline: Option<Deadline>,
-    pub(crate) echo: Option<Arc<Echo>>,
+    pub(crate) request: Prepared,
 }
 
 impl Batch {
@@ -69,38 +72,42 @@ impl Batch {
     }
 }
 
-/// Streams the batch as server-sent events, or runs it to the end and answers with `body`.
-pub(crate) async fn answer(
-    batch: Batch,
-    generation: &Generation,
-    body: impl FnOnce(Meta, &LoadedModel, &[Completion], Usage) -> Response,
-) -> Result<Response, ApiError> {
-    check_prompts(&batch.prompts, generation, &batch.state.limits, batch.model.model.config().max_position_embeddings)?;
-    let prefix = match batch.kind {
-        ChunkKind::Chat => "chatcmpl",
-        ChunkKind::Text => "cmpl",
-    };
-    let meta = Meta::new(prefix, &batch.state.slot.id);
-    let requests = generation.requests(&batch.prompts);
-    if generation.stream {
-        return Ok(stream_response(batch, requests, generation.include_usage, meta));
+/// Streams the batch as server-sent events, or runs it to the end and answers with JSON.
+pub(crate) async fn answer(batch: Batch) -> Result<Response, ApiError> {
+    let request = &batch.request;
+    let meta = Meta::new(request.kind, &batch.state.slot.id);
+    let requests = request.generation.requests(&request.prompts);
+    if request.generation.stream {
+        let include_usage = request.generation.include_usage;
+        return Ok(stream_response(batch, requests, include_usage, meta));
     }
     let (completions, stats) = run_batch(&batch, requests, |_| ControlFlow::Continue(())).await?;
-    let usage = usage(&batch.prompts, &completions);
+    let usage = usage(&request.prompts, &completions);
     record(&batch, &stats, usage, &completions);
-    Ok(body(meta, &batch.model, &completions, usage))
+    Ok(Json(request.response(meta, &batch.model, &completions, usage)).into_response())
 }
 
-/// Runs one batch on a blocking thread, after the batches queued before it. Generation stops
-/// early (`finish_reason: length`) when `on_token` breaks or the deadline comes near.
+/// Runs one request's batch (see [`run_requests`]), stopping near its deadline.
 pub(crate) async fn run_batch(
     batch: &Batch,
     requests: Vec<GenerationRequest>,
+    on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
+) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
+    run_requests(&batch.state, &batch.model, requests, batch.stop_at(), on_token).await
+}
+
+/// Runs sequences as one engine batch on a blocking thread, after the batches queued before
+/// it. Generation stops early (`finish_reason: length`) when `on_token` breaks or `stop_at`
+/// passes.
+pub(crate) async fn run_requests(
+    state: &AppState,
+    model: &Arc<LoadedModel>,
+    requests: Vec<GenerationRequest>,
+    stop_at: Option<Instant>,
     mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
 ) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
-    let _permit = batch.state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
-    let model = batch.model.clone();
-    let stop_at = batch.stop_at();
+    let _permit = state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let model = model.clone();
     let on_token = move |event: TokenEvent<'_>| {
         let flow = on_token(event);
         if flow.is_continue() && stop_at.is_some_and(|at| Instant::now() >= at) {
@@ -138,7 +145,7 @@ pub(crate) fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, compl
     );
     if state.log_text {
         let tokenizer = &batch.model.tokenizer;
-        let prompts: Vec<String> = batch.prompts.iter().map(|p| tokenizer.decode_with_special(p).unwrap_or_default()).collect();
+        let prompts: Vec<String> = batch.request.prompts.iter().map(|p| tokenizer.decode_with_special(p).unwrap_or_default()).collect();
         let outputs: Vec<&str> = completions.iter().map(|c| c.text.as_str()).collect();
         tracing::info!(?prompts, completions = ?outputs, "request text");
     }

@@ -8,12 +8,14 @@
 //! Knows nothing of Lambda.
 
 mod batch;
+pub mod batch_file;
 mod error;
 mod logprobs;
 mod model_slot;
 pub mod model_source;
 mod openai;
 mod params;
+mod prepare;
 mod router;
 mod stream;
 

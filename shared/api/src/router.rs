@@ -1,6 +1,6 @@
 //! The HTTP API: one axum router that `llm serve`, the Lambda function and `cargo lambda watch`
-//! all run. Handlers parse and validate, render the chat template or encode the prompts, and
-//! hand one batch of sequences to [`crate::batch`].
+//! all run. Handlers parse the body and check the model's name; [`crate::prepare`] validates and
+//! encodes, and [`crate::batch`] runs the request's sequences as one engine batch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,19 +12,17 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use llm_engine::{ChatMessage, LoadedModel};
 use llm_observe::{Metrics, Unit};
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::batch::{answer, finish_reason, Batch, Echo};
+use crate::batch::{answer, Batch};
 use crate::error::ApiError;
-use crate::logprobs;
 use crate::model_slot::ModelSlot;
 use crate::openai::*;
-use crate::params::{check_prompts, Generation, Limits};
-use crate::stream::ChunkKind;
+use crate::params::Limits;
+use crate::prepare::{check_chat, check_completion, Checked};
 
 /// When the invocation must have answered (Lambda's deadline). A launcher that has one puts
 /// it in the request's extensions; generation stops [`Limits::deadline_margin`] before it.
@@ -120,7 +118,7 @@ async fn read_json<T: DeserializeOwned>(request: Request, limit: usize) -> Resul
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_body(format!("Invalid JSON body: {e}")))
 }
 
-fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+pub(crate) fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model == state.slot.id {
         Ok(())
     } else {
@@ -144,132 +142,25 @@ fn respond(state: &AppState, result: Result<Response, ApiError>) -> Response {
     })
 }
 
-fn chat_messages(messages: Vec<RequestMessage>) -> Result<Vec<ChatMessage>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid("messages", "`messages` must not be empty."));
-    }
-    messages
-        .into_iter()
-        .map(|m| {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-                return Err(ApiError::invalid("messages", format!("Unknown role `{}`.", m.role)));
-            }
-            let content = match m.content {
-                None => String::new(),
-                Some(MessageContent::Text(text)) => text,
-                Some(MessageContent::Parts(parts)) => parts
-                    .into_iter()
-                    .map(|p| match (p.kind.as_str(), p.text) {
-                        ("text", Some(text)) => Ok(text),
-                        (kind, _) => Err(ApiError::invalid("messages", format!("Content parts of type `{kind}` are not supported."))),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .join(""),
-            };
-            Ok(ChatMessage::new(m.role, content))
-        })
-        .collect()
-}
-
 async fn chat(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
     let deadline = request.extensions().get::<Deadline>().copied();
     let body: ChatRequest = read_json(request, state.limits.max_body_bytes).await?;
     check_model(&state, &body.model)?;
-    let generation = Generation::from_request(&body.sampling, &state.limits, 1)?.with_chat_logprobs(body.logprobs, body.top_logprobs)?;
-    let messages = chat_messages(body.messages)?;
-    let (model, load) = state.slot.get().await?;
-    let template = model
-        .chat_template
-        .as_ref()
-        .ok_or_else(|| ApiError::invalid("messages", "This model has no chat template: use /v1/completions."))?;
-    let text = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    // The template writes BOS as text; adding special tokens again would double it.
-    let prompt = model.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let batch = Batch { state, model, load, prompts: vec![prompt], kind: ChunkKind::Chat, deadline, echo: None };
-    answer(batch, &generation, |meta, model, completions, usage| {
-        let choices = completions
-            .iter()
-            .enumerate()
-            .map(|(index, c)| ChatChoice {
-                index,
-                message: ResponseMessage { role: "assistant", content: c.text.clone() },
-                finish_reason: finish_reason(c.finish_reason),
-                logprobs: generation.logprobs.map(|_| logprobs::chat(&model.tokenizer, &c.logprobs)),
-            })
-            .collect();
-        Json(ChatCompletion { id: meta.id, object: "chat.completion", created: meta.created, model: meta.model, choices, usage }).into_response()
-    })
-    .await
+    let checked = check_chat(body, &state.limits)?;
+    run(state, checked, deadline).await
 }
 
 async fn complete(state: Arc<AppState>, request: Request) -> Result<Response, ApiError> {
     let deadline = request.extensions().get::<Deadline>().copied();
     let body: CompletionRequest = read_json(request, state.limits.max_body_bytes).await?;
     check_model(&state, &body.model)?;
-    // With `echo`, `max_tokens: 0` only scores the prompt (as lm-evaluation-harness asks).
-    let min_tokens = if body.echo { 0 } else { 1 };
-    let generation = Generation::from_request(&body.sampling, &state.limits, min_tokens)?.with_completion_logprobs(body.logprobs)?;
+    let checked = check_completion(body, &state.limits)?;
+    run(state, checked, deadline).await
+}
+
+/// Loads the model (the first request), prepares the request and answers it.
+async fn run(state: Arc<AppState>, checked: Checked, deadline: Option<Deadline>) -> Result<Response, ApiError> {
     let (model, load) = state.slot.get().await?;
-    let encode = |text: &str| model.tokenizer.encode(text, true).map_err(|e| ApiError::invalid("prompt", e.to_string()));
-    let (prompts, texts): (Vec<Vec<u32>>, Option<Vec<String>>) = match body.prompt {
-        Prompt::Text(text) => (vec![encode(&text)?], Some(vec![text])),
-        Prompt::Texts(texts) => (texts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?, Some(texts)),
-        Prompt::Tokens(ids) => (vec![ids], None),
-        Prompt::TokenLists(lists) => (lists, None),
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::invalid("prompt", "`prompt` must not be empty."));
-    }
-    let vocab = model.model.config().vocab_size as u32;
-    if prompts.iter().flatten().any(|&id| id >= vocab) {
-        return Err(ApiError::invalid("prompt", format!("Token ids must be below the vocabulary size {vocab}.")));
-    }
-    check_prompts(&prompts, &generation, &state.limits, model.model.config().max_position_embeddings)?;
-    let echo = match body.echo {
-        true => Some(Arc::new(echo(&state, &model, &prompts, texts, generation.logprobs).await?)),
-        false => None,
-    };
-    let n = generation.n;
-    let batch = Batch { state, model, load, prompts, kind: ChunkKind::Text, deadline, echo: echo.clone() };
-    answer(batch, &generation, |meta, model, completions, usage| {
-        let choices = completions
-            .iter()
-            .enumerate()
-            .map(|(index, c)| {
-                let echoed = echo.as_ref().map(|e| (&e.texts[index / n], &e.logprobs[index / n]));
-                let mut logprobs = generation.logprobs.map(|_| CompletionLogprobs::default());
-                if let (Some(lists), Some((_, Some(prompt_lists)))) = (&mut logprobs, echoed) {
-                    lists.append(prompt_lists.clone());
-                }
-                let prefix = echoed.map_or("", |(text, _)| text.as_str());
-                if let Some(lists) = &mut logprobs {
-                    lists.append(logprobs::completion(&model.tokenizer, logprobs::visible(&model.tokenizer, &c.logprobs), prefix.len()).0);
-                }
-                CompletionChoice { index, text: format!("{prefix}{}", c.text), finish_reason: Some(finish_reason(c.finish_reason)), logprobs }
-            })
-            .collect();
-        Json(TextCompletion { id: meta.id, object: "text_completion", created: meta.created, model: meta.model, choices, usage: Some(usage) }).into_response()
-    })
-    .await
+    let request = checked.prepare(&state, &model).await?;
+    answer(Batch { state, model, load, deadline, request }).await
 }
-
-/// The prompts' texts (as given, or decoded from token ids) and, when `top_n` is set, their
-/// tokens scored by the model, after the batches queued before.
-async fn echo(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>], texts: Option<Vec<String>>, top_n: Option<usize>) -> Result<Echo, ApiError> {
-    let texts = match texts {
-        Some(texts) => texts,
-        None => prompts.iter().map(|p| model.tokenizer.decode(p).map_err(|e| ApiError::invalid("prompt", e.to_string()))).collect::<Result<_, _>>()?,
-    };
-    let Some(top_n) = top_n else {
-        return Ok(Echo { logprobs: vec![None; texts.len()], texts });
-    };
-    let _permit = state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
-    let (scoring_model, owned) = (model.clone(), prompts.to_vec());
-    let scores = tokio::task::spawn_blocking(move || owned.iter().map(|p| llm_engine::prompt_logprobs(&scoring_model.model, p, top_n)).collect::<Result<Vec<_>, _>>())
-        .await
-        .map_err(|e| ApiError::internal(format!("scoring stopped: {e}")))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let logprobs = prompts.iter().zip(&scores).map(|(p, entries)| Some(logprobs::prompt(&model.tokenizer, p, entries).0)).collect();
-    Ok(Echo { texts, logprobs })
-}
-

@@ -32,7 +32,7 @@ enum Update {
 
 pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage: bool, meta: Meta) -> Response {
     let (tx, rx) = mpsc::channel::<Update>(64);
-    let chunks = Chunks { meta, kind: batch.kind, model: batch.model.clone(), text_offsets: vec![0; requests.len()], echo: batch.echo.clone() };
+    let chunks = Chunks { meta, kind: batch.request.kind, model: batch.model.clone(), text_offsets: vec![0; requests.len()], echo: batch.request.echo.clone() };
     let choices = requests.len();
     let token_tx = tx.clone();
     let model = batch.model.clone();
@@ -50,7 +50,7 @@ pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, in
         })
         .await;
         let done = result.map(|(completions, stats)| {
-            let usage = usage(&batch.prompts, &completions);
+            let usage = usage(&batch.request.prompts, &completions);
             record(&batch, &stats, usage, &completions);
             (completions, usage)
         });

@@ -1,3 +1,4 @@
+pub mod batch;
 pub mod bench;
 pub mod demo_data;
 pub mod distill;

@@ -1,0 +1,53 @@
+"""Batch inference throughput: the same OpenAI batch file answered by `llm batch` with requests
+sharing engine batches and one request at a time, on the same model and threads; prints a
+Markdown row with both rates (generated tokens per second of generation) and their ratio.
+
+    cargo build --release --bin llm
+    python3 infra/bench/batch_throughput.py MODEL [--requests 32] [--max-tokens 32] [--threads 2]
+
+MODEL is a GGUF file (or `builtin:demo`); the requests are chat questions of the demo task, with a
+fixed seed, at temperature 0, so both runs generate the same tokens.
+"""
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+
+parser = argparse.ArgumentParser()
+parser.add_argument("model")
+parser.add_argument("--requests", type=int, default=32)
+parser.add_argument("--max-tokens", type=int, default=32)
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--batch", type=int, default=32, help="--max-batch-sequences of the batched run")
+parser.add_argument("--llm", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release", "llm"))
+args = parser.parse_args()
+
+words = ["llama", "alpaca", "vicuna", "bison", "zebra", "koala", "otter", "heron"]
+model_id = "demo" if args.model == "builtin:demo" else os.path.basename(args.model).removesuffix(".gguf")
+with tempfile.TemporaryDirectory() as work:
+    batch_file = os.path.join(work, "input.jsonl")
+    with open(batch_file, "w") as f:
+        for i in range(args.requests):
+            body = {
+                "model": model_id,
+                "messages": [{"role": "user", "content": f"Write {words[i % len(words)]}{i} in capitals, then tell a story."}],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+            }
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+    rates = {}
+    for name, sequences in [("batched", args.batch), ("one_by_one", 1)]:
+        out = subprocess.run(
+            [args.llm, "batch", "--input", batch_file, "--output", os.path.join(work, f"{name}.jsonl"), "--model", args.model,
+             "--max-batch-sequences", str(sequences), "--threads", str(args.threads)],
+            check=True, capture_output=True, text=True,
+        )
+        status = json.loads(out.stdout)
+        assert status["failed"] == 0, status
+        rates[name] = (status["completion_tokens_per_second"], status["stats"]["completion_tokens"], status["stats"]["engine_batches"])
+
+print("| model | requests | max_tokens | threads | batched tok/s (engine batches) | one by one tok/s | ratio |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+(b, tokens, batches), (o, _, _) = rates["batched"], rates["one_by_one"]
+print(f"| {os.path.basename(args.model)} | {args.requests} | {args.max_tokens} | {args.threads} | {b:.1f} ({batches}) | {o:.1f} | {b / o:.2f} |")

@@ -1,0 +1,210 @@
+//! OpenAI Batch API files: one request per line, `{"custom_id", "method": "POST", "url":
+//! "/v1/chat/completions" | "/v1/completions", "body"}`, answered as the same requests over HTTP
+//! would be (the same checks and response bodies, see [`crate::prepare`]), with the sequences of
+//! many lines generated together in engine batches. A bad line is answered with the reason and
+//! never stops the rest; every `custom_id` is answered once.
+
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use llm_engine::{GenerationRequest, LoadedModel};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::batch::{run_requests, usage, Meta};
+use crate::error::ApiError;
+use crate::openai::{ChatRequest, CompletionRequest};
+use crate::prepare::{check_chat, check_completion, Checked, Prepared};
+use crate::router::{check_model, unique_suffix, AppState};
+
+const CHAT_URL: &str = "/v1/chat/completions";
+const COMPLETIONS_URL: &str = "/v1/completions";
+
+/// One request of the file.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// 1-based, as editors count.
+    pub number: usize,
+    pub custom_id: String,
+    chat: bool,
+    body: Value,
+    bytes: usize,
+}
+
+/// One answer, in OpenAI's batch output format: `response` with the status and body an HTTP
+/// request would have got, or `error` when the line is not a request at all.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputLine {
+    pub id: String,
+    pub custom_id: Option<String>,
+    pub response: Option<LineResponse>,
+    pub error: Option<LineError>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LineResponse {
+    pub status_code: u16,
+    pub request_id: String,
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LineError {
+    pub code: String,
+    pub message: String,
+    pub line: usize,
+}
+
+impl OutputLine {
+    fn new(custom_id: Option<String>, response: Option<LineResponse>, error: Option<LineError>) -> Self {
+        Self { id: format!("batch_req_{}", unique_suffix()), custom_id, response, error }
+    }
+
+    fn answered(custom_id: String, status_code: u16, body: Value) -> Self {
+        Self::new(Some(custom_id), Some(LineResponse { status_code, request_id: unique_suffix(), body }), None)
+    }
+
+    fn failed(custom_id: String, error: &ApiError) -> Self {
+        Self::answered(custom_id, error.status.as_u16(), error.body())
+    }
+
+    fn unreadable(number: usize, custom_id: Option<String>, code: &str, message: String) -> Self {
+        Self::new(custom_id, None, Some(LineError { code: code.into(), message, line: number }))
+    }
+
+    /// A 200 answer (the output file); anything else goes to the errors file.
+    pub fn succeeded(&self) -> bool {
+        self.response.as_ref().is_some_and(|r| r.status_code == 200)
+    }
+}
+
+/// The file's lines in order, blank ones skipped: each a request, or the error line that
+/// answers it (not JSON, no `custom_id`, a repeated `custom_id`, another method or URL).
+pub fn parse(text: &str) -> Vec<Result<Line, OutputLine>> {
+    let mut seen = HashSet::new();
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let line = parse_line(i + 1, l)?;
+            if !seen.insert(line.custom_id.clone()) {
+                let message = format!("`custom_id` `{}` is used by an earlier line; each must be unique.", line.custom_id);
+                return Err(OutputLine::unreadable(line.number, Some(line.custom_id), "duplicate_custom_id", message));
+            }
+            Ok(line)
+        })
+        .collect()
+}
+
+fn parse_line(number: usize, text: &str) -> Result<Line, OutputLine> {
+    let value: Value = serde_json::from_str(text).map_err(|e| OutputLine::unreadable(number, None, "invalid_json", format!("The line is not JSON: {e}.")))?;
+    let custom_id = match value.get("custom_id") {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        _ => return Err(OutputLine::unreadable(number, None, "missing_custom_id", "The line has no `custom_id` string.".into())),
+    };
+    let fail = |code: &str, message: String| Err(OutputLine::unreadable(number, Some(custom_id.clone()), code, message));
+    if value.get("method").and_then(Value::as_str) != Some("POST") {
+        return fail("invalid_method", "`method` must be `POST`.".into());
+    }
+    let chat = match value.get("url").and_then(Value::as_str) {
+        Some(CHAT_URL) => true,
+        Some(COMPLETIONS_URL) => false,
+        other => return fail("invalid_url", format!("`url` {other:?} is not supported: use {CHAT_URL} or {COMPLETIONS_URL}.")),
+    };
+    match value.get("body") {
+        Some(body @ Value::Object(_)) => Ok(Line { number, custom_id, chat, body: body.clone(), bytes: text.len() }),
+        _ => fail("missing_body", "The line has no `body` object.".into()),
+    }
+}
+
+/// What a run did, for the status object and the throughput comparison.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunStats {
+    pub engine_batches: usize,
+    pub sequences: usize,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Time spent generating (prefill and decode of every engine batch).
+    pub generate_seconds: f64,
+}
+
+/// Answers `lines` in order; the sequences of consecutive requests share an engine batch of at
+/// most `max_sequences` (a single request with more runs alone). Fails only when the model
+/// cannot be loaded: every line would fail alike, so the run should be retried instead.
+pub async fn answer(state: &Arc<AppState>, lines: Vec<Line>, max_sequences: usize) -> Result<(Vec<OutputLine>, RunStats), ApiError> {
+    let (model, _) = state.slot.get().await?;
+    let mut answers: Vec<Option<OutputLine>> = vec![None; lines.len()];
+    let mut ready = Vec::new();
+    for (position, line) in lines.into_iter().enumerate() {
+        match prepare(state, &model, &line).await {
+            Ok(request) => ready.push((position, line.custom_id, request)),
+            Err(error) => answers[position] = Some(OutputLine::failed(line.custom_id, &error)),
+        }
+    }
+    let mut stats = RunStats::default();
+    let mut group: Vec<(usize, String, Prepared)> = Vec::new();
+    for item in ready {
+        let sequences: usize = group.iter().map(|(_, _, r)| r.sequences()).sum();
+        if !group.is_empty() && sequences + item.2.sequences() > max_sequences.max(1) {
+            run_group(state, &model, std::mem::take(&mut group), &mut answers, &mut stats).await;
+        }
+        group.push(item);
+    }
+    if !group.is_empty() {
+        run_group(state, &model, group, &mut answers, &mut stats).await;
+    }
+    Ok((answers.into_iter().flatten().collect(), stats))
+}
+
+/// The line's request, checked and encoded as the HTTP handlers do; streaming has no meaning
+/// in a file.
+async fn prepare(state: &AppState, model: &Arc<LoadedModel>, line: &Line) -> Result<Prepared, ApiError> {
+    if line.bytes > state.limits.max_body_bytes {
+        return Err(ApiError::too_large(state.limits.max_body_bytes));
+    }
+    let invalid = |e: serde_json::Error| ApiError::bad_body(format!("Invalid JSON body: {e}"));
+    let checked: Checked = if line.chat {
+        let body: ChatRequest = serde_json::from_value(line.body.clone()).map_err(invalid)?;
+        check_model(state, &body.model)?;
+        check_chat(body, &state.limits)?
+    } else {
+        let body: CompletionRequest = serde_json::from_value(line.body.clone()).map_err(invalid)?;
+        check_model(state, &body.model)?;
+        check_completion(body, &state.limits)?
+    };
+    if checked.stream() {
+        return Err(ApiError::invalid("stream", "`stream` is not supported in a batch file."));
+    }
+    checked.prepare(state, model).await
+}
+
+/// Generates the group's sequences as one engine batch and answers each of its lines.
+async fn run_group(state: &AppState, model: &Arc<LoadedModel>, group: Vec<(usize, String, Prepared)>, answers: &mut [Option<OutputLine>], stats: &mut RunStats) {
+    let requests: Vec<GenerationRequest> = group.iter().flat_map(|(_, _, r)| r.generation.requests(&r.prompts)).collect();
+    let (lines, sequences) = (group.len(), requests.len());
+    match run_requests(state, model, requests, None, |_| ControlFlow::Continue(())).await {
+        Ok((completions, generated)) => {
+            stats.engine_batches += 1;
+            stats.sequences += sequences;
+            stats.generate_seconds += (generated.prefill + generated.decode).as_secs_f64();
+            let mut rest = completions.as_slice();
+            for (position, custom_id, request) in group {
+                let (mine, others) = rest.split_at(request.sequences());
+                rest = others;
+                let usage = usage(&request.prompts, mine);
+                stats.prompt_tokens += usage.prompt_tokens;
+                stats.completion_tokens += usage.completion_tokens;
+                let body = request.response(Meta::new(request.kind, &state.slot.id), model, mine, usage);
+                answers[position] = Some(OutputLine::answered(custom_id, 200, serde_json::to_value(body).unwrap_or_default()));
+            }
+            tracing::info!(lines, sequences, "engine batch answered");
+        }
+        Err(error) => {
+            tracing::warn!(sequences, message = %error.message, "engine batch failed");
+            for (position, custom_id, _) in group {
+                answers[position] = Some(OutputLine::failed(custom_id, &error));
+            }
+        }
+    }
+}
