@@ -4,7 +4,7 @@
 //! a proxy in front of the local S3 and Batch servers), and cfn-lint and `sam validate --lint`
 //! pass. The training job's role is checked the same way in functions/llm/tests/training.rs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -24,20 +24,35 @@ use submit_function::spec::{JOBS_PREFIX, SUBMITTED_PREFIX};
 /// The bucket name the template gives a stack `llm-serverless` in account 123456789012.
 const BUCKET: &str = "llm-serverless-models-123456789012";
 
-/// The workspace's binaries and the source directory of the package of each.
-fn workspace_binaries() -> Vec<(String, PathBuf)> {
+/// A workspace package: its source directory and the workspace packages it depends on.
+struct Package {
+    src: PathBuf,
+    path_dependencies: Vec<String>,
+}
+
+/// The workspace's packages by name, and its binaries with the package of each.
+fn workspace() -> (HashMap<String, Package>, Vec<(String, String)>) {
     let output = Command::new(env!("CARGO")).args(["metadata", "--no-deps", "--format-version", "1"]).current_dir(workspace_root()).output().expect("cargo metadata");
     let metadata: Value = serde_json::from_slice(&output.stdout).expect("cargo metadata JSON");
-    let mut binaries = Vec::new();
+    let (mut packages, mut binaries) = (HashMap::new(), Vec::new());
     for package in metadata["packages"].as_array().expect("packages") {
-        let src = PathBuf::from(package["manifest_path"].as_str().expect("manifest path")).with_file_name("src");
+        let name = package["name"].as_str().expect("name").to_string();
         for target in package["targets"].as_array().expect("targets") {
             if target["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")) {
-                binaries.push((target["name"].as_str().expect("name").to_string(), src.clone()));
+                binaries.push((target["name"].as_str().expect("name").to_string(), name.clone()));
             }
         }
+        let path_dependencies = package["dependencies"]
+            .as_array()
+            .expect("dependencies")
+            .iter()
+            .filter(|d| d["path"].is_string() && d["kind"].is_null())
+            .filter_map(|d| d["name"].as_str().map(String::from))
+            .collect();
+        let src = PathBuf::from(package["manifest_path"].as_str().expect("manifest path")).with_file_name("src");
+        packages.insert(name, Package { src, path_dependencies });
     }
-    binaries
+    (packages, binaries)
 }
 
 fn functions(template: &Template) -> Vec<(String, String)> {
@@ -56,9 +71,9 @@ fn functions(template: &Template) -> Vec<(String, String)> {
 #[test]
 fn every_function_is_a_workspace_binary_built_by_cargo_lambda() {
     let template = Template::load();
-    let binaries: Vec<String> = workspace_binaries().into_iter().map(|(name, _)| name).collect();
+    let binaries: Vec<String> = workspace().1.into_iter().map(|(name, _)| name).collect();
     let functions = functions(&template);
-    assert_eq!(functions.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>(), ["infer", "quantize", "submit"]);
+    assert_eq!(functions.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>(), ["batch", "infer", "quantize", "submit"]);
     for (name, binary) in &functions {
         assert!(binaries.contains(binary), "{name}: no binary `{binary}` in the workspace ({binaries:?})");
         let resource = template.resource(name);
@@ -71,35 +86,45 @@ fn every_function_is_a_workspace_binary_built_by_cargo_lambda() {
     assert_eq!(url["InvokeMode"].as_str(), Some("RESPONSE_STREAM"), "the API streams tokens");
 }
 
-/// The environment variable names a package's code reads (through `var`, `var_os`, or the
-/// `number`/`setting` helpers the functions' configuration code uses); Lambda's own `AWS_*`
-/// variables aside.
-fn variables_read(src: &PathBuf) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for entry in std::fs::read_dir(src).expect("src dir").flatten() {
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        for helper in ["var(\"", "var_os(\"", "number(\"", "setting(\""] {
-            for (at, _) in text.match_indices(helper) {
-                let name: String = text[at + helper.len()..].chars().take_while(|c| *c != '"').collect();
-                if !name.starts_with("AWS_") && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
-                    names.insert(name);
+/// The environment variable names a package's code reads, its workspace dependencies' included
+/// (through `var`, `var_os`, or the `number`/`setting` helpers the configuration code uses);
+/// Lambda's own `AWS_*` variables aside.
+fn variables_read(packages: &HashMap<String, Package>, package: &str, names: &mut BTreeSet<String>) {
+    let package = &packages[package];
+    let mut dirs = vec![package.src.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src dir").flatten() {
+            if entry.path().is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            for helper in ["var(\"", "var_os(\"", "number(\"", "setting(\""] {
+                for (at, _) in text.match_indices(helper) {
+                    let name: String = text[at + helper.len()..].chars().take_while(|c| *c != '"').collect();
+                    if !name.starts_with("AWS_") && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
+                        names.insert(name);
+                    }
                 }
             }
         }
     }
-    names
+    for dependency in &package.path_dependencies {
+        variables_read(packages, dependency, names);
+    }
 }
 
 #[test]
 fn the_template_sets_every_setting_the_code_reads_and_no_other() {
     let template = Template::load();
-    let binaries = workspace_binaries();
+    let (packages, binaries) = workspace();
     for (name, binary) in functions(&template) {
-        let src = &binaries.iter().find(|(b, _)| *b == binary).expect("a binary").1;
-        let read = variables_read(src);
+        let package = &binaries.iter().find(|(b, _)| *b == binary).expect("a binary").1;
+        let mut read = BTreeSet::new();
+        variables_read(&packages, package, &mut read);
         let set: BTreeSet<String> = template.environment(&name).into_iter().collect();
-        assert!(!read.is_empty(), "{name}: found no settings read in {}", src.display());
-        assert_eq!(read, set, "{name}: the code in {} reads {read:?}; the template sets {set:?}", src.display());
+        assert!(!read.is_empty(), "{name}: found no settings read by {package}");
+        assert_eq!(read, set, "{name}: {package} and its workspace dependencies read {read:?}; the template sets {set:?}");
     }
 }
 
@@ -114,9 +139,14 @@ fn event_filters_are_the_prefixes_the_code_uses_and_outputs_never_match_them() {
     let template = Template::load();
     assert_eq!(s3_filter(&template, "QuantizeFunction", "JobFile"), (INCOMING_PREFIX.to_string(), JOB_FILE.to_string()));
     assert_eq!(s3_filter(&template, "SubmitFunction", "JobSpec"), (JOBS_PREFIX.to_string(), ".json".to_string()));
+    assert_eq!(s3_filter(&template, "BatchFunction", "BatchFile"), (batch_function::INPUT_PREFIX.to_string(), ".jsonl".to_string()));
+    assert_eq!(s3_filter(&template, "BatchFunction", "Continuation"), (batch_function::CONTINUE_PREFIX.to_string(), ".json".to_string()));
     // What each function writes is outside the prefix that starts it.
     assert!(!MODELS_PREFIX.starts_with(INCOMING_PREFIX));
     assert!(!SUBMITTED_PREFIX.starts_with(JOBS_PREFIX));
+    for written in [batch_function::OUTPUT_PREFIX, batch_function::STATE_PREFIX] {
+        assert!(!written.starts_with(batch_function::INPUT_PREFIX) && !written.starts_with(batch_function::CONTINUE_PREFIX));
+    }
 }
 
 #[test]
@@ -174,6 +204,26 @@ fn each_function_is_allowed_the_calls_it_makes_and_no_more() {
     let mut calls = s3_proxy.take();
     calls.extend(batch_proxy.take());
     check("SubmitFunction", calls, &[]);
+
+    // The batch function: a model that is not there (an error, retried), then a file answered
+    // over two invocations (one continuation), then an event whose file is gone.
+    let engine = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let model_state = |alias: &str| {
+        let loader = llm_api::model_source::loader(&format!("s3://{BUCKET}/{alias}"), Default::default(), DownloadSettings::default()).unwrap();
+        std::sync::Arc::new(llm_api::AppState::new(llm_api::ModelSlot::new("tiny", loader), Default::default(), None))
+    };
+    let config = batch_function::Config { chunk_lines: 1, ..Default::default() };
+    let line = |id: &str| format!(r#"{{"custom_id": "{id}", "method": "POST", "url": "/v1/completions", "body": {{"model": "tiny", "prompt": "hello", "max_tokens": 2}}}}"#);
+    setup.put(BUCKET, "batches/input/two.jsonl", format!("{}\n{}", line("a"), line("b")).into_bytes()).unwrap();
+    let event = |key: &str| serde_json::from_str(&s3_event_json(BUCKET, &[("ObjectCreated:Put", key)])).unwrap();
+    let soon = || Some(SystemTime::now() + Duration::from_millis(1));
+    let handle = |state: &std::sync::Arc<llm_api::AppState>, key: &str| batch_function::handle(&s3, engine.handle(), state, &config, &event(key), soon());
+    assert!(handle(&model_state("models/missing/latest"), "batches/input/two.jsonl").is_err());
+    let state = model_state("models/tiny/latest");
+    assert_eq!(handle(&state, "batches/input/two.jsonl").unwrap()[0].status, batch_function::Status::Continued);
+    assert_eq!(handle(&state, "batches/continue/two.json").unwrap()[0].status, batch_function::Status::Completed);
+    assert_eq!(handle(&state, "batches/input/gone.jsonl").unwrap()[0].status, batch_function::Status::Failed);
+    check("BatchFunction", s3_proxy.take(), &[]);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 fn main() -> Result<(), lambda_http::Error> {
     llm_observe::init_logging("info");
-    let state = infer_function::state_from_env()?;
+    let state = llm_api::state_from_env()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(lambda_http::run_with_streaming_response(infer_function::app(state)))
 }

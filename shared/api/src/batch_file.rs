@@ -129,6 +129,28 @@ pub struct RunStats {
     pub generate_seconds: f64,
 }
 
+impl RunStats {
+    /// Adds another run's counts and times (a file answered in chunks).
+    pub fn add(&mut self, other: &RunStats) {
+        self.engine_batches += other.engine_batches;
+        self.sequences += other.sequences;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.generate_seconds += other.generate_seconds;
+    }
+}
+
+/// Answer lines as a JSONL file.
+pub fn to_jsonl<'a>(lines: impl IntoIterator<Item = &'a OutputLine>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for line in lines {
+        if serde_json::to_writer(&mut bytes, line).is_ok() {
+            bytes.push(b'\n');
+        }
+    }
+    bytes
+}
+
 /// Answers `lines` in order; the sequences of consecutive requests share an engine batch of at
 /// most `max_sequences` (a single request with more runs alone). Fails only when the model
 /// cannot be loaded: every line would fail alike, so the run should be retried instead.

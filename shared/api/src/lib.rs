@@ -10,6 +10,7 @@
 mod batch;
 pub mod batch_file;
 mod error;
+mod from_env;
 mod logprobs;
 mod model_slot;
 pub mod model_source;
@@ -20,6 +21,7 @@ mod router;
 mod stream;
 
 pub use error::ApiError;
+pub use from_env::state_from_env;
 pub use model_slot::{Loaded, Loader, ModelSlot};
 pub use params::Limits;
 pub use router::{router, AppState, Deadline, RequestId};

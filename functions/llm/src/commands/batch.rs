@@ -46,15 +46,6 @@ fn write(uri: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
     }
 }
 
-fn jsonl(lines: &[&OutputLine]) -> anyhow::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    for line in lines {
-        serde_json::to_writer(&mut bytes, line)?;
-        bytes.push(b'\n');
-    }
-    Ok(bytes)
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let staging = llm_store::sync::Staging::new("batch");
@@ -79,8 +70,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let (succeeded, failed): (Vec<&OutputLine>, Vec<&OutputLine>) = answers.iter().partition(|a| a.succeeded());
     let errors = beside(&args.output, ".errors.jsonl");
-    write(&args.output, jsonl(&succeeded)?)?;
-    write(&errors, jsonl(&failed)?)?;
+    write(&args.output, batch_file::to_jsonl(succeeded.iter().copied()))?;
+    write(&errors, batch_file::to_jsonl(failed.iter().copied()))?;
     let seconds = started.elapsed().as_secs_f64();
     let status = serde_json::json!({
         "status": "completed",
