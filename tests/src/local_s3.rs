@@ -17,6 +17,16 @@ pub const SECRET_KEY: &str = "test-secret-key";
 
 static SERVER: OnceLock<LocalS3> = OnceLock::new();
 
+impl LocalS3 {
+    /// The environment a function binary needs to reach this server (cargo lambda tests),
+    /// followed by the function's own settings.
+    pub fn function_env<'a>(&'a self, settings: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut env = vec![("AWS_ENDPOINT_URL", self.endpoint.as_str()), ("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY), ("AWS_REGION", "us-east-1")];
+        env.extend_from_slice(settings);
+        env
+    }
+}
+
 /// Starts the server (once) and points this process's AWS configuration at it.
 pub fn local_s3() -> &'static LocalS3 {
     SERVER.get_or_init(|| {

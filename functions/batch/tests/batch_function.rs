@@ -12,7 +12,7 @@ use llm_api::model_source::{self, DownloadSettings};
 use llm_api::{AppState, Limits, ModelSlot};
 use llm_store::S3;
 use llm_tests::cargo_lambda::CargoLambdaWatch;
-use llm_tests::local_s3::{local_s3, ACCESS_KEY, SECRET_KEY};
+use llm_tests::local_s3::local_s3;
 use llm_tests::s3_events::s3_event_json;
 use serde_json::{json, Value};
 
@@ -138,13 +138,7 @@ fn the_function_binary_answers_an_input_event() {
     s3.put(BUCKET, "batches/input/lambda.jsonl", batch_file(3)).unwrap();
     let watch = CargoLambdaWatch::start(
         env!("CARGO_BIN_EXE_batch"),
-        &[
-            ("AWS_ENDPOINT_URL", &server.endpoint),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+&server.function_env(&[]));
     let response = watch.invoke(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "batches/input/lambda.jsonl")])).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
     let outcomes: Value = serde_json::from_str(&response).unwrap();
     assert_eq!(outcomes[0]["status"], "completed", "{outcomes}");

@@ -5,7 +5,7 @@
 use llm_store::S3;
 use llm_tests::cargo_lambda::CargoLambdaWatch;
 use llm_tests::http::post;
-use llm_tests::local_s3::{local_s3, ACCESS_KEY, SECRET_KEY};
+use llm_tests::local_s3::local_s3;
 use llm_tests::s3_events::publish_model;
 
 const REQUEST: &str = r#"{"model": "tiny", "prompt": "hello world", "max_tokens": 6, "temperature": 0}"#;
@@ -17,14 +17,7 @@ fn the_function_binary_answers_under_cargo_lambda() {
     publish_model(&s3, "infer-lambda", "tiny");
     let watch = CargoLambdaWatch::start(
         env!("CARGO_BIN_EXE_infer"),
-        &[
-            ("MODEL_URI", "s3://infer-lambda/models/tiny/latest"),
-            ("AWS_ENDPOINT_URL", &server.endpoint),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+&server.function_env(&[("MODEL_URI", "s3://infer-lambda/models/tiny/latest")]));
     let address = format!("127.0.0.1:{}", watch.port);
     let url = format!("{}/v1/completions", watch.url_prefix());
     let (status, body) = post(&address, &url, REQUEST);

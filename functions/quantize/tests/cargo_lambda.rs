@@ -4,7 +4,7 @@
 
 use llm_store::S3;
 use llm_tests::cargo_lambda::CargoLambdaWatch;
-use llm_tests::local_s3::{local_s3, ACCESS_KEY, SECRET_KEY};
+use llm_tests::local_s3::local_s3;
 use llm_tests::s3_events::{s3_event_json, upload_checkpoint};
 
 #[test]
@@ -17,14 +17,7 @@ fn the_function_binary_answers_an_s3_event() {
 
     let watch = CargoLambdaWatch::start(
         env!("CARGO_BIN_EXE_quantize"),
-        &[
-            ("AWS_ENDPOINT_URL", &server.endpoint),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008"),
-        ],
-    );
+&server.function_env(&[("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008")]));
     let event = s3_event_json(bucket, &[("ObjectCreated:Put", "incoming/tiny/quantize.json"), ("ObjectCreated:Put", "incoming/tiny/config.json")]);
     let response = watch.invoke(&event).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
     let summary: serde_json::Value = serde_json::from_str(&response).unwrap_or_else(|e| panic!("{e}: {response}"));

@@ -7,7 +7,7 @@ use aws_sdk_batch::config::{BehaviorVersion, Credentials, Region};
 use llm_store::S3;
 use llm_tests::cargo_lambda::CargoLambdaWatch;
 use llm_tests::local_batch::{local_batch, LocalBatch};
-use llm_tests::local_s3::{local_s3, ACCESS_KEY, SECRET_KEY};
+use llm_tests::local_s3::local_s3;
 use llm_tests::s3_events::s3_event_json;
 use serde_json::{json, Value};
 
@@ -16,15 +16,7 @@ const BUCKET: &str = "submit-function";
 fn start(batch_endpoint: &str, batch: &LocalBatch) -> CargoLambdaWatch {
     CargoLambdaWatch::start(
         env!("CARGO_BIN_EXE_submit"),
-        &[
-            ("AWS_ENDPOINT_URL", &local_s3().endpoint),
-            ("AWS_ENDPOINT_URL_BATCH", batch_endpoint),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-            ("AWS_REGION", "us-east-1"),
-            ("JOB_QUEUE", &batch.queue),
-            ("JOB_DEFINITION", &batch.definition),
-        ],
+&local_s3().function_env(&[("AWS_ENDPOINT_URL_BATCH", batch_endpoint), ("JOB_QUEUE", &batch.queue), ("JOB_DEFINITION", &batch.definition)]),
     )
 }
 
