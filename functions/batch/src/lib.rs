@@ -89,6 +89,8 @@ struct Progress {
     lines_done: usize,
     parts: usize,
     invocations: usize,
+    /// Wall time of the invocations so far, up to their last recorded chunk.
+    seconds: f64,
     stats: RunStats,
 }
 
@@ -101,6 +103,8 @@ pub struct FileStatus {
     pub succeeded: usize,
     pub failed: usize,
     pub invocations: usize,
+    /// Wall time of all invocations (reading, generating, writing).
+    pub seconds: f64,
     pub stats: RunStats,
     pub error: Option<String>,
 }
@@ -198,16 +202,24 @@ impl Job<'_> {
         }
         if input.size > self.config.max_input_bytes {
             let error = format!("the file is {} bytes; at most {} are read (BATCH_MAX_INPUT_MIB)", input.size, self.config.max_input_bytes);
-            let status = FileStatus { status: Status::Failed, input_etag: input.etag, requests: 0, succeeded: 0, failed: 0, invocations: 1, stats: RunStats::default(), error: Some(error) };
+            let status = FileStatus { status: Status::Failed, input_etag: input.etag, requests: 0, succeeded: 0, failed: 0, invocations: 1, seconds: 0.0, stats: RunStats::default(), error: Some(error) };
             self.put_json(&status_key, &status)?;
             return Ok(self.outcome(Status::Failed, 0, 0));
         }
         let progress_key = self.key(STATE_PREFIX, "/progress.json");
-        let mut progress = self
-            .read_json::<Progress>(&progress_key)?
-            .filter(|p| p.input_etag == input.etag)
-            .unwrap_or(Progress { input_etag: input.etag.clone(), ..Progress::default() });
+        let invocation = Instant::now();
+        let mut progress = match self.read_json::<Progress>(&progress_key)?.filter(|p| p.input_etag == input.etag) {
+            Some(progress) => progress,
+            None => {
+                // A new file, or a new version of it: nothing of an earlier run's parts is kept.
+                for stale in self.s3.list(self.bucket, &self.key(STATE_PREFIX, "/"))? {
+                    self.s3.delete(self.bucket, &stale.key)?;
+                }
+                Progress { input_etag: input.etag.clone(), ..Progress::default() }
+            }
+        };
         progress.invocations += 1;
+        let seconds_before = progress.seconds;
         let bytes = self.s3.get(self.bucket, &input_key)?.unwrap_or_default();
         let entries = batch_file::parse(&String::from_utf8_lossy(&bytes));
 
@@ -225,6 +237,7 @@ impl Job<'_> {
             self.s3.put(self.bucket, &self.part_key(progress.parts), to_jsonl(&answers))?;
             progress.parts += 1;
             progress.lines_done += chunk.len();
+            progress.seconds = seconds_before + invocation.elapsed().as_secs_f64();
             self.put_json(&progress_key, &progress)?;
             slowest = slowest.max(started.elapsed());
         }
@@ -267,6 +280,7 @@ impl Job<'_> {
             succeeded: succeeded.len(),
             failed: failed.len(),
             invocations: progress.invocations,
+            seconds: progress.seconds,
             stats: progress.stats.clone(),
             error: None,
         };

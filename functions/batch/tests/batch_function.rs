@@ -103,6 +103,7 @@ fn a_file_is_answered_in_chunks_across_invocations_and_once() {
     assert!(errors.iter().any(|e| e["error"]["code"] == "invalid_json" && e["error"]["line"] == 3));
     let status: Value = serde_json::from_slice(&f.s3.get(BUCKET, "batches/output/chunked.status.json").unwrap().unwrap()).unwrap();
     assert_eq!((status["status"].as_str(), status["succeeded"].as_u64(), status["failed"].as_u64(), status["invocations"].as_u64()), (Some("completed"), Some(7), Some(2), Some(3)));
+    assert!(status["seconds"].as_f64().is_some_and(|s| s > 0.0) && status["stats"]["generate_seconds"].as_f64().is_some_and(|s| s > 0.0), "{status}");
     assert!(f.s3.list(BUCKET, "batches/state/chunked/").unwrap().is_empty(), "parts and progress removed");
     assert!(f.s3.size(BUCKET, "batches/continue/chunked.json").unwrap().is_none());
 
@@ -144,4 +145,22 @@ fn the_function_binary_answers_an_input_event() {
     assert_eq!(outcomes[0]["status"], "completed", "{outcomes}");
     let output = String::from_utf8(s3.get(BUCKET, "batches/output/lambda.jsonl").unwrap().unwrap()).unwrap();
     assert_eq!(output.lines().count(), 3);
+}
+
+/// A file replaced while it was being answered: the new version starts over, and nothing of the
+/// old run's parts ends up in its answers or is left behind.
+#[test]
+fn a_new_version_of_a_file_starts_over_without_the_old_parts() {
+    let f = Fixture::new(2);
+    f.s3.put(BUCKET, "batches/input/replaced.jsonl", batch_file(6)).unwrap();
+    assert_eq!(f.invoke("batches/input/replaced.jsonl").status, Status::Continued);
+    assert_eq!(f.invoke("batches/continue/replaced.json").status, Status::Continued);
+    f.s3.put(BUCKET, "batches/input/replaced.jsonl", batch_file(2)).unwrap();
+    let mut outcome = f.invoke("batches/input/replaced.jsonl");
+    while outcome.status == Status::Continued {
+        outcome = f.invoke("batches/continue/replaced.json");
+    }
+    assert_eq!(outcome.lines, 4, "r0, r1, the bad line and bad-url");
+    assert_eq!(f.answered("replaced"), HashSet::from(["r0".to_string(), "r1".to_string()]));
+    assert!(f.s3.list(BUCKET, "batches/state/replaced/").unwrap().is_empty());
 }
