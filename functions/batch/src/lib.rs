@@ -147,25 +147,12 @@ struct Job<'a> {
     deadline: Option<SystemTime>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum JobError {
-    Store(StoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the model cannot be loaded: {0}")]
     Model(String),
-}
-
-impl std::fmt::Display for JobError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            JobError::Store(e) => write!(f, "{e}"),
-            JobError::Model(message) => write!(f, "the model cannot be loaded: {message}"),
-        }
-    }
-}
-
-impl From<StoreError> for JobError {
-    fn from(e: StoreError) -> Self {
-        JobError::Store(e)
-    }
 }
 
 impl Job<'_> {
@@ -177,12 +164,14 @@ impl Job<'_> {
         self.key(STATE_PREFIX, &format!("/part-{part:06}.jsonl"))
     }
 
+    /// A state or status object; one that does not parse counts as absent, so the file is
+    /// answered again from the start rather than never.
     fn read_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         Ok(self.s3.get(self.bucket, key)?.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
     }
 
     fn put_json(&self, key: &str, value: &impl Serialize) -> Result<(), StoreError> {
-        self.s3.put(self.bucket, key, serde_json::to_vec_pretty(value).unwrap_or_default())
+        self.s3.put_json(self.bucket, key, value)
     }
 
     fn outcome(&self, status: Status, lines_done: usize, lines: usize) -> Outcome {
@@ -220,7 +209,7 @@ impl Job<'_> {
         };
         progress.invocations += 1;
         let seconds_before = progress.seconds;
-        let bytes = self.s3.get(self.bucket, &input_key)?.unwrap_or_default();
+        let bytes = self.s3.read(self.bucket, &input)?;
         let entries = batch_file::parse(&String::from_utf8_lossy(&bytes));
 
         let mut slowest = Duration::ZERO;

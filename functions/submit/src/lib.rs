@@ -54,7 +54,7 @@ pub fn handle(s3: &S3, queue: &JobQueue, event: &S3Event) -> Result<Vec<Outcome>
         }
         let outcome = submit_one(s3, queue, bucket, &key)?;
         let name = key.trim_start_matches(JOBS_PREFIX);
-        s3.put(bucket, &format!("{SUBMITTED_PREFIX}{name}"), serde_json::to_vec_pretty(&outcome).unwrap_or_default())?;
+        s3.put_json(bucket, &format!("{SUBMITTED_PREFIX}{name}"), &outcome)?;
         match &outcome {
             Outcome::Submitted { job_id, job_name, duplicate, .. } => tracing::info!(spec = key, job_id, job_name, duplicate, "submitted"),
             Outcome::Refused { error, .. } => tracing::warn!(spec = key, error, "refused"),
@@ -71,7 +71,7 @@ fn submit_one(s3: &S3, queue: &JobQueue, bucket: &str, key: &str) -> Result<Outc
     if info.size > MAX_SPEC_BYTES {
         return refused(format!("the spec is {} bytes; at most {MAX_SPEC_BYTES} are read", info.size));
     }
-    let bytes = s3.get(bucket, key)?.unwrap_or_default();
+    let bytes = s3.read(bucket, &info)?;
     let submission = match spec::submission(bucket, key, &info.etag, &bytes) {
         Ok(submission) => submission,
         Err(error) => return refused(error),

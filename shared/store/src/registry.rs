@@ -158,11 +158,6 @@ fn parse<T: for<'de> Deserialize<'de>>(bucket: &str, key: &str, bytes: &[u8]) ->
     serde_json::from_slice(bytes).map_err(|e| StoreError::S3 { bucket: bucket.into(), key: key.into(), message: format!("invalid JSON: {e}") })
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
-    // Plain data with string keys: serialisation cannot fail.
-    serde_json::to_vec_pretty(value).unwrap_or_default()
-}
-
 /// The registry of one bucket.
 pub struct Registry<'a> {
     pub s3: &'a S3,
@@ -177,7 +172,7 @@ impl Registry<'_> {
 
     pub fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
         let keys = ModelKeys { model: manifest.model.clone() };
-        self.s3.put(self.bucket, &keys.manifest_key(&manifest.version), to_json(manifest))
+        self.s3.put_json(self.bucket, &keys.manifest_key(&manifest.version), manifest)
     }
 
     pub fn alias(&self, keys: &ModelKeys) -> Result<Option<Alias>> {
@@ -202,7 +197,7 @@ impl Registry<'_> {
             default_type: manifest.types.first().cloned().unwrap_or_default(),
             source_modified_ms: modified,
         };
-        self.s3.put(self.bucket, &keys.alias_key(), to_json(&alias))?;
+        self.s3.put_json(self.bucket, &keys.alias_key(), &alias)?;
         Ok(true)
     }
 }

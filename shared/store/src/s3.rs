@@ -83,10 +83,15 @@ impl S3 {
 
     /// The whole object, or `None` when it does not exist.
     pub fn get(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        match self.size(bucket, key)? {
-            None => Ok(None),
-            Some(0) => Ok(Some(Vec::new())),
-            Some(len) => self.get_range(bucket, key, 0, len).map(Some),
+        self.head(bucket, key)?.map(|info| self.read(bucket, &info)).transpose()
+    }
+
+    /// The whole object `info` describes (from [`head`](Self::head) or [`list`](Self::list)),
+    /// without asking for its size again; ranged, so a body that breaks off is read again.
+    pub fn read(&self, bucket: &str, info: &ObjectInfo) -> Result<Vec<u8>> {
+        match info.size {
+            0 => Ok(Vec::new()),
+            len => self.get_range(bucket, &info.key, 0, len),
         }
     }
 
@@ -138,6 +143,12 @@ impl S3 {
             tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
         }
         Err(last_error.unwrap_or_else(|| StoreError::S3 { bucket: bucket.into(), key: key.into(), message: "read failed".into() }))
+    }
+
+    /// `value` as pretty-printed JSON (manifests, aliases, status objects).
+    pub fn put_json(&self, bucket: &str, key: &str, value: &impl serde::Serialize) -> Result<()> {
+        // Plain data with string keys: serialisation cannot fail.
+        self.put(bucket, key, serde_json::to_vec_pretty(value).unwrap_or_default())
     }
 
     pub fn put(&self, bucket: &str, key: &str, bytes: Vec<u8>) -> Result<()> {
