@@ -1,7 +1,9 @@
 //! Every committed fuzzing input — the corpus each target reached, and the inputs that once
 //! crashed one (`regressions/`) — replayed through its target: none may panic. The seeds
 //! (`seed-*`, infra/fuzz/seeds.sh) must also be accepted, or the fuzzer would only ever explore
-//! the first check that rejects them.
+//! the first check that rejects them; the hand-made hostile headers (`hostile-*`,
+//! infra/fuzz/hostile.py) must be refused — and without allocating what they declare, or the
+//! process would abort.
 
 use std::path::Path;
 
@@ -14,10 +16,12 @@ fn corpora_replay_without_a_panic_and_the_seeds_are_accepted() {
         for input in &inputs {
             let data = std::fs::read(input).unwrap();
             let accepted = std::panic::catch_unwind(|| target(&data)).unwrap_or_else(|_| panic!("{name} panicked on {}", input.display()));
-            if input.file_name().unwrap().to_string_lossy().starts_with("seed-") {
+            let file = input.file_name().unwrap().to_string_lossy();
+            if file.starts_with("seed-") {
                 assert!(accepted, "the {name} target rejects its seed {}", input.display());
                 seeds += 1;
             }
+            assert!(!(file.starts_with("hostile-") && accepted), "the {name} target accepts {}", input.display());
         }
         assert!(seeds > 0, "no seeds for the {name} target: run infra/fuzz/seeds.sh");
         eprintln!("{name}: {} inputs", inputs.len());

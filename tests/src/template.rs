@@ -108,7 +108,7 @@ pub fn unused(statements: &[Statement], calls: &[Call], exempt: &[(&str, &str)])
 }
 
 /// A string, a list, `!Sub "…${Name}…"` or `!Ref Name`, resolved through `names`.
-fn strings(value: &Value, names: &[(&str, &str)]) -> Vec<String> {
+pub fn strings(value: &Value, names: &[(&str, &str)]) -> Vec<String> {
     let lookup = |name: &str| names.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string()).unwrap_or_else(|| panic!("no value for {name}"));
     match value {
         Value::String(s) => vec![s.clone()],

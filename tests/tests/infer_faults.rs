@@ -1,7 +1,7 @@
 //! The inference function's loader when S3 fails mid-download: the client talks to the local
-//! S3 server through a proxy that cuts connections and plays dead. A cut range is fetched
-//! again within the load; a server that dies fails the load with 503, nothing half-loaded is
-//! served, and the next request loads the model.
+//! S3 server through a proxy that cuts or stalls connections and plays dead. A cut or stalled
+//! range is fetched again within the load; a server that dies fails the load with 503, nothing
+//! half-loaded is served, and the next request loads the model.
 
 use llm_api::model_source::DownloadSettings;
 use llm_store::S3;
@@ -39,6 +39,23 @@ fn a_range_cut_mid_download_is_fetched_again() {
     let (status, body) = post(&serve(&uri, settings()), "/v1/completions", REQUEST);
     assert_eq!(status, 200, "{body}");
     assert_eq!(proxy.cuts(), cuts + 1, "the fault never fired");
+    assert_eq!(text(&body), text(&reference));
+}
+
+/// The SDK's stalled-stream protection ends a body that stops arriving (after its grace
+/// period, seconds), and the range is read again.
+#[test]
+fn a_range_that_stalls_mid_download_is_fetched_again() {
+    let _one = exclusive();
+    let uri = publish("faults-stall");
+    let (_, reference) = post(&serve(&uri, settings()), "/v1/completions", REQUEST);
+
+    let proxy = proxied();
+    let stalls = proxy.stalls();
+    proxy.set(Fault::StallAfter { method: b"GET ", bytes: 600_000 });
+    let (status, body) = post(&serve(&uri, settings()), "/v1/completions", REQUEST);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proxy.stalls(), stalls + 1, "the fault never fired");
     assert_eq!(text(&body), text(&reference));
 }
 

@@ -53,6 +53,20 @@ fn a_connection_cut_mid_download_is_retried_within_the_invocation() {
 }
 
 #[test]
+fn throttling_during_the_invocation_is_retried_within_it() {
+    let _one = exclusive();
+    let (s3, event) = prepare("faults-throttled");
+    let proxy = proxied();
+    let errors = proxy.errors();
+    // Two in a row: the SDK's third attempt of that request gets through.
+    proxy.set(Fault::Respond { status: 503, code: "SlowDown", times: 2 });
+    let summary = invoke(&s3, &event).unwrap();
+    assert!(matches!(summary.jobs[0], Outcome::Converted { .. }), "{summary:?}");
+    assert_eq!(proxy.errors(), errors + 2, "the fault did not fire");
+    assert_published(&s3, "faults-throttled");
+}
+
+#[test]
 fn the_server_dying_mid_download_fails_the_invocation_and_the_retry_completes() {
     let _one = exclusive();
     let (s3, event) = prepare("faults-download-down");

@@ -3,6 +3,8 @@
 //! the code uses, each function's IAM statements allow exactly the calls it makes (recorded by
 //! a proxy in front of the local S3 and Batch servers), and cfn-lint and `sam validate --lint`
 //! pass. The training job's role is checked the same way in functions/llm/tests/training.rs.
+//! The security settings are checked too: a TLS-only private bucket, a signed API by default,
+//! no request text in logs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use llm_tests::local_batch::local_batch;
 use llm_tests::local_s3::local_s3;
 use llm_tests::recording_proxy::RecordingProxy;
 use llm_tests::s3_events::{s3_event_json, upload_checkpoint};
-use llm_tests::template::{denied, unused, Template};
+use llm_tests::template::{denied, strings, unused, Template};
 use llm_tests::workspace_root;
 use serde_json::Value;
 use submit_function::spec::{JOBS_PREFIX, SUBMITTED_PREFIX};
@@ -224,6 +226,39 @@ fn each_function_is_allowed_the_calls_it_makes_and_no_more() {
     assert_eq!(handle(&state, "batches/continue/two.json").unwrap()[0].status, batch_function::Status::Completed);
     assert_eq!(handle(&state, "batches/input/gone.jsonl").unwrap()[0].status, batch_function::Status::Failed);
     check("BatchFunction", s3_proxy.take(), &[]);
+}
+
+/// The bucket refuses every request made without TLS and all public access, the function URL
+/// needs SigV4-signed requests unless the deployer chooses otherwise, and no function logs
+/// prompts or completions unless told to.
+#[test]
+fn the_bucket_is_private_and_tls_only_the_api_signed_and_text_unlogged() {
+    let template = Template::load();
+    let names = [("AWS::Partition", "aws"), ("ModelBucket", BUCKET)];
+    let policy = &template.resource("ModelBucketTlsOnly")["Properties"];
+    assert_eq!(strings(&policy["Bucket"], &names), [BUCKET]);
+    let statements = policy["PolicyDocument"]["Statement"].as_sequence().expect("statements");
+    assert!(
+        statements.iter().any(|s| s["Effect"] == "Deny"
+            && s["Principal"] == "*"
+            && strings(&s["Action"], &names) == ["s3:*"]
+            && strings(&s["Resource"], &names) == [format!("arn:aws:s3:::{BUCKET}"), format!("arn:aws:s3:::{BUCKET}/*")]
+            && s["Condition"]["Bool"]["aws:SecureTransport"] == "false"),
+        "{statements:?}"
+    );
+    let bucket = &template.resource("ModelBucket")["Properties"];
+    for setting in ["BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"] {
+        assert_eq!(bucket["PublicAccessBlockConfiguration"][setting], true, "{setting}");
+    }
+    assert!(!bucket["BucketEncryption"].is_null());
+
+    assert_eq!(template.0["Parameters"]["ApiAuth"]["Default"], "AWS_IAM");
+    let url = &template.resource("InferenceFunction")["Properties"]["FunctionUrlConfig"];
+    assert_eq!(strings(&url["AuthType"], &[("ApiAuth", "AWS_IAM")]), ["AWS_IAM"]);
+    for (function, _) in functions(&template) {
+        let log_text = &template.resource(&function)["Properties"]["Environment"]["Variables"]["LOG_TEXT"];
+        assert!(log_text.is_null() || *log_text == "false", "{function} logs request text: {log_text:?}");
+    }
 }
 
 #[test]

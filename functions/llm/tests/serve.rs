@@ -103,3 +103,21 @@ fn the_deployment_chat_client_signs_and_streams() {
         assert!(out.status.success() && stdout.trim() == "LLAMA", "{extra:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// More requests than `--max-queued` lets wait are refused with 503 `server_overloaded` at
+/// once; the rest are answered; afterwards the queue is empty again.
+#[test]
+fn an_overloaded_server_sheds_requests_with_503() {
+    let server = serve(&["--threads", "1", "--max-queued", "1"]);
+    let request = r#"{"model": "demo", "prompt": "Once", "max_tokens": 256, "temperature": 1, "seed": 3}"#;
+    let answers: Vec<(u16, serde_json::Value)> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..6).map(|_| scope.spawn(|| post(&server.base_url, "/v1/completions", request))).collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let refused: Vec<_> = answers.iter().filter(|(status, _)| *status == 503).collect();
+    assert!(answers.iter().all(|(status, _)| matches!(status, 200 | 503)), "{answers:?}");
+    assert!(!refused.is_empty() && refused.len() <= 4, "{answers:?}");
+    assert!(refused.iter().all(|(_, body)| body["error"]["type"] == "server_overloaded"), "{refused:?}");
+    let (status, body) = post(&server.base_url, "/v1/completions", r#"{"model": "demo", "prompt": "Once", "max_tokens": 2}"#);
+    assert_eq!(status, 200, "{body}");
+}

@@ -134,15 +134,22 @@ fn distillation_trains_a_pruned_or_fresh_student() {
     assert_eq!(student.model.config().num_layers, 1);
     assert!(!pruned.join(".student-init").exists());
 
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("llama2/hf/config.json")).unwrap()).unwrap();
-    config["num_hidden_layers"] = 1.into();
-    config["intermediate_size"] = 16.into();
-    let config_path = dir.path().join("student.json");
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let fresh = dir.path().join("fresh");
-    let run = distill(&data, &fresh, &["--student-config", config_path.to_str().unwrap(), "--steps", "3"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert_eq!(llm_engine::load(&fresh, Default::default()).unwrap().model.config().intermediate_size, 16);
+    // A config that fits inside the teacher starts from it pruned (fewer layers, narrower MLP);
+    // one that does not (another width) starts fresh.
+    let teacher_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("llama2/hf/config.json")).unwrap()).unwrap();
+    for (name, changes) in [("narrow", &[("num_hidden_layers", 1), ("intermediate_size", 16)][..]), ("fresh", &[("hidden_size", 16), ("num_attention_heads", 2), ("num_key_value_heads", 2)][..])] {
+        let mut config = teacher_config.clone();
+        for (key, value) in changes {
+            config[key] = (*value).into();
+        }
+        let config_path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let student = dir.path().join(name);
+        let run = distill(&data, &student, &["--student-config", config_path.to_str().unwrap(), "--steps", "3"]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let loaded = llm_engine::load(&student, Default::default()).unwrap();
+        assert_eq!((loaded.model.config().hidden_size, loaded.model.config().intermediate_size), (config["hidden_size"].as_u64().unwrap() as usize, config["intermediate_size"].as_u64().unwrap() as usize));
+    }
 
     assert!(!distill(&data, &dir.path().join("bad"), &["--student-layers", "3"]).status.success(), "more layers than the teacher");
 }

@@ -106,7 +106,7 @@ pub(crate) async fn run_requests(
     stop_at: Option<Instant>,
     mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
 ) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
-    let _permit = state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let _permit = state.engine_turn().await?;
     let model = model.clone();
     let on_token = move |event: TokenEvent<'_>| {
         let flow = on_token(event);

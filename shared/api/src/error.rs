@@ -54,6 +54,11 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
     }
 
+    /// 503: too many requests are waiting for the engine; the client should retry later.
+    pub fn overloaded(queued: usize) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", format!("The server is busy ({queued} requests waiting); retry shortly."))
+    }
+
     /// 500: a fault of ours, not of the request.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)

@@ -17,6 +17,9 @@ pub struct Limits {
     pub max_tokens: usize,
     /// Cap on sequences in one request (`n` × prompts).
     pub max_sequences: usize,
+    /// Requests that may wait for the engine behind the one it is running; more are refused
+    /// with 503 (shed load rather than hold connections without bound).
+    pub max_queued: usize,
     /// Generation stops this long before a request's [`Deadline`](crate::Deadline), leaving
     /// time to send the answer.
     pub deadline_margin: Duration,
@@ -24,7 +27,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, max_prompt_tokens: 4096, max_tokens: 512, max_sequences: 16, deadline_margin: Duration::from_millis(1500) }
+        Self { max_body_bytes: 1 << 20, max_prompt_tokens: 4096, max_tokens: 512, max_sequences: 16, max_queued: 64, deadline_margin: Duration::from_millis(1500) }
     }
 }
 

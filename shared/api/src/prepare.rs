@@ -181,7 +181,7 @@ async fn echoed(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>]
     let Some(top_n) = top_n else {
         return Ok(Echo { logprobs: vec![None; texts.len()], texts });
     };
-    let _permit = state.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let _permit = state.engine_turn().await?;
     let (scoring_model, owned) = (model.clone(), prompts.to_vec());
     let scores = tokio::task::spawn_blocking(move || owned.iter().map(|p| llm_engine::prompt_logprobs(&scoring_model.model, p, top_n)).collect::<Result<Vec<_>, _>>())
         .await

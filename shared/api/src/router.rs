@@ -2,7 +2,7 @@
 //! all run. Handlers parse the body and check the model's name; [`crate::prepare`] validates and
 //! encodes, and [`crate::batch`] runs the request's sequences as one engine batch.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,19 +41,55 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Log prompts and completions (off by default: they may be private).
     pub log_text: bool,
-    /// One batch on the CPU at a time; others queue.
-    pub(crate) engine: Semaphore,
+    /// One batch on the CPU at a time; others queue (see [`AppState::engine_turn`]).
+    engine: Semaphore,
+    /// Requests waiting for `engine`.
+    waiting: AtomicUsize,
     /// Cleared by the first request: that one is a cold start.
     pub(crate) cold: AtomicBool,
 }
 
 impl AppState {
     pub fn new(slot: ModelSlot, limits: Limits, api_key: Option<String>) -> Self {
-        Self { slot, limits, api_key, log_text: false, engine: Semaphore::new(1), cold: AtomicBool::new(true) }
+        Self { slot, limits, api_key, log_text: false, engine: Semaphore::new(1), waiting: AtomicUsize::new(0), cold: AtomicBool::new(true) }
+    }
+
+    /// Waits for the engine's turn, or refuses (503) when `limits.max_queued` requests already
+    /// wait for it.
+    pub(crate) async fn engine_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        if let Ok(permit) = self.engine.try_acquire() {
+            return Ok(permit);
+        }
+        let place = Waiting::join(&self.waiting);
+        if place.ahead >= self.limits.max_queued {
+            return Err(ApiError::overloaded(place.ahead));
+        }
+        let permit = self.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()));
+        drop(place);
+        permit
     }
 
     pub fn with_text_logging(self, log_text: bool) -> Self {
         Self { log_text, ..self }
+    }
+}
+
+/// A place in the engine's queue, given up when dropped (served, refused or disconnected).
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    /// Requests that were waiting when this one joined.
+    ahead: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn join(count: &'a AtomicUsize) -> Self {
+        Self { count, ahead: count.fetch_add(1, Ordering::SeqCst) }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

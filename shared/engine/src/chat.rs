@@ -66,18 +66,40 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        let text = template
-            .render(minijinja::context! {
+        // Written through a bounded buffer, so a template that prints without end stops at the
+        // limit instead of when memory runs out.
+        let mut out = BoundedOutput(Vec::new());
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => minijinja::value::Serde(messages),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
-            })
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        if text.len() > MAX_OUTPUT_BYTES {
-            return Err(EngineError::ChatTemplate("rendered prompt is too large".into()));
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.0).map_err(|e| EngineError::ChatTemplate(e.to_string())),
+            Err(e) if e.kind() == ErrorKind::WriteFailure => Err(EngineError::ChatTemplate(format!("the rendered prompt exceeds {MAX_OUTPUT_BYTES} bytes"))),
+            Err(e) => Err(EngineError::ChatTemplate(e.to_string())),
         }
-        Ok(text)
+    }
+}
+
+/// A buffer that refuses to grow past [`MAX_OUTPUT_BYTES`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + bytes.len() > MAX_OUTPUT_BYTES {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -151,6 +173,11 @@ mod tests {
     fn hostile_templates_fail_cleanly() {
         let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", None, None).unwrap();
         assert!(t.render(&[], false).is_err());
+        // Output past the limit stops at the limit (a million iterations of 64 bytes, well within
+        // the fuel).
+        let t = ChatTemplate::new("{% for i in range(1000) %}{% for j in range(1000) %}{{ '0123456789abcdef' * 4 }}{% endfor %}{% endfor %}", None, None).unwrap();
+        let error = t.render(&[], false).unwrap_err().to_string();
+        assert!(error.contains("exceeds"), "{error}");
         let t = ChatTemplate::new("{{ raise_exception('no system role') }}", None, None).unwrap();
         assert!(t.render(&[], false).unwrap_err().to_string().contains("no system role"));
     }

@@ -41,8 +41,10 @@ impl Tokenizer {
     }
 
     pub fn from_json(json: &str) -> Result<tokenizers::Tokenizer> {
-        json.parse::<tokenizers::Tokenizer>()
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        // tokenizers panics (`expect("Helper")`) on some malformed JSON inside a decoder object
+        // instead of returning an error (found by fuzzing): only well-formed JSON reaches it.
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| EngineError::Tokenizer(format!("tokenizer.json is not JSON: {e}")))?;
+        serde_json::from_value::<tokenizers::Tokenizer>(value).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// Encodes `text`; with `add_special_tokens` the tokenizer's post-processor adds BOS/EOS as

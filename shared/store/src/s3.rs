@@ -4,7 +4,9 @@
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::ByteStream;
@@ -39,6 +41,10 @@ impl S3 {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .force_path_style(local_endpoint)
+            // A request the server never answers would otherwise wait forever (the SDK sets no
+            // read timeout); the attempt is then retried. A body that stalls midway is cut by
+            // the SDK's stalled-stream protection (on by default).
+            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(120)).build())
             .build();
         Ok(Self { client: Client::from_conf(config), runtime: Arc::new(runtime) })
     }

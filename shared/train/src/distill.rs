@@ -1,6 +1,8 @@
 //! `llm distill`: a smaller student learns from a teacher's distribution (soft targets) and
-//! the data's labels. The student starts as the teacher pruned to K evenly spaced layers
-//! (DistilBERT's initialisation) or as a fresh model from a `config.json`; it is written as a
+//! the data's labels. The student starts as the teacher pruned: to K evenly spaced layers
+//! (DistilBERT's initialisation), or to a `config.json` that fits inside the teacher — fewer
+//! layers and a narrower MLP, whose neurons are the teacher's most important ones (Minitron's
+//! width pruning). A config that does not fit starts fresh. The student is written as a
 //! Hugging Face directory with the teacher's tokenizer files.
 
 use std::collections::HashMap;
@@ -13,7 +15,7 @@ use rand::Rng;
 use crate::error::{Result, TrainError};
 use crate::finetune::{save, train, validate, Settings, StepMetrics, Summary, TrainingData};
 use crate::lora::seeded;
-use crate::loss::distillation_loss;
+use crate::loss::{causal_lm_loss, distillation_loss};
 use crate::model::{TrainLlama, Trainable};
 use crate::soft_targets::SoftTargets;
 
@@ -21,7 +23,9 @@ use crate::soft_targets::SoftTargets;
 pub enum Student {
     /// The teacher's first and last layers and evenly spaced ones between: K in all.
     Layers(usize),
-    /// A fresh model (normal(0, 0.02) weights, as transformers initialises) of this config.
+    /// This config: the teacher pruned to it when it fits inside the teacher (see
+    /// [`fits_inside`]), otherwise a fresh model (normal(0, 0.02) weights, as transformers
+    /// initialises).
     Config(PathBuf),
 }
 
@@ -43,6 +47,8 @@ pub struct DistillSettings {
 enum Teacher {
     Live(TrainLlama),
     Stored(SoftTargets),
+    /// `alpha = 0`: the student learns from the labels alone and the teacher is never run.
+    Unused { vocab: usize },
 }
 
 pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &DistillSettings, on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>) -> Result<Summary> {
@@ -54,12 +60,14 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
     let data = TrainingData::load(teacher_dir, data, &settings.train)?;
     let load_teacher = || TrainLlama::load(teacher_dir, &Trainable::Frozen, device);
     let teacher = match &settings.soft_targets {
+        _ if settings.alpha == 0.0 => Teacher::Unused { vocab: llm_engine::LlamaConfig::from_hf_json(&read_config(teacher_dir)?.to_string())?.vocab_size },
         Some(path) => Teacher::Stored(SoftTargets::load_or_compute(path, &data.examples, settings.soft_top_k, settings.train.batch_size, load_teacher)?),
         None => Teacher::Live(load_teacher()?),
     };
     let teacher_vocab = match &teacher {
         Teacher::Live(model) => model.config().vocab_size,
         Teacher::Stored(targets) => targets.vocab(),
+        Teacher::Unused { vocab } => *vocab,
     };
     // The student's starting checkpoint lives beside the output until training is done.
     let init = output.join(".student-init");
@@ -68,7 +76,15 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
         let _ = std::fs::remove_dir_all(&init);
         match &settings.student {
             Student::Layers(k) => prune_layers(teacher_dir, *k, &init)?,
-            Student::Config(config) => fresh_model(teacher_dir, config, settings.train.seed, &init)?,
+            Student::Config(config) => {
+                let text = std::fs::read_to_string(config).map_err(|e| TrainError::file(config, e))?;
+                let student = serde_json::from_str(&text).map_err(|e| TrainError::file(config, e))?;
+                if fits_inside(&read_config(teacher_dir)?, &student)? {
+                    prune(teacher_dir, student, &init)?
+                } else {
+                    fresh_model(teacher_dir, config, settings.train.seed, &init)?
+                }
+            }
         }
     }
     let mut student = TrainLlama::load(&init, &Trainable::Full, device)?;
@@ -78,11 +94,13 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
     }
     let (t, alpha) = (settings.temperature, settings.alpha);
     let summary = train(&student, &data, output, &settings.train, |model, batch, seed| {
+        let logits = model.forward(&batch.ids, Some(seed))?;
         let soft = match &teacher {
             Teacher::Live(teacher) => teacher.forward(&batch.ids, None)?.detach(),
             Teacher::Stored(targets) => targets.logits(batch.examples, batch.ids.dim(1)?, device)?,
+            Teacher::Unused { .. } => return causal_lm_loss(&logits, &batch.ids, &batch.mask),
         };
-        distillation_loss(&model.forward(&batch.ids, Some(seed))?, &soft, &batch.ids, &batch.mask, t, alpha)
+        distillation_loss(&logits, &soft, &batch.ids, &batch.mask, t, alpha)
     }, on_step)?;
     if summary.completed {
         save(&student, &init, output, &Trainable::Full)?;
@@ -99,14 +117,39 @@ pub fn prune_layers(teacher: &Path, k: usize, dir: &Path) -> Result<()> {
     if k == 0 || k > layers {
         return Err(TrainError::Invalid(format!("--student-layers must be between 1 and the teacher's {layers}")));
     }
+    config["num_hidden_layers"] = k.into();
+    prune(teacher, config, dir)
+}
+
+/// Whether a student of config `student` can start as the teacher pruned: the same vocabulary,
+/// width, attention heads and embedding tying, no more layers and no wider an MLP.
+pub fn fits_inside(teacher: &serde_json::Value, student: &serde_json::Value) -> Result<bool> {
+    let (t, s) = (llm_engine::LlamaConfig::from_hf_json(&teacher.to_string())?, llm_engine::LlamaConfig::from_hf_json(&student.to_string())?);
+    Ok((s.vocab_size, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.tie_word_embeddings)
+        == (t.vocab_size, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.tie_word_embeddings)
+        && (1..=t.num_layers).contains(&s.num_layers)
+        && (1..=t.intermediate_size).contains(&s.intermediate_size))
+}
+
+/// Writes the teacher pruned to `config` (which [`fits_inside`] it) into `dir`: its first and
+/// last layers and evenly spaced ones between, renumbered, and in each the MLP neurons that
+/// matter most.
+fn prune(teacher: &Path, config: serde_json::Value, dir: &Path) -> Result<()> {
+    let shape = |c: &serde_json::Value| (c["num_hidden_layers"].as_u64().unwrap_or(0) as usize, c["intermediate_size"].as_u64().unwrap_or(0) as usize);
+    let ((layers, _), (k, width)) = (shape(&read_config(teacher)?), shape(&config));
     let keep: Vec<usize> = (0..k).map(|i| if k == 1 { 0 } else { (i * (layers - 1) + (k - 1) / 2) / (k - 1) }).collect();
     let mut tensors = HashMap::new();
+    let mut mlps: HashMap<usize, HashMap<String, Tensor>> = HashMap::new();
     for file in llm_engine::hf::safetensors_files(teacher)? {
         for (name, tensor) in candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| TrainError::file(&file, e))? {
             match layer_of(&name) {
                 Some((layer, rest)) => {
                     if let Some(position) = keep.iter().position(|&l| l == layer) {
-                        tensors.insert(format!("model.layers.{position}.{rest}"), tensor);
+                        if rest.starts_with("mlp.") {
+                            mlps.entry(position).or_default().insert(rest.to_string(), tensor);
+                        } else {
+                            tensors.insert(format!("model.layers.{position}.{rest}"), tensor);
+                        }
                     }
                 }
                 None => {
@@ -115,8 +158,37 @@ pub fn prune_layers(teacher: &Path, k: usize, dir: &Path) -> Result<()> {
             }
         }
     }
-    config["num_hidden_layers"] = k.into();
+    for (position, mlp) in mlps {
+        for (rest, tensor) in narrow_mlp(mlp, width)? {
+            tensors.insert(format!("model.layers.{position}.{rest}"), tensor);
+        }
+    }
     write_checkpoint(teacher, dir, &config, &tensors)
+}
+
+/// One layer's MLP (`mlp.gate_proj.weight`, `mlp.up_proj.weight`, `mlp.down_proj.weight`) cut
+/// to its `width` most important neurons, in their original order. A neuron's importance is
+/// the product of its three weight vectors' norms: it bounds how much the neuron can add to
+/// the residual stream for an input of unit norm (a weight-only stand-in for Minitron's
+/// activation-based score, so pruning needs no data).
+fn narrow_mlp(mut mlp: HashMap<String, Tensor>, width: usize) -> Result<HashMap<String, Tensor>> {
+    let mut take = |name: &str| mlp.remove(&format!("mlp.{name}.weight")).ok_or_else(|| TrainError::Invalid(format!("the teacher has no mlp.{name}.weight")));
+    let (gate, up, down) = (take("gate_proj")?, take("up_proj")?, take("down_proj")?);
+    if gate.dim(0)? == width {
+        return Ok(HashMap::from([("mlp.gate_proj.weight".into(), gate), ("mlp.up_proj.weight".into(), up), ("mlp.down_proj.weight".into(), down)]));
+    }
+    let norms = |t: &Tensor, across: usize| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.sqr()?.sum(across)?.sqrt()?.to_vec1()?) };
+    let (g, u, d) = (norms(&gate, 1)?, norms(&up, 1)?, norms(&down, 0)?);
+    let mut order: Vec<usize> = (0..g.len()).collect();
+    order.sort_by(|&a, &b| (g[b] * u[b] * d[b]).total_cmp(&(g[a] * u[a] * d[a])));
+    let mut kept: Vec<u32> = order[..width].iter().map(|&i| i as u32).collect();
+    kept.sort_unstable();
+    let kept = Tensor::new(kept, gate.device())?;
+    Ok(HashMap::from([
+        ("mlp.gate_proj.weight".into(), gate.index_select(&kept, 0)?),
+        ("mlp.up_proj.weight".into(), up.index_select(&kept, 0)?),
+        ("mlp.down_proj.weight".into(), down.index_select(&kept, 1)?),
+    ]))
 }
 
 /// A model of `config_path`'s shape with transformers' initialisation, and the teacher's
@@ -182,4 +254,69 @@ fn write_checkpoint(source: &Path, dir: &Path, config: &serde_json::Value, tenso
     crate::merge::write_json(&dir.join("config.json"), config)?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(tensors, &path).map_err(|e| TrainError::file(&path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn teacher() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama2/hf")
+    }
+
+    fn weights(dir: &Path) -> HashMap<String, Tensor> {
+        let mut tensors = HashMap::new();
+        for file in llm_engine::hf::safetensors_files(dir).unwrap() {
+            tensors.extend(candle_core::safetensors::load(&file, &Device::Cpu).unwrap());
+        }
+        tensors.into_iter().map(|(name, t)| (name, t.to_dtype(DType::F32).unwrap())).collect()
+    }
+
+    fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_vec2().unwrap()
+    }
+
+    #[test]
+    fn only_a_narrower_or_shallower_config_fits_inside() {
+        let teacher = read_config(&teacher()).unwrap();
+        let with = |key: &str, value: u64| {
+            let mut config = teacher.clone();
+            config[key] = value.into();
+            config
+        };
+        assert!(fits_inside(&teacher, &teacher).unwrap());
+        assert!(fits_inside(&teacher, &with("num_hidden_layers", 1)).unwrap());
+        assert!(fits_inside(&teacher, &with("intermediate_size", 8)).unwrap());
+        assert!(!fits_inside(&teacher, &with("num_hidden_layers", 3)).unwrap());
+        assert!(!fits_inside(&teacher, &with("intermediate_size", 128)).unwrap());
+        assert!(!fits_inside(&teacher, &with("num_key_value_heads", 2)).unwrap());
+        assert!(!fits_inside(&teacher, &with("vocab_size", 100)).unwrap());
+    }
+
+    /// The student keeps the kept layers' attention whole and, of each MLP, the neurons (rows
+    /// of gate and up, columns of down) with the largest norm product, in their order.
+    #[test]
+    fn width_pruning_keeps_the_most_important_neurons() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = read_config(&teacher()).unwrap();
+        config["num_hidden_layers"] = 1.into();
+        config["intermediate_size"] = 16.into();
+        prune(&teacher(), config, dir.path()).unwrap();
+        let (t, s) = (weights(&teacher()), weights(dir.path()));
+        assert_eq!(s.len(), 3 + 9);
+        assert_eq!(rows(&s["model.layers.0.self_attn.q_proj.weight"]), rows(&t["model.layers.0.self_attn.q_proj.weight"]));
+
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let down = rows(&t["model.layers.0.mlp.down_proj.weight"].t().unwrap());
+        let (gate, up) = (rows(&t["model.layers.0.mlp.gate_proj.weight"]), rows(&t["model.layers.0.mlp.up_proj.weight"]));
+        let score: Vec<f32> = (0..gate.len()).map(|i| norm(&gate[i]) * norm(&up[i]) * norm(&down[i])).collect();
+        let kept: Vec<usize> = rows(&s["model.layers.0.mlp.gate_proj.weight"]).iter().map(|row| gate.iter().position(|g| g == row).expect("a teacher neuron")).collect();
+        assert!(kept.len() == 16 && kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
+        let weakest_kept = kept.iter().map(|&i| score[i]).fold(f32::INFINITY, f32::min);
+        assert!((0..gate.len()).filter(|i| !kept.contains(i)).all(|i| score[i] <= weakest_kept));
+        let s_down = rows(&s["model.layers.0.mlp.down_proj.weight"].t().unwrap());
+        for (j, &i) in kept.iter().enumerate() {
+            assert_eq!((&rows(&s["model.layers.0.mlp.up_proj.weight"])[j], &s_down[j]), (&up[i], &down[i]));
+        }
+    }
 }

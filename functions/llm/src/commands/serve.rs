@@ -37,6 +37,9 @@ pub struct Args {
     /// Cap on `max_tokens` (and its default).
     #[arg(long, default_value_t = Limits::default().max_tokens)]
     pub max_tokens: usize,
+    /// Requests that may wait for the engine behind the running one; more get 503.
+    #[arg(long, default_value_t = Limits::default().max_queued)]
+    pub max_queued: usize,
     /// Keep S3 downloads here, named by their sha256, for the next start.
     #[arg(long)]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -57,6 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_prompt_tokens: args.max_prompt_tokens,
         max_tokens: args.max_tokens,
+        max_queued: args.max_queued,
         ..Limits::default()
     };
     let state = Arc::new(AppState::new(ModelSlot::new(id, loader), limits, args.api_key).with_text_logging(args.log_text));
