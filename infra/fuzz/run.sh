@@ -24,7 +24,7 @@ for target in "${targets[@]}"; do
         -rss_limit_mb=2048 -max_len=131072 -print_final_stats=1 -artifact_prefix="fuzz/regressions/$target/" \
         > "fuzz/.work/$target.log" 2>&1 || echo "$target: crashed, see fuzz/.work/$target.log and fuzz/regressions/$target/"
     "${fuzz[@]}" "$target" "fuzz/corpus/$target" "$found" -- -merge=1 >> "fuzz/.work/$target.log" 2>&1
-    runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "fuzz/.work/$target.log" | tail -1 | grep -o '[0-9]*$' || echo "?")
-    cov=$(grep -oE '#[0-9]+ +(pulse|DONE|NEW|REDUCE) +cov: [0-9]+ ft: [0-9]+' "fuzz/.work/$target.log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+' || echo "?")
+    runs=$(grep -ao 'stat::number_of_executed_units: [0-9]*' "fuzz/.work/$target.log" | tail -1 | grep -o '[0-9]*$' || echo "?")
+    cov=$(grep -aoE '#[0-9]+[[:space:]]+(pulse|DONE|NEW|REDUCE|INITED)[[:space:]]+cov: [0-9]+ ft: [0-9]+' "fuzz/.work/$target.log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+' || echo "?")
     echo "$target: $runs executions in ${seconds} s, $cov, corpus $(ls "fuzz/corpus/$target" | wc -l) inputs"
 done

@@ -1,7 +1,8 @@
 //! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the status
 //! the official clients map to their exception classes.
 
-use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -69,8 +70,28 @@ impl ApiError {
     }
 }
 
+/// An overloaded server's hint, in seconds: the official clients wait this long before retrying
+/// instead of at once.
+const OVERLOADED_RETRY_AFTER: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.kind == "server_overloaded" {
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static(OVERLOADED_RETRY_AFTER));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_overloaded_server_asks_clients_to_wait() {
+        let overloaded = ApiError::overloaded(64).into_response();
+        assert_eq!((overloaded.status(), overloaded.headers().get(RETRY_AFTER).map(|v| v.to_str().unwrap())), (StatusCode::SERVICE_UNAVAILABLE, Some("1")));
+        assert!(ApiError::unavailable("loading failed").into_response().headers().get(RETRY_AFTER).is_none());
     }
 }

@@ -80,6 +80,11 @@ impl GgufFile {
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
                 .ok_or_else(|| EngineError::tensor(name, "element count overflows"))?;
+            // No weight is empty; and candle would view an empty buffer as a slice of blocks
+            // through a misaligned pointer (found by fuzzing).
+            if elems == 0 {
+                return Err(EngineError::tensor(name, format!("has no elements (shape {:?})", info.shape.dims())));
+            }
             let block = info.ggml_dtype.block_size() as u64;
             if elems % block != 0 {
                 return Err(EngineError::tensor(

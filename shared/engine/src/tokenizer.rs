@@ -44,6 +44,7 @@ impl Tokenizer {
         // tokenizers panics (`expect("Helper")`) on some malformed JSON inside a decoder object
         // instead of returning an error (found by fuzzing): only well-formed JSON reaches it.
         let value: serde_json::Value = serde_json::from_str(json).map_err(|e| EngineError::Tokenizer(format!("tokenizer.json is not JSON: {e}")))?;
+        check_template_tokens(&value["post_processor"])?;
         serde_json::from_value::<tokenizers::Tokenizer>(value).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
@@ -214,4 +215,18 @@ impl Default for IncrementalDecoder {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A `TemplateProcessing` post-processor may only name special tokens it defines: tokenizers
+/// checks that when one is built, not when one is read, and panics while encoding otherwise
+/// (found by fuzzing). Checked by shape, not by `type`: tokenizers also reads untyped ones.
+fn check_template_tokens(processor: &serde_json::Value) -> Result<()> {
+    processor["processors"].as_array().into_iter().flatten().try_for_each(check_template_tokens)?;
+    let pieces = ["single", "pair"].into_iter().flat_map(|t| processor[t].as_array().into_iter().flatten());
+    for id in pieces.filter_map(|piece| piece["SpecialToken"]["id"].as_str()) {
+        if processor["special_tokens"].get(id).is_none() {
+            return Err(EngineError::Tokenizer(format!("the post-processor's template uses `{id}`, which is not among its special tokens")));
+        }
+    }
+    Ok(())
 }
