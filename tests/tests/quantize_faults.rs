@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use aws_lambda_events::s3::S3Event;
 use llm_store::registry::{self, ModelKeys};
 use llm_store::S3;
-use llm_tests::fault_proxy::{exclusive, proxied, Fault};
+use llm_tests::fault_proxy::{exclusive, proxied, Fault, FaultProxy};
 use llm_tests::s3_events::{s3_event_json, upload_checkpoint};
 use quantize_function::{handle, Config, Outcome};
 use sha2::{Digest, Sha256};
@@ -38,32 +38,25 @@ fn models(s3: &S3, bucket: &str) -> Vec<String> {
     s3.list(bucket, "models/").unwrap().into_iter().map(|o| o.key).collect()
 }
 
+/// A connection cut once, 100 kB into the first ranged read of the weights, or two throttled
+/// requests in a row (the SDK's third attempt gets through): healed within the invocation.
 #[test]
-fn a_connection_cut_mid_download_is_retried_within_the_invocation() {
+fn a_cut_connection_or_throttling_is_retried_within_the_invocation() {
     let _one = exclusive();
-    let (s3, event) = prepare("faults-download-cut");
-    let proxy = proxied();
-    let cuts = proxy.cuts();
-    // Cut the first ranged read of the weights 100 kB in, once.
-    proxy.set(Fault::CutAfter { method: b"GET ", bytes: 100_000, then_down: false });
-    let summary = invoke(&s3, &event).unwrap();
-    assert!(matches!(summary.jobs[0], Outcome::Converted { .. }), "{summary:?}");
-    assert_eq!(proxy.cuts(), cuts + 1, "the fault did not fire");
-    assert_published(&s3, "faults-download-cut");
-}
-
-#[test]
-fn throttling_during_the_invocation_is_retried_within_it() {
-    let _one = exclusive();
-    let (s3, event) = prepare("faults-throttled");
-    let proxy = proxied();
-    let errors = proxy.errors();
-    // Two in a row: the SDK's third attempt of that request gets through.
-    proxy.set(Fault::Respond { status: 503, code: "SlowDown", times: 2 });
-    let summary = invoke(&s3, &event).unwrap();
-    assert!(matches!(summary.jobs[0], Outcome::Converted { .. }), "{summary:?}");
-    assert_eq!(proxy.errors(), errors + 2, "the fault did not fire");
-    assert_published(&s3, "faults-throttled");
+    let faults: [(&str, Fault, fn(&FaultProxy) -> usize, usize); 2] = [
+        ("faults-download-cut", Fault::CutAfter { method: b"GET ", bytes: 100_000, then_down: false }, FaultProxy::cuts, 1),
+        ("faults-throttled", Fault::Respond { status: 503, code: "SlowDown", times: 2 }, FaultProxy::errors, 2),
+    ];
+    for (bucket, fault, fired, times) in faults {
+        let (s3, event) = prepare(bucket);
+        let proxy = proxied();
+        let before = fired(proxy);
+        proxy.set(fault);
+        let summary = invoke(&s3, &event).unwrap();
+        assert!(matches!(summary.jobs[0], Outcome::Converted { .. }), "{fault:?}: {summary:?}");
+        assert_eq!(fired(proxy), before + times, "{fault:?} did not fire");
+        assert_published(&s3, bucket);
+    }
 }
 
 #[test]

@@ -23,9 +23,9 @@ use crate::soft_targets::SoftTargets;
 pub enum Student {
     /// The teacher's first and last layers and evenly spaced ones between: K in all.
     Layers(usize),
-    /// This config: the teacher pruned to it when it fits inside the teacher (see
-    /// [`fits_inside`]), otherwise a fresh model (normal(0, 0.02) weights, as transformers
-    /// initialises).
+    /// This config: the teacher pruned to it when it fits inside the teacher (the same
+    /// vocabulary, width, heads and tying; no more layers, no wider an MLP), otherwise a fresh
+    /// model (normal(0, 0.02) weights, as transformers initialises).
     Config(PathBuf),
 }
 
@@ -123,7 +123,7 @@ pub fn prune_layers(teacher: &Path, k: usize, dir: &Path) -> Result<()> {
 
 /// Whether a student of config `student` can start as the teacher pruned: the same vocabulary,
 /// width, attention heads and embedding tying, no more layers and no wider an MLP.
-pub fn fits_inside(teacher: &serde_json::Value, student: &serde_json::Value) -> Result<bool> {
+fn fits_inside(teacher: &serde_json::Value, student: &serde_json::Value) -> Result<bool> {
     let (t, s) = (llm_engine::LlamaConfig::from_hf_json(&teacher.to_string())?, llm_engine::LlamaConfig::from_hf_json(&student.to_string())?);
     Ok((s.vocab_size, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.tie_word_embeddings)
         == (t.vocab_size, t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim, t.tie_word_embeddings)
