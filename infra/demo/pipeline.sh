@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo pipeline, on CPU, in one command:
-#   demo task → pretrain a teacher → instruction SFT → distil a student with half the layers
-#   (and, as the baseline, the same student trained on the labels alone) → quantize each to
+#   demo task → pretrain a teacher → instruction SFT → distil a student of under half its
+#   parameters (infra/demo/student-config.json: all 5 layers, each MLP cut from 512 to its 112
+#   strongest neurons) and, as the baseline, the same student trained on the labels alone →
+#   quantize each to
 #   Q8_0 and Q4_K_M → exact-match accuracy and decode speed of every stage → a Markdown table.
 #
 #   infra/demo/pipeline.sh [WORK_DIR]          (default: infra/.work/demo; git-ignored)
@@ -36,9 +38,10 @@ stage teacher-pretrained finetune --method full --base "$W/data/teacher-init" --
     --steps "$PRETRAIN_STEPS" --lr 2e-3 --warmup 100 --weight-decay 0.01 "${train[@]}"
 stage teacher finetune --method full --base "$W/teacher-pretrained" --data "$W/data/sft.jsonl" \
     --eval-data "$W/data/sft-eval.jsonl" --eval-every 100 --steps "$SFT_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
-stage student distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
+student=(--teacher "$W/teacher" --student-config infra/demo/student-config.json --data "$W/data/sft.jsonl")
+stage student distill "${student[@]}" \
     --temperature 2 --alpha 0.7 --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
-stage student-labels-only distill --teacher "$W/teacher" --student-layers 2 --data "$W/data/sft.jsonl" \
+stage student-labels-only distill "${student[@]}" \
     --alpha 0 --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
 
 for model in teacher-pretrained teacher student student-labels-only; do
