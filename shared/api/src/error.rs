@@ -57,7 +57,7 @@ impl ApiError {
 
     /// 503: too many requests are waiting for the engine; the client should retry later.
     pub fn overloaded(queued: usize) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", format!("The server is busy ({queued} requests waiting); retry shortly."))
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, OVERLOADED, format!("The server is busy ({queued} requests waiting); retry shortly."))
     }
 
     /// 500: a fault of ours, not of the request.
@@ -70,6 +70,9 @@ impl ApiError {
     }
 }
 
+/// The `type` of an overloaded server's 503, the one answer that carries `Retry-After`.
+const OVERLOADED: &str = "server_overloaded";
+
 /// An overloaded server's hint, in seconds: the official clients wait this long before retrying
 /// instead of at once.
 const OVERLOADED_RETRY_AFTER: &str = "1";
@@ -77,7 +80,7 @@ const OVERLOADED_RETRY_AFTER: &str = "1";
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
-        if self.kind == "server_overloaded" {
+        if self.kind == OVERLOADED {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static(OVERLOADED_RETRY_AFTER));
         }
         response
