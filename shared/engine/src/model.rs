@@ -3,8 +3,11 @@
 //! One forward pass takes a batch of left-padded rows (`[b, s]` token ids) and extends the
 //! per-layer KV cache; padding is masked out so rows of different lengths share every matmul.
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use llm_kernels::{BlockType, QMatrix};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -16,9 +19,59 @@ use crate::weights::{check_dims, load_expected, quantize_weight, LayerTensor, Te
 /// when an adapter was applied (kept apart, so a quantized base stays quantized).
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: QMatMul,
+    weight: Product,
     dims: (usize, usize),
     lora: Option<LoraDelta>,
+}
+
+/// Who computes `x · Wᵀ`: this project's kernels ([`llm_kernels`]) for the block types they
+/// cover on a CPU they have SIMD code for, candle's for everything else.
+#[derive(Debug, Clone)]
+enum Product {
+    Candle(QMatMul),
+    Kernels(Arc<QTensor>, BlockType),
+}
+
+impl Product {
+    fn new(weight: Weight) -> Result<Self> {
+        Ok(match weight {
+            Weight::Dense(t) => Self::Candle(QMatMul::Tensor(t)),
+            Weight::Quantized(q) => match kernel_type(&q) {
+                Some(ty) => Self::Kernels(q, ty),
+                None => Self::Candle(QMatMul::from_arc(q)?),
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, (out, input): (usize, usize)) -> Result<Tensor> {
+        let (q, ty) = match self {
+            Self::Candle(m) => return Ok(m.forward(x)?),
+            Self::Kernels(q, ty) => (q, *ty),
+        };
+        let bytes = q.data()?;
+        let w = QMatrix::new(ty, out, input, &bytes).map_err(kernel_error)?;
+        let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; xs.len() / input * out];
+        llm_kernels::matmul(&w, &xs, &mut y).map_err(kernel_error)?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("a matrix product's input has a last axis") = out;
+        Ok(Tensor::from_vec(y, dims, x.device())?)
+    }
+}
+
+/// The kernels' block type for `q`, when they take it here: a CPU tensor, a covered type, a
+/// CPU with their SIMD path.
+fn kernel_type(q: &QTensor) -> Option<BlockType> {
+    let ty = match q.dtype() {
+        GgmlDType::Q8_0 => BlockType::Q8_0,
+        GgmlDType::Q4_0 => BlockType::Q4_0,
+        _ => return None,
+    };
+    (q.device().is_cpu() && llm_kernels::available()).then_some(ty)
+}
+
+fn kernel_error(e: llm_kernels::ShapeError) -> crate::error::EngineError {
+    crate::error::EngineError::InvalidRequest(format!("quantized product: {e}"))
 }
 
 /// `x · Aᵀ · (scaling · B)ᵀ`, with both factors stored transposed for the matmuls.
@@ -34,16 +87,12 @@ impl Linear {
             [out, input] => (*out, *input),
             other => return Err(crate::error::EngineError::InvalidRequest(format!("a projection must be a matrix, not {other:?}"))),
         };
-        let weight = match weight {
-            Weight::Dense(t) => QMatMul::Tensor(t),
-            Weight::Quantized(q) => QMatMul::from_arc(q)?,
-        };
-        Ok(Self { weight, dims, lora: None })
+        Ok(Self { weight: Product::new(weight)?, dims, lora: None })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        let y = self.weight.forward(&x)?;
+        let y = self.weight.forward(&x, self.dims)?;
         match &self.lora {
             Some(lora) => Ok((y + x.broadcast_matmul(&lora.a_t)?.broadcast_matmul(&lora.scaled_b_t)?)?),
             None => Ok(y),

@@ -1,0 +1,54 @@
+//! This crate's product against candle's on one layer's shapes of TinyLlama-1.1B, for a decode
+//! step (1 activation row) and a 128-token prompt:
+//!
+//!     RAYON_NUM_THREADS=1 cargo bench -p llm-kernels
+//!
+//! Prints GFLOP/s (2 flops per multiply-add) and the ratio, one line per (type, shape, rows).
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use llm_kernels::{matmul, BlockType, QMatrix};
+
+/// `(name, out, in)`: attention q/o, k/v (GQA), the MLP's gate/up and down.
+const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 256, 2048), ("ffn_up", 5632, 2048), ("ffn_down", 2048, 5632)];
+
+fn seconds(mut f: impl FnMut()) -> f64 {
+    f();
+    let (mut runs, start) = (0, Instant::now());
+    while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
+        f();
+        runs += 1;
+    }
+    start.elapsed().as_secs_f64() / runs as f64
+}
+
+fn main() {
+    let dev = Device::Cpu;
+    for (ty, dtype) in [(BlockType::Q8_0, GgmlDType::Q8_0), (BlockType::Q4_0, GgmlDType::Q4_0)] {
+        for (name, n, k) in SHAPES {
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let ours = QMatrix::new(ty, n, k, &bytes).unwrap();
+            let theirs = QMatMul::from_qtensor(q).unwrap();
+            for m in [1, 128] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut y = vec![0f32; m * n];
+                let t_ours = seconds(|| matmul(&ours, &xs, &mut y).unwrap());
+                let t_candle = seconds(|| {
+                    theirs.forward(&x).unwrap();
+                });
+                let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+                println!(
+                    "{ty:?} {name} {n}x{k} m={m}: ours {:.1} GFLOP/s, candle {:.1} GFLOP/s, ratio {:.2}",
+                    gflops(t_ours),
+                    gflops(t_candle),
+                    t_candle / t_ours
+                );
+            }
+        }
+    }
+}

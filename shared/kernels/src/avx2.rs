@@ -1,0 +1,163 @@
+//! x86_64 kernels: AVX2 integer dot products (`maddubs`), FMA accumulation, F16C scales.
+//!
+//! A tile is `R` weight rows × `C` activation rows: each weight block is loaded once per tile
+//! and meets `C` activation blocks, each activation block meets `R` weight blocks, and the
+//! `R·C` partial sums stay in registers for the whole row.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use crate::activations::QuantizedRows;
+use crate::blocks::{BlockType, BLOCK};
+use crate::QMatrix;
+
+pub fn detected() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+/// Tile shapes (weight rows × activation rows), measured with `cargo bench -p llm-kernels`: a
+/// prompt's tile trades weight rows for activation rows (more of the 16 vector registers go to
+/// sums that share one weight load); one activation row (decode) takes more weight rows, whose
+/// independent sums hide the latency of the multiply-adds.
+const PROMPT: (usize, usize) = (2, 4);
+const DECODE_ROWS: usize = 4;
+
+/// Columns `rows` of every output row (see [`crate::product_rows`]).
+///
+/// # Safety
+/// [`detected`] is true; `out` as in [`crate::product_rows`].
+pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    match w.ty {
+        BlockType::Q8_0 => rows_of::<Q8_0>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Q4_0>(w, x, rows, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_of<W: Block>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    const R: usize = PROMPT.0;
+    const C: usize = PROMPT.1;
+    // Activation rows outside, weight rows inside: the few activation rows of a tile stay in
+    // L1 while the group's weight rows come from L2.
+    let mut i = 0;
+    while i < x.rows() {
+        let several = x.rows() - i >= C;
+        let mut r = rows.start;
+        while r < rows.end {
+            let left = rows.end - r;
+            r += match several {
+                true if left >= R => tile::<W, R, C>(w, x, r, i, out),
+                true => tile::<W, 1, C>(w, x, r, i, out),
+                false if left >= DECODE_ROWS => tile::<W, DECODE_ROWS, 1>(w, x, r, i, out),
+                false => tile::<W, 1, 1>(w, x, r, i, out),
+            };
+        }
+        i += if several { C } else { 1 };
+    }
+}
+
+/// Output `[i..i+CT] × [r..r+RT]`; returns `RT`, the weight rows done.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let row_bytes = w.ty.row_bytes(w.cols);
+    let weights: [*const u8; RT] = std::array::from_fn(|a| w.bytes.as_ptr().add((r + a) * row_bytes));
+    let acts: [(&[f32], &[i8]); CT] = std::array::from_fn(|c| x.row(i + c));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); CT]; RT];
+    for b in 0..w.cols / BLOCK {
+        let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
+        let mut scales = [_mm256_setzero_ps(); RT];
+        for a in 0..RT {
+            let block = weights[a].add(b * W::BYTES);
+            blocks[a] = W::weights(block);
+            scales[a] = _mm256_set1_ps(f16_at(block));
+        }
+        for c in 0..CT {
+            let (xd, xq) = acts[c];
+            let xv = W::activations(_mm256_loadu_si256(xq.as_ptr().add(b * BLOCK) as *const __m256i));
+            let dx = _mm256_set1_ps(*xd.get_unchecked(b));
+            for a in 0..RT {
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(W::pairs(&blocks[a], &xv), ones));
+                acc[a][c] = _mm256_fmadd_ps(_mm256_mul_ps(scales[a], dx), sums, acc[a][c]);
+            }
+        }
+    }
+    for a in 0..RT {
+        for c in 0..CT {
+            *out.add((i + c) * w.rows + r + a) = hsum(acc[a][c]);
+        }
+    }
+    RT
+}
+
+/// How a weight block's 32 values meet an activation block's in `maddubs` (unsigned × signed
+/// bytes → sums of pairs as `i16`).
+trait Block {
+    const BYTES: usize;
+    /// The weight block as the operands [`Block::pairs`] takes.
+    ///
+    /// # Safety
+    /// `block` points to a whole block; AVX2 is available.
+    unsafe fn weights(block: *const u8) -> [__m256i; 2];
+    /// The activation block's 32 bytes as the operands [`Block::pairs`] takes.
+    unsafe fn activations(x: __m256i) -> [__m256i; 2];
+    /// The 16 sums of adjacent products.
+    unsafe fn pairs(w: &[__m256i; 2], x: &[__m256i; 2]) -> __m256i;
+}
+
+struct Q8_0;
+struct Q4_0;
+
+impl Block for Q8_0 {
+    const BYTES: usize = BlockType::Q8_0.block_bytes();
+    /// `[w, |w|]`.
+    #[inline(always)]
+    unsafe fn weights(block: *const u8) -> [__m256i; 2] {
+        let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
+        [w, _mm256_sign_epi8(w, w)]
+    }
+    #[inline(always)]
+    unsafe fn activations(x: __m256i) -> [__m256i; 2] {
+        [x, x]
+    }
+    /// `|w| · (x with w's sign) = w · x`.
+    #[inline(always)]
+    unsafe fn pairs(w: &[__m256i; 2], x: &[__m256i; 2]) -> __m256i {
+        _mm256_maddubs_epi16(w[1], _mm256_sign_epi8(x[0], w[0]))
+    }
+}
+
+impl Block for Q4_0 {
+    const BYTES: usize = BlockType::Q4_0.block_bytes();
+    /// `[q]`, the stored nibbles 0..16 (the value is `q − 8`).
+    #[inline(always)]
+    unsafe fn weights(block: *const u8) -> [__m256i; 2] {
+        let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
+        let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+        [nibbles, nibbles]
+    }
+    /// `[x, 8·x pairwise]`, the second shared by every weight row of the tile.
+    #[inline(always)]
+    unsafe fn activations(x: __m256i) -> [__m256i; 2] {
+        [x, _mm256_maddubs_epi16(_mm256_set1_epi8(8), x)]
+    }
+    /// `q · x − 8 · x = (q − 8) · x`, without the sign trick: nibbles are already unsigned.
+    #[inline(always)]
+    unsafe fn pairs(w: &[__m256i; 2], x: &[__m256i; 2]) -> __m256i {
+        _mm256_sub_epi16(_mm256_maddubs_epi16(w[0], x[0]), x[1])
+    }
+}
+
+/// The block's leading little-endian `f16` scale.
+#[inline(always)]
+unsafe fn f16_at(block: *const u8) -> f32 {
+    let bits = u16::from_le_bytes([*block, *block.add(1)]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}

@@ -1,0 +1,126 @@
+//! Quantized matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format.
+//!
+//! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
+//! never repacked or copied); the activations are quantized once per product to 8-bit blocks,
+//! as llama.cpp does, so that each weight block meets an activation block in an integer dot
+//! product. Many activation rows (a prompt) share every weight load: the product is computed in
+//! tiles of weight rows × activation rows, so prefill is a matrix product, not repeated
+//! vector products. Work is spread over candle's compute pool, so the engine's other kernels and
+//! these never compete for cores.
+//!
+//! The SIMD path is chosen at run time ([`available`]); on a CPU without one the caller keeps
+//! candle's kernels. [`scalar`] is the portable definition the SIMD kernels are tested against.
+
+mod activations;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod blocks;
+pub mod scalar;
+
+pub use activations::QuantizedRows;
+pub use blocks::BlockType;
+
+/// Whether this CPU has a SIMD kernel; when it does not, [`matmul`] would fall back to the
+/// slow [`scalar`] one and the caller had better use another implementation.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::detected()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Shape errors: the caller's tensors do not match the product it asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl std::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
+
+/// A weight matrix of `rows` rows of `cols` values, in `ty`'s blocks, row after row.
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    pub ty: BlockType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    pub fn new(ty: BlockType, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
+        if cols == 0 || cols % blocks::BLOCK != 0 {
+            return Err(ShapeError(format!("a {ty:?} row must be a whole number of {}-value blocks, not {cols}", blocks::BLOCK)));
+        }
+        let expected = rows * ty.row_bytes(cols);
+        if bytes.len() != expected {
+            return Err(ShapeError(format!("a {rows}×{cols} {ty:?} matrix takes {expected} bytes, not {}", bytes.len())));
+        }
+        Ok(Self { ty, rows, cols, bytes })
+    }
+
+    fn row(&self, r: usize) -> &'a [u8] {
+        let len = self.ty.row_bytes(self.cols);
+        &self.bytes[r * len..(r + 1) * len]
+    }
+}
+
+/// `y[m × w.rows] = x[m × w.cols] · Wᵀ`, row-major, on the compute pool.
+pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
+    if x.len() % w.cols != 0 {
+        return Err(ShapeError(format!("{} activations are not rows of {}", x.len(), w.cols)));
+    }
+    let m = x.len() / w.cols;
+    if y.len() != m * w.rows {
+        return Err(ShapeError(format!("the output of {m}×{} has {} values, not {}", w.rows, m * w.rows, y.len())));
+    }
+    let x = QuantizedRows::new(x, w.cols);
+    let out = OutPtr(y.as_mut_ptr());
+    // Each work item owns a group of weight rows, i.e. the same columns of every output row,
+    // so no two items write the same `y` element.
+    let group = group_rows(w.rows, m);
+    let groups = w.rows.div_ceil(group);
+    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+        for g in range {
+            let rows = g * group..w.rows.min((g + 1) * group);
+            // SAFETY: see above; `y` outlives the pool's execution, which returns when all
+            // items are done.
+            unsafe { product_rows(w, &x, rows, &out) };
+        }
+    });
+    Ok(())
+}
+
+/// Weight rows per work item: enough items for the pool to balance, few enough that a group
+/// (its rows re-read from cache for every activation row) stays in L2.
+fn group_rows(rows: usize, m: usize) -> usize {
+    let per_item = if m == 1 { 16 } else { 64 };
+    per_item.min(rows.div_ceil(4 * candle_core::utils::get_num_threads()).next_multiple_of(4)).max(4)
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: work items write disjoint elements (see `matmul`).
+unsafe impl Sync for OutPtr {}
+
+/// Columns `rows` of every output row.
+///
+/// # Safety
+/// `out` points to `x.rows() × w.rows` values that no other thread writes in these columns.
+unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: std::ops::Range<usize>, out: &OutPtr) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::detected() {
+        return avx2::product_rows(w, x, rows, out.0);
+    }
+    for r in rows {
+        for i in 0..x.rows() {
+            *out.0.add(i * w.rows + r) = scalar::dot(w.ty, w.row(r), x, i);
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The SIMD product against the scalar definition (same quantized activations: equal up to
+//! float summation order) and against candle's dequantized weights in f32 (the quantization of
+//! the activations is the only difference).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use llm_kernels::{matmul, scalar, BlockType, QMatrix, QuantizedRows};
+use rand::{Rng, SeedableRng};
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// A random `rows × cols` matrix quantized by candle (the GGUF block layout) and its f32 value.
+fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let dtype = match ty {
+        BlockType::Q8_0 => GgmlDType::Q8_0,
+        BlockType::Q4_0 => GgmlDType::Q4_0,
+    };
+    let t = Tensor::from_vec(random(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, dtype).unwrap();
+    let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    (q.data().unwrap().into_owned(), dense)
+}
+
+#[test]
+fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
+    for ty in [BlockType::Q8_0, BlockType::Q4_0] {
+        // Row and activation counts that leave remainders after every tile size.
+        for (rows, cols, m) in [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16)] {
+            let (bytes, dense) = weights(ty, rows, cols);
+            let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();
+            let x = random(m * cols, 11);
+            let mut y = vec![f32::NAN; m * rows];
+            matmul(&w, &x, &mut y).unwrap();
+
+            let q = QuantizedRows::new(&x, cols);
+            for i in 0..m {
+                for r in 0..rows {
+                    let got = y[i * rows + r];
+                    let exact = scalar::dot(ty, &bytes[r * ty.row_bytes(cols)..(r + 1) * ty.row_bytes(cols)], &q, i);
+                    assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{ty:?} {rows}x{cols} m={m} [{i},{r}]: {got} vs {exact}");
+                    let f32_dot: f32 = (0..cols).map(|j| x[i * cols + j] * dense[r * cols + j]).sum();
+                    // Activations rounded to 1/254 of each block's largest magnitude.
+                    let bound = 0.01 * (cols as f32).sqrt();
+                    assert!((got - f32_dot).abs() <= bound, "{ty:?} {rows}x{cols} [{i},{r}]: {got} vs f32 {f32_dot}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn shapes_that_do_not_match_are_refused() {
+    let (bytes, _) = weights(BlockType::Q8_0, 4, 64);
+    assert!(QMatrix::new(BlockType::Q8_0, 4, 48, &bytes).is_err(), "48 values are not whole blocks");
+    assert!(QMatrix::new(BlockType::Q8_0, 5, 64, &bytes).is_err(), "too few bytes for 5 rows");
+    let w = QMatrix::new(BlockType::Q8_0, 4, 64, &bytes).unwrap();
+    assert!(matmul(&w, &[0.0; 65], &mut [0.0; 4]).is_err());
+    assert!(matmul(&w, &[0.0; 64], &mut [0.0; 3]).is_err());
+}
