@@ -2,7 +2,9 @@
 """`llm bench` side by side with llama.cpp (llama-cpp-python) on the same GGUF files and threads.
 
 Prints a Markdown table (the one in README.md). Each engine runs in its own process, so that load
-time and peak RSS are its own.
+time and peak RSS are its own. The decode bound is the tokens/s at which one token reads every
+weight once (all tensors but the embedding table, of which a token reads one row) at the
+machine's copy bandwidth with as many copies as threads (`bandwidth.py`).
 
     cargo build --release -p llm-cli
     .venv/bin/python infra/bench/compare.py infra/.work/bench/*.gguf --threads 1 2
@@ -13,6 +15,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import gguf
+
+from bandwidth import bandwidth
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +48,11 @@ def last_json(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def weight_bytes_per_token(path):
+    """Bytes of the tensors one decode step reads whole: all but the token embedding table."""
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
@@ -51,10 +62,12 @@ def main():
     ap.add_argument("--llm", type=Path, default=ROOT / "target" / "release" / "llm")
     args = ap.parse_args()
 
+    copy_rate = {t: bandwidth(t) for t in args.threads}
     print("| model | threads | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours | llama.cpp | ratio "
-          "| load s ours / llama.cpp | peak RSS MiB ours / llama.cpp | file MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| decode bound tok/s | ours / bound | load s ours / llama.cpp | peak RSS MiB ours / llama.cpp | file MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
+        per_token = weight_bytes_per_token(model)
         for t in args.threads:
             ours = last_json([args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
                               "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"])
@@ -64,6 +77,7 @@ def main():
             print(f"| {model.name} | {t} "
                   f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
                   f"| {ours['decode_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f} "
+                  f"| {copy_rate[t] / per_token:.1f} | {ours['decode_tok_s'] * per_token / copy_rate[t]:.0%} "
                   f"| {ours['load_s']:.2f} / {theirs['load_s']:.2f} "
                   f"| {mib(ours['peak_rss_bytes']):.0f} / {mib(theirs['peak_rss_bytes']):.0f} "
                   f"| {mib(model.stat().st_size):.0f} |", flush=True)

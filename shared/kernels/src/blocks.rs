@@ -1,7 +1,9 @@
 //! The GGML block formats this crate reads, byte for byte as in a GGUF file.
 
-/// Values per block, for every type here (and for the activations' blocks).
+/// Values per block of the legacy types (and per sub-block of the K-quants).
 pub const BLOCK: usize = 32;
+/// Values per K-quant super-block.
+pub const SUPER_BLOCK: usize = 256;
 
 /// A weight block format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,22 +13,55 @@ pub enum BlockType {
     /// `f16` scale, then 16 bytes of nibbles (low nibbles are values 0..16, high nibbles
     /// 16..32): value = d · (q − 8).
     Q4_0,
+    /// 256 values in 8 sub-blocks of 32: `f16` d and dmin, 12 bytes of 6-bit scales and mins
+    /// (see [`q4_k_scales`]), then 128 bytes of nibbles, 32 bytes per pair of sub-blocks (low
+    /// nibbles the first, high nibbles the second): value = d · scale_j · q − dmin · min_j.
+    Q4K,
 }
 
 impl BlockType {
+    /// Values per block.
+    pub const fn block_values(self) -> usize {
+        match self {
+            Self::Q8_0 | Self::Q4_0 => BLOCK,
+            Self::Q4K => SUPER_BLOCK,
+        }
+    }
+
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 2 + BLOCK,
             Self::Q4_0 => 2 + BLOCK / 2,
+            Self::Q4K => 2 + 2 + 12 + SUPER_BLOCK / 2,
         }
     }
 
     pub const fn row_bytes(self, cols: usize) -> usize {
-        cols / BLOCK * self.block_bytes()
+        cols / self.block_values() * self.block_bytes()
     }
 }
 
-/// The block's scale, stored first as a little-endian `f16`.
-pub fn scale(block: &[u8]) -> f32 {
-    half::f16::from_le_bytes([block[0], block[1]]).to_f32()
+/// The little-endian `f16` at `bytes[at..at + 2]`.
+pub fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// The eight 6-bit `(scale, min)` pairs of a Q4_K block's 12 scale bytes: pairs 0..4 are the low
+/// six bits of bytes 0..4 and 4..8; pairs 4..8 take four bits from bytes 8..12 and their top two
+/// from the high bits of bytes 0..8. Done on 32-bit words, four pairs at a time, because a decode
+/// step unpacks them for every 256 weights.
+#[inline(always)]
+pub fn q4_k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let scales = [w0 & LOW6, (w2 & LOW4) | (((w0 >> 6) & LOW2) << 4)];
+    let mins = [w1 & LOW6, ((w2 >> 4) & LOW4) | (((w1 >> 6) & LOW2) << 4)];
+    let bytes = |w: [u32; 2]| {
+        let (a, b) = (w[0].to_le_bytes(), w[1].to_le_bytes());
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    };
+    (bytes(scales), bytes(mins))
 }

@@ -56,8 +56,8 @@ pub struct QMatrix<'a> {
 
 impl<'a> QMatrix<'a> {
     pub fn new(ty: BlockType, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
-        if cols == 0 || cols % blocks::BLOCK != 0 {
-            return Err(ShapeError(format!("a {ty:?} row must be a whole number of {}-value blocks, not {cols}", blocks::BLOCK)));
+        if cols == 0 || cols % ty.block_values() != 0 {
+            return Err(ShapeError(format!("a {ty:?} row must be a whole number of {}-value blocks, not {cols}", ty.block_values())));
         }
         let expected = rows * ty.row_bytes(cols);
         if bytes.len() != expected {
@@ -81,7 +81,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
     if y.len() != m * w.rows {
         return Err(ShapeError(format!("the output of {m}×{} has {} values, not {}", w.rows, m * w.rows, y.len())));
     }
-    let x = QuantizedRows::new(x, w.cols);
+    let x = QuantizedRows::new(x, w.cols, w.ty.block_values());
     let out = OutPtr(y.as_mut_ptr());
     // Each work item owns a group of weight rows, i.e. the same columns of every output row,
     // so no two items write the same `y` element.

@@ -1,21 +1,35 @@
 //! The portable definition of every product: one weight row against one activation row.
 
 use crate::activations::QuantizedRows;
-use crate::blocks::{scale, BlockType, BLOCK};
+use crate::blocks::{f16_at, q4_k_scales, BlockType, BLOCK};
 
-/// `Σ w·x` over weight row `w` (in `ty`'s blocks) and activation row `i` of `x`.
+/// `Σ w·x` over weight row `w` (in `ty`'s blocks) and activation row `i` of `x` (quantized in
+/// groups of `ty.block_values()`).
 pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
-    let (xd, xq) = x.row(i);
+    let (xd, xq, xsums) = x.row(i);
+    let blocks = w.chunks_exact(ty.block_bytes()).zip(xd).zip(xq.chunks_exact(ty.block_values()));
     let mut sum = 0f32;
-    for ((wb, &dx), xb) in w.chunks_exact(ty.block_bytes()).zip(xd).zip(xq.chunks_exact(BLOCK)) {
-        let q = &wb[2..];
-        let int: i32 = match ty {
-            BlockType::Q8_0 => q.iter().zip(xb).map(|(&w, &x)| w as i8 as i32 * x as i32).sum(),
-            BlockType::Q4_0 => (0..BLOCK / 2)
-                .map(|j| ((q[j] & 0xF) as i32 - 8) * xb[j] as i32 + ((q[j] >> 4) as i32 - 8) * xb[j + BLOCK / 2] as i32)
-                .sum(),
+    for (b, ((wb, &dx), xb)) in blocks.enumerate() {
+        let int_dot = |q: &[u8], x: &[i8], value: fn(u8) -> i32| -> i32 { q.iter().zip(x).map(|(&q, &x)| value(q) * x as i32).sum() };
+        sum += dx * match ty {
+            BlockType::Q8_0 => f16_at(wb, 0) * int_dot(&wb[2..], xb, |q| q as i8 as i32) as f32,
+            BlockType::Q4_0 => {
+                let q = &wb[2..];
+                f16_at(wb, 0) * (int_dot(q, &xb[..BLOCK / 2], |q| (q & 0xF) as i32 - 8) + int_dot(q, &xb[BLOCK / 2..], |q| (q >> 4) as i32 - 8)) as f32
+            }
+            BlockType::Q4K => {
+                let (scales, mins) = q4_k_scales(&wb[4..16]);
+                let (mut scaled, mut min_part) = (0i32, 0i32);
+                for j in 0..8 {
+                    let q = &wb[16 + 32 * (j / 2)..16 + 32 * (j / 2 + 1)];
+                    let x = &xb[BLOCK * j..BLOCK * (j + 1)];
+                    let dot = if j % 2 == 0 { int_dot(q, x, |q| (q & 0xF) as i32) } else { int_dot(q, x, |q| (q >> 4) as i32) };
+                    scaled += scales[j] as i32 * dot;
+                    min_part += mins[j] as i32 * xsums[b * 8 + j];
+                }
+                f16_at(wb, 0) * scaled as f32 - f16_at(wb, 2) * min_part as f32
+            }
         };
-        sum += scale(wb) * dx * int as f32;
     }
     sum
 }

@@ -17,6 +17,7 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     let dtype = match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
+        BlockType::Q4K => GgmlDType::Q4K,
     };
     let t = Tensor::from_vec(random(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
@@ -26,23 +27,24 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
 
 #[test]
 fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
-    for ty in [BlockType::Q8_0, BlockType::Q4_0] {
+    for ty in [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4K] {
         // Row and activation counts that leave remainders after every tile size.
-        for (rows, cols, m) in [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16)] {
+        let shapes = [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16), (9, 768, 5)];
+        for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
             let (bytes, dense) = weights(ty, rows, cols);
             let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();
             let x = random(m * cols, 11);
             let mut y = vec![f32::NAN; m * rows];
             matmul(&w, &x, &mut y).unwrap();
 
-            let q = QuantizedRows::new(&x, cols);
+            let q = QuantizedRows::new(&x, cols, ty.block_values());
             for i in 0..m {
                 for r in 0..rows {
                     let got = y[i * rows + r];
                     let exact = scalar::dot(ty, &bytes[r * ty.row_bytes(cols)..(r + 1) * ty.row_bytes(cols)], &q, i);
                     assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{ty:?} {rows}x{cols} m={m} [{i},{r}]: {got} vs {exact}");
                     let f32_dot: f32 = (0..cols).map(|j| x[i * cols + j] * dense[r * cols + j]).sum();
-                    // Activations rounded to 1/254 of each block's largest magnitude.
+                    // Activations rounded to 1/254 of each block's (super-block's) largest magnitude.
                     let bound = 0.01 * (cols as f32).sqrt();
                     assert!((got - f32_dot).abs() <= bound, "{ty:?} {rows}x{cols} [{i},{r}]: {got} vs f32 {f32_dot}");
                 }
