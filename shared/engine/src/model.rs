@@ -66,6 +66,7 @@ fn kernel_type(q: &QTensor) -> Option<BlockType> {
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
         GgmlDType::Q4K => BlockType::Q4K,
+        GgmlDType::Q6K => BlockType::Q6K,
         _ => return None,
     };
     (q.device().is_cpu() && llm_kernels::available()).then_some(ty)

@@ -33,6 +33,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q8_0 => rows_of::<Q8_0>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Q4_0>(w, x, rows, out),
         BlockType::Q4K => rows_of::<Q4K>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<Q6K>(w, x, rows, out),
     }
 }
 
@@ -181,6 +182,87 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
                 acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(d[a] * dx), _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
                 let min_part = _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins[a], block_sums));
                 acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin[a] * dx), min_part, acc[a][c]);
+            }
+        }
+    }
+    for a in 0..RT {
+        for c in 0..CT {
+            *out.add((i + c) * w.rows + r + a) = hsum(acc[a][c]);
+        }
+    }
+    RT
+}
+
+/// Q6_K, like Q4_K: sub-block sums scaled as integers by their `i8` scales (two per run of 32
+/// values, one per 128-bit lane), `− 32` folded in through the activations' pair sums.
+struct Q6K;
+
+impl Tile for Q6K {
+    #[inline(always)]
+    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        q6_k_tile::<RT, CT>(w, x, r, i, out)
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    const BYTES: usize = BlockType::Q6K.block_bytes();
+    let row_bytes = w.ty.row_bytes(w.cols);
+    let weights: [*const u8; RT] = std::array::from_fn(|a| w.bytes.as_ptr().add((r + a) * row_bytes));
+    let acts: [(&[f32], &[i8], &[i32]); CT] = std::array::from_fn(|c| x.row(i + c));
+    let (low, pair_bits, thirty_two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
+    let mut acc = [[_mm256_setzero_ps(); CT]; RT];
+    for b in 0..w.cols / SUPER_BLOCK {
+        let mut d = [0f32; RT];
+        for a in 0..RT {
+            let block = weights[a].add(b * BYTES);
+            if CT == 1 {
+                for line in (0..BYTES).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_BLOCKS * BLOCK + line) as *const i8);
+                }
+            }
+            d[a] = f16_at(block, 208);
+        }
+        let mut sums = [[_mm256_setzero_si256(); CT]; RT];
+        for half in 0..2 {
+            // Per weight row: the four runs' 6-bit codes and scale pairs.
+            let mut codes = [[_mm256_setzero_si256(); 4]; RT];
+            let mut run_scales = [[_mm256_setzero_si256(); 4]; RT];
+            for a in 0..RT {
+                let block = weights[a].add(b * BYTES);
+                let ql0 = _mm256_loadu_si256(block.add(64 * half) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(block.add(64 * half + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i);
+                codes[a] = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), pair_bits)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), pair_bits)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), _mm256_and_si256(qh, pair_bits)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair_bits)),
+                ];
+                let s8 = _mm_loadl_epi64(block.add(192 + 8 * half) as *const __m128i);
+                let s16 = _mm_cvtepi8_epi16(s8);
+                let both = _mm256_set_m128i(s16, s16);
+                for run in 0..4 {
+                    let control = _mm256_set_m128i(_mm_set1_epi16(broadcast_i16(2 * run + 1)), _mm_set1_epi16(broadcast_i16(2 * run)));
+                    run_scales[a][run] = _mm256_shuffle_epi8(both, control);
+                }
+            }
+            for c in 0..CT {
+                let xq = acts[c].1.as_ptr().add(b * SUPER_BLOCK + 128 * half);
+                for run in 0..4 {
+                    let x = _mm256_loadu_si256(xq.add(BLOCK * run) as *const __m256i);
+                    let offset = _mm256_maddubs_epi16(thirty_two, x);
+                    for a in 0..RT {
+                        let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(codes[a][run], x), offset);
+                        sums[a][c] = _mm256_add_epi32(sums[a][c], _mm256_madd_epi16(pairs, run_scales[a][run]));
+                    }
+                }
+            }
+        }
+        for c in 0..CT {
+            let dx = *acts[c].0.get_unchecked(b);
+            for a in 0..RT {
+                acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(d[a] * dx), _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
             }
         }
     }

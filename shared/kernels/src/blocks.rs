@@ -17,6 +17,9 @@ pub enum BlockType {
     /// (see [`q4_k_scales`]), then 128 bytes of nibbles, 32 bytes per pair of sub-blocks (low
     /// nibbles the first, high nibbles the second): value = d · scale_j · q − dmin · min_j.
     Q4K,
+    /// 256 values in 16 sub-blocks of 16: 128 bytes of low nibbles, 64 bytes of high bit pairs,
+    /// 16 `i8` scales, `f16` d: value = d · scale_j · (q − 32), q of 6 bits (see [`q6_k_value`]).
+    Q6K,
 }
 
 impl BlockType {
@@ -24,7 +27,7 @@ impl BlockType {
     pub const fn block_values(self) -> usize {
         match self {
             Self::Q8_0 | Self::Q4_0 => BLOCK,
-            Self::Q4K => SUPER_BLOCK,
+            Self::Q4K | Self::Q6K => SUPER_BLOCK,
         }
     }
 
@@ -33,6 +36,7 @@ impl BlockType {
             Self::Q8_0 => 2 + BLOCK,
             Self::Q4_0 => 2 + BLOCK / 2,
             Self::Q4K => 2 + 2 + 12 + SUPER_BLOCK / 2,
+            Self::Q6K => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
         }
     }
 
@@ -64,4 +68,16 @@ pub fn q4_k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     };
     (bytes(scales), bytes(mins))
+}
+
+/// Value `v` (0..256) of a Q6_K block as its unsigned 6-bit code (the value is `code − 32`):
+/// each 128-value half keeps 64 bytes of nibbles and 32 bytes of bit pairs; within a half, the
+/// four runs of 32 values take the low nibbles of bytes 0..32, of bytes 32..64, then the high
+/// nibbles of each, and bit pairs 0, 1, 2, 3 of the same 32 bytes of `qh`.
+pub fn q6_k_value(block: &[u8], v: usize) -> u8 {
+    let (half, run, l) = (v / 128, v % 128 / 32, v % 32);
+    let ql = block[64 * half + 32 * (run % 2) + l];
+    let qh = block[128 + 32 * half + l];
+    let low = if run < 2 { ql & 0xF } else { ql >> 4 };
+    low | ((qh >> (2 * run)) & 3) << 4
 }

@@ -1,7 +1,7 @@
 //! The portable definition of every product: one weight row against one activation row.
 
 use crate::activations::QuantizedRows;
-use crate::blocks::{f16_at, q4_k_scales, BlockType, BLOCK};
+use crate::blocks::{f16_at, q4_k_scales, q6_k_value, BlockType, BLOCK};
 
 /// `Σ w·x` over weight row `w` (in `ty`'s blocks) and activation row `i` of `x` (quantized in
 /// groups of `ty.block_values()`).
@@ -28,6 +28,11 @@ pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
                     min_part += mins[j] as i32 * xsums[b * 8 + j];
                 }
                 f16_at(wb, 0) * scaled as f32 - f16_at(wb, 2) * min_part as f32
+            }
+            BlockType::Q6K => {
+                let scales = &wb[192..208];
+                let scaled: i32 = (0..256).map(|v| scales[v / 16] as i8 as i32 * (q6_k_value(wb, v) as i32 - 32) * xb[v] as i32).sum();
+                f16_at(wb, 208) * scaled as f32
             }
         };
     }

@@ -18,6 +18,7 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
         BlockType::Q4K => GgmlDType::Q4K,
+        BlockType::Q6K => GgmlDType::Q6K,
     };
     let t = Tensor::from_vec(random(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
@@ -27,7 +28,7 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
 
 #[test]
 fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
-    for ty in [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4K] {
+    for ty in [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4K, BlockType::Q6K] {
         // Row and activation counts that leave remainders after every tile size.
         let shapes = [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16), (9, 768, 5)];
         for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
