@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 W="${1:-infra/.work/demo}"
 PRETRAIN_STEPS="${PRETRAIN_STEPS:-1200}"
-SFT_STEPS="${SFT_STEPS:-900}"
-DISTILL_STEPS="${DISTILL_STEPS:-1500}"
+SFT_STEPS="${SFT_STEPS:-2400}"
+DISTILL_STEPS="${DISTILL_STEPS:-600}"
 
 cargo build --release --locked --bin llm
 LLM="${CARGO_TARGET_DIR:-target}/release/llm"

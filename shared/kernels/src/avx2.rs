@@ -21,8 +21,8 @@ pub fn detected() -> bool {
 /// independent sums hide the latency of the multiply-adds.
 const PROMPT: (usize, usize) = (2, 4);
 const DECODE_ROWS: usize = 4;
-/// How far ahead of the current block a decode step asks for its weight rows, in 32-value blocks.
-const PREFETCH_BLOCKS: usize = 16;
+/// How far ahead of the current block a decode step asks for its weight rows.
+const PREFETCH_BYTES: usize = 2048;
 
 /// Columns `rows` of every output row (see [`crate::product_rows`]).
 ///
@@ -77,9 +77,7 @@ impl<W: Block> Tile for W {
 /// The tile of a 32-value block type: each block pair's integer sum is scaled into `f32`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    let row_bytes = w.ty.row_bytes(w.cols);
-    let weights: [*const u8; RT] = std::array::from_fn(|a| w.bytes.as_ptr().add((r + a) * row_bytes));
-    let acts: [(&[f32], &[i8], &[i32]); CT] = std::array::from_fn(|c| x.row(i + c));
+    let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / BLOCK {
@@ -88,8 +86,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         for a in 0..RT {
             let block = weights[a].add(b * W::BYTES);
             if CT == 1 {
-                // One activation row: the product streams the weights from memory.
-                _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_BLOCKS * W::BYTES) as *const i8);
+                prefetch_ahead(block, W::BYTES);
             }
             blocks[a] = W::weights(block);
             scales[a] = _mm256_set1_ps(f16_at(block, 0));
@@ -104,12 +101,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             }
         }
     }
-    for a in 0..RT {
-        for c in 0..CT {
-            *out.add((i + c) * w.rows + r + a) = hsum(acc[a][c]);
-        }
-    }
-    RT
+    store(&acc, w, r, i, out)
 }
 
 /// Q4_K: within a super-block, each sub-block's integer sum is multiplied by its 6-bit scale
@@ -127,9 +119,7 @@ impl Tile for Q4K {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     const BYTES: usize = BlockType::Q4K.block_bytes();
-    let row_bytes = w.ty.row_bytes(w.cols);
-    let weights: [*const u8; RT] = std::array::from_fn(|a| w.bytes.as_ptr().add((r + a) * row_bytes));
-    let acts: [(&[f32], &[i8], &[i32]); CT] = std::array::from_fn(|c| x.row(i + c));
+    let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let low = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
@@ -140,9 +130,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
         for a in 0..RT {
             let block = weights[a].add(b * BYTES);
             if CT == 1 {
-                for line in (0..BYTES).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_BLOCKS * BLOCK + line) as *const i8);
-                }
+                prefetch_ahead(block, BYTES);
             }
             let (s, m) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
             // The eight scales as i16 in both lanes, for `shuffle_epi8` to broadcast one.
@@ -185,12 +173,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
             }
         }
     }
-    for a in 0..RT {
-        for c in 0..CT {
-            *out.add((i + c) * w.rows + r + a) = hsum(acc[a][c]);
-        }
-    }
-    RT
+    store(&acc, w, r, i, out)
 }
 
 /// Q6_K, like Q4_K: sub-block sums scaled as integers by their `i8` scales (two per run of 32
@@ -207,9 +190,7 @@ impl Tile for Q6K {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     const BYTES: usize = BlockType::Q6K.block_bytes();
-    let row_bytes = w.ty.row_bytes(w.cols);
-    let weights: [*const u8; RT] = std::array::from_fn(|a| w.bytes.as_ptr().add((r + a) * row_bytes));
-    let acts: [(&[f32], &[i8], &[i32]); CT] = std::array::from_fn(|c| x.row(i + c));
+    let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let (low, pair_bits, thirty_two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
@@ -217,9 +198,7 @@ unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
         for a in 0..RT {
             let block = weights[a].add(b * BYTES);
             if CT == 1 {
-                for line in (0..BYTES).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_BLOCKS * BLOCK + line) as *const i8);
-                }
+                prefetch_ahead(block, BYTES);
             }
             d[a] = f16_at(block, 208);
         }
@@ -266,12 +245,39 @@ unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
             }
         }
     }
+    store(&acc, w, r, i, out)
+}
+
+/// The tile's weight rows and activation rows.
+#[inline(always)]
+unsafe fn operands<'x, const RT: usize, const CT: usize>(
+    w: &QMatrix,
+    x: &'x QuantizedRows,
+    r: usize,
+    i: usize,
+) -> ([*const u8; RT], [(&'x [f32], &'x [i8], &'x [i32]); CT]) {
+    let row_bytes = w.ty.row_bytes(w.cols);
+    (std::array::from_fn(|a| w.bytes.as_ptr().add((r + a) * row_bytes)), std::array::from_fn(|c| x.row(i + c)))
+}
+
+/// Writes the tile's sums to `out`; returns `RT`.
+#[inline(always)]
+unsafe fn store<const RT: usize, const CT: usize>(acc: &[[__m256; CT]; RT], w: &QMatrix, r: usize, i: usize, out: *mut f32) -> usize {
     for a in 0..RT {
         for c in 0..CT {
             *out.add((i + c) * w.rows + r + a) = hsum(acc[a][c]);
         }
     }
     RT
+}
+
+/// A decode step streams the weights from memory: ask for the cache lines `PREFETCH_BYTES`
+/// after `block`'s while this one is multiplied.
+#[inline(always)]
+unsafe fn prefetch_ahead(block: *const u8, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_BYTES + line) as *const i8);
+    }
 }
 
 /// The `shuffle_epi8` control (as an i16 pattern) that copies 16-bit element `j` of each lane
