@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Cursor, Read, Seek};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,39 +14,57 @@ use candle_core::Device;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{EngineError, Result};
-use crate::weights::{TensorName, Weight, WeightSource};
+use crate::weights::{kernel_type, FileBytes, InPlace, TensorName, Weight, WeightSource};
 
-/// Where a GGUF is read from: a file, or bytes already in memory (a model downloaded from S3).
-trait GgufReader: Read + Seek + Send {}
-impl<T: Read + Seek + Send> GgufReader for T {}
-
-/// An opened GGUF file: its metadata and tensor directory, with tensors read on demand.
+/// An opened GGUF file: its metadata and tensor directory over the whole file's bytes (memory
+/// mapped, or downloaded), from which tensors are read on demand, in place where the kernels
+/// take them.
 pub struct GgufFile {
     path: PathBuf,
-    reader: Box<dyn GgufReader>,
+    bytes: FileBytes,
+    reader: Cursor<Shared>,
     content: Content,
 }
 
+/// The file's bytes as a reader reads them.
+struct Shared(FileBytes);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+}
+
 impl GgufFile {
+    /// Maps the file rather than reading it: the tensors the kernels take stay in the page cache,
+    /// read from disk when first used and never copied.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
-        Self::read(path.to_path_buf(), Box::new(BufReader::new(file)), file_len)
+        let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        let bytes: FileBytes = match len {
+            0 => Arc::new(Vec::<u8>::new()),
+            // SAFETY: the file is not written while it is mapped (downloads are written under a
+            // temporary name and renamed into place).
+            _ => Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?),
+        };
+        Self::read(path.to_path_buf(), bytes)
     }
 
-    /// A GGUF held in memory; `name` (e.g. its S3 URI) appears in errors.
+    /// A GGUF held in memory (a model downloaded from S3), kept as it is: tensors are read from
+    /// it in place. `name` (e.g. its S3 URI) appears in errors.
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
-        let len = bytes.len() as u64;
-        Self::read(PathBuf::from(name), Box::new(Cursor::new(bytes)), len)
+        Self::read(PathBuf::from(name), Arc::new(bytes))
     }
 
-    fn read(path: PathBuf, mut reader: Box<dyn GgufReader>, len: u64) -> Result<Self> {
+    fn read(path: PathBuf, bytes: FileBytes) -> Result<Self> {
+        let len = (*bytes).as_ref().len() as u64;
+        let mut reader = Cursor::new(Shared(bytes.clone()));
         // candle's reader bounds-checks lengths against the file size; a hostile header can
         // still trip an arithmetic assertion inside it, which must not take the process down.
         let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
             .map_err(|_| EngineError::invalid_file(&path, "malformed GGUF header"))?
             .map_err(|e| EngineError::invalid_file(&path, e))?;
-        let gguf = Self { path, reader, content };
+        let gguf = Self { path, bytes, reader, content };
         gguf.check_tensor_bounds(len)?;
         Ok(gguf)
     }
@@ -209,8 +227,16 @@ pub struct GgufSource<'a> {
 impl WeightSource for GgufSource<'_> {
     fn load(&mut self, name: TensorName) -> Result<Option<Weight>> {
         let key = name.gguf();
-        if !self.file.content.tensor_infos.contains_key(&key) {
+        let Some(info) = self.file.content.tensor_infos.get(&key) else {
             return Ok(None);
+        };
+        if let (Some(ty), &[rows, cols]) = (kernel_type(info.ggml_dtype), info.shape.dims()) {
+            if self.device.is_cpu() && cols % ty.block_values() == 0 {
+                // Inside the file: checked with the tensor directory when it was opened.
+                let start = (self.file.content.tensor_data_offset + info.offset) as usize;
+                let range = start..start + rows * ty.row_bytes(cols);
+                return Ok(Some(Weight::InPlace(InPlace::new(self.file.bytes.clone(), range, ty, vec![rows, cols]))));
+            }
         }
         let tensor = self
             .file

@@ -3,17 +3,15 @@
 //! One forward pass takes a batch of left-padded rows (`[b, s]` token ids) and extends the
 //! per-layer KV cache; padding is masked out so rows of different lengths share every matmul.
 
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
-use llm_kernels::{BlockType, QMatrix};
+use llm_kernels::QMatrix;
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::adapter::{layer_module, PeftAdapter};
 use crate::rope::{interleave_heads, Rope, RopeLayout};
-use crate::weights::{check_dims, load_expected, quantize_weight, LayerTensor, TensorName, Weight, WeightSource};
+use crate::weights::{check_dims, kernel_type, load_expected, quantize_weight, InPlace, LayerTensor, TensorName, Weight, WeightSource};
 
 /// A weight matrix `[out, in]` applied as `x · Wᵀ`, dense or quantized, plus a LoRA update
 /// when an adapter was applied (kept apart, so a quantized base stays quantized).
@@ -29,27 +27,27 @@ struct Linear {
 #[derive(Debug, Clone)]
 enum Product {
     Candle(QMatMul),
-    Kernels(Arc<QTensor>, BlockType),
+    Kernels(InPlace),
 }
 
 impl Product {
     fn new(weight: Weight) -> Result<Self> {
         Ok(match weight {
             Weight::Dense(t) => Self::Candle(QMatMul::Tensor(t)),
-            Weight::Quantized(q) => match kernel_type(&q) {
-                Some(ty) => Self::Kernels(q, ty),
-                None => Self::Candle(QMatMul::from_arc(q)?),
+            Weight::InPlace(t) => Self::Kernels(t),
+            Weight::Quantized(q) => match kernel_type(q.dtype()) {
+                Some(ty) if q.device().is_cpu() => Self::Kernels(InPlace::from_qtensor(&q, ty)?),
+                _ => Self::Candle(QMatMul::from_arc(q)?),
             },
         })
     }
 
     fn forward(&self, x: &Tensor, (out, input): (usize, usize)) -> Result<Tensor> {
-        let (q, ty) = match self {
+        let weights = match self {
             Self::Candle(m) => return Ok(m.forward(x)?),
-            Self::Kernels(q, ty) => (q, *ty),
+            Self::Kernels(t) => t,
         };
-        let bytes = q.data()?;
-        let w = QMatrix::new(ty, out, input, &bytes).map_err(kernel_error)?;
+        let w = QMatrix::new(weights.ty, out, input, weights.bytes()).map_err(kernel_error)?;
         let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let mut y = vec![0f32; xs.len() / input * out];
         llm_kernels::matmul(&w, &xs, &mut y).map_err(kernel_error)?;
@@ -57,19 +55,6 @@ impl Product {
         *dims.last_mut().expect("a matrix product's input has a last axis") = out;
         Ok(Tensor::from_vec(y, dims, x.device())?)
     }
-}
-
-/// The kernels' block type for `q`, when they take it here: a CPU tensor, a covered type, a
-/// CPU with their SIMD path.
-fn kernel_type(q: &QTensor) -> Option<BlockType> {
-    let ty = match q.dtype() {
-        GgmlDType::Q8_0 => BlockType::Q8_0,
-        GgmlDType::Q4_0 => BlockType::Q4_0,
-        GgmlDType::Q4K => BlockType::Q4K,
-        GgmlDType::Q6K => BlockType::Q6K,
-        _ => return None,
-    };
-    (q.device().is_cpu() && llm_kernels::available()).then_some(ty)
 }
 
 fn kernel_error(e: llm_kernels::ShapeError) -> crate::error::EngineError {
@@ -104,11 +89,24 @@ impl Linear {
 
 /// Token embedding table. A quantized table stays quantized: rows are dequantized on lookup.
 #[derive(Debug, Clone)]
-struct Embedding(QMatMul);
+enum Embedding {
+    Candle(QMatMul),
+    InPlace(InPlace),
+}
 
 impl Embedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.0.embedding(ids)?)
+        let table = match self {
+            Self::Candle(m) => return Ok(m.embedding(ids)?),
+            Self::InPlace(t) => t,
+        };
+        let mut values = Vec::with_capacity(ids.elem_count() * table.dims[1]);
+        for id in ids.flatten_all()?.to_vec1::<u32>()? {
+            values.extend(table.dequantize_row(id as usize)?);
+        }
+        let mut dims = ids.dims().to_vec();
+        dims.push(table.dims[1]);
+        Ok(Tensor::from_vec(values, dims, ids.device())?)
     }
 }
 
@@ -321,10 +319,11 @@ impl Llama {
             }
             _ => Linear::new(embed_weight.clone())?,
         };
-        let embed = Embedding(match embed_weight {
-            Weight::Dense(t) => QMatMul::Tensor(t),
-            Weight::Quantized(q) => QMatMul::QTensor(q),
-        });
+        let embed = match embed_weight {
+            Weight::Dense(t) => Embedding::Candle(QMatMul::Tensor(t)),
+            Weight::Quantized(q) => Embedding::Candle(QMatMul::QTensor(q)),
+            Weight::InPlace(t) => Embedding::InPlace(t),
+        };
         let rope_factors = match source.load(TensorName::RopeFreqs)? {
             Some(w) => {
                 check_dims(&source.display_name(TensorName::RopeFreqs), w.dims(), &[c.head_dim / 2])?;

@@ -3,10 +3,12 @@
 //! Each file format (Hugging Face safetensors, GGUF) implements [`WeightSource`]; the model is
 //! built from canonical [`TensorName`]s and never sees format-specific names.
 
+use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Tensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use llm_kernels::BlockType;
 
 use crate::error::{EngineError, Result};
 
@@ -87,11 +89,13 @@ impl TensorName {
     }
 }
 
-/// A loaded tensor: plain f32, or still in a GGML block format.
+/// A loaded tensor: plain f32, still in a GGML block format, or in a block format that
+/// [`llm_kernels`] reads where it lies in the file.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    InPlace(InPlace),
 }
 
 impl Weight {
@@ -99,6 +103,7 @@ impl Weight {
         match self {
             Self::Dense(t) => t.dims(),
             Self::Quantized(q) => q.shape().dims(),
+            Self::InPlace(t) => &t.dims,
         }
     }
 
@@ -107,7 +112,83 @@ impl Weight {
         Ok(match self {
             Self::Dense(t) => t.to_dtype(DType::F32)?,
             Self::Quantized(q) => q.dequantize(&q.device())?,
+            Self::InPlace(t) => t.to_qtensor()?.dequantize(&Device::Cpu)?,
         })
+    }
+}
+
+/// The bytes of a whole model file, shared by the tensors read from it in place: its memory map,
+/// or the object downloaded from S3.
+pub type FileBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A matrix in a block format the kernels read, left where it lies in its file: loading it
+/// copies nothing, and the file's pages are its only memory.
+#[derive(Clone)]
+pub struct InPlace {
+    file: FileBytes,
+    range: Range<usize>,
+    pub ty: BlockType,
+    pub dims: Vec<usize>,
+}
+
+impl std::fmt::Debug for InPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InPlace").field("ty", &self.ty).field("dims", &self.dims).field("range", &self.range).finish()
+    }
+}
+
+impl InPlace {
+    /// `file[range]`, a `dims` matrix of `ty` blocks (the caller checked the range).
+    pub fn new(file: FileBytes, range: Range<usize>, ty: BlockType, dims: Vec<usize>) -> Self {
+        Self { file, range, ty, dims }
+    }
+
+    /// A copy of a candle tensor's blocks (a weight quantized at load time).
+    pub fn from_qtensor(q: &QTensor, ty: BlockType) -> Result<Self> {
+        let bytes = q.data()?.into_owned();
+        let range = 0..bytes.len();
+        Ok(Self::new(Arc::new(bytes), range, ty, q.shape().dims().to_vec()))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &(*self.file).as_ref()[self.range.clone()]
+    }
+
+    /// Row `i` of the matrix in f32 (an embedding lookup).
+    pub fn dequantize_row(&self, i: usize) -> Result<Vec<f32>> {
+        let (rows, cols) = (self.dims[0], self.dims[1]);
+        if i >= rows {
+            return Err(EngineError::InvalidRequest(format!("row {i} of a matrix of {rows} rows (a token id outside the vocabulary?)")));
+        }
+        let len = self.ty.row_bytes(cols);
+        let row = qtensor_from_ggml(ggml_type(self.ty), &self.bytes()[i * len..(i + 1) * len], vec![cols], &Device::Cpu)?;
+        Ok(row.dequantize(&Device::Cpu)?.to_vec1()?)
+    }
+
+    /// A copy as candle's tensor, for the paths that need one.
+    pub fn to_qtensor(&self) -> Result<QTensor> {
+        Ok(qtensor_from_ggml(ggml_type(self.ty), self.bytes(), self.dims.clone(), &Device::Cpu)?)
+    }
+}
+
+/// The kernels' block type for tensors of `dtype`, when they take them on this CPU.
+pub(crate) fn kernel_type(dtype: GgmlDType) -> Option<BlockType> {
+    let ty = match dtype {
+        GgmlDType::Q8_0 => BlockType::Q8_0,
+        GgmlDType::Q4_0 => BlockType::Q4_0,
+        GgmlDType::Q4K => BlockType::Q4K,
+        GgmlDType::Q6K => BlockType::Q6K,
+        _ => return None,
+    };
+    llm_kernels::available().then_some(ty)
+}
+
+fn ggml_type(ty: BlockType) -> GgmlDType {
+    match ty {
+        BlockType::Q8_0 => GgmlDType::Q8_0,
+        BlockType::Q4_0 => GgmlDType::Q4_0,
+        BlockType::Q4K => GgmlDType::Q4K,
+        BlockType::Q6K => GgmlDType::Q6K,
     }
 }
 
@@ -153,7 +234,7 @@ pub(crate) fn quantize_weight(weight: Weight, dtype: GgmlDType) -> Result<Weight
             q.dequantize(&q.device())?
         }
         // Already quantized by whoever wrote the file: re-quantizing would only add error.
-        Weight::Quantized(_) => return Ok(weight),
+        Weight::Quantized(_) | Weight::InPlace(_) => return Ok(weight),
     };
     let row_len = tensor.dims().last().copied().unwrap_or(0);
     match crate::quant::type_for_row(dtype, row_len) {

@@ -108,7 +108,7 @@ impl TrainLlama {
             let Some(weight) = source.load(name)? else { return Ok(None) };
             let tensor = match weight {
                 Weight::Dense(t) => t,
-                Weight::Quantized(q) => q.dequantize(device)?,
+                quantized => quantized.to_f32()?.to_device(device)?,
             };
             if full {
                 let var = Var::from_tensor(&tensor)?;
