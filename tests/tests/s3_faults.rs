@@ -47,3 +47,24 @@ fn persistent_errors_fail_after_bounded_attempts_with_the_code() {
     }
     assert_eq!(s3.get("faults-persistent", "object").unwrap().unwrap(), b"payload");
 }
+
+/// A server that takes a request and never answers it: the attempt ends at the read timeout
+/// (`S3_READ_TIMEOUT_SECS`, 120 s by default, 1 s here) and is retried, instead of waiting for
+/// as long as the function may run.
+#[test]
+fn a_request_never_answered_times_out_and_is_retried() {
+    let _one = exclusive();
+    bucket_with_object("faults-unanswered");
+    std::env::set_var("S3_READ_TIMEOUT_SECS", "1");
+    let s3 = S3::connect().unwrap();
+    std::env::remove_var("S3_READ_TIMEOUT_SECS");
+    let proxy = proxied();
+    let stalls = proxy.stalls();
+    // Nothing of the GET reaches the server, and nothing comes back.
+    proxy.set(Fault::StallAfter { method: b"GET ", bytes: 0 });
+    let started = std::time::Instant::now();
+    assert_eq!(s3.get("faults-unanswered", "object").unwrap().unwrap(), b"payload");
+    assert_eq!(proxy.stalls(), stalls + 1, "the fault did not fire");
+    // Without the read timeout the first attempt would never end.
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+}

@@ -6,8 +6,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
-/// Templates come from model files, i.e. from strangers: rendering is bounded.
-const FUEL: u64 = 5_000_000;
+/// Templates come from model files, i.e. from strangers: rendering is bounded. minijinja charges
+/// one fuel per instruction and per 64 bytes of every value it creates (concatenations, repeats,
+/// filter and method results, output), checking known sizes before allocating, so this fuel
+/// also caps the bytes a template can build up in intermediate values at 64 MB. Real chat
+/// templates use a few thousand.
+const FUEL: u64 = 1_000_000;
 const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -173,13 +177,35 @@ mod tests {
     fn hostile_templates_fail_cleanly() {
         let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", None, None).unwrap();
         assert!(t.render(&[], false).is_err());
-        // Output past the limit stops at the limit (a million iterations of 64 bytes, well within
-        // the fuel).
-        let t = ChatTemplate::new("{% for i in range(1000) %}{% for j in range(1000) %}{{ '0123456789abcdef' * 4 }}{% endfor %}{% endfor %}", None, None).unwrap();
+        // Output past the limit stops at the limit (a thousand writes of 64 KiB, within the fuel).
+        let t = ChatTemplate::new("{% for i in range(1000) %}{{ '0123456789abcdef' * 4096 }}{% endfor %}", None, None).unwrap();
         let error = t.render(&[], false).unwrap_err().to_string();
         assert!(error.contains("exceeds"), "{error}");
         let t = ChatTemplate::new("{{ raise_exception('no system role') }}", None, None).unwrap();
         assert!(t.render(&[], false).unwrap_err().to_string().contains("no system role"));
+    }
+
+    /// Values that double or square on each step would reach terabytes within a few dozen
+    /// instructions; the fuel charges their bytes and items and ends them near 64 MB. (Not
+    /// covered, in minijinja 3.1.0: a list concatenated with itself more than 32 times is
+    /// materialized, and a huge lazy list serialized by `tojson`, `string` or `~`, before the
+    /// fuel is charged; see the README's hardening section.)
+    #[test]
+    fn hostile_templates_cannot_grow_values_without_bound() {
+        let growing = [
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "{% macro grow(s, n) %}{% if n > 0 %}{{ grow(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ grow('xxxxxxxx', 64) }}",
+            "{% set a = 'x' * 4000 %}{% set b = a|replace('x', a) %}{{ b|replace('x', b)|length }}",
+            "{% set a = 'x' * 4000 %}{% set b = a.replace('x', a) %}{{ b.replace('x', b)|length }}",
+            // Lists concatenate lazily (2^32 items here, in 33 values), and iterating them is charged.
+            "{% set ns = namespace(l=[1]) %}{% for i in range(32) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|join(',')|length }}",
+            "{{ ('x' * 10000000)|join(',')|length }}",
+        ];
+        for source in growing {
+            let t = ChatTemplate::new(source, None, None).unwrap();
+            let error = t.render(&[], false).expect_err(source).to_string();
+            assert!(error.contains("fuel"), "{source}: {error}");
+        }
     }
 
     #[test]

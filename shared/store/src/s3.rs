@@ -19,6 +19,13 @@ use crate::{Result, StoreError};
 /// not bodies).
 const BODY_ATTEMPTS: usize = 4;
 
+/// How long a request may wait for the first byte of its answer: `S3_READ_TIMEOUT_SECS`, by
+/// default 120 s (a multipart part of 64 MiB on a slow link still fits).
+fn read_timeout() -> Duration {
+    let seconds = std::env::var("S3_READ_TIMEOUT_SECS").ok().and_then(|s| s.parse::<f64>().ok());
+    Duration::from_secs_f64(seconds.filter(|s| s.is_finite() && *s > 0.0).unwrap_or(120.0))
+}
+
 #[derive(Clone)]
 pub struct S3 {
     client: Client,
@@ -44,7 +51,7 @@ impl S3 {
             // A request the server never answers would otherwise wait forever (the SDK sets no
             // read timeout); the attempt is then retried. A body that stalls midway is cut by
             // the SDK's stalled-stream protection (on by default).
-            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(120)).build())
+            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(10)).read_timeout(read_timeout()).build())
             .build();
         Ok(Self { client: Client::from_conf(config), runtime: Arc::new(runtime) })
     }
