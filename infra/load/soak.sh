@@ -16,7 +16,7 @@ command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)" >&2; exit 
 target="${CARGO_TARGET_DIR:-target}/release"
 work=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill -- "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 case "$mode" in
 serve)
@@ -45,11 +45,14 @@ pids+=("$server")
 # Warm: the first request loads the model.
 until curl -sf "$url" -H 'Content-Type: application/json' \
     -d '{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}' > /dev/null; do sleep 0.5; done
-( while kill -0 "$server" 2>/dev/null; do ps -o rss= -p "$server" >> "$work/rss"; sleep 5; done ) &
+( while kill -0 "$server" 2>/dev/null; do ps -o rss= -p "$server" >> "$work/rss"; sleep 5; done ) > /dev/null 2>&1 &
 wrk --threads 2 --connections "$connections" --duration "${seconds}s" --timeout 30s --latency \
     --script infra/load/post.lua "$url"
 sleep 1
 awk '{ kib[NR] = $1; if ($1 > peak) peak = $1 } END {
     printf "RSS MiB: start %.1f, peak %.1f, end %.1f (%d samples); by quarter:", kib[1] / 1024, peak / 1024, kib[NR] / 1024, NR
     for (q = 1; q <= 4; q++) printf " %.1f", kib[int(NR * q / 4)] / 1024; print "" }' "$work/rss"
-echo "server log: $(grep -ci error "$work/server.log" || true) lines mentioning an error"
+# Lines of the server's log that name an error, by message (in Lambda, the emulator cannot hand
+# back the answers of the requests wrk leaves unanswered when it stops).
+echo "server log, lines naming an error: $(grep -ci error "$work/server.log" || true)"
+grep -i error "$work/server.log" | grep -o '"message":"[^"]*"' | sort | uniq -c || true
