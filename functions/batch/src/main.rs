@@ -10,6 +10,7 @@ use llm_store::S3;
 
 fn main() -> Result<(), lambda_runtime::Error> {
     llm_observe::init_logging("info");
+    llm_engine::threads::configure(llm_observe::lambda_cpu_share())?;
     let state = llm_api::state_from_env()?;
     let config = Config::from_env()?;
     let s3 = S3::connect()?;

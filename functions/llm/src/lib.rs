@@ -2,7 +2,6 @@
 //! Each subcommand lives in its own module under `commands/`.
 
 mod commands;
-mod threads;
 
 use clap::{Parser, Subcommand};
 
@@ -45,7 +44,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // stdout stays machine-readable (`--json`): logs go to stderr.
     llm_observe::init_logging("warn");
-    threads::configure(cli.threads)?;
+    llm_engine::threads::configure(cli.threads)?;
     match cli.command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Inspect(args) => commands::inspect::run(args),

@@ -10,6 +10,7 @@ use quantize_function::{handle, Config, Summary};
 
 fn main() -> Result<(), lambda_runtime::Error> {
     llm_observe::init_logging("info");
+    llm_engine::threads::configure(llm_observe::lambda_cpu_share())?;
     let config = Config::from_env()?;
     let s3 = S3::connect()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -25,6 +25,8 @@ pub enum EngineError {
     ChatTemplate(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("threads: {0}")]
+    Threads(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
+pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 
