@@ -10,8 +10,9 @@
 #
 # Step counts can be scaled down for a smoke run: PRETRAIN_STEPS, SFT_STEPS, DISTILL_STEPS; the
 # distillation's mix and temperature changed with DISTILL_ALPHA, DISTILL_TEMPERATURE.
-# The demo model committed in models/demo/ is this run's SFT teacher at Q8_0
-# (`cp WORK_DIR/teacher-q8_0.gguf models/demo/demo-q8_0.gguf`).
+# The demo model committed in models/demo/ is a run's SFT teacher at Q8_0
+# (`cp WORK_DIR/teacher-q8_0.gguf models/demo/demo-q8_0.gguf`). A run is deterministic on one
+# machine; another CPU rounds float sums differently and trains a different model.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W="${1:-infra/.work/demo}"
