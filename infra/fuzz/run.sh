@@ -8,7 +8,9 @@
 #
 # A target runs in rounds of ROUND seconds (default 120) and stops at the first round that adds
 # less than PLATEAU_PERCENT (default 1) % to its coverage features (a plateau), or after
-# MAX_SECONDS. It prints the features after each round. Needs a nightly toolchain and cargo-fuzz
+# MAX_SECONDS. It prints the features after each round. Each round first runs the whole corpus
+# again, so for a slow target (a few executions per second) a short round is mostly that: give
+# such targets long rounds. Needs a nightly toolchain and cargo-fuzz
 # (`cargo install cargo-fuzz --locked`). Built without a sanitizer: the code under test is safe
 # Rust, and what is looked for is panics, hangs (-timeout) and unbounded memory (-rss_limit_mb).
 # Seeds: infra/fuzz/seeds.sh.
@@ -22,6 +24,8 @@ round="${ROUND:-120}" plateau="${PLATEAU_PERCENT:-1}"
 fuzz=(cargo +nightly fuzz run --sanitizer none --features libfuzzer)
 # The last "cov: N ft: M" libFuzzer printed in a log, as "N M".
 coverage() { grep -aoE 'cov: [0-9]+ ft: [0-9]+' "$1" | tail -1 | awk '{ print $2, $4 }'; }
+# The executions libFuzzer counted in a log (its last count, when it crashed before its stats).
+executions() { grep -aoE 'stat::number_of_executed_units: [0-9]+|^#[0-9]+' "$1" | tail -1 | grep -oE '[0-9]+$' || echo 0; }
 for target in "${targets[@]}"; do
     found="fuzz/.work/$target" log="fuzz/.work/$target.log"
     mkdir -p "$found" "fuzz/regressions/$target"
@@ -33,12 +37,13 @@ for target in "${targets[@]}"; do
             -rss_limit_mb=2048 -max_len=131072 -print_final_stats=1 -artifact_prefix="fuzz/regressions/$target/" \
             > "$log.round" 2>&1; then
             cat "$log.round" >> "$log"
-            verdict="CRASHED: see $log and fuzz/regressions/$target/"
+            runs=$((runs + $(executions "$log.round")))
+            verdict="CRASHED after $((elapsed + round)) s at most: see $log and fuzz/regressions/$target/"
             break
         fi
         cat "$log.round" >> "$log"
         elapsed=$((elapsed + round))
-        runs=$((runs + $(grep -ao 'stat::number_of_executed_units: [0-9]*' "$log.round" | grep -o '[0-9]*$' || echo 0)))
+        runs=$((runs + $(executions "$log.round")))
         read -r cov ft <<< "$(coverage "$log.round")"
         history="$history ${elapsed}s:$ft"
         if [ "$features" -gt 0 ] && [ $(((ft - features) * 100)) -lt $((features * plateau)) ]; then

@@ -63,6 +63,12 @@ struct HfConfig {
     mlp_bias: bool,
 }
 
+/// Bounds on counts read from untrusted files (the largest Llama, 3.1 405B, has 126 layers of
+/// 128 heads of 128 dimensions).
+const MAX_LAYERS: usize = 512;
+const MAX_HEADS: usize = 1024;
+const MAX_HEAD_DIM: usize = 1024;
+
 impl LlamaConfig {
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let hf: HfConfig =
@@ -106,11 +112,22 @@ impl LlamaConfig {
         Ok(config)
     }
 
-    /// Rejects shapes that would make the forward pass ill-defined.
+    /// Rejects shapes that would make the forward pass ill-defined, and counts no real Llama has:
+    /// what is planned or allocated from the config alone (one entry per layer, RoPE factors per
+    /// head dimension) must stay small before any tensor vouches for it.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(EngineError::Config(m));
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
             return fail("vocab_size, hidden_size and the number of layers must be positive".into());
+        }
+        if self.num_layers > MAX_LAYERS {
+            return fail(format!("{} layers: more than {MAX_LAYERS} (llama.cpp's limit too)", self.num_layers));
+        }
+        if self.num_heads > MAX_HEADS || self.head_dim > MAX_HEAD_DIM {
+            return fail(format!(
+                "{} heads of {} dimensions: at most {MAX_HEADS} heads of {MAX_HEAD_DIM}",
+                self.num_heads, self.head_dim
+            ));
         }
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
             return fail(format!(
@@ -191,5 +208,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("key/value heads"), "{err}");
+    }
+
+    /// Found by fuzzing: a layer count of 444,444,444,449 made the conversion plan list that many
+    /// layers' tensors, and one from a GGUF made the loader reserve 610 GB, before any tensor was
+    /// looked for.
+    #[test]
+    fn rejects_counts_no_llama_has() {
+        let config = |layers: u64, heads: u64| {
+            LlamaConfig::from_hf_json(&format!(
+                r#"{{"model_type":"llama","vocab_size":10,"hidden_size":4096,"intermediate_size":4,
+                "num_hidden_layers":{layers},"num_attention_heads":{heads},"rms_norm_eps":1e-5}}"#
+            ))
+        };
+        assert!(config(126, 32).is_ok());
+        assert!(config(444_444_444_449, 32).unwrap_err().to_string().contains("layers"));
+        assert!(config(2, 4096).unwrap_err().to_string().contains("heads"));
     }
 }

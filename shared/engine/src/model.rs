@@ -288,7 +288,8 @@ impl Llama {
             TensorName::TokenEmbedding,
             &[c.vocab_size, c.hidden_size],
         )?)?;
-        let mut layers = Vec::with_capacity(c.num_layers);
+        // Not preallocated: the count comes from the file, and only its tensors vouch for it.
+        let mut layers = Vec::new();
         for i in 0..c.num_layers {
             let name = |t| TensorName::Layer(i, t);
             use LayerTensor::*;

@@ -121,7 +121,8 @@ impl TrainLlama {
         let mut need = |name: TensorName| take(name)?.ok_or_else(|| TrainError::file(dir, format!("missing tensor {}", name.hf())));
         let embed = need(TensorName::TokenEmbedding)?;
         let norm = need(TensorName::OutputNorm)?;
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Not preallocated: the count comes from config.json, and only the tensors vouch for it.
+        let mut layers = Vec::new();
         for i in 0..config.num_layers {
             let mut tensor = |t| need(TensorName::Layer(i, t));
             let linear = |weight| Linear { weight, lora: None, qat: None };
