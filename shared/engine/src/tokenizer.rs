@@ -217,9 +217,10 @@ impl Default for IncrementalDecoder {
     }
 }
 
-/// A `TemplateProcessing` post-processor may only name special tokens it defines: tokenizers
-/// checks that when one is built, not when one is read, and panics while encoding otherwise
-/// (found by fuzzing). Checked by shape, not by `type`: tokenizers also reads untyped ones.
+/// A `TemplateProcessing` post-processor may only name special tokens it defines, and its
+/// `single` template only the one sequence there is (`A`): tokenizers checks both when one is
+/// built, not when one is read, and panics while encoding otherwise (found by fuzzing). Checked
+/// by shape, not by `type`: tokenizers also reads untyped ones.
 fn check_template_tokens(processor: &serde_json::Value) -> Result<()> {
     processor["processors"].as_array().into_iter().flatten().try_for_each(check_template_tokens)?;
     let pieces = ["single", "pair"].into_iter().flat_map(|t| processor[t].as_array().into_iter().flatten());
@@ -227,6 +228,10 @@ fn check_template_tokens(processor: &serde_json::Value) -> Result<()> {
         if processor["special_tokens"].get(id).is_none() {
             return Err(EngineError::Tokenizer(format!("the post-processor's template uses `{id}`, which is not among its special tokens")));
         }
+    }
+    let single = processor["single"].as_array().into_iter().flatten();
+    if let Some(id) = single.filter_map(|piece| piece["Sequence"]["id"].as_str()).find(|id| *id != "A") {
+        return Err(EngineError::Tokenizer(format!("the post-processor's single-sequence template uses sequence `{id}`")));
     }
     Ok(())
 }
