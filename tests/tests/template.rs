@@ -102,7 +102,8 @@ fn variables_read(packages: &HashMap<String, Package>, package: &str, names: &mu
             }
             let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
             for helper in ["var(\"", "var_os(\"", "number(\"", "setting(\""] {
-                for (at, _) in text.match_indices(helper) {
+                // `set_var("` sets a variable for what the code starts; it reads nothing.
+                for (at, _) in text.match_indices(helper).filter(|(at, _)| !text[..*at].ends_with("set_")) {
                     let name: String = text[at + helper.len()..].chars().take_while(|c| *c != '"').collect();
                     if !name.starts_with("AWS_") && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
                         names.insert(name);
