@@ -74,7 +74,8 @@ impl RestartableS3 {
         }
     }
 
-    /// Starts the server again over the same data, and waits until it answers S3 requests.
+    /// Starts the server again over the same data, and waits for its S3 port (it may refuse
+    /// writes for a moment longer).
     pub fn start_again(&mut self) {
         self.kill();
         self.spawn();
