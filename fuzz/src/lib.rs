@@ -74,16 +74,16 @@ pub fn chat_template(data: &[u8]) -> bool {
     template.render(&messages, true).is_ok()
 }
 
-/// The API over the built-in demo model, one request per input: the first byte picks the
+/// The API over the tiny served model, one request per input: the first byte picks the
 /// endpoint, the rest is the body. Any answer but a server error is fine.
 pub fn http_request(data: &[u8]) -> bool {
     const ENDPOINTS: [(&str, &str); 3] = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")];
     let Some((&selector, body)) = data.split_first() else { return false };
     let (method, path) = ENDPOINTS[selector as usize % ENDPOINTS.len()];
     let request = axum::http::Request::builder().method(method).uri(path).header("content-type", "application/json").body(axum::body::Body::from(body.to_vec())).expect("request");
-    let status = demo().runtime.block_on(async {
+    let status = served().runtime.block_on(async {
         use tower::ServiceExt;
-        let response = llm_api::router(demo().state.clone()).oneshot(request).await.expect("the router is infallible");
+        let response = llm_api::router(served().state.clone()).oneshot(request).await.expect("the router is infallible");
         let status = response.status();
         axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("the body");
         status
@@ -102,7 +102,7 @@ pub fn s3_event(data: &[u8]) -> bool {
     !keys.is_empty() && keys.iter().all(Result::is_ok)
 }
 
-/// A batch file, parsed and answered by the demo model (as `llm batch` and the batch function
+/// A batch file, parsed and answered by the tiny served model (as `llm batch` and the batch function
 /// do): one output line per request line.
 pub fn batch_file(data: &[u8]) -> bool {
     let text = String::from_utf8_lossy(data);
@@ -110,27 +110,78 @@ pub fn batch_file(data: &[u8]) -> bool {
     let (lines, errors): (Vec<_>, Vec<_>) = parsed.into_iter().partition(Result::is_ok);
     let lines: Vec<_> = lines.into_iter().map(Result::unwrap).collect();
     let requests = lines.len();
-    let (answers, _) = demo().runtime.block_on(llm_api::batch_file::answer(&demo().state, lines, 4)).expect("the demo model loads");
+    let (answers, _) = served().runtime.block_on(llm_api::batch_file::answer(&served().state, lines, 4)).expect("the tiny model loads");
     assert_eq!(answers.len(), requests);
     assert!(errors.iter().all(|e| e.as_ref().is_err_and(|line| !line.succeeded())));
     answers.iter().any(|line| line.succeeded())
 }
 
-/// The built-in demo model behind the production router, with small limits so that a fuzzed
-/// request that passes validation generates only a few tokens.
-struct Demo {
+/// The tiny checkpoint, with fixed weights and a chat template, behind the production router,
+/// with small limits so that a fuzzed request that passes validation generates only a few
+/// tokens. Its compute takes microseconds, so the fuzzer's time goes to the parsing and
+/// validation under test (behind the demo model these targets ran under 20 inputs a second).
+struct Served {
     runtime: tokio::runtime::Runtime,
     state: Arc<AppState>,
+    _dir: tempfile::TempDir,
 }
 
-fn demo() -> &'static Demo {
-    static DEMO: OnceLock<Demo> = OnceLock::new();
-    DEMO.get_or_init(|| {
-        let loader = model_source::loader(llm_engine::DEMO_MODEL, LoadOptions::default(), Default::default()).expect("the demo loader");
+fn served() -> &'static Served {
+    static SERVED: OnceLock<Served> = OnceLock::new();
+    SERVED.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut config: serde_json::Value = serde_json::from_str(TINY_CONFIG).expect("the tiny config");
+        // Room for the longest prompt the limits let through, so that long prompts reach generation.
+        config["max_position_embeddings"] = 1024.into();
+        for (name, contents) in [("config.json", config.to_string().as_str()), ("tokenizer.json", TINY_TOKENIZER), ("tokenizer_config.json", include_str!("../tiny/tokenizer_config.json"))] {
+            std::fs::write(dir.path().join(name), contents).expect("write the checkpoint");
+        }
+        write_tiny_weights(&config, &dir.path().join("model.safetensors"));
+        let loader = model_source::loader(&dir.path().display().to_string(), LoadOptions::default(), Default::default()).expect("the loader");
         let limits = Limits { max_tokens: 4, max_prompt_tokens: 512, max_sequences: 4, ..Limits::default() };
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        Demo { runtime, state: Arc::new(AppState::new(ModelSlot::new("demo", loader), limits, None)) }
+        Served { runtime, state: Arc::new(AppState::new(ModelSlot::new("demo", loader), limits, None)), _dir: dir }
     })
+}
+
+/// Weights of `config`'s shape with fixed values in ±0.1 (a linear congruential sequence), so
+/// every run serves the same model.
+fn write_tiny_weights(config: &serde_json::Value, path: &Path) {
+    let size = |key: &str| config[key].as_u64().expect("a size in the tiny config") as usize;
+    let (vocab, hidden, mlp, head_dim) = (size("vocab_size"), size("hidden_size"), size("intermediate_size"), size("head_dim"));
+    let (q, kv) = (size("num_attention_heads") * head_dim, size("num_key_value_heads") * head_dim);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut tensor = |shape: &[usize], norm: bool| {
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|_| {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let uniform = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                if norm { 1.0 + uniform * 0.2 } else { uniform * 0.2 }
+            })
+            .collect();
+        candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).expect("a tensor")
+    };
+    let mut tensors = std::collections::HashMap::from([
+        ("model.embed_tokens.weight".to_string(), tensor(&[vocab, hidden], false)),
+        ("model.norm.weight".to_string(), tensor(&[hidden], true)),
+    ]);
+    for layer in 0..size("num_hidden_layers") {
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", [q, hidden]),
+            ("self_attn.k_proj.weight", [kv, hidden]),
+            ("self_attn.v_proj.weight", [kv, hidden]),
+            ("self_attn.o_proj.weight", [hidden, q]),
+            ("mlp.gate_proj.weight", [mlp, hidden]),
+            ("mlp.up_proj.weight", [mlp, hidden]),
+            ("mlp.down_proj.weight", [hidden, mlp]),
+        ] {
+            tensors.insert(format!("model.layers.{layer}.{name}"), tensor(&shape, false));
+        }
+        for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            tensors.insert(format!("model.layers.{layer}.{name}"), tensor(&[hidden], true));
+        }
+    }
+    candle_core::safetensors::save(&tensors, path).expect("write the tiny weights");
 }
 
 /// The files of `dir` (none when it does not exist), sorted, for the replay.
