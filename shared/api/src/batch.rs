@@ -120,7 +120,7 @@ pub(crate) async fn run_requests(
     tokio::task::spawn_blocking(move || span.in_scope(|| llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token)))
         .await
         .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
-        .map_err(|e| ApiError::internal(e.to_string()))
+        .map_err(ApiError::engine)
 }
 
 /// The request's log line and metrics (one EMF record); the first request of the process is

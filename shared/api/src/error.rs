@@ -65,6 +65,15 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// What the engine refused while running a request: a 400 when it judged the request
+    /// invalid (the API's own checks should have caught it first), a 500 otherwise.
+    pub fn engine(error: llm_engine::EngineError) -> Self {
+        match error {
+            llm_engine::EngineError::InvalidRequest(message) => Self::bad_body(message),
+            other => Self::internal(other.to_string()),
+        }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }

@@ -13,7 +13,8 @@ pub struct SamplingParams {
     pub temperature: f32,
     /// Keep only the `k` most likely tokens (0 = off).
     pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off, 0 = the
+    /// most likely token alone).
     pub top_p: f32,
     /// Drop tokens less likely than `min_p` × the most likely one (0 = off).
     pub min_p: f32,
@@ -47,8 +48,9 @@ impl SamplingParams {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad("temperature must be a non-negative number");
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p must be in (0, 1]");
+        // 0 is allowed, as OpenAI allows it: the most likely token alone.
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return bad("top_p must be in [0, 1]");
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad("min_p must be in [0, 1]");
@@ -194,9 +196,10 @@ mod tests {
     }
 
     #[test]
-    fn top_k_one_and_tiny_top_p_are_greedy() {
+    fn top_k_one_and_tiny_or_zero_top_p_are_greedy() {
         let logits = [0.0, 1.0, 5.0, 4.9];
-        for p in [SamplingParams { top_k: 1, ..params(1.0) }, SamplingParams { top_p: 0.01, ..params(1.0) }] {
+        for p in [SamplingParams { top_k: 1, ..params(1.0) }, SamplingParams { top_p: 0.01, ..params(1.0) }, SamplingParams { top_p: 0.0, ..params(1.0) }] {
+            p.validate().unwrap();
             let mut s = Sampler::new(p);
             assert!((0..50).all(|_| s.sample(&logits, &[]) == 2));
         }
