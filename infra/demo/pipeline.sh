@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The demo pipeline, on CPU, in one command:
-#   demo task → pretrain a teacher → instruction SFT → distil a student of under half its
-#   parameters (infra/demo/student-config.json: all 5 layers, each MLP cut from 512 to its 112
-#   strongest neurons) and, as the baseline, the same student trained on the labels alone →
-#   quantize each to
-#   Q8_0 and Q4_K_M → exact-match accuracy and decode speed of every stage → a Markdown table.
+#   demo task → pretrain a teacher → instruction SFT in two cycles → distil a student of under
+#   half its parameters (infra/demo/student-config.json: all 5 layers, each MLP cut from 512 to
+#   its 112 strongest neurons) and, as the baseline, the same student trained on the labels
+#   alone → quantize each to Q8_0 and Q4_K_M → exact-match accuracy and decode speed of every
+#   stage → a Markdown table.
 #
 #   infra/demo/pipeline.sh [WORK_DIR]          (default: infra/.work/demo; git-ignored)
 #
-# Step counts can be scaled down for a smoke run: PRETRAIN_STEPS, SFT_STEPS, DISTILL_STEPS; the
-# distillation's mix and temperature changed with DISTILL_ALPHA, DISTILL_TEMPERATURE.
+# Step counts can be scaled down for a smoke run: PRETRAIN_STEPS, SFT_STEPS, SFT_RESTART_STEPS,
+# DISTILL_STEPS; the distillation's mix and temperature changed with DISTILL_ALPHA,
+# DISTILL_TEMPERATURE.
 # The demo model committed in models/demo/ is a run's SFT teacher at Q8_0
 # (`cp WORK_DIR/teacher-q8_0.gguf models/demo/demo-q8_0.gguf`). A run is deterministic on one
 # machine; another CPU rounds float sums differently and trains a different model.
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/../.."
 W="${1:-infra/.work/demo}"
 PRETRAIN_STEPS="${PRETRAIN_STEPS:-1200}"
 SFT_STEPS="${SFT_STEPS:-2400}"
+SFT_RESTART_STEPS="${SFT_RESTART_STEPS:-600}"
 DISTILL_STEPS="${DISTILL_STEPS:-600}"
 DISTILL_ALPHA="${DISTILL_ALPHA:-0.5}"
 DISTILL_TEMPERATURE="${DISTILL_TEMPERATURE:-1}"
@@ -40,8 +42,12 @@ stage() {
 stage data demo-data
 stage teacher-pretrained finetune --method full --base "$W/data/teacher-init" --data "$W/data/pretrain.jsonl" \
     --steps "$PRETRAIN_STEPS" --lr 2e-3 --warmup 100 --weight-decay 0.01 "${train[@]}"
-stage teacher finetune --method full --base "$W/teacher-pretrained" --data "$W/data/sft.jsonl" \
-    --eval-data "$W/data/sft-eval.jsonl" --eval-every 100 --steps "$SFT_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
+sft=(finetune --method full --data "$W/data/sft.jsonl" --eval-data "$W/data/sft-eval.jsonl" --eval-every 100)
+stage teacher-sft "${sft[@]}" --base "$W/teacher-pretrained" --steps "$SFT_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
+# A second cycle, warm-restarted at a higher learning rate (SGDR): the first one's held-out loss
+# has stopped falling, yet this cycle lifts the teacher's accuracy from about 52 % to 66 %. A
+# teacher that more SFT still improves is beaten by its own pruned copy trained on the labels.
+stage teacher "${sft[@]}" --base "$W/teacher-sft" --steps "$SFT_RESTART_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
 student=(--teacher "$W/teacher" --student-config infra/demo/student-config.json --data "$W/data/sft.jsonl")
 stage student distill "${student[@]}" \
     --temperature "$DISTILL_TEMPERATURE" --alpha "$DISTILL_ALPHA" --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
@@ -56,7 +62,7 @@ done
 
 # One line per evaluated file: accuracy (and per task), parameters, size, decode speed.
 : > "$W/results.jsonl"
-for file in teacher-pretrained teacher teacher-q8_0.gguf teacher-q4_k_m.gguf \
+for file in teacher-pretrained teacher-sft teacher teacher-q8_0.gguf teacher-q4_k_m.gguf \
             student student-q8_0.gguf student-q4_k_m.gguf \
             student-labels-only student-labels-only-q8_0.gguf student-labels-only-q4_k_m.gguf; do
     eval_json=$("$LLM" eval --model "$W/$file" --data "$W/data/eval.jsonl" --json)
