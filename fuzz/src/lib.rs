@@ -102,8 +102,8 @@ pub fn s3_event(data: &[u8]) -> bool {
     !keys.is_empty() && keys.iter().all(Result::is_ok)
 }
 
-/// A batch file, parsed and answered by the tiny served model (as `llm batch` and the batch function
-/// do): one output line per request line.
+/// A batch file, parsed and answered by the tiny served model (as `llm batch` and the batch
+/// function do): one output line per request line.
 pub fn batch_file(data: &[u8]) -> bool {
     let text = String::from_utf8_lossy(data);
     let parsed = llm_api::batch_file::parse(&text);
@@ -123,6 +123,7 @@ pub fn batch_file(data: &[u8]) -> bool {
 struct Served {
     runtime: tokio::runtime::Runtime,
     state: Arc<AppState>,
+    /// The checkpoint's folder, kept as long as the model may still be loaded from it (lazily).
     _dir: tempfile::TempDir,
 }
 
