@@ -40,14 +40,20 @@ const TINY_TOKENIZER: &str = include_str!("../tiny/tokenizer.json");
 /// read as the quantization function reads it (headers, then each tensor by range, quantized)
 /// and as the engine and training load it (memory-mapped).
 pub fn safetensors(data: &[u8]) -> bool {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    for (name, contents) in [("config.json", TINY_CONFIG.as_bytes()), ("tokenizer.json", TINY_TOKENIZER.as_bytes()), ("model.safetensors", data)] {
-        std::fs::write(dir.path().join(name), contents).expect("write the checkpoint");
-    }
+    let dir = tiny_checkpoint(TINY_CONFIG, data);
     let source = llm_convert::CheckpointSource::open(llm_store::Location::Local(dir.path().to_path_buf())).expect("local source");
     let converted = llm_convert::convert(&source, &mut std::io::sink(), llm_convert::QuantType::Q8_0, |_| {}).is_ok();
     let loaded = llm_engine::load(dir.path(), LoadOptions::default()).is_ok();
     converted && loaded
+}
+
+/// A temporary checkpoint folder: `config`, the tiny tokenizer and `weights` as `model.safetensors`.
+fn tiny_checkpoint(config: &str, weights: &[u8]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for (name, contents) in [("config.json", config.as_bytes()), ("tokenizer.json", TINY_TOKENIZER.as_bytes()), ("model.safetensors", weights)] {
+        std::fs::write(dir.path().join(name), contents).expect("write the checkpoint");
+    }
+    dir
 }
 
 /// A checkpoint's JSON documents: `config.json` and `model.safetensors.index.json`.
@@ -116,10 +122,10 @@ pub fn batch_file(data: &[u8]) -> bool {
     answers.iter().any(|line| line.succeeded())
 }
 
-/// The tiny checkpoint, with fixed weights and a chat template, behind the production router,
-/// with small limits so that a fuzzed request that passes validation generates only a few
-/// tokens. Its compute takes microseconds, so the fuzzer's time goes to the parsing and
-/// validation under test (behind the demo model these targets ran under 20 inputs a second).
+/// The tiny checkpoint with a chat template behind the production router, with small limits so
+/// that a fuzzed request that passes validation generates only a few tokens. Its compute takes
+/// microseconds, so the fuzzer's time goes to the parsing and validation under test (behind the
+/// demo model these targets ran under 20 inputs a second).
 struct Served {
     runtime: tokio::runtime::Runtime,
     state: Arc<AppState>,
@@ -130,59 +136,17 @@ struct Served {
 fn served() -> &'static Served {
     static SERVED: OnceLock<Served> = OnceLock::new();
     SERVED.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temporary directory");
         let mut config: serde_json::Value = serde_json::from_str(TINY_CONFIG).expect("the tiny config");
         // Room for the longest prompt the limits let through, so that long prompts reach generation.
         config["max_position_embeddings"] = 1024.into();
-        for (name, contents) in [("config.json", config.to_string().as_str()), ("tokenizer.json", TINY_TOKENIZER), ("tokenizer_config.json", include_str!("../tiny/tokenizer_config.json"))] {
-            std::fs::write(dir.path().join(name), contents).expect("write the checkpoint");
-        }
-        write_tiny_weights(&config, &dir.path().join("model.safetensors"));
+        // The safetensors target's F32 seed (infra/fuzz/seeds.sh): fixed weights of the tiny shape.
+        let dir = tiny_checkpoint(&config.to_string(), include_bytes!("../corpus/safetensors/seed-f32"));
+        std::fs::write(dir.path().join("tokenizer_config.json"), include_str!("../tiny/tokenizer_config.json")).expect("write the checkpoint");
         let loader = model_source::loader(&dir.path().display().to_string(), LoadOptions::default(), Default::default()).expect("the loader");
         let limits = Limits { max_tokens: 4, max_prompt_tokens: 512, max_sequences: 4, ..Limits::default() };
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         Served { runtime, state: Arc::new(AppState::new(ModelSlot::new("demo", loader), limits, None)), _dir: dir }
     })
-}
-
-/// Weights of `config`'s shape with fixed values in ±0.1 (a linear congruential sequence), so
-/// every run serves the same model.
-fn write_tiny_weights(config: &serde_json::Value, path: &Path) {
-    let size = |key: &str| config[key].as_u64().expect("a size in the tiny config") as usize;
-    let (vocab, hidden, mlp, head_dim) = (size("vocab_size"), size("hidden_size"), size("intermediate_size"), size("head_dim"));
-    let (q, kv) = (size("num_attention_heads") * head_dim, size("num_key_value_heads") * head_dim);
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut tensor = |shape: &[usize], norm: bool| {
-        let values: Vec<f32> = (0..shape.iter().product())
-            .map(|_| {
-                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                let uniform = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                if norm { 1.0 + uniform * 0.2 } else { uniform * 0.2 }
-            })
-            .collect();
-        candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).expect("a tensor")
-    };
-    let mut tensors = std::collections::HashMap::from([
-        ("model.embed_tokens.weight".to_string(), tensor(&[vocab, hidden], false)),
-        ("model.norm.weight".to_string(), tensor(&[hidden], true)),
-    ]);
-    for layer in 0..size("num_hidden_layers") {
-        for (name, shape) in [
-            ("self_attn.q_proj.weight", [q, hidden]),
-            ("self_attn.k_proj.weight", [kv, hidden]),
-            ("self_attn.v_proj.weight", [kv, hidden]),
-            ("self_attn.o_proj.weight", [hidden, q]),
-            ("mlp.gate_proj.weight", [mlp, hidden]),
-            ("mlp.up_proj.weight", [mlp, hidden]),
-            ("mlp.down_proj.weight", [hidden, mlp]),
-        ] {
-            tensors.insert(format!("model.layers.{layer}.{name}"), tensor(&shape, false));
-        }
-        for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            tensors.insert(format!("model.layers.{layer}.{name}"), tensor(&[hidden], true));
-        }
-    }
-    candle_core::safetensors::save(&tensors, path).expect("write the tiny weights");
 }
 
 /// The files of `dir` (none when it does not exist), sorted, for the replay.
