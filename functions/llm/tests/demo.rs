@@ -19,7 +19,7 @@ fn repo() -> PathBuf {
 
 /// What `infra/demo/pipeline.sh` measured for the committed model on `models/demo/eval.jsonl`,
 /// less a margin for other CPUs' rounding.
-const DEMO_ACCURACY: f64 = 0.63;
+const DEMO_ACCURACY: f64 = 0.55;
 
 /// A small demo task with a 2-layer untrained teacher.
 fn demo(dir: &Path) -> PathBuf {

@@ -19,7 +19,7 @@ use crate::merge::write_json;
 /// Countries and capitals: all are stated in the pretraining text; questions about the last
 /// [`HELD_OUT_CAPITALS`] are asked only in the evaluation, so answering them needs what
 /// pretraining taught, carried over to the chat format by SFT.
-const CAPITALS: [(&str, &str); 40] = [
+const CAPITALS: [(&str, &str); 72] = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
     ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Greece", "Athens"),
     ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
@@ -28,10 +28,21 @@ const CAPITALS: [(&str, &str); 40] = [
     ("Chile", "Santiago"), ("Cuba", "Havana"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
     ("Russia", "Moscow"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
     ("Ghana", "Accra"), ("Nepal", "Kathmandu"), ("Belgium", "Brussels"), ("Czechia", "Prague"),
+    ("Brazil", "Brasilia"), ("Uruguay", "Montevideo"), ("Venezuela", "Caracas"), ("Ecuador", "Quito"),
+    ("Jamaica", "Kingston"), ("Nigeria", "Abuja"), ("Ethiopia", "Addis Ababa"), ("Uganda", "Kampala"),
+    ("Algeria", "Algiers"), ("Tunisia", "Tunis"), ("Sudan", "Khartoum"), ("Angola", "Luanda"),
+    ("Zambia", "Lusaka"), ("Mali", "Bamako"), ("Syria", "Damascus"), ("Jordan", "Amman"),
+    // Held out from here on.
+    ("Lebanon", "Beirut"), ("Qatar", "Doha"), ("Oman", "Muscat"), ("Afghanistan", "Kabul"),
+    ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Mongolia", "Ulaanbaatar"), ("Philippines", "Manila"),
+    ("Cambodia", "Phnom Penh"), ("Iceland", "Reykjavik"), ("Estonia", "Tallinn"), ("Latvia", "Riga"),
+    ("Croatia", "Zagreb"), ("Serbia", "Belgrade"), ("Bulgaria", "Sofia"), ("Armenia", "Yerevan"),
     ("Romania", "Bucharest"), ("Ukraine", "Kyiv"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
     ("Argentina", "Buenos Aires"), ("Colombia", "Bogota"), ("Morocco", "Rabat"), ("Senegal", "Dakar"),
 ];
-const HELD_OUT_CAPITALS: usize = 8;
+/// A third of the countries: enough held-out facts that one fact more or less moves the
+/// capital task by about 4 points, not 12 as with the first 8 of 40.
+const HELD_OUT_CAPITALS: usize = 24;
 
 /// One question with its one right answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
