@@ -41,7 +41,7 @@ const CAPITALS: [(&str, &str); 72] = [
     ("Argentina", "Buenos Aires"), ("Colombia", "Bogota"), ("Morocco", "Rabat"), ("Senegal", "Dakar"),
 ];
 /// A third of the countries: enough held-out facts that one fact more or less moves the
-/// capital task by about 4 points, not 12 as with the first 8 of 40.
+/// capital task by about 4 points, not 12 as with 8 of 40.
 const HELD_OUT_CAPITALS: usize = 24;
 
 /// One question with its one right answer.
