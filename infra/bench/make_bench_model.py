@@ -1,52 +1,79 @@
 #!/usr/bin/env python3
 """A random model with TinyLlama-1.1B's shapes, as GGUF files in several types, for benchmarks.
 
-Weights are random (speed does not depend on them); the tokenizer is the llama2 fixture's.
+Weights are random (speed does not depend on them), drawn with numpy as transformers initialises
+a Llama (normal, std 0.02; norms 1), so no torch is needed; the tokenizer is the llama2 fixture's.
+The f16 GGUF is written by `llm quantize` (checked against llama.cpp by the fixture tests), the
+quantized ones by llama.cpp's own quantizer, so both engines are timed on llama.cpp's files.
 Writes infra/.work/bench/hf/ (the safetensors checkpoint) and
 infra/.work/bench/tinyllama-shape-{f16,q8_0,q4_0,q4_k_m}.gguf (git-ignored).
 
-    .venv/bin/python infra/bench/make_bench_model.py --llama-cpp /tmp/llsrc/llama_cpp_python-*/vendor/llama.cpp
+    cargo build --release -p llm-cli
+    .venv/bin/python infra/bench/make_bench_model.py
 """
 
 import argparse
 import ctypes
+import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import numpy as np
+from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "infra" / ".work" / "bench"
 TYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
+}
+
+
+def random_checkpoint(hf):
+    """`model.safetensors` with transformers' key names and initialisation."""
+    rng = np.random.default_rng(0)
+    h, f, v = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
+    kv = h // CONFIG["num_attention_heads"] * CONFIG["num_key_value_heads"]
+
+    def normal(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    tensors = {"model.embed_tokens.weight": normal(v, h), "model.norm.weight": np.ones(h, np.float16),
+               "lm_head.weight": normal(v, h)}
+    for i in range(CONFIG["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": normal(h, h), p + "self_attn.k_proj.weight": normal(kv, h),
+            p + "self_attn.v_proj.weight": normal(kv, h), p + "self_attn.o_proj.weight": normal(h, h),
+            p + "mlp.gate_proj.weight": normal(f, h), p + "mlp.up_proj.weight": normal(f, h),
+            p + "mlp.down_proj.weight": normal(h, f),
+            p + "input_layernorm.weight": np.ones(h, np.float16),
+            p + "post_attention_layernorm.weight": np.ones(h, np.float16),
+        }
+    hf.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    (hf / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    for name in ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]:
+        shutil.copy(ROOT / "tests/fixtures/llama2/hf" / name, hf / name)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-cpp", type=Path, required=True)
+    ap.add_argument("--llm", type=Path, default=ROOT / "target/release/llm", help="the llm binary")
     args = ap.parse_args()
     import llama_cpp as lc
 
-    OUT.mkdir(parents=True, exist_ok=True)
     hf = OUT / "hf"
     if not (hf / "model.safetensors").exists():
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                             bos_token_id=1, eos_token_id=2, dtype="float16")
-        with torch.device("cpu"):
-            model = LlamaForCausalLM(config).to(torch.float16)
-        model.save_pretrained(hf, safe_serialization=True)
-        for f in ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]:
-            shutil.copy(ROOT / "tests/fixtures/llama2/hf" / f, hf / f)
-    if not (OUT / "tinyllama-shape-f16.gguf").exists():
-        env = {"PYTHONPATH": str(args.llama_cpp / "gguf-py"), "PATH": "/usr/bin:/bin"}
-        subprocess.run([sys.executable, args.llama_cpp / "convert_hf_to_gguf.py", hf, "--outfile",
-                        OUT / "tinyllama-shape-f16.gguf", "--outtype", "f16"], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        random_checkpoint(hf)
+    f16 = OUT / "tinyllama-shape-f16.gguf"
+    if not f16.exists():
+        subprocess.run([args.llm, "quantize", "--input", hf, "--output", f16, "--type", "f16"], check=True)
     lc.llama_backend_init()
     for name, ftype in TYPES.items():
         out = OUT / f"tinyllama-shape-{name}.gguf"
@@ -55,8 +82,7 @@ def main():
         params = lc.llama_model_quantize_default_params()
         params.ftype = ftype
         params.nthread = 2
-        assert lc.llama_model_quantize(str(OUT / "tinyllama-shape-f16.gguf").encode(), str(out).encode(),
-                                       ctypes.byref(params)) == 0
+        assert lc.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) == 0
     print("\n".join(str(p) for p in sorted(OUT.glob("*.gguf"))))
 
 

@@ -1,15 +1,15 @@
-//! This crate's product against candle's on one layer's shapes of TinyLlama-1.1B, for a decode
-//! step (1 activation row) and a 128-token prompt:
+//! This crate's products (each kernel set the CPU runs) against candle's on one layer's shapes
+//! of TinyLlama-1.1B, for a decode step (1 activation row) and a 128-token prompt:
 //!
 //!     RAYON_NUM_THREADS=1 cargo bench -p llm-kernels
 //!
-//! Prints GFLOP/s (2 flops per multiply-add) and the ratio, one line per (type, shape, rows).
+//! Prints GFLOP/s (2 flops per multiply-add), one line per (type, shape, rows).
 
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use llm_kernels::{matmul, BlockType, QMatrix};
+use llm_kernels::{matmul_with, BlockType, Kernels, QMatrix};
 
 /// `(name, out, in)`: attention q/o, k/v (GQA), the MLP's gate/up and down.
 const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 256, 2048), ("ffn_up", 5632, 2048), ("ffn_down", 2048, 5632)];
@@ -26,6 +26,7 @@ fn seconds(mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let dev = Device::Cpu;
+    let kernels: Vec<Kernels> = [Kernels::Avx512Vnni, Kernels::Avx2].into_iter().filter(|k| k.runs_here()).collect();
     for (ty, dtype) in [(BlockType::Q8_0, GgmlDType::Q8_0), (BlockType::Q4_0, GgmlDType::Q4_0), (BlockType::Q4K, GgmlDType::Q4K), (BlockType::Q6K, GgmlDType::Q6K)] {
         for (name, n, k) in SHAPES {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
@@ -37,17 +38,15 @@ fn main() {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let mut y = vec![0f32; m * n];
-                let t_ours = seconds(|| matmul(&ours, &xs, &mut y).unwrap());
-                let t_candle = seconds(|| {
-                    theirs.forward(&x).unwrap();
-                });
                 let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
-                println!(
-                    "{ty:?} {name} {n}x{k} m={m}: ours {:.1} GFLOP/s, candle {:.1} GFLOP/s, ratio {:.2}",
-                    gflops(t_ours),
-                    gflops(t_candle),
-                    t_candle / t_ours
-                );
+                let ours: Vec<String> = kernels
+                    .iter()
+                    .map(|&kernels| format!("{kernels:?} {:.1}", gflops(seconds(|| matmul_with(kernels, &ours, &xs, &mut y).unwrap()))))
+                    .collect();
+                let candle = gflops(seconds(|| {
+                    theirs.forward(&x).unwrap();
+                }));
+                println!("{ty:?} {name} {n}x{k} m={m} GFLOP/s: {}, candle {candle:.1}", ours.join(", "));
             }
         }
     }

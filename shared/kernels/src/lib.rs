@@ -8,29 +8,58 @@
 //! vector products. Work is spread over candle's compute pool, so the engine's other kernels and
 //! these never compete for cores.
 //!
-//! The SIMD path is chosen at run time ([`available`]); on a CPU without one the caller keeps
-//! candle's kernels. [`scalar`] is the portable definition the SIMD kernels are tested against.
+//! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
+//! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too. On a
+//! CPU without either the caller keeps candle's kernels. [`scalar`] is the portable definition
+//! the SIMD kernels are tested against.
 
 mod activations;
-#[cfg(target_arch = "x86_64")]
-mod avx2;
 mod blocks;
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
 
 pub use activations::QuantizedRows;
 pub use blocks::BlockType;
 
+/// An implementation of the products, by the instructions it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// 512-bit registers and `vpdpbusd`/`vpdpwssd` (Intel since Cascade Lake, AMD since Zen 4).
+    Avx512Vnni,
+    /// 256-bit `maddubs`/`madd` with FMA and F16C.
+    Avx2,
+    /// [`scalar`]: correct everywhere, too slow to serve with.
+    Scalar,
+}
+
+impl Kernels {
+    /// The fastest kernels this CPU runs; detected once.
+    pub fn best() -> Self {
+        static BEST: OnceLock<Kernels> = OnceLock::new();
+        *BEST.get_or_init(|| [Self::Avx512Vnni, Self::Avx2].into_iter().find(|k| k.runs_here()).unwrap_or(Self::Scalar))
+    }
+
+    /// Whether this CPU has the instructions these kernels need.
+    pub fn runs_here(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => x86::avx512::detected(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => x86::avx2::detected(),
+            Self::Scalar => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
 /// Whether this CPU has a SIMD kernel; when it does not, [`matmul`] would fall back to the
 /// slow [`scalar`] one and the caller had better use another implementation.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx2::detected()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernels::best() != Kernels::Scalar
 }
 
 /// Shape errors: the caller's tensors do not match the product it asked for.
@@ -72,8 +101,17 @@ impl<'a> QMatrix<'a> {
     }
 }
 
-/// `y[m × w.rows] = x[m × w.cols] · Wᵀ`, row-major, on the compute pool.
+/// `y[m × w.rows] = x[m × w.cols] · Wᵀ`, row-major, on the compute pool, with [`Kernels::best`].
 pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
+    matmul_with(Kernels::best(), w, x, y)
+}
+
+/// [`matmul`] with the given kernels, for tests and benchmarks to compare them.
+///
+/// # Panics
+/// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
+pub fn matmul_with(kernels: Kernels, w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
+    assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
     if x.len() % w.cols != 0 {
         return Err(ShapeError(format!("{} activations are not rows of {}", x.len(), w.cols)));
     }
@@ -92,7 +130,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
             let rows = g * group..w.rows.min((g + 1) * group);
             // SAFETY: see above; `y` outlives the pool's execution, which returns when all
             // items are done.
-            unsafe { product_rows(w, &x, rows, &out) };
+            unsafe { product_rows(kernels, w, &x, rows, &out) };
         }
     });
     Ok(())
@@ -112,11 +150,15 @@ unsafe impl Sync for OutPtr {}
 /// Columns `rows` of every output row.
 ///
 /// # Safety
-/// `out` points to `x.rows() × w.rows` values that no other thread writes in these columns.
-unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: std::ops::Range<usize>, out: &OutPtr) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::detected() {
-        return avx2::product_rows(w, x, rows, out.0);
+/// `kernels` run here; `out` points to `x.rows() × w.rows` values that no other thread writes
+/// in these columns.
+unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: std::ops::Range<usize>, out: &OutPtr) {
+    match kernels {
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512Vnni => return x86::avx512::product_rows(w, x, rows, out.0),
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx2 => return x86::avx2::product_rows(w, x, rows, out.0),
+        _ => {}
     }
     for r in rows {
         for i in 0..x.rows() {

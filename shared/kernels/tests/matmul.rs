@@ -1,10 +1,10 @@
-//! The SIMD product against the scalar definition (same quantized activations: equal up to
-//! float summation order) and against candle's dequantized weights in f32 (the quantization of
-//! the activations is the only difference).
+//! Every SIMD product this CPU runs against the scalar definition (same quantized activations:
+//! equal up to float summation order) and against candle's dequantized weights in f32 (the
+//! quantization of the activations is the only difference).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use llm_kernels::{matmul, scalar, BlockType, QMatrix, QuantizedRows};
+use llm_kernels::{matmul, matmul_with, scalar, BlockType, Kernels, QMatrix, QuantizedRows};
 use rand::{Rng, SeedableRng};
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
@@ -27,8 +27,17 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
 }
 
 #[test]
+fn the_best_kernels_are_simd_on_x86_64() {
+    if cfg!(target_arch = "x86_64") {
+        assert_ne!(Kernels::best(), Kernels::Scalar, "the build targets AVX2");
+    }
+}
+
+#[test]
 fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
-    for ty in [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4K, BlockType::Q6K] {
+    let kernels: Vec<Kernels> = [Kernels::Avx512Vnni, Kernels::Avx2].into_iter().filter(|k| k.runs_here()).collect();
+    eprintln!("kernels this CPU runs: {kernels:?}");
+    for (kernels, ty) in kernels.iter().flat_map(|&k| [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4K, BlockType::Q6K].map(|ty| (k, ty))) {
         // Row and activation counts that leave remainders after every tile size.
         let shapes = [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16), (9, 768, 5)];
         for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
@@ -36,18 +45,18 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
             let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();
             let x = random(m * cols, 11);
             let mut y = vec![f32::NAN; m * rows];
-            matmul(&w, &x, &mut y).unwrap();
+            matmul_with(kernels, &w, &x, &mut y).unwrap();
 
             let q = QuantizedRows::new(&x, cols, ty.block_values());
             for i in 0..m {
                 for r in 0..rows {
                     let got = y[i * rows + r];
                     let exact = scalar::dot(ty, &bytes[r * ty.row_bytes(cols)..(r + 1) * ty.row_bytes(cols)], &q, i);
-                    assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{ty:?} {rows}x{cols} m={m} [{i},{r}]: {got} vs {exact}");
+                    assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{kernels:?} {ty:?} {rows}x{cols} m={m} [{i},{r}]: {got} vs {exact}");
                     let f32_dot: f32 = (0..cols).map(|j| x[i * cols + j] * dense[r * cols + j]).sum();
                     // Activations rounded to 1/254 of each block's (super-block's) largest magnitude.
                     let bound = 0.01 * (cols as f32).sqrt();
-                    assert!((got - f32_dot).abs() <= bound, "{ty:?} {rows}x{cols} [{i},{r}]: {got} vs f32 {f32_dot}");
+                    assert!((got - f32_dot).abs() <= bound, "{kernels:?} {ty:?} {rows}x{cols} [{i},{r}]: {got} vs f32 {f32_dot}");
                 }
             }
         }

@@ -1,12 +1,10 @@
-//! x86_64 kernels: AVX2 integer dot products (`maddubs`), FMA accumulation, F16C scales.
-//!
-//! A tile is `R` weight rows × `C` activation rows: each weight block is loaded once per tile
-//! and meets `C` activation blocks, each activation block meets `R` weight blocks, and the
-//! `R·C` partial sums stay in registers for the whole row.
+//! AVX2 integer dot products (`maddubs`), FMA accumulation, F16C scales: what every x86_64
+//! Lambda host runs.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::{f16_at, operands, prefetch_ahead, rows_of, store, Tile};
 use crate::activations::QuantizedRows;
 use crate::blocks::{q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
 use crate::QMatrix;
@@ -21,50 +19,21 @@ pub fn detected() -> bool {
 /// independent sums hide the latency of the multiply-adds.
 const PROMPT: (usize, usize) = (2, 4);
 const DECODE_ROWS: usize = 4;
-/// How far ahead of the current block a decode step asks for its weight rows.
-const PREFETCH_BYTES: usize = 2048;
 
 /// Columns `rows` of every output row (see [`crate::product_rows`]).
 ///
 /// # Safety
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
-pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
-    match w.ty {
-        BlockType::Q8_0 => rows_of::<Q8_0>(w, x, rows, out),
-        BlockType::Q4_0 => rows_of::<Q4_0>(w, x, rows, out),
-        BlockType::Q4K => rows_of::<Q4K>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<Q6K>(w, x, rows, out),
-    }
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_of<W: Tile>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     const R: usize = PROMPT.0;
     const C: usize = PROMPT.1;
-    // Activation rows outside, weight rows inside: the few activation rows of a tile stay in
-    // L1 while the group's weight rows come from L2.
-    let mut i = 0;
-    while i < x.rows() {
-        let several = x.rows() - i >= C;
-        let mut r = rows.start;
-        while r < rows.end {
-            let left = rows.end - r;
-            r += match several {
-                true if left >= R => W::tile::<R, C>(w, x, r, i, out),
-                true => W::tile::<1, C>(w, x, r, i, out),
-                false if left >= DECODE_ROWS => W::tile::<DECODE_ROWS, 1>(w, x, r, i, out),
-                false => W::tile::<1, 1>(w, x, r, i, out),
-            };
-        }
-        i += if several { C } else { 1 };
+    match w.ty {
+        BlockType::Q8_0 => rows_of::<Q8_0, R, C, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Q4_0, R, C, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4K => rows_of::<Q4K, R, C, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<Q6K, R, C, DECODE_ROWS>(w, x, rows, out),
     }
-}
-
-/// A tile kernel: output `[i..i+CT] × [r..r+RT]`; returns `RT`, the weight rows done.
-trait Tile {
-    /// # Safety
-    /// AVX2/FMA/F16C are available; the rows exist; `out` as in [`product_rows`].
-    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize;
 }
 
 impl<W: Block> Tile for W {
@@ -101,7 +70,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             }
         }
     }
-    store(&acc, w, r, i, out)
+    store(&acc, hsum, w, r, i, out)
 }
 
 /// Q4_K: within a super-block, each sub-block's integer sum is multiplied by its 6-bit scale
@@ -173,7 +142,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
             }
         }
     }
-    store(&acc, w, r, i, out)
+    store(&acc, hsum, w, r, i, out)
 }
 
 /// Q6_K, like Q4_K: sub-block sums scaled as integers by their `i8` scales (two per run of 32
@@ -191,7 +160,7 @@ impl Tile for Q6K {
 unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     const BYTES: usize = BlockType::Q6K.block_bytes();
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let (low, pair_bits, thirty_two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30), _mm256_set1_epi8(32));
+    let thirty_two = _mm256_set1_epi8(32);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
         let mut d = [0f32; RT];
@@ -209,15 +178,7 @@ unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
             let mut run_scales = [[_mm256_setzero_si256(); 4]; RT];
             for a in 0..RT {
                 let block = weights[a].add(b * BYTES);
-                let ql0 = _mm256_loadu_si256(block.add(64 * half) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(block.add(64 * half + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i);
-                codes[a] = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), pair_bits)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), pair_bits)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), _mm256_and_si256(qh, pair_bits)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair_bits)),
-                ];
+                codes[a] = q6_k_codes(block, half);
                 let s8 = _mm_loadl_epi64(block.add(192 + 8 * half) as *const __m128i);
                 let s16 = _mm_cvtepi8_epi16(s8);
                 let both = _mm256_set_m128i(s16, s16);
@@ -245,39 +206,23 @@ unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
             }
         }
     }
-    store(&acc, w, r, i, out)
+    store(&acc, hsum, w, r, i, out)
 }
 
-/// The tile's weight rows and activation rows.
+/// The 6-bit codes of the four runs of 32 values of a Q6_K block's `half` (see
+/// [`crate::blocks::q6_k_value`]), as unsigned bytes.
 #[inline(always)]
-unsafe fn operands<'x, const RT: usize, const CT: usize>(
-    w: &QMatrix,
-    x: &'x QuantizedRows,
-    r: usize,
-    i: usize,
-) -> ([*const u8; RT], [(&'x [f32], &'x [i8], &'x [i32]); CT]) {
-    let row_bytes = w.ty.row_bytes(w.cols);
-    (std::array::from_fn(|a| w.bytes.as_ptr().add((r + a) * row_bytes)), std::array::from_fn(|c| x.row(i + c)))
-}
-
-/// Writes the tile's sums to `out`; returns `RT`.
-#[inline(always)]
-unsafe fn store<const RT: usize, const CT: usize>(acc: &[[__m256; CT]; RT], w: &QMatrix, r: usize, i: usize, out: *mut f32) -> usize {
-    for a in 0..RT {
-        for c in 0..CT {
-            *out.add((i + c) * w.rows + r + a) = hsum(acc[a][c]);
-        }
-    }
-    RT
-}
-
-/// A decode step streams the weights from memory: ask for the cache lines `PREFETCH_BYTES`
-/// after `block`'s while this one is multiplied.
-#[inline(always)]
-unsafe fn prefetch_ahead(block: *const u8, bytes: usize) {
-    for line in (0..bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_BYTES + line) as *const i8);
-    }
+pub(super) unsafe fn q6_k_codes(block: *const u8, half: usize) -> [__m256i; 4] {
+    let (low, pair_bits) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    let ql0 = _mm256_loadu_si256(block.add(64 * half) as *const __m256i);
+    let ql1 = _mm256_loadu_si256(block.add(64 * half + 32) as *const __m256i);
+    let qh = _mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i);
+    [
+        _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), pair_bits)),
+        _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), pair_bits)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), _mm256_and_si256(qh, pair_bits)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair_bits)),
+    ]
 }
 
 /// The `shuffle_epi8` control (as an i16 pattern) that copies 16-bit element `j` of each lane
@@ -343,13 +288,6 @@ impl Block for Q4_0 {
     unsafe fn pairs(w: &[__m256i; 2], x: &[__m256i; 2]) -> __m256i {
         _mm256_sub_epi16(_mm256_maddubs_epi16(w[0], x[0]), x[1])
     }
-}
-
-/// The little-endian `f16` at `block + at`.
-#[inline(always)]
-unsafe fn f16_at(block: *const u8, at: usize) -> f32 {
-    let bits = u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 #[inline(always)]
