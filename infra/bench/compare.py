@@ -7,11 +7,12 @@ weight once (all tensors but the embedding table, of which a token reads one row
 machine's copy bandwidth with as many copies as threads (`bandwidth.py`).
 
     cargo build --release -p llm-cli
-    .venv/bin/python infra/bench/compare.py infra/.work/bench/*.gguf --threads 1 2
+    .venv/bin/python infra/bench/compare.py infra/.work/bench/*.gguf --threads 1 2 --repeat 3
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,12 @@ def last_json(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def median_run(cmd, repeat):
+    """Each number the median of `repeat` runs: a shared machine's neighbours move single runs."""
+    runs = [last_json(cmd) for _ in range(repeat)]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0] if isinstance(runs[0][key], (int, float))}
+
+
 def weight_bytes_per_token(path):
     """Bytes of the tensors one decode step reads whole: all but the token embedding table."""
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
@@ -60,6 +67,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--llm", type=Path, default=ROOT / "target" / "release" / "llm")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per engine and case; the table has their medians")
     args = ap.parse_args()
 
     copy_rate = {t: bandwidth(t) for t in args.threads}
@@ -69,10 +77,10 @@ def main():
     for model in args.models:
         per_token = weight_bytes_per_token(model)
         for t in args.threads:
-            ours = last_json([args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
-                              "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"])
-            theirs = last_json([sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens),
-                                str(args.gen_tokens), str(t)])
+            ours = median_run([args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
+                               "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"], args.repeat)
+            theirs = median_run([sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens),
+                                 str(args.gen_tokens), str(t)], args.repeat)
             mib = lambda b: b / 2**20
             print(f"| {model.name} | {t} "
                   f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "

@@ -1,6 +1,11 @@
 //! Activations quantized to 8-bit blocks, the form the integer dot products take them in.
 
+use std::sync::OnceLock;
+
 use crate::blocks::BLOCK;
+
+/// Rows per tile of [`Interleaved`].
+pub const TILE_ROWS: usize = 8;
 
 /// `rows` rows of activations as `i8`, with an `f32` scale per `group` values (32 for the legacy
 /// weight types, 256 for K-quants, whose sub-block sums then add up as integers) and the sum of
@@ -12,6 +17,23 @@ pub struct QuantizedRows {
     scales: Vec<f32>,
     values: Vec<i8>,
     sums: Vec<i32>,
+    interleaved: OnceLock<Interleaved>,
+}
+
+/// The same rows interleaved for a kernel that multiplies 4 bytes of many weight rows by the
+/// same 4 activation bytes (`vpdpbusd` with a broadcast operand): tiles of [`TILE_ROWS`] rows
+/// (the last one padded with zero rows), and within a tile, per group of `group` values, the
+/// first 4 bytes of every row, then the next 4, and so on; per group and row, the activation
+/// scale and the scale times the group's sum. A tile's operands then lie in one stream that a
+/// single pointer walks.
+pub struct Interleaved {
+    pub group: usize,
+    /// `[tile][group][quad][row of the tile][4 bytes]`.
+    pub values: Vec<i8>,
+    /// `[tile][group][row of the tile]`.
+    pub scales: Vec<f32>,
+    /// `[tile][group][row of the tile]`.
+    pub scaled_sums: Vec<f32>,
 }
 
 impl QuantizedRows {
@@ -31,7 +53,7 @@ impl QuantizedRows {
             scales.push(d);
         }
         let sums = values.chunks_exact(BLOCK).map(|b| b.iter().map(|&q| q as i32).sum()).collect();
-        Self { cols, group, scales, values, sums }
+        Self { cols, group, scales, values, sums, interleaved: OnceLock::new() }
     }
 
     pub fn rows(&self) -> usize {
@@ -46,5 +68,41 @@ impl QuantizedRows {
             &self.values[i * self.cols..(i + 1) * self.cols],
             &self.sums[i * blocks..(i + 1) * blocks],
         )
+    }
+
+    /// The rows [`Interleaved`] in groups of `group` values (16 or 32), built by the first
+    /// caller (the threads of one product share it) and kept for the others.
+    pub fn interleaved(&self, group: usize) -> &Interleaved {
+        let built = self.interleaved.get_or_init(|| self.interleave(group));
+        assert_eq!(built.group, group, "one product interleaves its activations one way");
+        built
+    }
+
+    fn interleave(&self, group: usize) -> Interleaved {
+        debug_assert!(group % 4 == 0 && self.cols % group == 0 && self.group % group == 0);
+        let groups = self.cols / group;
+        let padded = self.rows().next_multiple_of(TILE_ROWS);
+        let mut out = Interleaved {
+            group,
+            values: vec![0; padded * self.cols],
+            scales: vec![0.0; padded * groups],
+            scaled_sums: vec![0.0; padded * groups],
+        };
+        for i in 0..self.rows() {
+            let (tile, row) = (i / TILE_ROWS, i % TILE_ROWS);
+            let (scales, values, _) = self.row(i);
+            for g in 0..groups {
+                let group_values = &values[g * group..(g + 1) * group];
+                let d = scales[g * group / self.group];
+                let at = (tile * groups + g) * TILE_ROWS + row;
+                out.scales[at] = d;
+                out.scaled_sums[at] = d * group_values.iter().map(|&q| q as i32).sum::<i32>() as f32;
+                for (quad, four) in group_values.chunks_exact(4).enumerate() {
+                    let at = (tile * groups + g) * group * TILE_ROWS + (quad * TILE_ROWS + row) * 4;
+                    out.values[at..at + 4].copy_from_slice(four);
+                }
+            }
+        }
+        out
     }
 }

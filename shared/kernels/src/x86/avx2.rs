@@ -212,7 +212,7 @@ unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
 /// The 6-bit codes of the four runs of 32 values of a Q6_K block's `half` (see
 /// [`crate::blocks::q6_k_value`]), as unsigned bytes.
 #[inline(always)]
-pub(super) unsafe fn q6_k_codes(block: *const u8, half: usize) -> [__m256i; 4] {
+unsafe fn q6_k_codes(block: *const u8, half: usize) -> [__m256i; 4] {
     let (low, pair_bits) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
     let ql0 = _mm256_loadu_si256(block.add(64 * half) as *const __m256i);
     let ql1 = _mm256_loadu_si256(block.add(64 * half + 32) as *const __m256i);

@@ -1,19 +1,20 @@
-//! AVX-512 with VNNI: 64 byte products per instruction (`vpdpbusd`, or `maddubs` and `vpdpwssd`
-//! where the K-quants' sub-block scales multiply in) and 32 registers for larger tiles. Chosen
+//! AVX-512 with VNNI: 64 byte products per instruction (`vpdpbusd`) and 32 registers for
+//! larger tiles. Chosen
 //! at run time where the host has it (Intel since Cascade Lake, AMD since Zen 4); the binary
 //! itself is built for AVX2.
 //!
-//! A 512-bit register holds two 32-value blocks: the legacy types go two blocks at a time (a
-//! row with an odd number of blocks ends with one, the other half zero), the K-quants two
-//! sub-blocks at a time.
+//! A prompt's products go through [`super::panel`]s of 16 weight rows. Otherwise (decode) a
+//! 512-bit register holds two 32-value blocks of a row: the legacy types go two blocks at a
+//! time (a row with an odd number of blocks ends with one, the other half zero); the K-quants
+//! keep their AVX2 tiles.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::q6_k_codes;
+use super::panel::{group_values, Panel, PANEL_ROWS};
 use super::{f16_at, operands, prefetch_ahead, rows_of, store, Tile};
-use crate::activations::QuantizedRows;
-use crate::blocks::{q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
+use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
+use crate::blocks::{BlockType, BLOCK};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
@@ -30,12 +31,74 @@ pub fn detected() -> bool {
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    if x.rows() >= PANEL_MIN_ACTIVATIONS {
+        return match group_values(w.ty) {
+            16 => panel_rows::<16>(w, x, rows, out),
+            _ => panel_rows::<BLOCK>(w, x, rows, out),
+        };
+    }
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, 4, 4>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Legacy<Q4_0>, 4, 4, 4>(w, x, rows, out),
-        BlockType::Q4K => rows_of::<Q4K, 2, 4, 4>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<Q6K, 2, 4, 4>(w, x, rows, out),
+        // 512-bit tiles pairing sub-blocks were slower for Q4_K than its AVX2 tiles (the
+        // benchmark), and only 20 % faster for Q6_K, a minor part of a Q4_K_M file.
+        BlockType::Q4K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
     }
+}
+
+/// Activation rows from which a panel is worth packing: packing reads the weight rows once, as
+/// one activation row's product does, so from 8 rows on it costs at most an eighth more.
+const PANEL_MIN_ACTIVATIONS: usize = 8;
+
+/// [`product_rows`] through panels of groups of `G` values, against [`Interleaved`] activations
+/// in tiles of [`TILE_ROWS`]: a tile's sums and the panel's registers of one group fill most of
+/// the 32 registers.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+unsafe fn panel_rows<const G: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    let acts = x.interleaved(G);
+    let mut panel = Panel::new(w.ty, w.cols);
+    for start in rows.clone().step_by(PANEL_ROWS) {
+        let panel_range = start..rows.end.min(start + PANEL_ROWS);
+        let mask = ((1u32 << panel_range.len()) - 1) as __mmask16;
+        panel.pack(w, panel_range);
+        for tile in 0..x.rows().div_ceil(TILE_ROWS) {
+            let sums = panel_tile::<G>(&panel, acts, tile, w.cols / G);
+            // The padding rows of the last tile are not stored.
+            for (c, sum) in sums.iter().enumerate().take(x.rows() - tile * TILE_ROWS) {
+                _mm512_mask_storeu_ps(out.add((tile * TILE_ROWS + c) * w.rows + start), mask, *sum);
+            }
+        }
+    }
+}
+
+/// The outputs of a tile of activation rows against the 16 rows of a packed panel.
+#[inline(always)]
+unsafe fn panel_tile<const G: usize>(panel: &Panel, acts: &Interleaved, tile: usize, groups: usize) -> [__m512; TILE_ROWS] {
+    let mut x = acts.values.as_ptr().add(tile * groups * G * TILE_ROWS);
+    let mut x_scales = acts.scales.as_ptr().add(tile * groups * TILE_ROWS);
+    let mut x_sums = acts.scaled_sums.as_ptr().add(tile * groups * TILE_ROWS);
+    let (mut values, mut scales, mut offsets) = (panel.values.as_ptr(), panel.scales.as_ptr(), panel.offsets.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
+    for _ in 0..groups {
+        let mut sums = [_mm512_setzero_si512(); TILE_ROWS];
+        for quad in 0..G / 4 {
+            let u = _mm512_loadu_si512(values.add(quad * 4 * PANEL_ROWS) as *const __m512i);
+            for c in 0..TILE_ROWS {
+                let four = (x.add((quad * TILE_ROWS + c) * 4) as *const i32).read_unaligned();
+                sums[c] = _mm512_dpbusd_epi32(sums[c], u, _mm512_set1_epi32(four));
+            }
+        }
+        let (w_scales, w_offsets) = (_mm512_loadu_ps(scales), _mm512_loadu_ps(offsets));
+        for c in 0..TILE_ROWS {
+            acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(w_scales, _mm512_set1_ps(*x_scales.add(c))), _mm512_cvtepi32_ps(sums[c]), acc[c]);
+            acc[c] = _mm512_fnmadd_ps(w_offsets, _mm512_set1_ps(*x_sums.add(c)), acc[c]);
+        }
+        x = x.add(G * TILE_ROWS);
+        (x_scales, x_sums) = (x_scales.add(TILE_ROWS), x_sums.add(TILE_ROWS));
+        values = values.add(G * PANEL_ROWS);
+        (scales, offsets) = (scales.add(PANEL_ROWS), offsets.add(PANEL_ROWS));
+    }
+    acc
 }
 
 /// How two 32-value weight blocks meet two activation blocks in one `vpdpbusd` (unsigned ×
@@ -142,143 +205,6 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             for a in 0..RT {
                 let sums = _mm512_cvtepi32_ps(W::dot(&wv[a], &xv));
                 acc[a][c] = _mm512_fmadd_ps(_mm512_mul_ps(scales[a], dx), sums, acc[a][c]);
-            }
-        }
-    }
-    store(&acc, hsum, w, r, i, out)
-}
-
-/// Q4_K, as in the AVX2 kernel (sub-block sums scaled as integers, minimums against the
-/// activations' sums), with a pair of sub-blocks per register: `maddubs` then `vpdpwssd` by
-/// the pair's two scales.
-struct Q4K;
-
-impl Tile for Q4K {
-    #[inline(always)]
-    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        q4_k_tile::<RT, CT>(w, x, r, i, out)
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    const BYTES: usize = BlockType::Q4K.block_bytes();
-    let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let low = _mm512_set1_epi8(0x0F);
-    let mut acc = [[_mm512_setzero_ps(); CT]; RT];
-    for b in 0..w.cols / SUPER_BLOCK {
-        let mut scales = [[0u8; 8]; RT];
-        let mut mins = [_mm256_setzero_si256(); RT];
-        let mut d = [0f32; RT];
-        let mut dmin = [0f32; RT];
-        for a in 0..RT {
-            let block = weights[a].add(b * BYTES);
-            if CT == 1 {
-                prefetch_ahead(block, BYTES);
-            }
-            let (s, m) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
-            scales[a] = s;
-            mins[a] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
-            (d[a], dmin[a]) = (f16_at(block, 0), f16_at(block, 2));
-        }
-        let mut sums = [[_mm512_setzero_si512(); CT]; RT];
-        for pair in 0..4 {
-            let mut nibbles = [_mm512_setzero_si512(); RT];
-            let mut pair_scales = [_mm512_setzero_si512(); RT];
-            for a in 0..RT {
-                let q = _mm256_loadu_si256(weights[a].add(b * BYTES + 16 + 32 * pair) as *const __m256i);
-                nibbles[a] = _mm512_and_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4)), low);
-                let scale = |j: usize| _mm512_set1_epi16(i16::from(scales[a][j]));
-                pair_scales[a] = _mm512_mask_blend_epi16(0xFFFF_0000, scale(2 * pair), scale(2 * pair + 1));
-            }
-            for c in 0..CT {
-                let xv = _mm512_loadu_si512(acts[c].1.as_ptr().add(b * SUPER_BLOCK + 64 * pair) as *const __m512i);
-                for a in 0..RT {
-                    sums[a][c] = _mm512_dpwssd_epi32(sums[a][c], _mm512_maddubs_epi16(nibbles[a], xv), pair_scales[a]);
-                }
-            }
-        }
-        for c in 0..CT {
-            let (xd, _, xsums) = acts[c];
-            let dx = *xd.get_unchecked(b);
-            let block_sums = _mm256_loadu_si256(xsums.as_ptr().add(b * 8) as *const __m256i);
-            for a in 0..RT {
-                acc[a][c] = _mm512_fmadd_ps(_mm512_set1_ps(d[a] * dx), _mm512_cvtepi32_ps(sums[a][c]), acc[a][c]);
-                let min_part = _mm512_zextps256_ps512(_mm256_cvtepi32_ps(_mm256_mullo_epi32(mins[a], block_sums)));
-                acc[a][c] = _mm512_fmadd_ps(_mm512_set1_ps(-dmin[a] * dx), min_part, acc[a][c]);
-            }
-        }
-    }
-    store(&acc, hsum, w, r, i, out)
-}
-
-/// Q6_K, as in the AVX2 kernel, two runs of 32 values (four 16-value sub-blocks, one per
-/// 128-bit lane) per register.
-struct Q6K;
-
-impl Tile for Q6K {
-    #[inline(always)]
-    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        q6_k_tile::<RT, CT>(w, x, r, i, out)
-    }
-}
-
-/// `permutexvar` indices that give 128-bit lane `k` of a register the `i16` at `first + k`.
-const fn lane_scales(first: i16) -> [i16; 32] {
-    let mut idx = [0; 32];
-    let mut e = 0;
-    while e < 32 {
-        idx[e] = first + (e / 8) as i16;
-        e += 1;
-    }
-    idx
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    const BYTES: usize = BlockType::Q6K.block_bytes();
-    const RUN_PAIRS: [[i16; 32]; 2] = [lane_scales(0), lane_scales(4)];
-    let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let thirty_two = _mm512_set1_epi8(32);
-    let mut acc = [[_mm512_setzero_ps(); CT]; RT];
-    for b in 0..w.cols / SUPER_BLOCK {
-        let mut d = [0f32; RT];
-        for a in 0..RT {
-            let block = weights[a].add(b * BYTES);
-            if CT == 1 {
-                prefetch_ahead(block, BYTES);
-            }
-            d[a] = f16_at(block, 208);
-        }
-        let mut sums = [[_mm512_setzero_si512(); CT]; RT];
-        for half in 0..2 {
-            let mut codes = [[_mm512_setzero_si512(); 2]; RT];
-            let mut run_scales = [[_mm512_setzero_si512(); 2]; RT];
-            for a in 0..RT {
-                let block = weights[a].add(b * BYTES);
-                let runs = q6_k_codes(block, half);
-                let scales = _mm512_castsi128_si512(_mm_cvtepi8_epi16(_mm_loadl_epi64(block.add(192 + 8 * half) as *const __m128i)));
-                for p in 0..2 {
-                    codes[a][p] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(runs[2 * p]), runs[2 * p + 1]);
-                    run_scales[a][p] = _mm512_permutexvar_epi16(_mm512_loadu_si512(RUN_PAIRS[p].as_ptr() as *const __m512i), scales);
-                }
-            }
-            for c in 0..CT {
-                let xq = acts[c].1.as_ptr().add(b * SUPER_BLOCK + 128 * half);
-                for p in 0..2 {
-                    let x = _mm512_loadu_si512(xq.add(2 * BLOCK * p) as *const __m512i);
-                    let offset = _mm512_maddubs_epi16(thirty_two, x);
-                    for a in 0..RT {
-                        let pairs = _mm512_sub_epi16(_mm512_maddubs_epi16(codes[a][p], x), offset);
-                        sums[a][c] = _mm512_dpwssd_epi32(sums[a][c], pairs, run_scales[a][p]);
-                    }
-                }
-            }
-        }
-        for c in 0..CT {
-            let dx = *acts[c].0.get_unchecked(b);
-            for a in 0..RT {
-                acc[a][c] = _mm512_fmadd_ps(_mm512_set1_ps(d[a] * dx), _mm512_cvtepi32_ps(sums[a][c]), acc[a][c]);
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod avx2;
 pub mod avx512;
+mod panel;
 
 use std::arch::x86_64::*;
 use std::ops::Range;
