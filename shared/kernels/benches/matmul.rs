@@ -1,5 +1,5 @@
 //! This crate's products (each kernel set the CPU runs) against candle's on one layer's shapes
-//! of TinyLlama-1.1B, for a decode step (1 activation row) and a 128-token prompt:
+//! of TinyLlama-1.1B, for a decode step (1 activation row) and a 128- and a 512-token prompt:
 //!
 //!     RAYON_NUM_THREADS=1 cargo bench -p llm-kernels
 //!
@@ -34,7 +34,7 @@ fn main() {
             let bytes = q.data().unwrap().into_owned();
             let ours = QMatrix::new(ty, n, k, &bytes).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
-            for m in [1, 128] {
+            for m in [1, 128, 512] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let mut y = vec![0f32; m * n];

@@ -52,20 +52,29 @@ const PANEL_MIN_ACTIVATIONS: usize = 8;
 
 /// [`product_rows`] through panels of groups of `G` values, against [`Interleaved`] activations
 /// in tiles of [`TILE_ROWS`]: a tile's sums and the panel's registers of one group fill most of
-/// the 32 registers.
+/// the 32 registers. All the work item's panels are packed first (a few hundred KiB at most,
+/// they stay in L2), so that each activation tile is read from memory once, however long the
+/// prompt.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 unsafe fn panel_rows<const G: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     let acts = x.interleaved(G);
-    let mut panel = Panel::new(w.ty, w.cols);
-    for start in rows.clone().step_by(PANEL_ROWS) {
-        let panel_range = start..rows.end.min(start + PANEL_ROWS);
-        let mask = ((1u32 << panel_range.len()) - 1) as __mmask16;
-        panel.pack(w, panel_range);
-        for tile in 0..x.rows().div_ceil(TILE_ROWS) {
-            let sums = panel_tile::<G>(&panel, acts, tile, w.cols / G);
+    let panels: Vec<(usize, __mmask16, Panel)> = rows
+        .clone()
+        .step_by(PANEL_ROWS)
+        .map(|start| {
+            let panel_range = start..rows.end.min(start + PANEL_ROWS);
+            let mask = ((1u32 << panel_range.len()) - 1) as __mmask16;
+            let mut panel = Panel::new(w.ty, w.cols);
+            panel.pack(w, panel_range);
+            (start, mask, panel)
+        })
+        .collect();
+    for tile in 0..x.rows().div_ceil(TILE_ROWS) {
+        for (start, mask, panel) in &panels {
+            let sums = panel_tile::<G>(panel, acts, tile, w.cols / G);
             // The padding rows of the last tile are not stored.
             for (c, sum) in sums.iter().enumerate().take(x.rows() - tile * TILE_ROWS) {
-                _mm512_mask_storeu_ps(out.add((tile * TILE_ROWS + c) * w.rows + start), mask, *sum);
+                _mm512_mask_storeu_ps(out.add((tile * TILE_ROWS + c) * w.rows + start), *mask, *sum);
             }
         }
     }
