@@ -63,48 +63,59 @@ impl Panel {
         }
         for (j, r) in rows.enumerate() {
             let row = w.row(r);
-            for g in 0..w.cols / self.group {
-                let (values, scale, offset) = group(w.ty, row, g);
-                self.scales[g * PANEL_ROWS + j] = scale;
-                self.offsets[g * PANEL_ROWS + j] = offset;
-                for (quad, four) in values[..self.group].chunks_exact(4).enumerate() {
-                    let at = (g * self.group + quad * 4) * PANEL_ROWS + 4 * j;
-                    self.values[at..at + 4].copy_from_slice(four);
+            let bytes = w.ty.block_bytes();
+            // One loop per type, over whole blocks: this runs once per weight row and product,
+            // and with few activation rows it is a good part of the product's time.
+            match w.ty {
+                BlockType::Q8_0 => {
+                    for (g, block) in row.chunks_exact(bytes).enumerate() {
+                        let d = f16_at(block, 0);
+                        // `q + 128` as a byte is `q` with its top bit flipped.
+                        self.put(j, g, std::array::from_fn(|v| block[2 + v] ^ 0x80), d, 128.0 * d);
+                    }
+                }
+                BlockType::Q4_0 => {
+                    for (g, block) in row.chunks_exact(bytes).enumerate() {
+                        let d = f16_at(block, 0);
+                        let q = &block[2..18];
+                        self.put(j, g, std::array::from_fn(|v| if v < 16 { q[v] & 0xF } else { q[v - 16] >> 4 }), d, 8.0 * d);
+                    }
+                }
+                BlockType::Q4K => {
+                    for (b, block) in row.chunks_exact(bytes).enumerate() {
+                        let (scales, mins) = q4_k_scales(&block[4..16]);
+                        let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                        for (pair, q) in block[16..].chunks_exact(32).enumerate() {
+                            let g = 8 * b + 2 * pair;
+                            self.put(j, g, std::array::from_fn(|v| q[v] & 0xF), d * f32::from(scales[2 * pair]), dmin * f32::from(mins[2 * pair]));
+                            let (scale, min) = (scales[2 * pair + 1], mins[2 * pair + 1]);
+                            self.put(j, g + 1, std::array::from_fn(|v| q[v] >> 4), d * f32::from(scale), dmin * f32::from(min));
+                        }
+                    }
+                }
+                BlockType::Q6K => {
+                    for (b, block) in row.chunks_exact(bytes).enumerate() {
+                        let d = f16_at(block, 208);
+                        for sub in 0..SUPER_BLOCK / 16 {
+                            let scale = d * f32::from(block[192 + sub] as i8);
+                            let codes = std::array::from_fn(|v| if v < 16 { q6_k_value(block, 16 * sub + v) } else { 0 });
+                            self.put(j, 16 * b + sub, codes, scale, 32.0 * scale);
+                        }
+                    }
                 }
             }
         }
     }
-}
 
-/// Group `g` of a row as `(u, scale, offset)` (see the module's doc); a 16-value group fills
-/// the first half of `u`.
-fn group(ty: BlockType, row: &[u8], g: usize) -> ([u8; BLOCK], f32, f32) {
-    match ty {
-        BlockType::Q8_0 => {
-            let block = &row[g * ty.block_bytes()..(g + 1) * ty.block_bytes()];
-            let d = f16_at(block, 0);
-            // `q + 128` as a byte is `q` with its top bit flipped.
-            (std::array::from_fn(|v| block[2 + v] ^ 0x80), d, 128.0 * d)
-        }
-        BlockType::Q4_0 => {
-            let block = &row[g * ty.block_bytes()..(g + 1) * ty.block_bytes()];
-            let d = f16_at(block, 0);
-            (std::array::from_fn(|v| (block[2 + v % 16] >> (4 * (v / 16))) & 0xF), d, 8.0 * d)
-        }
-        BlockType::Q4K => {
-            let (b, sub) = (g / (SUPER_BLOCK / BLOCK), g % (SUPER_BLOCK / BLOCK));
-            let block = &row[b * ty.block_bytes()..(b + 1) * ty.block_bytes()];
-            let (scales, mins) = q4_k_scales(&block[4..16]);
-            let nibbles = &block[16 + 32 * (sub / 2)..][..32];
-            let shift = 4 * (sub % 2);
-            let values = std::array::from_fn(|v| (nibbles[v] >> shift) & 0xF);
-            (values, f16_at(block, 0) * f32::from(scales[sub]), f16_at(block, 2) * f32::from(mins[sub]))
-        }
-        BlockType::Q6K => {
-            let (b, sub) = (g / (SUPER_BLOCK / 16), g % (SUPER_BLOCK / 16));
-            let block = &row[b * ty.block_bytes()..(b + 1) * ty.block_bytes()];
-            let scale = f16_at(block, 208) * f32::from(block[192 + sub] as i8);
-            (std::array::from_fn(|v| if v < 16 { q6_k_value(block, 16 * sub + v) } else { 0 }), scale, 32.0 * scale)
+    /// Group `g` of panel row `j`: its values `u` (the first [`Panel::group`] of them), scale
+    /// and offset.
+    #[inline(always)]
+    fn put(&mut self, j: usize, g: usize, u: [u8; BLOCK], scale: f32, offset: f32) {
+        self.scales[g * PANEL_ROWS + j] = scale;
+        self.offsets[g * PANEL_ROWS + j] = offset;
+        let quads = &mut self.values[g * self.group * PANEL_ROWS..(g + 1) * self.group * PANEL_ROWS];
+        for (quad, four) in u[..self.group].chunks_exact(4).enumerate() {
+            quads[quad * 4 * PANEL_ROWS + 4 * j..][..4].copy_from_slice(four);
         }
     }
 }
