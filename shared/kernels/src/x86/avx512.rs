@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{group_values, Panel, PANEL_ROWS};
-use super::{f16_at, operands, prefetch_ahead, rows_of, store, Tile};
+use super::{operands, prefetch_ahead, rows_of, store, Tile};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{BlockType, BLOCK};
 use crate::QMatrix;
@@ -193,37 +193,68 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let blocks = w.cols / BLOCK;
     let mut acc = [[_mm512_setzero_ps(); CT]; RT];
-    for b in (0..blocks).step_by(2) {
-        let two = b + 1 < blocks;
-        let mut wv = [[_mm512_setzero_si512(); 2]; RT];
-        let mut scales = [_mm512_setzero_ps(); RT];
-        for a in 0..RT {
-            let block = weights[a].add(b * W::BYTES);
-            if CT == 1 {
-                prefetch_ahead(block, 2 * W::BYTES);
-            }
-            wv[a] = W::weights(block, two);
-            scales[a] = halves(f16_at(block, 0), if two { f16_at(block, W::BYTES) } else { 0.0 });
-        }
-        // The activations are contiguous: one (masked) load takes both blocks.
-        let mask = if two { u64::MAX } else { u64::from(u32::MAX) };
-        for c in 0..CT {
-            let (xd, xq, _) = acts[c];
-            let xv = W::activations(_mm512_maskz_loadu_epi8(mask, xq.as_ptr().add(b * BLOCK)));
-            let dx = halves(*xd.get_unchecked(b), if two { *xd.get_unchecked(b + 1) } else { 0.0 });
+    // Scales sixteen blocks at a time: one gather and conversion for the weights', one load for
+    // the activations', then a permutation per pair of blocks (loaded one by one, the `f16`
+    // scales cost more than the products).
+    for chunk in (0..blocks).step_by(16) {
+        let n = (blocks - chunk).min(16);
+        let in_chunk = ((1u32 << n) - 1) as __mmask16;
+        let w_scales: [__m512; RT] = std::array::from_fn(|a| f16_scales::<W>(weights[a].add(chunk * W::BYTES), in_chunk));
+        let x_scales: [__m512; CT] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(in_chunk, acts[c].0.as_ptr().add(chunk)));
+        for pair in 0..n.div_ceil(2) {
+            let b = chunk + 2 * pair;
+            let two = b + 1 < blocks;
+            let spread = _mm512_loadu_si512(PAIR_LANES[pair].as_ptr() as *const __m512i);
+            let mut wv = [[_mm512_setzero_si512(); 2]; RT];
+            let mut scales = [_mm512_setzero_ps(); RT];
             for a in 0..RT {
-                let sums = _mm512_cvtepi32_ps(W::dot(&wv[a], &xv));
-                acc[a][c] = _mm512_fmadd_ps(_mm512_mul_ps(scales[a], dx), sums, acc[a][c]);
+                let block = weights[a].add(b * W::BYTES);
+                if CT == 1 {
+                    prefetch_ahead(block, 2 * W::BYTES);
+                }
+                wv[a] = W::weights(block, two);
+                scales[a] = _mm512_permutexvar_ps(spread, w_scales[a]);
+            }
+            // The activations are contiguous: one (masked) load takes both blocks.
+            let mask = if two { u64::MAX } else { u64::from(u32::MAX) };
+            for c in 0..CT {
+                let xv = W::activations(_mm512_maskz_loadu_epi8(mask, acts[c].1.as_ptr().add(b * BLOCK)));
+                let dx = _mm512_permutexvar_ps(spread, x_scales[c]);
+                for a in 0..RT {
+                    let sums = _mm512_cvtepi32_ps(W::dot(&wv[a], &xv));
+                    acc[a][c] = _mm512_fmadd_ps(_mm512_mul_ps(scales[a], dx), sums, acc[a][c]);
+                }
             }
         }
     }
     store(&acc, hsum, w, r, i, out)
 }
 
-/// `lo` in the low eight lanes, `hi` in the high eight.
+/// `permutexvar` indices that spread scales `2p` and `2p + 1` of sixteen over the low and the
+/// high eight lanes: pair `p`'s scales for its two blocks.
+const PAIR_LANES: [[i32; 16]; 8] = {
+    let mut lanes = [[0; 16]; 8];
+    let mut p = 0;
+    while p < 8 {
+        let mut l = 0;
+        while l < 16 {
+            lanes[p][l] = (2 * p + l / 8) as i32;
+            l += 1;
+        }
+        p += 1;
+    }
+    lanes
+};
+
+/// The `f16` scales of the blocks at `first`, `first + BYTES`, … that `blocks` keeps (the others
+/// zero), as sixteen `f32`.
 #[inline(always)]
-unsafe fn halves(lo: f32, hi: f32) -> __m512 {
-    _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(lo), _mm512_set1_ps(hi))
+unsafe fn f16_scales<W: Block>(first: *const u8, blocks: __mmask16) -> __m512 {
+    const { assert!(W::BYTES >= 4, "the gather reads four bytes from each block") };
+    let offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(W::BYTES as i32));
+    // Each lane reads the scale and the block's next two bytes; the conversion keeps the scale.
+    let words = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), blocks, offsets, first as *const i32);
+    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words))
 }
 
 #[inline(always)]
