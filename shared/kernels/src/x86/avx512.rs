@@ -1,12 +1,11 @@
 //! AVX-512 with VNNI: 64 byte products per instruction (`vpdpbusd`) and 32 registers for
-//! larger tiles. Chosen
-//! at run time where the host has it (Intel since Cascade Lake, AMD since Zen 4); the binary
-//! itself is built for AVX2.
+//! larger tiles. Chosen at run time where the host has it (Intel since Cascade Lake, AMD since
+//! Zen 4); the binary itself is built for AVX2.
 //!
-//! A prompt's products go through [`super::panel`]s of 16 weight rows. Otherwise (decode) a
-//! 512-bit register holds two 32-value blocks of a row: the legacy types go two blocks at a
-//! time (a row with an odd number of blocks ends with one, the other half zero); the K-quants
-//! keep their AVX2 tiles.
+//! A prompt's products go through [`super::panel`]s of 16 weight rows. Otherwise (decode, small
+//! batches) a 512-bit register holds two 32-value blocks of a row: the legacy types go two
+//! blocks at a time (a row with an odd number of blocks ends with one, the other half zero);
+//! the K-quants keep their AVX2 tiles.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -46,9 +45,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     }
 }
 
-/// Activation rows from which a panel is worth packing: packing reads the weight rows once, as
-/// one activation row's product does, so from 8 rows on it costs at most an eighth more.
-const PANEL_MIN_ACTIVATIONS: usize = 8;
+/// Activation rows from which panels are worth packing (`cargo bench -p llm-kernels` with other
+/// row counts): packing costs about as much as a dozen rows' products, so at 16 rows panels ran
+/// at 0.35–1.1 × the tiles, at 32 rows at 0.9–1.8 ×, at 64 rows at 1.7–3 ×.
+const PANEL_MIN_ACTIVATIONS: usize = 32;
 
 /// [`product_rows`] through panels of groups of `G` values, against [`Interleaved`] activations
 /// in tiles of [`TILE_ROWS`]: a tile's sums and the panel's registers of one group fill most of
