@@ -158,24 +158,56 @@ impl Attention {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        let t = k.dim(2)?;
 
-        // Grouped-query attention without copying K/V: the `rep` query heads that share a KV
-        // head are stacked along the query axis.
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * s, hd))?;
+        let out = attend(&q, &k, &v, mask, nh / nkv, QUERY_CHUNK)?;
+        let out = out.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Queries per chunk of a long prompt's attention.
+const QUERY_CHUNK: usize = 128;
+
+/// Softmax attention of `q` `[b, nh, s, hd]` over `k`, `v` `[b, nkv, t, hd]` (the last `s` of
+/// the `t` positions are the queries'), `mask` `[b, 1, s, t]` additive; `[b, nkv, rep·s, hd]`.
+///
+/// Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are
+/// stacked along the query axis. With a (causal) mask, the queries go `chunk` at a time and each
+/// chunk meets only the keys up to its last query: the rest would be masked anyway, so a long
+/// prompt computes about half the scores, and never holds all of them at once.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, rep: usize, chunk: usize) -> Result<Tensor> {
+    let (b, nh, s, hd) = q.dims4()?;
+    let (nkv, t) = (nh / rep, k.dim(2)?);
+    let past = t - s;
+    let scores_of = |q: &Tensor, keys: usize, mask: Option<Tensor>| -> Result<Tensor> {
+        let n = q.dim(2)? / rep;
+        let (k, v) = (k.narrow(2, 0, keys)?.contiguous()?, v.narrow(2, 0, keys)?.contiguous()?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = match mask {
             Some(mask) => scores
-                .reshape((b, nkv, rep, s, t))?
+                .reshape((b, nkv, rep, n, keys))?
                 .broadcast_add(&mask.unsqueeze(2)?)?
-                .reshape((b, nkv, rep * s, t))?,
+                .reshape((b, nkv, rep * n, keys))?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?;
-        let out = out.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-        self.o_proj.forward(&out)
+        Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
+    };
+    let q = q.reshape((b, nkv, rep, s, hd))?;
+    match mask {
+        Some(mask) if s > chunk => {
+            let outs = (0..s)
+                .step_by(chunk)
+                .map(|start| {
+                    let n = chunk.min(s - start);
+                    let keys = past + start + n;
+                    let q = q.narrow(3, start, n)?.contiguous()?.reshape((b, nkv, rep * n, hd))?;
+                    let mask = mask.narrow(2, start, n)?.narrow(3, 0, keys)?;
+                    scores_of(&q, keys, Some(mask))?.reshape((b, nkv, rep, n, hd)).map_err(Into::into)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&outs, 3)?.reshape((b, nkv, rep * s, hd))?)
+        }
+        _ => scores_of(&q.reshape((b, nkv, rep * s, hd))?, t, mask.cloned()),
     }
 }
 
@@ -439,4 +471,27 @@ fn attention_mask(b: usize, s: usize, past: usize, pad: &[usize], device: &Devic
         }
     }
     Ok(Some(Tensor::from_vec(mask, (b, 1, s, t), device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_attention_equals_attention_over_every_key() {
+        let dev = Device::Cpu;
+        let (b, nh, nkv, hd, past, s) = (2, 4, 2, 8, 3, 11);
+        let q = Tensor::randn(0f32, 1.0, (b, nh, s, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, nkv, past + s, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, nkv, past + s, hd), &dev).unwrap();
+        // The second row is left-padded by 5 positions.
+        let mask = attention_mask(b, s, past, &[0, 5], &dev).unwrap().unwrap();
+        let whole = attend(&q, &k, &v, Some(&mask), nh / nkv, usize::MAX).unwrap();
+        for chunk in [1, 3, 4, 10] {
+            let chunked = attend(&q, &k, &v, Some(&mask), nh / nkv, chunk).unwrap();
+            assert_eq!(chunked.dims(), whole.dims());
+            let diff = (&chunked - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "chunks of {chunk}: {diff}");
+        }
+    }
 }
