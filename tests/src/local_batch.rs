@@ -19,8 +19,8 @@ static SERVER: OnceLock<LocalBatch> = OnceLock::new();
 
 pub fn local_batch() -> &'static LocalBatch {
     SERVER.get_or_init(|| {
-        // Beside the local S3 server's ports (see local_s3), so concurrent test processes differ.
-        let port = 20_000 + (std::process::id() % 2_000) as u16 * 10 + 5;
+        // Among this process's ports, beside the local S3 server's.
+        let port = crate::local_s3::process_ports() + 5;
         let script = format!(
             "moto_server -H 127.0.0.1 -p {port} & server=$!; while kill -0 {} 2>/dev/null; do sleep 1; done; kill $server",
             std::process::id()

@@ -99,9 +99,11 @@ impl Drop for RestartableS3 {
 const SERVER_ENV: [(&str, &str); 2] = [("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)];
 
 /// The first of this process's ports: derived from the pid so that concurrent test processes
-/// do not collide. Each process owns ten (and the gRPC ports, these + 10000).
-fn process_ports() -> u16 {
-    20_000 + (std::process::id() % 2_000) as u16 * 10
+/// do not collide. Each process owns ten (and SeaweedFS's gRPC ports, these + 10000). All stay
+/// below Linux's ephemeral range (32768 up): a port there can be taken by any client
+/// connection's local end, and a server that cannot bind one of its ports never starts.
+pub(crate) fn process_ports() -> u16 {
+    10_000 + (std::process::id() % 1_000) as u16 * 10
 }
 
 /// `weed mini`'s arguments for a server on four ports from `base`, and its S3 port.
