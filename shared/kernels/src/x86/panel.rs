@@ -7,8 +7,8 @@
 //! Every block type is unpacked to the same form, per group of 32 values of a row (16 for
 //! Q6_K, whose scales change every 16): unsigned bytes `u`, a `scale` and an `offset`, with
 //! `value = scale · u − offset`. Against activations `d · x` (bytes `x` with scale `d`), a
-//! group contributes `d · (scale · Σ u·x − offset · Σ x)`, and `Σ x` is an activation sum
-//! [`QuantizedRows`] already keeps.
+//! group contributes `d · (scale · Σ u·x − offset · Σ x)`; `d · Σ x` comes with the
+//! activations ([`QuantizedRows::interleaved`]).
 
 use std::ops::Range;
 
@@ -52,7 +52,8 @@ impl Panel {
         }
     }
 
-    /// Packs `rows` of `w` (at most [`PANEL_ROWS`]); the rows of the panel past them are zero.
+    /// Packs `rows` of `w` (at most [`PANEL_ROWS`]); the panel's rows past them get zero scales
+    /// and offsets, so they add nothing.
     pub fn pack(&mut self, w: &QMatrix, rows: Range<usize>) {
         debug_assert!(group_values(w.ty) == self.group && rows.len() <= PANEL_ROWS);
         for j in rows.len()..PANEL_ROWS {
