@@ -27,7 +27,7 @@ pub use blocks::BlockType;
 /// An implementation of the products, by the instructions it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// 512-bit registers and `vpdpbusd`/`vpdpwssd` (Intel since Cascade Lake, AMD since Zen 4).
+    /// 512-bit registers and `vpdpbusd` (Intel since Cascade Lake, AMD since Zen 4).
     Avx512Vnni,
     /// 256-bit `maddubs`/`madd` with FMA and F16C.
     Avx2,

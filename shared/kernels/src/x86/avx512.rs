@@ -64,9 +64,7 @@ unsafe fn panel_rows<const G: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range
         .map(|start| {
             let panel_range = start..rows.end.min(start + PANEL_ROWS);
             let mask = ((1u32 << panel_range.len()) - 1) as __mmask16;
-            let mut panel = Panel::new(w.ty, w.cols);
-            panel.pack(w, panel_range);
-            (start, mask, panel)
+            (start, mask, Panel::packed(w, panel_range))
         })
         .collect();
     for tile in 0..x.rows().div_ceil(TILE_ROWS) {

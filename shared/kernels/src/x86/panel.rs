@@ -41,27 +41,23 @@ pub struct Panel {
 }
 
 impl Panel {
-    pub fn new(ty: BlockType, cols: usize) -> Self {
-        let group = group_values(ty);
-        let groups = cols / group;
-        Self {
+    /// `rows` of `w` (at most [`PANEL_ROWS`]) packed; the panel's rows past them keep zero
+    /// scales and offsets, so they add nothing.
+    pub fn packed(w: &QMatrix, rows: Range<usize>) -> Self {
+        debug_assert!(rows.len() <= PANEL_ROWS);
+        let group = group_values(w.ty);
+        let groups = w.cols / group;
+        let mut panel = Self {
             group,
-            values: vec![0; cols * PANEL_ROWS],
+            values: vec![0; w.cols * PANEL_ROWS],
             scales: vec![0.0; groups * PANEL_ROWS],
             offsets: vec![0.0; groups * PANEL_ROWS],
-        }
+        };
+        panel.pack(w, rows);
+        panel
     }
 
-    /// Packs `rows` of `w` (at most [`PANEL_ROWS`]); the panel's rows past them get zero scales
-    /// and offsets, so they add nothing.
-    pub fn pack(&mut self, w: &QMatrix, rows: Range<usize>) {
-        debug_assert!(group_values(w.ty) == self.group && rows.len() <= PANEL_ROWS);
-        for j in rows.len()..PANEL_ROWS {
-            for g in 0..w.cols / self.group {
-                self.scales[g * PANEL_ROWS + j] = 0.0;
-                self.offsets[g * PANEL_ROWS + j] = 0.0;
-            }
-        }
+    fn pack(&mut self, w: &QMatrix, rows: Range<usize>) {
         for (j, r) in rows.enumerate() {
             let row = w.row(r);
             let bytes = w.ty.block_bytes();
@@ -86,11 +82,13 @@ impl Panel {
                     for (b, block) in row.chunks_exact(bytes).enumerate() {
                         let (scales, mins) = q4_k_scales(&block[4..16]);
                         let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                        // A run of 32 bytes holds two sub-blocks: low nibbles, then high.
                         for (pair, q) in block[16..].chunks_exact(32).enumerate() {
-                            let g = 8 * b + 2 * pair;
-                            self.put(j, g, std::array::from_fn(|v| q[v] & 0xF), d * f32::from(scales[2 * pair]), dmin * f32::from(mins[2 * pair]));
-                            let (scale, min) = (scales[2 * pair + 1], mins[2 * pair + 1]);
-                            self.put(j, g + 1, std::array::from_fn(|v| q[v] >> 4), d * f32::from(scale), dmin * f32::from(min));
+                            for (half, shift) in [(0, 0), (1, 4)] {
+                                let sub = 2 * pair + half;
+                                let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
+                                self.put(j, 8 * b + sub, std::array::from_fn(|v| (q[v] >> shift) & 0xF), scale, min);
+                            }
                         }
                     }
                 }
