@@ -57,3 +57,27 @@ fn long_examples_are_truncated_or_skipped_and_counted() {
     let (examples, report) = load_jsonl(file.path(), &tokenizer, template.as_ref(), 16, Overflow::Skip).unwrap();
     assert_eq!((examples.len(), report.skipped), (1, 1));
 }
+
+/// Conversations are rendered all at once, apart from the records they come from: a record
+/// whose rendering fails is reported with its own line, and the records after it still get
+/// their own renderings.
+#[test]
+fn chat_records_keep_their_own_renderings_and_line_numbers() {
+    let (tokenizer, _) = llm_engine::hf_tokenizer(&fixtures_dir().join("llama3/hf")).unwrap();
+    let template = llm_engine::ChatTemplate::new(
+        "{% for m in messages %}{% if m.content == 'refused' %}{{ raise_exception('refused on purpose') }}{% endif %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+        None,
+        None,
+    )
+    .unwrap();
+    let chat = |reply: &str| serde_json::json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]});
+    let good = [chat("first"), serde_json::json!({"text": "plain"}), chat("second")];
+    let (examples, _) = load_jsonl(write(&good).path(), &tokenizer, Some(&template), 512, Overflow::Truncate).unwrap();
+    let texts: Vec<String> = examples.iter().map(|e| tokenizer.decode_with_special(&e.ids).unwrap()).collect();
+    assert_eq!(texts[0], "<user>Hi<assistant>first");
+    assert_eq!(texts[2], "<user>Hi<assistant>second");
+
+    let bad = [chat("first"), chat("refused"), serde_json::json!({"nothing": 1}), chat("second")];
+    let error = load_jsonl(write(&bad).path(), &tokenizer, Some(&template), 512, Overflow::Truncate).unwrap_err().to_string();
+    assert!(error.contains("2 bad lines") && error.contains("line 2: chat template: invalid operation: refused on purpose") && error.contains("line 3: not a JSON object"), "{error}");
+}

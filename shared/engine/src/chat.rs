@@ -66,6 +66,33 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_all(&[(messages, add_generation_prompt)])?.pop().expect("one conversation in, one out")
+    }
+
+    /// Renders each conversation (messages, `add_generation_prompt`), all in one child process
+    /// on Linux whose memory and silence are bounded ([`RENDERER`]): minijinja materializes some
+    /// values before charging fuel for them, so only a process of their own bounds what a
+    /// hostile template can allocate. The outer error is the renderer's (out of memory, silent);
+    /// the inner ones are each conversation's own (`raise_exception`, out of fuel, ...).
+    pub fn render_all(&self, conversations: &[(&[ChatMessage], bool)]) -> Result<Vec<Result<String>>> {
+        #[cfg(target_os = "linux")]
+        {
+            let frames = crate::sandbox::run(&RENDERER, |out| {
+                for &(messages, add_generation_prompt) in conversations {
+                    write_frame(out, self.render_in_this_process(messages, add_generation_prompt))?;
+                }
+                Ok(())
+            })
+            .map_err(|e| EngineError::ChatTemplate(format!("the renderer {e}")))?;
+            read_frames(&frames, conversations.len())
+        }
+        #[cfg(not(target_os = "linux"))]
+        Ok(conversations.iter().map(|&(messages, add)| self.render_in_this_process(messages, add)).collect())
+    }
+
+    /// Renders in this process, bounded by fuel and output size only: what the fuzzer drives
+    /// (it sees coverage in its own process only). Serving code calls [`Self::render`].
+    pub fn render_in_this_process(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self
             .env
             .get_template("chat")
@@ -88,6 +115,43 @@ impl ChatTemplate {
             Err(e) => Err(EngineError::ChatTemplate(e.to_string())),
         }
     }
+}
+
+/// Bounds of the renderer process: four times what fuel lets a template build up, and far more
+/// than any conversation takes to render (a few milliseconds).
+#[cfg(target_os = "linux")]
+const RENDERER: crate::sandbox::Limits = crate::sandbox::Limits { memory: 256 << 20, silence: std::time::Duration::from_secs(5) };
+
+/// One rendering as the renderer sends it: a tag (0 text, 1 error message), a little-endian
+/// u32 length and the UTF-8 bytes.
+#[cfg(target_os = "linux")]
+fn write_frame(out: &mut dyn std::io::Write, rendered: Result<String>) -> std::io::Result<()> {
+    let (tag, text) = match rendered {
+        Ok(text) => (0u8, text),
+        Err(EngineError::ChatTemplate(message)) => (1, message),
+        Err(other) => (1, other.to_string()),
+    };
+    out.write_all(&[tag])?;
+    out.write_all(&(text.len() as u32).to_le_bytes())?;
+    out.write_all(text.as_bytes())
+}
+
+#[cfg(target_os = "linux")]
+fn read_frames(mut bytes: &[u8], expected: usize) -> Result<Vec<Result<String>>> {
+    let garbled = || EngineError::ChatTemplate("the renderer's answer is garbled".into());
+    let mut rendered = Vec::with_capacity(expected);
+    while let [tag, rest @ ..] = bytes {
+        let (len, rest) = rest.split_first_chunk::<4>().ok_or_else(garbled)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let text = rest.get(..len).ok_or_else(garbled)?;
+        let text = String::from_utf8(text.to_vec()).map_err(|_| garbled())?;
+        rendered.push(if *tag == 0 { Ok(text) } else { Err(EngineError::ChatTemplate(text)) });
+        bytes = &rest[len..];
+    }
+    if rendered.len() != expected {
+        return Err(garbled());
+    }
+    Ok(rendered)
 }
 
 /// A buffer that refuses to grow past [`MAX_OUTPUT_BYTES`].
@@ -186,10 +250,8 @@ mod tests {
     }
 
     /// Values that double or square on each step would reach terabytes within a few dozen
-    /// instructions; the fuel charges their bytes and items and ends them near 64 MB. (Not
-    /// covered, in minijinja 3.1.0: a list concatenated with itself more than 32 times is
-    /// materialized, and a huge lazy list serialized by `tojson`, `string` or `~`, before the
-    /// fuel is charged; see the README's hardening section.)
+    /// instructions; the fuel charges their bytes and items and ends them near 64 MB. (What the
+    /// fuel does not see is the next test's.)
     #[test]
     fn hostile_templates_cannot_grow_values_without_bound() {
         let growing = [
@@ -206,6 +268,39 @@ mod tests {
             let error = t.render(&[], false).expect_err(source).to_string();
             assert!(error.contains("fuel"), "{source}: {error}");
         }
+    }
+
+    /// minijinja 3.1.0 materializes a list concatenated with itself more than 32 times, and
+    /// serializes a huge lazy list, before charging fuel: the renderer's own process ends them,
+    /// at its memory limit or, when the list grows too slowly for that, its silence limit.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn templates_that_allocate_before_fuel_is_charged_end_in_a_clear_error() {
+        let hostile = [
+            "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+            "{% set ns = namespace(l=range(4096)|list) %}{% for i in range(20) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|tojson|length }}",
+        ];
+        std::thread::scope(|scope| {
+            for source in hostile {
+                scope.spawn(move || {
+                    let t = ChatTemplate::new(source, None, None).unwrap();
+                    let error = t.render(&[], false).expect_err(source).to_string();
+                    assert!(error.contains("256 MiB of memory") || error.contains("without output"), "{source}: {error}");
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn every_conversation_gets_its_own_rendering_or_error() {
+        let t = ChatTemplate::new("{% if messages|length > 1 %}{{ raise_exception('one at a time') }}{% endif %}{{ messages[0].content }}", None, None).unwrap();
+        let (one, two) = ([ChatMessage::new("user", "a")], [ChatMessage::new("user", "b"), ChatMessage::new("user", "c")]);
+        let rendered = t.render_all(&[(&one, false), (&two, false), (&one, true)]).unwrap();
+        assert_eq!(rendered.len(), 3);
+        assert_eq!(rendered[0].as_deref().unwrap(), "a");
+        assert!(rendered[1].as_ref().unwrap_err().to_string().contains("one at a time"));
+        assert_eq!(rendered[2].as_deref().unwrap(), "a");
+        assert!(t.render_all(&[]).unwrap().is_empty());
     }
 
     #[test]

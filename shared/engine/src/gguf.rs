@@ -53,6 +53,9 @@ impl GgufFile {
     /// A GGUF held in memory (a model downloaded from S3), kept as it is: tensors are read from
     /// it in place. `name` (e.g. its S3 URI) appears in errors.
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        // Chat templates render in forked children, which never read weights.
+        #[cfg(target_os = "linux")]
+        crate::sandbox::exclude_from_children(&bytes);
         Self::read(PathBuf::from(name), Arc::new(bytes))
     }
 

@@ -20,6 +20,8 @@ pub mod model;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
+#[cfg(target_os = "linux")]
+mod sandbox;
 pub mod threads;
 pub mod tokenizer;
 pub mod weights;

@@ -54,16 +54,21 @@ struct Message {
 /// their line numbers, and nothing is returned.
 pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemplate>, max_seq_len: usize, overflow: Overflow) -> Result<(Vec<Example>, DataReport)> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::file(path, e))?;
+    let records: Vec<(usize, std::result::Result<Record, String>)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(index, line)| {
+            let record = serde_json::from_str::<Record>(line).map_err(|_| "not a JSON object with `prompt` + `completion`, `messages` or `text`".to_string());
+            (index + 1, record)
+        })
+        .collect();
+    let mut rendered = render_conversations(&records, template)?.into_iter();
     let mut examples = Vec::new();
     let mut errors = Vec::new();
     let mut report = DataReport::default();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let example = serde_json::from_str::<Record>(line)
-            .map_err(|_| "not a JSON object with `prompt` + `completion`, `messages` or `text`".to_string())
-            .and_then(|record| tokenize(&record, tokenizer, template));
+    for (line, record) in records {
+        let example = record.and_then(|record| tokenize(&record, tokenizer, template.is_some(), &mut rendered));
         match example {
             Ok(mut example) if example.ids.len() > max_seq_len => match overflow {
                 Overflow::Skip => report.skipped += 1,
@@ -75,7 +80,7 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemp
                 }
             },
             Ok(example) => examples.push(example),
-            Err(message) => errors.push(format!("line {}: {message}", index + 1)),
+            Err(message) => errors.push(format!("line {line}: {message}")),
         }
     }
     if !errors.is_empty() {
@@ -91,7 +96,31 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemp
     Ok((examples, report))
 }
 
-fn tokenize(record: &Record, tokenizer: &Tokenizer, template: Option<&ChatTemplate>) -> std::result::Result<Example, String> {
+/// The conversations `tokenize` needs for the `messages` records, in its order: before each
+/// assistant reply, the text up to it (with the generation prompt) and the text including it.
+/// All are rendered by one bounded renderer ([`ChatTemplate::render_all`]).
+fn render_conversations(records: &[(usize, std::result::Result<Record, String>)], template: Option<&ChatTemplate>) -> Result<Vec<llm_engine::Result<String>>> {
+    let Some(template) = template else { return Ok(Vec::new()) };
+    let chats: Vec<Vec<ChatMessage>> = records
+        .iter()
+        .filter_map(|(_, record)| match record {
+            Ok(Record::Messages { messages }) => Some(messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect()),
+            _ => None,
+        })
+        .collect();
+    let mut conversations = Vec::new();
+    for messages in &chats {
+        for (k, message) in messages.iter().enumerate() {
+            if message.role == "assistant" {
+                conversations.push((&messages[..k], true));
+                conversations.push((&messages[..=k], false));
+            }
+        }
+    }
+    template.render_all(&conversations).map_err(|e| TrainError::Invalid(e.to_string()))
+}
+
+fn tokenize(record: &Record, tokenizer: &Tokenizer, has_template: bool, rendered: &mut impl Iterator<Item = llm_engine::Result<String>>) -> std::result::Result<Example, String> {
     let encode = |text: &str, special: bool| tokenizer.encode(text, special).map_err(|e| e.to_string());
     let mut example = Example { ids: Vec::new(), mask: Vec::new() };
     let mut push = |ids: Vec<u32>, learn: bool| {
@@ -109,27 +138,28 @@ fn tokenize(record: &Record, tokenizer: &Tokenizer, template: Option<&ChatTempla
             push(tokenizer.eos_id().into_iter().collect(), true);
         }
         Record::Messages { messages } => {
-            let template = template.ok_or("`messages` needs a model with a chat template")?;
-            let messages: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
-            if !messages.iter().any(|m| m.role == "assistant") {
+            if !has_template {
+                return Err("`messages` needs a model with a chat template".into());
+            }
+            // Every rendering of this record is taken, even after an error, so that the next
+            // record starts at its own.
+            let renderings: Vec<_> = (0..2 * messages.iter().filter(|m| m.role == "assistant").count()).map(|_| rendered.next().expect("one rendering per conversation")).collect();
+            if renderings.is_empty() {
                 return Err("no assistant message to learn from".into());
             }
             // The text before each assistant reply (with the generation prompt) is context; the
             // reply's rendering, up to the next turn, is what the model learns to write.
             let mut done = String::new();
-            for (k, message) in messages.iter().enumerate() {
-                if message.role != "assistant" {
-                    continue;
-                }
-                let prompt = template.render(&messages[..k], true).map_err(|e| e.to_string())?;
-                let full = template.render(&messages[..=k], false).map_err(|e| e.to_string())?;
+            for pair in renderings.chunks(2) {
+                let [prompt, full] = pair else { unreachable!("renderings come in pairs") };
+                let (prompt, full) = (prompt.as_ref().map_err(|e| e.to_string())?, full.as_ref().map_err(|e| e.to_string())?);
                 let (Some(context), Some(reply)) = (prompt.strip_prefix(done.as_str()), full.strip_prefix(prompt.as_str())) else {
                     return Err("the chat template does not render conversations prefix by prefix".into());
                 };
                 // The template writes BOS as text: no special tokens are added.
                 push(encode(context, false)?, false);
                 push(encode(reply, false)?, true);
-                done = full;
+                done = full.clone();
             }
         }
     }

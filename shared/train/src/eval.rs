@@ -28,14 +28,17 @@ pub struct EvalReport {
 /// Answers `questions` in batches of `batch_size` sequences.
 pub fn exact_match(model: &LoadedModel, questions: &[Question], batch_size: usize) -> Result<EvalReport> {
     let template = model.chat_template.as_ref().ok_or_else(|| TrainError::Invalid("the model has no chat template to ask questions with".into()))?;
+    let asked: Vec<[ChatMessage; 1]> = questions.iter().map(|q| [ChatMessage::new("user", &q.prompt)]).collect();
+    let conversations: Vec<(&[ChatMessage], bool)> = asked.iter().map(|messages| (&messages[..], true)).collect();
+    let mut prompts = template.render_all(&conversations)?.into_iter();
     let mut tasks: Vec<TaskScore> = Vec::new();
     for chunk in questions.chunks(batch_size.max(1)) {
         let requests = chunk
             .iter()
-            .map(|q| {
-                let text = template.render(&[ChatMessage::new("user", &q.prompt)], true)?;
+            .zip(prompts.by_ref())
+            .map(|(q, text)| {
                 let max_tokens = model.tokenizer.encode(&q.answer, false)?.len() + 8;
-                Ok(GenerationRequest { prompt: model.tokenizer.encode(&text, false)?, max_tokens, ..Default::default() })
+                Ok(GenerationRequest { prompt: model.tokenizer.encode(&text?, false)?, max_tokens, ..Default::default() })
             })
             .collect::<llm_engine::Result<Vec<_>>>()?;
         let (completions, _) = llm_engine::generate(&model.model, &model.tokenizer, &requests, |_| std::ops::ControlFlow::Continue(()))?;
