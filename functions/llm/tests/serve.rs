@@ -121,3 +121,29 @@ fn an_overloaded_server_sheds_requests_with_503() {
     let (status, body) = post(&server.base_url, "/v1/completions", r#"{"model": "demo", "prompt": "Once", "max_tokens": 2}"#);
     assert_eq!(status, 200, "{body}");
 }
+
+/// A model whose chat template allocates without bound (a list concatenated with itself 40
+/// times, which minijinja materializes before charging fuel): the chat request gets a 400 from
+/// the template's bounded renderer, and the server goes on serving with its memory intact.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_hostile_chat_template_is_a_400_and_the_server_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("hostile");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(root().join("tests/fixtures/llama3/hf")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let bomb = "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}";
+    std::fs::write(model.join("chat_template.jinja"), bomb).unwrap();
+    let server = serve(&["--model", model.to_str().unwrap(), "--threads", "1"]);
+    let (status, body) = post(&server.base_url, "/v1/chat/completions", r#"{"model": "hostile", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("renderer"), "{body}");
+    let (status, body) = post(&server.base_url, "/v1/completions", r#"{"model": "hostile", "prompt": "Once", "max_tokens": 2}"#);
+    assert_eq!(status, 200, "{body}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let peak_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap();
+    assert!(peak_kib < 512 << 10, "the server's own peak memory: {peak_kib} KiB");
+}

@@ -90,11 +90,19 @@ impl Checked {
     pub(crate) async fn prepare(self, state: &AppState, model: &Arc<LoadedModel>) -> Result<Prepared, ApiError> {
         let (kind, prompts, generation, echo) = match self {
             Checked::Chat { generation, messages } => {
-                let template = model
-                    .chat_template
-                    .as_ref()
-                    .ok_or_else(|| ApiError::invalid("messages", "This model has no chat template: use /v1/completions."))?;
-                let text = template.render(&messages, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+                if model.chat_template.is_none() {
+                    return Err(ApiError::invalid("messages", "This model has no chat template: use /v1/completions."));
+                }
+                // Rendering runs in a child process, seconds long for a hostile template: not on
+                // the async workers.
+                let rendering = Arc::clone(model);
+                let rendered = tokio::task::spawn_blocking(move || rendering.chat_template.as_ref().expect("checked above").render(&messages, true))
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                let text = rendered.map_err(|e| match e {
+                    llm_engine::EngineError::ChatTemplate(_) => ApiError::invalid("messages", e.to_string()),
+                    other => ApiError::internal(other.to_string()),
+                })?;
                 // The template writes BOS as text; adding special tokens again would double it.
                 let prompt = model.tokenizer.encode(&text, false).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
                 (ChunkKind::Chat, vec![prompt], generation, None)

@@ -83,7 +83,11 @@ impl ChatTemplate {
                 }
                 Ok(())
             })
-            .map_err(|e| EngineError::ChatTemplate(format!("the renderer {e}")))?;
+            .map_err(|e| match e {
+                // Not the template's fault but this machine's (out of processes, say).
+                crate::sandbox::SandboxError::Start(source) => EngineError::io("chat template renderer", source),
+                other => EngineError::ChatTemplate(format!("the renderer {other}")),
+            })?;
             read_frames(&frames, conversations.len())
         }
         #[cfg(not(target_os = "linux"))]
