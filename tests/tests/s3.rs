@@ -55,3 +55,18 @@ fn prefix_without_trailing_slash_reads_the_same() {
     llm_convert::convert(&source, &mut out, QuantType::F16, |_| {}).unwrap();
     assert!(out == local_conversion(QuantType::F16));
 }
+
+/// A parallel download lands every part in its place, and its consumer (the sha256 of a model
+/// being loaded) sees the object's bytes in order although the parts arrive in any order.
+#[test]
+fn a_parallel_download_is_whole_and_consumed_in_order() {
+    local_s3();
+    let s3 = S3::connect().unwrap();
+    s3.create_bucket("download-order").unwrap();
+    let object: Vec<u8> = (0..3_000_017u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    s3.put("download-order", "object", object.clone()).unwrap();
+    let mut consumed = Vec::new();
+    let downloaded = s3.download("download-order", "object", object.len() as u64, 64 << 10, 8, |part| consumed.extend_from_slice(part)).unwrap();
+    assert!(downloaded == object, "the downloaded bytes differ");
+    assert!(consumed == object, "the consumer saw the bytes out of order");
+}

@@ -112,17 +112,22 @@ pub fn load_from_s3(s3: &S3, bucket: &str, key: &str, options: LoadOptions, sett
 
 fn download(s3: &S3, resolved: &ResolvedModel, settings: &DownloadSettings) -> Result<Vec<u8>, String> {
     let started = Instant::now();
+    // Hashed while later parts are still arriving, so verifying adds moments, not a pass.
+    let mut hash = resolved.sha256.as_ref().map(|_| Sha256::new());
     let bytes = s3
-        .download(&resolved.bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency)
+        .download(&resolved.bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency, |part| {
+            if let Some(hash) = &mut hash {
+                hash.update(part);
+            }
+        })
         .map_err(|e| e.to_string())?;
-    let download_s = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    if let Some(expected) = &resolved.sha256 {
-        let actual = registry::hex(&Sha256::digest(&bytes));
+    if let (Some(expected), Some(hash)) = (&resolved.sha256, hash) {
+        let actual = registry::hex(&hash.finalize());
         if &actual != expected {
             return Err(format!("s3://{}/{}: sha256 {actual} differs from the manifest's {expected}", resolved.bucket, resolved.key));
         }
     }
+    let download_s = started.elapsed().as_secs_f64();
     tracing::info!(
         key = resolved.key,
         version = resolved.version,
@@ -130,7 +135,6 @@ fn download(s3: &S3, resolved: &ResolvedModel, settings: &DownloadSettings) -> R
         download_s,
         mib_per_s = resolved.size as f64 / (1 << 20) as f64 / download_s.max(1e-9),
         verified = resolved.sha256.is_some(),
-        verify_s = started.elapsed().as_secs_f64(),
         "model downloaded"
     );
     Ok(bytes)

@@ -110,46 +110,72 @@ impl S3 {
 
     /// `len` bytes from `start`, retried when the connection breaks mid-body.
     pub fn get_range(&self, bucket: &str, key: &str, start: u64, len: u64) -> Result<Vec<u8>> {
-        self.runtime.block_on(self.fetch_range(bucket, key, start, len))
+        let mut bytes = vec![0u8; len as usize];
+        self.runtime.block_on(self.fetch_range_into(bucket, key, start, &mut bytes))?;
+        Ok(bytes)
     }
 
     /// The whole object of `size` bytes, fetched with up to `concurrency` ranged GETs of
-    /// `part_size` bytes in flight, each retried on its own, straight into one buffer.
-    pub fn download(&self, bucket: &str, key: &str, size: u64, part_size: u64, concurrency: usize) -> Result<Vec<u8>> {
+    /// `part_size` bytes in flight, each retried on its own and written straight into its place
+    /// in one buffer. `consume` is handed the object's bytes in order, on a thread of its own, as
+    /// soon as everything before them has arrived: a hash of the object is ready moments after
+    /// its last part, instead of a pass over the whole buffer later.
+    pub fn download(&self, bucket: &str, key: &str, size: u64, part_size: u64, concurrency: usize, consume: impl FnMut(&[u8]) + Send) -> Result<Vec<u8>> {
         use futures_util::{StreamExt, TryStreamExt};
-        let part_size = part_size.max(1);
+        let part_size = part_size.max(1) as usize;
         let mut buffer = vec![0u8; size as usize];
-        let parts = (0..size).step_by(part_size as usize).map(|start| (start, part_size.min(size - start)));
-        self.runtime.block_on(async {
-            let mut fetched = futures_util::stream::iter(parts)
-                .map(|(start, len)| async move { self.fetch_range(bucket, key, start, len).await.map(|bytes| (start, bytes)) })
-                .buffer_unordered(concurrency.max(1));
-            while let Some((start, bytes)) = fetched.try_next().await? {
-                buffer[start as usize..start as usize + bytes.len()].copy_from_slice(&bytes);
-            }
-            Ok::<_, StoreError>(())
+        std::thread::scope(|scope| {
+            let (arrived, parts) = std::sync::mpsc::channel::<(usize, &[u8])>();
+            let consumer = scope.spawn(move || consume_in_order(parts, consume));
+            let fetched = self.runtime.block_on(
+                futures_util::stream::iter(buffer.chunks_mut(part_size).enumerate())
+                    .map(|(index, part)| {
+                        let arrived = arrived.clone();
+                        async move {
+                            self.fetch_range_into(bucket, key, (index * part_size) as u64, part).await?;
+                            let part: &[u8] = part;
+                            // The consumer is gone only if it panicked, which `join` reports.
+                            let _ = arrived.send((index, part));
+                            Ok::<_, StoreError>(())
+                        }
+                    })
+                    .buffer_unordered(concurrency.max(1))
+                    .try_collect::<()>(),
+            );
+            drop(arrived);
+            consumer.join().map_err(|_| StoreError::S3 { bucket: bucket.into(), key: key.into(), message: "the consumer of the download panicked".into() })?;
+            fetched
         })?;
         Ok(buffer)
     }
 
-    async fn fetch_range(&self, bucket: &str, key: &str, start: u64, len: u64) -> Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
+    /// Fills `part` with the object's bytes from `start`, reading the range again (from its
+    /// start) when its body breaks off or comes out the wrong length.
+    async fn fetch_range_into(&self, bucket: &str, key: &str, start: u64, part: &mut [u8]) -> Result<()> {
+        if part.is_empty() {
+            return Ok(());
         }
-        let range = format!("bytes={}-{}", start, start + len - 1);
+        let range = format!("bytes={}-{}", start, start + part.len() as u64 - 1);
         let mut last_error = None;
         for attempt in 0..BODY_ATTEMPTS {
             let result = async {
                 let response = self.client.get_object().bucket(bucket).key(key).range(&range).send().await.map_err(|e| s3_error(bucket, key, e))?;
-                let body = response.body.collect().await.map_err(|e| s3_error(bucket, key, e))?;
-                Ok::<_, StoreError>(body.into_bytes().to_vec())
+                let mut body = response.body;
+                let (len, mut filled) = (part.len(), 0);
+                while let Some(chunk) = body.try_next().await.map_err(|e| s3_error(bucket, key, e))? {
+                    let end = filled + chunk.len();
+                    let place = part.get_mut(filled..end).ok_or_else(|| StoreError::S3 { bucket: bucket.into(), key: key.into(), message: format!("{range}: more than {len} bytes") })?;
+                    place.copy_from_slice(&chunk);
+                    filled = end;
+                }
+                match filled == len {
+                    true => Ok(()),
+                    false => Err(StoreError::S3 { bucket: bucket.into(), key: key.into(), message: format!("{range}: got {filled} bytes") }),
+                }
             }
             .await;
             match result {
-                Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
-                Ok(bytes) => {
-                    last_error = Some(StoreError::S3 { bucket: bucket.into(), key: key.into(), message: format!("{range}: got {} bytes", bytes.len()) })
-                }
+                Ok(()) => return Ok(()),
                 Err(e) => last_error = Some(e),
             }
             tracing::warn!(bucket, key, attempt, range, "ranged read failed; retrying");
@@ -292,6 +318,19 @@ impl Drop for MultipartWriter {
             if let Err(e) = aborted {
                 tracing::warn!(bucket, key, error = %DisplayErrorContext(e), "could not abort an unfinished multipart upload");
             }
+        }
+    }
+}
+
+/// Hands `consume` the parts that `parts` delivers in any order, in the object's order.
+fn consume_in_order(parts: std::sync::mpsc::Receiver<(usize, &[u8])>, mut consume: impl FnMut(&[u8])) {
+    let mut waiting = std::collections::BTreeMap::new();
+    let mut next = 0;
+    for (index, part) in parts {
+        waiting.insert(index, part);
+        while let Some(part) = waiting.remove(&next) {
+            consume(part);
+            next += 1;
         }
     }
 }
