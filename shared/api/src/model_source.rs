@@ -165,7 +165,7 @@ fn write_cache(path: &Path, bytes: &[u8]) {
 }
 
 /// The engine reads the weights in place from the download buffer: the measured peak of a cold
-/// start was 1.28 × the file (Q4_K_M, 637 MiB, a 133-token prompt), so 1.3 × plus room for the
+/// start was 1.12–1.28 × the file (Q4_K_M, 638 MiB, a 133-token prompt), so 1.3 × plus room for the
 /// runtime, the KV cache and a long prompt's activations.
 fn check_fits(model: &ResolvedModel, limit: Option<u64>) -> Result<(), String> {
     let Some(limit) = limit else { return Ok(()) };
