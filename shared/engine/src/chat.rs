@@ -77,6 +77,9 @@ impl ChatTemplate {
     pub fn render_all(&self, conversations: &[(&[ChatMessage], bool)]) -> Result<Vec<Result<String>>> {
         #[cfg(target_os = "linux")]
         {
+            if conversations.is_empty() {
+                return Ok(Vec::new());
+            }
             let frames = crate::sandbox::run(&RENDERER, |out| {
                 for &(messages, add_generation_prompt) in conversations {
                     write_frame(out, self.render_in_this_process(messages, add_generation_prompt))?;
