@@ -2,8 +2,9 @@
 # The demo pipeline, on CPU, in one command:
 #   demo task → pretrain a teacher → instruction SFT in two cycles → distil a student of under
 #   half its parameters (infra/demo/student-config.json: all 5 layers, each MLP cut from 512 to
-#   its 112 strongest neurons) and, as the baseline, the same student trained on the labels
-#   alone → quantize each to Q8_0 and Q4_K_M → exact-match accuracy and decode speed of every
+#   its 112 strongest neurons); as baselines, the same pruned student trained on the labels
+#   alone, and the same student trained without the teacher (from random weights, the teacher's
+#   recipe) → quantize to Q8_0 and Q4_K_M → exact-match accuracy and decode speed of every
 #   stage → a Markdown table.
 #
 #   infra/demo/pipeline.sh [WORK_DIR]          (default: infra/.work/demo; git-ignored)
@@ -54,6 +55,13 @@ stage student distill "${student[@]}" \
     --temperature "$DISTILL_TEMPERATURE" --alpha "$DISTILL_ALPHA" --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
 stage student-labels-only distill "${student[@]}" \
     --alpha 0 --steps "$DISTILL_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
+# The same student trained without the teacher: its shape with random weights (the untrained
+# teacher pruned to it; with --alpha 0 no teacher runs) through the teacher's own recipe:
+# pretraining, then the two SFT cycles.
+stage student-scratch-pretrained distill --teacher "$W/data/teacher-init" --student-config infra/demo/student-config.json \
+    --data "$W/data/pretrain.jsonl" --alpha 0 --steps "$PRETRAIN_STEPS" --lr 2e-3 --warmup 100 --weight-decay 0.01 "${train[@]}"
+stage student-scratch-sft "${sft[@]}" --base "$W/student-scratch-pretrained" --steps "$SFT_STEPS" --lr 1e-3 --warmup 20 "${train[@]}"
+stage student-scratch "${sft[@]}" --base "$W/student-scratch-sft" --steps "$SFT_RESTART_STEPS" --lr 1.5e-3 --warmup 50 "${train[@]}"
 
 for model in teacher-pretrained teacher student student-labels-only; do
     for type in q8_0 q4_k_m; do
@@ -65,7 +73,8 @@ done
 : > "$W/results.jsonl"
 for file in teacher-pretrained teacher-sft teacher teacher-q8_0.gguf teacher-q4_k_m.gguf \
             student student-q8_0.gguf student-q4_k_m.gguf \
-            student-labels-only student-labels-only-q8_0.gguf student-labels-only-q4_k_m.gguf; do
+            student-labels-only student-labels-only-q8_0.gguf student-labels-only-q4_k_m.gguf \
+            student-scratch; do
     eval_json=$("$LLM" eval --model "$W/$file" --data "$W/data/eval.jsonl" --json)
     bench_json=$("$LLM" bench --model "$W/$file" --prompt-tokens 16 --gen-tokens 64 --threads 1 --json)
     inspect_json=$("$LLM" inspect "$W/$file" --json)

@@ -1,7 +1,8 @@
 """The demo pipeline's results (results.jsonl from infra/demo/pipeline.sh) as a Markdown table,
 with the targets checked: the distilled student keeps >= 95 % of the teacher's accuracy with
-<= 50 % of its parameters and beats the student trained on labels alone; quantizing costs at most
-0.5 (Q8_0) and 2 (Q4_K_M) accuracy points."""
+<= 50 % of its parameters and beats the same student trained without the teacher; quantizing
+costs at most 0.5 (Q8_0) and 2 (Q4_K_M) accuracy points. Also shown, not a target: the
+distillation loss alone against the labels alone, both students starting as the pruned teacher."""
 import json
 import sys
 
@@ -14,11 +15,11 @@ for name, r in rows.items():
     print(f"| {name} | {r['params'] / 1e6:.2f} M | {size:.2f} MiB | {100 * r['accuracy']:.1f} % | "
           + " | ".join(f"{100 * r['tasks'][t]:.0f} %" for t in tasks) + f" | {r['decode_tok_s']:.0f} |")
 
-teacher, student, baseline = rows["teacher"], rows["student"], rows["student-labels-only"]
+teacher, student, scratch, labels_only = rows["teacher"], rows["student"], rows["student-scratch"], rows["student-labels-only"]
 checks = [
     ("student keeps >= 95 % of the teacher's accuracy", student["accuracy"] >= 0.95 * teacher["accuracy"]),
     ("student has <= 50 % of the teacher's parameters", student["params"] <= 0.5 * teacher["params"]),
-    ("student beats the labels-only student", student["accuracy"] > baseline["accuracy"]),
+    ("student beats the same student trained without the teacher", student["accuracy"] > scratch["accuracy"]),
 ]
 for base in ("teacher", "student"):
     for quant, limit in (("q8_0", 0.005), ("q4_k_m", 0.02)):
@@ -29,3 +30,5 @@ for base in ("teacher", "student"):
 print()
 for what, ok in checks:
     print(f"- {'met' if ok else 'NOT met'}: {what}")
+print(f"- not a target: the distillation loss alone, against the labels alone from the same pruned teacher: "
+      f"{100 * student['accuracy']:.1f} % against {100 * labels_only['accuracy']:.1f} %")

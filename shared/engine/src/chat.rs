@@ -247,18 +247,18 @@ mod tests {
     #[test]
     fn hostile_templates_fail_cleanly() {
         let t = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", None, None).unwrap();
-        assert!(t.render(&[], false).is_err());
+        assert!(t.render_in_this_process(&[], false).is_err());
         // Output past the limit stops at the limit (a thousand writes of 64 KiB, within the fuel).
         let t = ChatTemplate::new("{% for i in range(1000) %}{{ '0123456789abcdef' * 4096 }}{% endfor %}", None, None).unwrap();
-        let error = t.render(&[], false).unwrap_err().to_string();
+        let error = t.render_in_this_process(&[], false).unwrap_err().to_string();
         assert!(error.contains("exceeds"), "{error}");
         let t = ChatTemplate::new("{{ raise_exception('no system role') }}", None, None).unwrap();
-        assert!(t.render(&[], false).unwrap_err().to_string().contains("no system role"));
+        assert!(t.render_in_this_process(&[], false).unwrap_err().to_string().contains("no system role"));
     }
 
     /// Values that double or square on each step would reach terabytes within a few dozen
-    /// instructions; the fuel charges their bytes and items and ends them near 64 MB. (What the
-    /// fuel does not see is the next test's.)
+    /// instructions; the fuel charges their bytes and items and ends them near 64 MB, in this
+    /// process already. (What the fuel does not see is the next test's.)
     #[test]
     fn hostile_templates_cannot_grow_values_without_bound() {
         let growing = [
@@ -272,7 +272,7 @@ mod tests {
         ];
         for source in growing {
             let t = ChatTemplate::new(source, None, None).unwrap();
-            let error = t.render(&[], false).expect_err(source).to_string();
+            let error = t.render_in_this_process(&[], false).expect_err(source).to_string();
             assert!(error.contains("fuel"), "{source}: {error}");
         }
     }

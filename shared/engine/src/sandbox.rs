@@ -119,16 +119,22 @@ fn child(memory: u64, writer: OwnedFd, work: impl FnOnce(&mut dyn Write) -> io::
     unsafe { libc::_exit(code) }
 }
 
-/// Caps the address space at its present size plus `memory`: an allocation past it fails, and
-/// Rust aborts the child.
+/// Caps the address space at its present size plus `memory`, or keeps a lower limit the process
+/// already has: an allocation past it fails, and Rust aborts the child.
 fn limit_address_space(memory: u64) -> io::Result<()> {
     let statm = std::fs::read_to_string("/proc/self/statm")?;
     let pages: u64 = statm.split_whitespace().next().and_then(|s| s.parse().ok()).ok_or_else(|| io::Error::other("unreadable /proc/self/statm"))?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let bytes = pages * page + memory;
-    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
-    // SAFETY: `limit` is a valid rlimit; lowering one's own limit needs no privilege.
+    let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `current` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut current) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Only lowered: raising a hard limit needs privileges.
+    let limit = libc::rlimit { rlim_cur: bytes.min(current.rlim_cur), rlim_max: bytes.min(current.rlim_max) };
+    // SAFETY: `limit` is a valid rlimit, its soft limit no higher than its hard one.
     match unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
@@ -178,7 +184,7 @@ fn wait(pid: libc::pid_t) -> i32 {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { memory: 64 << 20, silence: Duration::from_millis(500) };
+    const LIMITS: Limits = Limits { memory: 64 << 20, silence: Duration::from_secs(2) };
 
     #[test]
     fn returns_everything_the_child_writes() {
