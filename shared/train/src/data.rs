@@ -63,12 +63,12 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemp
             (index + 1, record)
         })
         .collect();
-    let mut rendered = render_conversations(&records, template)?.into_iter();
+    let rendered = render_conversations(&records, template)?;
     let mut examples = Vec::new();
     let mut errors = Vec::new();
     let mut report = DataReport::default();
-    for (line, record) in records {
-        let example = record.and_then(|record| tokenize(&record, tokenizer, template.is_some(), &mut rendered));
+    for ((line, record), renderings) in records.into_iter().zip(rendered) {
+        let example = record.and_then(|record| tokenize(&record, tokenizer, template.is_some(), &renderings));
         match example {
             Ok(mut example) if example.ids.len() > max_seq_len => match overflow {
                 Overflow::Skip => report.skipped += 1,
@@ -96,31 +96,38 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemp
     Ok((examples, report))
 }
 
-/// The conversations `tokenize` needs for the `messages` records, in its order: before each
-/// assistant reply, the text up to it (with the generation prompt) and the text including it.
-/// All are rendered by one bounded renderer ([`ChatTemplate::render_all`]).
-fn render_conversations(records: &[(usize, std::result::Result<Record, String>)], template: Option<&ChatTemplate>) -> Result<Vec<llm_engine::Result<String>>> {
-    let Some(template) = template else { return Ok(Vec::new()) };
+/// Each record's renderings, as `tokenize` takes them: for a `messages` record, before each
+/// assistant reply, the text up to it (with the generation prompt) and the text including it;
+/// nothing for the others. All are rendered by one bounded renderer
+/// ([`ChatTemplate::render_all`]).
+fn render_conversations(records: &[(usize, std::result::Result<Record, String>)], template: Option<&ChatTemplate>) -> Result<Vec<Vec<llm_engine::Result<String>>>> {
     let chats: Vec<Vec<ChatMessage>> = records
         .iter()
-        .filter_map(|(_, record)| match record {
-            Ok(Record::Messages { messages }) => Some(messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect()),
-            _ => None,
+        .map(|(_, record)| match (record, template) {
+            (Ok(Record::Messages { messages }), Some(_)) => messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect(),
+            _ => Vec::new(),
         })
         .collect();
     let mut conversations = Vec::new();
+    let mut counts = Vec::with_capacity(chats.len());
     for messages in &chats {
+        let before = conversations.len();
         for (k, message) in messages.iter().enumerate() {
             if message.role == "assistant" {
                 conversations.push((&messages[..k], true));
                 conversations.push((&messages[..=k], false));
             }
         }
+        counts.push(conversations.len() - before);
     }
-    template.render_all(&conversations).map_err(|e| TrainError::Invalid(e.to_string()))
+    let mut rendered = match template {
+        Some(template) => template.render_all(&conversations).map_err(|e| TrainError::Invalid(e.to_string()))?.into_iter(),
+        None => Vec::new().into_iter(),
+    };
+    Ok(counts.into_iter().map(|n| rendered.by_ref().take(n).collect()).collect())
 }
 
-fn tokenize(record: &Record, tokenizer: &Tokenizer, has_template: bool, rendered: &mut impl Iterator<Item = llm_engine::Result<String>>) -> std::result::Result<Example, String> {
+fn tokenize(record: &Record, tokenizer: &Tokenizer, has_template: bool, renderings: &[llm_engine::Result<String>]) -> std::result::Result<Example, String> {
     let encode = |text: &str, special: bool| tokenizer.encode(text, special).map_err(|e| e.to_string());
     let mut example = Example { ids: Vec::new(), mask: Vec::new() };
     let mut push = |ids: Vec<u32>, learn: bool| {
@@ -137,29 +144,26 @@ fn tokenize(record: &Record, tokenizer: &Tokenizer, has_template: bool, rendered
             push(encode(text, true)?, true);
             push(tokenizer.eos_id().into_iter().collect(), true);
         }
-        Record::Messages { messages } => {
+        Record::Messages { .. } => {
             if !has_template {
                 return Err("`messages` needs a model with a chat template".into());
             }
-            // Every rendering of this record is taken, even after an error, so that the next
-            // record starts at its own.
-            let renderings: Vec<_> = (0..2 * messages.iter().filter(|m| m.role == "assistant").count()).map(|_| rendered.next().expect("one rendering per conversation")).collect();
             if renderings.is_empty() {
                 return Err("no assistant message to learn from".into());
             }
             // The text before each assistant reply (with the generation prompt) is context; the
             // reply's rendering, up to the next turn, is what the model learns to write.
-            let mut done = String::new();
+            let mut done = "";
             for pair in renderings.chunks(2) {
                 let [prompt, full] = pair else { unreachable!("renderings come in pairs") };
                 let (prompt, full) = (prompt.as_ref().map_err(|e| e.to_string())?, full.as_ref().map_err(|e| e.to_string())?);
-                let (Some(context), Some(reply)) = (prompt.strip_prefix(done.as_str()), full.strip_prefix(prompt.as_str())) else {
+                let (Some(context), Some(reply)) = (prompt.strip_prefix(done), full.strip_prefix(prompt.as_str())) else {
                     return Err("the chat template does not render conversations prefix by prefix".into());
                 };
                 // The template writes BOS as text: no special tokens are added.
                 push(encode(context, false)?, false);
                 push(encode(reply, false)?, true);
-                done = full.clone();
+                done = full;
             }
         }
     }
