@@ -86,8 +86,7 @@ pub fn exclude_from_children(bytes: &[u8]) {
     if bytes.len() < OWN_MAPPING {
         return;
     }
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let page = page_size() as usize;
     let start = (bytes.as_ptr() as usize).next_multiple_of(page);
     let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
     // SAFETY: the range lies inside `bytes`, whole pages of this process's memory; the advice
@@ -124,9 +123,7 @@ fn child(memory: u64, writer: OwnedFd, work: impl FnOnce(&mut dyn Write) -> io::
 fn limit_address_space(memory: u64) -> io::Result<()> {
     let statm = std::fs::read_to_string("/proc/self/statm")?;
     let pages: u64 = statm.split_whitespace().next().and_then(|s| s.parse().ok()).ok_or_else(|| io::Error::other("unreadable /proc/self/statm"))?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-    let bytes = pages * page + memory;
+    let bytes = pages * page_size() + memory;
     let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `current` is a valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut current) } != 0 {
@@ -139,6 +136,11 @@ fn limit_address_space(memory: u64) -> io::Result<()> {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
     }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
