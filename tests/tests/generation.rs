@@ -120,3 +120,28 @@ fn chat_template_jinja_file_wins() {
     let text = loaded.chat_template.unwrap().render(&[llm_engine::ChatMessage::new("user", "hi")], true).unwrap();
     assert_eq!(text, "<user>hi");
 }
+
+/// Decoding one token at a time through the KV cache, past the points where its buffers grow,
+/// gives the logits one pass over the whole sequence gives.
+#[test]
+fn cached_decode_matches_one_pass_across_cache_growth() {
+    let loaded = llama3();
+    let model = &loaded.model;
+    let ids: Vec<u32> = (0..300).map(|i| (i * 7919 % 5000 + 10) as u32).collect();
+    let whole = prompt_logits(model, &ids);
+
+    let prompt = 250;
+    let mut cache = model.new_cache();
+    let step = |cache: &mut llm_engine::KvCache, tokens: &[u32]| {
+        let input = candle_core::Tensor::new(tokens, model.device()).unwrap().unsqueeze(0).unwrap();
+        model.forward(&input, &[0], cache, llm_engine::Logits::Last).unwrap().squeeze(0).unwrap()
+    };
+    step(&mut cache, &ids[..prompt]);
+    for at in prompt..ids.len() {
+        let logits = step(&mut cache, &ids[at..at + 1]);
+        let expected = whole.get(at).unwrap();
+        let diff = max_abs_diff(&logits, &expected);
+        assert!(diff < 1e-3, "position {at}: cached decode differs from one pass by {diff}");
+    }
+    assert_eq!(cache.len(), ids.len());
+}
