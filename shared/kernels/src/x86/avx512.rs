@@ -37,13 +37,19 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         };
     }
     match w.ty {
-        BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, 4, 4>(w, x, rows, out),
-        BlockType::Q4_0 => rows_of::<Legacy<Q4_0>, 4, 4, 4>(w, x, rows, out),
+        BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, 4, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Legacy<Q4_0>, 4, 4, DECODE_ROWS>(w, x, rows, out),
         // 512-bit tiles pairing sub-blocks were slower for Q4_K than its AVX2 tiles (the
         // benchmark), and only 20 % faster for Q6_K, a minor part of a Q4_K_M file.
         BlockType::Q4K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
     }
 }
+
+/// Weight rows of a decode step's tile. Four were fastest on weights in cache, but a whole
+/// model streams from memory, where fewer streams at once read faster: with two, decode ran
+/// at 1.1–1.4 × (Q4_0 at 2 threads 18.4–18.7 → 22.8–27.6 tok/s, Q8_0 11.2–13.3 → 16.5–18.9);
+/// one row was about as fast at one thread and slower at two.
+const DECODE_ROWS: usize = 2;
 
 /// Activation rows from which panels are worth packing (`cargo bench -p llm-kernels` with other
 /// row counts): packing costs about as much as a dozen rows' products, so at 16 rows panels ran
