@@ -121,10 +121,10 @@ fn chat_template_jinja_file_wins() {
     assert_eq!(text, "<user>hi");
 }
 
-/// Decoding one token at a time through the KV cache, past the points where its buffers grow,
+/// Decoding one token at a time through the KV cache, past the point where its buffers grow,
 /// gives the logits one pass over the whole sequence gives.
 #[test]
-fn cached_decode_matches_one_pass_across_cache_growth() {
+fn cached_decode_matches_one_pass_across_a_cache_growth() {
     let loaded = llama3();
     let model = &loaded.model;
     let ids: Vec<u32> = (0..300).map(|i| (i * 7919 % 5000 + 10) as u32).collect();
