@@ -101,10 +101,13 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemp
 /// nothing for the others. All are rendered by one bounded renderer
 /// ([`ChatTemplate::render_all`]).
 fn render_conversations(records: &[(usize, std::result::Result<Record, String>)], template: Option<&ChatTemplate>) -> Result<Vec<Vec<llm_engine::Result<String>>>> {
+    let Some(template) = template else {
+        return Ok(records.iter().map(|_| Vec::new()).collect());
+    };
     let chats: Vec<Vec<ChatMessage>> = records
         .iter()
-        .map(|(_, record)| match (record, template) {
-            (Ok(Record::Messages { messages }), Some(_)) => messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect(),
+        .map(|(_, record)| match record {
+            Ok(Record::Messages { messages }) => messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect(),
             _ => Vec::new(),
         })
         .collect();
@@ -120,10 +123,7 @@ fn render_conversations(records: &[(usize, std::result::Result<Record, String>)]
         }
         counts.push(conversations.len() - before);
     }
-    let mut rendered = match template {
-        Some(template) => template.render_all(&conversations).map_err(|e| TrainError::Invalid(e.to_string()))?.into_iter(),
-        None => Vec::new().into_iter(),
-    };
+    let mut rendered = template.render_all(&conversations).map_err(|e| TrainError::Invalid(e.to_string()))?.into_iter();
     Ok(counts.into_iter().map(|n| rendered.by_ref().take(n).collect()).collect())
 }
 
