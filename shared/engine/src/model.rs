@@ -4,8 +4,8 @@
 //! per-layer KV cache; padding is masked out so rows of different lengths share every matmul.
 
 use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{DType, Device, Module, Tensor};
-use llm_kernels::QMatrix;
+use candle_core::{DType, Device, Layout, Module, Storage, Tensor};
+use llm_kernels::{DecodeShape, QMatrix};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -139,7 +139,7 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         cos_sin: &(Tensor, Tensor),
-        mask: Option<&Tensor>,
+        (mask, pad): (Option<&Tensor>, &[usize]),
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -153,9 +153,13 @@ impl Attention {
         let q = rope.apply(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rope.apply(&k, &cos_sin.0, &cos_sin.1)?;
 
-        let (k, v) = cache.append(&k, &v)?;
+        let (k_t, v) = cache.append(&k, &v)?;
 
-        let out = attend(&q, &k, &v, mask, nh / nkv, QUERY_CHUNK)?;
+        let out = if s == 1 && cache.on_cpu_in_f32() {
+            cache.attend_one(&q, pad)?
+        } else {
+            attend(&q, &k_t, &v, mask, nh / nkv, QUERY_CHUNK)?
+        };
         let out = out.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         self.o_proj.forward(&out)
     }
@@ -164,22 +168,23 @@ impl Attention {
 /// Queries per chunk of a long prompt's attention.
 const QUERY_CHUNK: usize = 128;
 
-/// Softmax attention of `q` `[b, nh, s, hd]` over `k`, `v` `[b, nkv, t, hd]` (the last `s` of
-/// the `t` positions are the queries'), `mask` `[b, 1, s, t]` additive; `[b, nkv, rep·s, hd]`.
+/// Softmax attention of `q` `[b, nh, s, hd]` over keys `k_t` `[b, nkv, hd, t]` (transposed, as
+/// the cache keeps them) and values `v` `[b, nkv, t, hd]` (the last `s` of the `t` positions are
+/// the queries'), `mask` `[b, 1, s, t]` additive; `[b, nkv, rep·s, hd]`.
 ///
 /// Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are
 /// stacked along the query axis. With a (causal) mask, the queries go `chunk` at a time and each
 /// chunk meets only the keys up to its last query: the rest would be masked anyway, so a long
 /// prompt computes about half the scores, and never holds all of them at once.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, rep: usize, chunk: usize) -> Result<Tensor> {
+fn attend(q: &Tensor, k_t: &Tensor, v: &Tensor, mask: Option<&Tensor>, rep: usize, chunk: usize) -> Result<Tensor> {
     let (b, nh, s, hd) = q.dims4()?;
-    let (nkv, t) = (nh / rep, k.dim(2)?);
+    let (nkv, t) = (nh / rep, v.dim(2)?);
     let past = t - s;
     let scores_of = |q: &Tensor, keys: usize, mask: Option<Tensor>| -> Result<Tensor> {
         let n = q.dim(2)? / rep;
         // Views into the cache's buffers: the matmuls take their strides as they are.
-        let (k, v) = (k.narrow(2, 0, keys)?, v.narrow(2, 0, keys)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let (k_t, v) = (k_t.narrow(3, 0, keys)?, v.narrow(2, 0, keys)?);
+        let scores = (q.matmul(&k_t)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = match mask {
             Some(mask) => scores
                 .reshape((b, nkv, rep, n, keys))?
@@ -239,10 +244,11 @@ pub struct KvCache {
     layers: Vec<LayerCache>,
 }
 
-/// One layer's keys and values: buffers `[b, kv_heads, capacity, head_dim]` whose first `len`
-/// positions are filled. A step writes only its own positions (concatenating copied the whole
-/// cache into a fresh allocation, every layer, every step: after a 512-token prompt, decode at
-/// 2 threads ran 3–7 % slower).
+/// One layer's keys and values: buffers `[b, kv_heads, head_dim, capacity]` (keys, transposed:
+/// see [`llm_kernels::DecodeShape`]) and `[b, kv_heads, capacity, head_dim]` (values) whose
+/// first `len` positions are filled. A step writes only its own positions (concatenating
+/// copied the whole cache into a fresh allocation, every layer, every step: after a 512-token
+/// prompt, decode at 2 threads ran 3–7 % slower).
 #[derive(Debug, Default)]
 struct LayerCache {
     buffers: Option<(Tensor, Tensor)>,
@@ -255,28 +261,67 @@ const CACHE_GROWTH: usize = 256;
 
 impl LayerCache {
     /// Writes `k`, `v` (`[b, kv_heads, s, head_dim]`) after the cached positions; returns views
-    /// of every position so far.
+    /// of every position so far, the keys transposed (`[b, kv_heads, head_dim, len]`).
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        const K_POSITIONS: usize = 3;
+        const V_POSITIONS: usize = 2;
         let (b, nkv, s, hd) = k.dims4()?;
         let len = self.len + s;
-        let capacity = self.buffers.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+        let capacity = self.buffers.as_ref().map_or(0, |(_, v)| v.dims()[V_POSITIONS]);
         if len > capacity {
-            let grown = |old: Option<&Tensor>| -> Result<Tensor> {
-                let buffer = Tensor::zeros((b, nkv, len.next_multiple_of(CACHE_GROWTH), hd), k.dtype(), k.device())?;
+            let capacity = len.next_multiple_of(CACHE_GROWTH);
+            let grown = |old: Option<&Tensor>, shape: (usize, usize, usize, usize), positions: usize| -> Result<Tensor> {
+                let buffer = Tensor::zeros(shape, k.dtype(), k.device())?;
                 if let Some(old) = old {
-                    buffer.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    buffer.slice_set(&old.narrow(positions, 0, self.len)?.contiguous()?, positions, 0)?;
                 }
                 Ok(buffer)
             };
             let old = self.buffers.as_ref();
-            self.buffers = Some((grown(old.map(|(k, _)| k))?, grown(old.map(|(_, v)| v))?));
+            self.buffers = Some((
+                grown(old.map(|(k, _)| k), (b, nkv, hd, capacity), K_POSITIONS)?,
+                grown(old.map(|(_, v)| v), (b, nkv, capacity, hd), V_POSITIONS)?,
+            ));
         }
         let (k_buffer, v_buffer) = self.buffers.as_ref().expect("allocated above");
-        k_buffer.slice_set(&k.contiguous()?, 2, self.len)?;
-        v_buffer.slice_set(&v.contiguous()?, 2, self.len)?;
+        k_buffer.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POSITIONS, self.len)?;
+        v_buffer.slice_set(&v.contiguous()?, V_POSITIONS, self.len)?;
         self.len = len;
-        Ok((k_buffer.narrow(2, 0, len)?, v_buffer.narrow(2, 0, len)?))
+        Ok((k_buffer.narrow(K_POSITIONS, 0, len)?, v_buffer.narrow(V_POSITIONS, 0, len)?))
     }
+
+    /// Whether [`LayerCache::attend_one`] can read the buffers in place.
+    fn on_cpu_in_f32(&self) -> bool {
+        self.buffers.as_ref().is_some_and(|(k, _)| k.device().is_cpu() && k.dtype() == DType::F32)
+    }
+
+    /// Attention of one new position per row (a decode step, `q` `[b, heads, 1, head_dim]`,
+    /// already appended) over every cached one but each row's left padding `pad`, with
+    /// [`llm_kernels::decode_attention`]; `[b, heads, 1, head_dim]`.
+    fn attend_one(&self, q: &Tensor, pad: &[usize]) -> Result<Tensor> {
+        let (k, v) = self.buffers.as_ref().expect("a step appends before it attends");
+        let (b, heads, _, head_dim) = q.dims4()?;
+        let (_, kv_heads, capacity, _) = v.dims4()?;
+        let shape = DecodeShape { rows: b, heads, kv_heads, head_dim, len: self.len, capacity };
+        let queries = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; queries.len()];
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let (keys, values) = (cpu_f32(&k_storage, k_layout)?, cpu_f32(&v_storage, v_layout)?);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        llm_kernels::decode_attention(&shape, scale, &queries, keys, values, pad, &mut out).map_err(kernel_error)?;
+        Ok(Tensor::from_vec(out, (b, heads, 1, head_dim), q.device())?)
+    }
+}
+
+/// The values of a contiguous CPU `f32` tensor, where they lie.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        unreachable!("the caller checked that the tensor is on the CPU")
+    };
+    debug_assert!(layout.is_contiguous());
+    let start = layout.start_offset();
+    Ok(&cpu.as_slice::<f32>()?[start..start + layout.shape().elem_count()])
 }
 
 impl KvCache {
@@ -464,7 +509,7 @@ impl Llama {
 
         let mut x = self.embed.forward(tokens)?;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, mask.as_ref(), layer_cache)?;
+            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, (mask.as_ref(), pad), layer_cache)?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
             x = (x + h)?;
@@ -521,16 +566,40 @@ mod tests {
         let dev = Device::Cpu;
         let (b, nh, nkv, hd, past, s) = (2, 4, 2, 8, 3, 11);
         let q = Tensor::randn(0f32, 1.0, (b, nh, s, hd), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (b, nkv, past + s, hd), &dev).unwrap();
+        let k_t = Tensor::randn(0f32, 1.0, (b, nkv, hd, past + s), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (b, nkv, past + s, hd), &dev).unwrap();
         // The second row is left-padded by 5 positions.
         let mask = attention_mask(b, s, past, &[0, 5], &dev).unwrap().unwrap();
-        let whole = attend(&q, &k, &v, Some(&mask), nh / nkv, usize::MAX).unwrap();
+        let whole = attend(&q, &k_t, &v, Some(&mask), nh / nkv, usize::MAX).unwrap();
         for chunk in [1, 3, 4, 10] {
-            let chunked = attend(&q, &k, &v, Some(&mask), nh / nkv, chunk).unwrap();
+            let chunked = attend(&q, &k_t, &v, Some(&mask), nh / nkv, chunk).unwrap();
             assert_eq!(chunked.dims(), whole.dims());
             let diff = (&chunked - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "chunks of {chunk}: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_decode_step_attends_like_a_masked_product() {
+        let dev = Device::Cpu;
+        let (b, nh, nkv, hd) = (2, 8, 2, 16);
+        let mut cache = LayerCache::default();
+        // A prompt of 20 positions, the second row left-padded by 6, then three decode steps.
+        let pad = [0, 6];
+        for s in [20, 1, 1, 1] {
+            let k = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
+            let past = cache.len;
+            let (k_t, v) = cache.append(&k, &v).unwrap();
+            if s > 1 {
+                continue;
+            }
+            let q = Tensor::randn(0f32, 1.0, (b, nh, 1, hd), &dev).unwrap();
+            let mask = attention_mask(b, 1, past, &pad, &dev).unwrap();
+            let product = attend(&q, &k_t, &v, mask.as_ref(), nh / nkv, QUERY_CHUNK).unwrap();
+            let kernel = cache.attend_one(&q, &pad).unwrap();
+            let diff = (kernel.reshape(product.dims()).unwrap() - &product).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "after {past} positions: {diff}");
         }
     }
 }

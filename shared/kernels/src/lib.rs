@@ -12,8 +12,12 @@
 //! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too. On a
 //! CPU without either the caller keeps candle's kernels. [`scalar`] is the portable definition
 //! the SIMD kernels are tested against.
+//!
+//! Also owns the other loop a decode step spends its time in beside the weights: attention of
+//! the new position over the KV cache ([`decode_attention`]).
 
 mod activations;
+mod attention;
 mod blocks;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -22,6 +26,7 @@ mod x86;
 use std::sync::OnceLock;
 
 pub use activations::QuantizedRows;
+pub use attention::{decode_attention, DecodeShape};
 pub use blocks::BlockType;
 
 /// An implementation of the products, by the instructions it needs.
@@ -143,9 +148,22 @@ fn group_rows(rows: usize, m: usize) -> usize {
     per_item.min(rows.div_ceil(4 * candle_core::utils::get_num_threads()).next_multiple_of(4)).max(4)
 }
 
+/// An output that the compute pool's work items write, each its own elements.
 struct OutPtr(*mut f32);
-// SAFETY: work items write disjoint elements (see `matmul`).
+// SAFETY: the work items of each user write disjoint elements (see `matmul`,
+// `decode_attention`).
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Elements `range` of the output.
+    ///
+    /// # Safety
+    /// They are inside the output, and no other work item touches them while the slice lives.
+    #[allow(clippy::mut_from_ref)] // a raw pointer's target, not `self`, is borrowed
+    unsafe fn slice(&self, range: std::ops::Range<usize>) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(range.start), range.len())
+    }
+}
 
 /// Columns `rows` of every output row.
 ///

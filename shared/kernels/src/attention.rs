@@ -1,0 +1,296 @@
+//! Attention of one new position per sequence over its KV cache: the attention of a decode step.
+//!
+//! As a general matrix product (candle's), a decode step's attention multiplies a few query rows
+//! by the whole cache, which the product first copies into its packed layout, on one thread.
+//! Here the cache is read where it lies, the keys stored transposed so that a run of keys'
+//! scores is a few multiply-adds of whole registers, and the sequences' KV heads are spread
+//! over the compute pool.
+
+use std::ops::Range;
+
+use crate::{Kernels, OutPtr, ShapeError};
+
+/// The shapes of a decode step: `rows` sequences, one query position each, over a cache of
+/// `capacity` positions per KV head, the first `len` of them filled.
+///
+/// The keys are stored transposed, `[rows, kv_heads, head_dim, capacity]`, so that the scores
+/// of a run of keys come out of multiply-adds of whole registers of keys by one query value;
+/// the values as they are used, `[rows, kv_heads, capacity, head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeShape {
+    pub rows: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+/// `out[r, h] = softmax(scale · q[r, h] · K[r, g]ᵀ) · V[r, g]`, g the KV head that query head `h`
+/// shares (grouped-query attention: `heads / kv_heads` query heads per KV head), over the keys
+/// `first[r]..len` of row `r` (those before are its left padding); the last key is always
+/// seen, as a query sees itself. `q` and `out` are `[rows, heads, head_dim]`; `k` and `v` as in
+/// [`DecodeShape`].
+pub fn decode_attention(shape: &DecodeShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
+    let DecodeShape { rows, heads, kv_heads, head_dim, len, capacity } = *shape;
+    if kv_heads == 0 || heads % kv_heads != 0 || len == 0 || len > capacity {
+        return Err(ShapeError(format!("{heads} query heads over {kv_heads} KV heads, {len} of {capacity} positions")));
+    }
+    let cache = rows * kv_heads * capacity * head_dim;
+    let queries = rows * heads * head_dim;
+    if q.len() != queries || out.len() != queries || k.len() != cache || v.len() != cache || first.len() != rows {
+        return Err(ShapeError(format!(
+            "decode attention {shape:?} takes {queries} query and output values, {cache} key and value values and {rows} first keys, \
+             not {}, {}, {}, {} and {}",
+            q.len(),
+            out.len(),
+            k.len(),
+            v.len(),
+            first.len()
+        )));
+    }
+    let rep = heads / kv_heads;
+    let out = OutPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows * kv_heads, |items| {
+        let mut scores = vec![0f32; rep * len];
+        for item in items {
+            let cached = item * capacity * head_dim..(item + 1) * capacity * head_dim;
+            let group = item * rep * head_dim..(item + 1) * rep * head_dim;
+            let head = Head {
+                head_dim,
+                capacity,
+                keys: first[item / kv_heads].min(len - 1)..len,
+                k: &k[cached.clone()],
+                v: &v[cached],
+            };
+            // SAFETY: this item (a row's KV head) alone writes the outputs of its query heads,
+            // `group`; `out` outlives the pool's execution.
+            let out = unsafe { out.slice(group.clone()) };
+            let scores = &mut scores[..rep * head.keys.len()];
+            head.attend(&q[group], scale, scores, out);
+        }
+    });
+    Ok(())
+}
+
+/// One KV head of one sequence, and the keys its query heads see.
+struct Head<'a> {
+    head_dim: usize,
+    capacity: usize,
+    keys: Range<usize>,
+    /// `[head_dim, capacity]`.
+    k: &'a [f32],
+    /// `[capacity, head_dim]`.
+    v: &'a [f32],
+}
+
+/// Keys whose scores, or output values, one pass keeps in registers: four of 16 lanes, so that
+/// the multiply-adds are independent enough to hide their latency.
+const RUN: usize = 64;
+
+impl Head<'_> {
+    /// Attention of the query heads `q` (`[rep, head_dim]`) into `out`, `scores` (`[rep, keys]`)
+    /// their workspace.
+    fn attend(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        match Kernels::best() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 (`Kernels::best` found it).
+            Kernels::Avx512Vnni => unsafe { self.attend_avx512(q, scale, scores, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, AVX2 and FMA.
+            Kernels::Avx2 => unsafe { self.attend_avx2(q, scale, scores, out) },
+            _ => self.attend_portable(q, scale, scores, out),
+        }
+    }
+
+    /// The same loops compiled for wider registers: they are written so that they vectorize.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn attend_avx512(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        self.attend_portable(q, scale, scores, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        self.attend_portable(q, scale, scores, out)
+    }
+
+    /// Runs of keys outer, query heads inner: a run's keys and values (16 KiB each for heads of
+    /// 64) are read from memory once and then from L1 by every query head; with the heads
+    /// outer, each head read the whole cache again from L2, and that took three quarters of the
+    /// time.
+    #[inline(always)]
+    fn attend_portable(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        let (hd, n) = (self.head_dim, self.keys.len());
+        for start in (0..n).step_by(RUN) {
+            for (q, scores) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+                self.scores(q, scale, start, &mut scores[start..n.min(start + RUN)]);
+            }
+        }
+        scores.chunks_exact_mut(n).for_each(softmax);
+        out.fill(0.0);
+        for start in (0..n).step_by(RUN) {
+            for (weights, out) in scores.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
+                self.add_weighted_values(start, &weights[start..n.min(start + RUN)], out);
+            }
+        }
+    }
+
+    /// `scores[t] = scale · q · K[first + start + t]`: each query value times the run's values of
+    /// that dimension, which lie together in the transposed keys.
+    #[inline(always)]
+    fn scores(&self, q: &[f32], scale: f32, start: usize, scores: &mut [f32]) {
+        let from = self.keys.start + start;
+        let run = |n: usize, scores: &mut [f32]| {
+            let mut acc = [0f32; RUN];
+            for (d, &qd) in q.iter().enumerate() {
+                let keys = &self.k[d * self.capacity + from..][..n];
+                for l in 0..n {
+                    acc[l] = qd.mul_add(keys[l], acc[l]);
+                }
+            }
+            for l in 0..n {
+                scores[l] = scale * acc[l];
+            }
+        };
+        whole_runs_unrolled(run, scores);
+    }
+
+    /// `out += Σ_t weights[t] · V[first + start + t]`, a run of dimensions at a time.
+    #[inline(always)]
+    fn add_weighted_values(&self, start: usize, weights: &[f32], out: &mut [f32]) {
+        let from = self.keys.start + start;
+        for (c, out) in out.chunks_mut(RUN).enumerate() {
+            let run = |n: usize, out: &mut [f32]| {
+                let mut acc = [0f32; RUN];
+                acc[..n].copy_from_slice(out);
+                for (t, &w) in weights.iter().enumerate() {
+                    let values = &self.v[(from + t) * self.head_dim + c * RUN..][..n];
+                    for l in 0..n {
+                        acc[l] = w.mul_add(values[l], acc[l]);
+                    }
+                }
+                out.copy_from_slice(&acc[..n]);
+            };
+            whole_runs_unrolled(run, out);
+        }
+    }
+}
+
+/// Calls `run(out.len(), out)`, with the length a constant when it is a whole [`RUN`]: the
+/// loops over the run then unroll into whole registers, its sums stay in registers.
+#[inline(always)]
+fn whole_runs_unrolled(run: impl Fn(usize, &mut [f32]), out: &mut [f32]) {
+    if out.len() == RUN {
+        run(RUN, out)
+    } else {
+        run(out.len(), out)
+    }
+}
+
+/// In place, with the exponential of [`exp_nonpositive`] and the maximum and sum taken in
+/// lanes, so that every loop vectorizes.
+#[inline(always)]
+fn softmax(x: &mut [f32]) {
+    let max = lanes(x, f32::NEG_INFINITY, f32::max);
+    x.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
+    let inv = 1.0 / lanes(x, 0.0, |a, b| a + b);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `x` folded by `f` from `init`, 16 lanes at a time.
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    let lanes = chunks.fold([init; 16], |acc, c| std::array::from_fn(|l| f(acc[l], c[l])));
+    lanes.into_iter().fold(tail, f)
+}
+
+/// `eˣ` for `x ≤ 0`, within 2 ulp (e^x = 2ⁿ · eʳ with `n` the nearest integer to x·log₂e and
+/// |r| ≤ ln2/2, eʳ by its Taylor polynomial of degree 7), in operations that vectorize: libm's
+/// `expf` is a call per value, as long as the rest of the step's attention together.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // ln 2 as a part with few digits (`n · LN2_HI` is exact) and the rest.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Below this, eˣ is under f32's smallest normal number; e^-87 is still above it.
+    let x = x.max(-87.0);
+    // Adding and taking away 1.5·2²³ rounds to the nearest integer.
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    use super::*;
+
+    /// The definition, in `f64`, one query head at a time, with libm's exponential.
+    fn reference(shape: &DecodeShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], first: &[usize]) -> Vec<f32> {
+        let DecodeShape { rows, heads, kv_heads, head_dim: hd, len, capacity } = *shape;
+        let mut out = Vec::new();
+        for r in 0..rows {
+            for h in 0..heads {
+                let kv = (r * kv_heads + h / (heads / kv_heads)) * capacity * hd;
+                let query = &q[(r * heads + h) * hd..][..hd];
+                let seen = first[r].min(len - 1)..len;
+                let scores: Vec<f64> = seen
+                    .clone()
+                    .map(|t| scale as f64 * (0..hd).map(|d| query[d] as f64 * k[kv + d * capacity + t] as f64).sum::<f64>())
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                out.extend((0..hd).map(|d| (seen.clone().zip(&weights).map(|(t, w)| w * v[kv + t * hd + d] as f64).sum::<f64>() / total) as f32));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn decode_attention_matches_its_definition() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Head sizes below, at, above and off a run of 64; caches shorter than a run, of
+        // whole runs and between; rows whose padding hides some keys, and one whose padding
+        // would hide every key but the last.
+        for (hd, len, first) in [(8, 21, vec![0, 0]), (64, 128, vec![0, 3]), (128, 150, vec![5, 0]), (40, 21, vec![2, 30])] {
+            let shape = DecodeShape { rows: 2, heads: 8, kv_heads: 2, head_dim: hd, len, capacity: len + 11 };
+            let mut values = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
+            let cache = shape.rows * shape.kv_heads * shape.capacity * hd;
+            let (q, k, v) = (values(shape.rows * shape.heads * hd), values(cache), values(cache));
+            let scale = 1.0 / (hd as f32).sqrt();
+            let mut out = vec![f32::NAN; q.len()];
+            decode_attention(&shape, scale, &q, &k, &v, &first, &mut out).unwrap();
+            let expected = reference(&shape, scale, &q, &k, &v, &first);
+            for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+                assert!((got - want).abs() < 1e-5, "head size {hd}, {len} keys, value {i}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn exponential_is_within_two_ulp() {
+        for i in 0..=100_000 {
+            let x = -87.0 * i as f32 / 100_000.0;
+            let (got, want) = (exp_nonpositive(x), (x as f64).exp());
+            assert!(((got as f64 - want) / want).abs() < 2.0 * f32::EPSILON as f64, "e^{x}: {got} vs {want}");
+        }
+        assert!(exp_nonpositive(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn decode_attention_rejects_mismatched_shapes() {
+        let shape = DecodeShape { rows: 1, heads: 4, kv_heads: 3, head_dim: 8, len: 2, capacity: 4 };
+        let err = decode_attention(&shape, 1.0, &[0.0; 32], &[0.0; 96], &[0.0; 96], &[0], &mut [0.0; 32]).unwrap_err();
+        assert!(err.0.contains("4 query heads over 3 KV heads"), "{err}");
+        let shape = DecodeShape { kv_heads: 2, ..shape };
+        let err = decode_attention(&shape, 1.0, &[0.0; 32], &[0.0; 63], &[0.0; 64], &[0], &mut [0.0; 32]).unwrap_err();
+        assert!(err.0.contains("64 key and value values"), "{err}");
+    }
+}
