@@ -177,6 +177,7 @@ pub(crate) fn kernel_type(dtype: GgmlDType) -> Option<BlockType> {
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
         GgmlDType::Q4K => BlockType::Q4K,
+        GgmlDType::Q5K => BlockType::Q5K,
         GgmlDType::Q6K => BlockType::Q6K,
         _ => return None,
     };
@@ -188,6 +189,7 @@ fn ggml_type(ty: BlockType) -> GgmlDType {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
         BlockType::Q4K => GgmlDType::Q4K,
+        BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
     }
 }

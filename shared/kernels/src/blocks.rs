@@ -17,6 +17,10 @@ pub enum BlockType {
     /// (see [`q4_k_scales`]), then 128 bytes of nibbles, 32 bytes per pair of sub-blocks (low
     /// nibbles the first, high nibbles the second): value = d · scale_j · q − dmin · min_j.
     Q4K,
+    /// Q4_K with a fifth bit per value: `f16` d and dmin, the same 12 bytes of scales and mins,
+    /// 32 bytes of high bits (bit j of byte l is the high bit of value l of sub-block j), then
+    /// the 128 bytes of nibbles as in Q4_K (see [`q5_k_value`]).
+    Q5K,
     /// 256 values in 16 sub-blocks of 16: 128 bytes of low nibbles, 64 bytes of high bit pairs,
     /// 16 `i8` scales, `f16` d: value = d · scale_j · (q − 32), q of 6 bits (see [`q6_k_value`]).
     Q6K,
@@ -27,7 +31,7 @@ impl BlockType {
     pub const fn block_values(self) -> usize {
         match self {
             Self::Q8_0 | Self::Q4_0 => BLOCK,
-            Self::Q4K | Self::Q6K => SUPER_BLOCK,
+            Self::Q4K | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
 
@@ -36,6 +40,7 @@ impl BlockType {
             Self::Q8_0 => 2 + BLOCK,
             Self::Q4_0 => 2 + BLOCK / 2,
             Self::Q4K => 2 + 2 + 12 + SUPER_BLOCK / 2,
+            Self::Q5K => 2 + 2 + 12 + SUPER_BLOCK / 8 + SUPER_BLOCK / 2,
             Self::Q6K => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
         }
     }
@@ -68,6 +73,16 @@ pub fn q4_k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     };
     (bytes(scales), bytes(mins))
+}
+
+/// Value `v` (0..256) of a Q5_K block as its unsigned 5-bit code (the value is
+/// `d · scale_j · code − dmin · min_j`, j = v / 32): the nibble as in Q4_K, and bit j of high
+/// byte `v % 32`.
+pub fn q5_k_value(block: &[u8], v: usize) -> u8 {
+    let (j, l) = (v / BLOCK, v % BLOCK);
+    let ql = block[48 + BLOCK * (j / 2) + l];
+    let low = if j % 2 == 0 { ql & 0xF } else { ql >> 4 };
+    low | ((block[16 + l] >> j) & 1) << 4
 }
 
 /// Value `v` (0..256) of a Q6_K block as its unsigned 6-bit code (the value is `code − 32`):

@@ -1,7 +1,7 @@
 //! The portable definition of every product: one weight row against one activation row.
 
 use crate::activations::QuantizedRows;
-use crate::blocks::{f16_at, q4_k_scales, q6_k_value, BlockType, BLOCK};
+use crate::blocks::{f16_at, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK};
 
 /// `Σ w·x` over weight row `w` (in `ty`'s blocks) and activation row `i` of `x` (quantized in
 /// groups of `ty.block_values()`).
@@ -24,6 +24,16 @@ pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
                     let q = &wb[16 + 32 * (j / 2)..16 + 32 * (j / 2 + 1)];
                     let x = &xb[BLOCK * j..BLOCK * (j + 1)];
                     let dot = if j % 2 == 0 { int_dot(q, x, |q| (q & 0xF) as i32) } else { int_dot(q, x, |q| (q >> 4) as i32) };
+                    scaled += scales[j] as i32 * dot;
+                    min_part += mins[j] as i32 * xsums[b * 8 + j];
+                }
+                f16_at(wb, 0) * scaled as f32 - f16_at(wb, 2) * min_part as f32
+            }
+            BlockType::Q5K => {
+                let (scales, mins) = q4_k_scales(&wb[4..16]);
+                let (mut scaled, mut min_part) = (0i32, 0i32);
+                for j in 0..8 {
+                    let dot: i32 = (BLOCK * j..BLOCK * (j + 1)).map(|v| q5_k_value(wb, v) as i32 * xb[v] as i32).sum();
                     scaled += scales[j] as i32 * dot;
                     min_part += mins[j] as i32 * xsums[b * 8 + j];
                 }

@@ -37,6 +37,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q8_0 => rows_of::<Q8_0, R, C, DECODE_ROWS>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Q4_0, R, C, DECODE_ROWS>(w, x, rows, out),
         BlockType::Q4K => rows_of::<Q4K, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q5K => rows_of::<Q5K, R, C, K_DECODE_ROWS>(w, x, rows, out),
         BlockType::Q6K => rows_of::<Q6K, R, C, K_DECODE_ROWS>(w, x, rows, out),
     }
 }
@@ -83,28 +84,47 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
 /// `f32` happens once per 256 values; the minimums meet the activations' sums of 32 values.
 struct Q4K;
 
+/// Q5_K: Q4_K's tile, each nibble given its fifth bit (codes 0..32 still fit `maddubs`).
+struct Q5K;
+
 impl Tile for Q4K {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        q4_k_tile::<RT, CT>(w, x, r, i, out)
+        q4_k_tile::<RT, CT, false>(w, x, r, i, out)
     }
 }
 
+impl Tile for Q5K {
+    #[inline(always)]
+    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        q4_k_tile::<RT, CT, true>(w, x, r, i, out)
+    }
+}
+
+/// The tile of Q4_K, or of Q5_K when `FIFTH_BIT`: its 32 bytes of high bits lie between the
+/// scales and the nibbles.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    const BYTES: usize = BlockType::Q4K.block_bytes();
+unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let (bytes, nibbles_at) = match FIFTH_BIT {
+        true => (BlockType::Q5K.block_bytes(), 48),
+        false => (BlockType::Q4K.block_bytes(), 16),
+    };
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let low = _mm256_set1_epi8(0x0F);
+    let (low, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
         let mut scales = [_mm256_setzero_si256(); RT];
         let mut mins = [_mm256_setzero_si256(); RT];
         let mut d = [0f32; RT];
         let mut dmin = [0f32; RT];
+        let mut high_bits = [_mm256_setzero_si256(); RT];
         for a in 0..RT {
-            let block = weights[a].add(b * BYTES);
+            let block = weights[a].add(b * bytes);
             if CT == 1 {
-                prefetch_ahead(block, BYTES);
+                prefetch_ahead(block, bytes);
+            }
+            if FIFTH_BIT {
+                high_bits[a] = _mm256_loadu_si256(block.add(16) as *const __m256i);
             }
             let (s, m) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
             // The eight scales as i16 in both lanes, for `shuffle_epi8` to broadcast one.
@@ -118,8 +138,16 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
             let mut nibbles = [[_mm256_setzero_si256(); 2]; RT];
             let mut pair_scales = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
-                let q = _mm256_loadu_si256(weights[a].add(b * BYTES + 16 + 32 * pair) as *const __m256i);
+                let q = _mm256_loadu_si256(weights[a].add(b * bytes + nibbles_at + 32 * pair) as *const __m256i);
                 nibbles[a] = [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)];
+                if FIFTH_BIT {
+                    // Bit `2·pair + half` of each byte, moved to bit 4 (shifts of 16-bit lanes
+                    // move bits across bytes; the masks keep each byte's own).
+                    for half in 0..2 {
+                        let bit = _mm256_and_si256(_mm256_srl_epi16(high_bits[a], _mm_cvtsi32_si128((2 * pair + half) as i32)), one);
+                        nibbles[a][half] = _mm256_or_si256(nibbles[a][half], _mm256_slli_epi16(bit, 4));
+                    }
+                }
                 pair_scales[a] = [
                     _mm256_shuffle_epi8(scales[a], _mm256_set1_epi16(broadcast_i16(2 * pair))),
                     _mm256_shuffle_epi8(scales[a], _mm256_set1_epi16(broadcast_i16(2 * pair + 1))),

@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use crate::blocks::{f16_at, q4_k_scales, q6_k_value, BlockType, BLOCK, SUPER_BLOCK};
+use crate::blocks::{f16_at, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::QuantizedRows;
@@ -89,6 +89,16 @@ impl Panel {
                                 let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
                                 self.put(j, 8 * b + sub, std::array::from_fn(|v| (q[v] >> shift) & 0xF), scale, min);
                             }
+                        }
+                    }
+                }
+                BlockType::Q5K => {
+                    for (b, block) in row.chunks_exact(bytes).enumerate() {
+                        let (scales, mins) = q4_k_scales(&block[4..16]);
+                        let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                        for sub in 0..8 {
+                            let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
+                            self.put(j, 8 * b + sub, std::array::from_fn(|v| q5_k_value(block, BLOCK * sub + v)), scale, min);
                         }
                     }
                 }
