@@ -176,6 +176,8 @@ pub(crate) fn kernel_type(dtype: GgmlDType) -> Option<BlockType> {
     let ty = match dtype {
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
+        GgmlDType::Q2K => BlockType::Q2K,
+        GgmlDType::Q3K => BlockType::Q3K,
         GgmlDType::Q4K => BlockType::Q4K,
         GgmlDType::Q5K => BlockType::Q5K,
         GgmlDType::Q6K => BlockType::Q6K,
@@ -188,6 +190,8 @@ fn ggml_type(ty: BlockType) -> GgmlDType {
     match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
+        BlockType::Q2K => GgmlDType::Q2K,
+        BlockType::Q3K => GgmlDType::Q3K,
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,

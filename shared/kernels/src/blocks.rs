@@ -13,6 +13,14 @@ pub enum BlockType {
     /// `f16` scale, then 16 bytes of nibbles (low nibbles are values 0..16, high nibbles
     /// 16..32): value = d · (q − 8).
     Q4_0,
+    /// 256 values in 16 sub-blocks of 16: 16 bytes of a 4-bit scale (low) and a 4-bit minimum
+    /// (high) per sub-block, 64 bytes of 2-bit codes (see [`q2_k_code`]), `f16` d and dmin:
+    /// value = d · scale_j · q − dmin · min_j.
+    Q2K,
+    /// 256 values in 16 sub-blocks of 16: 32 bytes of high bits, 64 bytes of 2-bit low codes
+    /// (see [`q3_k_code`]), 12 bytes of 6-bit scales (see [`q3_k_scales`]), `f16` d:
+    /// value = d · (scale_j − 32) · (q − 4), q of 3 bits.
+    Q3K,
     /// 256 values in 8 sub-blocks of 32: `f16` d and dmin, 12 bytes of 6-bit scales and mins
     /// (see [`q4_k_scales`]), then 128 bytes of nibbles, 32 bytes per pair of sub-blocks (low
     /// nibbles the first, high nibbles the second): value = d · scale_j · q − dmin · min_j.
@@ -31,7 +39,7 @@ impl BlockType {
     pub const fn block_values(self) -> usize {
         match self {
             Self::Q8_0 | Self::Q4_0 => BLOCK,
-            Self::Q4K | Self::Q5K | Self::Q6K => SUPER_BLOCK,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
 
@@ -39,6 +47,8 @@ impl BlockType {
         match self {
             Self::Q8_0 => 2 + BLOCK,
             Self::Q4_0 => 2 + BLOCK / 2,
+            Self::Q2K => SUPER_BLOCK / 16 + SUPER_BLOCK / 4 + 2 + 2,
+            Self::Q3K => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
             Self::Q4K => 2 + 2 + 12 + SUPER_BLOCK / 2,
             Self::Q5K => 2 + 2 + 12 + SUPER_BLOCK / 8 + SUPER_BLOCK / 2,
             Self::Q6K => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
@@ -73,6 +83,37 @@ pub fn q4_k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     };
     (bytes(scales), bytes(mins))
+}
+
+/// Within each 128-value half of a Q2_K or Q3_K block, the four runs of 32 values take bit pairs
+/// 0, 1, 2, 3 of the same 32 bytes of 2-bit codes: value `v`'s byte and shift.
+const fn two_bit_code_at(v: usize) -> (usize, usize) {
+    (32 * (v / 128) + v % 32, 2 * (v % 128 / 32))
+}
+
+/// Value `v` (0..256) of a Q2_K block as its 2-bit code.
+pub fn q2_k_code(block: &[u8], v: usize) -> u8 {
+    let (byte, shift) = two_bit_code_at(v);
+    (block[16 + byte] >> shift) & 3
+}
+
+/// Value `v` (0..256) of a Q3_K block as its unsigned 3-bit code (the value is `code − 4`): the
+/// low two bits as in Q2_K, the high bit is bit `v / 32` of high byte `v % 32`.
+pub fn q3_k_code(block: &[u8], v: usize) -> u8 {
+    let (byte, shift) = two_bit_code_at(v);
+    let low = (block[32 + byte] >> shift) & 3;
+    low | ((block[v % 32] >> (v / 32)) & 1) << 2
+}
+
+/// The sixteen scales of a Q3_K block's 12 scale bytes, less 32: scale j has its low four bits
+/// in the low (j < 8) or high (j ≥ 8) nibble of byte j % 8, its top two in bits 2·(j / 4) of
+/// byte 8 + j % 4.
+pub fn q3_k_scales(packed: &[u8]) -> [i8; 16] {
+    std::array::from_fn(|j| {
+        let low = (packed[j % 8] >> (4 * (j / 8))) & 0xF;
+        let high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+        (low | high << 4) as i8 - 32
+    })
 }
 
 /// Value `v` (0..256) of a Q5_K block as its unsigned 5-bit code (the value is

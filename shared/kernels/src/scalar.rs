@@ -1,7 +1,7 @@
 //! The portable definition of every product: one weight row against one activation row.
 
 use crate::activations::QuantizedRows;
-use crate::blocks::{f16_at, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK};
+use crate::blocks::{f16_at, q2_k_code, q3_k_code, q3_k_scales, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK};
 
 /// `Σ w·x` over weight row `w` (in `ty`'s blocks) and activation row `i` of `x` (quantized in
 /// groups of `ty.block_values()`).
@@ -16,6 +16,20 @@ pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
             BlockType::Q4_0 => {
                 let q = &wb[2..];
                 f16_at(wb, 0) * (int_dot(q, &xb[..BLOCK / 2], |q| (q & 0xF) as i32 - 8) + int_dot(q, &xb[BLOCK / 2..], |q| (q >> 4) as i32 - 8)) as f32
+            }
+            BlockType::Q2K => {
+                let (mut scaled, mut min_part) = (0i32, 0i32);
+                for (j, &packed) in wb[..16].iter().enumerate() {
+                    let values = 16 * j..16 * (j + 1);
+                    scaled += (packed & 0xF) as i32 * values.clone().map(|v| q2_k_code(wb, v) as i32 * xb[v] as i32).sum::<i32>();
+                    min_part += (packed >> 4) as i32 * values.map(|v| xb[v] as i32).sum::<i32>();
+                }
+                f16_at(wb, 80) * scaled as f32 - f16_at(wb, 82) * min_part as f32
+            }
+            BlockType::Q3K => {
+                let scales = q3_k_scales(&wb[96..108]);
+                let scaled: i32 = (0..256).map(|v| scales[v / 16] as i32 * (q3_k_code(wb, v) as i32 - 4) * xb[v] as i32).sum();
+                f16_at(wb, 108) * scaled as f32
             }
             BlockType::Q4K => {
                 let (scales, mins) = q4_k_scales(&wb[4..16]);

@@ -17,6 +17,8 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     let dtype = match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
+        BlockType::Q2K => GgmlDType::Q2K,
+        BlockType::Q3K => GgmlDType::Q3K,
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
@@ -38,7 +40,7 @@ fn the_best_kernels_are_simd_on_x86_64() {
 fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
     let kernels: Vec<Kernels> = [Kernels::Avx512Vnni, Kernels::Avx2].into_iter().filter(|k| k.runs_here()).collect();
     eprintln!("kernels this CPU runs: {kernels:?}");
-    for (kernels, ty) in kernels.iter().flat_map(|&k| [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K].map(|ty| (k, ty))) {
+    for (kernels, ty) in kernels.iter().flat_map(|&k| [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q2K, BlockType::Q3K, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K].map(|ty| (k, ty))) {
         // Row and activation counts that leave remainders after every tile and panel size.
         let shapes = [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16), (9, 768, 5), (67, 96, 33), (37, 768, 41), (3, 608, 2)];
         for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {

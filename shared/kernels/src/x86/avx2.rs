@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::{f16_at, operands, prefetch_ahead, rows_of, store, Tile};
 use crate::activations::QuantizedRows;
-use crate::blocks::{q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
+use crate::blocks::{q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
@@ -36,9 +36,11 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     match w.ty {
         BlockType::Q8_0 => rows_of::<Q8_0, R, C, DECODE_ROWS>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Q4_0, R, C, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q2K => rows_of::<Per16<Q2K>, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q3K => rows_of::<Per16<Q3K>, R, C, K_DECODE_ROWS>(w, x, rows, out),
         BlockType::Q4K => rows_of::<Q4K, R, C, K_DECODE_ROWS>(w, x, rows, out),
         BlockType::Q5K => rows_of::<Q5K, R, C, K_DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<Q6K, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<Per16<Q6K>, R, C, K_DECODE_ROWS>(w, x, rows, out),
     }
 }
 
@@ -178,56 +180,182 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
     store(&acc, hsum, w, r, i, out)
 }
 
-/// Q6_K, like Q4_K: sub-block sums scaled as integers by their `i8` scales (two per run of 32
-/// values, one per 128-bit lane), `− 32` folded in through the activations' pair sums.
+/// The K-quants with a scale per 16 values (Q2_K, Q3_K, Q6_K), like Q4_K: sub-block sums
+/// scaled as integers by their scales (two per run of 32 values, one per 128-bit lane). Each
+/// 128-value half of a block is four runs of 32 codes.
+trait Sixteens {
+    const BYTES: usize;
+    /// Subtracted from every code (Q3_K: 4, Q6_K: 32), folded in through the activations' pair
+    /// sums; `None` for a type with minimums instead (Q2_K).
+    const CODE_OFFSET: Option<i8>;
+    /// The block's `d` and (with minimums) `dmin`.
+    unsafe fn d(block: *const u8) -> (f32, f32);
+    /// The sixteen scales as `i8`, and the sixteen minimums (with [`Sixteens::CODE_OFFSET`]
+    /// unused).
+    unsafe fn scales(block: *const u8) -> (__m128i, __m128i);
+    /// The codes of the four runs of 32 values of `half`, as unsigned bytes.
+    unsafe fn codes(block: *const u8, half: usize) -> [__m256i; 4];
+}
+
+struct Q2K;
+struct Q3K;
 struct Q6K;
 
-impl Tile for Q6K {
+impl Sixteens for Q2K {
+    const BYTES: usize = BlockType::Q2K.block_bytes();
+    const CODE_OFFSET: Option<i8> = None;
+    #[inline(always)]
+    unsafe fn d(block: *const u8) -> (f32, f32) {
+        (f16_at(block, 80), f16_at(block, 82))
+    }
+    #[inline(always)]
+    unsafe fn scales(block: *const u8) -> (__m128i, __m128i) {
+        let packed = _mm_loadu_si128(block as *const __m128i);
+        let low = _mm_set1_epi8(0x0F);
+        (_mm_and_si128(packed, low), _mm_and_si128(_mm_srli_epi16(packed, 4), low))
+    }
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, half: usize) -> [__m256i; 4] {
+        two_bit_runs(_mm256_loadu_si256(block.add(16 + 32 * half) as *const __m256i))
+    }
+}
+
+impl Sixteens for Q3K {
+    const BYTES: usize = BlockType::Q3K.block_bytes();
+    const CODE_OFFSET: Option<i8> = Some(4);
+    #[inline(always)]
+    unsafe fn d(block: *const u8) -> (f32, f32) {
+        (f16_at(block, 108), 0.0)
+    }
+    #[inline(always)]
+    unsafe fn scales(block: *const u8) -> (__m128i, __m128i) {
+        let scales = q3_k_scales(std::slice::from_raw_parts(block.add(96), 12));
+        (_mm_loadu_si128(scales.as_ptr() as *const __m128i), _mm_setzero_si128())
+    }
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, half: usize) -> [__m256i; 4] {
+        let high = _mm256_loadu_si256(block as *const __m256i);
+        let one = _mm256_set1_epi8(1);
+        let mut runs = two_bit_runs(_mm256_loadu_si256(block.add(32 + 32 * half) as *const __m256i));
+        for (run, codes) in runs.iter_mut().enumerate() {
+            // Bit `4·half + run` of each high byte, moved to bit 2 (the masks keep each byte's
+            // own bits through the 16-bit shifts).
+            let bit = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128((4 * half + run) as i32)), one);
+            *codes = _mm256_or_si256(*codes, _mm256_slli_epi16(bit, 2));
+        }
+        runs
+    }
+}
+
+impl Sixteens for Q6K {
+    const BYTES: usize = BlockType::Q6K.block_bytes();
+    const CODE_OFFSET: Option<i8> = Some(32);
+    #[inline(always)]
+    unsafe fn d(block: *const u8) -> (f32, f32) {
+        (f16_at(block, 208), 0.0)
+    }
+    #[inline(always)]
+    unsafe fn scales(block: *const u8) -> (__m128i, __m128i) {
+        (_mm_loadu_si128(block.add(192) as *const __m128i), _mm_setzero_si128())
+    }
+    /// See [`crate::blocks::q6_k_value`].
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, half: usize) -> [__m256i; 4] {
+        let (low, pair_bits) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let ql0 = _mm256_loadu_si256(block.add(64 * half) as *const __m256i);
+        let ql1 = _mm256_loadu_si256(block.add(64 * half + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i);
+        [
+            _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), pair_bits)),
+            _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), pair_bits)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), _mm256_and_si256(qh, pair_bits)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair_bits)),
+        ]
+    }
+}
+
+/// The four runs of 2-bit codes in 32 bytes: bit pairs 0, 1, 2, 3 of every byte.
+#[inline(always)]
+unsafe fn two_bit_runs(q: __m256i) -> [__m256i; 4] {
+    let three = _mm256_set1_epi8(3);
+    [
+        _mm256_and_si256(q, three),
+        _mm256_and_si256(_mm256_srli_epi16(q, 2), three),
+        _mm256_and_si256(_mm256_srli_epi16(q, 4), three),
+        _mm256_and_si256(_mm256_srli_epi16(q, 6), three),
+    ]
+}
+
+/// The eight `i8` of `half` of `s` as `i16`, in both 128-bit lanes (for `shuffle_epi8` to
+/// broadcast one per lane).
+#[inline(always)]
+unsafe fn half_in_both_lanes(s: __m128i, half: usize) -> __m256i {
+    let s16 = _mm_cvtepi8_epi16(if half == 0 { s } else { _mm_unpackhi_epi64(s, s) });
+    _mm256_set_m128i(s16, s16)
+}
+
+/// A [`Sixteens`] type as a [`Tile`] (a blanket `Tile` for them would overlap the legacy
+/// types').
+struct Per16<S>(std::marker::PhantomData<S>);
+
+impl<S: Sixteens> Tile for Per16<S> {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        q6_k_tile::<RT, CT>(w, x, r, i, out)
+        sixteens_tile::<S, RT, CT>(w, x, r, i, out)
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    const BYTES: usize = BlockType::Q6K.block_bytes();
+unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let thirty_two = _mm256_set1_epi8(32);
+    let (offset, ones) = (_mm256_set1_epi8(S::CODE_OFFSET.unwrap_or(0)), _mm256_set1_epi8(1));
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
-        let mut d = [0f32; RT];
+        let mut d = [(0f32, 0f32); RT];
+        let mut scales = [(_mm_setzero_si128(), _mm_setzero_si128()); RT];
         for a in 0..RT {
-            let block = weights[a].add(b * BYTES);
+            let block = weights[a].add(b * S::BYTES);
             if CT == 1 {
-                prefetch_ahead(block, BYTES);
+                prefetch_ahead(block, S::BYTES);
             }
-            d[a] = f16_at(block, 208);
+            d[a] = S::d(block);
+            scales[a] = S::scales(block);
         }
         let mut sums = [[_mm256_setzero_si256(); CT]; RT];
+        let mut min_sums = [[_mm256_setzero_si256(); CT]; RT];
         for half in 0..2 {
-            // Per weight row: the four runs' 6-bit codes and scale pairs.
+            // Per weight row: the four runs' codes, scale pairs and minimum pairs.
             let mut codes = [[_mm256_setzero_si256(); 4]; RT];
             let mut run_scales = [[_mm256_setzero_si256(); 4]; RT];
+            let mut run_mins = [[_mm256_setzero_si256(); 4]; RT];
             for a in 0..RT {
-                let block = weights[a].add(b * BYTES);
-                codes[a] = q6_k_codes(block, half);
-                let s8 = _mm_loadl_epi64(block.add(192 + 8 * half) as *const __m128i);
-                let s16 = _mm_cvtepi8_epi16(s8);
-                let both = _mm256_set_m128i(s16, s16);
+                codes[a] = S::codes(weights[a].add(b * S::BYTES), half);
+                let (both_scales, both_mins) = (half_in_both_lanes(scales[a].0, half), half_in_both_lanes(scales[a].1, half));
                 for run in 0..4 {
                     let control = _mm256_set_m128i(_mm_set1_epi16(broadcast_i16(2 * run + 1)), _mm_set1_epi16(broadcast_i16(2 * run)));
-                    run_scales[a][run] = _mm256_shuffle_epi8(both, control);
+                    run_scales[a][run] = _mm256_shuffle_epi8(both_scales, control);
+                    if S::CODE_OFFSET.is_none() {
+                        run_mins[a][run] = _mm256_shuffle_epi8(both_mins, control);
+                    }
                 }
             }
             for c in 0..CT {
                 let xq = acts[c].1.as_ptr().add(b * SUPER_BLOCK + 128 * half);
                 for run in 0..4 {
                     let x = _mm256_loadu_si256(xq.add(BLOCK * run) as *const __m256i);
-                    let offset = _mm256_maddubs_epi16(thirty_two, x);
-                    for a in 0..RT {
-                        let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(codes[a][run], x), offset);
-                        sums[a][c] = _mm256_add_epi32(sums[a][c], _mm256_madd_epi16(pairs, run_scales[a][run]));
+                    if S::CODE_OFFSET.is_some() {
+                        let offset = _mm256_maddubs_epi16(offset, x);
+                        for a in 0..RT {
+                            let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(codes[a][run], x), offset);
+                            sums[a][c] = _mm256_add_epi32(sums[a][c], _mm256_madd_epi16(pairs, run_scales[a][run]));
+                        }
+                    } else {
+                        let x_pairs = _mm256_maddubs_epi16(ones, x);
+                        for a in 0..RT {
+                            let pairs = _mm256_maddubs_epi16(codes[a][run], x);
+                            sums[a][c] = _mm256_add_epi32(sums[a][c], _mm256_madd_epi16(pairs, run_scales[a][run]));
+                            min_sums[a][c] = _mm256_add_epi32(min_sums[a][c], _mm256_madd_epi16(x_pairs, run_mins[a][run]));
+                        }
                     }
                 }
             }
@@ -235,27 +363,15 @@ unsafe fn q6_k_tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &Quantized
         for c in 0..CT {
             let dx = *acts[c].0.get_unchecked(b);
             for a in 0..RT {
-                acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(d[a] * dx), _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
+                let (d, dmin) = d[a];
+                acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
+                if S::CODE_OFFSET.is_none() {
+                    acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dx), _mm256_cvtepi32_ps(min_sums[a][c]), acc[a][c]);
+                }
             }
         }
     }
     store(&acc, hsum, w, r, i, out)
-}
-
-/// The 6-bit codes of the four runs of 32 values of a Q6_K block's `half` (see
-/// [`crate::blocks::q6_k_value`]), as unsigned bytes.
-#[inline(always)]
-unsafe fn q6_k_codes(block: *const u8, half: usize) -> [__m256i; 4] {
-    let (low, pair_bits) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
-    let ql0 = _mm256_loadu_si256(block.add(64 * half) as *const __m256i);
-    let ql1 = _mm256_loadu_si256(block.add(64 * half + 32) as *const __m256i);
-    let qh = _mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i);
-    [
-        _mm256_or_si256(_mm256_and_si256(ql0, low), _mm256_and_si256(_mm256_slli_epi16(qh, 4), pair_bits)),
-        _mm256_or_si256(_mm256_and_si256(ql1, low), _mm256_and_si256(_mm256_slli_epi16(qh, 2), pair_bits)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low), _mm256_and_si256(qh, pair_bits)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair_bits)),
-    ]
 }
 
 /// The `shuffle_epi8` control (as an i16 pattern) that copies 16-bit element `j` of each lane

@@ -5,14 +5,14 @@
 //! activation row: the weights themselves stay as they are in the file.
 //!
 //! Every block type is unpacked to the same form, per group of 32 values of a row (16 for
-//! Q6_K, whose scales change every 16): unsigned bytes `u`, a `scale` and an `offset`, with
+//! Q2_K, Q3_K and Q6_K, whose scales change every 16): unsigned bytes `u`, a `scale` and an `offset`, with
 //! `value = scale · u − offset`. Against activations `d · x` (bytes `x` with scale `d`), a
 //! group contributes `d · (scale · Σ u·x − offset · Σ x)`; `d · Σ x` comes with the
 //! activations ([`QuantizedRows::interleaved`]).
 
 use std::ops::Range;
 
-use crate::blocks::{f16_at, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK, SUPER_BLOCK};
+use crate::blocks::{f16_at, q2_k_code, q3_k_code, q3_k_scales, q4_k_scales, q6_k_value, BlockType, BLOCK, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::QuantizedRows;
@@ -23,7 +23,7 @@ pub const PANEL_ROWS: usize = 16;
 /// Values per group: those that share a scale in `ty`.
 pub const fn group_values(ty: BlockType) -> usize {
     match ty {
-        BlockType::Q6K => BLOCK / 2,
+        BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => BLOCK / 2,
         _ => BLOCK,
     }
 }
@@ -78,6 +78,25 @@ impl Panel {
                         self.put(j, g, std::array::from_fn(|v| if v < 16 { q[v] & 0xF } else { q[v - 16] >> 4 }), d, 8.0 * d);
                     }
                 }
+                BlockType::Q2K => {
+                    for (b, block) in row.chunks_exact(bytes).enumerate() {
+                        let (d, dmin) = (f16_at(block, 80), f16_at(block, 82));
+                        for (sub, &packed) in block[..16].iter().enumerate() {
+                            let codes = std::array::from_fn(|v| if v < 16 { q2_k_code(block, 16 * sub + v) } else { 0 });
+                            self.put(j, 16 * b + sub, codes, d * f32::from(packed & 0xF), dmin * f32::from(packed >> 4));
+                        }
+                    }
+                }
+                BlockType::Q3K => {
+                    for (b, block) in row.chunks_exact(bytes).enumerate() {
+                        let d = f16_at(block, 108);
+                        for (sub, scale) in q3_k_scales(&block[96..108]).into_iter().enumerate() {
+                            let scale = d * f32::from(scale);
+                            let codes = std::array::from_fn(|v| if v < 16 { q3_k_code(block, 16 * sub + v) } else { 0 });
+                            self.put(j, 16 * b + sub, codes, scale, 4.0 * scale);
+                        }
+                    }
+                }
                 BlockType::Q4K => {
                     for (b, block) in row.chunks_exact(bytes).enumerate() {
                         let (scales, mins) = q4_k_scales(&block[4..16]);
@@ -96,9 +115,15 @@ impl Panel {
                     for (b, block) in row.chunks_exact(bytes).enumerate() {
                         let (scales, mins) = q4_k_scales(&block[4..16]);
                         let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
-                        for sub in 0..8 {
-                            let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
-                            self.put(j, 8 * b + sub, std::array::from_fn(|v| q5_k_value(block, BLOCK * sub + v)), scale, min);
+                        let high: &[u8; BLOCK] = block[16..48].try_into().expect("32 bytes");
+                        // As Q4_K, each nibble with bit `sub` of its high byte on top.
+                        for (pair, q) in block[48..].chunks_exact(32).enumerate() {
+                            for (half, shift) in [(0, 0), (1, 4)] {
+                                let sub = 2 * pair + half;
+                                let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
+                                let codes = std::array::from_fn(|v| (q[v] >> shift) & 0xF | ((high[v] >> sub) & 1) << 4);
+                                self.put(j, 8 * b + sub, codes, scale, min);
+                            }
                         }
                     }
                 }
