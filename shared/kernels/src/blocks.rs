@@ -105,15 +105,23 @@ pub fn q3_k_code(block: &[u8], v: usize) -> u8 {
     low | ((block[v % 32] >> (v / 32)) & 1) << 2
 }
 
-/// The sixteen scales of a Q3_K block's 12 scale bytes, less 32: scale j has its low four bits
-/// in the low (j < 8) or high (j ≥ 8) nibble of byte j % 8, its top two in bits 2·(j / 4) of
-/// byte 8 + j % 4.
-pub fn q3_k_scales(packed: &[u8]) -> [i8; 16] {
-    std::array::from_fn(|j| {
-        let low = (packed[j % 8] >> (4 * (j / 8))) & 0xF;
-        let high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
-        (low | high << 4) as i8 - 32
-    })
+/// The sixteen 6-bit scales of a Q3_K block's 12 scale bytes (each scale is its code less 32):
+/// code j has its low four bits in the low (j < 8) or high (j ≥ 8) nibble of byte j % 8, its
+/// top two in bits 2·(j / 4) of byte 8 + j % 4. Done on 32-bit words, four codes at a time, as
+/// [`q4_k_scales`].
+#[inline(always)]
+pub fn q3_k_scales(packed: &[u8]) -> [u8; 16] {
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let (w0, w1, top) = (word(0), word(1), word(2));
+    let codes = [
+        (w0 & LOW4) | ((top & LOW2) << 4),
+        (w1 & LOW4) | (((top >> 2) & LOW2) << 4),
+        ((w0 >> 4) & LOW4) | (((top >> 4) & LOW2) << 4),
+        ((w1 >> 4) & LOW4) | (((top >> 6) & LOW2) << 4),
+    ];
+    std::array::from_fn(|j| codes[j / 4].to_le_bytes()[j % 4])
 }
 
 /// Value `v` (0..256) of a Q5_K block as its unsigned 5-bit code (the value is

@@ -28,7 +28,7 @@ pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
             }
             BlockType::Q3K => {
                 let scales = q3_k_scales(&wb[96..108]);
-                let scaled: i32 = (0..256).map(|v| scales[v / 16] as i32 * (q3_k_code(wb, v) as i32 - 4) * xb[v] as i32).sum();
+                let scaled: i32 = (0..256).map(|v| (scales[v / 16] as i32 - 32) * (q3_k_code(wb, v) as i32 - 4) * xb[v] as i32).sum();
                 f16_at(wb, 108) * scaled as f32
             }
             BlockType::Q4K => {

@@ -229,8 +229,9 @@ impl Sixteens for Q3K {
     }
     #[inline(always)]
     unsafe fn scales(block: *const u8) -> (__m128i, __m128i) {
-        let scales = q3_k_scales(std::slice::from_raw_parts(block.add(96), 12));
-        (_mm_loadu_si128(scales.as_ptr() as *const __m128i), _mm_setzero_si128())
+        let codes = q3_k_scales(std::slice::from_raw_parts(block.add(96), 12));
+        let scales = _mm_sub_epi8(_mm_loadu_si128(codes.as_ptr() as *const __m128i), _mm_set1_epi8(32));
+        (scales, _mm_setzero_si128())
     }
     #[inline(always)]
     unsafe fn codes(block: *const u8, half: usize) -> [__m256i; 4] {

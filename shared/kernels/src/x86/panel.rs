@@ -91,7 +91,7 @@ impl Panel {
                     for (b, block) in row.chunks_exact(bytes).enumerate() {
                         let d = f16_at(block, 108);
                         for (sub, scale) in q3_k_scales(&block[96..108]).into_iter().enumerate() {
-                            let scale = d * f32::from(scale);
+                            let scale = d * f32::from(scale as i8 - 32);
                             let codes = std::array::from_fn(|v| if v < 16 { q3_k_code(block, 16 * sub + v) } else { 0 });
                             self.put(j, 16 * b + sub, codes, scale, 4.0 * scale);
                         }
