@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use crate::blocks::{f16_at, q2_k_code, q3_k_code, q3_k_scales, q4_k_scales, q6_k_value, BlockType, BLOCK, SUPER_BLOCK};
+use crate::blocks::{f16_at, q3_k_scales, q4_k_scales, q6_k_value, BlockType, BLOCK, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::QuantizedRows;
@@ -82,7 +82,7 @@ impl Panel {
                     for (b, block) in row.chunks_exact(bytes).enumerate() {
                         let (d, dmin) = (f16_at(block, 80), f16_at(block, 82));
                         for (sub, &packed) in block[..16].iter().enumerate() {
-                            let codes = std::array::from_fn(|v| if v < 16 { q2_k_code(block, 16 * sub + v) } else { 0 });
+                            let codes = two_bit_codes(&block[16..80], sub);
                             self.put(j, 16 * b + sub, codes, d * f32::from(packed & 0xF), dmin * f32::from(packed >> 4));
                         }
                     }
@@ -92,7 +92,11 @@ impl Panel {
                         let d = f16_at(block, 108);
                         for (sub, scale) in q3_k_scales(&block[96..108]).into_iter().enumerate() {
                             let scale = d * f32::from(scale as i8 - 32);
-                            let codes = std::array::from_fn(|v| if v < 16 { q3_k_code(block, 16 * sub + v) } else { 0 });
+                            let mut codes = two_bit_codes(&block[32..96], sub);
+                            // The high bit: bit `sub / 2` of the high bytes of the sub-block's
+                            // place in its run of 32 (see `q3_k_code`).
+                            let (high, bit) = (&block[16 * (sub % 2)..][..16], 1 << (sub / 2));
+                            codes[..16].iter_mut().zip(high).for_each(|(c, &h)| *c |= if h & bit != 0 { 4 } else { 0 });
                             self.put(j, 16 * b + sub, codes, scale, 4.0 * scale);
                         }
                     }
@@ -121,7 +125,8 @@ impl Panel {
                             for (half, shift) in [(0, 0), (1, 4)] {
                                 let sub = 2 * pair + half;
                                 let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
-                                let codes = std::array::from_fn(|v| (q[v] >> shift) & 0xF | ((high[v] >> sub) & 1) << 4);
+                                let bit = 1 << sub;
+                                let codes = std::array::from_fn(|v| (q[v] >> shift) & 0xF | if high[v] & bit != 0 { 16 } else { 0 });
                                 self.put(j, 8 * b + sub, codes, scale, min);
                             }
                         }
@@ -152,4 +157,14 @@ impl Panel {
             quads[quad * 4 * PANEL_ROWS + 4 * j..][..4].copy_from_slice(four);
         }
     }
+}
+
+/// The 2-bit codes of sub-block `sub` (16 values, the rest of the array zero) of a Q2_K or Q3_K
+/// block's 64 code bytes (see [`crate::blocks::q2_k_code`]), whole bytes at a time: the
+/// function per value took most of a prompt's time.
+fn two_bit_codes(code_bytes: &[u8], sub: usize) -> [u8; BLOCK] {
+    let (bytes, shift) = (&code_bytes[32 * (sub / 8) + 16 * (sub % 2)..][..16], 2 * (sub % 8 / 2));
+    let mut codes = [0; BLOCK];
+    codes[..16].iter_mut().zip(bytes).for_each(|(c, &b)| *c = (b >> shift) & 3);
+    codes
 }
