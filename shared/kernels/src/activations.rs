@@ -8,8 +8,9 @@ use crate::blocks::BLOCK;
 pub const TILE_ROWS: usize = 8;
 
 /// `rows` rows of activations as `i8`, with an `f32` scale per `group` values (32 for the legacy
-/// weight types, 256 for K-quants, whose sub-block sums then add up as integers) and the sum of
-/// every 32 quantized values (what the K-quants' per-sub-block minimums multiply).
+/// weight types, 256 for K-quants, whose sub-block sums then add up as integers) and the sums of
+/// every 32 and every 16 quantized values (what the K-quants' per-sub-block minimums multiply:
+/// Q4_K's and Q5_K's sub-blocks are 32 values, Q2_K's 16).
 /// llama.cpp stores the legacy scale as `f16`; `f32` is as cheap here and loses nothing.
 pub struct QuantizedRows {
     cols: usize,
@@ -17,6 +18,7 @@ pub struct QuantizedRows {
     scales: Vec<f32>,
     values: Vec<i8>,
     sums: Vec<i32>,
+    sums16: Vec<i16>,
     interleaved: OnceLock<Interleaved>,
 }
 
@@ -56,8 +58,9 @@ impl QuantizedRows {
             }
             scales.push(d);
         }
-        let sums = values.chunks_exact(BLOCK).map(|b| b.iter().map(|&q| q as i32).sum()).collect();
-        Self { cols, group, scales, values, sums, interleaved: OnceLock::new() }
+        let sums16: Vec<i16> = values.chunks_exact(BLOCK / 2).map(|b| b.iter().map(|&q| q as i16).sum()).collect();
+        let sums = sums16.chunks_exact(2).map(|pair| pair[0] as i32 + pair[1] as i32).collect();
+        Self { cols, group, scales, values, sums, sums16, interleaved: OnceLock::new() }
     }
 
     pub fn rows(&self) -> usize {
@@ -72,6 +75,12 @@ impl QuantizedRows {
             &self.values[i * self.cols..(i + 1) * self.cols],
             &self.sums[i * blocks..(i + 1) * blocks],
         )
+    }
+
+    /// Row `i`'s sums of 16 values (at most 16 · 127 in magnitude).
+    pub fn sums16(&self, i: usize) -> &[i16] {
+        let per_row = self.cols / (BLOCK / 2);
+        &self.sums16[i * per_row..(i + 1) * per_row]
     }
 
     /// The rows [`Interleaved`] in groups of `group` values (16 or 32), built by the first

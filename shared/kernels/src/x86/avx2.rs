@@ -186,7 +186,8 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
 trait Sixteens {
     const BYTES: usize;
     /// Subtracted from every code (Q3_K: 4, Q6_K: 32), folded in through the activations' pair
-    /// sums; `None` for a type with minimums instead (Q2_K).
+    /// sums; `None` for a type with minimums instead (Q2_K), which meet the activations' sums of
+    /// 16 values once per block.
     const CODE_OFFSET: Option<i8>;
     /// The block's `d` and (with minimums) `dmin`.
     unsafe fn d(block: *const u8) -> (f32, f32);
@@ -309,7 +310,7 @@ impl<S: Sixteens> Tile for Per16<S> {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let (offset, ones) = (_mm256_set1_epi8(S::CODE_OFFSET.unwrap_or(0)), _mm256_set1_epi8(1));
+    let offset = _mm256_set1_epi8(S::CODE_OFFSET.unwrap_or(0));
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
         let mut d = [(0f32, 0f32); RT];
@@ -323,40 +324,30 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
             scales[a] = S::scales(block);
         }
         let mut sums = [[_mm256_setzero_si256(); CT]; RT];
-        let mut min_sums = [[_mm256_setzero_si256(); CT]; RT];
         for half in 0..2 {
-            // Per weight row: the four runs' codes, scale pairs and minimum pairs.
+            // Per weight row: the four runs' codes and scale pairs.
             let mut codes = [[_mm256_setzero_si256(); 4]; RT];
             let mut run_scales = [[_mm256_setzero_si256(); 4]; RT];
-            let mut run_mins = [[_mm256_setzero_si256(); 4]; RT];
             for a in 0..RT {
                 codes[a] = S::codes(weights[a].add(b * S::BYTES), half);
-                let (both_scales, both_mins) = (half_in_both_lanes(scales[a].0, half), half_in_both_lanes(scales[a].1, half));
+                let both_scales = half_in_both_lanes(scales[a].0, half);
                 for run in 0..4 {
                     let control = _mm256_set_m128i(_mm_set1_epi16(broadcast_i16(2 * run + 1)), _mm_set1_epi16(broadcast_i16(2 * run)));
                     run_scales[a][run] = _mm256_shuffle_epi8(both_scales, control);
-                    if S::CODE_OFFSET.is_none() {
-                        run_mins[a][run] = _mm256_shuffle_epi8(both_mins, control);
-                    }
                 }
             }
             for c in 0..CT {
                 let xq = acts[c].1.as_ptr().add(b * SUPER_BLOCK + 128 * half);
                 for run in 0..4 {
                     let x = _mm256_loadu_si256(xq.add(BLOCK * run) as *const __m256i);
-                    if S::CODE_OFFSET.is_some() {
-                        let offset = _mm256_maddubs_epi16(offset, x);
-                        for a in 0..RT {
-                            let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(codes[a][run], x), offset);
-                            sums[a][c] = _mm256_add_epi32(sums[a][c], _mm256_madd_epi16(pairs, run_scales[a][run]));
+                    // Shared by the tile's weight rows (and dropped without an offset).
+                    let code_offset = _mm256_maddubs_epi16(offset, x);
+                    for a in 0..RT {
+                        let mut pairs = _mm256_maddubs_epi16(codes[a][run], x);
+                        if S::CODE_OFFSET.is_some() {
+                            pairs = _mm256_sub_epi16(pairs, code_offset);
                         }
-                    } else {
-                        let x_pairs = _mm256_maddubs_epi16(ones, x);
-                        for a in 0..RT {
-                            let pairs = _mm256_maddubs_epi16(codes[a][run], x);
-                            sums[a][c] = _mm256_add_epi32(sums[a][c], _mm256_madd_epi16(pairs, run_scales[a][run]));
-                            min_sums[a][c] = _mm256_add_epi32(min_sums[a][c], _mm256_madd_epi16(x_pairs, run_mins[a][run]));
-                        }
+                        sums[a][c] = _mm256_add_epi32(sums[a][c], _mm256_madd_epi16(pairs, run_scales[a][run]));
                     }
                 }
             }
@@ -367,7 +358,10 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
                 let (d, dmin) = d[a];
                 acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
                 if S::CODE_OFFSET.is_none() {
-                    acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dx), _mm256_cvtepi32_ps(min_sums[a][c]), acc[a][c]);
+                    // The sixteen minimums against the sixteen activation sums.
+                    let x_sums = _mm256_loadu_si256(x.sums16(i + c).as_ptr().add(16 * b) as *const __m256i);
+                    let min_part = _mm256_madd_epi16(_mm256_cvtepu8_epi16(scales[a].1), x_sums);
+                    acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dx), _mm256_cvtepi32_ps(min_part), acc[a][c]);
                 }
             }
         }
