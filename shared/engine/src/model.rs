@@ -248,7 +248,9 @@ pub struct KvCache {
 /// see [`llm_kernels::DecodeShape`]) and `[b, kv_heads, capacity, head_dim]` (values) whose
 /// first `len` positions are filled. A step writes only its own positions (concatenating
 /// copied the whole cache into a fresh allocation, every layer, every step: after a 512-token
-/// prompt, decode at 2 threads ran 3–7 % slower).
+/// prompt, decode at 2 threads ran 3–7 % slower). The views of the keys have rows `capacity`
+/// apart, which candle's CPU products take; its CUDA ones would not, but models are only ever
+/// loaded on the CPU (`loader`).
 #[derive(Debug, Default)]
 struct LayerCache {
     buffers: Option<(Tensor, Tensor)>,

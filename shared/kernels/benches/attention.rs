@@ -7,20 +7,11 @@
 //! Prints microseconds per layer, on the cache's own data, which fits in L2 here; in a decode
 //! step the weights read in between push it out to memory.
 
-use std::time::Instant;
+mod common;
+use common::seconds;
 
 use candle_core::{Device, Tensor};
 use llm_kernels::{decode_attention, DecodeShape};
-
-fn seconds(mut f: impl FnMut()) -> f64 {
-    f();
-    let (mut runs, start) = (0, Instant::now());
-    while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
-        f();
-        runs += 1;
-    }
-    start.elapsed().as_secs_f64() / runs as f64
-}
 
 fn main() {
     let dev = Device::Cpu;

@@ -5,7 +5,8 @@
 //!
 //! Prints GFLOP/s (2 flops per multiply-add), one line per (type, shape, rows).
 
-use std::time::Instant;
+mod common;
+use common::seconds;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -13,16 +14,6 @@ use llm_kernels::{matmul_with, BlockType, Kernels, QMatrix};
 
 /// `(name, out, in)`: attention q/o, k/v (GQA), the MLP's gate/up and down.
 const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 256, 2048), ("ffn_up", 5632, 2048), ("ffn_down", 2048, 5632)];
-
-fn seconds(mut f: impl FnMut()) -> f64 {
-    f();
-    let (mut runs, start) = (0, Instant::now());
-    while runs < 3 || start.elapsed().as_secs_f64() < 0.5 {
-        f();
-        runs += 1;
-    }
-    start.elapsed().as_secs_f64() / runs as f64
-}
 
 fn main() {
     let dev = Device::Cpu;
