@@ -18,7 +18,8 @@ fn main() {
     let (heads, kv_heads, head_dim) = (32, 4, 64);
     let scale = 1.0 / (head_dim as f32).sqrt();
     for len in [128, 512, 2048] {
-        let capacity = len + 256;
+        // As the engine allocates it: a multiple of 256 positions, and one cache line.
+        let capacity = (len + 1_usize).next_multiple_of(256) + 16;
         let shape = DecodeShape { rows: 1, heads, kv_heads, head_dim, len, capacity };
         let q = Tensor::randn(0f32, 1.0, (1, heads, 1, head_dim), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (1, kv_heads, capacity, head_dim), &dev).unwrap();
