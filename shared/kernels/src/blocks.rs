@@ -87,8 +87,14 @@ pub fn q4_k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
 
 /// Within each 128-value half of a Q2_K or Q3_K block, the four runs of 32 values take bit pairs
 /// 0, 1, 2, 3 of the same 32 bytes of 2-bit codes: value `v`'s byte and shift.
-const fn two_bit_code_at(v: usize) -> (usize, usize) {
+pub(crate) const fn two_bit_code_at(v: usize) -> (usize, usize) {
     (32 * (v / 128) + v % 32, 2 * (v % 128 / 32))
+}
+
+/// The byte of a Q3_K block's 32 high-bit bytes, and the bit in it, that hold value `v`'s high
+/// bit.
+pub(crate) const fn q3_k_high_bit_at(v: usize) -> (usize, usize) {
+    (v % 32, v / 32)
 }
 
 /// Value `v` (0..256) of a Q2_K block as its 2-bit code.
@@ -98,11 +104,12 @@ pub fn q2_k_code(block: &[u8], v: usize) -> u8 {
 }
 
 /// Value `v` (0..256) of a Q3_K block as its unsigned 3-bit code (the value is `code − 4`): the
-/// low two bits as in Q2_K, the high bit is bit `v / 32` of high byte `v % 32`.
+/// low two bits as in Q2_K, the high bit as [`q3_k_high_bit_at`] says.
 pub fn q3_k_code(block: &[u8], v: usize) -> u8 {
     let (byte, shift) = two_bit_code_at(v);
     let low = (block[32 + byte] >> shift) & 3;
-    low | ((block[v % 32] >> (v / 32)) & 1) << 2
+    let (high_byte, bit) = q3_k_high_bit_at(v);
+    low | ((block[high_byte] >> bit) & 1) << 2
 }
 
 /// The sixteen 6-bit scales of a Q3_K block's 12 scale bytes (each scale is its code less 32):

@@ -112,7 +112,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
         false => (BlockType::Q4K.block_bytes(), 16),
     };
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let (low, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+    let low = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
         let mut scales = [_mm256_setzero_si256(); RT];
@@ -143,11 +143,9 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
                 let q = _mm256_loadu_si256(weights[a].add(b * bytes + nibbles_at + 32 * pair) as *const __m256i);
                 nibbles[a] = [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)];
                 if FIFTH_BIT {
-                    // Bit `2·pair + half` of each byte, moved to bit 4 (shifts of 16-bit lanes
-                    // move bits across bytes; the masks keep each byte's own).
                     for half in 0..2 {
-                        let bit = _mm256_and_si256(_mm256_srl_epi16(high_bits[a], _mm_cvtsi32_si128((2 * pair + half) as i32)), one);
-                        nibbles[a][half] = _mm256_or_si256(nibbles[a][half], _mm256_slli_epi16(bit, 4));
+                        let fifth = byte_bit::<4>(high_bits[a], 2 * pair + half);
+                        nibbles[a][half] = _mm256_or_si256(nibbles[a][half], fifth);
                     }
                 }
                 pair_scales[a] = [
@@ -237,13 +235,9 @@ impl Sixteens for Q3K {
     #[inline(always)]
     unsafe fn codes(block: *const u8, half: usize) -> [__m256i; 4] {
         let high = _mm256_loadu_si256(block as *const __m256i);
-        let one = _mm256_set1_epi8(1);
         let mut runs = two_bit_runs(_mm256_loadu_si256(block.add(32 + 32 * half) as *const __m256i));
         for (run, codes) in runs.iter_mut().enumerate() {
-            // Bit `4·half + run` of each high byte, moved to bit 2 (the masks keep each byte's
-            // own bits through the 16-bit shifts).
-            let bit = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128((4 * half + run) as i32)), one);
-            *codes = _mm256_or_si256(*codes, _mm256_slli_epi16(bit, 2));
+            *codes = _mm256_or_si256(*codes, byte_bit::<2>(high, 4 * half + run));
         }
         runs
     }
@@ -274,6 +268,14 @@ impl Sixteens for Q6K {
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low), _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair_bits)),
         ]
     }
+}
+
+/// Bit `bit` of every byte of `bytes`, moved to bit `TO` and alone in its byte (the 16-bit
+/// shifts move bits across bytes; the mask keeps each byte's own).
+#[inline(always)]
+unsafe fn byte_bit<const TO: i32>(bytes: __m256i, bit: usize) -> __m256i {
+    let lowest = _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(bit as i32)), _mm256_set1_epi8(1));
+    _mm256_slli_epi16::<TO>(lowest)
 }
 
 /// The four runs of 2-bit codes in 32 bytes: bit pairs 0, 1, 2, 3 of every byte.

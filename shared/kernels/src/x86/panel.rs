@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use crate::blocks::{f16_at, q3_k_scales, q4_k_scales, q6_k_value, BlockType, BLOCK, SUPER_BLOCK};
+use crate::blocks::{f16_at, q3_k_high_bit_at, q3_k_scales, q4_k_scales, q6_k_value, two_bit_code_at, BlockType, BLOCK, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::QuantizedRows;
@@ -93,10 +93,10 @@ impl Panel {
                         for (sub, scale) in q3_k_scales(&block[96..108]).into_iter().enumerate() {
                             let scale = d * f32::from(scale as i8 - 32);
                             let mut codes = two_bit_codes(&block[32..96], sub);
-                            // The high bit: bit `sub / 2` of the high bytes of the sub-block's
-                            // place in its run of 32 (see `q3_k_code`).
-                            let (high, bit) = (&block[16 * (sub % 2)..][..16], 1 << (sub / 2));
-                            codes[..16].iter_mut().zip(high).for_each(|(c, &h)| *c |= if h & bit != 0 { 4 } else { 0 });
+                            // A sub-block's 16 high bits are one bit of 16 consecutive bytes.
+                            let (byte, bit) = q3_k_high_bit_at(16 * sub);
+                            let mask = 1 << bit;
+                            codes[..16].iter_mut().zip(&block[byte..][..16]).for_each(|(c, &h)| *c |= if h & mask != 0 { 4 } else { 0 });
                             self.put(j, 16 * b + sub, codes, scale, 4.0 * scale);
                         }
                     }
@@ -160,10 +160,11 @@ impl Panel {
 }
 
 /// The 2-bit codes of sub-block `sub` (16 values, the rest of the array zero) of a Q2_K or Q3_K
-/// block's 64 code bytes (see [`crate::blocks::q2_k_code`]), whole bytes at a time: the
-/// function per value took most of a prompt's time.
+/// block's 64 code bytes (see [`crate::blocks::q2_k_code`]), whole bytes at a time (they share
+/// a shift): the function per value took most of a prompt's time.
 fn two_bit_codes(code_bytes: &[u8], sub: usize) -> [u8; BLOCK] {
-    let (bytes, shift) = (&code_bytes[32 * (sub / 8) + 16 * (sub % 2)..][..16], 2 * (sub % 8 / 2));
+    let (byte, shift) = two_bit_code_at(16 * sub);
+    let bytes = &code_bytes[byte..][..16];
     let mut codes = [0; BLOCK];
     codes[..16].iter_mut().zip(bytes).for_each(|(c, &b)| *c = (b >> shift) & 3);
     codes
