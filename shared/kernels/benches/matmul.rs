@@ -17,7 +17,7 @@ const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 25
 
 fn main() {
     let dev = Device::Cpu;
-    let kernels: Vec<Kernels> = [Kernels::Avx512Vnni, Kernels::Avx2].into_iter().filter(|k| k.runs_here()).collect();
+    let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     for (ty, dtype) in [(BlockType::Q8_0, GgmlDType::Q8_0), (BlockType::Q4_0, GgmlDType::Q4_0), (BlockType::Q2K, GgmlDType::Q2K), (BlockType::Q3K, GgmlDType::Q3K), (BlockType::Q4K, GgmlDType::Q4K), (BlockType::Q5K, GgmlDType::Q5K), (BlockType::Q6K, GgmlDType::Q6K)] {
         for (name, n, k) in SHAPES {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();

@@ -9,17 +9,21 @@
 //! these never compete for cores.
 //!
 //! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
-//! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too. On a
-//! CPU without either the caller keeps candle's kernels. [`scalar`] is the portable definition
+//! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too; on
+//! arm64 it uses NEON's dot products, which every Graviton has. On a CPU without any of these
+//! the caller keeps candle's kernels. [`scalar`] is the portable definition
 //! the SIMD kernels are tested against.
 //!
 //! Also owns the other loop a decode step spends its time in beside the weights: attention of
 //! the new position over the KV cache ([`decode_attention`]).
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod activations;
 mod attention;
 mod blocks;
 pub mod scalar;
+mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -36,15 +40,20 @@ pub enum Kernels {
     Avx512Vnni,
     /// 256-bit `maddubs`/`madd` with FMA and F16C.
     Avx2,
+    /// 128-bit NEON with `sdot` (arm64 since Graviton2 and Apple M1).
+    NeonDot,
     /// [`scalar`]: correct everywhere, too slow to serve with.
     Scalar,
 }
 
 impl Kernels {
+    /// Every SIMD implementation, fastest first.
+    pub const SIMD: [Self; 3] = [Self::Avx512Vnni, Self::Avx2, Self::NeonDot];
+
     /// The fastest kernels this CPU runs; detected once.
     pub fn best() -> Self {
         static BEST: OnceLock<Kernels> = OnceLock::new();
-        *BEST.get_or_init(|| [Self::Avx512Vnni, Self::Avx2].into_iter().find(|k| k.runs_here()).unwrap_or(Self::Scalar))
+        *BEST.get_or_init(|| Self::SIMD.into_iter().find(|k| k.runs_here()).unwrap_or(Self::Scalar))
     }
 
     /// Whether this CPU has the instructions these kernels need.
@@ -54,6 +63,8 @@ impl Kernels {
             Self::Avx512Vnni => x86::avx512::detected(),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => x86::avx2::detected(),
+            #[cfg(target_arch = "aarch64")]
+            Self::NeonDot => aarch64::detected(),
             Self::Scalar => true,
             #[allow(unreachable_patterns)]
             _ => false,
@@ -176,6 +187,8 @@ unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: s
         Kernels::Avx512Vnni => return x86::avx512::product_rows(w, x, rows, out.0),
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx2 => return x86::avx2::product_rows(w, x, rows, out.0),
+        #[cfg(target_arch = "aarch64")]
+        Kernels::NeonDot => return aarch64::product_rows(w, x, rows, out.0),
         _ => {}
     }
     for r in rows {

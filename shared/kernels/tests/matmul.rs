@@ -30,15 +30,18 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
 }
 
 #[test]
-fn the_best_kernels_are_simd_on_x86_64() {
+fn the_best_kernels_are_simd_on_x86_64_and_arm64() {
     if cfg!(target_arch = "x86_64") {
         assert_ne!(Kernels::best(), Kernels::Scalar, "the build targets AVX2");
+    }
+    if cfg!(target_arch = "aarch64") {
+        assert_eq!(Kernels::best(), Kernels::NeonDot, "every arm64 Lambda host (Graviton2 and later) has dot products");
     }
 }
 
 #[test]
 fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
-    let kernels: Vec<Kernels> = [Kernels::Avx512Vnni, Kernels::Avx2].into_iter().filter(|k| k.runs_here()).collect();
+    let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     eprintln!("kernels this CPU runs: {kernels:?}");
     for (kernels, ty) in kernels.iter().flat_map(|&k| [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q2K, BlockType::Q3K, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K].map(|ty| (k, ty))) {
         // Row and activation counts that leave remainders after every tile and panel size.

@@ -4,9 +4,10 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{f16_at, operands, prefetch_ahead, rows_of, store, Tile};
+use super::{f16_at, prefetch_ahead};
 use crate::activations::QuantizedRows;
 use crate::blocks::{q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
+use crate::tiles::{operands, rows_of, store, Tile};
 use crate::QMatrix;
 
 pub fn detected() -> bool {

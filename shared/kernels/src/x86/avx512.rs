@@ -11,9 +11,10 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{group_values, Panel, PANEL_ROWS};
-use super::{operands, prefetch_ahead, rows_of, store, Tile};
+use super::prefetch_ahead;
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{BlockType, BLOCK};
+use crate::tiles::{operands, rows_of, store, Tile};
 use crate::QMatrix;
 
 pub fn detected() -> bool {

@@ -1,0 +1,322 @@
+//! aarch64 kernels: NEON with the dot-product instruction `sdot`, which every arm64 Lambda host
+//! (Graviton2 and later) has.
+//!
+//! One tile serves every block type. Each weight block is unpacked once per tile into signed
+//! 8-bit codes, sixteen to a register, with an integer scale per group of codes and, for the
+//! types that have them, a minimum per 16 codes. `sdot` then multiplies 16 codes by 16
+//! activation bytes into four 32-bit lanes, so a block's sums stay integers until one conversion
+//! to `f32` per block and activation row, as on x86.
+//!
+//! Checked under qemu-user (`infra/arm64/test.sh`), where speed means nothing: the tile shapes
+//! are x86's, not measured on a Graviton.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+use std::ops::Range;
+
+use crate::activations::QuantizedRows;
+use crate::blocks::{q3_k_high_bit_at, q3_k_scales, q4_k_scales, two_bit_code_at, BlockType};
+use crate::tiles::{operands, rows_of, store, Tile};
+use crate::QMatrix;
+
+pub fn detected() -> bool {
+    std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+/// Tile shapes (weight rows × activation rows) for a prompt, and weight rows per decode tile
+/// for the 32-value and the K-quant types: x86's AVX2 choices (a prompt's tile shares each
+/// weight block among four activation rows; a decode step reads its K-quant rows in one stream).
+const PROMPT: (usize, usize) = (2, 4);
+const DECODE_ROWS: usize = 4;
+const K_DECODE_ROWS: usize = 1;
+
+/// Columns `rows` of every output row (see [`crate::product_rows`]).
+///
+/// # Safety
+/// [`detected`] is true; `out` as in [`crate::product_rows`].
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    const R: usize = PROMPT.0;
+    const C: usize = PROMPT.1;
+    match w.ty {
+        BlockType::Q8_0 => rows_of::<Q8_0, R, C, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Q4_0, R, C, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q2K => rows_of::<Q2K, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q3K => rows_of::<Q3K, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4K => rows_of::<Q4K<false>, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q5K => rows_of::<Q4K<true>, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<Q6K, R, C, K_DECODE_ROWS>(w, x, rows, out),
+    }
+}
+
+/// A weight block unpacked: value `16·g + l` is lane `l` of `codes[g]`, and the block is
+/// `d · Σ_s scales[s] · (codes of scale group s) − dmin · Σ_g mins[g] · (group g)`.
+#[derive(Clone, Copy)]
+struct Unpacked {
+    codes: [int8x16_t; 16],
+    scales: [i32; 16],
+    /// Minimums of groups 0..8 and 8..16 (K-quants with minimums only).
+    mins: [int16x8_t; 2],
+    d: f32,
+    dmin: f32,
+}
+
+/// A block type as the shared tile reads it.
+trait Block {
+    const TY: BlockType;
+    /// Groups of 16 values per block.
+    const GROUPS: usize;
+    /// Consecutive groups that share one of [`Unpacked::scales`].
+    const PER_SCALE: usize;
+    /// Whether the block subtracts `dmin · mins` (Q2_K, Q4_K, Q5_K).
+    const MINS: bool;
+
+    /// # Safety
+    /// `block` points to a whole block; NEON is available.
+    unsafe fn unpack(block: *const u8, into: &mut Unpacked);
+}
+
+impl<W: Block> Tile for W {
+    #[inline(always)]
+    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        block_tile::<W, RT, CT>(w, x, r, i, out)
+    }
+}
+
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn block_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let (weights, acts) = operands::<RT, CT>(w, x, r, i);
+    let (bytes, values) = (W::TY.block_bytes(), W::TY.block_values());
+    let sums16: [&[i16]; CT] = std::array::from_fn(|c| x.sums16(i + c));
+    let mut acc = [[vdupq_n_f32(0.0); CT]; RT];
+    // SAFETY: every field is plain numbers, for which zero bits are a value.
+    let mut blocks = [std::mem::zeroed::<Unpacked>(); RT];
+    for b in 0..w.cols / values {
+        for a in 0..RT {
+            W::unpack(weights[a].add(b * bytes), &mut blocks[a]);
+        }
+        for c in 0..CT {
+            let (xd, xq, _) = acts[c];
+            let xq = xq.as_ptr().add(b * values);
+            let xs: [int8x16_t; 16] = std::array::from_fn(|g| if g < W::GROUPS { vld1q_s8(xq.add(16 * g)) } else { vdupq_n_s8(0) });
+            let dx = *xd.get_unchecked(b);
+            for (a, unpacked) in blocks.iter().enumerate() {
+                let mut sum = vdupq_n_s32(0);
+                for s in 0..W::GROUPS / W::PER_SCALE {
+                    let mut group = vdupq_n_s32(0);
+                    for g in s * W::PER_SCALE..(s + 1) * W::PER_SCALE {
+                        group = sdot(group, unpacked.codes[g], xs[g]);
+                    }
+                    sum = vmlaq_n_s32(sum, group, unpacked.scales[s]);
+                }
+                acc[a][c] = vfmaq_n_f32(acc[a][c], vcvtq_f32_s32(sum), unpacked.d * dx);
+                if W::MINS {
+                    let sums = sums16[c].as_ptr().add(b * 16);
+                    let (low, high) = (vld1q_s16(sums), vld1q_s16(sums.add(8)));
+                    let [m0, m1] = unpacked.mins;
+                    let mut mins = vmull_s16(vget_low_s16(m0), vget_low_s16(low));
+                    mins = vmlal_high_s16(mins, m0, low);
+                    mins = vmlal_s16(mins, vget_low_s16(m1), vget_low_s16(high));
+                    mins = vmlal_high_s16(mins, m1, high);
+                    acc[a][c] = vfmaq_n_f32(acc[a][c], vcvtq_f32_s32(mins), -unpacked.dmin * dx);
+                }
+            }
+        }
+    }
+    store(&acc, hsum, w, r, i, out)
+}
+
+/// `acc + a · b` by groups of four bytes into each 32-bit lane (`sdot`; its intrinsic is not
+/// stable Rust yet).
+#[inline(always)]
+unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    let mut acc = acc;
+    asm!(
+        "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+        acc = inout(vreg) acc,
+        a = in(vreg) a,
+        b = in(vreg) b,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+#[inline(always)]
+unsafe fn hsum(v: float32x4_t) -> f32 {
+    vaddvq_f32(v)
+}
+
+#[inline(always)]
+unsafe fn f16_at(block: *const u8, at: usize) -> f32 {
+    half::f16::from_le_bytes([*block.add(at), *block.add(at + 1)]).to_f32()
+}
+
+/// Bytes `at..at + 16` of `block`.
+#[inline(always)]
+unsafe fn bytes16(block: *const u8, at: usize) -> uint8x16_t {
+    vld1q_u8(block.add(at))
+}
+
+/// `codes − offset` as signed codes.
+#[inline(always)]
+unsafe fn centred(codes: uint8x16_t, offset: u8) -> int8x16_t {
+    vreinterpretq_s8_u8(vsubq_u8(codes, vdupq_n_u8(offset)))
+}
+
+/// `0xFF` in the lanes of `bytes` that have bit `bit` set.
+#[inline(always)]
+unsafe fn bit_set(bytes: uint8x16_t, bit: usize) -> uint8x16_t {
+    vtstq_u8(bytes, vdupq_n_u8(1 << bit))
+}
+
+/// Bits `shift..shift + 2` of every byte.
+#[inline(always)]
+unsafe fn two_bits(bytes: uint8x16_t, shift: usize) -> uint8x16_t {
+    vandq_u8(vshlq_u8(bytes, vdupq_n_s8(-(shift as i8))), vdupq_n_u8(3))
+}
+
+/// The legacy types' one scale per block.
+#[inline(always)]
+unsafe fn unit_scale(block: *const u8, into: &mut Unpacked) {
+    into.scales[0] = 1;
+    into.d = f16_at(block, 0);
+}
+
+struct Q8_0;
+
+impl Block for Q8_0 {
+    const TY: BlockType = BlockType::Q8_0;
+    const GROUPS: usize = 2;
+    const PER_SCALE: usize = 2;
+    const MINS: bool = false;
+
+    #[inline(always)]
+    unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
+        unit_scale(block, into);
+        into.codes[0] = vreinterpretq_s8_u8(bytes16(block, 2));
+        into.codes[1] = vreinterpretq_s8_u8(bytes16(block, 18));
+    }
+}
+
+struct Q4_0;
+
+impl Block for Q4_0 {
+    const TY: BlockType = BlockType::Q4_0;
+    const GROUPS: usize = 2;
+    const PER_SCALE: usize = 2;
+    const MINS: bool = false;
+
+    #[inline(always)]
+    unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
+        unit_scale(block, into);
+        let q = bytes16(block, 2);
+        into.codes[0] = centred(vandq_u8(q, vdupq_n_u8(0x0F)), 8);
+        into.codes[1] = centred(vshrq_n_u8::<4>(q), 8);
+    }
+}
+
+/// Q4_K, or Q5_K when `FIFTH_BIT` (its 32 bytes of high bits lie between the scales and the
+/// nibbles): sub-block j is groups 2j and 2j + 1, with scale j and minimum j.
+struct Q4K<const FIFTH_BIT: bool>;
+
+impl<const FIFTH_BIT: bool> Block for Q4K<FIFTH_BIT> {
+    const TY: BlockType = if FIFTH_BIT { BlockType::Q5K } else { BlockType::Q4K };
+    const GROUPS: usize = 16;
+    const PER_SCALE: usize = 2;
+    const MINS: bool = true;
+
+    #[inline(always)]
+    unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
+        (into.d, into.dmin) = (f16_at(block, 0), f16_at(block, 2));
+        let (scales, mins) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
+        for j in 0..8 {
+            into.scales[j] = scales[j] as i32;
+        }
+        let mins = vld1_u8(mins.as_ptr());
+        // Each sub-block's minimum for both of its groups.
+        into.mins = [vreinterpretq_s16_u16(vmovl_u8(vzip1_u8(mins, mins))), vreinterpretq_s16_u16(vmovl_u8(vzip2_u8(mins, mins)))];
+        let nibbles_at = if FIFTH_BIT { 48 } else { 16 };
+        for j in 0..8 {
+            for half in 0..2 {
+                // Sub-blocks 2p and 2p + 1 share 32 bytes: low nibbles, then high.
+                let q = bytes16(block, nibbles_at + 32 * (j / 2) + 16 * half);
+                let mut code = if j % 2 == 0 { vandq_u8(q, vdupq_n_u8(0x0F)) } else { vshrq_n_u8::<4>(q) };
+                if FIFTH_BIT {
+                    code = vorrq_u8(code, vandq_u8(bit_set(bytes16(block, 16 + 16 * half), j), vdupq_n_u8(16)));
+                }
+                into.codes[2 * j + half] = vreinterpretq_s8_u8(code);
+            }
+        }
+    }
+}
+
+/// Q6_K: a scale per group (see [`crate::blocks::q6_k_value`] for where each value's bits lie).
+struct Q6K;
+
+impl Block for Q6K {
+    const TY: BlockType = BlockType::Q6K;
+    const GROUPS: usize = 16;
+    const PER_SCALE: usize = 1;
+    const MINS: bool = false;
+
+    #[inline(always)]
+    unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
+        into.d = f16_at(block, 208);
+        for g in 0..16 {
+            into.scales[g] = *block.add(192 + g) as i8 as i32;
+            let (half, run, l) = (g / 8, g % 8 / 2, 16 * (g % 2));
+            let ql = bytes16(block, 64 * half + 32 * (run % 2) + l);
+            let low = if run < 2 { vandq_u8(ql, vdupq_n_u8(0x0F)) } else { vshrq_n_u8::<4>(ql) };
+            let high = two_bits(bytes16(block, 128 + 32 * half + l), 2 * run);
+            into.codes[g] = centred(vorrq_u8(low, vshlq_n_u8::<4>(high)), 32);
+        }
+    }
+}
+
+/// Q3_K: a scale per group, codes less 4.
+struct Q3K;
+
+impl Block for Q3K {
+    const TY: BlockType = BlockType::Q3K;
+    const GROUPS: usize = 16;
+    const PER_SCALE: usize = 1;
+    const MINS: bool = false;
+
+    #[inline(always)]
+    unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
+        into.d = f16_at(block, 108);
+        let scales = q3_k_scales(std::slice::from_raw_parts(block.add(96), 12));
+        for g in 0..16 {
+            into.scales[g] = scales[g] as i32 - 32;
+            // A group's 16 values lie in 16 consecutive bytes at the same bit places.
+            let (byte, shift) = two_bit_code_at(16 * g);
+            let (high_byte, bit) = q3_k_high_bit_at(16 * g);
+            let low = two_bits(bytes16(block, 32 + byte), shift);
+            let high = vandq_u8(bit_set(bytes16(block, high_byte), bit), vdupq_n_u8(4));
+            into.codes[g] = centred(vorrq_u8(low, high), 4);
+        }
+    }
+}
+
+/// Q2_K: a 4-bit scale and a 4-bit minimum per group.
+struct Q2K;
+
+impl Block for Q2K {
+    const TY: BlockType = BlockType::Q2K;
+    const GROUPS: usize = 16;
+    const PER_SCALE: usize = 1;
+    const MINS: bool = true;
+
+    #[inline(always)]
+    unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
+        (into.d, into.dmin) = (f16_at(block, 80), f16_at(block, 82));
+        let packed = bytes16(block, 0);
+        let mins = vshrq_n_u8::<4>(packed);
+        into.mins = [vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(mins))), vreinterpretq_s16_u16(vmovl_high_u8(mins))];
+        for g in 0..16 {
+            into.scales[g] = (*block.add(g) & 0xF) as i32;
+            let (byte, shift) = two_bit_code_at(16 * g);
+            into.codes[g] = vreinterpretq_s8_u8(two_bits(bytes16(block, 16 + byte), shift));
+        }
+    }
+}
