@@ -65,11 +65,15 @@ struct Unpacked {
 trait Block {
     const TY: BlockType;
     /// Groups of 16 values per block.
-    const GROUPS: usize;
-    /// Consecutive groups that share one of [`Unpacked::scales`].
-    const PER_SCALE: usize;
-    /// Whether the block subtracts `dmin · mins` (Q2_K, Q4_K, Q5_K).
-    const MINS: bool;
+    const GROUPS: usize = Self::TY.block_values() / 16;
+    /// Consecutive groups that share one of [`Unpacked::scales`]: the legacy types have one
+    /// scale per block, Q4_K and Q5_K one per 32 values, the others one per 16.
+    const PER_SCALE: usize = match Self::TY {
+        BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => 1,
+        _ => 2,
+    };
+    /// Whether the block subtracts `dmin · mins`.
+    const MINS: bool = matches!(Self::TY, BlockType::Q2K | BlockType::Q4K | BlockType::Q5K);
 
     /// # Safety
     /// `block` points to a whole block; NEON is available.
@@ -186,9 +190,6 @@ struct Q8_0;
 
 impl Block for Q8_0 {
     const TY: BlockType = BlockType::Q8_0;
-    const GROUPS: usize = 2;
-    const PER_SCALE: usize = 2;
-    const MINS: bool = false;
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
@@ -202,9 +203,6 @@ struct Q4_0;
 
 impl Block for Q4_0 {
     const TY: BlockType = BlockType::Q4_0;
-    const GROUPS: usize = 2;
-    const PER_SCALE: usize = 2;
-    const MINS: bool = false;
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
@@ -221,9 +219,6 @@ struct Q4K<const FIFTH_BIT: bool>;
 
 impl<const FIFTH_BIT: bool> Block for Q4K<FIFTH_BIT> {
     const TY: BlockType = if FIFTH_BIT { BlockType::Q5K } else { BlockType::Q4K };
-    const GROUPS: usize = 16;
-    const PER_SCALE: usize = 2;
-    const MINS: bool = true;
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
@@ -255,9 +250,6 @@ struct Q6K;
 
 impl Block for Q6K {
     const TY: BlockType = BlockType::Q6K;
-    const GROUPS: usize = 16;
-    const PER_SCALE: usize = 1;
-    const MINS: bool = false;
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
@@ -278,9 +270,6 @@ struct Q3K;
 
 impl Block for Q3K {
     const TY: BlockType = BlockType::Q3K;
-    const GROUPS: usize = 16;
-    const PER_SCALE: usize = 1;
-    const MINS: bool = false;
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
@@ -303,9 +292,6 @@ struct Q2K;
 
 impl Block for Q2K {
     const TY: BlockType = BlockType::Q2K;
-    const GROUPS: usize = 16;
-    const PER_SCALE: usize = 1;
-    const MINS: bool = true;
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {

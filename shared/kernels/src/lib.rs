@@ -50,10 +50,31 @@ impl Kernels {
     /// Every SIMD implementation, fastest first.
     pub const SIMD: [Self; 3] = [Self::Avx512Vnni, Self::Avx2, Self::NeonDot];
 
-    /// The fastest kernels this CPU runs; detected once.
+    /// The fastest kernels this CPU runs, detected once; no faster than the ones the
+    /// `LLM_KERNELS` variable names when it is set (`avx512-vnni`, `avx2`, `neon-dot` or
+    /// `scalar`), so that an AVX-512 machine can measure what a host with AVX2 alone would run.
+    ///
+    /// # Panics
+    /// If `LLM_KERNELS` names no kernels.
     pub fn best() -> Self {
         static BEST: OnceLock<Kernels> = OnceLock::new();
-        *BEST.get_or_init(|| Self::SIMD.into_iter().find(|k| k.runs_here()).unwrap_or(Self::Scalar))
+        *BEST.get_or_init(|| match std::env::var("LLM_KERNELS") {
+            Ok(name) => Self::fastest_up_to(Self::named(&name).unwrap_or_else(|| panic!("LLM_KERNELS={name:?} names no kernels"))),
+            Err(_) => Self::fastest_up_to(Self::SIMD[0]),
+        })
+    }
+
+    /// The fastest kernels this CPU runs among `limit` and the slower ones.
+    pub fn fastest_up_to(limit: Self) -> Self {
+        let slower = Self::SIMD.iter().position(|&k| k == limit).map_or(&[][..], |at| &Self::SIMD[at..]);
+        slower.iter().copied().find(|k| k.runs_here()).unwrap_or(Self::Scalar)
+    }
+
+    /// The kernels `LLM_KERNELS` calls `name`.
+    pub fn named(name: &str) -> Option<Self> {
+        [("avx512-vnni", Self::Avx512Vnni), ("avx2", Self::Avx2), ("neon-dot", Self::NeonDot), ("scalar", Self::Scalar)]
+            .into_iter()
+            .find_map(|(n, k)| (n == name).then_some(k))
     }
 
     /// Whether this CPU has the instructions these kernels need.

@@ -40,6 +40,18 @@ fn the_best_kernels_are_simd_on_x86_64_and_arm64() {
 }
 
 #[test]
+fn the_kernels_can_be_capped_at_slower_ones() {
+    assert_eq!(Kernels::fastest_up_to(Kernels::Scalar), Kernels::Scalar);
+    assert_eq!(Kernels::fastest_up_to(Kernels::SIMD[0]), Kernels::SIMD.into_iter().find(|k| k.runs_here()).unwrap_or(Kernels::Scalar));
+    if Kernels::Avx2.runs_here() {
+        assert_eq!(Kernels::fastest_up_to(Kernels::Avx2), Kernels::Avx2, "AVX-512 is above the cap");
+    }
+    assert_eq!(Kernels::named("avx2"), Some(Kernels::Avx2));
+    assert_eq!(Kernels::named("neon-dot"), Some(Kernels::NeonDot));
+    assert_eq!(Kernels::named("AVX2"), None);
+}
+
+#[test]
 fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
     let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     eprintln!("kernels this CPU runs: {kernels:?}");
