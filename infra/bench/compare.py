@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--llm", type=Path, default=ROOT / "target" / "release" / "llm")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine and case; the table has their medians")
+    ap.add_argument("--kernels", help="`llm bench --kernels`: ours no faster than these (e.g. avx2)")
     args = ap.parse_args()
 
     copy_rate = {t: bandwidth(t) for t in args.threads}
@@ -78,7 +79,8 @@ def main():
         per_token = weight_bytes_per_token(model)
         for t in args.threads:
             ours = median_run([args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
-                               "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"], args.repeat)
+                               "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"]
+                              + (["--kernels", args.kernels] if args.kernels else []), args.repeat)
             theirs = median_run([sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens),
                                  str(args.gen_tokens), str(t)], args.repeat)
             mib = lambda b: b / 2**20

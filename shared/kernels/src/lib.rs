@@ -46,22 +46,23 @@ pub enum Kernels {
     Scalar,
 }
 
+/// [`Kernels::best`], once chosen.
+static BEST: OnceLock<Kernels> = OnceLock::new();
+
 impl Kernels {
     /// Every SIMD implementation, fastest first.
     pub const SIMD: [Self; 3] = [Self::Avx512Vnni, Self::Avx2, Self::NeonDot];
 
-    /// The fastest kernels this CPU runs, detected once; no faster than the ones the
-    /// `LLM_KERNELS` variable names when it is set (`avx512-vnni`, `avx2`, `neon-dot` or
-    /// `scalar`), so that an AVX-512 machine can measure what a host with AVX2 alone would run.
-    ///
-    /// # Panics
-    /// If `LLM_KERNELS` names no kernels.
+    /// The fastest kernels this CPU runs ([`Kernels::limit`] aside); detected once.
     pub fn best() -> Self {
-        static BEST: OnceLock<Kernels> = OnceLock::new();
-        *BEST.get_or_init(|| match std::env::var("LLM_KERNELS") {
-            Ok(name) => Self::fastest_up_to(Self::named(&name).unwrap_or_else(|| panic!("LLM_KERNELS={name:?} names no kernels"))),
-            Err(_) => Self::fastest_up_to(Self::SIMD[0]),
-        })
+        *BEST.get_or_init(|| Self::fastest_up_to(Self::SIMD[0]))
+    }
+
+    /// Makes [`Kernels::best`] no faster than `limit`, so that one machine measures what a host
+    /// without the faster kernels runs (`llm bench --kernels avx2`); returns what it chose.
+    /// Only before the first product: afterwards the choice stands and this returns it.
+    pub fn limit(limit: Self) -> Self {
+        *BEST.get_or_init(|| Self::fastest_up_to(limit))
     }
 
     /// The fastest kernels this CPU runs among `limit` and the slower ones.
@@ -70,12 +71,17 @@ impl Kernels {
         slower.iter().copied().find(|k| k.runs_here()).unwrap_or(Self::Scalar)
     }
 
-    /// The kernels `LLM_KERNELS` calls `name`.
+    /// The kernels called `name` (`avx512-vnni`, `avx2`, `neon-dot` or `scalar`).
     pub fn named(name: &str) -> Option<Self> {
-        [("avx512-vnni", Self::Avx512Vnni), ("avx2", Self::Avx2), ("neon-dot", Self::NeonDot), ("scalar", Self::Scalar)]
-            .into_iter()
-            .find_map(|(n, k)| (n == name).then_some(k))
+        Self::NAMES.into_iter().find_map(|(n, k)| (n == name).then_some(k))
     }
+
+    /// What [`Kernels::named`] calls these.
+    pub fn name(self) -> &'static str {
+        Self::NAMES.into_iter().find_map(|(n, k)| (k == self).then_some(n)).expect("every kernel set has a name")
+    }
+
+    const NAMES: [(&'static str, Self); 4] = [("avx512-vnni", Self::Avx512Vnni), ("avx2", Self::Avx2), ("neon-dot", Self::NeonDot), ("scalar", Self::Scalar)];
 
     /// Whether this CPU has the instructions these kernels need.
     pub fn runs_here(self) -> bool {

@@ -24,12 +24,22 @@ pub struct Args {
     /// Quantize f16/f32 weights to this type while loading.
     #[arg(long)]
     pub quantize: Option<String>,
+    /// Use no faster kernels than these (`avx512-vnni`, `avx2`, `neon-dot`, or `scalar` for
+    /// candle's): what a host without the faster instructions would run.
+    #[arg(long, value_parser = kernels)]
+    pub kernels: Option<llm_kernels::Kernels>,
+}
+
+fn kernels(name: &str) -> Result<llm_kernels::Kernels, String> {
+    llm_kernels::Kernels::named(name).ok_or_else(|| format!("no kernels are called {name:?}: avx512-vnni, avx2, neon-dot or scalar"))
 }
 
 #[derive(Serialize)]
 struct Report {
     model: String,
     threads: usize,
+    /// The quantized products' kernels ([`llm_kernels::Kernels::name`]).
+    kernels: &'static str,
     prompt_tokens: usize,
     gen_tokens: usize,
     load_s: f64,
@@ -44,6 +54,10 @@ const TEXT: &str = "The quick brown fox jumps over the lazy dog while the farmer
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.prompt_tokens > 0 && args.gen_tokens > 0, "--prompt-tokens and --gen-tokens must be positive");
+    let kernels = match args.kernels {
+        Some(limit) => llm_kernels::Kernels::limit(limit),
+        None => llm_kernels::Kernels::best(),
+    };
     let started = Instant::now();
     let loaded = super::load_model(&args.model, args.quantize.as_deref())?;
     let load_s = started.elapsed().as_secs_f64();
@@ -63,6 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = Report {
         model: args.model.display().to_string(),
         threads: rayon::current_num_threads(),
+        kernels: kernels.name(),
         prompt_tokens: stats.prompt_tokens,
         gen_tokens: stats.generated_tokens,
         load_s,
