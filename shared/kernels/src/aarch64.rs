@@ -8,7 +8,7 @@
 //! to `f32` per block and activation row, as on x86.
 //!
 //! Checked under qemu-user (`infra/arm64/test.sh`), where speed means nothing: the tile shapes
-//! are x86's, not measured on a Graviton.
+//! are AVX2's ([`crate::tiles::PROMPT`]), not measured on a Graviton.
 
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -16,19 +16,12 @@ use std::ops::Range;
 
 use crate::activations::QuantizedRows;
 use crate::blocks::{q3_k_high_bit_at, q3_k_scales, q4_k_scales, two_bit_code_at, BlockType};
-use crate::tiles::{operands, rows_of, store, Tile};
+use crate::tiles::{operands, rows_of, store, Tile, DECODE_ROWS, K_DECODE_ROWS, PROMPT};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
     std::arch::is_aarch64_feature_detected!("dotprod")
 }
-
-/// Tile shapes (weight rows × activation rows) for a prompt, and weight rows per decode tile
-/// for the 32-value and the K-quant types: x86's AVX2 choices (a prompt's tile shares each
-/// weight block among four activation rows; a decode step reads its K-quant rows in one stream).
-const PROMPT: (usize, usize) = (2, 4);
-const DECODE_ROWS: usize = 4;
-const K_DECODE_ROWS: usize = 1;
 
 /// Columns `rows` of every output row (see [`crate::product_rows`]).
 ///

@@ -9,6 +9,19 @@ use std::ops::Range;
 use crate::activations::QuantizedRows;
 use crate::QMatrix;
 
+/// Tile shapes (weight rows × activation rows) of the kernels without panels: AVX2, and NEON,
+/// which takes them as they are (not measured on a Graviton). Measured for AVX2 with
+/// `cargo bench -p llm-kernels`: a prompt's tile trades weight rows for activation rows (more of the 16 vector registers go to
+/// sums that share one weight load); one activation row (decode) takes more weight rows, whose
+/// independent sums hide the latency of the multiply-adds. A K-quant row holds more registers
+/// (scales, minimums, two of nibbles), so four of its rows spill out of the 16 registers: one
+/// or two ran at 1.2–1.5 × four (Q4_K 35–45 → 49–56 GFLOP/s, Q6_K 26–31 → 35–40) on weights in
+/// cache, and over a whole model one row, the weights read in a single stream, decoded fastest
+/// (Q4_K_M, one thread: 1 row 13.1–13.5 tok/s, 2 rows 12.3–12.4, 4 rows 8.9–10.0).
+pub(crate) const PROMPT: (usize, usize) = (2, 4);
+pub(crate) const DECODE_ROWS: usize = 4;
+pub(crate) const K_DECODE_ROWS: usize = 1;
+
 /// A tile kernel: output `[i..i+CT] × [r..r+RT]`; returns `RT`, the weight rows done.
 pub(crate) trait Tile {
     /// # Safety

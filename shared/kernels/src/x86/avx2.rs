@@ -7,24 +7,12 @@ use std::ops::Range;
 use super::{f16_at, prefetch_ahead};
 use crate::activations::QuantizedRows;
 use crate::blocks::{q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
-use crate::tiles::{operands, rows_of, store, Tile};
+use crate::tiles::{operands, rows_of, store, Tile, DECODE_ROWS, K_DECODE_ROWS, PROMPT};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
-
-/// Tile shapes (weight rows × activation rows), measured with `cargo bench -p llm-kernels`: a
-/// prompt's tile trades weight rows for activation rows (more of the 16 vector registers go to
-/// sums that share one weight load); one activation row (decode) takes more weight rows, whose
-/// independent sums hide the latency of the multiply-adds. A K-quant row holds more registers
-/// (scales, minimums, two of nibbles), so four of its rows spill out of the 16 registers: one
-/// or two ran at 1.2–1.5 × four (Q4_K 35–45 → 49–56 GFLOP/s, Q6_K 26–31 → 35–40) on weights in
-/// cache, and over a whole model one row, the weights read in a single stream, decoded fastest
-/// (Q4_K_M, one thread: 1 row 13.1–13.5 tok/s, 2 rows 12.3–12.4, 4 rows 8.9–10.0).
-const PROMPT: (usize, usize) = (2, 4);
-const DECODE_ROWS: usize = 4;
-const K_DECODE_ROWS: usize = 1;
 
 /// Columns `rows` of every output row (see [`crate::product_rows`]).
 ///
