@@ -15,7 +15,7 @@ use std::arch::asm;
 use std::ops::Range;
 
 use crate::activations::QuantizedRows;
-use crate::blocks::{q3_k_high_bit_at, q3_k_scales, q4_k_scales, two_bit_code_at, BlockType};
+use crate::blocks::{self, q3_k_high_bit_at, q3_k_scales, q4_k_scales, two_bit_code_at, BlockType};
 use crate::tiles::{operands, rows_of, store, Tile, DECODE_ROWS, K_DECODE_ROWS, PROMPT};
 use crate::QMatrix;
 
@@ -87,17 +87,22 @@ unsafe fn block_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x:
     let sums16: [&[i16]; CT] = std::array::from_fn(|c| x.sums16(i + c));
     let mut acc = [[vdupq_n_f32(0.0); CT]; RT];
     // SAFETY: every field is plain numbers, for which zero bits are a value.
-    let mut blocks = [std::mem::zeroed::<Unpacked>(); RT];
+    let mut weight_blocks = [std::mem::zeroed::<Unpacked>(); RT];
     for b in 0..w.cols / values {
         for a in 0..RT {
-            W::unpack(weights[a].add(b * bytes), &mut blocks[a]);
+            W::unpack(weights[a].add(b * bytes), &mut weight_blocks[a]);
         }
         for c in 0..CT {
             let (xd, xq, _) = acts[c];
             let xq = xq.as_ptr().add(b * values);
             let xs: [int8x16_t; 16] = std::array::from_fn(|g| if g < W::GROUPS { vld1q_s8(xq.add(16 * g)) } else { vdupq_n_s8(0) });
             let dx = *xd.get_unchecked(b);
-            for (a, unpacked) in blocks.iter().enumerate() {
+            // The activation's sums of 16 values, which every weight row's minimums meet.
+            let [low, high] = match W::MINS {
+                true => [vld1q_s16(sums16[c].as_ptr().add(b * 16)), vld1q_s16(sums16[c].as_ptr().add(b * 16 + 8))],
+                false => [vdupq_n_s16(0); 2],
+            };
+            for (a, unpacked) in weight_blocks.iter().enumerate() {
                 let mut sum = vdupq_n_s32(0);
                 for s in 0..W::GROUPS / W::PER_SCALE {
                     let mut group = vdupq_n_s32(0);
@@ -108,8 +113,6 @@ unsafe fn block_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x:
                 }
                 acc[a][c] = vfmaq_n_f32(acc[a][c], vcvtq_f32_s32(sum), unpacked.d * dx);
                 if W::MINS {
-                    let sums = sums16[c].as_ptr().add(b * 16);
-                    let (low, high) = (vld1q_s16(sums), vld1q_s16(sums.add(8)));
                     let [m0, m1] = unpacked.mins;
                     let mut mins = vmull_s16(vget_low_s16(m0), vget_low_s16(low));
                     mins = vmlal_high_s16(mins, m0, low);
@@ -145,7 +148,7 @@ unsafe fn hsum(v: float32x4_t) -> f32 {
 
 #[inline(always)]
 unsafe fn f16_at(block: *const u8, at: usize) -> f32 {
-    half::f16::from_le_bytes([*block.add(at), *block.add(at + 1)]).to_f32()
+    blocks::f16_at(std::slice::from_raw_parts(block, at + 2), at)
 }
 
 /// Bytes `at..at + 16` of `block`.

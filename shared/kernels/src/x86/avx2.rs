@@ -345,12 +345,16 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
         }
         for c in 0..CT {
             let dx = *acts[c].0.get_unchecked(b);
+            // The activation's sixteen sums, which every weight row's minimums meet.
+            let x_sums = match S::CODE_OFFSET {
+                None => _mm256_loadu_si256(x.sums16(i + c).as_ptr().add(16 * b) as *const __m256i),
+                Some(_) => _mm256_setzero_si256(),
+            };
             for a in 0..RT {
                 let (d, dmin) = d[a];
                 acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
                 if S::CODE_OFFSET.is_none() {
                     // The sixteen minimums against the sixteen activation sums.
-                    let x_sums = _mm256_loadu_si256(x.sums16(i + c).as_ptr().add(16 * b) as *const __m256i);
                     let min_part = _mm256_madd_epi16(_mm256_cvtepu8_epi16(scales[a].1), x_sums);
                     acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * dx), _mm256_cvtepi32_ps(min_part), acc[a][c]);
                 }
