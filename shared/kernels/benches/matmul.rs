@@ -3,7 +3,8 @@
 //!
 //!     RAYON_NUM_THREADS=1 cargo bench -p llm-kernels
 //!
-//! Prints GFLOP/s (2 flops per multiply-add), one line per (type, shape, rows).
+//! Prints GFLOP/s (2 flops per multiply-add), one line per (type, shape, rows). Arguments keep
+//! the lines that contain them all (`-- Q4_0 m=128`).
 
 mod common;
 use common::seconds;
@@ -18,6 +19,7 @@ const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 25
 fn main() {
     let dev = Device::Cpu;
     let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     for (ty, dtype) in [(BlockType::Q8_0, GgmlDType::Q8_0), (BlockType::Q4_0, GgmlDType::Q4_0), (BlockType::Q2K, GgmlDType::Q2K), (BlockType::Q3K, GgmlDType::Q3K), (BlockType::Q4K, GgmlDType::Q4K), (BlockType::Q5K, GgmlDType::Q5K), (BlockType::Q6K, GgmlDType::Q6K)] {
         for (name, n, k) in SHAPES {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
@@ -26,6 +28,10 @@ fn main() {
             let ours = QMatrix::new(ty, n, k, &bytes).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
             for m in [1, 128, 512] {
+                let line = format!("{ty:?} {name} {n}x{k} m={m}");
+                if !wanted.iter().all(|w| line.contains(w.as_str())) {
+                    continue;
+                }
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                 let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let mut y = vec![0f32; m * n];
@@ -37,7 +43,7 @@ fn main() {
                 let candle = gflops(seconds(|| {
                     theirs.forward(&x).unwrap();
                 }));
-                println!("{ty:?} {name} {n}x{k} m={m} GFLOP/s: {}, candle {candle:.1}", ours.join(", "));
+                println!("{line} GFLOP/s: {}, candle {candle:.1}", ours.join(", "));
             }
         }
     }

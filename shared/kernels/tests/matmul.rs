@@ -12,8 +12,15 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+const TYPES: [BlockType; 7] = [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q2K, BlockType::Q3K, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K];
+
 /// A random `rows × cols` matrix quantized by candle (the GGUF block layout) and its f32 value.
 fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    weights_of(ty, random(rows * cols, 7), rows, cols)
+}
+
+/// `values`, `rows × cols`, quantized by candle, and their f32 value.
+fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     let dtype = match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
@@ -23,7 +30,7 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
     };
-    let t = Tensor::from_vec(random(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
+    let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
     let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     (q.data().unwrap().into_owned(), dense)
@@ -55,7 +62,7 @@ fn the_kernels_can_be_capped_at_slower_ones() {
 fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
     let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     eprintln!("kernels this CPU runs: {kernels:?}");
-    for (kernels, ty) in kernels.iter().flat_map(|&k| [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q2K, BlockType::Q3K, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K].map(|ty| (k, ty))) {
+    for (kernels, ty) in kernels.iter().flat_map(|&k| TYPES.map(|ty| (k, ty))) {
         // Row and activation counts that leave remainders after every tile and panel size.
         let shapes = [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16), (9, 768, 5), (67, 96, 33), (37, 768, 41), (3, 608, 2)];
         for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
@@ -65,17 +72,51 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
             let mut y = vec![f32::NAN; m * rows];
             matmul_with(kernels, &w, &x, &mut y).unwrap();
 
-            let q = QuantizedRows::new(&x, cols, ty.block_values());
+            assert_scalar(kernels, &w, &x, &y);
             for i in 0..m {
                 for r in 0..rows {
                     let got = y[i * rows + r];
-                    let exact = scalar::dot(ty, &bytes[r * ty.row_bytes(cols)..(r + 1) * ty.row_bytes(cols)], &q, i);
-                    assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{kernels:?} {ty:?} {rows}x{cols} m={m} [{i},{r}]: {got} vs {exact}");
                     let f32_dot: f32 = (0..cols).map(|j| x[i * cols + j] * dense[r * cols + j]).sum();
                     // Activations rounded to 1/254 of each block's (super-block's) largest magnitude.
                     let bound = 0.01 * (cols as f32).sqrt();
                     assert!((got - f32_dot).abs() <= bound, "{kernels:?} {ty:?} {rows}x{cols} [{i},{r}]: {got} vs f32 {f32_dot}");
                 }
+            }
+        }
+    }
+}
+
+/// `y`, what `kernels` computed for `x · Wᵀ`, is the scalar definition's value up to float
+/// summation order.
+fn assert_scalar(kernels: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
+    let (ty, rows, cols) = (w.ty, w.rows, w.cols);
+    let q = QuantizedRows::new(x, cols, ty.block_values());
+    for i in 0..x.len() / cols {
+        for r in 0..rows {
+            let got = y[i * rows + r];
+            let exact = scalar::dot(ty, &w.bytes[r * ty.row_bytes(cols)..(r + 1) * ty.row_bytes(cols)], &q, i);
+            assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{kernels:?} {ty:?} {rows}x{cols} [{i},{r}]: {got} vs {exact}");
+        }
+    }
+}
+
+/// Random values seldom come near what the integer sums can hold; these put every code and
+/// every activation at an extreme (all weights but one per 16 equal, activations ±1), for a
+/// decode step, a tile and a panel.
+#[test]
+fn extreme_codes_and_activations_do_not_overflow() {
+    let (rows, cols) = (16, 512);
+    for kernels in Kernels::SIMD.into_iter().filter(|k| k.runs_here()) {
+        for ty in TYPES {
+            let sign = |r: usize| if r % 2 == 0 { 1.0 } else { -1.0 };
+            let values = (0..rows * cols).map(|at| (at / cols, at % cols)).map(|(r, j)| sign(r) * if j % 16 == r % 16 { -1.0 } else { 1.0 }).collect();
+            let (bytes, _) = weights_of(ty, values, rows, cols);
+            let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();
+            for m in [1, 4, 40] {
+                let x: Vec<f32> = (0..m * cols).map(|at| sign(at / cols)).collect();
+                let mut y = vec![f32::NAN; m * rows];
+                matmul_with(kernels, &w, &x, &mut y).unwrap();
+                assert_scalar(kernels, &w, &x, &y);
             }
         }
     }

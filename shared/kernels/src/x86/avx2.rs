@@ -1,11 +1,16 @@
 //! AVX2 integer dot products (`maddubs`), FMA accumulation, F16C scales: what every x86_64
 //! Lambda host runs.
+//!
+//! A prompt's products go through [`super::panel`]s, 8 weight rows to a register; otherwise
+//! (decode, small batches) through tiles of a few weight rows × activation rows, a block of each
+//! per register.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::panel::{group_values, largest_code, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
 use super::{f16_at, prefetch_ahead};
-use crate::activations::QuantizedRows;
+use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
 use crate::tiles::{operands, rows_of, store, Tile, DECODE_ROWS, K_DECODE_ROWS, PROMPT};
 use crate::QMatrix;
@@ -20,6 +25,18 @@ pub fn detected() -> bool {
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    if x.rows() >= PANEL_MIN_ACTIVATIONS {
+        return match w.ty {
+            // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
+            BlockType::Q8_0 => panel_rows::<BLOCK, 1, true>(w, x, rows, out),
+            BlockType::Q4_0 => panel_rows::<BLOCK, { i16_quads(BlockType::Q4_0) }, false>(w, x, rows, out),
+            BlockType::Q2K => panel_rows::<16, { i16_quads(BlockType::Q2K) }, false>(w, x, rows, out),
+            BlockType::Q3K => panel_rows::<16, { i16_quads(BlockType::Q3K) }, false>(w, x, rows, out),
+            BlockType::Q4K => panel_rows::<BLOCK, { i16_quads(BlockType::Q4K) }, false>(w, x, rows, out),
+            BlockType::Q5K => panel_rows::<BLOCK, { i16_quads(BlockType::Q5K) }, false>(w, x, rows, out),
+            BlockType::Q6K => panel_rows::<16, { i16_quads(BlockType::Q6K) }, false>(w, x, rows, out),
+        };
+    }
     const R: usize = PROMPT.0;
     const C: usize = PROMPT.1;
     match w.ty {
@@ -31,6 +48,108 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q5K => rows_of::<Q5K, R, C, K_DECODE_ROWS>(w, x, rows, out),
         BlockType::Q6K => rows_of::<Per16<Q6K>, R, C, K_DECODE_ROWS>(w, x, rows, out),
     }
+}
+
+/// Weight rows of a panel in one register: a 32-bit lane each.
+const HALF: usize = PANEL_ROWS / 2;
+
+/// Activation rows a panel tile multiplies at once: their sums, a weight register and a
+/// broadcast activation fill most of the 16 registers.
+const PANEL_ACTS: usize = 4;
+
+/// Of a group of `ty`'s values, the quads (4 values per row) whose `maddubs` pairs add up in
+/// 16 bits without overflow: each adds two products of a code and an activation (at most 127).
+const fn i16_quads(ty: BlockType) -> usize {
+    let fit = i16::MAX as usize / (2 * 127 * largest_code(ty) as usize);
+    let quads = group_values(ty) / 4;
+    if fit < quads { fit } else { quads }
+}
+
+/// [`product_rows`] through panels of groups of `G` values against [`Interleaved`] activations:
+/// each half of a panel (8 weight rows) meets [`PANEL_ACTS`] activation rows at a time. Pairs of
+/// products add up in 16 bits over `QUADS` quads before they are widened; with `SIGNED`, the
+/// panel's bytes are Q8_0's codes plus 128, read back as codes (`sign` makes one side
+/// unsigned, as the tiles do).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    let acts = x.interleaved(G);
+    // As AVX-512's: the panels first, so that each activation tile is read from memory once.
+    let panels = Panel::all(w, rows);
+    for tile in 0..x.rows().div_ceil(TILE_ROWS) {
+        let live = TILE_ROWS.min(x.rows() - tile * TILE_ROWS);
+        for (held, panel) in &panels {
+            for half in 0..held.len().div_ceil(HALF) {
+                let width = HALF.min(held.len() - half * HALF);
+                for first in (0..live).step_by(PANEL_ACTS) {
+                    let sums = panel_tile::<G, QUADS, SIGNED>(panel, half, acts, tile, first, w.cols / G);
+                    for (c, sum) in sums.iter().enumerate().take(live - first) {
+                        let mut row = [0f32; HALF];
+                        _mm256_storeu_ps(row.as_mut_ptr(), *sum);
+                        let at = out.add((tile * TILE_ROWS + first + c) * w.rows + held.start + half * HALF);
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), at, width);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The outputs of activation rows `first..first + PANEL_ACTS` of a tile against half `half` of a
+/// panel.
+#[inline(always)]
+unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool>(
+    panel: &Panel,
+    half: usize,
+    acts: &Interleaved,
+    tile: usize,
+    first: usize,
+    groups: usize,
+) -> [__m256; PANEL_ACTS] {
+    let mut x = acts.values.as_ptr().add(tile * groups * G * TILE_ROWS + 4 * first);
+    let mut x_scales = acts.scales.as_ptr().add(tile * groups * TILE_ROWS + first);
+    let mut x_sums = acts.scaled_sums.as_ptr().add(tile * groups * TILE_ROWS + first);
+    let mut values = panel.values.as_ptr().add(4 * HALF * half);
+    let (mut scales, mut offsets) = (panel.scales.as_ptr().add(HALF * half), panel.offsets.as_ptr().add(HALF * half));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); PANEL_ACTS];
+    for _ in 0..groups {
+        let mut sums = [_mm256_setzero_si256(); PANEL_ACTS];
+        for run in (0..G / 4).step_by(QUADS) {
+            let mut pairs = [_mm256_setzero_si256(); PANEL_ACTS];
+            for quad in run..run + QUADS {
+                let u = _mm256_loadu_si256(values.add(quad * 4 * PANEL_ROWS) as *const __m256i);
+                let (u, codes) = match SIGNED {
+                    true => {
+                        let codes = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+                        (_mm256_sign_epi8(codes, codes), codes)
+                    }
+                    false => (u, u),
+                };
+                for c in 0..PANEL_ACTS {
+                    let mut four = _mm256_set1_epi32((x.add((quad * TILE_ROWS + c) * 4) as *const i32).read_unaligned());
+                    if SIGNED {
+                        four = _mm256_sign_epi8(four, codes);
+                    }
+                    pairs[c] = _mm256_add_epi16(pairs[c], _mm256_maddubs_epi16(u, four));
+                }
+            }
+            for c in 0..PANEL_ACTS {
+                sums[c] = _mm256_add_epi32(sums[c], _mm256_madd_epi16(pairs[c], ones));
+            }
+        }
+        let (w_scales, w_offsets) = (_mm256_loadu_ps(scales), _mm256_loadu_ps(offsets));
+        for c in 0..PANEL_ACTS {
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales.add(c))), _mm256_cvtepi32_ps(sums[c]), acc[c]);
+            if !SIGNED {
+                acc[c] = _mm256_fnmadd_ps(w_offsets, _mm256_set1_ps(*x_sums.add(c)), acc[c]);
+            }
+        }
+        x = x.add(G * TILE_ROWS);
+        (x_scales, x_sums) = (x_scales.add(TILE_ROWS), x_sums.add(TILE_ROWS));
+        values = values.add(G * PANEL_ROWS);
+        (scales, offsets) = (scales.add(PANEL_ROWS), offsets.add(PANEL_ROWS));
+    }
+    acc
 }
 
 impl<W: Block> Tile for W {

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::panel::{group_values, Panel, PANEL_ROWS};
+use super::panel::{group_values, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
 use super::prefetch_ahead;
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{BlockType, BLOCK};
@@ -52,11 +52,6 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 /// one row was about as fast at one thread and slower at two.
 const DECODE_ROWS: usize = 2;
 
-/// Activation rows from which panels are worth packing (`cargo bench -p llm-kernels` with other
-/// row counts): packing costs about as much as a dozen rows' products, so at 16 rows panels ran
-/// at 0.35–1.1 × the tiles, at 32 rows at 0.9–1.8 ×, at 64 rows at 1.7–3 ×.
-const PANEL_MIN_ACTIVATIONS: usize = 32;
-
 /// [`product_rows`] through panels of groups of `G` values, against [`Interleaved`] activations
 /// in tiles of [`TILE_ROWS`]: a tile's sums and the panel's registers of one group fill most of
 /// the 32 registers. All the work item's panels are packed first (a few hundred KiB at most,
@@ -65,21 +60,14 @@ const PANEL_MIN_ACTIVATIONS: usize = 32;
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 unsafe fn panel_rows<const G: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     let acts = x.interleaved(G);
-    let panels: Vec<(usize, __mmask16, Panel)> = rows
-        .clone()
-        .step_by(PANEL_ROWS)
-        .map(|start| {
-            let panel_range = start..rows.end.min(start + PANEL_ROWS);
-            let mask = ((1u32 << panel_range.len()) - 1) as __mmask16;
-            (start, mask, Panel::packed(w, panel_range))
-        })
-        .collect();
+    let panels = Panel::all(w, rows);
     for tile in 0..x.rows().div_ceil(TILE_ROWS) {
-        for (start, mask, panel) in &panels {
+        for (held, panel) in &panels {
+            let mask = ((1u32 << held.len()) - 1) as __mmask16;
             let sums = panel_tile::<G>(panel, acts, tile, w.cols / G);
             // The padding rows of the last tile are not stored.
             for (c, sum) in sums.iter().enumerate().take(x.rows() - tile * TILE_ROWS) {
-                _mm512_mask_storeu_ps(out.add((tile * TILE_ROWS + c) * w.rows + start), *mask, *sum);
+                _mm512_mask_storeu_ps(out.add((tile * TILE_ROWS + c) * w.rows + held.start), mask, *sum);
             }
         }
     }

@@ -20,11 +20,31 @@ use crate::QuantizedRows;
 /// Weight rows per panel: one 32-bit lane of a 512-bit register each.
 pub const PANEL_ROWS: usize = 16;
 
+/// Activation rows from which panels are worth packing (`cargo bench -p llm-kernels` with other
+/// row counts): packing costs about as much as a dozen rows' products. With AVX-512, at 16 rows
+/// panels ran at 0.35–1.1 × the tiles, at 32 rows at 0.9–1.8 ×, at 64 rows at 1.7–3 ×; with AVX2
+/// (best of three, one thread), at 16 rows at 0.6–1.2 ×, at 24 rows at 0.8–1.9 ×, at 32 rows at
+/// 1.05–2.2 ×, at 64 rows at 1.05–2 ×.
+pub const PANEL_MIN_ACTIVATIONS: usize = 32;
+
 /// Values per group: those that share a scale in `ty`.
 pub const fn group_values(ty: BlockType) -> usize {
     match ty {
         BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => BLOCK / 2,
         _ => BLOCK,
+    }
+}
+
+/// The largest value `u` a panel holds for `ty` (the code plus whatever offset made it
+/// unsigned): how many products AVX2 may add up in 16 bits.
+pub const fn largest_code(ty: BlockType) -> i32 {
+    match ty {
+        BlockType::Q8_0 => 255,
+        BlockType::Q2K => 3,
+        BlockType::Q3K => 7,
+        BlockType::Q4_0 | BlockType::Q4K => 15,
+        BlockType::Q5K => 31,
+        BlockType::Q6K => 63,
     }
 }
 
@@ -55,6 +75,17 @@ impl Panel {
         };
         panel.pack(w, rows);
         panel
+    }
+
+    /// The panels of `rows`, each with the weight rows it holds.
+    pub fn all(w: &QMatrix, rows: Range<usize>) -> Vec<(Range<usize>, Self)> {
+        rows.clone()
+            .step_by(PANEL_ROWS)
+            .map(|start| {
+                let held = start..rows.end.min(start + PANEL_ROWS);
+                (held.clone(), Self::packed(w, held))
+            })
+            .collect()
     }
 
     fn pack(&mut self, w: &QMatrix, rows: Range<usize>) {
