@@ -7,20 +7,32 @@
 use std::ops::Range;
 
 use crate::activations::QuantizedRows;
+use crate::blocks::BlockType;
 use crate::QMatrix;
 
 /// Tile shapes (weight rows × activation rows) of the kernels without panels: AVX2, and NEON,
 /// which takes them as they are (not measured on a Graviton). Measured for AVX2 with
-/// `cargo bench -p llm-kernels`: a prompt's tile trades weight rows for activation rows (more of the 16 vector registers go to
-/// sums that share one weight load); one activation row (decode) takes more weight rows, whose
-/// independent sums hide the latency of the multiply-adds. A K-quant row holds more registers
-/// (scales, minimums, two of nibbles), so four of its rows spill out of the 16 registers: one
-/// or two ran at 1.2–1.5 × four (Q4_K 35–45 → 49–56 GFLOP/s, Q6_K 26–31 → 35–40) on weights in
-/// cache, and over a whole model one row, the weights read in a single stream, decoded fastest
-/// (Q4_K_M, one thread: 1 row 13.1–13.5 tok/s, 2 rows 12.3–12.4, 4 rows 8.9–10.0).
+/// `cargo bench -p llm-kernels`: a prompt's tile (fewer rows than the x86 panels need)
+/// trades weight rows for activation rows (more of the 16 vector registers go to sums that share
+/// one weight load).
 pub(crate) const PROMPT: (usize, usize) = (2, 4);
-pub(crate) const DECODE_ROWS: usize = 4;
-pub(crate) const K_DECODE_ROWS: usize = 1;
+
+/// Weight rows of a decode step's tile (one activation row). More rows' independent sums hide
+/// the latency of the multiply-adds; fewer streams of weights read from memory faster. Measured
+/// over whole models with AVX2 (`llm bench --kernels avx2`, one / two threads, tok/s):
+/// - Q4_0 hides latency the least well (a scale per 32 values): 1 row 4.8–5.3 / 9.5–10.2,
+///   2 rows 8.2–8.9 / 15.7–16.4, 4 rows 11.4–11.9 / 20.7;
+/// - Q8_0: 1 row 5.1–5.2 / 9.3–9.5, 2 rows 6.8–7.9 / 13.0–13.5, 4 rows 5.8–6.9 / 11.1–11.6;
+/// - the K-quants' rows hold more registers (scales, minimums, two of nibbles), so four spill
+///   out of the 16 registers; one row decoded fastest (Q4_K_M, one thread: 1 row 13.1–13.5,
+///   2 rows 12.3–12.4, 4 rows 8.9–10.0).
+pub(crate) const fn decode_rows(ty: BlockType) -> usize {
+    match ty {
+        BlockType::Q4_0 => 4,
+        BlockType::Q8_0 => 2,
+        BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => 1,
+    }
+}
 
 /// A tile kernel: output `[i..i+CT] × [r..r+RT]`; returns `RT`, the weight rows done.
 pub(crate) trait Tile {

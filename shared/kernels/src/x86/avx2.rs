@@ -12,7 +12,7 @@ use super::panel::{group_values, largest_code, Panel, PANEL_MIN_ACTIVATIONS, PAN
 use super::{f16_at, prefetch_ahead};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
-use crate::tiles::{operands, rows_of, store, Tile, DECODE_ROWS, K_DECODE_ROWS, PROMPT};
+use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
@@ -40,13 +40,13 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     const R: usize = PROMPT.0;
     const C: usize = PROMPT.1;
     match w.ty {
-        BlockType::Q8_0 => rows_of::<Q8_0, R, C, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q4_0 => rows_of::<Q4_0, R, C, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q2K => rows_of::<Per16<Q2K>, R, C, K_DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q3K => rows_of::<Per16<Q3K>, R, C, K_DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q4K => rows_of::<Q4K, R, C, K_DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q5K => rows_of::<Q5K, R, C, K_DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<Per16<Q6K>, R, C, K_DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q8_0 => rows_of::<Q8_0, R, C, { decode_rows(BlockType::Q8_0) }>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Q4_0, R, C, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
+        BlockType::Q2K => rows_of::<Per16<Q2K>, R, C, { decode_rows(BlockType::Q2K) }>(w, x, rows, out),
+        BlockType::Q3K => rows_of::<Per16<Q3K>, R, C, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
+        BlockType::Q4K => rows_of::<Q4K, R, C, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
+        BlockType::Q5K => rows_of::<Q5K, R, C, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<Per16<Q6K>, R, C, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
     }
 }
 
