@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::panel::{group_values, largest_code, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
+use super::panel::{group_values, largest_code, Group, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
 use super::{f16_at, prefetch_ahead};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
@@ -108,7 +108,7 @@ unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool>(
     let mut x = acts.values.as_ptr().add(tile * groups * G * TILE_ROWS + 4 * first);
     let mut x_scales = acts.scales.as_ptr().add(tile * groups * TILE_ROWS + first);
     let mut x_sums = acts.scaled_sums.as_ptr().add(tile * groups * TILE_ROWS + first);
-    let mut values = panel.values.as_ptr().add(4 * HALF * half);
+    let mut values = panel.values().add(4 * HALF * half);
     let (mut scales, mut offsets) = (panel.scales.as_ptr().add(HALF * half), panel.offsets.as_ptr().add(HALF * half));
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); PANEL_ACTS];
@@ -150,6 +150,85 @@ unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool>(
         (scales, offsets) = (scales.add(PANEL_ROWS), offsets.add(PANEL_ROWS));
     }
     acc
+}
+
+/// Fills `panel` with weight rows `rows` of `w`, a block at a time: every row's groups of the
+/// block unpacked as the tiles unpack them, then each group put in.
+///
+/// # Safety
+/// [`detected`] is true.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>) {
+    let (bytes, row_bytes) = (w.ty.block_bytes(), w.ty.row_bytes(w.cols));
+    let per_block = w.ty.block_values() / group_values(w.ty);
+    // `[group of the block][row of the panel]`.
+    let mut groups = [[Group::ZERO; PANEL_ROWS]; SUPER_BLOCK / 16];
+    for b in 0..w.cols / w.ty.block_values() {
+        for (j, r) in rows.clone().enumerate() {
+            let block = w.bytes.as_ptr().add(r * row_bytes + b * bytes);
+            let mut put = |sub: usize, u: __m256i, scale: f32, offset: f32| groups[sub][j] = Group { u, scale, offset };
+            match w.ty {
+                BlockType::Q8_0 => {
+                    let d = f16_at(block, 0);
+                    // `q + 128` as a byte is `q` with its top bit flipped.
+                    put(0, _mm256_xor_si256(Q8_0::weights(block)[0], _mm256_set1_epi8(-128)), d, 128.0 * d);
+                }
+                BlockType::Q4_0 => {
+                    let d = f16_at(block, 0);
+                    put(0, Q4_0::weights(block)[0], d, 8.0 * d);
+                }
+                BlockType::Q4K => pack_q4_k::<false>(block, &mut put),
+                BlockType::Q5K => pack_q4_k::<true>(block, &mut put),
+                BlockType::Q2K => pack_sixteens::<Q2K>(block, &mut put),
+                BlockType::Q3K => pack_sixteens::<Q3K>(block, &mut put),
+                BlockType::Q6K => pack_sixteens::<Q6K>(block, &mut put),
+            }
+        }
+        for (sub, rows) in groups.iter().take(per_block).enumerate() {
+            panel.put_group(b * per_block + sub, rows);
+        }
+    }
+}
+
+/// A Q4_K (Q5_K with `FIFTH_BIT`) block's eight groups, for [`pack`].
+#[inline(always)]
+unsafe fn pack_q4_k<const FIFTH_BIT: bool>(block: *const u8, put: &mut impl FnMut(usize, __m256i, f32, f32)) {
+    let (scales, mins) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
+    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+    let low = _mm256_set1_epi8(0x0F);
+    let high_bits = _mm256_loadu_si256(block.add(16) as *const __m256i);
+    let nibbles_at = if FIFTH_BIT { 48 } else { 16 };
+    for pair in 0..4 {
+        let q = _mm256_loadu_si256(block.add(nibbles_at + 32 * pair) as *const __m256i);
+        for (half, codes) in [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)].into_iter().enumerate() {
+            let sub = 2 * pair + half;
+            let codes = if FIFTH_BIT { _mm256_or_si256(codes, byte_bit::<4>(high_bits, sub)) } else { codes };
+            put(sub, codes, d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
+        }
+    }
+}
+
+/// A [`Sixteens`] block's sixteen groups (one per 128-bit lane of its runs), for [`pack`].
+#[inline(always)]
+unsafe fn pack_sixteens<S: Sixteens>(block: *const u8, put: &mut impl FnMut(usize, __m256i, f32, f32)) {
+    let (d, dmin) = S::d(block);
+    let (mut scales, mut mins) = ([0i8; 16], [0u8; 16]);
+    let (packed_scales, packed_mins) = S::scales(block);
+    _mm_storeu_si128(scales.as_mut_ptr() as *mut __m128i, packed_scales);
+    _mm_storeu_si128(mins.as_mut_ptr() as *mut __m128i, packed_mins);
+    for half in 0..2 {
+        for (run, codes) in S::codes(block, half).into_iter().enumerate() {
+            for (lane, codes) in [_mm256_castsi256_si128(codes), _mm256_extracti128_si256::<1>(codes)].into_iter().enumerate() {
+                let sub = 8 * half + 2 * run + lane;
+                let scale = d * f32::from(scales[sub]);
+                let offset = match S::CODE_OFFSET {
+                    Some(code_offset) => f32::from(code_offset) * scale,
+                    None => dmin * f32::from(mins[sub]),
+                };
+                put(sub, _mm256_castsi128_si256(codes), scale, offset);
+            }
+        }
+    }
 }
 
 impl<W: Block> Tile for W {

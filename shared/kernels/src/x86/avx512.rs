@@ -79,7 +79,7 @@ unsafe fn panel_tile<const G: usize>(panel: &Panel, acts: &Interleaved, tile: us
     let mut x = acts.values.as_ptr().add(tile * groups * G * TILE_ROWS);
     let mut x_scales = acts.scales.as_ptr().add(tile * groups * TILE_ROWS);
     let mut x_sums = acts.scaled_sums.as_ptr().add(tile * groups * TILE_ROWS);
-    let (mut values, mut scales, mut offsets) = (panel.values.as_ptr(), panel.scales.as_ptr(), panel.offsets.as_ptr());
+    let (mut values, mut scales, mut offsets) = (panel.values(), panel.scales.as_ptr(), panel.offsets.as_ptr());
     let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
     for _ in 0..groups {
         let mut sums = [_mm512_setzero_si512(); TILE_ROWS];

@@ -9,10 +9,16 @@
 //! `value = scale · u − offset`. Against activations `d · x` (bytes `x` with scale `d`), a
 //! group contributes `d · (scale · Σ u·x − offset · Σ x)`; `d · Σ x` comes with the
 //! activations ([`QuantizedRows::interleaved`]).
+//!
+//! Packing is done with AVX2 ([`super::avx2::pack`] unpacks the blocks, as its tiles do, and
+//! [`Panel::put_group`] transposes 16 rows' codes in registers): written value by value, it
+//! took 30–42 % of a 128-token prompt's products (AVX-512, one thread).
 
 use std::ops::Range;
 
-use crate::blocks::{f16_at, q3_k_high_bit_at, q3_k_scales, q4_k_scales, q6_k_value, two_bit_code_at, BlockType, BLOCK, SUPER_BLOCK};
+use std::arch::x86_64::*;
+
+use crate::blocks::{BlockType, BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::QuantizedRows;
@@ -51,13 +57,27 @@ pub const fn largest_code(ty: BlockType) -> i32 {
 pub struct Panel {
     /// Values per group.
     group: usize,
-    /// `[group][quad of 4 values][row (16)][4 bytes]`: one quad of every row is one 512-bit
-    /// register.
-    pub values: Vec<u8>,
+    /// `[group][quad of 4 values][row (16)]`, a quad's 4 bytes in a word: one quad of every row
+    /// is one 512-bit register.
+    quads: Vec<u32>,
     /// `[group][row]`.
     pub scales: Vec<f32>,
     /// `[group][row]`.
     pub offsets: Vec<f32>,
+}
+
+/// One row's group as [`Panel::put_group`] takes it: its values `u` (the first
+/// [`group_values`] bytes), scale and offset.
+#[derive(Clone, Copy)]
+pub struct Group {
+    pub u: __m256i,
+    pub scale: f32,
+    pub offset: f32,
+}
+
+impl Group {
+    /// What rows past a panel's weight rows hold: they add nothing.
+    pub const ZERO: Self = Self { u: unsafe { std::mem::transmute::<[u8; BLOCK], __m256i>([0; BLOCK]) }, scale: 0.0, offset: 0.0 };
 }
 
 impl Panel {
@@ -69,11 +89,12 @@ impl Panel {
         let groups = w.cols / group;
         let mut panel = Self {
             group,
-            values: vec![0; w.cols * PANEL_ROWS],
+            quads: vec![0; w.cols / 4 * PANEL_ROWS],
             scales: vec![0.0; groups * PANEL_ROWS],
             offsets: vec![0.0; groups * PANEL_ROWS],
         };
-        panel.pack(w, rows);
+        // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
+        unsafe { super::avx2::pack(&mut panel, w, rows) };
         panel
     }
 
@@ -88,115 +109,45 @@ impl Panel {
             .collect()
     }
 
-    fn pack(&mut self, w: &QMatrix, rows: Range<usize>) {
-        for (j, r) in rows.enumerate() {
-            let row = w.row(r);
-            let bytes = w.ty.block_bytes();
-            // One loop per type, over whole blocks: this runs once per weight row and product,
-            // and with few activation rows it is a good part of the product's time.
-            match w.ty {
-                BlockType::Q8_0 => {
-                    for (g, block) in row.chunks_exact(bytes).enumerate() {
-                        let d = f16_at(block, 0);
-                        // `q + 128` as a byte is `q` with its top bit flipped.
-                        self.put(j, g, std::array::from_fn(|v| block[2 + v] ^ 0x80), d, 128.0 * d);
-                    }
-                }
-                BlockType::Q4_0 => {
-                    for (g, block) in row.chunks_exact(bytes).enumerate() {
-                        let d = f16_at(block, 0);
-                        let q = &block[2..18];
-                        self.put(j, g, std::array::from_fn(|v| if v < 16 { q[v] & 0xF } else { q[v - 16] >> 4 }), d, 8.0 * d);
-                    }
-                }
-                BlockType::Q2K => {
-                    for (b, block) in row.chunks_exact(bytes).enumerate() {
-                        let (d, dmin) = (f16_at(block, 80), f16_at(block, 82));
-                        for (sub, &packed) in block[..16].iter().enumerate() {
-                            let codes = two_bit_codes(&block[16..80], sub);
-                            self.put(j, 16 * b + sub, codes, d * f32::from(packed & 0xF), dmin * f32::from(packed >> 4));
-                        }
-                    }
-                }
-                BlockType::Q3K => {
-                    for (b, block) in row.chunks_exact(bytes).enumerate() {
-                        let d = f16_at(block, 108);
-                        for (sub, scale) in q3_k_scales(&block[96..108]).into_iter().enumerate() {
-                            let scale = d * f32::from(scale as i8 - 32);
-                            let mut codes = two_bit_codes(&block[32..96], sub);
-                            // A sub-block's 16 high bits are one bit of 16 consecutive bytes.
-                            let (byte, bit) = q3_k_high_bit_at(16 * sub);
-                            let mask = 1 << bit;
-                            codes[..16].iter_mut().zip(&block[byte..][..16]).for_each(|(c, &h)| *c |= if h & mask != 0 { 4 } else { 0 });
-                            self.put(j, 16 * b + sub, codes, scale, 4.0 * scale);
-                        }
-                    }
-                }
-                BlockType::Q4K => {
-                    for (b, block) in row.chunks_exact(bytes).enumerate() {
-                        let (scales, mins) = q4_k_scales(&block[4..16]);
-                        let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
-                        // A run of 32 bytes holds two sub-blocks: low nibbles, then high.
-                        for (pair, q) in block[16..].chunks_exact(32).enumerate() {
-                            for (half, shift) in [(0, 0), (1, 4)] {
-                                let sub = 2 * pair + half;
-                                let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
-                                self.put(j, 8 * b + sub, std::array::from_fn(|v| (q[v] >> shift) & 0xF), scale, min);
-                            }
-                        }
-                    }
-                }
-                BlockType::Q5K => {
-                    for (b, block) in row.chunks_exact(bytes).enumerate() {
-                        let (scales, mins) = q4_k_scales(&block[4..16]);
-                        let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
-                        let high: &[u8; BLOCK] = block[16..48].try_into().expect("32 bytes");
-                        // As Q4_K, each nibble with bit `sub` of its high byte on top.
-                        for (pair, q) in block[48..].chunks_exact(32).enumerate() {
-                            for (half, shift) in [(0, 0), (1, 4)] {
-                                let sub = 2 * pair + half;
-                                let (scale, min) = (d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
-                                let bit = 1 << sub;
-                                let codes = std::array::from_fn(|v| (q[v] >> shift) & 0xF | if high[v] & bit != 0 { 16 } else { 0 });
-                                self.put(j, 8 * b + sub, codes, scale, min);
-                            }
-                        }
-                    }
-                }
-                BlockType::Q6K => {
-                    for (b, block) in row.chunks_exact(bytes).enumerate() {
-                        let d = f16_at(block, 208);
-                        for sub in 0..SUPER_BLOCK / 16 {
-                            let scale = d * f32::from(block[192 + sub] as i8);
-                            let codes = std::array::from_fn(|v| if v < 16 { q6_k_value(block, 16 * sub + v) } else { 0 });
-                            self.put(j, 16 * b + sub, codes, scale, 32.0 * scale);
-                        }
-                    }
-                }
-            }
-        }
+    /// The values: `[group][quad of 4 values][row (16)][4 bytes]`.
+    pub fn values(&self) -> *const u8 {
+        self.quads.as_ptr() as *const u8
     }
 
-    /// Group `g` of panel row `j`: its values `u` (the first [`Panel::group`] of them), scale
-    /// and offset.
-    #[inline(always)]
-    fn put(&mut self, j: usize, g: usize, u: [u8; BLOCK], scale: f32, offset: f32) {
-        self.scales[g * PANEL_ROWS + j] = scale;
-        self.offsets[g * PANEL_ROWS + j] = offset;
-        let quads = &mut self.values[g * self.group * PANEL_ROWS..(g + 1) * self.group * PANEL_ROWS];
-        for (quad, four) in u[..self.group].chunks_exact(4).enumerate() {
-            quads[quad * 4 * PANEL_ROWS + 4 * j..][..4].copy_from_slice(four);
+    /// Group `g` of every row of the panel.
+    ///
+    /// # Safety
+    /// AVX2 is available; `g` is one of the panel's groups.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn put_group(&mut self, g: usize, rows: &[Group; PANEL_ROWS]) {
+        for (j, row) in rows.iter().enumerate() {
+            self.scales[g * PANEL_ROWS + j] = row.scale;
+            self.offsets[g * PANEL_ROWS + j] = row.offset;
+        }
+        let quads = self.group / 4;
+        let first = &mut self.quads[g * quads * PANEL_ROWS..][..quads * PANEL_ROWS];
+        for half in 0..PANEL_ROWS / 8 {
+            let words = transpose(std::array::from_fn(|j| rows[8 * half + j].u));
+            for (quad, word) in first.chunks_exact_mut(PANEL_ROWS).zip(words) {
+                _mm256_storeu_si256(quad[8 * half..].as_mut_ptr() as *mut __m256i, word);
+            }
         }
     }
 }
 
-/// The 2-bit codes of sub-block `sub` (16 values, the rest of the array zero) of a Q2_K or Q3_K
-/// block's 64 code bytes (see [`crate::blocks::q2_k_code`]), whole bytes at a time (they share
-/// a shift): the function per value took most of a prompt's time.
-fn two_bit_codes(code_bytes: &[u8], sub: usize) -> [u8; BLOCK] {
-    let (byte, shift) = two_bit_code_at(16 * sub);
-    let bytes = &code_bytes[byte..][..16];
-    let mut codes = [0; BLOCK];
-    codes[..16].iter_mut().zip(bytes).for_each(|(c, &b)| *c = (b >> shift) & 3);
-    codes
+/// Eight rows of eight 32-bit words as eight columns: word `k` of every row in the `k`th.
+#[target_feature(enable = "avx2")]
+unsafe fn transpose(r: [__m256i; 8]) -> [__m256i; 8] {
+    // Pairs of rows interleaved by word, then by pairs of words: `s[k]` holds word k and k + 4
+    // of four rows, one per 128-bit lane.
+    let t: [__m256i; 8] = std::array::from_fn(|i| match i % 2 {
+        0 => _mm256_unpacklo_epi32(r[i], r[i + 1]),
+        _ => _mm256_unpackhi_epi32(r[i - 1], r[i]),
+    });
+    let quarter = |t: &[__m256i]| [_mm256_unpacklo_epi64(t[0], t[2]), _mm256_unpackhi_epi64(t[0], t[2]), _mm256_unpacklo_epi64(t[1], t[3]), _mm256_unpackhi_epi64(t[1], t[3])];
+    let (low, high) = (quarter(&t[..4]), quarter(&t[4..]));
+    std::array::from_fn(|k| match k < 4 {
+        true => _mm256_permute2x128_si256::<0x20>(low[k], high[k]),
+        false => _mm256_permute2x128_si256::<0x31>(low[k - 4], high[k - 4]),
+    })
 }
