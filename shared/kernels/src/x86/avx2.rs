@@ -195,14 +195,10 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>) {
 unsafe fn pack_q4_k<const FIFTH_BIT: bool>(block: *const u8, put: &mut impl FnMut(usize, __m256i, f32, f32)) {
     let (scales, mins) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
     let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
-    let low = _mm256_set1_epi8(0x0F);
-    let high_bits = _mm256_loadu_si256(block.add(16) as *const __m256i);
-    let nibbles_at = if FIFTH_BIT { 48 } else { 16 };
+    let high_bits = q4_k_high_bits::<FIFTH_BIT>(block);
     for pair in 0..4 {
-        let q = _mm256_loadu_si256(block.add(nibbles_at + 32 * pair) as *const __m256i);
-        for (half, codes) in [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)].into_iter().enumerate() {
+        for (half, codes) in q4_k_pair_codes::<FIFTH_BIT>(block, pair, high_bits).into_iter().enumerate() {
             let sub = 2 * pair + half;
-            let codes = if FIFTH_BIT { _mm256_or_si256(codes, byte_bit::<4>(high_bits, sub)) } else { codes };
             put(sub, codes, d * f32::from(scales[sub]), dmin * f32::from(mins[sub]));
         }
     }
@@ -294,12 +290,8 @@ impl Tile for Q5K {
 /// scales and the nibbles.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    let (bytes, nibbles_at) = match FIFTH_BIT {
-        true => (BlockType::Q5K.block_bytes(), 48),
-        false => (BlockType::Q4K.block_bytes(), 16),
-    };
+    let bytes = if FIFTH_BIT { BlockType::Q5K.block_bytes() } else { BlockType::Q4K.block_bytes() };
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
-    let low = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
         let mut scales = [_mm256_setzero_si256(); RT];
@@ -312,9 +304,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
             if CT == 1 {
                 prefetch_ahead(block, bytes);
             }
-            if FIFTH_BIT {
-                high_bits[a] = _mm256_loadu_si256(block.add(16) as *const __m256i);
-            }
+            high_bits[a] = q4_k_high_bits::<FIFTH_BIT>(block);
             let (s, m) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
             // The eight scales as i16 in both lanes, for `shuffle_epi8` to broadcast one.
             let s16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(s.as_ptr() as *const __m128i));
@@ -327,14 +317,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
             let mut nibbles = [[_mm256_setzero_si256(); 2]; RT];
             let mut pair_scales = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
-                let q = _mm256_loadu_si256(weights[a].add(b * bytes + nibbles_at + 32 * pair) as *const __m256i);
-                nibbles[a] = [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)];
-                if FIFTH_BIT {
-                    for half in 0..2 {
-                        let fifth = byte_bit::<4>(high_bits[a], 2 * pair + half);
-                        nibbles[a][half] = _mm256_or_si256(nibbles[a][half], fifth);
-                    }
-                }
+                nibbles[a] = q4_k_pair_codes::<FIFTH_BIT>(weights[a].add(b * bytes), pair, high_bits[a]);
                 pair_scales[a] = [
                     _mm256_shuffle_epi8(scales[a], _mm256_set1_epi16(broadcast_i16(2 * pair))),
                     _mm256_shuffle_epi8(scales[a], _mm256_set1_epi16(broadcast_i16(2 * pair + 1))),
@@ -363,6 +346,29 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
         }
     }
     store(&acc, hsum, w, r, i, out)
+}
+
+/// A Q5_K block's 32 bytes of high bits (when `FIFTH_BIT`; Q4_K has none: zeros).
+#[inline(always)]
+unsafe fn q4_k_high_bits<const FIFTH_BIT: bool>(block: *const u8) -> __m256i {
+    match FIFTH_BIT {
+        true => _mm256_loadu_si256(block.add(16) as *const __m256i),
+        false => _mm256_setzero_si256(),
+    }
+}
+
+/// The codes of sub-blocks `2 · pair` and `2 · pair + 1` of a Q4_K block, or of a Q5_K block
+/// when `FIFTH_BIT` (`high_bits` from [`q4_k_high_bits`]): a run of 32 bytes holds both, low
+/// nibbles then high, and Q5_K puts bit `sub` of its high bytes on top.
+#[inline(always)]
+unsafe fn q4_k_pair_codes<const FIFTH_BIT: bool>(block: *const u8, pair: usize, high_bits: __m256i) -> [__m256i; 2] {
+    let (nibbles_at, low) = (if FIFTH_BIT { 48 } else { 16 }, _mm256_set1_epi8(0x0F));
+    let q = _mm256_loadu_si256(block.add(nibbles_at + 32 * pair) as *const __m256i);
+    let nibbles = [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)];
+    match FIFTH_BIT {
+        true => std::array::from_fn(|half| _mm256_or_si256(nibbles[half], byte_bit::<4>(high_bits, 2 * pair + half))),
+        false => nibbles,
+    }
 }
 
 /// The K-quants with a scale per 16 values (Q2_K, Q3_K, Q6_K), like Q4_K: sub-block sums
