@@ -28,13 +28,13 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     if x.rows() >= PANEL_MIN_ACTIVATIONS {
         return match w.ty {
             // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
-            BlockType::Q8_0 => panel_rows::<BLOCK, 1, true>(w, x, rows, out),
-            BlockType::Q4_0 => panel_rows::<BLOCK, { i16_quads(BlockType::Q4_0) }, false>(w, x, rows, out),
-            BlockType::Q2K => panel_rows::<16, { i16_quads(BlockType::Q2K) }, false>(w, x, rows, out),
-            BlockType::Q3K => panel_rows::<16, { i16_quads(BlockType::Q3K) }, false>(w, x, rows, out),
-            BlockType::Q4K => panel_rows::<BLOCK, { i16_quads(BlockType::Q4K) }, false>(w, x, rows, out),
-            BlockType::Q5K => panel_rows::<BLOCK, { i16_quads(BlockType::Q5K) }, false>(w, x, rows, out),
-            BlockType::Q6K => panel_rows::<16, { i16_quads(BlockType::Q6K) }, false>(w, x, rows, out),
+            BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true>(w, x, rows, out),
+            BlockType::Q4_0 => panel_rows::<{ group_values(BlockType::Q4_0) }, { i16_quads(BlockType::Q4_0) }, false>(w, x, rows, out),
+            BlockType::Q2K => panel_rows::<{ group_values(BlockType::Q2K) }, { i16_quads(BlockType::Q2K) }, false>(w, x, rows, out),
+            BlockType::Q3K => panel_rows::<{ group_values(BlockType::Q3K) }, { i16_quads(BlockType::Q3K) }, false>(w, x, rows, out),
+            BlockType::Q4K => panel_rows::<{ group_values(BlockType::Q4K) }, { i16_quads(BlockType::Q4K) }, false>(w, x, rows, out),
+            BlockType::Q5K => panel_rows::<{ group_values(BlockType::Q5K) }, { i16_quads(BlockType::Q5K) }, false>(w, x, rows, out),
+            BlockType::Q6K => panel_rows::<{ group_values(BlockType::Q6K) }, { i16_quads(BlockType::Q6K) }, false>(w, x, rows, out),
         };
     }
     const R: usize = PROMPT.0;
