@@ -176,6 +176,9 @@ pub(crate) fn kernel_type(dtype: GgmlDType) -> Option<BlockType> {
     let ty = match dtype {
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
+        GgmlDType::Q4_1 => BlockType::Q4_1,
+        GgmlDType::Q5_0 => BlockType::Q5_0,
+        GgmlDType::Q5_1 => BlockType::Q5_1,
         GgmlDType::Q2K => BlockType::Q2K,
         GgmlDType::Q3K => BlockType::Q3K,
         GgmlDType::Q4K => BlockType::Q4K,
@@ -190,6 +193,9 @@ fn ggml_type(ty: BlockType) -> GgmlDType {
     match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
+        BlockType::Q4_1 => GgmlDType::Q4_1,
+        BlockType::Q5_0 => GgmlDType::Q5_0,
+        BlockType::Q5_1 => GgmlDType::Q5_1,
         BlockType::Q2K => GgmlDType::Q2K,
         BlockType::Q3K => GgmlDType::Q3K,
         BlockType::Q4K => GgmlDType::Q4K,

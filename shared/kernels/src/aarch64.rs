@@ -15,7 +15,7 @@ use std::arch::asm;
 use std::ops::Range;
 
 use crate::activations::QuantizedRows;
-use crate::blocks::{self, q3_k_high_bit_at, q3_k_scales, q4_k_scales, two_bit_code_at, BlockType};
+use crate::blocks::{self, legacy_layout, q3_k_high_bit_at, q3_k_scales, q4_k_scales, two_bit_code_at, BlockType};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
 use crate::QMatrix;
 
@@ -33,7 +33,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     const C: usize = PROMPT.1;
     match w.ty {
         BlockType::Q8_0 => rows_of::<Q8_0, R, C, { decode_rows(BlockType::Q8_0) }>(w, x, rows, out),
-        BlockType::Q4_0 => rows_of::<Q4_0, R, C, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Nibbles<false, false>, R, C, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
+        BlockType::Q4_1 => rows_of::<Nibbles<false, true>, R, C, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
+        BlockType::Q5_0 => rows_of::<Nibbles<true, false>, R, C, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
+        BlockType::Q5_1 => rows_of::<Nibbles<true, true>, R, C, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         BlockType::Q2K => rows_of::<Q2K, R, C, { decode_rows(BlockType::Q2K) }>(w, x, rows, out),
         BlockType::Q3K => rows_of::<Q3K, R, C, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
         BlockType::Q4K => rows_of::<Q4K<false>, R, C, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
@@ -43,7 +46,8 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 }
 
 /// A weight block unpacked: value `16·g + l` is lane `l` of `codes[g]`, and the block is
-/// `d · Σ_s scales[s] · (codes of scale group s) − dmin · Σ_g mins[g] · (group g)`.
+/// `d · Σ_s scales[s] · (codes of scale group s) − dmin · Σ_g mins[g] · (group g)` (Q4_1 and
+/// Q5_1: `− dmin · (the block)`, one minimum for all 32 values).
 #[derive(Clone, Copy)]
 struct Unpacked {
     codes: [int8x16_t; 16],
@@ -65,7 +69,7 @@ trait Block {
         BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => 1,
         _ => 2,
     };
-    /// Whether the block subtracts `dmin · mins`.
+    /// Whether the block subtracts `dmin · mins`, a minimum per group.
     const MINS: bool = matches!(Self::TY, BlockType::Q2K | BlockType::Q4K | BlockType::Q5K);
 
     /// # Safety
@@ -93,7 +97,7 @@ unsafe fn block_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x:
             W::unpack(weights[a].add(b * bytes), &mut weight_blocks[a]);
         }
         for c in 0..CT {
-            let (xd, xq, _) = acts[c];
+            let (xd, xq, xsums) = acts[c];
             let xq = xq.as_ptr().add(b * values);
             let xs: [int8x16_t; 16] = std::array::from_fn(|g| if g < W::GROUPS { vld1q_s8(xq.add(16 * g)) } else { vdupq_n_s8(0) });
             let dx = *xd.get_unchecked(b);
@@ -119,6 +123,12 @@ unsafe fn block_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x:
                     mins = vmlal_s16(mins, vget_low_s16(m1), vget_low_s16(high));
                     mins = vmlal_high_s16(mins, m1, high);
                     acc[a][c] = vfmaq_n_f32(acc[a][c], vcvtq_f32_s32(mins), -unpacked.dmin * dx);
+                }
+                if W::TY.has_minimum() {
+                    // The block's one minimum meets the activation's sum of its 32 values: in
+                    // one lane, as `hsum` adds them all.
+                    let x_sum = vsetq_lane_f32::<0>(*xsums.get_unchecked(b) as f32, vdupq_n_f32(0.0));
+                    acc[a][c] = vfmaq_n_f32(acc[a][c], x_sum, -unpacked.dmin * dx);
                 }
             }
         }
@@ -195,17 +205,43 @@ impl Block for Q8_0 {
     }
 }
 
-struct Q4_0;
+/// Q4_0, Q4_1, Q5_0 and Q5_1: codes of four bits (five with `FIFTH_BIT`), less a code offset or
+/// plus a minimum (with `MIN`; see [`crate::blocks::legacy_code`]).
+struct Nibbles<const FIFTH_BIT: bool, const MIN: bool>;
 
-impl Block for Q4_0 {
-    const TY: BlockType = BlockType::Q4_0;
+impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
+    const TY: BlockType = match (FIFTH_BIT, MIN) {
+        (false, false) => BlockType::Q4_0,
+        (false, true) => BlockType::Q4_1,
+        (true, false) => BlockType::Q5_0,
+        (true, true) => BlockType::Q5_1,
+    };
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
         unit_scale(block, into);
-        let q = bytes16(block, 2);
-        into.codes[0] = centred(vandq_u8(q, vdupq_n_u8(0x0F)), 8);
-        into.codes[1] = centred(vshrq_n_u8::<4>(q), 8);
+        let (high_bits, nibbles_at) = legacy_layout(Self::TY);
+        let q = bytes16(block, nibbles_at);
+        let mut codes = [vandq_u8(q, vdupq_n_u8(0x0F)), vshrq_n_u8::<4>(q)];
+        if FIFTH_BIT {
+            let bits = (block.add(high_bits) as *const u32).read_unaligned().to_le_bytes();
+            // Lane `l` of group `g` takes bit `l % 8` of byte `2g + l / 8`.
+            let lane_bit = vld1q_u8([1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128].as_ptr());
+            for (g, codes) in codes.iter_mut().enumerate() {
+                let bytes = vcombine_u8(vdup_n_u8(bits[2 * g]), vdup_n_u8(bits[2 * g + 1]));
+                *codes = vorrq_u8(*codes, vandq_u8(vtstq_u8(bytes, lane_bit), vdupq_n_u8(16)));
+            }
+        }
+        for (g, codes) in codes.into_iter().enumerate() {
+            into.codes[g] = match (MIN, FIFTH_BIT) {
+                (true, _) => vreinterpretq_s8_u8(codes),
+                (false, false) => centred(codes, 8),
+                (false, true) => centred(codes, 16),
+            };
+        }
+        if MIN {
+            into.dmin = -f16_at(block, 2);
+        }
     }
 }
 

@@ -13,6 +13,13 @@ pub enum BlockType {
     /// `f16` scale, then 16 bytes of nibbles (low nibbles are values 0..16, high nibbles
     /// 16..32): value = d · (q − 8).
     Q4_0,
+    /// `f16` scale d and minimum m, then Q4_0's 16 bytes of nibbles: value = d · q + m.
+    Q4_1,
+    /// `f16` scale, 4 bytes of fifth bits (bit v of the little-endian word is value v's), then
+    /// Q4_0's nibbles: value = d · (q − 16), q of 5 bits (see [`legacy_code`]).
+    Q5_0,
+    /// `f16` d and m, then Q5_0's fifth bits and nibbles: value = d · q + m.
+    Q5_1,
     /// 256 values in 16 sub-blocks of 16: 16 bytes of a 4-bit scale (low) and a 4-bit minimum
     /// (high) per sub-block, 64 bytes of 2-bit codes (see [`q2_k_code`]), `f16` d and dmin:
     /// value = d · scale_j · q − dmin · min_j.
@@ -38,7 +45,7 @@ impl BlockType {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
-            Self::Q8_0 | Self::Q4_0 => BLOCK,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => BLOCK,
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
@@ -47,6 +54,9 @@ impl BlockType {
         match self {
             Self::Q8_0 => 2 + BLOCK,
             Self::Q4_0 => 2 + BLOCK / 2,
+            Self::Q4_1 => 2 + 2 + BLOCK / 2,
+            Self::Q5_0 => 2 + 4 + BLOCK / 2,
+            Self::Q5_1 => 2 + 2 + 4 + BLOCK / 2,
             Self::Q2K => SUPER_BLOCK / 16 + SUPER_BLOCK / 4 + 2 + 2,
             Self::Q3K => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
             Self::Q4K => 2 + 2 + 12 + SUPER_BLOCK / 2,
@@ -57,6 +67,48 @@ impl BlockType {
 
     pub const fn row_bytes(self, cols: usize) -> usize {
         cols / self.block_values() * self.block_bytes()
+    }
+
+    /// Whether a legacy block adds a minimum `m` (Q4_1, Q5_1) rather than subtracting an offset
+    /// from its codes.
+    pub const fn has_minimum(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
+    /// Whether a legacy block's codes have a fifth bit (Q5_0, Q5_1).
+    pub const fn has_fifth_bit(self) -> bool {
+        matches!(self, Self::Q5_0 | Self::Q5_1)
+    }
+}
+
+/// Where a Q4_0, Q4_1, Q5_0 or Q5_1 block keeps its 32 bits of fifth bits (Q5_0, Q5_1) and its
+/// 16 bytes of nibbles: after the `f16` d and, with a minimum, the `f16` m.
+pub const fn legacy_layout(ty: BlockType) -> (usize, usize) {
+    let high_bits = if ty.has_minimum() { 4 } else { 2 };
+    (high_bits, if ty.has_fifth_bit() { high_bits + 4 } else { high_bits })
+}
+
+/// Value `v` (0..32) of a Q4_0, Q4_1, Q5_0 or Q5_1 block as its unsigned code: the low nibble of
+/// byte `v` of the nibbles for the first 16 values, the high nibble of byte `v − 16` for the
+/// others, and for Q5_0 and Q5_1 bit `v` of the fifth bits on top.
+pub fn legacy_code(ty: BlockType, block: &[u8], v: usize) -> u8 {
+    let (high_bits, nibbles) = legacy_layout(ty);
+    let q = block[nibbles + v % 16];
+    let low = if v < 16 { q & 0xF } else { q >> 4 };
+    match ty.has_fifth_bit() {
+        true => low | (((u32::from_le_bytes(block[high_bits..high_bits + 4].try_into().unwrap()) >> v) & 1) as u8) << 4,
+        false => low,
+    }
+}
+
+/// A Q4_0, Q4_1, Q5_0 or Q5_1 block's `(scale, offset)`: value = scale · code − offset.
+pub fn legacy_scale_offset(ty: BlockType, block: &[u8]) -> (f32, f32) {
+    let d = f16_at(block, 0);
+    match ty {
+        BlockType::Q4_1 | BlockType::Q5_1 => (d, -f16_at(block, 2)),
+        BlockType::Q5_0 => (d, 16.0 * d),
+        BlockType::Q4_0 => (d, 8.0 * d),
+        other => unreachable!("a {other:?} block has no nibbles"),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The portable definition of every product: one weight row against one activation row.
 
 use crate::activations::QuantizedRows;
-use crate::blocks::{f16_at, q2_k_code, q3_k_code, q3_k_scales, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK};
+use crate::blocks::{f16_at, legacy_code, legacy_scale_offset, q2_k_code, q3_k_code, q3_k_scales, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK};
 
 /// `Σ w·x` over weight row `w` (in `ty`'s blocks) and activation row `i` of `x` (quantized in
 /// groups of `ty.block_values()`).
@@ -13,9 +13,10 @@ pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
         let int_dot = |q: &[u8], x: &[i8], value: fn(u8) -> i32| -> i32 { q.iter().zip(x).map(|(&q, &x)| value(q) * x as i32).sum() };
         sum += dx * match ty {
             BlockType::Q8_0 => f16_at(wb, 0) * int_dot(&wb[2..], xb, |q| q as i8 as i32) as f32,
-            BlockType::Q4_0 => {
-                let q = &wb[2..];
-                f16_at(wb, 0) * (int_dot(q, &xb[..BLOCK / 2], |q| (q & 0xF) as i32 - 8) + int_dot(q, &xb[BLOCK / 2..], |q| (q >> 4) as i32 - 8)) as f32
+            BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => {
+                let (scale, offset) = legacy_scale_offset(ty, wb);
+                let codes: i32 = (0..BLOCK).map(|v| legacy_code(ty, wb, v) as i32 * xb[v] as i32).sum();
+                scale * codes as f32 - offset * xsums[b] as f32
             }
             BlockType::Q2K => {
                 let (mut scaled, mut min_part) = (0i32, 0i32);

@@ -12,7 +12,18 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-const TYPES: [BlockType; 7] = [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q2K, BlockType::Q3K, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K];
+const TYPES: [BlockType; 10] = [
+    BlockType::Q8_0,
+    BlockType::Q4_0,
+    BlockType::Q4_1,
+    BlockType::Q5_0,
+    BlockType::Q5_1,
+    BlockType::Q2K,
+    BlockType::Q3K,
+    BlockType::Q4K,
+    BlockType::Q5K,
+    BlockType::Q6K,
+];
 
 /// A random `rows × cols` matrix quantized by candle (the GGUF block layout) and its f32 value.
 fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
@@ -24,6 +35,9 @@ fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec
     let dtype = match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
+        BlockType::Q4_1 => GgmlDType::Q4_1,
+        BlockType::Q5_0 => GgmlDType::Q5_0,
+        BlockType::Q5_1 => GgmlDType::Q5_1,
         BlockType::Q2K => GgmlDType::Q2K,
         BlockType::Q3K => GgmlDType::Q3K,
         BlockType::Q4K => GgmlDType::Q4K,

@@ -11,7 +11,7 @@ use std::ops::Range;
 use super::panel::{group_values, largest_code, Group, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
 use super::{f16_at, prefetch_ahead};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
+use crate::blocks::{legacy_layout, q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
 use crate::QMatrix;
 
@@ -30,6 +30,9 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
             // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
             BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true>(w, x, rows, out),
             BlockType::Q4_0 => panel_rows::<{ group_values(BlockType::Q4_0) }, { i16_quads(BlockType::Q4_0) }, false>(w, x, rows, out),
+            BlockType::Q4_1 => panel_rows::<{ group_values(BlockType::Q4_1) }, { i16_quads(BlockType::Q4_1) }, false>(w, x, rows, out),
+            BlockType::Q5_0 => panel_rows::<{ group_values(BlockType::Q5_0) }, { i16_quads(BlockType::Q5_0) }, false>(w, x, rows, out),
+            BlockType::Q5_1 => panel_rows::<{ group_values(BlockType::Q5_1) }, { i16_quads(BlockType::Q5_1) }, false>(w, x, rows, out),
             BlockType::Q2K => panel_rows::<{ group_values(BlockType::Q2K) }, { i16_quads(BlockType::Q2K) }, false>(w, x, rows, out),
             BlockType::Q3K => panel_rows::<{ group_values(BlockType::Q3K) }, { i16_quads(BlockType::Q3K) }, false>(w, x, rows, out),
             BlockType::Q4K => panel_rows::<{ group_values(BlockType::Q4K) }, { i16_quads(BlockType::Q4K) }, false>(w, x, rows, out),
@@ -42,6 +45,9 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     match w.ty {
         BlockType::Q8_0 => rows_of::<Q8_0, R, C, { decode_rows(BlockType::Q8_0) }>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Q4_0, R, C, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
+        BlockType::Q4_1 => rows_of::<Q4_1, R, C, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
+        BlockType::Q5_0 => rows_of::<Q5_0, R, C, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
+        BlockType::Q5_1 => rows_of::<Q5_1, R, C, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         BlockType::Q2K => rows_of::<Per16<Q2K>, R, C, { decode_rows(BlockType::Q2K) }>(w, x, rows, out),
         BlockType::Q3K => rows_of::<Per16<Q3K>, R, C, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
         BlockType::Q4K => rows_of::<Q4K, R, C, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
@@ -173,10 +179,10 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>) {
                     // `q + 128` as a byte is `q` with its top bit flipped.
                     put(0, _mm256_xor_si256(Q8_0::weights(block)[0], _mm256_set1_epi8(-128)), d, 128.0 * d);
                 }
-                BlockType::Q4_0 => {
-                    let d = f16_at(block, 0);
-                    put(0, Q4_0::weights(block)[0], d, 8.0 * d);
-                }
+                BlockType::Q4_0 => pack_nibbles::<Q4_0>(block, &mut put),
+                BlockType::Q4_1 => pack_nibbles::<Q4_1>(block, &mut put),
+                BlockType::Q5_0 => pack_nibbles::<Q5_0>(block, &mut put),
+                BlockType::Q5_1 => pack_nibbles::<Q5_1>(block, &mut put),
                 BlockType::Q4K => pack_q4_k::<false>(block, &mut put),
                 BlockType::Q5K => pack_q4_k::<true>(block, &mut put),
                 BlockType::Q2K => pack_sixteens::<Q2K>(block, &mut put),
@@ -188,6 +194,17 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>) {
             panel.put_group(b * per_block + sub, rows);
         }
     }
+}
+
+/// A Q4_0, Q4_1, Q5_0 or Q5_1 block, one group, for [`pack`].
+#[inline(always)]
+unsafe fn pack_nibbles<N: Block>(block: *const u8, put: &mut impl FnMut(usize, __m256i, f32, f32)) {
+    let d = f16_at(block, 0);
+    let offset = match N::CODE_OFFSET {
+        Some(code_offset) => f32::from(code_offset) * d,
+        None => -f16_at(block, 2),
+    };
+    put(0, N::weights(block)[0], d, offset);
 }
 
 /// A Q4_K (Q5_K with `FIFTH_BIT`) block's eight groups, for [`pack`].
@@ -243,6 +260,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     for b in 0..w.cols / BLOCK {
         let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
         let mut scales = [_mm256_setzero_ps(); RT];
+        let mut mins = [_mm256_setzero_ps(); RT];
         for a in 0..RT {
             let block = weights[a].add(b * W::BYTES);
             if CT == 1 {
@@ -250,14 +268,24 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             }
             blocks[a] = W::weights(block);
             scales[a] = _mm256_set1_ps(f16_at(block, 0));
+            if W::CODE_OFFSET.is_none() {
+                mins[a] = _mm256_set1_ps(f16_at(block, 2));
+            }
         }
         for c in 0..CT {
-            let (xd, xq, _) = acts[c];
+            let (xd, xq, xsums) = acts[c];
             let xv = W::activations(_mm256_loadu_si256(xq.as_ptr().add(b * BLOCK) as *const __m256i));
-            let dx = _mm256_set1_ps(*xd.get_unchecked(b));
+            let dx = *xd.get_unchecked(b);
+            // A minimum meets the activations' sum of the block: in one lane, as `hsum` adds
+            // them all.
+            let x_sum = _mm256_set_m128(_mm_setzero_ps(), _mm_set_ss(dx * *xsums.get_unchecked(b) as f32));
+            let dx = _mm256_set1_ps(dx);
             for a in 0..RT {
                 let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(W::pairs(&blocks[a], &xv), ones));
                 acc[a][c] = _mm256_fmadd_ps(_mm256_mul_ps(scales[a], dx), sums, acc[a][c]);
+                if W::CODE_OFFSET.is_none() {
+                    acc[a][c] = _mm256_fmadd_ps(mins[a], x_sum, acc[a][c]);
+                }
             }
         }
     }
@@ -579,6 +607,10 @@ const fn broadcast_i16(j: usize) -> i16 {
 /// bytes → sums of pairs as `i16`).
 trait Block {
     const BYTES: usize;
+    /// What [`Block::pairs`] subtracts from the codes (Q8_0: none, they are signed); `None` for
+    /// a type with an `f16` minimum after its scale instead (value = d · q + m), which
+    /// [`legacy_tile`] adds.
+    const CODE_OFFSET: Option<i8> = Some(0);
     /// The weight block as the operands [`Block::pairs`] takes.
     ///
     /// # Safety
@@ -591,7 +623,6 @@ trait Block {
 }
 
 struct Q8_0;
-struct Q4_0;
 
 impl Block for Q8_0 {
     const BYTES: usize = BlockType::Q8_0.block_bytes();
@@ -612,25 +643,69 @@ impl Block for Q8_0 {
     }
 }
 
-impl Block for Q4_0 {
-    const BYTES: usize = BlockType::Q4_0.block_bytes();
-    /// `[q]`, the stored nibbles 0..16 (the value is `q − 8`).
+/// Q4_0, Q4_1, Q5_0 and Q5_1: codes of four bits (five with `FIFTH_BIT`), less a code offset or
+/// plus a minimum (with `MIN`).
+struct Nibbles<const FIFTH_BIT: bool, const MIN: bool>;
+
+type Q4_0 = Nibbles<false, false>;
+type Q4_1 = Nibbles<false, true>;
+type Q5_0 = Nibbles<true, false>;
+type Q5_1 = Nibbles<true, true>;
+
+impl<const FIFTH_BIT: bool, const MIN: bool> Nibbles<FIFTH_BIT, MIN> {
+    const TY: BlockType = match (FIFTH_BIT, MIN) {
+        (false, false) => BlockType::Q4_0,
+        (false, true) => BlockType::Q4_1,
+        (true, false) => BlockType::Q5_0,
+        (true, true) => BlockType::Q5_1,
+    };
+}
+
+impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
+    const BYTES: usize = Self::TY.block_bytes();
+    const CODE_OFFSET: Option<i8> = match (FIFTH_BIT, MIN) {
+        (_, true) => None,
+        (false, false) => Some(8),
+        (true, false) => Some(16),
+    };
+    /// `[q]`, the unsigned codes (see [`crate::blocks::legacy_code`]).
     #[inline(always)]
     unsafe fn weights(block: *const u8) -> [__m256i; 2] {
-        let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
-        let nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
-        [nibbles, nibbles]
+        let (high_bits, nibbles_at) = legacy_layout(Self::TY);
+        let packed = _mm_loadu_si128(block.add(nibbles_at) as *const __m128i);
+        let mut q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+        if FIFTH_BIT {
+            q = _mm256_or_si256(q, fifth_bits((block.add(high_bits) as *const u32).read_unaligned()));
+        }
+        [q, q]
     }
-    /// `[x, 8·x pairwise]`, the second shared by every weight row of the tile.
+    /// `[x, offset · x pairwise]`, the second shared by every weight row of the tile.
     #[inline(always)]
     unsafe fn activations(x: __m256i) -> [__m256i; 2] {
-        [x, _mm256_maddubs_epi16(_mm256_set1_epi8(8), x)]
+        match Self::CODE_OFFSET {
+            Some(code_offset) => [x, _mm256_maddubs_epi16(_mm256_set1_epi8(code_offset), x)],
+            None => [x, x],
+        }
     }
-    /// `q · x − 8 · x = (q − 8) · x`, without the sign trick: nibbles are already unsigned.
+    /// `q · x − offset · x = (q − offset) · x`, without the sign trick: the codes are already
+    /// unsigned.
     #[inline(always)]
     unsafe fn pairs(w: &[__m256i; 2], x: &[__m256i; 2]) -> __m256i {
-        _mm256_sub_epi16(_mm256_maddubs_epi16(w[0], x[0]), x[1])
+        let pairs = _mm256_maddubs_epi16(w[0], x[0]);
+        match Self::CODE_OFFSET {
+            Some(_) => _mm256_sub_epi16(pairs, x[1]),
+            None => pairs,
+        }
     }
+}
+
+/// Bit `v` of `bits` as `16` in byte `v` (0 where it is clear): Q5_0's and Q5_1's fifth bits.
+#[inline(always)]
+unsafe fn fifth_bits(bits: u32) -> __m256i {
+    // Byte `v` takes byte `v / 8` of the word, then keeps bit `v % 8` of it.
+    let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0));
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16))
 }
 
 #[inline(always)]

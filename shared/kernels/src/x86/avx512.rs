@@ -43,6 +43,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         // 512-bit tiles pairing sub-blocks were slower for Q4_K than its AVX2 tiles (the
         // benchmark), and only 20 % faster for Q6_K, a minor part of a Q4_K_M file.
         BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
+        BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => super::avx2::product_rows(w, x, rows, out),
     }
 }
 

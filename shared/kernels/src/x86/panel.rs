@@ -47,8 +47,8 @@ pub const fn largest_code(ty: BlockType) -> i32 {
         BlockType::Q8_0 => 255,
         BlockType::Q2K => 3,
         BlockType::Q3K => 7,
-        BlockType::Q4_0 | BlockType::Q4K => 15,
-        BlockType::Q5K => 31,
+        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q4K => 15,
+        BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5K => 31,
         BlockType::Q6K => 63,
     }
 }
