@@ -6,7 +6,7 @@ a Llama (normal, std 0.02; norms 1), so no torch is needed; the tokenizer is the
 The f16 GGUF is written by `llm quantize` (checked against llama.cpp by the fixture tests), the
 quantized ones by llama.cpp's own quantizer, so both engines are timed on llama.cpp's files.
 Writes infra/.work/bench/hf/ (the safetensors checkpoint) and
-infra/.work/bench/tinyllama-shape-{f16,q8_0,q4_0,q2_k,q3_k_m,q4_k_m,q5_k_m}.gguf (git-ignored).
+infra/.work/bench/tinyllama-shape-{f16,q8_0,q4_0,q4_1,q5_0,q5_1,q2_k,q3_k_m,q4_k_m,q5_k_m}.gguf (git-ignored).
 
     cargo build --release -p llm-cli
     .venv/bin/python infra/bench/make_bench_model.py
@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "infra" / ".work" / "bench"
-TYPES = {"q8_0": 7, "q4_0": 2, "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17}
+TYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17}
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
     "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,

@@ -16,11 +16,24 @@ use llm_kernels::{matmul_with, BlockType, Kernels, QMatrix};
 /// `(name, out, in)`: attention q/o, k/v (GQA), the MLP's gate/up and down.
 const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 256, 2048), ("ffn_up", 5632, 2048), ("ffn_down", 2048, 5632)];
 
+const TYPES: [(BlockType, GgmlDType); 10] = [
+    (BlockType::Q8_0, GgmlDType::Q8_0),
+    (BlockType::Q4_0, GgmlDType::Q4_0),
+    (BlockType::Q4_1, GgmlDType::Q4_1),
+    (BlockType::Q5_0, GgmlDType::Q5_0),
+    (BlockType::Q5_1, GgmlDType::Q5_1),
+    (BlockType::Q2K, GgmlDType::Q2K),
+    (BlockType::Q3K, GgmlDType::Q3K),
+    (BlockType::Q4K, GgmlDType::Q4K),
+    (BlockType::Q5K, GgmlDType::Q5K),
+    (BlockType::Q6K, GgmlDType::Q6K),
+];
+
 fn main() {
     let dev = Device::Cpu;
     let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    for (ty, dtype) in [(BlockType::Q8_0, GgmlDType::Q8_0), (BlockType::Q4_0, GgmlDType::Q4_0), (BlockType::Q2K, GgmlDType::Q2K), (BlockType::Q3K, GgmlDType::Q3K), (BlockType::Q4K, GgmlDType::Q4K), (BlockType::Q5K, GgmlDType::Q5K), (BlockType::Q6K, GgmlDType::Q6K)] {
+    for (ty, dtype) in TYPES {
         for (name, n, k) in SHAPES {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();

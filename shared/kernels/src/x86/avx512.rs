@@ -13,7 +13,7 @@ use std::ops::Range;
 use super::panel::{group_values, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
 use super::prefetch_ahead;
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{BlockType, BLOCK};
+use crate::blocks::{legacy_layout, BlockType, BLOCK};
 use crate::tiles::{operands, rows_of, store, Tile};
 use crate::QMatrix;
 
@@ -39,11 +39,13 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     }
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, 4, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q4_0 => rows_of::<Legacy<Q4_0>, 4, 4, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Legacy<Nibbles<false, false>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4_1 => rows_of::<Legacy<Nibbles<false, true>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q5_0 => rows_of::<Legacy<Nibbles<true, false>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q5_1 => rows_of::<Legacy<Nibbles<true, true>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
         // 512-bit tiles pairing sub-blocks were slower for Q4_K than its AVX2 tiles (the
         // benchmark), and only 20 % faster for Q6_K, a minor part of a Q4_K_M file.
         BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
-        BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => super::avx2::product_rows(w, x, rows, out),
     }
 }
 
@@ -109,6 +111,9 @@ unsafe fn panel_tile<const G: usize>(panel: &Panel, acts: &Interleaved, tile: us
 /// corrects for the offset that made one side unsigned).
 trait Block {
     const BYTES: usize;
+    /// Whether the block has an `f16` minimum after its scale (value = d · q + m), which
+    /// [`legacy_tile`] adds against the activations' sums.
+    const MIN: bool = false;
     /// Blocks `b` and, if `two`, `b + 1` (else zeros): the bytes [`Block::dot`] takes and the
     /// starting value, if the weights' side owns it.
     ///
@@ -122,7 +127,6 @@ trait Block {
 }
 
 struct Q8_0;
-struct Q4_0;
 
 impl Block for Q8_0 {
     const BYTES: usize = BlockType::Q8_0.block_bytes();
@@ -146,24 +150,53 @@ impl Block for Q8_0 {
     }
 }
 
-impl Block for Q4_0 {
-    const BYTES: usize = BlockType::Q4_0.block_bytes();
-    /// `[q]`, the stored nibbles 0..16 (the value is `q − 8`).
+/// Q4_0, Q4_1, Q5_0 and Q5_1: codes of four bits (five with `FIFTH_BIT`), less a code offset or
+/// plus a minimum (with `MIN`).
+struct Nibbles<const FIFTH_BIT: bool, const MIN: bool>;
+
+impl<const FIFTH_BIT: bool, const MIN: bool> Nibbles<FIFTH_BIT, MIN> {
+    const TY: BlockType = match (FIFTH_BIT, MIN) {
+        (false, false) => BlockType::Q4_0,
+        (false, true) => BlockType::Q4_1,
+        (true, false) => BlockType::Q5_0,
+        (true, true) => BlockType::Q5_1,
+    };
+    /// What the codes are less (nothing with a minimum).
+    const CODE_OFFSET: i8 = match (FIFTH_BIT, MIN) {
+        (_, true) => 0,
+        (false, false) => 8,
+        (true, false) => 16,
+    };
+}
+
+impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
+    const BYTES: usize = Self::TY.block_bytes();
+    const MIN: bool = MIN;
+    /// `[q]`, the unsigned codes (see [`crate::blocks::legacy_code`]).
     #[inline(always)]
     unsafe fn weights(block: *const u8, two: bool) -> [__m512i; 2] {
-        let nibbles = |packed: __m128i| _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-        let first = nibbles(_mm_loadu_si128(block.add(2) as *const __m128i));
-        let second = if two { nibbles(_mm_loadu_si128(block.add(Self::BYTES + 2) as *const __m128i)) } else { _mm256_setzero_si256() };
-        let q = _mm512_and_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second), _mm512_set1_epi8(0x0F));
+        let (high_bits, nibbles_at) = legacy_layout(Self::TY);
+        let nibbles = |block: *const u8| {
+            let packed = _mm_loadu_si128(block.add(nibbles_at) as *const __m128i);
+            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed)
+        };
+        let second = if two { nibbles(block.add(Self::BYTES)) } else { _mm256_setzero_si256() };
+        let mut q = _mm512_and_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(nibbles(block)), second), _mm512_set1_epi8(0x0F));
+        if FIFTH_BIT {
+            // Bit v of a block's word is value v's: byte v of the block's half of the register.
+            let bits = |block: *const u8| u64::from((block.add(high_bits) as *const u32).read_unaligned());
+            let fifth = bits(block) | if two { bits(block.add(Self::BYTES)) << 32 } else { 0 };
+            q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(16)));
+        }
         [q, _mm512_setzero_si512()]
     }
-    /// `[x, −8 · Σx]`, the second shared by every weight row of the tile.
+    /// `[x, −offset · Σx]`, the second shared by every weight row of the tile.
     #[inline(always)]
     unsafe fn activations(x: __m512i) -> [__m512i; 2] {
-        let offset_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), x);
+        let offset_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(Self::CODE_OFFSET), x);
         [x, _mm512_sub_epi32(_mm512_setzero_si512(), offset_sums)]
     }
-    /// `q · x − 8 · x = (q − 8) · x`.
+    /// `q · x − offset · x = (q − offset) · x`.
     #[inline(always)]
     unsafe fn dot(w: &[__m512i; 2], x: &[__m512i; 2]) -> __m512i {
         _mm512_dpbusd_epi32(x[1], w[0], x[0])
@@ -195,6 +228,15 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         let in_chunk = ((1u32 << n) - 1) as __mmask16;
         let w_scales: [__m512; RT] = std::array::from_fn(|a| f16_scales::<W>(weights[a].add(chunk * W::BYTES), in_chunk));
         let x_scales: [__m512; CT] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(in_chunk, acts[c].0.as_ptr().add(chunk)));
+        if W::MIN {
+            // Each block's minimum meets the activations' sum of the block: a lane per block.
+            for c in 0..CT {
+                let x_sums = _mm512_mul_ps(x_scales[c], _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(in_chunk, acts[c].2.as_ptr().add(chunk))));
+                for a in 0..RT {
+                    acc[a][c] = _mm512_fmadd_ps(f16_scales::<W>(weights[a].add(chunk * W::BYTES + 2), in_chunk), x_sums, acc[a][c]);
+                }
+            }
+        }
         for pair in 0..n.div_ceil(2) {
             let b = chunk + 2 * pair;
             let two = b + 1 < blocks;
@@ -240,13 +282,13 @@ const PAIR_LANES: [[i32; 16]; 8] = {
     lanes
 };
 
-/// The `f16` scales of the blocks at `first`, `first + BYTES`, … that `blocks` keeps (the others
-/// zero), as sixteen `f32`.
+/// The `f16`s at `first`, `first + BYTES`, … that `blocks` keeps (the others zero), as sixteen
+/// `f32`: from a block's start its scale, from two bytes on Q4_1's and Q5_1's minimum.
 #[inline(always)]
 unsafe fn f16_scales<W: Block>(first: *const u8, blocks: __mmask16) -> __m512 {
-    const { assert!(W::BYTES >= 4, "the gather reads four bytes from each block") };
+    const { assert!(W::BYTES >= 6, "the gather reads four bytes from each block, two bytes on for a minimum") };
     let offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(W::BYTES as i32));
-    // Each lane reads the scale and the block's next two bytes; the conversion keeps the scale.
+    // Each lane reads the `f16` and the block's next two bytes; the conversion keeps the `f16`.
     let words = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), blocks, offsets, first as *const i32);
     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words))
 }
