@@ -255,41 +255,60 @@ impl<W: Block> Tile for W {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
+    let blocks = w.cols / BLOCK;
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
-    for b in 0..w.cols / BLOCK {
-        let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
-        let mut scales = [_mm256_setzero_ps(); RT];
-        let mut mins = [_mm256_setzero_ps(); RT];
-        for a in 0..RT {
-            let block = weights[a].add(b * W::BYTES);
-            if CT == 1 {
-                prefetch_ahead(block, W::BYTES);
-            }
-            blocks[a] = W::weights(block);
-            scales[a] = _mm256_set1_ps(f16_at(block, 0));
-            if W::CODE_OFFSET.is_none() {
-                mins[a] = _mm256_set1_ps(f16_at(block, 2));
+    // Scales eight blocks at a time: one gather and conversion for the weights', one load for
+    // the activations', then a permutation per block (one by one, the `f16` scales cost as much
+    // as the products).
+    for chunk in (0..blocks).step_by(8) {
+        let n = (blocks - chunk).min(8);
+        let in_chunk = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        let w_scales: [__m256; RT] = std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES), in_chunk));
+        let x_scales: [__m256; CT] = std::array::from_fn(|c| _mm256_maskload_ps(acts[c].0.as_ptr().add(chunk), in_chunk));
+        if W::CODE_OFFSET.is_none() {
+            // Each block's minimum meets the activations' sum of the block: a lane per block.
+            for c in 0..CT {
+                let x_sums = _mm256_mul_ps(x_scales[c], _mm256_cvtepi32_ps(_mm256_maskload_epi32(acts[c].2.as_ptr().add(chunk), in_chunk)));
+                for a in 0..RT {
+                    acc[a][c] = _mm256_fmadd_ps(f16s::<W>(weights[a].add(chunk * W::BYTES + 2), in_chunk), x_sums, acc[a][c]);
+                }
             }
         }
-        for c in 0..CT {
-            let (xd, xq, xsums) = acts[c];
-            let xv = W::activations(_mm256_loadu_si256(xq.as_ptr().add(b * BLOCK) as *const __m256i));
-            let dx = *xd.get_unchecked(b);
-            // A minimum meets the activations' sum of the block: in one lane, as `hsum` adds
-            // them all.
-            let x_sum = _mm256_set_m128(_mm_setzero_ps(), _mm_set_ss(dx * *xsums.get_unchecked(b) as f32));
-            let dx = _mm256_set1_ps(dx);
+        for k in 0..n {
+            let b = chunk + k;
+            let lane = _mm256_set1_epi32(k as i32);
+            let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(W::pairs(&blocks[a], &xv), ones));
-                acc[a][c] = _mm256_fmadd_ps(_mm256_mul_ps(scales[a], dx), sums, acc[a][c]);
-                if W::CODE_OFFSET.is_none() {
-                    acc[a][c] = _mm256_fmadd_ps(mins[a], x_sum, acc[a][c]);
+                let block = weights[a].add(b * W::BYTES);
+                if CT == 1 {
+                    prefetch_ahead(block, W::BYTES);
+                }
+                blocks[a] = W::weights(block);
+            }
+            for c in 0..CT {
+                let xv = W::activations(_mm256_loadu_si256(acts[c].1.as_ptr().add(b * BLOCK) as *const __m256i));
+                let dx = _mm256_permutevar8x32_ps(x_scales[c], lane);
+                for a in 0..RT {
+                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(W::pairs(&blocks[a], &xv), ones));
+                    acc[a][c] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_permutevar8x32_ps(w_scales[a], lane), dx), sums, acc[a][c]);
                 }
             }
         }
     }
     store(&acc, hsum, w, r, i, out)
+}
+
+/// The `f16`s at `first`, `first + BYTES`, … that `blocks` keeps (the others zero), as eight
+/// `f32`: from a block's start its scale, from two bytes on Q4_1's and Q5_1's minimum.
+#[inline(always)]
+unsafe fn f16s<W: Block>(first: *const u8, blocks: __m256i) -> __m256 {
+    const { assert!(W::BYTES >= 6, "the gather reads four bytes from each block, two bytes on for a minimum") };
+    let offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(W::BYTES as i32));
+    // Each lane reads the `f16` and the block's next two bytes; the low halves are kept.
+    let words = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), first as *const i32, offsets, blocks);
+    let low = _mm256_and_si256(words, _mm256_set1_epi32(0xFFFF));
+    _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(low), _mm256_extracti128_si256::<1>(low)))
 }
 
 /// Q4_K: within a super-block, each sub-block's integer sum is multiplied by its 6-bit scale
