@@ -1,8 +1,9 @@
 //! Activations quantized to 8-bit blocks, the form the integer dot products take them in.
 
-use std::sync::OnceLock;
+use std::ops::Range;
 
 use crate::blocks::BLOCK;
+use crate::OutPtr;
 
 /// Rows per tile of [`Interleaved`].
 pub const TILE_ROWS: usize = 8;
@@ -19,7 +20,7 @@ pub struct QuantizedRows {
     values: Vec<i8>,
     sums: Vec<i32>,
     sums16: Vec<i16>,
-    interleaved: OnceLock<Interleaved>,
+    interleaved: Option<Interleaved>,
 }
 
 /// The same rows interleaved for a kernel that multiplies 4 bytes of many weight rows by the
@@ -42,25 +43,55 @@ impl QuantizedRows {
     /// Quantizes `x`, rows of `cols` values (a multiple of `group`, itself a multiple of 32):
     /// each group scaled so that its largest magnitude becomes ±127, rounded to nearest.
     pub fn new(x: &[f32], cols: usize, group: usize) -> Self {
+        Self::for_product(x, cols, group, None)
+    }
+
+    /// [`QuantizedRows::new`], and [`Interleaved`] in groups of `interleave` values (16 or 32)
+    /// when the product's kernels read them so. Many rows (a prompt) are quantized on the
+    /// compute pool, a tile of [`TILE_ROWS`] rows per work item, which interleaves its rows too:
+    /// on the calling thread alone, this took a sixth of a 512-token prompt's time at two
+    /// threads (`perf`).
+    pub(crate) fn for_product(x: &[f32], cols: usize, group: usize, interleave: Option<usize>) -> Self {
         debug_assert!(group % BLOCK == 0 && cols % group == 0 && x.len() % cols == 0);
-        let mut scales = Vec::with_capacity(x.len() / group);
+        let rows = x.len() / cols;
+        let mut scales = vec![0f32; x.len() / group];
         let mut values = vec![0i8; x.len()];
-        for (chunk, out) in x.chunks_exact(group).zip(values.chunks_exact_mut(group)) {
-            // Eight running maxima, so that the loop vectorizes.
-            let lanes = chunk.chunks_exact(8).fold([0f32; 8], |m, v| std::array::from_fn(|l| m[l].max(v[l].abs())));
-            let amax = lanes.into_iter().fold(0f32, f32::max);
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            // Ties to even, as llama.cpp's SIMD quantizers round (one instruction, unlike
-            // `round`).
-            for (q, v) in out.iter_mut().zip(chunk) {
-                *q = (v * inv).round_ties_even() as i8;
+        let mut sums16 = vec![0i16; x.len() / (BLOCK / 2)];
+        let mut interleaved = interleave.map(|g| Interleaved::zeros(g, rows, cols));
+        let tiles = rows.div_ceil(TILE_ROWS);
+        {
+            let (scales_out, values_out, sums_out) = (OutPtr(scales.as_mut_ptr()), OutPtr(values.as_mut_ptr()), OutPtr(sums16.as_mut_ptr()));
+            let interleaved_out = interleaved.as_mut().map(|t| (t.group, OutPtr(t.values.as_mut_ptr()), OutPtr(t.scales.as_mut_ptr()), OutPtr(t.scaled_sums.as_mut_ptr())));
+            let quantize_tiles = |range: Range<usize>| {
+                for tile in range {
+                    let tile_rows = tile * TILE_ROWS..rows.min((tile + 1) * TILE_ROWS);
+                    let n = tile_rows.len();
+                    // SAFETY: each tile's rows (and interleaved tile) are written by its work
+                    // item alone; the vectors outlive the pool's execution.
+                    let (scales, values, sums16) = unsafe {
+                        (
+                            scales_out.slice(tile_rows.start * cols / group..tile_rows.end * cols / group),
+                            values_out.slice(tile_rows.start * cols..tile_rows.end * cols),
+                            sums_out.slice(tile_rows.start * cols / 16..tile_rows.end * cols / 16),
+                        )
+                    };
+                    quantize(&x[tile_rows.start * cols..tile_rows.end * cols], group, scales, values, sums16);
+                    if let Some((g, values_out, scales_out, sums_out)) = &interleaved_out {
+                        let groups = cols / g;
+                        let tile_values = tile * groups * g * TILE_ROWS..(tile + 1) * groups * g * TILE_ROWS;
+                        let tile_groups = tile * groups * TILE_ROWS..(tile + 1) * groups * TILE_ROWS;
+                        let into = unsafe { (values_out.slice(tile_values), scales_out.slice(tile_groups.clone()), sums_out.slice(tile_groups)) };
+                        interleave_tile(*g, (scales, &values[..n * cols]), cols, group, into);
+                    }
+                }
+            };
+            match rows >= PARALLEL_ROWS {
+                true => candle_core::utils::barrier_pool().execute_chunked(tiles, quantize_tiles),
+                false => quantize_tiles(0..tiles),
             }
-            scales.push(d);
         }
-        let sums16: Vec<i16> = values.chunks_exact(BLOCK / 2).map(|b| b.iter().map(|&q| q as i16).sum()).collect();
         let sums = sums16.chunks_exact(2).map(|pair| pair[0] as i32 + pair[1] as i32).collect();
-        Self { cols, group, scales, values, sums, sums16, interleaved: OnceLock::new() }
+        Self { cols, group, scales, values, sums, sums16, interleaved }
     }
 
     pub fn rows(&self) -> usize {
@@ -83,39 +114,129 @@ impl QuantizedRows {
         &self.sums16[i * per_row..(i + 1) * per_row]
     }
 
-    /// The rows [`Interleaved`] in groups of `group` values (16 or 32), built by the first
-    /// caller (the threads of one product share it) and kept for the others.
+    /// The rows [`Interleaved`] in groups of `group` values.
+    ///
+    /// # Panics
+    /// If the product did not ask for them so ([`QuantizedRows::for_product`]).
     pub fn interleaved(&self, group: usize) -> &Interleaved {
-        let built = self.interleaved.get_or_init(|| self.interleave(group));
+        let built = self.interleaved.as_ref().expect("the product interleaves its activations");
         assert_eq!(built.group, group, "one product interleaves its activations one way");
         built
     }
+}
 
-    fn interleave(&self, group: usize) -> Interleaved {
-        debug_assert!(group % 4 == 0 && self.cols % group == 0 && self.group % group == 0);
-        let groups = self.cols / group;
-        let padded = self.rows().next_multiple_of(TILE_ROWS);
-        let mut out = Interleaved {
-            group,
-            values: vec![0; padded * self.cols],
-            scales: vec![0.0; padded * groups],
-            scaled_sums: vec![0.0; padded * groups],
-        };
-        for i in 0..self.rows() {
-            let (tile, row) = (i / TILE_ROWS, i % TILE_ROWS);
-            let (scales, values, _) = self.row(i);
-            for g in 0..groups {
-                let group_values = &values[g * group..(g + 1) * group];
-                let d = scales[g * group / self.group];
-                let at = (tile * groups + g) * TILE_ROWS + row;
-                out.scales[at] = d;
-                out.scaled_sums[at] = d * group_values.iter().map(|&q| q as i32).sum::<i32>() as f32;
-                for (quad, four) in group_values.chunks_exact(4).enumerate() {
-                    let at = (tile * groups + g) * group * TILE_ROWS + (quad * TILE_ROWS + row) * 4;
-                    out.values[at..at + 4].copy_from_slice(four);
-                }
+/// Rows from which quantizing them is spread over the compute pool: waking it costs more than
+/// quantizing a decode step's row or a few.
+const PARALLEL_ROWS: usize = 16;
+
+/// Quantizes whole rows `x` in groups of `group` values into their `scales`, `values` and sums
+/// of 16 values.
+fn quantize(x: &[f32], group: usize, scales: &mut [f32], values: &mut [i8], sums16: &mut [i16]) {
+    for ((chunk, out), d) in x.chunks_exact(group).zip(values.chunks_exact_mut(group)).zip(scales.iter_mut()) {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+        // SAFETY: the build enables AVX2 (`.cargo/config.toml`), so the host running it has it.
+        let scale = unsafe { quantize_group_avx2(chunk, out) };
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+        let scale = quantize_group(chunk, out);
+        *d = scale;
+    }
+    for (sum, sixteen) in sums16.iter_mut().zip(values.chunks_exact(BLOCK / 2)) {
+        *sum = sixteen.iter().map(|&q| q as i16).sum();
+    }
+}
+
+/// One group's values scaled so that the largest magnitude becomes ±127 and rounded to
+/// nearest, ties to even (as llama.cpp's SIMD quantizers round); returns the scale.
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))] // the definition the AVX2 one is tested against
+fn quantize_group(x: &[f32], out: &mut [i8]) -> f32 {
+    // Eight running maxima, so that the loop vectorizes.
+    let lanes = x.chunks_exact(8).fold([0f32; 8], |m, v| std::array::from_fn(|l| m[l].max(v[l].abs())));
+    let amax = lanes.into_iter().fold(0f32, f32::max);
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (q, v) in out.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even() as i8;
+    }
+    d
+}
+
+/// [`quantize_group`] with AVX2, 5–6 × faster (the compiler turns the portable loop's
+/// saturating conversions into scalar code); the same bytes, since the scale is computed the
+/// same way and `cvtps` rounds ties to even.
+///
+/// # Safety
+/// AVX2 is available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_group_avx2(x: &[f32], out: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut m = _mm256_setzero_ps();
+    for eight in x.chunks_exact(8) {
+        m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(eight.as_ptr()), magnitude));
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    for (x, out) in x.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+        let q = |k: usize| _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(8 * k)), inv));
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q(0), q(1)), _mm256_packs_epi32(q(2), q(3)));
+        // The packs work within 128-bit lanes: their 4-byte runs come out in the order 0, 2, 4,
+        // 6, 1, 3, 5, 7.
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, bytes);
+    }
+    d
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn avx2_quantizes_to_the_same_bytes() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        // Halves (ties), zeros, a group of zeros, and magnitudes spread over a wide range.
+        let x: Vec<f32> = (0..4096).map(|i| if i / 256 == 3 { 0.0 } else { ((i * 7919) % 1001) as f32 / 8.0 - 62.5 } * (1 + i % 5) as f32).collect();
+        for group in [32, 256] {
+            for (chunk, i) in x.chunks_exact(group).zip(0..) {
+                let (mut simd, mut portable) = (vec![0i8; group], vec![0i8; group]);
+                let (d_simd, d_portable) = (unsafe { quantize_group_avx2(chunk, &mut simd) }, quantize_group(chunk, &mut portable));
+                assert_eq!((d_simd.to_bits(), &simd), (d_portable.to_bits(), &portable), "group {i} of {group}");
             }
         }
-        out
+    }
+}
+
+impl Interleaved {
+    /// Zeros for `rows` rows of `cols` values, padded to whole tiles.
+    fn zeros(group: usize, rows: usize, cols: usize) -> Self {
+        let padded = rows.next_multiple_of(TILE_ROWS);
+        Self { group, values: vec![0; padded * cols], scales: vec![0.0; padded * cols / group], scaled_sums: vec![0.0; padded * cols / group] }
+    }
+}
+
+/// One tile's quantized rows (their scales per `row_group` values, and their values) interleaved
+/// in groups of `group` into the tile's `(values, scales, scaled_sums)`; padding rows stay zero.
+fn interleave_tile(group: usize, (scales, values): (&[f32], &[i8]), cols: usize, row_group: usize, into: (&mut [i8], &mut [f32], &mut [f32])) {
+    debug_assert!(group % 4 == 0 && cols % group == 0 && row_group % group == 0);
+    let groups = cols / group;
+    let (out_values, out_scales, out_sums) = into;
+    for (row, values) in values.chunks_exact(cols).enumerate() {
+        let scales = &scales[row * cols / row_group..];
+        for g in 0..groups {
+            let group_values = &values[g * group..(g + 1) * group];
+            let d = scales[g * group / row_group];
+            out_scales[g * TILE_ROWS + row] = d;
+            out_sums[g * TILE_ROWS + row] = d * group_values.iter().map(|&q| q as i32).sum::<i32>() as f32;
+            for (quad, four) in group_values.chunks_exact(4).enumerate() {
+                let at = g * group * TILE_ROWS + (quad * TILE_ROWS + row) * 4;
+                out_values[at..at + 4].copy_from_slice(four);
+            }
+        }
     }
 }

@@ -83,6 +83,17 @@ impl Kernels {
 
     const NAMES: [(&'static str, Self); 4] = [("avx512-vnni", Self::Avx512Vnni), ("avx2", Self::Avx2), ("neon-dot", Self::NeonDot), ("scalar", Self::Scalar)];
 
+    /// The group size in which these kernels read `m` activation rows [`activations::Interleaved`] against
+    /// `ty`'s weights, if they do: x86's panels.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has panels
+    fn interleaving(self, ty: BlockType, m: usize) -> Option<usize> {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni | Self::Avx2 => x86::interleaving(ty, m),
+            _ => None,
+        }
+    }
+
     /// Whether this CPU has the instructions these kernels need.
     pub fn runs_here(self) -> bool {
         match self {
@@ -162,7 +173,7 @@ pub fn matmul_with(kernels: Kernels, w: &QMatrix, x: &[f32], y: &mut [f32]) -> R
     if y.len() != m * w.rows {
         return Err(ShapeError(format!("the output of {m}×{} has {} values, not {}", w.rows, m * w.rows, y.len())));
     }
-    let x = QuantizedRows::new(x, w.cols, w.ty.block_values());
+    let x = QuantizedRows::for_product(x, w.cols, w.ty.block_values(), kernels.interleaving(w.ty, m));
     let out = OutPtr(y.as_mut_ptr());
     // Each work item owns a group of weight rows, i.e. the same columns of every output row,
     // so no two items write the same `y` element.
@@ -187,18 +198,18 @@ fn group_rows(rows: usize, m: usize) -> usize {
 }
 
 /// An output that the compute pool's work items write, each its own elements.
-struct OutPtr(*mut f32);
+struct OutPtr<T>(*mut T);
 // SAFETY: the work items of each user write disjoint elements (see `matmul`,
-// `decode_attention`).
-unsafe impl Sync for OutPtr {}
+// `decode_attention`, `QuantizedRows::for_product`).
+unsafe impl<T: Send> Sync for OutPtr<T> {}
 
-impl OutPtr {
+impl<T> OutPtr<T> {
     /// Elements `range` of the output.
     ///
     /// # Safety
     /// They are inside the output, and no other work item touches them while the slice lives.
     #[allow(clippy::mut_from_ref)] // a raw pointer's target, not `self`, is borrowed
-    unsafe fn slice(&self, range: std::ops::Range<usize>) -> &mut [f32] {
+    unsafe fn slice(&self, range: std::ops::Range<usize>) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(range.start), range.len())
     }
 }
@@ -208,7 +219,7 @@ impl OutPtr {
 /// # Safety
 /// `kernels` run here; `out` points to `x.rows() × w.rows` values that no other thread writes
 /// in these columns.
-unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: std::ops::Range<usize>, out: &OutPtr) {
+unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: std::ops::Range<usize>, out: &OutPtr<f32>) {
     match kernels {
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx512Vnni => return x86::avx512::product_rows(w, x, rows, out.0),

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::panel::{group_values, largest_code, Group, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
+use super::panel::{group_values, largest_code, Group, Panel, PANEL_ROWS};
 use super::{f16_at, prefetch_ahead};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, q3_k_scales, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
@@ -25,7 +25,7 @@ pub fn detected() -> bool {
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
-    if x.rows() >= PANEL_MIN_ACTIVATIONS {
+    if super::interleaving(w.ty, x.rows()).is_some() {
         return match w.ty {
             // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
             BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true>(w, x, rows, out),

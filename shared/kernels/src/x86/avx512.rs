@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::panel::{group_values, Panel, PANEL_MIN_ACTIVATIONS, PANEL_ROWS};
+use super::panel::{Panel, PANEL_ROWS};
 use super::prefetch_ahead;
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, BlockType, BLOCK};
@@ -31,11 +31,10 @@ pub fn detected() -> bool {
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
-    if x.rows() >= PANEL_MIN_ACTIVATIONS {
-        return match group_values(w.ty) {
-            16 => panel_rows::<16>(w, x, rows, out),
-            _ => panel_rows::<BLOCK>(w, x, rows, out),
-        };
+    match super::interleaving(w.ty, x.rows()) {
+        Some(16) => return panel_rows::<16>(w, x, rows, out),
+        Some(_) => return panel_rows::<BLOCK>(w, x, rows, out),
+        None => {}
     }
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, 4, DECODE_ROWS>(w, x, rows, out),

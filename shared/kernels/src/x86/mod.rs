@@ -6,6 +6,15 @@ mod panel;
 
 use std::arch::x86_64::*;
 
+use crate::blocks::BlockType;
+use panel::{group_values, PANEL_MIN_ACTIVATIONS};
+
+/// The group size in which the panels read `m` activation rows against `ty`'s weights, if a
+/// product of `m` rows goes through panels.
+pub fn interleaving(ty: BlockType, m: usize) -> Option<usize> {
+    (m >= PANEL_MIN_ACTIVATIONS).then(|| group_values(ty))
+}
+
 /// How far ahead of the current block a decode step asks for its weight rows: measured over a
 /// whole model (Q4_K_M, one thread, one row per tile), none 8.4 tok/s, 1 KiB 10.9–11.1, 2 KiB
 /// 12.0–13.3, 4 KiB 13.4–13.8, 8 KiB and more no better and less steady.
