@@ -210,12 +210,7 @@ impl Block for Q8_0 {
 struct Nibbles<const FIFTH_BIT: bool, const MIN: bool>;
 
 impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
-    const TY: BlockType = match (FIFTH_BIT, MIN) {
-        (false, false) => BlockType::Q4_0,
-        (false, true) => BlockType::Q4_1,
-        (true, false) => BlockType::Q5_0,
-        (true, true) => BlockType::Q5_1,
-    };
+    const TY: BlockType = BlockType::nibbles(FIFTH_BIT, MIN);
 
     #[inline(always)]
     unsafe fn unpack(block: *const u8, into: &mut Unpacked) {
@@ -233,10 +228,9 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
             }
         }
         for (g, codes) in codes.into_iter().enumerate() {
-            into.codes[g] = match (MIN, FIFTH_BIT) {
-                (true, _) => vreinterpretq_s8_u8(codes),
-                (false, false) => centred(codes, 8),
-                (false, true) => centred(codes, 16),
+            into.codes[g] = match Self::TY.code_offset() {
+                Some(code_offset) => centred(codes, code_offset as u8),
+                None => vreinterpretq_s8_u8(codes),
             };
         }
         if MIN {

@@ -75,6 +75,26 @@ impl BlockType {
         matches!(self, Self::Q4_1 | Self::Q5_1)
     }
 
+    /// The legacy type of 4-bit codes with a fifth bit or not, and a minimum or not: Q4_0, Q4_1,
+    /// Q5_0 or Q5_1.
+    pub const fn nibbles(fifth_bit: bool, minimum: bool) -> Self {
+        match (fifth_bit, minimum) {
+            (false, false) => Self::Q4_0,
+            (false, true) => Self::Q4_1,
+            (true, false) => Self::Q5_0,
+            (true, true) => Self::Q5_1,
+        }
+    }
+
+    /// What the codes of Q4_0 (8) and Q5_0 (16) are less; `None` for the others.
+    pub const fn code_offset(self) -> Option<i8> {
+        match self {
+            Self::Q4_0 => Some(8),
+            Self::Q5_0 => Some(16),
+            _ => None,
+        }
+    }
+
     /// Whether a legacy block's codes have a fifth bit (Q5_0, Q5_1).
     pub const fn has_fifth_bit(self) -> bool {
         matches!(self, Self::Q5_0 | Self::Q5_1)
@@ -104,11 +124,9 @@ pub fn legacy_code(ty: BlockType, block: &[u8], v: usize) -> u8 {
 /// A Q4_0, Q4_1, Q5_0 or Q5_1 block's `(scale, offset)`: value = scale · code − offset.
 pub fn legacy_scale_offset(ty: BlockType, block: &[u8]) -> (f32, f32) {
     let d = f16_at(block, 0);
-    match ty {
-        BlockType::Q4_1 | BlockType::Q5_1 => (d, -f16_at(block, 2)),
-        BlockType::Q5_0 => (d, 16.0 * d),
-        BlockType::Q4_0 => (d, 8.0 * d),
-        other => unreachable!("a {other:?} block has no nibbles"),
+    match ty.code_offset() {
+        Some(code_offset) => (d, f32::from(code_offset) * d),
+        None => (d, -f16_at(block, 2)),
     }
 }
 

@@ -672,21 +672,12 @@ type Q5_0 = Nibbles<true, false>;
 type Q5_1 = Nibbles<true, true>;
 
 impl<const FIFTH_BIT: bool, const MIN: bool> Nibbles<FIFTH_BIT, MIN> {
-    const TY: BlockType = match (FIFTH_BIT, MIN) {
-        (false, false) => BlockType::Q4_0,
-        (false, true) => BlockType::Q4_1,
-        (true, false) => BlockType::Q5_0,
-        (true, true) => BlockType::Q5_1,
-    };
+    const TY: BlockType = BlockType::nibbles(FIFTH_BIT, MIN);
 }
 
 impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
     const BYTES: usize = Self::TY.block_bytes();
-    const CODE_OFFSET: Option<i8> = match (FIFTH_BIT, MIN) {
-        (_, true) => None,
-        (false, false) => Some(8),
-        (true, false) => Some(16),
-    };
+    const CODE_OFFSET: Option<i8> = Self::TY.code_offset();
     /// `[q]`, the unsigned codes (see [`crate::blocks::legacy_code`]).
     #[inline(always)]
     unsafe fn weights(block: *const u8) -> [__m256i; 2] {

@@ -154,17 +154,11 @@ impl Block for Q8_0 {
 struct Nibbles<const FIFTH_BIT: bool, const MIN: bool>;
 
 impl<const FIFTH_BIT: bool, const MIN: bool> Nibbles<FIFTH_BIT, MIN> {
-    const TY: BlockType = match (FIFTH_BIT, MIN) {
-        (false, false) => BlockType::Q4_0,
-        (false, true) => BlockType::Q4_1,
-        (true, false) => BlockType::Q5_0,
-        (true, true) => BlockType::Q5_1,
-    };
+    const TY: BlockType = BlockType::nibbles(FIFTH_BIT, MIN);
     /// What the codes are less (nothing with a minimum).
-    const CODE_OFFSET: i8 = match (FIFTH_BIT, MIN) {
-        (_, true) => 0,
-        (false, false) => 8,
-        (true, false) => 16,
+    const CODE_OFFSET: i8 = match Self::TY.code_offset() {
+        Some(code_offset) => code_offset,
+        None => 0,
     };
 }
 
