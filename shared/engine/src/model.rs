@@ -4,7 +4,7 @@
 //! per-layer KV cache; padding is masked out so rows of different lengths share every matmul.
 
 use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{DType, Device, Layout, Module, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
 use llm_kernels::{DecodeShape, QMatrix};
 
 use crate::config::LlamaConfig;
@@ -196,7 +196,7 @@ fn attend(q: &Tensor, k_t: &Tensor, v: &Tensor, mask: Option<&Tensor>, rep: usiz
                 .reshape((b, nkv, rep * n, keys))?,
             None => scores,
         };
-        Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?)
+        Ok(softmax_last_dim(scores)?.matmul(&v)?)
     };
     let q = q.reshape((b, nkv, rep, s, hd))?;
     match mask {
@@ -217,6 +217,52 @@ fn attend(q: &Tensor, k_t: &Tensor, v: &Tensor, mask: Option<&Tensor>, rep: usiz
     }
 }
 
+/// The softmax of each row of `scores`. On the CPU in `f32`, [`llm_kernels::softmax_rows`]
+/// computes it in place with a vectorized exponential, where candle's takes a libm call per score.
+fn softmax_last_dim(scores: Tensor) -> Result<Tensor> {
+    if in_place_f32(&[&scores]) {
+        scores.inplace_op1(&SoftmaxRows)?;
+        return Ok(scores);
+    }
+    Ok(candle_nn::ops::softmax_last_dim(&scores)?)
+}
+
+/// Whether the in-place kernels below can take these tensors: `f32`, contiguous, on the CPU.
+fn in_place_f32(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+}
+
+/// The contiguous `f32` values of a CPU storage that an in-place operation is given.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
+        _ => candle_core::bail!("the in-place kernels take contiguous f32 tensors"),
+    }
+}
+
+/// [`contiguous_f32`], to be written.
+fn contiguous_f32_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&mut values[start..end]),
+        _ => candle_core::bail!("the in-place kernels take contiguous f32 tensors"),
+    }
+}
+
+/// [`llm_kernels::softmax_rows`] as candle's in-place operation on the scores' storage, which
+/// their product has just made and nothing else holds.
+struct SoftmaxRows;
+
+impl candle_core::InplaceOp1 for SoftmaxRows {
+    fn name(&self) -> &'static str {
+        "softmax-rows"
+    }
+
+    fn cpu_fwd(&self, scores: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let cols = layout.dims().last().copied().unwrap_or(1);
+        llm_kernels::softmax_rows(contiguous_f32_mut(scores, layout)?, cols).map_err(candle_core::Error::wrap)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Mlp {
     gate: Linear,
@@ -226,8 +272,33 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
+        self.down.forward(&swiglu(gate, &up)?)
+    }
+}
+
+/// `silu(gate) · up`. On the CPU in `f32`, [`llm_kernels::silu_mul`] computes it in place, in one
+/// pass over the compute pool: candle's SiLU is a libm call per value on the calling thread, and
+/// the product a second pass.
+fn swiglu(gate: Tensor, up: &Tensor) -> Result<Tensor> {
+    if in_place_f32(&[&gate, up]) && gate.dims() == up.dims() {
+        gate.inplace_op2(up, &SiluMul)?;
+        return Ok(gate);
+    }
+    Ok((candle_nn::ops::silu(&gate)? * up)?)
+}
+
+/// [`llm_kernels::silu_mul`] as candle's in-place operation on the gate's storage, which the
+/// gate's product has just made and nothing else holds.
+struct SiluMul;
+
+impl candle_core::InplaceOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, gate: &mut CpuStorage, gate_layout: &Layout, up: &CpuStorage, up_layout: &Layout) -> candle_core::Result<()> {
+        llm_kernels::silu_mul(contiguous_f32_mut(gate, gate_layout)?, contiguous_f32(up, up_layout)?).map_err(candle_core::Error::wrap)
     }
 }
 

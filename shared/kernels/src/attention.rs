@@ -8,7 +8,8 @@
 
 use std::ops::Range;
 
-use crate::{Kernels, OutPtr, ShapeError};
+use crate::softmax::softmax;
+use crate::{OutPtr, ShapeError};
 
 /// The shapes of a decode step: `rows` sequences, one query position each, over a cache of
 /// `capacity` positions per KV head, the first `len` of them filled.
@@ -67,7 +68,7 @@ pub fn decode_attention(shape: &DecodeShape, scale: f32, q: &[f32], k: &[f32], v
             // `group`; `out` outlives the pool's execution.
             let out = unsafe { out.slice(group.clone()) };
             let scores = &mut scores[..rep * head.keys.len()];
-            head.attend(&q[group], scale, scores, out);
+            attend(&head, &q[group], scale, scores, out);
         }
     });
     Ok(())
@@ -89,39 +90,12 @@ struct Head<'a> {
 const RUN: usize = 64;
 
 impl Head<'_> {
-    /// Attention of the query heads `q` (`[rep, head_dim]`) into `out`, `scores` (`[rep, keys]`)
-    /// their workspace.
-    fn attend(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-        match Kernels::best() {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX-512 (`Kernels::best` found it).
-            Kernels::Avx512Vnni => unsafe { self.attend_avx512(q, scale, scores, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above, AVX2 and FMA.
-            Kernels::Avx2 => unsafe { self.attend_avx2(q, scale, scores, out) },
-            _ => self.attend_portable(q, scale, scores, out),
-        }
-    }
-
-    /// The same loops compiled for wider registers: they are written so that they vectorize.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn attend_avx512(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-        self.attend_portable(q, scale, scores, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn attend_avx2(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-        self.attend_portable(q, scale, scores, out)
-    }
-
     /// Runs of keys outer, query heads inner: a run's keys and values (16 KiB each for heads of
     /// 64) are read from memory once and then from L1 by every query head (with the heads
     /// outer, each head read the whole cache again from L2: 207 against 178 µs per layer after
     /// 512 tokens, one thread, `cargo bench -p llm-kernels --bench attention`).
     #[inline(always)]
-    fn attend_portable(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    fn attend_in_runs(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
         let (hd, n) = (self.head_dim, self.keys.len());
         for start in (0..n).step_by(RUN) {
             for (q, scores) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
@@ -189,41 +163,10 @@ fn whole_runs_unrolled(run: impl Fn(usize, &mut [f32]), out: &mut [f32]) {
     }
 }
 
-/// In place, with the exponential of [`exp_nonpositive`] and the maximum and sum taken in
-/// lanes, so that every loop vectorizes.
-#[inline(always)]
-fn softmax(x: &mut [f32]) {
-    let max = lanes(x, f32::NEG_INFINITY, f32::max);
-    x.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
-    let inv = 1.0 / lanes(x, 0.0, |a, b| a + b);
-    x.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// `x` folded by `f` from `init`, 16 lanes at a time.
-#[inline(always)]
-fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
-    let lanes = chunks.fold([init; 16], |acc, c| std::array::from_fn(|l| f(acc[l], c[l])));
-    lanes.into_iter().fold(tail, f)
-}
-
-/// `eˣ` for `x ≤ 0`, within 2 ulp (e^x = 2ⁿ · eʳ with `n` the nearest integer to x·log₂e and
-/// |r| ≤ ln2/2, eʳ by its Taylor polynomial of degree 7), in operations that vectorize: libm's
-/// `expf` is a call per value, as long as the rest of the step's attention together.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    // ln 2 as a part with few digits (`n · LN2_HI` is exact) and the rest.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Below this, eˣ is under f32's smallest normal number; e^-87 is still above it.
-    let x = x.max(-87.0);
-    // Adding and taking away 1.5·2²³ rounds to the nearest integer.
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
-}
+widest_registers!(
+    /// Attention of `head`'s query heads `q` (`[rep, head_dim]`) into `out`, `scores` (`[rep,
+    /// keys]`) their workspace.
+    fn attend(head: &Head<'_>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) => Head::attend_in_runs);
 
 #[cfg(test)]
 mod tests {
@@ -272,16 +215,6 @@ mod tests {
                 assert!((got - want).abs() < 1e-5, "head size {hd}, {len} keys, value {i}: {got} vs {want}");
             }
         }
-    }
-
-    #[test]
-    fn exponential_is_within_two_ulp() {
-        for i in 0..=100_000 {
-            let x = -87.0 * i as f32 / 100_000.0;
-            let (got, want) = (exp_nonpositive(x), (x as f64).exp());
-            assert!(((got as f64 - want) / want).abs() < 2.0 * f32::EPSILON as f64, "e^{x}: {got} vs {want}");
-        }
-        assert!(exp_nonpositive(-1000.0) < 1e-37);
     }
 
     #[test]

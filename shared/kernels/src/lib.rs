@@ -15,14 +15,48 @@
 //! the SIMD kernels are tested against.
 //!
 //! Also owns the other loop a decode step spends its time in beside the weights: attention of
-//! the new position over the KV cache ([`decode_attention`]).
+//! the new position over the KV cache ([`decode_attention`]); and the MLP's gating between two
+//! products ([`silu_mul`]) and a prompt's softmax ([`softmax_rows`]), whose exponentials candle takes
+//! one libm call at a time.
+
+/// Defines `fn $name($args)`, which runs `$portable` (an `#[inline(always)]` function whose loops
+/// are written so that they vectorize) compiled for the widest registers [`Kernels::best`] has.
+macro_rules! widest_registers {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $portable:path) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,fma")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $portable($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $portable($($arg),*)
+            }
+            match $crate::Kernels::best() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX-512 (`Kernels::best` found it).
+                $crate::Kernels::Avx512Vnni => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above, AVX2 and FMA.
+                $crate::Kernels::Avx2 => unsafe { avx2($($arg),*) },
+                _ => $portable($($arg),*),
+            }
+        }
+    };
+}
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod activations;
 mod attention;
 mod blocks;
+mod exp;
 pub mod scalar;
+mod softmax;
+mod swiglu;
 mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -32,6 +66,8 @@ use std::sync::OnceLock;
 pub use activations::QuantizedRows;
 pub use attention::{decode_attention, DecodeShape};
 pub use blocks::BlockType;
+pub use softmax::softmax_rows;
+pub use swiglu::silu_mul;
 
 /// An implementation of the products, by the instructions it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +236,8 @@ fn group_rows(rows: usize, m: usize) -> usize {
 /// An output that the compute pool's work items write, each its own elements.
 struct OutPtr<T>(*mut T);
 // SAFETY: the work items of each user write disjoint elements (see `matmul`,
-// `decode_attention`, `QuantizedRows::for_product`).
+// `decode_attention`, `QuantizedRows::for_product`, `silu_mul`,
+// `softmax_rows`).
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 
 impl<T> OutPtr<T> {
