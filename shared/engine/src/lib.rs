@@ -7,6 +7,7 @@
 //! It knows nothing of S3, HTTP or Lambda: callers hand it local paths and token callbacks.
 
 pub mod adapter;
+pub mod allocator;
 pub mod chat;
 pub mod config;
 pub mod error;

@@ -1,12 +1,14 @@
 //! Sizing the compute thread pools. candle's quantized kernels and its barrier pool (which
 //! `llm-kernels` runs on) read `RAYON_NUM_THREADS`, its dense matmuls use rayon's global pool:
-//! both must agree, and be set before first use.
+//! both must agree, and be set before first use. The allocator is set up for the computation
+//! at the same time ([`crate::allocator`]).
 
 use crate::error::{EngineError, Result};
 
 /// Sizes both pools to `threads`; `None` leaves them at one thread per core. Call before any
 /// computation, once per process.
 pub fn configure(threads: Option<usize>) -> Result<()> {
+    crate::allocator::keep_activation_memory();
     let Some(n) = threads else {
         return Ok(());
     };
