@@ -403,9 +403,7 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     let Storage::Cpu(cpu) = storage else {
         unreachable!("the caller checked that the tensor is on the CPU")
     };
-    debug_assert!(layout.is_contiguous());
-    let start = layout.start_offset();
-    Ok(&cpu.as_slice::<f32>()?[start..start + layout.shape().elem_count()])
+    Ok(contiguous_f32(cpu, layout)?)
 }
 
 impl KvCache {

@@ -233,11 +233,29 @@ fn group_rows(rows: usize, m: usize) -> usize {
     per_item.min(rows.div_ceil(4 * candle_core::utils::get_num_threads()).next_multiple_of(4)).max(4)
 }
 
+/// Values per work item of [`in_chunks`]' users (64 KiB of `f32`).
+const CHUNK_VALUES: usize = 16 * 1024;
+
+/// `f(values, &mut x[values])` for consecutive runs of `chunk` values of `x` (the last one
+/// shorter): on the compute pool when there are more than two, otherwise on the calling thread
+/// (a decode step's few values are not worth waking the pool).
+fn in_chunks(x: &mut [f32], chunk: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+    let (len, chunks) = (x.len(), x.len().div_ceil(chunk));
+    if chunks <= 2 {
+        return f(0..len, x);
+    }
+    let out = OutPtr(x.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(chunks, |items| {
+        let values = items.start * chunk..len.min(items.end * chunk);
+        // SAFETY: each work item has its own chunks of `x`, which outlives the pool's execution.
+        f(values.clone(), unsafe { out.slice(values) });
+    });
+}
+
 /// An output that the compute pool's work items write, each its own elements.
 struct OutPtr<T>(*mut T);
 // SAFETY: the work items of each user write disjoint elements (see `matmul`,
-// `decode_attention`, `QuantizedRows::for_product`, `silu_mul`,
-// `softmax_rows`).
+// `decode_attention`, `QuantizedRows::for_product`, `in_chunks`).
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 
 impl<T> OutPtr<T> {

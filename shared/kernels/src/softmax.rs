@@ -5,10 +5,7 @@
 //! 92 million scores.
 
 use crate::exp::exp_nonpositive;
-use crate::{OutPtr, ShapeError};
-
-/// Values per work item on the compute pool, in whole rows.
-const CHUNK: usize = 16 * 1024;
+use crate::{in_chunks, ShapeError, CHUNK_VALUES};
 
 /// Each row of `cols` values of `x` replaced by its softmax, rows spread over the compute pool.
 /// A row's largest value is its own `eˣ = 1`, so a row of scores whose mask leaves at least one
@@ -17,18 +14,8 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) -> Result<(), ShapeError> {
     if cols == 0 || x.len() % cols != 0 {
         return Err(ShapeError(format!("{} values are not rows of {cols}", x.len())));
     }
-    let rows_per_item = (CHUNK / cols).max(1);
-    let items = (x.len() / cols).div_ceil(rows_per_item);
-    if items <= 2 {
-        softmax_each(x, cols);
-        return Ok(());
-    }
-    let (len, out) = (x.len(), OutPtr(x.as_mut_ptr()));
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-        let values = range.start * rows_per_item * cols..len.min(range.end * rows_per_item * cols);
-        // SAFETY: each work item writes its own rows of `x`, which outlives the pool's execution.
-        softmax_each(unsafe { out.slice(values) }, cols);
-    });
+    let rows_per_item = (CHUNK_VALUES / cols).max(1);
+    in_chunks(x, rows_per_item * cols, |_, rows| softmax_each(rows, cols));
     Ok(())
 }
 

@@ -6,10 +6,7 @@
 //! spread over the compute pool when the rows are many.
 
 use crate::exp::exp_nonpositive;
-use crate::{OutPtr, ShapeError};
-
-/// Values per work item on the compute pool (64 KiB of each operand).
-const CHUNK: usize = 16 * 1024;
+use crate::{in_chunks, ShapeError, CHUNK_VALUES};
 
 /// `gate[i] = silu(gate[i]) · up[i]`, where `silu(x) = x / (1 + e⁻ˣ)`; on the compute pool when
 /// there are more than a few chunks of values (a decode step's rows are not worth waking it).
@@ -17,19 +14,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) -> Result<(), ShapeError> {
     if gate.len() != up.len() {
         return Err(ShapeError(format!("SwiGLU's gate has {} values and its up projection {}", gate.len(), up.len())));
     }
-    if gate.len() <= 2 * CHUNK {
-        silu_mul_chunk(gate, up);
-        return Ok(());
-    }
-    let len = gate.len();
-    let out = OutPtr(gate.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(CHUNK), |chunks| {
-        let values = chunks.start * CHUNK..len.min(chunks.end * CHUNK);
-        // SAFETY: each work item writes its own chunks of `gate`, which outlives the pool's
-        // execution.
-        let gate = unsafe { out.slice(values.clone()) };
-        silu_mul_chunk(gate, &up[values]);
-    });
+    in_chunks(gate, CHUNK_VALUES, |values, gate| silu_mul_chunk(gate, &up[values]));
     Ok(())
 }
 
@@ -61,7 +46,7 @@ mod tests {
     fn gating_matches_its_definition() {
         // Lengths on the calling thread and on the pool, the last chunk partial; gates from
         // far below zero (where silu vanishes) to far above (where it is the identity).
-        for len in [7, 2 * CHUNK, 5 * CHUNK + 13] {
+        for len in [7, 2 * CHUNK_VALUES, 5 * CHUNK_VALUES + 13] {
             let gate: Vec<f32> = (0..len).map(|i| -100.0 + 200.0 * i as f32 / len as f32).collect();
             let up: Vec<f32> = (0..len).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
             let mut out = gate.clone();
