@@ -259,13 +259,20 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     // Scales eight blocks at a time: one gather and conversion for the weights', one load for
-    // the activations', then a permutation per block (one by one, the `f16` scales cost as much
-    // as the products).
+    // the activations', their products into memory, from which each block broadcasts its own
+    // (a load, beside the multiply-adds' ports; one by one, the `f16` scales cost as much as the
+    // products).
+    let mut scales = [[[0f32; 8]; CT]; RT];
     for chunk in (0..blocks).step_by(8) {
         let n = (blocks - chunk).min(8);
         let in_chunk = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         let w_scales: [__m256; RT] = std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES), in_chunk));
         let x_scales: [__m256; CT] = std::array::from_fn(|c| _mm256_maskload_ps(acts[c].0.as_ptr().add(chunk), in_chunk));
+        for a in 0..RT {
+            for c in 0..CT {
+                _mm256_storeu_ps(scales[a][c].as_mut_ptr(), _mm256_mul_ps(w_scales[a], x_scales[c]));
+            }
+        }
         if W::CODE_OFFSET.is_none() {
             // Each block's minimum meets the activations' sum of the block: a lane per block.
             for c in 0..CT {
@@ -277,7 +284,6 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         }
         for k in 0..n {
             let b = chunk + k;
-            let lane = _mm256_set1_epi32(k as i32);
             let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
                 let block = weights[a].add(b * W::BYTES);
@@ -288,10 +294,9 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             }
             for c in 0..CT {
                 let xv = W::activations(_mm256_loadu_si256(acts[c].1.as_ptr().add(b * BLOCK) as *const __m256i));
-                let dx = _mm256_permutevar8x32_ps(x_scales[c], lane);
                 for a in 0..RT {
                     let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(W::pairs(&blocks[a], &xv), ones));
-                    acc[a][c] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_permutevar8x32_ps(w_scales[a], lane), dx), sums, acc[a][c]);
+                    acc[a][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[a][c][k]), sums, acc[a][c]);
                 }
             }
         }
@@ -682,8 +687,10 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
     #[inline(always)]
     unsafe fn weights(block: *const u8) -> [__m256i; 2] {
         let (high_bits, nibbles_at) = legacy_layout(Self::TY);
-        let packed = _mm_loadu_si128(block.add(nibbles_at) as *const __m128i);
-        let mut q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+        // Low nibbles in the low lane, high in the high one: a broadcast load and a shift of the
+        // high lane alone take one shuffle-port instruction less than a shift and an insert.
+        let packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(block.add(nibbles_at) as *const __m128i));
+        let mut q = _mm256_and_si256(_mm256_srlv_epi64(packed, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
         if FIFTH_BIT {
             q = _mm256_or_si256(q, fifth_bits((block.add(high_bits) as *const u32).read_unaligned()));
         }
