@@ -258,10 +258,11 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     let blocks = w.cols / BLOCK;
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
-    // Scales eight blocks at a time: one conversion for the weights', one load for the
-    // activations', their products into memory, from which each block broadcasts its own
-    // (a load, beside the multiply-adds' ports; one by one, the `f16` scales cost as much as the
-    // products). On Zen 3 (`cargo bench`, one layer's decode product, one thread, GFLOP/s),
+    // Scales eight blocks at a time (one by one, the `f16` scales cost as much as the
+    // products): one conversion for the weights', one load for the activations', and their
+    // products, from which each block and weight row broadcasts its own (LLVM keeps them in
+    // registers and broadcasts with two shuffles; before, each block and row permuted both
+    // scales and multiplied them). On Zen 3 (`cargo bench`, one layer's decode product, one thread, GFLOP/s),
     // the weights' scales loaded one by one instead of gathered and the code offsets taken with
     // the minimums instead of per block: Q4_0 23–39 → 34–50, Q8_0 27–34 → 29–42, Q4_1 30–34 →
     // 36–45.
