@@ -262,10 +262,10 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     // products): one conversion for the weights', one load for the activations', and their
     // products, from which each block and weight row broadcasts its own (LLVM keeps them in
     // registers and broadcasts with two shuffles; before, each block and row permuted both
-    // scales and multiplied them). On Zen 3 (`cargo bench`, one layer's decode product, one thread, GFLOP/s),
-    // the weights' scales loaded one by one instead of gathered and the code offsets taken with
-    // the minimums instead of per block: Q4_0 23–39 → 34–50, Q8_0 27–34 → 29–42, Q4_1 30–34 →
-    // 36–45.
+    // scales and multiplied them). On Zen 3 (`cargo bench`, one layer's decode product, one
+    // thread, GFLOP/s), the weights' scales loaded one by one instead of gathered and the code
+    // offsets taken with the minimums instead of per block: Q4_0 23–39 → 34–50, Q8_0 27–34 →
+    // 29–42, Q4_1 30–34 → 36–45.
     let mut scales = [[[0f32; 8]; CT]; RT];
     for chunk in (0..blocks).step_by(8) {
         let n = (blocks - chunk).min(8);
@@ -487,10 +487,11 @@ impl Sixteens for Q3K {
     unsafe fn d(block: *const u8) -> (f32, f32) {
         (f16_at(block, 108), 0.0)
     }
+    /// [`crate::blocks::q3_k_scales`] in registers: the low nibbles of words 0 and 1, then their
+    /// high nibbles, each word with two bits of word 2 on top. (Built byte by byte from it, the
+    /// scales took a tenth of a decode step's Q3_K product; one layer's, Zen 3, one thread:
+    /// 25 → 36–39 GFLOP/s.)
     #[inline(always)]
-    /// [`crate::blocks::q3_k_scales`] in registers (built byte by byte from it, the scales took
-    /// a tenth of a decode step's Q3_K product; one layer's, Zen 3, one thread: 25 → 36–39 GFLOP/s): the low nibbles of words 0 and 1, then their
-    /// high nibbles, each word with two bits of word 2 on top.
     unsafe fn scales(block: *const u8) -> (__m128i, __m128i) {
         let words = _mm_loadl_epi64(block.add(96) as *const __m128i);
         let low = _mm_and_si128(_mm_unpacklo_epi64(words, _mm_srli_epi32(words, 4)), _mm_set1_epi8(0x0F));
