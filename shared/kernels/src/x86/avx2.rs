@@ -247,8 +247,45 @@ unsafe fn pack_sixteens<S: Sixteens>(block: *const u8, put: &mut impl FnMut(usiz
 impl<W: Block> Tile for W {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        legacy_tile::<W, RT, CT>(w, x, r, i, out)
+        match CT == 1 && RT % 2 == 0 {
+            true => decode_pairs_tile::<W, RT>(w, x, r, i, out),
+            false => legacy_tile::<W, RT, CT>(w, x, r, i, out),
+        }
     }
+}
+
+/// The scales of a chunk of up to eight blocks (`n`, from block `chunk`), lane `k` for block
+/// `chunk + k`: each weight row's times each activation row's, and what each block adds to
+/// every code times its scale (its minimum; minus its code offset times its scale) times the
+/// activations' sum of the block, `None` for Q8_0 (no offset).
+///
+/// Eight blocks at a time because one by one, the `f16` scales cost as much as the products: one
+/// conversion for the weights', one load for the activations'. On Zen 3 (`cargo bench`, one
+/// layer's decode product, one thread, GFLOP/s), the weights' scales loaded one by one instead
+/// of gathered and the code offsets taken with the minimums instead of per block: Q4_0 23–39 →
+/// 34–50, Q8_0 27–34 → 29–42, Q4_1 30–34 → 36–45.
+#[inline(always)]
+unsafe fn chunk_scales<W: Block, const RT: usize, const CT: usize>(
+    weights: &[*const u8; RT],
+    acts: &[(&[f32], &[i8], &[i32]); CT],
+    chunk: usize,
+    n: usize,
+) -> ([[__m256; CT]; RT], Option<[[__m256; CT]; RT]>) {
+    let in_chunk = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    let w_scales: [__m256; RT] = std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES), n));
+    let x_scales: [__m256; CT] = std::array::from_fn(|c| _mm256_maskload_ps(acts[c].0.as_ptr().add(chunk), in_chunk));
+    let products = std::array::from_fn(|a| std::array::from_fn(|c| _mm256_mul_ps(w_scales[a], x_scales[c])));
+    let offsets: Option<[__m256; RT]> = match W::CODE_OFFSET {
+        None => Some(std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES + 2), n))),
+        Some(0) => None,
+        Some(offset) => Some(std::array::from_fn(|a| _mm256_mul_ps(w_scales[a], _mm256_set1_ps(-f32::from(offset))))),
+    };
+    let offset_terms = offsets.map(|offsets| {
+        let x_sums: [__m256; CT] =
+            std::array::from_fn(|c| _mm256_mul_ps(x_scales[c], _mm256_cvtepi32_ps(_mm256_maskload_epi32(acts[c].2.as_ptr().add(chunk), in_chunk))));
+        std::array::from_fn(|a| std::array::from_fn(|c| _mm256_mul_ps(offsets[a], x_sums[c])))
+    });
+    (products, offset_terms)
 }
 
 /// The tile of a 32-value block type: each block pair's integer sum is scaled into `f32`.
@@ -258,37 +295,18 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     let blocks = w.cols / BLOCK;
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
-    // Scales eight blocks at a time (one by one, the `f16` scales cost as much as the
-    // products): one conversion for the weights', one load for the activations', and their
-    // products, from which each block and weight row broadcasts its own (LLVM keeps them in
-    // registers and broadcasts with two shuffles; before, each block and row permuted both
-    // scales and multiplied them). On Zen 3 (`cargo bench`, one layer's decode product, one
-    // thread, GFLOP/s), the weights' scales loaded one by one instead of gathered and the code
-    // offsets taken with the minimums instead of per block: Q4_0 23–39 → 34–50, Q8_0 27–34 →
-    // 29–42, Q4_1 30–34 → 36–45.
+    // Each block and weight row broadcasts its own scale from the chunk's products (LLVM keeps
+    // them in registers and broadcasts with two shuffles; before, each block and row permuted
+    // both scales and multiplied them).
     let mut scales = [[[0f32; 8]; CT]; RT];
     for chunk in (0..blocks).step_by(8) {
         let n = (blocks - chunk).min(8);
-        let in_chunk = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        let w_scales: [__m256; RT] = std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES), n));
-        let x_scales: [__m256; CT] = std::array::from_fn(|c| _mm256_maskload_ps(acts[c].0.as_ptr().add(chunk), in_chunk));
+        let (products, offset_terms) = chunk_scales::<W, RT, CT>(&weights, &acts, chunk, n);
         for a in 0..RT {
             for c in 0..CT {
-                _mm256_storeu_ps(scales[a][c].as_mut_ptr(), _mm256_mul_ps(w_scales[a], x_scales[c]));
-            }
-        }
-        // What each block adds to every code times its scale (its minimum; minus its code
-        // offset times its scale) meets the activations' sum of the block: a lane per block.
-        let offsets: Option<[__m256; RT]> = match W::CODE_OFFSET {
-            None => Some(std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES + 2), n))),
-            Some(0) => None,
-            Some(offset) => Some(std::array::from_fn(|a| _mm256_mul_ps(w_scales[a], _mm256_set1_ps(-f32::from(offset))))),
-        };
-        if let Some(offsets) = offsets {
-            for c in 0..CT {
-                let x_sums = _mm256_mul_ps(x_scales[c], _mm256_cvtepi32_ps(_mm256_maskload_epi32(acts[c].2.as_ptr().add(chunk), in_chunk)));
-                for a in 0..RT {
-                    acc[a][c] = _mm256_fmadd_ps(offsets[a], x_sums, acc[a][c]);
+                _mm256_storeu_ps(scales[a][c].as_mut_ptr(), products[a][c]);
+                if let Some(terms) = offset_terms {
+                    acc[a][c] = _mm256_add_ps(acc[a][c], terms[a][c]);
                 }
             }
         }
@@ -312,6 +330,69 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         }
     }
     store(&acc, hsum, w, r, i, out)
+}
+
+/// A decode step's tile (one activation row) of an even number of weight rows, two to a
+/// register: values 0..16 of both rows' block in one register, 16..32 in another, against the
+/// activation block's halves each in both lanes. A pair's sums then hold four lanes of each row,
+/// so that one conversion and multiply-add per block serve two rows, and their scales come from
+/// one in-lane shuffle (per row, [`legacy_tile`] takes a conversion, a multiply-add and two
+/// shuffles).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let (weights, acts) = operands::<RT, 1>(w, x, r, i);
+    let blocks = w.cols / BLOCK;
+    let ones = _mm256_set1_epi16(1);
+    // Pair `p` in `acc[p]`: row `2p` in the low lane, `2p + 1` in the high one.
+    let mut acc = [_mm256_setzero_ps(); RT];
+    for chunk in (0..blocks).step_by(8) {
+        let n = (blocks - chunk).min(8);
+        let (products, offset_terms) = chunk_scales::<W, RT, 1>(&weights, &acts, chunk, n);
+        // Per pair, the scales of blocks 0..4 of the chunk, then of 4..8: the first row's in the
+        // low lane, the second's in the high one. Each block broadcasts element 0 of both lanes
+        // and rotates the next block's in (an index per block made LLVM reload the quads from
+        // the stack: one layer's decode product, Zen 3, one thread, Q4_0 53 → 57–59 GFLOP/s).
+        let mut quads = [[_mm256_setzero_ps(); 2]; RT];
+        for p in 0..RT / 2 {
+            let (first, second) = (products[2 * p][0], products[2 * p + 1][0]);
+            quads[p] = [_mm256_permute2f128_ps::<0x20>(first, second), _mm256_permute2f128_ps::<0x31>(first, second)];
+            if let Some(terms) = offset_terms {
+                let (first, second) = (terms[2 * p][0], terms[2 * p + 1][0]);
+                let folded = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(first, second), _mm256_permute2f128_ps::<0x31>(first, second));
+                acc[p] = _mm256_add_ps(acc[p], folded);
+            }
+        }
+        for k in 0..n {
+            let b = chunk + k;
+            let xv = acts[0].1.as_ptr().add(b * BLOCK);
+            let halves = [0, 16].map(|at| _mm256_broadcastsi128_si256(_mm_loadu_si128(xv.add(at) as *const __m128i)));
+            if k == 4 {
+                for quads in quads.iter_mut().take(RT / 2) {
+                    quads[0] = quads[1];
+                }
+            }
+            for p in 0..RT / 2 {
+                let (first, second) = (weights[2 * p].add(b * W::BYTES), weights[2 * p + 1].add(b * W::BYTES));
+                prefetch_ahead(first, W::BYTES);
+                prefetch_ahead(second, W::BYTES);
+                let pair = W::pair(first, second);
+                let (low, high) = (W::pairs(&pair[0], halves[0]), W::pairs(&pair[1], halves[1]));
+                let sums = match W::HALVES_FIT_I16 {
+                    true => _mm256_madd_epi16(_mm256_add_epi16(low, high), ones),
+                    false => _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(high, ones)),
+                };
+                let scale = _mm256_permute_ps::<0>(quads[p][0]);
+                quads[p][0] = _mm256_permute_ps::<0b00_11_10_01>(quads[p][0]);
+                acc[p] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[p]);
+            }
+        }
+    }
+    for p in 0..RT / 2 {
+        let at = out.add(i * w.rows + r + 2 * p);
+        *at = hsum4(_mm256_castps256_ps128(acc[p]));
+        *at.add(1) = hsum4(_mm256_extractf128_ps::<1>(acc[p]));
+    }
+    RT
 }
 
 /// The `f16`s at `first`, `first + BYTES`, … of `n` blocks (the others zero), as eight `f32`:
@@ -656,8 +737,22 @@ trait Block {
     /// # Safety
     /// `block` points to a whole block; AVX2 is available.
     unsafe fn weights(block: *const u8) -> [__m256i; 2];
+    /// Two weight rows' blocks as [`decode_pairs_tile`] takes them: values 0..16 of `first` and
+    /// `second` (a 128-bit lane each), then values 16..32, each as [`Block::weights`] gives.
+    ///
+    /// # Safety
+    /// As [`Block::weights`], for both blocks.
+    unsafe fn pair(first: *const u8, second: *const u8) -> [[__m256i; 2]; 2];
+    /// Whether [`Block::pairs`] of a pair's two halves add up in 16 bits.
+    const HALVES_FIT_I16: bool;
     /// The 16 sums of adjacent products with the activation block's 32 bytes.
     unsafe fn pairs(w: &[__m256i; 2], x: __m256i) -> __m256i;
+}
+
+/// Bytes `at..at + 16` of `first` in the low lane, of `second` in the high one.
+#[inline(always)]
+unsafe fn lanes(first: *const u8, second: *const u8, at: usize) -> __m256i {
+    _mm256_set_m128i(_mm_loadu_si128(second.add(at) as *const __m128i), _mm_loadu_si128(first.add(at) as *const __m128i))
 }
 
 struct Q8_0;
@@ -670,6 +765,15 @@ impl Block for Q8_0 {
         let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
         [w, _mm256_sign_epi8(w, w)]
     }
+    #[inline(always)]
+    unsafe fn pair(first: *const u8, second: *const u8) -> [[__m256i; 2]; 2] {
+        [2, 18].map(|at| {
+            let w = lanes(first, second, at);
+            [w, _mm256_sign_epi8(w, w)]
+        })
+    }
+    /// Two products of codes and activations of up to 127 · 128 each.
+    const HALVES_FIT_I16: bool = false;
     /// `|w| · (x with w's sign) = w · x`.
     #[inline(always)]
     unsafe fn pairs(w: &[__m256i; 2], x: __m256i) -> __m256i {
@@ -706,6 +810,22 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
         }
         [q, q]
     }
+    #[inline(always)]
+    unsafe fn pair(first: *const u8, second: *const u8) -> [[__m256i; 2]; 2] {
+        let (high_bits, nibbles_at) = legacy_layout(Self::TY);
+        let (packed, low) = (lanes(first, second, nibbles_at), _mm256_set1_epi8(0x0F));
+        let mut q = [_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low)];
+        if FIFTH_BIT {
+            let bits = |block: *const u8| _mm_set1_epi32((block.add(high_bits) as *const i32).read_unaligned());
+            let words = _mm256_set_m128i(bits(second), bits(first));
+            // Bits 0..16 of each row's word to its lane of the first register, 16..32 to the second's.
+            q[0] = _mm256_or_si256(q[0], spread_bits(words, _mm256_set_epi64x(0x0101_0101_0101_0101, 0, 0x0101_0101_0101_0101, 0)));
+            q[1] = _mm256_or_si256(q[1], spread_bits(words, _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303, 0x0202_0202_0202_0202)));
+        }
+        q.map(|q| [q, q])
+    }
+    /// Four products of codes (up to 31) and activations (up to 128) each.
+    const HALVES_FIT_I16: bool = true;
     /// `q · x`, without the sign trick: the codes are unsigned.
     #[inline(always)]
     unsafe fn pairs(w: &[__m256i; 2], x: __m256i) -> __m256i {
@@ -716,15 +836,25 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 /// Bit `v` of `bits` as `16` in byte `v` (0 where it is clear): Q5_0's and Q5_1's fifth bits.
 #[inline(always)]
 unsafe fn fifth_bits(bits: u32) -> __m256i {
-    // Byte `v` takes byte `v / 8` of the word, then keeps bit `v % 8` of it.
-    let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0));
+    spread_bits(_mm256_set1_epi32(bits as i32), _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0))
+}
+
+/// Byte `v` of each lane of `words` takes the byte of its lane that `bytes` names (a
+/// `shuffle_epi8` control), keeps bit `v % 8` of it, and is `16` where it is set.
+#[inline(always)]
+unsafe fn spread_bits(words: __m256i, bytes: __m256i) -> __m256i {
+    let spread = _mm256_shuffle_epi8(words, bytes);
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16))
 }
 
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    hsum4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)))
+}
+
+#[inline(always)]
+unsafe fn hsum4(s: __m128) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
