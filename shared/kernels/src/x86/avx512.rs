@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{Panel, PANEL_ROWS};
-use super::prefetch_ahead;
+use super::{prefetch_ahead, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, BlockType, BLOCK};
 use crate::tiles::{operands, rows_of, store, Tile};
@@ -239,7 +239,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             for a in 0..RT {
                 let block = weights[a].add(b * W::BYTES);
                 if CT == 1 {
-                    prefetch_ahead(block, 2 * W::BYTES);
+                    prefetch_ahead(block, 2 * W::BYTES, PREFETCH_BYTES);
                 }
                 wv[a] = W::weights(block, two);
                 scales[a] = _mm512_permutexvar_ps(spread, w_scales[a]);

@@ -17,15 +17,16 @@ pub fn interleaving(ty: BlockType, m: usize) -> Option<usize> {
 
 /// How far ahead of the current block a decode step asks for its weight rows: measured over a
 /// whole model (Q4_K_M, one thread, one row per tile), none 8.4 tok/s, 1 KiB 10.9–11.1, 2 KiB
-/// 12.0–13.3, 4 KiB 13.4–13.8, 8 KiB and more no better and less steady.
+/// 12.0–13.3, 4 KiB 13.4–13.8, 8 KiB and more no better and less steady. A type with more bytes
+/// per value may ask further ahead (AVX2's Q8_0 does).
 const PREFETCH_BYTES: usize = 4096;
 
-/// A decode step streams the weights from memory: ask for the cache lines `PREFETCH_BYTES`
-/// after `block`'s while this one is multiplied.
+/// A decode step streams the weights from memory: ask for the cache lines `ahead` bytes after
+/// `block`'s while this one is multiplied.
 #[inline(always)]
-unsafe fn prefetch_ahead(block: *const u8, bytes: usize) {
+unsafe fn prefetch_ahead(block: *const u8, bytes: usize, ahead: usize) {
     for line in (0..bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(block.add(PREFETCH_BYTES + line) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(block.add(ahead + line) as *const i8);
     }
 }
 
