@@ -49,10 +49,15 @@ def last_json(cmd):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def median_run(cmd, repeat):
-    """Each number the median of `repeat` runs: a shared machine's neighbours move single runs."""
-    runs = [last_json(cmd) for _ in range(repeat)]
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0] if isinstance(runs[0][key], (int, float))}
+def median_runs(cmds, repeat):
+    """Per command, each number the median of `repeat` runs, the commands taking turns: a shared
+    machine's neighbours move single runs, and a slow spell then falls on every engine alike."""
+    runs = [[] for _ in cmds]
+    for _ in range(repeat):
+        for cmd, done in zip(cmds, runs):
+            done.append(last_json(cmd))
+    return [{key: statistics.median(run[key] for run in done) for key in done[0] if isinstance(done[0][key], (int, float))}
+            for done in runs]
 
 
 def weight_bytes_per_token(path):
@@ -78,11 +83,12 @@ def main():
     for model in args.models:
         per_token = weight_bytes_per_token(model)
         for t in args.threads:
-            ours = median_run([args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
-                               "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"]
-                              + (["--kernels", args.kernels] if args.kernels else []), args.repeat)
-            theirs = median_run([sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens),
-                                 str(args.gen_tokens), str(t)], args.repeat)
+            ours, theirs = median_runs([
+                [args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
+                 "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"]
+                + (["--kernels", args.kernels] if args.kernels else []),
+                [sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens), str(args.gen_tokens), str(t)],
+            ], args.repeat)
             mib = lambda b: b / 2**20
             print(f"| {model.name} | {t} "
                   f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
