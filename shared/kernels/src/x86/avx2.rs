@@ -247,7 +247,7 @@ unsafe fn pack_sixteens<S: Sixteens>(block: *const u8, put: &mut impl FnMut(usiz
 impl<W: Block> Tile for W {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        match CT == 1 && RT % 2 == 0 {
+        match CT == 1 && RT % 2 == 0 && W::PAIRS {
             true => decode_pairs_tile::<W, RT>(w, x, r, i, out),
             false => legacy_tile::<W, RT, CT>(w, x, r, i, out),
         }
@@ -767,6 +767,9 @@ trait Block {
     /// # Safety
     /// `block` points to a whole block; AVX2 is available.
     unsafe fn weights(block: *const u8) -> [__m256i; 2];
+    /// Whether a decode step takes the weight rows in pairs ([`decode_pairs_tile`]), not one by
+    /// one ([`legacy_tile`]).
+    const PAIRS: bool = true;
     /// Two weight rows' blocks as [`decode_pairs_tile`] takes them: values 0..16 of `first` and
     /// `second` (a 128-bit lane each), then values 16..32, each as [`Block::weights`] gives.
     ///
@@ -845,20 +848,16 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
     }
     #[inline(always)]
     unsafe fn pair(first: *const u8, second: *const u8) -> [[__m256i; 2]; 2] {
-        let (high_bits, nibbles_at) = legacy_layout(Self::TY);
-        let (packed, low) = (lanes(first, second, nibbles_at), _mm256_set1_epi8(0x0F));
-        let mut q = [_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low)];
-        if FIFTH_BIT {
-            let bits = |block: *const u8| _mm_set1_epi32((block.add(high_bits) as *const i32).read_unaligned());
-            let words = _mm256_set_m128i(bits(second), bits(first));
-            // Bits 0..16 of each row's word to its lane of the first register, 16..32 to the second's.
-            q[0] = _mm256_or_si256(q[0], spread_bits(words, _mm256_set_epi64x(0x0101_0101_0101_0101, 0, 0x0101_0101_0101_0101, 0)));
-            q[1] = _mm256_or_si256(q[1], spread_bits(words, _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303, 0x0202_0202_0202_0202)));
-        }
-        q.map(|q| [q, q])
+        debug_assert!(!FIFTH_BIT, "Q5_0 and Q5_1 decode a row at a time (`Block::PAIRS`)");
+        let (packed, low) = (lanes(first, second, legacy_layout(Self::TY).1), _mm256_set1_epi8(0x0F));
+        [_mm256_and_si256(packed, low), _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low)].map(|q| [q, q])
     }
-    /// Four products of codes (up to 31) and activations (up to 128) each.
+    /// Four products of codes (up to 15) and activations (up to 128) each.
     const HALVES_FIT_I16: bool = true;
+    /// Not Q5_0 and Q5_1: their fifth bits, spread for two rows at a time, made a whole model's
+    /// decode slower though one layer's product in cache ran faster (Zen 3, Q5_1, one thread,
+    /// paired runs: 7.9–8.8 → 7.4–8.4 tok/s; 31 → 32–33 GFLOP/s).
+    const PAIRS: bool = !FIFTH_BIT;
     /// `q · x`, without the sign trick: the codes are unsigned.
     #[inline(always)]
     unsafe fn pairs(w: &[__m256i; 2], x: __m256i) -> __m256i {
@@ -869,14 +868,8 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 /// Bit `v` of `bits` as `16` in byte `v` (0 where it is clear): Q5_0's and Q5_1's fifth bits.
 #[inline(always)]
 unsafe fn fifth_bits(bits: u32) -> __m256i {
-    spread_bits(_mm256_set1_epi32(bits as i32), _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0))
-}
-
-/// Byte `v` of each lane of `words` takes the byte of its lane that `bytes` names (a
-/// `shuffle_epi8` control), keeps bit `v % 8` of it, and is `16` where it is set.
-#[inline(always)]
-unsafe fn spread_bits(words: __m256i, bytes: __m256i) -> __m256i {
-    let spread = _mm256_shuffle_epi8(words, bytes);
+    // Byte `v` takes byte `v / 8` of the word, then keeps bit `v % 8` of it.
+    let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0));
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16))
 }
