@@ -401,9 +401,9 @@ unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &Quantize
     RT
 }
 
-/// The `f16`s at `first`, `first + BYTES`, … of `n` blocks (the others zero), as eight `f32`:
-/// from a block's start its scale, from two bytes on Q4_1's and Q5_1's minimum. Eight loads into
-/// one register, not a gather: AMD's Zen 3 gathers slower than it loads them one by one.
+/// The `f16` scales at the start of `n` blocks from `first` (the others zero), as eight `f32`.
+/// Eight loads into one register, not a gather: AMD's Zen 3 gathers slower than it loads them
+/// one by one.
 #[inline(always)]
 unsafe fn f16s<W: Block>(first: *const u8, n: usize) -> __m256 {
     let word = |k: usize| (first.add(k * W::BYTES) as *const i16).read_unaligned();
@@ -421,7 +421,9 @@ unsafe fn f16s<W: Block>(first: *const u8, n: usize) -> __m256 {
 
 /// Q4_1's and Q5_1's scales and minimums of `n` blocks from `first` (the others zero), as eight
 /// `f32` each: one 32-bit load per block takes both `f16`s (Zen 3, one layer's decode product,
-/// one thread, GFLOP/s: Q4_1 46–49 → 50–52; Q5_1, whose fifth bits cost more, +1 %).
+/// one thread, GFLOP/s: Q4_1 46–49 → 50–52; Q5_1, whose fifth bits cost more, +1 %). Shaped
+/// like [`f16s`] rather than sharing a helper with it that returns the loads as an array: LLVM
+/// then put them through the stack (Q4_1 47 → 39–41, Q4_0 53–56 → 49–52 GFLOP/s).
 #[inline(always)]
 unsafe fn f16_scales_and_minimums<W: Block>(first: *const u8, n: usize) -> (__m256, __m256) {
     let pair = |k: usize| (first.add(k * W::BYTES) as *const i32).read_unaligned();
