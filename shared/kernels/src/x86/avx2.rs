@@ -272,20 +272,18 @@ unsafe fn chunk_scales<W: Block, const RT: usize, const CT: usize>(
     n: usize,
 ) -> ([[__m256; CT]; RT], Option<[[__m256; CT]; RT]>) {
     let in_chunk = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    let (w_scales, minimums): ([__m256; RT], Option<[__m256; RT]>) = match W::CODE_OFFSET {
+    let (w_scales, offsets): ([__m256; RT], Option<[__m256; RT]>) = match W::CODE_OFFSET {
         None => {
             let both: [(__m256, __m256); RT] = std::array::from_fn(|a| f16_scales_and_minimums::<W>(weights[a].add(chunk * W::BYTES), n));
             (std::array::from_fn(|a| both[a].0), Some(std::array::from_fn(|a| both[a].1)))
         }
-        Some(_) => (std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES), n)), None),
+        Some(offset) => {
+            let scales: [__m256; RT] = std::array::from_fn(|a| f16s::<W>(weights[a].add(chunk * W::BYTES), n));
+            (scales, (offset != 0).then(|| std::array::from_fn(|a| _mm256_mul_ps(scales[a], _mm256_set1_ps(-f32::from(offset))))))
+        }
     };
     let x_scales: [__m256; CT] = std::array::from_fn(|c| _mm256_maskload_ps(acts[c].0.as_ptr().add(chunk), in_chunk));
     let products = std::array::from_fn(|a| std::array::from_fn(|c| _mm256_mul_ps(w_scales[a], x_scales[c])));
-    let offsets: Option<[__m256; RT]> = match W::CODE_OFFSET {
-        None => minimums,
-        Some(0) => None,
-        Some(offset) => Some(std::array::from_fn(|a| _mm256_mul_ps(w_scales[a], _mm256_set1_ps(-f32::from(offset))))),
-    };
     let offset_terms = offsets.map(|offsets| {
         let x_sums: [__m256; CT] =
             std::array::from_fn(|c| _mm256_mul_ps(x_scales[c], _mm256_cvtepi32_ps(_mm256_maskload_epi32(acts[c].2.as_ptr().add(chunk), in_chunk))));
