@@ -793,7 +793,8 @@ struct Q8_0;
 impl Block for Q8_0 {
     const BYTES: usize = BlockType::Q8_0.block_bytes();
     /// Twice the others' (twice their bytes per value): Zen 3, whole model, paired runs, decode
-    /// tok/s two threads 13.8–15.9 → 15.8–17.1, one thread 8.3–9.2 → 8.9–9.7.
+    /// tok/s, one thread 7.9–9.0 → 9.4–9.6; at two threads one set of runs gained 6 %, the next
+    /// none.
     const PREFETCH: usize = 2 * PREFETCH_BYTES;
     /// `[w, |w|]`.
     #[inline(always)]
