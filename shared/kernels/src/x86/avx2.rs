@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{group_values, largest_code, Group, Panel, PANEL_ROWS};
-use super::{f16_at, prefetch_ahead, PREFETCH_BYTES};
+use super::{f16_at, prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
@@ -303,6 +303,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     // them in registers and broadcasts with two shuffles; before, each block and row permuted
     // both scales and multiplied them).
     let mut scales = [[[0f32; 8]; CT]; RT];
+    let ahead = tiles_ahead(w, RT, W::PREFETCH);
     for chunk in (0..blocks).step_by(8) {
         let n = (blocks - chunk).min(8);
         let (products, offset_terms) = chunk_scales::<W, RT, CT>(&weights, &acts, chunk, n);
@@ -320,7 +321,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             for a in 0..RT {
                 let block = weights[a].add(b * W::BYTES);
                 if CT == 1 {
-                    prefetch_ahead(block, W::BYTES, W::PREFETCH);
+                    prefetch_ahead(block, W::BYTES, ahead);
                 }
                 blocks[a] = W::weights(block);
             }
@@ -346,6 +347,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
 unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, 1>(w, x, r, i);
     let blocks = w.cols / BLOCK;
+    let ahead = tiles_ahead(w, RT, W::PREFETCH);
     let ones = _mm256_set1_epi16(1);
     // Pair `p` in `acc[p]`: row `2p` in the low lane, `2p + 1` in the high one.
     let mut acc = [_mm256_setzero_ps(); RT];
@@ -377,8 +379,8 @@ unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &Quantize
             }
             for p in 0..RT / 2 {
                 let (first, second) = (weights[2 * p].add(b * W::BYTES), weights[2 * p + 1].add(b * W::BYTES));
-                prefetch_ahead(first, W::BYTES, W::PREFETCH);
-                prefetch_ahead(second, W::BYTES, W::PREFETCH);
+                prefetch_ahead(first, W::BYTES, ahead);
+                prefetch_ahead(second, W::BYTES, ahead);
                 let pair = W::pair(first, second);
                 let (low, high) = (W::pairs(&pair[0], halves[0]), W::pairs(&pair[1], halves[1]));
                 let sums = match W::HALVES_FIT_I16 {
@@ -469,6 +471,7 @@ impl Tile for Q5K {
 unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let bytes = if FIFTH_BIT { BlockType::Q5K.block_bytes() } else { BlockType::Q4K.block_bytes() };
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
+    let ahead = tiles_ahead(w, RT, PREFETCH_BYTES);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
         let mut scales = [_mm256_setzero_si256(); RT];
@@ -479,7 +482,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
         for a in 0..RT {
             let block = weights[a].add(b * bytes);
             if CT == 1 {
-                prefetch_ahead(block, bytes, PREFETCH_BYTES);
+                prefetch_ahead(block, bytes, ahead);
             }
             high_bits[a] = q4_k_high_bits::<FIFTH_BIT>(block);
             let (s, m) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
@@ -688,6 +691,7 @@ impl<S: Sixteens> Tile for Per16<S> {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
+    let ahead = tiles_ahead(w, RT, PREFETCH_BYTES);
     let mut acc = [[_mm256_setzero_ps(); CT]; RT];
     for b in 0..w.cols / SUPER_BLOCK {
         let mut d = [(0f32, 0f32); RT];
@@ -695,7 +699,7 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
         for a in 0..RT {
             let block = weights[a].add(b * S::BYTES);
             if CT == 1 {
-                prefetch_ahead(block, S::BYTES, PREFETCH_BYTES);
+                prefetch_ahead(block, S::BYTES, ahead);
             }
             d[a] = S::d(block);
             scales[a] = S::scales(block);

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{Panel, PANEL_ROWS};
-use super::{prefetch_ahead, PREFETCH_BYTES};
+use super::{prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, BlockType, BLOCK};
 use crate::tiles::{operands, rows_of, store, Tile};
@@ -212,6 +212,7 @@ impl<W: Block> Tile for Legacy<W> {
 unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let blocks = w.cols / BLOCK;
+    let ahead = tiles_ahead(w, RT, PREFETCH_BYTES);
     let mut acc = [[_mm512_setzero_ps(); CT]; RT];
     // Scales sixteen blocks at a time: one gather and conversion for the weights', one load for
     // the activations', then a permutation per pair of blocks (loaded one by one, the `f16`
@@ -239,7 +240,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             for a in 0..RT {
                 let block = weights[a].add(b * W::BYTES);
                 if CT == 1 {
-                    prefetch_ahead(block, 2 * W::BYTES, PREFETCH_BYTES);
+                    prefetch_ahead(block, 2 * W::BYTES, ahead);
                 }
                 wv[a] = W::weights(block, two);
                 scales[a] = _mm512_permutexvar_ps(spread, w_scales[a]);
