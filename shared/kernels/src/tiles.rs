@@ -22,7 +22,10 @@ pub(crate) const PROMPT: (usize, usize) = (2, 4);
 /// over whole models with AVX2 (`llm bench --kernels avx2`, one / two threads, tok/s):
 /// - Q4_0 hides latency the least well (a scale per 32 values): 1 row 4.8–5.3 / 9.5–10.2,
 ///   2 rows 8.2–8.9 / 15.7–16.4, 4 rows 11.4–11.9 / 20.7;
-/// - Q8_0: 1 row 5.1–5.2 / 9.3–9.5, 2 rows 6.8–7.9 / 13.0–13.5, 4 rows 5.8–6.9 / 11.1–11.6;
+/// - Q8_0: 1 row 5.1–5.2 / 9.3–9.5, 2 rows 6.8–7.9 / 13.0–13.5, 4 rows 5.8–6.9 / 11.1–11.6,
+///   while a fixed prefetch distance skipped some rows of the next tiles; since every row is
+///   fetched ahead (`x86::tiles_ahead`), 4 rows are a little faster than 2 (Zen 3, paired runs,
+///   7.2–8.8 → 7.4–9.1 / 13.0–13.6 → 13.3–14.4, 13 of 18 pairs faster);
 /// - the K-quants' rows hold more registers (scales, minimums, two of nibbles), so four spill
 ///   out of the 16 registers; one row decoded fastest (Q4_K_M, one thread: 1 row 13.1–13.5,
 ///   2 rows 12.3–12.4, 4 rows 8.9–10.0).
@@ -30,7 +33,7 @@ pub(crate) const fn decode_rows(ty: BlockType) -> usize {
     match ty {
         // Q4_1, Q5_0 and Q5_1 are Q4_0's tile with a minimum or a fifth bit.
         BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => 4,
-        BlockType::Q8_0 => 2,
+        BlockType::Q8_0 => 4,
         BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => 1,
     }
 }
