@@ -764,7 +764,8 @@ trait Block {
     /// q + m): [`legacy_tile`] takes either through the activations' sums of the block, not in
     /// [`Block::pairs`].
     const CODE_OFFSET: Option<i8> = Some(0);
-    /// How far ahead a decode step prefetches the weights, in bytes.
+    /// How far ahead a decode step prefetches the weights, at least, in bytes (whole tiles:
+    /// [`tiles_ahead`]).
     const PREFETCH: usize = PREFETCH_BYTES;
     /// The weight block as the operands [`Block::pairs`] takes.
     ///
