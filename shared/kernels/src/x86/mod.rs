@@ -29,7 +29,7 @@ const PREFETCH_BYTES: usize = 4096;
 /// so every fourth row went unfetched until the tile that reads it. Zen 3, whole model, decode,
 /// paired runs, tok/s: Q4_0 one thread 11.3–11.9 → 12.3–13.4, two 18.3–20.2 → 19.4–23.0; Q5_1
 /// (four rows of 1,536 bytes: two rows of each tile unfetched) one thread 6.9–8.0 → 8.8–9.9;
-/// Q8_0 and Q4_K_M (one row per tile) no different.
+/// Q8_0 (two rows per tile then) and Q4_K_M (one) no different.
 #[inline(always)]
 fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
     let tile = tile_rows * w.ty.row_bytes(w.cols);
