@@ -7,27 +7,14 @@
 //! the lines that have them all among their words (`-- Q4_0 m=1`).
 
 mod common;
-use common::seconds;
+use common::{seconds, TYPES};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use llm_kernels::{matmul_with, BlockType, Kernels, QMatrix};
+use llm_kernels::{matmul_with, Kernels, QMatrix};
 
 /// `(name, out, in)`: attention q/o, k/v (GQA), the MLP's gate/up and down.
 const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 256, 2048), ("ffn_up", 5632, 2048), ("ffn_down", 2048, 5632)];
-
-const TYPES: [(BlockType, GgmlDType); 10] = [
-    (BlockType::Q8_0, GgmlDType::Q8_0),
-    (BlockType::Q4_0, GgmlDType::Q4_0),
-    (BlockType::Q4_1, GgmlDType::Q4_1),
-    (BlockType::Q5_0, GgmlDType::Q5_0),
-    (BlockType::Q5_1, GgmlDType::Q5_1),
-    (BlockType::Q2K, GgmlDType::Q2K),
-    (BlockType::Q3K, GgmlDType::Q3K),
-    (BlockType::Q4K, GgmlDType::Q4K),
-    (BlockType::Q5K, GgmlDType::Q5K),
-    (BlockType::Q6K, GgmlDType::Q6K),
-];
 
 fn main() {
     let dev = Device::Cpu;

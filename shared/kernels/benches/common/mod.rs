@@ -2,6 +2,9 @@
 
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
+use llm_kernels::BlockType;
+
 /// Seconds per call of `f`: the fastest of the calls that fit in a second (three at least),
 /// after one to warm up. On a shared machine, other work slows some calls down: the mean of all
 /// of them moved by a third from run to run, the fastest by a few percent.
@@ -16,3 +19,18 @@ pub fn seconds(mut f: impl FnMut()) -> f64 {
     }
     fastest
 }
+
+/// Every block type the kernels take, with candle's name for it (to quantize test weights).
+#[allow(dead_code)] // the attention benchmark has no weights
+pub const TYPES: [(BlockType, GgmlDType); 10] = [
+    (BlockType::Q8_0, GgmlDType::Q8_0),
+    (BlockType::Q4_0, GgmlDType::Q4_0),
+    (BlockType::Q4_1, GgmlDType::Q4_1),
+    (BlockType::Q5_0, GgmlDType::Q5_0),
+    (BlockType::Q5_1, GgmlDType::Q5_1),
+    (BlockType::Q2K, GgmlDType::Q2K),
+    (BlockType::Q3K, GgmlDType::Q3K),
+    (BlockType::Q4K, GgmlDType::Q4K),
+    (BlockType::Q5K, GgmlDType::Q5K),
+    (BlockType::Q6K, GgmlDType::Q6K),
+];

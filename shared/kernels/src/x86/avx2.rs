@@ -317,13 +317,12 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         }
         for k in 0..n {
             let b = chunk + k;
+            if CT == 1 {
+                prefetch_ahead(weights[0].add(b * RT * W::BYTES), RT * W::BYTES, ahead);
+            }
             let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
-                let block = weights[a].add(b * W::BYTES);
-                if CT == 1 {
-                    prefetch_ahead(block, W::BYTES, ahead);
-                }
-                blocks[a] = W::weights(block);
+                blocks[a] = W::weights(weights[a].add(b * W::BYTES));
             }
             for c in 0..CT {
                 let xv = _mm256_loadu_si256(acts[c].1.as_ptr().add(b * BLOCK) as *const __m256i);
@@ -372,6 +371,7 @@ unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &Quantize
             let b = chunk + k;
             let xv = acts[0].1.as_ptr().add(b * BLOCK);
             let halves = [0, 16].map(|at| _mm256_broadcastsi128_si256(_mm_loadu_si128(xv.add(at) as *const __m128i)));
+            prefetch_ahead(weights[0].add(b * RT * W::BYTES), RT * W::BYTES, ahead);
             if k == 4 {
                 for quads in quads.iter_mut().take(RT / 2) {
                     quads[0] = quads[1];
@@ -379,8 +379,6 @@ unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &Quantize
             }
             for p in 0..RT / 2 {
                 let (first, second) = (weights[2 * p].add(b * W::BYTES), weights[2 * p + 1].add(b * W::BYTES));
-                prefetch_ahead(first, W::BYTES, ahead);
-                prefetch_ahead(second, W::BYTES, ahead);
                 let pair = W::pair(first, second);
                 let (low, high) = (W::pairs(&pair[0], halves[0]), W::pairs(&pair[1], halves[1]));
                 let sums = match W::HALVES_FIT_I16 {
@@ -479,11 +477,11 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
         let mut d = [0f32; RT];
         let mut dmin = [0f32; RT];
         let mut high_bits = [_mm256_setzero_si256(); RT];
+        if CT == 1 {
+            prefetch_ahead(weights[0].add(b * RT * bytes), RT * bytes, ahead);
+        }
         for a in 0..RT {
             let block = weights[a].add(b * bytes);
-            if CT == 1 {
-                prefetch_ahead(block, bytes, ahead);
-            }
             high_bits[a] = q4_k_high_bits::<FIFTH_BIT>(block);
             let (s, m) = q4_k_scales(std::slice::from_raw_parts(block.add(4), 12));
             // The eight scales as i16 in both lanes, for `shuffle_epi8` to broadcast one.
@@ -696,11 +694,11 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
     for b in 0..w.cols / SUPER_BLOCK {
         let mut d = [(0f32, 0f32); RT];
         let mut scales = [(_mm_setzero_si128(), _mm_setzero_si128()); RT];
+        if CT == 1 {
+            prefetch_ahead(weights[0].add(b * RT * S::BYTES), RT * S::BYTES, ahead);
+        }
         for a in 0..RT {
             let block = weights[a].add(b * S::BYTES);
-            if CT == 1 {
-                prefetch_ahead(block, S::BYTES, ahead);
-            }
             d[a] = S::d(block);
             scales[a] = S::scales(block);
         }

@@ -1,0 +1,39 @@
+//! A decode step's products with the weights out of memory, as in a whole model (the `matmul`
+//! benchmark's single layer stays in cache): `ffn_up` products of TinyLlama-1.1B's shape, one
+//! activation row, each on its own copy of the weights, 512 MiB of copies in all:
+//!
+//!     RAYON_NUM_THREADS=1 cargo bench -p llm-kernels --bench stream
+//!
+//! Prints the weights' bytes read per second, one line per type; `infra/bench/bandwidth.py`
+//! gives the machine's copy bandwidth to hold it against. Arguments keep the types named
+//! (`-- Q4_0 Q8_0`).
+
+mod common;
+use common::{seconds, TYPES};
+
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+use llm_kernels::{matmul, QMatrix};
+
+const COPIES_BYTES: usize = 512 << 20;
+
+fn main() {
+    let (n, k) = (5632, 2048);
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    for (ty, dtype) in TYPES {
+        if !wanted.is_empty() && !wanted.contains(&format!("{ty:?}")) {
+            continue;
+        }
+        let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
+        let one = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
+        let copies: Vec<Vec<u8>> = (0..COPIES_BYTES / one.len()).map(|_| one.clone()).collect();
+        let x: Vec<f32> = (0..k).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+        let mut y = vec![0f32; n];
+        let pass = seconds(|| {
+            for bytes in &copies {
+                matmul(&QMatrix::new(ty, n, k, bytes).unwrap(), &x, &mut y).unwrap();
+            }
+        });
+        println!("{ty:?} {n}x{k} m=1 from memory: {:.2} GB/s of weights", (copies.len() * one.len()) as f64 / pass / 1e9);
+    }
+}
