@@ -318,7 +318,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         for k in 0..n {
             let b = chunk + k;
             if CT == 1 {
-                prefetch_ahead(weights[0].add(b * RT * W::BYTES), RT * W::BYTES, ahead);
+                prefetch_ahead(weights[0], b, RT * W::BYTES, ahead);
             }
             let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
@@ -371,7 +371,7 @@ unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &Quantize
             let b = chunk + k;
             let xv = acts[0].1.as_ptr().add(b * BLOCK);
             let halves = [0, 16].map(|at| _mm256_broadcastsi128_si256(_mm_loadu_si128(xv.add(at) as *const __m128i)));
-            prefetch_ahead(weights[0].add(b * RT * W::BYTES), RT * W::BYTES, ahead);
+            prefetch_ahead(weights[0], b, RT * W::BYTES, ahead);
             if k == 4 {
                 for quads in quads.iter_mut().take(RT / 2) {
                     quads[0] = quads[1];
@@ -478,7 +478,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
         let mut dmin = [0f32; RT];
         let mut high_bits = [_mm256_setzero_si256(); RT];
         if CT == 1 {
-            prefetch_ahead(weights[0].add(b * RT * bytes), RT * bytes, ahead);
+            prefetch_ahead(weights[0], b, RT * bytes, ahead);
         }
         for a in 0..RT {
             let block = weights[a].add(b * bytes);
@@ -695,7 +695,7 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
         let mut d = [(0f32, 0f32); RT];
         let mut scales = [(_mm_setzero_si128(), _mm_setzero_si128()); RT];
         if CT == 1 {
-            prefetch_ahead(weights[0].add(b * RT * S::BYTES), RT * S::BYTES, ahead);
+            prefetch_ahead(weights[0], b, RT * S::BYTES, ahead);
         }
         for a in 0..RT {
             let block = weights[a].add(b * S::BYTES);

@@ -37,12 +37,12 @@ fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
     at_least.div_ceil(tile) * tile
 }
 
-/// A decode step streams the weights from memory: ask for the cache lines of `bytes` bytes,
-/// `ahead` bytes after `from`, while those at `from` are multiplied.
+/// A decode step streams the weights from memory: while a tile multiplies step `step` of its
+/// rows (`step_bytes`: a block, or two, of each row), ask for the cache lines of the same share
+/// of the bytes `ahead` of it, in memory order.
 ///
-/// A decode tile's rows lie one after another in memory, so its tiles call this once per block
-/// with the tile's share of the bytes in memory order: at block `b` of `RT` rows, the `RT`
-/// blocks' bytes `b · RT` blocks after its first row, not each row's own block. Those asks then
+/// A decode tile's rows lie one after another in memory, so the share of step `step` is the
+/// `step_bytes` bytes `step · step_bytes` after its first row, not each row's own block. Those asks then
 /// run through the bytes ahead as one sequential stream, which the hardware's prefetcher follows,
 /// instead of `RT` streams a row apart. Zen 3, one `ffn_up` product after another out of
 /// memory, one thread, GB/s of weights: Q4_0 6.5–10.0 → 8.8–11.3, two threads 14.3–16.7 →
@@ -51,8 +51,9 @@ fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
 /// → 15.6–16.6 in three pairs of four, two threads 14.8–22.9 → 23.0–24.0; Q5_1 8.7–9.5 →
 /// 10.1–11.4; Q8_0 6.8–8.7 → 7.2–9.4. The K-quants' tiles have one row: no different.
 #[inline(always)]
-unsafe fn prefetch_ahead(from: *const u8, bytes: usize, ahead: usize) {
-    for line in (0..bytes).step_by(64) {
+unsafe fn prefetch_ahead(first_row: *const u8, step: usize, step_bytes: usize, ahead: usize) {
+    let from = first_row.add(step * step_bytes);
+    for line in (0..step_bytes).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(from.add(ahead + line) as *const i8);
     }
 }
