@@ -4,8 +4,8 @@
 //!
 //! A prompt's products go through [`super::panel`]s of 16 weight rows. Otherwise (decode, small
 //! batches) a 512-bit register holds two 32-value blocks of a row: the legacy types go two
-//! blocks at a time (a row with an odd number of blocks ends with one, the other half zero);
-//! the K-quants keep their AVX2 tiles.
+//! blocks at a time (a row with an odd number of blocks ends with one, the other half zero),
+//! but for a decode step of the nibble types; those and the K-quants keep their AVX2 tiles.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -37,16 +37,25 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         None => {}
     }
     match w.ty {
-        BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, 4, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q4_0 => rows_of::<Legacy<Nibbles<false, false>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q4_1 => rows_of::<Legacy<Nibbles<false, true>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q5_0 => rows_of::<Legacy<Nibbles<true, false>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q5_1 => rows_of::<Legacy<Nibbles<true, true>>, 4, 4, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
+        // A decode step of the nibble types: AVX2's tile of four weight rows, two to a register,
+        // against one activation row was faster on the AMD Zen 4, whose 512-bit instructions take two
+        // passes through 256-bit units (whole model, decode, paired runs, one thread, tok/s:
+        // Q4_0 16.0–19.1 → 21.2–28.4 at one thread; Q8_0's 512-bit tile stayed faster than AVX2's
+        // there).
+        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 if x.rows() < TILE_ACTS => super::avx2::product_rows(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<Legacy<Nibbles<false, false>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4_1 => rows_of::<Legacy<Nibbles<false, true>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q5_0 => rows_of::<Legacy<Nibbles<true, false>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q5_1 => rows_of::<Legacy<Nibbles<true, true>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
         // 512-bit tiles pairing sub-blocks were slower for Q4_K than its AVX2 tiles (the
         // benchmark), and only 20 % faster for Q6_K, a minor part of a Q4_K_M file.
         BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
     }
 }
+
+/// Activation rows of the tiles of a few rows (fewer than the panels take), but a decode step's.
+const TILE_ACTS: usize = 4;
 
 /// Weight rows of a decode step's tile. Four were fastest on weights in cache, but a whole
 /// model streams from memory, where fewer streams at once read faster: with two, decode ran
