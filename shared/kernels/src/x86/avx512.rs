@@ -39,10 +39,11 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
         // A decode step of the nibble types: AVX2's tile of four weight rows, two to a register,
-        // against one activation row was faster on the AMD Zen 4, whose 512-bit instructions take two
-        // passes through 256-bit units (whole model, decode, paired runs, one thread, tok/s:
-        // Q4_0 16.0–19.1 → 21.2–28.4 at one thread; Q8_0's 512-bit tile stayed faster than AVX2's
-        // there).
+        // was faster on an AMD Zen 4, whose 512-bit instructions take two passes through 256-bit
+        // units (whole model, decode, paired runs, one / two threads, tok/s: Q4_0 16.7–16.8 /
+        // 31.3–31.6 → 22.7–23.4 / 38.1–40.0, Q4_1 16.0–16.9 / 29.2–29.3 → 25.0–25.4 / 36.7–38.5,
+        // Q5_1 12.0–12.7 / 19.3–21.5 → 12.8–14.0 / 23.7–25.7, Q5_0 no different). Q8_0's 512-bit
+        // tile stayed faster than AVX2's there (16.9–17.3 against 13.6–14.2 at one thread).
         BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 if x.rows() < TILE_ACTS => super::avx2::product_rows(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Legacy<Nibbles<false, false>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
         BlockType::Q4_1 => rows_of::<Legacy<Nibbles<false, true>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
@@ -57,10 +58,12 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 /// Activation rows of the tiles of a few rows (fewer than the panels take), but a decode step's.
 const TILE_ACTS: usize = 4;
 
-/// Weight rows of a decode step's tile. Four were fastest on weights in cache, but a whole
-/// model streams from memory, where fewer streams at once read faster: with two, decode ran
-/// at 1.1–1.4 × (Q4_0 at 2 threads 18.4–18.7 → 22.8–27.6 tok/s, Q8_0 11.2–13.3 → 16.5–18.9);
-/// one row was about as fast at one thread and slower at two.
+/// Weight rows of a tile of one activation row (a Q8_0 decode step; the nibble types' last rows
+/// of a batch). Four were fastest on weights in cache, but a whole model streams from memory,
+/// where fewer streams at once read faster: on the Xeon, with two, decode ran at 1.1–1.4 × (Q4_0
+/// at 2 threads 18.4–18.7 → 22.8–27.6 tok/s, Q8_0 11.2–13.3 → 16.5–18.9); one row was about as
+/// fast at one thread and slower at two. On the Zen 4, with the memory-order prefetch, four
+/// were still slower for Q8_0 (one thread, paired: 13.6–14.7 → 10.5–11.4 tok/s).
 const DECODE_ROWS: usize = 2;
 
 /// [`product_rows`] through panels of groups of `G` values, against [`Interleaved`] activations
