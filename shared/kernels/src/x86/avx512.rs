@@ -4,8 +4,9 @@
 //!
 //! A prompt's products go through [`super::panel`]s of 16 weight rows. Otherwise (decode, small
 //! batches) a 512-bit register holds two 32-value blocks of a row: the legacy types go two
-//! blocks at a time (a row with an odd number of blocks ends with one, the other half zero),
-//! but for a decode step of the nibble types; those and the K-quants keep their AVX2 tiles.
+//! blocks at a time (a row with an odd number of blocks ends with one, the other half zero).
+//! A decode step of the nibble types (Q4_0, Q4_1, Q5_0, Q5_1) and every K-quant product that
+//! is not a prompt's go through AVX2's tiles instead.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -55,7 +56,8 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     }
 }
 
-/// Activation rows of the tiles of a few rows (fewer than the panels take), but a decode step's.
+/// Activation rows per tile when a product has several, fewer than the panels take (a decode
+/// step's tiles have one).
 const TILE_ACTS: usize = 4;
 
 /// Weight rows of a tile of one activation row (a Q8_0 decode step; the nibble types' last rows
