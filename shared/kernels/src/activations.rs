@@ -15,7 +15,9 @@ pub const TILE_ROWS: usize = 8;
 /// llama.cpp stores the legacy scale as `f16`; `f32` is as cheap here and loses nothing.
 pub struct QuantizedRows {
     cols: usize,
-    group: usize,
+    /// Scales per row: `cols / group`, kept so that [`QuantizedRows::row`], which a decode step
+    /// calls for every tile, divides nothing.
+    groups: usize,
     scales: Vec<f32>,
     values: Vec<i8>,
     sums: Vec<i32>,
@@ -91,16 +93,18 @@ impl QuantizedRows {
             }
         }
         let sums = sums16.chunks_exact(2).map(|pair| pair[0] as i32 + pair[1] as i32).collect();
-        Self { cols, group, scales, values, sums, sums16, interleaved }
+        Self { cols, groups: cols / group, scales, values, sums, sums16, interleaved }
     }
 
+    #[inline]
     pub fn rows(&self) -> usize {
         self.values.len() / self.cols
     }
 
     /// Row `i`: its scales (one per group), values, and sums of 32 values.
+    #[inline]
     pub fn row(&self, i: usize) -> (&[f32], &[i8], &[i32]) {
-        let (groups, blocks) = (self.cols / self.group, self.cols / BLOCK);
+        let (groups, blocks) = (self.groups, self.cols / BLOCK);
         (
             &self.scales[i * groups..(i + 1) * groups],
             &self.values[i * self.cols..(i + 1) * self.cols],
