@@ -822,8 +822,8 @@ impl Block for Q8_0 {
 }
 
 /// Q4_0, Q4_1, Q5_0 and Q5_1: codes of four bits (five with `FIFTH_BIT`), less a code offset or
-/// plus a minimum (with `MIN`).
-struct Nibbles<const FIFTH_BIT: bool, const MIN: bool>;
+/// plus a minimum (with `MIN`). AVX-512 takes their tiles of one activation row.
+pub(super) struct Nibbles<const FIFTH_BIT: bool, const MIN: bool>;
 
 type Q4_0 = Nibbles<false, false>;
 type Q4_1 = Nibbles<false, true>;

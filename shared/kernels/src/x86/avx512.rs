@@ -5,8 +5,9 @@
 //! A prompt's products go through [`super::panel`]s of 16 weight rows. Otherwise (decode, small
 //! batches) a 512-bit register holds two 32-value blocks of a row: the legacy types go two
 //! blocks at a time (a row with an odd number of blocks ends with one, the other half zero).
-//! A decode step of the nibble types (Q4_0, Q4_1, Q5_0, Q5_1) and every K-quant product that
-//! is not a prompt's go through AVX2's tiles instead.
+//! The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a
+//! batch's last rows) and every K-quant product that is not a prompt's go through AVX2's tiles
+//! instead.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -15,7 +16,7 @@ use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, BlockType, BLOCK};
-use crate::tiles::{operands, rows_of, store, Tile};
+use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
@@ -39,17 +40,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     }
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
-        // A decode step of the nibble types: AVX2's tile of four weight rows, two to a register,
-        // was faster on an AMD Zen 4, whose 512-bit instructions take two passes through 256-bit
-        // units (whole model, decode, paired runs, one / two threads, tok/s: Q4_0 16.7–16.8 /
-        // 31.3–31.6 → 22.7–23.4 / 38.1–40.0, Q4_1 16.0–16.9 / 29.2–29.3 → 25.0–25.4 / 36.7–38.5,
-        // Q5_1 12.0–12.7 / 19.3–21.5 → 12.8–14.0 / 23.7–25.7, Q5_0 no different). Q8_0's 512-bit
-        // tile stayed faster than AVX2's there (16.9–17.3 against 13.6–14.2 at one thread).
-        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 if x.rows() < TILE_ACTS => super::avx2::product_rows(w, x, rows, out),
-        BlockType::Q4_0 => rows_of::<Legacy<Nibbles<false, false>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q4_1 => rows_of::<Legacy<Nibbles<false, true>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q5_0 => rows_of::<Legacy<Nibbles<true, false>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
-        BlockType::Q5_1 => rows_of::<Legacy<Nibbles<true, true>>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q4_0 => rows_of::<NibbleTiles<false, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
+        BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
+        BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
+        BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         // 512-bit tiles pairing sub-blocks were slower for Q4_K than its AVX2 tiles (the
         // benchmark), and only 20 % faster for Q6_K, a minor part of a Q4_K_M file.
         BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
@@ -60,9 +54,9 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 /// step's tiles have one).
 const TILE_ACTS: usize = 4;
 
-/// Weight rows of a tile of one activation row (a Q8_0 decode step; the nibble types' last rows
-/// of a batch). Four were fastest on weights in cache, but a whole model streams from memory,
-/// where fewer streams at once read faster: on the Xeon, with two, decode ran at 1.1–1.4 × (Q4_0
+/// Weight rows of Q8_0's tile of one activation row (a decode step; a batch's last rows). Four
+/// were fastest on weights in cache, but a whole model streams from memory, where fewer streams
+/// at once read faster: on the Xeon, with two, decode ran at 1.1–1.4 × (Q4_0
 /// at 2 threads 18.4–18.7 → 22.8–27.6 tok/s, Q8_0 11.2–13.3 → 16.5–18.9); one row was about as
 /// fast at one thread and slower at two. On the Zen 4, with the memory-order prefetch, four
 /// were still slower for Q8_0 (one thread, paired: 13.6–14.7 → 10.5–11.4 tok/s).
@@ -207,6 +201,30 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
     #[inline(always)]
     unsafe fn dot(w: &[__m512i; 2], x: &[__m512i; 2]) -> __m512i {
         _mm512_dpbusd_epi32(x[1], w[0], x[0])
+    }
+}
+
+/// The nibble types' tiles: AVX-512's for several activation rows; for one (a decode step, or a
+/// batch's rows left over from tiles of [`TILE_ACTS`]), AVX2's tile of four weight rows, two to
+/// a register, which was faster on an AMD Zen 4, whose 512-bit instructions take two passes
+/// through 256-bit units (whole model, decode, paired runs, one / two threads, tok/s: Q4_0
+/// 16.7–16.8 / 31.3–31.6 → 22.7–23.4 / 38.1–40.0, Q4_1 16.0–16.9 / 29.2–29.3 → 25.0–25.4 /
+/// 36.7–38.5, Q5_1 12.0–12.7 / 19.3–21.5 → 12.8–14.0 / 23.7–25.7, Q5_0 no different). Q8_0's
+/// 512-bit tile stayed faster than AVX2's there (16.9–17.3 against 13.6–14.2 at one thread).
+/// Taking a batch's last rows the same way (they went through AVX-512's tile of one row before)
+/// was faster for 5 and 7 activation rows (`cargo bench -p llm-kernels -- m=5`, one thread,
+/// GFLOP/s over the four shapes, m=5 / m=7: Q4_0 77–79 → 88–89 / 56–67 → 83–86, Q4_1 61–65 →
+/// 75–78 / 34–54 → 65–76, Q5_1 47–62 → 47–61 / 39–50 → 54–57) but for Q5_0 at m=5 (70–73 →
+/// 60–67; m=7 47–59 → 59–63), one round on the Zen 4.
+struct NibbleTiles<const FIFTH_BIT: bool, const MIN: bool>;
+
+impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN> {
+    #[inline(always)]
+    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        match CT {
+            1 => <super::avx2::Nibbles<FIFTH_BIT, MIN> as Tile>::tile::<RT, 1>(w, x, r, i, out),
+            _ => legacy_tile::<Nibbles<FIFTH_BIT, MIN>, RT, CT>(w, x, r, i, out),
+        }
     }
 }
 
