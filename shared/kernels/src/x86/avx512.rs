@@ -56,8 +56,8 @@ const TILE_ACTS: usize = 4;
 
 /// Weight rows of Q8_0's tile of one activation row (a decode step; a batch's last rows). Four
 /// were fastest on weights in cache, but a whole model streams from memory, where fewer streams
-/// at once read faster: on the Xeon, with two, decode ran at 1.1–1.4 × (Q4_0
-/// at 2 threads 18.4–18.7 → 22.8–27.6 tok/s, Q8_0 11.2–13.3 → 16.5–18.9); one row was about as
+/// at once read faster: on the Xeon, with two, decode ran at 1.1–1.4 × (Q4_0 at 2 threads
+/// 18.4–18.7 → 22.8–27.6 tok/s, Q8_0 11.2–13.3 → 16.5–18.9); one row was about as
 /// fast at one thread and slower at two. On the Zen 4, with the memory-order prefetch, four
 /// were still slower for Q8_0 (one thread, paired: 13.6–14.7 → 10.5–11.4 tok/s).
 const DECODE_ROWS: usize = 2;
@@ -212,10 +212,11 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 /// 36.7–38.5, Q5_1 12.0–12.7 / 19.3–21.5 → 12.8–14.0 / 23.7–25.7, Q5_0 no different). Q8_0's
 /// 512-bit tile stayed faster than AVX2's there (16.9–17.3 against 13.6–14.2 at one thread).
 /// Taking a batch's last rows the same way (they went through AVX-512's tile of one row before)
-/// was faster for 5 and 7 activation rows (`cargo bench -p llm-kernels -- m=5`, one thread,
-/// GFLOP/s over the four shapes, m=5 / m=7: Q4_0 77–79 → 88–89 / 56–67 → 83–86, Q4_1 61–65 →
-/// 75–78 / 34–54 → 65–76, Q5_1 47–62 → 47–61 / 39–50 → 54–57) but for Q5_0 at m=5 (70–73 →
-/// 60–67; m=7 47–59 → 59–63), one round on the Zen 4.
+/// was faster for Q4_0 and Q4_1 with 5 and 7 activation rows and for Q5_0 and Q5_1 with 7, no
+/// different for Q5_1 with 5 and slower for Q5_0 with 5 (`cargo bench -p llm-kernels -- m=5`,
+/// one thread, GFLOP/s over the four shapes, m=5 / m=7: Q4_0 77–79 → 88–89 / 56–67 → 83–86,
+/// Q4_1 61–65 → 75–78 / 34–54 → 65–76, Q5_1 47–62 → 47–61 / 39–50 → 54–57, Q5_0 70–73 → 60–67 /
+/// 47–59 → 59–63), one round on the Zen 4.
 struct NibbleTiles<const FIFTH_BIT: bool, const MIN: bool>;
 
 impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN> {
