@@ -28,7 +28,9 @@ pub(crate) const PROMPT: (usize, usize) = (2, 4);
 ///   7.2–8.8 → 7.4–9.1 / 13.0–13.6 → 13.3–14.4, 13 of 18 pairs faster);
 /// - the K-quants' rows hold more registers (scales, minimums, two of nibbles), so four spill
 ///   out of the 16 registers; one row decoded fastest (Q4_K_M, one thread: 1 row 13.1–13.5,
-///   2 rows 12.3–12.4, 4 rows 8.9–10.0).
+///   2 rows 12.3–12.4, 4 rows 8.9–10.0). Retried for Q4_K once its blocks took fewer
+///   instructions (Zen 4, one thread, `ffn_up`): two rows no faster in cache, and 13.6–17.9 GB/s
+///   of weights out of memory against one row's 17.1–17.6.
 pub(crate) const fn decode_rows(ty: BlockType) -> usize {
     match ty {
         // Q4_1, Q5_0 and Q5_1 are Q4_0's tile with a minimum or a fifth bit.

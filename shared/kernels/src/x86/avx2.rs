@@ -472,8 +472,7 @@ impl Tile for Q5K {
 /// minimums unpacked in registers ([`q4_k_block_scales`]), each sub-block's scale taken out of
 /// them by one `shuffle_epi8`, `d` and `dmin` converted together. That took a block from about
 /// 107 instructions to 80: in cache 62 → 66 GFLOP/s on every layer shape, out of memory
-/// 16.4–16.6 → 17.1–17.6 GB/s (four alternating rounds of the `stream` bench). Two weight rows
-/// per decode tile instead of one, retried then: no faster in cache, 13.6–17.9 GB/s out of it.
+/// 16.4–16.6 → 17.1–17.6 GB/s (four alternating rounds of the `stream` bench).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let bytes = if FIFTH_BIT { BlockType::Q5K.block_bytes() } else { BlockType::Q4K.block_bytes() };
