@@ -478,7 +478,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
     let bytes = if FIFTH_BIT { BlockType::Q5K.block_bytes() } else { BlockType::Q4K.block_bytes() };
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let ahead = tiles_ahead(w, RT, PREFETCH_BYTES);
-    let mut acc = [[_mm256_setzero_ps(); CT]; RT];
+    let mut acc = Accumulators::<RT, CT>::new();
     for b in 0..w.cols / SUPER_BLOCK {
         let mut scales = [_mm256_setzero_si256(); RT];
         let mut mins = [_mm256_setzero_si256(); RT];
@@ -521,13 +521,50 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
             for a in 0..RT {
                 let scaled = _mm_mul_ps(d[a], dx);
                 let (d_dx, dmin_dx) = (_mm256_broadcastss_ps(scaled), _mm256_broadcastss_ps(_mm_movehdup_ps(scaled)));
-                acc[a][c] = _mm256_fmadd_ps(d_dx, _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
-                let min_part = _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins[a], block_sums));
-                acc[a][c] = _mm256_fnmadd_ps(dmin_dx, min_part, acc[a][c]);
+                acc.add(a, c, d_dx, _mm256_cvtepi32_ps(sums[a][c]));
+                acc.subtract_minimums(a, c, dmin_dx, _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins[a], block_sums)));
             }
         }
     }
-    store(&acc, hsum, w, r, i, out)
+    store(&acc.totals(), hsum, w, r, i, out)
+}
+
+/// A K-quant tile's sums: the scales' part, and in a decode tile its minimums' part apart, so
+/// that a block's two multiply-adds do not wait on each other (a prompt tile's sums take every
+/// register already). Zen 4 without AVX-512, one thread, in cache (`matmul` bench, every layer
+/// shape), GFLOP/s: Q4_K 63–71 → 66–74, Q5_K 51–56 → 52–57, Q2_K 63–70 → 66–73; out of memory
+/// (`stream`, three rounds in turn), GB/s: Q4_K 16.9–17.3 → 18.0–18.1, Q2_K 10.4–10.5 →
+/// 10.8–10.9.
+struct Accumulators<const RT: usize, const CT: usize> {
+    scaled: [[__m256; CT]; RT],
+    minimums: [[__m256; CT]; RT],
+}
+
+impl<const RT: usize, const CT: usize> Accumulators<RT, CT> {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        Self { scaled: [[_mm256_setzero_ps(); CT]; RT], minimums: [[_mm256_setzero_ps(); CT]; RT] }
+    }
+
+    /// Adds `factor · sums` to the tile's element `(a, c)`.
+    #[inline(always)]
+    unsafe fn add(&mut self, a: usize, c: usize, factor: __m256, sums: __m256) {
+        self.scaled[a][c] = _mm256_fmadd_ps(factor, sums, self.scaled[a][c]);
+    }
+
+    /// Subtracts `factor · minimums` from the tile's element `(a, c)`.
+    #[inline(always)]
+    unsafe fn subtract_minimums(&mut self, a: usize, c: usize, factor: __m256, minimums: __m256) {
+        match CT {
+            1 => self.minimums[a][c] = _mm256_fmadd_ps(factor, minimums, self.minimums[a][c]),
+            _ => self.scaled[a][c] = _mm256_fnmadd_ps(factor, minimums, self.scaled[a][c]),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn totals(self) -> [[__m256; CT]; RT] {
+        std::array::from_fn(|a| std::array::from_fn(|c| _mm256_sub_ps(self.scaled[a][c], self.minimums[a][c])))
+    }
 }
 
 /// A Q4_K or Q5_K block's `d` and `dmin` (lanes 0 and 1), its eight 6-bit scales (bytes 0..8)
@@ -725,7 +762,7 @@ impl<S: Sixteens> Tile for Per16<S> {
 unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let ahead = tiles_ahead(w, RT, PREFETCH_BYTES);
-    let mut acc = [[_mm256_setzero_ps(); CT]; RT];
+    let mut acc = Accumulators::<RT, CT>::new();
     for b in 0..w.cols / SUPER_BLOCK {
         let mut d = [(0f32, 0f32); RT];
         let mut scales = [(_mm_setzero_si128(), _mm_setzero_si128()); RT];
@@ -768,17 +805,29 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
             let x_sums = _mm256_loadu_si256(x.sums16(i + c).as_ptr().add(16 * b) as *const __m256i);
             for a in 0..RT {
                 let (d, dmin) = d[a];
-                acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[a][c]), acc[a][c]);
-                let (per_16, factor) = match S::CODE_OFFSET {
-                    None => (_mm256_cvtepu8_epi16(scales[a].1), -dmin),
-                    Some(offset) => (_mm256_cvtepi8_epi16(scales[a].0), -f32::from(offset) * d),
-                };
-                let offset_part = _mm256_cvtepi32_ps(_mm256_madd_epi16(per_16, x_sums));
-                acc[a][c] = _mm256_fmadd_ps(_mm256_set1_ps(factor * dx), offset_part, acc[a][c]);
+                match S::CODE_OFFSET {
+                    // The offset's part has the codes' factor `d`, so it is taken from their
+                    // integer sums (which stay far from overflowing: |Q6_K scale · code · x|
+                    // < 2²⁰ per value, 2²⁸ per block), leaving a block one conversion and one
+                    // multiply-add. Zen 4 without AVX-512, one thread, in cache (`matmul` bench,
+                    // every layer shape), GFLOP/s: Q6_K 49–54 → 53–58, Q3_K 47–51 → 49–53; out
+                    // of memory (`stream`, three rounds in turn), GB/s: Q6_K 18.4–18.7 →
+                    // 18.8–19.3, Q3_K 9.9–10.2 → 10.6.
+                    Some(offset) => {
+                        let offset_scales = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(scales[a].0), _mm256_set1_epi16(offset.into()));
+                        let codes_sums = _mm256_sub_epi32(sums[a][c], _mm256_madd_epi16(offset_scales, x_sums));
+                        acc.add(a, c, _mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(codes_sums));
+                    }
+                    None => {
+                        acc.add(a, c, _mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums[a][c]));
+                        let minimums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_cvtepu8_epi16(scales[a].1), x_sums));
+                        acc.subtract_minimums(a, c, _mm256_set1_ps(dmin * dx), minimums);
+                    }
+                }
             }
         }
     }
-    store(&acc, hsum, w, r, i, out)
+    store(&acc.totals(), hsum, w, r, i, out)
 }
 
 /// The `shuffle_epi8` control (as an i16 pattern) that copies 16-bit element `j` of each lane
