@@ -570,22 +570,26 @@ impl<const RT: usize, const CT: usize> Accumulators<RT, CT> {
 /// A Q4_K or Q5_K block's `d` and `dmin` (lanes 0 and 1), its eight 6-bit scales (bytes 0..8)
 /// and minimums (bytes 8..16) in each 128-bit lane, for [`byte_as_i16`] to take one out, and
 /// the minimums as `i32`: the unpacking of [`q4_k_scales`] in a few shuffles of the block's
-/// first 16 bytes, not a score of scalar operations per block.
+/// first 16 bytes, not a score of scalar operations per block. The head is loaded into both
+/// lanes and unpacked there, rather than in one lane and copied into the other (one instruction
+/// fewer a block; Zen 4 without AVX-512, one thread, in cache: Q4_K 66–74 → 69–76 GFLOP/s, out
+/// of memory 17.9–18.0 → 18.1–18.4 GB/s, three rounds in turn).
 #[inline(always)]
 unsafe fn q4_k_block_scales(block: *const u8) -> (__m128, __m256i, __m256i) {
     const Z: i8 = -128;
-    let head = _mm_loadu_si128(block as *const __m128i);
+    let head = _mm256_broadcastsi128_si256(_mm_loadu_si128(block as *const __m128i));
+    let in_lanes = |bytes: __m128i| _mm256_broadcastsi128_si256(bytes);
     // Packed byte k (of 12) is byte 4 + k of the head. Scales 0..4 and minimums 0..4 are the
     // low six bits of packed bytes 0..4 and 4..8; scales 4..8 and minimums 4..8 the low and the
     // high nibbles of bytes 8..12, with two high bits each from the top of bytes 0..4 and 4..8.
-    let low_nibbles = _mm_shuffle_epi8(head, _mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, Z, Z, Z, Z));
-    let high_nibbles = _mm_shuffle_epi8(_mm_srli_epi16::<4>(head), _mm_setr_epi8(Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, 12, 13, 14, 15));
-    let low = _mm_and_si128(_mm_or_si128(low_nibbles, high_nibbles), _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
-    let tops = _mm_shuffle_epi8(head, _mm_setr_epi8(Z, Z, Z, Z, 4, 5, 6, 7, Z, Z, Z, Z, 8, 9, 10, 11));
-    let unpacked = _mm_or_si128(low, _mm_and_si128(_mm_srli_epi16::<2>(tops), _mm_set1_epi8(0x30)));
-    let both_lanes = _mm256_broadcastsi128_si256(unpacked);
+    let low_nibbles = _mm256_shuffle_epi8(head, in_lanes(_mm_setr_epi8(4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, Z, Z, Z, Z)));
+    let high_nibbles = _mm256_shuffle_epi8(_mm256_srli_epi16::<4>(head), in_lanes(_mm_setr_epi8(Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, Z, 12, 13, 14, 15)));
+    let masks = in_lanes(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    let low = _mm256_and_si256(_mm256_or_si256(low_nibbles, high_nibbles), masks);
+    let tops = _mm256_shuffle_epi8(head, in_lanes(_mm_setr_epi8(Z, Z, Z, Z, 4, 5, 6, 7, Z, Z, Z, Z, 8, 9, 10, 11)));
+    let both_lanes = _mm256_or_si256(low, _mm256_and_si256(_mm256_srli_epi16::<2>(tops), _mm256_set1_epi8(0x30)));
     let mins = _mm256_shuffle_epi8(both_lanes, _mm256_setr_epi8(8, Z, Z, Z, 9, Z, Z, Z, 10, Z, Z, Z, 11, Z, Z, Z, 12, Z, Z, Z, 13, Z, Z, Z, 14, Z, Z, Z, 15, Z, Z, Z));
-    (_mm_cvtph_ps(head), both_lanes, mins)
+    (_mm_cvtph_ps(_mm256_castsi256_si128(head)), both_lanes, mins)
 }
 
 /// A Q5_K block's 32 bytes of high bits (when `FIFTH_BIT`; Q4_K has none: zeros).
