@@ -812,11 +812,12 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
                 match S::CODE_OFFSET {
                     // The offset's part has the codes' factor `d`, so it is taken from their
                     // integer sums (which stay far from overflowing: |Q6_K scale · code · x|
-                    // < 2²⁰ per value, 2²⁸ per block), leaving a block one conversion and one
-                    // multiply-add. Zen 4 without AVX-512, one thread, in cache (`matmul` bench,
-                    // every layer shape), GFLOP/s: Q6_K 49–54 → 53–58, Q3_K 47–51 → 49–53; out
-                    // of memory (`stream`, three rounds in turn), GB/s: Q6_K 18.4–18.7 →
-                    // 18.8–19.3, Q3_K 9.9–10.2 → 10.6.
+                    // < 2²⁰ per value, 2²⁸ per block; a Q6_K scale times 32 still fits `i16`),
+                    // leaving a block one conversion and one multiply-add. Zen 4 without
+                    // AVX-512, one thread, in cache (`matmul` bench, every layer shape),
+                    // GFLOP/s: Q6_K 49–54 → 53–58, Q3_K 47–51 → 49–53; out of memory
+                    // (`stream`, three rounds in turn), GB/s: Q6_K 18.4–18.7 → 18.8–19.3, Q3_K
+                    // 9.9–10.2 → 10.6.
                     Some(offset) => {
                         let offset_scales = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(scales[a].0), _mm256_set1_epi16(offset.into()));
                         let codes_sums = _mm256_sub_epi32(sums[a][c], _mm256_madd_epi16(offset_scales, x_sums));
