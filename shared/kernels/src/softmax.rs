@@ -9,7 +9,7 @@ use crate::{in_chunks, ShapeError, CHUNK_VALUES};
 
 /// Each row of `cols` values of `x` replaced by its softmax, rows spread over the compute pool.
 /// A row's largest value is its own `eˣ = 1`, so a row of scores whose mask leaves at least one
-/// finite value stays finite; masked (-∞) scores weigh `e⁻⁸⁷`, under `10⁻³⁷`.
+/// finite value stays finite; masked (-∞) scores weigh 0.
 pub fn softmax_rows(x: &mut [f32], cols: usize) -> Result<(), ShapeError> {
     if cols == 0 || x.len() % cols != 0 {
         return Err(ShapeError(format!("{} values are not rows of {cols}", x.len())));
@@ -28,13 +28,16 @@ fn softmax_each_portable(x: &mut [f32], cols: usize) {
 
 /// In place, with the exponential of [`exp_nonpositive`] and the maximum and sum taken in
 /// lanes, so that every loop vectorizes (with libm's `expf`, the softmax took as long as the
-/// rest of the step's attention together).
+/// rest of the step's attention together). A weight that would be subnormal is 0, as
+/// [`exp_nonpositive`]'s are (see there why).
 #[inline(always)]
 pub(crate) fn softmax(x: &mut [f32]) {
     let max = lanes(x, f32::NEG_INFINITY, f32::max);
     x.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
-    let inv = 1.0 / lanes(x, 0.0, |a, b| a + b);
-    x.iter_mut().for_each(|v| *v *= inv);
+    let sum = lanes(x, 0.0, |a, b| a + b);
+    let (inv, smallest) = (1.0 / sum, f32::MIN_POSITIVE * sum);
+    // Compared before the multiply, which would otherwise make the subnormal number.
+    x.iter_mut().for_each(|v| *v = if *v < smallest { 0.0 } else { *v * inv });
 }
 
 /// `x` folded by `f` from `init`, 16 lanes at a time.
@@ -75,7 +78,21 @@ mod tests {
             for row in x.chunks(cols) {
                 assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
             }
+            assert!(x.iter().all(|w| w.is_normal() || *w == 0.0), "{rows}×{cols}: a subnormal weight");
+            for r in 1..rows {
+                assert_eq!(x[r * cols + cols - 1], 0.0, "{rows}×{cols}: row {r}'s masked score");
+            }
         }
+    }
+
+    #[test]
+    fn weights_are_never_subnormal() {
+        // e⁻⁸⁶ is normal, but a thousandth of it is not.
+        let mut row = vec![0.0f32; 1000];
+        row[7] = -86.0;
+        softmax_rows(&mut row, 1000).unwrap();
+        assert_eq!(row[7], 0.0);
+        assert!((row[0] - 1.0 / 999.0).abs() < 1e-9, "{}", row[0]);
     }
 
     #[test]
