@@ -216,7 +216,10 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 /// different for Q5_1 with 5 and slower for Q5_0 with 5 (`cargo bench -p llm-kernels -- m=5`,
 /// one thread, GFLOP/s over the four shapes, m=5 / m=7: Q4_0 77–79 → 88–89 / 56–67 → 83–86,
 /// Q4_1 61–65 → 75–78 / 34–54 → 65–76, Q5_1 47–62 → 47–61 / 39–50 → 54–57, Q5_0 70–73 → 60–67 /
-/// 47–59 → 59–63), one round on the Zen 4.
+/// 47–59 → 59–63), one round on the Zen 4. On a Xeon (Emerald Rapids), whose 512-bit
+/// instructions take one pass, AVX2's tile of four rows stays the faster for Q4_0: in cache
+/// (`ffn_up`, one thread) 58.6–58.8 against AVX-512's tile of two rows' 45.8–46.7 GFLOP/s, out
+/// of memory no different (`--bench stream`, 19.0–20.6 against 19.9–21.0 GB/s at two threads).
 struct NibbleTiles<const FIFTH_BIT: bool, const MIN: bool>;
 
 impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN> {
