@@ -15,6 +15,7 @@ infra/.work/bench/tinyllama-shape-{f16,q8_0,q4_0,q4_1,q5_0,q5_1,q2_k,q3_k_m,q4_k
 import argparse
 import ctypes
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -65,6 +66,7 @@ def random_checkpoint(hf):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llm", type=Path, default=ROOT / "target/release/llm", help="the llm binary")
+    ap.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES), help="the quantized types to write (default: all)")
     args = ap.parse_args()
     import llama_cpp as lc
 
@@ -75,13 +77,13 @@ def main():
     if not f16.exists():
         subprocess.run([args.llm, "quantize", "--input", hf, "--output", f16, "--type", "f16"], check=True)
     lc.llama_backend_init()
-    for name, ftype in TYPES.items():
+    for name in args.types:
         out = OUT / f"tinyllama-shape-{name}.gguf"
         if out.exists():
             continue
         params = lc.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = 2
+        params.ftype = TYPES[name]
+        params.nthread = os.cpu_count()
         assert lc.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) == 0
     print("\n".join(str(p) for p in sorted(OUT.glob("*.gguf"))))
 
