@@ -12,6 +12,7 @@ machine's copy bandwidth with as many copies as threads (`bandwidth.py`).
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,8 @@ t0 = time.perf_counter()
 llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
                       n_threads=threads, n_threads_batch=threads, verbose=False)
 load_s = time.perf_counter() - t0
-prompt = [1] + [(i * 7919) % 31000 + 100 for i in range(n_prompt - 1)]
+# Any valid ids (the work does not depend on them), below the vocabulary's size for small models.
+prompt = [1] + [(i * 7919) % min(31000, llm.n_vocab() - 100) + 100 for i in range(n_prompt - 1)]
 t0 = time.perf_counter()
 llm.eval(prompt)
 prefill = time.perf_counter() - t0
@@ -44,20 +46,29 @@ print(json.dumps({"load_s": load_s, "prefill_tok_s": n_prompt / prefill, "decode
 """
 
 
-def last_json(cmd):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+class RunFailed(Exception):
+    """An engine's process ended without its numbers (a crash, an error)."""
+
+
+def last_json(engine, cmd):
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        how = f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"exit status {done.returncode}"
+        last = " / ".join(done.stderr.strip().splitlines()[-2:])
+        raise RunFailed(f"{engine} failed ({how}){': ' + last if last else ''}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def median_runs(cmds, repeat):
-    """Per command, each number the median of `repeat` runs, the commands taking turns: a shared
-    machine's neighbours move single runs, and a slow spell then falls on every engine alike."""
-    runs = [[] for _ in cmds]
+    """Per engine (`cmds` maps each to its command), each number the median of `repeat` runs, the
+    engines taking turns: a shared machine's neighbours move single runs, and a slow spell then
+    falls on every engine alike."""
+    runs = {engine: [] for engine in cmds}
     for _ in range(repeat):
-        for cmd, done in zip(cmds, runs):
-            done.append(last_json(cmd))
+        for engine, cmd in cmds.items():
+            runs[engine].append(last_json(engine, cmd))
     return [{key: statistics.median(run[key] for run in done) for key in done[0] if isinstance(done[0][key], (int, float))}
-            for done in runs]
+            for done in runs.values()]
 
 
 def weight_bytes_per_token(path):
@@ -80,15 +91,23 @@ def main():
     print("| model | threads | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours | llama.cpp | ratio "
           "| decode bound tok/s | ours / bound | load s ours / llama.cpp | peak RSS MiB ours / llama.cpp | file MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    failed = False
     for model in args.models:
         per_token = weight_bytes_per_token(model)
         for t in args.threads:
-            ours, theirs = median_runs([
-                [args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
-                 "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"]
-                + (["--kernels", args.kernels] if args.kernels else []),
-                [sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens), str(args.gen_tokens), str(t)],
-            ], args.repeat)
+            try:
+                ours, theirs = median_runs({
+                    "llm": [args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
+                            "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"]
+                    + (["--kernels", args.kernels] if args.kernels else []),
+                    "llama.cpp": [sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens), str(args.gen_tokens), str(t)],
+                }, args.repeat)
+            except RunFailed as e:
+                # The other files and thread counts still run: one engine's crash on one file (llama.cpp's
+                # build on one GPU machine crashed loading a model) should not cost the whole table.
+                print(f"| {model.name} | {t} | {e} |", flush=True)
+                failed = True
+                continue
             mib = lambda b: b / 2**20
             print(f"| {model.name} | {t} "
                   f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
@@ -97,6 +116,7 @@ def main():
                   f"| {ours['load_s']:.2f} / {theirs['load_s']:.2f} "
                   f"| {mib(ours['peak_rss_bytes']):.0f} / {mib(theirs['peak_rss_bytes']):.0f} "
                   f"| {mib(model.stat().st_size):.0f} |", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
