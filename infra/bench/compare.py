@@ -72,8 +72,11 @@ def median_runs(cmds, repeat):
 
 
 def weight_bytes_per_token(path):
-    """Bytes of the tensors one decode step reads whole: all but the token embedding table."""
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+    """Bytes of the tensors one decode step reads whole: all but the token embedding table, of
+    which it reads one row, unless the table is the output head too (tied, no `output.weight`)."""
+    tensors = gguf.GGUFReader(path).tensors
+    tied = all(t.name != "output.weight" for t in tensors)
+    return sum(int(t.n_bytes) for t in tensors if tied or t.name != "token_embd.weight")
 
 
 def main():
