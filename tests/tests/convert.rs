@@ -135,7 +135,7 @@ fn converted_files_run_in_the_engine() {
 /// ignoring `tokenizer.huggingface.json`) encodes the fixture strings like transformers.
 fn assert_ggml_tokenizer_matches_transformers(path: &Path, model: &str) {
     let gguf = GgufFile::open(path).unwrap();
-    let rebuilt = llm_engine::Tokenizer::from_json(&llm_engine::gguf_tokenizer::tokenizer_json(&gguf).unwrap().to_string()).unwrap();
+    let rebuilt = llm_engine::gguf_tokenizer::tokenizer(&gguf).unwrap();
     let cases = read_json(&format!("{model}/tokenizer_cases.json"));
     for c in cases["cases"].as_array().unwrap() {
         let ids: Vec<u32> = rebuilt.encode(c["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();

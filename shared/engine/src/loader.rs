@@ -97,7 +97,7 @@ fn load_gguf(mut gguf: GgufFile, options: LoadOptions, device: &Device) -> Resul
 fn gguf_tokenizer(gguf: &GgufFile) -> Result<Tokenizer> {
     let inner = match gguf.get_string("tokenizer.huggingface.json") {
         Some(json) => Tokenizer::from_json(json)?,
-        None => Tokenizer::from_json(&crate::gguf_tokenizer::tokenizer_json(gguf)?.to_string())?,
+        None => crate::gguf_tokenizer::tokenizer(gguf)?,
     };
     let token_text = |key: &str| -> Option<String> {
         let id = gguf.get_usize(&format!("tokenizer.ggml.{key}_token_id")).ok().flatten()?;
