@@ -42,6 +42,54 @@ fn llama3_bpe_tokenizer_from_gguf_keys() {
     check("llama3", "llama3-bf16.gguf");
 }
 
+/// The engine reads a BPE tokenizer.json's vocabulary and merges itself (tokenizers' reader held
+/// Llama 3's twice over in memory): it builds what tokenizers' own reader builds, the merges
+/// spelled either way, written back byte for byte the same.
+#[test]
+fn tokenizer_json_is_read_as_tokenizers_reads_it() {
+    for model in ["llama2", "llama3"] {
+        let pairs_text = std::fs::read_to_string(fixtures_dir().join(model).join("hf/tokenizer.json")).unwrap();
+        let mut file: serde_json::Value = serde_json::from_str(&pairs_text).unwrap();
+        let lines = file["model"]["merges"].as_array().unwrap().iter().map(|p| format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap()));
+        file["model"]["merges"] = std::iter::once("#version: 0.2".to_string()).chain(lines).collect();
+        for text in [pairs_text, file.to_string()] {
+            let ours = llm_engine::Tokenizer::from_json(&text).unwrap();
+            let theirs: tokenizers::Tokenizer = text.parse().unwrap();
+            assert_eq!(ours.to_string(false).unwrap(), theirs.to_string(false).unwrap(), "{model}");
+        }
+    }
+}
+
+/// What tokenizers refuses in a BPE model, the engine's reader refuses too.
+#[test]
+fn malformed_bpe_models_are_refused() {
+    let file = |model: serde_json::Value| {
+        serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null, "model": model})
+    };
+    let bpe = |merges: serde_json::Value| serde_json::json!({"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": merges});
+    let good = file(bpe(serde_json::json!(["#version: 0.2", "a b"]))).to_string();
+    assert_eq!(llm_engine::Tokenizer::from_json(&good).unwrap().encode("ab", false).unwrap().get_ids(), [2]);
+    let mut version = file(bpe(serde_json::json!([["a", "b"]])));
+    version["version"] = "2.0".into();
+    let mut dropout = bpe(serde_json::json!([["a", "b"]]));
+    dropout["dropout"] = 2.0.into();
+    let bad = [
+        file(bpe(serde_json::json!(["a b ab"]))),
+        file(bpe(serde_json::json!([["a"]]))),
+        file(bpe(serde_json::json!([["a", "b", "ab"]]))),
+        file(bpe(serde_json::json!([["a", "x"]]))),
+        file(bpe(serde_json::json!([1]))),
+        file(serde_json::json!({"type": "BPE", "vocab": {"a": 0}})),
+        file(dropout),
+        version,
+    ];
+    for case in bad {
+        let text = case.to_string();
+        assert!(text.parse::<tokenizers::Tokenizer>().is_err(), "tokenizers read {text}");
+        assert!(llm_engine::Tokenizer::from_json(&text).is_err(), "the engine read {text}");
+    }
+}
+
 #[test]
 fn llama3_stops_on_end_of_turn() {
     let loaded = load(&fixtures_dir().join("llama3/llama3-bf16.gguf"), LoadOptions::default()).unwrap();

@@ -25,6 +25,7 @@ pub mod sampling;
 mod sandbox;
 pub mod threads;
 pub mod tokenizer;
+mod tokenizer_json;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};

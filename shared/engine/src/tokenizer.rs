@@ -40,18 +40,9 @@ impl Tokenizer {
         Self { inner, bos, eos, stop_ids, byte_level }
     }
 
+    /// The tokenizer a `tokenizer.json` text describes, checked before tokenizers reads it.
     pub fn from_json(json: &str) -> Result<tokenizers::Tokenizer> {
-        // tokenizers panics (`expect("Helper")`) on some malformed JSON inside a decoder object
-        // instead of returning an error (found by fuzzing; a lone surrogate escape is one): only
-        // JSON that serde_json reads as strictly as into a `Value` reaches it. Checked by passes
-        // that keep nothing but the post-processor, and tokenizers then reads the text itself:
-        // through a `Value` of the whole file, a Llama 3 tokenizer (128,256 tokens, 280,147
-        // merges) took 1.3 s and 200 MiB to load, read directly 0.5 s.
-        serde_json::from_str::<CheckedJson>(json).map_err(|e| EngineError::Tokenizer(format!("tokenizer.json is not JSON: {e}")))?;
-        // An error here (a second `post_processor`, say) must not let an unchecked one through.
-        let file = serde_json::from_str::<PostProcessorOnly>(json).map_err(|e| EngineError::Tokenizer(format!("tokenizer.json: {e}")))?;
-        check_template_tokens(&file.post_processor)?;
-        json.parse::<tokenizers::Tokenizer>().map_err(|e| EngineError::Tokenizer(e.to_string()))
+        crate::tokenizer_json::read(json)
     }
 
     /// Encodes `text`; with `add_special_tokens` the tokenizer's post-processor adds BOS/EOS as
@@ -221,83 +212,4 @@ impl Default for IncrementalDecoder {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Any JSON value, read as strictly as into a `serde_json::Value` (every string unescaped, so a
-/// lone surrogate is an error, which `serde::de::IgnoredAny` lets through) and kept nowhere.
-struct CheckedJson;
-
-impl<'de> serde::Deserialize<'de> for CheckedJson {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        deserializer.deserialize_any(CheckedJson)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for CheckedJson {
-    type Value = CheckedJson;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_str<E>(self, _: &str) -> std::result::Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_unit<E>(self) -> std::result::Result<Self, E> {
-        Ok(self)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> std::result::Result<Self, A::Error> {
-        while items.next_element::<CheckedJson>()?.is_some() {}
-        Ok(self)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> std::result::Result<Self, A::Error> {
-        while entries.next_entry::<CheckedJson, CheckedJson>()?.is_some() {}
-        Ok(self)
-    }
-}
-
-/// The one part of a tokenizer.json that [`check_template_tokens`] reads; every other field is
-/// skipped (after [`CheckedJson`] has read it), not kept.
-#[derive(serde::Deserialize)]
-struct PostProcessorOnly {
-    #[serde(default)]
-    post_processor: serde_json::Value,
-}
-
-/// A `TemplateProcessing` post-processor may only name special tokens it defines, and its
-/// `single` template only the one sequence there is (`A`): tokenizers checks both when one is
-/// built, not when one is read, and panics while encoding otherwise (found by fuzzing). Checked
-/// by shape, not by `type`: tokenizers also reads untyped ones.
-fn check_template_tokens(processor: &serde_json::Value) -> Result<()> {
-    processor["processors"].as_array().into_iter().flatten().try_for_each(check_template_tokens)?;
-    let pieces = ["single", "pair"].into_iter().flat_map(|t| processor[t].as_array().into_iter().flatten());
-    for id in pieces.filter_map(|piece| piece["SpecialToken"]["id"].as_str()) {
-        if processor["special_tokens"].get(id).is_none() {
-            return Err(EngineError::Tokenizer(format!("the post-processor's template uses `{id}`, which is not among its special tokens")));
-        }
-    }
-    let single = processor["single"].as_array().into_iter().flatten();
-    if let Some(id) = single.filter_map(|piece| piece["Sequence"]["id"].as_str()).find(|id| *id != "A") {
-        return Err(EngineError::Tokenizer(format!("the post-processor's single-sequence template uses sequence `{id}`")));
-    }
-    Ok(())
 }
