@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use llm_engine::adapter::PeftAdapter;
-use llm_engine::LoadOptions;
+use llm_engine::{GgufHead, LoadOptions};
 use llm_store::registry::{self, ResolvedModel, ALIAS_NAME, MODELS_PREFIX};
 use llm_store::sync::Staging;
 use llm_store::{Location, S3};
@@ -96,29 +96,35 @@ pub fn load_from_s3(s3: &S3, bucket: &str, key: &str, options: LoadOptions, sett
     check_fits(&resolved, settings.memory_limit_bytes)?;
     let source = format!("s3://{bucket}/{}", resolved.key);
     let cached = settings.cache_dir.as_deref().zip(resolved.sha256.as_deref()).map(|(dir, sha256)| dir.join(format!("{sha256}.gguf")));
-    let bytes = match cached.as_deref().and_then(|path| read_cache(path, &resolved)) {
-        Some(bytes) => bytes,
+    let (bytes, head) = match cached.as_deref().and_then(|path| read_cache(path, &resolved)) {
+        Some(bytes) => (bytes, None),
         None => {
-            let bytes = download(s3, &resolved, settings)?;
+            let (bytes, head) = download(s3, &resolved, &source, settings)?;
             if let Some(path) = &cached {
                 write_cache(path, &bytes);
             }
-            bytes
+            (bytes, head)
         }
     };
-    let model = llm_engine::load_gguf_bytes(&source, bytes, options).map_err(|e| e.to_string())?;
-    Ok(Loaded { model, source })
+    let model = match head {
+        Some(head) => head.load(bytes, options),
+        None => llm_engine::load_gguf_bytes(&source, bytes, options),
+    };
+    Ok(Loaded { model: model.map_err(|e| e.to_string())?, source })
 }
 
-fn download(s3: &S3, resolved: &ResolvedModel, settings: &DownloadSettings) -> Result<Vec<u8>, String> {
+/// The object's bytes, and its GGUF head when the header came whole in the first parts.
+fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &DownloadSettings) -> Result<(Vec<u8>, Option<GgufHead>), String> {
     let started = Instant::now();
     // Hashed while later parts are still arriving, so verifying adds moments, not a pass.
     let mut hash = resolved.sha256.as_ref().map(|_| Sha256::new());
+    let mut head = HeadReader::new(source);
     let bytes = s3
         .download(&resolved.bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency, |part| {
             if let Some(hash) = &mut hash {
                 hash.update(part);
             }
+            head.push(part);
         })
         .map_err(|e| e.to_string())?;
     if let (Some(expected), Some(hash)) = (&resolved.sha256, hash) {
@@ -137,7 +143,42 @@ fn download(s3: &S3, resolved: &ResolvedModel, settings: &DownloadSettings) -> R
         verified = resolved.sha256.is_some(),
         "model downloaded"
     );
-    Ok(bytes)
+    Ok((bytes, head.head))
+}
+
+/// Reads a GGUF's header from the first parts of a download, in order as they arrive, and builds
+/// what it alone determines (tokenizer, chat template) while the rest is still on its way.
+struct HeadReader<'a> {
+    name: &'a str,
+    /// The parts so far, while the header is still being looked for.
+    prefix: Option<Vec<u8>>,
+    /// The prefix length at which to try again: a try that runs out of bytes reads all it has,
+    /// so each waits for the prefix to double (small parts would otherwise cost quadratic time).
+    next_try: usize,
+    head: Option<GgufHead>,
+}
+
+/// A header longer than this is read after the download, from the whole file. Llama 3's,
+/// tokenizer.json included, is under 16 MiB.
+const MAX_HEAD_PREFIX: usize = 64 << 20;
+
+impl<'a> HeadReader<'a> {
+    fn new(name: &'a str) -> Self {
+        Self { name, prefix: Some(Vec::new()), next_try: 0, head: None }
+    }
+
+    fn push(&mut self, part: &[u8]) {
+        let Some(prefix) = &mut self.prefix else { return };
+        prefix.extend_from_slice(part);
+        if prefix.len() < self.next_try {
+            return;
+        }
+        self.head = GgufHead::from_prefix(self.name, prefix);
+        self.next_try = prefix.len() * 2;
+        if self.head.is_some() || prefix.len() >= MAX_HEAD_PREFIX {
+            self.prefix = None;
+        }
+    }
 }
 
 /// The cached copy, if there is one whose bytes still hash to the manifest's sha256; a damaged
@@ -193,5 +234,27 @@ mod tests {
         assert_eq!(model_id("s3://bucket/models/m/v1/m-q8_0.gguf"), "m-q8_0");
         assert_eq!(model_id("/models/llama3-bf16.gguf"), "llama3-bf16");
         assert_eq!(model_id("checkpoints/llama/"), "llama");
+    }
+
+    /// The head read from a download's first parts (4 KiB ones here, so that it takes several
+    /// tries) loads the model that the whole file loads: the same greedy tokens.
+    #[test]
+    fn a_head_read_while_downloading_loads_the_same_model() {
+        let bytes = llm_engine::DEMO_GGUF;
+        let mut reader = HeadReader::new("demo.gguf");
+        let mut parts = bytes.chunks(4096);
+        while reader.prefix.is_some() {
+            reader.push(parts.next().expect("the header ends before the file"));
+        }
+        assert!(parts.len() > 0, "the head waited for the whole file");
+        let from_head = reader.head.expect("a head").load(bytes.to_vec(), LoadOptions::default()).unwrap();
+        let from_whole = llm_engine::load_gguf_bytes("demo.gguf", bytes.to_vec(), LoadOptions::default()).unwrap();
+        let greedy = |loaded: &llm_engine::LoadedModel| {
+            let prompt = loaded.tokenizer.encode("Once upon a time", true).unwrap();
+            let request = llm_engine::GenerationRequest { prompt, max_tokens: 12, ignore_eos: true, ..Default::default() };
+            let (completions, _) = llm_engine::generate(&loaded.model, &loaded.tokenizer, &[request], |_| std::ops::ControlFlow::Continue(())).unwrap();
+            completions[0].token_ids.clone()
+        };
+        assert_eq!(greedy(&from_head), greedy(&from_whole));
     }
 }

@@ -26,6 +26,22 @@ pub struct GgufFile {
     content: Content,
 }
 
+/// A downloaded file's bytes, shared by the tensors read from them.
+fn downloaded(bytes: Vec<u8>) -> FileBytes {
+    // Chat templates render in forked children, which never read weights.
+    #[cfg(target_os = "linux")]
+    crate::sandbox::exclude_from_children(&bytes);
+    Arc::new(bytes)
+}
+
+fn read_content<R: std::io::Read + std::io::Seek>(path: &Path, reader: &mut R) -> Result<Content> {
+    // candle's reader bounds-checks lengths against the file size; a hostile header can still
+    // trip an arithmetic assertion inside it, which must not take the process down.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(reader)))
+        .map_err(|_| EngineError::invalid_file(path, "malformed GGUF header"))?
+        .map_err(|e| EngineError::invalid_file(path, e))
+}
+
 /// The file's bytes as a reader reads them.
 struct Shared(FileBytes);
 
@@ -53,23 +69,40 @@ impl GgufFile {
     /// A GGUF held in memory (a model downloaded from S3), kept as it is: tensors are read from
     /// it in place. `name` (e.g. its S3 URI) appears in errors.
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
-        // Chat templates render in forked children, which never read weights.
-        #[cfg(target_os = "linux")]
-        crate::sandbox::exclude_from_children(&bytes);
-        Self::read(PathBuf::from(name), Arc::new(bytes))
+        Self::read(PathBuf::from(name), downloaded(bytes))
+    }
+
+    /// The header (metadata and tensor directory) of a GGUF whose first bytes are `prefix`: a
+    /// download still under way. `None` while the header runs past them (or is malformed: the
+    /// whole file then says how). No tensor can be read until [`Self::complete`].
+    pub fn header_from_prefix(name: &str, prefix: &[u8]) -> Option<Self> {
+        let path = PathBuf::from(name);
+        let content = read_content(&path, &mut Cursor::new(prefix)).ok()?;
+        let bytes: FileBytes = Arc::new(Vec::<u8>::new());
+        Some(Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content })
+    }
+
+    /// This header over the whole file, downloaded: `bytes` start with the prefix it was read from.
+    pub fn complete(self, bytes: Vec<u8>) -> Result<Self> {
+        let bytes = downloaded(bytes);
+        let gguf = Self { reader: Cursor::new(Shared(bytes.clone())), bytes, ..self };
+        gguf.check_tensor_bounds((*gguf.bytes).as_ref().len() as u64)?;
+        Ok(gguf)
     }
 
     fn read(path: PathBuf, bytes: FileBytes) -> Result<Self> {
         let len = (*bytes).as_ref().len() as u64;
         let mut reader = Cursor::new(Shared(bytes.clone()));
-        // candle's reader bounds-checks lengths against the file size; a hostile header can
-        // still trip an arithmetic assertion inside it, which must not take the process down.
-        let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
-            .map_err(|_| EngineError::invalid_file(&path, "malformed GGUF header"))?
-            .map_err(|e| EngineError::invalid_file(&path, e))?;
+        let content = read_content(&path, &mut reader)?;
         let gguf = Self { path, bytes, reader, content };
         gguf.check_tensor_bounds(len)?;
         Ok(gguf)
+    }
+
+    /// Drops the metadata keys under `prefix` (`tokenizer.` once the tokenizer is built from
+    /// them: for Llama 3's, 408,403 strings and a copy of tokenizer.json).
+    pub fn forget_metadata(&mut self, prefix: &str) {
+        self.content.metadata.retain(|key, _| !key.starts_with(prefix));
     }
 
     pub fn path(&self) -> &Path {

@@ -32,7 +32,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use error::{EngineError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationRequest, GenerationStats, TokenEvent};
-pub use loader::{hf_tokenizer, load, load_gguf_bytes, LoadedModel, ModelFormat, DEMO_GGUF, DEMO_MODEL};
+pub use loader::{hf_tokenizer, load, load_gguf_bytes, GgufHead, LoadedModel, ModelFormat, DEMO_GGUF, DEMO_MODEL};
 pub use logprobs::{prompt_logprobs, TokenLogprob};
 pub use quant::parse_ggml_dtype;
 pub use model::{KvCache, Llama, LoadOptions, Logits};

@@ -9,6 +9,7 @@ use candle_core::Device;
 use serde_json::Value as Json;
 
 use crate::chat::ChatTemplate;
+use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, GgufSource};
 use crate::hf::{self, SafetensorsSource};
@@ -66,7 +67,7 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let device = Device::Cpu;
     let format = detect_format(path)?;
     let (model, tokenizer, chat_template) = match format {
-        ModelFormat::Gguf => load_gguf(GgufFile::open(path)?, options, &device)?,
+        ModelFormat::Gguf => GgufHead::new(GgufFile::open(path)?)?.load_weights(options, &device)?,
         ModelFormat::HuggingFace => load_hf(path, options, &device)?,
     };
     tokenizer.check_fits(model.config().vocab_size)?;
@@ -75,23 +76,58 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
 
 /// A GGUF model from bytes in memory (downloaded, not on disk); `name` appears in errors.
 pub fn load_gguf_bytes(name: &str, bytes: Vec<u8>, options: LoadOptions) -> Result<LoadedModel> {
-    let (model, tokenizer, chat_template) = load_gguf(GgufFile::from_bytes(name, bytes)?, options, &Device::Cpu)?;
-    tokenizer.check_fits(model.config().vocab_size)?;
-    Ok(LoadedModel { model, tokenizer, chat_template, format: ModelFormat::Gguf, path: PathBuf::from(name) })
+    GgufHead::new(GgufFile::from_bytes(name, bytes)?)?.finish(options)
 }
 
 type Parts = (Llama, Tokenizer, Option<ChatTemplate>);
 
-fn load_gguf(mut gguf: GgufFile, options: LoadOptions, device: &Device) -> Result<Parts> {
-    let config = gguf.llama_config()?;
-    let tokenizer = gguf_tokenizer(&gguf)?;
-    let chat_template = gguf
-        .get_string("tokenizer.chat_template")
-        .map(|t| ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()))
-        .transpose()?;
-    let mut source = GgufSource { file: &mut gguf, device: device.clone() };
-    let model = Llama::load(config, &mut source, RopeLayout::Interleaved, options, device)?;
-    Ok((model, tokenizer, chat_template))
+/// A GGUF model's header and what it alone determines: the hyper-parameters, tokenizer and chat
+/// template. Read from the first bytes of a file still downloading, it is built while the
+/// weights are on their way ([`GgufHead::load`] adds them).
+pub struct GgufHead {
+    gguf: GgufFile,
+    config: LlamaConfig,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl GgufHead {
+    /// The head of a GGUF whose first bytes are `prefix`; `None` while its header runs past
+    /// them, or when anything in it fails (loading the whole file then says what).
+    pub fn from_prefix(name: &str, prefix: &[u8]) -> Option<Self> {
+        Self::new(GgufFile::header_from_prefix(name, prefix)?).ok()
+    }
+
+    fn new(mut gguf: GgufFile) -> Result<Self> {
+        let config = gguf.llama_config()?;
+        let tokenizer = gguf_tokenizer(&gguf)?;
+        let chat_template = gguf
+            .get_string("tokenizer.chat_template")
+            .map(|t| ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()))
+            .transpose()?;
+        gguf.forget_metadata("tokenizer.");
+        crate::allocator::release_free_memory();
+        Ok(Self { gguf, config, tokenizer, chat_template })
+    }
+
+    /// The model, its weights read in place from `bytes`: the whole file whose first bytes the
+    /// head was read from.
+    pub fn load(self, bytes: Vec<u8>, options: LoadOptions) -> Result<LoadedModel> {
+        Self { gguf: self.gguf.complete(bytes)?, ..self }.finish(options)
+    }
+
+    fn finish(self, options: LoadOptions) -> Result<LoadedModel> {
+        let path = self.gguf.path().to_path_buf();
+        let (model, tokenizer, chat_template) = self.load_weights(options, &Device::Cpu)?;
+        tokenizer.check_fits(model.config().vocab_size)?;
+        Ok(LoadedModel { model, tokenizer, chat_template, format: ModelFormat::Gguf, path })
+    }
+
+    fn load_weights(mut self, options: LoadOptions, device: &Device) -> Result<Parts> {
+        let mut source = GgufSource { file: &mut self.gguf, device: device.clone() };
+        let model = Llama::load(self.config, &mut source, RopeLayout::Interleaved, options, device)?;
+        Ok((model, self.tokenizer, self.chat_template))
+    }
 }
 
 fn gguf_tokenizer(gguf: &GgufFile) -> Result<Tokenizer> {
