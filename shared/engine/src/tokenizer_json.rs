@@ -193,41 +193,28 @@ impl<'de> Visitor<'de> for BpeModelVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<BpeModel, A::Error> {
         let mut builder = BPE::builder();
         let (mut vocab, mut merges): (Option<Vocab>, Option<MergeList>) = (None, None);
+        // An option's `null` leaves the builder's default, as in tokenizers.
+        macro_rules! option {
+            ($set:ident) => {
+                match map.next_value()? {
+                    Some(value) => builder.$set(value),
+                    None => builder,
+                }
+            };
+        }
         while let Some(key) = map.next_key::<String>()? {
-            // A `null` option leaves the default, as in tokenizers.
             builder = match key.as_str() {
                 "type" => match map.next_value::<String>()?.as_str() {
                     "BPE" => builder,
                     other => return Err(A::Error::invalid_value(serde::de::Unexpected::Str(other), &"BPE")),
                 },
-                "dropout" => match map.next_value()? {
-                    Some(p) => builder.dropout(p),
-                    None => builder,
-                },
-                "unk_token" => match map.next_value()? {
-                    Some(token) => builder.unk_token(token),
-                    None => builder,
-                },
-                "continuing_subword_prefix" => match map.next_value()? {
-                    Some(prefix) => builder.continuing_subword_prefix(prefix),
-                    None => builder,
-                },
-                "end_of_word_suffix" => match map.next_value()? {
-                    Some(suffix) => builder.end_of_word_suffix(suffix),
-                    None => builder,
-                },
-                "fuse_unk" => match map.next_value()? {
-                    Some(fuse) => builder.fuse_unk(fuse),
-                    None => builder,
-                },
-                "byte_fallback" => match map.next_value()? {
-                    Some(fallback) => builder.byte_fallback(fallback),
-                    None => builder,
-                },
-                "ignore_merges" => match map.next_value()? {
-                    Some(ignore) => builder.ignore_merges(ignore),
-                    None => builder,
-                },
+                "dropout" => option!(dropout),
+                "unk_token" => option!(unk_token),
+                "continuing_subword_prefix" => option!(continuing_subword_prefix),
+                "end_of_word_suffix" => option!(end_of_word_suffix),
+                "fuse_unk" => option!(fuse_unk),
+                "byte_fallback" => option!(byte_fallback),
+                "ignore_merges" => option!(ignore_merges),
                 "vocab" => {
                     vocab = Some(map.next_value()?);
                     builder
