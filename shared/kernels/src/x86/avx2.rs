@@ -741,8 +741,11 @@ unsafe fn two_bit_runs(q: __m256i) -> [__m256i; 4] {
 /// of 8). Zen 4 without AVX-512, one thread, one layer's decode product in cache, GFLOP/s: Q2_K
 /// 48–54 → 64–70, Q3_K 41–43 → 48–51, Q6_K 46–49 → 49–53; out of memory (`stream` bench, three
 /// rounds in turn), GB/s: Q2_K 8.6–8.7 → 10.5–10.6, Q3_K 8.7–8.8 → 10.1–10.3, Q6_K 17.3–17.4 →
-/// 18.4 (and one round 15.3).
-#[inline(always)]
+/// 18.4 (and one round 15.3). The `asm!` names a `ymm` register, which newer compilers allow only
+/// in code built for AVX (nightly 1.97 refused it here), hence the feature, and `inline` in place
+/// of `inline(always)`, which cannot go with one: the callers, built for AVX2, still inline it.
+#[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn half_in_both_lanes(s: __m128i, half: usize) -> __m256i {
     let s16 = _mm_cvtepi8_epi16(if half == 0 { s } else { _mm_unpackhi_epi64(s, s) });
     let mut both = _mm256_set_m128i(s16, s16);
