@@ -60,7 +60,8 @@ fn tokenizer_json_is_read_as_tokenizers_reads_it() {
     }
 }
 
-/// What tokenizers refuses in a BPE model, the engine's reader refuses too.
+/// What tokenizers refuses in a BPE tokenizer.json, the engine's reader refuses too, and what it
+/// reads (a truncation shorter than the template's tokens, say), the engine reads.
 #[test]
 fn malformed_bpe_models_are_refused() {
     let file = |model: serde_json::Value| {
@@ -69,8 +70,19 @@ fn malformed_bpe_models_are_refused() {
     let bpe = |merges: serde_json::Value| serde_json::json!({"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": merges});
     let good = file(bpe(serde_json::json!(["#version: 0.2", "a b"]))).to_string();
     assert_eq!(llm_engine::Tokenizer::from_json(&good).unwrap().encode("ab", false).unwrap().get_ids(), [2]);
+    let mut truncated = file(bpe(serde_json::json!([["a", "b"]])));
+    truncated["truncation"] = serde_json::json!({"direction": "Right", "max_length": 0, "strategy": "LongestFirst", "stride": 4});
+    truncated["post_processor"] = serde_json::json!({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "a", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": {"a": {"id": "a", "ids": [0], "tokens": ["a"]}}});
+    let truncated = truncated.to_string();
+    assert!(truncated.parse::<tokenizers::Tokenizer>().is_ok());
+    llm_engine::Tokenizer::from_json(&truncated).unwrap();
     let mut version = file(bpe(serde_json::json!([["a", "b"]])));
     version["version"] = "2.0".into();
+    let mut null_version = file(bpe(serde_json::json!([["a", "b"]])));
+    null_version["version"] = serde_json::Value::Null;
+    let mut unknown_key = file(bpe(serde_json::json!([["a", "b"]])));
+    unknown_key["extra"] = 1.into();
     let mut dropout = bpe(serde_json::json!([["a", "b"]]));
     dropout["dropout"] = 2.0.into();
     let bad = [
@@ -80,8 +92,11 @@ fn malformed_bpe_models_are_refused() {
         file(bpe(serde_json::json!([["a", "x"]]))),
         file(bpe(serde_json::json!([1]))),
         file(serde_json::json!({"type": "BPE", "vocab": {"a": 0}})),
+        file(bpe(serde_json::json!([["a", "b"], "a b"]))),
         file(dropout),
         version,
+        null_version,
+        unknown_key,
     ];
     for case in bad {
         let text = case.to_string();

@@ -169,14 +169,30 @@ impl<'a> HeadReader<'a> {
 
     fn push(&mut self, part: &[u8]) {
         let Some(prefix) = &mut self.prefix else { return };
-        prefix.extend_from_slice(part);
-        if prefix.len() < self.next_try {
+        let len = prefix.len() + part.len();
+        if len < self.next_try {
+            prefix.extend_from_slice(part);
             return;
         }
-        self.head = GgufHead::from_prefix(self.name, prefix);
-        self.next_try = prefix.len() * 2;
-        if self.head.is_some() || prefix.len() >= MAX_HEAD_PREFIX {
-            self.prefix = None;
+        let tried = if prefix.is_empty() {
+            // The first part most often holds the whole header: read where it lies, not copied.
+            GgufHead::from_prefix(self.name, part)
+        } else {
+            prefix.extend_from_slice(part);
+            GgufHead::from_prefix(self.name, prefix)
+        };
+        self.next_try = (len * 2).min(MAX_HEAD_PREFIX);
+        match tried {
+            Ok(None) if len < MAX_HEAD_PREFIX => {
+                if prefix.is_empty() {
+                    prefix.extend_from_slice(part);
+                }
+            }
+            // A refused model or tokenizer is not tried again: loading the whole file says why.
+            tried => {
+                self.head = tried.ok().flatten();
+                self.prefix = None;
+            }
         }
     }
 }

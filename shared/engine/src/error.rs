@@ -48,6 +48,10 @@ impl EngineError {
         }
     }
 
+    pub(crate) fn tokenizer(reason: impl ToString) -> Self {
+        Self::Tokenizer(reason.to_string())
+    }
+
     pub(crate) fn tensor(name: impl Into<String>, reason: impl ToString) -> Self {
         Self::Tensor {
             name: name.into(),

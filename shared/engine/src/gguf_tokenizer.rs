@@ -77,7 +77,7 @@ pub fn tokenizer(gguf: &GgufFile) -> Result<tokenizers::Tokenizer> {
                     None => Err(EngineError::Tokenizer(format!("malformed merge `{m}`"))),
                 })
                 .collect::<Result<Merges>>()?;
-            let split = Split::new(SplitPattern::Regex(split.into()), SplitDelimiterBehavior::Isolated, false).map_err(tokenizer_error)?;
+            let split = Split::new(SplitPattern::Regex(split.into()), SplitDelimiterBehavior::Isolated, false).map_err(EngineError::tokenizer)?;
             (
                 BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(ignore_merges),
                 PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into(),
@@ -97,7 +97,7 @@ pub fn tokenizer(gguf: &GgufFile) -> Result<tokenizers::Tokenizer> {
             }
             let prepend = if add_space_prefix { PrependScheme::First } else { PrependScheme::Never };
             let decoders: Vec<DecoderWrapper> = vec![
-                Replace::new("▁", " ").map_err(tokenizer_error)?.into(),
+                Replace::new("▁", " ").map_err(EngineError::tokenizer)?.into(),
                 ByteFallback::new().into(),
                 Fuse::new().into(),
                 Strip::new(' ', usize::from(add_space_prefix), 0).into(),
@@ -107,7 +107,7 @@ pub fn tokenizer(gguf: &GgufFile) -> Result<tokenizers::Tokenizer> {
         other => return Err(EngineError::Tokenizer(format!("unsupported tokenizer model `{other}` (supported: gpt2, llama)"))),
     };
 
-    let mut tokenizer = tokenizers::Tokenizer::new(bpe.build().map_err(tokenizer_error)?);
+    let mut tokenizer = tokenizers::Tokenizer::new(bpe.build().map_err(EngineError::tokenizer)?);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer)).with_decoder(Some(decoder));
     if let Some(processor) = template_processing(bos.filter(|_| add_bos), eos.filter(|_| add_eos))? {
         tokenizer.with_post_processor(Some(processor));
@@ -120,12 +120,8 @@ pub fn tokenizer(gguf: &GgufFile) -> Result<tokenizers::Tokenizer> {
         .zip(&types)
         .filter(|(_, &t)| matches!(t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED | TOKEN_TYPE_UNKNOWN))
         .map(|(&content, &t)| AddedToken::from(content, t != TOKEN_TYPE_USER_DEFINED).normalized(false));
-    tokenizer.add_tokens(added.collect::<Vec<_>>()).map_err(tokenizer_error)?;
+    tokenizer.add_tokens(added.collect::<Vec<_>>()).map_err(EngineError::tokenizer)?;
     Ok(tokenizer)
-}
-
-fn tokenizer_error(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Tokenizer(e.to_string())
 }
 
 fn string_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
@@ -157,7 +153,7 @@ fn template_processing(bos: Option<(usize, &str)>, eos: Option<(usize, &str)>) -
     let special_tokens: serde_json::Map<String, Json> =
         [bos, eos].into_iter().flatten().map(|(id, s)| (s.to_string(), json!({"id": s, "ids": [id], "tokens": [s]}))).collect();
     let processor = json!({"type": "TemplateProcessing", "single": wrap("A"), "pair": pair, "special_tokens": special_tokens});
-    serde_json::from_value(processor).map(Some).map_err(tokenizer_error)
+    serde_json::from_value(processor).map(Some).map_err(EngineError::tokenizer)
 }
 
 /// Merges for a SentencePiece vocabulary: every split of a piece into two known pieces, ranked

@@ -92,10 +92,11 @@ pub struct GgufHead {
 }
 
 impl GgufHead {
-    /// The head of a GGUF whose first bytes are `prefix`; `None` while its header runs past
-    /// them, or when anything in it fails (loading the whole file then says what).
-    pub fn from_prefix(name: &str, prefix: &[u8]) -> Option<Self> {
-        Self::new(GgufFile::header_from_prefix(name, prefix)?).ok()
+    /// The head of a GGUF whose first bytes are `prefix`; `Ok(None)` while its header runs past
+    /// them (or is malformed: the whole file then says how), an error when the header is whole
+    /// but its model or tokenizer is refused.
+    pub fn from_prefix(name: &str, prefix: &[u8]) -> Result<Option<Self>> {
+        GgufFile::header_from_prefix(name, prefix).map(Self::new).transpose()
     }
 
     fn new(mut gguf: GgufFile) -> Result<Self> {

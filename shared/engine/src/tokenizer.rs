@@ -51,7 +51,7 @@ impl Tokenizer {
         let encoding = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            .map_err(EngineError::tokenizer)?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -59,13 +59,13 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+            .map_err(EngineError::tokenizer)
     }
 
     pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+            .map_err(EngineError::tokenizer)
     }
 
     pub fn bos_token(&self) -> Option<&str> {

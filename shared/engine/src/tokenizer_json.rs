@@ -5,12 +5,16 @@
 //! tokenizers' own reader takes the model through untagged enums, which hold the whole model
 //! object as serde `Content` and then as a `serde_json::Value` before reading it: for Llama 3's
 //! vocabulary (128,256 tokens, 280,147 merges) those copies were the largest part of a model
-//! load's memory peak, which glibc keeps afterwards.
+//! load's memory peak, which glibc keeps afterwards. Other models, and BPE ones without a
+//! `type`, still go through tokenizers' reader. Where the two readers differ, this one refuses
+//! what tokenizers would take: a key given twice (tokenizers keeps the last one).
 
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PaddingParams, PostProcessorWrapper, PreTokenizerWrapper, TruncationParams};
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PaddingParams, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder, TruncationParams,
+};
 
 use crate::error::{EngineError, Result};
 
@@ -26,12 +30,8 @@ pub(crate) fn read(json: &str) -> Result<tokenizers::Tokenizer> {
     match outline.model.kind.as_deref() {
         Some("BPE") => serde_json::from_str::<BpeTokenizerFile>(json).map_err(|e| EngineError::Tokenizer(format!("tokenizer.json: {e}")))?.build(),
         // Other models, and untyped ones (tokenizers guesses their type), tokenizers reads itself.
-        _ => json.parse::<tokenizers::Tokenizer>().map_err(tokenizer_error),
+        _ => json.parse::<tokenizers::Tokenizer>().map_err(EngineError::tokenizer),
     }
-}
-
-fn tokenizer_error(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Tokenizer(e.to_string())
 }
 
 /// Any JSON value, read as strictly as into a `serde_json::Value` (every string unescaped, so a
@@ -123,9 +123,13 @@ fn check_template_tokens(processor: &serde_json::Value) -> Result<()> {
 }
 
 /// A tokenizer.json whose model is a BPE, with the fields tokenizers reads (its
-/// `tokenizer/serialization.rs`); the other parts are small and read by tokenizers' own types.
+/// `tokenizer/serialization.rs`, which refuses any other); the other parts are small and read by
+/// tokenizers' own types.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BpeTokenizerFile {
+    /// Present, it must be a string (tokenizers refuses `null`).
+    #[serde(default, deserialize_with = "present_string")]
     version: Option<String>,
     truncation: Option<TruncationParams>,
     padding: Option<PaddingParams>,
@@ -136,6 +140,10 @@ struct BpeTokenizerFile {
     model: BpeModel,
     decoder: Option<DecoderWrapper>,
     post_processor: Option<PostProcessorWrapper>,
+}
+
+fn present_string<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<String>, D::Error> {
+    String::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -150,23 +158,27 @@ impl BpeTokenizerFile {
         if let Some(version) = self.version.filter(|v| v != "1.0") {
             return Err(EngineError::Tokenizer(format!("unknown tokenizer.json version `{version}`")));
         }
-        let mut tokenizer = tokenizers::Tokenizer::new(self.model.0);
-        tokenizer
+        // Assembled as tokenizers' reader assembles it: `TokenizerImpl::with_truncation` would
+        // also check the truncation against the post-processor, in arithmetic that overflows
+        // on hostile values, where tokenizers checks nothing.
+        let mut tokenizer: tokenizers::Tokenizer = TokenizerBuilder::new()
+            .with_model(ModelWrapper::from(self.model.0))
             .with_normalizer(self.normalizer)
-            .map_err(tokenizer_error)?
             .with_pre_tokenizer(self.pre_tokenizer)
             .with_post_processor(self.post_processor)
             .with_decoder(self.decoder)
             .with_truncation(self.truncation)
-            .map_err(tokenizer_error)?
-            .with_padding(self.padding);
+            .with_padding(self.padding)
+            .build()
+            .map_err(EngineError::tokenizer)?
+            .into();
         // As tokenizers does: a token already in the vocabulary keeps the vocabulary's id.
         for added in &self.added_tokens {
             if let Some(id) = tokenizer.token_to_id(&added.token.content).filter(|&id| id != added.id) {
                 tracing::warn!(token = added.token.content, expected = added.id, id, "an added token's id differs from the vocabulary's");
             }
         }
-        tokenizer.add_tokens(self.added_tokens.into_iter().map(|t| t.token)).map_err(tokenizer_error)?;
+        tokenizer.add_tokens(self.added_tokens.into_iter().map(|t| t.token)).map_err(EngineError::tokenizer)?;
         Ok(tokenizer)
     }
 }
@@ -234,8 +246,9 @@ impl<'de> Visitor<'de> for BpeModelVisitor {
     }
 }
 
-/// `merges` in either spelling: `["a", "b"]` pairs, or the older `"a b"` lines (where, as in
-/// tokenizers, a `#version` line is skipped and a line must hold exactly two tokens).
+/// `merges` in either spelling, one per list: `["a", "b"]` pairs, or the older `"a b"` lines
+/// (where, as in tokenizers, a `#version` line is skipped and a line must hold exactly two
+/// tokens).
 struct MergeList(Merges);
 
 impl<'de> Deserialize<'de> for MergeList {
@@ -255,9 +268,13 @@ impl<'de> Visitor<'de> for MergeListVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> std::result::Result<MergeList, A::Error> {
         let mut merges = Merges::with_capacity(items.size_hint().unwrap_or(0));
+        let mut lines = None;
         while let Some(merge) = items.next_element::<Merge>()? {
+            if *lines.get_or_insert(merge.is_line()) != merge.is_line() {
+                return Err(A::Error::custom("merges mix pairs and lines"));
+            }
             match merge {
-                Merge::Pair(a, b) => merges.push((a, b)),
+                Merge::Pair(a, b) | Merge::Line(a, b) => merges.push((a, b)),
                 Merge::Version => {}
                 Merge::Malformed => return Err(A::Error::custom(format!("Merges text file invalid at line {}", merges.len() + 1))),
             }
@@ -268,8 +285,17 @@ impl<'de> Visitor<'de> for MergeListVisitor {
 
 enum Merge {
     Pair(String, String),
+    Line(String, String),
+    /// A `#version` line.
     Version,
+    /// A line of other than two tokens.
     Malformed,
+}
+
+impl Merge {
+    fn is_line(&self) -> bool {
+        !matches!(self, Merge::Pair(..))
+    }
 }
 
 impl<'de> Deserialize<'de> for Merge {
@@ -293,7 +319,7 @@ impl<'de> Visitor<'de> for MergeVisitor {
         }
         let mut parts = line.split(' ');
         Ok(match (parts.next(), parts.next(), parts.next()) {
-            (Some(a), Some(b), None) => Merge::Pair(a.to_string(), b.to_string()),
+            (Some(a), Some(b), None) => Merge::Line(a.to_string(), b.to_string()),
             _ => Merge::Malformed,
         })
     }
