@@ -273,4 +273,21 @@ mod tests {
         };
         assert_eq!(greedy(&from_head), greedy(&from_whole));
     }
+
+    /// A whole header whose model is refused is not read again as more parts arrive: the load of
+    /// the whole file says why.
+    #[test]
+    fn a_refused_head_is_not_tried_again() {
+        let mut bytes = llm_engine::DEMO_GGUF.to_vec();
+        let key = b"general.architecture";
+        // The key, its value's type (u32) and length (u64), then the value.
+        let value = bytes.windows(key.len()).position(|w| w == key).expect("the key") + key.len() + 4 + 8;
+        assert_eq!(&bytes[value..value + 5], b"llama");
+        bytes[value..value + 5].copy_from_slice(b"llamb");
+        let mut reader = HeadReader::new("demo.gguf");
+        reader.push(&bytes[..bytes.len() / 2]);
+        assert!(reader.prefix.is_none() && reader.head.is_none(), "the refused head is tried again");
+        let err = llm_engine::load_gguf_bytes("demo.gguf", bytes, LoadOptions::default()).err().expect("refused");
+        assert!(err.to_string().contains("llamb"), "{err}");
+    }
 }
