@@ -184,6 +184,7 @@ impl<'a> HeadReader<'a> {
         self.next_try = (len * 2).min(MAX_HEAD_PREFIX);
         match tried {
             Ok(None) if len < MAX_HEAD_PREFIX => {
+                // The first part was read where it lies; the next try needs it in the prefix.
                 if prefix.is_empty() {
                     prefix.extend_from_slice(part);
                 }

@@ -6,8 +6,9 @@
 //! object as serde `Content` and then as a `serde_json::Value` before reading it: for Llama 3's
 //! vocabulary (128,256 tokens, 280,147 merges) those copies were the largest part of a model
 //! load's memory peak, which glibc keeps afterwards. Other models, and BPE ones without a
-//! `type`, still go through tokenizers' reader. Where the two readers differ, this one refuses
-//! what tokenizers would take: a key given twice (tokenizers keeps the last one).
+//! `type`, still go through tokenizers' reader. Where the two readers differ: a top-level key
+//! given twice is refused here (tokenizers keeps the last one), and in a BPE model a later `null`
+//! option leaves an earlier value standing (tokenizers keeps the `null`).
 
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
