@@ -122,12 +122,17 @@ def decode_rate(log):
 
 
 def kv_bytes_per_token(path):
-    """The engine's KV cache per position: f32 keys and values in every layer."""
-    fields = gguf.GGUFReader(path).fields
+    """The engine's KV cache per position: keys and values in every layer, in f16 for a model
+    whose projections are quantized (the engine's default, as llama.cpp's), else in f32."""
+    reader = gguf.GGUFReader(path)
+    fields = reader.fields
     value = lambda key: fields[f"llama.{key}"].contents()
     head_dim = value("attention.key_length") if "llama.attention.key_length" in fields \
         else value("embedding_length") // value("attention.head_count")
-    return value("block_count") * 2 * value("attention.head_count_kv") * head_dim * 4
+    dense = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    k_proj = next(t for t in reader.tensors if t.name == "blk.0.attn_k.weight")
+    value_bytes = 4 if k_proj.tensor_type in dense else 2
+    return value("block_count") * 2 * value("attention.head_count_kv") * head_dim * value_bytes
 
 
 def cold_start(llm, endpoint, args, prompt):

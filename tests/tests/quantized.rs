@@ -79,7 +79,7 @@ fn f16_gguf_keeps_every_greedy_choice() {
 /// `--quantize q8_0` applied to f16 weights at load time is as good as llama.cpp's Q8_0 file.
 #[test]
 fn in_situ_quantization_is_as_close_as_llama_cpp_q8_0() {
-    let options = LoadOptions { quantize: Some(parse_ggml_dtype("q8_0").unwrap()) };
+    let options = LoadOptions { quantize: Some(parse_ggml_dtype("q8_0").unwrap()), ..Default::default() };
     let loaded = load(&fixtures_dir().join("tinyq/tinyq-f16.gguf"), options).unwrap();
     assert_no_worse_than_llama_cpp(&score(&loaded, "q8_0", "in-situ q8_0"), "in-situ q8_0");
 }

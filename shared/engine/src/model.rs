@@ -5,7 +5,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
-use llm_kernels::{DecodeShape, QMatrix};
+use llm_kernels::{CachedKv, DecodeShape, QMatrix};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -79,6 +79,11 @@ impl Linear {
             other => return Err(crate::error::EngineError::InvalidRequest(format!("a projection must be a matrix, not {other:?}"))),
         };
         Ok(Self { weight: Product::new(weight)?, dims, lora: None })
+    }
+
+    /// Whether the weights stay in a GGML block format (not dequantized to a dense tensor).
+    fn is_quantized(&self) -> bool {
+        matches!(self.weight, Product::Kernels(_) | Product::Candle(QMatMul::QTensor(_)))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -159,10 +164,11 @@ impl Attention {
 
         let (k_t, v) = cache.append(&k, &v)?;
 
-        let out = if s == 1 && cache.on_cpu_in_f32() {
+        let out = if s == 1 && cache.on_cpu() {
             cache.attend_one(&q, pad)?
         } else {
-            attend(&q, &k_t, &v, mask, nh / nkv, QUERY_CHUNK)?
+            // A prompt's products take the queries' type, whatever the cache keeps.
+            attend(&q, &k_t.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?, mask, nh / nkv, QUERY_CHUNK)?
         };
         let out = out.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         self.o_proj.forward(&out)
@@ -314,7 +320,7 @@ struct DecoderLayer {
 ///
 /// Not `Clone`: a layer's buffers are written in place, so a copy would share and see them
 /// change.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
 }
@@ -325,11 +331,12 @@ pub struct KvCache {
 /// copied the whole cache into a fresh allocation, every layer, every step: after a 512-token
 /// prompt, decode at 2 threads ran 3–7 % slower). The views of the keys have rows `capacity`
 /// apart, which candle's CPU products take; its CUDA ones would not, but models are only ever
-/// loaded on the CPU (`loader`).
-#[derive(Debug, Default)]
+/// loaded on the CPU (`loader`). Kept in `dtype` (see [`LoadOptions::kv_cache`]).
+#[derive(Debug)]
 struct LayerCache {
     buffers: Option<(Tensor, Tensor)>,
     len: usize,
+    dtype: DType,
 }
 
 /// Positions a layer's buffers grow by: a copy every this many tokens, and at most this many
@@ -344,18 +351,24 @@ const CACHE_GROWTH: usize = 256;
 const CACHE_ROW_PAD: usize = 16;
 
 impl LayerCache {
+    fn new(dtype: DType) -> Self {
+        Self { buffers: None, len: 0, dtype }
+    }
+
     /// Writes `k`, `v` (`[b, kv_heads, s, head_dim]`) after the cached positions; returns views
-    /// of every position so far, the keys transposed (`[b, kv_heads, head_dim, len]`).
+    /// of every position so far, the keys transposed (`[b, kv_heads, head_dim, len]`), in the
+    /// cache's type.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         const K_POSITIONS: usize = 3;
         const V_POSITIONS: usize = 2;
+        let (k, v) = (k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?);
         let (b, nkv, s, hd) = k.dims4()?;
         let len = self.len + s;
         let capacity = self.buffers.as_ref().map_or(0, |(_, v)| v.dims()[V_POSITIONS]);
         if len > capacity {
             let capacity = len.next_multiple_of(CACHE_GROWTH) + CACHE_ROW_PAD;
             let grown = |old: Option<&Tensor>, shape: (usize, usize, usize, usize), positions: usize| -> Result<Tensor> {
-                let buffer = Tensor::zeros(shape, k.dtype(), k.device())?;
+                let buffer = Tensor::zeros(shape, self.dtype, k.device())?;
                 if let Some(old) = old {
                     buffer.slice_set(&old.narrow(positions, 0, self.len)?.contiguous()?, positions, 0)?;
                 }
@@ -375,8 +388,8 @@ impl LayerCache {
     }
 
     /// Whether [`LayerCache::attend_one`] can read the buffers in place.
-    fn on_cpu_in_f32(&self) -> bool {
-        self.buffers.as_ref().is_some_and(|(k, _)| k.device().is_cpu() && k.dtype() == DType::F32)
+    fn on_cpu(&self) -> bool {
+        self.buffers.as_ref().is_some_and(|(k, _)| k.device().is_cpu()) && matches!(self.dtype, DType::F32 | DType::F16)
     }
 
     /// Attention of one new position per row (a decode step, `q` `[b, heads, 1, head_dim]`,
@@ -391,11 +404,20 @@ impl LayerCache {
         let mut out = vec![0f32; queries.len()];
         let (k_storage, k_layout) = k.storage_and_layout();
         let (v_storage, v_layout) = v.storage_and_layout();
-        let (keys, values) = (cpu_f32(&k_storage, k_layout)?, cpu_f32(&v_storage, v_layout)?);
+        let cached = cached_kv((&k_storage, k_layout), (&v_storage, v_layout))?;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        llm_kernels::decode_attention(&shape, scale, &queries, keys, values, pad, &mut out).map_err(kernel_error)?;
+        llm_kernels::decode_attention(&shape, scale, &queries, cached, pad, &mut out).map_err(kernel_error)?;
         Ok(Tensor::from_vec(out, (b, heads, 1, head_dim), q.device())?)
     }
+}
+
+/// The cache's keys and values where they lie.
+fn cached_kv<'a>((k, k_layout): (&'a Storage, &Layout), (v, v_layout): (&'a Storage, &Layout)) -> Result<CachedKv<'a>> {
+    Ok(match (k, k_layout.contiguous_offsets(), v, v_layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(k)), Some((k0, k1)), Storage::Cpu(CpuStorage::F32(v)), Some((v0, v1))) => CachedKv::F32 { k: &k[k0..k1], v: &v[v0..v1] },
+        (Storage::Cpu(CpuStorage::F16(k)), Some((k0, k1)), Storage::Cpu(CpuStorage::F16(v)), Some((v0, v1))) => CachedKv::F16 { k: &k[k0..k1], v: &v[v0..v1] },
+        _ => return Err(candle_core::Error::Msg("the KV cache's buffers are not contiguous f32 or f16 on the CPU".into()).into()),
+    })
 }
 
 /// The values of a contiguous CPU `f32` tensor, where they lie.
@@ -440,11 +462,15 @@ pub enum Logits {
     All,
 }
 
-/// Options that change how weights are held in memory.
+/// Options that change how weights and the KV cache are held in memory.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
     /// Quantize f16/f32 weights to this type while loading.
     pub quantize: Option<GgmlDType>,
+    /// The KV cache's type. By default `f16` for a model whose projections stay quantized, as
+    /// llama.cpp keeps its cache (half the memory, and half the bytes a decode step reads of
+    /// it), and `f32` for a dense one, whose outputs are held to transformers' at `f32`.
+    pub kv_cache: Option<DType>,
 }
 
 #[derive(Debug, Clone)]
@@ -455,6 +481,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    kv_dtype: DType,
     device: Device,
 }
 
@@ -531,7 +558,9 @@ impl Llama {
             None => None,
         };
         let rope = Rope::new(c, rope_factors.as_deref(), rope_layout, device)?;
-        Ok(Self { config, embed, layers, norm, lm_head, rope, device: device.clone() })
+        let quantized = layers.first().is_some_and(|layer| layer.attn.k_proj.is_quantized());
+        let kv_dtype = options.kv_cache.unwrap_or(if quantized && device.is_cpu() { DType::F16 } else { DType::F32 });
+        Ok(Self { config, embed, layers, norm, lm_head, rope, kv_dtype, device: device.clone() })
     }
 
     /// Adds a PEFT LoRA adapter's updates to the projections it names. Q/K updates are put in
@@ -576,8 +605,13 @@ impl Llama {
         &self.device
     }
 
+    /// The type [`Llama::new_cache`]'s caches keep keys and values in.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: (0..self.config.num_layers).map(|_| LayerCache::default()).collect() }
+        KvCache { layers: (0..self.config.num_layers).map(|_| LayerCache::new(self.kv_dtype)).collect() }
     }
 
     /// Runs `tokens` (`[b, s]`, u32) after what `cache` holds. `pad[r]` is the number of
@@ -665,23 +699,27 @@ mod tests {
     fn a_decode_step_attends_like_a_masked_product() {
         let dev = Device::Cpu;
         let (b, nh, nkv, hd) = (2, 8, 2, 16);
-        let mut cache = LayerCache::default();
-        // A prompt of 20 positions, the second row left-padded by 6, then three decode steps.
-        let pad = [0, 6];
-        for s in [20, 1, 1, 1] {
-            let k = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
-            let past = cache.len;
-            let (k_t, v) = cache.append(&k, &v).unwrap();
-            if s > 1 {
-                continue;
+        for dtype in [DType::F32, DType::F16] {
+            let mut cache = LayerCache::new(dtype);
+            // A prompt of 20 positions, the second row left-padded by 6, then three decode steps.
+            let pad = [0, 6];
+            for s in [20, 1, 1, 1] {
+                let k = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
+                let past = cache.len;
+                let (k_t, v) = cache.append(&k, &v).unwrap();
+                assert_eq!((k_t.dtype(), v.dtype()), (dtype, dtype));
+                if s > 1 {
+                    continue;
+                }
+                let q = Tensor::randn(0f32, 1.0, (b, nh, 1, hd), &dev).unwrap();
+                let mask = attention_mask(b, 1, past, &pad, &dev).unwrap();
+                let (k_t, v) = (k_t.to_dtype(DType::F32).unwrap(), v.to_dtype(DType::F32).unwrap());
+                let product = attend(&q, &k_t, &v, mask.as_ref(), nh / nkv, QUERY_CHUNK).unwrap();
+                let kernel = cache.attend_one(&q, &pad).unwrap();
+                let diff = (kernel.reshape(product.dims()).unwrap() - &product).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-5, "{dtype:?} cache, after {past} positions: {diff}");
             }
-            let q = Tensor::randn(0f32, 1.0, (b, nh, 1, hd), &dev).unwrap();
-            let mask = attention_mask(b, 1, past, &pad, &dev).unwrap();
-            let product = attend(&q, &k_t, &v, mask.as_ref(), nh / nkv, QUERY_CHUNK).unwrap();
-            let kernel = cache.attend_one(&q, &pad).unwrap();
-            let diff = (kernel.reshape(product.dims()).unwrap() - &product).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-5, "after {past} positions: {diff}");
         }
     }
 }

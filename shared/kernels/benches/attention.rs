@@ -5,13 +5,15 @@
 //!     cargo bench -p llm-kernels --bench attention
 //!
 //! Prints microseconds per layer, on the cache's own data, which fits in L2 here; in a decode
-//! step the weights read in between push it out to memory.
+//! step the weights read in between push it out to memory. `decode_attention` runs over the
+//! cache in f32 and in f16.
 
 mod common;
 use common::seconds;
 
 use candle_core::{Device, Tensor};
-use llm_kernels::{decode_attention, DecodeShape};
+use half::f16;
+use llm_kernels::{decode_attention, CachedKv, DecodeShape};
 
 fn main() {
     let dev = Device::Cpu;
@@ -27,7 +29,10 @@ fn main() {
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let (qs, ks, vs) = (flat(&q), flat(&k.transpose(2, 3).unwrap()), flat(&v));
         let mut out = vec![0f32; qs.len()];
-        let ours = seconds(|| decode_attention(&shape, scale, &qs, &ks, &vs, &[0], &mut out).unwrap());
+        let ours = seconds(|| decode_attention(&shape, scale, &qs, CachedKv::F32 { k: &ks, v: &vs }, &[0], &mut out).unwrap());
+        let halves = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+        let (ks16, vs16) = (halves(&ks), halves(&vs));
+        let ours_f16 = seconds(|| decode_attention(&shape, scale, &qs, CachedKv::F16 { k: &ks16, v: &vs16 }, &[0], &mut out).unwrap());
         // The query heads that share a KV head stacked as rows of one product, over views of
         // the cache's first `len` positions.
         let q = q.reshape((1, kv_heads, heads / kv_heads, head_dim)).unwrap();
@@ -36,7 +41,12 @@ fn main() {
             let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
             candle_nn_free_softmax(&scores).matmul(&v).unwrap();
         });
-        println!("cache {len}: decode_attention {:.1} µs, candle products {:.1} µs per layer", ours * 1e6, candle * 1e6);
+        println!(
+            "cache {len}: decode_attention {:.1} µs (f16 cache {:.1} µs), candle products {:.1} µs per layer",
+            ours * 1e6,
+            ours_f16 * 1e6,
+            candle * 1e6
+        );
     }
 }
 

@@ -4,9 +4,13 @@
 //! by the whole cache, which the product first copies into its packed layout, on one thread.
 //! Here the cache is read where it lies, the keys stored transposed so that a run of keys'
 //! scores is a few multiply-adds of whole registers, and the sequences' KV heads are spread
-//! over the compute pool.
+//! over the compute pool. A cache in `f16` is widened to `f32` a run of keys at a time, into a
+//! buffer that stays in L1 while every query head of its KV head reads it.
 
 use std::ops::Range;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::softmax::softmax;
 use crate::{OutPtr, ShapeError};
@@ -27,12 +31,27 @@ pub struct DecodeShape {
     pub capacity: usize,
 }
 
+/// A KV cache's keys and values, laid out as [`DecodeShape`] says, in the type they are kept in.
+#[derive(Debug, Clone, Copy)]
+pub enum CachedKv<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    /// Half the memory, and half the bytes a decode step reads, as llama.cpp keeps its cache.
+    F16 { k: &'a [f16], v: &'a [f16] },
+}
+
 /// `out[r, h] = softmax(scale · q[r, h] · K[r, g]ᵀ) · V[r, g]`, g the KV head that query head `h`
 /// shares (grouped-query attention: `heads / kv_heads` query heads per KV head), over the keys
 /// `first[r]..len` of row `r` (those before are its left padding); the last key is always
-/// seen, as a query sees itself. `q` and `out` are `[rows, heads, head_dim]`; `k` and `v` as in
+/// seen, as a query sees itself. `q` and `out` are `[rows, heads, head_dim]`; the cache as in
 /// [`DecodeShape`].
-pub fn decode_attention(shape: &DecodeShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
+pub fn decode_attention(shape: &DecodeShape, scale: f32, q: &[f32], cache: CachedKv<'_>, first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
+    match cache {
+        CachedKv::F32 { k, v } => attend_all(shape, scale, q, k, v, first, out),
+        CachedKv::F16 { k, v } => attend_all(shape, scale, q, k, v, first, out),
+    }
+}
+
+fn attend_all<T: Cached>(shape: &DecodeShape, scale: f32, q: &[f32], k: &[T], v: &[T], first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
     let DecodeShape { rows, heads, kv_heads, head_dim, len, capacity } = *shape;
     if kv_heads == 0 || heads % kv_heads != 0 || len == 0 || len > capacity {
         return Err(ShapeError(format!("{heads} query heads over {kv_heads} KV heads, {len} of {capacity} positions")));
@@ -54,6 +73,7 @@ pub fn decode_attention(shape: &DecodeShape, scale: f32, q: &[f32], k: &[f32], v
     let out = OutPtr(out.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(rows * kv_heads, |items| {
         let mut scores = vec![0f32; rep * len];
+        let mut widened = vec![0f32; if T::IN_PLACE { 0 } else { head_dim * RUN }];
         for item in items {
             let cached = item * capacity * head_dim..(item + 1) * capacity * head_dim;
             let group = item * rep * head_dim..(item + 1) * rep * head_dim;
@@ -68,87 +88,162 @@ pub fn decode_attention(shape: &DecodeShape, scale: f32, q: &[f32], k: &[f32], v
             // `group`; `out` outlives the pool's execution.
             let out = unsafe { out.slice(group.clone()) };
             let scores = &mut scores[..rep * head.keys.len()];
-            attend(&head, &q[group], scale, scores, out);
+            T::attend(&head, &q[group], scale, scores, out, &mut widened);
         }
     });
     Ok(())
 }
 
 /// One KV head of one sequence, and the keys its query heads see.
-struct Head<'a> {
+struct Head<'a, T> {
     head_dim: usize,
     capacity: usize,
     keys: Range<usize>,
     /// `[head_dim, capacity]`.
-    k: &'a [f32],
+    k: &'a [T],
     /// `[capacity, head_dim]`.
-    v: &'a [f32],
+    v: &'a [T],
+}
+
+/// A run of keys (or of values) in `f32`: element `(i, j)` of the run (dimension and key, or key
+/// and dimension) at `values[offset + i · stride + j]`.
+struct Run<'s> {
+    values: &'s [f32],
+    offset: usize,
+    stride: usize,
+}
+
+impl Run<'_> {
+    /// Elements `(i, j..j + n)`.
+    #[inline(always)]
+    fn row(&self, i: usize, j: usize, n: usize) -> &[f32] {
+        &self.values[self.offset + i * self.stride + j..][..n]
+    }
+}
+
+/// A type a KV cache is kept in: how a run of it is read as `f32`.
+trait Cached: Copy + Send + Sync + Sized {
+    /// Whether runs are read where they lie, with no widening buffer.
+    const IN_PLACE: bool;
+
+    /// The `n` keys from `from` of every dimension: rows of the transposed keys.
+    fn keys<'s>(head: &'s Head<'_, Self>, from: usize, n: usize, widened: &'s mut [f32]) -> Run<'s>;
+
+    /// The values of the `n` keys from `from`, a row of `head_dim` each.
+    fn values<'s>(head: &'s Head<'_, Self>, from: usize, n: usize, widened: &'s mut [f32]) -> Run<'s>;
+
+    /// [`Head::attend_in_runs`] for this type, compiled for the widest registers.
+    fn attend(head: &Head<'_, Self>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]);
+}
+
+impl Cached for f32 {
+    const IN_PLACE: bool = true;
+
+    #[inline(always)]
+    fn keys<'s>(head: &'s Head<'_, f32>, from: usize, _: usize, _: &'s mut [f32]) -> Run<'s> {
+        Run { values: head.k, offset: from, stride: head.capacity }
+    }
+
+    #[inline(always)]
+    fn values<'s>(head: &'s Head<'_, f32>, from: usize, _: usize, _: &'s mut [f32]) -> Run<'s> {
+        Run { values: head.v, offset: from * head.head_dim, stride: head.head_dim }
+    }
+
+    fn attend(head: &Head<'_, f32>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]) {
+        attend_f32(head, q, scale, scores, out, widened)
+    }
+}
+
+impl Cached for f16 {
+    const IN_PLACE: bool = false;
+
+    /// Widened into `[head_dim, RUN]`: F16C's (or NEON's) conversion, eight values at a time.
+    #[inline(always)]
+    fn keys<'s>(head: &'s Head<'_, f16>, from: usize, n: usize, widened: &'s mut [f32]) -> Run<'s> {
+        for d in 0..head.head_dim {
+            head.k[d * head.capacity + from..][..n].convert_to_f32_slice(&mut widened[d * RUN..][..n]);
+        }
+        Run { values: widened, offset: 0, stride: RUN }
+    }
+
+    #[inline(always)]
+    fn values<'s>(head: &'s Head<'_, f16>, from: usize, n: usize, widened: &'s mut [f32]) -> Run<'s> {
+        let hd = head.head_dim;
+        head.v[from * hd..][..n * hd].convert_to_f32_slice(&mut widened[..n * hd]);
+        Run { values: widened, offset: 0, stride: hd }
+    }
+
+    fn attend(head: &Head<'_, f16>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]) {
+        attend_f16(head, q, scale, scores, out, widened)
+    }
 }
 
 /// Keys whose scores, or output values, one pass keeps in registers: four of 16 lanes (eight of
 /// 8 with AVX2), so that the multiply-adds are independent enough to hide their latency.
 const RUN: usize = 64;
 
-impl Head<'_> {
+impl<T: Cached> Head<'_, T> {
     /// Runs of keys outer, query heads inner: a run's keys and values (16 KiB each for heads of
     /// 64) are read from memory once and then from L1 by every query head (with the heads
     /// outer, each head read the whole cache again from L2: 207 against 178 µs per layer after
     /// 512 tokens, one thread, `cargo bench -p llm-kernels --bench attention`).
     #[inline(always)]
-    fn attend_in_runs(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    fn attend_in_runs(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]) {
         let (hd, n) = (self.head_dim, self.keys.len());
         for start in (0..n).step_by(RUN) {
+            let len = RUN.min(n - start);
+            let keys = T::keys(self, self.keys.start + start, len, widened);
             for (q, scores) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
-                self.scores(q, scale, start, &mut scores[start..n.min(start + RUN)]);
+                run_scores(&keys, q, scale, &mut scores[start..start + len]);
             }
         }
         scores.chunks_exact_mut(n).for_each(softmax);
         out.fill(0.0);
         for start in (0..n).step_by(RUN) {
+            let len = RUN.min(n - start);
+            let values = T::values(self, self.keys.start + start, len, widened);
             for (weights, out) in scores.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
-                self.add_weighted_values(start, &weights[start..n.min(start + RUN)], out);
+                add_weighted_values(&values, &weights[start..start + len], out);
             }
         }
     }
+}
 
-    /// `scores[t] = scale · q · K[first + start + t]`: each query value times the run's values of
-    /// that dimension, which lie together in the transposed keys.
-    #[inline(always)]
-    fn scores(&self, q: &[f32], scale: f32, start: usize, scores: &mut [f32]) {
-        let from = self.keys.start + start;
-        let run = |n: usize, scores: &mut [f32]| {
-            let mut acc = [0f32; RUN];
-            for (d, &qd) in q.iter().enumerate() {
-                let keys = &self.k[d * self.capacity + from..][..n];
-                for l in 0..n {
-                    acc[l] = qd.mul_add(keys[l], acc[l]);
-                }
-            }
+/// `scores[t] = scale · q · K[t]` for the run's keys: each query value times the run's values
+/// of that dimension, which lie together in the transposed keys.
+#[inline(always)]
+fn run_scores(keys: &Run<'_>, q: &[f32], scale: f32, scores: &mut [f32]) {
+    let run = |n: usize, scores: &mut [f32]| {
+        let mut acc = [0f32; RUN];
+        for (d, &qd) in q.iter().enumerate() {
+            let keys = keys.row(d, 0, n);
             for l in 0..n {
-                scores[l] = scale * acc[l];
+                acc[l] = qd.mul_add(keys[l], acc[l]);
             }
-        };
-        whole_runs_unrolled(run, scores);
-    }
-
-    /// `out += Σ_t weights[t] · V[first + start + t]`, a run of dimensions at a time.
-    #[inline(always)]
-    fn add_weighted_values(&self, start: usize, weights: &[f32], out: &mut [f32]) {
-        let from = self.keys.start + start;
-        for (c, out) in out.chunks_mut(RUN).enumerate() {
-            let run = |n: usize, out: &mut [f32]| {
-                let mut acc = [0f32; RUN];
-                acc[..n].copy_from_slice(out);
-                for (t, &w) in weights.iter().enumerate() {
-                    let values = &self.v[(from + t) * self.head_dim + c * RUN..][..n];
-                    for l in 0..n {
-                        acc[l] = w.mul_add(values[l], acc[l]);
-                    }
-                }
-                out.copy_from_slice(&acc[..n]);
-            };
-            whole_runs_unrolled(run, out);
         }
+        for l in 0..n {
+            scores[l] = scale * acc[l];
+        }
+    };
+    whole_runs_unrolled(run, scores);
+}
+
+/// `out += Σ_t weights[t] · V[t]` over the run's values, a run of dimensions at a time.
+#[inline(always)]
+fn add_weighted_values(values: &Run<'_>, weights: &[f32], out: &mut [f32]) {
+    for (c, out) in out.chunks_mut(RUN).enumerate() {
+        let run = |n: usize, out: &mut [f32]| {
+            let mut acc = [0f32; RUN];
+            acc[..n].copy_from_slice(out);
+            for (t, &w) in weights.iter().enumerate() {
+                let values = values.row(t, c * RUN, n);
+                for l in 0..n {
+                    acc[l] = w.mul_add(values[l], acc[l]);
+                }
+            }
+            out.copy_from_slice(&acc[..n]);
+        };
+        whole_runs_unrolled(run, out);
     }
 }
 
@@ -166,7 +261,11 @@ fn whole_runs_unrolled(run: impl Fn(usize, &mut [f32]), out: &mut [f32]) {
 widest_registers!(
     /// Attention of `head`'s query heads `q` (`[rep, head_dim]`) into `out`, `scores` (`[rep,
     /// keys]`) their workspace.
-    fn attend(head: &Head<'_>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) => Head::attend_in_runs);
+    fn attend_f32(head: &Head<'_, f32>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]) => Head::attend_in_runs);
+
+widest_registers!(
+    /// [`attend_f32`] over a cache in `f16`, `widened` a run's buffer of `head_dim · RUN`.
+    fn attend_f16(head: &Head<'_, f16>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]) => Head::attend_in_runs);
 
 #[cfg(test)]
 mod tests {
@@ -208,11 +307,19 @@ mod tests {
             let cache = shape.rows * shape.kv_heads * shape.capacity * hd;
             let (q, k, v) = (values(shape.rows * shape.heads * hd), values(cache), values(cache));
             let scale = 1.0 / (hd as f32).sqrt();
-            let mut out = vec![f32::NAN; q.len()];
-            decode_attention(&shape, scale, &q, &k, &v, &first, &mut out).unwrap();
             let expected = reference(&shape, scale, &q, &k, &v, &first);
+            let mut out = vec![f32::NAN; q.len()];
+            decode_attention(&shape, scale, &q, CachedKv::F32 { k: &k, v: &v }, &first, &mut out).unwrap();
             for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
                 assert!((got - want).abs() < 1e-5, "head size {hd}, {len} keys, value {i}: {got} vs {want}");
+            }
+            // The same cache in f16: the definition over the values it holds.
+            let (k16, v16) = (k.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(), v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>());
+            let widen = |x: &[f16]| x.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+            let expected = reference(&shape, scale, &q, &widen(&k16), &widen(&v16), &first);
+            decode_attention(&shape, scale, &q, CachedKv::F16 { k: &k16, v: &v16 }, &first, &mut out).unwrap();
+            for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+                assert!((got - want).abs() < 1e-5, "f16, head size {hd}, {len} keys, value {i}: {got} vs {want}");
             }
         }
     }
@@ -220,10 +327,10 @@ mod tests {
     #[test]
     fn decode_attention_rejects_mismatched_shapes() {
         let shape = DecodeShape { rows: 1, heads: 4, kv_heads: 3, head_dim: 8, len: 2, capacity: 4 };
-        let err = decode_attention(&shape, 1.0, &[0.0; 32], &[0.0; 96], &[0.0; 96], &[0], &mut [0.0; 32]).unwrap_err();
+        let err = decode_attention(&shape, 1.0, &[0.0; 32], CachedKv::F32 { k: &[0.0; 96], v: &[0.0; 96] }, &[0], &mut [0.0; 32]).unwrap_err();
         assert!(err.0.contains("4 query heads over 3 KV heads"), "{err}");
         let shape = DecodeShape { kv_heads: 2, ..shape };
-        let err = decode_attention(&shape, 1.0, &[0.0; 32], &[0.0; 63], &[0.0; 64], &[0], &mut [0.0; 32]).unwrap_err();
+        let err = decode_attention(&shape, 1.0, &[0.0; 32], CachedKv::F16 { k: &[f16::ZERO; 63], v: &[f16::ZERO; 64] }, &[0], &mut [0.0; 32]).unwrap_err();
         assert!(err.0.contains("64 key and value values"), "{err}");
     }
 }

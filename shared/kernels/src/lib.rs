@@ -64,7 +64,7 @@ mod x86;
 use std::sync::OnceLock;
 
 pub use activations::QuantizedRows;
-pub use attention::{decode_attention, DecodeShape};
+pub use attention::{decode_attention, CachedKv, DecodeShape};
 pub use blocks::BlockType;
 pub use softmax::softmax_rows;
 pub use swiglu::silu_mul;

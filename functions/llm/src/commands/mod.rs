@@ -19,6 +19,6 @@ use llm_engine::{quant, LoadOptions, LoadedModel};
 /// Loads a model for a command, with `--quantize` applied.
 pub fn load_model(path: &Path, quantize: Option<&str>) -> anyhow::Result<LoadedModel> {
     let quantize = quantize.map(quant::parse_ggml_dtype).transpose()?;
-    llm_engine::load(path, LoadOptions { quantize })
+    llm_engine::load(path, LoadOptions { quantize, ..Default::default() })
         .with_context(|| format!("cannot load model {}", path.display()))
 }

@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let id = args.model_id.clone().unwrap_or_else(|| model_source::model_id(&args.model));
     let quantize = args.quantize.as_deref().map(llm_engine::quant::parse_ggml_dtype).transpose()?;
     let settings = DownloadSettings { cache_dir: args.cache_dir, adapter: args.adapter, ..DownloadSettings::default() };
-    let loader = model_source::loader(&args.model, LoadOptions { quantize }, settings).map_err(anyhow::Error::msg)?;
+    let loader = model_source::loader(&args.model, LoadOptions { quantize, ..Default::default() }, settings).map_err(anyhow::Error::msg)?;
     let limits = Limits {
         max_body_bytes: args.max_body_bytes,
         max_prompt_tokens: args.max_prompt_tokens,
