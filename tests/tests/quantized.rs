@@ -53,7 +53,7 @@ fn score(loaded: &LoadedModel, llama_cpp_key: &str, label: &str) -> Score {
 }
 
 fn assert_no_worse_than_llama_cpp(s: &Score, label: &str) {
-    // 5 % slack: the two runtimes round activations differently (llama.cpp keeps an f16 KV cache).
+    // 5 % slack: the two runtimes round activations differently.
     assert!(s.ours_rms <= s.llama_cpp_rms * 1.05 + 1e-4, "{label}: RMS error {} vs llama.cpp {}", s.ours_rms, s.llama_cpp_rms);
     assert!(s.ours_agree + 1 >= s.llama_cpp_agree, "{label}: kept {} greedy choices, llama.cpp {}", s.ours_agree, s.llama_cpp_agree);
 }
