@@ -158,11 +158,11 @@ fn cached_decode(model: &llm_engine::Llama, ids: &[u32], prompt: usize) -> Vec<c
 /// 0.032), but less than the weights' quantization moves them (0.088).
 #[test]
 fn a_quantized_model_decodes_through_an_f16_cache() {
-    use candle_core::DType::{F16, F32};
+    use llm_engine::KvCacheType::{F16, F32};
     let fixture = |name: &str, kv_cache| load(&fixtures_dir().join("llama2").join(name), LoadOptions { kv_cache, ..Default::default() }).unwrap();
     let (quantized, quantized_f32) = (fixture("llama2-q8_0.gguf", None), fixture("llama2-q8_0.gguf", Some(F32)));
     let (dense, dense_f16) = (fixture("llama2-f16.gguf", None), fixture("llama2-f16.gguf", Some(F16)));
-    assert_eq!([&quantized, &dense].map(|loaded| loaded.model.kv_cache_dtype()), [F16, F32]);
+    assert_eq!([&quantized, &dense].map(|loaded| loaded.model.kv_cache_type()), [F16, F32]);
     let ids: Vec<u32> = (0..300).map(|i| (i * 7919 % 5000 + 10) as u32).collect();
     let prompt = 250;
     let largest_difference = |a: &llm_engine::LoadedModel, b: &llm_engine::LoadedModel| {

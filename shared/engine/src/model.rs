@@ -389,7 +389,7 @@ impl LayerCache {
 
     /// Whether [`LayerCache::attend_one`] can read the buffers in place.
     fn on_cpu(&self) -> bool {
-        self.buffers.as_ref().is_some_and(|(k, _)| k.device().is_cpu()) && matches!(self.dtype, DType::F32 | DType::F16)
+        self.buffers.as_ref().is_some_and(|(k, _)| k.device().is_cpu())
     }
 
     /// Attention of one new position per row (a decode step, `q` `[b, heads, 1, head_dim]`,
@@ -470,7 +470,23 @@ pub struct LoadOptions {
     /// The KV cache's type. By default `f16` for a model whose projections stay quantized, as
     /// llama.cpp keeps its cache (half the memory, and half the bytes a decode step reads of
     /// it), and `f32` for a dense one, whose outputs are held to transformers' at `f32`.
-    pub kv_cache: Option<DType>,
+    pub kv_cache: Option<KvCacheType>,
+}
+
+/// The type a KV cache keeps keys and values in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheType {
+    F32,
+    F16,
+}
+
+impl KvCacheType {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -481,7 +497,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
-    kv_dtype: DType,
+    kv_cache: KvCacheType,
     device: Device,
 }
 
@@ -559,8 +575,8 @@ impl Llama {
         };
         let rope = Rope::new(c, rope_factors.as_deref(), rope_layout, device)?;
         let quantized = layers.first().is_some_and(|layer| layer.attn.k_proj.is_quantized());
-        let kv_dtype = options.kv_cache.unwrap_or(if quantized && device.is_cpu() { DType::F16 } else { DType::F32 });
-        Ok(Self { config, embed, layers, norm, lm_head, rope, kv_dtype, device: device.clone() })
+        let kv_cache = options.kv_cache.unwrap_or(if quantized && device.is_cpu() { KvCacheType::F16 } else { KvCacheType::F32 });
+        Ok(Self { config, embed, layers, norm, lm_head, rope, kv_cache, device: device.clone() })
     }
 
     /// Adds a PEFT LoRA adapter's updates to the projections it names. Q/K updates are put in
@@ -606,12 +622,12 @@ impl Llama {
     }
 
     /// The type [`Llama::new_cache`]'s caches keep keys and values in.
-    pub fn kv_cache_dtype(&self) -> DType {
-        self.kv_dtype
+    pub fn kv_cache_type(&self) -> KvCacheType {
+        self.kv_cache
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: (0..self.config.num_layers).map(|_| LayerCache::new(self.kv_dtype)).collect() }
+        KvCache { layers: (0..self.config.num_layers).map(|_| LayerCache::new(self.kv_cache.dtype())).collect() }
     }
 
     /// Runs `tokens` (`[b, s]`, u32) after what `cache` holds. `pad[r]` is the number of
