@@ -87,6 +87,10 @@ fn bench_reports_speeds_and_memory() {
     }
     assert_eq!(out["prompt_tokens"], 16);
     assert_eq!(out["threads"], 2);
+    // A quantized model's cache is f16 unless asked otherwise.
+    assert_eq!(out["kv_cache"], "f16");
+    let out = llm_json(&["bench", "--model", model.to_str().unwrap(), "--prompt-tokens", "4", "--gen-tokens", "2", "--kv-cache", "f32", "--json"]);
+    assert_eq!(out["kv_cache"], "f32");
 }
 
 #[test]
@@ -98,6 +102,9 @@ fn bad_input_exits_non_zero_with_a_message() {
     let out = llm(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--quantize", "q9_9"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantization type"));
+    let out = llm(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--kv-cache", "q8_0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("f16 or f32"));
 }
 
 #[test]

@@ -481,6 +481,14 @@ pub enum KvCacheType {
 }
 
 impl KvCacheType {
+    /// Its name as llama.cpp's `--cache-type-k` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+
     fn dtype(self) -> DType {
         match self {
             Self::F32 => DType::F32,

@@ -21,9 +21,8 @@ pub struct Args {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
-    /// Quantize f16/f32 weights to this type while loading.
-    #[arg(long)]
-    pub quantize: Option<String>,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
     /// Use no faster kernels than these (`avx512-vnni`, `avx2`, `neon-dot`, or `scalar` for
     /// candle's): what a host without the faster instructions would run.
     #[arg(long, value_parser = kernels)]
@@ -40,6 +39,8 @@ struct Report {
     threads: usize,
     /// The quantized products' kernels ([`llm_kernels::Kernels::name`]).
     kernels: &'static str,
+    /// The KV cache's type ([`llm_engine::KvCacheType::name`]).
+    kv_cache: &'static str,
     prompt_tokens: usize,
     gen_tokens: usize,
     load_s: f64,
@@ -59,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => llm_kernels::Kernels::best(),
     };
     let started = Instant::now();
-    let loaded = super::load_model(&args.model, args.quantize.as_deref())?;
+    let loaded = super::load_model(&args.model, args.load.options()?)?;
     let load_s = started.elapsed().as_secs_f64();
 
     let mut prompt = loaded.tokenizer.encode(&TEXT.repeat(1 + args.prompt_tokens / 20), true)?;
@@ -78,6 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: args.model.display().to_string(),
         threads: rayon::current_num_threads(),
         kernels: kernels.name(),
+        kv_cache: loaded.model.kv_cache_type().name(),
         prompt_tokens: stats.prompt_tokens,
         gen_tokens: stats.generated_tokens,
         load_s,

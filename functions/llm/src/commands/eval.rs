@@ -22,7 +22,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let questions = llm_train::demo::read_questions(&args.data)?;
-    let loaded = super::load_model(&args.model, None)?;
+    let loaded = super::load_model(&args.model, llm_engine::LoadOptions::default())?;
     let report = llm_train::eval::exact_match(&loaded, &questions, args.batch_size).with_context(|| format!("cannot evaluate {}", args.model.display()))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -47,9 +47,8 @@ pub struct Args {
     /// Print one JSON object (text, token ids, finish reason, speeds) as the last line.
     #[arg(long)]
     pub json: bool,
-    /// Quantize f16/f32 weights to this type while loading (q8_0, q4_k, ...).
-    #[arg(long)]
-    pub quantize: Option<String>,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
 }
 
 #[derive(Serialize)]
@@ -65,7 +64,7 @@ struct Output<'a> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let loaded = super::load_model(&args.model, args.quantize.as_deref())?;
+    let loaded = super::load_model(&args.model, args.load.options()?)?;
     let prompt_token_ids = if args.chat {
         let template = loaded
             .chat_template

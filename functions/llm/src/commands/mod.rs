@@ -14,11 +14,32 @@ pub mod training;
 use std::path::Path;
 
 use anyhow::Context;
-use llm_engine::{quant, LoadOptions, LoadedModel};
+use llm_engine::{quant, KvCacheType, LoadOptions, LoadedModel};
 
-/// Loads a model for a command, with `--quantize` applied.
-pub fn load_model(path: &Path, quantize: Option<&str>) -> anyhow::Result<LoadedModel> {
-    let quantize = quantize.map(quant::parse_ggml_dtype).transpose()?;
-    llm_engine::load(path, LoadOptions { quantize, ..Default::default() })
-        .with_context(|| format!("cannot load model {}", path.display()))
+/// How the commands that run a model hold it in memory.
+#[derive(clap::Args, Debug)]
+pub struct LoadArgs {
+    /// Quantize f16/f32 weights to this type while loading (q8_0, q4_k, ...).
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// The KV cache's type, f16 or f32 (default: f16 for a quantized model, as llama.cpp keeps
+    /// it; f32 for a dense one).
+    #[arg(long, value_parser = kv_cache_type)]
+    pub kv_cache: Option<KvCacheType>,
+}
+
+impl LoadArgs {
+    pub fn options(&self) -> anyhow::Result<LoadOptions> {
+        let quantize = self.quantize.as_deref().map(quant::parse_ggml_dtype).transpose()?;
+        Ok(LoadOptions { quantize, kv_cache: self.kv_cache })
+    }
+}
+
+fn kv_cache_type(name: &str) -> Result<KvCacheType, String> {
+    [KvCacheType::F16, KvCacheType::F32].into_iter().find(|t| t.name() == name).ok_or_else(|| format!("no KV cache type is called {name:?}: f16 or f32"))
+}
+
+/// Loads a model for a command.
+pub fn load_model(path: &Path, options: LoadOptions) -> anyhow::Result<LoadedModel> {
+    llm_engine::load(path, options).with_context(|| format!("cannot load model {}", path.display()))
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use llm_api::model_source::{self, DownloadSettings};
 use llm_api::{AppState, Limits, ModelSlot};
-use llm_engine::LoadOptions;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -25,9 +24,8 @@ pub struct Args {
     /// The name clients pass as `model` (default: the file or directory name without extension).
     #[arg(long)]
     pub model_id: Option<String>,
-    /// Quantize f16/f32 weights to this type while loading.
-    #[arg(long)]
-    pub quantize: Option<String>,
+    #[command(flatten)]
+    pub load: super::LoadArgs,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
@@ -53,9 +51,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let id = args.model_id.clone().unwrap_or_else(|| model_source::model_id(&args.model));
-    let quantize = args.quantize.as_deref().map(llm_engine::quant::parse_ggml_dtype).transpose()?;
     let settings = DownloadSettings { cache_dir: args.cache_dir, adapter: args.adapter, ..DownloadSettings::default() };
-    let loader = model_source::loader(&args.model, LoadOptions { quantize, ..Default::default() }, settings).map_err(anyhow::Error::msg)?;
+    let loader = model_source::loader(&args.model, args.load.options()?, settings).map_err(anyhow::Error::msg)?;
     let limits = Limits {
         max_body_bytes: args.max_body_bytes,
         max_prompt_tokens: args.max_prompt_tokens,
