@@ -139,7 +139,7 @@ def cold_start(llm, endpoint, args, prompt):
     env = dict(os.environ, AWS_ENDPOINT_URL=endpoint, RUST_LOG="info", NO_COLOR="1", **CREDENTIALS)
     server = subprocess.Popen([llm, "serve", "--model", f"s3://{BUCKET}/models/{MODEL}/latest", "--port", "0",
                                "--threads", str(args.threads), "--max-prompt-tokens", "8192"],
-                              env=env, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = []
     while True:
         line = server.stderr.readline()
@@ -181,23 +181,35 @@ def cold_start(llm, endpoint, args, prompt):
     }
 
 
+def arguments(ap):
+    """The measurement's own options, on `ap` (also `report.py`'s, with compare.py's `--llm` and
+    `--threads`)."""
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--part-mib", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--prompt-words", type=int, default=100)
+    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens of a second, warm request that measures decode")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("gguf", type=Path)
     ap.add_argument("--llm", default=str(ROOT / "target/release/llm"))
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--part-mib", type=int, default=16)
-    ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-words", type=int, default=100)
-    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens of a second, warm request that measures decode")
+    arguments(ap)
     args = ap.parse_args()
+    print(json.dumps(measure(args.gguf, args)))
+
+
+def measure(path, args):
+    """Medians of `args.runs` cold starts of `path` and of as many plain parallel GETs, on a local
+    S3 server of their own."""
     workdir = Path(tempfile.mkdtemp(prefix="cold-start-"))
     server, endpoint = start_s3(workdir)
     try:
         s3 = client(endpoint)
-        key = publish(s3, args.gguf)
-        size_mib = args.gguf.stat().st_size / (1 << 20)
+        key = publish(s3, path)
+        size_mib = path.stat().st_size / (1 << 20)
         part = args.part_mib << 20
         baseline = [plain_parallel_get(s3, key, part, args.concurrency) for _ in range(args.runs)]
         prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * (args.prompt_words // 9 + 1))
@@ -205,9 +217,9 @@ def main():
         median = lambda key: statistics.median(r[key] for r in ours)
         base_rate = size_mib / statistics.median(baseline)
         # The issue's memory bound: the file plus the KV cache of the cold request's tokens.
-        kv_mib = kv_bytes_per_token(args.gguf) * median("cold_tokens") / (1 << 20)
-        report = {
-            "file": str(args.gguf), "size_mib": round(size_mib, 1), "part_mib": args.part_mib,
+        kv_mib = kv_bytes_per_token(path) * median("cold_tokens") / (1 << 20)
+        return {
+            "file": str(path), "size_mib": round(size_mib, 1), "part_mib": args.part_mib,
             "concurrency": args.concurrency, "threads": args.threads, "runs": args.runs,
             "cold_ttft_s": median("ttft_s"), "load_s": median("load_s"), "download_s": median("download_s"),
             "prefill_s": median("prefill_s"), "decode_tok_s": median("decode_tok_s"), "peak_rss_mib": median("peak_rss_bytes") / (1 << 20),
@@ -218,7 +230,6 @@ def main():
             "load_vs_get": median("load_s") / statistics.median(baseline),
             "ttft_vs_get": median("ttft_s") / statistics.median(baseline),
         }
-        print(json.dumps(report))
     finally:
         server.terminate()
         server.wait()

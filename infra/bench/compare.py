@@ -79,8 +79,8 @@ def weight_bytes_per_token(path):
     return sum(int(t.n_bytes) for t in tensors if tied or t.name != "token_embd.weight")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(ap):
+    """The side-by-side runs' options, on `ap` (also `report.py`'s)."""
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--threads", nargs="+", type=int, default=[2])
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -88,6 +88,28 @@ def main():
     ap.add_argument("--llm", type=Path, default=ROOT / "target" / "release" / "llm")
     ap.add_argument("--repeat", type=int, default=1, help="runs per engine and case; the table has their medians")
     ap.add_argument("--kernels", help="`llm bench --kernels`: ours no faster than these (e.g. avx2)")
+
+
+def side_by_side(model, threads, args):
+    """Medians of `llm bench` and of llama.cpp on `model` at `threads`: (ours, theirs)."""
+    return median_runs({
+        "llm": [args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
+                "--gen-tokens", str(args.gen_tokens), "--threads", str(threads), "--json"]
+        + (["--kernels", args.kernels] if args.kernels else []),
+        "llama.cpp": [sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens), str(args.gen_tokens), str(threads)],
+    }, args.repeat)
+
+
+def speed_cells(ours, theirs, bound_tok_s):
+    """The prefill, decode and bound columns of a row."""
+    return (f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
+            f"| {ours['decode_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f} "
+            f"| {bound_tok_s:.1f} | {ours['decode_tok_s'] / bound_tok_s:.0%} ")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments(ap)
     args = ap.parse_args()
 
     copy_rate = {t: bandwidth(t) for t in args.threads}
@@ -99,12 +121,7 @@ def main():
         per_token = weight_bytes_per_token(model)
         for t in args.threads:
             try:
-                ours, theirs = median_runs({
-                    "llm": [args.llm, "bench", "--model", model, "--prompt-tokens", str(args.prompt_tokens),
-                            "--gen-tokens", str(args.gen_tokens), "--threads", str(t), "--json"]
-                    + (["--kernels", args.kernels] if args.kernels else []),
-                    "llama.cpp": [sys.executable, "-c", LLAMA_CPP_RUN, str(model), str(args.prompt_tokens), str(args.gen_tokens), str(t)],
-                }, args.repeat)
+                ours, theirs = side_by_side(model, t, args)
             except RunFailed as e:
                 # The other files and thread counts still run: one engine's crash on one file (llama.cpp's
                 # build on one GPU machine crashed loading a model) should not cost the whole table.
@@ -112,11 +129,8 @@ def main():
                 failed = True
                 continue
             mib = lambda b: b / 2**20
-            print(f"| {model.name} | {t} "
-                  f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
-                  f"| {ours['decode_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f} "
-                  f"| {copy_rate[t] / per_token:.1f} | {ours['decode_tok_s'] * per_token / copy_rate[t]:.0%} "
-                  f"| {ours['load_s']:.2f} / {theirs['load_s']:.2f} "
+            print(f"| {model.name} | {t} " + speed_cells(ours, theirs, copy_rate[t] / per_token)
+                  + f"| {ours['load_s']:.2f} / {theirs['load_s']:.2f} "
                   f"| {mib(ours['peak_rss_bytes']):.0f} / {mib(theirs['peak_rss_bytes']):.0f} "
                   f"| {mib(model.stat().st_size):.0f} |", flush=True)
     sys.exit(1 if failed else 0)
