@@ -100,23 +100,16 @@ def side_by_side(model, threads, args):
     }, args.repeat)
 
 
-def speed_cells(ours, theirs, bound_tok_s):
-    """The prefill, decode and bound columns of a row."""
-    return (f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
-            f"| {ours['decode_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f} "
-            f"| {bound_tok_s:.1f} | {ours['decode_tok_s'] / bound_tok_s:.0%} ")
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arguments(ap)
-    args = ap.parse_args()
-
+def print_table(args, more_columns, more_cells):
+    """Prints the Markdown table of `args.models` × `args.threads`: prefill and decode against
+    llama.cpp and against the copy bound, then `more_columns`, whose cells
+    `more_cells(model, threads, ours, theirs)` gives. Returns whether every row ran."""
     copy_rate = {t: bandwidth(t) for t in args.threads}
-    print("| model | threads | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours | llama.cpp | ratio "
-          "| decode bound tok/s | ours / bound | load s ours / llama.cpp | peak RSS MiB ours / llama.cpp | file MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    failed = False
+    columns = ["model", "threads", "prefill tok/s ours", "llama.cpp", "ratio", "decode tok/s ours", "llama.cpp", "ratio",
+               "decode bound tok/s", "ours / bound", *more_columns]
+    print("".join(f"| {c} " for c in columns) + "|")
+    print("|---" * len(columns) + "|")
+    ran = True
     for model in args.models:
         per_token = weight_bytes_per_token(model)
         for t in args.threads:
@@ -126,14 +119,25 @@ def main():
                 # The other files and thread counts still run: one engine's crash on one file (llama.cpp's
                 # build on one GPU machine crashed loading a model) should not cost the whole table.
                 print(f"| {model.name} | {t} | {e} |", flush=True)
-                failed = True
+                ran = False
                 continue
-            mib = lambda b: b / 2**20
-            print(f"| {model.name} | {t} " + speed_cells(ours, theirs, copy_rate[t] / per_token)
-                  + f"| {ours['load_s']:.2f} / {theirs['load_s']:.2f} "
-                  f"| {mib(ours['peak_rss_bytes']):.0f} / {mib(theirs['peak_rss_bytes']):.0f} "
-                  f"| {mib(model.stat().st_size):.0f} |", flush=True)
-    sys.exit(1 if failed else 0)
+            bound = copy_rate[t] / per_token
+            print(f"| {model.name} | {t} "
+                  f"| {ours['prefill_tok_s']:.1f} | {theirs['prefill_tok_s']:.1f} | {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f} "
+                  f"| {ours['decode_tok_s']:.1f} | {theirs['decode_tok_s']:.1f} | {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f} "
+                  f"| {bound:.1f} | {ours['decode_tok_s'] / bound:.0%} " + more_cells(model, t, ours, theirs) + "|", flush=True)
+    return ran
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments(ap)
+    args = ap.parse_args()
+    mib = lambda b: b / 2**20
+    ran = print_table(args, ["load s ours / llama.cpp", "peak RSS MiB ours / llama.cpp", "file MiB"], lambda model, t, ours, theirs: (
+        f"| {ours['load_s']:.2f} / {theirs['load_s']:.2f} "
+        f"| {mib(ours['peak_rss_bytes']):.0f} / {mib(theirs['peak_rss_bytes']):.0f} | {mib(model.stat().st_size):.0f} "))
+    sys.exit(0 if ran else 1)
 
 
 if __name__ == "__main__":

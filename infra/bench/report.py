@@ -15,7 +15,6 @@ import sys
 
 import cold_start
 import compare
-from bandwidth import bandwidth
 
 
 def main():
@@ -24,25 +23,12 @@ def main():
     cold_start.arguments(ap)
     args = ap.parse_args()
 
-    copy_rate = {t: bandwidth(t) for t in args.threads}
-    print("| model | threads | prefill tok/s ours | llama.cpp | ratio | decode tok/s ours | llama.cpp | ratio "
-          "| decode bound tok/s | ours / bound | cold start: load s / plain parallel GET s | load ÷ GET | peak RSS ÷ (file + KV) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    failed = False
-    for model in args.models:
-        per_token = compare.weight_bytes_per_token(model)
-        for t in args.threads:
-            try:
-                ours, theirs = compare.side_by_side(model, t, args)
-            except compare.RunFailed as e:
-                print(f"| {model.name} | {t} | {e} |", flush=True)
-                failed = True
-                continue
-            cold = cold_start.measure(model, argparse.Namespace(**{**vars(args), "threads": t}))
-            print(f"| {model.name} | {t} " + compare.speed_cells(ours, theirs, copy_rate[t] / per_token)
-                  + f"| {cold['load_s']:.2f} / {cold['parallel_get_s']:.2f} | {cold['load_vs_get']:.2f} "
-                  f"| {cold['peak_rss_vs_file_and_kv']:.2f} |", flush=True)
-    sys.exit(1 if failed else 0)
+    def cold_start_cells(model, threads, ours, theirs):
+        cold = cold_start.measure(model, argparse.Namespace(**{**vars(args), "threads": threads}))
+        return f"| {cold['load_s']:.2f} / {cold['parallel_get_s']:.2f} | {cold['load_vs_get']:.2f} | {cold['peak_rss_vs_file_and_kv']:.2f} "
+
+    ran = compare.print_table(args, ["cold start: load s / plain parallel GET s", "load ÷ GET", "peak RSS ÷ (file + KV)"], cold_start_cells)
+    sys.exit(0 if ran else 1)
 
 
 if __name__ == "__main__":
