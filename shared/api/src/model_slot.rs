@@ -54,7 +54,8 @@ impl ModelSlot {
                 let source: Arc<str> = source.into();
                 *slot = Some((model.clone(), source.clone()));
                 let load_ms = started.elapsed().as_secs_f64() * 1e3;
-                tracing::info!(model = %self.id, %source, load_ms, "model loaded");
+                let kv_cache = model.model.kv_cache_type().name();
+                tracing::info!(model = %self.id, %source, load_ms, kv_cache, "model loaded");
                 Ok((model, LoadReport { load_ms: Some(load_ms), source }))
             }
             Err(message) => {
