@@ -66,12 +66,11 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     }
     let device = Device::Cpu;
     let format = detect_format(path)?;
-    let (model, tokenizer, chat_template) = match format {
+    let parts = match format {
         ModelFormat::Gguf => GgufHead::new(GgufFile::open(path)?)?.load_weights(options, &device)?,
         ModelFormat::HuggingFace => load_hf(path, options, &device)?,
     };
-    tokenizer.check_fits(model.config().vocab_size)?;
-    Ok(LoadedModel { model, tokenizer, chat_template, format, path: path.to_path_buf() })
+    assemble(parts, format, path.to_path_buf())
 }
 
 /// A GGUF model from bytes in memory (downloaded, not on disk); `name` appears in errors.
@@ -80,6 +79,12 @@ pub fn load_gguf_bytes(name: &str, bytes: Vec<u8>, options: LoadOptions) -> Resu
 }
 
 type Parts = (Llama, Tokenizer, Option<ChatTemplate>);
+
+/// The loaded model, once its tokenizer is known to fit the model's vocabulary.
+fn assemble((model, tokenizer, chat_template): Parts, format: ModelFormat, path: PathBuf) -> Result<LoadedModel> {
+    tokenizer.check_fits(model.config().vocab_size)?;
+    Ok(LoadedModel { model, tokenizer, chat_template, format, path })
+}
 
 /// A GGUF model's header and what it alone determines: the hyper-parameters, tokenizer and chat
 /// template. Read from the first bytes of a file still downloading, it is built while the
@@ -119,9 +124,7 @@ impl GgufHead {
 
     fn finish(self, options: LoadOptions) -> Result<LoadedModel> {
         let path = self.gguf.path().to_path_buf();
-        let (model, tokenizer, chat_template) = self.load_weights(options, &Device::Cpu)?;
-        tokenizer.check_fits(model.config().vocab_size)?;
-        Ok(LoadedModel { model, tokenizer, chat_template, format: ModelFormat::Gguf, path })
+        assemble(self.load_weights(options, &Device::Cpu)?, ModelFormat::Gguf, path)
     }
 
     fn load_weights(mut self, options: LoadOptions, device: &Device) -> Result<Parts> {
