@@ -29,16 +29,29 @@ pub struct QuantizedRows {
 /// same 4 activation bytes (`vpdpbusd` with a broadcast operand): tiles of [`TILE_ROWS`] rows
 /// (the last one padded with zero rows), and within a tile, per group of `group` values, the
 /// first 4 bytes of every row, then the next 4, and so on; per group and row, the activation
-/// scale and the scale times the group's sum. A tile's operands then lie in one stream that a
-/// single pointer walks.
+/// scale, the scale times the group's sum, and the sum times the weights' code offset. A tile's
+/// operands then lie in one stream that a single pointer walks.
 pub struct Interleaved {
     pub group: usize,
     /// `[tile][group][quad][row of the tile][4 bytes]`.
     pub values: Vec<i8>,
     /// `[tile][group][row of the tile]`.
     pub scales: Vec<f32>,
-    /// `[tile][group][row of the tile]`.
+    /// `[tile][group][row of the tile]`: what the weights' minimums meet.
     pub scaled_sums: Vec<f32>,
+    /// `[tile][group][row of the tile]`: `−k · Σx` for weight codes offset by `k`
+    /// ([`Interleaving::code_offset`]), the group's integer sum of products starts from.
+    pub offset_sums: Vec<i32>,
+}
+
+/// How a product's kernels read its activations [`Interleaved`].
+#[derive(Debug, Clone, Copy)]
+pub struct Interleaving {
+    /// Values per group: those that share a weight scale.
+    pub group: usize,
+    /// What the weights' codes are offset by (value = scale · (code − k)); 0 for a type with a
+    /// minimum in its place.
+    pub code_offset: i32,
 }
 
 impl QuantizedRows {
@@ -48,22 +61,24 @@ impl QuantizedRows {
         Self::for_product(x, cols, group, None)
     }
 
-    /// [`QuantizedRows::new`], and [`Interleaved`] in groups of `interleave` values (16 or 32)
-    /// when the product's kernels read them so. Many rows (a prompt) are quantized on the
+    /// [`QuantizedRows::new`], and [`Interleaved`] as `interleave` says when the product's
+    /// kernels read them so. Many rows (a prompt) are quantized on the
     /// compute pool, a tile of [`TILE_ROWS`] rows per work item, which interleaves its rows too:
     /// on the calling thread alone, this took a sixth of a 512-token prompt's time at two
     /// threads (`perf`).
-    pub(crate) fn for_product(x: &[f32], cols: usize, group: usize, interleave: Option<usize>) -> Self {
+    pub(crate) fn for_product(x: &[f32], cols: usize, group: usize, interleave: Option<Interleaving>) -> Self {
         debug_assert!(group % BLOCK == 0 && cols % group == 0 && x.len() % cols == 0);
         let rows = x.len() / cols;
         let mut scales = vec![0f32; x.len() / group];
         let mut values = vec![0i8; x.len()];
         let mut sums16 = vec![0i16; x.len() / (BLOCK / 2)];
-        let mut interleaved = interleave.map(|g| Interleaved::zeros(g, rows, cols));
+        let mut interleaved = interleave.map(|how| Interleaved::zeros(how.group, rows, cols));
         let tiles = rows.div_ceil(TILE_ROWS);
         {
             let (scales_out, values_out, sums_out) = (OutPtr(scales.as_mut_ptr()), OutPtr(values.as_mut_ptr()), OutPtr(sums16.as_mut_ptr()));
-            let interleaved_out = interleaved.as_mut().map(|t| (t.group, OutPtr(t.values.as_mut_ptr()), OutPtr(t.scales.as_mut_ptr()), OutPtr(t.scaled_sums.as_mut_ptr())));
+            let interleaved_out = interleaved.as_mut().zip(interleave).map(|(t, how)| {
+                (how, OutPtr(t.values.as_mut_ptr()), OutPtr(t.scales.as_mut_ptr()), OutPtr(t.scaled_sums.as_mut_ptr()), OutPtr(t.offset_sums.as_mut_ptr()))
+            });
             let quantize_tiles = |range: Range<usize>| {
                 for tile in range {
                     let tile_rows = tile * TILE_ROWS..rows.min((tile + 1) * TILE_ROWS);
@@ -78,12 +93,15 @@ impl QuantizedRows {
                         )
                     };
                     quantize(&x[tile_rows.start * cols..tile_rows.end * cols], group, scales, values, sums16);
-                    if let Some((g, values_out, scales_out, sums_out)) = &interleaved_out {
+                    if let Some((how, values_out, scales_out, sums_out, offset_sums_out)) = &interleaved_out {
+                        let g = how.group;
                         let groups = cols / g;
                         let tile_values = tile * groups * g * TILE_ROWS..(tile + 1) * groups * g * TILE_ROWS;
                         let tile_groups = tile * groups * TILE_ROWS..(tile + 1) * groups * TILE_ROWS;
-                        let into = unsafe { (values_out.slice(tile_values), scales_out.slice(tile_groups.clone()), sums_out.slice(tile_groups)) };
-                        interleave_tile(*g, (scales, &values[..n * cols]), cols, group, into);
+                        let into = unsafe {
+                            (values_out.slice(tile_values), scales_out.slice(tile_groups.clone()), sums_out.slice(tile_groups.clone()), offset_sums_out.slice(tile_groups))
+                        };
+                        interleave_tile(*how, (scales, &values[..n * cols]), cols, group, into);
                     }
                 }
             };
@@ -220,23 +238,28 @@ impl Interleaved {
     /// Zeros for `rows` rows of `cols` values, padded to whole tiles.
     fn zeros(group: usize, rows: usize, cols: usize) -> Self {
         let padded = rows.next_multiple_of(TILE_ROWS);
-        Self { group, values: vec![0; padded * cols], scales: vec![0.0; padded * cols / group], scaled_sums: vec![0.0; padded * cols / group] }
+        let groups = padded * cols / group;
+        Self { group, values: vec![0; padded * cols], scales: vec![0.0; groups], scaled_sums: vec![0.0; groups], offset_sums: vec![0; groups] }
     }
 }
 
 /// One tile's quantized rows (their scales per `row_group` values, and their values) interleaved
-/// in groups of `group` into the tile's `(values, scales, scaled_sums)`; padding rows stay zero.
-fn interleave_tile(group: usize, (scales, values): (&[f32], &[i8]), cols: usize, row_group: usize, into: (&mut [i8], &mut [f32], &mut [f32])) {
+/// as `how` says into the tile's `(values, scales, scaled_sums, offset_sums)`; padding rows stay
+/// zero.
+fn interleave_tile(how: Interleaving, (scales, values): (&[f32], &[i8]), cols: usize, row_group: usize, into: (&mut [i8], &mut [f32], &mut [f32], &mut [i32])) {
+    let group = how.group;
     debug_assert!(group % 4 == 0 && cols % group == 0 && row_group % group == 0);
     let groups = cols / group;
-    let (out_values, out_scales, out_sums) = into;
+    let (out_values, out_scales, out_sums, out_offset_sums) = into;
     for (row, values) in values.chunks_exact(cols).enumerate() {
         let scales = &scales[row * cols / row_group..];
         for g in 0..groups {
             let group_values = &values[g * group..(g + 1) * group];
             let d = scales[g * group / row_group];
             out_scales[g * TILE_ROWS + row] = d;
-            out_sums[g * TILE_ROWS + row] = d * group_values.iter().map(|&q| q as i32).sum::<i32>() as f32;
+            let sum = group_values.iter().map(|&q| q as i32).sum::<i32>();
+            out_sums[g * TILE_ROWS + row] = d * sum as f32;
+            out_offset_sums[g * TILE_ROWS + row] = -how.code_offset * sum;
             for (quad, four) in group_values.chunks_exact(4).enumerate() {
                 let at = g * group * TILE_ROWS + (quad * TILE_ROWS + row) * 4;
                 out_values[at..at + 4].copy_from_slice(four);

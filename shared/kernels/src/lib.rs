@@ -119,10 +119,10 @@ impl Kernels {
 
     const NAMES: [(&'static str, Self); 4] = [("avx512-vnni", Self::Avx512Vnni), ("avx2", Self::Avx2), ("neon-dot", Self::NeonDot), ("scalar", Self::Scalar)];
 
-    /// The group size in which these kernels read `m` activation rows [`activations::Interleaved`] against
-    /// `ty`'s weights, if they do: x86's panels.
+    /// How these kernels read `m` activation rows [`activations::Interleaved`] against `ty`'s
+    /// weights, if they do: x86's panels.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has panels
-    fn interleaving(self, ty: BlockType, m: usize) -> Option<usize> {
+    fn interleaving(self, ty: BlockType, m: usize) -> Option<activations::Interleaving> {
         match self {
             #[cfg(target_arch = "x86_64")]
             Self::Avx512Vnni | Self::Avx2 => x86::interleaving(ty, m),

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::panel::{group_values, largest_code, Group, Panel, PANEL_ROWS};
+use super::panel::{code_offset, group_values, largest_code, Group, Panel, PANEL_ROWS};
 use super::{f16_at, prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
@@ -28,16 +28,16 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     if super::interleaving(w.ty, x.rows()).is_some() {
         return match w.ty {
             // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
-            BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true>(w, x, rows, out),
-            BlockType::Q4_0 => panel_rows::<{ group_values(BlockType::Q4_0) }, { i16_quads(BlockType::Q4_0) }, false>(w, x, rows, out),
-            BlockType::Q4_1 => panel_rows::<{ group_values(BlockType::Q4_1) }, { i16_quads(BlockType::Q4_1) }, false>(w, x, rows, out),
-            BlockType::Q5_0 => panel_rows::<{ group_values(BlockType::Q5_0) }, { i16_quads(BlockType::Q5_0) }, false>(w, x, rows, out),
-            BlockType::Q5_1 => panel_rows::<{ group_values(BlockType::Q5_1) }, { i16_quads(BlockType::Q5_1) }, false>(w, x, rows, out),
-            BlockType::Q2K => panel_rows::<{ group_values(BlockType::Q2K) }, { i16_quads(BlockType::Q2K) }, false>(w, x, rows, out),
-            BlockType::Q3K => panel_rows::<{ group_values(BlockType::Q3K) }, { i16_quads(BlockType::Q3K) }, false>(w, x, rows, out),
-            BlockType::Q4K => panel_rows::<{ group_values(BlockType::Q4K) }, { i16_quads(BlockType::Q4K) }, false>(w, x, rows, out),
-            BlockType::Q5K => panel_rows::<{ group_values(BlockType::Q5K) }, { i16_quads(BlockType::Q5K) }, false>(w, x, rows, out),
-            BlockType::Q6K => panel_rows::<{ group_values(BlockType::Q6K) }, { i16_quads(BlockType::Q6K) }, false>(w, x, rows, out),
+            BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true, { code_offset(BlockType::Q8_0).is_none() }>(w, x, rows, out),
+            BlockType::Q4_0 => panel_rows::<{ group_values(BlockType::Q4_0) }, { i16_quads(BlockType::Q4_0) }, false, { code_offset(BlockType::Q4_0).is_none() }>(w, x, rows, out),
+            BlockType::Q4_1 => panel_rows::<{ group_values(BlockType::Q4_1) }, { i16_quads(BlockType::Q4_1) }, false, { code_offset(BlockType::Q4_1).is_none() }>(w, x, rows, out),
+            BlockType::Q5_0 => panel_rows::<{ group_values(BlockType::Q5_0) }, { i16_quads(BlockType::Q5_0) }, false, { code_offset(BlockType::Q5_0).is_none() }>(w, x, rows, out),
+            BlockType::Q5_1 => panel_rows::<{ group_values(BlockType::Q5_1) }, { i16_quads(BlockType::Q5_1) }, false, { code_offset(BlockType::Q5_1).is_none() }>(w, x, rows, out),
+            BlockType::Q2K => panel_rows::<{ group_values(BlockType::Q2K) }, { i16_quads(BlockType::Q2K) }, false, { code_offset(BlockType::Q2K).is_none() }>(w, x, rows, out),
+            BlockType::Q3K => panel_rows::<{ group_values(BlockType::Q3K) }, { i16_quads(BlockType::Q3K) }, false, { code_offset(BlockType::Q3K).is_none() }>(w, x, rows, out),
+            BlockType::Q4K => panel_rows::<{ group_values(BlockType::Q4K) }, { i16_quads(BlockType::Q4K) }, false, { code_offset(BlockType::Q4K).is_none() }>(w, x, rows, out),
+            BlockType::Q5K => panel_rows::<{ group_values(BlockType::Q5K) }, { i16_quads(BlockType::Q5K) }, false, { code_offset(BlockType::Q5K).is_none() }>(w, x, rows, out),
+            BlockType::Q6K => panel_rows::<{ group_values(BlockType::Q6K) }, { i16_quads(BlockType::Q6K) }, false, { code_offset(BlockType::Q6K).is_none() }>(w, x, rows, out),
         };
     }
     const R: usize = PROMPT.0;
@@ -75,9 +75,10 @@ const fn i16_quads(ty: BlockType) -> usize {
 /// each half of a panel (8 weight rows) meets [`PANEL_ACTS`] activation rows at a time. Pairs of
 /// products add up in 16 bits over `QUADS` quads before they are widened; with `SIGNED`, the
 /// panel's bytes are Q8_0's codes plus 128, read back as codes (`sign` makes one side
-/// unsigned, as the tiles do).
+/// unsigned, as the tiles do). With `MIN`, the weights have minimums (the panel's offsets);
+/// without, and without `SIGNED`, a code offset, which the activations' `offset_sums` bring.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool, const MIN: bool>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     let acts = x.interleaved(G);
     // As AVX-512's: the panels first, so that each activation tile is read from memory once.
     let panels = Panel::all(w, rows);
@@ -87,7 +88,7 @@ unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool>(w: 
             for half in 0..held.len().div_ceil(HALF) {
                 let width = HALF.min(held.len() - half * HALF);
                 for first in (0..live).step_by(PANEL_ACTS) {
-                    let sums = panel_tile::<G, QUADS, SIGNED>(panel, half, acts, tile, first, w.cols / G);
+                    let sums = panel_tile::<G, QUADS, SIGNED, MIN>(panel, half, acts, tile, first, w.cols / G);
                     for (c, sum) in sums.iter().enumerate().take(live - first) {
                         let mut row = [0f32; HALF];
                         _mm256_storeu_ps(row.as_mut_ptr(), *sum);
@@ -103,7 +104,7 @@ unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool>(w: 
 /// The outputs of activation rows `first..first + PANEL_ACTS` of a tile against half `half` of a
 /// panel.
 #[inline(always)]
-unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool>(
+unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool, const MIN: bool>(
     panel: &Panel,
     half: usize,
     acts: &Interleaved,
@@ -114,12 +115,16 @@ unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool>(
     let mut x = acts.values.as_ptr().add(tile * groups * G * TILE_ROWS + 4 * first);
     let mut x_scales = acts.scales.as_ptr().add(tile * groups * TILE_ROWS + first);
     let mut x_sums = acts.scaled_sums.as_ptr().add(tile * groups * TILE_ROWS + first);
+    let mut offset_sums = acts.offset_sums.as_ptr().add(tile * groups * TILE_ROWS + first);
     let mut values = panel.values().add(4 * HALF * half);
     let (mut scales, mut offsets) = (panel.scales.as_ptr().add(HALF * half), panel.offsets.as_ptr().add(HALF * half));
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); PANEL_ACTS];
     for _ in 0..groups {
-        let mut sums = [_mm256_setzero_si256(); PANEL_ACTS];
+        let mut sums: [__m256i; PANEL_ACTS] = match SIGNED || MIN {
+            true => [_mm256_setzero_si256(); PANEL_ACTS],
+            false => std::array::from_fn(|c| _mm256_set1_epi32(*offset_sums.add(c))),
+        };
         for run in (0..G / 4).step_by(QUADS) {
             let mut pairs = [_mm256_setzero_si256(); PANEL_ACTS];
             for quad in run..run + QUADS {
@@ -146,12 +151,12 @@ unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool>(
         let (w_scales, w_offsets) = (_mm256_loadu_ps(scales), _mm256_loadu_ps(offsets));
         for c in 0..PANEL_ACTS {
             acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(w_scales, _mm256_set1_ps(*x_scales.add(c))), _mm256_cvtepi32_ps(sums[c]), acc[c]);
-            if !SIGNED {
+            if MIN {
                 acc[c] = _mm256_fnmadd_ps(w_offsets, _mm256_set1_ps(*x_sums.add(c)), acc[c]);
             }
         }
         x = x.add(G * TILE_ROWS);
-        (x_scales, x_sums) = (x_scales.add(TILE_ROWS), x_sums.add(TILE_ROWS));
+        (x_scales, x_sums, offset_sums) = (x_scales.add(TILE_ROWS), x_sums.add(TILE_ROWS), offset_sums.add(TILE_ROWS));
         values = values.add(G * PANEL_ROWS);
         (scales, offsets) = (scales.add(PANEL_ROWS), offsets.add(PANEL_ROWS));
     }

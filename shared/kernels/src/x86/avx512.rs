@@ -33,10 +33,13 @@ pub fn detected() -> bool {
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
-    match super::interleaving(w.ty, x.rows()) {
-        Some(16) => return panel_rows::<16>(w, x, rows, out),
-        Some(_) => return panel_rows::<BLOCK>(w, x, rows, out),
-        None => {}
+    if let Some(how) = super::interleaving(w.ty, x.rows()) {
+        return match (how.group, how.code_offset == 0) {
+            (16, true) => panel_rows::<16, true>(w, x, rows, out),
+            (16, false) => panel_rows::<16, false>(w, x, rows, out),
+            (_, true) => panel_rows::<BLOCK, true>(w, x, rows, out),
+            (_, false) => panel_rows::<BLOCK, false>(w, x, rows, out),
+        };
     }
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
@@ -64,17 +67,18 @@ const DECODE_ROWS: usize = 2;
 
 /// [`product_rows`] through panels of groups of `G` values, against [`Interleaved`] activations
 /// in tiles of [`TILE_ROWS`]: a tile's sums and the panel's registers of one group fill most of
-/// the 32 registers. All the work item's panels are packed first (a few hundred KiB at most,
+/// the 32 registers. With `MIN`, the weights have minimums (the panel's offsets); without, a code
+/// offset, which the activations' `offset_sums` bring. All the work item's panels are packed first (a few hundred KiB at most,
 /// they stay in L2), so that each activation tile is read from memory once, however long the
 /// prompt.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-unsafe fn panel_rows<const G: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+unsafe fn panel_rows<const G: usize, const MIN: bool>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     let acts = x.interleaved(G);
     let panels = Panel::all(w, rows);
     for tile in 0..x.rows().div_ceil(TILE_ROWS) {
         for (held, panel) in &panels {
             let mask = ((1u32 << held.len()) - 1) as __mmask16;
-            let sums = panel_tile::<G>(panel, acts, tile, w.cols / G);
+            let sums = panel_tile::<G, MIN>(panel, acts, tile, w.cols / G);
             // The padding rows of the last tile are not stored.
             for (c, sum) in sums.iter().enumerate().take(x.rows() - tile * TILE_ROWS) {
                 _mm512_mask_storeu_ps(out.add((tile * TILE_ROWS + c) * w.rows + held.start), mask, *sum);
@@ -85,14 +89,18 @@ unsafe fn panel_rows<const G: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range
 
 /// The outputs of a tile of activation rows against the 16 rows of a packed panel.
 #[inline(always)]
-unsafe fn panel_tile<const G: usize>(panel: &Panel, acts: &Interleaved, tile: usize, groups: usize) -> [__m512; TILE_ROWS] {
+unsafe fn panel_tile<const G: usize, const MIN: bool>(panel: &Panel, acts: &Interleaved, tile: usize, groups: usize) -> [__m512; TILE_ROWS] {
     let mut x = acts.values.as_ptr().add(tile * groups * G * TILE_ROWS);
     let mut x_scales = acts.scales.as_ptr().add(tile * groups * TILE_ROWS);
     let mut x_sums = acts.scaled_sums.as_ptr().add(tile * groups * TILE_ROWS);
+    let mut offset_sums = acts.offset_sums.as_ptr().add(tile * groups * TILE_ROWS);
     let (mut values, mut scales, mut offsets) = (panel.values(), panel.scales.as_ptr(), panel.offsets.as_ptr());
     let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
     for _ in 0..groups {
-        let mut sums = [_mm512_setzero_si512(); TILE_ROWS];
+        let mut sums: [__m512i; TILE_ROWS] = match MIN {
+            true => [_mm512_setzero_si512(); TILE_ROWS],
+            false => std::array::from_fn(|c| _mm512_set1_epi32(*offset_sums.add(c))),
+        };
         for quad in 0..G / 4 {
             let u = _mm512_loadu_si512(values.add(quad * 4 * PANEL_ROWS) as *const __m512i);
             for c in 0..TILE_ROWS {
@@ -103,10 +111,12 @@ unsafe fn panel_tile<const G: usize>(panel: &Panel, acts: &Interleaved, tile: us
         let (w_scales, w_offsets) = (_mm512_loadu_ps(scales), _mm512_loadu_ps(offsets));
         for c in 0..TILE_ROWS {
             acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(w_scales, _mm512_set1_ps(*x_scales.add(c))), _mm512_cvtepi32_ps(sums[c]), acc[c]);
-            acc[c] = _mm512_fnmadd_ps(w_offsets, _mm512_set1_ps(*x_sums.add(c)), acc[c]);
+            if MIN {
+                acc[c] = _mm512_fnmadd_ps(w_offsets, _mm512_set1_ps(*x_sums.add(c)), acc[c]);
+            }
         }
         x = x.add(G * TILE_ROWS);
-        (x_scales, x_sums) = (x_scales.add(TILE_ROWS), x_sums.add(TILE_ROWS));
+        (x_scales, x_sums, offset_sums) = (x_scales.add(TILE_ROWS), x_sums.add(TILE_ROWS), offset_sums.add(TILE_ROWS));
         values = values.add(G * PANEL_ROWS);
         (scales, offsets) = (scales.add(PANEL_ROWS), offsets.add(PANEL_ROWS));
     }

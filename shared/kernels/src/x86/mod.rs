@@ -6,13 +6,14 @@ mod panel;
 
 use std::arch::x86_64::*;
 
+use crate::activations::Interleaving;
 use crate::blocks::BlockType;
-use panel::{group_values, PANEL_MIN_ACTIVATIONS};
+use panel::{code_offset, group_values, PANEL_MIN_ACTIVATIONS};
 
-/// The group size in which the panels read `m` activation rows against `ty`'s weights, if a
-/// product of `m` rows goes through panels.
-pub fn interleaving(ty: BlockType, m: usize) -> Option<usize> {
-    (m >= PANEL_MIN_ACTIVATIONS).then(|| group_values(ty))
+/// How the panels read `m` activation rows against `ty`'s weights, if a product of `m` rows goes
+/// through panels.
+pub fn interleaving(ty: BlockType, m: usize) -> Option<Interleaving> {
+    (m >= PANEL_MIN_ACTIVATIONS).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty).unwrap_or(0) })
 }
 
 /// How far ahead of the current block a decode step asks for its weight rows: measured over a
