@@ -49,9 +49,9 @@ pub struct Interleaved {
 pub struct Interleaving {
     /// Values per group: those that share a weight scale.
     pub group: usize,
-    /// What the weights' codes are offset by (value = scale · (code − k)); 0 for a type with a
-    /// minimum in its place.
-    pub code_offset: i32,
+    /// What the weights' codes are offset by (value = scale · (code − k)); `None` for a type with
+    /// a minimum in its place.
+    pub code_offset: Option<i32>,
 }
 
 impl QuantizedRows {
@@ -259,7 +259,7 @@ fn interleave_tile(how: Interleaving, (scales, values): (&[f32], &[i8]), cols: u
             out_scales[g * TILE_ROWS + row] = d;
             let sum = group_values.iter().map(|&q| q as i32).sum::<i32>();
             out_sums[g * TILE_ROWS + row] = d * sum as f32;
-            out_offset_sums[g * TILE_ROWS + row] = -how.code_offset * sum;
+            out_offset_sums[g * TILE_ROWS + row] = -how.code_offset.unwrap_or(0) * sum;
             for (quad, four) in group_values.chunks_exact(4).enumerate() {
                 let at = g * group * TILE_ROWS + (quad * TILE_ROWS + row) * 4;
                 out_values[at..at + 4].copy_from_slice(four);

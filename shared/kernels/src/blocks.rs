@@ -86,11 +86,14 @@ impl BlockType {
         }
     }
 
-    /// What the codes of Q4_0 (8) and Q5_0 (16) are less; `None` for the others.
+    /// What the codes of Q4_0 (8), Q5_0 (16), Q3_K (4) and Q6_K (32) are less; `None` for the
+    /// others (Q8_0's are signed; the rest have minimums).
     pub const fn code_offset(self) -> Option<i8> {
         match self {
             Self::Q4_0 => Some(8),
             Self::Q5_0 => Some(16),
+            Self::Q3K => Some(4),
+            Self::Q6K => Some(32),
             _ => None,
         }
     }

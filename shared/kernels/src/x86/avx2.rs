@@ -181,8 +181,9 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>) {
             match w.ty {
                 BlockType::Q8_0 => {
                     let d = f16_at(block, 0);
-                    // `q + 128` as a byte is `q` with its top bit flipped.
-                    put(0, _mm256_xor_si256(Q8_0::weights(block)[0], _mm256_set1_epi8(-128)), d, 128.0 * d);
+                    // `q + 128` as a byte is `q` with its top bit flipped; the 128 comes with the
+                    // activations ([`code_offset`]).
+                    put(0, _mm256_xor_si256(Q8_0::weights(block)[0], _mm256_set1_epi8(-128)), d, 0.0);
                 }
                 BlockType::Q4_0 => pack_nibbles::<Q4_0>(block, &mut put),
                 BlockType::Q4_1 => pack_nibbles::<Q4_1>(block, &mut put),
@@ -204,12 +205,9 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>) {
 /// A Q4_0, Q4_1, Q5_0 or Q5_1 block, one group, for [`pack`].
 #[inline(always)]
 unsafe fn pack_nibbles<N: Block>(block: *const u8, put: &mut impl FnMut(usize, __m256i, f32, f32)) {
-    let d = f16_at(block, 0);
-    let offset = match N::CODE_OFFSET {
-        Some(code_offset) => f32::from(code_offset) * d,
-        None => -f16_at(block, 2),
-    };
-    put(0, N::weights(block)[0], d, offset);
+    // A code offset comes with the activations ([`code_offset`]); a minimum is the panel's.
+    let minimum = if N::CODE_OFFSET.is_some() { 0.0 } else { f16_at(block, 2) };
+    put(0, N::weights(block)[0], f16_at(block, 0), -minimum);
 }
 
 /// A Q4_K (Q5_K with `FIFTH_BIT`) block's eight groups, for [`pack`].
@@ -238,12 +236,9 @@ unsafe fn pack_sixteens<S: Sixteens>(block: *const u8, put: &mut impl FnMut(usiz
         for (run, codes) in S::codes(block, half).into_iter().enumerate() {
             for (lane, codes) in [_mm256_castsi256_si128(codes), _mm256_extracti128_si256::<1>(codes)].into_iter().enumerate() {
                 let sub = 8 * half + 2 * run + lane;
-                let scale = d * f32::from(scales[sub]);
-                let offset = match S::CODE_OFFSET {
-                    Some(code_offset) => f32::from(code_offset) * scale,
-                    None => dmin * f32::from(mins[sub]),
-                };
-                put(sub, _mm256_castsi128_si256(codes), scale, offset);
+                // As [`pack_nibbles`]: the panel holds minimums, not code offsets.
+                let offset = if S::CODE_OFFSET.is_some() { 0.0 } else { dmin * f32::from(mins[sub]) };
+                put(sub, _mm256_castsi128_si256(codes), d * f32::from(scales[sub]), offset);
             }
         }
     }
@@ -663,7 +658,7 @@ impl Sixteens for Q2K {
 
 impl Sixteens for Q3K {
     const BYTES: usize = BlockType::Q3K.block_bytes();
-    const CODE_OFFSET: Option<i8> = Some(4);
+    const CODE_OFFSET: Option<i8> = BlockType::Q3K.code_offset();
     #[inline(always)]
     unsafe fn d(block: *const u8) -> (f32, f32) {
         (f16_at(block, 108), 0.0)
@@ -693,7 +688,7 @@ impl Sixteens for Q3K {
 
 impl Sixteens for Q6K {
     const BYTES: usize = BlockType::Q6K.block_bytes();
-    const CODE_OFFSET: Option<i8> = Some(32);
+    const CODE_OFFSET: Option<i8> = BlockType::Q6K.code_offset();
     #[inline(always)]
     unsafe fn d(block: *const u8) -> (f32, f32) {
         (f16_at(block, 208), 0.0)

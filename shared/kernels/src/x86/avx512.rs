@@ -34,7 +34,7 @@ pub fn detected() -> bool {
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     if let Some(how) = super::interleaving(w.ty, x.rows()) {
-        return match (how.group, how.code_offset == 0) {
+        return match (how.group, how.code_offset.is_none()) {
             (16, true) => panel_rows::<16, true>(w, x, rows, out),
             (16, false) => panel_rows::<16, false>(w, x, rows, out),
             (_, true) => panel_rows::<BLOCK, true>(w, x, rows, out),

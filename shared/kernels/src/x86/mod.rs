@@ -13,7 +13,7 @@ use panel::{code_offset, group_values, PANEL_MIN_ACTIVATIONS};
 /// How the panels read `m` activation rows against `ty`'s weights, if a product of `m` rows goes
 /// through panels.
 pub fn interleaving(ty: BlockType, m: usize) -> Option<Interleaving> {
-    (m >= PANEL_MIN_ACTIVATIONS).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty).unwrap_or(0) })
+    (m >= PANEL_MIN_ACTIVATIONS).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
 /// How far ahead of the current block a decode step asks for its weight rows: measured over a

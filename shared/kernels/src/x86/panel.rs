@@ -9,7 +9,8 @@
 //! `value = scale · u − offset`. Against activations `d · x` (bytes `x` with scale `d`), a
 //! group contributes `d · (scale · Σ u·x − offset · Σ x)`; `d · Σ x` comes with the
 //! activations ([`QuantizedRows::interleaved`]). Where the offset is a whole number `k` of scales
-//! ([`code_offset`]), that is `d · scale · (Σ u·x − k · Σ x)`, and `−k · Σ x` comes with them too.
+//! ([`code_offset`]), that is `d · scale · (Σ u·x − k · Σ x)`, and `−k · Σ x` comes with them too:
+//! the panel's offsets are then zero, and only a minimum is ever the panel's.
 //!
 //! Packing is done with AVX2 ([`super::avx2::pack`] unpacks the blocks, as its tiles do, and
 //! [`Panel::put_group`] transposes 16 rows' codes in registers): written value by value, it
@@ -54,10 +55,8 @@ pub const fn code_offset(ty: BlockType) -> Option<i32> {
     match (ty, ty.code_offset()) {
         // Q8_0's signed codes plus 128 ([`super::avx2::pack`]).
         (BlockType::Q8_0, _) => Some(128),
-        (BlockType::Q3K, _) => Some(4),
-        (BlockType::Q6K, _) => Some(32),
         (_, Some(k)) => Some(k as i32),
-        _ => None,
+        (_, None) => None,
     }
 }
 
@@ -82,7 +81,7 @@ pub struct Panel {
     quads: Vec<u32>,
     /// `[group][row]`.
     pub scales: Vec<f32>,
-    /// `[group][row]`.
+    /// `[group][row]`: a minimum's part (zero for a type with a [`code_offset`]).
     pub offsets: Vec<f32>,
 }
 
