@@ -5,7 +5,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
-use llm_kernels::{CachedKv, DecodeShape, QMatrix};
+use llm_kernels::{AttentionShape, CachedKv, QMatrix};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -148,7 +148,7 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         cos_sin: &(Tensor, Tensor),
-        (mask, pad): (Option<&Tensor>, &[usize]),
+        pad: &[usize],
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -162,75 +162,10 @@ impl Attention {
         let q = rope.apply(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rope.apply(&k, &cos_sin.0, &cos_sin.1)?;
 
-        let (k_t, v) = cache.append(&k, &v)?;
-
-        let out = if s == 1 && cache.on_cpu() {
-            cache.attend_one(&q, pad)?
-        } else {
-            // A prompt's products take the queries' type, whatever the cache keeps.
-            attend(&q, &k_t.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?, mask, nh / nkv, QUERY_CHUNK)?
-        };
-        let out = out.reshape((b, nh, s, hd))?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-        self.o_proj.forward(&out)
+        cache.append(&k, &v)?;
+        let out = cache.attend(&q, pad)?;
+        self.o_proj.forward(&out.reshape((b, s, nh * hd))?)
     }
-}
-
-/// Queries per chunk of a long prompt's attention.
-const QUERY_CHUNK: usize = 128;
-
-/// Softmax attention of `q` `[b, nh, s, hd]` over keys `k_t` `[b, nkv, hd, t]` (transposed, as
-/// the cache keeps them) and values `v` `[b, nkv, t, hd]` (the last `s` of the `t` positions are
-/// the queries'), `mask` `[b, 1, s, t]` additive; `[b, nkv, rep·s, hd]`.
-///
-/// Grouped-query attention without copying K/V: the `rep` query heads that share a KV head are
-/// stacked along the query axis. With a (causal) mask, the queries go `chunk` at a time and each
-/// chunk meets only the keys up to its last query: the rest would be masked anyway, so a long
-/// prompt computes about half the scores, and never holds all of them at once.
-fn attend(q: &Tensor, k_t: &Tensor, v: &Tensor, mask: Option<&Tensor>, rep: usize, chunk: usize) -> Result<Tensor> {
-    let (b, nh, s, hd) = q.dims4()?;
-    let (nkv, t) = (nh / rep, v.dim(2)?);
-    let past = t - s;
-    let scores_of = |q: &Tensor, keys: usize, mask: Option<Tensor>| -> Result<Tensor> {
-        let n = q.dim(2)? / rep;
-        // Views into the cache's buffers: the matmuls take their strides as they are.
-        let (k_t, v) = (k_t.narrow(3, 0, keys)?, v.narrow(2, 0, keys)?);
-        let scores = (q.matmul(&k_t)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((b, nkv, rep, n, keys))?
-                .broadcast_add(&mask.unsqueeze(2)?)?
-                .reshape((b, nkv, rep * n, keys))?,
-            None => scores,
-        };
-        Ok(softmax_last_dim(scores)?.matmul(&v)?)
-    };
-    let q = q.reshape((b, nkv, rep, s, hd))?;
-    match mask {
-        Some(mask) if s > chunk => {
-            let outs = (0..s)
-                .step_by(chunk)
-                .map(|start| {
-                    let n = chunk.min(s - start);
-                    let keys = past + start + n;
-                    let q = q.narrow(3, start, n)?.contiguous()?.reshape((b, nkv, rep * n, hd))?;
-                    let mask = mask.narrow(2, start, n)?.narrow(3, 0, keys)?;
-                    scores_of(&q, keys, Some(mask))?.reshape((b, nkv, rep, n, hd)).map_err(Into::into)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&outs, 3)?.reshape((b, nkv, rep * s, hd))?)
-        }
-        _ => scores_of(&q.reshape((b, nkv, rep * s, hd))?, t, mask.cloned()),
-    }
-}
-
-/// The softmax of each row of `scores`. On the CPU in `f32`, [`llm_kernels::softmax_rows`]
-/// computes it in place with a vectorized exponential, where candle's takes a libm call per score.
-fn softmax_last_dim(scores: Tensor) -> Result<Tensor> {
-    if in_place_f32(&[&scores]) {
-        scores.inplace_op1(&SoftmaxRows)?;
-        return Ok(scores);
-    }
-    Ok(candle_nn::ops::softmax_last_dim(&scores)?)
 }
 
 /// Whether the in-place kernels below can take these tensors: `f32`, contiguous, on the CPU.
@@ -251,21 +186,6 @@ fn contiguous_f32_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> candl
     match (storage, layout.contiguous_offsets()) {
         (CpuStorage::F32(values), Some((start, end))) => Ok(&mut values[start..end]),
         _ => candle_core::bail!("the in-place kernels take contiguous f32 tensors"),
-    }
-}
-
-/// [`llm_kernels::softmax_rows`] as candle's in-place operation on the scores' storage, which
-/// their product has just made and nothing else holds.
-struct SoftmaxRows;
-
-impl candle_core::InplaceOp1 for SoftmaxRows {
-    fn name(&self) -> &'static str {
-        "softmax-rows"
-    }
-
-    fn cpu_fwd(&self, scores: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let cols = layout.dims().last().copied().unwrap_or(1);
-        llm_kernels::softmax_rows(contiguous_f32_mut(scores, layout)?, cols).map_err(candle_core::Error::wrap)
     }
 }
 
@@ -326,12 +246,12 @@ pub struct KvCache {
 }
 
 /// One layer's keys and values: buffers `[b, kv_heads, head_dim, capacity]` (keys, transposed:
-/// see [`llm_kernels::DecodeShape`]) and `[b, kv_heads, capacity, head_dim]` (values) whose
+/// see [`llm_kernels::AttentionShape`]) and `[b, kv_heads, capacity, head_dim]` (values) whose
 /// first `len` positions are filled. A step writes only its own positions (concatenating
 /// copied the whole cache into a fresh allocation, every layer, every step: after a 512-token
-/// prompt, decode at 2 threads ran 3–7 % slower). The views of the keys have rows `capacity`
-/// apart, which candle's CPU products take; its CUDA ones would not, but models are only ever
-/// loaded on the CPU (`loader`). Kept in `dtype` (see [`LoadOptions::kv_cache`]).
+/// prompt, decode at 2 threads ran 3–7 % slower), and [`llm_kernels::attention`] reads them
+/// where they lie: models are only ever loaded on the CPU (`loader`). Kept in `dtype` (see
+/// [`LoadOptions::kv_cache`]).
 #[derive(Debug)]
 struct LayerCache {
     buffers: Option<(Tensor, Tensor)>,
@@ -355,10 +275,9 @@ impl LayerCache {
         Self { buffers: None, len: 0, dtype }
     }
 
-    /// Writes `k`, `v` (`[b, kv_heads, s, head_dim]`) after the cached positions; returns views
-    /// of every position so far, the keys transposed (`[b, kv_heads, head_dim, len]`), in the
-    /// cache's type.
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// Writes `k`, `v` (`[b, kv_heads, s, head_dim]`) after the cached positions, in the cache's
+    /// type.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         const K_POSITIONS: usize = 3;
         const V_POSITIONS: usize = 2;
         let (k, v) = (k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?);
@@ -384,30 +303,26 @@ impl LayerCache {
         k_buffer.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POSITIONS, self.len)?;
         v_buffer.slice_set(&v.contiguous()?, V_POSITIONS, self.len)?;
         self.len = len;
-        Ok((k_buffer.narrow(K_POSITIONS, 0, len)?, v_buffer.narrow(V_POSITIONS, 0, len)?))
+        Ok(())
     }
 
-    /// Whether [`LayerCache::attend_one`] can read the buffers in place.
-    fn on_cpu(&self) -> bool {
-        self.buffers.as_ref().is_some_and(|(k, _)| k.device().is_cpu())
-    }
-
-    /// Attention of one new position per row (a decode step, `q` `[b, heads, 1, head_dim]`,
-    /// already appended) over every cached one but each row's left padding `pad`, with
-    /// [`llm_kernels::decode_attention`]; `[b, heads, 1, head_dim]`.
-    fn attend_one(&self, q: &Tensor, pad: &[usize]) -> Result<Tensor> {
+    /// Attention of the last `s` positions (`q` `[b, heads, s, head_dim]`, already appended),
+    /// each over the cached ones up to its own but its row's left padding `pad`, with
+    /// [`llm_kernels::attention`]; `[b, s, heads, head_dim]`.
+    fn attend(&self, q: &Tensor, pad: &[usize]) -> Result<Tensor> {
         let (k, v) = self.buffers.as_ref().expect("a step appends before it attends");
-        let (b, heads, _, head_dim) = q.dims4()?;
+        let (b, heads, s, head_dim) = q.dims4()?;
         let (_, kv_heads, capacity, _) = v.dims4()?;
-        let shape = DecodeShape { rows: b, heads, kv_heads, head_dim, len: self.len, capacity };
-        let queries = q.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; queries.len()];
+        let shape = AttentionShape { rows: b, queries: s, heads, kv_heads, head_dim, len: self.len, capacity };
+        let q = q.contiguous()?;
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let mut out = vec![0f32; q.elem_count()];
         let (k_storage, k_layout) = k.storage_and_layout();
         let (v_storage, v_layout) = v.storage_and_layout();
         let cached = cached_kv((&k_storage, k_layout), (&v_storage, v_layout))?;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        llm_kernels::decode_attention(&shape, scale, &queries, cached, pad, &mut out).map_err(kernel_error)?;
-        Ok(Tensor::from_vec(out, (b, heads, 1, head_dim), q.device())?)
+        llm_kernels::attention(&shape, scale, cpu_f32(&q_storage, q_layout)?, cached, pad, &mut out).map_err(kernel_error)?;
+        Ok(Tensor::from_vec(out, (b, s, heads, head_dim), q.device())?)
     }
 }
 
@@ -645,11 +560,10 @@ impl Llama {
         let past = cache.len();
         let positions = positions(b, s, past, pad, &self.device)?;
         let cos_sin = self.rope.cos_sin(&positions)?;
-        let mask = attention_mask(b, s, past, pad, &self.device)?;
 
         let mut x = self.embed.forward(tokens)?;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, (mask.as_ref(), pad), layer_cache)?;
+            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, pad, layer_cache)?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
             x = (x + h)?;
@@ -674,75 +588,63 @@ fn positions(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) ->
     Ok(Tensor::from_vec(ids, (b, s), device)?)
 }
 
-/// Additive mask `[b, 1, s, past + s]`: causal, and hiding each row's padding. `None` when
-/// nothing needs hiding (one unpadded token at a time).
-fn attention_mask(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) -> Result<Option<Tensor>> {
-    if s == 1 && pad.iter().all(|&p| p == 0) {
-        return Ok(None);
-    }
-    let t = past + s;
-    let mut mask = vec![0f32; b * s * t];
-    for r in 0..b {
-        for i in 0..s {
-            let query = past + i;
-            for key in 0..t {
-                // A padding query still sees itself, so that its softmax row stays finite.
-                let visible = key == query || (key >= pad[r] && key <= query);
-                if !visible {
-                    mask[(r * s + i) * t + key] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    Ok(Some(Tensor::from_vec(mask, (b, 1, s, t), device)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn chunked_attention_equals_attention_over_every_key() {
-        let dev = Device::Cpu;
-        let (b, nh, nkv, hd, past, s) = (2, 4, 2, 8, 3, 11);
-        let q = Tensor::randn(0f32, 1.0, (b, nh, s, hd), &dev).unwrap();
-        let k_t = Tensor::randn(0f32, 1.0, (b, nkv, hd, past + s), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (b, nkv, past + s, hd), &dev).unwrap();
-        // The second row is left-padded by 5 positions.
-        let mask = attention_mask(b, s, past, &[0, 5], &dev).unwrap().unwrap();
-        let whole = attend(&q, &k_t, &v, Some(&mask), nh / nkv, usize::MAX).unwrap();
-        for chunk in [1, 3, 4, 10] {
-            let chunked = attend(&q, &k_t, &v, Some(&mask), nh / nkv, chunk).unwrap();
-            assert_eq!(chunked.dims(), whole.dims());
-            let diff = (&chunked - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-5, "chunks of {chunk}: {diff}");
+    /// Additive mask `[b, 1, s, past + s]`: causal, and hiding each row's padding.
+    fn attention_mask(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) -> Tensor {
+        let t = past + s;
+        let mut mask = vec![0f32; b * s * t];
+        for r in 0..b {
+            for i in 0..s {
+                let query = past + i;
+                for key in 0..t {
+                    // A padding query still sees itself, so that its softmax row stays finite.
+                    let visible = key == query || (key >= pad[r] && key <= query);
+                    if !visible {
+                        mask[(r * s + i) * t + key] = f32::NEG_INFINITY;
+                    }
+                }
+            }
         }
+        Tensor::from_vec(mask, (b, 1, s, t), device).unwrap()
+    }
+
+    /// Attention as candle's products and softmax with an additive mask, over a cache's filled
+    /// positions in `f32`: `[b, s, heads, head_dim]`.
+    fn masked_product(cache: &LayerCache, q: &Tensor, pad: &[usize]) -> Tensor {
+        let (k_t, v) = cache.buffers.as_ref().unwrap();
+        let (k_t, v) = (k_t.narrow(3, 0, cache.len).unwrap().to_dtype(DType::F32).unwrap(), v.narrow(2, 0, cache.len).unwrap().to_dtype(DType::F32).unwrap());
+        let (b, nh, s, hd) = q.dims4().unwrap();
+        let nkv = v.dim(1).unwrap();
+        let q = q.reshape((b, nkv, nh / nkv * s, hd)).unwrap();
+        let scores = (q.matmul(&k_t).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
+        let mask = attention_mask(b, s, cache.len - s, pad, q.device());
+        let scores = scores.reshape((b, nkv, nh / nkv, s, cache.len)).unwrap().broadcast_add(&mask.unsqueeze(2).unwrap()).unwrap();
+        let weights = candle_nn::ops::softmax_last_dim(&scores.reshape((b, nkv, nh / nkv * s, cache.len)).unwrap()).unwrap();
+        weights.matmul(&v).unwrap().reshape((b, nh, s, hd)).unwrap().transpose(1, 2).unwrap()
     }
 
     #[test]
-    fn a_decode_step_attends_like_a_masked_product() {
+    fn the_caches_attention_is_a_masked_product() {
         let dev = Device::Cpu;
         let (b, nh, nkv, hd) = (2, 8, 2, 16);
         for dtype in [DType::F32, DType::F16] {
             let mut cache = LayerCache::new(dtype);
-            // A prompt of 20 positions, the second row left-padded by 6, then three decode steps.
+            // A prompt of 20 positions, the second row left-padded by 6; three decode steps; a
+            // second prompt after them, as a conversation's next turn over its cached prefix.
             let pad = [0, 6];
-            for s in [20, 1, 1, 1] {
+            for s in [20, 1, 1, 1, 9] {
                 let k = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
                 let v = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
-                let past = cache.len;
-                let (k_t, v) = cache.append(&k, &v).unwrap();
-                assert_eq!((k_t.dtype(), v.dtype()), (dtype, dtype));
-                if s > 1 {
-                    continue;
-                }
-                let q = Tensor::randn(0f32, 1.0, (b, nh, 1, hd), &dev).unwrap();
-                let mask = attention_mask(b, 1, past, &pad, &dev).unwrap();
-                let (k_t, v) = (k_t.to_dtype(DType::F32).unwrap(), v.to_dtype(DType::F32).unwrap());
-                let product = attend(&q, &k_t, &v, mask.as_ref(), nh / nkv, QUERY_CHUNK).unwrap();
-                let kernel = cache.attend_one(&q, &pad).unwrap();
-                let diff = (kernel.reshape(product.dims()).unwrap() - &product).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(diff < 1e-5, "{dtype:?} cache, after {past} positions: {diff}");
+                cache.append(&k, &v).unwrap();
+                assert_eq!(cache.buffers.as_ref().map(|(k, v)| (k.dtype(), v.dtype())), Some((dtype, dtype)));
+                let q = Tensor::randn(0f32, 1.0, (b, nh, s, hd), &dev).unwrap();
+                let product = masked_product(&cache, &q, &pad);
+                let kernel = cache.attend(&q, &pad).unwrap();
+                let diff = (kernel - &product).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-5, "{dtype:?} cache, {s} positions after {}: {diff}", cache.len - s);
             }
         }
     }

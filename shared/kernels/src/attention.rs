@@ -1,11 +1,14 @@
-//! Attention of one new position per sequence over its KV cache: the attention of a decode step.
+//! Attention of new positions over a KV cache: a decode step's (one new position per sequence)
+//! and a prompt's (many, each seeing the keys up to its own).
 //!
-//! As a general matrix product (candle's), a decode step's attention multiplies a few query rows
-//! by the whole cache, which the product first copies into its packed layout, on one thread.
-//! Here the cache is read where it lies, the keys stored transposed so that a run of keys'
-//! scores is a few multiply-adds of whole registers, and the sequences' KV heads are spread
-//! over the compute pool. A cache in `f16` is widened to `f32` a run of keys at a time, into a
-//! buffer that stays in L1 while every query head of its KV head reads it.
+//! As general matrix products (candle's), attention copies the cache into the products' packed
+//! layout, takes a mask for the causal triangle and the padding, and runs on rayon beside the
+//! compute pool. Here the cache is read where it lies, the keys stored transposed so that a run
+//! of keys' scores is a few multiply-adds of whole registers, and the work is spread over the
+//! compute pool: each work item is one sequence's KV head and a few of its positions, whose
+//! query heads (grouped-query attention) all read the same keys and values. A cache in `f16` is
+//! widened to `f32` a run of keys at a time, into a buffer that stays in L1 while every query
+//! row of the item reads it.
 
 use std::ops::Range;
 
@@ -13,17 +16,19 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::softmax::softmax;
-use crate::{OutPtr, ShapeError};
+use crate::{Kernels, OutPtr, ShapeError};
 
-/// The shapes of a decode step: `rows` sequences, one query position each, over a cache of
-/// `capacity` positions per KV head, the first `len` of them filled.
+/// The shapes of an attention step: `rows` sequences of `queries` new positions each (the last
+/// `queries` of the `len` cached: they are already appended), over a cache of `capacity`
+/// positions per KV head. A decode step has one query per sequence; a prompt, its length.
 ///
 /// The keys are stored transposed, `[rows, kv_heads, head_dim, capacity]`, so that the scores
 /// of a run of keys come out of multiply-adds of whole registers of keys by one query value;
 /// the values as they are used, `[rows, kv_heads, capacity, head_dim]`.
 #[derive(Debug, Clone, Copy)]
-pub struct DecodeShape {
+pub struct AttentionShape {
     pub rows: usize,
+    pub queries: usize,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -31,7 +36,7 @@ pub struct DecodeShape {
     pub capacity: usize,
 }
 
-/// A KV cache's keys and values, laid out as [`DecodeShape`] says, in the type they are kept in.
+/// A KV cache's keys and values, laid out as [`AttentionShape`] says, in the type they are kept in.
 #[derive(Debug, Clone, Copy)]
 pub enum CachedKv<'a> {
     F32 { k: &'a [f32], v: &'a [f32] },
@@ -39,28 +44,34 @@ pub enum CachedKv<'a> {
     F16 { k: &'a [f16], v: &'a [f16] },
 }
 
-/// `out[r, h] = softmax(scale · q[r, h] · K[r, g]ᵀ) · V[r, g]`, g the KV head that query head `h`
-/// shares (grouped-query attention: `heads / kv_heads` query heads per KV head), over the keys
-/// `first[r]..len` of row `r` (those before are its left padding); the last key is always
-/// seen, as a query sees itself. `q` and `out` are `[rows, heads, head_dim]`; the cache as in
-/// [`DecodeShape`].
-pub fn decode_attention(shape: &DecodeShape, scale: f32, q: &[f32], cache: CachedKv<'_>, first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
+/// `out[r, i, h] = softmax(scale · q[r, h, i] · K[r, g]ᵀ) · V[r, g]`, g the KV head that query
+/// head `h` shares (grouped-query attention: `heads / kv_heads` query heads per KV head), for
+/// query `i` at position `p = len - queries + i` over the keys `first[r]..=p` (those before
+/// `first[r]` are row `r`'s left padding; a query inside the padding sees only itself, so that
+/// its weights stay finite). `q` is `[rows, heads, queries, head_dim]` (heads outer, as the
+/// rotary embedding leaves them); `out` is `[rows, queries, heads, head_dim]`, the layout the
+/// output projection takes.
+pub fn attention(shape: &AttentionShape, scale: f32, q: &[f32], cache: CachedKv<'_>, first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
     match cache {
         CachedKv::F32 { k, v } => attend_all(shape, scale, q, k, v, first, out),
         CachedKv::F16 { k, v } => attend_all(shape, scale, q, k, v, first, out),
     }
 }
 
-fn attend_all<T: Cached>(shape: &DecodeShape, scale: f32, q: &[f32], k: &[T], v: &[T], first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
-    let DecodeShape { rows, heads, kv_heads, head_dim, len, capacity } = *shape;
-    if kv_heads == 0 || heads % kv_heads != 0 || len == 0 || len > capacity {
-        return Err(ShapeError(format!("{heads} query heads over {kv_heads} KV heads, {len} of {capacity} positions")));
+/// Query rows (positions × the query heads of one KV head) a work item aims for: its scores for
+/// a cache of 2,048 positions (256 KiB) stay in L2, and a prompt has enough items to balance.
+const ITEM_ROWS: usize = 32;
+
+fn attend_all<T: Cached>(shape: &AttentionShape, scale: f32, q: &[f32], k: &[T], v: &[T], first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
+    let AttentionShape { rows, queries, heads, kv_heads, head_dim: hd, len, capacity } = *shape;
+    if kv_heads == 0 || heads % kv_heads != 0 || queries == 0 || queries > len || len > capacity {
+        return Err(ShapeError(format!("{heads} query heads over {kv_heads} KV heads, {queries} queries, {len} of {capacity} positions")));
     }
-    let cache = rows * kv_heads * capacity * head_dim;
-    let queries = rows * heads * head_dim;
-    if q.len() != queries || out.len() != queries || k.len() != cache || v.len() != cache || first.len() != rows {
+    let cache = rows * kv_heads * capacity * hd;
+    let query_values = rows * heads * queries * hd;
+    if q.len() != query_values || out.len() != query_values || k.len() != cache || v.len() != cache || first.len() != rows {
         return Err(ShapeError(format!(
-            "decode attention {shape:?} takes {queries} query and output values, {cache} key and value values and {rows} first keys, \
+            "attention {shape:?} takes {query_values} query and output values, {cache} key and value values and {rows} first keys, \
              not {}, {}, {}, {} and {}",
             q.len(),
             out.len(),
@@ -70,39 +81,75 @@ fn attend_all<T: Cached>(shape: &DecodeShape, scale: f32, q: &[f32], k: &[T], v:
         )));
     }
     let rep = heads / kv_heads;
+    let block = (ITEM_ROWS / rep).clamp(1, queries);
+    let blocks = queries.div_ceil(block);
     let out = OutPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(rows * kv_heads, |items| {
-        let mut scores = vec![0f32; rep * len];
-        let mut widened = vec![0f32; if T::IN_PLACE { 0 } else { head_dim * RUN }];
+    candle_core::utils::barrier_pool().execute_chunked(rows * kv_heads * blocks, |items| {
+        let mut q_rows = Vec::with_capacity(block * rep * hd);
+        let mut out_rows = vec![0f32; block * rep * hd];
+        let mut scores = vec![0f32; block * rep * len.next_multiple_of(RUN)];
+        let mut widened = vec![0f32; hd * RUN];
         for item in items {
-            let cached = item * capacity * head_dim..(item + 1) * capacity * head_dim;
-            let group = item * rep * head_dim..(item + 1) * rep * head_dim;
+            // The latest positions first: they see the most keys, and the pool's last, smallest
+            // items then even out the threads' ends.
+            let (seq, group, b) = (item / (kv_heads * blocks), item / blocks % kv_heads, blocks - 1 - item % blocks);
+            let positions = b * block..queries.min((b + 1) * block);
+            let first_position = len - queries + positions.start;
+            let cached = (seq * kv_heads + group) * capacity * hd..(seq * kv_heads + group + 1) * capacity * hd;
             let head = Head {
-                head_dim,
+                head_dim: hd,
                 capacity,
-                keys: first[item / kv_heads].min(len - 1)..len,
+                keys: first[seq].min(first_position)..len - queries + positions.end,
+                first: first[seq],
+                first_position,
+                rep,
                 k: &k[cached.clone()],
                 v: &v[cached],
             };
-            // SAFETY: this item (a row's KV head) alone writes the outputs of its query heads,
-            // `group`; `out` outlives the pool's execution.
-            let out = unsafe { out.slice(group.clone()) };
-            let scores = &mut scores[..rep * head.keys.len()];
-            T::attend(&head, &q[group], scale, scores, out, &mut widened);
+            q_rows.clear();
+            for i in positions.clone() {
+                for h in group * rep..(group + 1) * rep {
+                    q_rows.extend_from_slice(&q[((seq * heads + h) * queries + i) * hd..][..hd]);
+                }
+            }
+            let item_rows = q_rows.len() / hd;
+            let out_rows = &mut out_rows[..item_rows * hd];
+            T::attend(&head, &q_rows, scale, &mut scores[..item_rows * head.keys.len().next_multiple_of(RUN)], out_rows, &mut widened);
+            for (i, rows) in positions.zip(out_rows.chunks_exact(rep * hd)) {
+                let at = ((seq * queries + i) * heads + group * rep) * hd;
+                // SAFETY: this item alone writes position `i`'s query heads of KV head `group`
+                // of sequence `seq`; `out` outlives the pool's execution.
+                unsafe { out.slice(at..at + rep * hd) }.copy_from_slice(rows);
+            }
         }
     });
     Ok(())
 }
 
-/// One KV head of one sequence, and the keys its query heads see.
+/// One KV head of one sequence, the keys a work item's query rows see, and which of them each
+/// row sees.
 struct Head<'a, T> {
     head_dim: usize,
     capacity: usize,
+    /// The keys any of the item's rows sees.
     keys: Range<usize>,
+    /// The sequence's first key after its padding.
+    first: usize,
+    /// The position of the item's first query; row `i` is at `first_position + i / rep`.
+    first_position: usize,
+    rep: usize,
     /// `[head_dim, capacity]`.
     k: &'a [T],
     /// `[capacity, head_dim]`.
     v: &'a [T],
+}
+
+impl<T> Head<'_, T> {
+    /// The keys query row `row` sees, as offsets into [`Head::keys`].
+    fn seen(&self, row: usize) -> Range<usize> {
+        let position = self.first_position + row / self.rep;
+        self.first.min(position) - self.keys.start..position + 1 - self.keys.start
+    }
 }
 
 /// A run of keys (or of values) in `f32`: element `(i, j)` of the run (dimension and key, or key
@@ -123,10 +170,10 @@ impl Run<'_> {
 
 /// A type a KV cache is kept in: how a run of it is read as `f32`.
 trait Cached: Copy + Send + Sync + Sized {
-    /// Whether runs are read where they lie, with no widening buffer.
-    const IN_PLACE: bool;
-
-    /// The `n` keys from `from` of every dimension: rows of the transposed keys.
+    /// The `n` keys from `from` of every dimension, rows of the transposed keys, as a whole run:
+    /// a shorter one (the last of a cache) is widened into `widened`, padded with zeros, so that
+    /// a pass over it is as fast as over a whole run (its loops over a variable number of keys
+    /// compiled to scalar code, and the last, short run cost as much as ten whole ones).
     fn keys<'s>(head: &'s Head<'_, Self>, from: usize, n: usize, widened: &'s mut [f32]) -> Run<'s>;
 
     /// The values of the `n` keys from `from`, a row of `head_dim` each.
@@ -137,11 +184,17 @@ trait Cached: Copy + Send + Sync + Sized {
 }
 
 impl Cached for f32 {
-    const IN_PLACE: bool = true;
-
     #[inline(always)]
-    fn keys<'s>(head: &'s Head<'_, f32>, from: usize, _: usize, _: &'s mut [f32]) -> Run<'s> {
-        Run { values: head.k, offset: from, stride: head.capacity }
+    fn keys<'s>(head: &'s Head<'_, f32>, from: usize, n: usize, widened: &'s mut [f32]) -> Run<'s> {
+        if n == RUN {
+            return Run { values: head.k, offset: from, stride: head.capacity };
+        }
+        for d in 0..head.head_dim {
+            let run = &mut widened[d * RUN..][..RUN];
+            run[..n].copy_from_slice(&head.k[d * head.capacity + from..][..n]);
+            run[n..].fill(0.0);
+        }
+        Run { values: widened, offset: 0, stride: RUN }
     }
 
     #[inline(always)]
@@ -155,13 +208,13 @@ impl Cached for f32 {
 }
 
 impl Cached for f16 {
-    const IN_PLACE: bool = false;
-
     /// Widened into `[head_dim, RUN]`: F16C's (or NEON's) conversion, eight values at a time.
     #[inline(always)]
     fn keys<'s>(head: &'s Head<'_, f16>, from: usize, n: usize, widened: &'s mut [f32]) -> Run<'s> {
         for d in 0..head.head_dim {
-            head.k[d * head.capacity + from..][..n].convert_to_f32_slice(&mut widened[d * RUN..][..n]);
+            let run = &mut widened[d * RUN..][..RUN];
+            head.k[d * head.capacity + from..][..n].convert_to_f32_slice(&mut run[..n]);
+            run[n..].fill(0.0);
         }
         Run { values: widened, offset: 0, stride: RUN }
     }
@@ -182,84 +235,124 @@ impl Cached for f16 {
 /// 8 with AVX2), so that the multiply-adds are independent enough to hide their latency.
 const RUN: usize = 64;
 
+/// Query rows one pass computes together, sharing each load of keys or values: four rows of a
+/// run are 16 of AVX-512's 32 registers. With AVX2's 16 registers of 8 lanes (or NEON's 32 of
+/// 4) one row's run takes half of them already.
+fn rows_per_pass() -> usize {
+    if Kernels::best() == Kernels::Avx512Vnni {
+        4
+    } else {
+        1
+    }
+}
+
 impl<T: Cached> Head<'_, T> {
-    /// Runs of keys outer, query heads inner: a run's keys and values (16 KiB each for heads of
-    /// 64) are read from memory once and then from L1 by every query head (with the heads
-    /// outer, each head read the whole cache again from L2: 207 against 178 µs per layer after
-    /// 512 tokens, one thread, `cargo bench -p llm-kernels --bench attention`).
+    /// Runs of keys outer, query rows inner: a run's keys and values (16 KiB each for heads of
+    /// 64) are read from memory once and then from L1 by every query row (with the heads
+    /// outer, each head read the whole cache again from L2: 207 against 178 µs per layer of a
+    /// decode step after 512 tokens, one thread, `cargo bench -p llm-kernels --bench attention`).
+    /// Scores past a row's last key (the later positions' keys in a prompt's item) are computed
+    /// with the others' and then weigh 0.
     #[inline(always)]
     fn attend_in_runs(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]) {
         let (hd, n) = (self.head_dim, self.keys.len());
+        // Rows of scores in whole runs: a pass stores a whole run's, a constant number.
+        let (rows, stride) = (q.len() / hd, n.next_multiple_of(RUN));
+        let per_pass = rows_per_pass();
         for start in (0..n).step_by(RUN) {
             let len = RUN.min(n - start);
             let keys = T::keys(self, self.keys.start + start, len, widened);
-            for (q, scores) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
-                run_scores(&keys, q, scale, &mut scores[start..start + len]);
+            for (row, together) in passes(rows, per_pass) {
+                let (q, scores) = (&q[row * hd..], &mut scores[row * stride + start..]);
+                match together {
+                    4 => run_scores::<4>(&keys, q, hd, scale, scores, stride),
+                    _ => run_scores::<1>(&keys, q, hd, scale, scores, stride),
+                }
             }
         }
-        scores.chunks_exact_mut(n).for_each(softmax);
+        for (row, weights) in scores.chunks_exact_mut(stride).enumerate() {
+            let seen = self.seen(row);
+            weights[..seen.start].fill(0.0);
+            weights[seen.end..].fill(0.0);
+            softmax(&mut weights[seen]);
+        }
         out.fill(0.0);
         for start in (0..n).step_by(RUN) {
             let len = RUN.min(n - start);
             let values = T::values(self, self.keys.start + start, len, widened);
-            for (weights, out) in scores.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
-                add_weighted_values(&values, &weights[start..start + len], out);
+            for (row, together) in passes(rows, per_pass) {
+                let (weights, out) = (&scores[row * stride + start..], &mut out[row * hd..]);
+                for from in (0..hd).step_by(RUN) {
+                    // The width a constant when the run of dimensions is whole, so that the
+                    // pass's loops unroll into whole registers and its sums stay in registers.
+                    let width = RUN.min(hd - from);
+                    match (together, width == RUN) {
+                        (4, true) => add_weighted_values::<4>(&values, weights, stride, len, out, hd, from, RUN),
+                        (4, false) => add_weighted_values::<4>(&values, weights, stride, len, out, hd, from, width),
+                        (_, true) => add_weighted_values::<1>(&values, weights, stride, len, out, hd, from, RUN),
+                        (_, false) => add_weighted_values::<1>(&values, weights, stride, len, out, hd, from, width),
+                    }
+                }
             }
         }
     }
 }
 
-/// `scores[t] = scale · q · K[t]` for the run's keys: each query value times the run's values
-/// of that dimension, which lie together in the transposed keys.
+/// The passes over `rows` query rows: `(first row, rows together)`, `per_pass` together while
+/// they last, then one at a time.
 #[inline(always)]
-fn run_scores(keys: &Run<'_>, q: &[f32], scale: f32, scores: &mut [f32]) {
-    let run = |n: usize, scores: &mut [f32]| {
-        let mut acc = [0f32; RUN];
-        for (d, &qd) in q.iter().enumerate() {
-            let keys = keys.row(d, 0, n);
-            for l in 0..n {
+fn passes(rows: usize, per_pass: usize) -> impl Iterator<Item = (usize, usize)> {
+    let whole = rows / per_pass * per_pass;
+    (0..whole).step_by(per_pass).map(move |row| (row, per_pass)).chain((whole..rows).map(|row| (row, 1)))
+}
+
+/// `scores[r · stride + t] = scale · q[r] · K[t]` for the keys of a whole run (see
+/// [`Cached::keys`]) and `R` query rows of `head_dim` (`q[r · head_dim..]`): each query value
+/// times the run's values of that dimension, which lie together in the transposed keys.
+#[inline(always)]
+fn run_scores<const R: usize>(keys: &Run<'_>, q: &[f32], head_dim: usize, scale: f32, scores: &mut [f32], stride: usize) {
+    let mut acc = [[0f32; RUN]; R];
+    for d in 0..head_dim {
+        let keys = keys.row(d, 0, RUN);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let qd = q[r * head_dim + d];
+            for l in 0..RUN {
                 acc[l] = qd.mul_add(keys[l], acc[l]);
             }
         }
-        for l in 0..n {
-            scores[l] = scale * acc[l];
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (score, acc) in scores[r * stride..][..RUN].iter_mut().zip(acc) {
+            *score = scale * acc;
         }
-    };
-    whole_runs_unrolled(run, scores);
-}
-
-/// `out += Σ_t weights[t] · V[t]` over the run's values, a run of dimensions at a time.
-#[inline(always)]
-fn add_weighted_values(values: &Run<'_>, weights: &[f32], out: &mut [f32]) {
-    for (c, out) in out.chunks_mut(RUN).enumerate() {
-        let run = |n: usize, out: &mut [f32]| {
-            let mut acc = [0f32; RUN];
-            acc[..n].copy_from_slice(out);
-            for (t, &w) in weights.iter().enumerate() {
-                let values = values.row(t, c * RUN, n);
-                for l in 0..n {
-                    acc[l] = w.mul_add(values[l], acc[l]);
-                }
-            }
-            out.copy_from_slice(&acc[..n]);
-        };
-        whole_runs_unrolled(run, out);
     }
 }
 
-/// Calls `run(out.len(), out)`, with the length a constant when it is a whole [`RUN`]: the
-/// loops over the run then unroll into whole registers, its sums stay in registers.
+/// `out[r][from..from + width] += Σ_t weights[r · stride + t] · V[t][from..from + width]` over
+/// the `n` values of the run and `R` rows of `head_dim` (`out[r · head_dim..]`).
 #[inline(always)]
-fn whole_runs_unrolled(run: impl Fn(usize, &mut [f32]), out: &mut [f32]) {
-    if out.len() == RUN {
-        run(RUN, out)
-    } else {
-        run(out.len(), out)
+#[allow(clippy::too_many_arguments)] // the pass's operands, taken apart so that `width` can be a constant
+fn add_weighted_values<const R: usize>(values: &Run<'_>, weights: &[f32], stride: usize, n: usize, out: &mut [f32], head_dim: usize, from: usize, width: usize) {
+    let mut acc = [[0f32; RUN]; R];
+    for (r, acc) in acc.iter_mut().enumerate() {
+        acc[..width].copy_from_slice(&out[r * head_dim + from..][..width]);
+    }
+    for t in 0..n {
+        let values = values.row(t, from, width);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let w = weights[r * stride + t];
+            for l in 0..width {
+                acc[l] = w.mul_add(values[l], acc[l]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        out[r * head_dim + from..][..width].copy_from_slice(&acc[..width]);
     }
 }
 
 widest_registers!(
-    /// Attention of `head`'s query heads `q` (`[rep, head_dim]`) into `out`, `scores` (`[rep,
+    /// Attention of `head`'s query rows `q` (`[rows, head_dim]`) into `out`, `scores` (`[rows,
     /// keys]`) their workspace.
     fn attend_f32(head: &Head<'_, f32>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], widened: &mut [f32]) => Head::attend_in_runs);
 
@@ -273,64 +366,84 @@ mod tests {
 
     use super::*;
 
-    /// The definition, in `f64`, one query head at a time, with libm's exponential.
-    fn reference(shape: &DecodeShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], first: &[usize]) -> Vec<f32> {
-        let DecodeShape { rows, heads, kv_heads, head_dim: hd, len, capacity } = *shape;
+    /// The definition, in `f64`, one query at a time, with libm's exponential; `[rows, queries,
+    /// heads, head_dim]`.
+    fn reference(shape: &AttentionShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], first: &[usize]) -> Vec<f32> {
+        let AttentionShape { rows, queries, heads, kv_heads, head_dim: hd, len, capacity } = *shape;
         let mut out = Vec::new();
         for r in 0..rows {
-            for h in 0..heads {
-                let kv = (r * kv_heads + h / (heads / kv_heads)) * capacity * hd;
-                let query = &q[(r * heads + h) * hd..][..hd];
-                let seen = first[r].min(len - 1)..len;
-                let scores: Vec<f64> = seen
-                    .clone()
-                    .map(|t| scale as f64 * (0..hd).map(|d| query[d] as f64 * k[kv + d * capacity + t] as f64).sum::<f64>())
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                out.extend((0..hd).map(|d| (seen.clone().zip(&weights).map(|(t, w)| w * v[kv + t * hd + d] as f64).sum::<f64>() / total) as f32));
+            for i in 0..queries {
+                let position = len - queries + i;
+                for h in 0..heads {
+                    let kv = (r * kv_heads + h / (heads / kv_heads)) * capacity * hd;
+                    let query = &q[((r * heads + h) * queries + i) * hd..][..hd];
+                    let seen = first[r].min(position)..position + 1;
+                    let scores: Vec<f64> = seen
+                        .clone()
+                        .map(|t| scale as f64 * (0..hd).map(|d| query[d] as f64 * k[kv + d * capacity + t] as f64).sum::<f64>())
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    out.extend((0..hd).map(|d| (seen.clone().zip(&weights).map(|(t, w)| w * v[kv + t * hd + d] as f64).sum::<f64>() / total) as f32));
+                }
             }
         }
         out
     }
 
     #[test]
-    fn decode_attention_matches_its_definition() {
+    fn attention_matches_its_definition() {
         let mut rng = StdRng::seed_from_u64(7);
-        // Head sizes below, at, above and off a run of 64; caches shorter than a run, of
-        // whole runs and between; rows whose padding hides some keys, and one whose padding
-        // would hide every key but the last.
-        for (hd, len, first) in [(8, 21, vec![0, 0]), (64, 128, vec![0, 3]), (128, 150, vec![5, 0]), (40, 21, vec![2, 30])] {
-            let shape = DecodeShape { rows: 2, heads: 8, kv_heads: 2, head_dim: hd, len, capacity: len + 11 };
+        // Decode steps (one query) and prompts (queries after none or some cached positions);
+        // head sizes below, at, above and off a run of 64; caches shorter than a run, of whole
+        // runs and between; rows whose padding hides some keys, and one whose padding hides
+        // every key but the last from a decode step, and some positions' own from a prompt;
+        // 3 query heads per KV head, so that an item's rows are not whole passes of 4.
+        for (heads, hd, queries, len, first) in [
+            (8, 8, 1, 21, vec![0, 0]),
+            (8, 64, 1, 128, vec![0, 3]),
+            (8, 128, 1, 150, vec![5, 0]),
+            (8, 40, 1, 21, vec![2, 30]),
+            (8, 64, 70, 70, vec![0, 9]),
+            (8, 40, 37, 150, vec![3, 120]),
+            (6, 64, 29, 29, vec![0, 4]),
+            (6, 16, 33, 100, vec![90, 0]),
+        ] {
+            let shape = AttentionShape { rows: 2, queries, heads, kv_heads: 2, head_dim: hd, len, capacity: len + 11 };
             let mut values = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
             let cache = shape.rows * shape.kv_heads * shape.capacity * hd;
-            let (q, k, v) = (values(shape.rows * shape.heads * hd), values(cache), values(cache));
+            let (q, k, v) = (values(shape.rows * heads * queries * hd), values(cache), values(cache));
             let scale = 1.0 / (hd as f32).sqrt();
+            let case = format!("{heads} heads of {hd}, {queries} queries, {len} keys, first {first:?}");
             let expected = reference(&shape, scale, &q, &k, &v, &first);
             let mut out = vec![f32::NAN; q.len()];
-            decode_attention(&shape, scale, &q, CachedKv::F32 { k: &k, v: &v }, &first, &mut out).unwrap();
+            attention(&shape, scale, &q, CachedKv::F32 { k: &k, v: &v }, &first, &mut out).unwrap();
             for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
-                assert!((got - want).abs() < 1e-5, "head size {hd}, {len} keys, value {i}: {got} vs {want}");
+                assert!((got - want).abs() < 1e-5, "{case}, value {i}: {got} vs {want}");
             }
             // The same cache in f16: the definition over the values it holds.
             let (k16, v16) = (k.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(), v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>());
             let widen = |x: &[f16]| x.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
             let expected = reference(&shape, scale, &q, &widen(&k16), &widen(&v16), &first);
-            decode_attention(&shape, scale, &q, CachedKv::F16 { k: &k16, v: &v16 }, &first, &mut out).unwrap();
+            out.fill(f32::NAN);
+            attention(&shape, scale, &q, CachedKv::F16 { k: &k16, v: &v16 }, &first, &mut out).unwrap();
             for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
-                assert!((got - want).abs() < 1e-5, "f16, head size {hd}, {len} keys, value {i}: {got} vs {want}");
+                assert!((got - want).abs() < 1e-5, "f16, {case}, value {i}: {got} vs {want}");
             }
         }
     }
 
     #[test]
-    fn decode_attention_rejects_mismatched_shapes() {
-        let shape = DecodeShape { rows: 1, heads: 4, kv_heads: 3, head_dim: 8, len: 2, capacity: 4 };
-        let err = decode_attention(&shape, 1.0, &[0.0; 32], CachedKv::F32 { k: &[0.0; 96], v: &[0.0; 96] }, &[0], &mut [0.0; 32]).unwrap_err();
+    fn attention_rejects_mismatched_shapes() {
+        let shape = AttentionShape { rows: 1, queries: 1, heads: 4, kv_heads: 3, head_dim: 8, len: 2, capacity: 4 };
+        let err = attention(&shape, 1.0, &[0.0; 32], CachedKv::F32 { k: &[0.0; 96], v: &[0.0; 96] }, &[0], &mut [0.0; 32]).unwrap_err();
         assert!(err.0.contains("4 query heads over 3 KV heads"), "{err}");
-        let shape = DecodeShape { kv_heads: 2, ..shape };
-        let err = decode_attention(&shape, 1.0, &[0.0; 32], CachedKv::F16 { k: &[f16::ZERO; 63], v: &[f16::ZERO; 64] }, &[0], &mut [0.0; 32]).unwrap_err();
+        let shape = AttentionShape { kv_heads: 2, ..shape };
+        let err = attention(&shape, 1.0, &[0.0; 32], CachedKv::F16 { k: &[f16::ZERO; 63], v: &[f16::ZERO; 64] }, &[0], &mut [0.0; 32]).unwrap_err();
         assert!(err.0.contains("64 key and value values"), "{err}");
+        let shape = AttentionShape { queries: 3, ..shape };
+        let err = attention(&shape, 1.0, &[0.0; 96], CachedKv::F32 { k: &[0.0; 64], v: &[0.0; 64] }, &[0], &mut [0.0; 96]).unwrap_err();
+        assert!(err.0.contains("3 queries, 2 of 4 positions"), "{err}");
     }
 }

@@ -14,10 +14,10 @@
 //! the caller keeps candle's kernels. [`scalar`] is the portable definition
 //! the SIMD kernels are tested against.
 //!
-//! Also owns the other loop a decode step spends its time in beside the weights: attention of
-//! the new position over the KV cache ([`decode_attention`]); and the MLP's gating between two
-//! products ([`silu_mul`]) and a prompt's softmax ([`softmax_rows`]), whose exponentials candle takes
-//! one libm call at a time.
+//! Also owns the other loops a forward pass spends its time in beside the weights: attention
+//! of the new positions over the KV cache, a decode step's and a prompt's ([`attention`]); and
+//! the MLP's gating between two products ([`silu_mul`]), whose exponentials candle takes one
+//! libm call at a time.
 
 /// Defines `fn $name($args)`, which runs `$portable` (an `#[inline(always)]` function whose loops
 /// are written so that they vectorize) compiled for the widest registers [`Kernels::best`] has.
@@ -64,9 +64,8 @@ mod x86;
 use std::sync::OnceLock;
 
 pub use activations::QuantizedRows;
-pub use attention::{decode_attention, CachedKv, DecodeShape};
+pub use attention::{attention, AttentionShape, CachedKv};
 pub use blocks::BlockType;
-pub use softmax::softmax_rows;
 pub use swiglu::silu_mul;
 
 /// An implementation of the products, by the instructions it needs.
@@ -255,7 +254,7 @@ fn in_chunks(x: &mut [f32], chunk: usize, f: impl Fn(std::ops::Range<usize>, &mu
 /// An output that the compute pool's work items write, each its own elements.
 struct OutPtr<T>(*mut T);
 // SAFETY: the work items of each user write disjoint elements (see `matmul`,
-// `decode_attention`, `QuantizedRows::for_product`, `in_chunks`).
+// `attention`, `QuantizedRows::for_product`, `in_chunks`).
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 
 impl<T> OutPtr<T> {
