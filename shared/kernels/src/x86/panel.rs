@@ -78,12 +78,18 @@ pub struct Panel {
     group: usize,
     /// `[group][quad of 4 values][row (16)]`, a quad's 4 bytes in a word: one quad of every row
     /// is one 512-bit register.
-    quads: Vec<u32>,
+    quads: Vec<Quad>,
     /// `[group][row]`.
     pub scales: Vec<f32>,
     /// `[group][row]`: a minimum's part (zero for a type with a [`code_offset`]).
     pub offsets: Vec<f32>,
 }
+
+/// One quad of every row of a panel, in a cache line of its own: a kernel's 64-byte load of one
+/// from an address off a line touched two lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Quad([u32; PANEL_ROWS]);
 
 /// One row's group as [`Panel::put_group`] takes it: its values `u` (the first
 /// [`group_values`] bytes), scale and offset.
@@ -108,7 +114,7 @@ impl Panel {
         let groups = w.cols / group;
         let mut panel = Self {
             group,
-            quads: vec![0; w.cols / 4 * PANEL_ROWS],
+            quads: vec![Quad([0; PANEL_ROWS]); w.cols / 4],
             scales: vec![0.0; groups * PANEL_ROWS],
             offsets: vec![0.0; groups * PANEL_ROWS],
         };
@@ -144,11 +150,11 @@ impl Panel {
             self.offsets[g * PANEL_ROWS + j] = row.offset;
         }
         let quads = self.group / 4;
-        let first = &mut self.quads[g * quads * PANEL_ROWS..][..quads * PANEL_ROWS];
+        let first = &mut self.quads[g * quads..][..quads];
         for half in 0..PANEL_ROWS / 8 {
             let words = transpose(std::array::from_fn(|j| rows[8 * half + j].u));
-            for (quad, word) in first.chunks_exact_mut(PANEL_ROWS).zip(words) {
-                _mm256_storeu_si256(quad[8 * half..].as_mut_ptr() as *mut __m256i, word);
+            for (quad, word) in first.iter_mut().zip(words) {
+                _mm256_storeu_si256(quad.0[8 * half..].as_mut_ptr() as *mut __m256i, word);
             }
         }
     }
