@@ -15,7 +15,7 @@ use std::ops::Range;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use crate::softmax::softmax;
+use crate::softmax::exponentials;
 use crate::{Kernels, OutPtr, ShapeError};
 
 /// The shapes of an attention step: `rows` sequences of `queries` new positions each (the last
@@ -86,6 +86,7 @@ fn attend_all<T: Cached>(shape: &AttentionShape, scale: f32, q: &[f32], k: &[T],
     let out = OutPtr(out.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(rows * kv_heads * blocks, |items| {
         let mut q_rows = Vec::with_capacity(block * rep * hd);
+        let mut totals = vec![0f32; block * rep];
         let (mut out_buffer, mut scores_buffer, mut run_buffer) = (Vec::new(), Vec::new(), Vec::new());
         let out_rows = line_aligned(&mut out_buffer, block * rep * hd);
         let scores = line_aligned(&mut scores_buffer, block * rep * len.next_multiple_of(RUN));
@@ -115,7 +116,8 @@ fn attend_all<T: Cached>(shape: &AttentionShape, scale: f32, q: &[f32], k: &[T],
             }
             let item_rows = q_rows.len() / hd;
             let out_rows = &mut out_rows[..item_rows * hd];
-            T::attend(&head, &q_rows, scale, &mut scores[..item_rows * head.keys.len().next_multiple_of(RUN)], out_rows, run);
+            let scores = &mut scores[..item_rows * head.keys.len().next_multiple_of(RUN)];
+            T::attend(&head, &q_rows, scale, scores, &mut totals[..item_rows], out_rows, run);
             for (i, rows) in positions.zip(out_rows.chunks_exact(rep * hd)) {
                 let at = ((seq * queries + i) * heads + group * rep) * hd;
                 // SAFETY: this item alone writes position `i`'s query heads of KV head `group`
@@ -170,7 +172,7 @@ trait Cached: Copy + Send + Sync + Sized {
     fn widen(from: &[Self], to: &mut [f32]);
 
     /// [`Head::attend_in_runs`] for this type, compiled for the widest registers.
-    fn attend(head: &Head<'_, Self>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], run: &mut [f32]);
+    fn attend(head: &Head<'_, Self>, q: &[f32], scale: f32, scores: &mut [f32], totals: &mut [f32], out: &mut [f32], run: &mut [f32]);
 }
 
 impl Cached for f32 {
@@ -179,8 +181,8 @@ impl Cached for f32 {
         to.copy_from_slice(from)
     }
 
-    fn attend(head: &Head<'_, f32>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], run: &mut [f32]) {
-        attend_f32(head, q, scale, scores, out, run)
+    fn attend(head: &Head<'_, f32>, q: &[f32], scale: f32, scores: &mut [f32], totals: &mut [f32], out: &mut [f32], run: &mut [f32]) {
+        attend_f32(head, q, scale, scores, totals, out, run)
     }
 }
 
@@ -191,8 +193,8 @@ impl Cached for f16 {
         from.convert_to_f32_slice(to)
     }
 
-    fn attend(head: &Head<'_, f16>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], run: &mut [f32]) {
-        attend_f16(head, q, scale, scores, out, run)
+    fn attend(head: &Head<'_, f16>, q: &[f32], scale: f32, scores: &mut [f32], totals: &mut [f32], out: &mut [f32], run: &mut [f32]) {
+        attend_f16(head, q, scale, scores, totals, out, run)
     }
 }
 
@@ -245,7 +247,7 @@ impl<T: Cached> Head<'_, T> {
     /// Scores past a row's last key (the later positions' keys in a prompt's item) are computed
     /// with the others' and then weigh 0.
     #[inline(always)]
-    fn attend_in_runs(&self, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], run: &mut [f32]) {
+    fn attend_in_runs(&self, q: &[f32], scale: f32, scores: &mut [f32], totals: &mut [f32], out: &mut [f32], run: &mut [f32]) {
         let (hd, n) = (self.head_dim, self.keys.len());
         // Rows of scores in whole runs: a pass stores a whole run's, a constant number.
         let (rows, stride) = (q.len() / hd, n.next_multiple_of(RUN));
@@ -261,11 +263,11 @@ impl<T: Cached> Head<'_, T> {
                 }
             }
         }
-        for (row, weights) in scores.chunks_exact_mut(stride).enumerate() {
+        for (row, (weights, total)) in scores.chunks_exact_mut(stride).zip(totals.iter_mut()).enumerate() {
             let seen = self.seen(row);
             weights[..seen.start].fill(0.0);
             weights[seen.end..].fill(0.0);
-            softmax(&mut weights[seen]);
+            *total = exponentials(&mut weights[seen]);
         }
         out.fill(0.0);
         for start in (0..n).step_by(RUN) {
@@ -285,6 +287,10 @@ impl<T: Cached> Head<'_, T> {
                     }
                 }
             }
+        }
+        for (out, total) in out.chunks_exact_mut(hd).zip(totals.iter()) {
+            let inverse = 1.0 / total;
+            out.iter_mut().for_each(|v| *v *= inverse);
         }
     }
 }
@@ -343,13 +349,13 @@ fn add_weighted_values<const R: usize>(values: &[f32], weights: &[f32], stride: 
 }
 
 widest_registers!(
-    /// Attention of `head`'s query rows `q` (`[rows, head_dim]`) into `out`, `scores` (`[rows,
-    /// keys in whole runs]`) and `run` (`head_dim · RUN`) their workspace.
-    fn attend_f32(head: &Head<'_, f32>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], run: &mut [f32]) => Head::attend_in_runs);
+    /// Attention of `head`'s query rows `q` (`[rows, head_dim]`) into `out`; `scores` (`[rows,
+    /// keys in whole runs]`), `totals` (`[rows]`) and `run` (`head_dim · RUN`) its workspace.
+    fn attend_f32(head: &Head<'_, f32>, q: &[f32], scale: f32, scores: &mut [f32], totals: &mut [f32], out: &mut [f32], run: &mut [f32]) => Head::attend_in_runs);
 
 widest_registers!(
     /// [`attend_f32`] over a cache in `f16`.
-    fn attend_f16(head: &Head<'_, f16>, q: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32], run: &mut [f32]) => Head::attend_in_runs);
+    fn attend_f16(head: &Head<'_, f16>, q: &[f32], scale: f32, scores: &mut [f32], totals: &mut [f32], out: &mut [f32], run: &mut [f32]) => Head::attend_in_runs);
 
 #[cfg(test)]
 mod tests {

@@ -18,8 +18,8 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // Adding and taking away 1.5·2²³ rounds to the nearest integer.
     let shifted = clamped * std::f32::consts::LOG2_E + 12_582_912.0;
     let n = shifted - 12_582_912.0;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, clamped));
+    let p = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0].iter().fold(1.0 / 5040.0, |p: f32, &c| p.mul_add(r, c));
     // `shifted`'s low mantissa bits hold n as an integer, so its bits plus 127, moved into the
     // exponent field, are 2ⁿ (-126 ≤ n ≤ 0). `n as i32` would say the same, but its saturating
     // conversion compiles to a scalar conversion per lane, which kept the loops around it scalar.

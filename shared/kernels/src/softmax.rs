@@ -1,4 +1,4 @@
-//! The softmax of attention weights ([`crate::attention`]), with the exponential in operations
+//! The softmax of attention scores ([`crate::attention`]), with the exponential in operations
 //! that vectorize.
 //!
 //! candle's softmax takes one libm `expf` call per score; a 512-token prompt's attention has
@@ -6,19 +6,18 @@
 
 use crate::exp::exp_nonpositive;
 
-/// In place, with the exponential of [`exp_nonpositive`] and the maximum and sum taken in
-/// lanes, so that every loop vectorizes (with libm's `expf`, the softmax took as long as the
-/// rest of the step's attention together). A weight that would be subnormal is 0, as
-/// [`exp_nonpositive`]'s are (see there why).
+/// `x` replaced by `e^(x - max x)`, a softmax's weights before their normalization, and their
+/// sum: the caller divides what it weighs by the sum once (its output rows), not every weight.
+/// The exponential is [`exp_nonpositive`]'s, and the maximum and sum are taken in lanes, so
+/// that every loop vectorizes (with libm's `expf`, the softmax took as long as the rest of the
+/// step's attention together). A weight is 1 (the maximum's) or below, never subnormal: 0
+/// where `eˣ` would be (see [`exp_nonpositive`] why).
 #[inline(always)]
-pub(crate) fn softmax(x: &mut [f32]) {
+pub(crate) fn exponentials(x: &mut [f32]) -> f32 {
     // Not `f32::max`, whose care for NaN kept the loop scalar.
     let max = lanes(x, f32::NEG_INFINITY, |a, b| if a > b { a } else { b });
     x.iter_mut().for_each(|v| *v = exp_nonpositive(*v - max));
-    let sum = lanes(x, 0.0, |a, b| a + b);
-    let (inv, smallest) = (1.0 / sum, f32::MIN_POSITIVE * sum);
-    // Compared before the multiply, which would otherwise make the subnormal number.
-    x.iter_mut().for_each(|v| *v = if *v < smallest { 0.0 } else { *v * inv });
+    lanes(x, 0.0, |a, b| a + b)
 }
 
 /// `x` folded by `f` from `init`, 16 lanes at a time. In loops, not `Iterator::fold`, which the
@@ -54,6 +53,12 @@ mod tests {
         weights.iter().map(|w| (w / total) as f32).collect()
     }
 
+    /// [`exponentials`] divided by their sum.
+    fn softmax(row: &mut [f32]) {
+        let total = exponentials(row);
+        row.iter_mut().for_each(|w| *w /= total);
+    }
+
     #[test]
     fn rows_match_their_definition() {
         // Row lengths off and on a multiple of 16 lanes; a causal mask's -∞ in every row but the
@@ -71,7 +76,6 @@ mod tests {
             for row in x.chunks(cols) {
                 assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
             }
-            assert!(x.iter().all(|w| w.is_normal() || *w == 0.0), "{rows}×{cols}: a subnormal weight");
             for r in 1..rows {
                 assert_eq!(x[r * cols + cols - 1], 0.0, "{rows}×{cols}: row {r}'s masked score");
             }
@@ -79,12 +83,12 @@ mod tests {
     }
 
     #[test]
-    fn weights_are_never_subnormal() {
-        // e⁻⁸⁶ is normal, but a thousandth of it is not.
+    fn exponentials_are_never_subnormal() {
+        // e⁻⁸⁶ is normal, e⁻⁸⁸ would not be.
         let mut row = vec![0.0f32; 1000];
-        row[7] = -86.0;
-        softmax(&mut row);
-        assert_eq!(row[7], 0.0);
-        assert!((row[0] - 1.0 / 999.0).abs() < 1e-9, "{}", row[0]);
+        (row[7], row[8]) = (-86.0, -88.0);
+        assert_eq!(exponentials(&mut row), 998.0 + (-86.0f32).exp());
+        assert!(row[7].is_normal());
+        assert_eq!((row[0], row[8]), (1.0, 0.0));
     }
 }
