@@ -1,14 +1,15 @@
 //! Attention of new positions over a KV cache: a decode step's (one new position per sequence)
 //! and a prompt's (many, each seeing the keys up to its own).
 //!
-//! As general matrix products (candle's), attention copies the cache into the products' packed
-//! layout, takes a mask for the causal triangle and the padding, and runs on rayon beside the
-//! compute pool. Here the cache is read where it lies, the keys stored transposed so that a run
-//! of keys' scores is a few multiply-adds of whole registers, and the work is spread over the
-//! compute pool: each work item is one sequence's KV head and a few of its positions, whose
-//! query heads (grouped-query attention) all read the same keys and values. A cache in `f16` is
-//! widened to `f32` a run of keys at a time, into a buffer that stays in L1 while every query
-//! row of the item reads it.
+//! As general matrix products (candle's), attention copies the whole cache into the products'
+//! packed layout, adds a mask for the causal triangle and the padding, and runs on rayon beside
+//! the compute pool. Here the cache is read a run of 64 keys at a time, widened to `f32` (or
+//! copied, from an `f32` cache) into a buffer that starts a cache line and stays in L1 while
+//! every query row of the work item reads it; the keys are stored transposed, so that a run's
+//! scores are multiply-adds of whole registers. Each work item of the compute pool is one
+//! sequence's KV head and a few of its positions, whose query heads (grouped-query attention)
+//! all read the same keys and values; a position sees the keys up to its own, and a prompt
+//! computes about half of its scores.
 
 use std::ops::Range;
 
