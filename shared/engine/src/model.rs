@@ -263,13 +263,6 @@ struct LayerCache {
 /// positions allocated and unused.
 const CACHE_GROWTH: usize = 256;
 
-/// Positions past the multiple of [`CACHE_GROWTH`] in every buffer: a 64-byte line of `f32`. The
-/// transposed keys' rows are `capacity` apart; a multiple of 256 positions (1 KiB) put a run of
-/// keys' rows in a quarter of L1's sets, where they evicted each other before the next query
-/// head read them (`cargo bench -p llm-kernels --bench attention`, 512 positions, one thread:
-/// 158 against 118 µs per layer).
-const CACHE_ROW_PAD: usize = 16;
-
 impl LayerCache {
     fn new(dtype: DType) -> Self {
         Self { buffers: None, len: 0, dtype }
@@ -285,7 +278,7 @@ impl LayerCache {
         let len = self.len + s;
         let capacity = self.buffers.as_ref().map_or(0, |(_, v)| v.dims()[V_POSITIONS]);
         if len > capacity {
-            let capacity = len.next_multiple_of(CACHE_GROWTH) + CACHE_ROW_PAD;
+            let capacity = len.next_multiple_of(CACHE_GROWTH);
             let grown = |old: Option<&Tensor>, shape: (usize, usize, usize, usize), positions: usize| -> Result<Tensor> {
                 let buffer = Tensor::zeros(shape, self.dtype, k.device())?;
                 if let Some(old) = old {

@@ -35,8 +35,8 @@ fn main() {
 fn measure(queries: usize, len: usize) -> (f64, f64, f64) {
     let dev = Device::Cpu;
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-    // As the engine allocates it: a multiple of 256 positions, and one cache line.
-    let capacity = len.next_multiple_of(256) + 16;
+    // As the engine allocates it: a multiple of 256 positions.
+    let capacity = len.next_multiple_of(256);
     let shape = AttentionShape { rows: 1, queries, heads: HEADS, kv_heads: KV_HEADS, head_dim: HEAD_DIM, len, capacity };
     let q = Tensor::randn(0f32, 1.0, (1, HEADS, queries, HEAD_DIM), &dev).unwrap();
     let k = Tensor::randn(0f32, 1.0, (1, KV_HEADS, capacity, HEAD_DIM), &dev).unwrap();
