@@ -199,32 +199,6 @@ impl Cached for f16 {
     }
 }
 
-impl<T: Cached> Head<'_, T> {
-    /// The `n` keys from `from` of every dimension (rows of the transposed keys), in `f32`, into
-    /// `run`, `[head_dim, RUN]` from a cache line: a whole run, a shorter one (the last of a
-    /// cache) padded with zeros, so that a pass over it is as fast as over a whole run (its loops
-    /// over a variable number of keys compiled to scalar code, and the last, short run cost as
-    /// much as ten whole ones). Even a cache in `f32` is copied: its rows are where the
-    /// allocation put them, and a decode step read them faster aligned than in place.
-    #[inline(always)]
-    fn keys<'s>(&self, from: usize, n: usize, run: &'s mut [f32]) -> &'s [f32] {
-        for d in 0..self.head_dim {
-            let row = &mut run[d * RUN..][..RUN];
-            T::widen(&self.k[d * self.capacity + from..][..n], &mut row[..n]);
-            row[n..].fill(0.0);
-        }
-        run
-    }
-
-    /// The values of the `n` keys from `from`, a row of `head_dim` each, in `f32`, into `run`.
-    #[inline(always)]
-    fn values<'s>(&self, from: usize, n: usize, run: &'s mut [f32]) -> &'s [f32] {
-        let values = &mut run[..n * self.head_dim];
-        T::widen(&self.v[from * self.head_dim..][..n * self.head_dim], values);
-        values
-    }
-}
-
 /// Keys whose scores, or output values, one pass keeps in registers: four of 16 lanes (eight of
 /// 8 with AVX2), so that the multiply-adds are independent enough to hide their latency.
 const RUN: usize = 64;
@@ -293,6 +267,30 @@ impl<T: Cached> Head<'_, T> {
             let inverse = 1.0 / total;
             out.iter_mut().for_each(|v| *v *= inverse);
         }
+    }
+
+    /// The `n` keys from `from` of every dimension (rows of the transposed keys), in `f32`, into
+    /// `run`, `[head_dim, RUN]` from a cache line: a whole run, a shorter one (the last of a
+    /// cache) padded with zeros, so that a pass over it is as fast as over a whole run (its loops
+    /// over a variable number of keys compiled to scalar code, and the last, short run cost as
+    /// much as ten whole ones). Even a cache in `f32` is copied: its rows are where the
+    /// allocation put them, and a decode step read them faster aligned than in place.
+    #[inline(always)]
+    fn keys<'s>(&self, from: usize, n: usize, run: &'s mut [f32]) -> &'s [f32] {
+        for d in 0..self.head_dim {
+            let row = &mut run[d * RUN..][..RUN];
+            T::widen(&self.k[d * self.capacity + from..][..n], &mut row[..n]);
+            row[n..].fill(0.0);
+        }
+        run
+    }
+
+    /// The values of the `n` keys from `from`, a row of `head_dim` each, in `f32`, into `run`.
+    #[inline(always)]
+    fn values<'s>(&self, from: usize, n: usize, run: &'s mut [f32]) -> &'s [f32] {
+        let values = &mut run[..n * self.head_dim];
+        T::widen(&self.v[from * self.head_dim..][..n * self.head_dim], values);
+        values
     }
 }
 
