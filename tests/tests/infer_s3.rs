@@ -44,7 +44,17 @@ fn an_object_that_does_not_match_its_manifest_is_never_served() {
     let address = serve("s3://infer-corrupt/models/tiny/latest", DownloadSettings::default());
     let (status, body) = post(&address, "/v1/completions", REQUEST);
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("sha256"), "{body}");
+    assert!(body.contains("crc64nvme"), "{body}");
+    // A manifest written before CRCs were listed has the sha256 alone: that is checked then.
+    let version = resolved.version.as_deref().unwrap();
+    let keys = llm_store::registry::ModelKeys::new("tiny").unwrap();
+    let registry = llm_store::registry::Registry { s3: &s3, bucket: "infer-corrupt" };
+    let mut manifest = registry.manifest(&keys, version).unwrap().unwrap();
+    manifest.outputs[0].crc64nvme = None;
+    registry.put_manifest(&manifest).unwrap();
+    let address = serve("s3://infer-corrupt/models/tiny/latest", DownloadSettings::default());
+    let (status, body) = post(&address, "/v1/completions", REQUEST);
+    assert!(status == 503 && body.contains("sha256"), "{status} {body}");
     // A model too large for the memory is refused before downloading.
     let tight = DownloadSettings { memory_limit_bytes: Some(64 << 20), ..Default::default() };
     let address = serve("s3://infer-corrupt/models/tiny/latest", tight);
@@ -82,6 +92,6 @@ fn the_cache_serves_later_cold_starts_and_drops_damaged_copies() {
     copy[1000] ^= 0xff;
     std::fs::write(&cached, copy).unwrap();
     let (status, third) = post(&serve(uri, settings), "/v1/completions", REQUEST);
-    assert!(status == 503 && third.contains("sha256"), "{status} {third}");
+    assert!(status == 503 && third.contains("crc64nvme"), "{status} {third}");
     assert!(!cached.exists());
 }

@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::s3::S3Event;
+use llm_store::checksum::hex;
 use llm_store::registry::{self, ModelKeys};
 use llm_store::S3;
 use llm_tests::fault_proxy::{exclusive, proxied, Fault, FaultProxy};
@@ -26,11 +27,14 @@ fn invoke(s3: &S3, event: &S3Event) -> Result<quantize_function::Summary, quanti
     handle(s3, &Config::default(), event, Some(SystemTime::now() + Duration::from_secs(900)))
 }
 
-/// The published file is complete: its bytes hash to what the manifest says.
+/// The published file is complete: its bytes have the checksums the manifest lists.
 fn assert_published(s3: &S3, bucket: &str) {
     let resolved = registry::resolve(s3, bucket, "models/m/latest", None).unwrap();
     let bytes = s3.get(bucket, &resolved.key).unwrap().unwrap();
-    assert_eq!(Some(registry::hex(&Sha256::digest(&bytes))), resolved.sha256);
+    assert_eq!(Some(hex(&Sha256::digest(&bytes))), resolved.sha256);
+    let mut verifier = resolved.verifier().unwrap();
+    verifier.update(&bytes);
+    verifier.finish().unwrap();
     assert_eq!(bytes.len() as u64, resolved.size);
 }
 

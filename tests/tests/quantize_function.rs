@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::s3::S3Event;
 use llm_convert::{CheckpointSource, QuantType};
+use llm_store::checksum::{hex, Checksummer};
 use llm_store::registry::{self, Alias, Manifest, ModelKeys};
 use llm_store::{Location, S3};
 use llm_tests::local_s3::local_s3;
@@ -60,7 +61,14 @@ fn local_conversion(model: &str, q: QuantType) -> Vec<u8> {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    registry::hex(&Sha256::digest(bytes))
+    hex(&Sha256::digest(bytes))
+}
+
+/// CRC-64/NVME of `bytes` at once (the function's writer takes them in pieces).
+fn crc64nvme(bytes: &[u8]) -> String {
+    let mut sums = Checksummer::default();
+    sums.update(bytes);
+    sums.finish().crc64nvme
 }
 
 #[test]
@@ -90,6 +98,7 @@ fn a_job_file_produces_a_versioned_model_with_manifest_and_alias() {
     for (output, q) in manifest.outputs.iter().zip([QuantType::Q8_0, QuantType::Q4_0]) {
         let bytes = s3.get(bucket, &output.key).unwrap().unwrap();
         assert_eq!((output.size, &output.sha256), (bytes.len() as u64, &sha256(&bytes)), "{}", output.key);
+        assert_eq!(output.crc64nvme, Some(crc64nvme(&bytes)), "{}", output.key);
         assert!(bytes == local_conversion("tiny-llama", q), "{}: differs from `llm quantize` on the same checkpoint", output.key);
     }
 
@@ -101,7 +110,7 @@ fn a_job_file_produces_a_versioned_model_with_manifest_and_alias() {
     assert_eq!(q4.key, outputs[1].key);
     assert!(registry::resolve(&s3, bucket, "models/tiny-llama/latest", Some("q6_k")).unwrap_err().to_string().contains("no `q6_k` file"));
     let direct = registry::resolve(&s3, bucket, &outputs[1].key, None).unwrap();
-    assert_eq!(direct.sha256.as_deref(), Some(outputs[1].sha256.as_str()));
+    assert_eq!((direct.sha256.as_ref(), direct.crc64nvme.as_ref()), (Some(&outputs[1].sha256), outputs[1].crc64nvme.as_ref()));
 }
 
 #[test]

@@ -10,9 +10,9 @@ use std::time::{Instant, SystemTime};
 use llm_convert::{CheckpointSource, CheckpointSurvey, ConvertError, QuantType};
 use llm_observe::{Metrics, Unit};
 use llm_store::registry::{self, Manifest, ModelKeys, OutputFile, Registry, Source, SourceObject};
+use llm_store::checksum::{Checksummer, FileChecksums};
 use llm_store::{Location, StoreError, S3};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::config::{parse_types, Config};
 
@@ -191,11 +191,11 @@ fn write_version(
                 tracing::info!(quant_type = t.name(), percent = decile * 10, tensor = p.tensor, "converting");
             }
         })?;
-        let (buffered, size, sha256) = out.finish();
+        let (buffered, size, checksums) = out.finish();
         // Only a complete, flushed file completes the upload; anything else drops it (abort).
         buffered.into_inner().map_err(|e| Failure::Transient(e.error().to_string()))?.finish()?;
         tracing::info!(quant_type = t.name(), key, size, seconds = report.seconds, "uploaded");
-        outputs.push(OutputFile { quant_type: t.name().into(), key, size, sha256 });
+        outputs.push(OutputFile { quant_type: t.name().into(), key, size, sha256: checksums.sha256, crc64nvme: Some(checksums.crc64nvme) });
     }
     Ok(outputs)
 }
@@ -227,28 +227,28 @@ fn check_limits(survey: &CheckpointSurvey, types: usize, config: &Config, deadli
     Ok(())
 }
 
-/// Counts and hashes what passes through, so the manifest can list each file's size and sha256
-/// without reading it back.
+/// Counts and checksums what passes through, so the manifest can list each file's size and
+/// checksums without reading it back.
 struct HashingWriter<W> {
     inner: W,
-    hash: Sha256,
+    checksums: Checksummer,
     bytes: u64,
 }
 
 impl<W: Write> HashingWriter<W> {
     fn new(inner: W) -> Self {
-        Self { inner, hash: Sha256::new(), bytes: 0 }
+        Self { inner, checksums: Checksummer::default(), bytes: 0 }
     }
 
-    fn finish(self) -> (W, u64, String) {
-        (self.inner, self.bytes, registry::hex(&self.hash.finalize()))
+    fn finish(self) -> (W, u64, FileChecksums) {
+        (self.inner, self.bytes, self.checksums.finish())
     }
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
+        self.checksums.update(&buf[..n]);
         self.bytes += n as u64;
         Ok(n)
     }

@@ -1,7 +1,7 @@
 //! Where the served model comes from (`MODEL_URI`, `llm serve --model`): a local GGUF file or
 //! Hugging Face directory, or an S3 object: a GGUF key, or the registry alias
 //! `models/<name>/latest` that the quantization function maintains. S3 models are downloaded
-//! into memory with parallel ranged GETs and checked against the manifest's sha256 before
+//! into memory with parallel ranged GETs and checked against the manifest's checksum before
 //! anything is served.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +13,6 @@ use llm_engine::{GgufHead, LoadOptions};
 use llm_store::registry::{self, ResolvedModel, ALIAS_NAME, MODELS_PREFIX};
 use llm_store::sync::Staging;
 use llm_store::{Location, S3};
-use sha2::{Digest, Sha256};
 
 use crate::model_slot::{Loaded, Loader};
 
@@ -116,22 +115,20 @@ pub fn load_from_s3(s3: &S3, bucket: &str, key: &str, options: LoadOptions, sett
 /// The object's bytes, and its GGUF head when the header came whole in the first parts.
 fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &DownloadSettings) -> Result<(Vec<u8>, Option<GgufHead>), String> {
     let started = Instant::now();
-    // Hashed while later parts are still arriving, so verifying adds moments, not a pass.
-    let mut hash = resolved.sha256.as_ref().map(|_| Sha256::new());
+    // Checked while later parts are still arriving, so verifying adds moments, not a pass.
+    let mut verifier = resolved.verifier();
+    let verified = verifier.is_some();
     let mut head = HeadReader::new(source);
     let bytes = s3
         .download(&resolved.bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency, |part| {
-            if let Some(hash) = &mut hash {
-                hash.update(part);
+            if let Some(verifier) = &mut verifier {
+                verifier.update(part);
             }
             head.push(part);
         })
         .map_err(|e| e.to_string())?;
-    if let (Some(expected), Some(hash)) = (&resolved.sha256, hash) {
-        let actual = registry::hex(&hash.finalize());
-        if &actual != expected {
-            return Err(format!("s3://{}/{}: sha256 {actual} differs from the manifest's {expected}", resolved.bucket, resolved.key));
-        }
+    if let Some(verifier) = verifier {
+        verifier.finish().map_err(|e| format!("{source}: {e}"))?;
     }
     let download_s = started.elapsed().as_secs_f64();
     tracing::info!(
@@ -140,7 +137,7 @@ fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &Download
         bytes = resolved.size,
         download_s,
         mib_per_s = resolved.size as f64 / (1 << 20) as f64 / download_s.max(1e-9),
-        verified = resolved.sha256.is_some(),
+        verified,
         "model downloaded"
     );
     Ok((bytes, head.head))
@@ -198,11 +195,13 @@ impl<'a> HeadReader<'a> {
     }
 }
 
-/// The cached copy, if there is one whose bytes still hash to the manifest's sha256; a damaged
+/// The cached copy, if there is one whose bytes still have the manifest's checksum; a damaged
 /// copy is removed.
 fn read_cache(path: &Path, resolved: &ResolvedModel) -> Option<Vec<u8>> {
     let bytes = std::fs::read(path).ok()?;
-    if Some(registry::hex(&Sha256::digest(&bytes))) == resolved.sha256 {
+    let mut verifier = resolved.verifier()?;
+    verifier.update(&bytes);
+    if verifier.finish().is_ok() {
         tracing::info!(key = resolved.key, cache = %path.display(), "model read from the cache");
         return Some(bytes);
     }

@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::checksum::{hex, Verifier};
 use crate::{Result, StoreError, S3};
 
 pub const INCOMING_PREFIX: &str = "incoming/";
@@ -102,6 +103,9 @@ pub struct OutputFile {
     pub key: String,
     pub size: u64,
     pub sha256: String,
+    /// Absent from manifests written before it was listed (see [`crate::checksum`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc64nvme: Option<String>,
 }
 
 /// `models/<model>/<version>/manifest.json`: what a version was made from and what it holds.
@@ -148,10 +152,6 @@ pub fn now_rfc3339() -> String {
     aws_sdk_s3::primitives::DateTime::from(std::time::SystemTime::now())
         .fmt(aws_sdk_s3::primitives::DateTimeFormat::DateTime)
         .unwrap_or_default()
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(bucket: &str, key: &str, bytes: &[u8]) -> Result<T> {
@@ -202,14 +202,22 @@ impl Registry<'_> {
     }
 }
 
-/// A GGUF object ready to load: where it is, and what it must hash to when a manifest says.
+/// A GGUF object ready to load: where it is, and its checksums when a manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedModel {
     pub bucket: String,
     pub key: String,
     pub size: u64,
     pub sha256: Option<String>,
+    pub crc64nvme: Option<String>,
     pub version: Option<String>,
+}
+
+impl ResolvedModel {
+    /// What checks the object's bytes, if a manifest lists it.
+    pub fn verifier(&self) -> Option<Verifier> {
+        self.sha256.as_deref().map(|sha256| Verifier::new(sha256, self.crc64nvme.as_deref()))
+    }
 }
 
 /// Resolves `key` in `bucket` to a GGUF object: `models/<model>/latest` through the alias (the
@@ -235,6 +243,7 @@ pub fn resolve(s3: &S3, bucket: &str, key: &str, quant_type: Option<&str>) -> Re
             key: output.key.clone(),
             size: output.size,
             sha256: Some(output.sha256.clone()),
+            crc64nvme: output.crc64nvme.clone(),
             version: Some(manifest.version),
         });
     }
@@ -253,6 +262,7 @@ pub fn resolve(s3: &S3, bucket: &str, key: &str, quant_type: Option<&str>) -> Re
         key: key.into(),
         size,
         sha256: listed.map(|o| o.sha256.clone()),
+        crc64nvme: listed.and_then(|o| o.crc64nvme.clone()),
         version: manifest.as_ref().filter(|_| listed.is_some()).map(|m| m.version.clone()),
     })
 }
