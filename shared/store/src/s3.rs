@@ -156,6 +156,9 @@ impl S3 {
             return Ok(());
         }
         let range = format!("bytes={}-{}", start, start + part.len() as u64 - 1);
+        // On the runtime's thread for a few milliseconds (16 MiB: ~4 ms), while no other task of
+        // this download has anything to do but wait for the server.
+        populate(part);
         let mut last_error = None;
         for attempt in 0..BODY_ATTEMPTS {
             let result = async {
@@ -332,5 +335,22 @@ fn consume_in_order(parts: std::sync::mpsc::Receiver<(usize, &[u8])>, mut consum
             consume(part);
             next += 1;
         }
+    }
+}
+
+/// Backs `part` with memory in one call before its body arrives, instead of a page fault for each
+/// page as it is written: Llama 3.2 1B's Q4_0 file (743 MiB) loaded from the local S3 server in
+/// 0.86–1.03 s against 0.95–1.86 s, TinyLlama's Q8_0 (1,117 MiB) in 1.06–1.15 against 1.21–1.36 s
+/// (paired fresh processes, eight rounds each, 2 vCPUs). Kernels before Linux 5.14 refuse the
+/// advice, and the pages fault in as before.
+fn populate(part: &mut [u8]) {
+    // SAFETY: sysconf only reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let start = (part.as_mut_ptr() as usize).next_multiple_of(page);
+    let end = (part.as_mut_ptr() as usize + part.len()) / page * page;
+    if end > start {
+        // SAFETY: the pages lie inside `part`, which is ours to write; populating them does not
+        // change what they hold.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
     }
 }
