@@ -46,7 +46,9 @@ impl Checksummer {
 }
 
 /// Checks bytes read in order against the cheapest checksum a manifest lists for them.
-pub enum Verifier {
+pub struct Verifier(Check);
+
+enum Check {
     Crc64Nvme { expected: String, crc: crc_fast::Digest },
     Sha256 { expected: String, sha256: Sha256 },
 }
@@ -63,23 +65,23 @@ pub struct ChecksumMismatch {
 impl Verifier {
     /// The CRC-64/NVME's when the manifest lists one, else the sha256's.
     pub fn new(sha256: &str, crc64nvme: Option<&str>) -> Self {
-        match crc64nvme {
-            Some(expected) => Self::Crc64Nvme { expected: expected.into(), crc: crc_fast::Digest::new(CRC) },
-            None => Self::Sha256 { expected: sha256.into(), sha256: Sha256::new() },
-        }
+        Self(match crc64nvme {
+            Some(expected) => Check::Crc64Nvme { expected: expected.into(), crc: crc_fast::Digest::new(CRC) },
+            None => Check::Sha256 { expected: sha256.into(), sha256: Sha256::new() },
+        })
     }
 
     pub fn update(&mut self, bytes: &[u8]) {
-        match self {
-            Self::Crc64Nvme { crc, .. } => crc.update(bytes),
-            Self::Sha256 { sha256, .. } => sha256.update(bytes),
+        match &mut self.0 {
+            Check::Crc64Nvme { crc, .. } => crc.update(bytes),
+            Check::Sha256 { sha256, .. } => sha256.update(bytes),
         }
     }
 
     pub fn finish(self) -> Result<(), ChecksumMismatch> {
-        let (algorithm, actual, expected) = match self {
-            Self::Crc64Nvme { expected, crc } => ("crc64nvme", crc64nvme_text(crc.finalize()), expected),
-            Self::Sha256 { expected, sha256 } => ("sha256", hex(&sha256.finalize()), expected),
+        let (algorithm, actual, expected) = match self.0 {
+            Check::Crc64Nvme { expected, crc } => ("crc64nvme", crc64nvme_text(crc.finalize()), expected),
+            Check::Sha256 { expected, sha256 } => ("sha256", hex(&sha256.finalize()), expected),
         };
         match actual == expected {
             true => Ok(()),
