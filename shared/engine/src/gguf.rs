@@ -105,6 +105,14 @@ impl GgufFile {
         self.content.metadata.retain(|key, _| !key.starts_with(prefix));
     }
 
+    /// Removes `key` from the metadata; its value, if a string.
+    pub fn take_string(&mut self, key: &str) -> Option<String> {
+        match self.content.metadata.remove(key)? {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
