@@ -134,8 +134,8 @@ fn converted_files_run_in_the_engine() {
 /// The tokenizer rebuilt from the file's `tokenizer.ggml.*` keys alone (what llama.cpp reads,
 /// ignoring `tokenizer.huggingface.json`) encodes the fixture strings like transformers.
 fn assert_ggml_tokenizer_matches_transformers(path: &Path, model: &str) {
-    let gguf = GgufFile::open(path).unwrap();
-    let rebuilt = llm_engine::gguf_tokenizer::tokenizer(&gguf).unwrap();
+    let mut gguf = GgufFile::open(path).unwrap();
+    let rebuilt = llm_engine::gguf_tokenizer::tokenizer(&mut gguf).unwrap();
     let cases = read_json(&format!("{model}/tokenizer_cases.json"));
     for c in cases["cases"].as_array().unwrap() {
         let ids: Vec<u32> = rebuilt.encode(c["text"].as_str().unwrap(), true).unwrap().get_ids().to_vec();

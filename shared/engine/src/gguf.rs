@@ -105,12 +105,9 @@ impl GgufFile {
         self.content.metadata.retain(|key, _| !key.starts_with(prefix));
     }
 
-    /// Removes `key` from the metadata; its value, if a string.
-    pub fn take_string(&mut self, key: &str) -> Option<String> {
-        match self.content.metadata.remove(key)? {
-            Value::String(s) => Some(s),
-            _ => None,
-        }
+    /// Removes `key` from the metadata, and returns its value.
+    pub fn take(&mut self, key: &str) -> Option<Value> {
+        self.content.metadata.remove(key)
     }
 
     pub fn path(&self) -> &Path {

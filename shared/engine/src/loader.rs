@@ -147,12 +147,12 @@ fn gguf_tokenizer(gguf: &mut GgufFile) -> Result<Tokenizer> {
         _ => None,
     };
     let (bos, eos) = (listed(bos_id), listed(eos_id));
-    let inner = match gguf.take_string("tokenizer.huggingface.json") {
-        Some(json) => {
+    let inner = match gguf.take("tokenizer.huggingface.json") {
+        Some(Value::String(json)) => {
             gguf.forget_metadata("tokenizer.");
             Tokenizer::from_json(&json)?
         }
-        None => {
+        _ => {
             let inner = crate::gguf_tokenizer::tokenizer(gguf)?;
             gguf.forget_metadata("tokenizer.");
             inner
