@@ -1,5 +1,5 @@
-//! Builds the Hugging Face tokenizer equivalent to a GGUF file's `tokenizer.ggml.*` keys, for
-//! files that do not carry `tokenizer.huggingface.json`.
+//! The tokenizer a GGUF file describes: its `tokenizer.huggingface.json` where it carries one,
+//! otherwise the Hugging Face tokenizer equivalent to its `tokenizer.ggml.*` keys.
 //!
 //! Two vocabularies occur in Llama files: `gpt2` (byte-level BPE with merges, Llama 3) and
 //! `llama` (SentencePiece pieces with scores, Llama 2). The SentencePiece vocabulary becomes a
@@ -31,6 +31,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
 
 /// GGUF token types (llama.cpp `llama_token_type`).
 const TOKEN_TYPE_NORMAL: i32 = 1;
@@ -43,19 +44,79 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// GPT-2's split, llama.cpp's `default` pre-tokenizer.
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
+/// The file's tokenizer, its `tokenizer.` metadata dropped once read (for Llama 3's: 408,403
+/// strings and a copy of tokenizer.json, 52 MiB). A tokenizer.json is taken out first and the
+/// rest dropped before it is read, so that reading it reuses their memory rather than adding to
+/// it: Llama 3's header and tokenizer peaked 111 MiB above the process's start, now 87 MiB. A
+/// download from S3 can be nearly whole by the time its tokenizer is built (it is built from the
+/// first part while the others arrive), so this peak adds to the file's.
+pub fn read(gguf: &mut GgufFile) -> Result<Tokenizer> {
+    let special = SpecialTokens::read(gguf);
+    let inner = match gguf.take("tokenizer.huggingface.json") {
+        Some(Value::String(json)) => {
+            gguf.forget_metadata("tokenizer.");
+            Tokenizer::from_json(&json)?
+        }
+        _ => {
+            let inner = ggml_tokenizer(gguf, &special)?;
+            gguf.forget_metadata("tokenizer.");
+            inner
+        }
+    };
+    // A file without a token list (tokenizer.json only) names its special tokens by id alone.
+    let text = |token: &Option<SpecialToken>| token.as_ref().and_then(|t| t.text.clone().or_else(|| inner.id_to_token(t.id as u32)));
+    let (bos, eos) = (text(&special.bos), text(&special.eos));
+    Ok(Tokenizer::new(inner, bos, eos, special.stop_ids))
+}
+
+/// The tokenizer the file's `tokenizer.ggml.*` keys describe (what llama.cpp reads), whether or
+/// not the file carries a tokenizer.json too.
+pub fn tokenizer(gguf: &mut GgufFile) -> Result<tokenizers::Tokenizer> {
+    let special = SpecialTokens::read(gguf);
+    ggml_tokenizer(gguf, &special)
+}
+
+/// The special tokens llama.cpp reads from `tokenizer.ggml.*_token_id`.
+struct SpecialTokens {
+    bos: Option<SpecialToken>,
+    eos: Option<SpecialToken>,
+    unk: Option<SpecialToken>,
+    /// EOS, end of turn and end of message: each ends generation.
+    stop_ids: Vec<u32>,
+}
+
+struct SpecialToken {
+    id: usize,
+    /// As the file's token list spells it, where it has one.
+    text: Option<String>,
+}
+
+impl SpecialTokens {
+    fn read(gguf: &GgufFile) -> Self {
+        let id = |key: &str| gguf.get_usize(&format!("tokenizer.ggml.{key}_token_id")).ok().flatten();
+        let tokens = match gguf.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(tokens)) => Some(tokens),
+            _ => None,
+        };
+        let special = |key: &str| {
+            id(key).map(|id| SpecialToken { id, text: tokens.and_then(|t| t.get(id)).and_then(|t| t.to_string().ok()).cloned() })
+        };
+        let stop_ids = ["eos", "eot", "eom"].iter().filter_map(|k| id(k)).map(|id| id as u32).collect();
+        Self { bos: special("bos"), eos: special("eos"), unk: special("unknown"), stop_ids }
+    }
+}
+
 /// The tokenizer equivalent to the file's GGML tokenizer, as transformers' `tokenizer.json`
 /// for the same model would configure it. The vocabulary's arrays are taken out of the header,
 /// not copied, and each merge's text is freed as it is split: with Llama 3's, the header and
 /// tokenizer peaked 105 MiB above the process's start, now 74 MiB (a cold start from S3 builds
 /// the tokenizer while the weights download, so this peak can add to theirs).
-pub fn tokenizer(gguf: &mut GgufFile) -> Result<tokenizers::Tokenizer> {
+fn ggml_tokenizer(gguf: &mut GgufFile, special: &SpecialTokens) -> Result<tokenizers::Tokenizer> {
     let model = gguf
         .get_string("tokenizer.ggml.model")
         .ok_or_else(|| EngineError::Tokenizer("the GGUF file has no tokenizer (tokenizer.ggml.model)".into()))?
         .to_string();
     let pre = gguf.get_string("tokenizer.ggml.pre").unwrap_or("default").to_string();
-    let special_id = |key: &str| gguf.get_usize(&format!("tokenizer.ggml.{key}_token_id")).ok().flatten();
-    let (bos_id, eos_id, unk_id) = (special_id("bos"), special_id("eos"), special_id("unknown"));
     let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
     let add_eos = gguf.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
     let add_space_prefix = gguf.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
@@ -64,8 +125,8 @@ pub fn tokenizer(gguf: &mut GgufFile) -> Result<tokenizers::Tokenizer> {
         Some(Value::Array(values)) => values.iter().map(|v| v.to_i32().unwrap_or(TOKEN_TYPE_NORMAL)).collect(),
         _ => vec![TOKEN_TYPE_NORMAL; tokens.len()],
     };
-    let with_text = |id: Option<usize>| id.and_then(|id| Some((id, tokens.get(id)?.clone())));
-    let (bos, eos, unk) = (with_text(bos_id), with_text(eos_id), with_text(unk_id));
+    let with_text = |token: &Option<SpecialToken>| token.as_ref().and_then(|t| Some((t.id, t.text.clone()?)));
+    let (bos, eos, unk) = (with_text(&special.bos), with_text(&special.eos), with_text(&special.unk));
     // Control, unknown and user-defined tokens match whole in the text, before the model sees
     // it (tokenizer.json's `added_tokens`); every one of them is already in the vocabulary, so
     // each keeps its id.

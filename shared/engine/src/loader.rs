@@ -4,7 +4,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::Value;
 use candle_core::Device;
 use serde_json::Value as Json;
 
@@ -107,7 +106,7 @@ impl GgufHead {
     fn new(mut gguf: GgufFile) -> Result<Self> {
         let config = gguf.llama_config()?;
         let chat_template = gguf.get_string("tokenizer.chat_template").map(str::to_string);
-        let tokenizer = gguf_tokenizer(&mut gguf)?;
+        let tokenizer = crate::gguf_tokenizer::read(&mut gguf)?;
         let chat_template = chat_template.map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token())).transpose()?;
         crate::allocator::release_free_memory();
         Ok(Self { gguf, config, tokenizer, chat_template })
@@ -129,38 +128,6 @@ impl GgufHead {
         let model = Llama::load(self.config, &mut source, RopeLayout::Interleaved, options, device)?;
         Ok((model, self.tokenizer, self.chat_template))
     }
-}
-
-/// The tokenizer that the GGUF's `tokenizer.` metadata describe, which is dropped once read (for
-/// Llama 3's: 408,403 strings and a copy of tokenizer.json, 52 MiB). A tokenizer.json is taken
-/// out first and the rest dropped before it is read, so that reading it reuses their memory
-/// rather than adding to it: Llama 3's header and tokenizer peaked 111 MiB above the process's
-/// start, now 87 MiB. A download from S3 can be nearly whole by the time its tokenizer is built
-/// (it is built from the first part while the others arrive), so this peak adds to the file's.
-fn gguf_tokenizer(gguf: &mut GgufFile) -> Result<Tokenizer> {
-    let special_id = |key: &str| gguf.get_usize(&format!("tokenizer.ggml.{key}_token_id")).ok().flatten();
-    let stop_ids: Vec<u32> = ["eos", "eot", "eom"].iter().filter_map(|k| special_id(k)).map(|id| id as u32).collect();
-    let (bos_id, eos_id) = (special_id("bos"), special_id("eos"));
-    // As the GGUF's own token list spells them, where it has one.
-    let listed = |id: Option<usize>| match gguf.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(tokens)) => Some(id.and_then(|id| tokens.get(id)).and_then(|t| t.to_string().ok()).cloned()),
-        _ => None,
-    };
-    let (bos, eos) = (listed(bos_id), listed(eos_id));
-    let inner = match gguf.take("tokenizer.huggingface.json") {
-        Some(Value::String(json)) => {
-            gguf.forget_metadata("tokenizer.");
-            Tokenizer::from_json(&json)?
-        }
-        _ => {
-            let inner = crate::gguf_tokenizer::tokenizer(gguf)?;
-            gguf.forget_metadata("tokenizer.");
-            inner
-        }
-    };
-    let text = |listed: Option<Option<String>>, id: Option<usize>| listed.unwrap_or_else(|| id.and_then(|id| inner.id_to_token(id as u32)));
-    let (bos, eos) = (text(bos, bos_id), text(eos, eos_id));
-    Ok(Tokenizer::new(inner, bos, eos, stop_ids))
 }
 
 fn load_hf(dir: &Path, options: LoadOptions, device: &Device) -> Result<Parts> {
