@@ -3,7 +3,7 @@
 //! and nothing left behind when a conversion fails.
 
 use llm_convert::{CheckpointSource, QuantType};
-use llm_store::{Location, S3};
+use llm_store::{Location, Parts, S3};
 use llm_tests::local_s3::local_s3;
 use llm_tests::s3_events::upload_checkpoint;
 use llm_tests::*;
@@ -66,7 +66,43 @@ fn a_parallel_download_is_whole_and_consumed_in_order() {
     let object: Vec<u8> = (0..3_000_017u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     s3.put("download-order", "object", object.clone()).unwrap();
     let mut consumed = Vec::new();
-    let downloaded = s3.download("download-order", "object", object.len() as u64, 64 << 10, 8, |part| consumed.extend_from_slice(part)).unwrap();
+    let downloaded = s3.download("download-order", "object", object.len() as u64, Parts::new(64 << 10, 8), |part| consumed.extend_from_slice(part)).unwrap();
     assert!(downloaded == object, "the downloaded bytes differ");
     assert!(consumed == object, "the consumer saw the bytes out of order");
+}
+
+/// With a lead, no part further than that ahead of the consumer is requested: the consumer
+/// replaces the object while it holds the first part, and every part that starts beyond the lead
+/// comes from the new object. (A model's loader holds its download's last parts back like this
+/// until the tokenizer is built.)
+#[test]
+fn a_download_runs_no_further_ahead_of_its_consumer_than_its_lead() {
+    local_s3();
+    let s3 = S3::connect().unwrap();
+    s3.create_bucket("download-lead").unwrap();
+    let (part, parts) = (64usize << 10, 24usize);
+    let (old, new) = (vec![1u8; part * parts], vec![2u8; part * parts]);
+    s3.put("download-lead", "object", old.clone()).unwrap();
+    let lead = 5 * part;
+    let mut first = true;
+    let downloaded = s3
+        .download("download-lead", "object", old.len() as u64, Parts { lead: lead as u64, ..Parts::new(part as u64, 8) }, |_| {
+            if std::mem::take(&mut first) {
+                S3::connect().unwrap().put("download-lead", "object", new.clone()).unwrap();
+            }
+        })
+        .unwrap();
+    // The part that starts at the lead may go out at once; the next waits for the first part.
+    assert!(downloaded[lead + part..] == new[lead + part..], "a part beyond the lead was requested before the consumer took the first");
+    // Without the lead the whole download runs ahead: it is all the old object.
+    let mut first = true;
+    let downloaded = s3
+        .download("download-lead", "object", old.len() as u64, Parts::new(part as u64, 8), |_| {
+            if std::mem::take(&mut first) {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                S3::connect().unwrap().put("download-lead", "object", old.clone()).unwrap();
+            }
+        })
+        .unwrap();
+    assert!(downloaded == new, "the download waited for its consumer without a lead");
 }

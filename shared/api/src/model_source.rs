@@ -12,7 +12,7 @@ use llm_engine::adapter::PeftAdapter;
 use llm_engine::{GgufHead, LoadOptions};
 use llm_store::registry::{self, ResolvedModel, ALIAS_NAME, MODELS_PREFIX};
 use llm_store::sync::Staging;
-use llm_store::{Location, S3};
+use llm_store::{Location, Parts, S3};
 
 use crate::model_slot::{Loaded, Loader};
 
@@ -119,8 +119,9 @@ fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &Download
     let mut verifier = resolved.verifier();
     let verified = verifier.is_some();
     let mut head = HeadReader::new(source);
+    let parts = Parts { lead: head_lead(resolved.size, settings), ..Parts::new(settings.part_size, settings.concurrency) };
     let bytes = s3
-        .download(&resolved.bucket, &resolved.key, resolved.size, settings.part_size, settings.concurrency, |part| {
+        .download(&resolved.bucket, &resolved.key, resolved.size, parts, |part| {
             if let Some(verifier) = &mut verifier {
                 verifier.update(part);
             }
@@ -142,6 +143,20 @@ fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &Download
     );
     Ok((bytes, head.head))
 }
+
+/// How far the download may run ahead of the head: its last [`WAIT_FOR_HEAD`] bytes are
+/// requested only once the head is read, or once the file has turned out to have none the
+/// download could read. Building Llama 3's tokenizer holds about 50 MiB for a moment
+/// (tokenizers' BPE builder takes the merges as pairs of strings), and it is built on a core the
+/// download shares: from the local S3 server the buffer was whole 0–240 ms after the head was
+/// built, and peak RSS was 1.08 × (file + KV) or, when the two coincided, 1.14 ×. The lead never
+/// narrows below the parts in flight, which a download needs at full speed.
+fn head_lead(size: u64, settings: &DownloadSettings) -> u64 {
+    size.saturating_sub(WAIT_FOR_HEAD).max(settings.part_size.saturating_mul(settings.concurrency as u64))
+}
+
+/// The bytes at the download's end that wait for the head: more than the tokenizer's transient.
+const WAIT_FOR_HEAD: u64 = 96 << 20;
 
 /// Reads a GGUF's header from the first parts of a download, in order as they arrive, and builds
 /// what it alone determines (tokenizer, chat template) while the rest is still on its way.

@@ -15,7 +15,7 @@ pub mod sync;
 
 pub use event_key::event_key;
 pub use location::Location;
-pub use s3::{MultipartWriter, ObjectInfo, S3};
+pub use s3::{MultipartWriter, ObjectInfo, Parts, S3};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -26,6 +26,23 @@ fn read_timeout() -> Duration {
     Duration::from_secs_f64(seconds.filter(|s| s.is_finite() && *s > 0.0).unwrap_or(120.0))
 }
 
+/// How [`S3::download`] fetches an object: ranged GETs of `size` bytes, up to `concurrency` in
+/// flight, none more than `lead` bytes ahead of what its consumer has taken.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    pub size: u64,
+    pub concurrency: usize,
+    /// A part is requested only once the consumer has taken all but `lead` bytes before its
+    /// start (0: one part at a time); unbounded unless set.
+    pub lead: u64,
+}
+
+impl Parts {
+    pub fn new(size: u64, concurrency: usize) -> Self {
+        Self { size, concurrency, lead: u64::MAX }
+    }
+}
+
 #[derive(Clone)]
 pub struct S3 {
     client: Client,
@@ -115,31 +132,36 @@ impl S3 {
         Ok(bytes)
     }
 
-    /// The whole object of `size` bytes, fetched with up to `concurrency` ranged GETs of
-    /// `part_size` bytes in flight, each retried on its own and written straight into its place
-    /// in one buffer. `consume` is handed the object's bytes in order, on a thread of its own, as
-    /// soon as everything before them has arrived: a hash of the object is ready moments after
-    /// its last part, instead of a pass over the whole buffer later.
-    pub fn download(&self, bucket: &str, key: &str, size: u64, part_size: u64, concurrency: usize, consume: impl FnMut(&[u8]) + Send) -> Result<Vec<u8>> {
+    /// The whole object of `size` bytes, fetched as `parts` says, each part retried on its own
+    /// and written straight into its place in one buffer. `consume` is handed the object's bytes
+    /// in order, on a thread of its own, as soon as everything before them has arrived: a hash of
+    /// the object is ready moments after its last part, instead of a pass over the whole buffer
+    /// later.
+    pub fn download(&self, bucket: &str, key: &str, size: u64, parts: Parts, consume: impl FnMut(&[u8]) + Send) -> Result<Vec<u8>> {
         use futures_util::{StreamExt, TryStreamExt};
-        let part_size = part_size.max(1) as usize;
+        let part_size = parts.size.max(1) as usize;
         let mut buffer = vec![0u8; size as usize];
         std::thread::scope(|scope| {
-            let (arrived, parts) = std::sync::mpsc::channel::<(usize, &[u8])>();
-            let consumer = scope.spawn(move || consume_in_order(parts, consume));
+            let (arrived, arrivals) = std::sync::mpsc::channel::<(usize, &[u8])>();
+            let (progress, consumed) = tokio::sync::watch::channel(0u64);
+            let consumer = scope.spawn(move || consume_in_order(arrivals, consume, progress));
             let fetched = self.runtime.block_on(
                 futures_util::stream::iter(buffer.chunks_mut(part_size).enumerate())
                     .map(|(index, part)| {
-                        let arrived = arrived.clone();
+                        let (arrived, mut consumed) = (arrived.clone(), consumed.clone());
+                        let start = (index * part_size) as u64;
                         async move {
-                            self.fetch_range_into(bucket, key, (index * part_size) as u64, part).await?;
+                            // A consumer that panicked has dropped its end, which ends the wait;
+                            // `join` reports the panic.
+                            let _ = consumed.wait_for(|&taken| taken >= start.saturating_sub(parts.lead)).await;
+                            self.fetch_range_into(bucket, key, start, part).await?;
                             let part: &[u8] = part;
                             // The consumer is gone only if it panicked, which `join` reports.
                             let _ = arrived.send((index, part));
                             Ok::<_, StoreError>(())
                         }
                     })
-                    .buffer_unordered(concurrency.max(1))
+                    .buffer_unordered(parts.concurrency.max(1))
                     .try_collect::<()>(),
             );
             drop(arrived);
@@ -325,15 +347,18 @@ impl Drop for MultipartWriter {
     }
 }
 
-/// Hands `consume` the parts that `parts` delivers in any order, in the object's order.
-fn consume_in_order(parts: std::sync::mpsc::Receiver<(usize, &[u8])>, mut consume: impl FnMut(&[u8])) {
+/// Hands `consume` the parts that `parts` delivers in any order, in the object's order, and
+/// tells `progress` how many bytes it has taken.
+fn consume_in_order(parts: std::sync::mpsc::Receiver<(usize, &[u8])>, mut consume: impl FnMut(&[u8]), progress: tokio::sync::watch::Sender<u64>) {
     let mut waiting = std::collections::BTreeMap::new();
-    let mut next = 0;
+    let (mut next, mut taken) = (0, 0u64);
     for (index, part) in parts {
         waiting.insert(index, part);
         while let Some(part) = waiting.remove(&next) {
             consume(part);
             next += 1;
+            taken += part.len() as u64;
+            progress.send_replace(taken);
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::{Location, Result, StoreError, S3};
+use crate::{Location, Parts, Result, StoreError, S3};
 
 /// Parts of big downloads and uploads.
 const PART: u64 = 64 << 20;
@@ -28,7 +28,7 @@ pub fn stage(location: &Location, staging: &Path) -> Result<PathBuf> {
     let size = s3.size(bucket, key)?.ok_or_else(|| StoreError::S3 { bucket: bucket.clone(), key: key.clone(), message: "no such object".into() })?;
     let name = key.rsplit('/').next().unwrap_or(key);
     let path = staging.join(name);
-    std::fs::write(&path, s3.download(bucket, key, size, PART, 8, |_| {})?)?;
+    std::fs::write(&path, s3.download(bucket, key, size, Parts::new(PART, 8), |_| {})?)?;
     Ok(path)
 }
 
@@ -42,7 +42,7 @@ pub fn download_prefix(s3: &S3, bucket: &str, prefix: &str, dir: &Path) -> Resul
         if relative.is_empty() || relative.contains('/') {
             continue;
         }
-        let bytes = s3.download(bucket, &object.key, object.size, PART, 8, |_| {})?;
+        let bytes = s3.download(bucket, &object.key, object.size, Parts::new(PART, 8), |_| {})?;
         std::fs::write(dir.join(relative), bytes)?;
         any = true;
     }
