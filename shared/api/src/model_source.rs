@@ -147,9 +147,10 @@ fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &Download
 /// How far the download may run ahead of the head: its last [`WAIT_FOR_HEAD`] bytes are
 /// requested only once the head is read, or once the file has turned out to have none the
 /// download could read. Building Llama 3's tokenizer holds about 50 MiB for a moment
-/// (tokenizers' BPE builder takes the merges as pairs of strings), and it is built on a core the
-/// download shares: from the local S3 server the buffer was whole 0–240 ms after the head was
-/// built, and peak RSS was 1.08 × (file + KV) or, when the two coincided, 1.14 ×. The lead never
+/// (tokenizers' BPE builder takes the merges as pairs of strings) on a core the download
+/// shares, and from the local S3 server the buffer was whole 0–240 ms after the head was built,
+/// sometimes before: the 1B shape's Q4_0 peaked at 1.100 × the file, or 1.148 × when the two
+/// coincided (five rounds in eight); with the lead, 1.101–1.102 × in every round. The lead never
 /// narrows below the parts in flight, which a download needs at full speed.
 fn head_lead(size: u64, settings: &DownloadSettings) -> u64 {
     size.saturating_sub(WAIT_FOR_HEAD).max(settings.part_size.saturating_mul(settings.concurrency as u64))

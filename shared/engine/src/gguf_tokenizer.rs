@@ -48,8 +48,8 @@ const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}
 /// strings and a copy of tokenizer.json, 52 MiB). A tokenizer.json is taken out first and the
 /// rest dropped before it is read, so that reading it reuses their memory rather than adding to
 /// it: Llama 3's header and tokenizer peaked 111 MiB above the process's start, now 87 MiB. A
-/// download from S3 can be nearly whole by the time its tokenizer is built (it is built from the
-/// first part while the others arrive), so this peak adds to the file's.
+/// download from S3 builds it from the first part while the others arrive, so this peak adds to
+/// theirs (the download's last 96 MiB wait until it is built).
 pub fn read(gguf: &mut GgufFile) -> Result<Tokenizer> {
     let special = SpecialTokens::read(gguf);
     let inner = match gguf.take("tokenizer.huggingface.json") {
