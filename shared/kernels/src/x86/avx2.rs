@@ -247,11 +247,16 @@ unsafe fn pack_sixteens<S: Sixteens>(block: *const u8, put: &mut impl FnMut(usiz
 impl<W: Block> Tile for W {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        match CT == 1 && RT % 2 == 0 && W::PAIRS {
+        match takes_pairs::<W>(RT, CT) {
             true => decode_pairs_tile::<W, RT>(w, x, r, i, out),
             false => legacy_tile::<W, RT, CT>(w, x, r, i, out),
         }
     }
+}
+
+/// Whether a tile of `rt` weight rows × `ct` activation rows goes through [`decode_pairs`].
+pub(super) const fn takes_pairs<W: Block>(rt: usize, ct: usize) -> bool {
+    ct == 1 && rt % 2 == 0 && W::PAIRS
 }
 
 /// The scales of a chunk of up to eight blocks (`n`, from block `chunk`), lane `k` for block
@@ -327,7 +332,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             for c in 0..CT {
                 let xv = _mm256_loadu_si256(acts[c].1.as_ptr().add(b * BLOCK) as *const __m256i);
                 for a in 0..RT {
-                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(W::pairs(&blocks[a], xv), ones));
+                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(maddubs(W::operands(&blocks[a], xv)), ones));
                     acc[a][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scales[a][c][k]), sums, acc[a][c]);
                 }
             }
@@ -336,18 +341,23 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
     store(&acc, hsum, w, r, i, out)
 }
 
+/// [`decode_pairs`] with AVX2's products.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    decode_pairs::<W, Maddubs, RT>(w, x, r, i, out)
+}
+
 /// A decode step's tile (one activation row) of an even number of weight rows, two to a
 /// register: values 0..16 of both rows' block in one register, 16..32 in another, against the
 /// activation block's halves each in both lanes. A pair's sums then hold four lanes of each row,
 /// so that one conversion and multiply-add per block serve two rows, and their scales come from
 /// one in-lane shuffle (per row, [`legacy_tile`] takes a conversion, a multiply-add and two
-/// shuffles).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+/// shuffles). Inlined into a function that enables the features `D` needs.
+#[inline(always)]
+pub(super) unsafe fn decode_pairs<W: Block, D: Dot, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, 1>(w, x, r, i);
     let blocks = w.cols / BLOCK;
     let ahead = tiles_ahead(w, RT, W::PREFETCH);
-    let ones = _mm256_set1_epi16(1);
     // Pair `p` in `acc[p]`: row `2p` in the low lane, `2p + 1` in the high one.
     let mut acc = [_mm256_setzero_ps(); RT];
     for chunk in (0..blocks).step_by(8) {
@@ -379,12 +389,7 @@ unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &Quantize
             }
             for p in 0..RT / 2 {
                 let (first, second) = (weights[2 * p].add(b * W::BYTES), weights[2 * p + 1].add(b * W::BYTES));
-                let pair = W::pair(first, second);
-                let (low, high) = (W::pairs(&pair[0], halves[0]), W::pairs(&pair[1], halves[1]));
-                let sums = match W::HALVES_FIT_I16 {
-                    true => _mm256_madd_epi16(_mm256_add_epi16(low, high), ones),
-                    false => _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(high, ones)),
-                };
+                let sums = D::sums::<W>(&W::pair(first, second), &halves);
                 let scale = _mm256_permute_ps::<0>(quads[p][0]);
                 quads[p][0] = _mm256_permute_ps::<0b00_11_10_01>(quads[p][0]);
                 acc[p] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[p]);
@@ -854,7 +859,7 @@ const fn byte_as_i16(j: usize) -> i16 {
 
 /// How a weight block's 32 values meet an activation block's in `maddubs` (unsigned × signed
 /// bytes → sums of pairs as `i16`).
-trait Block {
+pub(super) trait Block {
     const BYTES: usize;
     /// What the codes are offset by (value = d · (q − offset); Q8_0: none, its codes are
     /// signed), or `None` for a type with an `f16` minimum after its scale instead (value = d ·
@@ -869,19 +874,47 @@ trait Block {
     /// # Safety
     /// `block` points to a whole block; AVX2 is available.
     unsafe fn weights(block: *const u8) -> [__m256i; 2];
-    /// Whether a decode step takes the weight rows in pairs ([`decode_pairs_tile`]), not one by
+    /// Whether a decode step takes the weight rows in pairs ([`decode_pairs`]), not one by
     /// one ([`legacy_tile`]).
     const PAIRS: bool = true;
-    /// Two weight rows' blocks as [`decode_pairs_tile`] takes them: values 0..16 of `first` and
+    /// Two weight rows' blocks as [`decode_pairs`] takes them: values 0..16 of `first` and
     /// `second` (a 128-bit lane each), then values 16..32, each as [`Block::weights`] gives.
     ///
     /// # Safety
     /// As [`Block::weights`], for both blocks.
     unsafe fn pair(first: *const u8, second: *const u8) -> [[__m256i; 2]; 2];
-    /// Whether [`Block::pairs`] of a pair's two halves add up in 16 bits.
+    /// Whether `maddubs` of a pair's two halves add up in 16 bits.
     const HALVES_FIT_I16: bool;
-    /// The 16 sums of adjacent products with the activation block's 32 bytes.
-    unsafe fn pairs(w: &[__m256i; 2], x: __m256i) -> __m256i;
+    /// The block and the activation block's 32 bytes as unsigned and signed bytes whose
+    /// products are the values' (what `maddubs` and `dpbusd` take).
+    unsafe fn operands(w: &[__m256i; 2], x: __m256i) -> (__m256i, __m256i);
+}
+
+/// Sums of adjacent products as `i16`.
+#[inline(always)]
+unsafe fn maddubs((unsigned, signed): (__m256i, __m256i)) -> __m256i {
+    _mm256_maddubs_epi16(unsigned, signed)
+}
+
+/// How [`decode_pairs`] adds up a pair of blocks' products (each half of the values as
+/// [`Block::pair`] gives them) with the activation block's halves, into sums of four in `i32`.
+pub(super) trait Dot {
+    unsafe fn sums<W: Block>(pair: &[[__m256i; 2]; 2], halves: &[__m256i; 2]) -> __m256i;
+}
+
+/// AVX2's: `maddubs` into `i16` pairs, then `madd` with ones.
+struct Maddubs;
+
+impl Dot for Maddubs {
+    #[inline(always)]
+    unsafe fn sums<W: Block>(pair: &[[__m256i; 2]; 2], halves: &[__m256i; 2]) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let (low, high) = (maddubs(W::operands(&pair[0], halves[0])), maddubs(W::operands(&pair[1], halves[1])));
+        match W::HALVES_FIT_I16 {
+            true => _mm256_madd_epi16(_mm256_add_epi16(low, high), ones),
+            false => _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(high, ones)),
+        }
+    }
 }
 
 /// Bytes `at..at + 16` of `first` in the low lane, of `second` in the high one.
@@ -915,8 +948,8 @@ impl Block for Q8_0 {
     const HALVES_FIT_I16: bool = false;
     /// `|w| · (x with w's sign) = w · x`.
     #[inline(always)]
-    unsafe fn pairs(w: &[__m256i; 2], x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w[1], _mm256_sign_epi8(x, w[0]))
+    unsafe fn operands(w: &[__m256i; 2], x: __m256i) -> (__m256i, __m256i) {
+        (w[1], _mm256_sign_epi8(x, w[0]))
     }
 }
 
@@ -963,8 +996,8 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
     const PAIRS: bool = !FIFTH_BIT;
     /// `q · x`, without the sign trick: the codes are unsigned.
     #[inline(always)]
-    unsafe fn pairs(w: &[__m256i; 2], x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w[0], x)
+    unsafe fn operands(w: &[__m256i; 2], x: __m256i) -> (__m256i, __m256i) {
+        (w[0], x)
     }
 }
 
