@@ -858,7 +858,7 @@ const fn byte_as_i16(j: usize) -> i16 {
 }
 
 /// How a weight block's 32 values meet an activation block's in `maddubs` (unsigned × signed
-/// bytes → sums of pairs as `i16`).
+/// bytes → sums of pairs as `i16`), or in VNNI's `dpbusd` (sums of four as `i32`).
 pub(super) trait Block {
     const BYTES: usize;
     /// What the codes are offset by (value = d · (q − offset); Q8_0: none, its codes are
