@@ -33,7 +33,7 @@ pub fn detected() -> bool {
 ///
 /// # Safety
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     if let Some(how) = super::interleaving(w.ty, x.rows()) {
         return match (how.group, how.code_offset.is_none()) {
@@ -73,7 +73,7 @@ const DECODE_ROWS: usize = 2;
 /// offset, which the activations' `offset_sums` bring. All the work item's panels are packed first (a few hundred KiB at most,
 /// they stay in L2), so that each activation tile is read from memory once, however long the
 /// prompt.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn panel_rows<const G: usize, const MIN: bool>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     let acts = x.interleaved(G);
     let panels = Panel::all(w, rows);
@@ -299,7 +299,7 @@ impl<W: Block> Tile for Legacy<W> {
 
 /// The tile of a 32-value block type, two blocks at a time: each pair's integer sums are scaled
 /// into `f32` by the pair's scales, one per half of the register.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let blocks = w.cols / BLOCK;
