@@ -94,7 +94,8 @@ fn a_download_runs_no_further_ahead_of_its_consumer_than_its_lead() {
         .unwrap();
     // The part that starts at the lead may go out at once; the next waits for the first part.
     assert!(downloaded[lead + part..] == new[lead + part..], "a part beyond the lead was requested before the consumer took the first");
-    // Without the lead the whole download runs ahead: it is all the old object.
+    // Without the lead the whole download runs ahead: every part is read while the consumer
+    // sleeps on the first, before it puts the old object back.
     let mut first = true;
     let downloaded = s3
         .download("download-lead", "object", old.len() as u64, Parts::new(part as u64, 8), |_| {

@@ -144,9 +144,11 @@ fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &Download
     Ok((bytes, head.head))
 }
 
-/// How far the download may run ahead of the head: its last [`WAIT_FOR_HEAD`] bytes are
-/// requested only once the head is read, or once the file has turned out to have none the
-/// download could read. Building Llama 3's tokenizer holds about 50 MiB for a moment
+/// How far the download may run ahead of the head. A part is requested once all but the lead
+/// of the bytes before it have been taken, and the head is built while the part that completes
+/// the header is taken; so a part that starts more than a part's length into the last
+/// [`WAIT_FOR_HEAD`] bytes waits for the head where the header fits in the first part (Llama 3's
+/// is under 16 MiB, the default part): the last 80 MiB with the default parts. Building Llama 3's tokenizer holds about 50 MiB for a moment
 /// (tokenizers' BPE builder takes the merges as pairs of strings) on a core the download
 /// shares, and from the local S3 server the buffer was whole 0–240 ms after the head was built,
 /// sometimes before: the 1B shape's Q4_0 peaked at 1.100 × the file, or 1.148 × when the two

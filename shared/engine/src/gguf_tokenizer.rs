@@ -49,7 +49,7 @@ const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}
 /// rest dropped before it is read, so that reading it reuses their memory rather than adding to
 /// it: Llama 3's header and tokenizer peaked 111 MiB above the process's start, now 87 MiB. A
 /// download from S3 builds it from the first part while the others arrive, so this peak adds to
-/// theirs (the download's last 96 MiB wait until it is built).
+/// theirs (most of the download's last 96 MiB wait until it is built).
 pub fn read(gguf: &mut GgufFile) -> Result<Tokenizer> {
     let special = SpecialTokens::read(gguf);
     let inner = match gguf.take("tokenizer.huggingface.json") {
@@ -63,7 +63,8 @@ pub fn read(gguf: &mut GgufFile) -> Result<Tokenizer> {
             inner
         }
     };
-    // A file without a token list (tokenizer.json only) names its special tokens by id alone.
+    // A special token's text is the token list's; a file without one (tokenizer.json only)
+    // names its special tokens by id alone, which the tokenizer's vocabulary spells.
     let text = |token: &Option<SpecialToken>| token.as_ref().and_then(|t| t.text.clone().or_else(|| inner.id_to_token(t.id as u32)));
     let (bos, eos) = (text(&special.bos), text(&special.eos));
     Ok(Tokenizer::new(inner, bos, eos, special.stop_ids))
