@@ -270,7 +270,7 @@ pub(super) const fn takes_pairs<W: Block>(rt: usize, ct: usize) -> bool {
 /// of gathered and the code offsets taken with the minimums instead of per block: Q4_0 23–39 →
 /// 34–50, Q8_0 27–34 → 29–42, Q4_1 30–34 → 36–45.
 #[inline(always)]
-unsafe fn chunk_scales<W: Block, const RT: usize, const CT: usize>(
+pub(super) unsafe fn chunk_scales<W: Block, const RT: usize, const CT: usize>(
     weights: &[*const u8; RT],
     acts: &[(&[f32], &[i8], &[i32]); CT],
     chunk: usize,
@@ -1011,12 +1011,12 @@ unsafe fn fifth_bits(bits: u32) -> __m256i {
 }
 
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     hsum4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)))
 }
 
 #[inline(always)]
-unsafe fn hsum4(s: __m128) -> f32 {
+pub(super) unsafe fn hsum4(s: __m128) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }

@@ -6,8 +6,9 @@
 //! batches) a 512-bit register holds two 32-value blocks of a row: the legacy types go two
 //! blocks at a time (a row with an odd number of blocks ends with one, the other half zero).
 //! The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a
-//! batch's last rows) and every K-quant product that is not a prompt's go through AVX2's tiles
-//! instead, Q4_0's and Q4_1's with VNNI's products on 256-bit registers.
+//! batch's last rows) take four weight rows to a register instead, one to each 128-bit lane
+//! (Q4_0 and Q4_1), or go through AVX2's tiles (Q5_0, Q5_1 and the rows left over), as does
+//! every K-quant product that is not a prompt's.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -233,8 +234,9 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 }
 
 /// The nibble types' tiles: AVX-512's for several activation rows; for one (a decode step, or a
-/// batch's rows left over from tiles of [`TILE_ACTS`]), AVX2's tile of four weight rows, two to
-/// a register, which was faster on an AMD Zen 4, whose 512-bit instructions take two passes
+/// batch's rows left over from tiles of [`TILE_ACTS`]), Q4_0's and Q4_1's four weight rows in
+/// [`decode_quads_tile`], the others' in AVX2's tile of four weight rows, two to a register.
+/// AVX2's tile took all of them before, which was faster on an AMD Zen 4, whose 512-bit instructions take two passes
 /// through 256-bit units (whole model, decode, paired runs, one / two threads, tok/s: Q4_0
 /// 16.7–16.8 / 31.3–31.6 → 22.7–23.4 / 38.1–40.0, Q4_1 16.0–16.9 / 29.2–29.3 → 25.0–25.4 /
 /// 36.7–38.5, Q5_1 12.0–12.7 / 19.3–21.5 → 12.8–14.0 / 23.7–25.7, Q5_0 no different). Q8_0's
@@ -245,15 +247,17 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 /// one thread, GFLOP/s over the four shapes, m=5 / m=7: Q4_0 77–79 → 88–89 / 56–67 → 83–86,
 /// Q4_1 61–65 → 75–78 / 34–54 → 65–76, Q5_1 47–62 → 47–61 / 39–50 → 54–57, Q5_0 70–73 → 60–67 /
 /// 47–59 → 59–63), one round on the Zen 4. On a Xeon (Emerald Rapids), whose 512-bit
-/// instructions take one pass, AVX2's tile of four rows stays the faster for Q4_0: in cache
+/// instructions take one pass, AVX2's tile of four rows stayed the faster for Q4_0: in cache
 /// (`ffn_up`, one thread) 58.6–58.8 against AVX-512's tile of two rows' 45.8–46.7 GFLOP/s, out
 /// of memory no different (`--bench stream`, 19.0–20.6 against 19.9–21.0 GB/s at two threads).
+/// Neither was [`decode_quads_tile`], measured on a Zen 5 only.
 struct NibbleTiles<const FIFTH_BIT: bool, const MIN: bool>;
 
 impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN> {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
         match CT {
+            1 if RT == QUAD_ROWS && !FIFTH_BIT => decode_quads_tile::<MIN>(w, x, r, i, out),
             1 if avx2::takes_pairs::<avx2::Nibbles<FIFTH_BIT, MIN>>(RT, CT) => decode_pairs_tile::<avx2::Nibbles<FIFTH_BIT, MIN>, RT>(w, x, r, i, out),
             1 => <avx2::Nibbles<FIFTH_BIT, MIN> as Tile>::tile::<RT, 1>(w, x, r, i, out),
             _ => legacy_tile::<Nibbles<FIFTH_BIT, MIN>, RT, CT>(w, x, r, i, out),
@@ -263,7 +267,8 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN
 
 /// AVX2's decode tile of weight rows in pairs, its sums of four products by one 256-bit
 /// `vpdpbusd` per half block instead of two `maddubs`, an addition and a `madd` for both: two
-/// instructions of about eleven per pair of blocks. One layer's product in cache (`--bench
+/// instructions of about eleven per pair of blocks. Since [`decode_quads_tile`] it takes only
+/// the pair of rows a matrix may have left over after fours. Before that, one layer's product in cache (`--bench
 /// matmul -- m=1`, one thread, two rounds, this set against the AVX2 set in the same run, which
 /// ran the same code as this one before): Q4_0 75.7–82.2 against 66.8–72.3 GFLOP/s, Q4_1
 /// 71.0–76.7 against 64.4–69.2. A whole model's decode on the Emerald Rapids Xeon, out of
@@ -273,6 +278,71 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn decode_pairs_tile<W: avx2::Block, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     avx2::decode_pairs::<W, Vnni, RT>(w, x, r, i, out)
+}
+
+/// Weight rows of [`decode_quads_tile`]: one to each 128-bit lane.
+const QUAD_ROWS: usize = 4;
+
+/// A decode step's tile of four Q4_0 rows (Q4_1 with `MIN`), one to each 128-bit lane of a
+/// 512-bit register: a block's 16 bytes of nibbles are its 32 codes, so two `vpdpbusd` against
+/// the activation block's halves (each in every lane) add up a block of all four rows, and one
+/// conversion and multiply-add scale them, where [`decode_pairs_tile`] takes twice as many for
+/// two rows. Each block's scales come from the chunk's eight, all four rows' in two registers,
+/// by one permutation. The offsets' (or minimums') terms stay per row in 256-bit sums apart.
+///
+/// On an AMD Zen 5 (512-bit instructions in one pass), against VNNI's pair tile, one thread:
+/// one layer's product in cache (`--bench matmul -- m=1`, pinned to a core, two rounds), GFLOP/s,
+/// Q4_0 113–122 → 133–144, Q4_1 109–116 → 124–134; out of memory (`--bench stream`, paired),
+/// GB/s, Q4_0 29.0 → 31.8 (41.3 → 43.9 at two threads), Q4_1 30.2 → 31.8; whole model's decode
+/// (`llm bench`, four rounds in turn), tok/s, TinyLlama-shape Q4_0 42.0–45.8 → 48.2–49.5 at one
+/// thread, 59.5–62.9 → 63.1–66.5 at two, Llama 3.2 1B-shape Q4_0 36.0–38.0 → 39.4–40.6 and
+/// 54.2–54.4 → 55.0–56.2. A batch's last rows (`-- m=5`, `m=7`) no slower. Not measured on a
+/// Zen 4, whose 512-bit instructions take two passes, nor on the Xeons.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn decode_quads_tile<const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let (weights, acts) = operands::<QUAD_ROWS, 1>(w, x, r, i);
+    let (bytes, nibbles_at) = (w.ty.block_bytes(), legacy_layout(w.ty).1);
+    let blocks = w.cols / BLOCK;
+    let ahead = tiles_ahead(w, QUAD_ROWS, PREFETCH_BYTES);
+    let low = _mm512_set1_epi8(0x0F);
+    // Lane `a` of a block's scales is row `a`'s: element `k` of its chunk's eight, the four rows
+    // in two tables of two rows each.
+    let rows_at = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+    let mut acc = _mm512_setzero_ps();
+    let mut offsets = [_mm256_setzero_ps(); QUAD_ROWS];
+    for chunk in (0..blocks).step_by(8) {
+        let n = (blocks - chunk).min(8);
+        let (products, offset_terms) = avx2::chunk_scales::<avx2::Nibbles<false, MIN>, QUAD_ROWS, 1>(&weights, &acts, chunk, n);
+        let tables = [0, 2].map(|a| {
+            let (first, second) = (_mm512_castps_pd(_mm512_castps256_ps512(products[a][0])), _mm256_castps_pd(products[a + 1][0]));
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(first, second))
+        });
+        if let Some(terms) = offset_terms {
+            for (sums, term) in offsets.iter_mut().zip(terms) {
+                *sums = _mm256_add_ps(*sums, term[0]);
+            }
+        }
+        for k in 0..n {
+            let b = chunk + k;
+            prefetch_ahead(weights[0], b, QUAD_ROWS * bytes, ahead);
+            let xv = acts[0].1.as_ptr().add(b * BLOCK);
+            let halves = [0, 16].map(|at| _mm512_broadcast_i32x4(_mm_loadu_si128(xv.add(at) as *const __m128i)));
+            let lane = |a: usize| _mm_loadu_si128(weights[a].add(b * bytes + nibbles_at) as *const __m128i);
+            let packed = _mm512_inserti32x4::<3>(
+                _mm512_inserti32x4::<2>(_mm512_inserti32x4::<1>(_mm512_castsi128_si512(lane(0)), lane(1)), lane(2)),
+                lane(3),
+            );
+            let codes = [_mm512_and_si512(packed, low), _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low)];
+            let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], halves[0]), codes[1], halves[1]);
+            let scales = _mm512_permutex2var_ps(tables[0], _mm512_add_epi32(rows_at, _mm512_set1_epi32(k as i32)), tables[1]);
+            acc = _mm512_fmadd_ps(scales, _mm512_cvtepi32_ps(sums), acc);
+        }
+    }
+    let lanes = [_mm512_castps512_ps128(acc), _mm512_extractf32x4_ps::<1>(acc), _mm512_extractf32x4_ps::<2>(acc), _mm512_extractf32x4_ps::<3>(acc)];
+    for (a, (lane, offset)) in lanes.into_iter().zip(offsets).enumerate() {
+        *out.add(i * w.rows + r + a) = avx2::hsum4(lane) + avx2::hsum(offset);
+    }
+    QUAD_ROWS
 }
 
 /// Sums of four products in one instruction (exact: AVX2's `i16` pairs do not saturate for
