@@ -449,7 +449,7 @@ unsafe fn f16_scales_and_minimums<W: Block>(first: *const u8, n: usize) -> (__m2
 /// Q4_K: within a super-block, each sub-block's integer sum is multiplied by its 6-bit scale
 /// and added up as integers (`madd` with the scale instead of with ones), so the conversion to
 /// `f32` happens once per 256 values; the minimums meet the activations' sums of 32 values.
-struct Q4K;
+pub(super) struct Q4K;
 
 /// Q5_K: Q4_K's tile, each nibble given its fifth bit (codes 0..32 still fit `maddubs`).
 struct Q5K;
@@ -580,7 +580,7 @@ impl<const RT: usize, const CT: usize> Accumulators<RT, CT> {
 /// fewer a block; Zen 4 without AVX-512, one thread, in cache: Q4_K 66–74 → 69–76 GFLOP/s, out
 /// of memory 17.9–18.0 → 18.1–18.4 GB/s, three rounds in turn).
 #[inline(always)]
-unsafe fn q4_k_block_scales(block: *const u8) -> (__m128, __m256i, __m256i) {
+pub(super) unsafe fn q4_k_block_scales(block: *const u8) -> (__m128, __m256i, __m256i) {
     const Z: i8 = -128;
     let head = _mm256_broadcastsi128_si256(_mm_loadu_si128(block as *const __m128i));
     let in_lanes = |bytes: __m128i| _mm256_broadcastsi128_si256(bytes);
@@ -853,7 +853,7 @@ const fn broadcast_i16(j: usize) -> i16 {
 /// The `shuffle_epi8` control (as an i16 pattern) that widens byte `j` of each lane into every
 /// 16-bit element.
 #[inline(always)]
-const fn byte_as_i16(j: usize) -> i16 {
+pub(super) const fn byte_as_i16(j: usize) -> i16 {
     (0x8000 | j) as i16
 }
 

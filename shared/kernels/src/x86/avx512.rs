@@ -8,7 +8,7 @@
 //! The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a
 //! batch's last rows) take four weight rows to a register instead, one to each 128-bit lane
 //! (Q4_0 and Q4_1), or go through AVX2's tiles (Q5_0, Q5_1 and the rows left over), as does
-//! every K-quant product that is not a prompt's.
+//! every K-quant product that is not a prompt's but Q4_K's of one activation row.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -17,8 +17,8 @@ use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{legacy_layout, BlockType, BLOCK};
-use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
+use crate::blocks::{legacy_layout, BlockType, BLOCK, SUPER_BLOCK};
+use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
@@ -50,9 +50,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
-        // 512-bit tiles pairing sub-blocks were slower for Q4_K than its AVX2 tiles (the
-        // benchmark), and only 20 % faster for Q6_K, a minor part of a Q4_K_M file.
-        BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
+        BlockType::Q4K => rows_of::<Q4KTiles, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
+        // A 512-bit tile pairing sub-blocks was only 20 % faster for Q6_K than its AVX2 tile (the
+        // benchmark, before the Zen 5), and Q6_K is a minor part of a Q4_K_M file.
+        BlockType::Q2K | BlockType::Q3K | BlockType::Q5K | BlockType::Q6K => super::avx2::product_rows(w, x, rows, out),
     }
 }
 
@@ -343,6 +344,71 @@ unsafe fn decode_quads_tile<const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: 
         *out.add(i * w.rows + r + a) = avx2::hsum4(lane) + avx2::hsum(offset);
     }
     QUAD_ROWS
+}
+
+/// Q4_K's tiles: AVX2's, but for a decode step's single rows.
+struct Q4KTiles;
+
+impl Tile for Q4KTiles {
+    #[inline(always)]
+    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        match (RT, CT) {
+            (1, 1) => decode_q4_k_tile(w, x, r, i, out),
+            _ => <avx2::Q4K as Tile>::tile::<RT, CT>(w, x, r, i, out),
+        }
+    }
+}
+
+/// A decode step's tile of one Q4_K row: AVX2's (its block's scales unpacked by
+/// [`avx2::q4_k_block_scales`], each sub-block's sums scaled as integers), two pairs of
+/// sub-blocks to a 512-bit register. On an AMD Zen 5 (512-bit instructions in one pass), one
+/// thread, against AVX2's tile: one layer's product in cache (`--bench matmul -- m=1`, pinned,
+/// two rounds), GFLOP/s, 114–123 → 142–165 (a batch's last rows, `m=5` and `m=7`, 124–148 →
+/// 151–165); out of memory (`--bench stream`, three rounds in turn), GB/s, 30.2–30.7 → 32.9–34.5
+/// at one thread, 46.2–47.4 → 46.0–57.2 at two; a whole model's decode (`llm bench`, four rounds
+/// in turn), tok/s at one / two threads, TinyLlama-shape Q4_K_M 40.3–44.0 / 67.1–72.0 →
+/// 43.7–48.4 / 65.0–76.1, Llama 3.2 1B-shape 36.0–36.6 / 53.0–57.5 → 38.1–39.6 / 53.5–62.5.
+/// Two rows, one to each half of a register, ran faster still in cache (154–173 GFLOP/s) and at
+/// one thread out of memory, but slower at two (48.5–50.5 → 44.5–46.1 GB/s; two streams of
+/// weights a thread). Not measured on a Zen 4, whose 512-bit instructions take two passes, where
+/// a tile pairing sub-blocks of a row was slower than AVX2's, nor on the Xeons.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn decode_q4_k_tile(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let bytes = BlockType::Q4K.block_bytes();
+    let (weights, acts) = operands::<1, 1>(w, x, r, i);
+    let (x_scales, xq, x_sums) = acts[0];
+    let ahead = tiles_ahead(w, 1, PREFETCH_BYTES);
+    let halves = |first: __m256i, second: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second);
+    let load = |at: *const i8| _mm256_loadu_si256(at as *const __m256i);
+    // Sub-block `j` of a pair `p` is `2p + j`; a register's halves hold pairs `2h` and `2h + 1`.
+    let pick = |h: usize, j: usize| halves(_mm256_set1_epi16(avx2::byte_as_i16(4 * h + j)), _mm256_set1_epi16(avx2::byte_as_i16(4 * h + 2 + j)));
+    let low = _mm512_set1_epi8(0x0F);
+    let mut scaled = _mm512_setzero_ps();
+    let mut minimums = _mm256_setzero_ps();
+    for b in 0..w.cols / SUPER_BLOCK {
+        prefetch_ahead(weights[0], b, bytes, ahead);
+        let block = weights[0].add(b * bytes);
+        let (d, scales, mins) = avx2::q4_k_block_scales(block);
+        let scales = _mm512_broadcast_i64x4(scales);
+        let mut sums = _mm512_setzero_si512();
+        for h in 0..2 {
+            let q = _mm512_loadu_si512(block.add(16 + 64 * h) as *const __m512i);
+            let codes = [_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low)];
+            let xp = xq.as_ptr().add(b * SUPER_BLOCK + 128 * h);
+            for (j, codes) in codes.into_iter().enumerate() {
+                let x = halves(load(xp.add(BLOCK * j)), load(xp.add(64 + BLOCK * j)));
+                let sub_scales = _mm512_shuffle_epi8(scales, pick(h, j));
+                sums = _mm512_add_epi32(sums, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), sub_scales));
+            }
+        }
+        let scaled_d = _mm_mul_ps(d, _mm_set1_ps(*x_scales.get_unchecked(b)));
+        scaled = _mm512_fmadd_ps(_mm512_broadcastss_ps(scaled_d), _mm512_cvtepi32_ps(sums), scaled);
+        // The eight sub-blocks' sums of activations, against their eight minimums.
+        let block_sums = _mm256_loadu_si256(x_sums.as_ptr().add(b * 8) as *const __m256i);
+        minimums = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scaled_d)), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, block_sums)), minimums);
+    }
+    *out.add(i * w.rows + r) = _mm512_reduce_add_ps(scaled) - avx2::hsum(minimums);
+    1
 }
 
 /// Sums of four products in one instruction (exact: AVX2's `i16` pairs do not saturate for
