@@ -640,7 +640,7 @@ trait Sixteens {
 
 struct Q2K;
 struct Q3K;
-struct Q6K;
+pub(super) struct Q6K;
 
 impl Sixteens for Q2K {
     const BYTES: usize = BlockType::Q2K.block_bytes();
@@ -761,7 +761,7 @@ unsafe fn half_in_both_lanes(s: __m128i, half: usize) -> __m256i {
 
 /// A [`Sixteens`] type as a [`Tile`] (a blanket `Tile` for them would overlap the legacy
 /// types').
-struct Per16<S>(std::marker::PhantomData<S>);
+pub(super) struct Per16<S>(std::marker::PhantomData<S>);
 
 impl<S: Sixteens> Tile for Per16<S> {
     #[inline(always)]
@@ -846,7 +846,7 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
 /// The `shuffle_epi8` control (as an i16 pattern) that copies 16-bit element `j` of each lane
 /// into every element.
 #[inline(always)]
-const fn broadcast_i16(j: usize) -> i16 {
+pub(super) const fn broadcast_i16(j: usize) -> i16 {
     (((2 * j + 1) << 8) | (2 * j)) as i16
 }
 
