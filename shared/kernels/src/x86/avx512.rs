@@ -51,8 +51,8 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
-        BlockType::Q4K => rows_of::<Q4KTiles, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<Q6KTiles, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
+        BlockType::Q4K => rows_of::<RowTiles<Q4K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<RowTiles<Q6K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
         BlockType::Q2K | BlockType::Q3K | BlockType::Q5K => super::avx2::product_rows(w, x, rows, out),
     }
 }
@@ -346,16 +346,45 @@ unsafe fn decode_quads_tile<const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: 
     QUAD_ROWS
 }
 
-/// Q4_K's tiles: AVX2's, but for a decode step's single rows.
-struct Q4KTiles;
+/// A K-quant whose decode step's single rows have a 512-bit tile of their own, its other tiles
+/// being AVX2's.
+trait DecodeRow {
+    type Avx2: Tile;
+    /// # Safety
+    /// As [`Tile::tile`] of one weight row and one activation row.
+    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize;
+}
 
-impl Tile for Q4KTiles {
+/// The tiles of a [`DecodeRow`] type.
+struct RowTiles<K>(std::marker::PhantomData<K>);
+
+impl<K: DecodeRow> Tile for RowTiles<K> {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
         match (RT, CT) {
-            (1, 1) => decode_q4_k_tile(w, x, r, i, out),
-            _ => <avx2::Q4K as Tile>::tile::<RT, CT>(w, x, r, i, out),
+            (1, 1) => K::row(w, x, r, i, out),
+            _ => K::Avx2::tile::<RT, CT>(w, x, r, i, out),
         }
+    }
+}
+
+struct Q4K;
+
+impl DecodeRow for Q4K {
+    type Avx2 = avx2::Q4K;
+    #[inline(always)]
+    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        decode_q4_k_tile(w, x, r, i, out)
+    }
+}
+
+struct Q6K;
+
+impl DecodeRow for Q6K {
+    type Avx2 = avx2::Per16<avx2::Q6K>;
+    #[inline(always)]
+    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        decode_q6_k_tile(w, x, r, i, out)
     }
 }
 
@@ -409,19 +438,6 @@ unsafe fn decode_q4_k_tile(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, o
     }
     *out.add(i * w.rows + r) = _mm512_reduce_add_ps(scaled) - avx2::hsum(minimums);
     1
-}
-
-/// Q6_K's tiles: AVX2's, but for a decode step's single rows.
-struct Q6KTiles;
-
-impl Tile for Q6KTiles {
-    #[inline(always)]
-    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        match (RT, CT) {
-            (1, 1) => decode_q6_k_tile(w, x, r, i, out),
-            _ => <avx2::Per16<avx2::Q6K> as Tile>::tile::<RT, CT>(w, x, r, i, out),
-        }
-    }
 }
 
 /// A decode step's tile of one Q6_K row: AVX2's (each run of 32 values' sums scaled as integers
