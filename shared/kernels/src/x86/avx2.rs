@@ -452,7 +452,7 @@ unsafe fn f16_scales_and_minimums<W: Block>(first: *const u8, n: usize) -> (__m2
 pub(super) struct Q4K;
 
 /// Q5_K: Q4_K's tile, each nibble given its fifth bit (codes 0..32 still fit `maddubs`).
-struct Q5K;
+pub(super) struct Q5K;
 
 impl Tile for Q4K {
     #[inline(always)]

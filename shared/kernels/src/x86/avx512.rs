@@ -8,8 +8,8 @@
 //! The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a
 //! batch's last rows) take four weight rows to a register instead, one to each 128-bit lane
 //! (Q4_0 and Q4_1), or go through AVX2's tiles (Q5_0, Q5_1 and the rows left over), as does
-//! every K-quant product that is not a prompt's but Q4_K's and Q6_K's of one activation row
-//! (two runs of 32 values to a 512-bit register).
+//! every K-quant product that is not a prompt's but Q4_K's, Q5_K's and Q6_K's of one
+//! activation row (two runs of 32 values to a 512-bit register).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -53,7 +53,8 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         BlockType::Q4K => rows_of::<RowTiles<Q4K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
         BlockType::Q6K => rows_of::<RowTiles<Q6K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
-        BlockType::Q2K | BlockType::Q3K | BlockType::Q5K => super::avx2::product_rows(w, x, rows, out),
+        BlockType::Q5K => rows_of::<RowTiles<Q5K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
+        BlockType::Q2K | BlockType::Q3K => super::avx2::product_rows(w, x, rows, out),
     }
 }
 
@@ -374,7 +375,17 @@ impl DecodeRow for Q4K {
     type Avx2 = avx2::Q4K;
     #[inline(always)]
     unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        decode_q4_k_tile(w, x, r, i, out)
+        decode_q4_k_tile::<false>(w, x, r, i, out)
+    }
+}
+
+struct Q5K;
+
+impl DecodeRow for Q5K {
+    type Avx2 = avx2::Q5K;
+    #[inline(always)]
+    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        decode_q4_k_tile::<true>(w, x, r, i, out)
     }
 }
 
@@ -388,9 +399,12 @@ impl DecodeRow for Q6K {
     }
 }
 
-/// A decode step's tile of one Q4_K row: AVX2's (its block's scales unpacked by
-/// [`avx2::q4_k_block_scales`], each sub-block's sums scaled as integers), two pairs of
-/// sub-blocks to a 512-bit register. On an AMD Zen 5 (512-bit instructions in one pass), one
+/// A decode step's tile of one Q4_K row, or of a Q5_K row when `FIFTH_BIT`: AVX2's (its block's
+/// scales unpacked by [`avx2::q4_k_block_scales`], each sub-block's sums scaled as integers),
+/// two pairs of sub-blocks to a 512-bit register. Q5_K, same measures: in cache 89–96 → 128–147
+/// GFLOP/s; out of memory 28.2–29.7 → 34.7–35.8 GB/s at one thread, 50.2–52.4 → 51.5–61.0 at
+/// two; TinyLlama-shape Q5_K_M decode 38.5–39.0 / 63.3–65.4 → 45.3–45.9 / 72.7–75.6 tok/s.
+/// Q4_K, on an AMD Zen 5 (512-bit instructions in one pass), one
 /// thread, against AVX2's tile: one layer's product in cache (`--bench matmul -- m=1`, pinned,
 /// two rounds), GFLOP/s, 114–123 → 142–165 (a batch's last rows, `m=5` and `m=7`, 124–148 →
 /// 151–165); out of memory (`--bench stream`, three rounds in turn), GB/s, 30.2–30.7 → 32.9–34.5
@@ -402,8 +416,8 @@ impl DecodeRow for Q6K {
 /// weights a thread). Not measured on a Zen 4, whose 512-bit instructions take two passes, where
 /// a tile pairing sub-blocks of a row was slower than AVX2's, nor on the Xeons.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn decode_q4_k_tile(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    let bytes = BlockType::Q4K.block_bytes();
+unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let (bytes, nibbles_at) = if FIFTH_BIT { (BlockType::Q5K.block_bytes(), 48) } else { (BlockType::Q4K.block_bytes(), 16) };
     let (weights, acts) = operands::<1, 1>(w, x, r, i);
     let (x_scales, xq, x_sums) = acts[0];
     let ahead = tiles_ahead(w, 1, PREFETCH_BYTES);
@@ -411,6 +425,11 @@ unsafe fn decode_q4_k_tile(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, o
     let load = |at: *const i8| _mm256_loadu_si256(at as *const __m256i);
     // Sub-block `j` of a pair `p` is `2p + j`; a register's halves hold pairs `2h` and `2h + 1`.
     let pick = |h: usize, j: usize| halves(_mm256_set1_epi16(avx2::byte_as_i16(4 * h + j)), _mm256_set1_epi16(avx2::byte_as_i16(4 * h + 2 + j)));
+    // Q5_K's fifth bit of sub-block `s` is bit `s` of its high bytes, in each half its own.
+    let fifth_bits = |high: __m512i, h: usize, j: usize| {
+        let at = halves(_mm256_set1_epi16((4 * h + j) as i16), _mm256_set1_epi16((4 * h + 2 + j) as i16));
+        _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, at), _mm512_set1_epi8(1)))
+    };
     let low = _mm512_set1_epi8(0x0F);
     let mut scaled = _mm512_setzero_ps();
     let mut minimums = _mm256_setzero_ps();
@@ -419,10 +438,16 @@ unsafe fn decode_q4_k_tile(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, o
         let block = weights[0].add(b * bytes);
         let (d, scales, mins) = avx2::q4_k_block_scales(block);
         let scales = _mm512_broadcast_i64x4(scales);
+        let high = if FIFTH_BIT { _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(16) as *const __m256i)) } else { _mm512_setzero_si512() };
         let mut sums = _mm512_setzero_si512();
         for h in 0..2 {
-            let q = _mm512_loadu_si512(block.add(16 + 64 * h) as *const __m512i);
-            let codes = [_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low)];
+            let q = _mm512_loadu_si512(block.add(nibbles_at + 64 * h) as *const __m512i);
+            let mut codes = [_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low)];
+            if FIFTH_BIT {
+                for (j, codes) in codes.iter_mut().enumerate() {
+                    *codes = _mm512_or_si512(*codes, fifth_bits(high, h, j));
+                }
+            }
             let xp = xq.as_ptr().add(b * SUPER_BLOCK + 128 * h);
             for (j, codes) in codes.into_iter().enumerate() {
                 let x = halves(load(xp.add(BLOCK * j)), load(xp.add(64 + BLOCK * j)));
