@@ -446,25 +446,20 @@ unsafe fn f16_scales_and_minimums<W: Block>(first: *const u8, n: usize) -> (__m2
     (_mm256_cvtph_ps(_mm256_castsi256_si128(ordered)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(ordered)))
 }
 
-/// Q4_K: within a super-block, each sub-block's integer sum is multiplied by its 6-bit scale
-/// and added up as integers (`madd` with the scale instead of with ones), so the conversion to
-/// `f32` happens once per 256 values; the minimums meet the activations' sums of 32 values.
-pub(super) struct Q4K;
+/// Q4_K, and Q5_K with `FIFTH_BIT`: within a super-block, each sub-block's integer sum is
+/// multiplied by its 6-bit scale and added up as integers (`madd` with the scale instead of with
+/// ones), so the conversion to `f32` happens once per 256 values; the minimums meet the
+/// activations' sums of 32 values. Q5_K's tile is Q4_K's, each nibble given its fifth bit
+/// (codes 0..32 still fit `maddubs`).
+pub(super) struct KNibbles<const FIFTH_BIT: bool>;
 
-/// Q5_K: Q4_K's tile, each nibble given its fifth bit (codes 0..32 still fit `maddubs`).
-pub(super) struct Q5K;
+type Q4K = KNibbles<false>;
+type Q5K = KNibbles<true>;
 
-impl Tile for Q4K {
+impl<const FIFTH_BIT: bool> Tile for KNibbles<FIFTH_BIT> {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        q4_k_tile::<RT, CT, false>(w, x, r, i, out)
-    }
-}
-
-impl Tile for Q5K {
-    #[inline(always)]
-    unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        q4_k_tile::<RT, CT, true>(w, x, r, i, out)
+        q4_k_tile::<RT, CT, FIFTH_BIT>(w, x, r, i, out)
     }
 }
 

@@ -51,9 +51,9 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
-        BlockType::Q4K => rows_of::<RowTiles<Q4K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
+        BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
         BlockType::Q6K => rows_of::<RowTiles<Q6K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
-        BlockType::Q5K => rows_of::<RowTiles<Q5K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
+        BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
         BlockType::Q2K | BlockType::Q3K => super::avx2::product_rows(w, x, rows, out),
     }
 }
@@ -369,23 +369,14 @@ impl<K: DecodeRow> Tile for RowTiles<K> {
     }
 }
 
-struct Q4K;
+/// Q4_K, and Q5_K with `FIFTH_BIT`.
+struct KNibbles<const FIFTH_BIT: bool>;
 
-impl DecodeRow for Q4K {
-    type Avx2 = avx2::Q4K;
+impl<const FIFTH_BIT: bool> DecodeRow for KNibbles<FIFTH_BIT> {
+    type Avx2 = avx2::KNibbles<FIFTH_BIT>;
     #[inline(always)]
     unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        decode_q4_k_tile::<false>(w, x, r, i, out)
-    }
-}
-
-struct Q5K;
-
-impl DecodeRow for Q5K {
-    type Avx2 = avx2::Q5K;
-    #[inline(always)]
-    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        decode_q4_k_tile::<true>(w, x, r, i, out)
+        decode_q4_k_tile::<FIFTH_BIT>(w, x, r, i, out)
     }
 }
 
