@@ -618,7 +618,7 @@ unsafe fn q4_k_pair_codes<const FIFTH_BIT: bool>(block: *const u8, pair: usize, 
 /// The K-quants with a scale per 16 values (Q2_K, Q3_K, Q6_K), like Q4_K: sub-block sums
 /// scaled as integers by their scales (two per run of 32 values, one per 128-bit lane). Each
 /// 128-value half of a block is four runs of 32 codes.
-trait Sixteens {
+pub(super) trait Sixteens {
     const BYTES: usize;
     /// Subtracted from every code (Q3_K: 4, Q6_K: 32); `None` for a type with minimums instead
     /// (Q2_K). Either meets the activations' sums of 16 values once per block, not the codes
@@ -633,8 +633,8 @@ trait Sixteens {
     unsafe fn codes(block: *const u8, half: usize) -> [__m256i; 4];
 }
 
-struct Q2K;
-struct Q3K;
+pub(super) struct Q2K;
+pub(super) struct Q3K;
 pub(super) struct Q6K;
 
 impl Sixteens for Q2K {

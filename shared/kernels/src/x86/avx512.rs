@@ -8,8 +8,8 @@
 //! The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a
 //! batch's last rows) take four weight rows to a register instead, one to each 128-bit lane
 //! (Q4_0 and Q4_1), or go through AVX2's tiles (Q5_0, Q5_1 and the rows left over), as does
-//! every K-quant product that is not a prompt's but Q4_K's, Q5_K's and Q6_K's of one
-//! activation row (two runs of 32 values to a 512-bit register).
+//! every K-quant product that is not a prompt's and has more than one activation row (a
+//! K-quant row's decode takes two runs of 32 values to a 512-bit register).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -52,9 +52,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<RowTiles<Q6K>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
         BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
-        BlockType::Q2K | BlockType::Q3K => super::avx2::product_rows(w, x, rows, out),
+        BlockType::Q2K => rows_of::<RowTiles<Sixteens<avx2::Q2K>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q2K) }>(w, x, rows, out),
+        BlockType::Q3K => rows_of::<RowTiles<Sixteens<avx2::Q3K>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<RowTiles<Sixteens<avx2::Q6K>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
     }
 }
 
@@ -380,13 +381,14 @@ impl<const FIFTH_BIT: bool> DecodeRow for KNibbles<FIFTH_BIT> {
     }
 }
 
-struct Q6K;
+/// Q2_K, Q3_K and Q6_K.
+struct Sixteens<S>(std::marker::PhantomData<S>);
 
-impl DecodeRow for Q6K {
-    type Avx2 = avx2::Per16<avx2::Q6K>;
+impl<S: PairedRuns> DecodeRow for Sixteens<S> {
+    type Avx2 = avx2::Per16<S>;
     #[inline(always)]
     unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        decode_q6_k_tile(w, x, r, i, out)
+        decode_sixteens_tile::<S>(w, x, r, i, out)
     }
 }
 
@@ -412,7 +414,6 @@ unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows
     let (weights, acts) = operands::<1, 1>(w, x, r, i);
     let (x_scales, xq, x_sums) = acts[0];
     let ahead = tiles_ahead(w, 1, PREFETCH_BYTES);
-    let halves = |first: __m256i, second: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second);
     let load = |at: *const i8| _mm256_loadu_si256(at as *const __m256i);
     // Sub-block `j` of a pair `p` is `2p + j`; a register's halves hold pairs `2h` and `2h + 1`.
     let pick = |h: usize, j: usize| halves(_mm256_set1_epi16(avx2::byte_as_i16(4 * h + j)), _mm256_set1_epi16(avx2::byte_as_i16(4 * h + 2 + j)));
@@ -456,65 +457,136 @@ unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows
     1
 }
 
-/// A decode step's tile of one Q6_K row: AVX2's (each run of 32 values' sums scaled as integers
-/// by its two scales, the code offset taken from the sums once per block), two runs to a 512-bit
-/// register. A half block's low nibbles are two 32-byte runs in a row, so one load takes both;
-/// their high bits come from the same 32 bytes in both halves, shifted by each half's amount.
-/// On an AMD Zen 5, one thread, against AVX2's tile: one layer's product in cache (`--bench
+/// A decode step's tile of one row of a type with a scale per 16 values (Q2_K, Q3_K, Q6_K):
+/// AVX2's (each run of 32 values' sums scaled as integers by its two scales, the code offset or
+/// the minimums taken once per block), two runs to a 512-bit register ([`PairedRuns`]).
+/// Q6_K, on an AMD Zen 5, one thread, against AVX2's tile: one layer's product in cache (`--bench
 /// matmul -- m=1`, pinned, two rounds), GFLOP/s, 95–102 → 127–141 (AVX-512's tile pairing
 /// sub-blocks had been 20 % faster than AVX2's on an earlier machine, and was left out as Q6_K
 /// is a minor part of a Q4_K_M file); out of memory (`--bench stream`, three rounds in turn),
 /// GB/s, 32.9–33.6 → 36.6–37.4 at one thread, 50.6–61.6 → 62.5–66.3 at two; a whole model's
 /// decode (`llm bench`, four rounds in turn), tok/s at one / two threads, TinyLlama-shape Q4_K_M
 /// 49.2–50.5 / 70.2–81.0 → 50.4–51.5 / 72.9–82.4, Llama 3.2 1B-shape 39.5–40.4 / 59.7–65.5 →
-/// 40.6–42.2 / 61.0–70.5. Not measured on a Zen 4 nor on the Xeons.
+/// 40.6–42.2 / 61.0–70.5. Shared with Q2_K and Q3_K (and Q6_K's codes from [`PairedRuns`]),
+/// same measures, against AVX2's tile: in cache, GFLOP/s, Q2_K 110–116 → 124–135, Q3_K 82–86 →
+/// 116–123, Q6_K 97–102 → 148–154; out of memory (two rounds in turn), GB/s at one / two threads,
+/// Q2_K 17.3–18.5 / 33.4–33.9 → 22.1–22.6 / 39.1–40.2, Q3_K 16.5–17.5 / 31.9–32.9 → 24.2–25.4 /
+/// 43.7–44.3; TinyLlama-shape decode (three rounds in turn), tok/s, Q2_K 44.0–45.4 / 73.1–75.1 →
+/// 55.1–57.2 / 86.6–90.1, Q3_K_M 41.5–43.3 / 64.9–66.7 → 52.9–53.8 / 74.0–77.6. Not measured on a
+/// Zen 4 nor on the Xeons.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn decode_q6_k_tile(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    let bytes = BlockType::Q6K.block_bytes();
+unsafe fn decode_sixteens_tile<S: PairedRuns>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<1, 1>(w, x, r, i);
     let (x_scales, xq, _) = acts[0];
     let x_sums16 = x.sums16(i);
     let ahead = tiles_ahead(w, 1, PREFETCH_BYTES);
-    let halves = |first: __m256i, second: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second);
-    let (low, high_bits) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-    // Runs 0 and 1 take bits 0–1 and 2–3 of the high bytes, runs 2 and 3 bits 4–5 and 6–7, all to bits 4–5.
-    let (up, down) = (halves(_mm256_set1_epi16(4), _mm256_set1_epi16(2)), halves(_mm256_set1_epi16(0), _mm256_set1_epi16(2)));
     // Scale `j` of a half into every `i16` of 128-bit lane `j - first`.
     let lanes_from = |first: usize| {
         let lane = |j: usize| _mm_set1_epi16(avx2::broadcast_i16(first + j));
         halves(_mm256_set_m128i(lane(1), lane(0)), _mm256_set_m128i(lane(3), lane(2)))
     };
-    let offset = _mm256_set1_epi16(BlockType::Q6K.code_offset().map_or(0, i16::from));
     let mut acc = _mm256_setzero_ps();
     for b in 0..w.cols / SUPER_BLOCK {
-        prefetch_ahead(weights[0], b, bytes, ahead);
-        let block = weights[0].add(b * bytes);
-        let scales = _mm_loadu_si128(block.add(192) as *const __m128i);
+        prefetch_ahead(weights[0], b, S::BYTES, ahead);
+        let block = weights[0].add(b * S::BYTES);
+        let (scales, mins) = S::scales(block);
         let mut sums = _mm512_setzero_si512();
         for half in 0..2 {
             let half_scales = _mm512_broadcast_i32x4(_mm_cvtepi8_epi16(if half == 0 { scales } else { _mm_unpackhi_epi64(scales, scales) }));
-            let ql = _mm512_loadu_si512(block.add(64 * half) as *const __m512i);
-            let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i));
-            let codes = [
-                _mm512_or_si512(_mm512_and_si512(ql, low), _mm512_and_si512(_mm512_sllv_epi16(qh, up), high_bits)),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(ql), low), _mm512_and_si512(_mm512_srlv_epi16(qh, down), high_bits)),
-            ];
-            for (two_runs, codes) in codes.into_iter().enumerate() {
+            for (two_runs, codes) in S::paired_runs(block, half).into_iter().enumerate() {
                 let x = _mm512_loadu_si512(xq.as_ptr().add(b * SUPER_BLOCK + 128 * half + 64 * two_runs) as *const __m512i);
                 let run_scales = _mm512_shuffle_epi8(half_scales, lanes_from(4 * two_runs));
                 sums = _mm512_add_epi32(sums, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), run_scales));
             }
         }
         let sums = _mm256_add_epi32(_mm512_castsi512_si256(sums), _mm512_extracti64x4_epi64::<1>(sums));
-        // As in AVX2's tile: the code offset's part, from the activations' sixteen sums.
+        // As in AVX2's tile: the code offset's part or the minimums', from the activations'
+        // sixteen sums.
         let x_sums = _mm256_loadu_si256(x_sums16.as_ptr().add(16 * b) as *const __m256i);
-        let offset_scales = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(scales), offset);
-        let codes_sums = _mm256_sub_epi32(sums, _mm256_madd_epi16(offset_scales, x_sums));
-        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from((block.add(208) as *const u16).read_unaligned()))));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *x_scales.get_unchecked(b)), _mm256_cvtepi32_ps(codes_sums), acc);
+        let (d, dmin) = S::d(block);
+        let dx = *x_scales.get_unchecked(b);
+        match S::CODE_OFFSET {
+            Some(offset) => {
+                let offset_scales = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(scales), _mm256_set1_epi16(offset.into()));
+                let codes_sums = _mm256_sub_epi32(sums, _mm256_madd_epi16(offset_scales, x_sums));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(codes_sums), acc);
+            }
+            None => {
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums), acc);
+                let minimums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_cvtepu8_epi16(mins), x_sums));
+                acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), minimums, acc);
+            }
+        }
     }
     *out.add(i * w.rows + r) = avx2::hsum(acc);
     1
+}
+
+/// Two 256-bit registers as the halves of one.
+#[inline(always)]
+unsafe fn halves(first: __m256i, second: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second)
+}
+
+/// Each half of `bytes` shifted right within its 16-bit elements, by `first` and by `second`.
+#[inline(always)]
+unsafe fn shifted_halves(bytes: __m512i, first: i16, second: i16) -> __m512i {
+    _mm512_srlv_epi16(bytes, halves(_mm256_set1_epi16(first), _mm256_set1_epi16(second)))
+}
+
+/// A type with a scale per 16 values, its codes two runs of 32 values to a register.
+trait PairedRuns: avx2::Sixteens {
+    /// The codes of runs 0 and 1 of `half` (values `128 · half + 0..64`), then of runs 2 and 3,
+    /// as unsigned bytes.
+    ///
+    /// # Safety
+    /// `block` points to a whole block; AVX-512 BW is available.
+    unsafe fn paired_runs(block: *const u8, half: usize) -> [__m512i; 2];
+}
+
+/// Bit pairs 0 and 1 of each of 32 bytes (in both halves), then pairs 2 and 3.
+#[inline(always)]
+unsafe fn two_bit_runs(packed: *const u8) -> [__m512i; 2] {
+    let q = _mm512_broadcast_i64x4(_mm256_loadu_si256(packed as *const __m256i));
+    [(0, 2), (4, 6)].map(|(first, second)| _mm512_and_si512(shifted_halves(q, first, second), _mm512_set1_epi8(3)))
+}
+
+impl PairedRuns for avx2::Q2K {
+    #[inline(always)]
+    unsafe fn paired_runs(block: *const u8, half: usize) -> [__m512i; 2] {
+        two_bit_runs(block.add(16 + 32 * half))
+    }
+}
+
+impl PairedRuns for avx2::Q3K {
+    /// Run `r` of `half` takes bit `4 · half + r` of the 32 high bytes as its third.
+    #[inline(always)]
+    unsafe fn paired_runs(block: *const u8, half: usize) -> [__m512i; 2] {
+        let high = _mm512_broadcast_i64x4(_mm256_loadu_si256(block as *const __m256i));
+        let third_bits = |run: usize| {
+            let bits = shifted_halves(high, (4 * half + run) as i16, (4 * half + run + 1) as i16);
+            _mm512_slli_epi16::<2>(_mm512_and_si512(bits, _mm512_set1_epi8(1)))
+        };
+        let runs = two_bit_runs(block.add(32 + 32 * half));
+        [_mm512_or_si512(runs[0], third_bits(0)), _mm512_or_si512(runs[1], third_bits(2))]
+    }
+}
+
+impl PairedRuns for avx2::Q6K {
+    /// A half block's low nibbles are two 32-byte runs in a row, so one load takes both; their
+    /// high bits come from the same 32 bytes in both halves: runs 0 and 1 take bits 0–1 and 2–3
+    /// of the high bytes, runs 2 and 3 bits 4–5 and 6–7, all to bits 4–5.
+    #[inline(always)]
+    unsafe fn paired_runs(block: *const u8, half: usize) -> [__m512i; 2] {
+        let (low, high_bits) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        let ql = _mm512_loadu_si512(block.add(64 * half) as *const __m512i);
+        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(128 + 32 * half) as *const __m256i));
+        let up = halves(_mm256_set1_epi16(4), _mm256_set1_epi16(2));
+        [
+            _mm512_or_si512(_mm512_and_si512(ql, low), _mm512_and_si512(_mm512_sllv_epi16(qh, up), high_bits)),
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(ql), low), _mm512_and_si512(shifted_halves(qh, 0, 2), high_bits)),
+        ]
+    }
 }
 
 /// Sums of four products in one instruction (exact: AVX2's `i16` pairs do not saturate for
