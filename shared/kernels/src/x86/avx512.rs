@@ -6,8 +6,8 @@
 //! batches) a 512-bit register holds two 32-value blocks of a row: the legacy types go two
 //! blocks at a time (a row with an odd number of blocks ends with one, the other half zero).
 //! The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a
-//! batch's last rows) take four weight rows to a register instead, one to each 128-bit lane
-//! (Q4_0 and Q4_1), or go through AVX2's tiles (Q5_0, Q5_1 and the rows left over), as does
+//! batch's last rows) take four weight rows to a register instead, one to each 128-bit lane,
+//! the rows left over going through AVX2's tiles, as does
 //! every K-quant product that is not a prompt's and has more than one activation row (a
 //! K-quant row's decode takes two runs of 32 values to a 512-bit register).
 
@@ -237,8 +237,8 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 }
 
 /// The nibble types' tiles: AVX-512's for several activation rows; for one (a decode step, or a
-/// batch's rows left over from tiles of [`TILE_ACTS`]), Q4_0's and Q4_1's four weight rows in
-/// [`decode_quads_tile`], the others' in AVX2's tile of four weight rows, two to a register.
+/// batch's rows left over from tiles of [`TILE_ACTS`]), four weight rows in [`decode_quads_tile`],
+/// the rows left over in AVX2's tiles.
 /// AVX2's tile took all of them before, which was faster on an AMD Zen 4, whose 512-bit instructions take two passes
 /// through 256-bit units (whole model, decode, paired runs, one / two threads, tok/s: Q4_0
 /// 16.7–16.8 / 31.3–31.6 → 22.7–23.4 / 38.1–40.0, Q4_1 16.0–16.9 / 29.2–29.3 → 25.0–25.4 /
@@ -260,7 +260,7 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
         match CT {
-            1 if RT == QUAD_ROWS && !FIFTH_BIT => decode_quads_tile::<MIN>(w, x, r, i, out),
+            1 if RT == QUAD_ROWS => decode_quads_tile::<FIFTH_BIT, MIN>(w, x, r, i, out),
             1 if avx2::takes_pairs::<avx2::Nibbles<FIFTH_BIT, MIN>>(RT, CT) => decode_pairs_tile::<avx2::Nibbles<FIFTH_BIT, MIN>, RT>(w, x, r, i, out),
             1 => <avx2::Nibbles<FIFTH_BIT, MIN> as Tile>::tile::<RT, 1>(w, x, r, i, out),
             _ => legacy_tile::<Nibbles<FIFTH_BIT, MIN>, RT, CT>(w, x, r, i, out),
@@ -286,8 +286,8 @@ unsafe fn decode_pairs_tile<W: avx2::Block, const RT: usize>(w: &QMatrix, x: &Qu
 /// Weight rows of [`decode_quads_tile`]: one to each 128-bit lane.
 const QUAD_ROWS: usize = 4;
 
-/// A decode step's tile of four Q4_0 rows (Q4_1 with `MIN`), one to each 128-bit lane of a
-/// 512-bit register: a block's 16 bytes of nibbles are its 32 codes, so two `vpdpbusd` against
+/// A decode step's tile of four Q4_0 rows (Q4_1 with `MIN`, Q5_0 and Q5_1 with `FIFTH_BIT`), one
+/// to each 128-bit lane of a 512-bit register: a block's 16 bytes of nibbles are its 32 codes, so two `vpdpbusd` against
 /// the activation block's halves (each in every lane) add up a block of all four rows, and one
 /// conversion and multiply-add scale them, where [`decode_pairs_tile`] takes twice as many for
 /// two rows. Each block's scales come from the chunk's eight, all four rows' in two registers,
@@ -300,11 +300,17 @@ const QUAD_ROWS: usize = 4;
 /// (`llm bench`, four rounds in turn), tok/s, TinyLlama-shape Q4_0 42.0–45.8 → 48.2–49.5 at one
 /// thread, 59.5–62.9 → 63.1–66.5 at two, Llama 3.2 1B-shape Q4_0 36.0–38.0 → 39.4–40.6 and
 /// 54.2–54.4 → 55.0–56.2. A batch's last rows (`-- m=5`, `m=7`) no slower. Not measured on a
-/// Zen 4, whose 512-bit instructions take two passes, nor on the Xeons.
+/// Zen 4, whose 512-bit instructions take two passes, nor on the Xeons. Q5_0 and Q5_1 (their
+/// fifth bits a byte mask per block, added to the codes), against AVX2's tile, same
+/// measures: in cache 61–68 → 84–91 GFLOP/s; out of memory 21.3–22.4 → 27.7–29.8 GB/s at one
+/// thread, 39.2–41.9 → 42.8–46.5 at two; TinyLlama-shape decode (three rounds in turn), tok/s at
+/// one / two threads, Q5_0 29.1–29.4 / 50.7–52.0 → 36.3–37.9 / 55.8–63.2, Q5_1 29.4–29.7 /
+/// 51.3–51.8 → 36.8–37.1 / 51.3–55.5; a batch's last rows faster too (`m=5`, `m=7`: Q5_0
+/// 98–138 → 130–162, Q5_1 92–119 → 115–125).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn decode_quads_tile<const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<QUAD_ROWS, 1>(w, x, r, i);
-    let (bytes, nibbles_at) = (w.ty.block_bytes(), legacy_layout(w.ty).1);
+    let (bytes, (high_bits, nibbles_at)) = (w.ty.block_bytes(), legacy_layout(w.ty));
     let blocks = w.cols / BLOCK;
     let ahead = tiles_ahead(w, QUAD_ROWS, PREFETCH_BYTES);
     let low = _mm512_set1_epi8(0x0F);
@@ -315,7 +321,7 @@ unsafe fn decode_quads_tile<const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: 
     let mut offsets = [_mm256_setzero_ps(); QUAD_ROWS];
     for chunk in (0..blocks).step_by(8) {
         let n = (blocks - chunk).min(8);
-        let (products, offset_terms) = avx2::chunk_scales::<avx2::Nibbles<false, MIN>, QUAD_ROWS, 1>(&weights, &acts, chunk, n);
+        let (products, offset_terms) = avx2::chunk_scales::<avx2::Nibbles<FIFTH_BIT, MIN>, QUAD_ROWS, 1>(&weights, &acts, chunk, n);
         let tables = [0, 2].map(|a| {
             let (first, second) = (_mm512_castps_pd(_mm512_castps256_ps512(products[a][0])), _mm256_castps_pd(products[a + 1][0]));
             _mm512_castpd_ps(_mm512_insertf64x4::<1>(first, second))
@@ -329,14 +335,24 @@ unsafe fn decode_quads_tile<const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: 
             let b = chunk + k;
             prefetch_ahead(weights[0], b, QUAD_ROWS * bytes, ahead);
             let xv = acts[0].1.as_ptr().add(b * BLOCK);
-            let halves = [0, 16].map(|at| _mm512_broadcast_i32x4(_mm_loadu_si128(xv.add(at) as *const __m128i)));
+            let x_halves = [0, 16].map(|at| _mm512_broadcast_i32x4(_mm_loadu_si128(xv.add(at) as *const __m128i)));
             let lane = |a: usize| _mm_loadu_si128(weights[a].add(b * bytes + nibbles_at) as *const __m128i);
             let packed = _mm512_inserti32x4::<3>(
                 _mm512_inserti32x4::<2>(_mm512_inserti32x4::<1>(_mm512_castsi128_si512(lane(0)), lane(1)), lane(2)),
                 lane(3),
             );
-            let codes = [_mm512_and_si512(packed, low), _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low)];
-            let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], halves[0]), codes[1], halves[1]);
+            let mut codes = [_mm512_and_si512(packed, low), _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low)];
+            if FIFTH_BIT {
+                // Bit `j` of a row's 32 is code `j`'s fifth: the low 16 bits go with the low
+                // nibbles, the high 16 with the high, each row's in its lane of a byte mask.
+                let bits = |a: usize| u64::from((weights[a].add(b * bytes + high_bits) as *const u32).read_unaligned());
+                let (b0, b1, b2, b3) = (bits(0), bits(1), bits(2), bits(3));
+                let lows = (b0 & 0xFFFF) | (b1 & 0xFFFF) << 16 | (b2 & 0xFFFF) << 32 | (b3 & 0xFFFF) << 48;
+                let highs = b0 >> 16 | (b1 >> 16) << 16 | (b2 >> 16) << 32 | (b3 >> 16) << 48;
+                let sixteen = _mm512_set1_epi8(16);
+                codes = [_mm512_mask_add_epi8(codes[0], lows, codes[0], sixteen), _mm512_mask_add_epi8(codes[1], highs, codes[1], sixteen)];
+            }
+            let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], x_halves[0]), codes[1], x_halves[1]);
             let scales = _mm512_permutex2var_ps(tables[0], _mm512_add_epi32(rows_at, _mm512_set1_epi32(k as i32)), tables[1]);
             acc = _mm512_fmadd_ps(scales, _mm512_cvtepi32_ps(sums), acc);
         }
