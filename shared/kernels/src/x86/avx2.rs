@@ -475,7 +475,7 @@ impl<const FIFTH_BIT: bool> Tile for KNibbles<FIFTH_BIT> {
 /// 16.4–16.6 → 17.1–17.6 GB/s (four alternating rounds of the `stream` bench).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    let bytes = if FIFTH_BIT { BlockType::Q5K.block_bytes() } else { BlockType::Q4K.block_bytes() };
+    let (bytes, _) = q4_k_layout(FIFTH_BIT);
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let ahead = tiles_ahead(w, RT, PREFETCH_BYTES);
     let mut acc = Accumulators::<RT, CT>::new();
@@ -592,9 +592,18 @@ pub(super) unsafe fn q4_k_block_scales(block: *const u8) -> (__m128, __m256i, __
     (_mm_cvtph_ps(_mm256_castsi256_si128(head)), both_lanes, mins)
 }
 
+/// A Q4_K block's bytes and where its nibbles start, or a Q5_K block's (with `fifth_bit`, its
+/// 32 bytes of high bits before them).
+pub(super) const fn q4_k_layout(fifth_bit: bool) -> (usize, usize) {
+    match fifth_bit {
+        true => (BlockType::Q5K.block_bytes(), 48),
+        false => (BlockType::Q4K.block_bytes(), 16),
+    }
+}
+
 /// A Q5_K block's 32 bytes of high bits (when `FIFTH_BIT`; Q4_K has none: zeros).
 #[inline(always)]
-unsafe fn q4_k_high_bits<const FIFTH_BIT: bool>(block: *const u8) -> __m256i {
+pub(super) unsafe fn q4_k_high_bits<const FIFTH_BIT: bool>(block: *const u8) -> __m256i {
     match FIFTH_BIT {
         true => _mm256_loadu_si256(block.add(16) as *const __m256i),
         false => _mm256_setzero_si256(),
@@ -606,7 +615,7 @@ unsafe fn q4_k_high_bits<const FIFTH_BIT: bool>(block: *const u8) -> __m256i {
 /// nibbles then high, and Q5_K puts bit `sub` of its high bytes on top.
 #[inline(always)]
 unsafe fn q4_k_pair_codes<const FIFTH_BIT: bool>(block: *const u8, pair: usize, high_bits: __m256i) -> [__m256i; 2] {
-    let (nibbles_at, low) = (if FIFTH_BIT { 48 } else { 16 }, _mm256_set1_epi8(0x0F));
+    let (nibbles_at, low) = (q4_k_layout(FIFTH_BIT).1, _mm256_set1_epi8(0x0F));
     let q = _mm256_loadu_si256(block.add(nibbles_at + 32 * pair) as *const __m256i);
     let nibbles = [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)];
     match FIFTH_BIT {

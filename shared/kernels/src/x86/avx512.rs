@@ -410,11 +410,8 @@ impl<S: PairedRuns> DecodeRow for Sixteens<S> {
 
 /// A decode step's tile of one Q4_K row, or of a Q5_K row when `FIFTH_BIT`: AVX2's (its block's
 /// scales unpacked by [`avx2::q4_k_block_scales`], each sub-block's sums scaled as integers),
-/// two pairs of sub-blocks to a 512-bit register. Q5_K, same measures: in cache 89–96 → 128–147
-/// GFLOP/s; out of memory 28.2–29.7 → 34.7–35.8 GB/s at one thread, 50.2–52.4 → 51.5–61.0 at
-/// two; TinyLlama-shape Q5_K_M decode 38.5–39.0 / 63.3–65.4 → 45.3–45.9 / 72.7–75.6 tok/s.
-/// Q4_K, on an AMD Zen 5 (512-bit instructions in one pass), one
-/// thread, against AVX2's tile: one layer's product in cache (`--bench matmul -- m=1`, pinned,
+/// two pairs of sub-blocks to a 512-bit register. Q4_K, on an AMD Zen 5 (512-bit instructions
+/// in one pass), one thread, against AVX2's tile: one layer's product in cache (`--bench matmul -- m=1`, pinned,
 /// two rounds), GFLOP/s, 114–123 → 142–165 (a batch's last rows, `m=5` and `m=7`, 124–148 →
 /// 151–165); out of memory (`--bench stream`, three rounds in turn), GB/s, 30.2–30.7 → 32.9–34.5
 /// at one thread, 46.2–47.4 → 46.0–57.2 at two; a whole model's decode (`llm bench`, four rounds
@@ -423,21 +420,19 @@ impl<S: PairedRuns> DecodeRow for Sixteens<S> {
 /// Two rows, one to each half of a register, ran faster still in cache (154–173 GFLOP/s) and at
 /// one thread out of memory, but slower at two (48.5–50.5 → 44.5–46.1 GB/s; two streams of
 /// weights a thread). Not measured on a Zen 4, whose 512-bit instructions take two passes, where
-/// a tile pairing sub-blocks of a row was slower than AVX2's, nor on the Xeons.
+/// a tile pairing sub-blocks of a row was slower than AVX2's, nor on the Xeons. Q5_K, same
+/// measures: in cache 89–96 → 128–147 GFLOP/s; out of memory 28.2–29.7 → 34.7–35.8 GB/s at one
+/// thread, 50.2–52.4 → 51.5–61.0 at two; TinyLlama-shape Q5_K_M decode 38.5–39.0 / 63.3–65.4 →
+/// 45.3–45.9 / 72.7–75.6 tok/s.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    let (bytes, nibbles_at) = if FIFTH_BIT { (BlockType::Q5K.block_bytes(), 48) } else { (BlockType::Q4K.block_bytes(), 16) };
+    let (bytes, nibbles_at) = avx2::q4_k_layout(FIFTH_BIT);
     let (weights, acts) = operands::<1, 1>(w, x, r, i);
     let (x_scales, xq, x_sums) = acts[0];
     let ahead = tiles_ahead(w, 1, PREFETCH_BYTES);
     let load = |at: *const i8| _mm256_loadu_si256(at as *const __m256i);
     // Sub-block `j` of a pair `p` is `2p + j`; a register's halves hold pairs `2h` and `2h + 1`.
     let pick = |h: usize, j: usize| halves(_mm256_set1_epi16(avx2::byte_as_i16(4 * h + j)), _mm256_set1_epi16(avx2::byte_as_i16(4 * h + 2 + j)));
-    // Q5_K's fifth bit of sub-block `s` is bit `s` of its high bytes, in each half its own.
-    let fifth_bits = |high: __m512i, h: usize, j: usize| {
-        let at = halves(_mm256_set1_epi16((4 * h + j) as i16), _mm256_set1_epi16((4 * h + 2 + j) as i16));
-        _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, at), _mm512_set1_epi8(1)))
-    };
     let low = _mm512_set1_epi8(0x0F);
     let mut scaled = _mm512_setzero_ps();
     let mut minimums = _mm256_setzero_ps();
@@ -446,14 +441,15 @@ unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows
         let block = weights[0].add(b * bytes);
         let (d, scales, mins) = avx2::q4_k_block_scales(block);
         let scales = _mm512_broadcast_i64x4(scales);
-        let high = if FIFTH_BIT { _mm512_broadcast_i64x4(_mm256_loadu_si256(block.add(16) as *const __m256i)) } else { _mm512_setzero_si512() };
+        let high = _mm512_broadcast_i64x4(avx2::q4_k_high_bits::<FIFTH_BIT>(block));
         let mut sums = _mm512_setzero_si512();
         for h in 0..2 {
             let q = _mm512_loadu_si512(block.add(nibbles_at + 64 * h) as *const __m512i);
             let mut codes = [_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low)];
             if FIFTH_BIT {
+                // Q5_K's fifth bit of sub-block `s` is bit `s` of its high bytes.
                 for (j, codes) in codes.iter_mut().enumerate() {
-                    *codes = _mm512_or_si512(*codes, fifth_bits(high, h, j));
+                    *codes = _mm512_or_si512(*codes, byte_bits::<4>(high, 4 * h + j, 4 * h + 2 + j));
                 }
             }
             let xp = xq.as_ptr().add(b * SUPER_BLOCK + 128 * h);
@@ -550,6 +546,14 @@ unsafe fn shifted_halves(bytes: __m512i, first: i16, second: i16) -> __m512i {
     _mm512_srlv_epi16(bytes, halves(_mm256_set1_epi16(first), _mm256_set1_epi16(second)))
 }
 
+/// Bit `first` of every byte of the low half of `bytes` and bit `second` of the high half's,
+/// each moved to bit `TO` and alone in its byte (AVX2's `byte_bit`, a bit per half).
+#[inline(always)]
+unsafe fn byte_bits<const TO: u32>(bytes: __m512i, first: usize, second: usize) -> __m512i {
+    let lowest = _mm512_and_si512(shifted_halves(bytes, first as i16, second as i16), _mm512_set1_epi8(1));
+    _mm512_slli_epi16::<TO>(lowest)
+}
+
 /// A type with a scale per 16 values, its codes two runs of 32 values to a register.
 trait PairedRuns: avx2::Sixteens {
     /// The codes of runs 0 and 1 of `half` (values `128 · half + 0..64`), then of runs 2 and 3,
@@ -579,10 +583,7 @@ impl PairedRuns for avx2::Q3K {
     #[inline(always)]
     unsafe fn paired_runs(block: *const u8, half: usize) -> [__m512i; 2] {
         let high = _mm512_broadcast_i64x4(_mm256_loadu_si256(block as *const __m256i));
-        let third_bits = |run: usize| {
-            let bits = shifted_halves(high, (4 * half + run) as i16, (4 * half + run + 1) as i16);
-            _mm512_slli_epi16::<2>(_mm512_and_si512(bits, _mm512_set1_epi8(1)))
-        };
+        let third_bits = |run: usize| byte_bits::<2>(high, 4 * half + run, 4 * half + run + 1);
         let runs = two_bit_runs(block.add(32 + 32 * half));
         [_mm512_or_si512(runs[0], third_bits(0)), _mm512_or_si512(runs[1], third_bits(2))]
     }
