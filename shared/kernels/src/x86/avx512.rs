@@ -59,6 +59,21 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     }
 }
 
+/// How far ahead this module's decode tiles ask for their weights: twice AVX2's
+/// [`PREFETCH_BYTES`]. They take their bytes faster than AVX2's, so the same memory latency needs
+/// a longer lead. AMD Zen 5, whole model (`llm bench`, paired rounds), decode tok/s, 4 → 8 KiB:
+/// one thread, Llama 3.2 1B shape, Q8_0 25.5–27.1 → 27.2–29.2, Q4_0 38.8–42.5 → 41.8–44.7,
+/// Q4_K_M 42.0–44.5 → 44.5–47.3, TinyLlama-shape Q5_K_M 44.7–45.7 → 48.5–49.6; two threads, in
+/// the rounds where the VM's memory ran at the faster of its two speeds, Q8_0 37.8–38.5 →
+/// 45.7–46.7 (TinyLlama shape 41.3–43.1 → 45.1–51.0), Q4_0 64.6–69.1 → 69.6–71.6, Q4_K_M
+/// 70.6–73.1 → 73.9–76.1 (in the slower rounds, no different). 16 KiB was no better than 8.
+/// AVX2's tiles on the same host gained nothing from 8 KiB (its Q8_0, which asks twice as far
+/// already, lost at 16: 27.1–28.7 → 26.4–27.3 at one thread). Q8_0's tile was a row at a time for
+/// a while: one stream of weights, which two threads read faster than two rows' streams each at
+/// 4 KiB, but slower than two rows at 8 KiB at one thread (25.2–27.4 against 28.8–29.4) and no
+/// faster at two.
+const AHEAD_BYTES: usize = 2 * PREFETCH_BYTES;
+
 /// Activation rows per tile when a product has several, fewer than the panels take (a decode
 /// step's tiles have one).
 const TILE_ACTS: usize = 4;
@@ -312,7 +327,7 @@ unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool>(w: &QMatrix,
     let (weights, acts) = operands::<QUAD_ROWS, 1>(w, x, r, i);
     let (bytes, (high_bits, nibbles_at)) = (w.ty.block_bytes(), legacy_layout(w.ty));
     let blocks = w.cols / BLOCK;
-    let ahead = tiles_ahead(w, QUAD_ROWS, PREFETCH_BYTES);
+    let ahead = tiles_ahead(w, QUAD_ROWS, AHEAD_BYTES);
     let low = _mm512_set1_epi8(0x0F);
     // Lane `a` of a block's scales is row `a`'s: element `k` of its chunk's eight, the four rows
     // in two tables of two rows each.
@@ -429,7 +444,7 @@ unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows
     let (bytes, nibbles_at) = avx2::q4_k_layout(FIFTH_BIT);
     let (weights, acts) = operands::<1, 1>(w, x, r, i);
     let (x_scales, xq, x_sums) = acts[0];
-    let ahead = tiles_ahead(w, 1, PREFETCH_BYTES);
+    let ahead = tiles_ahead(w, 1, AHEAD_BYTES);
     let load = |at: *const i8| _mm256_loadu_si256(at as *const __m256i);
     // Sub-block `j` of a pair `p` is `2p + j`; a register's halves hold pairs `2h` and `2h + 1`.
     let pick = |h: usize, j: usize| halves(_mm256_set1_epi16(avx2::byte_as_i16(4 * h + j)), _mm256_set1_epi16(avx2::byte_as_i16(4 * h + 2 + j)));
@@ -491,7 +506,7 @@ unsafe fn decode_sixteens_tile<S: PairedRuns>(w: &QMatrix, x: &QuantizedRows, r:
     let (weights, acts) = operands::<1, 1>(w, x, r, i);
     let (x_scales, xq, _) = acts[0];
     let x_sums16 = x.sums16(i);
-    let ahead = tiles_ahead(w, 1, PREFETCH_BYTES);
+    let ahead = tiles_ahead(w, 1, AHEAD_BYTES);
     // Scale `j` of a half into every `i16` of 128-bit lane `j - first`.
     let lanes_from = |first: usize| {
         let lane = |j: usize| _mm_set1_epi16(avx2::broadcast_i16(first + j));
@@ -634,7 +649,7 @@ impl<W: Block> Tile for Legacy<W> {
 unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let blocks = w.cols / BLOCK;
-    let ahead = tiles_ahead(w, RT, PREFETCH_BYTES);
+    let ahead = tiles_ahead(w, RT, AHEAD_BYTES);
     let mut acc = [[_mm512_setzero_ps(); CT]; RT];
     // Scales sixteen blocks at a time: one gather and conversion for the weights', one load for
     // the activations', then a permutation per pair of blocks (loaded one by one, the `f16`

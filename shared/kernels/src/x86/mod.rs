@@ -19,8 +19,9 @@ pub fn interleaving(ty: BlockType, m: usize) -> Option<Interleaving> {
 /// How far ahead of the current block a decode step asks for its weight rows: measured over a
 /// whole model (Q4_K_M, one thread, one row per tile), none 8.4 tok/s, 1 KiB 10.9–11.1, 2 KiB
 /// 12.0–13.3, 4 KiB 13.4–13.8, 8 KiB and more no better and less steady. A type with more bytes
-/// per value may ask further ahead (AVX2's Q8_0 does). A tile of several rows rounds it up to
-/// whole tiles ([`tiles_ahead`]).
+/// per value may ask further ahead (AVX2's Q8_0 does), and so do faster tiles (AVX-512's ask
+/// twice as far, [`avx512`]'s `AHEAD_BYTES`). A tile of several rows rounds it up to whole tiles
+/// ([`tiles_ahead`]).
 const PREFETCH_BYTES: usize = 4096;
 
 /// How far ahead a decode tile of `tile_rows` weight rows asks for its weights: whole tiles, at
