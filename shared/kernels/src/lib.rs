@@ -55,6 +55,7 @@ mod attention;
 mod blocks;
 mod exp;
 pub mod scalar;
+mod shares;
 mod softmax;
 mod swiglu;
 mod tiles;
@@ -214,13 +215,11 @@ pub fn matmul_with(kernels: Kernels, w: &QMatrix, x: &[f32], y: &mut [f32]) -> R
     // so no two items write the same `y` element.
     let group = group_rows(w.rows, m);
     let groups = w.rows.div_ceil(group);
-    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
-        for g in range {
-            let rows = g * group..w.rows.min((g + 1) * group);
-            // SAFETY: see above; `y` outlives the pool's execution, which returns when all
-            // items are done.
-            unsafe { product_rows(kernels, w, &x, rows, &out) };
-        }
+    shares::in_shares(groups, |g| {
+        let rows = g * group..w.rows.min((g + 1) * group);
+        // SAFETY: see above; `y` outlives the pool's execution, which returns when all items
+        // are done.
+        unsafe { product_rows(kernels, w, &x, rows, &out) };
     });
     Ok(())
 }
