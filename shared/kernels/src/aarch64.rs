@@ -261,7 +261,7 @@ impl<const FIFTH_BIT: bool> Block for Q4K<FIFTH_BIT> {
             for half in 0..2 {
                 // Sub-blocks 2p and 2p + 1 share 32 bytes: low nibbles, then high.
                 let q = bytes16(block, nibbles_at + 32 * (j / 2) + 16 * half);
-                let mut code = if j % 2 == 0 { vandq_u8(q, vdupq_n_u8(0x0F)) } else { vshrq_n_u8::<4>(q) };
+                let mut code = if j.is_multiple_of(2) { vandq_u8(q, vdupq_n_u8(0x0F)) } else { vshrq_n_u8::<4>(q) };
                 if FIFTH_BIT {
                     code = vorrq_u8(code, vandq_u8(bit_set(bytes16(block, 16 + 16 * half), j), vdupq_n_u8(16)));
                 }

@@ -175,7 +175,7 @@ pub struct QMatrix<'a> {
 
 impl<'a> QMatrix<'a> {
     pub fn new(ty: BlockType, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
-        if cols == 0 || cols % ty.block_values() != 0 {
+        if cols == 0 || !cols.is_multiple_of(ty.block_values()) {
             return Err(ShapeError(format!("a {ty:?} row must be a whole number of {}-value blocks, not {cols}", ty.block_values())));
         }
         let expected = rows * ty.row_bytes(cols);
@@ -202,7 +202,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
 /// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
 pub fn matmul_with(kernels: Kernels, w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
-    if x.len() % w.cols != 0 {
+    if !x.len().is_multiple_of(w.cols) {
         return Err(ShapeError(format!("{} activations are not rows of {}", x.len(), w.cols)));
     }
     let m = x.len() / w.cols;

@@ -122,7 +122,7 @@ fn extreme_codes_and_activations_do_not_overflow() {
     let (rows, cols) = (16, 512);
     for kernels in Kernels::SIMD.into_iter().filter(|k| k.runs_here()) {
         for ty in TYPES {
-            let sign = |r: usize| if r % 2 == 0 { 1.0 } else { -1.0 };
+            let sign = |r: usize| if r.is_multiple_of(2) { 1.0 } else { -1.0 };
             let values = (0..rows * cols).map(|at| (at / cols, at % cols)).map(|(r, j)| sign(r) * if j % 16 == r % 16 { -1.0 } else { 1.0 }).collect();
             let (bytes, _) = weights_of(ty, values, rows, cols);
             let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();

@@ -256,7 +256,7 @@ impl<W: Block> Tile for W {
 
 /// Whether a tile of `rt` weight rows × `ct` activation rows goes through [`decode_pairs`].
 pub(super) const fn takes_pairs<W: Block>(rt: usize, ct: usize) -> bool {
-    ct == 1 && rt % 2 == 0 && W::PAIRS
+    ct == 1 && rt.is_multiple_of(2) && W::PAIRS
 }
 
 /// The scales of a chunk of up to eight blocks (`n`, from block `chunk`), lane `k` for block
