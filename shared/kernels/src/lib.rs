@@ -6,7 +6,7 @@
 //! product. Many activation rows (a prompt) share every weight load: the product is computed in
 //! tiles of weight rows × activation rows, so prefill is a matrix product, not repeated
 //! vector products. Work is spread over candle's compute pool, so the engine's other kernels and
-//! these never compete for cores.
+//! these never compete for cores, a product's rows in one contiguous share a thread (`shares`).
 //!
 //! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
 //! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too; on
