@@ -68,10 +68,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 /// 45.7–46.7 (TinyLlama shape 41.3–43.1 → 45.1–51.0), Q4_0 64.6–69.1 → 69.6–71.6, Q4_K_M
 /// 70.6–73.1 → 73.9–76.1 (in the slower rounds, no different). 16 KiB was no better than 8.
 /// AVX2's tiles on the same host gained nothing from 8 KiB (its Q8_0, which asks twice as far
-/// already, lost at 16: 27.1–28.7 → 26.4–27.3 at one thread). Q8_0's tile was a row at a time for
-/// a while: one stream of weights, which two threads read faster than two rows' streams each at
-/// 4 KiB, but slower than two rows at 8 KiB at one thread (25.2–27.4 against 28.8–29.4) and no
-/// faster at two.
+/// already, lost at 16: 27.1–28.7 → 26.4–27.3 at one thread). A tile of one Q8_0 row (one stream
+/// of weights a thread) was tried before this: two threads read it faster than two rows' streams
+/// each at 4 KiB, but at 8 KiB it was slower than two rows at one thread (25.2–27.4 against
+/// 28.8–29.4) and no faster at two, so it was not kept.
 const AHEAD_BYTES: usize = 2 * PREFETCH_BYTES;
 
 /// Activation rows per tile when a product has several, fewer than the panels take (a decode
@@ -480,7 +480,7 @@ unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows
         let block_sums = _mm256_loadu_si256(x_sums.as_ptr().add(b * 8) as *const __m256i);
         minimums = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scaled_d)), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, block_sums)), minimums);
     }
-    *out.add(i * w.rows + r) = _mm512_reduce_add_ps(scaled) - avx2::hsum(minimums);
+    *out.add(i * w.rows + r) = hsum(scaled) - avx2::hsum(minimums);
     1
 }
 
