@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "llm", version, about = "Run, inspect and benchmark Llama models on CPU")]
 pub struct Cli {
-    /// Worker threads for the matrix kernels (default: all cores).
+    /// Worker threads for the matrix kernels (default: one per core this process may run on).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     #[command(subcommand)]

@@ -93,6 +93,21 @@ fn bench_reports_speeds_and_memory() {
     assert_eq!(out["kv_cache"], "f32");
 }
 
+/// Pinned to one CPU, the kernels' pool has one thread, whatever the machine's core count: a
+/// thread more would wait a scheduler's time slice at every product.
+#[test]
+fn default_threads_follow_the_cpu_affinity() {
+    let model = fixtures().join("tinyq/tinyq-q4_k_m.gguf");
+    let out = Command::new("taskset")
+        .args(["-c", "0", env!("CARGO_BIN_EXE_llm"), "bench", "--model", model.to_str().unwrap(), "--prompt-tokens", "4", "--gen-tokens", "2", "--json"])
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .expect("run taskset (util-linux)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().expect("output")).unwrap();
+    assert_eq!(report["threads"], 1);
+}
+
 #[test]
 fn bad_input_exits_non_zero_with_a_message() {
     let out = llm(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "x"]);
