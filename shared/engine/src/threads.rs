@@ -1,6 +1,6 @@
-//! Sizing the compute thread pools. candle's quantized kernels and its barrier pool (which
-//! `llm-kernels` runs on) read `RAYON_NUM_THREADS`, its dense matmuls use rayon's global pool:
-//! both must agree, and be set before first use. The allocator is set up for the computation
+//! Sizing the compute thread pools. `llm-kernels`' pool and candle's operations read
+//! `RAYON_NUM_THREADS`, candle's dense matmuls use rayon's global pool: all must agree, and be
+//! set before first use. The allocator is set up for the computation
 //! at the same time ([`crate::allocator`]).
 
 use crate::error::{EngineError, Result};
@@ -27,20 +27,20 @@ pub fn configure(threads: Option<usize>) -> Result<()> {
         .map_err(|e| EngineError::Threads(format!("cannot size the pool: {e}")))
 }
 
-/// The threads of the pool the kernels run on (candle's barrier pool, its workers and the
-/// caller).
+/// The threads of the pool the kernels run on, the caller's included.
 pub fn kernel_threads() -> usize {
-    candle_core::utils::barrier_pool().n_workers() + 1
+    llm_kernels::threads()
 }
 
 /// One thread per core, as candle counts them (physical cores: a second hardware thread of a
 /// core adds nothing to products that keep its vector units busy), but no more than this
 /// process may run on at once: its CPU affinity (`taskset`, a container's cpuset) and its CPU
-/// quota (a container's `--cpus`), which candle's count ignores. The barrier pool's threads spin
-/// while they wait for each other, so a thread more than there are CPUs waits a scheduler's time
-/// slice at every product. Zen 5, TinyLlama-shape Q4_0, decode tok/s with candle's count (two
-/// threads) against one: pinned to one of the two vCPUs (`taskset -c 0`) 3.4–4.3 against
-/// 53.4–54.9; under a quota of one CPU 33.7 against 55.5.
+/// quota (a container's `--cpus`), which candle's count ignores. Threads that share a CPU take
+/// turns at it, and a product waits for the turn of any that holds some of its work. Zen 5,
+/// TinyLlama-shape Q4_0, decode tok/s with candle's count (two threads) against one: pinned to
+/// one of the two vCPUs (`taskset -c 0`) 3.4–4.3 against 53.4–54.9 on candle's barrier pool,
+/// 45.6–46.0 against 48.3–49.5 on `llm-kernels`' own; under a quota of one CPU 33.7 against
+/// 55.5 (candle's).
 fn usable_cores() -> usize {
     let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
     candle_core::utils::get_num_threads().min(allowed)

@@ -106,7 +106,7 @@ impl QuantizedRows {
                 }
             };
             match rows >= PARALLEL_ROWS {
-                true => candle_core::utils::barrier_pool().execute_chunked(tiles, quantize_tiles),
+                true => crate::pool::in_runs(tiles, quantize_tiles),
                 false => quantize_tiles(0..tiles),
             }
         }

@@ -85,7 +85,7 @@ fn attend_all<T: Cached>(shape: &AttentionShape, scale: f32, q: &[f32], k: &[T],
     let block = (ITEM_ROWS / rep).clamp(1, queries);
     let blocks = queries.div_ceil(block);
     let out = OutPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(rows * kv_heads * blocks, |items| {
+    crate::pool::in_runs(rows * kv_heads * blocks, |items| {
         let mut q_rows = Vec::with_capacity(block * rep * hd);
         let mut totals = vec![0f32; block * rep];
         let (mut out_buffer, mut scores_buffer, mut run_buffer) = (Vec::new(), Vec::new(), Vec::new());

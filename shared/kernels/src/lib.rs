@@ -5,8 +5,9 @@
 //! as llama.cpp does, so that each weight block meets an activation block in an integer dot
 //! product. Many activation rows (a prompt) share every weight load: the product is computed in
 //! tiles of weight rows × activation rows, so prefill is a matrix product, not repeated
-//! vector products. Work is spread over candle's compute pool, so the engine's other kernels and
-//! these never compete for cores, a product's rows in one contiguous share a thread (`shares`).
+//! vector products. Work is spread over the crate's own pool of threads ([`threads`]), whose
+//! waiting threads soon give up their CPU (to candle's pool among others), a product's rows in
+//! one contiguous share a thread (`shares`).
 //!
 //! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
 //! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too; on
@@ -55,6 +56,7 @@ mod attention;
 mod blocks;
 mod exp;
 pub mod scalar;
+mod pool;
 mod shares;
 mod softmax;
 mod swiglu;
@@ -67,6 +69,7 @@ use std::sync::OnceLock;
 pub use activations::QuantizedRows;
 pub use attention::{attention, AttentionShape, CachedKv};
 pub use blocks::BlockType;
+pub use pool::threads;
 pub use swiglu::silu_mul;
 
 /// An implementation of the products, by the instructions it needs.
@@ -228,7 +231,7 @@ pub fn matmul_with(kernels: Kernels, w: &QMatrix, x: &[f32], y: &mut [f32]) -> R
 /// (its rows re-read from cache for every activation row) stays in L2.
 fn group_rows(rows: usize, m: usize) -> usize {
     let per_item = if m == 1 { 16 } else { 64 };
-    per_item.min(rows.div_ceil(4 * candle_core::utils::get_num_threads()).next_multiple_of(4)).max(4)
+    per_item.min(rows.div_ceil(4 * pool::threads()).next_multiple_of(4)).max(4)
 }
 
 /// Values per work item of [`in_chunks`]' users (64 KiB of `f32`).
@@ -243,7 +246,7 @@ fn in_chunks(x: &mut [f32], chunk: usize, f: impl Fn(std::ops::Range<usize>, &mu
         return f(0..len, x);
     }
     let out = OutPtr(x.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(chunks, |items| {
+    pool::in_runs(chunks, |items| {
         let values = items.start * chunk..len.min(items.end * chunk);
         // SAFETY: each work item has its own chunks of `x`, which outlives the pool's execution.
         f(values.clone(), unsafe { out.slice(values) });

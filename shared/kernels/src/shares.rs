@@ -5,7 +5,7 @@
 //! A decode step's product streams its weights from memory, and a stream reads fastest long and
 //! in order: its tiles ask for the bytes ahead of them ([`crate::x86`]'s `prefetch_ahead`), so
 //! each new start reads its first bytes cold, and two threads that take items in turn ask for
-//! each other's. candle's `execute_chunked`, which this replaces for the products, hands out
+//! each other's. candle's `execute_chunked`, which this replaced for the products, handed out
 //! eight chunks a thread in turn. AMD Zen 5, two threads, whole model (`llm bench`, four rounds
 //! in turn), decode tok/s, `execute_chunked` → shares: TinyLlama-shape Q8_0 34.0–51.9 →
 //! 40.4–58.6, Q4_0 65.8–79.4 → 72.4–90.2, Llama 3.2 1B-shape Q4_K_M 53.6–73.9 → 55.8–82.7 (the
@@ -17,13 +17,13 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// `f(item)` for each of `0..items`, once, on the compute pool. Not from inside a work item of
-/// the pool (it would wait for itself): no product is asked for there.
+/// `f(item)` for each of `0..items`, once, on the compute pool ([`crate::pool`]). A thread leaves
+/// only when every share is empty or its owner is still at work (only an owner adds to its
+/// share), so the last to leave has seen all done, whichever threads joined.
 pub(crate) fn in_shares(items: usize, f: impl Fn(usize) + Sync) {
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
+    let threads = crate::pool::threads();
     let shares: Vec<Share> = (0..threads).map(|t| Share::new(items * t / threads..items * (t + 1) / threads)).collect();
-    pool.execute(|t| loop {
+    crate::pool::run(&|t| loop {
         while let Some(item) = shares[t].take_front() {
             f(item);
         }
