@@ -127,7 +127,7 @@ fn converted_files_run_in_the_engine() {
     let logits = prompt_logits(&f16.model, &case.prompt_token_ids);
     let last = logits.get(case.prompt_token_ids.len() - 1).unwrap();
     assert!(max_abs_diff(&last, &reference["prompt0.logits_last"]) < 1e-4);
-    assert_eq!(greedy(&f16, &[case.prompt_token_ids.clone()], 20)[0], case.greedy_token_ids);
+    assert_eq!(greedy(&f16, std::slice::from_ref(&case.prompt_token_ids), 20)[0], case.greedy_token_ids);
     assert_ggml_tokenizer_matches_transformers(&tmp.path().join("llama3-bf16.gguf"), "llama3");
 }
 

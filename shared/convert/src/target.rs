@@ -167,7 +167,7 @@ pub fn tensor_type(q: QuantType, name: TensorName, row_len: usize, dims: usize, 
 
 /// llama.cpp gives the output head (and a tied embedding) 6 bits unless it asked for 8.
 fn output_type(base: GgmlDType, row_len: usize) -> GgmlDType {
-    if row_len % base.block_size() != 0 {
+    if !row_len.is_multiple_of(base.block_size()) {
         GgmlDType::Q8_0
     } else if base != GgmlDType::Q8_0 {
         GgmlDType::Q6K

@@ -33,7 +33,7 @@ pub fn parse_ggml_dtype(name: &str) -> Result<GgmlDType> {
 /// itself when the row is a whole number of blocks, otherwise llama.cpp's fallback for K-quants
 /// (`tensor_type_fallback` in `llama-quant.cpp`), otherwise `None` (llama.cpp then uses F16).
 pub fn type_for_row(wanted: GgmlDType, row_len: usize) -> Option<GgmlDType> {
-    let fits = |t: GgmlDType| row_len > 0 && row_len % t.block_size() == 0;
+    let fits = |t: GgmlDType| row_len > 0 && row_len.is_multiple_of(t.block_size());
     if fits(wanted) {
         return Some(wanted);
     }

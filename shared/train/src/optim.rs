@@ -106,7 +106,7 @@ mod tests {
         adam.step(&grads, 0.01).unwrap();
         let m = matrix.as_tensor().to_vec2::<f32>().unwrap();
         assert!((m[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-5, "{m:?}");
-        assert!((m[0][1] - (-1.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-5, "{m:?}");
+        assert!((m[0][1] - (-(1.0 - 0.001) + 0.01)).abs() < 1e-5, "{m:?}");
         assert!((vector.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.99).abs() < 1e-5);
     }
 }

@@ -134,7 +134,7 @@ fn progress<'a>(remote: Option<&'a RemoteCheckpoint>, checkpoint_every: usize) -
         updates.set_length(total as u64);
         updates.set_position(m.step as u64);
         updates.set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
-        if let Some(remote) = remote.filter(|_| checkpoint_every > 0 && m.step % checkpoint_every == 0 && m.step < total) {
+        if let Some(remote) = remote.filter(|_| checkpoint_every > 0 && m.step.is_multiple_of(checkpoint_every) && m.step < total) {
             // A failed copy costs only the progress since the last one: the run goes on.
             if let Err(err) = remote.push() {
                 tracing::warn!(step = m.step, error = %format!("{err:#}"), "cannot copy the checkpoint to S3");
