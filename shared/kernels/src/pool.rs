@@ -111,7 +111,8 @@ fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
         let shared: &'static Shared = Box::leak(Box::new(Shared { state: AtomicU64::new(0), job: UnsafeCell::new(None), panic: Mutex::new(None) }));
-        let workers = (1..candle_core::utils::get_num_threads())
+        // The count of workers inside a job has 16 bits.
+        let workers = (1..candle_core::utils::get_num_threads().min(INSIDE as usize + 1))
             .map(|index| {
                 let worker = std::thread::Builder::new().name(format!("llm-kernels-{index}")).spawn(move || work(shared, index));
                 worker.expect("cannot start a compute thread").thread().clone()
@@ -162,6 +163,8 @@ impl Drop for Close {
         self.0.state.fetch_and(!OPEN, Ordering::AcqRel);
         // Acquire: the workers' writes happen before their leaving.
         wait(false, || Some(()).filter(|_| self.0.state.load(Ordering::Acquire) & INSIDE == 0));
+        // SAFETY: closed, with no worker inside: none reads `job` until the next job opens.
+        unsafe { *self.0.job.get() = None };
         let panic = self.0.panic.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(payload) = panic.filter(|_| !std::thread::panicking()) {
             std::panic::resume_unwind(payload);
