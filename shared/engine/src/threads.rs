@@ -5,6 +5,11 @@
 
 use crate::error::{EngineError, Result};
 
+/// Variables of candle's and rayon's that a user may set to override these choices (not the
+/// functions' settings: the template does not set them).
+const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
+const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
 /// Sizes both pools to `threads`; `None` sizes them to [`usable_cores`], unless
 /// `RAYON_NUM_THREADS` already says. Either way the variable is set: without it, candle counts
 /// the cores again at each operation that asks how many threads it has, by reading
@@ -16,17 +21,17 @@ pub fn configure(threads: Option<usize>) -> Result<()> {
     let n = match threads {
         Some(0) => return Err(EngineError::Threads("the count must be at least 1".into())),
         Some(n) => n,
-        None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return Ok(()),
+        None if std::env::var_os(RAYON_NUM_THREADS).is_some() => return Ok(()),
         None => usable_cores(),
     };
     tracing::info!(threads = n, "compute threads");
-    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var(RAYON_NUM_THREADS, n.to_string());
     // candle's barrier pool (its elementwise operations on 64 Ki values or more: a prompt's)
     // spins 25,000 times after each job by default, holding the CPU the kernels' pool wakes on
     // next. Zen 5, two threads, 128-token prompt, prefill tok/s, three rounds: TinyLlama-shape
     // Q4_K_M 271.6–331.9 → 386.5–397.3, Llama 3.2 1B-shape Q4_K_M 91.7–424.8 → 411.4–446.3.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    if std::env::var_os(SPIN_LIMIT).is_none() {
+        std::env::set_var(SPIN_LIMIT, "1000");
     }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
