@@ -39,11 +39,6 @@ pub fn configure(threads: Option<usize>) -> Result<()> {
         .map_err(|e| EngineError::Threads(format!("cannot size the pool: {e}")))
 }
 
-/// The threads of the pool the kernels run on, the caller's included.
-pub fn kernel_threads() -> usize {
-    llm_kernels::threads()
-}
-
 /// One thread per core, as candle counts them (physical cores: a second hardware thread of a
 /// core adds nothing to products that keep its vector units busy), but no more than this
 /// process may run on at once: its CPU affinity (`taskset`, a container's cpuset) and its CPU

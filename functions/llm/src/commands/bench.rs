@@ -77,7 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (_, stats) = llm_engine::generate(&loaded.model, &loaded.tokenizer, &[request], |_| ControlFlow::Continue(()))?;
     let report = Report {
         model: args.model.display().to_string(),
-        threads: llm_engine::threads::kernel_threads(),
+        threads: llm_kernels::threads(),
         kernels: kernels.name(),
         kv_cache: loaded.model.kv_cache_type().name(),
         prompt_tokens: stats.prompt_tokens,
