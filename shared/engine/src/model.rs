@@ -42,22 +42,35 @@ impl Product {
         })
     }
 
-    fn forward(&self, x: &Tensor, (out, input): (usize, usize)) -> Result<Tensor> {
-        let weights = match self {
-            Self::Candle(m) => return Ok(m.forward(x)?),
-            Self::Kernels(t) => t,
-        };
-        let w = QMatrix::new(weights.ty, out, input, weights.bytes()).map_err(kernel_error)?;
-        // The kernels take the activations where they lie (weights in place are on the CPU, and
-        // so is the model): a copy cost a prompt a fiftieth of its time.
-        let x_f32 = x.contiguous()?.to_dtype(DType::F32)?;
-        let (storage, layout) = x_f32.storage_and_layout();
-        let xs = cpu_f32(&storage, layout)?;
-        let mut y = vec![0f32; xs.len() / input * out];
-        llm_kernels::matmul(&w, xs, &mut y).map_err(kernel_error)?;
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("a matrix product's input has a last axis") = out;
-        Ok(Tensor::from_vec(y, dims, x.device())?)
+    /// `x · Wᵀ` for each of `products` (`[out, in]` weights), which take the same `x`: those of
+    /// the kernels in one [`llm_kernels::matmuls`] (one job of the compute pool, the activations
+    /// quantized once), candle's one by one.
+    fn forward_all<const N: usize>(products: [(&Self, (usize, usize)); N], x: &Tensor) -> Result<[Tensor; N]> {
+        let mut outputs: [Option<Tensor>; N] = std::array::from_fn(|_| None);
+        let mut kernels = Vec::with_capacity(N);
+        for (i, (product, (out, input))) in products.into_iter().enumerate() {
+            match product {
+                Self::Candle(m) => outputs[i] = Some(m.forward(x)?),
+                Self::Kernels(t) => kernels.push((i, out, QMatrix::new(t.ty, out, input, t.bytes()).map_err(kernel_error)?)),
+            }
+        }
+        if let Some(&(_, _, first)) = kernels.first() {
+            // The kernels take the activations where they lie (weights in place are on the CPU,
+            // and so is the model): a copy cost a prompt a fiftieth of its time.
+            let x_f32 = x.contiguous()?.to_dtype(DType::F32)?;
+            let (storage, layout) = x_f32.storage_and_layout();
+            let xs = cpu_f32(&storage, layout)?;
+            let m = xs.len() / first.cols;
+            let mut ys: Vec<Vec<f32>> = kernels.iter().map(|&(_, out, _)| vec![0f32; m * out]).collect();
+            let mut jobs: Vec<(QMatrix, &mut [f32])> = kernels.iter().zip(&mut ys).map(|(&(_, _, w), y)| (w, y.as_mut_slice())).collect();
+            llm_kernels::matmuls(&mut jobs, xs).map_err(kernel_error)?;
+            for ((i, out, _), y) in kernels.into_iter().zip(ys) {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("a matrix product's input has a last axis") = out;
+                outputs[i] = Some(Tensor::from_vec(y, dims, x.device())?);
+            }
+        }
+        Ok(outputs.map(|y| y.expect("every product was computed")))
     }
 }
 
@@ -87,12 +100,21 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let [y] = Self::forward_all([self], x)?;
+        Ok(y)
+    }
+
+    /// [`Linear::forward`] of each of `linears`, which take the same `x` (see
+    /// [`Product::forward_all`]).
+    fn forward_all<const N: usize>(linears: [&Self; N], x: &Tensor) -> Result<[Tensor; N]> {
         let x = x.contiguous()?;
-        let y = self.weight.forward(&x, self.dims)?;
-        match &self.lora {
-            Some(lora) => Ok((y + x.broadcast_matmul(&lora.a_t)?.broadcast_matmul(&lora.scaled_b_t)?)?),
-            None => Ok(y),
+        let mut ys = Product::forward_all(linears.map(|l| (&l.weight, l.dims)), &x)?;
+        for (y, linear) in ys.iter_mut().zip(linears) {
+            if let Some(lora) = &linear.lora {
+                *y = (&*y + x.broadcast_matmul(&lora.a_t)?.broadcast_matmul(&lora.scaled_b_t)?)?;
+            }
         }
+        Ok(ys)
     }
 }
 
@@ -156,9 +178,8 @@ impl Attention {
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(x)?, nh)?;
-        let k = heads(self.k_proj.forward(x)?, nkv)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let [q, k, v] = Linear::forward_all([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let q = rope.apply(&q, &cos_sin.0, &cos_sin.1)?;
         let k = rope.apply(&k, &cos_sin.0, &cos_sin.1)?;
 
@@ -198,7 +219,7 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let [gate, up] = Linear::forward_all([&self.gate, &self.up], x)?;
         self.down.forward(&swiglu(gate, &up)?)
     }
 }

@@ -45,7 +45,7 @@ pub struct Interleaved {
 }
 
 /// How a product's kernels read its activations [`Interleaved`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interleaving {
     /// Values per group: those that share a weight scale.
     pub group: usize,

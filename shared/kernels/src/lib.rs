@@ -196,7 +196,7 @@ impl<'a> QMatrix<'a> {
 
 /// `y[m × w.rows] = x[m × w.cols] · Wᵀ`, row-major, on the compute pool, with [`Kernels::best`].
 pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
-    matmul_with(Kernels::best(), w, x, y)
+    matmuls(&mut [(*w, y)], x)
 }
 
 /// [`matmul`] with the given kernels, for tests and benchmarks to compare them.
@@ -204,27 +204,79 @@ pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
 /// # Panics
 /// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
 pub fn matmul_with(kernels: Kernels, w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
+    matmuls_with(kernels, &mut [(*w, y)], x)
+}
+
+/// [`matmul`] for several matrices that take the same activations (a layer's q, k and v; its
+/// gate and up): one job of the compute pool for all of them, and the activations quantized
+/// once for each way the matrices read them. A job ends when its slowest thread does, and a
+/// thread's stream of weights starts cold at each job; a decode step had seven of them a layer.
+pub fn matmuls(products: &mut [(QMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+    matmuls_with(Kernels::best(), products, x)
+}
+
+/// [`matmuls`] with the given kernels.
+///
+/// # Panics
+/// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
+pub fn matmuls_with(kernels: Kernels, products: &mut [(QMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
-    if !x.len().is_multiple_of(w.cols) {
-        return Err(ShapeError(format!("{} activations are not rows of {}", x.len(), w.cols)));
+    let Some(cols) = products.first().map(|(w, _)| w.cols) else { return Ok(()) };
+    if !x.len().is_multiple_of(cols) {
+        return Err(ShapeError(format!("{} activations are not rows of {cols}", x.len())));
     }
-    let m = x.len() / w.cols;
-    if y.len() != m * w.rows {
-        return Err(ShapeError(format!("the output of {m}×{} has {} values, not {}", w.rows, m * w.rows, y.len())));
+    let m = x.len() / cols;
+    for (w, y) in products.iter() {
+        if w.cols != cols {
+            return Err(ShapeError(format!("products of one input take rows of {cols} values, not {}", w.cols)));
+        }
+        if y.len() != m * w.rows {
+            return Err(ShapeError(format!("the output of {m}×{} has {} values, not {}", w.rows, m * w.rows, y.len())));
+        }
     }
-    let x = QuantizedRows::for_product(x, w.cols, w.ty.block_values(), kernels.interleaving(w.ty, m));
-    let out = OutPtr(y.as_mut_ptr());
-    // Each work item owns a group of weight rows, i.e. the same columns of every output row,
-    // so no two items write the same `y` element.
-    let group = group_rows(w.rows, m);
-    let groups = w.rows.div_ceil(group);
-    shares::in_shares(groups, |g| {
-        let rows = g * group..w.rows.min((g + 1) * group);
-        // SAFETY: see above; `y` outlives the pool's execution, which returns when all items
-        // are done.
-        unsafe { product_rows(kernels, w, &x, rows, &out) };
+    let mut forms: Vec<((usize, Option<activations::Interleaving>), QuantizedRows)> = Vec::new();
+    let form_of: Vec<usize> = products
+        .iter()
+        .map(|(w, _)| {
+            let form = (w.ty.block_values(), kernels.interleaving(w.ty, m));
+            forms.iter().position(|(f, _)| *f == form).unwrap_or_else(|| {
+                forms.push((form, QuantizedRows::for_product(x, cols, form.0, form.1)));
+                forms.len() - 1
+            })
+        })
+        .collect();
+    // Each work item owns a group of one matrix's weight rows, i.e. the same columns of every
+    // row of that matrix's output, so no two items write the same element.
+    let mut items = 0;
+    let parts: Vec<Part> = products
+        .iter_mut()
+        .zip(form_of)
+        .map(|((w, y), form)| {
+            let group = group_rows(w.rows, m);
+            let part = Part { w: *w, x: &forms[form].1, out: OutPtr(y.as_mut_ptr()), group, first_item: items };
+            items += w.rows.div_ceil(group);
+            part
+        })
+        .collect();
+    shares::in_shares(items, |item| {
+        let part = &parts[parts.partition_point(|p| p.first_item <= item) - 1];
+        let g = item - part.first_item;
+        let rows = g * part.group..part.w.rows.min((g + 1) * part.group);
+        // SAFETY: see above; the outputs outlive the pool's execution, which returns when all
+        // items are done.
+        unsafe { product_rows(kernels, &part.w, part.x, rows, &part.out) };
     });
     Ok(())
+}
+
+/// One matrix of [`matmuls_with`]'s job: its work items are `first_item..`, one per `group`
+/// weight rows.
+struct Part<'a> {
+    w: QMatrix<'a>,
+    x: &'a QuantizedRows,
+    out: OutPtr<f32>,
+    group: usize,
+    first_item: usize,
 }
 
 /// Weight rows per work item: enough items for the pool to balance, few enough that a group
@@ -255,7 +307,7 @@ fn in_chunks(x: &mut [f32], chunk: usize, f: impl Fn(std::ops::Range<usize>, &mu
 
 /// An output that the compute pool's work items write, each its own elements.
 struct OutPtr<T>(*mut T);
-// SAFETY: the work items of each user write disjoint elements (see `matmul`,
+// SAFETY: the work items of each user write disjoint elements (see `matmuls_with`,
 // `attention`, `QuantizedRows::for_product`, `in_chunks`).
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 

@@ -4,7 +4,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use llm_kernels::{matmul, matmul_with, scalar, BlockType, Kernels, QMatrix, QuantizedRows};
+use llm_kernels::{matmul, matmul_with, matmuls, matmuls_with, scalar, BlockType, Kernels, QMatrix, QuantizedRows};
 use rand::{Rng, SeedableRng};
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
@@ -144,4 +144,35 @@ fn shapes_that_do_not_match_are_refused() {
     let w = QMatrix::new(BlockType::Q8_0, 4, 64, &bytes).unwrap();
     assert!(matmul(&w, &[0.0; 65], &mut [0.0; 4]).is_err());
     assert!(matmul(&w, &[0.0; 64], &mut [0.0; 3]).is_err());
+    let (wide, _) = weights(BlockType::Q8_0, 4, 96);
+    let wide = QMatrix::new(BlockType::Q8_0, 4, 96, &wide).unwrap();
+    assert!(matmuls(&mut [(w, &mut [0.0; 4]), (wide, &mut [0.0; 4])], &[0.0; 64]).is_err(), "products of one input take rows of one length");
+}
+
+/// Matrices of types whose kernels read the activations differently (blocks of 32 or 256
+/// values, panels of groups of 32 or 16) in one job: each output is what its product alone
+/// gives, for a decode step, a few rows and a prompt's panels.
+#[test]
+fn several_products_of_one_input_equal_each_alone() {
+    let cols = 512;
+    let shapes = [(BlockType::Q4K, 67), (BlockType::Q6K, 16), (BlockType::Q8_0, 33), (BlockType::Q4K, 5)];
+    let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
+    let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();
+    for kernels in Kernels::SIMD.into_iter().filter(|k| k.runs_here()) {
+        for m in [1, 3, 40] {
+            let x = random(m * cols, 5);
+            let alone: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| {
+                    let mut y = vec![f32::NAN; m * w.rows];
+                    matmul_with(kernels, w, &x, &mut y).unwrap();
+                    y
+                })
+                .collect();
+            let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+            let mut products: Vec<(QMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
+            matmuls_with(kernels, &mut products, &x).unwrap();
+            assert_eq!(together, alone, "{kernels:?}, {m} activation rows");
+        }
+    }
 }
