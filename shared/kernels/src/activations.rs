@@ -44,6 +44,9 @@ pub struct Interleaved {
     pub offset_sums: Vec<i32>,
 }
 
+/// One row of [`QuantizedRows`]: its scales (one per group), values, and sums of 32 values.
+pub type Row<'a> = (&'a [f32], &'a [i8], &'a [i32]);
+
 /// How a product's kernels read its activations [`Interleaved`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interleaving {
@@ -119,9 +122,9 @@ impl QuantizedRows {
         self.values.len() / self.cols
     }
 
-    /// Row `i`: its scales (one per group), values, and sums of 32 values.
+    /// Row `i`.
     #[inline]
-    pub fn row(&self, i: usize) -> (&[f32], &[i8], &[i32]) {
+    pub fn row(&self, i: usize) -> Row<'_> {
         let (groups, blocks) = (self.groups, self.cols / BLOCK);
         (
             &self.scales[i * groups..(i + 1) * groups],

@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use crate::activations::QuantizedRows;
+use crate::activations::{QuantizedRows, Row};
 use crate::blocks::BlockType;
 use crate::QMatrix;
 
@@ -79,11 +79,11 @@ pub(crate) unsafe fn operands<'x, const RT: usize, const CT: usize>(
     x: &'x QuantizedRows,
     r: usize,
     i: usize,
-) -> ([*const u8; RT], [(&'x [f32], &'x [i8], &'x [i32]); CT]) {
+) -> ([*const u8; RT], [Row<'x>; CT]) {
     let row_bytes = w.ty.row_bytes(w.cols);
     // A loop, not `array::from_fn`: LLVM left that closure out of line, a call per decode tile
     // (2 % of a Q4_K_M decode step).
-    let mut acts: [(&[f32], &[i8], &[i32]); CT] = [(&[], &[], &[]); CT];
+    let mut acts: [Row; CT] = [(&[], &[], &[]); CT];
     for (c, act) in acts.iter_mut().enumerate() {
         *act = x.row(i + c);
     }
@@ -100,9 +100,9 @@ pub(crate) unsafe fn store<V: Copy, const RT: usize, const CT: usize>(
     i: usize,
     out: *mut f32,
 ) -> usize {
-    for a in 0..RT {
-        for c in 0..CT {
-            *out.add((i + c) * w.rows + r + a) = hsum(acc[a][c]);
+    for (a, sums) in acc.iter().enumerate() {
+        for (c, &sum) in sums.iter().enumerate() {
+            *out.add((i + c) * w.rows + r + a) = hsum(sum);
         }
     }
     RT

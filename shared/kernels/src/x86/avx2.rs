@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use super::panel::{code_offset, group_values, largest_code, Group, Panel, PANEL_ROWS};
 use super::{f16_at, prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
-use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
+use crate::activations::{Interleaved, QuantizedRows, Row, TILE_ROWS};
 use crate::blocks::{legacy_layout, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
 use crate::QMatrix;
@@ -283,7 +283,7 @@ pub(super) const fn takes_pairs<W: Block>(rt: usize, ct: usize) -> bool {
 #[inline(always)]
 pub(super) unsafe fn chunk_scales<W: Block, const RT: usize, const CT: usize>(
     weights: &[*const u8; RT],
-    acts: &[(&[f32], &[i8], &[i32]); CT],
+    acts: &[Row; CT],
     chunk: usize,
     n: usize,
 ) -> ([[__m256; CT]; RT], Option<[[__m256; CT]; RT]>) {
