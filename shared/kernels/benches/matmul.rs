@@ -29,7 +29,7 @@ fn main() {
             let bytes = q.data().unwrap().into_owned();
             let ours = QMatrix::new(ty, n, k, &bytes).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
-            for m in [1, 5, 7, 128, 512] {
+            for m in [1, 2, 3, 4, 5, 7, 8, 12, 16, 24, 32, 128, 512] {
                 let line = format!("{ty:?} {name} {n}x{k} m={m}");
                 if !wanted.iter().all(|w| line.split(' ').any(|word| word == w)) {
                     continue;

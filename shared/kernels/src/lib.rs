@@ -128,7 +128,7 @@ impl Kernels {
     fn interleaving(self, ty: BlockType, m: usize) -> Option<activations::Interleaving> {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512Vnni | Self::Avx2 => x86::interleaving(ty, m),
+            Self::Avx512Vnni | Self::Avx2 => x86::interleaving(ty, m, self == Self::Avx512Vnni),
             _ => None,
         }
     }

@@ -25,7 +25,7 @@ pub fn detected() -> bool {
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
-    if super::interleaving(w.ty, x.rows()).is_some() {
+    if super::interleaving(w.ty, x.rows(), false).is_some() {
         return match w.ty {
             // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
             BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true, { code_offset(BlockType::Q8_0).is_none() }>(w, x, rows, out),

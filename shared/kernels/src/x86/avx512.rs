@@ -37,7 +37,7 @@ pub fn detected() -> bool {
 /// [`detected`] is true; `out` as in [`crate::product_rows`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
-    if let Some(how) = super::interleaving(w.ty, x.rows()) {
+    if let Some(how) = super::interleaving(w.ty, x.rows(), true) {
         return match (how.group, how.code_offset.is_none()) {
             (16, true) => panel_rows::<16, true>(w, x, rows, out),
             (16, false) => panel_rows::<16, false>(w, x, rows, out),

@@ -27,12 +27,23 @@ use crate::{activations::Interleaved, QuantizedRows};
 /// Weight rows per panel: one 32-bit lane of a 512-bit register each.
 pub const PANEL_ROWS: usize = 16;
 
-/// Activation rows from which panels are worth packing (`cargo bench -p llm-kernels` with other
-/// row counts): packing costs about as much as a dozen rows' products. With AVX-512, at 16 rows
-/// panels ran at 0.35–1.1 × the tiles, at 32 rows at 0.9–1.8 ×, at 64 rows at 1.7–3 ×; with AVX2
-/// (best of three, one thread), at 16 rows at 0.6–1.2 ×, at 24 rows at 0.8–1.9 ×, at 32 rows at
-/// 1.05–2.2 ×, at 64 rows at 1.05–2 ×.
-pub const PANEL_MIN_ACTIVATIONS: usize = 32;
+/// Activation rows from which panels are worth packing for `ty`, with AVX-512 or AVX2: packing
+/// costs about as much as a few rows' products, and the tiles' sums of several rows reuse little
+/// of their weight loads. AVX2, at first (best of three, one thread): at 16 rows panels ran at
+/// 0.6–1.2 × the tiles, at 24 rows at 0.8–1.9 ×, at 32 rows at 1.05–2.2 ×, at 64 rows at
+/// 1.05–2 ×. AVX-512 on the Zen 5, since the packing was done in registers (`--bench matmul --
+/// ffn_up`, one thread, pinned), tiles → panels, GFLOP/s: the K-quants at 5 rows 118–161 →
+/// 100–152, at 7 rows 124–162 → 129–212 (Q4_K 162 → 212, Q5_K 131 → 192), at 8 rows 120–170
+/// → 149–241, at 16 166 → 371 for Q4_K; the legacy types at 8 rows 153–211 → 160–194 (Q8_0 211
+/// → 180), at 12 170–213 → 194–232, at 16 154–214 → 258–307. AVX2 on that host at 16 rows:
+/// Q4_0 and the K-quants gained, Q8_0 lost (144 → 116), so AVX2's choice stands.
+pub const fn panel_min_activations(ty: BlockType, avx512: bool) -> usize {
+    match (avx512, ty) {
+        (false, _) => 32,
+        (true, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 7,
+        (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
+    }
+}
 
 /// Values per group: those that share a scale in `ty`.
 pub const fn group_values(ty: BlockType) -> usize {
