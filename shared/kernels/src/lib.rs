@@ -1,8 +1,8 @@
 //! Quantized matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format.
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
-//! never repacked or copied); the activations are quantized once per product to 8-bit blocks,
-//! as llama.cpp does, so that each weight block meets an activation block in an integer dot
+//! never repacked or copied); the activations are quantized once per product (once for the
+//! products of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp does, so that each weight block meets an activation block in an integer dot
 //! product. Many activation rows (a prompt) share every weight load: the product is computed in
 //! tiles of weight rows × activation rows, so prefill is a matrix product, not repeated
 //! vector products. Work is spread over the crate's own pool of threads ([`threads`]), whose

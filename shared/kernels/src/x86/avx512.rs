@@ -2,14 +2,15 @@
 //! larger tiles. Chosen at run time where the host has it (Intel since Cascade Lake, AMD since
 //! Zen 4); the binary itself is built for AVX2.
 //!
-//! A prompt's products go through [`super::panel`]s of 16 weight rows. Otherwise (decode, small
-//! batches) a 512-bit register holds two 32-value blocks of a row: the legacy types go two
-//! blocks at a time (a row with an odd number of blocks ends with one, the other half zero).
-//! The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a
-//! batch's last rows) take four weight rows to a register instead, one to each 128-bit lane,
-//! the rows left over going through AVX2's tiles, as does
-//! every K-quant product that is not a prompt's and has more than one activation row (a
-//! K-quant row's decode takes two runs of 32 values to a 512-bit register).
+//! A product of many activation rows (a prompt; a batch's decode step from
+//! [`super::panel::panel_min_activations`] rows: 7 for the K-quants, 12 for the legacy types)
+//! goes through [`super::panel`]s of 16 weight rows. Otherwise (decode, small batches) a 512-bit
+//! register holds two 32-value blocks of a row: the legacy types go two blocks at a time (a row
+//! with an odd number of blocks ends with one, the other half zero). The nibble types' (Q4_0,
+//! Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a batch's last rows) take four
+//! weight rows to a register instead, one to each 128-bit lane, the rows left over going
+//! through AVX2's tiles, as does every K-quant product of 2 to 6 activation rows (a K-quant
+//! row's decode takes two runs of 32 values to a 512-bit register).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
