@@ -462,7 +462,7 @@ unsafe fn f16_scales_and_minimums<W: Block>(first: *const u8, n: usize) -> (__m2
 /// ones), so the conversion to `f32` happens once per 256 values; the minimums meet the
 /// activations' sums of 32 values. Q5_K's tile is Q4_K's, each nibble given its fifth bit
 /// (codes 0..32 still fit `maddubs`).
-pub(super) struct KNibbles<const FIFTH_BIT: bool>;
+struct KNibbles<const FIFTH_BIT: bool>;
 
 type Q4K = KNibbles<false>;
 type Q5K = KNibbles<true>;
@@ -776,7 +776,7 @@ unsafe fn half_in_both_lanes(s: __m128i, half: usize) -> __m256i {
 
 /// A [`Sixteens`] type as a [`Tile`] (a blanket `Tile` for them would overlap the legacy
 /// types').
-pub(super) struct Per16<S>(std::marker::PhantomData<S>);
+struct Per16<S>(std::marker::PhantomData<S>);
 
 impl<S: Sixteens> Tile for Per16<S> {
     #[inline(always)]

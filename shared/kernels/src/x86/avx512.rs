@@ -9,8 +9,8 @@
 //! with an odd number of blocks ends with one, the other half zero). The nibble types' (Q4_0,
 //! Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a batch's last rows) take four
 //! weight rows to a register instead, one to each 128-bit lane, the rows left over going
-//! through AVX2's tiles, as does every K-quant product of 2 to 6 activation rows (a K-quant
-//! row's decode takes two runs of 32 values to a 512-bit register).
+//! through AVX2's tiles. A K-quant's tile is one weight row, two runs of 32 values to a 512-bit
+//! register, by one activation row or four (a batch of 2 to 6).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -20,7 +20,7 @@ use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, BlockType, BLOCK, SUPER_BLOCK};
-use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
+use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
 use crate::QMatrix;
 
 pub fn detected() -> bool {
@@ -52,11 +52,11 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
-        BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
-        BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
-        BlockType::Q2K => rows_of::<RowTiles<Sixteens<avx2::Q2K>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q2K) }>(w, x, rows, out),
-        BlockType::Q3K => rows_of::<RowTiles<Sixteens<avx2::Q3K>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<RowTiles<Sixteens<avx2::Q6K>>, { PROMPT.0 }, { PROMPT.1 }, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
+        BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
+        BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>>, 1, TILE_ACTS, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
+        BlockType::Q2K => rows_of::<RowTiles<Sixteens<avx2::Q2K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out),
+        BlockType::Q3K => rows_of::<RowTiles<Sixteens<avx2::Q3K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
+        BlockType::Q6K => rows_of::<RowTiles<Sixteens<avx2::Q6K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
     }
 }
 
@@ -76,7 +76,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 const AHEAD_BYTES: usize = 2 * PREFETCH_BYTES;
 
 /// Activation rows per tile when a product has several, fewer than the panels take (a decode
-/// step's tiles have one).
+/// step's tiles have one): the legacy types' tiles of four weight rows, the K-quants' of one.
 const TILE_ACTS: usize = 4;
 
 /// Weight rows of Q8_0's tile of one activation row (a decode step; a batch's last rows). Four
@@ -380,13 +380,12 @@ unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool>(w: &QMatrix,
     QUAD_ROWS
 }
 
-/// A K-quant whose decode step's single rows have a 512-bit tile of their own, its other tiles
-/// being AVX2's.
+/// A K-quant whose tiles are one weight row in 512-bit registers against one activation row (a
+/// decode step) or a few (a small batch's decode step, below the panels).
 trait DecodeRow {
-    type Avx2: Tile;
     /// # Safety
-    /// As [`Tile::tile`] of one weight row and one activation row.
-    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize;
+    /// As [`Tile::tile`] of one weight row and `CT` activation rows.
+    unsafe fn row<const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize;
 }
 
 /// The tiles of a [`DecodeRow`] type.
@@ -395,10 +394,8 @@ struct RowTiles<K>(std::marker::PhantomData<K>);
 impl<K: DecodeRow> Tile for RowTiles<K> {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        match (RT, CT) {
-            (1, 1) => K::row(w, x, r, i, out),
-            _ => K::Avx2::tile::<RT, CT>(w, x, r, i, out),
-        }
+        debug_assert_eq!(RT, 1, "a K-quant's tile is one weight row");
+        K::row::<CT>(w, x, r, i, out)
     }
 }
 
@@ -406,10 +403,9 @@ impl<K: DecodeRow> Tile for RowTiles<K> {
 struct KNibbles<const FIFTH_BIT: bool>;
 
 impl<const FIFTH_BIT: bool> DecodeRow for KNibbles<FIFTH_BIT> {
-    type Avx2 = avx2::KNibbles<FIFTH_BIT>;
     #[inline(always)]
-    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        decode_q4_k_tile::<FIFTH_BIT>(w, x, r, i, out)
+    unsafe fn row<const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        q4_k_tile::<FIFTH_BIT, CT>(w, x, r, i, out)
     }
 }
 
@@ -417,16 +413,21 @@ impl<const FIFTH_BIT: bool> DecodeRow for KNibbles<FIFTH_BIT> {
 struct Sixteens<S>(std::marker::PhantomData<S>);
 
 impl<S: PairedRuns> DecodeRow for Sixteens<S> {
-    type Avx2 = avx2::Per16<S>;
     #[inline(always)]
-    unsafe fn row(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        decode_sixteens_tile::<S>(w, x, r, i, out)
+    unsafe fn row<const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        sixteens_tile::<S, CT>(w, x, r, i, out)
     }
 }
 
-/// A decode step's tile of one Q4_K row, or of a Q5_K row when `FIFTH_BIT`: AVX2's (its block's
-/// scales unpacked by [`avx2::q4_k_block_scales`], each sub-block's sums scaled as integers),
-/// two pairs of sub-blocks to a 512-bit register. Q4_K, on an AMD Zen 5 (512-bit instructions
+/// A tile of one Q4_K row, or of a Q5_K row when `FIFTH_BIT`, by `CT` activation rows (one for a
+/// decode step, [`TILE_ACTS`] for a small batch's): AVX2's (its block's scales unpacked by
+/// [`avx2::q4_k_block_scales`], each sub-block's sums scaled as integers), two pairs of
+/// sub-blocks to a 512-bit register, unpacked once for all the tile's activation rows. A small
+/// batch's rows went through AVX2's tile of two weight rows by four, which asked for nothing
+/// ahead; whole model, two threads, TinyLlama-shape Q4_K_M (`batch_throughput.py`, 4 and 6
+/// requests, two rounds in turn, this tile and [`sixteens_tile`]'s alike): 52.1–53.4 →
+/// 138.7–150.8 and 70.1–70.8 → 138.8–141.7 tok/s. In cache, one thread, `ffn_up`, 4 rows,
+/// GFLOP/s: Q4_K 171 → 238, Q5_K 137 → 217. Q4_K, on an AMD Zen 5 (512-bit instructions
 /// in one pass), one thread, against AVX2's tile: one layer's product in cache (`--bench matmul -- m=1`, pinned,
 /// two rounds), GFLOP/s, 114–123 → 142–165 (a batch's last rows, `m=5` and `m=7`, 124–148 →
 /// 151–165); out of memory (`--bench stream`, three rounds in turn), GB/s, 30.2–30.7 → 32.9–34.5
@@ -441,24 +442,23 @@ impl<S: PairedRuns> DecodeRow for Sixteens<S> {
 /// thread, 50.2–52.4 → 51.5–61.0 at two; TinyLlama-shape Q5_K_M decode 38.5–39.0 / 63.3–65.4 →
 /// 45.3–45.9 / 72.7–75.6 tok/s.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (bytes, nibbles_at) = avx2::q4_k_layout(FIFTH_BIT);
-    let (weights, acts) = operands::<1, 1>(w, x, r, i);
-    let (x_scales, xq, x_sums) = acts[0];
+    let (weights, acts) = operands::<1, CT>(w, x, r, i);
     let ahead = tiles_ahead(w, 1, AHEAD_BYTES);
     let load = |at: *const i8| _mm256_loadu_si256(at as *const __m256i);
     // Sub-block `j` of a pair `p` is `2p + j`; a register's halves hold pairs `2h` and `2h + 1`.
     let pick = |h: usize, j: usize| halves(_mm256_set1_epi16(avx2::byte_as_i16(4 * h + j)), _mm256_set1_epi16(avx2::byte_as_i16(4 * h + 2 + j)));
     let low = _mm512_set1_epi8(0x0F);
-    let mut scaled = _mm512_setzero_ps();
-    let mut minimums = _mm256_setzero_ps();
+    let mut scaled = [_mm512_setzero_ps(); CT];
+    let mut minimums = [_mm256_setzero_ps(); CT];
     for b in 0..w.cols / SUPER_BLOCK {
         prefetch_ahead(weights[0], b, bytes, ahead);
         let block = weights[0].add(b * bytes);
         let (d, scales, mins) = avx2::q4_k_block_scales(block);
         let scales = _mm512_broadcast_i64x4(scales);
         let high = _mm512_broadcast_i64x4(avx2::q4_k_high_bits::<FIFTH_BIT>(block));
-        let mut sums = _mm512_setzero_si512();
+        let mut sums = [_mm512_setzero_si512(); CT];
         for h in 0..2 {
             let q = _mm512_loadu_si512(block.add(nibbles_at + 64 * h) as *const __m512i);
             let mut codes = [_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low)];
@@ -468,25 +468,32 @@ unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows
                     *codes = _mm512_or_si512(*codes, byte_bits::<4>(high, 4 * h + j, 4 * h + 2 + j));
                 }
             }
-            let xp = xq.as_ptr().add(b * SUPER_BLOCK + 128 * h);
+            let xp = acts.map(|(_, xq, _)| xq.as_ptr().add(b * SUPER_BLOCK + 128 * h));
             for (j, codes) in codes.into_iter().enumerate() {
-                let x = halves(load(xp.add(BLOCK * j)), load(xp.add(64 + BLOCK * j)));
                 let sub_scales = _mm512_shuffle_epi8(scales, pick(h, j));
-                sums = _mm512_add_epi32(sums, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), sub_scales));
+                for (sums, xp) in sums.iter_mut().zip(xp) {
+                    let x = halves(load(xp.add(BLOCK * j)), load(xp.add(64 + BLOCK * j)));
+                    *sums = _mm512_add_epi32(*sums, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), sub_scales));
+                }
             }
         }
-        let scaled_d = _mm_mul_ps(d, _mm_set1_ps(*x_scales.get_unchecked(b)));
-        scaled = _mm512_fmadd_ps(_mm512_broadcastss_ps(scaled_d), _mm512_cvtepi32_ps(sums), scaled);
-        // The eight sub-blocks' sums of activations, against their eight minimums.
-        let block_sums = _mm256_loadu_si256(x_sums.as_ptr().add(b * 8) as *const __m256i);
-        minimums = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scaled_d)), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, block_sums)), minimums);
+        for (c, (x_scales, _, x_sums)) in acts.iter().enumerate() {
+            let scaled_d = _mm_mul_ps(d, _mm_set1_ps(*x_scales.get_unchecked(b)));
+            scaled[c] = _mm512_fmadd_ps(_mm512_broadcastss_ps(scaled_d), _mm512_cvtepi32_ps(sums[c]), scaled[c]);
+            // The eight sub-blocks' sums of activations, against their eight minimums.
+            let block_sums = _mm256_loadu_si256(x_sums.as_ptr().add(b * 8) as *const __m256i);
+            minimums[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scaled_d)), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, block_sums)), minimums[c]);
+        }
     }
-    *out.add(i * w.rows + r) = hsum(scaled) - avx2::hsum(minimums);
+    for c in 0..CT {
+        *out.add((i + c) * w.rows + r) = hsum(scaled[c]) - avx2::hsum(minimums[c]);
+    }
     1
 }
 
-/// A decode step's tile of one row of a type with a scale per 16 values (Q2_K, Q3_K, Q6_K):
-/// AVX2's (each run of 32 values' sums scaled as integers by its two scales, the code offset or
+/// A tile of one row of a type with a scale per 16 values (Q2_K, Q3_K, Q6_K), by `CT` activation
+/// rows as [`q4_k_tile`]'s (in cache, one thread, `ffn_up`, 4 rows, GFLOP/s: Q6_K 132 → 256,
+/// Q3_K 131 → 229, Q2_K 157 → 242): AVX2's (each run of 32 values' sums scaled as integers by its two scales, the code offset or
 /// the minimums taken once per block), two runs to a 512-bit register ([`PairedRuns`]).
 /// Q6_K, on an AMD Zen 5, one thread, against AVX2's tile: one layer's product in cache (`--bench
 /// matmul -- m=1`, pinned, two rounds), GFLOP/s, 95–102 → 127–141 (AVX-512's tile pairing
@@ -503,50 +510,58 @@ unsafe fn decode_q4_k_tile<const FIFTH_BIT: bool>(w: &QMatrix, x: &QuantizedRows
 /// 55.1–57.2 / 86.6–90.1, Q3_K_M 41.5–43.3 / 64.9–66.7 → 52.9–53.8 / 74.0–77.6. Not measured on a
 /// Zen 4 nor on the Xeons.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn decode_sixteens_tile<S: PairedRuns>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    let (weights, acts) = operands::<1, 1>(w, x, r, i);
-    let (x_scales, xq, _) = acts[0];
-    let x_sums16 = x.sums16(i);
+unsafe fn sixteens_tile<S: PairedRuns, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    let (weights, acts) = operands::<1, CT>(w, x, r, i);
+    let mut x_sums16: [&[i16]; CT] = [&[]; CT];
+    for (c, sums) in x_sums16.iter_mut().enumerate() {
+        *sums = x.sums16(i + c);
+    }
     let ahead = tiles_ahead(w, 1, AHEAD_BYTES);
     // Scale `j` of a half into every `i16` of 128-bit lane `j - first`.
     let lanes_from = |first: usize| {
         let lane = |j: usize| _mm_set1_epi16(avx2::broadcast_i16(first + j));
         halves(_mm256_set_m128i(lane(1), lane(0)), _mm256_set_m128i(lane(3), lane(2)))
     };
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); CT];
     for b in 0..w.cols / SUPER_BLOCK {
         prefetch_ahead(weights[0], b, S::BYTES, ahead);
         let block = weights[0].add(b * S::BYTES);
         let (scales, mins) = S::scales(block);
-        let mut sums = _mm512_setzero_si512();
+        let mut sums = [_mm512_setzero_si512(); CT];
         for half in 0..2 {
             let half_scales = _mm512_broadcast_i32x4(_mm_cvtepi8_epi16(if half == 0 { scales } else { _mm_unpackhi_epi64(scales, scales) }));
             for (two_runs, codes) in S::paired_runs(block, half).into_iter().enumerate() {
-                let x = _mm512_loadu_si512(xq.as_ptr().add(b * SUPER_BLOCK + 128 * half + 64 * two_runs) as *const __m512i);
                 let run_scales = _mm512_shuffle_epi8(half_scales, lanes_from(4 * two_runs));
-                sums = _mm512_add_epi32(sums, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), run_scales));
+                for (c, (_, xq, _)) in acts.iter().enumerate() {
+                    let x = _mm512_loadu_si512(xq.as_ptr().add(b * SUPER_BLOCK + 128 * half + 64 * two_runs) as *const __m512i);
+                    sums[c] = _mm512_add_epi32(sums[c], _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), run_scales));
+                }
             }
         }
-        let sums = _mm256_add_epi32(_mm512_castsi512_si256(sums), _mm512_extracti64x4_epi64::<1>(sums));
-        // As in AVX2's tile: the code offset's part or the minimums', from the activations'
-        // sixteen sums.
-        let x_sums = _mm256_loadu_si256(x_sums16.as_ptr().add(16 * b) as *const __m256i);
         let (d, dmin) = S::d(block);
-        let dx = *x_scales.get_unchecked(b);
-        match S::CODE_OFFSET {
-            Some(offset) => {
-                let offset_scales = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(scales), _mm256_set1_epi16(offset.into()));
-                let codes_sums = _mm256_sub_epi32(sums, _mm256_madd_epi16(offset_scales, x_sums));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(codes_sums), acc);
-            }
-            None => {
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums), acc);
-                let minimums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_cvtepu8_epi16(mins), x_sums));
-                acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), minimums, acc);
+        for (c, ((x_scales, _, _), x_sums16)) in acts.iter().zip(x_sums16).enumerate() {
+            let sums = _mm256_add_epi32(_mm512_castsi512_si256(sums[c]), _mm512_extracti64x4_epi64::<1>(sums[c]));
+            // As in AVX2's tile: the code offset's part or the minimums', from the activations'
+            // sixteen sums.
+            let x_sums = _mm256_loadu_si256(x_sums16.as_ptr().add(16 * b) as *const __m256i);
+            let dx = *x_scales.get_unchecked(b);
+            match S::CODE_OFFSET {
+                Some(offset) => {
+                    let offset_scales = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(scales), _mm256_set1_epi16(offset.into()));
+                    let codes_sums = _mm256_sub_epi32(sums, _mm256_madd_epi16(offset_scales, x_sums));
+                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(codes_sums), acc[c]);
+                }
+                None => {
+                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sums), acc[c]);
+                    let minimums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_cvtepu8_epi16(mins), x_sums));
+                    acc[c] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), minimums, acc[c]);
+                }
             }
         }
     }
-    *out.add(i * w.rows + r) = avx2::hsum(acc);
+    for (c, acc) in acc.into_iter().enumerate() {
+        *out.add((i + c) * w.rows + r) = avx2::hsum(acc);
+    }
     1
 }
 
