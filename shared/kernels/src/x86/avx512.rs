@@ -690,9 +690,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             let spread = _mm512_loadu_si512(PAIR_LANES[pair].as_ptr() as *const __m512i);
             let mut wv = [[_mm512_setzero_si512(); 2]; RT];
             let mut scales = [_mm512_setzero_ps(); RT];
-            if CT == 1 {
-                prefetch_ahead(weights[0], b / 2, RT * 2 * W::BYTES, ahead);
-            }
+            prefetch_ahead(weights[0], b / 2, RT * 2 * W::BYTES, ahead);
             for a in 0..RT {
                 let block = weights[a].add(b * W::BYTES);
                 wv[a] = W::weights(block, two);
