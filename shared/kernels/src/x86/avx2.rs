@@ -333,9 +333,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         }
         for k in 0..n {
             let b = chunk + k;
-            if CT == 1 {
-                prefetch_ahead(weights[0], b, RT * W::BYTES, ahead);
-            }
+            prefetch_ahead(weights[0], b, RT * W::BYTES, ahead);
             let mut blocks = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
                 blocks[a] = W::weights(weights[a].add(b * W::BYTES));
@@ -495,9 +493,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
         let mut mins = [_mm256_setzero_si256(); RT];
         let mut d = [_mm_setzero_ps(); RT];
         let mut high_bits = [_mm256_setzero_si256(); RT];
-        if CT == 1 {
-            prefetch_ahead(weights[0], b, RT * bytes, ahead);
-        }
+        prefetch_ahead(weights[0], b, RT * bytes, ahead);
         for a in 0..RT {
             let block = weights[a].add(b * bytes);
             high_bits[a] = q4_k_high_bits::<FIFTH_BIT>(block);
@@ -793,9 +789,7 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
     for b in 0..w.cols / SUPER_BLOCK {
         let mut d = [(0f32, 0f32); RT];
         let mut scales = [(_mm_setzero_si128(), _mm_setzero_si128()); RT];
-        if CT == 1 {
-            prefetch_ahead(weights[0], b, RT * S::BYTES, ahead);
-        }
+        prefetch_ahead(weights[0], b, RT * S::BYTES, ahead);
         for a in 0..RT {
             let block = weights[a].add(b * S::BYTES);
             d[a] = S::d(block);
