@@ -51,22 +51,22 @@ impl Product {
         for (i, (product, (out, input))) in products.into_iter().enumerate() {
             match product {
                 Self::Candle(m) => outputs[i] = Some(m.forward(x)?),
-                Self::Kernels(t) => kernels.push((i, out, QMatrix::new(t.ty, out, input, t.bytes()).map_err(kernel_error)?)),
+                Self::Kernels(t) => kernels.push((i, QMatrix::new(t.ty, out, input, t.bytes()).map_err(kernel_error)?)),
             }
         }
-        if let Some(&(_, _, first)) = kernels.first() {
+        if let Some(&(_, first)) = kernels.first() {
             // The kernels take the activations where they lie (weights in place are on the CPU,
             // and so is the model): a copy cost a prompt a fiftieth of its time.
             let x_f32 = x.contiguous()?.to_dtype(DType::F32)?;
             let (storage, layout) = x_f32.storage_and_layout();
             let xs = cpu_f32(&storage, layout)?;
             let m = xs.len() / first.cols;
-            let mut ys: Vec<Vec<f32>> = kernels.iter().map(|&(_, out, _)| vec![0f32; m * out]).collect();
-            let mut jobs: Vec<(QMatrix, &mut [f32])> = kernels.iter().zip(&mut ys).map(|(&(_, _, w), y)| (w, y.as_mut_slice())).collect();
+            let mut ys: Vec<Vec<f32>> = kernels.iter().map(|(_, w)| vec![0f32; m * w.rows]).collect();
+            let mut jobs: Vec<(QMatrix, &mut [f32])> = kernels.iter().zip(&mut ys).map(|(&(_, w), y)| (w, y.as_mut_slice())).collect();
             llm_kernels::matmuls(&mut jobs, xs).map_err(kernel_error)?;
-            for ((i, out, _), y) in kernels.into_iter().zip(ys) {
+            for ((i, w), y) in kernels.into_iter().zip(ys) {
                 let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("a matrix product's input has a last axis") = out;
+                *dims.last_mut().expect("a matrix product's input has a last axis") = w.rows;
                 outputs[i] = Some(Tensor::from_vec(y, dims, x.device())?);
             }
         }

@@ -2,12 +2,13 @@
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
 //! never repacked or copied); the activations are quantized once per product (once for the
-//! products of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp does, so that each weight block meets an activation block in an integer dot
-//! product. Many activation rows (a prompt) share every weight load: the product is computed in
-//! tiles of weight rows × activation rows, so prefill is a matrix product, not repeated
-//! vector products. Work is spread over the crate's own pool of threads ([`threads`]), whose
-//! waiting threads soon give up their CPU (to candle's pool among others), a product's rows in
-//! one contiguous share a thread (`shares`).
+//! products of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp
+//! does, so that each weight block meets an activation block in an integer dot product. Many
+//! activation rows (a prompt) share every weight load: the product is computed in tiles of
+//! weight rows × activation rows, so prefill is a matrix product, not repeated vector products.
+//! Work is spread over the crate's own pool of threads ([`threads`]), whose waiting threads soon
+//! give up their CPU (to candle's pool among others), a product's rows in one contiguous share a
+//! thread (`shares`).
 //!
 //! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
 //! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too; on

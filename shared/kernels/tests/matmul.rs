@@ -79,7 +79,22 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
     for (kernels, ty) in kernels.iter().flat_map(|&k| TYPES.map(|ty| (k, ty))) {
         // Row and activation counts that leave remainders after every tile and panel size, and
         // both sides of where AVX-512's panels start (7 rows for the K-quants, 12 for the others).
-        let shapes = [(1, 32, 1), (5, 64, 2), (8, 256, 3), (67, 96, 7), (64, 512, 1), (130, 128, 16), (9, 768, 5), (67, 96, 33), (37, 768, 41), (3, 608, 2), (9, 768, 6), (9, 768, 7), (67, 96, 11), (67, 96, 12)];
+        let shapes = [
+            (1, 32, 1),
+            (5, 64, 2),
+            (8, 256, 3),
+            (67, 96, 7),
+            (64, 512, 1),
+            (130, 128, 16),
+            (9, 768, 5),
+            (67, 96, 33),
+            (37, 768, 41),
+            (3, 608, 2),
+            (9, 768, 6),
+            (9, 768, 7),
+            (67, 96, 11),
+            (67, 96, 12),
+        ];
         for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
             let (bytes, dense) = weights(ty, rows, cols);
             let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();
@@ -159,7 +174,15 @@ fn several_products_of_one_input_equal_each_alone() {
     let cols = 512;
     // Q3_K and Q6_K (and Q4_0 and Q8_0) read alike but for their code offsets; a matrix of no
     // rows has no work items, so the next one's start at the same item.
-    let shapes = [(BlockType::Q4K, 67), (BlockType::Q6K, 16), (BlockType::Q3K, 9), (BlockType::Q8_0, 33), (BlockType::Q2K, 0), (BlockType::Q4_0, 20), (BlockType::Q4K, 5)];
+    let shapes = [
+        (BlockType::Q4K, 67),
+        (BlockType::Q6K, 16),
+        (BlockType::Q3K, 9),
+        (BlockType::Q8_0, 33),
+        (BlockType::Q2K, 0),
+        (BlockType::Q4_0, 20),
+        (BlockType::Q4K, 5),
+    ];
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
     let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();
     for kernels in Kernels::SIMD.into_iter().filter(|k| k.runs_here()) {

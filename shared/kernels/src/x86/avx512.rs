@@ -482,7 +482,8 @@ unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &Qua
             scaled[c] = _mm512_fmadd_ps(_mm512_broadcastss_ps(scaled_d), _mm512_cvtepi32_ps(sums[c]), scaled[c]);
             // The eight sub-blocks' sums of activations, against their eight minimums.
             let block_sums = _mm256_loadu_si256(x_sums.as_ptr().add(b * 8) as *const __m256i);
-            minimums[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(scaled_d)), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, block_sums)), minimums[c]);
+            let scaled_dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(scaled_d));
+            minimums[c] = _mm256_fmadd_ps(scaled_dmin, _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, block_sums)), minimums[c]);
         }
     }
     for c in 0..CT {
@@ -493,8 +494,9 @@ unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &Qua
 
 /// A tile of one row of a type with a scale per 16 values (Q2_K, Q3_K, Q6_K), by `CT` activation
 /// rows as [`q4_k_tile`]'s (in cache, one thread, `ffn_up`, 4 rows, GFLOP/s: Q6_K 132 → 256,
-/// Q3_K 131 → 229, Q2_K 157 → 242): AVX2's (each run of 32 values' sums scaled as integers by its two scales, the code offset or
-/// the minimums taken once per block), two runs to a 512-bit register ([`PairedRuns`]).
+/// Q3_K 131 → 229, Q2_K 157 → 242): AVX2's (each run of 32 values' sums scaled as integers by
+/// its two scales, the code offset or the minimums taken once per block), two runs to a 512-bit
+/// register ([`PairedRuns`]).
 /// Q6_K, on an AMD Zen 5, one thread, against AVX2's tile: one layer's product in cache (`--bench
 /// matmul -- m=1`, pinned, two rounds), GFLOP/s, 95–102 → 127–141 (AVX-512's tile pairing
 /// sub-blocks had been 20 % faster than AVX2's on an earlier machine, and was left out as Q6_K

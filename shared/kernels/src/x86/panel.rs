@@ -1,5 +1,6 @@
 //! Weight rows repacked, [`PANEL_ROWS`] at a time, for products with many activation rows (a
-//! prompt; with AVX-512, a batch's decode step too: [`panel_min_activations`]). `vpdpbusd` then multiplies four bytes of every row of the panel by the same four
+//! prompt; with AVX-512, a batch's decode step too: [`panel_min_activations`]).
+//! `vpdpbusd` then multiplies four bytes of every row of the panel by the same four
 //! activation bytes at once, so one instruction serves 16 outputs (AVX2's `maddubs`, 8) and no
 //! sum is ever reduced across a register. The panel is a small per-work-item buffer, filled once and read by every
 //! activation row: the weights themselves stay as they are in the file.
