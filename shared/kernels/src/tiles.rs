@@ -51,25 +51,37 @@ pub(crate) trait Tile {
 /// Columns `rows` of every output row in tiles of `R × C` (a prompt) or `D × 1` (a decode step),
 /// and smaller ones for the rows left over. Inlined into each instruction set's entry point,
 /// which enables its target features.
+///
+/// Two or three activation rows left over (a batch of that many sequences, or what a batch's
+/// tiles of `C` leave) go through one tile of them, not one by one: each pass over the weights
+/// reads all of them from memory.
 #[inline(always)]
 pub(crate) unsafe fn rows_of<W: Tile, const R: usize, const C: usize, const D: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     // Activation rows outside, weight rows inside: the few activation rows of a tile stay in
     // L1 while the group's weight rows come from L2.
     let mut i = 0;
     while i < x.rows() {
-        let several = x.rows() - i >= C;
-        let mut r = rows.start;
-        while r < rows.end {
-            let left = rows.end - r;
-            r += match several {
-                true if left >= R => W::tile::<R, C>(w, x, r, i, out),
-                true => W::tile::<1, C>(w, x, r, i, out),
-                false if left >= D => W::tile::<D, 1>(w, x, r, i, out),
-                false => W::tile::<1, 1>(w, x, r, i, out),
-            };
-        }
-        i += if several { C } else { 1 };
+        i += match x.rows() - i {
+            left if left >= C => across::<W, R, C>(w, x, rows.clone(), i, out),
+            3 => across::<W, R, 3>(w, x, rows.clone(), i, out),
+            2 => across::<W, R, 2>(w, x, rows.clone(), i, out),
+            _ => across::<W, D, 1>(w, x, rows.clone(), i, out),
+        };
     }
+}
+
+/// Weight rows `rows` against activation rows `i..i + CT`, in tiles of `RT` weight rows and of
+/// one for the rows left over; returns `CT`.
+#[inline(always)]
+unsafe fn across<W: Tile, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, i: usize, out: *mut f32) -> usize {
+    let mut r = rows.start;
+    while r < rows.end {
+        r += match rows.end - r >= RT {
+            true => W::tile::<RT, CT>(w, x, r, i, out),
+            false => W::tile::<1, CT>(w, x, r, i, out),
+        };
+    }
+    CT
 }
 
 /// The tile's weight rows and activation rows.

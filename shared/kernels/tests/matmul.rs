@@ -132,7 +132,7 @@ fn assert_scalar(kernels: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
 
 /// Random values seldom come near what the integer sums can hold; these put every code and
 /// every activation at an extreme (all weights but one per 16 equal, activations ±1), for a
-/// decode step, a tile and a panel.
+/// decode step, tiles of 3 and 4 activation rows (and 4 + 2) and a panel.
 #[test]
 fn extreme_codes_and_activations_do_not_overflow() {
     let (rows, cols) = (16, 512);
@@ -142,7 +142,7 @@ fn extreme_codes_and_activations_do_not_overflow() {
             let values = (0..rows * cols).map(|at| (at / cols, at % cols)).map(|(r, j)| sign(r) * if j % 16 == r % 16 { -1.0 } else { 1.0 }).collect();
             let (bytes, _) = weights_of(ty, values, rows, cols);
             let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();
-            for m in [1, 4, 40] {
+            for m in [1, 3, 4, 6, 40] {
                 let x: Vec<f32> = (0..m * cols).map(|at| sign(at / cols)).collect();
                 let mut y = vec![f32::NAN; m * rows];
                 matmul_with(kernels, &w, &x, &mut y).unwrap();
