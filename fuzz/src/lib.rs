@@ -14,8 +14,11 @@ use std::sync::{Arc, OnceLock};
 use llm_api::{model_source, AppState, Limits, ModelSlot};
 use llm_engine::{ChatMessage, ChatTemplate, LoadOptions};
 
+/// A target: whether it accepted the fuzzed bytes; a panic is what fuzzing looks for.
+pub type Target = fn(&[u8]) -> bool;
+
 /// Every target by name: the names of `fuzz_targets/*.rs` and of the corpus folders.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),
     ("config_json", config_json),

@@ -50,6 +50,9 @@ struct State {
     errors: usize,
 }
 
+/// One of the proxy's counts of the faults it made: [`FaultProxy::cuts`], [`FaultProxy::stalls`], ...
+pub type FaultCount = fn(&FaultProxy) -> usize;
+
 pub struct FaultProxy {
     pub endpoint: String,
     state: Arc<Mutex<State>>,

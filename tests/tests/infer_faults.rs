@@ -5,7 +5,7 @@
 
 use llm_api::model_source::DownloadSettings;
 use llm_store::S3;
-use llm_tests::fault_proxy::{exclusive, proxied, Fault, FaultProxy};
+use llm_tests::fault_proxy::{exclusive, proxied, Fault, FaultCount, FaultProxy};
 use llm_tests::http::{post, serve};
 use llm_tests::s3_events::publish_model;
 
@@ -42,7 +42,7 @@ fn a_range_cut_or_stalled_mid_download_is_fetched_again() {
     let (_, reference) = post(&serve(&uri, settings()), "/v1/completions", REQUEST);
 
     let proxy = proxied();
-    let faults: [(Fault, fn(&FaultProxy) -> usize); 2] = [
+    let faults: [(Fault, FaultCount); 2] = [
         (Fault::CutAfter { method: b"GET ", bytes: 600_000, then_down: false }, FaultProxy::cuts),
         (Fault::StallAfter { method: b"GET ", bytes: 600_000 }, FaultProxy::stalls),
     ];

@@ -8,7 +8,7 @@ use aws_lambda_events::s3::S3Event;
 use llm_store::checksum::hex;
 use llm_store::registry::{self, ModelKeys};
 use llm_store::S3;
-use llm_tests::fault_proxy::{exclusive, proxied, Fault, FaultProxy};
+use llm_tests::fault_proxy::{exclusive, proxied, Fault, FaultCount, FaultProxy};
 use llm_tests::s3_events::{s3_event_json, upload_checkpoint};
 use quantize_function::{handle, Config, Outcome};
 use sha2::{Digest, Sha256};
@@ -47,7 +47,7 @@ fn models(s3: &S3, bucket: &str) -> Vec<String> {
 #[test]
 fn a_cut_connection_or_throttling_is_retried_within_the_invocation() {
     let _one = exclusive();
-    let faults: [(&str, Fault, fn(&FaultProxy) -> usize, usize); 2] = [
+    let faults: [(&str, Fault, FaultCount, usize); 2] = [
         ("faults-download-cut", Fault::CutAfter { method: b"GET ", bytes: 100_000, then_down: false }, FaultProxy::cuts, 1),
         ("faults-throttled", Fault::Respond { status: 503, code: "SlowDown", times: 2 }, FaultProxy::errors, 2),
     ];

@@ -185,7 +185,8 @@ fn bad_checkpoints_fail_clearly_and_write_nothing() {
     let config = std::fs::read_to_string(fixtures_dir().join("llama2/hf/config.json")).unwrap();
     let mut hostile = weights.clone();
     hostile[..8].copy_from_slice(&u64::MAX.to_le_bytes());
-    let cases: Vec<(&str, Box<dyn Fn(&S3, &str)>, &str)> = vec![
+    type Damage<'a> = Box<dyn Fn(&S3, &str) + 'a>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
         ("truncated", Box::new(|s3, p| s3.put(bucket, &format!("{p}model.safetensors"), weights[..weights.len() / 3].to_vec()).unwrap()), "truncated"),
         ("hostile", Box::new(|s3, p| s3.put(bucket, &format!("{p}model.safetensors"), hostile.clone()).unwrap()), "does not fit the file"),
         ("no-tokenizer", Box::new(|s3, p| s3.delete(bucket, &format!("{p}tokenizer.json")).unwrap()), "tokenizer.json"),

@@ -240,8 +240,8 @@ impl Job<'_> {
     }
 
     /// The chunk's answers: requests through the engine, unreadable lines as they are.
-    fn answer(&self, chunk: &[Result<batch_file::Line, OutputLine>], stats: &mut RunStats) -> Result<Vec<OutputLine>, JobError> {
-        let mut answers: Vec<OutputLine> = chunk.iter().filter_map(|e| e.as_ref().err().cloned()).collect();
+    fn answer(&self, chunk: &[Result<batch_file::Line, Box<OutputLine>>], stats: &mut RunStats) -> Result<Vec<OutputLine>, JobError> {
+        let mut answers: Vec<OutputLine> = chunk.iter().filter_map(|e| e.as_ref().err().map(|line| OutputLine::clone(line))).collect();
         let lines = chunk.iter().filter_map(|e| e.as_ref().ok().cloned()).collect();
         let (answered, chunk_stats) =
             self.engine.block_on(batch_file::answer(self.state, lines, self.config.max_sequences)).map_err(|e| JobError::Model(e.message))?;

@@ -124,7 +124,7 @@ fn convert_model(s3: &S3, config: &Config, bucket: &str, model: &ModelKeys, dead
 
     let started = Instant::now();
     let source = CheckpointSource::with_s3(Location::S3 { bucket: bucket.into(), key: prefix.clone() }, s3.clone());
-    let outputs = match write_version(s3, config, bucket, &source, model, &version, &types, deadline) {
+    let outputs = match write_version(&registry, config, &source, model, &version, &types, deadline) {
         Ok(outputs) => outputs,
         Err(Failure::Permanent(reason)) => return Ok(failed(reason)),
         Err(Failure::Transient(message)) => return Err(message),
@@ -166,11 +166,10 @@ fn job_types(bytes: &[u8], config: &Config) -> Result<Vec<QuantType>, String> {
     }
 }
 
-/// Checks the checkpoint and the limits, then writes one GGUF per type.
+/// Checks the checkpoint and the limits, then writes one GGUF per type into the registry's bucket.
 fn write_version(
-    s3: &S3,
+    registry: &Registry,
     config: &Config,
-    bucket: &str,
     source: &CheckpointSource,
     model: &ModelKeys,
     version: &str,
@@ -182,7 +181,7 @@ fn write_version(
     let mut outputs = Vec::new();
     for &t in types {
         let key = model.output_key(version, t.name());
-        let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, s3.multipart(bucket, &key, config.part_size)?));
+        let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, registry.s3.multipart(registry.bucket, &key, config.part_size)?));
         let mut logged_decile = 0;
         let report = llm_convert::convert(source, &mut out, t, |p| {
             let decile = p.bytes_written * 10 / p.total_bytes.max(1);

@@ -69,8 +69,9 @@ impl OutputLine {
         Self::answered(custom_id, error.status.as_u16(), error.body())
     }
 
-    fn unreadable(number: usize, custom_id: Option<String>, code: &str, message: String) -> Self {
-        Self::new(custom_id, None, Some(LineError { code: code.into(), message, line: number }))
+    /// Boxed: it takes a request line's place in [`parse`]'s list, and is larger than one.
+    fn unreadable(number: usize, custom_id: Option<String>, code: &str, message: String) -> Box<Self> {
+        Box::new(Self::new(custom_id, None, Some(LineError { code: code.into(), message, line: number })))
     }
 
     /// A 200 answer (the output file); anything else goes to the errors file.
@@ -81,7 +82,7 @@ impl OutputLine {
 
 /// The file's lines in order, blank ones skipped: each a request, or the error line that
 /// answers it (not JSON, no `custom_id`, a repeated `custom_id`, another method or URL).
-pub fn parse(text: &str) -> Vec<Result<Line, OutputLine>> {
+pub fn parse(text: &str) -> Vec<Result<Line, Box<OutputLine>>> {
     let mut seen = HashSet::new();
     text.lines()
         .enumerate()
@@ -97,7 +98,7 @@ pub fn parse(text: &str) -> Vec<Result<Line, OutputLine>> {
         .collect()
 }
 
-fn parse_line(number: usize, text: &str) -> Result<Line, OutputLine> {
+fn parse_line(number: usize, text: &str) -> Result<Line, Box<OutputLine>> {
     let value: Value = serde_json::from_str(text).map_err(|e| OutputLine::unreadable(number, None, "invalid_json", format!("The line is not JSON: {e}.")))?;
     let custom_id = match value.get("custom_id") {
         Some(Value::String(id)) if !id.is_empty() => id.clone(),

@@ -213,17 +213,17 @@ fn q2_k(x: &[f32; QK_K], out: &mut Vec<u8>) {
     let (mut dmin, mut dmin_bytes) = (0.0, [0u8; 2]);
     if max_min > 0.0 {
         let iscale = Q4SCALE / max_min;
-        for j in 0..16 {
-            packed_scales[j] |= (nearest_int(iscale * mins[j]) << 4) as u8;
+        for (packed, min) in packed_scales.iter_mut().zip(mins) {
+            *packed |= (nearest_int(iscale * min) << 4) as u8;
         }
         (dmin, dmin_bytes) = through_f16(max_min / Q4SCALE);
     }
-    for j in 0..16 {
-        let dj = d * (packed_scales[j] & 0xF) as f32;
+    for (j, packed) in packed_scales.iter().enumerate() {
+        let dj = d * (packed & 0xF) as f32;
         if dj == 0.0 {
             continue;
         }
-        let mj = dmin * (packed_scales[j] >> 4) as f32;
+        let mj = dmin * (packed >> 4) as f32;
         for i in 16 * j..16 * j + 16 {
             levels[i] = nearest_int((x[i] + mj) / dj).clamp(0, 3) as u8;
         }
@@ -332,11 +332,11 @@ fn q6_k(x: &[f32; QK_K], out: &mut Vec<u8>) {
     let iscale = -128.0 / max_scale;
     let (d, d_bytes) = through_f16(1.0 / iscale);
     let mut packed_scales = [0i8; 16];
-    for j in 0..16 {
-        packed_scales[j] = nearest_int(iscale * scales[j]).min(127) as i8;
+    for (packed, scale) in packed_scales.iter_mut().zip(scales) {
+        *packed = nearest_int(iscale * scale).min(127) as i8;
     }
-    for j in 0..16 {
-        let dj = d * packed_scales[j] as f32;
+    for (j, &packed) in packed_scales.iter().enumerate() {
+        let dj = d * packed as f32;
         if dj == 0.0 {
             continue;
         }

@@ -52,11 +52,14 @@ pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> f64 {
     }
 }
 
-/// An adapter read from disk: its settings and `(A, B)` (f32) by PEFT prefix, e.g.
+/// An adapter's `(A, B)` matrices by PEFT prefix, e.g.
 /// `base_model.model.model.layers.0.self_attn.q_proj`.
+pub type LoraPairs = HashMap<String, (Tensor, Tensor)>;
+
+/// An adapter read from disk: its settings and its pairs (f32).
 pub struct PeftAdapter {
     pub config: AdapterConfig,
-    pub pairs: HashMap<String, (Tensor, Tensor)>,
+    pub pairs: LoraPairs,
 }
 
 impl PeftAdapter {

@@ -53,7 +53,7 @@ enum Teacher {
 
 pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &DistillSettings, on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>) -> Result<Summary> {
     validate(&settings.train)?;
-    if !(settings.temperature > 0.0) || !(0.0..=1.0).contains(&settings.alpha) {
+    if settings.temperature.is_nan() || settings.temperature <= 0.0 || !(0.0..=1.0).contains(&settings.alpha) {
         return Err(TrainError::Invalid("--temperature must be positive and --alpha in [0, 1]".into()));
     }
     let device = &settings.train.device;

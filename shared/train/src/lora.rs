@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use llm_engine::adapter::{lora_scaling, AdapterConfig, PeftAdapter};
+use llm_engine::adapter::{lora_scaling, AdapterConfig, LoraPairs, PeftAdapter};
 
 use crate::error::{Result, TrainError};
 
@@ -136,7 +136,7 @@ pub fn save_adapter(dir: &Path, config: &LoraConfig, base: Option<&str>, adapter
 }
 
 /// Reads a PEFT LoRA adapter directory: its settings and its `A`/`B` tensors by PEFT prefix.
-pub fn load_adapter(dir: &Path, device: &Device) -> Result<(LoraConfig, HashMap<String, (Tensor, Tensor)>)> {
+pub fn load_adapter(dir: &Path, device: &Device) -> Result<(LoraConfig, LoraPairs)> {
     let adapter = PeftAdapter::read(dir, device)?;
     let c = adapter.config;
     let lora = LoraConfig { r: c.r, alpha: c.lora_alpha, dropout: c.lora_dropout, target_modules: c.target_modules, use_rslora: c.use_rslora };

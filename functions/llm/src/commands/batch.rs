@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for parsed in batch_file::parse(&text) {
         match parsed {
             Ok(line) => lines.push(line),
-            Err(unreadable) => answers.push(unreadable),
+            Err(unreadable) => answers.push(*unreadable),
         }
     }
 
