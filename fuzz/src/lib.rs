@@ -32,7 +32,8 @@ pub const TARGETS: &[(&str, Target)] = &[
 /// A GGUF file as the inference function loads one from S3: header, metadata, tokenizer,
 /// tensor directory and tensors.
 pub fn gguf(data: &[u8]) -> bool {
-    llm_engine::load_gguf_bytes("fuzz.gguf", data.to_vec(), LoadOptions::default()).is_ok_and(|loaded| loaded.tokenizer.encode("Hello, world 123", true).is_ok())
+    llm_engine::load_gguf_bytes("fuzz.gguf", data.to_vec(), LoadOptions::default())
+        .is_ok_and(|loaded| loaded.tokenizer.encode("Hello, world 123", true).is_ok())
 }
 
 /// The tiny checkpoint the safetensors target completes with the fuzzed weights file.
@@ -62,7 +63,8 @@ fn tiny_checkpoint(config: &str, weights: &[u8]) -> tempfile::TempDir {
 /// A checkpoint's JSON documents: `config.json` and `model.safetensors.index.json`.
 pub fn config_json(data: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(data) else { return false };
-    let config = llm_engine::LlamaConfig::from_hf_json(text).map(|config| llm_convert::tensor_types(&config, config.tie_word_embeddings, llm_convert::QuantType::Q4KM));
+    let config =
+        llm_engine::LlamaConfig::from_hf_json(text).map(|config| llm_convert::tensor_types(&config, config.tie_word_embeddings, llm_convert::QuantType::Q4KM));
     let index = llm_engine::hf::shard_names(text);
     config.is_ok() || index.is_ok()
 }
@@ -79,7 +81,8 @@ pub fn tokenizer_json(data: &[u8]) -> bool {
 pub fn chat_template(data: &[u8]) -> bool {
     let Ok(source) = std::str::from_utf8(data) else { return false };
     let Ok(template) = ChatTemplate::new(source, Some("<s>"), Some("</s>")) else { return false };
-    let messages = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi"), ChatMessage::new("assistant", "Hello."), ChatMessage::new("user", "2+2?")];
+    let messages =
+        [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi"), ChatMessage::new("assistant", "Hello."), ChatMessage::new("user", "2+2?")];
     template.render_in_this_process(&messages, true).is_ok()
 }
 
@@ -89,7 +92,12 @@ pub fn http_request(data: &[u8]) -> bool {
     const ENDPOINTS: [(&str, &str); 3] = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models")];
     let Some((&selector, body)) = data.split_first() else { return false };
     let (method, path) = ENDPOINTS[selector as usize % ENDPOINTS.len()];
-    let request = axum::http::Request::builder().method(method).uri(path).header("content-type", "application/json").body(axum::body::Body::from(body.to_vec())).expect("request");
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_vec()))
+        .expect("request");
     let status = served().runtime.block_on(async {
         use tower::ServiceExt;
         let response = llm_api::router(served().state.clone()).oneshot(request).await.expect("the router is infallible");

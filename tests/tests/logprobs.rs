@@ -25,7 +25,12 @@ fn check_first_token(model: &str, file: &str) {
         let completion = run(&loaded, case.prompt_token_ids, 1, 5);
         let first = &completion.logprobs[0];
         assert_eq!(first.token_id, case.greedy_token_ids[0]);
-        assert!((first.logprob - reference[first.token_id as usize]).abs() < 1e-3, "{file} prompt {i}: {} vs {}", first.logprob, reference[first.token_id as usize]);
+        assert!(
+            (first.logprob - reference[first.token_id as usize]).abs() < 1e-3,
+            "{file} prompt {i}: {} vs {}",
+            first.logprob,
+            reference[first.token_id as usize]
+        );
         let mut order: Vec<usize> = (0..reference.len()).collect();
         order.sort_by(|&a, &b| reference[b].total_cmp(&reference[a]));
         let ours: Vec<u32> = first.top.iter().map(|t| t.0).collect();

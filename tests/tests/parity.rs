@@ -55,10 +55,8 @@ fn llama3_gguf_from_llama_cpp_converter_matches_transformers() {
 #[test]
 fn batched_generation_equals_one_by_one() {
     let loaded = load(&fixtures_dir().join("llama3/llama3-bf16.gguf"), LoadOptions::default()).unwrap();
-    let prompts: Vec<Vec<u32>> = ["Hi", "The longest prompt of this little batch, by far", "A medium prompt here"]
-        .iter()
-        .map(|p| loaded.tokenizer.encode(p, true).unwrap())
-        .collect();
+    let prompts: Vec<Vec<u32>> =
+        ["Hi", "The longest prompt of this little batch, by far", "A medium prompt here"].iter().map(|p| loaded.tokenizer.encode(p, true).unwrap()).collect();
     let batched = greedy(&loaded, &prompts, 8);
     for (prompt, together) in prompts.iter().zip(&batched) {
         let alone = greedy(&loaded, std::slice::from_ref(prompt), 8);

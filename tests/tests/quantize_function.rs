@@ -83,7 +83,12 @@ fn a_job_file_produces_a_versioned_model_with_manifest_and_alias() {
     let prefix = keys.version_prefix(version);
     assert_eq!(
         keys_under(&s3, bucket, "models/"),
-        vec!["models/tiny-llama/latest".to_string(), format!("{prefix}manifest.json"), format!("{prefix}tiny-llama-q4_0.gguf"), format!("{prefix}tiny-llama-q8_0.gguf")]
+        vec![
+            "models/tiny-llama/latest".to_string(),
+            format!("{prefix}manifest.json"),
+            format!("{prefix}tiny-llama-q4_0.gguf"),
+            format!("{prefix}tiny-llama-q8_0.gguf")
+        ]
     );
 
     let manifest: Manifest = serde_json::from_slice(&s3.get(bucket, &keys.manifest_key(version)).unwrap().unwrap()).unwrap();
@@ -126,7 +131,13 @@ fn repeated_and_reordered_events_make_one_version_once() {
     let again = run(&s3, &job_event);
     let noisy = event(
         bucket,
-        &[(PUT, "incoming/m/quantize.json"), (PUT, "incoming/m/model.safetensors"), (PUT, &outputs[0].key), (PUT, "incoming/m/quantize.json"), ("ObjectRemoved:Delete", "incoming/m/config.json")],
+        &[
+            (PUT, "incoming/m/quantize.json"),
+            (PUT, "incoming/m/model.safetensors"),
+            (PUT, &outputs[0].key),
+            (PUT, "incoming/m/quantize.json"),
+            ("ObjectRemoved:Delete", "incoming/m/config.json"),
+        ],
     );
     let batch = run(&s3, &noisy);
     for summary in [&again, &batch] {
@@ -193,7 +204,10 @@ fn bad_checkpoints_fail_clearly_and_write_nothing() {
         ("no-config", Box::new(|s3, p| s3.delete(bucket, &format!("{p}config.json")).unwrap()), "config.json: missing"),
         (
             "mistral",
-            Box::new(|s3, p| s3.put(bucket, &format!("{p}config.json"), config.replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"").into_bytes()).unwrap()),
+            Box::new(|s3, p| {
+                s3.put(bucket, &format!("{p}config.json"), config.replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"").into_bytes())
+                    .unwrap()
+            }),
             "architecture",
         ),
         ("bad-job", Box::new(|s3, p| s3.put(bucket, &format!("{p}quantize.json"), br#"{"types": ["q3"]}"#.to_vec()).unwrap()), "unknown type `q3`"),

@@ -13,9 +13,7 @@ const TYPES: &[&str] = &["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m
 fn agreement(logits: &Tensor, case: &ReferenceCase) -> usize {
     let forced: Vec<u32> = case.prompt_token_ids.iter().chain(&case.greedy_token_ids).copied().collect();
     let argmax = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();
-    (case.prompt_token_ids.len() - 1..forced.len() - 1)
-        .filter(|&p| argmax[p] == forced[p + 1])
-        .count()
+    (case.prompt_token_ids.len() - 1..forced.len() - 1).filter(|&p| argmax[p] == forced[p + 1]).count()
 }
 
 fn rms_error(a: &Tensor, reference: &Tensor) -> f32 {

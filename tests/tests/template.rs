@@ -34,7 +34,8 @@ struct Package {
 
 /// The workspace's packages by name, and its binaries with the package of each.
 fn workspace() -> (HashMap<String, Package>, Vec<(String, String)>) {
-    let output = Command::new(env!("CARGO")).args(["metadata", "--no-deps", "--format-version", "1"]).current_dir(workspace_root()).output().expect("cargo metadata");
+    let output =
+        Command::new(env!("CARGO")).args(["metadata", "--no-deps", "--format-version", "1"]).current_dir(workspace_root()).output().expect("cargo metadata");
     let metadata: Value = serde_json::from_slice(&output.stdout).expect("cargo metadata JSON");
     let (mut packages, mut binaries) = (HashMap::new(), Vec::new());
     for package in metadata["packages"].as_array().expect("packages") {
@@ -62,7 +63,8 @@ fn functions(template: &Template) -> Vec<(String, String)> {
         .resources_of("AWS::Serverless::Function")
         .into_iter()
         .map(|name| {
-            let binary = template.resource(&name)["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap_or_else(|| panic!("{name} names no Binary")).to_string();
+            let binary =
+                template.resource(&name)["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap_or_else(|| panic!("{name} names no Binary")).to_string();
             (name, binary)
         })
         .collect();
@@ -132,8 +134,11 @@ fn the_template_sets_every_setting_the_code_reads_and_no_other() {
 }
 
 fn s3_filter(template: &Template, function: &str, event: &str) -> (String, String) {
-    let rules = template.resource(function)["Properties"]["Events"][event]["Properties"]["Filter"]["S3Key"]["Rules"].as_sequence().expect("S3Key rules").clone();
-    let rule = |name: &str| rules.iter().find(|r| r["Name"] == name).and_then(|r| r["Value"].as_str()).unwrap_or_else(|| panic!("{function}: no {name} rule")).to_string();
+    let rules =
+        template.resource(function)["Properties"]["Events"][event]["Properties"]["Filter"]["S3Key"]["Rules"].as_sequence().expect("S3Key rules").clone();
+    let rule = |name: &str| {
+        rules.iter().find(|r| r["Name"] == name).and_then(|r| r["Value"].as_str()).unwrap_or_else(|| panic!("{function}: no {name} rule")).to_string()
+    };
     (rule("prefix"), rule("suffix"))
 }
 
@@ -201,7 +206,9 @@ fn each_function_is_allowed_the_calls_it_makes_and_no_more() {
 
     // The submit function submits a spec, and answers one deleted before it was read.
     let queue = submit_function::JobQueue::connect(&batch.queue, &batch.definition).unwrap();
-    let event = serde_json::from_str(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "training/jobs/tune.json"), ("ObjectCreated:Put", "training/jobs/gone.json")])).unwrap();
+    let event =
+        serde_json::from_str(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "training/jobs/tune.json"), ("ObjectCreated:Put", "training/jobs/gone.json")]))
+            .unwrap();
     let outcomes = submit_function::handle(&s3, &queue, &event).unwrap();
     assert_eq!(outcomes.len(), 2);
     let mut calls = s3_proxy.take();
@@ -216,7 +223,9 @@ fn each_function_is_allowed_the_calls_it_makes_and_no_more() {
         std::sync::Arc::new(llm_api::AppState::new(llm_api::ModelSlot::new("tiny", loader), Default::default(), None))
     };
     let config = batch_function::Config { chunk_lines: 1, ..Default::default() };
-    let line = |id: &str| format!(r#"{{"custom_id": "{id}", "method": "POST", "url": "/v1/completions", "body": {{"model": "tiny", "prompt": "hello", "max_tokens": 2}}}}"#);
+    let line = |id: &str| {
+        format!(r#"{{"custom_id": "{id}", "method": "POST", "url": "/v1/completions", "body": {{"model": "tiny", "prompt": "hello", "max_tokens": 2}}}}"#)
+    };
     setup.put(BUCKET, "batches/input/two.jsonl", format!("{}\n{}", line("a"), line("b")).into_bytes()).unwrap();
     let event = |key: &str| serde_json::from_str(&s3_event_json(BUCKET, &[("ObjectCreated:Put", key)])).unwrap();
     let soon = || Some(SystemTime::now() + Duration::from_millis(1));

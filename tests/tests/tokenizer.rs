@@ -64,9 +64,7 @@ fn tokenizer_json_is_read_as_tokenizers_reads_it() {
 /// reads (a truncation shorter than the template's tokens, say), the engine reads.
 #[test]
 fn malformed_bpe_models_are_refused() {
-    let file = |model: serde_json::Value| {
-        serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null, "model": model})
-    };
+    let file = |model: serde_json::Value| serde_json::json!({"version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null, "model": model});
     let bpe = |merges: serde_json::Value| serde_json::json!({"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": merges});
     let good = file(bpe(serde_json::json!(["#version: 0.2", "a b"]))).to_string();
     assert_eq!(llm_engine::Tokenizer::from_json(&good).unwrap().encode("ab", false).unwrap().get_ids(), [2]);

@@ -1,7 +1,7 @@
 //! Training data formats and their loss masks, with the fixture tokenizers and chat template.
 
-use llm_train::data::{load_jsonl, Overflow};
 use llm_tests::*;
+use llm_train::data::{load_jsonl, Overflow};
 
 fn write(lines: &[serde_json::Value]) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -79,5 +79,10 @@ fn chat_records_keep_their_own_renderings_and_line_numbers() {
 
     let bad = [chat("first"), chat("refused"), serde_json::json!({"nothing": 1}), chat("second")];
     let error = load_jsonl(write(&bad).path(), &tokenizer, Some(&template), 512, Overflow::Truncate).unwrap_err().to_string();
-    assert!(error.contains("2 bad lines") && error.contains("line 2: chat template: invalid operation: refused on purpose") && error.contains("line 3: not a JSON object"), "{error}");
+    assert!(
+        error.contains("2 bad lines")
+            && error.contains("line 2: chat template: invalid operation: refused on purpose")
+            && error.contains("line 3: not a JSON object"),
+        "{error}"
+    );
 }

@@ -3,9 +3,9 @@
 //! fresh adapter that changes nothing, and gradients that agree with finite differences.
 
 use candle_core::{Device, Tensor};
+use llm_tests::*;
 use llm_train::loss::causal_lm_loss;
 use llm_train::{LoraConfig, TrainLlama, Trainable};
-use llm_tests::*;
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -3,15 +3,16 @@
 //! without QAT loses.
 
 use candle_core::Device;
+use llm_tests::*;
 use llm_train::data::{load_jsonl, Overflow};
 use llm_train::finetune::{evaluate, finetune, Settings};
 use llm_train::qat::QatType;
 use llm_train::{TrainLlama, Trainable};
-use llm_tests::*;
 
 fn data(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("data.jsonl");
-    let lines: Vec<String> = (0..16).map(|a| serde_json::json!({"prompt": format!("{a} plus {a} is"), "completion": format!(" {}", 2 * a)}).to_string()).collect();
+    let lines: Vec<String> =
+        (0..16).map(|a| serde_json::json!({"prompt": format!("{a} plus {a} is"), "completion": format!(" {}", 2 * a)}).to_string()).collect();
     std::fs::write(&path, lines.join("\n")).unwrap();
     path
 }

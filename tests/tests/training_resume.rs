@@ -4,24 +4,38 @@
 
 use std::ops::ControlFlow;
 
+use llm_tests::*;
 use llm_train::finetune::{finetune, Settings};
 use llm_train::{LoraConfig, TrainError, Trainable};
-use llm_tests::*;
 
 fn data(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("data.jsonl");
-    let lines: Vec<String> = (0..10).map(|a| serde_json::json!({"prompt": format!("{a} times two is"), "completion": format!(" {}", 2 * a)}).to_string()).collect();
+    let lines: Vec<String> =
+        (0..10).map(|a| serde_json::json!({"prompt": format!("{a} times two is"), "completion": format!(" {}", 2 * a)}).to_string()).collect();
     std::fs::write(&path, lines.join("\n")).unwrap();
     path
 }
 
 fn settings() -> Settings {
     let lora = LoraConfig { dropout: 0.1, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..Default::default() };
-    Settings { trainable: Trainable::Lora { config: lora, seed: 5 }, steps: Some(12), lr: 5e-3, batch_size: 3, warmup: 2, checkpoint_every: 4, seed: 5, ..Settings::default() }
+    Settings {
+        trainable: Trainable::Lora { config: lora, seed: 5 },
+        steps: Some(12),
+        lr: 5e-3,
+        batch_size: 3,
+        warmup: 2,
+        checkpoint_every: 4,
+        seed: 5,
+        ..Settings::default()
+    }
 }
 
 fn losses(dir: &std::path::Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
 }
 
 #[test]

@@ -112,7 +112,14 @@ pub struct FileStatus {
 /// Handles one event: each `batches/input/<name>.jsonl` or `batches/continue/<name>.json`
 /// record answers (more of) that file; other records are ignored. A storage fault, or a model
 /// that cannot be loaded, is returned so that Lambda retries the event.
-pub fn handle(s3: &S3, engine: &tokio::runtime::Handle, state: &Arc<AppState>, config: &Config, event: &S3Event, deadline: Option<SystemTime>) -> Result<Vec<Outcome>, String> {
+pub fn handle(
+    s3: &S3,
+    engine: &tokio::runtime::Handle,
+    state: &Arc<AppState>,
+    config: &Config,
+    event: &S3Event,
+    deadline: Option<SystemTime>,
+) -> Result<Vec<Outcome>, String> {
     let mut outcomes = Vec::new();
     for record in &event.records {
         let created = record.event_name.as_deref().is_some_and(|e| e.starts_with("ObjectCreated:"));
@@ -191,7 +198,17 @@ impl Job<'_> {
         }
         if input.size > self.config.max_input_bytes {
             let error = format!("the file is {} bytes; at most {} are read (BATCH_MAX_INPUT_MIB)", input.size, self.config.max_input_bytes);
-            let status = FileStatus { status: Status::Failed, input_etag: input.etag, requests: 0, succeeded: 0, failed: 0, invocations: 1, seconds: 0.0, stats: RunStats::default(), error: Some(error) };
+            let status = FileStatus {
+                status: Status::Failed,
+                input_etag: input.etag,
+                requests: 0,
+                succeeded: 0,
+                failed: 0,
+                invocations: 1,
+                seconds: 0.0,
+                stats: RunStats::default(),
+                error: Some(error),
+            };
             self.put_json(&status_key, &status)?;
             return Ok(self.outcome(Status::Failed, 0, 0));
         }
@@ -256,8 +273,13 @@ impl Job<'_> {
         for part in 0..progress.parts {
             let bytes = self.s3.get(self.bucket, &self.part_key(part))?.unwrap_or_default();
             for line in String::from_utf8_lossy(&bytes).lines() {
-                let answer: OutputLine = serde_json::from_str(line).map_err(|e| StoreError::S3 { bucket: self.bucket.into(), key: self.part_key(part), message: e.to_string() })?;
-                if answer.succeeded() { succeeded.push(answer) } else { failed.push(answer) }
+                let answer: OutputLine =
+                    serde_json::from_str(line).map_err(|e| StoreError::S3 { bucket: self.bucket.into(), key: self.part_key(part), message: e.to_string() })?;
+                if answer.succeeded() {
+                    succeeded.push(answer)
+                } else {
+                    failed.push(answer)
+                }
             }
         }
         self.s3.put(self.bucket, &self.key(OUTPUT_PREFIX, ".jsonl"), to_jsonl(&succeeded))?;

@@ -22,7 +22,8 @@ fn batch_file(requests: usize) -> Vec<u8> {
     let mut lines: Vec<String> = (0..requests)
         .map(|i| {
             let word = if i == 0 { "llama".to_string() } else { format!("w{i}") };
-            let body = json!({"model": "demo", "messages": [{"role": "user", "content": format!("Write {word} in capitals.")}], "max_tokens": 6, "temperature": 0});
+            let body =
+                json!({"model": "demo", "messages": [{"role": "user", "content": format!("Write {word} in capitals.")}], "max_tokens": 6, "temperature": 0});
             json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body}).to_string()
         })
         .collect();
@@ -102,7 +103,10 @@ fn a_file_is_answered_in_chunks_across_invocations_and_once() {
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors.iter().any(|e| e["error"]["code"] == "invalid_json" && e["error"]["line"] == 3));
     let status: Value = serde_json::from_slice(&f.s3.get(BUCKET, "batches/output/chunked.status.json").unwrap().unwrap()).unwrap();
-    assert_eq!((status["status"].as_str(), status["succeeded"].as_u64(), status["failed"].as_u64(), status["invocations"].as_u64()), (Some("completed"), Some(7), Some(2), Some(3)));
+    assert_eq!(
+        (status["status"].as_str(), status["succeeded"].as_u64(), status["failed"].as_u64(), status["invocations"].as_u64()),
+        (Some("completed"), Some(7), Some(2), Some(3))
+    );
     assert!(status["seconds"].as_f64().is_some_and(|s| s > 0.0) && status["stats"]["generate_seconds"].as_f64().is_some_and(|s| s > 0.0), "{status}");
     assert!(f.s3.list(BUCKET, "batches/state/chunked/").unwrap().is_empty(), "parts and progress removed");
     assert!(f.s3.size(BUCKET, "batches/continue/chunked.json").unwrap().is_none());
@@ -137,10 +141,9 @@ fn the_function_binary_answers_an_input_event() {
     let s3 = S3::connect().unwrap();
     s3.create_bucket(BUCKET).unwrap();
     s3.put(BUCKET, "batches/input/lambda.jsonl", batch_file(3)).unwrap();
-    let watch = CargoLambdaWatch::start(
-        env!("CARGO_BIN_EXE_batch"),
-&server.function_env(&[]));
-    let response = watch.invoke(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "batches/input/lambda.jsonl")])).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
+    let watch = CargoLambdaWatch::start(env!("CARGO_BIN_EXE_batch"), &server.function_env(&[]));
+    let response =
+        watch.invoke(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "batches/input/lambda.jsonl")])).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
     let outcomes: Value = serde_json::from_str(&response).unwrap();
     assert_eq!(outcomes[0]["status"], "completed", "{outcomes}");
     let output = String::from_utf8(s3.get(BUCKET, "batches/output/lambda.jsonl").unwrap().unwrap()).unwrap();

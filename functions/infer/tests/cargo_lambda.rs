@@ -15,9 +15,7 @@ fn the_function_binary_answers_under_cargo_lambda() {
     let server = local_s3();
     let s3 = S3::connect().unwrap();
     publish_model(&s3, "infer-lambda", "tiny");
-    let watch = CargoLambdaWatch::start(
-        env!("CARGO_BIN_EXE_infer"),
-&server.function_env(&[("MODEL_URI", "s3://infer-lambda/models/tiny/latest")]));
+    let watch = CargoLambdaWatch::start(env!("CARGO_BIN_EXE_infer"), &server.function_env(&[("MODEL_URI", "s3://infer-lambda/models/tiny/latest")]));
     let address = format!("127.0.0.1:{}", watch.port);
     let url = format!("{}/v1/completions", watch.url_prefix());
     let (status, body) = post(&address, &url, REQUEST);

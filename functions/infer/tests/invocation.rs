@@ -23,7 +23,8 @@ fn invoke(app: axum::Router, left: Duration) -> serde_json::Value {
     let mut context = Context::default();
     context.request_id = "test-request".into();
     context.deadline = (SystemTime::now() + left).duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-    let request = axum::http::Request::post("/v1/completions").header("content-type", "application/json").body(Body::from(REQUEST)).unwrap().with_lambda_context(context);
+    let request =
+        axum::http::Request::post("/v1/completions").header("content-type", "application/json").body(Body::from(REQUEST)).unwrap().with_lambda_context(context);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let response = app.oneshot(request).await.unwrap();

@@ -18,8 +18,13 @@ fn chat(custom_id: &str, word: &str) -> String {
 }
 
 fn input_file() -> String {
-    let mut lines: Vec<String> = ["llama", "alpaca", "vicuna", "bison", "zebra", "koala"].iter().enumerate().map(|(i, w)| chat(&format!("chat-{i}"), w)).collect();
-    lines.push(request("text-0", "/v1/completions", json!({"model": "demo", "prompt": ["The capital of", "Two plus two"], "n": 2, "max_tokens": 4, "temperature": 0})));
+    let mut lines: Vec<String> =
+        ["llama", "alpaca", "vicuna", "bison", "zebra", "koala"].iter().enumerate().map(|(i, w)| chat(&format!("chat-{i}"), w)).collect();
+    lines.push(request(
+        "text-0",
+        "/v1/completions",
+        json!({"model": "demo", "prompt": ["The capital of", "Two plus two"], "n": 2, "max_tokens": 4, "temperature": 0}),
+    ));
     lines.push(String::new());
     lines.push("{not json".into());
     lines.push(json!({"method": "POST", "url": "/v1/completions", "body": {}}).to_string());
@@ -91,7 +96,14 @@ fn a_batch_file_is_answered_line_by_line_in_shared_engine_batches() {
     let (alone, _, alone_status) = run(dir.path(), "alone", &["--max-batch-sequences", "1"]);
     assert_eq!(alone_status["stats"]["engine_batches"], 7);
     for (id, answer) in &answers {
-        let choices = |a: &Value| a["response"]["body"]["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().or(c["text"].as_str()).unwrap().to_string()).collect::<Vec<_>>();
+        let choices = |a: &Value| {
+            a["response"]["body"]["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["message"]["content"].as_str().or(c["text"].as_str()).unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(choices(answer), choices(&alone[id]), "{id}");
     }
 }

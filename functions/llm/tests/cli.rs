@@ -28,15 +28,21 @@ fn ids(v: &Value) -> Vec<u64> {
 
 #[test]
 fn generate_json_matches_transformers_greedy() {
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("llama3/reference.json")).unwrap(),
-    )
-    .unwrap();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("llama3/reference.json")).unwrap()).unwrap();
     let case = &reference["cases"][0];
     let model = fixtures().join("llama3/llama3-bf16.gguf");
     let out = llm_json(&[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", case["prompt"].as_str().unwrap(),
-        "--max-tokens", "6", "--ignore-eos", "--json", "--threads", "1",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+        "--threads",
+        "1",
     ]);
     assert_eq!(ids(&out["prompt_token_ids"]), ids(&case["prompt_token_ids"]));
     assert_eq!(ids(&out["token_ids"]), ids(&case["greedy_token_ids"])[..6].to_vec());
@@ -58,8 +64,24 @@ fn generate_chat_adds_one_bos() {
 fn same_seed_same_sample() {
     let model = fixtures().join("llama2/llama2-f16.gguf");
     let run = |seed: &str| {
-        llm_json(&["generate", "--model", model.to_str().unwrap(), "--prompt", "Once", "--temperature", "1.0",
-                   "--top-p", "0.9", "--seed", seed, "--max-tokens", "12", "--ignore-eos", "--json"])["token_ids"].clone()
+        llm_json(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Once",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--json",
+        ])["token_ids"]
+            .clone()
     };
     assert_eq!(run("5"), run("5"));
     assert_ne!(run("5"), run("6"));
@@ -146,7 +168,11 @@ fn quantize_writes_a_loadable_file_or_nothing() {
     let run = llm(&["quantize", "--input", broken.to_str().unwrap(), "--output", failed.to_str().unwrap(), "--type", "q8_0"]);
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("truncated"));
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "partial" || x == "gguf")).count(), 1, "only the good output remains");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "partial" || x == "gguf")).count(),
+        1,
+        "only the good output remains"
+    );
     let run = llm(&["quantize", "--input", input.to_str().unwrap(), "--output", failed.to_str().unwrap(), "--type", "q9_k"]);
     assert!(String::from_utf8_lossy(&run.stderr).contains("unknown type"));
 }

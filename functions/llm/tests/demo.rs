@@ -29,14 +29,19 @@ fn demo(dir: &Path) -> PathBuf {
 }
 
 fn first_losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
 }
 
 #[test]
 fn demo_data_is_a_task_the_engine_and_trainers_read() {
     let dir = tempfile::tempdir().unwrap();
     let demo = demo(dir.path());
-    let questions: Vec<serde_json::Value> = std::fs::read_to_string(demo.join("eval.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let questions: Vec<serde_json::Value> =
+        std::fs::read_to_string(demo.join("eval.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(questions.len(), 12);
     let sft = std::fs::read_to_string(demo.join("sft.jsonl")).unwrap();
     assert!(questions.iter().all(|q| !sft.contains(&format!("\"{}\"", q["prompt"].as_str().unwrap()))), "a held-out question is in the SFT data");
@@ -49,20 +54,58 @@ fn demo_data_is_a_task_the_engine_and_trainers_read() {
     assert_eq!(chat, "<|begin_of_text|><|user|>What is 12 + 30?<|end|><|assistant|>");
 
     // An untrained model answers (almost) nothing right, and the report says so per task.
-    let report: serde_json::Value = serde_json::from_str(&ok(llm(&["eval", "--model", demo.join("teacher-init").to_str().unwrap(), "--data", demo.join("eval.jsonl").to_str().unwrap(), "--json"]))).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&ok(llm(&[
+        "eval",
+        "--model",
+        demo.join("teacher-init").to_str().unwrap(),
+        "--data",
+        demo.join("eval.jsonl").to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
     assert_eq!(report["total"], 12);
     assert_eq!(report["tasks"].as_array().unwrap().iter().map(|t| t["task"].as_str().unwrap()).collect::<Vec<_>>(), ["add", "reverse", "upper", "capital"]);
     assert!(report["accuracy"].as_f64().unwrap() < 0.5);
 
     // It trains: a few pretraining steps lower the loss.
     let pretrained = dir.path().join("pretrained");
-    ok(llm(&["finetune", "--method", "full", "--base", demo.join("teacher-init").to_str().unwrap(), "--data", demo.join("pretrain.jsonl").to_str().unwrap(), "--output", pretrained.to_str().unwrap(), "--steps", "12", "--lr", "3e-3", "--batch-size", "8"]));
+    ok(llm(&[
+        "finetune",
+        "--method",
+        "full",
+        "--base",
+        demo.join("teacher-init").to_str().unwrap(),
+        "--data",
+        demo.join("pretrain.jsonl").to_str().unwrap(),
+        "--output",
+        pretrained.to_str().unwrap(),
+        "--steps",
+        "12",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+    ]));
     let losses = first_losses(&pretrained);
     assert!(losses[11] < losses[0] - 0.5, "{losses:?}");
 
     // SFT on top: its output holds its own metrics, not the base run's.
     let tuned = dir.path().join("tuned");
-    ok(llm(&["finetune", "--method", "full", "--base", pretrained.to_str().unwrap(), "--data", demo.join("sft.jsonl").to_str().unwrap(), "--output", tuned.to_str().unwrap(), "--steps", "3", "--batch-size", "8"]));
+    ok(llm(&[
+        "finetune",
+        "--method",
+        "full",
+        "--base",
+        pretrained.to_str().unwrap(),
+        "--data",
+        demo.join("sft.jsonl").to_str().unwrap(),
+        "--output",
+        tuned.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+    ]));
     assert_eq!(first_losses(&tuned).len(), 3);
 }
 
@@ -73,7 +116,25 @@ fn stored_soft_targets_reproduce_the_live_teacher_and_are_reused() {
     let (teacher, data) = (demo.join("teacher-init"), demo.join("sft.jsonl"));
     let run = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut args = vec!["distill", "--teacher", teacher.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--student-layers", "1", "--steps", "3", "--batch-size", "4", "--temperature", "2", "--alpha", "0.8"];
+        let mut args = vec![
+            "distill",
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--student-layers",
+            "1",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--temperature",
+            "2",
+            "--alpha",
+            "0.8",
+        ];
         args.extend_from_slice(extra);
         (llm(&args), out)
     };
@@ -101,8 +162,26 @@ fn stored_soft_targets_reproduce_the_live_teacher_and_are_reused() {
     let other = dir.path().join("other.jsonl");
     std::fs::write(&other, std::fs::read_to_string(&data).unwrap().lines().skip(1).collect::<Vec<_>>().join("\n")).unwrap();
     let out = dir.path().join("mismatch");
-    let refused = llm(&["distill", "--teacher", teacher.to_str().unwrap(), "--data", other.to_str().unwrap(), "--output", out.to_str().unwrap(), "--student-layers", "1", "--steps", "1", "--soft-targets", targets.to_str().unwrap()]);
-    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("computed for other data"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let refused = llm(&[
+        "distill",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--data",
+        other.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--student-layers",
+        "1",
+        "--steps",
+        "1",
+        "--soft-targets",
+        targets.to_str().unwrap(),
+    ]);
+    assert!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("computed for other data"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
 
 /// The demo model built into the engine is the committed file, and it answers held-out
@@ -111,7 +190,8 @@ fn stored_soft_targets_reproduce_the_live_teacher_and_are_reused() {
 fn the_built_in_demo_model_answers_held_out_questions() {
     assert!(llm_engine::DEMO_GGUF == std::fs::read(repo().join("models/demo/demo-q8_0.gguf")).unwrap(), "the built-in model is not models/demo/demo-q8_0.gguf");
     let questions = repo().join("models/demo/eval.jsonl");
-    let report: serde_json::Value = serde_json::from_str(&ok(llm(&["eval", "--model", llm_engine::DEMO_MODEL, "--data", questions.to_str().unwrap(), "--json"]))).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(llm(&["eval", "--model", llm_engine::DEMO_MODEL, "--data", questions.to_str().unwrap(), "--json"]))).unwrap();
     assert!(report["accuracy"].as_f64().unwrap() >= DEMO_ACCURACY, "{report}");
 
     // `llm generate` without --model uses it.

@@ -23,12 +23,7 @@ fn root() -> PathBuf {
 
 /// Starts `llm serve` on a free port and waits for its "listening on" line.
 fn serve(args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm"))
-        .args(["serve", "--port", "0"])
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run llm serve");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm")).args(["serve", "--port", "0"]).args(args).stderr(Stdio::piped()).spawn().expect("run llm serve");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let base_url = loop {
         let line = lines.next().expect("llm serve exited before listening").expect("stderr line");
@@ -138,7 +133,8 @@ fn a_hostile_chat_template_is_a_400_and_the_server_lives_on() {
     let bomb = "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}";
     std::fs::write(model.join("chat_template.jinja"), bomb).unwrap();
     let server = serve(&["--model", model.to_str().unwrap(), "--threads", "1"]);
-    let (status, body) = post(&server.base_url, "/v1/chat/completions", r#"{"model": "hostile", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#);
+    let (status, body) =
+        post(&server.base_url, "/v1/chat/completions", r#"{"model": "hostile", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#);
     assert_eq!(status, 400, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("renderer"), "{body}");
     let (status, body) = post(&server.base_url, "/v1/completions", r#"{"model": "hostile", "prompt": "Once", "max_tokens": 2}"#);

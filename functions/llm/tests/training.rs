@@ -14,7 +14,8 @@ fn llm(args: &[&str]) -> Output {
 
 fn write_data(dir: &Path) -> PathBuf {
     let path = dir.join("train.jsonl");
-    let mut lines: Vec<String> = (0..8).map(|a| serde_json::json!({"prompt": format!("What is {a} plus {a}?"), "completion": format!(" {}", a + a)}).to_string()).collect();
+    let mut lines: Vec<String> =
+        (0..8).map(|a| serde_json::json!({"prompt": format!("What is {a} plus {a}?"), "completion": format!(" {}", a + a)}).to_string()).collect();
     lines.push(serde_json::json!({"text": "plain text is learned everywhere"}).to_string());
     std::fs::write(&path, lines.join("\n")).unwrap();
     path
@@ -45,7 +46,27 @@ fn lora_fine_tuning_learns_and_writes_a_peft_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let data = write_data(dir.path());
     let out = dir.path().join("adapter");
-    let run = finetune("llama2", &data, &out, &["--method", "lora", "--steps", "20", "--lr", "1e-2", "--lora-dropout", "0", "--eval-data", data.to_str().unwrap(), "--eval-every", "10", "--seed", "4"]);
+    let run = finetune(
+        "llama2",
+        &data,
+        &out,
+        &[
+            "--method",
+            "lora",
+            "--steps",
+            "20",
+            "--lr",
+            "1e-2",
+            "--lora-dropout",
+            "0",
+            "--eval-data",
+            data.to_str().unwrap(),
+            "--eval-every",
+            "10",
+            "--seed",
+            "4",
+        ],
+    );
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let lines = metrics(&out);
     assert_eq!(lines.len(), 20);
@@ -67,7 +88,19 @@ fn lora_fine_tuning_learns_and_writes_a_peft_adapter() {
     let after = adapted.forward(&ids, None).unwrap();
     assert!(max_abs_diff(&before, &after) > 1e-3);
     let merged = dir.path().join("merged");
-    assert!(llm(&["merge", "--base", fixtures_dir().join("llama2/hf").to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--output", merged.to_str().unwrap(), "--dtype", "f32"]).status.success());
+    assert!(llm(&[
+        "merge",
+        "--base",
+        fixtures_dir().join("llama2/hf").to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32"
+    ])
+    .status
+    .success());
     let served = llm_engine::load(&merged, Default::default()).unwrap();
     let engine_logits = prompt_logits(&served.model, &[1, 1724, 338, 29871, 29941]);
     assert!(max_abs_diff(&engine_logits, &after.squeeze(0).unwrap()) < 1e-3);
@@ -75,7 +108,9 @@ fn lora_fine_tuning_learns_and_writes_a_peft_adapter() {
     // Same seed, same adapter, to the byte (dropout included); another seed, another adapter.
     let run = |name: &str, seed: &str| {
         let dir = dir.path().join(name);
-        assert!(finetune("llama2", &data, &dir, &["--method", "lora", "--steps", "5", "--lr", "1e-2", "--lora-dropout", "0.2", "--seed", seed]).status.success());
+        assert!(finetune("llama2", &data, &dir, &["--method", "lora", "--steps", "5", "--lr", "1e-2", "--lora-dropout", "0.2", "--seed", seed])
+            .status
+            .success());
         std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
     };
     assert_eq!(run("a", "4"), run("b", "4"));
@@ -137,7 +172,10 @@ fn distillation_trains_a_pruned_or_fresh_student() {
     // A config that fits inside the teacher starts from it pruned (fewer layers, narrower MLP);
     // one that does not (another width) starts fresh.
     let teacher_config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("llama2/hf/config.json")).unwrap()).unwrap();
-    for (name, changes) in [("narrow", &[("num_hidden_layers", 1), ("intermediate_size", 16)][..]), ("fresh", &[("hidden_size", 16), ("num_attention_heads", 2), ("num_key_value_heads", 2)][..])] {
+    for (name, changes) in [
+        ("narrow", &[("num_hidden_layers", 1), ("intermediate_size", 16)][..]),
+        ("fresh", &[("hidden_size", 16), ("num_attention_heads", 2), ("num_key_value_heads", 2)][..]),
+    ] {
         let mut config = teacher_config.clone();
         for (key, value) in changes {
             config[key] = (*value).into();
@@ -148,7 +186,10 @@ fn distillation_trains_a_pruned_or_fresh_student() {
         let run = distill(&data, &student, &["--student-config", config_path.to_str().unwrap(), "--steps", "3"]);
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         let loaded = llm_engine::load(&student, Default::default()).unwrap();
-        assert_eq!((loaded.model.config().hidden_size, loaded.model.config().intermediate_size), (config["hidden_size"].as_u64().unwrap() as usize, config["intermediate_size"].as_u64().unwrap() as usize));
+        assert_eq!(
+            (loaded.model.config().hidden_size, loaded.model.config().intermediate_size),
+            (config["hidden_size"].as_u64().unwrap() as usize, config["intermediate_size"].as_u64().unwrap() as usize)
+        );
     }
 
     assert!(!distill(&data, &dir.path().join("bad"), &["--student-layers", "3"]).status.success(), "more layers than the teacher");
@@ -167,7 +208,8 @@ fn fine_tuning_reads_and_writes_s3() {
     let mut keys: Vec<String> = s3.list("train-s3", "out/").unwrap().into_iter().map(|o| o.key).collect();
     keys.sort();
     assert_eq!(keys, ["out/adapter_config.json", "out/adapter_model.safetensors", "out/loss.png", "out/metrics.jsonl"]);
-    let missing = llm(&["finetune", "--base", "s3://train-s3/nothing/", "--data", "s3://train-s3/data/train.jsonl", "--output", dir.path().join("x").to_str().unwrap()]);
+    let missing =
+        llm(&["finetune", "--base", "s3://train-s3/nothing/", "--data", "s3://train-s3/data/train.jsonl", "--output", dir.path().join("x").to_str().unwrap()]);
     assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no objects under this prefix"));
 }
 
@@ -179,7 +221,20 @@ fn sigterm_checkpoints_and_resume_finishes() {
     let data = write_data(dir.path());
     let out = dir.path().join("adapter");
     let base = fixtures_dir().join("llama2/hf");
-    let args = ["finetune", "--base", base.to_str().unwrap(), "--data", data.to_str().unwrap(), "--output", out.to_str().unwrap(), "--steps", "150", "--checkpoint-every", "0", "--resume"];
+    let args = [
+        "finetune",
+        "--base",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--steps",
+        "150",
+        "--checkpoint-every",
+        "0",
+        "--resume",
+    ];
     let child = Command::new(env!("CARGO_BIN_EXE_llm")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let started = std::time::Instant::now();
     while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 3 {
@@ -210,7 +265,20 @@ fn an_s3_run_stopped_by_sigterm_resumes_from_its_s3_checkpoint() {
     llm_tests::s3_events::upload_checkpoint(&s3, "train-resume", "base/", "llama2");
     let dir = tempfile::tempdir().unwrap();
     s3.put("train-resume", "data/train.jsonl", std::fs::read(write_data(dir.path())).unwrap()).unwrap();
-    let args = ["finetune", "--base", "s3://train-resume/base/", "--data", "s3://train-resume/data/train.jsonl", "--output", "s3://train-resume/out/", "--steps", "150", "--checkpoint-every", "2", "--resume"];
+    let args = [
+        "finetune",
+        "--base",
+        "s3://train-resume/base/",
+        "--data",
+        "s3://train-resume/data/train.jsonl",
+        "--output",
+        "s3://train-resume/out/",
+        "--steps",
+        "150",
+        "--checkpoint-every",
+        "2",
+        "--resume",
+    ];
     let child = Command::new(env!("CARGO_BIN_EXE_llm")).args(args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let started = std::time::Instant::now();
     while s3.size("train-resume", "out/checkpoint/trainer_state.json").unwrap().is_none() {
@@ -252,7 +320,22 @@ fn the_training_job_role_allows_what_a_job_does_and_no_more() {
     let proxy = llm_tests::recording_proxy::RecordingProxy::start(&server.endpoint);
     let uri = |key: &str| format!("s3://{bucket}/{key}");
     for (base, output) in [("training/base/", "incoming/tuned/"), ("incoming/tuned/", "training/runs/second/")] {
-        let args = ["finetune", "--method", "full", "--base", &uri(base), "--data", &uri("training/data/train.jsonl"), "--output", &uri(output), "--steps", "4", "--checkpoint-every", "2", "--resume"];
+        let args = [
+            "finetune",
+            "--method",
+            "full",
+            "--base",
+            &uri(base),
+            "--data",
+            &uri("training/data/train.jsonl"),
+            "--output",
+            &uri(output),
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--resume",
+        ];
         let run = Command::new(env!("CARGO_BIN_EXE_llm")).args(args).env("AWS_ENDPOINT_URL", &proxy.endpoint).output().unwrap();
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     }

@@ -22,12 +22,7 @@ const DEFAULT_TYPES: &str = "q4_k_m,q8_0";
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            default_types: parse_types(DEFAULT_TYPES).unwrap_or_default(),
-            mib_per_second: DEFAULT_MIB_PER_SECOND,
-            memory_mb: None,
-            part_size: 64 << 20,
-        }
+        Self { default_types: parse_types(DEFAULT_TYPES).unwrap_or_default(), mib_per_second: DEFAULT_MIB_PER_SECOND, memory_mb: None, part_size: 64 << 20 }
     }
 }
 
@@ -35,9 +30,7 @@ impl Config {
     pub fn from_env() -> Result<Self, String> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let number = |name: &str| -> Result<Option<f64>, String> {
-            var(name)
-                .map(|v| v.trim().parse::<f64>().ok().filter(|x| *x > 0.0).ok_or_else(|| format!("{name}=`{v}` is not a positive number")))
-                .transpose()
+            var(name).map(|v| v.trim().parse::<f64>().ok().filter(|x| *x > 0.0).ok_or_else(|| format!("{name}=`{v}` is not a positive number"))).transpose()
         };
         let defaults = Self::default();
         Ok(Self {

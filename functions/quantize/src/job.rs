@@ -9,8 +9,8 @@ use std::time::{Instant, SystemTime};
 
 use llm_convert::{CheckpointSource, CheckpointSurvey, ConvertError, QuantType};
 use llm_observe::{Metrics, Unit};
-use llm_store::registry::{self, Manifest, ModelKeys, OutputFile, Registry, Source, SourceObject};
 use llm_store::checksum::{Checksummer, FileChecksums};
+use llm_store::registry::{self, Manifest, ModelKeys, OutputFile, Registry, Source, SourceObject};
 use llm_store::{Location, StoreError, S3};
 use serde::Serialize;
 
@@ -25,11 +25,23 @@ const DEADLINE_MARGIN_S: f64 = 30.0;
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
-    Converted { model: String, version: String, outputs: Vec<OutputFile>, seconds: f64, promoted: bool },
+    Converted {
+        model: String,
+        version: String,
+        outputs: Vec<OutputFile>,
+        seconds: f64,
+        promoted: bool,
+    },
     /// A repeated event: this source already has a complete version.
-    AlreadyDone { model: String, version: String },
+    AlreadyDone {
+        model: String,
+        version: String,
+    },
     /// The input can never convert (or not within this function's limits); retrying is useless.
-    Failed { model: String, reason: String },
+    Failed {
+        model: String,
+        reason: String,
+    },
 }
 
 /// A storage fault: the event should be retried.
@@ -140,13 +152,7 @@ fn convert_model(s3: &S3, config: &Config, bucket: &str, model: &ModelKeys, dead
     };
     registry.put_manifest(&manifest).map_err(|e| e.to_string())?;
     let promoted = registry.promote(&manifest).map_err(|e| e.to_string())?;
-    Ok(Outcome::Converted {
-        model: manifest.model,
-        version,
-        outputs: manifest.outputs,
-        seconds: started.elapsed().as_secs_f64(),
-        promoted,
-    })
+    Ok(Outcome::Converted { model: manifest.model, version, outputs: manifest.outputs, seconds: started.elapsed().as_secs_f64(), promoted })
 }
 
 /// The job file: `{"types": ["q4_k_m", "q8_0"]}`; empty, `{}` or no `types` means the defaults.
@@ -279,11 +285,7 @@ mod tests {
 
     #[test]
     fn refuses_jobs_beyond_the_limits() {
-        let survey = CheckpointSurvey {
-            config: llm_engine_config(),
-            tensor_bytes: 32 << 30,
-            largest_tensor_elements: 128_256 * 4096,
-        };
+        let survey = CheckpointSurvey { config: llm_engine_config(), tensor_bytes: 32 << 30, largest_tensor_elements: 128_256 * 4096 };
         let config = Config { memory_mb: Some(10_240), ..Config::default() };
         let soon = SystemTime::now() + std::time::Duration::from_secs(900);
         let err = check_limits(&survey, 2, &config, Some(soon)).unwrap_err();

@@ -15,9 +15,7 @@ fn the_function_binary_answers_an_s3_event() {
     upload_checkpoint(&s3, bucket, "incoming/tiny/", "llama2");
     s3.put(bucket, "incoming/tiny/quantize.json", br#"{"types": ["q4_0"]}"#.to_vec()).unwrap();
 
-    let watch = CargoLambdaWatch::start(
-        env!("CARGO_BIN_EXE_quantize"),
-&server.function_env(&[("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008")]));
+    let watch = CargoLambdaWatch::start(env!("CARGO_BIN_EXE_quantize"), &server.function_env(&[("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "3008")]));
     let event = s3_event_json(bucket, &[("ObjectCreated:Put", "incoming/tiny/quantize.json"), ("ObjectCreated:Put", "incoming/tiny/config.json")]);
     let response = watch.invoke(&event).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
     let summary: serde_json::Value = serde_json::from_str(&response).unwrap_or_else(|e| panic!("{e}: {response}"));

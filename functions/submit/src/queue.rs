@@ -43,10 +43,8 @@ impl JobQueue {
     /// about a week, far longer than S3 takes to deliver an event twice).
     pub fn find(&self, job_name: &str) -> Result<Option<String>, BatchError> {
         let by_name = KeyValuesPair::builder().name("JOB_NAME").values(job_name).build();
-        let listed = self
-            .runtime
-            .block_on(self.client.list_jobs().job_queue(&self.queue).filters(by_name).send())
-            .map_err(|e| BatchError::new("ListJobs", e))?;
+        let listed =
+            self.runtime.block_on(self.client.list_jobs().job_queue(&self.queue).filters(by_name).send()).map_err(|e| BatchError::new("ListJobs", e))?;
         Ok(listed.job_summary_list().iter().find(|j| j.job_name() == Some(job_name)).and_then(|j| j.job_id().map(str::to_string)))
     }
 

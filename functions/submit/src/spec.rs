@@ -104,9 +104,8 @@ fn completed(command: &[String]) -> Vec<String> {
 
 /// AWS Batch job names: at most 128 of `[A-Za-z0-9_-]`, starting with a letter or digit.
 fn job_name(name: &str, version: &str) -> String {
-    let clean = |s: &str, max: usize| -> String {
-        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).take(max).collect()
-    };
+    let clean =
+        |s: &str, max: usize| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).take(max).collect() };
     format!("llm-{}-{}", clean(name, 100), clean(version, 16))
 }
 
@@ -125,7 +124,13 @@ mod tests {
         assert_eq!(s.job_name, "llm-my-run-0123456789abcdef");
         assert_eq!(&s.command[..command.len()], &command);
         assert_eq!(&s.command[command.len()..], ["--resume", "--device", "cuda"]);
-        let merge = submission("b", "training/jobs/m.json", "e", &spec(&["merge", "--base", "s3://b/training/a", "--adapter", "s3://b/training/l", "--output", "s3://b/incoming/m"])).unwrap();
+        let merge = submission(
+            "b",
+            "training/jobs/m.json",
+            "e",
+            &spec(&["merge", "--base", "s3://b/training/a", "--adapter", "s3://b/training/l", "--output", "s3://b/incoming/m"]),
+        )
+        .unwrap();
         assert_eq!(merge.command.len(), 7, "merge has no --resume or --device");
         let on_cpu = submission("b", "training/jobs/m.json", "e", &spec(&["distill", "--device", "cpu", "--output", "s3://b/training/o", "--resume"])).unwrap();
         assert_eq!(on_cpu.command.len(), 6, "nothing added");

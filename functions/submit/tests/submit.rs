@@ -16,7 +16,7 @@ const BUCKET: &str = "submit-function";
 fn start(batch_endpoint: &str, batch: &LocalBatch) -> CargoLambdaWatch {
     CargoLambdaWatch::start(
         env!("CARGO_BIN_EXE_submit"),
-&local_s3().function_env(&[("AWS_ENDPOINT_URL_BATCH", batch_endpoint), ("JOB_QUEUE", &batch.queue), ("JOB_DEFINITION", &batch.definition)]),
+        &local_s3().function_env(&[("AWS_ENDPOINT_URL_BATCH", batch_endpoint), ("JOB_QUEUE", &batch.queue), ("JOB_DEFINITION", &batch.definition)]),
     )
 }
 
@@ -51,18 +51,37 @@ fn a_spec_in_s3_becomes_one_batch_job() {
     let (_, batch) = (local_s3(), local_batch());
     let s3 = S3::connect().unwrap();
     s3.create_bucket(BUCKET).unwrap();
-    let command = ["finetune", "--base", "s3://submit-function/training/base/", "--data", "s3://submit-function/training/chat.jsonl",
-                   "--method", "lora", "--output", "s3://submit-function/incoming/chat-lora/"];
-    s3.put(BUCKET, "training/jobs/chat lora.json", serde_json::to_vec(&json!({"command": command, "gpus": 1, "vcpus": 8, "timeout_seconds": 3600})).unwrap()).unwrap();
-    s3.put(BUCKET, "training/jobs/elsewhere.json", serde_json::to_vec(&json!({"command": ["finetune", "--data", "s3://other-bucket/training/d.jsonl", "--output", "s3://submit-function/training/o/"]})).unwrap()).unwrap();
+    let command = [
+        "finetune",
+        "--base",
+        "s3://submit-function/training/base/",
+        "--data",
+        "s3://submit-function/training/chat.jsonl",
+        "--method",
+        "lora",
+        "--output",
+        "s3://submit-function/incoming/chat-lora/",
+    ];
+    s3.put(BUCKET, "training/jobs/chat lora.json", serde_json::to_vec(&json!({"command": command, "gpus": 1, "vcpus": 8, "timeout_seconds": 3600})).unwrap())
+        .unwrap();
+    s3.put(
+        BUCKET,
+        "training/jobs/elsewhere.json",
+        serde_json::to_vec(&json!({"command": ["finetune", "--data", "s3://other-bucket/training/d.jsonl", "--output", "s3://submit-function/training/o/"]}))
+            .unwrap(),
+    )
+    .unwrap();
 
     let watch = start(&batch.endpoint, batch);
-    let event = s3_event_json(BUCKET, &[
-        ("ObjectCreated:Put", "training/jobs/chat+lora.json"),
-        ("ObjectCreated:Put", "training/jobs/elsewhere.json"),
-        ("ObjectCreated:Put", "training/submitted/chat+lora.json"),
-        ("ObjectRemoved:Delete", "training/jobs/old.json"),
-    ]);
+    let event = s3_event_json(
+        BUCKET,
+        &[
+            ("ObjectCreated:Put", "training/jobs/chat+lora.json"),
+            ("ObjectCreated:Put", "training/jobs/elsewhere.json"),
+            ("ObjectCreated:Put", "training/submitted/chat+lora.json"),
+            ("ObjectRemoved:Delete", "training/jobs/old.json"),
+        ],
+    );
     let response = watch.invoke(&event).unwrap_or_else(|e| panic!("{e}\n{}", watch.log()));
     let outcomes: Value = serde_json::from_str(&response).unwrap();
     assert_eq!(outcomes.as_array().map(Vec::len), Some(2), "only the two specs are handled: {outcomes}");
@@ -91,7 +110,8 @@ fn a_spec_in_s3_becomes_one_batch_job() {
 
     // A new version of the spec is a new job.
     s3.put(BUCKET, "training/jobs/chat lora.json", serde_json::to_vec(&json!({"command": command, "gpus": 2})).unwrap()).unwrap();
-    let changed: Value = serde_json::from_str(&watch.invoke(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "training/jobs/chat+lora.json")])).unwrap()).unwrap();
+    let changed: Value =
+        serde_json::from_str(&watch.invoke(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "training/jobs/chat+lora.json")])).unwrap()).unwrap();
     assert_ne!(changed[0]["job_name"], outcomes[0]["job_name"]);
     assert_eq!(changed[0]["duplicate"], false);
 
@@ -104,7 +124,12 @@ fn a_batch_outage_fails_the_invocation_for_a_retry() {
     let (_, batch) = (local_s3(), local_batch());
     let s3 = S3::connect().unwrap();
     s3.create_bucket(BUCKET).unwrap();
-    s3.put(BUCKET, "training/jobs/outage.json", serde_json::to_vec(&json!({"command": ["distill", "--output", "s3://submit-function/training/out/"]})).unwrap()).unwrap();
+    s3.put(
+        BUCKET,
+        "training/jobs/outage.json",
+        serde_json::to_vec(&json!({"command": ["distill", "--output", "s3://submit-function/training/out/"]})).unwrap(),
+    )
+    .unwrap();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let watch = start(&format!("http://{closed}"), batch);
     let result = watch.invoke(&s3_event_json(BUCKET, &[("ObjectCreated:Put", "training/jobs/outage.json")]));

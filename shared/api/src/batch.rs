@@ -163,4 +163,3 @@ pub(crate) fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, compl
         .metric("DecodeTokensPerSecond", if decode_s > 0.0 { stats.decode_steps as f64 / decode_s } else { 0.0 }, Unit::CountPerSecond)
         .emit();
 }
-

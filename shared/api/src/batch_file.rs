@@ -203,7 +203,13 @@ async fn prepare(state: &AppState, model: &Arc<LoadedModel>, line: &Line) -> Res
 }
 
 /// Generates the group's sequences as one engine batch and answers each of its lines.
-async fn run_group(state: &AppState, model: &Arc<LoadedModel>, group: Vec<(usize, String, Prepared)>, answers: &mut [Option<OutputLine>], stats: &mut RunStats) {
+async fn run_group(
+    state: &AppState,
+    model: &Arc<LoadedModel>,
+    group: Vec<(usize, String, Prepared)>,
+    answers: &mut [Option<OutputLine>],
+    stats: &mut RunStats,
+) {
     let requests: Vec<GenerationRequest> = group.iter().flat_map(|(_, _, r)| r.generation.requests(&r.prompts)).collect();
     let (lines, sequences) = (group.len(), requests.len());
     match run_requests(state, model, requests, None, |_| ControlFlow::Continue(())).await {

@@ -44,4 +44,3 @@ pub fn state_from_env() -> Result<Arc<AppState>, String> {
     // Access control is the template's job (API key or IAM on the URL), not the function's.
     Ok(Arc::new(AppState::new(ModelSlot::new(id, loader), limits, None).with_text_logging(log_text)))
 }
-

@@ -232,7 +232,8 @@ fn read_cache(path: &Path, resolved: &ResolvedModel) -> Option<Vec<u8>> {
 /// a temporary name and renamed, so a crash never leaves a partial file under the real name.
 fn write_cache(path: &Path, bytes: &[u8]) {
     let partial = path.with_extension("partial");
-    let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&partial, bytes)).and_then(|()| std::fs::rename(&partial, path));
+    let written =
+        path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&partial, bytes)).and_then(|()| std::fs::rename(&partial, path));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         tracing::warn!(cache = %path.display(), error = %e, "could not cache the model");

@@ -27,7 +27,14 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, max_prompt_tokens: 4096, max_tokens: 512, max_sequences: 16, max_queued: 64, deadline_margin: Duration::from_millis(1500) }
+        Self {
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: 4096,
+            max_tokens: 512,
+            max_sequences: 16,
+            max_queued: 64,
+            deadline_margin: Duration::from_millis(1500),
+        }
     }
 }
 
@@ -149,14 +156,20 @@ fn top_count(param: &'static str, value: Option<i64>) -> Result<Option<usize>, A
 /// Checks the prompts against the limits and the context window.
 pub fn check_prompts(prompts: &[Vec<u32>], generation: &Generation, limits: &Limits, context: usize) -> Result<(), ApiError> {
     if prompts.len() * generation.n > limits.max_sequences {
-        return Err(ApiError::invalid("n", format!("{} prompts × n = {} sequences; this server allows at most {}.", prompts.len(), generation.n, limits.max_sequences)));
+        return Err(ApiError::invalid(
+            "n",
+            format!("{} prompts × n = {} sequences; this server allows at most {}.", prompts.len(), generation.n, limits.max_sequences),
+        ));
     }
     for prompt in prompts {
         if prompt.is_empty() {
             return Err(ApiError::invalid("prompt", "The prompt is empty."));
         }
         if prompt.len() > limits.max_prompt_tokens {
-            return Err(ApiError::invalid("prompt", format!("The prompt has {} tokens; this server allows at most {}.", prompt.len(), limits.max_prompt_tokens)));
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("The prompt has {} tokens; this server allows at most {}.", prompt.len(), limits.max_prompt_tokens),
+            ));
         }
         if prompt.len() >= context {
             return Err(ApiError::invalid("prompt", format!("The prompt has {} tokens; the model's context is {context}.", prompt.len())));

@@ -191,10 +191,11 @@ async fn echoed(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>]
     };
     let _permit = state.engine_turn().await?;
     let (scoring_model, owned) = (model.clone(), prompts.to_vec());
-    let scores = tokio::task::spawn_blocking(move || owned.iter().map(|p| llm_engine::prompt_logprobs(&scoring_model.model, p, top_n)).collect::<Result<Vec<_>, _>>())
-        .await
-        .map_err(|e| ApiError::internal(format!("scoring stopped: {e}")))?
-        .map_err(ApiError::engine)?;
+    let scores =
+        tokio::task::spawn_blocking(move || owned.iter().map(|p| llm_engine::prompt_logprobs(&scoring_model.model, p, top_n)).collect::<Result<Vec<_>, _>>())
+            .await
+            .map_err(|e| ApiError::internal(format!("scoring stopped: {e}")))?
+            .map_err(ApiError::engine)?;
     let logprobs = prompts.iter().zip(&scores).map(|(p, entries)| Some(logprobs::prompt(&model.tokenizer, p, entries).0)).collect();
     Ok(Echo { texts, logprobs })
 }

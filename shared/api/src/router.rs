@@ -142,10 +142,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    Json(ModelList {
-        object: "list",
-        data: vec![ModelCard { id: state.slot.id.clone(), object: "model", created: 0, owned_by: "llm-serverless" }],
-    })
+    Json(ModelList { object: "list", data: vec![ModelCard { id: state.slot.id.clone(), object: "model", created: 0, owned_by: "llm-serverless" }] })
 }
 
 /// The body as JSON of type `T`: 413 past the limit, 400 when it does not parse.

@@ -72,10 +72,7 @@ pub fn file_size(header_len: u64, tensors: &[TensorEntry]) -> u64 {
 /// bytes written.
 pub fn write_tensor(out: &mut impl Write, entry: &TensorEntry, data: &[u8]) -> Result<u64> {
     if data.len() as u64 != entry.size_in_bytes() {
-        return Err(ConvertError::tensor(
-            &entry.name,
-            format!("produced {} bytes, the header promised {}", data.len(), entry.size_in_bytes()),
-        ));
+        return Err(ConvertError::tensor(&entry.name, format!("produced {} bytes, the header promised {}", data.len(), entry.size_in_bytes())));
     }
     out.write_all(data)?;
     let total = padded(data.len() as u64);

@@ -18,8 +18,8 @@ mod target;
 mod tokenizer_meta;
 
 pub use error::{ConvertError, Result};
+/// The config type a [`CheckpointSurvey`] carries.
+pub use llm_engine::LlamaConfig;
 pub use plan::{convert, quantize_tensor, survey, tensor_types, CheckpointSurvey, ConvertReport, Progress};
 pub use source::CheckpointSource;
 pub use target::QuantType;
-/// The config type a [`CheckpointSurvey`] carries.
-pub use llm_engine::LlamaConfig;

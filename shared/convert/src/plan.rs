@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use llm_engine::weights::{LayerTensor, TensorName};
 use llm_engine::config::RopeScaling;
+use llm_engine::weights::{LayerTensor, TensorName};
 use llm_engine::LlamaConfig;
 use rayon::prelude::*;
 
@@ -125,9 +125,7 @@ pub fn survey(input: &CheckpointSource) -> Result<CheckpointSurvey> {
 
 /// The config, the checkpoint's tensor directory and the plan of output tensors.
 fn prepare(input: &CheckpointSource, q: QuantType) -> Result<(LlamaConfig, HashMap<String, SourceTensor>, Vec<Planned>)> {
-    let config_text = input
-        .read_text("config.json")?
-        .ok_or_else(|| ConvertError::input(input.describe("config.json"), "missing"))?;
+    let config_text = input.read_text("config.json")?.ok_or_else(|| ConvertError::input(input.describe("config.json"), "missing"))?;
     let config = LlamaConfig::from_hf_json(&config_text)?;
     let sources = read_directory(input)?;
     let tied = config.tie_word_embeddings || !sources.contains_key("lm_head.weight");
@@ -181,10 +179,8 @@ fn parse_entry(file: &str, path: &str, name: &str, info: &serde_json::Value, dat
         Some("BF16") => (SourceDtype::BF16, 2),
         other => return Err(bad(format!("unsupported dtype {other:?}"))),
     };
-    let shape: Vec<usize> = info["shape"]
-        .as_array()
-        .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-        .ok_or_else(|| bad("malformed shape".into()))?;
+    let shape: Vec<usize> =
+        info["shape"].as_array().and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect()).ok_or_else(|| bad("malformed shape".into()))?;
     let offsets: Vec<u64> = info["data_offsets"]
         .as_array()
         .and_then(|o| o.iter().map(serde_json::Value::as_u64).collect())
@@ -230,10 +226,7 @@ fn layout(c: &LlamaConfig, tied: bool) -> Vec<(TensorName, Vec<usize>)> {
 /// The GGML type of every checkpoint tensor in a conversion to `q` (GGUF names).
 pub fn tensor_types(config: &LlamaConfig, tied: bool, q: QuantType) -> Vec<(String, GgmlDType)> {
     let shape = ModelShape { num_layers: config.num_layers, gqa: config.num_heads / config.num_kv_heads, tied_embeddings: tied };
-    layout(config, tied)
-        .into_iter()
-        .map(|(name, dims)| (name.gguf(), tensor_type(q, name, *dims.last().unwrap_or(&0), dims.len(), &shape)))
-        .collect()
+    layout(config, tied).into_iter().map(|(name, dims)| (name.gguf(), tensor_type(q, name, *dims.last().unwrap_or(&0), dims.len(), &shape))).collect()
 }
 
 fn plan_tensors(config: &LlamaConfig, sources: &HashMap<String, SourceTensor>, q: QuantType, tied: bool) -> Result<Vec<Planned>> {
@@ -246,9 +239,7 @@ fn plan_tensors(config: &LlamaConfig, sources: &HashMap<String, SourceTensor>, q
     let types = tensor_types(c, tied, q);
     for ((name, dims), (_, dtype)) in layout(c, tied).into_iter().zip(types) {
         let hf_name = name.hf();
-        let source = sources
-            .get(&hf_name)
-            .ok_or_else(|| ConvertError::tensor(&hf_name, "missing from the checkpoint"))?;
+        let source = sources.get(&hf_name).ok_or_else(|| ConvertError::tensor(&hf_name, "missing from the checkpoint"))?;
         if source.shape != dims {
             return Err(ConvertError::tensor(&hf_name, format!("has shape {:?}, the config implies {dims:?}", source.shape)));
         }
@@ -264,12 +255,7 @@ fn plan_tensors(config: &LlamaConfig, sources: &HashMap<String, SourceTensor>, q
 
 fn model_metadata(input: &CheckpointSource, c: &LlamaConfig, q: QuantType) -> Vec<(String, MetaValue)> {
     let root = input.root().to_string();
-    let name = root
-        .trim_end_matches('/')
-        .rsplit('/')
-        .find(|part| !part.is_empty() && *part != ".")
-        .unwrap_or("model")
-        .to_string();
+    let name = root.trim_end_matches('/').rsplit('/').find(|part| !part.is_empty() && *part != ".").unwrap_or("model").to_string();
     let u = |v: usize| MetaValue::U32(v as u32);
     let mut meta = vec![
         ("general.architecture", MetaValue::Str("llama".into())),

@@ -61,9 +61,7 @@ impl CheckpointSource {
     }
 
     pub fn read_text(&self, name: &str) -> Result<Option<String>> {
-        self.read(name)?
-            .map(|bytes| String::from_utf8(bytes).map_err(|e| self.err(name, e)))
-            .transpose()
+        self.read(name)?.map(|bytes| String::from_utf8(bytes).map_err(|e| self.err(name, e))).transpose()
     }
 
     /// `len` bytes of `name` from `start`.

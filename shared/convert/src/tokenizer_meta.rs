@@ -32,9 +32,7 @@ pub fn tokenizer_metadata(input: &CheckpointSource) -> Result<Vec<(String, MetaV
     let added: Vec<(usize, String, bool)> = json["added_tokens"]
         .as_array()
         .map(|a| {
-            a.iter()
-                .filter_map(|t| Some((t["id"].as_u64()? as usize, t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false))))
-                .collect()
+            a.iter().filter_map(|t| Some((t["id"].as_u64()? as usize, t["content"].as_str()?.to_string(), t["special"].as_bool().unwrap_or(false)))).collect()
         })
         .unwrap_or_default();
     let size = vocab.values().filter_map(Value::as_u64).map(|id| id as usize + 1).chain(added.iter().map(|a| a.0 + 1)).max().unwrap_or(0);
@@ -49,11 +47,7 @@ pub fn tokenizer_metadata(input: &CheckpointSource) -> Result<Vec<(String, MetaV
         tokens[*id] = Some(content.clone());
         types[*id] = if *special { CONTROL } else { USER_DEFINED };
     }
-    let tokens: Vec<String> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(id, t)| t.unwrap_or_else(|| format!("[PAD{id}]")))
-        .collect();
+    let tokens: Vec<String> = tokens.into_iter().enumerate().map(|(id, t)| t.unwrap_or_else(|| format!("[PAD{id}]"))).collect();
     let merges: Vec<String> = model["merges"]
         .as_array()
         .map(|m| {
@@ -80,17 +74,9 @@ pub fn tokenizer_metadata(input: &CheckpointSource) -> Result<Vec<(String, MetaV
     } else if model["byte_fallback"].as_bool().unwrap_or(false) {
         // SentencePiece pieces: scores rank the pieces in merge order, so that llama.cpp (which
         // merges the best-scoring pair) and a rebuild from these keys merge as the BPE does.
-        let rank: HashMap<String, usize> = merges
-            .iter()
-            .enumerate()
-            .rev()
-            .map(|(i, m)| (m.replace(' ', ""), i))
-            .collect();
+        let rank: HashMap<String, usize> = merges.iter().enumerate().rev().map(|(i, m)| (m.replace(' ', ""), i)).collect();
         let unk = model["unk_token"].as_str().or_else(|| config["unk_token"].as_str()).or_else(|| config["unk_token"]["content"].as_str());
-        let scores: Vec<f32> = tokens
-            .iter()
-            .map(|t| rank.get(t).map_or(-1e9, |&r| -(r as f32) - 1.0))
-            .collect();
+        let scores: Vec<f32> = tokens.iter().map(|t| rank.get(t).map_or(-1e9, |&r| -(r as f32) - 1.0)).collect();
         for (i, t) in tokens.iter().enumerate() {
             if Some(t.as_str()) == unk {
                 types[i] = UNKNOWN;
@@ -121,9 +107,7 @@ pub fn tokenizer_metadata(input: &CheckpointSource) -> Result<Vec<(String, MetaV
     // Without an explicit flag, BOS is added when the post-processor inserts the BOS token.
     let bos_text = config["bos_token"].as_str().or_else(|| config["bos_token"]["content"].as_str());
     let post_processor = json["post_processor"].to_string();
-    let add_bos = config["add_bos_token"]
-        .as_bool()
-        .unwrap_or_else(|| bos_text.is_some_and(|b| post_processor.contains(&format!("\"{b}\""))));
+    let add_bos = config["add_bos_token"].as_bool().unwrap_or_else(|| bos_text.is_some_and(|b| post_processor.contains(&format!("\"{b}\""))));
     meta.push((key("add_bos_token"), MetaValue::Bool(add_bos)));
     if let Some(add_eos) = config["add_eos_token"].as_bool() {
         meta.push((key("add_eos_token"), MetaValue::Bool(add_eos)));

@@ -71,7 +71,10 @@ impl PeftAdapter {
             return Err(EngineError::invalid_file(&config_path, format!("peft_type is `{}`, not LORA", config.peft_type)));
         }
         if config.fan_in_fan_out || config.bias != "none" || config.use_dora || !config.rank_pattern.is_empty() || !config.alpha_pattern.is_empty() {
-            return Err(EngineError::invalid_file(&config_path, "only plain LoRA is supported (no bias, DoRA, fan_in_fan_out or per-module rank/alpha patterns)"));
+            return Err(EngineError::invalid_file(
+                &config_path,
+                "only plain LoRA is supported (no bias, DoRA, fan_in_fan_out or per-module rank/alpha patterns)",
+            ));
         }
         let path = dir.join("adapter_model.safetensors");
         let mut tensors = candle_core::safetensors::load(&path, device).map_err(|e| EngineError::invalid_file(&path, e))?;

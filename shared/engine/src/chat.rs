@@ -42,11 +42,8 @@ impl std::fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
-        let syntax = minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let syntax =
+            minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         env.set_syntax(syntax);
         env.set_fuel(Some(FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -54,13 +51,8 @@ impl ChatTemplate {
             Err(JinjaError::new(ErrorKind::InvalidOperation, message))
         });
         env.add_function("strftime_now", |format: String| strftime_now(&format));
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.unwrap_or_default().to_string(),
-            eos_token: eos_token.unwrap_or_default().to_string(),
-        })
+        env.add_template_owned("chat", source.to_string()).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
@@ -100,10 +92,7 @@ impl ChatTemplate {
     /// Renders in this process, bounded by fuel and output size only: what the fuzzer drives
     /// (it sees coverage in its own process only). Serving code calls [`Self::render`].
     pub fn render_in_this_process(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
-            .get_template("chat")
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let template = self.env.get_template("chat").map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         // Written through a bounded buffer, so a template that prints without end stops at the
         // limit instead of when memory runs out.
         let mut out = BoundedOutput(Vec::new());
@@ -180,13 +169,8 @@ impl std::io::Write for BoundedOutput {
 
 /// The subset of C `strftime` that chat templates use for today's date (UTC).
 fn strftime_now(format: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
-    ];
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
     let month_name = MONTHS[(month - 1) as usize];
     let mut out = String::new();
@@ -300,7 +284,8 @@ mod tests {
 
     #[test]
     fn every_conversation_gets_its_own_rendering_or_error() {
-        let t = ChatTemplate::new("{% if messages|length > 1 %}{{ raise_exception('one at a time') }}{% endif %}{{ messages[0].content }}", None, None).unwrap();
+        let t =
+            ChatTemplate::new("{% if messages|length > 1 %}{{ raise_exception('one at a time') }}{% endif %}{{ messages[0].content }}", None, None).unwrap();
         let (one, two) = ([ChatMessage::new("user", "a")], [ChatMessage::new("user", "b"), ChatMessage::new("user", "c")]);
         let rendered = t.render_all(&[(&one, false), (&two, false), (&one, true)]).unwrap();
         assert_eq!(rendered.len(), 3);

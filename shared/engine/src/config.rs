@@ -10,7 +10,9 @@ use crate::error::{EngineError, Result};
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (HF `rope_type: "linear"`, GGUF `rope.scaling.type = linear`).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1+ frequency-dependent scaling (HF `rope_type: "llama3"`).
     Llama3 {
         factor: f64,
@@ -71,27 +73,17 @@ const MAX_HEAD_DIM: usize = 1024;
 
 impl LlamaConfig {
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let hf: HfConfig =
-            serde_json::from_str(text).map_err(|e| EngineError::Config(e.to_string()))?;
-        let is_llama = hf.model_type.as_deref() == Some("llama")
-            || hf.architectures.iter().any(|a| a == "LlamaForCausalLM");
+        let hf: HfConfig = serde_json::from_str(text).map_err(|e| EngineError::Config(e.to_string()))?;
+        let is_llama = hf.model_type.as_deref() == Some("llama") || hf.architectures.iter().any(|a| a == "LlamaForCausalLM");
         if !is_llama {
-            let name = hf
-                .model_type
-                .or_else(|| hf.architectures.first().cloned())
-                .unwrap_or_else(|| "unknown".into());
+            let name = hf.model_type.or_else(|| hf.architectures.first().cloned()).unwrap_or_else(|| "unknown".into());
             return Err(EngineError::UnsupportedArchitecture(name));
         }
         if hf.attention_bias || hf.mlp_bias {
-            return Err(EngineError::Config(
-                "attention_bias / mlp_bias are not supported".into(),
-            ));
+            return Err(EngineError::Config("attention_bias / mlp_bias are not supported".into()));
         }
         let rope = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
-        let rope_theta = hf
-            .rope_theta
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(10_000.0);
+        let rope_theta = hf.rope_theta.or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10_000.0);
         let config = Self {
             vocab_size: hf.vocab_size,
             hidden_size: hf.hidden_size,
@@ -99,9 +91,7 @@ impl LlamaConfig {
             num_layers: hf.num_hidden_layers,
             num_heads: hf.num_attention_heads,
             num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta,
             rope_scaling: rope.map(rope_scaling_from_hf).transpose()?.unwrap_or(RopeScaling::None),
@@ -124,16 +114,10 @@ impl LlamaConfig {
             return fail(format!("{} layers: more than {MAX_LAYERS} (llama.cpp's limit too)", self.num_layers));
         }
         if self.num_heads > MAX_HEADS || self.head_dim > MAX_HEAD_DIM {
-            return fail(format!(
-                "{} heads of {} dimensions: at most {MAX_HEADS} heads of {MAX_HEAD_DIM}",
-                self.num_heads, self.head_dim
-            ));
+            return fail(format!("{} heads of {} dimensions: at most {MAX_HEADS} heads of {MAX_HEAD_DIM}", self.num_heads, self.head_dim));
         }
         if self.num_heads == 0 || self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return fail(format!(
-                "{} attention heads cannot be shared by {} key/value heads",
-                self.num_heads, self.num_kv_heads
-            ));
+            return fail(format!("{} attention heads cannot be shared by {} key/value heads", self.num_heads, self.num_kv_heads));
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return fail(format!("head_dim {} must be even and positive", self.head_dim));
@@ -146,16 +130,8 @@ impl LlamaConfig {
 }
 
 fn rope_scaling_from_hf(v: &Value) -> Result<RopeScaling> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |key: &str| {
-        v.get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| EngineError::Config(format!("rope scaling `{kind}` needs `{key}`")))
-    };
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |key: &str| v.get(key).and_then(Value::as_f64).ok_or_else(|| EngineError::Config(format!("rope scaling `{kind}` needs `{key}`")));
     Ok(match kind {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear { factor: num("factor")? },

@@ -7,10 +7,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: not a valid model file: {reason}", path.display())]
     InvalidFile { path: PathBuf, reason: String },
     #[error("unsupported architecture `{0}`: only `llama` models are supported")]
@@ -35,17 +32,11 @@ pub type Result<T> = std::result::Result<T, EngineError>;
 
 impl EngineError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io { path: path.into(), source }
     }
 
     pub(crate) fn invalid_file(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
-        Self::InvalidFile {
-            path: path.into(),
-            reason: reason.to_string(),
-        }
+        Self::InvalidFile { path: path.into(), reason: reason.to_string() }
     }
 
     pub(crate) fn tokenizer(reason: impl ToString) -> Self {
@@ -53,9 +44,6 @@ impl EngineError {
     }
 
     pub(crate) fn tensor(name: impl Into<String>, reason: impl ToString) -> Self {
-        Self::Tensor {
-            name: name.into(),
-            reason: reason.to_string(),
-        }
+        Self::Tensor { name: name.into(), reason: reason.to_string() }
     }
 }

@@ -82,14 +82,8 @@ pub fn generate(
     for r in requests {
         validate(r, context, vocab)?;
     }
-    let mut seqs: Vec<Sequence> = requests
-        .iter()
-        .map(|r| Sequence::new(r, context))
-        .collect();
-    let mut stats = GenerationStats {
-        prompt_tokens: requests.iter().map(|r| r.prompt.len()).sum(),
-        ..Default::default()
-    };
+    let mut seqs: Vec<Sequence> = requests.iter().map(|r| Sequence::new(r, context)).collect();
+    let mut stats = GenerationStats { prompt_tokens: requests.iter().map(|r| r.prompt.len()).sum(), ..Default::default() };
     if requests.is_empty() {
         return Ok((Vec::new(), stats));
     }
@@ -171,10 +165,7 @@ fn validate(r: &GenerationRequest, context: usize, vocab: usize) -> Result<()> {
         return bad("the prompt is empty".into());
     }
     if r.prompt.len() >= context {
-        return bad(format!(
-            "the prompt has {} tokens; the model's context window is {context}",
-            r.prompt.len()
-        ));
+        return bad(format!("the prompt has {} tokens; the model's context window is {context}", r.prompt.len()));
     }
     if let Some(id) = r.prompt.iter().find(|&&id| id as usize >= vocab) {
         return bad(format!("token id {id} is outside the vocabulary ({vocab})"));
@@ -298,12 +289,7 @@ impl Sequence {
     fn take_releasable(&mut self) -> String {
         let mut end = self.text.len();
         if !self.finished() {
-            let held = self
-                .stop
-                .iter()
-                .map(|s| longest_suffix_prefix(&self.text, s))
-                .max()
-                .unwrap_or(0);
+            let held = self.stop.iter().map(|s| longest_suffix_prefix(&self.text, s)).max().unwrap_or(0);
             end -= held;
             while !self.text.is_char_boundary(end) {
                 end -= 1;
@@ -323,10 +309,7 @@ impl Sequence {
 
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`.
 fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
-    (1..stop.len())
-        .rev()
-        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
-        .unwrap_or(0)
+    (1..stop.len()).rev().find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n])).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -120,12 +120,8 @@ impl GgufFile {
 
     /// Tensor names with their GGML type and dims (row-major, `[out, in]`), sorted by name.
     pub fn tensor_infos(&self) -> Vec<(String, String, Vec<usize>)> {
-        let mut infos: Vec<_> = self
-            .content
-            .tensor_infos
-            .iter()
-            .map(|(name, info)| (name.clone(), format!("{:?}", info.ggml_dtype), info.shape.dims().to_vec()))
-            .collect();
+        let mut infos: Vec<_> =
+            self.content.tensor_infos.iter().map(|(name, info)| (name.clone(), format!("{:?}", info.ggml_dtype), info.shape.dims().to_vec())).collect();
         infos.sort();
         infos
     }
@@ -146,10 +142,7 @@ impl GgufFile {
             }
             let block = info.ggml_dtype.block_size() as u64;
             if elems % block != 0 {
-                return Err(EngineError::tensor(
-                    name,
-                    format!("{elems} elements is not a whole number of {:?} blocks", info.ggml_dtype),
-                ));
+                return Err(EngineError::tensor(name, format!("{elems} elements is not a whole number of {:?} blocks", info.ggml_dtype)));
             }
             let bytes = (elems / block).saturating_mul(info.ggml_dtype.type_size() as u64);
             let end = self.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
@@ -189,12 +182,7 @@ impl GgufFile {
 
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
         self.get(key)
-            .map(|v| {
-                v.to_f32()
-                    .map(f64::from)
-                    .or_else(|_| v.to_f64())
-                    .map_err(|_| EngineError::invalid_file(&self.path, format!("`{key}` is not a number")))
-            })
+            .map(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map_err(|_| EngineError::invalid_file(&self.path, format!("`{key}` is not a number"))))
             .transpose()
     }
 
@@ -203,13 +191,11 @@ impl GgufFile {
     }
 
     fn require_usize(&self, key: &str) -> Result<usize> {
-        self.get_usize(key)?
-            .ok_or_else(|| EngineError::invalid_file(&self.path, format!("missing metadata key `{key}`")))
+        self.get_usize(key)?.ok_or_else(|| EngineError::invalid_file(&self.path, format!("missing metadata key `{key}`")))
     }
 
     pub fn architecture(&self) -> Result<&str> {
-        self.get_string("general.architecture")
-            .ok_or_else(|| EngineError::invalid_file(&self.path, "missing `general.architecture`"))
+        self.get_string("general.architecture").ok_or_else(|| EngineError::invalid_file(&self.path, "missing `general.architecture`"))
     }
 
     /// The model hyper-parameters from `llama.*` keys (and tensor shapes where keys are optional).
@@ -235,9 +221,7 @@ impl GgufFile {
                 .ok_or_else(|| EngineError::tensor("token_embd.weight", "missing from the checkpoint"))?,
         };
         let rope_scaling = match self.get_string(&key("rope.scaling.type")) {
-            Some("linear") => RopeScaling::Linear {
-                factor: self.get_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0),
-            },
+            Some("linear") => RopeScaling::Linear { factor: self.get_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0) },
             _ => RopeScaling::None,
         };
         let config = LlamaConfig {
@@ -279,11 +263,7 @@ impl WeightSource for GgufSource<'_> {
                 return Ok(Some(Weight::InPlace(InPlace::new(self.file.bytes.clone(), range, ty, vec![rows, cols]))));
             }
         }
-        let tensor = self
-            .file
-            .content
-            .tensor(&mut self.file.reader, &key, &self.device)
-            .map_err(|e| EngineError::tensor(&key, e))?;
+        let tensor = self.file.content.tensor(&mut self.file.reader, &key, &self.device).map_err(|e| EngineError::tensor(&key, e))?;
         Ok(Some(Weight::Quantized(Arc::new(tensor))))
     }
 

@@ -99,9 +99,7 @@ impl SpecialTokens {
             Some(Value::Array(tokens)) => Some(tokens),
             _ => None,
         };
-        let special = |key: &str| {
-            id(key).map(|id| SpecialToken { id, text: tokens.and_then(|t| t.get(id)).and_then(|t| t.to_string().ok()).cloned() })
-        };
+        let special = |key: &str| id(key).map(|id| SpecialToken { id, text: tokens.and_then(|t| t.get(id)).and_then(|t| t.to_string().ok()).cloned() });
         let stop_ids = ["eos", "eot", "eom"].iter().filter_map(|k| id(k)).map(|id| id as u32).collect();
         Self { bos: special("bos"), eos: special("eos"), unk: special("unknown"), stop_ids }
     }
@@ -241,23 +239,13 @@ fn sentencepiece_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Mer
             continue;
         }
         let score = scores.get(id).copied().unwrap_or(0.0);
-        let mut local: Vec<(usize, usize)> = piece
-            .char_indices()
-            .skip(1)
-            .filter_map(|(at, _)| Some((*ids.get(&piece[..at])?, *ids.get(&piece[at..])?)))
-            .collect();
+        let mut local: Vec<(usize, usize)> =
+            piece.char_indices().skip(1).filter_map(|(at, _)| Some((*ids.get(&piece[..at])?, *ids.get(&piece[at..])?))).collect();
         local.sort();
         merges.extend(local.into_iter().map(|(l, r)| (score, l, r)));
     }
     let chars = |id: usize| tokens[id].chars().count();
     // A stable sort, descending, as Python's `sorted(..., reverse=True)`.
-    merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then_with(|| chars(b.1).cmp(&chars(a.1)))
-            .then_with(|| chars(b.2).cmp(&chars(a.2)))
-    });
-    merges
-        .into_iter()
-        .map(|(_, l, r)| (tokens[l].to_string(), tokens[r].to_string()))
-        .collect()
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| chars(b.1).cmp(&chars(a.1))).then_with(|| chars(b.2).cmp(&chars(a.2))));
+    merges.into_iter().map(|(_, l, r)| (tokens[l].to_string(), tokens[r].to_string())).collect()
 }

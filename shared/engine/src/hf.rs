@@ -35,10 +35,7 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// leave the checkpoint directory are refused.
 pub fn shard_names(index_json: &str) -> std::result::Result<Vec<String>, String> {
     let parsed: serde_json::Value = serde_json::from_str(index_json).map_err(|e| e.to_string())?;
-    let map = parsed
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or("no `weight_map` object")?;
+    let map = parsed.get("weight_map").and_then(|m| m.as_object()).ok_or("no `weight_map` object")?;
     let mut files = BTreeSet::new();
     for file in map.values() {
         let file = file
@@ -61,9 +58,7 @@ impl SafetensorsSource {
     pub fn open(files: &[PathBuf], device: &Device) -> Result<Self> {
         let names = tensor_infos(files)?.into_iter().map(|(name, _, _)| name).collect();
         // SAFETY: read-only maps of files whose headers were validated just now.
-        let tensors = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
-            EngineError::invalid_file(files.first().cloned().unwrap_or_default(), e)
-        })?;
+        let tensors = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| EngineError::invalid_file(files.first().cloned().unwrap_or_default(), e))?;
         Ok(Self { tensors, names, device: device.clone() })
     }
 }
@@ -74,10 +69,7 @@ impl WeightSource for SafetensorsSource {
         if !self.names.contains(&key) {
             return Ok(None);
         }
-        let tensor = self
-            .tensors
-            .load(&key, &self.device)
-            .map_err(|e| EngineError::tensor(&key, e))?;
+        let tensor = self.tensors.load(&key, &self.device).map_err(|e| EngineError::tensor(&key, e))?;
         match tensor.dtype() {
             DType::F32 | DType::F16 | DType::BF16 => Ok(Some(Weight::Dense(tensor.to_dtype(DType::F32)?))),
             other => Err(EngineError::tensor(key, format!("unsupported dtype {other:?}"))),
@@ -96,8 +88,7 @@ pub fn tensor_infos(files: &[PathBuf]) -> Result<Vec<(String, String, Vec<usize>
         let bytes = std::fs::File::open(file).map_err(|e| EngineError::io(file, e))?;
         // SAFETY: read-only map of a checkpoint file.
         let map = unsafe { memmap2::Mmap::map(&bytes) }.map_err(|e| EngineError::io(file, e))?;
-        let (_, metadata) =
-            safetensors::SafeTensors::read_metadata(&map).map_err(|e| EngineError::invalid_file(file, e))?;
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| EngineError::invalid_file(file, e))?;
         for (name, info) in metadata.tensors() {
             infos.push((name, format!("{:?}", info.dtype), info.shape.clone()));
         }
@@ -110,11 +101,7 @@ pub fn tensor_infos(files: &[PathBuf]) -> Result<Vec<(String, String, Vec<usize>
 /// `chat_template` in `tokenizer_config.json`.
 pub fn chat_template(dir: &Path, tokenizer_config: Option<&serde_json::Value>) -> Result<Option<String>> {
     let file = dir.join("chat_template.jinja");
-    let jinja = if file.exists() {
-        Some(std::fs::read_to_string(&file).map_err(|e| EngineError::io(&file, e))?)
-    } else {
-        None
-    };
+    let jinja = if file.exists() { Some(std::fs::read_to_string(&file).map_err(|e| EngineError::io(&file, e))?) } else { None };
     Ok(chat_template_source(jinja, tokenizer_config))
 }
 
@@ -126,11 +113,9 @@ pub fn chat_template_source(jinja: Option<String>, tokenizer_config: Option<&ser
     }
     match tokenizer_config.and_then(|c| c.get("chat_template")) {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Array(named)) => named
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str())
-            .map(str::to_string),
+        Some(serde_json::Value::Array(named)) => {
+            named.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default")).and_then(|t| t.get("template")?.as_str()).map(str::to_string)
+        }
         _ => None,
     }
 }

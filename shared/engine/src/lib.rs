@@ -34,7 +34,7 @@ pub use error::{EngineError, Result};
 pub use generate::{generate, Completion, FinishReason, GenerationRequest, GenerationStats, TokenEvent};
 pub use loader::{hf_tokenizer, load, load_gguf_bytes, GgufHead, LoadedModel, ModelFormat, DEMO_GGUF, DEMO_MODEL};
 pub use logprobs::{prompt_logprobs, TokenLogprob};
-pub use quant::parse_ggml_dtype;
 pub use model::{KvCache, KvCacheType, Llama, LoadOptions, Logits};
+pub use quant::parse_ggml_dtype;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{byte_level_chars, IncrementalDecoder, Tokenizer};

@@ -42,10 +42,7 @@ pub fn detect_format(path: &Path) -> Result<ModelFormat> {
         .and_then(|mut f| f.read_exact(&mut magic))
         .map_err(|e| EngineError::invalid_file(path, format!("cannot read the file header: {e}")))?;
     if &magic != b"GGUF" {
-        return Err(EngineError::invalid_file(
-            path,
-            "not a GGUF file (bad magic) and not a Hugging Face model directory",
-        ));
+        return Err(EngineError::invalid_file(path, "not a GGUF file (bad magic) and not a Hugging Face model directory"));
     }
     Ok(ModelFormat::Gguf)
 }
@@ -163,9 +160,7 @@ pub fn hf_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     let tokenizer = Tokenizer::new(inner, special("bos_token"), special("eos_token"), stop_ids);
 
     let template_source = hf::chat_template(dir, tokenizer_config.as_ref())?;
-    let chat_template = template_source
-        .map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token()))
-        .transpose()?;
+    let chat_template = template_source.map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token())).transpose()?;
     Ok((tokenizer, chat_template))
 }
 
@@ -174,7 +169,5 @@ fn read_json_if_present(path: &Path) -> Result<Option<Json>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| EngineError::invalid_file(path, e))
+    serde_json::from_str(&text).map(Some).map_err(|e| EngineError::invalid_file(path, e))
 }

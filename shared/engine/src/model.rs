@@ -7,9 +7,9 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
 use llm_kernels::{AttentionShape, CachedKv, QMatrix};
 
+use crate::adapter::{layer_module, PeftAdapter};
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::adapter::{layer_module, PeftAdapter};
 use crate::rope::{interleave_heads, Rope, RopeLayout};
 use crate::weights::{check_dims, kernel_type, load_expected, quantize_weight, InPlace, LayerTensor, TensorName, Weight, WeightSource};
 
@@ -165,19 +165,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        cos_sin: &(Tensor, Tensor),
-        pad: &[usize],
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &Rope, cos_sin: &(Tensor, Tensor), pad: &[usize], cache: &mut LayerCache) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?) };
         let [q, k, v] = Linear::forward_all([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let q = rope.apply(&q, &cos_sin.0, &cos_sin.1)?;
@@ -308,10 +299,8 @@ impl LayerCache {
                 Ok(buffer)
             };
             let old = self.buffers.as_ref();
-            self.buffers = Some((
-                grown(old.map(|(k, _)| k), (b, nkv, hd, capacity), K_POSITIONS)?,
-                grown(old.map(|(_, v)| v), (b, nkv, capacity, hd), V_POSITIONS)?,
-            ));
+            self.buffers =
+                Some((grown(old.map(|(k, _)| k), (b, nkv, hd, capacity), K_POSITIONS)?, grown(old.map(|(_, v)| v), (b, nkv, capacity, hd), V_POSITIONS)?));
         }
         let (k_buffer, v_buffer) = self.buffers.as_ref().expect("allocated above");
         k_buffer.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POSITIONS, self.len)?;
@@ -351,9 +340,7 @@ fn cached_kv<'a>((k, k_layout): (&'a Storage, &Layout), (v, v_layout): (&'a Stor
 
 /// The values of a contiguous CPU `f32` tensor, where they lie.
 fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        unreachable!("the caller checked that the tensor is on the CPU")
-    };
+    let Storage::Cpu(cpu) = storage else { unreachable!("the caller checked that the tensor is on the CPU") };
     Ok(contiguous_f32(cpu, layout)?)
 }
 
@@ -439,13 +426,7 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn load(
-        config: LlamaConfig,
-        source: &mut dyn WeightSource,
-        rope_layout: RopeLayout,
-        options: LoadOptions,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load(config: LlamaConfig, source: &mut dyn WeightSource, rope_layout: RopeLayout, options: LoadOptions, device: &Device) -> Result<Self> {
         let c = &config;
         let q_dim = c.num_heads * c.head_dim;
         let kv_dim = c.num_kv_heads * c.head_dim;
@@ -457,15 +438,10 @@ impl Llama {
             let weight = load_expected(source, name, &[c.hidden_size])?.to_f32()?;
             Ok(RmsNorm { weight, eps: c.rms_norm_eps as f32 })
         };
-        let linear = |source: &mut dyn WeightSource, name, dims: [usize; 2]| -> Result<Linear> {
-            Linear::new(maybe_quantize(load_expected(source, name, &dims)?)?)
-        };
+        let linear =
+            |source: &mut dyn WeightSource, name, dims: [usize; 2]| -> Result<Linear> { Linear::new(maybe_quantize(load_expected(source, name, &dims)?)?) };
 
-        let embed_weight = maybe_quantize(load_expected(
-            source,
-            TensorName::TokenEmbedding,
-            &[c.vocab_size, c.hidden_size],
-        )?)?;
+        let embed_weight = maybe_quantize(load_expected(source, TensorName::TokenEmbedding, &[c.vocab_size, c.hidden_size])?)?;
         // Not preallocated: the count comes from the file, and only its tensors vouch for it.
         let mut layers = Vec::new();
         for i in 0..c.num_layers {
@@ -596,9 +572,7 @@ impl Llama {
 
 /// Position ids `[b, s]`: each row counts from its first real token.
 fn positions(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) -> Result<Tensor> {
-    let ids: Vec<u32> = (0..b)
-        .flat_map(|r| (0..s).map(move |i| (past + i).saturating_sub(pad[r]) as u32))
-        .collect();
+    let ids: Vec<u32> = (0..b).flat_map(|r| (0..s).map(move |i| (past + i).saturating_sub(pad[r]) as u32)).collect();
     Ok(Tensor::from_vec(ids, (b, s), device)?)
 }
 

@@ -24,12 +24,7 @@ pub struct Rope {
 impl Rope {
     /// `factors` are GGUF's `rope_freqs` tensor: each frequency is divided by its factor. They
     /// replace the scaling described in the config, which GGUF files do not carry.
-    pub fn new(
-        config: &LlamaConfig,
-        factors: Option<&[f32]>,
-        layout: RopeLayout,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(config: &LlamaConfig, factors: Option<&[f32]>, layout: RopeLayout, device: &Device) -> Result<Self> {
         let inv_freq = inverse_frequencies(config, factors);
         let half = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, 1, half), device)?;
@@ -50,10 +45,7 @@ impl Rope {
 
     /// cos and sin tables `[b, s, head_dim / 2]` for the positions `[b, s]`.
     pub fn cos_sin(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        let freqs = positions
-            .to_dtype(DType::F32)?
-            .unsqueeze(2)?
-            .broadcast_mul(&self.inv_freq)?;
+        let freqs = positions.to_dtype(DType::F32)?.unsqueeze(2)?.broadcast_mul(&self.inv_freq)?;
         Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?))
     }
 }
@@ -63,11 +55,7 @@ impl Rope {
 fn inverse_frequencies(config: &LlamaConfig, factors: Option<&[f32]>) -> Vec<f32> {
     let from_config = scaling_factors(config);
     let factors = factors.or(from_config.as_deref());
-    base_frequencies(config)
-        .into_iter()
-        .enumerate()
-        .map(|(i, f)| factors.and_then(|s| s.get(i)).map_or(f, |s| f / s))
-        .collect()
+    base_frequencies(config).into_iter().enumerate().map(|(i, f)| factors.and_then(|s| s.get(i)).map_or(f, |s| f / s)).collect()
 }
 
 fn base_frequencies(config: &LlamaConfig) -> Vec<f32> {

@@ -29,16 +29,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, presence_penalty: 0.0, frequency_penalty: 0.0, seed: 0 }
     }
 }
 
@@ -85,11 +76,7 @@ impl Sampler {
         let mut logits = logits.to_vec();
         self.apply_penalties(&mut logits, context);
         let p = &self.params;
-        let token = if p.temperature == 0.0 || p.top_k == 1 {
-            argmax(&logits)
-        } else {
-            self.sample_filtered(&logits)
-        };
+        let token = if p.temperature == 0.0 || p.top_k == 1 { argmax(&logits) } else { self.sample_filtered(&logits) };
         *self.generated.entry(token).or_default() += 1;
         token
     }
@@ -117,12 +104,7 @@ impl Sampler {
 
     fn sample_filtered(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let mut candidates: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l / p.temperature))
-            .filter(|(_, l)| !l.is_nan())
-            .collect();
+        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).filter(|(_, l)| !l.is_nan()).collect();
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 {
             candidates.truncate(p.top_k);

@@ -33,10 +33,7 @@ pub fn configure(threads: Option<usize>) -> Result<()> {
     if std::env::var_os(SPIN_LIMIT).is_none() {
         std::env::set_var(SPIN_LIMIT, "1000");
     }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .map_err(|e| EngineError::Threads(format!("cannot size the pool: {e}")))
+    rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| EngineError::Threads(format!("cannot size the pool: {e}")))
 }
 
 /// One thread per core, as candle counts them (physical cores: a second hardware thread of a

@@ -22,12 +22,7 @@ const END_OF_GENERATION: &[&str] = &["</s>", "<|eot_id|>", "<|eom_id|>", "<|end_
 impl Tokenizer {
     /// `bos`/`eos` are token texts; `stop_ids` are extra end-of-generation ids (e.g. from
     /// `generation_config.json`).
-    pub fn new(
-        inner: tokenizers::Tokenizer,
-        bos: Option<String>,
-        eos: Option<String>,
-        stop_ids: impl IntoIterator<Item = u32>,
-    ) -> Self {
+    pub fn new(inner: tokenizers::Tokenizer, bos: Option<String>, eos: Option<String>, stop_ids: impl IntoIterator<Item = u32>) -> Self {
         let mut stop_ids: BTreeSet<u32> = stop_ids.into_iter().collect();
         stop_ids.extend(eos.as_deref().and_then(|t| inner.token_to_id(t)));
         stop_ids.extend(
@@ -48,24 +43,17 @@ impl Tokenizer {
     /// Encodes `text`; with `add_special_tokens` the tokenizer's post-processor adds BOS/EOS as
     /// configured (what `tokenizer(text)` does in transformers).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(EngineError::tokenizer)?;
+        let encoding = self.inner.encode(text, add_special_tokens).map_err(EngineError::tokenizer)?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Decodes ids, leaving out special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(EngineError::tokenizer)
+        self.inner.decode(ids, true).map_err(EngineError::tokenizer)
     }
 
     pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(EngineError::tokenizer)
+        self.inner.decode(ids, false).map_err(EngineError::tokenizer)
     }
 
     pub fn bos_token(&self) -> Option<&str> {
@@ -116,10 +104,7 @@ impl Tokenizer {
     pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
         let limit = self.id_limit();
         if limit > vocab_size {
-            return Err(EngineError::Tokenizer(format!(
-                "the tokenizer has ids up to {} but the model's vocabulary has only {vocab_size} entries",
-                limit - 1
-            )));
+            return Err(EngineError::Tokenizer(format!("the tokenizer has ids up to {} but the model's vocabulary has only {vocab_size} entries", limit - 1)));
         }
         Ok(())
     }

@@ -214,25 +214,16 @@ pub trait WeightSource {
 }
 
 /// Loads a tensor that must exist and have `expected` dims (PyTorch order: `[out, in]`).
-pub(crate) fn load_expected(
-    source: &mut dyn WeightSource,
-    name: TensorName,
-    expected: &[usize],
-) -> Result<Weight> {
+pub(crate) fn load_expected(source: &mut dyn WeightSource, name: TensorName, expected: &[usize]) -> Result<Weight> {
     let display = source.display_name(name);
-    let weight = source
-        .load(name)?
-        .ok_or_else(|| EngineError::tensor(&display, "missing from the checkpoint"))?;
+    let weight = source.load(name)?.ok_or_else(|| EngineError::tensor(&display, "missing from the checkpoint"))?;
     check_dims(&display, weight.dims(), expected)?;
     Ok(weight)
 }
 
 pub(crate) fn check_dims(name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
     if actual != expected {
-        return Err(EngineError::tensor(
-            name,
-            format!("has shape {actual:?}, the config implies {expected:?}"),
-        ));
+        return Err(EngineError::tensor(name, format!("has shape {actual:?}, the config implies {expected:?}")));
     }
     Ok(())
 }
@@ -242,9 +233,7 @@ pub(crate) fn check_dims(name: &str, actual: &[usize], expected: &[usize]) -> Re
 pub(crate) fn quantize_weight(weight: Weight, dtype: GgmlDType) -> Result<Weight> {
     let tensor = match &weight {
         Weight::Dense(t) => t.clone(),
-        Weight::Quantized(q) if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
-            q.dequantize(&q.device())?
-        }
+        Weight::Quantized(q) if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => q.dequantize(&q.device())?,
         // Already quantized by whoever wrote the file: re-quantizing would only add error.
         Weight::Quantized(_) | Weight::InPlace(_) => return Ok(weight),
     };

@@ -102,7 +102,12 @@ impl QuantizedRows {
                         let tile_values = tile * groups * g * TILE_ROWS..(tile + 1) * groups * g * TILE_ROWS;
                         let tile_groups = tile * groups * TILE_ROWS..(tile + 1) * groups * TILE_ROWS;
                         let into = unsafe {
-                            (values_out.slice(tile_values), scales_out.slice(tile_groups.clone()), sums_out.slice(tile_groups.clone()), offset_sums_out.slice(tile_groups))
+                            (
+                                values_out.slice(tile_values),
+                                scales_out.slice(tile_groups.clone()),
+                                sums_out.slice(tile_groups.clone()),
+                                offset_sums_out.slice(tile_groups),
+                            )
                         };
                         interleave_tile(*how, (scales, &values[..n * cols]), cols, group, into);
                     }
@@ -126,11 +131,7 @@ impl QuantizedRows {
     #[inline]
     pub fn row(&self, i: usize) -> Row<'_> {
         let (groups, blocks) = (self.groups, self.cols / BLOCK);
-        (
-            &self.scales[i * groups..(i + 1) * groups],
-            &self.values[i * self.cols..(i + 1) * self.cols],
-            &self.sums[i * blocks..(i + 1) * blocks],
-        )
+        (&self.scales[i * groups..(i + 1) * groups], &self.values[i * self.cols..(i + 1) * self.cols], &self.sums[i * blocks..(i + 1) * blocks])
     }
 
     /// Row `i`'s sums of 16 values (at most 16 · 127 in magnitude).

@@ -40,9 +40,15 @@ pub struct AttentionShape {
 /// A KV cache's keys and values, laid out as [`AttentionShape`] says, in the type they are kept in.
 #[derive(Debug, Clone, Copy)]
 pub enum CachedKv<'a> {
-    F32 { k: &'a [f32], v: &'a [f32] },
+    F32 {
+        k: &'a [f32],
+        v: &'a [f32],
+    },
     /// Half the memory, and half the bytes a decode step reads, as llama.cpp keeps its cache.
-    F16 { k: &'a [f16], v: &'a [f16] },
+    F16 {
+        k: &'a [f16],
+        v: &'a [f16],
+    },
 }
 
 /// `out[r, i, h] = softmax(scale · q[r, h, i] · K[r, g]ᵀ) · V[r, g]`, g the KV head that query
@@ -374,10 +380,8 @@ mod tests {
                     let kv = (r * kv_heads + h / (heads / kv_heads)) * capacity * hd;
                     let query = &q[((r * heads + h) * queries + i) * hd..][..hd];
                     let seen = first[r].min(position)..position + 1;
-                    let scores: Vec<f64> = seen
-                        .clone()
-                        .map(|t| scale as f64 * (0..hd).map(|d| query[d] as f64 * k[kv + d * capacity + t] as f64).sum::<f64>())
-                        .collect();
+                    let scores: Vec<f64> =
+                        seen.clone().map(|t| scale as f64 * (0..hd).map(|d| query[d] as f64 * k[kv + d * capacity + t] as f64).sum::<f64>()).collect();
                     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let total: f64 = weights.iter().sum();

@@ -86,12 +86,7 @@ unsafe fn across<W: Tile, const RT: usize, const CT: usize>(w: &QMatrix, x: &Qua
 
 /// The tile's weight rows and activation rows.
 #[inline(always)]
-pub(crate) unsafe fn operands<'x, const RT: usize, const CT: usize>(
-    w: &QMatrix,
-    x: &'x QuantizedRows,
-    r: usize,
-    i: usize,
-) -> ([*const u8; RT], [Row<'x>; CT]) {
+pub(crate) unsafe fn operands<'x, const RT: usize, const CT: usize>(w: &QMatrix, x: &'x QuantizedRows, r: usize, i: usize) -> ([*const u8; RT], [Row<'x>; CT]) {
     let row_bytes = w.ty.row_bytes(w.cols);
     // A loop, not `array::from_fn`: LLVM left that closure out of line, a call per decode tile
     // (2 % of a Q4_K_M decode step).

@@ -16,8 +16,7 @@ impl Location {
             return Ok(Self::Local(PathBuf::from(text)));
         };
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-        let valid_bucket = (3..=63).contains(&bucket.len())
-            && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        let valid_bucket = (3..=63).contains(&bucket.len()) && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
         if !valid_bucket || key.split('/').any(|part| part == "..") {
             return Err(StoreError::InvalidLocation(text.to_string()));
         }

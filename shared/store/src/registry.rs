@@ -25,9 +25,7 @@ pub const ALIAS_NAME: &str = "latest";
 
 /// A model name as it appears in keys: letters, digits, `.`, `_`, `-`; not starting with `.`.
 pub fn validate_model_name(name: &str) -> std::result::Result<(), String> {
-    let valid = (1..=128).contains(&name.len())
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let valid = (1..=128).contains(&name.len()) && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if valid {
         Ok(())
     } else {
@@ -149,9 +147,7 @@ pub fn version_id(objects: &[SourceObject], types: &[String]) -> String {
 
 /// The current time as RFC 3339 (UTC), for manifests.
 pub fn now_rfc3339() -> String {
-    aws_sdk_s3::primitives::DateTime::from(std::time::SystemTime::now())
-        .fmt(aws_sdk_s3::primitives::DateTimeFormat::DateTime)
-        .unwrap_or_default()
+    aws_sdk_s3::primitives::DateTime::from(std::time::SystemTime::now()).fmt(aws_sdk_s3::primitives::DateTimeFormat::DateTime).unwrap_or_default()
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(bucket: &str, key: &str, bytes: &[u8]) -> Result<T> {
@@ -229,9 +225,8 @@ pub fn resolve(s3: &S3, bucket: &str, key: &str, quant_type: Option<&str>) -> Re
     if let Some(model) = key.strip_prefix(MODELS_PREFIX).and_then(|k| k.strip_suffix(&format!("/{ALIAS_NAME}"))) {
         let keys = ModelKeys::new(model).map_err(not_found)?;
         let alias = registry.alias(&keys)?.ok_or_else(|| not_found("no such alias".into()))?;
-        let manifest = registry
-            .manifest(&keys, &alias.version)?
-            .ok_or_else(|| not_found(format!("the alias names version {} but it has no manifest", alias.version)))?;
+        let manifest =
+            registry.manifest(&keys, &alias.version)?.ok_or_else(|| not_found(format!("the alias names version {} but it has no manifest", alias.version)))?;
         let wanted = quant_type.unwrap_or(&alias.default_type);
         let output = manifest
             .outputs

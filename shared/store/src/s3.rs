@@ -189,7 +189,11 @@ impl S3 {
                 let (len, mut filled) = (part.len(), 0);
                 while let Some(chunk) = body.try_next().await.map_err(|e| s3_error(bucket, key, e))? {
                     let end = filled + chunk.len();
-                    let place = part.get_mut(filled..end).ok_or_else(|| StoreError::S3 { bucket: bucket.into(), key: key.into(), message: format!("{range}: more than {len} bytes") })?;
+                    let place = part.get_mut(filled..end).ok_or_else(|| StoreError::S3 {
+                        bucket: bucket.into(),
+                        key: key.into(),
+                        message: format!("{range}: more than {len} bytes"),
+                    })?;
                     place.copy_from_slice(&chunk);
                     filled = end;
                 }
@@ -224,19 +228,13 @@ impl S3 {
 
     /// Deletes the object; deleting an absent object is not an error.
     pub fn delete(&self, bucket: &str, key: &str) -> Result<()> {
-        self.runtime
-            .block_on(self.client.delete_object().bucket(bucket).key(key).send())
-            .map(|_| ())
-            .map_err(|e| s3_error(bucket, key, e))
+        self.runtime.block_on(self.client.delete_object().bucket(bucket).key(key).send()).map(|_| ()).map_err(|e| s3_error(bucket, key, e))
     }
 
     /// A writer that uploads `part_size`-byte parts as they fill; the object appears only when
     /// [`MultipartWriter::finish`] succeeds, and an unfinished upload is aborted when dropped.
     pub fn multipart(&self, bucket: &str, key: &str, part_size: usize) -> Result<MultipartWriter> {
-        let upload = self
-            .runtime
-            .block_on(self.client.create_multipart_upload().bucket(bucket).key(key).send())
-            .map_err(|e| s3_error(bucket, key, e))?;
+        let upload = self.runtime.block_on(self.client.create_multipart_upload().bucket(bucket).key(key).send()).map_err(|e| s3_error(bucket, key, e))?;
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
         Ok(MultipartWriter {
             s3: self.clone(),
@@ -291,16 +289,7 @@ impl MultipartWriter {
         let (s3, bucket, key) = (&self.s3, &self.bucket, &self.key);
         let part = s3
             .runtime
-            .block_on(
-                s3.client
-                    .upload_part()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(&self.upload_id)
-                    .part_number(number)
-                    .body(ByteStream::from(body))
-                    .send(),
-            )
+            .block_on(s3.client.upload_part().bucket(bucket).key(key).upload_id(&self.upload_id).part_number(number).body(ByteStream::from(body)).send())
             .map_err(|e| s3_error(bucket, key, e))?;
         self.parts.push(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build());
         Ok(())

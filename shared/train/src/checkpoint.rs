@@ -58,7 +58,8 @@ pub fn load(output: &Path, params: &[(String, Var)], optimizer: &mut AdamW) -> R
     let path = dir.join("state.safetensors");
     let device = params.first().map_or(Device::Cpu, |(_, var)| var.device().clone());
     let mut tensors = candle_core::safetensors::load(&path, &device).map_err(|e| TrainError::file(&path, e))?;
-    let mut take = |key: String| tensors.remove(&key).ok_or_else(|| TrainError::file(&path, format!("no {key}: the checkpoint is from another model or method")));
+    let mut take =
+        |key: String| tensors.remove(&key).ok_or_else(|| TrainError::file(&path, format!("no {key}: the checkpoint is from another model or method")));
     let (mut m, mut v) = (Vec::new(), Vec::new());
     for (name, var) in params {
         let value: Tensor = take(format!("param.{name}"))?;

@@ -52,7 +52,13 @@ struct Message {
 
 /// Reads and tokenizes `path`. Lines that are not one of the formats are all reported, with
 /// their line numbers, and nothing is returned.
-pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemplate>, max_seq_len: usize, overflow: Overflow) -> Result<(Vec<Example>, DataReport)> {
+pub fn load_jsonl(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    max_seq_len: usize,
+    overflow: Overflow,
+) -> Result<(Vec<Example>, DataReport)> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::file(path, e))?;
     let records: Vec<(usize, std::result::Result<Record, String>)> = text
         .lines()
@@ -100,7 +106,10 @@ pub fn load_jsonl(path: &Path, tokenizer: &Tokenizer, template: Option<&ChatTemp
 /// assistant reply, the text up to it (with the generation prompt) and the text including it;
 /// nothing for the others. All are rendered by one bounded renderer
 /// ([`ChatTemplate::render_all`]).
-fn render_conversations(records: &[(usize, std::result::Result<Record, String>)], template: Option<&ChatTemplate>) -> Result<Vec<Vec<llm_engine::Result<String>>>> {
+fn render_conversations(
+    records: &[(usize, std::result::Result<Record, String>)],
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<Vec<llm_engine::Result<String>>>> {
     let Some(template) = template else {
         return Ok(records.iter().map(|_| Vec::new()).collect());
     };

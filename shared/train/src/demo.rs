@@ -20,25 +20,79 @@ use crate::merge::write_json;
 /// [`HELD_OUT_CAPITALS`] are asked only in the evaluation, so answering them needs what
 /// pretraining taught, carried over to the chat format by SFT.
 const CAPITALS: [(&str, &str); 72] = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Poland", "Warsaw"), ("Greece", "Athens"),
-    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
-    ("Ireland", "Dublin"), ("Hungary", "Budapest"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
-    ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"), ("Peru", "Lima"),
-    ("Chile", "Santiago"), ("Cuba", "Havana"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
-    ("Russia", "Moscow"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
-    ("Ghana", "Accra"), ("Nepal", "Kathmandu"), ("Belgium", "Brussels"), ("Czechia", "Prague"),
-    ("Brazil", "Brasilia"), ("Uruguay", "Montevideo"), ("Venezuela", "Caracas"), ("Ecuador", "Quito"),
-    ("Jamaica", "Kingston"), ("Nigeria", "Abuja"), ("Ethiopia", "Addis Ababa"), ("Uganda", "Kampala"),
-    ("Algeria", "Algiers"), ("Tunisia", "Tunis"), ("Sudan", "Khartoum"), ("Angola", "Luanda"),
-    ("Zambia", "Lusaka"), ("Mali", "Bamako"), ("Syria", "Damascus"), ("Jordan", "Amman"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Austria", "Vienna"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Ireland", "Dublin"),
+    ("Hungary", "Budapest"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Russia", "Moscow"),
+    ("Turkey", "Ankara"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Ghana", "Accra"),
+    ("Nepal", "Kathmandu"),
+    ("Belgium", "Brussels"),
+    ("Czechia", "Prague"),
+    ("Brazil", "Brasilia"),
+    ("Uruguay", "Montevideo"),
+    ("Venezuela", "Caracas"),
+    ("Ecuador", "Quito"),
+    ("Jamaica", "Kingston"),
+    ("Nigeria", "Abuja"),
+    ("Ethiopia", "Addis Ababa"),
+    ("Uganda", "Kampala"),
+    ("Algeria", "Algiers"),
+    ("Tunisia", "Tunis"),
+    ("Sudan", "Khartoum"),
+    ("Angola", "Luanda"),
+    ("Zambia", "Lusaka"),
+    ("Mali", "Bamako"),
+    ("Syria", "Damascus"),
+    ("Jordan", "Amman"),
     // Held out from here on.
-    ("Lebanon", "Beirut"), ("Qatar", "Doha"), ("Oman", "Muscat"), ("Afghanistan", "Kabul"),
-    ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"), ("Mongolia", "Ulaanbaatar"), ("Philippines", "Manila"),
-    ("Cambodia", "Phnom Penh"), ("Iceland", "Reykjavik"), ("Estonia", "Tallinn"), ("Latvia", "Riga"),
-    ("Croatia", "Zagreb"), ("Serbia", "Belgrade"), ("Bulgaria", "Sofia"), ("Armenia", "Yerevan"),
-    ("Romania", "Bucharest"), ("Ukraine", "Kyiv"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
-    ("Argentina", "Buenos Aires"), ("Colombia", "Bogota"), ("Morocco", "Rabat"), ("Senegal", "Dakar"),
+    ("Lebanon", "Beirut"),
+    ("Qatar", "Doha"),
+    ("Oman", "Muscat"),
+    ("Afghanistan", "Kabul"),
+    ("Pakistan", "Islamabad"),
+    ("Bangladesh", "Dhaka"),
+    ("Mongolia", "Ulaanbaatar"),
+    ("Philippines", "Manila"),
+    ("Cambodia", "Phnom Penh"),
+    ("Iceland", "Reykjavik"),
+    ("Estonia", "Tallinn"),
+    ("Latvia", "Riga"),
+    ("Croatia", "Zagreb"),
+    ("Serbia", "Belgrade"),
+    ("Bulgaria", "Sofia"),
+    ("Armenia", "Yerevan"),
+    ("Romania", "Bucharest"),
+    ("Ukraine", "Kyiv"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("Argentina", "Buenos Aires"),
+    ("Colombia", "Bogota"),
+    ("Morocco", "Rabat"),
+    ("Senegal", "Dakar"),
 ];
 /// A third of the countries: enough held-out facts that one fact more or less moves the
 /// capital task by about 4 points, not 12 as with 8 of 40.
@@ -157,10 +211,7 @@ pub fn write_demo(dir: &Path, sizes: &DemoSizes, shape: &TeacherShape) -> Result
     }
     let chat = |q: &Question| json!({ "messages": [{ "role": "user", "content": q.prompt }, { "role": "assistant", "content": q.answer }] });
     let mut sft: Vec<_> = (0..sizes.sft).map(|_| chat(&draw(false, &mut rng))).collect();
-    let eval: Vec<Question> = TASKS
-        .iter()
-        .flat_map(|task| (0..sizes.eval_per_task).map(|_| question(task, &mut rng, true)).collect::<Vec<_>>())
-        .collect();
+    let eval: Vec<Question> = TASKS.iter().flat_map(|task| (0..sizes.eval_per_task).map(|_| question(task, &mut rng, true)).collect::<Vec<_>>()).collect();
     // Replay: every fourth chat is followed by a pretraining line, so that SFT keeps what
     // pretraining taught (the held-out capitals are stated only there).
     for (i, line) in pretrain.iter().step_by(4).take(sizes.sft / 4).enumerate() {
@@ -210,11 +261,8 @@ const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|'
 /// llama.cpp reads it as `gpt2` / `llama-bpe`, transformers as `PreTrainedTokenizerFast`.
 fn write_tokenizer(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::file(dir, e))?;
-    let vocab: serde_json::Map<String, serde_json::Value> = llm_engine::byte_level_chars()
-        .iter()
-        .enumerate()
-        .map(|(byte, c)| (c.to_string(), json!(byte)))
-        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        llm_engine::byte_level_chars().iter().enumerate().map(|(byte, c)| (c.to_string(), json!(byte))).collect();
     let added: Vec<_> = SPECIAL
         .iter()
         .enumerate()
@@ -241,13 +289,16 @@ fn write_tokenizer(dir: &Path) -> Result<()> {
             "fuse_unk": false, "byte_fallback": false, "ignore_merges": true, "vocab": vocab, "merges": [] },
     });
     write_json(&dir.join("tokenizer.json"), &tokenizer)?;
-    write_json(&dir.join("tokenizer_config.json"), &json!({
-        "bos_token": bos,
-        "eos_token": SPECIAL[1],
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 256,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }))?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &json!({
+            "bos_token": bos,
+            "eos_token": SPECIAL[1],
+            "chat_template": CHAT_TEMPLATE,
+            "model_max_length": 256,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }),
+    )?;
     write_json(&dir.join("generation_config.json"), &json!({ "bos_token_id": BOS_ID, "eos_token_id": EOS_ID }))
 }
 

@@ -48,10 +48,18 @@ enum Teacher {
     Live(TrainLlama),
     Stored(SoftTargets),
     /// `alpha = 0`: the student learns from the labels alone and the teacher is never run.
-    Unused { vocab: usize },
+    Unused {
+        vocab: usize,
+    },
 }
 
-pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &DistillSettings, on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>) -> Result<Summary> {
+pub fn distill(
+    teacher_dir: &Path,
+    data: &Path,
+    output: &Path,
+    settings: &DistillSettings,
+    on_step: impl FnMut(&StepMetrics, usize) -> ControlFlow<()>,
+) -> Result<Summary> {
     validate(&settings.train)?;
     if settings.temperature.is_nan() || settings.temperature <= 0.0 || !(0.0..=1.0).contains(&settings.alpha) {
         return Err(TrainError::Invalid("--temperature must be positive and --alpha in [0, 1]".into()));
@@ -93,15 +101,22 @@ pub fn distill(teacher_dir: &Path, data: &Path, output: &Path, settings: &Distil
         return Err(TrainError::Invalid(format!("the student's vocabulary ({}) differs from the teacher's ({teacher_vocab})", student.config().vocab_size)));
     }
     let (t, alpha) = (settings.temperature, settings.alpha);
-    let summary = train(&student, &data, output, &settings.train, |model, batch, seed| {
-        let logits = model.forward(&batch.ids, Some(seed))?;
-        let soft = match &teacher {
-            Teacher::Live(teacher) => teacher.forward(&batch.ids, None)?.detach(),
-            Teacher::Stored(targets) => targets.logits(batch.examples, batch.ids.dim(1)?, device)?,
-            Teacher::Unused { .. } => return causal_lm_loss(&logits, &batch.ids, &batch.mask),
-        };
-        distillation_loss(&logits, &soft, &batch.ids, &batch.mask, t, alpha)
-    }, on_step)?;
+    let summary = train(
+        &student,
+        &data,
+        output,
+        &settings.train,
+        |model, batch, seed| {
+            let logits = model.forward(&batch.ids, Some(seed))?;
+            let soft = match &teacher {
+                Teacher::Live(teacher) => teacher.forward(&batch.ids, None)?.detach(),
+                Teacher::Stored(targets) => targets.logits(batch.examples, batch.ids.dim(1)?, device)?,
+                Teacher::Unused { .. } => return causal_lm_loss(&logits, &batch.ids, &batch.mask),
+            };
+            distillation_loss(&logits, &soft, &batch.ids, &batch.mask, t, alpha)
+        },
+        on_step,
+    )?;
     if summary.completed {
         save(&student, &init, output, &Trainable::Full)?;
         let _ = std::fs::remove_dir_all(&init);
@@ -310,7 +325,8 @@ mod tests {
         let down = rows(&t["model.layers.0.mlp.down_proj.weight"].t().unwrap());
         let (gate, up) = (rows(&t["model.layers.0.mlp.gate_proj.weight"]), rows(&t["model.layers.0.mlp.up_proj.weight"]));
         let score: Vec<f32> = (0..gate.len()).map(|i| norm(&gate[i]) * norm(&up[i]) * norm(&down[i])).collect();
-        let kept: Vec<usize> = rows(&s["model.layers.0.mlp.gate_proj.weight"]).iter().map(|row| gate.iter().position(|g| g == row).expect("a teacher neuron")).collect();
+        let kept: Vec<usize> =
+            rows(&s["model.layers.0.mlp.gate_proj.weight"]).iter().map(|row| gate.iter().position(|g| g == row).expect("a teacher neuron")).collect();
         assert!(kept.len() == 16 && kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
         let weakest_kept = kept.iter().map(|&i| score[i]).fold(f32::INFINITY, f32::min);
         assert!((0..gate.len()).filter(|i| !kept.contains(i)).all(|i| score[i] <= weakest_kept));

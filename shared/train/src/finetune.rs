@@ -112,7 +112,8 @@ pub fn finetune(base: &Path, data: &Path, output: &Path, settings: &Settings, on
     let data = TrainingData::load(base, data, settings)?;
     let mut model = TrainLlama::load(base, &settings.trainable, &settings.device)?;
     model.set_qat(settings.qat);
-    let summary = train(&model, &data, output, settings, |model, batch, seed| causal_lm_loss(&model.forward(&batch.ids, Some(seed))?, &batch.ids, &batch.mask), on_step)?;
+    let summary =
+        train(&model, &data, output, settings, |model, batch, seed| causal_lm_loss(&model.forward(&batch.ids, Some(seed))?, &batch.ids, &batch.mask), on_step)?;
     if summary.completed {
         save(&model, base, output, &settings.trainable)?;
         checkpoint::remove(output);
@@ -366,7 +367,16 @@ pub fn save(model: &TrainLlama, base: &Path, output: &Path, trainable: &Trainabl
             let files = llm_engine::hf::safetensors_files(base)?;
             let dtypes: HashMap<String, DType> = llm_engine::hf::tensor_infos(&files)?
                 .into_iter()
-                .map(|(name, dtype, _)| (name, match dtype.as_str() { "F16" => DType::F16, "BF16" => DType::BF16, _ => DType::F32 }))
+                .map(|(name, dtype, _)| {
+                    (
+                        name,
+                        match dtype.as_str() {
+                            "F16" => DType::F16,
+                            "BF16" => DType::BF16,
+                            _ => DType::F32,
+                        },
+                    )
+                })
                 .collect();
             let mut tensors = HashMap::new();
             for (name, var) in model.trainable() {

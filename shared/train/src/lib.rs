@@ -24,4 +24,4 @@ pub mod soft_targets;
 
 pub use error::{Result, TrainError};
 pub use lora::LoraConfig;
-pub use model::{Trainable, TrainLlama};
+pub use model::{TrainLlama, Trainable};

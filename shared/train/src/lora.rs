@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use llm_engine::adapter::{lora_scaling, AdapterConfig, LoraPairs, PeftAdapter};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use llm_engine::adapter::{lora_scaling, AdapterConfig, LoraPairs, PeftAdapter};
 
 use crate::error::{Result, TrainError};
 

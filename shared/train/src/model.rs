@@ -56,7 +56,15 @@ struct Layer {
 impl Layer {
     /// The projections by PEFT module name (the order of [`crate::lora::MODULES`]).
     fn projections(&self) -> [(&'static str, &Linear); 7] {
-        [("q_proj", &self.q), ("k_proj", &self.k), ("v_proj", &self.v), ("o_proj", &self.o), ("gate_proj", &self.gate), ("up_proj", &self.up), ("down_proj", &self.down)]
+        [
+            ("q_proj", &self.q),
+            ("k_proj", &self.k),
+            ("v_proj", &self.v),
+            ("o_proj", &self.o),
+            ("gate_proj", &self.gate),
+            ("up_proj", &self.up),
+            ("down_proj", &self.down),
+        ]
     }
 
     fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
@@ -161,7 +169,10 @@ impl TrainLlama {
         self.attach(&config, |prefix, in_dim, out_dim| {
             let (a, b) = pairs.remove(prefix).ok_or_else(|| TrainError::file(dir, format!("the adapter has no {prefix}")))?;
             if a.dims() != [config.r, in_dim] || b.dims() != [out_dim, config.r] {
-                return Err(TrainError::file(dir, format!("{prefix}: A {:?} and B {:?} do not fit [{out_dim}, {in_dim}] at rank {}", a.dims(), b.dims(), config.r)));
+                return Err(TrainError::file(
+                    dir,
+                    format!("{prefix}: A {:?} and B {:?} do not fit [{out_dim}, {in_dim}] at rank {}", a.dims(), b.dims(), config.r),
+                ));
             }
             Ok(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scaling: config.scaling(), dropout: config.dropout })
         })?;

@@ -92,7 +92,10 @@ impl SoftTargets {
         let mut take = |name: &str| tensors.remove(name).ok_or_else(|| TrainError::file(path, format!("not a soft-targets file: no `{name}` tensor")));
         let (tokens, lengths, vocab, indices, values) = (take("tokens")?, take("lengths")?, take("vocab")?, take("indices")?, take("values")?);
         if (tokens.to_vec1::<u32>()?, lengths.to_vec1::<u32>()?) != fingerprint(examples) {
-            return Err(TrainError::file(path, "these soft targets were computed for other data (or another tokenizer, --max-seq-len or --overflow): remove the file to compute them again"));
+            return Err(TrainError::file(
+                path,
+                "these soft targets were computed for other data (or another tokenizer, --max-seq-len or --overflow): remove the file to compute them again",
+            ));
         }
         let (rows, k) = indices.dims2()?;
         let vocab = vocab.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;

@@ -63,9 +63,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let loader = model_source::loader(&args.model, LoadOptions::default(), DownloadSettings::default()).map_err(anyhow::Error::msg)?;
     let state = Arc::new(AppState::new(ModelSlot::new(id, loader), Limits::default(), None));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (answered, stats) = runtime
-        .block_on(batch_file::answer(&state, lines, args.max_batch_sequences))
-        .map_err(|e| anyhow::anyhow!("cannot load the model: {}", e.message))?;
+    let (answered, stats) =
+        runtime.block_on(batch_file::answer(&state, lines, args.max_batch_sequences)).map_err(|e| anyhow::anyhow!("cannot load the model: {}", e.message))?;
     answers.extend(answered);
 
     let (succeeded, failed): (Vec<&OutputLine>, Vec<&OutputLine>) = answers.iter().partition(|a| a.succeeded());

@@ -68,12 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     while prompt.len() < args.prompt_tokens {
         prompt.push(prompt[prompt.len() % prompt.len().max(1)]);
     }
-    let request = GenerationRequest {
-        prompt,
-        max_tokens: args.gen_tokens,
-        ignore_eos: true,
-        ..Default::default()
-    };
+    let request = GenerationRequest { prompt, max_tokens: args.gen_tokens, ignore_eos: true, ..Default::default() };
     let (_, stats) = llm_engine::generate(&loaded.model, &loaded.tokenizer, &[request], |_| ControlFlow::Continue(()))?;
     let report = Report {
         model: args.model.display().to_string(),

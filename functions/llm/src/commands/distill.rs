@@ -48,6 +48,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --student-layers or --student-config"),
     };
     let staging = Staging::new();
-    let settings = DistillSettings { train: args.train.settings(Trainable::Full, 1e-4, &staging)?, student, temperature: args.temperature, alpha: args.alpha, soft_targets: args.soft_targets, soft_top_k: args.soft_top_k };
-    run_staged(&staging, &args.teacher, &args.train, &args.output, "distilling", |teacher, data, output, on_step| distill(teacher, data, output, &settings, on_step))
+    let settings = DistillSettings {
+        train: args.train.settings(Trainable::Full, 1e-4, &staging)?,
+        student,
+        temperature: args.temperature,
+        alpha: args.alpha,
+        soft_targets: args.soft_targets,
+        soft_top_k: args.soft_top_k,
+    };
+    run_staged(&staging, &args.teacher, &args.train, &args.output, "distilling", |teacher, data, output, on_step| {
+        distill(teacher, data, output, &settings, on_step)
+    })
 }

@@ -40,7 +40,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (trainable, default_lr) = match args.method {
         Method::Full => (Trainable::Full, 2e-5),
         Method::Lora => {
-            let config = LoraConfig { r: args.lora_rank, alpha: args.lora_alpha, dropout: args.lora_dropout, target_modules: args.target_modules, use_rslora: false };
+            let config =
+                LoraConfig { r: args.lora_rank, alpha: args.lora_alpha, dropout: args.lora_dropout, target_modules: args.target_modules, use_rslora: false };
             (Trainable::Lora { config, seed: args.train.seed }, 2e-4)
         }
     };

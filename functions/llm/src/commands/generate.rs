@@ -66,10 +66,7 @@ struct Output<'a> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let loaded = super::load_model(&args.model, args.load.options()?)?;
     let prompt_token_ids = if args.chat {
-        let template = loaded
-            .chat_template
-            .as_ref()
-            .context("--chat: the model has no chat template")?;
+        let template = loaded.chat_template.as_ref().context("--chat: the model has no chat template")?;
         let text = template.render(&[ChatMessage::new("user", &args.prompt)], true)?;
         // The template already wrote BOS as text; adding it again would double it.
         loaded.tokenizer.encode(&text, false)?

@@ -20,11 +20,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (format, metadata, tensors) = match llm_engine::loader::detect_format(&args.path)? {
         ModelFormat::Gguf => {
             let gguf = GgufFile::open(&args.path)?;
-            let mut metadata: Vec<(String, Value)> = gguf
-                .metadata()
-                .iter()
-                .map(|(k, v)| (k.clone(), describe_value(v)))
-                .collect();
+            let mut metadata: Vec<(String, Value)> = gguf.metadata().iter().map(|(k, v)| (k.clone(), describe_value(v))).collect();
             metadata.sort_by(|a, b| a.0.cmp(&b.0));
             ("gguf", metadata, gguf.tensor_infos())
         }

@@ -28,9 +28,8 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let quant: QuantType = args.quant_type.parse()?;
     let input = CheckpointSource::open(Location::parse(&args.input)?)?;
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar =
+        ProgressBar::new(0).with_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let convert = |out: &mut dyn Write| -> anyhow::Result<ConvertReport> {
         let report = llm_convert::convert(&input, &mut WriteRef(out), quant, |p| {
             bar.set_length(p.total_bytes);

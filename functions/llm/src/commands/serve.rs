@@ -63,9 +63,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let state = Arc::new(AppState::new(ModelSlot::new(id, loader), limits, args.api_key).with_text_logging(args.log_text));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        let listener =
+            tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await.with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
         // Scripts wait for this line to know the port (with --port 0) and that requests are accepted.
         eprintln!("listening on http://{}", listener.local_addr()?);
         axum::serve(listener, llm_api::router(state)).await.context("server stopped")

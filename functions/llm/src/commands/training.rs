@@ -125,7 +125,10 @@ fn stop_on_signals() {
 /// A progress bar over the run's steps, showing the latest loss and learning rate; the run
 /// stops (after a checkpoint) once a stop signal arrived. Each new checkpoint is copied to S3
 /// when the output is there.
-fn progress<'a>(remote: Option<&'a RemoteCheckpoint>, checkpoint_every: usize) -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()> + 'a) {
+fn progress<'a>(
+    remote: Option<&'a RemoteCheckpoint>,
+    checkpoint_every: usize,
+) -> (indicatif::ProgressBar, impl FnMut(&StepMetrics, usize) -> std::ops::ControlFlow<()> + 'a) {
     stop_on_signals();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));

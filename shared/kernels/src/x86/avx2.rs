@@ -29,15 +29,41 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         return match w.ty {
             // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
             BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true, { code_offset(BlockType::Q8_0).is_none() }>(w, x, rows, out),
-            BlockType::Q4_0 => panel_rows::<{ group_values(BlockType::Q4_0) }, { i16_quads(BlockType::Q4_0) }, false, { code_offset(BlockType::Q4_0).is_none() }>(w, x, rows, out),
-            BlockType::Q4_1 => panel_rows::<{ group_values(BlockType::Q4_1) }, { i16_quads(BlockType::Q4_1) }, false, { code_offset(BlockType::Q4_1).is_none() }>(w, x, rows, out),
-            BlockType::Q5_0 => panel_rows::<{ group_values(BlockType::Q5_0) }, { i16_quads(BlockType::Q5_0) }, false, { code_offset(BlockType::Q5_0).is_none() }>(w, x, rows, out),
-            BlockType::Q5_1 => panel_rows::<{ group_values(BlockType::Q5_1) }, { i16_quads(BlockType::Q5_1) }, false, { code_offset(BlockType::Q5_1).is_none() }>(w, x, rows, out),
-            BlockType::Q2K => panel_rows::<{ group_values(BlockType::Q2K) }, { i16_quads(BlockType::Q2K) }, false, { code_offset(BlockType::Q2K).is_none() }>(w, x, rows, out),
-            BlockType::Q3K => panel_rows::<{ group_values(BlockType::Q3K) }, { i16_quads(BlockType::Q3K) }, false, { code_offset(BlockType::Q3K).is_none() }>(w, x, rows, out),
-            BlockType::Q4K => panel_rows::<{ group_values(BlockType::Q4K) }, { i16_quads(BlockType::Q4K) }, false, { code_offset(BlockType::Q4K).is_none() }>(w, x, rows, out),
-            BlockType::Q5K => panel_rows::<{ group_values(BlockType::Q5K) }, { i16_quads(BlockType::Q5K) }, false, { code_offset(BlockType::Q5K).is_none() }>(w, x, rows, out),
-            BlockType::Q6K => panel_rows::<{ group_values(BlockType::Q6K) }, { i16_quads(BlockType::Q6K) }, false, { code_offset(BlockType::Q6K).is_none() }>(w, x, rows, out),
+            BlockType::Q4_0 => {
+                panel_rows::<{ group_values(BlockType::Q4_0) }, { i16_quads(BlockType::Q4_0) }, false, { code_offset(BlockType::Q4_0).is_none() }>(
+                    w, x, rows, out,
+                )
+            }
+            BlockType::Q4_1 => {
+                panel_rows::<{ group_values(BlockType::Q4_1) }, { i16_quads(BlockType::Q4_1) }, false, { code_offset(BlockType::Q4_1).is_none() }>(
+                    w, x, rows, out,
+                )
+            }
+            BlockType::Q5_0 => {
+                panel_rows::<{ group_values(BlockType::Q5_0) }, { i16_quads(BlockType::Q5_0) }, false, { code_offset(BlockType::Q5_0).is_none() }>(
+                    w, x, rows, out,
+                )
+            }
+            BlockType::Q5_1 => {
+                panel_rows::<{ group_values(BlockType::Q5_1) }, { i16_quads(BlockType::Q5_1) }, false, { code_offset(BlockType::Q5_1).is_none() }>(
+                    w, x, rows, out,
+                )
+            }
+            BlockType::Q2K => {
+                panel_rows::<{ group_values(BlockType::Q2K) }, { i16_quads(BlockType::Q2K) }, false, { code_offset(BlockType::Q2K).is_none() }>(w, x, rows, out)
+            }
+            BlockType::Q3K => {
+                panel_rows::<{ group_values(BlockType::Q3K) }, { i16_quads(BlockType::Q3K) }, false, { code_offset(BlockType::Q3K).is_none() }>(w, x, rows, out)
+            }
+            BlockType::Q4K => {
+                panel_rows::<{ group_values(BlockType::Q4K) }, { i16_quads(BlockType::Q4K) }, false, { code_offset(BlockType::Q4K).is_none() }>(w, x, rows, out)
+            }
+            BlockType::Q5K => {
+                panel_rows::<{ group_values(BlockType::Q5K) }, { i16_quads(BlockType::Q5K) }, false, { code_offset(BlockType::Q5K).is_none() }>(w, x, rows, out)
+            }
+            BlockType::Q6K => {
+                panel_rows::<{ group_values(BlockType::Q6K) }, { i16_quads(BlockType::Q6K) }, false, { code_offset(BlockType::Q6K).is_none() }>(w, x, rows, out)
+            }
         };
     }
     const R: usize = PROMPT.0;
@@ -68,7 +94,11 @@ const PANEL_ACTS: usize = 4;
 const fn i16_quads(ty: BlockType) -> usize {
     let fit = i16::MAX as usize / (2 * 127 * largest_code(ty) as usize);
     let quads = group_values(ty) / 4;
-    if fit < quads { fit } else { quads }
+    if fit < quads {
+        fit
+    } else {
+        quads
+    }
 }
 
 /// [`product_rows`] through panels of groups of `G` values against [`Interleaved`] activations:
@@ -78,7 +108,12 @@ const fn i16_quads(ty: BlockType) -> usize {
 /// unsigned, as the tiles do). With `MIN`, the weights have minimums (the panel's offsets);
 /// without, and without `SIGNED`, a code offset, which the activations' `offset_sums` bring.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool, const MIN: bool>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool, const MIN: bool>(
+    w: &QMatrix,
+    x: &QuantizedRows,
+    rows: Range<usize>,
+    out: *mut f32,
+) {
     let acts = x.interleaved(G);
     // As AVX-512's: the panels first, so that each activation tile is read from memory once.
     let panels = Panel::all(w, rows);
@@ -595,7 +630,8 @@ pub(super) unsafe fn q4_k_block_scales(block: *const u8) -> (__m128, __m256i, __
     let low = _mm256_and_si256(_mm256_or_si256(low_nibbles, high_nibbles), masks);
     let tops = _mm256_shuffle_epi8(head, in_lanes(_mm_setr_epi8(Z, Z, Z, Z, 4, 5, 6, 7, Z, Z, Z, Z, 8, 9, 10, 11)));
     let both_lanes = _mm256_or_si256(low, _mm256_and_si256(_mm256_srli_epi16::<2>(tops), _mm256_set1_epi8(0x30)));
-    let mins = _mm256_shuffle_epi8(both_lanes, _mm256_setr_epi8(8, Z, Z, Z, 9, Z, Z, Z, 10, Z, Z, Z, 11, Z, Z, Z, 12, Z, Z, Z, 13, Z, Z, Z, 14, Z, Z, Z, 15, Z, Z, Z));
+    let mins =
+        _mm256_shuffle_epi8(both_lanes, _mm256_setr_epi8(8, Z, Z, Z, 9, Z, Z, Z, 10, Z, Z, Z, 11, Z, Z, Z, 12, Z, Z, Z, 13, Z, Z, Z, 14, Z, Z, Z, 15, Z, Z, Z));
     (_mm_cvtph_ps(_mm256_castsi256_si128(head)), both_lanes, mins)
 }
 

@@ -353,10 +353,7 @@ unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool>(w: &QMatrix,
             let xv = acts[0].1.as_ptr().add(b * BLOCK);
             let x_halves = [0, 16].map(|at| _mm512_broadcast_i32x4(_mm_loadu_si128(xv.add(at) as *const __m128i)));
             let lane = |a: usize| _mm_loadu_si128(weights[a].add(b * bytes + nibbles_at) as *const __m128i);
-            let packed = _mm512_inserti32x4::<3>(
-                _mm512_inserti32x4::<2>(_mm512_inserti32x4::<1>(_mm512_castsi128_si512(lane(0)), lane(1)), lane(2)),
-                lane(3),
-            );
+            let packed = _mm512_inserti32x4::<3>(_mm512_inserti32x4::<2>(_mm512_inserti32x4::<1>(_mm512_castsi128_si512(lane(0)), lane(1)), lane(2)), lane(3));
             let mut codes = [_mm512_and_si512(packed, low), _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low)];
             if FIFTH_BIT {
                 // Bit `j` of a row's 32 is code `j`'s fifth: the low 16 bits go with the low

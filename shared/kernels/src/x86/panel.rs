@@ -124,12 +124,8 @@ impl Panel {
         debug_assert!(rows.len() <= PANEL_ROWS);
         let group = group_values(w.ty);
         let groups = w.cols / group;
-        let mut panel = Self {
-            group,
-            quads: vec![Quad([0; PANEL_ROWS]); w.cols / 4],
-            scales: vec![0.0; groups * PANEL_ROWS],
-            offsets: vec![0.0; groups * PANEL_ROWS],
-        };
+        let mut panel =
+            Self { group, quads: vec![Quad([0; PANEL_ROWS]); w.cols / 4], scales: vec![0.0; groups * PANEL_ROWS], offsets: vec![0.0; groups * PANEL_ROWS] };
         // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
         unsafe { super::avx2::pack(&mut panel, w, rows) };
         panel
@@ -181,7 +177,9 @@ unsafe fn transpose(r: [__m256i; 8]) -> [__m256i; 8] {
         0 => _mm256_unpacklo_epi32(r[i], r[i + 1]),
         _ => _mm256_unpackhi_epi32(r[i - 1], r[i]),
     });
-    let quarter = |t: &[__m256i]| [_mm256_unpacklo_epi64(t[0], t[2]), _mm256_unpackhi_epi64(t[0], t[2]), _mm256_unpacklo_epi64(t[1], t[3]), _mm256_unpackhi_epi64(t[1], t[3])];
+    let quarter = |t: &[__m256i]| {
+        [_mm256_unpacklo_epi64(t[0], t[2]), _mm256_unpackhi_epi64(t[0], t[2]), _mm256_unpacklo_epi64(t[1], t[3]), _mm256_unpackhi_epi64(t[1], t[3])]
+    };
     let (low, high) = (quarter(&t[..4]), quarter(&t[4..]));
     std::array::from_fn(|k| match k < 4 {
         true => _mm256_permute2x128_si256::<0x20>(low[k], high[k]),
