@@ -4,7 +4,8 @@
 //! only the endpoint differs (`AWS_ENDPOINT_URL`, which also switches to path-style addressing).
 //!
 //! Also the model registry's layout in a bucket ([`registry`]): versions, manifests and the
-//! `latest` alias, and the checksums a manifest lists ([`checksum`]); and whole directories to and from S3 ([`sync`]). Knows nothing of model formats: callers interpret the bytes.
+//! `latest` alias, and the checksums a manifest lists ([`checksum`]); and whole directories to
+//! and from S3 ([`sync`]). Knows nothing of model formats: callers interpret the bytes.
 
 pub mod checksum;
 mod event_key;
