@@ -119,27 +119,23 @@ impl Group {
 
 impl Panel {
     /// `rows` of `w` (at most [`PANEL_ROWS`]) packed; the panel's rows past them keep zero
-    /// scales and offsets, so they add nothing.
-    pub fn packed(w: &QMatrix, rows: Range<usize>) -> Self {
+    /// scales and offsets, so they add nothing. Meanwhile the rows `next` (the next panel's) are
+    /// asked for from memory.
+    fn packed(w: &QMatrix, rows: Range<usize>, next: Range<usize>) -> Self {
         debug_assert!(rows.len() <= PANEL_ROWS);
         let group = group_values(w.ty);
         let groups = w.cols / group;
         let mut panel =
             Self { group, quads: vec![Quad([0; PANEL_ROWS]); w.cols / 4], scales: vec![0.0; groups * PANEL_ROWS], offsets: vec![0.0; groups * PANEL_ROWS] };
         // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
-        unsafe { super::avx2::pack(&mut panel, w, rows) };
+        unsafe { super::avx2::pack(&mut panel, w, rows, next) };
         panel
     }
 
     /// The panels of `rows`, each with the weight rows it holds.
     pub fn all(w: &QMatrix, rows: Range<usize>) -> Vec<(Range<usize>, Self)> {
-        rows.clone()
-            .step_by(PANEL_ROWS)
-            .map(|start| {
-                let held = start..rows.end.min(start + PANEL_ROWS);
-                (held.clone(), Self::packed(w, held))
-            })
-            .collect()
+        let panel = |start: usize| start.min(rows.end)..rows.end.min(start + PANEL_ROWS);
+        rows.clone().step_by(PANEL_ROWS).map(|start| (panel(start), Self::packed(w, panel(start), panel(start + PANEL_ROWS)))).collect()
     }
 
     /// The values: `[group][quad of 4 values][row (16)][4 bytes]`.
