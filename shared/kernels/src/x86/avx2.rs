@@ -119,7 +119,7 @@ unsafe fn panel_rows<const G: usize, const QUADS: usize, const SIGNED: bool, con
     let panels = Panel::all(w, rows);
     for tile in 0..x.rows().div_ceil(TILE_ROWS) {
         let live = TILE_ROWS.min(x.rows() - tile * TILE_ROWS);
-        for (held, panel) in &panels {
+        for (held, panel) in panels.iter() {
             for half in 0..held.len().div_ceil(HALF) {
                 let width = HALF.min(held.len() - half * HALF);
                 for first in (0..live).step_by(PANEL_ACTS) {

@@ -98,7 +98,7 @@ unsafe fn panel_rows<const G: usize, const MIN: bool>(w: &QMatrix, x: &Quantized
     let acts = x.interleaved(G);
     let panels = Panel::all(w, rows);
     for tile in 0..x.rows().div_ceil(TILE_ROWS) {
-        for (held, panel) in &panels {
+        for (held, panel) in panels.iter() {
             let mask = ((1u32 << held.len()) - 1) as __mmask16;
             let sums = panel_tile::<G, MIN>(panel, acts, tile, w.cols / G, w.ty.block_values() / G);
             // The padding rows of the last tile are not stored.
