@@ -197,10 +197,8 @@ impl Panel {
     /// AVX2 is available; `g` is one of the panel's groups.
     #[target_feature(enable = "avx2")]
     pub unsafe fn put_group(&mut self, g: usize, rows: &[Group; PANEL_ROWS]) {
-        for (j, row) in rows.iter().enumerate() {
-            self.scales[g * PANEL_ROWS + j] = row.scale;
-            self.offsets[g * PANEL_ROWS + j] = row.offset;
-        }
+        self.scales[g * PANEL_ROWS..][..PANEL_ROWS].copy_from_slice(&std::array::from_fn::<_, PANEL_ROWS, _>(|j| rows[j].scale));
+        self.offsets[g * PANEL_ROWS..][..PANEL_ROWS].copy_from_slice(&std::array::from_fn::<_, PANEL_ROWS, _>(|j| rows[j].offset));
         let quads = self.group / 4;
         let first = &mut self.quads[g * quads..][..quads];
         for half in 0..PANEL_ROWS / 8 {
