@@ -78,7 +78,8 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
     eprintln!("kernels this CPU runs: {kernels:?}");
     for (kernels, ty) in kernels.iter().flat_map(|&k| TYPES.map(|ty| (k, ty))) {
         // Row and activation counts that leave remainders after every tile and panel size, and
-        // both sides of where AVX-512's panels start (7 rows for the K-quants, 12 for the others).
+        // both sides of where the panels start (AVX-512: 7 rows for the K-quants, 12 for the
+        // others; AVX2: 12, 16 for Q4_0 and Q4_1, 20 for Q5_0 and Q5_1, 32 for Q8_0).
         let shapes = [
             (1, 32, 1),
             (5, 64, 2),
@@ -94,6 +95,14 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
             (9, 768, 7),
             (67, 96, 11),
             (67, 96, 12),
+            (9, 768, 11),
+            (9, 768, 12),
+            (9, 768, 15),
+            (9, 768, 16),
+            (37, 256, 19),
+            (37, 256, 20),
+            (67, 96, 31),
+            (67, 96, 32),
         ];
         for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
             let (bytes, dense) = weights(ty, rows, cols);

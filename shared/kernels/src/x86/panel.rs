@@ -38,10 +38,21 @@ pub const PANEL_ROWS: usize = 16;
 /// 100–152, at 7 rows 124–162 → 129–212 (Q4_K 162 → 212, Q5_K 131 → 192), at 8 rows 120–170
 /// → 149–241, at 16 166 → 371 for Q4_K; the legacy types at 8 rows 153–211 → 160–194 (Q8_0 211
 /// → 180), at 12 170–213 → 194–232, at 16 154–214 → 258–307. AVX2 on that host at 16 rows:
-/// Q4_0 and the K-quants gained, Q8_0 lost (144 → 116), so AVX2's choice stands.
+/// Q4_0 and the K-quants gained, Q8_0 lost (144 → 116). Over a whole model, since the packing
+/// asks ahead and reuses its panels (eca740e8: TinyLlama shape, `llm bench --kernels avx2
+/// --threads 2 --prompt-tokens P --gen-tokens 1`, same Zen 5, two rounds in turn, prefill tok/s,
+/// tiles → panels): Q2_K at 12 tokens 78.8–90.6 → 91.1–96.6, Q5_K_M 71.8–73.2 → 77.8–80.9,
+/// Q4_K_M 80.2–81.9 → 81.9–83.2 (at 16 84.3–98.3 → 96.4–101.9, at 24 98.1–107.0 →
+/// 115.2–125.6); Q4_0 at 12 69.3–78.6 → 76.1–77.4, at 16 87.5–92.1 → 93.9–94.5, at 20
+/// 91.2–99.0 → 112.3–113.5; Q4_1 at 12 84.1–85.8 → 81.9–82.3, at 16 87.5–91.8 → 93.2–99.8;
+/// Q5_0 at 16 78.8–80.2 → 78.4–84.2, at 20 82.3–87.0 → 97.0–99.3; Q8_0 lost at 8, 16 and 24
+/// tokens (70.1–75.1 → 52.0–56.4 at 16). Not measured on a host with AVX2 alone.
 pub const fn panel_min_activations(ty: BlockType, avx512: bool) -> usize {
     match (avx512, ty) {
-        (false, _) => 32,
+        (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 12,
+        (false, BlockType::Q4_0 | BlockType::Q4_1) => 16,
+        (false, BlockType::Q5_0 | BlockType::Q5_1) => 20,
+        (false, BlockType::Q8_0) => 32,
         (true, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 7,
         (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
     }
