@@ -53,8 +53,8 @@ pub(crate) trait Tile {
 /// which enables its target features.
 ///
 /// Two or three activation rows left over (a batch of that many sequences, or what a batch's
-/// tiles of `C` leave) go through one tile of them, not one by one: each pass over the weights
-/// reads all of them from memory.
+/// tiles of `C` leave) go through one tile of them: one by one, each row's pass read every
+/// weight from memory again; one tile reads them once.
 #[inline(always)]
 pub(crate) unsafe fn rows_of<W: Tile, const R: usize, const C: usize, const D: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     // Activation rows outside, weight rows inside: the few activation rows of a tile stay in

@@ -177,7 +177,7 @@ fn shapes_that_do_not_match_are_refused() {
 /// Matrices of types whose kernels read the activations differently (blocks of 32 or 256
 /// values, panels of groups of 32 or 16) in one job: each output is what its product alone
 /// gives, for a decode step, a few rows, a batch's rows that go through panels for some types
-/// and tiles for others (8 with AVX-512), and a prompt's panels.
+/// and tiles for others (8 with AVX-512, 16 with AVX2), and a prompt's panels.
 #[test]
 fn several_products_of_one_input_equal_each_alone() {
     let cols = 512;
@@ -195,7 +195,7 @@ fn several_products_of_one_input_equal_each_alone() {
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
     let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();
     for kernels in Kernels::SIMD.into_iter().filter(|k| k.runs_here()) {
-        for m in [1, 3, 8, 40] {
+        for m in [1, 3, 8, 16, 40] {
             let x = random(m * cols, 5);
             let alone: Vec<Vec<f32>> = ws
                 .iter()

@@ -10,7 +10,7 @@
 //! Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a batch's last rows) take four
 //! weight rows to a register instead, one to each 128-bit lane, the rows left over going
 //! through AVX2's tiles. A K-quant's tile is one weight row, two runs of 32 values to a 512-bit
-//! register, by one activation row or four (a batch of 2 to 6).
+//! register, by one activation row, four (a batch's), or the two or three a batch leaves.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -417,7 +417,7 @@ impl<S: PairedRuns> DecodeRow for Sixteens<S> {
 }
 
 /// A tile of one Q4_K row, or of a Q5_K row when `FIFTH_BIT`, by `CT` activation rows (one for a
-/// decode step, [`TILE_ACTS`] for a small batch's): AVX2's (its block's scales unpacked by
+/// decode step, [`TILE_ACTS`] for a small batch's, or the two or three it leaves): AVX2's (its block's scales unpacked by
 /// [`avx2::q4_k_block_scales`], each sub-block's sums scaled as integers), two pairs of
 /// sub-blocks to a 512-bit register, unpacked once for all the tile's activation rows. A small
 /// batch's rows went through AVX2's tile of two weight rows by four, which asked for nothing

@@ -54,9 +54,11 @@ fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
 /// 10.1–11.4; Q8_0 6.8–8.7 → 7.2–9.4. The K-quants' tiles have one row: no different.
 #[inline(always)]
 unsafe fn prefetch_ahead(first_row: *const u8, step: usize, step_bytes: usize, ahead: usize) {
-    let from = first_row.add(step * step_bytes);
+    // The bytes ahead of the last rows lie past the matrix: a prefetch of them does not fault,
+    // but `add` past an allocation would be undefined behaviour, so the address wraps.
+    let from = first_row.wrapping_add(step * step_bytes + ahead);
     for line in (0..step_bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(from.add(ahead + line) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(line) as *const i8);
     }
 }
 

@@ -1,5 +1,6 @@
 //! Weight rows repacked, [`PANEL_ROWS`] at a time, for products with many activation rows (a
-//! prompt; with AVX-512, a batch's decode step too: [`panel_min_activations`]).
+//! prompt, and a batch's decode step from a number of rows that depends on the type and the
+//! instructions: [`panel_min_activations`]).
 //! `vpdpbusd` then multiplies four bytes of every row of the panel by the same four
 //! activation bytes at once, so one instruction serves 16 outputs (AVX2's `maddubs`, 8) and no
 //! sum is ever reduced across a register. The panel is a small per-work-item buffer, filled once and read by every
@@ -115,8 +116,8 @@ thread_local! {
     static SPARE: Cell<Vec<Panel>> = const { Cell::new(Vec::new()) };
 }
 
-/// A work item's panels, each with the weight rows it holds. Dropped, they go back to their
-/// thread, whose next product packs into them: a batch's decode step packs every weight matrix
+/// A work item's panels, each with the weight rows it holds. Dropped, they go back to the
+/// thread (the one that packed them), whose next product packs into them: a batch's decode step packs every weight matrix
 /// again, and fresh panels were allocated and zeroed first (`perf` of 16 sequences of
 /// TinyLlama-shape Q4_K_M: 10 % of the samples in zeroing, `malloc` and `free`). Zen 5,
 /// `batch_throughput.py --max-tokens 32 --threads 2`, two rounds in turn, tok/s: Q4_K_M 16
@@ -189,10 +190,11 @@ impl Panel {
         debug_assert!(rows.len() <= PANEL_ROWS);
         self.group = group_values(w.ty);
         let groups = w.cols / self.group;
-        // Packing writes every value, scale and offset: a spare panel needs its lengths only.
-        self.quads.resize(w.cols / 4, Quad([0; PANEL_ROWS]));
-        self.scales.resize(groups * PANEL_ROWS, 0.0);
-        self.offsets.resize(groups * PANEL_ROWS, 0.0);
+        // Packing writes every value, scale and offset it reads: a spare panel only grows (a
+        // layer's widths alternate; shrinking would zero the wider ones' tails again).
+        grow(&mut self.quads, w.cols / 4, Quad([0; PANEL_ROWS]));
+        grow(&mut self.scales, groups * PANEL_ROWS, 0.0);
+        grow(&mut self.offsets, groups * PANEL_ROWS, 0.0);
         // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
         unsafe { super::avx2::pack(self, w, rows, next) };
     }
@@ -221,6 +223,13 @@ impl Panel {
     }
 }
 
+/// `v` at least `len` long.
+fn grow<T: Copy>(v: &mut Vec<T>, len: usize, zero: T) {
+    if v.len() < len {
+        v.resize(len, zero);
+    }
+}
+
 /// Eight rows of eight 32-bit words as eight columns: word `k` of every row in the `k`th.
 #[target_feature(enable = "avx2")]
 unsafe fn transpose(r: [__m256i; 8]) -> [__m256i; 8] {
@@ -238,4 +247,42 @@ unsafe fn transpose(r: [__m256i; 8]) -> [__m256i; 8] {
         true => _mm256_permute2x128_si256::<0x20>(low[k], high[k]),
         false => _mm256_permute2x128_si256::<0x31>(low[k - 4], high[k - 4]),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panel of a wider matrix, its bytes poisoned, packed again with 9 rows of a narrower one
+    /// (7 rows past them): what the products read is what a fresh panel holds.
+    #[test]
+    fn a_spare_panel_packs_as_a_fresh_one() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let (rows, cols) = (9, 64);
+        let block = |r: usize, b: usize| {
+            let mut block = vec![0x00, 0x3C]; // f16 1.0
+            block.extend((0..32).map(|j| (r * 7 + b * 3 + j) as u8));
+            block
+        };
+        let bytes: Vec<u8> = (0..rows).flat_map(|r| (0..cols / 32).flat_map(move |b| block(r, b))).collect();
+        let w = QMatrix::new(BlockType::Q8_0, rows, cols, &bytes).unwrap();
+        let read = |panels: &Panels| {
+            let (held, panel) = &panels[0];
+            assert_eq!(held, &(0..rows));
+            let groups = cols / panel.group;
+            let scales: Vec<u32> = panel.scales[..groups * PANEL_ROWS].iter().chain(&panel.offsets[..groups * PANEL_ROWS]).map(|v| v.to_bits()).collect();
+            (panel.group, panel.quads[..cols / 4].iter().map(|q| q.0).collect::<Vec<_>>(), scales)
+        };
+
+        SPARE.take();
+        let fresh = read(&Panel::all(&w, 0..rows));
+        SPARE.take();
+        let poisoned = Panel { group: 16, quads: vec![Quad([u32::MAX; PANEL_ROWS]); 4 * cols], scales: vec![f32::NAN; 1024], offsets: vec![f32::NAN; 1024] };
+        SPARE.set(vec![poisoned]);
+        let reused = read(&Panel::all(&w, 0..rows));
+        assert_eq!(reused, fresh);
+        assert!(fresh.2.iter().all(|bits| !f32::from_bits(*bits).is_nan()));
+    }
 }
