@@ -198,29 +198,26 @@ unsafe fn panel_tile<const G: usize, const QUADS: usize, const SIGNED: bool, con
     acc
 }
 
-/// How far ahead in each of its rows [`pack`] asks for the weights. A prompt's product reads
-/// each weight once, when it packs it, from memory: without asking ahead, the packing waited on
-/// each row's next block in turn (most of `pack`'s samples on the instructions after its loads).
-/// Zen 5, whole TinyLlama-shape model, one thread, 128-token prompt, three rounds in turn,
-/// prefill tok/s: Q4_K_M 234.8–242.9 → 241.8–247.0, Q8_0 189.3–197.9 → 199.6–203.4, Q5_K_M
-/// 228.7–234.8 → 232.8–234.3, Q4_0 no different; at two threads within the noise. 4 KiB ahead
-/// was no better (Q8_0 190.0–191.9).
-const PACK_AHEAD: usize = 1024;
-
 /// Fills `panel` with weight rows `rows` of `w`, a block at a time: every row's groups of the
 /// block unpacked as the tiles unpack them, then each group put in. Meanwhile it asks for the
-/// rows `next` (the next panel's), a block's worth of their bytes per block packed, in memory
-/// order (they lie one after another).
+/// rows `next` (the next panel's, or the next work item's first), a block's worth of their bytes
+/// per block packed, in memory order (they lie one after another).
 ///
-/// Why the next panel's as well as [`PACK_AHEAD`]: a row of 2,048 values is 8 Q4_K blocks
-/// (1,152 bytes), so a kilobyte ahead of a row's block lies past the row's end for all but its
+/// A product through panels reads each weight once, when it packs it, from memory: without
+/// asking ahead, the packing waited on each row's next block in turn. It first asked a kilobyte
+/// ahead in each of its rows (Zen 5, TinyLlama shape, one thread, 128-token prompt, prefill
+/// tok/s: Q4_K_M 234.8–242.9 → 241.8–247.0, Q8_0 189.3–197.9 → 199.6–203.4). But a row of
+/// 2,048 values is 8 Q4_K blocks (1,152 bytes), so that lay past the row's end for all but its
 /// first block, and most of each row was waited for (`perf` of a batch of 16 sequences of
 /// TinyLlama-shape Q4_K_M: `pack` 29 % of the samples, most of them on its first loads of a
 /// block, more than the panels' products). `batch_throughput.py --max-tokens 32 --threads 2`,
-/// Zen 5, rounds in turn, tok/s: Q4_K_M 8 requests 107.7–111.9 → 118.9–129.4, 16 requests
-/// 172.7–176.2 → 180.5–185.5; Llama 3.2 1B-shape Q4_K_M 16 requests 138.2–141.4 → 143.7–156.0;
-/// Q4_0 16 requests 140.1–141.8 → 149.6–156.8; Q8_0 (34-byte blocks: a kilobyte is 30 of a
-/// row's 64) no different. The same asked into L2 only was no better.
+/// Zen 5, rounds in turn, tok/s, with the next panel's asked for too: Q4_K_M 8 requests
+/// 107.7–111.9 → 118.9–129.4, 16 requests 172.7–176.2 → 180.5–185.5; Llama 3.2 1B-shape Q4_K_M
+/// 16 requests 138.2–141.4 → 143.7–156.0; Q4_0 16 requests 140.1–141.8 → 149.6–156.8; Q8_0 no
+/// different. Into L2 only, no better. Once the next work item's first panel was asked for too,
+/// the asks in each row ahead only cost instructions (9 % of `pack`'s samples): without them,
+/// 16 requests of Q4_K_M 211.2–222.4 → 217.0–230.4, of Q8_0 169.5–183.3 → 191.5–197.9; a
+/// 128-token prompt no different.
 ///
 /// # Safety
 /// [`detected`] is true.
@@ -235,7 +232,6 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>, next: Ran
     for b in 0..w.cols / w.ty.block_values() {
         for (j, r) in rows.clone().enumerate() {
             let row = w.bytes.as_ptr().add(r * row_bytes);
-            prefetch_ahead(row, b, bytes, PACK_AHEAD);
             let step = b * rows.len() + j;
             if step < next_blocks {
                 prefetch_ahead(next_first, step, bytes, 0);
