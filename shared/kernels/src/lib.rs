@@ -21,10 +21,6 @@
 //! the MLP's gating between two products ([`silu_mul`]), whose exponentials candle takes one
 //! libm call at a time.
 
-// The tiles index the rows of several arrays (weights, activations, sums) by the same counter;
-// chains of zipped iterators over them read worse, and LLVM unrolls both alike.
-#![allow(clippy::needless_range_loop)]
-
 /// Defines `fn $name($args)`, which runs `$portable` (an `#[inline(always)]` function whose loops
 /// are written so that they vectorize) compiled for the widest registers [`Kernels::best`] has.
 macro_rules! widest_registers {
