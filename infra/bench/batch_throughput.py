@@ -3,7 +3,7 @@ sharing engine batches and one request at a time, on the same model and threads;
 Markdown row with both rates (generated tokens per second of generation) and their ratio.
 
     cargo build --release --bin llm
-    python3 infra/bench/batch_throughput.py MODEL [--requests 32] [--max-tokens 32] [--threads 2]
+    python3 infra/bench/batch_throughput.py MODEL [--requests 32] [--max-tokens 32] [--threads 2] [--kernels avx2]
 
 MODEL is a GGUF file (or `builtin:demo`); the requests are chat questions of the demo task, with a
 fixed seed, at temperature 0, so both runs generate the same tokens.
@@ -20,6 +20,7 @@ parser.add_argument("--requests", type=int, default=32)
 parser.add_argument("--max-tokens", type=int, default=32)
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--batch", type=int, default=32, help="--max-batch-sequences of the batched run")
+parser.add_argument("--kernels", help="`llm batch --kernels` of both runs (e.g. avx2: what a host without AVX-512 runs)")
 parser.add_argument("--llm", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release", "llm"))
 args = parser.parse_args()
 
@@ -40,7 +41,7 @@ with tempfile.TemporaryDirectory() as work:
     for name, sequences in [("batched", args.batch), ("one_by_one", 1)]:
         out = subprocess.run(
             [args.llm, "batch", "--input", batch_file, "--output", os.path.join(work, f"{name}.jsonl"), "--model", args.model,
-             "--max-batch-sequences", str(sequences), "--threads", str(args.threads)],
+             "--max-batch-sequences", str(sequences), "--threads", str(args.threads)] + (["--kernels", args.kernels] if args.kernels else []),
             check=True, capture_output=True, text=True,
         )
         status = json.loads(out.stdout)

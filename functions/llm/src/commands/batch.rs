@@ -32,6 +32,8 @@ pub struct Args {
     /// Most sequences generated together in one engine batch (1: one request at a time).
     #[arg(long, default_value_t = 32)]
     pub max_batch_sequences: usize,
+    #[command(flatten)]
+    pub kernels: super::KernelArgs,
 }
 
 /// `out.jsonl` → `out.errors.jsonl`, `out.status.json`.
@@ -47,6 +49,7 @@ fn write(uri: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.kernels.choose();
     let started = Instant::now();
     let staging = llm_store::sync::Staging::new("batch");
     let input = staging.input(&Location::parse(&args.input)?, "input").with_context(|| format!("cannot read {}", args.input))?;

@@ -23,14 +23,8 @@ pub struct Args {
     pub json: bool,
     #[command(flatten)]
     pub load: super::LoadArgs,
-    /// Use no faster kernels than these (`avx512-vnni`, `avx2`, `neon-dot`, or `scalar` for
-    /// candle's): what a host without the faster instructions would run.
-    #[arg(long, value_parser = kernels)]
-    pub kernels: Option<llm_kernels::Kernels>,
-}
-
-fn kernels(name: &str) -> Result<llm_kernels::Kernels, String> {
-    llm_kernels::Kernels::named(name).ok_or_else(|| format!("no kernels are called {name:?}: avx512-vnni, avx2, neon-dot or scalar"))
+    #[command(flatten)]
+    pub kernels: super::KernelArgs,
 }
 
 #[derive(Serialize)]
@@ -55,10 +49,7 @@ const TEXT: &str = "The quick brown fox jumps over the lazy dog while the farmer
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.prompt_tokens > 0 && args.gen_tokens > 0, "--prompt-tokens and --gen-tokens must be positive");
-    let kernels = match args.kernels {
-        Some(limit) => llm_kernels::Kernels::limit(limit),
-        None => llm_kernels::Kernels::best(),
-    };
+    let kernels = args.kernels.choose();
     let started = Instant::now();
     let loaded = super::load_model(&args.model, args.load.options()?)?;
     let load_s = started.elapsed().as_secs_f64();

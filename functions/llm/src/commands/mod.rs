@@ -35,6 +35,29 @@ impl LoadArgs {
     }
 }
 
+/// Which quantized kernels a command's products use.
+#[derive(clap::Args, Debug)]
+pub struct KernelArgs {
+    /// Use no faster kernels than these (`avx512-vnni`, `avx2`, `neon-dot`, or `scalar` for
+    /// candle's): what a host without the faster instructions would run.
+    #[arg(long, value_parser = kernels)]
+    pub kernels: Option<llm_kernels::Kernels>,
+}
+
+impl KernelArgs {
+    /// The kernels every product of the process will use; call it before the first.
+    pub fn choose(&self) -> llm_kernels::Kernels {
+        match self.kernels {
+            Some(limit) => llm_kernels::Kernels::limit(limit),
+            None => llm_kernels::Kernels::best(),
+        }
+    }
+}
+
+fn kernels(name: &str) -> Result<llm_kernels::Kernels, String> {
+    llm_kernels::Kernels::named(name).ok_or_else(|| format!("no kernels are called {name:?}: avx512-vnni, avx2, neon-dot or scalar"))
+}
+
 fn kv_cache_type(name: &str) -> Result<KvCacheType, String> {
     [KvCacheType::F16, KvCacheType::F32].into_iter().find(|t| t.name() == name).ok_or_else(|| format!("no KV cache type is called {name:?}: f16 or f32"))
 }

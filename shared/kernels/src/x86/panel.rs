@@ -47,7 +47,10 @@ pub const PANEL_ROWS: usize = 16;
 /// 115.2–125.6); Q4_0 at 12 69.3–78.6 → 76.1–77.4, at 16 87.5–92.1 → 93.9–94.5, at 20
 /// 91.2–99.0 → 112.3–113.5; Q4_1 at 12 84.1–85.8 → 81.9–82.3, at 16 87.5–91.8 → 93.2–99.8;
 /// Q5_0 at 16 78.8–80.2 → 78.4–84.2, at 20 82.3–87.0 → 97.0–99.3; Q8_0 lost at 8, 16 and 24
-/// tokens (70.1–75.1 → 52.0–56.4 at 16). Not measured on a host with AVX2 alone.
+/// tokens (70.1–75.1 → 52.0–56.4 at 16). Batches (`batch_throughput.py --kernels avx2
+/// --max-tokens 32 --threads 2`, two rounds in turn, tok/s, 32 rows → these): Q4_K_M 16
+/// requests 98.7–105.5 → 114.7–114.8, 12 requests 100.8–101.0 → 108.7–109.1; Q4_0 16 requests
+/// 92.1–94.2 → 112.5–114.7. Not measured on a host with AVX2 alone.
 pub const fn panel_min_activations(ty: BlockType, avx512: bool) -> usize {
     match (avx512, ty) {
         (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 12,
