@@ -26,6 +26,8 @@ pub struct Args {
     pub model_id: Option<String>,
     #[command(flatten)]
     pub load: super::LoadArgs,
+    #[command(flatten)]
+    pub kernels: super::KernelArgs,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
@@ -50,6 +52,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.kernels.choose();
     let id = args.model_id.clone().unwrap_or_else(|| model_source::model_id(&args.model));
     let settings = DownloadSettings { cache_dir: args.cache_dir, adapter: args.adapter, ..DownloadSettings::default() };
     let loader = model_source::loader(&args.model, args.load.options()?, settings).map_err(anyhow::Error::msg)?;
