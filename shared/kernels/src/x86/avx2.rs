@@ -26,44 +26,24 @@ pub fn detected() -> bool {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     if super::interleaving(w.ty, x.rows(), false).is_some() {
+        // An instance per type: how many quads `maddubs` adds up in 16 bits depends on its codes.
+        macro_rules! panels {
+            ($ty:expr) => {
+                panel_rows::<{ group_values($ty) }, { i16_quads($ty) }, false, { code_offset($ty).is_none() }>(w, x, rows, out)
+            };
+        }
         return match w.ty {
             // Q8_0's codes plus 128 overflow `maddubs`: its panel is read back as signed bytes.
             BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true, { code_offset(BlockType::Q8_0).is_none() }>(w, x, rows, out),
-            BlockType::Q4_0 => {
-                panel_rows::<{ group_values(BlockType::Q4_0) }, { i16_quads(BlockType::Q4_0) }, false, { code_offset(BlockType::Q4_0).is_none() }>(
-                    w, x, rows, out,
-                )
-            }
-            BlockType::Q4_1 => {
-                panel_rows::<{ group_values(BlockType::Q4_1) }, { i16_quads(BlockType::Q4_1) }, false, { code_offset(BlockType::Q4_1).is_none() }>(
-                    w, x, rows, out,
-                )
-            }
-            BlockType::Q5_0 => {
-                panel_rows::<{ group_values(BlockType::Q5_0) }, { i16_quads(BlockType::Q5_0) }, false, { code_offset(BlockType::Q5_0).is_none() }>(
-                    w, x, rows, out,
-                )
-            }
-            BlockType::Q5_1 => {
-                panel_rows::<{ group_values(BlockType::Q5_1) }, { i16_quads(BlockType::Q5_1) }, false, { code_offset(BlockType::Q5_1).is_none() }>(
-                    w, x, rows, out,
-                )
-            }
-            BlockType::Q2K => {
-                panel_rows::<{ group_values(BlockType::Q2K) }, { i16_quads(BlockType::Q2K) }, false, { code_offset(BlockType::Q2K).is_none() }>(w, x, rows, out)
-            }
-            BlockType::Q3K => {
-                panel_rows::<{ group_values(BlockType::Q3K) }, { i16_quads(BlockType::Q3K) }, false, { code_offset(BlockType::Q3K).is_none() }>(w, x, rows, out)
-            }
-            BlockType::Q4K => {
-                panel_rows::<{ group_values(BlockType::Q4K) }, { i16_quads(BlockType::Q4K) }, false, { code_offset(BlockType::Q4K).is_none() }>(w, x, rows, out)
-            }
-            BlockType::Q5K => {
-                panel_rows::<{ group_values(BlockType::Q5K) }, { i16_quads(BlockType::Q5K) }, false, { code_offset(BlockType::Q5K).is_none() }>(w, x, rows, out)
-            }
-            BlockType::Q6K => {
-                panel_rows::<{ group_values(BlockType::Q6K) }, { i16_quads(BlockType::Q6K) }, false, { code_offset(BlockType::Q6K).is_none() }>(w, x, rows, out)
-            }
+            BlockType::Q4_0 => panels!(BlockType::Q4_0),
+            BlockType::Q4_1 => panels!(BlockType::Q4_1),
+            BlockType::Q5_0 => panels!(BlockType::Q5_0),
+            BlockType::Q5_1 => panels!(BlockType::Q5_1),
+            BlockType::Q2K => panels!(BlockType::Q2K),
+            BlockType::Q3K => panels!(BlockType::Q3K),
+            BlockType::Q4K => panels!(BlockType::Q4K),
+            BlockType::Q5K => panels!(BlockType::Q5K),
+            BlockType::Q6K => panels!(BlockType::Q6K),
         };
     }
     const R: usize = PROMPT.0;
