@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
-use llm_engine::{generate, load, FinishReason, GenerationRequest, LoadOptions, SamplingParams};
+use llm_engine::{generate, generate_cached, load, FinishReason, GenerationRequest, LoadOptions, PromptCache, SamplingParams};
 use llm_tests::*;
 
 fn llama3() -> llm_engine::LoadedModel {
@@ -123,6 +123,46 @@ fn chat_template_jinja_file_wins() {
     let loaded = load(tmp.path(), LoadOptions::default()).unwrap();
     let text = loaded.chat_template.unwrap().render(&[llm_engine::ChatMessage::new("user", "hi")], true).unwrap();
     assert_eq!(text, "<user>hi");
+}
+
+/// A request that starts as the last one's prompt and completion did runs only what follows,
+/// and generates what a fresh prefill of its whole prompt generates (the same tokens, their
+/// log-probabilities within the rounding of sums taken in another order). A batch of several
+/// sequences empties the cache.
+#[test]
+fn a_prompt_cache_serves_a_shared_start_as_a_fresh_prefill_would() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let request = |prompt: Vec<u32>| GenerationRequest { prompt, max_tokens: 8, ignore_eos: true, logprobs: Some(0), ..Default::default() };
+    let mut prompt_cache = PromptCache::default();
+    let mut cached = |requests: &[GenerationRequest]| {
+        let (completions, stats) = generate_cached(model, tokenizer, requests, &mut prompt_cache, |_| ControlFlow::Continue(())).unwrap();
+        let fresh = generate(model, tokenizer, requests, |_| ControlFlow::Continue(())).unwrap().0;
+        for (cached, fresh) in completions.iter().zip(&fresh) {
+            assert_eq!(cached.token_ids, fresh.token_ids);
+            for (a, b) in cached.logprobs.iter().zip(&fresh.logprobs) {
+                assert!((a.logprob - b.logprob).abs() < 1e-3, "{} against {}", a.logprob, b.logprob);
+            }
+        }
+        (completions, stats.cached_prompt_tokens)
+    };
+
+    let first = tokenizer.encode("The system prompt says: answer briefly and well. The user asks", true).unwrap();
+    let (completions, reused) = cached(&[request(first.clone())]);
+    assert_eq!(reused, 0);
+    // The next turn: the prompt, the completion but its last token (never run), and more.
+    let mut turn = [first.clone(), completions[0].token_ids.clone()].concat();
+    turn.extend(tokenizer.encode(" and then what?", false).unwrap());
+    let (_, reused) = cached(&[request(turn)]);
+    assert_eq!(reused, first.len() + 8 - 1);
+    // Another question after the same system prompt.
+    let mut other = first[..10].to_vec();
+    other.extend(tokenizer.encode(" something else entirely", false).unwrap());
+    assert_eq!(cached(&[request(other.clone())]).1, 10);
+    // The same prompt again runs its last token only.
+    assert_eq!(cached(&[request(other.clone())]).1, other.len() - 1);
+    assert_eq!(cached(&[request(other.clone()), request(first)]).1, 0);
+    assert_eq!(cached(&[request(other)]).1, 0);
 }
 
 /// Decoding one token at a time through the KV cache, past the point where its buffers grow,

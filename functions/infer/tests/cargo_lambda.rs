@@ -36,6 +36,9 @@ fn the_function_binary_answers_under_cargo_lambda() {
     assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
     let log = watch.log();
     assert!(log.contains("model downloaded") && log.contains("\"ColdStart\":1.0"), "{log}");
+    // The streamed request repeated the prompt: all but its last token came from the prompt cache.
+    let reused = answer["usage"]["prompt_tokens"].as_u64().unwrap() - 1;
+    assert!(log.contains(&format!("\"CachedPromptTokens\":{reused}.0")), "{log}");
     // Log lines carry the invocation's request id and the served object; no text by default.
     assert!(log.contains("\"request_id\"") && !log.contains("\"request_id\":\"req-") && log.contains("\"source\":\"s3://infer-lambda/models/tiny/"), "{log}");
     assert!(!log.contains(answer["choices"][0]["text"].as_str().unwrap()), "{log}");

@@ -117,7 +117,13 @@ pub(crate) async fn run_requests(
         flow
     };
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(|| llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token)))
+    let prompt_cache = state.prompt_cache.clone();
+    let generate = move || {
+        // A generation that panicked left the cache empty (it takes the cache out first).
+        let mut prompt_cache = prompt_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        llm_engine::generate_cached(&model.model, &model.tokenizer, &requests, &mut prompt_cache, on_token)
+    };
+    tokio::task::spawn_blocking(move || span.in_scope(generate))
         .await
         .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
         .map_err(ApiError::engine)
@@ -136,6 +142,7 @@ pub(crate) fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, compl
         cold,
         sequences = completions.len(),
         prompt_tokens = usage.prompt_tokens,
+        cached_prompt_tokens = stats.cached_prompt_tokens,
         completion_tokens = usage.completion_tokens,
         load_ms = load.load_ms,
         ttft_ms,
@@ -159,6 +166,7 @@ pub(crate) fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, compl
     }
     metrics
         .metric("PromptTokens", usage.prompt_tokens as f64, Unit::Count)
+        .metric("CachedPromptTokens", stats.cached_prompt_tokens as f64, Unit::Count)
         .metric("CompletionTokens", usage.completion_tokens as f64, Unit::Count)
         .metric("DecodeTokensPerSecond", if decode_s > 0.0 { stats.decode_steps as f64 / decode_s } else { 0.0 }, Unit::CountPerSecond)
         .emit();

@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use llm_engine::PromptCache;
 use llm_observe::{Metrics, Unit};
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
@@ -45,13 +46,25 @@ pub struct AppState {
     engine: Semaphore,
     /// Requests waiting for `engine`.
     waiting: AtomicUsize,
+    /// The last single-sequence request's KV cache, for the next prompt that starts the same
+    /// way. Locked by the generation that runs (one at a time, see `engine`).
+    pub(crate) prompt_cache: Arc<std::sync::Mutex<PromptCache>>,
     /// Cleared by the first request: that one is a cold start.
     pub(crate) cold: AtomicBool,
 }
 
 impl AppState {
     pub fn new(slot: ModelSlot, limits: Limits, api_key: Option<String>) -> Self {
-        Self { slot, limits, api_key, log_text: false, engine: Semaphore::new(1), waiting: AtomicUsize::new(0), cold: AtomicBool::new(true) }
+        Self {
+            slot,
+            limits,
+            api_key,
+            log_text: false,
+            engine: Semaphore::new(1),
+            waiting: AtomicUsize::new(0),
+            prompt_cache: Default::default(),
+            cold: AtomicBool::new(true),
+        }
     }
 
     /// Waits for the engine's turn, or refuses (503) when `limits.max_queued` requests already

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
-use crate::model::{Llama, Logits};
+use crate::model::{KvCache, Llama, Logits};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -63,10 +63,44 @@ pub struct TokenEvent<'a> {
 pub struct GenerationStats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
+    /// Prompt tokens whose keys and values came from the [`PromptCache`], not a prefill.
+    pub cached_prompt_tokens: usize,
     pub prefill: Duration,
     pub decode: Duration,
     /// Decode steps (each extends every unfinished sequence by one token).
     pub decode_steps: usize,
+}
+
+/// The KV cache of the last request of one sequence and the tokens it holds, kept between
+/// requests: a prompt that starts as that request's prompt and completion did (a system prompt,
+/// a conversation's earlier turns) runs only what follows, as llama.cpp's server
+/// (`cache_prompt`) and vLLM's prefix caching do. It holds one sequence's cache, the memory that
+/// sequence needed anyway; a batch of several sequences empties it before it allocates its own.
+#[derive(Debug, Default)]
+pub struct PromptCache {
+    tokens: Vec<u32>,
+    kv: Option<KvCache>,
+}
+
+impl PromptCache {
+    /// A cache for `prompt` and how many of its first tokens it already holds. The last
+    /// prompt token always runs again: its logits start the generation.
+    fn take(&mut self, model: &Llama, prompt: &[u32]) -> (KvCache, usize) {
+        let shared = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        let kv = self.kv.take();
+        self.tokens.clear();
+        match kv {
+            Some(mut kv) if shared > 0 => {
+                kv.truncate(shared);
+                (kv, shared)
+            }
+            _ => (model.new_cache(), 0),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// Generates completions for `requests` in one batch. `on_token` sees every token as it is
@@ -75,6 +109,18 @@ pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
     requests: &[GenerationRequest],
+    on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<(Vec<Completion>, GenerationStats)> {
+    generate_cached(model, tokenizer, requests, &mut PromptCache::default(), on_token)
+}
+
+/// [`generate`], starting a request of one sequence from what `prompt_cache` holds of its
+/// prompt and leaving that sequence's cache there for the next request.
+pub fn generate_cached(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    requests: &[GenerationRequest],
+    prompt_cache: &mut PromptCache,
     mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
 ) -> Result<(Vec<Completion>, GenerationStats)> {
     let context = model.config().max_position_embeddings;
@@ -88,16 +134,23 @@ pub fn generate(
         return Ok((Vec::new(), stats));
     }
 
-    // Prefill: all prompts, left-padded to the longest.
-    let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-    let mut pad: Vec<usize> = requests.iter().map(|r| longest - r.prompt.len()).collect();
+    let (mut cache, cached) = match requests {
+        [one] => prompt_cache.take(model, &one.prompt),
+        _ => {
+            prompt_cache.clear();
+            (model.new_cache(), 0)
+        }
+    };
+    stats.cached_prompt_tokens = cached;
+    // Prefill: all prompts but their cached start, left-padded to the longest.
+    let longest = requests.iter().map(|r| r.prompt.len() - cached).max().unwrap_or(0);
+    let mut pad: Vec<usize> = requests.iter().map(|r| longest - (r.prompt.len() - cached)).collect();
     let mut tokens = Vec::with_capacity(requests.len() * longest);
     for (r, p) in requests.iter().zip(&pad) {
         tokens.extend(std::iter::repeat_n(0u32, *p));
-        tokens.extend(&r.prompt);
+        tokens.extend(&r.prompt[cached..]);
     }
     let started = Instant::now();
-    let mut cache = model.new_cache();
     let input = Tensor::from_vec(tokens, (requests.len(), longest), model.device())?;
     let mut logits = model.forward(&input, &pad, &mut cache, Logits::Last)?;
     stats.prefill = started.elapsed();
@@ -142,6 +195,10 @@ pub fn generate(
         stats.decode_steps += 1;
     }
     stats.decode = started.elapsed();
+    if let [seq] = seqs.as_slice() {
+        prompt_cache.tokens = seq.context[..cache.len()].to_vec();
+        prompt_cache.kv = Some(cache);
+    }
 
     let mut completions = Vec::with_capacity(seqs.len());
     for (i, mut seq) in seqs.into_iter().enumerate() {

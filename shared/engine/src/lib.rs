@@ -31,7 +31,7 @@ pub mod weights;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use error::{EngineError, Result};
-pub use generate::{generate, Completion, FinishReason, GenerationRequest, GenerationStats, TokenEvent};
+pub use generate::{generate, generate_cached, Completion, FinishReason, GenerationRequest, GenerationStats, PromptCache, TokenEvent};
 pub use loader::{hf_tokenizer, load, load_gguf_bytes, GgufHead, LoadedModel, ModelFormat, DEMO_GGUF, DEMO_MODEL};
 pub use logprobs::{prompt_logprobs, TokenLogprob};
 pub use model::{KvCache, KvCacheType, Llama, LoadOptions, Logits};

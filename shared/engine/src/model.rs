@@ -354,6 +354,13 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Forgets every position from `len` on; later steps write over them.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        for layer in &mut self.layers {
+            layer.len = layer.len.min(len);
+        }
+    }
+
     /// Keeps only the batch rows in `rows` (in that order), e.g. when some sequences finish.
     pub fn retain_rows(&mut self, rows: &[u32]) -> Result<()> {
         let Some((k, _)) = self.layers.first().and_then(|layer| layer.buffers.as_ref()) else {
