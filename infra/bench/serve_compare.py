@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""`llm serve` side by side with llama.cpp's OpenAI server (llama-cpp-python's `llama_cpp.server`)
+on the same GGUF file and threads, through the official `openai` client: what a caller of the API
+sees, where `compare.py` times the engines alone.
+
+Ratios are llama.cpp's time over ours and our rate over llama.cpp's: above 1, ours is faster.
+Both servers run at once and take requests in turn (greedy, streamed, one at a time), each after
+a warm-up request. Two kinds of request:
+- a new prompt (`--prompt-tokens` of text no earlier request started with): time to the first
+  token, then the streamed tokens per second after it;
+- the next turn of a conversation: the previous turn's prompt and completion and
+  `--turn-tokens` more, as a chat client resends them; its time to the first token shows whether
+  the server runs the whole conversation again or only what is new (llama.cpp's server keeps
+  the last prompt's KV cache and reuses its longest shared start, as `llm serve` does).
+
+    pip install openai 'llama-cpp-python[server]'
+    .venv/bin/python infra/bench/serve_compare.py infra/.work/bench/tinyllama-shape-q4_k_m.gguf --threads 1 2
+"""
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+
+from cold_start import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = ("river stone light garden number window music paper story winter market silver "
+         "harbor engine forest letter bridge candle morning valley question circle").split()
+
+
+class Server:
+    def __init__(self, name, cmd, port):
+        self.name, self.port = name, port
+        self.log = open(Path("/tmp") / f"serve_compare-{name}-{port}.log", "w")
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.process.poll() is not None:
+                sys.exit(f"{name} exited with status {self.process.returncode}; see {self.log.name}")
+            try:
+                self.model = self.client.models.list().data[0].id
+                break
+            except openai.APIConnectionError:
+                if time.monotonic() > deadline:
+                    sys.exit(f"{name} did not answer within 120 s; see {self.log.name}")
+                time.sleep(0.5)
+
+    def stream(self, prompt, max_tokens):
+        """Time to the first token (s), tokens per second after it, and the completion's text."""
+        started = time.perf_counter()
+        first = last = finish = None
+        text = []
+        stream = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+        for chunk in stream:
+            last = time.perf_counter()
+            first = first or last
+            if chunk.choices:
+                text.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+        # Every token was generated (no end-of-text token), so the rate counts them all; the
+        # servers split the last token and the finish reason into chunks differently.
+        if finish != "length":
+            sys.exit(f"{self.name} finished with {finish!r} before {max_tokens} tokens; choose other prompts")
+        return first - started, (max_tokens - 1) / (last - first), "".join(text)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait()
+
+
+def words(rng, n):
+    # About 1.2 tokens a word with a Llama tokenizer; the servers' own counts are not needed.
+    return " ".join(rng.choice(WORDS) for _ in range(int(n / 1.2)))
+
+
+def measure(model, threads, args):
+    ours_port, theirs_port = free_port(), free_port()
+    ours = Server("llm serve", [args.llm, "serve", "--model", model, "--threads", str(threads), "--port", str(ours_port)], ours_port)
+    theirs = Server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
+                                  "--n_threads_batch", str(threads), "--n_ctx", "4096", "--port", str(theirs_port)], theirs_port)
+    both = (ours, theirs)
+    results = {s.name: {"new": [], "decode": [], "turn": []} for s in both}
+    try:
+        for server in both:
+            server.stream("warm up", 4)
+        rng = random.Random(0)
+        for _ in range(args.repeat):
+            prompt = f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens)
+            for server in both:
+                ttft, rate, _ = server.stream(prompt, args.max_tokens)
+                results[server.name]["new"].append(ttft)
+                results[server.name]["decode"].append(rate)
+        # One conversation each: the same turns, each after that server's own completions.
+        opening = f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens)
+        conversation = {s.name: opening for s in both}
+        for measured in [False] + [True] * args.repeat:
+            turn = " " + words(rng, args.turn_tokens)
+            for server in both:
+                ttft, _, completion = server.stream(conversation[server.name], args.max_tokens)
+                if measured:
+                    results[server.name]["turn"].append(ttft)
+                conversation[server.name] += completion + turn
+    finally:
+        for server in both:
+            server.stop()
+    return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeat", type=int, default=5, help="requests of each kind per server (medians)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--turn-tokens", type=int, default=32, help="new text in each turn of the conversation")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--llm", default=str(ROOT / "target/release/llm"))
+    args = ap.parse_args()
+    print("| model | threads | new prompt: first token s, ours | llama.cpp | ratio | next turn: first token s, ours | llama.cpp | ratio "
+          "| streamed tok/s ours | llama.cpp | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        for threads in args.threads:
+            r = measure(model, threads, args)
+            ours, theirs = r["llm serve"], r["llama.cpp"]
+            print(f"| {Path(model).name} | {threads} "
+                  f"| {ours['new']:.3f} | {theirs['new']:.3f} | {theirs['new'] / ours['new']:.2f} "
+                  f"| {ours['turn']:.3f} | {theirs['turn']:.3f} | {theirs['turn'] / ours['turn']:.2f} "
+                  f"| {ours['decode']:.1f} | {theirs['decode']:.1f} | {ours['decode'] / theirs['decode']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
