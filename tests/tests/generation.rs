@@ -59,6 +59,44 @@ fn sampling_is_reproducible_per_sequence_in_a_batch() {
     assert_eq!(alone.token_ids, batch[1].token_ids);
 }
 
+/// Sequences that share a prompt run it once and copy its cache rows (from the prompt cache
+/// too); each still generates what it generates alone, among prompts of other lengths. Greedy:
+/// this random model's distributions are nearly flat over 128k tokens, so a sampled token moves
+/// with the last bits of a logit, and padding changes how the products sum.
+#[test]
+fn shared_prompts_run_once_and_sample_as_alone() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let encode = |text: &str| tokenizer.encode(text, true).unwrap();
+    let request = |prompt: &Vec<u32>| GenerationRequest {
+        prompt: prompt.clone(),
+        max_tokens: 6,
+        ignore_eos: true,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: Some(0),
+        ..Default::default()
+    };
+    let alone = |r: &GenerationRequest| generate(model, tokenizer, std::slice::from_ref(r), |_| ControlFlow::Continue(())).unwrap().0.remove(0);
+    let (short, long) = (encode("Once upon a time"), encode("In a land far away, long before the rivers had names"));
+    let mut prompt_cache = PromptCache::default();
+    let mut check = |requests: &[GenerationRequest]| {
+        let (batch, stats) = generate_cached(model, tokenizer, requests, &mut prompt_cache, |_| ControlFlow::Continue(())).unwrap();
+        for (r, together) in requests.iter().zip(&batch) {
+            let alone = alone(r);
+            assert_eq!(together.token_ids, alone.token_ids, "{} prompts, cached {}", requests.len(), stats.cached_prompt_tokens);
+            for (a, b) in together.logprobs.iter().zip(&alone.logprobs) {
+                assert!((a.logprob - b.logprob).abs() < 1e-3, "{} against {}", a.logprob, b.logprob);
+            }
+        }
+        stats.cached_prompt_tokens
+    };
+    assert_eq!(check(&[request(&short), request(&long), request(&short), request(&long), request(&short)]), 0);
+    assert_eq!(check(&[request(&long)]), 0);
+    // Two choices of a prompt that starts as the last request did.
+    let next = [long.clone(), encode(" and then")].concat();
+    assert_eq!(check(&[request(&next), request(&next)]), long.len());
+}
+
 #[test]
 fn limits_and_caller_stop() {
     let loaded = llama3();

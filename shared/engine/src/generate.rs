@@ -134,25 +134,42 @@ pub fn generate_cached(
         return Ok((Vec::new(), stats));
     }
 
-    let (mut cache, cached) = match requests {
-        [one] => prompt_cache.take(model, &one.prompt),
+    // Identical prompts (a request's `n` choices) run once; their rows of the cache are copied.
+    let mut prompts: Vec<&[u32]> = Vec::new();
+    let row_of: Vec<u32> = requests
+        .iter()
+        .map(|r| {
+            let row = prompts.iter().position(|p| *p == r.prompt.as_slice()).unwrap_or_else(|| {
+                prompts.push(&r.prompt);
+                prompts.len() - 1
+            });
+            row as u32
+        })
+        .collect();
+    let (mut cache, cached) = match prompts.as_slice() {
+        [one] => prompt_cache.take(model, one),
         _ => {
             prompt_cache.clear();
             (model.new_cache(), 0)
         }
     };
     stats.cached_prompt_tokens = cached;
-    // Prefill: all prompts but their cached start, left-padded to the longest.
-    let longest = requests.iter().map(|r| r.prompt.len() - cached).max().unwrap_or(0);
-    let mut pad: Vec<usize> = requests.iter().map(|r| longest - (r.prompt.len() - cached)).collect();
-    let mut tokens = Vec::with_capacity(requests.len() * longest);
-    for (r, p) in requests.iter().zip(&pad) {
-        tokens.extend(std::iter::repeat_n(0u32, *p));
-        tokens.extend(&r.prompt[cached..]);
+    // Prefill: the prompts but their cached start, left-padded to the longest.
+    let longest = prompts.iter().map(|p| p.len() - cached).max().unwrap_or(0);
+    let prompt_pad: Vec<usize> = prompts.iter().map(|p| longest - (p.len() - cached)).collect();
+    let mut tokens = Vec::with_capacity(prompts.len() * longest);
+    for (p, pad) in prompts.iter().zip(&prompt_pad) {
+        tokens.extend(std::iter::repeat_n(0u32, *pad));
+        tokens.extend(&p[cached..]);
     }
     let started = Instant::now();
-    let input = Tensor::from_vec(tokens, (requests.len(), longest), model.device())?;
-    let mut logits = model.forward(&input, &pad, &mut cache, Logits::Last)?;
+    let input = Tensor::from_vec(tokens, (prompts.len(), longest), model.device())?;
+    let mut logits = model.forward(&input, &prompt_pad, &mut cache, Logits::Last)?;
+    let mut pad: Vec<usize> = row_of.iter().map(|&row| prompt_pad[row as usize]).collect();
+    if prompts.len() < requests.len() {
+        cache.retain_rows(&row_of)?;
+        logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
+    }
     stats.prefill = started.elapsed();
 
     // `active[row]` is the sequence index decoded in batch row `row`.

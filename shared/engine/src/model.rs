@@ -361,7 +361,8 @@ impl KvCache {
         }
     }
 
-    /// Keeps only the batch rows in `rows` (in that order), e.g. when some sequences finish.
+    /// Makes the batch the rows `rows` (in that order): fewer when some sequences finish, copies of
+    /// one row for sequences that share a prompt.
     pub fn retain_rows(&mut self, rows: &[u32]) -> Result<()> {
         let Some((k, _)) = self.layers.first().and_then(|layer| layer.buffers.as_ref()) else {
             return Ok(());
