@@ -94,6 +94,15 @@ def main():
         model=model, prompt=prompts[0], max_tokens=5, temperature=0, stream=True) if c.choices)
     assert streamed == done.choices[0].text, (streamed, done.choices[0].text)
 
+    # logit_bias as OpenAI takes it (token ids as strings, biases in [-100, 100]): +100 makes a
+    # sampled completion one token over and over; ignore_eos (vLLM's extension) is taken too.
+    forced = client.completions.create(model=model, prompt=prompts[0], max_tokens=3, temperature=1, seed=1, logprobs=0,
+                                       logit_bias={"1000": 100}, extra_body={"ignore_eos": True})
+    tokens = forced.choices[0].logprobs.tokens
+    assert len(tokens) == 3 and len(set(tokens)) == 1, tokens
+    free = client.completions.create(model=model, prompt=prompts[0], max_tokens=3, temperature=1, seed=1, logprobs=0)
+    assert free.choices[0].logprobs.tokens != tokens, free
+
     def expect(error, **kwargs):
         call = kwargs.pop("call", client.chat.completions.create)
         try:
@@ -108,6 +117,8 @@ def main():
     expect(openai.BadRequestError, model=model, messages=messages, temperature=2.5)
     expect(openai.BadRequestError, model=model, messages=[])
     expect(openai.BadRequestError, model=model, messages=messages, logprobs=True, top_logprobs=21)
+    for bias in ({"one": 1}, {"5": 101}, {"999999999": 1}):
+        expect(openai.BadRequestError, model=model, messages=messages, logit_bias=bias)
     long = expect(openai.BadRequestError, model=model, prompt="x " * 5000, call=client.completions.create)
     assert "tokens" in long.body["message"], long.body
     expect(openai.NotFoundError, model="no-such-model", messages=messages)

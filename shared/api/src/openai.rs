@@ -51,6 +51,10 @@ pub struct Sampling {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// Token ids (as strings, the JSON object's keys) to biases in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// vLLM's and llama.cpp's extension: generate past end-of-generation tokens.
+    pub ignore_eos: Option<bool>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,

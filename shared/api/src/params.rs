@@ -1,6 +1,7 @@
 //! Request parameters checked against OpenAI's ranges and this server's limits, and turned into
 //! engine requests. Every rejection names the parameter (HTTP 400).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use llm_engine::{GenerationRequest, SamplingParams};
@@ -47,6 +48,7 @@ pub struct Generation {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
@@ -102,11 +104,13 @@ impl Generation {
             presence_penalty: in_range("presence_penalty", s.presence_penalty, -2.0, 2.0, 0.0)?,
             frequency_penalty: in_range("frequency_penalty", s.frequency_penalty, -2.0, 2.0, 0.0)?,
             repetition_penalty: in_range("repetition_penalty", s.repetition_penalty, 0.01, 10.0, 1.0)?,
+            logit_bias: logit_bias(s.logit_bias.as_ref())?,
             top_k,
             seed,
         };
         let include_usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(Self { max_tokens, sampling, stop, n, stream: s.stream, include_usage, logprobs: None })
+        let ignore_eos = s.ignore_eos.unwrap_or(false);
+        Ok(Self { max_tokens, sampling, stop, ignore_eos, n, stream: s.stream, include_usage, logprobs: None })
     }
 
     /// Chat's `logprobs: true` with `top_logprobs` alternatives (which needs `logprobs`).
@@ -136,13 +140,27 @@ impl Generation {
                     max_tokens: self.max_tokens,
                     sampling,
                     stop: self.stop.clone(),
-                    ignore_eos: false,
+                    ignore_eos: self.ignore_eos,
                     logprobs: self.logprobs,
                 });
             }
         }
         requests
     }
+}
+
+/// `logit_bias`: token ids (the engine checks them against the vocabulary) to biases in
+/// [-100, 100], as OpenAI takes them.
+fn logit_bias(bias: Option<&HashMap<String, f32>>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut parsed = Vec::new();
+    for (id, &value) in bias.into_iter().flatten() {
+        let Ok(id) = id.parse::<u32>() else {
+            return Err(ApiError::invalid("logit_bias", format!("`logit_bias` keys are token ids, got {id:?}.")));
+        };
+        parsed.push((id, in_range("logit_bias", Some(value), -100.0, 100.0, 0.0)?));
+    }
+    parsed.sort_unstable_by_key(|&(id, _)| id);
+    Ok(parsed)
 }
 
 fn top_count(param: &'static str, value: Option<i64>) -> Result<Option<usize>, ApiError> {

@@ -244,6 +244,9 @@ fn validate(r: &GenerationRequest, context: usize, vocab: usize) -> Result<()> {
     if let Some(id) = r.prompt.iter().find(|&&id| id as usize >= vocab) {
         return bad(format!("token id {id} is outside the vocabulary ({vocab})"));
     }
+    if let Some((id, _)) = r.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+        return bad(format!("logit_bias names token id {id}, outside the vocabulary ({vocab})"));
+    }
     if r.stop.iter().any(String::is_empty) {
         return bad("stop strings must not be empty".into());
     }

@@ -24,12 +24,24 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// ...and per occurrence.
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before anything else.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, presence_penalty: 0.0, frequency_penalty: 0.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: 0,
+        }
     }
 }
 
@@ -51,6 +63,9 @@ impl SamplingParams {
         }
         if !(self.presence_penalty.is_finite() && self.frequency_penalty.is_finite()) {
             return bad("presence_penalty and frequency_penalty must be finite");
+        }
+        if self.logit_bias.iter().any(|(_, bias)| !bias.is_finite()) {
+            return bad("logit_bias values must be finite");
         }
         Ok(())
     }
@@ -83,6 +98,11 @@ impl Sampler {
 
     fn apply_penalties(&self, logits: &mut [f32], context: &[u32]) {
         let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen: Vec<u32> = context.to_vec();
             seen.sort_unstable();
@@ -202,5 +222,14 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { frequency_penalty: 1.0, ..params(0.0) });
         assert_eq!(s.sample(&logits, &[]), 0);
         assert_eq!(s.sample(&logits, &[]), 1);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let logits = [2.0, 1.9, 0.0];
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(0, -100.0)], ..params(0.0) });
+        assert_eq!(s.sample(&logits, &[]), 1);
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(2, 100.0), (7, 100.0)], ..params(1.0) });
+        assert!((0..50).all(|_| s.sample(&logits, &[]) == 2));
     }
 }

@@ -84,6 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             repetition_penalty: args.repetition_penalty,
             presence_penalty: args.presence_penalty,
             frequency_penalty: args.frequency_penalty,
+            logit_bias: Vec::new(),
             seed: args.seed,
         },
         stop: args.stop,
