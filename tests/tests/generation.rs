@@ -203,6 +203,33 @@ fn a_prompt_cache_serves_a_shared_start_as_a_fresh_prefill_would() {
     assert_eq!(cached(&[request(other)]).1, 0);
 }
 
+/// A prompt longer than one prefill pass (512 positions of all rows) runs in several, and its
+/// first generated token has the log-probability one pass over the prompt gives it: alone
+/// (two passes) and beside a shorter prompt (256 positions a row, three passes).
+#[test]
+fn a_long_prompt_prefills_in_passes_as_in_one() {
+    let loaded = llama3();
+    let ids: Vec<u32> = (0..700).map(|i| (i * 7919 % 5000 + 10) as u32).collect();
+    let one_pass = |ids: &[u32]| {
+        let logits = prompt_logits(&loaded.model, ids).get(ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+        let max = logits.iter().copied().fold(f32::MIN, f32::max);
+        let log_sum = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+        let best = llm_engine::sampling::argmax(&logits);
+        (best, logits[best as usize] - log_sum)
+    };
+    let request = |prompt: &[u32]| GenerationRequest { prompt: prompt.to_vec(), max_tokens: 1, logprobs: Some(0), ..Default::default() };
+    for prompts in [vec![&ids[..]], vec![&ids[..], &ids[..300]]] {
+        let requests: Vec<_> = prompts.iter().map(|p| request(p)).collect();
+        let (completions, _) = generate(&loaded.model, &loaded.tokenizer, &requests, |_| ControlFlow::Continue(())).unwrap();
+        for (prompt, completion) in prompts.iter().zip(&completions) {
+            let (best, logprob) = one_pass(prompt);
+            let first = &completion.logprobs[0];
+            assert_eq!(first.token_id, best);
+            assert!((first.logprob - logprob).abs() < 1e-3, "{} against one pass's {logprob}", first.logprob);
+        }
+    }
+}
+
 /// Decoding one token at a time through the KV cache, past the point where its buffers grow,
 /// gives the logits one pass over the whole sequence gives.
 #[test]
