@@ -59,8 +59,9 @@ fn sampling_is_reproducible_per_sequence_in_a_batch() {
     assert_eq!(alone.token_ids, batch[1].token_ids);
 }
 
-/// Sequences that share a prompt run it once and copy its cache rows (from the prompt cache
-/// too); each still generates what it generates alone, among prompts of other lengths. Greedy:
+/// Sequences that share a prompt run it once and copy its cache rows, prompts that share a
+/// start run that once (or take it from the prompt cache); each sequence still generates what
+/// it generates alone, among prompts of other lengths. Greedy:
 /// this random model's distributions are nearly flat over 128k tokens, so a sampled token moves
 /// with the last bits of a logit, and padding changes how the products sum.
 #[test]
@@ -95,6 +96,14 @@ fn shared_prompts_run_once_and_sample_as_alone() {
     // Two choices of a prompt that starts as the last request did.
     let next = [long.clone(), encode(" and then")].concat();
     assert_eq!(check(&[request(&next), request(&next)]), long.len());
+    // Questions after one system prompt: its tokens run once in a pass of their own, and each
+    // question is padded after them; then again, the system prompt from the prompt cache.
+    let system = encode("You are a careful assistant. Answer every question in one short sentence, and never more.");
+    let ask = |question: &str| [system.clone(), tokenizer.encode(question, false).unwrap()].concat();
+    let asks = [ask("Why is the sky blue?"), ask("Name a prime number above ninety."), ask("Hi")];
+    assert_eq!(check(&asks.iter().map(request).collect::<Vec<_>>()), 0);
+    assert_eq!(check(&[request(&ask("Hello"))]), 0);
+    assert_eq!(check(&[request(&asks[0]), request(&asks[1]), request(&asks[2]), request(&asks[0])]), system.len());
 }
 
 #[test]
@@ -166,7 +175,7 @@ fn chat_template_jinja_file_wins() {
 /// A request that starts as the last one's prompt and completion did runs only what follows,
 /// and generates what a fresh prefill of its whole prompt generates (the same tokens, their
 /// log-probabilities within the rounding of sums taken in another order). A batch of several
-/// sequences empties the cache.
+/// sequences takes what it shares with the cache and leaves it empty.
 #[test]
 fn a_prompt_cache_serves_a_shared_start_as_a_fresh_prefill_would() {
     let loaded = llama3();
@@ -199,7 +208,8 @@ fn a_prompt_cache_serves_a_shared_start_as_a_fresh_prefill_would() {
     assert_eq!(cached(&[request(other.clone())]).1, 10);
     // The same prompt again runs its last token only.
     assert_eq!(cached(&[request(other.clone())]).1, other.len() - 1);
-    assert_eq!(cached(&[request(other.clone()), request(first)]).1, 0);
+    // A batch of two prompts takes the start they share with it, and leaves it empty.
+    assert_eq!(cached(&[request(other.clone()), request(first)]).1, 10);
     assert_eq!(cached(&[request(other)]).1, 0);
 }
 
@@ -251,7 +261,7 @@ fn cached_decode(model: &llm_engine::Llama, ids: &[u32], prompt: usize) -> Vec<c
     let mut cache = model.new_cache();
     let mut step = |tokens: &[u32]| {
         let input = candle_core::Tensor::new(tokens, model.device()).unwrap().unsqueeze(0).unwrap();
-        model.forward(&input, &[0], &mut cache, llm_engine::Logits::Last).unwrap().squeeze(0).unwrap()
+        model.forward(&input, &[0..0], &mut cache, llm_engine::Logits::Last).unwrap().squeeze(0).unwrap()
     };
     step(&ids[..prompt]);
     let logits = (prompt..ids.len()).map(|at| step(&ids[at..at + 1])).collect();

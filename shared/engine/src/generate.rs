@@ -1,7 +1,7 @@
 //! Batched text generation: one prefill pass over all prompts, then one decode pass per step,
 //! each sequence with its own sampler, stop conditions and streaming text.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -75,7 +75,8 @@ pub struct GenerationStats {
 /// requests: a prompt that starts as that request's prompt and completion did (a system prompt,
 /// a conversation's earlier turns) runs only what follows, as llama.cpp's server
 /// (`cache_prompt`) and vLLM's prefix caching do. It holds one sequence's cache, the memory that
-/// sequence needed anyway; a batch of several sequences empties it before it allocates its own.
+/// sequence needed anyway. A batch of several prompts starts from it too where they all start as
+/// it does; only a request of one sequence leaves its cache there.
 #[derive(Debug, Default)]
 pub struct PromptCache {
     tokens: Vec<u32>,
@@ -83,10 +84,10 @@ pub struct PromptCache {
 }
 
 impl PromptCache {
-    /// A cache for `prompt` and how many of its first tokens it already holds. The last
-    /// prompt token always runs again: its logits start the generation.
-    fn take(&mut self, model: &Llama, prompt: &[u32]) -> (KvCache, usize) {
-        let shared = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+    /// A cache for a batch whose prompts all start with `start`, and how many of those tokens
+    /// it already holds.
+    fn take(&mut self, model: &Llama, start: &[u32]) -> (KvCache, usize) {
+        let shared = self.tokens.iter().zip(start).take_while(|(a, b)| a == b).count();
         let kv = self.kv.take();
         self.tokens.clear();
         match kv {
@@ -97,11 +98,12 @@ impl PromptCache {
             _ => (model.new_cache(), 0),
         }
     }
-
-    fn clear(&mut self) {
-        *self = Self::default();
-    }
 }
+
+/// Positions a batch's shared start must save (its length beyond the prompt cache's, times
+/// the rows but one) to run once in a pass of its own: a pass reads every weight, as a decode
+/// step does, whatever its length.
+const SHARED_START_SAVES: usize = 16;
 
 /// Generates completions for `requests` in one batch. `on_token` sees every token as it is
 /// sampled; returning `Break` ends generation for all sequences (`finish_reason: length`).
@@ -146,25 +148,32 @@ pub fn generate_cached(
             row as u32
         })
         .collect();
-    let (mut cache, cached) = match prompts.as_slice() {
-        [one] => prompt_cache.take(model, one),
-        _ => {
-            prompt_cache.clear();
-            (model.new_cache(), 0)
-        }
-    };
+    // The start all prompts share (but the last token of the shortest, whose logits start its
+    // generation) comes from the prompt cache, or runs once when that saves enough; its cache
+    // row is copied to every prompt's, and each prompt's rest is padded after it to end together.
+    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+    let common = prompts.iter().map(|p| p.iter().zip(prompts[0]).take_while(|(a, b)| a == b).count()).min().unwrap_or(0).min(shortest - 1);
+    let (mut cache, cached) = prompt_cache.take(model, &prompts[0][..common]);
     stats.cached_prompt_tokens = cached;
-    // Prefill: the prompts but their cached start, left-padded to the longest.
-    let longest = prompts.iter().map(|p| p.len() - cached).max().unwrap_or(0);
-    let prompt_pad: Vec<usize> = prompts.iter().map(|p| longest - (p.len() - cached)).collect();
-    let mut tokens = Vec::with_capacity(prompts.len() * longest);
-    for (p, pad) in prompts.iter().zip(&prompt_pad) {
-        tokens.extend(std::iter::repeat_n(0u32, *pad));
-        tokens.extend(&p[cached..]);
-    }
     let started = Instant::now();
-    let mut logits = prefill(model, &tokens, &prompt_pad, &mut cache)?;
-    let mut pad: Vec<usize> = row_of.iter().map(|&row| prompt_pad[row as usize]).collect();
+    let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES {
+        prefill(model, &prompts[0][cached..common], &[0..0], &mut cache)?;
+        common
+    } else {
+        cached
+    };
+    if start > 0 && prompts.len() > 1 {
+        cache.retain_rows(&vec![0; prompts.len()])?;
+    }
+    let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);
+    let prompt_padding: Vec<Range<usize>> = prompts.iter().map(|p| start..start + longest - (p.len() - start)).collect();
+    let mut tokens = Vec::with_capacity(prompts.len() * longest);
+    for (p, padding) in prompts.iter().zip(&prompt_padding) {
+        tokens.extend(std::iter::repeat_n(0u32, padding.len()));
+        tokens.extend(&p[start..]);
+    }
+    let mut logits = prefill(model, &tokens, &prompt_padding, &mut cache)?;
+    let mut padding: Vec<Range<usize>> = row_of.iter().map(|&row| prompt_padding[row as usize].clone()).collect();
     if prompts.len() < requests.len() {
         cache.retain_rows(&row_of)?;
         logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
@@ -202,12 +211,12 @@ pub fn generate_cached(
         if keep.len() < active.len() {
             let rows: Vec<u32> = keep.iter().map(|&row| row as u32).collect();
             cache.retain_rows(&rows)?;
-            pad = keep.iter().map(|&row| pad[row]).collect();
+            padding = keep.iter().map(|&row| padding[row].clone()).collect();
             next = keep.iter().map(|&row| next[row]).collect();
             active = keep.iter().map(|&row| active[row]).collect();
         }
         let input = Tensor::from_vec(next, (active.len(), 1), model.device())?;
-        logits = model.forward(&input, &pad, &mut cache, Logits::Last)?;
+        logits = model.forward(&input, &padding, &mut cache, Logits::Last)?;
         stats.decode_steps += 1;
     }
     stats.decode = started.elapsed();
@@ -237,16 +246,16 @@ pub fn generate_cached(
 /// 2,000-token prompt of TinyLlama's shape peaked 130 MiB above the weights and KV cache).
 const PREFILL_POSITIONS: usize = 512;
 
-/// Runs `tokens` (rows of equal length, left-padded by `pad`) through `model` after what
-/// `cache` holds, in passes of at most [`PREFILL_POSITIONS`]; the last position's logits.
-fn prefill(model: &Llama, tokens: &[u32], pad: &[usize], cache: &mut KvCache) -> Result<Tensor> {
-    let (rows, len) = (pad.len(), tokens.len() / pad.len());
+/// Runs `tokens` (rows of equal length, padded at `padding`) through `model` after what `cache`
+/// holds, in passes of at most [`PREFILL_POSITIONS`]; the last position's logits.
+fn prefill(model: &Llama, tokens: &[u32], padding: &[Range<usize>], cache: &mut KvCache) -> Result<Tensor> {
+    let (rows, len) = (padding.len(), tokens.len() / padding.len());
     let chunk = (PREFILL_POSITIONS / rows).max(1);
     let mut start = 0;
     loop {
         let n = chunk.min(len - start);
         let part: Vec<u32> = tokens.chunks_exact(len).flat_map(|row| &row[start..start + n]).copied().collect();
-        let logits = model.forward(&Tensor::from_vec(part, (rows, n), model.device())?, pad, cache, Logits::Last)?;
+        let logits = model.forward(&Tensor::from_vec(part, (rows, n), model.device())?, padding, cache, Logits::Last)?;
         start += n;
         if start == len {
             return Ok(logits);

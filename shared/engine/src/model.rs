@@ -1,7 +1,9 @@
 //! The Llama decoder: RMSNorm pre-norm blocks, grouped-query attention with RoPE, SwiGLU MLP.
 //!
-//! One forward pass takes a batch of left-padded rows (`[b, s]` token ids) and extends the
+//! One forward pass takes a batch of padded rows (`[b, s]` token ids) and extends the
 //! per-layer KV cache; padding is masked out so rows of different lengths share every matmul.
+
+use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
@@ -165,7 +167,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, rope: &Rope, cos_sin: &(Tensor, Tensor), pad: &[usize], cache: &mut LayerCache) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &Rope, cos_sin: &(Tensor, Tensor), padding: &[Range<usize>], cache: &mut LayerCache) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?) };
@@ -175,7 +177,7 @@ impl Attention {
         let k = rope.apply(&k, &cos_sin.0, &cos_sin.1)?;
 
         cache.append(&k, &v)?;
-        let out = cache.attend(&q, pad)?;
+        let out = cache.attend(&q, padding)?;
         self.o_proj.forward(&out.reshape((b, s, nh * hd))?)
     }
 }
@@ -310,9 +312,9 @@ impl LayerCache {
     }
 
     /// Attention of the last `s` positions (`q` `[b, heads, s, head_dim]`, already appended),
-    /// each over the cached ones up to its own but its row's left padding `pad`, with
+    /// each over the cached ones up to its own but its row's `padding`, with
     /// [`llm_kernels::attention`]; `[b, s, heads, head_dim]`.
-    fn attend(&self, q: &Tensor, pad: &[usize]) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, padding: &[Range<usize>]) -> Result<Tensor> {
         let (k, v) = self.buffers.as_ref().expect("a step appends before it attends");
         let (b, heads, s, head_dim) = q.dims4()?;
         let (_, kv_heads, capacity, _) = v.dims4()?;
@@ -324,7 +326,7 @@ impl LayerCache {
         let (v_storage, v_layout) = v.storage_and_layout();
         let cached = cached_kv((&k_storage, k_layout), (&v_storage, v_layout))?;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        llm_kernels::attention(&shape, scale, cpu_f32(&q_storage, q_layout)?, cached, pad, &mut out).map_err(kernel_error)?;
+        llm_kernels::attention(&shape, scale, cpu_f32(&q_storage, q_layout)?, cached, padding, &mut out).map_err(kernel_error)?;
         Ok(Tensor::from_vec(out, (b, s, heads, head_dim), q.device())?)
     }
 }
@@ -551,17 +553,18 @@ impl Llama {
         KvCache { layers: (0..self.config.num_layers).map(|_| LayerCache::new(self.kv_cache.dtype())).collect() }
     }
 
-    /// Runs `tokens` (`[b, s]`, u32) after what `cache` holds. `pad[r]` is the number of
-    /// padding positions at the start of row `r` (left padding); they are never attended to.
-    pub fn forward(&self, tokens: &Tensor, pad: &[usize], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+    /// Runs `tokens` (`[b, s]`, u32) after what `cache` holds. `padding[r]` are the positions of
+    /// row `r` that hold padding, never attended to: at its start (left padding, so that prompts
+    /// of different lengths end together), or after a start every row shares.
+    pub fn forward(&self, tokens: &Tensor, padding: &[Range<usize>], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         let (b, s) = tokens.dims2()?;
         let past = cache.len();
-        let positions = positions(b, s, past, pad, &self.device)?;
+        let positions = positions(b, s, past, padding, &self.device)?;
         let cos_sin = self.rope.cos_sin(&positions)?;
 
         let mut x = self.embed.forward(tokens)?;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, pad, layer_cache)?;
+            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, padding, layer_cache)?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
             x = (x + h)?;
@@ -578,9 +581,15 @@ impl Llama {
     }
 }
 
-/// Position ids `[b, s]`: each row counts from its first real token.
-fn positions(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) -> Result<Tensor> {
-    let ids: Vec<u32> = (0..b).flat_map(|r| (0..s).map(move |i| (past + i).saturating_sub(pad[r]) as u32)).collect();
+/// Position ids `[b, s]`: each row counts its tokens, padding left out (a padding slot, never
+/// attended to, takes the position of the padding's start).
+fn positions(b: usize, s: usize, past: usize, padding: &[Range<usize>], device: &Device) -> Result<Tensor> {
+    let position = |slot: usize, padding: &Range<usize>| match slot {
+        _ if slot >= padding.end => slot - padding.len(),
+        _ if slot >= padding.start => padding.start,
+        _ => slot,
+    };
+    let ids: Vec<u32> = (0..b).flat_map(|r| (past..past + s).map(move |slot| position(slot, &padding[r]) as u32)).collect();
     Ok(Tensor::from_vec(ids, (b, s), device)?)
 }
 
@@ -589,7 +598,7 @@ mod tests {
     use super::*;
 
     /// Additive mask `[b, 1, s, past + s]`: causal, and hiding each row's padding.
-    fn attention_mask(b: usize, s: usize, past: usize, pad: &[usize], device: &Device) -> Tensor {
+    fn attention_mask(b: usize, s: usize, past: usize, padding: &[Range<usize>], device: &Device) -> Tensor {
         let t = past + s;
         let mut mask = vec![0f32; b * s * t];
         for r in 0..b {
@@ -597,7 +606,7 @@ mod tests {
                 let query = past + i;
                 for key in 0..t {
                     // A padding query still sees itself, so that its softmax row stays finite.
-                    let visible = key == query || (key >= pad[r] && key <= query);
+                    let visible = key == query || (!padding[r].contains(&query) && !padding[r].contains(&key) && key <= query);
                     if !visible {
                         mask[(r * s + i) * t + key] = f32::NEG_INFINITY;
                     }
@@ -609,14 +618,14 @@ mod tests {
 
     /// Attention as candle's products and softmax with an additive mask, over a cache's filled
     /// positions in `f32`: `[b, s, heads, head_dim]`.
-    fn masked_product(cache: &LayerCache, q: &Tensor, pad: &[usize]) -> Tensor {
+    fn masked_product(cache: &LayerCache, q: &Tensor, padding: &[Range<usize>]) -> Tensor {
         let (k_t, v) = cache.buffers.as_ref().unwrap();
         let (k_t, v) = (k_t.narrow(3, 0, cache.len).unwrap().to_dtype(DType::F32).unwrap(), v.narrow(2, 0, cache.len).unwrap().to_dtype(DType::F32).unwrap());
         let (b, nh, s, hd) = q.dims4().unwrap();
         let nkv = v.dim(1).unwrap();
         let q = q.reshape((b, nkv, nh / nkv * s, hd)).unwrap();
         let scores = (q.matmul(&k_t).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
-        let mask = attention_mask(b, s, cache.len - s, pad, q.device());
+        let mask = attention_mask(b, s, cache.len - s, padding, q.device());
         let scores = scores.reshape((b, nkv, nh / nkv, s, cache.len)).unwrap().broadcast_add(&mask.unsqueeze(2).unwrap()).unwrap();
         let weights = candle_nn::ops::softmax_last_dim(&scores.reshape((b, nkv, nh / nkv * s, cache.len)).unwrap()).unwrap();
         weights.matmul(&v).unwrap().reshape((b, nh, s, hd)).unwrap().transpose(1, 2).unwrap()
@@ -626,19 +635,19 @@ mod tests {
     fn the_caches_attention_is_a_masked_product() {
         let dev = Device::Cpu;
         let (b, nh, nkv, hd) = (2, 8, 2, 16);
-        for dtype in [DType::F32, DType::F16] {
+        // A prompt of 20 positions, the second row left-padded by 6, or both padded after a
+        // start they share; three decode steps; a second prompt after them, as a
+        // conversation's next turn over its cached prefix.
+        for (dtype, padding) in [(DType::F32, [0..0, 0..6]), (DType::F16, [0..0, 0..6]), (DType::F32, [8..10, 8..14])] {
             let mut cache = LayerCache::new(dtype);
-            // A prompt of 20 positions, the second row left-padded by 6; three decode steps; a
-            // second prompt after them, as a conversation's next turn over its cached prefix.
-            let pad = [0, 6];
             for s in [20, 1, 1, 1, 9] {
                 let k = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
                 let v = Tensor::randn(0f32, 1.0, (b, nkv, s, hd), &dev).unwrap();
                 cache.append(&k, &v).unwrap();
                 assert_eq!(cache.buffers.as_ref().map(|(k, v)| (k.dtype(), v.dtype())), Some((dtype, dtype)));
                 let q = Tensor::randn(0f32, 1.0, (b, nh, s, hd), &dev).unwrap();
-                let product = masked_product(&cache, &q, &pad);
-                let kernel = cache.attend(&q, &pad).unwrap();
+                let product = masked_product(&cache, &q, &padding);
+                let kernel = cache.attend(&q, &padding).unwrap();
                 let diff = (kernel - &product).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(diff < 1e-5, "{dtype:?} cache, {s} positions after {}: {diff}", cache.len - s);
             }

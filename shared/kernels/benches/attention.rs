@@ -44,10 +44,10 @@ fn measure(queries: usize, len: usize) -> (f64, f64, f64) {
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let (qs, ks, vs) = (flat(&q), flat(&k.transpose(2, 3).unwrap()), flat(&v));
     let mut out = vec![0f32; qs.len()];
-    let ours = seconds(|| attention(&shape, scale, &qs, CachedKv::F32 { k: &ks, v: &vs }, &[0], &mut out).unwrap());
+    let ours = seconds(|| attention(&shape, scale, &qs, CachedKv::F32 { k: &ks, v: &vs }, &[0..0], &mut out).unwrap());
     let halves = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
     let (ks16, vs16) = (halves(&ks), halves(&vs));
-    let ours_f16 = seconds(|| attention(&shape, scale, &qs, CachedKv::F16 { k: &ks16, v: &vs16 }, &[0], &mut out).unwrap());
+    let ours_f16 = seconds(|| attention(&shape, scale, &qs, CachedKv::F16 { k: &ks16, v: &vs16 }, &[0..0], &mut out).unwrap());
     // The query heads that share a KV head stacked as rows of one product, over views of the
     // cache's first `len` positions.
     let rep = HEADS / KV_HEADS;

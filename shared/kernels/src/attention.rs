@@ -53,15 +53,16 @@ pub enum CachedKv<'a> {
 
 /// `out[r, i, h] = softmax(scale · q[r, h, i] · K[r, g]ᵀ) · V[r, g]`, g the KV head that query
 /// head `h` shares (grouped-query attention: `heads / kv_heads` query heads per KV head), for
-/// query `i` at position `p = len - queries + i` over the keys `first[r]..=p` (those before
-/// `first[r]` are row `r`'s left padding; a query inside the padding sees only itself, so that
-/// its weights stay finite). `q` is `[rows, heads, queries, head_dim]` (heads outer, as the
+/// query `i` at position `p = len - queries + i` over the keys up to `p` but those in
+/// `padding[r]`, row `r`'s padding: at its start (prompts of different lengths, left-padded) or
+/// after a start the rows share (computed once, then copied to every row). A query inside the
+/// padding sees only itself, so that its weights stay finite. `q` is `[rows, heads, queries, head_dim]` (heads outer, as the
 /// rotary embedding leaves them); `out` is `[rows, queries, heads, head_dim]`, the layout the
 /// output projection takes.
-pub fn attention(shape: &AttentionShape, scale: f32, q: &[f32], cache: CachedKv<'_>, first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
+pub fn attention(shape: &AttentionShape, scale: f32, q: &[f32], cache: CachedKv<'_>, padding: &[Range<usize>], out: &mut [f32]) -> Result<(), ShapeError> {
     match cache {
-        CachedKv::F32 { k, v } => attend_all(shape, scale, q, k, v, first, out),
-        CachedKv::F16 { k, v } => attend_all(shape, scale, q, k, v, first, out),
+        CachedKv::F32 { k, v } => attend_all(shape, scale, q, k, v, padding, out),
+        CachedKv::F16 { k, v } => attend_all(shape, scale, q, k, v, padding, out),
     }
 }
 
@@ -69,22 +70,22 @@ pub fn attention(shape: &AttentionShape, scale: f32, q: &[f32], cache: CachedKv<
 /// a cache of 2,048 positions (256 KiB) stay in L2, and a prompt has enough items to balance.
 const ITEM_ROWS: usize = 32;
 
-fn attend_all<T: Cached>(shape: &AttentionShape, scale: f32, q: &[f32], k: &[T], v: &[T], first: &[usize], out: &mut [f32]) -> Result<(), ShapeError> {
+fn attend_all<T: Cached>(shape: &AttentionShape, scale: f32, q: &[f32], k: &[T], v: &[T], padding: &[Range<usize>], out: &mut [f32]) -> Result<(), ShapeError> {
     let AttentionShape { rows, queries, heads, kv_heads, head_dim: hd, len, capacity } = *shape;
     if kv_heads == 0 || heads % kv_heads != 0 || queries == 0 || queries > len || len > capacity {
         return Err(ShapeError(format!("{heads} query heads over {kv_heads} KV heads, {queries} queries, {len} of {capacity} positions")));
     }
     let cache = rows * kv_heads * capacity * hd;
     let query_values = rows * heads * queries * hd;
-    if q.len() != query_values || out.len() != query_values || k.len() != cache || v.len() != cache || first.len() != rows {
+    if q.len() != query_values || out.len() != query_values || k.len() != cache || v.len() != cache || padding.len() != rows {
         return Err(ShapeError(format!(
-            "attention {shape:?} takes {query_values} query and output values, {cache} key and value values and {rows} first keys, \
+            "attention {shape:?} takes {query_values} query and output values, {cache} key and value values and {rows} paddings, \
              not {}, {}, {}, {} and {}",
             q.len(),
             out.len(),
             k.len(),
             v.len(),
-            first.len()
+            padding.len()
         )));
     }
     let rep = heads / kv_heads;
@@ -108,8 +109,8 @@ fn attend_all<T: Cached>(shape: &AttentionShape, scale: f32, q: &[f32], k: &[T],
             let head = Head {
                 head_dim: hd,
                 capacity,
-                keys: first[seq].min(first_position)..len - queries + positions.end,
-                first: first[seq],
+                keys: unpadded_start(&padding[seq]).min(first_position)..len - queries + positions.end,
+                padding: padding[seq].clone(),
                 first_position,
                 rep,
                 k: &k[cached.clone()],
@@ -147,6 +148,16 @@ fn line_aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[start..start + len]
 }
 
+/// The first key a query after `padding` may see: padding at the start is skipped (its scores
+/// never computed); padding after a shared start is hidden among the keys around it.
+fn unpadded_start(padding: &Range<usize>) -> usize {
+    if padding.start == 0 {
+        padding.end
+    } else {
+        0
+    }
+}
+
 /// One KV head of one sequence, the keys a work item's query rows see, and which of them each
 /// row sees.
 struct Head<'a, T> {
@@ -154,8 +165,8 @@ struct Head<'a, T> {
     capacity: usize,
     /// The keys any of the item's rows sees.
     keys: Range<usize>,
-    /// The sequence's first key after its padding.
-    first: usize,
+    /// The sequence's padding.
+    padding: Range<usize>,
     /// The position of the item's first query; row `i` is at `first_position + i / rep`.
     first_position: usize,
     rep: usize,
@@ -166,10 +177,17 @@ struct Head<'a, T> {
 }
 
 impl<T> Head<'_, T> {
-    /// The keys query row `row` sees, as offsets into [`Head::keys`].
-    fn seen(&self, row: usize) -> Range<usize> {
+    /// The keys query row `row` sees, as offsets into [`Head::keys`], and the padding among
+    /// them it must not see.
+    fn seen(&self, row: usize) -> (Range<usize>, Range<usize>) {
         let position = self.first_position + row / self.rep;
-        self.first.min(position) - self.keys.start..position + 1 - self.keys.start
+        let offsets = |keys: Range<usize>| keys.start - self.keys.start..keys.end - self.keys.start;
+        if self.padding.contains(&position) {
+            return (offsets(position..position + 1), 0..0);
+        }
+        let seen = unpadded_start(&self.padding).min(position)..position + 1;
+        let hidden = self.padding.start.max(seen.start)..self.padding.end.min(seen.end);
+        (offsets(seen.clone()), if hidden.is_empty() { 0..0 } else { offsets(hidden) })
     }
 }
 
@@ -245,9 +263,11 @@ impl<T: Cached> Head<'_, T> {
             }
         }
         for (row, (weights, total)) in scores.chunks_exact_mut(stride).zip(totals.iter_mut()).enumerate() {
-            let seen = self.seen(row);
+            let (seen, hidden) = self.seen(row);
             weights[..seen.start].fill(0.0);
             weights[seen.end..].fill(0.0);
+            // Weighs 0 after the exponentials.
+            weights[hidden].fill(f32::NEG_INFINITY);
             *total = exponentials(&mut weights[seen]);
         }
         out.fill(0.0);
@@ -370,7 +390,7 @@ mod tests {
 
     /// The definition, in `f64`, one query at a time, with libm's exponential; `[rows, queries,
     /// heads, head_dim]`.
-    fn reference(shape: &AttentionShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], first: &[usize]) -> Vec<f32> {
+    fn reference(shape: &AttentionShape, scale: f32, q: &[f32], k: &[f32], v: &[f32], padding: &[Range<usize>]) -> Vec<f32> {
         let AttentionShape { rows, queries, heads, kv_heads, head_dim: hd, len, capacity } = *shape;
         let mut out = Vec::new();
         for r in 0..rows {
@@ -379,13 +399,16 @@ mod tests {
                 for h in 0..heads {
                     let kv = (r * kv_heads + h / (heads / kv_heads)) * capacity * hd;
                     let query = &q[((r * heads + h) * queries + i) * hd..][..hd];
-                    let seen = first[r].min(position)..position + 1;
+                    let seen: Vec<usize> = match padding[r].contains(&position) {
+                        true => vec![position],
+                        false => (0..=position).filter(|t| !padding[r].contains(t)).collect(),
+                    };
                     let scores: Vec<f64> =
-                        seen.clone().map(|t| scale as f64 * (0..hd).map(|d| query[d] as f64 * k[kv + d * capacity + t] as f64).sum::<f64>()).collect();
+                        seen.iter().map(|&t| scale as f64 * (0..hd).map(|d| query[d] as f64 * k[kv + d * capacity + t] as f64).sum::<f64>()).collect();
                     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let total: f64 = weights.iter().sum();
-                    out.extend((0..hd).map(|d| (seen.clone().zip(&weights).map(|(t, w)| w * v[kv + t * hd + d] as f64).sum::<f64>() / total) as f32));
+                    out.extend((0..hd).map(|d| (seen.iter().zip(&weights).map(|(&t, w)| w * v[kv + t * hd + d] as f64).sum::<f64>() / total) as f32));
                 }
             }
         }
@@ -399,35 +422,40 @@ mod tests {
         // head sizes below, at, above and off a run of 64; caches shorter than a run, of whole
         // runs and between; rows whose padding hides some keys, and one whose padding hides
         // every key but the last from a decode step, and some positions' own from a prompt;
-        // 3 query heads per KV head, so that an item's rows are not whole passes of 4.
-        for (heads, hd, queries, len, first) in [
-            (8, 8, 1, 21, vec![0, 0]),
-            (8, 64, 1, 128, vec![0, 3]),
-            (8, 128, 1, 150, vec![5, 0]),
-            (8, 40, 1, 21, vec![2, 30]),
-            (8, 64, 70, 70, vec![0, 9]),
-            (8, 40, 37, 150, vec![3, 120]),
-            (6, 64, 29, 29, vec![0, 4]),
-            (6, 16, 33, 100, vec![90, 0]),
+        // padding after a shared start, with queries before, inside and after it; 3 query
+        // heads per KV head, so that an item's rows are not whole passes of 4.
+        for (heads, hd, queries, len, padding) in [
+            (8, 8, 1, 21, [0..0, 0..0]),
+            (8, 64, 1, 128, [0..0, 0..3]),
+            (8, 128, 1, 150, [0..5, 0..0]),
+            (8, 40, 1, 21, [0..2, 0..30]),
+            (8, 64, 70, 70, [0..0, 0..9]),
+            (8, 40, 37, 150, [0..3, 0..120]),
+            (6, 64, 29, 29, [0..0, 0..4]),
+            (6, 16, 33, 100, [0..90, 0..0]),
+            (8, 64, 1, 128, [10..30, 70..71]),
+            (8, 40, 37, 150, [20..50, 5..5]),
+            (6, 64, 29, 60, [31..40, 0..3]),
+            (8, 16, 20, 40, [30..35, 12..20]),
         ] {
             let shape = AttentionShape { rows: 2, queries, heads, kv_heads: 2, head_dim: hd, len, capacity: len + 11 };
             let mut values = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>();
             let cache = shape.rows * shape.kv_heads * shape.capacity * hd;
             let (q, k, v) = (values(shape.rows * heads * queries * hd), values(cache), values(cache));
             let scale = 1.0 / (hd as f32).sqrt();
-            let case = format!("{heads} heads of {hd}, {queries} queries, {len} keys, first {first:?}");
-            let expected = reference(&shape, scale, &q, &k, &v, &first);
+            let case = format!("{heads} heads of {hd}, {queries} queries, {len} keys, padding {padding:?}");
+            let expected = reference(&shape, scale, &q, &k, &v, &padding);
             let mut out = vec![f32::NAN; q.len()];
-            attention(&shape, scale, &q, CachedKv::F32 { k: &k, v: &v }, &first, &mut out).unwrap();
+            attention(&shape, scale, &q, CachedKv::F32 { k: &k, v: &v }, &padding, &mut out).unwrap();
             for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
                 assert!((got - want).abs() < 1e-5, "{case}, value {i}: {got} vs {want}");
             }
             // The same cache in f16: the definition over the values it holds.
             let (k16, v16) = (k.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(), v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>());
             let widen = |x: &[f16]| x.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
-            let expected = reference(&shape, scale, &q, &widen(&k16), &widen(&v16), &first);
+            let expected = reference(&shape, scale, &q, &widen(&k16), &widen(&v16), &padding);
             out.fill(f32::NAN);
-            attention(&shape, scale, &q, CachedKv::F16 { k: &k16, v: &v16 }, &first, &mut out).unwrap();
+            attention(&shape, scale, &q, CachedKv::F16 { k: &k16, v: &v16 }, &padding, &mut out).unwrap();
             for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
                 assert!((got - want).abs() < 1e-5, "f16, {case}, value {i}: {got} vs {want}");
             }
@@ -437,13 +465,13 @@ mod tests {
     #[test]
     fn attention_rejects_mismatched_shapes() {
         let shape = AttentionShape { rows: 1, queries: 1, heads: 4, kv_heads: 3, head_dim: 8, len: 2, capacity: 4 };
-        let err = attention(&shape, 1.0, &[0.0; 32], CachedKv::F32 { k: &[0.0; 96], v: &[0.0; 96] }, &[0], &mut [0.0; 32]).unwrap_err();
+        let err = attention(&shape, 1.0, &[0.0; 32], CachedKv::F32 { k: &[0.0; 96], v: &[0.0; 96] }, &[0..0], &mut [0.0; 32]).unwrap_err();
         assert!(err.0.contains("4 query heads over 3 KV heads"), "{err}");
         let shape = AttentionShape { kv_heads: 2, ..shape };
-        let err = attention(&shape, 1.0, &[0.0; 32], CachedKv::F16 { k: &[f16::ZERO; 63], v: &[f16::ZERO; 64] }, &[0], &mut [0.0; 32]).unwrap_err();
+        let err = attention(&shape, 1.0, &[0.0; 32], CachedKv::F16 { k: &[f16::ZERO; 63], v: &[f16::ZERO; 64] }, &[0..0], &mut [0.0; 32]).unwrap_err();
         assert!(err.0.contains("64 key and value values"), "{err}");
         let shape = AttentionShape { queries: 3, ..shape };
-        let err = attention(&shape, 1.0, &[0.0; 96], CachedKv::F32 { k: &[0.0; 64], v: &[0.0; 64] }, &[0], &mut [0.0; 96]).unwrap_err();
+        let err = attention(&shape, 1.0, &[0.0; 96], CachedKv::F32 { k: &[0.0; 64], v: &[0.0; 64] }, &[0..0], &mut [0.0; 96]).unwrap_err();
         assert!(err.0.contains("3 queries, 2 of 4 positions"), "{err}");
     }
 }
