@@ -66,7 +66,7 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
 pub fn prompt_logits(model: &llm_engine::Llama, ids: &[u32]) -> candle_core::Tensor {
     let input = candle_core::Tensor::new(ids, model.device()).and_then(|t| t.unsqueeze(0)).expect("input");
     let mut cache = model.new_cache();
-    model.forward(&input, &[0..0], &mut cache, llm_engine::Logits::All).and_then(|t| Ok(t.squeeze(0)?)).expect("forward")
+    model.forward(&input, llm_engine::model::ONE_UNPADDED_ROW, &mut cache, llm_engine::Logits::All).and_then(|t| Ok(t.squeeze(0)?)).expect("forward")
 }
 
 /// Greedy ids, ignoring end-of-sequence, as the fixtures record them.

@@ -261,7 +261,7 @@ fn cached_decode(model: &llm_engine::Llama, ids: &[u32], prompt: usize) -> Vec<c
     let mut cache = model.new_cache();
     let mut step = |tokens: &[u32]| {
         let input = candle_core::Tensor::new(tokens, model.device()).unwrap().unsqueeze(0).unwrap();
-        model.forward(&input, &[0..0], &mut cache, llm_engine::Logits::Last).unwrap().squeeze(0).unwrap()
+        model.forward(&input, llm_engine::model::ONE_UNPADDED_ROW, &mut cache, llm_engine::Logits::Last).unwrap().squeeze(0).unwrap()
     };
     step(&ids[..prompt]);
     let logits = (prompt..ids.len()).map(|at| step(&ids[at..at + 1])).collect();

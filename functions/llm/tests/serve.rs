@@ -4,10 +4,14 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 struct Server {
     child: Child,
     base_url: String,
+    /// What the server wrote to stderr after its "listening on" line.
+    log: Arc<Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -32,8 +36,10 @@ fn serve(args: &[&str]) -> Server {
         }
     };
     // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server { child, base_url }
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|line| sink.lock().unwrap().push_str(&(line + "\n"))));
+    Server { child, base_url, log }
 }
 
 #[test]
@@ -115,6 +121,27 @@ fn an_overloaded_server_sheds_requests_with_503() {
     assert!(refused.iter().all(|(_, body)| body["error"]["type"] == "server_overloaded"), "{refused:?}");
     let (status, body) = post(&server.base_url, "/v1/completions", r#"{"model": "demo", "prompt": "Once", "max_tokens": 2}"#);
     assert_eq!(status, 200, "{body}");
+}
+
+/// A client that goes away before its JSON answer stops the generation (which would otherwise
+/// run to `max_tokens` and hold the engine from the requests behind it).
+#[test]
+fn an_abandoned_request_stops_its_generation() {
+    use std::io::Write;
+    // The fixture decodes thousands of tokens a second: 50,000 take far longer than the test.
+    let model = root().join("tests/fixtures/llama3/llama3-bf16.gguf");
+    let server = serve(&["--model", model.to_str().unwrap(), "--threads", "1", "--max-tokens", "50000"]);
+    let body = r#"{"model": "llama3-bf16", "prompt": "Once", "max_tokens": 50000, "ignore_eos": true}"#;
+    let address = server.base_url.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut client = std::net::TcpStream::connect(address).unwrap();
+    write!(client, "POST /v1/completions HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(client);
+    let (status, answer) = post(&server.base_url, "/v1/completions", r#"{"model": "llama3-bf16", "prompt": "Once", "max_tokens": 2}"#);
+    assert_eq!(status, 200, "{answer}");
+    let log = server.log.lock().unwrap();
+    assert!(log.contains("the request was abandoned"), "{log}");
 }
 
 /// A model whose chat template allocates without bound (a list concatenated with itself 40

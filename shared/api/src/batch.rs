@@ -3,7 +3,7 @@
 //! the request's log line and metrics. Answers as JSON, or hands over to [`crate::stream`].
 
 use std::ops::ControlFlow;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -106,10 +106,18 @@ pub(crate) async fn run_requests(
     stop_at: Option<Instant>,
     mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
 ) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
-    let _permit = state.engine_turn().await?;
+    let permit = state.engine_turn().await?;
     let model = model.clone();
+    // Set when this future is dropped before the generation ends: a client that went away
+    // before a JSON answer (a stream's sender sees it closed instead).
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let _abandon_on_drop = SetOnDrop(abandoned.clone());
     let on_token = move |event: TokenEvent<'_>| {
         let flow = on_token(event);
+        if flow.is_continue() && abandoned.load(Ordering::Relaxed) {
+            tracing::warn!("stopping generation: the request was abandoned");
+            return ControlFlow::Break(());
+        }
         if flow.is_continue() && stop_at.is_some_and(|at| Instant::now() >= at) {
             tracing::warn!("stopping generation before the invocation's deadline");
             return ControlFlow::Break(());
@@ -119,6 +127,7 @@ pub(crate) async fn run_requests(
     let span = tracing::Span::current();
     let prompt_cache = state.prompt_cache.clone();
     let generate = move || {
+        let _permit = permit;
         // A generation that panicked left the cache empty (it takes the cache out first).
         let mut prompt_cache = prompt_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         llm_engine::generate_cached(&model.model, &model.tokenizer, &requests, &mut prompt_cache, on_token)
@@ -127,6 +136,14 @@ pub(crate) async fn run_requests(
         .await
         .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
         .map_err(ApiError::engine)
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The request's log line and metrics (one EMF record); the first request of the process is

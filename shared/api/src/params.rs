@@ -160,6 +160,10 @@ fn logit_bias(bias: Option<&HashMap<String, f32>>) -> Result<Vec<(u32, f32)>, Ap
         parsed.push((id, in_range("logit_bias", Some(value), -100.0, 100.0, 0.0)?));
     }
     parsed.sort_unstable_by_key(|&(id, _)| id);
+    // "5" and "05" are one token, and their biases would add up past the range.
+    if let Some(pair) = parsed.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(ApiError::invalid("logit_bias", format!("`logit_bias` names token id {} twice.", pair[0].0)));
+    }
     Ok(parsed)
 }
 

@@ -126,6 +126,11 @@ impl Checked {
             }
         };
         check_prompts(&prompts, &generation, &state.limits, model.model.config().max_position_embeddings)?;
+        // Here, not in the engine: a streamed answer has sent its status by the time it runs.
+        let vocab = model.model.config().vocab_size;
+        if let Some((id, _)) = generation.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            return Err(ApiError::invalid("logit_bias", format!("`logit_bias` names token id {id}; the vocabulary has {vocab}.")));
+        }
         let echo = match echo {
             Some(texts) => Some(Arc::new(echoed(state, model, &prompts, texts, generation.logprobs).await?)),
             None => None,

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use llm_engine::PromptCache;
 use llm_observe::{Metrics, Unit};
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::batch::{answer, Batch};
@@ -43,7 +43,7 @@ pub struct AppState {
     /// Log prompts and completions (off by default: they may be private).
     pub log_text: bool,
     /// One batch on the CPU at a time; others queue (see [`AppState::engine_turn`]).
-    engine: Semaphore,
+    engine: Arc<Semaphore>,
     /// Requests waiting for `engine`.
     waiting: AtomicUsize,
     /// The last single-sequence request's KV cache, for the next prompt that starts the same
@@ -60,7 +60,7 @@ impl AppState {
             limits,
             api_key,
             log_text: false,
-            engine: Semaphore::new(1),
+            engine: Arc::new(Semaphore::new(1)),
             waiting: AtomicUsize::new(0),
             prompt_cache: Default::default(),
             cold: AtomicBool::new(true),
@@ -69,15 +69,17 @@ impl AppState {
 
     /// Waits for the engine's turn, or refuses (503) when `limits.max_queued` requests already
     /// wait for it.
-    pub(crate) async fn engine_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-        if let Ok(permit) = self.engine.try_acquire() {
+    /// The permit is owned, so that a generation holds it to its end even when its request's
+    /// handler is dropped.
+    pub(crate) async fn engine_turn(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if let Ok(permit) = self.engine.clone().try_acquire_owned() {
             return Ok(permit);
         }
         let place = Waiting::join(&self.waiting);
         if place.ahead >= self.limits.max_queued {
             return Err(ApiError::overloaded(place.ahead));
         }
-        let permit = self.engine.acquire().await.map_err(|e| ApiError::internal(e.to_string()));
+        let permit = self.engine.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.to_string()));
         drop(place);
         permit
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
-use crate::model::{KvCache, Llama, Logits};
+use crate::model::{KvCache, Llama, Logits, ONE_UNPADDED_ROW};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -157,7 +157,7 @@ pub fn generate_cached(
     stats.cached_prompt_tokens = cached;
     let started = Instant::now();
     let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES {
-        prefill(model, &prompts[0][cached..common], &[0..0], &mut cache)?;
+        prefill(model, &prompts[0][cached..common], ONE_UNPADDED_ROW, &mut cache)?;
         common
     } else {
         cached

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::model::{Llama, Logits};
+use crate::model::{Llama, Logits, ONE_UNPADDED_ROW};
 
 /// Prompt positions scored per forward pass: bounds the `[positions, vocab]` logits in memory.
 const SCORE_CHUNK: usize = 256;
@@ -46,7 +46,7 @@ pub fn prompt_logprobs(model: &Llama, prompt: &[u32], top_n: usize) -> Result<Ve
     let mut entries = Vec::with_capacity(prompt.len().saturating_sub(1));
     for (chunk_index, chunk) in prompt.chunks(SCORE_CHUNK).enumerate() {
         let input = Tensor::new(chunk, model.device())?.unsqueeze(0)?;
-        let rows = model.forward(&input, &[0..0], &mut cache, Logits::All)?.squeeze(0)?.to_vec2::<f32>()?;
+        let rows = model.forward(&input, ONE_UNPADDED_ROW, &mut cache, Logits::All)?.squeeze(0)?.to_vec2::<f32>()?;
         for (offset, row) in rows.iter().enumerate() {
             // Position p predicts token p + 1.
             if let Some(&next) = prompt.get(chunk_index * SCORE_CHUNK + offset + 1) {

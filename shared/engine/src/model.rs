@@ -581,6 +581,10 @@ impl Llama {
     }
 }
 
+/// The padding of a batch of one row that has none.
+#[allow(clippy::single_range_in_vec_init)] // one row's padding, not a vector of `0..0`'s values
+pub const ONE_UNPADDED_ROW: &[Range<usize>] = &[0..0];
+
 /// Position ids `[b, s]`: each row counts its tokens, padding left out (a padding slot, never
 /// attended to, takes the position of the padding's start).
 fn positions(b: usize, s: usize, past: usize, padding: &[Range<usize>], device: &Device) -> Result<Tensor> {

@@ -9,6 +9,8 @@
 //! data, which fits in L2 here for a decode step; in a forward pass the weights read in between
 //! push it out to memory. [`attention`] runs over the cache in f32 and in f16.
 
+#![allow(clippy::single_range_in_vec_init)] // one row's padding, not a vector of `0..0`'s values
+
 mod common;
 use common::seconds;
 
