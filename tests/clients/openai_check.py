@@ -1,7 +1,7 @@
 """The API as the official `openai` Python client calls it (pip install openai).
 
 Run by functions/llm/tests/serve.rs against `llm serve`; exits non-zero with the failed check.
-    python3 tests/clients/openai_check.py --base-url http://127.0.0.1:PORT/v1 --model ID --api-key KEY
+    python3 tests/clients/openai_check.py --base-url http://127.0.0.1:PORT/v1 --model ID --api-key KEY --eos-id ID
 """
 import argparse
 
@@ -13,6 +13,7 @@ def main():
     ap.add_argument("--base-url", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--api-key", required=True)
+    ap.add_argument("--eos-id", type=int, required=True, help="the model's end-of-generation token id")
     args = ap.parse_args()
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
     model = args.model
@@ -99,9 +100,18 @@ def main():
     forced = client.completions.create(model=model, prompt=prompts[0], max_tokens=3, temperature=1, seed=1, logprobs=0,
                                        logit_bias={"1000": 100}, extra_body={"ignore_eos": True})
     tokens = forced.choices[0].logprobs.tokens
-    assert len(tokens) == 3 and len(set(tokens)) == 1, tokens
+    token_1000 = client.completions.create(model=model, prompt=[1000], max_tokens=0, echo=True).choices[0].text
+    assert tokens == [token_1000] * 3, (tokens, token_1000)
     free = client.completions.create(model=model, prompt=prompts[0], max_tokens=3, temperature=1, seed=1, logprobs=0)
     assert free.choices[0].logprobs.tokens != tokens, free
+    # The end-of-generation token, forced: it stops the completion, unless ignore_eos.
+    eos = {str(args.eos_id): 100}
+    stopped = client.completions.create(model=model, prompt=prompts[0], max_tokens=3, temperature=0, logit_bias=eos)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1, stopped
+    kept = client.completions.create(model=model, prompt=prompts[0], max_tokens=3, temperature=0, logit_bias=eos, logprobs=0,
+                                     extra_body={"ignore_eos": True})
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 3, kept
+    assert len(kept.choices[0].logprobs.tokens) == 3, kept
 
     def expect(error, **kwargs):
         call = kwargs.pop("call", client.chat.completions.create)

@@ -48,7 +48,8 @@ fn the_openai_client_gets_what_it_expects() {
     let server = serve(&["--model", model.to_str().unwrap(), "--api-key", "sk-test", "--threads", "2"]);
     let out = Command::new("python3")
         .arg(root().join("tests/clients/openai_check.py"))
-        .args(["--base-url", &server.base_url, "--model", "llama3-bf16", "--api-key", "sk-test"])
+        // 128009: the fixture's `<|eot_id|>` (`tokenizer.ggml.eos_token_id`).
+        .args(["--base-url", &server.base_url, "--model", "llama3-bf16", "--api-key", "sk-test", "--eos-id", "128009"])
         .output()
         .expect("python3");
     assert!(

@@ -21,9 +21,9 @@ fn token_text(bytes: &[u8]) -> String {
 }
 
 /// The entries clients see: an end-of-generation token that stopped the sequence adds no
-/// text, so it has no entry either.
-pub fn visible<'a>(tokenizer: &'a Tokenizer, entries: &'a [TokenLogprob]) -> impl Iterator<Item = &'a TokenLogprob> + 'a {
-    entries.iter().filter(|e| !tokenizer.is_stop(e.token_id))
+/// text, so it has no entry either (with `ignore_eos`, none stops it, and each has one).
+pub fn visible<'a>(tokenizer: &'a Tokenizer, entries: &'a [TokenLogprob], ignore_eos: bool) -> impl Iterator<Item = &'a TokenLogprob> + 'a {
+    entries.iter().filter(move |e| ignore_eos || !tokenizer.is_stop(e.token_id))
 }
 
 pub fn chat_entry(tokenizer: &Tokenizer, entry: &TokenLogprob) -> ChatTokenLogprob {
@@ -35,8 +35,8 @@ pub fn chat_entry(tokenizer: &Tokenizer, entry: &TokenLogprob) -> ChatTokenLogpr
     ChatTokenLogprob { token: token_text(&bytes), logprob: json_logprob(entry.logprob), bytes, top_logprobs: entry.top.iter().map(top).collect() }
 }
 
-pub fn chat(tokenizer: &Tokenizer, entries: &[TokenLogprob]) -> ChatLogprobs {
-    ChatLogprobs { content: visible(tokenizer, entries).map(|e| chat_entry(tokenizer, e)).collect(), refusal: None }
+pub fn chat(tokenizer: &Tokenizer, entries: &[TokenLogprob], ignore_eos: bool) -> ChatLogprobs {
+    ChatLogprobs { content: visible(tokenizer, entries, ignore_eos).map(|e| chat_entry(tokenizer, e)).collect(), refusal: None }
 }
 
 /// The legacy lists for `entries`, whose text starts at byte `offset` of the choice's text.

@@ -156,7 +156,7 @@ impl Prepared {
                         index,
                         message: ResponseMessage { role: "assistant", content: c.text.clone() },
                         finish_reason: finish_reason(c.finish_reason),
-                        logprobs: generation.logprobs.map(|_| logprobs::chat(&model.tokenizer, &c.logprobs)),
+                        logprobs: generation.logprobs.map(|_| logprobs::chat(&model.tokenizer, &c.logprobs, generation.ignore_eos)),
                     })
                     .collect();
                 Answer::Chat(ChatCompletion { id: meta.id, object: "chat.completion", created: meta.created, model: meta.model, choices, usage })
@@ -173,7 +173,9 @@ impl Prepared {
                         }
                         let prefix = echoed.map_or("", |(text, _)| text.as_str());
                         if let Some(lists) = &mut logprobs {
-                            lists.append(logprobs::completion(&model.tokenizer, logprobs::visible(&model.tokenizer, &c.logprobs), prefix.len()).0);
+                            lists.append(
+                                logprobs::completion(&model.tokenizer, logprobs::visible(&model.tokenizer, &c.logprobs, generation.ignore_eos), prefix.len()).0,
+                            );
                         }
                         CompletionChoice { index, text: format!("{prefix}{}", c.text), finish_reason: Some(finish_reason(c.finish_reason)), logprobs }
                     })
