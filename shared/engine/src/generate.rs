@@ -86,17 +86,17 @@ pub struct PromptCache {
 impl PromptCache {
     /// A cache for a batch whose prompts all start with `start`, and how many of those tokens
     /// it already holds.
-    fn take(&mut self, model: &Llama, start: &[u32]) -> (KvCache, usize) {
+    fn take(&mut self, model: &Llama, start: &[u32]) -> Result<(KvCache, usize)> {
         let shared = self.tokens.iter().zip(start).take_while(|(a, b)| a == b).count();
         let kv = self.kv.take();
         self.tokens.clear();
-        match kv {
+        Ok(match kv {
             Some(mut kv) if shared > 0 => {
-                kv.truncate(shared);
+                kv.truncate(shared)?;
                 (kv, shared)
             }
             _ => (model.new_cache(), 0),
-        }
+        })
     }
 }
 
@@ -153,7 +153,7 @@ pub fn generate_cached(
     // row is copied to every prompt's, and each prompt's rest is padded after it to end together.
     let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
     let common = prompts.iter().map(|p| p.iter().zip(prompts[0]).take_while(|(a, b)| a == b).count()).min().unwrap_or(0).min(shortest - 1);
-    let (mut cache, cached) = prompt_cache.take(model, &prompts[0][..common]);
+    let (mut cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
     stats.cached_prompt_tokens = cached;
     let started = Instant::now();
     let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES {

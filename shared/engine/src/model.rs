@@ -282,15 +282,17 @@ impl LayerCache {
         Self { buffers: None, len: 0, dtype }
     }
 
+    /// The dimensions of the positions in the key and value buffers.
+    const K_POSITIONS: usize = 3;
+    const V_POSITIONS: usize = 2;
+
     /// Writes `k`, `v` (`[b, kv_heads, s, head_dim]`) after the cached positions, in the cache's
     /// type.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
-        const K_POSITIONS: usize = 3;
-        const V_POSITIONS: usize = 2;
         let (k, v) = (k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?);
         let (b, nkv, s, hd) = k.dims4()?;
         let len = self.len + s;
-        let capacity = self.buffers.as_ref().map_or(0, |(_, v)| v.dims()[V_POSITIONS]);
+        let capacity = self.buffers.as_ref().map_or(0, |(_, v)| v.dims()[Self::V_POSITIONS]);
         if len > capacity {
             let capacity = len.next_multiple_of(CACHE_GROWTH);
             let grown = |old: Option<&Tensor>, shape: (usize, usize, usize, usize), positions: usize| -> Result<Tensor> {
@@ -301,12 +303,14 @@ impl LayerCache {
                 Ok(buffer)
             };
             let old = self.buffers.as_ref();
-            self.buffers =
-                Some((grown(old.map(|(k, _)| k), (b, nkv, hd, capacity), K_POSITIONS)?, grown(old.map(|(_, v)| v), (b, nkv, capacity, hd), V_POSITIONS)?));
+            self.buffers = Some((
+                grown(old.map(|(k, _)| k), (b, nkv, hd, capacity), Self::K_POSITIONS)?,
+                grown(old.map(|(_, v)| v), (b, nkv, capacity, hd), Self::V_POSITIONS)?,
+            ));
         }
         let (k_buffer, v_buffer) = self.buffers.as_ref().expect("allocated above");
-        k_buffer.slice_set(&k.transpose(2, 3)?.contiguous()?, K_POSITIONS, self.len)?;
-        v_buffer.slice_set(&v.contiguous()?, V_POSITIONS, self.len)?;
+        k_buffer.slice_set(&k.transpose(2, 3)?.contiguous()?, Self::K_POSITIONS, self.len)?;
+        v_buffer.slice_set(&v.contiguous()?, Self::V_POSITIONS, self.len)?;
         self.len = len;
         Ok(())
     }
@@ -356,11 +360,21 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Forgets every position from `len` on; later steps write over them.
-    pub(crate) fn truncate(&mut self, len: usize) {
+    /// Forgets every position from `len` on; later steps write over them. Buffers far larger
+    /// than what is left shrink to it: copies of a row (a batch's shared start) copy whole
+    /// buffers, and a long conversation's capacity copied to each row of a batch of short
+    /// prompts would take many times the memory they need.
+    pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
         for layer in &mut self.layers {
             layer.len = layer.len.min(len);
+            let capacity = layer.len.next_multiple_of(CACHE_GROWTH).max(CACHE_GROWTH);
+            if let Some((k, v)) = &mut layer.buffers {
+                if v.dims()[LayerCache::V_POSITIONS] > capacity {
+                    (*k, *v) = (k.narrow(LayerCache::K_POSITIONS, 0, capacity)?.contiguous()?, v.narrow(LayerCache::V_POSITIONS, 0, capacity)?.contiguous()?);
+                }
+            }
         }
+        Ok(())
     }
 
     /// Makes the batch the rows `rows` (in that order): fewer when some sequences finish, copies of
@@ -656,5 +670,22 @@ mod tests {
                 assert!(diff < 1e-5, "{dtype:?} cache, {s} positions after {}: {diff}", cache.len - s);
             }
         }
+    }
+
+    /// Cut far back, a cache's buffers shrink to the positions it keeps, which keep their values.
+    #[test]
+    fn a_truncated_cache_keeps_its_start_in_smaller_buffers() {
+        let dev = Device::Cpu;
+        let mut cache = KvCache { layers: vec![LayerCache::new(DType::F32)] };
+        let (k, v) = (Tensor::randn(0f32, 1.0, (1, 2, 600, 8), &dev).unwrap(), Tensor::randn(0f32, 1.0, (1, 2, 600, 8), &dev).unwrap());
+        cache.layers[0].append(&k, &v).unwrap();
+        let capacity = |cache: &KvCache| cache.layers[0].buffers.as_ref().unwrap().1.dims()[LayerCache::V_POSITIONS];
+        assert_eq!(capacity(&cache), 768);
+        cache.truncate(10).unwrap();
+        assert_eq!((cache.len(), capacity(&cache)), (10, CACHE_GROWTH));
+        let (k_t, v_kept) = cache.layers[0].buffers.as_ref().unwrap();
+        let kept = |t: &Tensor, dim| t.narrow(dim, 0, 10).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(kept(v_kept, 2), kept(&v, 2));
+        assert_eq!(kept(k_t, 3), kept(&k.transpose(2, 3).unwrap().contiguous().unwrap(), 3));
     }
 }
