@@ -50,6 +50,10 @@ fn run(dir: &Path, name: &str, extra: &[&str]) -> (HashMap<String, Value>, Vec<V
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let answers: Vec<Value> = read_lines(&output);
+    // In the file's order, whatever order the engine batches ran the requests in.
+    let file = std::fs::read_to_string(&input).unwrap();
+    let at = |a: &Value| file.find(&format!("\"custom_id\":\"{}\"", a["custom_id"].as_str().unwrap())).unwrap();
+    assert!(answers.windows(2).all(|pair| at(&pair[0]) < at(&pair[1])), "{answers:?}");
     let by_id: HashMap<String, Value> = answers.iter().map(|a| (a["custom_id"].as_str().unwrap().to_string(), a.clone())).collect();
     assert_eq!(by_id.len(), answers.len(), "each custom_id answered once");
     let status: Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.status.json"))).unwrap()).unwrap();

@@ -152,8 +152,10 @@ pub fn to_jsonl<'a>(lines: impl IntoIterator<Item = &'a OutputLine>) -> Vec<u8> 
     bytes
 }
 
-/// Answers `lines` in order; the sequences of consecutive requests share an engine batch of at
-/// most `max_sequences` (a single request with more runs alone). Fails only when the model
+/// Answers `lines` in order; the sequences of requests share engine batches of at most
+/// `max_sequences` (a single request with more runs alone), requests taken in the order of their
+/// prompts' tokens, so that prompts that start alike (one system prompt) share a batch, which
+/// runs their start once. Fails only when the model
 /// cannot be loaded: every line would fail alike, so the run should be retried instead.
 pub async fn answer(state: &Arc<AppState>, lines: Vec<Line>, max_sequences: usize) -> Result<(Vec<OutputLine>, RunStats), ApiError> {
     let (model, _) = state.slot.get().await?;
@@ -165,6 +167,7 @@ pub async fn answer(state: &Arc<AppState>, lines: Vec<Line>, max_sequences: usiz
             Err(error) => answers[position] = Some(OutputLine::failed(line.custom_id, &error)),
         }
     }
+    ready.sort_by(|(_, _, a), (_, _, b)| a.prompts.cmp(&b.prompts));
     let mut stats = RunStats::default();
     let mut group: Vec<(usize, String, Prepared)> = Vec::new();
     for item in ready {
