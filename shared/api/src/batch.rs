@@ -114,7 +114,8 @@ pub(crate) async fn run_requests(
     let _abandon_on_drop = SetOnDrop(abandoned.clone());
     let on_token = move |event: TokenEvent<'_>| {
         let flow = on_token(event);
-        if flow.is_continue() && abandoned.load(Ordering::Relaxed) {
+        // Once: the engine stops every sequence after a break.
+        if flow.is_continue() && abandoned.swap(false, Ordering::Relaxed) {
             tracing::warn!("stopping generation: the request was abandoned");
             return ControlFlow::Break(());
         }
