@@ -34,11 +34,16 @@ fn the_function_binary_answers_under_cargo_lambda() {
         .collect();
     assert_eq!(text, answer["choices"][0]["text"].as_str().unwrap(), "{events}");
     assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
+    let uncached = REQUEST.replace("\"temperature\": 0", "\"temperature\": 0, \"cache_prompt\": false");
+    let (status, body) = post(&address, &url, &uncached);
+    assert_eq!((status, serde_json::from_str::<serde_json::Value>(&body).unwrap()["choices"][0]["text"].clone()), (200, answer["choices"][0]["text"].clone()));
     let log = watch.log();
     assert!(log.contains("model downloaded") && log.contains("\"ColdStart\":1.0"), "{log}");
-    // The streamed request repeated the prompt: all but its last token came from the prompt cache.
+    // The streamed request repeated the prompt: all but its last token came from the prompt
+    // cache; the third, which asked for no prompt cache, ran its whole prompt.
     let reused = answer["usage"]["prompt_tokens"].as_u64().unwrap() - 1;
-    assert!(log.contains(&format!("\"CachedPromptTokens\":{reused}.0")), "{log}");
+    let cached: Vec<&str> = log.split("\"CachedPromptTokens\":").skip(1).map(|rest| rest.split(',').next().unwrap()).collect();
+    assert_eq!(cached, ["0.0".to_string(), format!("{reused}.0"), "0.0".to_string()], "{log}");
     // Log lines carry the invocation's request id and the served object; no text by default.
     assert!(log.contains("\"request_id\"") && !log.contains("\"request_id\":\"req-") && log.contains("\"source\":\"s3://infer-lambda/models/tiny/"), "{log}");
     assert!(!log.contains(answer["choices"][0]["text"].as_str().unwrap()), "{log}");

@@ -93,16 +93,17 @@ pub(crate) async fn run_batch(
     requests: Vec<GenerationRequest>,
     on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
 ) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
-    run_requests(&batch.state, &batch.model, requests, batch.stop_at(), on_token).await
+    run_requests(&batch.state, &batch.model, requests, batch.request.generation.cache_prompt, batch.stop_at(), on_token).await
 }
 
 /// Runs sequences as one engine batch on a blocking thread, after the batches queued before
-/// it. Generation stops early (`finish_reason: length`) when `on_token` breaks or `stop_at`
+/// it, through the prompt cache when `cache_prompt`. Generation stops early (`finish_reason: length`) when `on_token` breaks or `stop_at`
 /// passes.
 pub(crate) async fn run_requests(
     state: &AppState,
     model: &Arc<LoadedModel>,
     requests: Vec<GenerationRequest>,
+    cache_prompt: bool,
     stop_at: Option<Instant>,
     mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
 ) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
@@ -129,6 +130,9 @@ pub(crate) async fn run_requests(
     let prompt_cache = state.prompt_cache.clone();
     let generate = move || {
         let _permit = permit;
+        if !cache_prompt {
+            return llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token);
+        }
         // A generation that panicked left the cache empty (it takes the cache out first).
         let mut prompt_cache = prompt_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         llm_engine::generate_cached(&model.model, &model.tokenizer, &requests, &mut prompt_cache, on_token)

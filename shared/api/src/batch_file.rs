@@ -215,7 +215,8 @@ async fn run_group(
 ) {
     let requests: Vec<GenerationRequest> = group.iter().flat_map(|(_, _, r)| r.generation.requests(&r.prompts)).collect();
     let (lines, sequences) = (group.len(), requests.len());
-    match run_requests(state, model, requests, None, |_| ControlFlow::Continue(())).await {
+    let cache_prompt = group.iter().all(|(_, _, r)| r.generation.cache_prompt);
+    match run_requests(state, model, requests, cache_prompt, None, |_| ControlFlow::Continue(())).await {
         Ok((completions, generated)) => {
             stats.engine_batches += 1;
             stats.sequences += sequences;

@@ -55,6 +55,9 @@ pub struct Sampling {
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     /// vLLM's and llama.cpp's extension: generate past end-of-generation tokens.
     pub ignore_eos: Option<bool>,
+    /// llama.cpp's server's extension: `false` runs the prompt without the prompt cache and
+    /// leaves nothing there (no later request's speed tells what it was).
+    pub cache_prompt: Option<bool>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,

@@ -49,6 +49,8 @@ pub struct Generation {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Start from, and leave the sequence in, the server's prompt cache.
+    pub cache_prompt: bool,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
@@ -109,8 +111,8 @@ impl Generation {
             seed,
         };
         let include_usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let ignore_eos = s.ignore_eos.unwrap_or(false);
-        Ok(Self { max_tokens, sampling, stop, ignore_eos, n, stream: s.stream, include_usage, logprobs: None })
+        let (ignore_eos, cache_prompt) = (s.ignore_eos.unwrap_or(false), s.cache_prompt.unwrap_or(true));
+        Ok(Self { max_tokens, sampling, stop, ignore_eos, cache_prompt, n, stream: s.stream, include_usage, logprobs: None })
     }
 
     /// Chat's `logprobs: true` with `top_logprobs` alternatives (which needs `logprobs`).
