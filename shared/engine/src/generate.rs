@@ -74,9 +74,9 @@ pub struct GenerationStats {
 /// The KV cache of the last request of one sequence and the tokens it holds, kept between
 /// requests: a prompt that starts as that request's prompt and completion did (a system prompt,
 /// a conversation's earlier turns) runs only what follows, as llama.cpp's server
-/// (`cache_prompt`) and vLLM's prefix caching do. It holds one sequence's cache, the memory that
-/// sequence needed anyway. A batch of several prompts starts from it too where they all start as
-/// it does; only a request of one sequence leaves its cache there.
+/// (`cache_prompt`) and vLLM's prefix caching do. It holds one row: the last request's sequence
+/// when it had one; else the prompt its sequences shared, or the start its prompts shared, copied
+/// before the batch's rows were made of it (one row beside the batch's own).
 #[derive(Debug, Default)]
 pub struct PromptCache {
     tokens: Vec<u32>,
@@ -97,6 +97,12 @@ impl PromptCache {
             }
             _ => (model.new_cache(), 0),
         })
+    }
+
+    /// Holds `kv`, one row whose positions hold `tokens`, for the next batch.
+    fn keep(&mut self, tokens: &[u32], kv: KvCache) {
+        self.tokens = tokens.to_vec();
+        self.kv = Some(kv);
     }
 }
 
@@ -163,7 +169,8 @@ pub fn generate_cached(
         cached
     };
     if start > 0 && prompts.len() > 1 {
-        cache.retain_rows(&vec![0; prompts.len()])?;
+        let rows = cache.copy_rows(&vec![0; prompts.len()])?;
+        prompt_cache.keep(&prompts[0][..start], std::mem::replace(&mut cache, rows));
     }
     let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);
     let prompt_padding: Vec<Range<usize>> = prompts.iter().map(|p| start..start + longest - (p.len() - start)).collect();
@@ -175,7 +182,11 @@ pub fn generate_cached(
     let mut logits = prefill(model, &tokens, &prompt_padding, &mut cache)?;
     let mut padding: Vec<Range<usize>> = row_of.iter().map(|&row| prompt_padding[row as usize].clone()).collect();
     if prompts.len() < requests.len() {
-        cache.retain_rows(&row_of)?;
+        let rows = cache.copy_rows(&row_of)?;
+        let prompt = std::mem::replace(&mut cache, rows);
+        if let [one] = prompts.as_slice() {
+            prompt_cache.keep(one, prompt);
+        }
         logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
     }
     stats.prefill = started.elapsed();
@@ -221,8 +232,7 @@ pub fn generate_cached(
     }
     stats.decode = started.elapsed();
     if let [seq] = seqs.as_slice() {
-        prompt_cache.tokens = seq.context[..cache.len()].to_vec();
-        prompt_cache.kv = Some(cache);
+        prompt_cache.keep(&seq.context[..cache.len()], cache);
     }
 
     let mut completions = Vec::with_capacity(seqs.len());

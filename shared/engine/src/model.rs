@@ -380,16 +380,25 @@ impl KvCache {
     /// Makes the batch the rows `rows` (in that order): fewer when some sequences finish, copies of
     /// one row for sequences that share a prompt.
     pub fn retain_rows(&mut self, rows: &[u32]) -> Result<()> {
-        let Some((k, _)) = self.layers.first().and_then(|layer| layer.buffers.as_ref()) else {
-            return Ok(());
-        };
-        let index = Tensor::new(rows, k.device())?;
-        for layer in &mut self.layers {
-            if let Some((k, v)) = &mut layer.buffers {
-                (*k, *v) = (k.index_select(&index, 0)?, v.index_select(&index, 0)?);
-            }
-        }
+        *self = self.copy_rows(rows)?;
         Ok(())
+    }
+
+    /// A cache of the rows `rows` of this one (in that order; a row may repeat), in buffers of
+    /// its own.
+    pub fn copy_rows(&self, rows: &[u32]) -> Result<KvCache> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let buffers = match &layer.buffers {
+                Some((k, v)) => {
+                    let index = Tensor::new(rows, k.device())?;
+                    Some((k.index_select(&index, 0)?, v.index_select(&index, 0)?))
+                }
+                None => None,
+            };
+            layers.push(LayerCache { buffers, len: layer.len, dtype: layer.dtype });
+        }
+        Ok(KvCache { layers })
     }
 }
 
