@@ -370,7 +370,10 @@ impl KvCache {
             let capacity = layer.len.next_multiple_of(CACHE_GROWTH).max(CACHE_GROWTH);
             if let Some((k, v)) = &mut layer.buffers {
                 if v.dims()[LayerCache::V_POSITIONS] > capacity {
-                    (*k, *v) = (k.narrow(LayerCache::K_POSITIONS, 0, capacity)?.contiguous()?, v.narrow(LayerCache::V_POSITIONS, 0, capacity)?.contiguous()?);
+                    // Always a copy: a narrowed buffer that is already contiguous would keep the
+                    // whole old one alive (`contiguous` returns it as it is).
+                    let shrunk = |t: &Tensor, positions| t.narrow(positions, 0, capacity)?.force_contiguous();
+                    (*k, *v) = (shrunk(k, LayerCache::K_POSITIONS)?, shrunk(v, LayerCache::V_POSITIONS)?);
                 }
             }
         }
