@@ -122,8 +122,8 @@ pub fn generate(
     generate_cached(model, tokenizer, requests, &mut PromptCache::default(), on_token)
 }
 
-/// [`generate`], starting a request of one sequence from what `prompt_cache` holds of its
-/// prompt and leaving that sequence's cache there for the next request.
+/// [`generate`], starting from what `prompt_cache` holds of the start the prompts share, and
+/// leaving there what the next request may start from (see [`PromptCache`]).
 pub fn generate_cached(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -142,53 +142,9 @@ pub fn generate_cached(
         return Ok((Vec::new(), stats));
     }
 
-    // Identical prompts (a request's `n` choices) run once; their rows of the cache are copied.
-    let mut prompts: Vec<&[u32]> = Vec::new();
-    let row_of: Vec<u32> = requests
-        .iter()
-        .map(|r| {
-            let row = prompts.iter().position(|p| *p == r.prompt.as_slice()).unwrap_or_else(|| {
-                prompts.push(&r.prompt);
-                prompts.len() - 1
-            });
-            row as u32
-        })
-        .collect();
-    // The start all prompts share (but the last token of the shortest, whose logits start its
-    // generation) comes from the prompt cache, or runs once when that saves enough; its cache
-    // row is copied to every prompt's, and each prompt's rest is padded after it to end together.
-    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
-    let common = prompts.iter().map(|p| p.iter().zip(prompts[0]).take_while(|(a, b)| a == b).count()).min().unwrap_or(0).min(shortest - 1);
-    let (mut cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
-    stats.cached_prompt_tokens = cached;
     let started = Instant::now();
-    let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES {
-        prefill(model, &prompts[0][cached..common], ONE_UNPADDED_ROW, &mut cache)?;
-        common
-    } else {
-        cached
-    };
-    if start > 0 && prompts.len() > 1 {
-        let rows = cache.copy_rows(&vec![0; prompts.len()])?;
-        prompt_cache.keep(&prompts[0][..start], std::mem::replace(&mut cache, rows));
-    }
-    let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);
-    let prompt_padding: Vec<Range<usize>> = prompts.iter().map(|p| start..start + longest - (p.len() - start)).collect();
-    let mut tokens = Vec::with_capacity(prompts.len() * longest);
-    for (p, padding) in prompts.iter().zip(&prompt_padding) {
-        tokens.extend(std::iter::repeat_n(0u32, padding.len()));
-        tokens.extend(&p[start..]);
-    }
-    let mut logits = prefill(model, &tokens, &prompt_padding, &mut cache)?;
-    let mut padding: Vec<Range<usize>> = row_of.iter().map(|&row| prompt_padding[row as usize].clone()).collect();
-    if prompts.len() < requests.len() {
-        let rows = cache.copy_rows(&row_of)?;
-        let prompt = std::mem::replace(&mut cache, rows);
-        if let [one] = prompts.as_slice() {
-            prompt_cache.keep(one, prompt);
-        }
-        logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
-    }
+    let Prefilled { mut cache, mut logits, mut padding, cached } = prefill_batch(model, requests, prompt_cache)?;
+    stats.cached_prompt_tokens = cached;
     stats.prefill = started.elapsed();
 
     // `active[row]` is the sequence index decoded in batch row `row`.
@@ -249,6 +205,65 @@ pub fn generate_cached(
         });
     }
     Ok((completions, stats))
+}
+
+/// A batch after its prompts ran: a cache row per request, each request's logits at its last
+/// prompt position, each row's padding, and how many prompt tokens the prompt cache held.
+struct Prefilled {
+    cache: KvCache,
+    logits: Tensor,
+    padding: Vec<Range<usize>>,
+    cached: usize,
+}
+
+/// Runs the prompts of `requests` as little as it can. Identical prompts (a request's `n`
+/// choices) run once and their cache rows are copied. The start all prompts share (but the
+/// last token of the shortest, whose logits start its generation) comes from the prompt cache,
+/// or runs once in a row of its own when that saves enough; that row is copied to every
+/// prompt's, and each prompt's rest is padded after it, so that all end together.
+fn prefill_batch(model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Prefilled> {
+    let mut prompts: Vec<&[u32]> = Vec::new();
+    let row_of: Vec<u32> = requests
+        .iter()
+        .map(|r| {
+            let row = prompts.iter().position(|p| *p == r.prompt.as_slice()).unwrap_or_else(|| {
+                prompts.push(&r.prompt);
+                prompts.len() - 1
+            });
+            row as u32
+        })
+        .collect();
+    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+    let common = prompts.iter().map(|p| p.iter().zip(prompts[0]).take_while(|(a, b)| a == b).count()).min().unwrap_or(0).min(shortest - 1);
+    let (mut cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
+    let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES {
+        prefill(model, &prompts[0][cached..common], ONE_UNPADDED_ROW, &mut cache)?;
+        common
+    } else {
+        cached
+    };
+    if start > 0 && prompts.len() > 1 {
+        let rows = cache.copy_rows(&vec![0; prompts.len()])?;
+        prompt_cache.keep(&prompts[0][..start], std::mem::replace(&mut cache, rows));
+    }
+    let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);
+    let prompt_padding: Vec<Range<usize>> = prompts.iter().map(|p| start..start + longest - (p.len() - start)).collect();
+    let mut tokens = Vec::with_capacity(prompts.len() * longest);
+    for (p, padding) in prompts.iter().zip(&prompt_padding) {
+        tokens.extend(std::iter::repeat_n(0u32, padding.len()));
+        tokens.extend(&p[start..]);
+    }
+    let mut logits = prefill(model, &tokens, &prompt_padding, &mut cache)?;
+    let padding = row_of.iter().map(|&row| prompt_padding[row as usize].clone()).collect();
+    if prompts.len() < requests.len() {
+        let rows = cache.copy_rows(&row_of)?;
+        let prompt = std::mem::replace(&mut cache, rows);
+        if let [one] = prompts.as_slice() {
+            prompt_cache.keep(one, prompt);
+        }
+        logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
+    }
+    Ok(Prefilled { cache, logits, padding, cached })
 }
 
 /// Positions of all rows that one forward pass of a prompt takes at most, as llama.cpp's
