@@ -97,8 +97,8 @@ pub(crate) async fn run_batch(
 }
 
 /// Runs sequences as one engine batch on a blocking thread, after the batches queued before
-/// it, through the prompt cache when `cache_prompt`. Generation stops early (`finish_reason: length`) when `on_token` breaks or `stop_at`
-/// passes.
+/// it, through the prompt cache when `cache_prompt`. Generation stops early (`finish_reason:
+/// length`) when `on_token` breaks or `stop_at` passes.
 pub(crate) async fn run_requests(
     state: &AppState,
     model: &Arc<LoadedModel>,

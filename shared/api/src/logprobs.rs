@@ -20,10 +20,15 @@ fn token_text(bytes: &[u8]) -> String {
     }
 }
 
-/// The entries clients see: an end-of-generation token that stopped the sequence adds no
+/// Whether clients see `entry`: an end-of-generation token that stopped the sequence adds no
 /// text, so it has no entry either (with `ignore_eos`, none stops it, and each has one).
+pub fn is_visible(tokenizer: &Tokenizer, entry: &TokenLogprob, ignore_eos: bool) -> bool {
+    ignore_eos || !tokenizer.is_stop(entry.token_id)
+}
+
+/// The entries clients see ([`is_visible`]).
 pub fn visible<'a>(tokenizer: &'a Tokenizer, entries: &'a [TokenLogprob], ignore_eos: bool) -> impl Iterator<Item = &'a TokenLogprob> + 'a {
-    entries.iter().filter(move |e| ignore_eos || !tokenizer.is_stop(e.token_id))
+    entries.iter().filter(move |e| is_visible(tokenizer, e, ignore_eos))
 }
 
 pub fn chat_entry(tokenizer: &Tokenizer, entry: &TokenLogprob) -> ChatTokenLogprob {

@@ -151,8 +151,8 @@ impl Generation {
     }
 }
 
-/// `logit_bias`: token ids (the engine checks them against the vocabulary) to biases in
-/// [-100, 100], as OpenAI takes them.
+/// `logit_bias`: token ids (checked against the vocabulary once the model is known, in
+/// `prepare`) to biases in [-100, 100], as OpenAI takes them.
 fn logit_bias(bias: Option<&HashMap<String, f32>>) -> Result<Vec<(u32, f32)>, ApiError> {
     let mut parsed = Vec::new();
     for (id, &value) in bias.into_iter().flatten() {

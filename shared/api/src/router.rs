@@ -46,8 +46,8 @@ pub struct AppState {
     engine: Arc<Semaphore>,
     /// Requests waiting for `engine`.
     waiting: AtomicUsize,
-    /// The last single-sequence request's KV cache, for the next prompt that starts the same
-    /// way. Locked by the generation that runs (one at a time, see `engine`).
+    /// What the last engine batch left for the next prompts that start the same way (see
+    /// [`PromptCache`]). Locked by the generation that runs (one at a time, see `engine`).
     pub(crate) prompt_cache: Arc<std::sync::Mutex<PromptCache>>,
     /// Cleared by the first request: that one is a cold start.
     pub(crate) cold: AtomicBool,

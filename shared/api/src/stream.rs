@@ -39,7 +39,7 @@ pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, in
     let ignore_eos = batch.request.generation.ignore_eos;
     let task = async move {
         let result = run_batch(&batch, requests, move |event| {
-            let logprob = event.logprob.filter(|lp| ignore_eos || !model.tokenizer.is_stop(lp.token_id)).cloned();
+            let logprob = event.logprob.filter(|lp| logprobs::is_visible(&model.tokenizer, lp, ignore_eos)).cloned();
             if event.text.is_empty() && logprob.is_none() {
                 return ControlFlow::Continue(());
             }

@@ -87,7 +87,7 @@ impl PromptCache {
     /// A cache for a batch whose prompts all start with `start`, and how many of those tokens
     /// it already holds.
     fn take(&mut self, model: &Llama, start: &[u32]) -> Result<(KvCache, usize)> {
-        let shared = self.tokens.iter().zip(start).take_while(|(a, b)| a == b).count();
+        let shared = shared_start(&self.tokens, start);
         let kv = self.kv.take();
         self.tokens.clear();
         Ok(match kv {
@@ -104,6 +104,11 @@ impl PromptCache {
         self.tokens = tokens.to_vec();
         self.kv = Some(kv);
     }
+}
+
+/// How many tokens `a` and `b` start with alike.
+fn shared_start(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(a, b)| a == b).count()
 }
 
 /// Positions a batch's shared start must save (its length beyond the prompt cache's, times
@@ -234,7 +239,7 @@ fn prefill_batch(model: &Llama, requests: &[GenerationRequest], prompt_cache: &m
         })
         .collect();
     let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
-    let common = prompts.iter().map(|p| p.iter().zip(prompts[0]).take_while(|(a, b)| a == b).count()).min().unwrap_or(0).min(shortest - 1);
+    let common = prompts.iter().map(|p| shared_start(p, prompts[0])).min().unwrap_or(0).min(shortest - 1);
     let (mut cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
     let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES {
         prefill(model, &prompts[0][cached..common], ONE_UNPADDED_ROW, &mut cache)?;

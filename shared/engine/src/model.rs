@@ -277,6 +277,11 @@ struct LayerCache {
 /// positions allocated and unused.
 const CACHE_GROWTH: usize = 256;
 
+/// The positions a layer's buffers hold for `len` filled ones.
+fn capacity_for(len: usize) -> usize {
+    len.next_multiple_of(CACHE_GROWTH).max(CACHE_GROWTH)
+}
+
 impl LayerCache {
     fn new(dtype: DType) -> Self {
         Self { buffers: None, len: 0, dtype }
@@ -294,7 +299,7 @@ impl LayerCache {
         let len = self.len + s;
         let capacity = self.buffers.as_ref().map_or(0, |(_, v)| v.dims()[Self::V_POSITIONS]);
         if len > capacity {
-            let capacity = len.next_multiple_of(CACHE_GROWTH);
+            let capacity = capacity_for(len);
             let grown = |old: Option<&Tensor>, shape: (usize, usize, usize, usize), positions: usize| -> Result<Tensor> {
                 let buffer = Tensor::zeros(shape, self.dtype, k.device())?;
                 if let Some(old) = old {
@@ -367,7 +372,7 @@ impl KvCache {
     pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
         for layer in &mut self.layers {
             layer.len = layer.len.min(len);
-            let capacity = layer.len.next_multiple_of(CACHE_GROWTH).max(CACHE_GROWTH);
+            let capacity = capacity_for(layer.len);
             if let Some((k, v)) = &mut layer.buffers {
                 if v.dims()[LayerCache::V_POSITIONS] > capacity {
                     // Always a copy: a narrowed buffer that is already contiguous would keep the
@@ -390,14 +395,15 @@ impl KvCache {
     /// A cache of the rows `rows` of this one (in that order; a row may repeat), in buffers of
     /// its own.
     pub fn copy_rows(&self, rows: &[u32]) -> Result<KvCache> {
+        let index = match self.layers.iter().find_map(|layer| layer.buffers.as_ref()) {
+            Some((k, _)) => Some(Tensor::new(rows, k.device())?),
+            None => None,
+        };
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let buffers = match &layer.buffers {
-                Some((k, v)) => {
-                    let index = Tensor::new(rows, k.device())?;
-                    Some((k.index_select(&index, 0)?, v.index_select(&index, 0)?))
-                }
-                None => None,
+            let buffers = match (&layer.buffers, &index) {
+                (Some((k, v)), Some(index)) => Some((k.index_select(index, 0)?, v.index_select(index, 0)?)),
+                _ => None,
             };
             layers.push(LayerCache { buffers, len: layer.len, dtype: layer.dtype });
         }

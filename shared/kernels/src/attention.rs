@@ -56,9 +56,9 @@ pub enum CachedKv<'a> {
 /// query `i` at position `p = len - queries + i` over the keys up to `p` but those in
 /// `padding[r]`, row `r`'s padding: at its start (prompts of different lengths, left-padded) or
 /// after a start the rows share (computed once, then copied to every row). A query inside the
-/// padding sees only itself, so that its weights stay finite. `q` is `[rows, heads, queries, head_dim]` (heads outer, as the
-/// rotary embedding leaves them); `out` is `[rows, queries, heads, head_dim]`, the layout the
-/// output projection takes.
+/// padding sees only itself, so that its weights stay finite. `q` is `[rows, heads, queries,
+/// head_dim]` (heads outer, as the rotary embedding leaves them); `out` is `[rows, queries,
+/// heads, head_dim]`, the layout the output projection takes.
 pub fn attention(shape: &AttentionShape, scale: f32, q: &[f32], cache: CachedKv<'_>, padding: &[Range<usize>], out: &mut [f32]) -> Result<(), ShapeError> {
     match cache {
         CachedKv::F32 { k, v } => attend_all(shape, scale, q, k, v, padding, out),
