@@ -13,6 +13,12 @@ a warm-up request. Two kinds of request:
   the server runs the whole conversation again or only what is new (llama.cpp's server keeps
   the last prompt's KV cache and reuses its longest shared start, as `llm serve` does).
 
+With `--concurrency N`, also N new prompts sent at once: the tokens per second of all N
+streams together and the median time to the first token. `llm serve` lets requests join its
+running batch; llama-cpp-python's server answers one at a time (its `interrupt_requests` is
+turned off, or each new request would cut the running one short). Run it with `--llm` of an
+older build to see what joining a batch gives over one batch at a time.
+
     pip install openai 'llama-cpp-python[server]'
     .venv/bin/python infra/bench/serve_compare.py infra/.work/bench/tinyllama-shape-q4_k_m.gguf --threads 1 2
 """
@@ -23,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -70,6 +77,14 @@ class Server:
             sys.exit(f"{self.name} finished with {finish!r} before {max_tokens} tokens; choose other prompts")
         return first - started, (max_tokens - 1) / (last - first), "".join(text)
 
+    def burst(self, prompts, max_tokens):
+        """All `prompts` at once: their tokens per second together, and the median time to the first token."""
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            started = time.perf_counter()
+            answers = list(pool.map(lambda prompt: self.stream(prompt, max_tokens), prompts))
+            seconds = time.perf_counter() - started
+        return len(prompts) * max_tokens / seconds, statistics.median(a[0] for a in answers)
+
     def stop(self):
         self.process.terminate()
         self.process.wait()
@@ -84,9 +99,10 @@ def measure(model, threads, args):
     ours_port, theirs_port = free_port(), free_port()
     ours = Server("llm serve", [args.llm, "serve", "--model", model, "--threads", str(threads), "--port", str(ours_port)], ours_port)
     theirs = Server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
-                                  "--n_threads_batch", str(threads), "--n_ctx", "4096", "--port", str(theirs_port)], theirs_port)
+                                  "--n_threads_batch", str(threads), "--n_ctx", "4096", "--interrupt_requests", "False",
+                                  "--port", str(theirs_port)], theirs_port)
     both = (ours, theirs)
-    results = {s.name: {"new": [], "decode": [], "turn": []} for s in both}
+    results = {s.name: {"new": [], "decode": [], "turn": [], "burst": [], "burst_first": []} for s in both}
     try:
         for server in both:
             server.stream("warm up", 4)
@@ -107,10 +123,16 @@ def measure(model, threads, args):
                 if measured:
                     results[server.name]["turn"].append(ttft)
                 conversation[server.name] += completion + turn
+        for _ in range(args.repeat if args.concurrency else 0):
+            prompts = [f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens) for _ in range(args.concurrency)]
+            for server in both:
+                rate, first = server.burst(prompts, args.max_tokens)
+                results[server.name]["burst"].append(rate)
+                results[server.name]["burst_first"].append(first)
     finally:
         for server in both:
             server.stop()
-    return {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+    return {name: {k: statistics.median(v) for k, v in r.items() if v} for name, r in results.items()}
 
 
 def main():
@@ -121,11 +143,13 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--turn-tokens", type=int, default=32, help="new text in each turn of the conversation")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=0, help="also send this many new prompts at once")
     ap.add_argument("--llm", default=str(ROOT / "target/release/llm"))
     args = ap.parse_args()
+    burst = f"| {args.concurrency} at once: tok/s ours | llama.cpp | ratio | first token s, ours | llama.cpp " if args.concurrency else ""
     print("| model | threads | new prompt: first token s, ours | llama.cpp | ratio | next turn: first token s, ours | llama.cpp | ratio "
-          "| streamed tok/s ours | llama.cpp | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| streamed tok/s ours | llama.cpp | ratio {burst}|")
+    print("|---" * (11 + 5 * bool(args.concurrency)) + "|")
     for model in args.models:
         for threads in args.threads:
             r = measure(model, threads, args)
@@ -133,7 +157,9 @@ def main():
             print(f"| {Path(model).name} | {threads} "
                   f"| {ours['new']:.3f} | {theirs['new']:.3f} | {theirs['new'] / ours['new']:.2f} "
                   f"| {ours['turn']:.3f} | {theirs['turn']:.3f} | {theirs['turn'] / ours['turn']:.2f} "
-                  f"| {ours['decode']:.1f} | {theirs['decode']:.1f} | {ours['decode'] / theirs['decode']:.2f} |", flush=True)
+                  f"| {ours['decode']:.1f} | {theirs['decode']:.1f} | {ours['decode'] / theirs['decode']:.2f} "
+                  + (f"| {ours['burst']:.1f} | {theirs['burst']:.1f} | {ours['burst'] / theirs['burst']:.2f} "
+                     f"| {ours['burst_first']:.3f} | {theirs['burst_first']:.3f} " if args.concurrency else "") + "|", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 //! Generation behaviour on a real (fixture) model: stop strings, streaming, seeds, limits, and the
 //! Hugging Face loading variants (sharded f32 checkpoints, `chat_template.jinja`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::rc::Rc;
 
-use llm_engine::{generate, generate_cached, load, FinishReason, GenerationRequest, LoadOptions, PromptCache, SamplingParams};
+use llm_engine::{
+    generate, generate_cached, generate_jobs, load, Completion, FinishReason, Generated, GenerationRequest, Job, JobHandler, LoadOptions, PromptCache,
+    SamplingParams, TokenEvent,
+};
 use llm_tests::*;
 
 fn llama3() -> llm_engine::LoadedModel {
@@ -212,6 +217,92 @@ fn a_prompt_cache_serves_a_shared_start_as_a_fresh_prefill_would() {
     // A batch of two prompts takes the start they share with it, and leaves that start there.
     assert_eq!(cached(&[request(other.clone()), request(first)]).1, 10);
     assert_eq!(cached(&[request(other)]).1, 10);
+}
+
+/// A test job's handler: the order of all jobs' tokens, and each job's result.
+struct Recorder {
+    job: usize,
+    tokens: Rc<RefCell<Vec<usize>>>,
+    results: Rc<RefCell<HashMap<usize, Generated>>>,
+}
+
+impl JobHandler for Recorder {
+    fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()> {
+        if event.token_id.is_some() {
+            self.tokens.borrow_mut().push(self.job);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn done(self: Box<Self>, result: llm_engine::Result<Generated>) {
+        self.results.borrow_mut().insert(self.job, result.unwrap());
+    }
+}
+
+/// Jobs join a running batch between its steps and leave it as they end, each generating what
+/// it generates alone (greedy; log-probabilities within 1e-3), with three rows at most:
+/// B (one sequence) joins while A generates and, ending first, leaves its row to the prompt
+/// cache without the batch's padding; C (two choices of B's next turn) joins from that cache;
+/// D (two sequences) waits until C's rows leave room for it.
+#[test]
+fn jobs_join_a_running_batch_and_generate_as_alone() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let encode = |text: &str| tokenizer.encode(text, true).unwrap();
+    let request = |prompt: &[u32], max_tokens| GenerationRequest {
+        prompt: prompt.to_vec(),
+        max_tokens,
+        ignore_eos: true,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: Some(0),
+        ..Default::default()
+    };
+    let a = vec![request(&encode("In a land far away, long before the rivers had names"), 16)];
+    let b = vec![request(&encode("Once upon a time"), 4)];
+    let d = vec![request(&encode("Hello"), 3), request(&encode("The quick brown fox jumps over"), 5)];
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let job = |job: usize, requests: &Vec<GenerationRequest>| Job {
+        requests: requests.clone(),
+        cache_prompt: true,
+        handler: Box::new(Recorder { job, tokens: tokens.clone(), results: results.clone() }),
+    };
+    let next_turn = |b: &Completion| {
+        let turn = [b.token_ids.clone(), tokenizer.encode(" and then", false).unwrap()].concat();
+        vec![request(&[encode("Once upon a time"), turn].concat(), 6); 2]
+    };
+    let mut offered = 0;
+    let mut prompt_cache = PromptCache::default();
+    generate_jobs(model, tokenizer, &mut prompt_cache, 3, |_| {
+        let a_tokens = tokens.borrow().iter().filter(|&&j| j == 0).count();
+        let b_done = results.borrow().get(&1).map(|(completions, _): &(Vec<Completion>, _)| completions[0].clone());
+        let next = match (offered, b_done) {
+            (0, _) => job(0, &a),
+            (1, _) if a_tokens >= 3 => job(1, &b),
+            (2, Some(b)) => job(2, &next_turn(&b)),
+            (3, _) => job(3, &d),
+            _ => return None,
+        };
+        offered += 1;
+        Some(next)
+    });
+
+    let results = results.borrow();
+    let tokens = tokens.borrow();
+    let first = |j: usize| tokens.iter().position(|&t| t == j).unwrap();
+    let last = |j: usize| tokens.iter().rposition(|&t| t == j).unwrap();
+    assert!(first(1) < last(0) && first(2) < last(0), "B and C join while A generates: {tokens:?}");
+    assert!(first(3) > last(2), "D waits for C's rows: {tokens:?}");
+    let c = next_turn(&results[&1].0[0]);
+    assert_eq!(results[&2].1.cached_prompt_tokens, b[0].prompt.len() + 4 - 1, "C starts from B's row");
+    for (j, requests) in [(0, &a), (1, &b), (2, &c), (3, &d)] {
+        let alone = generate(model, tokenizer, requests, |_| ControlFlow::Continue(())).unwrap().0;
+        for (together, alone) in results[&j].0.iter().zip(&alone) {
+            assert_eq!(together.token_ids, alone.token_ids, "job {j}");
+            for (x, y) in together.logprobs.iter().zip(&alone.logprobs) {
+                assert!((x.logprob - y.logprob).abs() < 1e-3, "job {j}: {} against {}", x.logprob, y.logprob);
+            }
+        }
+    }
 }
 
 /// A prompt longer than one prefill pass (512 positions of all rows) runs in several, and its

@@ -27,7 +27,18 @@ fn root() -> PathBuf {
 
 /// Starts `llm serve` on a free port and waits for its "listening on" line.
 fn serve(args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm")).args(["serve", "--port", "0"]).args(args).stderr(Stdio::piped()).spawn().expect("run llm serve");
+    serve_logging(args, "warn")
+}
+
+/// [`serve`], logging at `level`.
+fn serve_logging(args: &[&str], level: &str) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .env("RUST_LOG", level)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run llm serve");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let base_url = loop {
         let line = lines.next().expect("llm serve exited before listening").expect("stderr line");
@@ -106,11 +117,12 @@ fn the_deployment_chat_client_signs_and_streams() {
     }
 }
 
-/// More requests than `--max-queued` lets wait are refused with 503 `server_overloaded` at
-/// once; the rest are answered; afterwards the queue is empty again.
+/// More requests than `--max-queued` lets wait (here, for a batch of one sequence) are refused
+/// with 503 `server_overloaded` at once; the rest are answered; afterwards the queue is empty
+/// again.
 #[test]
 fn an_overloaded_server_sheds_requests_with_503() {
-    let server = serve(&["--threads", "1", "--max-queued", "1"]);
+    let server = serve(&["--threads", "1", "--max-batch-sequences", "1", "--max-queued", "1"]);
     let request = r#"{"model": "demo", "prompt": "Once", "max_tokens": 256, "temperature": 1, "seed": 3}"#;
     let answers: Vec<(u16, serde_json::Value)> = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..6).map(|_| scope.spawn(|| post(&server.base_url, "/v1/completions", request))).collect();
@@ -143,6 +155,36 @@ fn an_abandoned_request_stops_its_generation() {
     assert_eq!(status, 200, "{answer}");
     let log = server.log.lock().unwrap();
     assert!(log.contains("the request was abandoned"), "{log}");
+}
+
+/// A request that comes while another generates joins its batch and is answered while the
+/// first still streams (50,000 tokens: far longer than the test): its `completed` line is the
+/// server's only one. (One batch at a time would answer it after the first request's line.)
+#[test]
+fn a_request_joins_a_running_batch() {
+    use std::io::Write;
+    let model = root().join("tests/fixtures/llama3/llama3-bf16.gguf");
+    let server = serve_logging(&["--model", model.to_str().unwrap(), "--threads", "1", "--max-tokens", "50000"], "info");
+    let body = r#"{"model": "llama3-bf16", "prompt": "Once", "max_tokens": 50000, "ignore_eos": true, "stream": true}"#;
+    let address = server.base_url.trim_start_matches("http://").trim_end_matches("/v1");
+    let mut client = std::net::TcpStream::connect(address).unwrap();
+    write!(client, "POST /v1/completions HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut stream = BufReader::new(client.try_clone().unwrap()).lines();
+    assert!(stream.any(|line| line.unwrap().starts_with("data: {")), "the stream starts");
+
+    let (status, answer) = post(&server.base_url, "/v1/completions", r#"{"model": "llama3-bf16", "prompt": "Twice", "max_tokens": 3, "ignore_eos": true}"#);
+    assert_eq!((status, &answer["usage"]["completion_tokens"]), (200, &serde_json::json!(3)), "{answer}");
+    let completed = || server.log.lock().unwrap().matches("completed").count();
+    for _ in 0..500 {
+        if completed() > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = server.log.lock().unwrap().clone();
+    assert!(completed() == 1 && log.contains("completion_tokens=3"), "{log}");
+    drop(client);
 }
 
 /// A model whose chat template allocates without bound (a list concatenated with itself 40

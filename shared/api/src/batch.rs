@@ -1,15 +1,15 @@
 //! Running one request's batch: validated prompts and settings to engine requests, generation
-//! on a blocking thread after the batches queued before it (stopping near the deadline), and
+//! in the engine's running batch (stopping near the deadline), and
 //! the request's log line and metrics. Answers as JSON, or hands over to [`crate::stream`].
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use llm_engine::{Completion, FinishReason, GenerationRequest, GenerationStats, LoadedModel, TokenEvent};
+use llm_engine::{Completion, FinishReason, Generated, GenerationRequest, GenerationStats, LoadedModel, TokenEvent};
 use llm_observe::{Metrics, Unit};
 
 use crate::error::ApiError;
@@ -92,63 +92,22 @@ pub(crate) async fn run_batch(
     batch: &Batch,
     requests: Vec<GenerationRequest>,
     on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
-) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
+) -> Result<Generated, ApiError> {
     run_requests(&batch.state, &batch.model, requests, batch.request.generation.cache_prompt, batch.stop_at(), on_token).await
 }
 
-/// Runs sequences as one engine batch on a blocking thread, after the batches queued before
-/// it, through the prompt cache when `cache_prompt`. Generation stops early (`finish_reason:
-/// length`) when `on_token` breaks or `stop_at` passes.
+/// Generates sequences in the engine's running batch (see [`crate::engine`]), through the
+/// prompt cache when `cache_prompt`. Generation stops early (`finish_reason: length`) when
+/// `on_token` breaks, `stop_at` passes or the caller goes away.
 pub(crate) async fn run_requests(
     state: &AppState,
     model: &Arc<LoadedModel>,
     requests: Vec<GenerationRequest>,
     cache_prompt: bool,
     stop_at: Option<Instant>,
-    mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
-) -> Result<(Vec<Completion>, GenerationStats), ApiError> {
-    let permit = state.engine_turn().await?;
-    let model = model.clone();
-    // Set when this future is dropped before the generation ends: a client that went away
-    // before a JSON answer (a stream's sender sees it closed instead).
-    let abandoned = Arc::new(AtomicBool::new(false));
-    let _abandon_on_drop = SetOnDrop(abandoned.clone());
-    let on_token = move |event: TokenEvent<'_>| {
-        let flow = on_token(event);
-        // Once: the engine stops every sequence after a break.
-        if flow.is_continue() && abandoned.swap(false, Ordering::Relaxed) {
-            tracing::warn!("stopping generation: the request was abandoned");
-            return ControlFlow::Break(());
-        }
-        if flow.is_continue() && stop_at.is_some_and(|at| Instant::now() >= at) {
-            tracing::warn!("stopping generation before the invocation's deadline");
-            return ControlFlow::Break(());
-        }
-        flow
-    };
-    let span = tracing::Span::current();
-    let prompt_cache = state.prompt_cache.clone();
-    let generate = move || {
-        let _permit = permit;
-        if !cache_prompt {
-            return llm_engine::generate(&model.model, &model.tokenizer, &requests, on_token);
-        }
-        // A generation that panicked left the cache empty (it takes the cache out first).
-        let mut prompt_cache = prompt_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        llm_engine::generate_cached(&model.model, &model.tokenizer, &requests, &mut prompt_cache, on_token)
-    };
-    tokio::task::spawn_blocking(move || span.in_scope(generate))
-        .await
-        .map_err(|e| ApiError::internal(format!("generation stopped: {e}")))?
-        .map_err(ApiError::engine)
-}
-
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
+    on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
+) -> Result<Generated, ApiError> {
+    state.engine.generate(model, requests, cache_prompt, stop_at, on_token).await
 }
 
 /// The request's log line and metrics (one EMF record); the first request of the process is

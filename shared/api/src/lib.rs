@@ -9,6 +9,7 @@
 
 mod batch;
 pub mod batch_file;
+mod engine;
 mod error;
 mod from_env;
 mod logprobs;

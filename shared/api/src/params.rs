@@ -18,8 +18,11 @@ pub struct Limits {
     pub max_tokens: usize,
     /// Cap on sequences in one request (`n` × prompts).
     pub max_sequences: usize,
-    /// Requests that may wait for the engine behind the one it is running; more are refused
-    /// with 503 (shed load rather than hold connections without bound).
+    /// Sequences that generate together: a request joins the running batch between two decode
+    /// steps when its sequences keep it within this (or when nothing runs), and waits otherwise.
+    pub max_batch_sequences: usize,
+    /// Requests that may wait to join the running batch; more are refused with 503 (shed load
+    /// rather than hold connections without bound).
     pub max_queued: usize,
     /// Generation stops this long before a request's [`Deadline`](crate::Deadline), leaving
     /// time to send the answer.
@@ -33,6 +36,7 @@ impl Default for Limits {
             max_prompt_tokens: 4096,
             max_tokens: 512,
             max_sequences: 16,
+            max_batch_sequences: 8,
             max_queued: 64,
             deadline_margin: Duration::from_millis(1500),
         }

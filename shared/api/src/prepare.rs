@@ -187,7 +187,7 @@ impl Prepared {
 }
 
 /// The prompts' texts (as given, or decoded from token ids) and, when `top_n` is set, their
-/// tokens scored by the model, after the batches queued before.
+/// tokens scored by the model on the engine thread.
 async fn echoed(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>], texts: Option<Vec<String>>, top_n: Option<usize>) -> Result<Echo, ApiError> {
     let texts = match texts {
         Some(texts) => texts,
@@ -196,13 +196,12 @@ async fn echoed(state: &AppState, model: &Arc<LoadedModel>, prompts: &[Vec<u32>]
     let Some(top_n) = top_n else {
         return Ok(Echo { logprobs: vec![None; texts.len()], texts });
     };
-    let _permit = state.engine_turn().await?;
     let (scoring_model, owned) = (model.clone(), prompts.to_vec());
-    let scores =
-        tokio::task::spawn_blocking(move || owned.iter().map(|p| llm_engine::prompt_logprobs(&scoring_model.model, p, top_n)).collect::<Result<Vec<_>, _>>())
-            .await
-            .map_err(|e| ApiError::internal(format!("scoring stopped: {e}")))?
-            .map_err(ApiError::engine)?;
+    let scores = state
+        .engine
+        .run(move || owned.iter().map(|p| llm_engine::prompt_logprobs(&scoring_model.model, p, top_n)).collect::<Result<Vec<_>, _>>())
+        .await?
+        .map_err(ApiError::engine)?;
     let logprobs = prompts.iter().zip(&scores).map(|(p, entries)| Some(logprobs::prompt(&model.tokenizer, p, entries).0)).collect();
     Ok(Echo { texts, logprobs })
 }

@@ -1,8 +1,8 @@
 //! The HTTP API: one axum router that `llm serve`, the Lambda function and `cargo lambda watch`
 //! all run. Handlers parse the body and check the model's name; [`crate::prepare`] validates and
-//! encodes, and [`crate::batch`] runs the request's sequences as one engine batch.
+//! encodes, and [`crate::batch`] runs the request's sequences in the engine's batch.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,13 +12,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use llm_engine::PromptCache;
 use llm_observe::{Metrics, Unit};
 use serde::de::DeserializeOwned;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::batch::{answer, Batch};
+use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::model_slot::ModelSlot;
 use crate::openai::*;
@@ -42,69 +41,19 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Log prompts and completions (off by default: they may be private).
     pub log_text: bool,
-    /// One batch on the CPU at a time; others queue (see [`AppState::engine_turn`]).
-    engine: Arc<Semaphore>,
-    /// Requests waiting for `engine`.
-    waiting: AtomicUsize,
-    /// What the last engine batch left for the next prompts that start the same way (see
-    /// [`PromptCache`]). Locked by the generation that runs (one at a time, see `engine`).
-    pub(crate) prompt_cache: Arc<std::sync::Mutex<PromptCache>>,
+    /// The thread every generation runs on, with the prompt cache.
+    pub(crate) engine: Engine,
     /// Cleared by the first request: that one is a cold start.
     pub(crate) cold: AtomicBool,
 }
 
 impl AppState {
     pub fn new(slot: ModelSlot, limits: Limits, api_key: Option<String>) -> Self {
-        Self {
-            slot,
-            limits,
-            api_key,
-            log_text: false,
-            engine: Arc::new(Semaphore::new(1)),
-            waiting: AtomicUsize::new(0),
-            prompt_cache: Default::default(),
-            cold: AtomicBool::new(true),
-        }
-    }
-
-    /// Waits for the engine's turn, or refuses (503) when `limits.max_queued` requests already
-    /// wait for it.
-    /// The permit is owned, so that a generation holds it to its end even when its request's
-    /// handler is dropped.
-    pub(crate) async fn engine_turn(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        if let Ok(permit) = self.engine.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        let place = Waiting::join(&self.waiting);
-        if place.ahead >= self.limits.max_queued {
-            return Err(ApiError::overloaded(place.ahead));
-        }
-        let permit = self.engine.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.to_string()));
-        drop(place);
-        permit
+        Self { engine: Engine::new(limits.max_batch_sequences, limits.max_queued), slot, limits, api_key, log_text: false, cold: AtomicBool::new(true) }
     }
 
     pub fn with_text_logging(self, log_text: bool) -> Self {
         Self { log_text, ..self }
-    }
-}
-
-/// A place in the engine's queue, given up when dropped (served, refused or disconnected).
-struct Waiting<'a> {
-    count: &'a AtomicUsize,
-    /// Requests that were waiting when this one joined.
-    ahead: usize,
-}
-
-impl<'a> Waiting<'a> {
-    fn join(count: &'a AtomicUsize) -> Self {
-        Self { count, ahead: count.fetch_add(1, Ordering::SeqCst) }
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -22,6 +22,9 @@ pub enum EngineError {
     ChatTemplate(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A batch's step failed; every job in it gets this (the first error, as text).
+    #[error("generation failed: {0}")]
+    Generation(String),
     #[error("threads: {0}")]
     Threads(String),
     #[error(transparent)]

@@ -10,8 +10,9 @@ use serde::Serialize;
 use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::model::{KvCache, Llama, Logits, ONE_UNPADDED_ROW};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::sampling::SamplingParams;
+use crate::sequence::Sequence;
+use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Default)]
 pub struct GenerationRequest {
@@ -123,7 +124,7 @@ pub fn generate(
     tokenizer: &Tokenizer,
     requests: &[GenerationRequest],
     on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
-) -> Result<(Vec<Completion>, GenerationStats)> {
+) -> Result<Generated> {
     generate_cached(model, tokenizer, requests, &mut PromptCache::default(), on_token)
 }
 
@@ -134,105 +135,296 @@ pub fn generate_cached(
     tokenizer: &Tokenizer,
     requests: &[GenerationRequest],
     prompt_cache: &mut PromptCache,
-    mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
-) -> Result<(Vec<Completion>, GenerationStats)> {
-    let context = model.config().max_position_embeddings;
-    let vocab = model.config().vocab_size;
-    for r in requests {
-        validate(r, context, vocab)?;
-    }
-    let mut seqs: Vec<Sequence> = requests.iter().map(|r| Sequence::new(r, context)).collect();
-    let mut stats = GenerationStats { prompt_tokens: requests.iter().map(|r| r.prompt.len()).sum(), ..Default::default() };
-    if requests.is_empty() {
-        return Ok((Vec::new(), stats));
-    }
-
-    let started = Instant::now();
-    let Prefilled { mut cache, mut logits, mut padding, cached } = prefill_batch(model, requests, prompt_cache)?;
-    stats.cached_prompt_tokens = cached;
-    stats.prefill = started.elapsed();
-
-    // `active[row]` is the sequence index decoded in batch row `row`.
-    let mut active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].finished()).collect();
-    let started = Instant::now();
-    let mut stopped_by_caller = false;
-    while !active.is_empty() {
-        let rows = logits.to_vec2::<f32>()?;
-        let mut next = Vec::with_capacity(active.len());
-        for (row, &i) in active.iter().enumerate() {
-            let seq = &mut seqs[i];
-            let token = seq.sampler.sample(&rows[row], &seq.context);
-            if let Some(top_n) = seq.top_logprobs {
-                seq.logprobs.push(token_logprob(&rows[row], token, top_n));
-            }
-            let piece = seq.push(tokenizer, token)?;
-            stats.generated_tokens += 1;
-            let flow = on_token(TokenEvent { index: i, token_id: Some(token), text: &piece, logprob: seq.logprobs.last() });
-            stopped_by_caller |= flow.is_break();
-            next.push(token);
-        }
-        if stopped_by_caller {
-            for &i in &active {
-                seqs[i].finish.get_or_insert(FinishReason::Length);
-            }
-        }
-        let keep: Vec<usize> = (0..active.len()).filter(|&row| !seqs[active[row]].finished()).collect();
-        if keep.is_empty() {
-            break;
-        }
-        if keep.len() < active.len() {
-            let rows: Vec<u32> = keep.iter().map(|&row| row as u32).collect();
-            cache.retain_rows(&rows)?;
-            padding = keep.iter().map(|&row| padding[row].clone()).collect();
-            next = keep.iter().map(|&row| next[row]).collect();
-            active = keep.iter().map(|&row| active[row]).collect();
-        }
-        let input = Tensor::from_vec(next, (active.len(), 1), model.device())?;
-        logits = model.forward(&input, &padding, &mut cache, Logits::Last)?;
-        stats.decode_steps += 1;
-    }
-    stats.decode = started.elapsed();
-    if let [seq] = seqs.as_slice() {
-        prompt_cache.keep(&seq.context[..cache.len()], cache);
-    }
-
-    let mut completions = Vec::with_capacity(seqs.len());
-    for (i, mut seq) in seqs.into_iter().enumerate() {
-        let tail = seq.close(tokenizer)?;
-        if !tail.is_empty() {
-            let _ = on_token(TokenEvent { index: i, token_id: None, text: &tail, logprob: None });
-        }
-        completions.push(Completion {
-            token_ids: seq.generated,
-            text: seq.text,
-            finish_reason: seq.finish.unwrap_or(FinishReason::Length),
-            logprobs: seq.logprobs,
-        });
-    }
-    Ok((completions, stats))
+    on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<Generated> {
+    let mut result = None;
+    let handler = Collect { on_token, result: &mut result };
+    let mut job = Some(Job { requests: requests.to_vec(), cache_prompt: true, handler: Box::new(handler) });
+    generate_jobs(model, tokenizer, prompt_cache, usize::MAX, move |_| job.take());
+    result.expect("every job that joins a batch is done when the batch is")
 }
 
-/// A batch after its prompts ran: a cache row per request, each request's logits at its last
-/// prompt position, each row's padding, and how many prompt tokens the prompt cache held.
-struct Prefilled {
+/// A job's completions (one per request, in order) and what generating them took.
+pub type Generated = (Vec<Completion>, GenerationStats);
+
+/// One caller's requests, generated in a batch beside other jobs' (see [`generate_jobs`]).
+pub struct Job<'a> {
+    pub requests: Vec<GenerationRequest>,
+    /// Start from, and leave to, the [`PromptCache`].
+    pub cache_prompt: bool,
+    pub handler: Box<dyn JobHandler + 'a>,
+}
+
+/// What a job's caller sees of its generation.
+pub trait JobHandler {
+    /// The job is about to join the batch; `false` drops it unrun (its caller went away).
+    fn start(&mut self) -> bool {
+        true
+    }
+
+    /// Each of the job's tokens as it is sampled ([`TokenEvent::index`] counts the job's own
+    /// requests). `Break` ends the job's sequences (`finish_reason: length`), not other jobs'.
+    fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()>;
+
+    /// The job's completions once its last sequence ended, or why it failed.
+    fn done(self: Box<Self>, result: Result<Generated>);
+}
+
+/// The handler of [`generate_cached`]'s one job: tokens to a closure, the result kept.
+struct Collect<'r, F> {
+    on_token: F,
+    result: &'r mut Option<Result<Generated>>,
+}
+
+impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> {
+    fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()> {
+        (self.on_token)(event)
+    }
+
+    fn done(self: Box<Self>, result: Result<Generated>) {
+        *self.result = Some(result);
+    }
+}
+
+/// Generates the jobs `next_job` hands over in one batch, which jobs join between decode steps
+/// and leave as their last sequence ends (continuous batching, as vLLM's and llama.cpp's
+/// servers do): a job that comes while others generate waits for one step, not for them. A
+/// joining job's prompts run on their own (through `prompt_cache` when the job asks), then its
+/// rows join the batch's (see [`KvCache::join`]). A job joins when the batch is empty or keeps
+/// within `max_rows` sequences with it; else it waits, and the jobs behind it too.
+///
+/// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
+/// this function; otherwise `None` says that no job is waiting.
+pub fn generate_jobs<'a>(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt_cache: &mut PromptCache,
+    max_rows: usize,
+    mut next_job: impl FnMut(bool) -> Option<Job<'a>>,
+) {
+    let mut batch = Batch::default();
+    let mut waiting: Option<Job<'a>> = None;
+    loop {
+        while let Some(job) = waiting.take().or_else(|| next_job(batch.jobs.is_empty())) {
+            if !batch.jobs.is_empty() && batch.rows() + job.requests.len() > max_rows {
+                waiting = Some(job);
+                break;
+            }
+            batch.join(model, tokenizer, prompt_cache, job);
+        }
+        if batch.jobs.is_empty() {
+            return;
+        }
+        batch.step(model, tokenizer, prompt_cache);
+    }
+}
+
+/// The jobs generating together, in the order they joined, and their rows: each job's in the
+/// order of its [`Running::rows`].
+#[derive(Default)]
+struct Batch<'a> {
+    jobs: Vec<Running<'a>>,
+    /// `None` exactly when `jobs` is empty.
+    rows: Option<Rows>,
+}
+
+/// Rows of sequences that generate together.
+struct Rows {
     cache: KvCache,
-    logits: Tensor,
     padding: Vec<Range<usize>>,
-    cached: usize,
+    /// `[rows, vocab]`: what each row samples its next token from.
+    logits: Tensor,
 }
 
-/// Runs the prompts of `requests` as little as it can. Identical prompts (a request's `n`
-/// choices) run once and their cache rows are copied. The start all prompts share (but the
-/// last token of the shortest, whose logits start its generation) comes from the prompt cache,
-/// or runs once in a row of its own when that saves enough; that row is copied to every
-/// prompt's, and each prompt's rest is padded after it, so that all end together.
-fn prefill_batch(model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Prefilled> {
+/// A job in the batch.
+struct Running<'a> {
+    handler: Box<dyn JobHandler + 'a>,
+    seqs: Vec<Sequence>,
+    /// The sequences that have a row in the batch, in the rows' order.
+    rows: Vec<usize>,
+    cache_prompt: bool,
+    stats: GenerationStats,
+    decoding_since: Instant,
+}
+
+impl<'a> Batch<'a> {
+    fn rows(&self) -> usize {
+        self.jobs.iter().map(|job| job.rows.len()).sum()
+    }
+
+    /// Runs the job's prompts and adds its rows, or hands it its error.
+    fn join(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache, job: Job<'a>) {
+        let Job { requests, cache_prompt, mut handler } = job;
+        if !handler.start() {
+            return;
+        }
+        let mut running =
+            Running { handler, seqs: Vec::new(), rows: Vec::new(), cache_prompt, stats: GenerationStats::default(), decoding_since: Instant::now() };
+        let rows = running.prefill(model, &requests, prompt_cache).and_then(|rows| match (rows, &self.rows) {
+            (Some(new), Some(old)) => {
+                let (cache, padding) = KvCache::join(&[(&old.cache, &old.padding), (&new.cache, &new.padding)])?;
+                Ok(Some(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? }))
+            }
+            (rows, _) => Ok(rows),
+        });
+        match rows {
+            Err(e) => running.handler.done(Err(e)),
+            Ok(None) => running.finish(tokenizer),
+            Ok(Some(rows)) => {
+                self.rows = Some(rows);
+                self.jobs.push(running);
+            }
+        }
+    }
+
+    /// Samples every row's next token, lets the jobs whose sequences all ended leave, and runs
+    /// the rest one position further. An error fails every job in the batch: its rows may be
+    /// half updated.
+    fn step(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache) {
+        if let Err(e) = self.try_step(model, tokenizer, prompt_cache) {
+            let message = e.to_string();
+            self.rows = None;
+            for job in self.jobs.drain(..) {
+                job.handler.done(Err(EngineError::Generation(message.clone())));
+            }
+        }
+    }
+
+    fn try_step(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache) -> Result<()> {
+        let rows = self.rows.as_mut().expect("a batch with jobs has rows");
+        let logits = rows.logits.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(logits.len());
+        for job in &mut self.jobs {
+            let mut stop = false;
+            for &i in &job.rows {
+                let seq = &mut job.seqs[i];
+                let row = &logits[next.len()];
+                let token = seq.sampler.sample(row, &seq.context);
+                if let Some(top_n) = seq.top_logprobs {
+                    seq.logprobs.push(token_logprob(row, token, top_n));
+                }
+                let piece = seq.push(tokenizer, token)?;
+                job.stats.generated_tokens += 1;
+                stop |= job.handler.token(TokenEvent { index: i, token_id: Some(token), text: &piece, logprob: seq.logprobs.last() }).is_break();
+                next.push(token);
+            }
+            if stop {
+                for &i in &job.rows {
+                    job.seqs[i].finish.get_or_insert(FinishReason::Length);
+                }
+            }
+        }
+
+        // The rows that go on; a job of one sequence that asked leaves its row to the prompt cache.
+        let (mut keep, mut left_to_cache) = (Vec::new(), None);
+        let mut row = 0;
+        for job in &mut self.jobs {
+            let ended: Vec<usize> = std::mem::take(&mut job.rows);
+            for i in ended {
+                if !job.seqs[i].finished() {
+                    keep.push(row as u32);
+                    job.rows.push(i);
+                } else if job.cache_prompt && job.seqs.len() == 1 {
+                    left_to_cache = Some((row, job.seqs[i].context.clone()));
+                }
+                row += 1;
+            }
+        }
+        if let Some((row, tokens)) = left_to_cache {
+            let kv = if rows.padding.len() == 1 && rows.padding[0].is_empty() {
+                std::mem::replace(&mut rows.cache, model.new_cache())
+            } else {
+                KvCache::join(&[(&rows.cache.copy_rows(&[row as u32])?, std::slice::from_ref(&rows.padding[row]))])?.0
+            };
+            prompt_cache.keep(&tokens[..kv.len()], kv);
+        }
+        for job in std::mem::take(&mut self.jobs) {
+            match job.rows.is_empty() {
+                true => job.finish(tokenizer),
+                false => self.jobs.push(job),
+            }
+        }
+        if keep.is_empty() {
+            self.rows = None;
+            return Ok(());
+        }
+
+        if keep.len() < next.len() {
+            rows.cache.retain_rows(&keep)?;
+            rows.padding = keep.iter().map(|&row| rows.padding[row as usize].clone()).collect();
+            next = keep.iter().map(|&row| next[row as usize]).collect();
+        }
+        let input = Tensor::from_vec(next, (keep.len(), 1), model.device())?;
+        rows.logits = model.forward(&input, &rows.padding, &mut rows.cache, Logits::Last)?;
+        for job in &mut self.jobs {
+            job.stats.decode_steps += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Running<'_> {
+    /// Starts the job's sequences and runs the prompts of those that generate; their rows.
+    fn prefill(&mut self, model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Option<Rows>> {
+        let context = model.config().max_position_embeddings;
+        let vocab = model.config().vocab_size;
+        for r in requests {
+            validate(r, context, vocab)?;
+        }
+        self.seqs = requests.iter().map(|r| Sequence::new(r, context)).collect();
+        self.stats.prompt_tokens = requests.iter().map(|r| r.prompt.len()).sum();
+        self.rows = (0..self.seqs.len()).filter(|&i| !self.seqs[i].finished()).collect();
+        if self.rows.is_empty() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let prompts: Vec<&[u32]> = self.rows.iter().map(|&i| requests[i].prompt.as_slice()).collect();
+        let (rows, cached) = match self.cache_prompt {
+            true => prefill_batch(model, &prompts, prompt_cache)?,
+            false => prefill_batch(model, &prompts, &mut PromptCache::default())?,
+        };
+        self.stats.cached_prompt_tokens = cached;
+        self.stats.prefill = started.elapsed();
+        self.decoding_since = Instant::now();
+        Ok(Some(rows))
+    }
+
+    /// Hands the job its completions (and each sequence's held-back text first).
+    fn finish(mut self, tokenizer: &Tokenizer) {
+        self.stats.decode = self.decoding_since.elapsed();
+        let mut completions = Vec::with_capacity(self.seqs.len());
+        for (i, mut seq) in self.seqs.into_iter().enumerate() {
+            let tail = match seq.close(tokenizer) {
+                Ok(tail) => tail,
+                Err(e) => return self.handler.done(Err(e)),
+            };
+            if !tail.is_empty() {
+                let _ = self.handler.token(TokenEvent { index: i, token_id: None, text: &tail, logprob: None });
+            }
+            completions.push(Completion {
+                token_ids: seq.generated,
+                text: seq.text,
+                finish_reason: seq.finish.unwrap_or(FinishReason::Length),
+                logprobs: seq.logprobs,
+            });
+        }
+        self.handler.done(Ok((completions, self.stats)))
+    }
+}
+
+/// Runs `rows` (one prompt per row) as little as it can: the rows, each with its logits at its
+/// last prompt position, and how many prompt tokens the prompt cache held. Identical prompts (a
+/// request's `n` choices) run once and their cache rows are copied. The start all prompts share
+/// (but the last token of the shortest, whose logits start its generation) comes from the
+/// prompt cache, or runs once in a row of its own when that saves enough; that row is copied to
+/// every prompt's, and each prompt's rest is padded after it, so that all end together.
+fn prefill_batch(model: &Llama, rows: &[&[u32]], prompt_cache: &mut PromptCache) -> Result<(Rows, usize)> {
     let mut prompts: Vec<&[u32]> = Vec::new();
-    let row_of: Vec<u32> = requests
+    let row_of: Vec<u32> = rows
         .iter()
-        .map(|r| {
-            let row = prompts.iter().position(|p| *p == r.prompt.as_slice()).unwrap_or_else(|| {
-                prompts.push(&r.prompt);
+        .map(|&prompt| {
+            let row = prompts.iter().position(|p| *p == prompt).unwrap_or_else(|| {
+                prompts.push(prompt);
                 prompts.len() - 1
             });
             row as u32
@@ -260,7 +452,7 @@ fn prefill_batch(model: &Llama, requests: &[GenerationRequest], prompt_cache: &m
     }
     let mut logits = prefill(model, &tokens, &prompt_padding, &mut cache)?;
     let padding = row_of.iter().map(|&row| prompt_padding[row as usize].clone()).collect();
-    if prompts.len() < requests.len() {
+    if prompts.len() < rows.len() {
         let rows = cache.copy_rows(&row_of)?;
         let prompt = std::mem::replace(&mut cache, rows);
         if let [one] = prompts.as_slice() {
@@ -268,7 +460,7 @@ fn prefill_batch(model: &Llama, requests: &[GenerationRequest], prompt_cache: &m
         }
         logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
     }
-    Ok(Prefilled { cache, logits, padding, cached })
+    Ok((Rows { cache, padding, logits }, cached))
 }
 
 /// Positions of all rows that one forward pass of a prompt takes at most, as llama.cpp's
@@ -311,152 +503,4 @@ fn validate(r: &GenerationRequest, context: usize, vocab: usize) -> Result<()> {
         return bad("stop strings must not be empty".into());
     }
     r.sampling.validate()
-}
-
-/// The state of one sequence during generation.
-struct Sequence {
-    sampler: Sampler,
-    /// Prompt and generated ids (for the repetition penalty).
-    context: Vec<u32>,
-    generated: Vec<u32>,
-    max_tokens: usize,
-    stop: Vec<String>,
-    ignore_eos: bool,
-    /// `Some(n)` records log-probabilities with `n` alternatives.
-    top_logprobs: Option<usize>,
-    logprobs: Vec<TokenLogprob>,
-    decoder: IncrementalDecoder,
-    /// Decoded text so far; cut at a stop string when one appears.
-    text: String,
-    /// How much of `text` has been handed to the caller.
-    emitted: usize,
-    /// No more text will be appended (the decoder was flushed or a stop string cut it).
-    text_final: bool,
-    finish: Option<FinishReason>,
-}
-
-impl Sequence {
-    fn new(r: &GenerationRequest, context: usize) -> Self {
-        let room = context.saturating_sub(r.prompt.len());
-        let mut seq = Self {
-            sampler: Sampler::new(r.sampling.clone()),
-            context: r.prompt.clone(),
-            generated: Vec::new(),
-            max_tokens: r.max_tokens.min(room),
-            stop: r.stop.clone(),
-            ignore_eos: r.ignore_eos,
-            top_logprobs: r.logprobs,
-            logprobs: Vec::new(),
-            decoder: IncrementalDecoder::after(&r.prompt),
-            text: String::new(),
-            emitted: 0,
-            text_final: false,
-            finish: None,
-        };
-        if seq.max_tokens == 0 {
-            seq.finish = Some(FinishReason::Length);
-            seq.text_final = true;
-        }
-        seq
-    }
-
-    fn finished(&self) -> bool {
-        self.finish.is_some()
-    }
-
-    /// Records `token`; returns the text that can be released to a stream now.
-    fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<String> {
-        self.context.push(token);
-        self.generated.push(token);
-        if tokenizer.is_stop(token) && !self.ignore_eos {
-            self.finalize(tokenizer, FinishReason::Stop)?;
-            return Ok(self.take_all());
-        }
-        let piece = self.decoder.push(tokenizer, token)?;
-        self.text.push_str(&piece);
-        if self.cut_at_stop_string() {
-            self.finish = Some(FinishReason::Stop);
-            self.text_final = true;
-            return Ok(self.take_all());
-        }
-        if self.generated.len() >= self.max_tokens {
-            self.finalize(tokenizer, FinishReason::Length)?;
-            return Ok(self.take_all());
-        }
-        Ok(self.take_releasable())
-    }
-
-    /// Ends the sequence: held-back bytes join the text, which may still reveal a stop string.
-    fn finalize(&mut self, tokenizer: &Tokenizer, reason: FinishReason) -> Result<()> {
-        self.finish = Some(reason);
-        if !self.text_final {
-            let tail = self.decoder.flush(tokenizer)?;
-            self.text.push_str(&tail);
-            if self.cut_at_stop_string() {
-                self.finish = Some(FinishReason::Stop);
-            }
-            self.text_final = true;
-        }
-        Ok(())
-    }
-
-    /// Whatever was not released yet, once generation is over.
-    fn close(&mut self, tokenizer: &Tokenizer) -> Result<String> {
-        if !self.text_final {
-            let reason = self.finish.unwrap_or(FinishReason::Length);
-            self.finalize(tokenizer, reason)?;
-        }
-        Ok(self.take_all())
-    }
-
-    /// Truncates `text` at the earliest stop string; true if one was found.
-    fn cut_at_stop_string(&mut self) -> bool {
-        let earliest = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min();
-        match earliest {
-            Some(at) => {
-                self.text.truncate(at);
-                self.emitted = self.emitted.min(at);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Text that cannot be the start of a stop string any more.
-    fn take_releasable(&mut self) -> String {
-        let mut end = self.text.len();
-        if !self.finished() {
-            let held = self.stop.iter().map(|s| longest_suffix_prefix(&self.text, s)).max().unwrap_or(0);
-            end -= held;
-            while !self.text.is_char_boundary(end) {
-                end -= 1;
-            }
-        }
-        let start = self.emitted.min(end);
-        self.emitted = end.max(self.emitted);
-        self.text[start..end].to_string()
-    }
-
-    fn take_all(&mut self) -> String {
-        let start = self.emitted.min(self.text.len());
-        self.emitted = self.text.len();
-        self.text[start..].to_string()
-    }
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
-fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
-    (1..stop.len()).rev().find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n])).unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn suffix_prefix_overlap() {
-        assert_eq!(longest_suffix_prefix("hello wor", "world"), 3);
-        assert_eq!(longest_suffix_prefix("hello", "xyz"), 0);
-        assert_eq!(longest_suffix_prefix("ab", "b"), 0);
-    }
 }

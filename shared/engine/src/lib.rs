@@ -23,6 +23,7 @@ pub mod rope;
 pub mod sampling;
 #[cfg(target_os = "linux")]
 mod sandbox;
+mod sequence;
 pub mod threads;
 pub mod tokenizer;
 mod tokenizer_json;
@@ -31,7 +32,9 @@ pub mod weights;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use error::{EngineError, Result};
-pub use generate::{generate, generate_cached, Completion, FinishReason, GenerationRequest, GenerationStats, PromptCache, TokenEvent};
+pub use generate::{
+    generate, generate_cached, generate_jobs, Completion, FinishReason, Generated, GenerationRequest, GenerationStats, Job, JobHandler, PromptCache, TokenEvent,
+};
 pub use loader::{hf_tokenizer, load, load_gguf_bytes, GgufHead, LoadedModel, ModelFormat, DEMO_GGUF, DEMO_MODEL};
 pub use logprobs::{prompt_logprobs, TokenLogprob};
 pub use model::{KvCache, KvCacheType, Llama, LoadOptions, Logits};

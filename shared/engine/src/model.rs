@@ -409,6 +409,54 @@ impl KvCache {
         }
         Ok(KvCache { layers })
     }
+
+    /// One cache of every row of `parts` (each a cache and its rows' padding), in that order,
+    /// as long as the longest row without its padding: each row's positions but its padding
+    /// move, in order, to the end, and the row is padded at its start instead; with that
+    /// padding. This is how sequences of different lengths join one batch (and how one row
+    /// leaves it without its padding); positions keep their keys, whose rotation is already
+    /// applied, so the row attends as before.
+    pub fn join(parts: &[(&KvCache, &[Range<usize>])]) -> Result<(KvCache, Vec<Range<usize>>)> {
+        let unpadded: Vec<usize> = parts.iter().flat_map(|(cache, padding)| padding.iter().map(|p| cache.len() - p.len())).collect();
+        let len = unpadded.iter().copied().max().unwrap_or(0);
+        let capacity = capacity_for(len);
+        let layers = parts.first().map_or(0, |(cache, _)| cache.layers.len());
+        let mut joined = Vec::with_capacity(layers);
+        for layer in 0..layers {
+            let (mut keys, mut values) = (Vec::new(), Vec::new());
+            for (cache, padding) in parts {
+                let source = &cache.layers[layer];
+                let (k, v) = source.buffers.as_ref().ok_or_else(|| candle_core::Error::Msg("cannot join an empty KV cache".into()))?;
+                for (row, padding) in padding.iter().enumerate() {
+                    let kept = [0..padding.start, padding.end..source.len];
+                    keys.push(moved_to_end(&k.narrow(0, row, 1)?, LayerCache::K_POSITIONS, &kept, len, capacity)?);
+                    values.push(moved_to_end(&v.narrow(0, row, 1)?, LayerCache::V_POSITIONS, &kept, len, capacity)?);
+                }
+            }
+            let dtype = parts[0].0.layers[layer].dtype;
+            joined.push(LayerCache { buffers: Some((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?)), len, dtype });
+        }
+        let padding = unpadded.iter().map(|&n| 0..len - n).collect();
+        Ok((KvCache { layers: joined }, padding))
+    }
+}
+
+/// One row's buffer (`[1, …]`, positions along `dim`) whose `kept` positions end at `len`,
+/// zeros before them and up to `capacity`.
+fn moved_to_end(row: &Tensor, dim: usize, kept: &[Range<usize>], len: usize, capacity: usize) -> Result<Tensor> {
+    let zeros = |n: usize| -> Result<Tensor> {
+        let mut shape = row.dims().to_vec();
+        shape[dim] = n;
+        Ok(Tensor::zeros(shape, row.dtype(), row.device())?)
+    };
+    let kept_len: usize = kept.iter().map(Range::len).sum();
+    let mut pieces = vec![zeros(len - kept_len)?];
+    for range in kept.iter().filter(|r| !r.is_empty()) {
+        pieces.push(row.narrow(dim, range.start, range.len())?);
+    }
+    pieces.push(zeros(capacity - len)?);
+    pieces.retain(|piece| piece.dims()[dim] > 0);
+    Ok(Tensor::cat(&pieces, dim)?)
 }
 
 /// Which positions' logits a forward pass returns.

@@ -8,10 +8,12 @@ mod emf;
 pub use emf::{Metrics, Unit};
 
 /// Logs go to stderr, as JSON lines when running inside Lambda (`AWS_LAMBDA_FUNCTION_NAME`),
-/// as text otherwise. `RUST_LOG` sets the filter; `default_level` applies without it.
+/// as text otherwise (colored only on a terminal, so that a log file or pipe reads as plain
+/// text). `RUST_LOG` sets the filter; `default_level` applies without it.
 pub fn init_logging(default_level: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     let _ = if in_lambda() { builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init() } else { builder.try_init() };
 }
 

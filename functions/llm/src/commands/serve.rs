@@ -37,7 +37,11 @@ pub struct Args {
     /// Cap on `max_tokens` (and its default).
     #[arg(long, default_value_t = Limits::default().max_tokens)]
     pub max_tokens: usize,
-    /// Requests that may wait for the engine behind the running one; more get 503.
+    /// Sequences that generate together: a request joins the running batch between two decode
+    /// steps when its sequences fit (a larger one runs alone).
+    #[arg(long, default_value_t = Limits::default().max_batch_sequences)]
+    pub max_batch_sequences: usize,
+    /// Requests that may wait to join the running batch; more get 503.
     #[arg(long, default_value_t = Limits::default().max_queued)]
     pub max_queued: usize,
     /// Keep S3 downloads here, named by their sha256, for the next start.
@@ -60,6 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_prompt_tokens: args.max_prompt_tokens,
         max_tokens: args.max_tokens,
+        max_batch_sequences: args.max_batch_sequences,
         max_queued: args.max_queued,
         ..Limits::default()
     };

@@ -1,0 +1,170 @@
+//! The engine thread: every generation of a server runs there, in one batch that requests join
+//! between decode steps and leave as they end (see [`llm_engine::generate_jobs`]), and other
+//! model work (`echo`'s scoring) runs there between those steps. Requests queue for it; past
+//! [`Limits::max_queued`](crate::Limits) waiting, they are refused with 503.
+
+use std::ops::ControlFlow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use llm_engine::{Generated, GenerationRequest, Job, JobHandler, LoadedModel, PromptCache, TokenEvent};
+use tokio::sync::oneshot;
+use tracing::Span;
+
+use crate::error::ApiError;
+
+/// The engine thread's queue. The thread ends when this is dropped.
+pub(crate) struct Engine {
+    tasks: mpsc::Sender<Task>,
+    /// Tasks sent and not started.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+}
+
+enum Task {
+    Generate { model: Arc<LoadedModel>, requests: Vec<GenerationRequest>, cache_prompt: bool, handler: Box<dyn JobHandler + Send> },
+    Run(Box<dyn FnOnce() + Send>),
+}
+
+impl Engine {
+    /// Starts the thread: batches of up to `max_rows` sequences (a larger request runs alone).
+    pub(crate) fn new(max_rows: usize, max_queued: usize) -> Self {
+        let (tasks, receiver) = mpsc::channel();
+        std::thread::Builder::new().name("engine".into()).spawn(move || work(&receiver, max_rows)).expect("the engine thread starts");
+        Self { tasks, queued: Arc::default(), max_queued }
+    }
+
+    /// Generates `requests` in the running batch, through the prompt cache when `cache_prompt`.
+    /// Generation stops early (`finish_reason: length`) when `on_token` breaks, `stop_at`
+    /// passes, or this future is dropped (a client that went away before its JSON answer).
+    pub(crate) async fn generate(
+        &self,
+        model: &Arc<LoadedModel>,
+        requests: Vec<GenerationRequest>,
+        cache_prompt: bool,
+        stop_at: Option<Instant>,
+        on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
+    ) -> Result<Generated, ApiError> {
+        let place = self.enter()?;
+        let (reply, answer) = oneshot::channel();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let _abandon_on_drop = SetOnDrop(abandoned.clone());
+        let handler = Handler { on_token, place: Some(place), abandoned, stop_at, span: Span::current(), reply };
+        self.send(Task::Generate { model: model.clone(), requests, cache_prompt, handler: Box::new(handler) })?;
+        answer.await.map_err(|_| ApiError::internal("generation stopped"))?.map_err(ApiError::engine)
+    }
+
+    /// Runs `work` on the engine thread between two decode steps.
+    pub(crate) async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let place = self.enter()?;
+        let (reply, answer) = oneshot::channel();
+        let span = Span::current();
+        self.send(Task::Run(Box::new(move || {
+            drop(place);
+            let _ = reply.send(span.in_scope(work));
+        })))?;
+        answer.await.map_err(|_| ApiError::internal("the engine's work stopped"))
+    }
+
+    /// A place in the queue, or 503 when `max_queued` tasks wait already. A task that finds
+    /// none waiting is never refused.
+    fn enter(&self) -> Result<Place, ApiError> {
+        let ahead = self.queued.fetch_add(1, Ordering::SeqCst);
+        let place = Place(self.queued.clone());
+        if ahead > 0 && ahead >= self.max_queued {
+            return Err(ApiError::overloaded(ahead));
+        }
+        Ok(place)
+    }
+
+    fn send(&self, task: Task) -> Result<(), ApiError> {
+        self.tasks.send(task).map_err(|_| ApiError::internal("the engine thread stopped"))
+    }
+}
+
+/// The engine thread's life: generations of the first request's model (a server serves one
+/// model), other tasks between their steps; a generation that panics fails the jobs of its
+/// batch (their answers are dropped), and the thread goes on.
+fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
+    let next = |idle: bool| -> Option<(Arc<LoadedModel>, Job<'static>)> {
+        loop {
+            let task = if idle { tasks.recv().ok()? } else { tasks.try_recv().ok()? };
+            match task {
+                Task::Generate { model, requests, cache_prompt, handler } => return Some((model, Job { requests, cache_prompt, handler })),
+                Task::Run(work) => {
+                    let _ = catch_unwind(AssertUnwindSafe(work));
+                }
+            }
+        }
+    };
+    let mut prompt_cache = PromptCache::default();
+    while let Some((model, first)) = next(true) {
+        let mut first = Some(first);
+        let jobs = |idle| first.take().or_else(|| next(idle).map(|(_, job)| job));
+        let generation = AssertUnwindSafe(|| llm_engine::generate_jobs(&model.model, &model.tokenizer, &mut prompt_cache, max_rows, jobs));
+        if catch_unwind(generation).is_ok() {
+            // It returns when it waited for a job and the queue had closed.
+            return;
+        }
+        tracing::error!("generation panicked: the requests in its batch failed");
+        prompt_cache = PromptCache::default();
+    }
+}
+
+/// A task's place in the queue, left when it starts (or is refused or dropped).
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request's side of its job.
+struct Handler<F> {
+    on_token: F,
+    place: Option<Place>,
+    /// Set when the request's future is dropped.
+    abandoned: Arc<AtomicBool>,
+    stop_at: Option<Instant>,
+    /// The request's span, for the lines logged on the engine thread.
+    span: Span,
+    reply: oneshot::Sender<llm_engine::Result<Generated>>,
+}
+
+impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send> JobHandler for Handler<F> {
+    fn start(&mut self) -> bool {
+        self.place = None;
+        !self.abandoned.load(Ordering::Relaxed)
+    }
+
+    fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()> {
+        let _entered = self.span.enter();
+        let flow = (self.on_token)(event);
+        // Once: the engine ends the job's sequences after a break.
+        if flow.is_continue() && self.abandoned.swap(false, Ordering::Relaxed) {
+            tracing::warn!("stopping generation: the request was abandoned");
+            return ControlFlow::Break(());
+        }
+        if flow.is_continue() && self.stop_at.is_some_and(|at| Instant::now() >= at) {
+            tracing::warn!("stopping generation before the invocation's deadline");
+            return ControlFlow::Break(());
+        }
+        flow
+    }
+
+    fn done(self: Box<Self>, result: llm_engine::Result<Generated>) {
+        let _ = self.reply.send(result);
+    }
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
