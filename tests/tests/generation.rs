@@ -305,6 +305,73 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
     }
 }
 
+/// A row that leaves the batch for the prompt cache, padded at its start there and of 256
+/// positions (a whole number of the buffers' growth steps), serves the next prompt that starts
+/// as its prompt did, as a fresh prefill would.
+#[test]
+fn a_row_left_to_the_prompt_cache_serves_the_next_prompt() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed) % 5000 + 10) as u32).collect() };
+    let request = |prompt: Vec<u32>, max_tokens| GenerationRequest { prompt, max_tokens, ignore_eos: true, ..Default::default() };
+    let jobs = [vec![request(ids(300, 1), 8)], vec![request(ids(253, 2), 4)], vec![request([&ids(253, 2)[..100], &[7, 8, 9]].concat(), 2)]];
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let mut offered = 0;
+    generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
+        let ready = match offered {
+            0 => true,
+            1 => !tokens.borrow().is_empty(),
+            _ => results.borrow().contains_key(&1),
+        };
+        (offered < jobs.len() && ready).then(|| {
+            offered += 1;
+            let handler = Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() };
+            Job { requests: jobs[offered - 1].clone(), cache_prompt: true, handler: Box::new(handler) }
+        })
+    });
+    let results = results.borrow();
+    assert_eq!(results[&2].1.cached_prompt_tokens, 100);
+    let alone = generate(model, tokenizer, &jobs[2], |_| ControlFlow::Continue(())).unwrap().0;
+    assert_eq!(results[&2].0[0].token_ids, alone[0].token_ids);
+}
+
+/// Caches of different lengths joined into one batch decode as they do alone (the shorter row
+/// padded at its start), and a row taken back out, without its padding, decodes on: here the
+/// padded one, of 256 positions, a whole number of the buffers' growth steps.
+#[test]
+fn joined_cache_rows_decode_as_alone() {
+    use llm_engine::model::ONE_UNPADDED_ROW as UNPADDED;
+    use llm_engine::{KvCache, Logits};
+    let loaded = llama3();
+    let model = &loaded.model;
+    let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed) % 5000 + 10) as u32).collect() };
+    let forward = |cache: &mut KvCache, padding: &[std::ops::Range<usize>], rows: &[&[u32]]| {
+        let tokens: Vec<u32> = rows.concat();
+        let input = candle_core::Tensor::from_vec(tokens, (rows.len(), rows[0].len()), model.device()).unwrap();
+        model.forward(&input, padding, cache, Logits::Last).unwrap()
+    };
+    let prefilled = |prompt: &[u32]| {
+        let mut cache = model.new_cache();
+        forward(&mut cache, UNPADDED, &[prompt]);
+        cache
+    };
+    let (mut long, mut short) = (prefilled(&ids(300, 1)), prefilled(&ids(256, 2)));
+    let (mut joined, padding) = KvCache::join(&[(&long, UNPADDED), (&short, UNPADDED)]).unwrap();
+    assert_eq!(padding, vec![0..0, 0..44]);
+    let (mut taken, unpadded) = KvCache::join(&[(&joined.copy_rows(&[1]).unwrap(), &padding[1..])]).unwrap();
+    assert_eq!((taken.len(), unpadded.as_slice()), (256, UNPADDED));
+
+    let together = forward(&mut joined, &padding, &[&[42], &[43]]);
+    let alone = [forward(&mut long, UNPADDED, &[&[42]]), forward(&mut short, UNPADDED, &[&[43]])];
+    let after_taken = forward(&mut taken, UNPADDED, &[&[43]]);
+    for (row, alone) in alone.iter().enumerate() {
+        let diff = max_abs_diff(&together.get(row).unwrap(), &alone.get(0).unwrap());
+        assert!(diff < 1e-3, "row {row} joined differs from alone by {diff}");
+    }
+    let diff = max_abs_diff(&after_taken, &alone[1]);
+    assert!(diff < 1e-3, "the taken row differs from alone by {diff}");
+}
+
 /// A prompt longer than one prefill pass (512 positions of all rows) runs in several, and its
 /// first generated token has the log-probability one pass over the prompt gives it: alone
 /// (two passes) and beside a shorter prompt (256 positions a row, three passes).

@@ -137,7 +137,7 @@ fn an_overloaded_server_sheds_requests_with_503() {
 }
 
 /// A client that goes away before its JSON answer stops the generation (which would otherwise
-/// run to `max_tokens` and hold the engine from the requests behind it).
+/// run to `max_tokens`, a row of the batch and its share of every step).
 #[test]
 fn an_abandoned_request_stops_its_generation() {
     use std::io::Write;

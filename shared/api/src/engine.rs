@@ -87,7 +87,7 @@ impl Engine {
 
 /// The engine thread's life: generations of the first request's model (a server serves one
 /// model), other tasks between their steps; a generation that panics fails the jobs of its
-/// batch (their answers are dropped), and the thread goes on.
+/// batch and those waiting to join it (their answers are dropped), and the thread goes on.
 fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
     let next = |idle: bool| -> Option<(Arc<LoadedModel>, Job<'static>)> {
         loop {
@@ -103,7 +103,14 @@ fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
     let mut prompt_cache = PromptCache::default();
     while let Some((model, first)) = next(true) {
         let mut first = Some(first);
-        let jobs = |idle| first.take().or_else(|| next(idle).map(|(_, job)| job));
+        let jobs = |idle| {
+            first.take().or_else(|| {
+                next(idle).map(|(same, job)| {
+                    debug_assert!(Arc::ptr_eq(&same, &model), "one server, one model");
+                    job
+                })
+            })
+        };
         let generation = AssertUnwindSafe(|| llm_engine::generate_jobs(&model.model, &model.tokenizer, &mut prompt_cache, max_rows, jobs));
         if catch_unwind(generation).is_ok() {
             // It returns when it waited for a job and the queue had closed.

@@ -21,8 +21,8 @@ pub struct Limits {
     /// Sequences that generate together: a request joins the running batch between two decode
     /// steps when its sequences keep it within this (or when nothing runs), and waits otherwise.
     pub max_batch_sequences: usize,
-    /// Requests that may wait to join the running batch; more are refused with 503 (shed load
-    /// rather than hold connections without bound).
+    /// Requests that may wait to join the running batch (one always may); more are refused with
+    /// 503 (shed load rather than hold connections without bound).
     pub max_queued: usize,
     /// Generation stops this long before a request's [`Deadline`](crate::Deadline), leaving
     /// time to send the answer.

@@ -31,7 +31,9 @@ enum Update {
 }
 
 pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, include_usage: bool, meta: Meta) -> Response {
-    let (tx, rx) = mpsc::channel::<Update>(64);
+    // Unbounded (a request's updates are bounded by its `max_tokens`): the engine thread that
+    // sends them generates every request's tokens, and must never wait for one slow reader.
+    let (tx, rx) = mpsc::unbounded_channel::<Update>();
     let chunks = Chunks { meta, kind: batch.request.kind, model: batch.model.clone(), text_offsets: vec![0; requests.len()], echo: batch.request.echo.clone() };
     let choices = requests.len();
     let token_tx = tx.clone();
@@ -44,7 +46,7 @@ pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, in
                 return ControlFlow::Continue(());
             }
             // A closed channel means the client went away: stop generating for it.
-            match token_tx.blocking_send(Update::Token { index: event.index, text: event.text.to_string(), logprob }) {
+            match token_tx.send(Update::Token { index: event.index, text: event.text.to_string(), logprob }) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
@@ -55,7 +57,7 @@ pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, in
             record(&batch, &stats, usage, &completions);
             (completions, usage)
         });
-        let _ = tx.send(Update::Done(done)).await;
+        let _ = tx.send(Update::Done(done));
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
     Sse::new(sse_events(rx, chunks, choices, include_usage)).into_response()
@@ -144,7 +146,7 @@ impl Chunks {
 
 /// Server-sent events: the assistant role first (chat), text as it is generated, a closing
 /// chunk per choice with its finish reason, usage when asked, then `[DONE]`.
-fn sse_events(rx: mpsc::Receiver<Update>, mut chunks: Chunks, choices: usize, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> {
+fn sse_events(rx: mpsc::UnboundedReceiver<Update>, mut chunks: Chunks, choices: usize, include_usage: bool) -> impl Stream<Item = Result<Event, Infallible>> {
     let opening: Vec<Event> = (0..choices).filter_map(|i| chunks.opening(i, choices)).collect();
     let updates = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|update| (update, rx)) });
     let body = updates.flat_map(move |update| stream::iter(chunks.events(update, include_usage).into_iter().map(Ok)));

@@ -1,6 +1,8 @@
-//! Batched text generation: one prefill pass over all prompts, then one decode pass per step,
-//! each sequence with its own sampler, stop conditions and streaming text.
+//! Batched text generation: jobs (one caller's requests each) join one batch, each with a
+//! prefill of its own prompts, and leave it as they end; every step decodes one token of every
+//! sequence in it, each sequence with its own sampler, stop conditions and streaming text.
 
+use std::collections::VecDeque;
 use std::ops::{ControlFlow, Range};
 use std::time::{Duration, Instant};
 
@@ -50,7 +52,7 @@ pub struct Completion {
 /// One generated token, as it is produced.
 #[derive(Debug)]
 pub struct TokenEvent<'a> {
-    /// Index of the request in the batch.
+    /// Index of the request among its job's requests (those given to [`generate`]).
     pub index: usize,
     /// `None` for text released after the last token (held-back bytes at the end).
     pub token_id: Option<u32>,
@@ -67,17 +69,19 @@ pub struct GenerationStats {
     /// Prompt tokens whose keys and values came from the [`PromptCache`], not a prefill.
     pub cached_prompt_tokens: usize,
     pub prefill: Duration,
+    /// From the end of the prefill to the last token (with other jobs' prefills that ran
+    /// meanwhile).
     pub decode: Duration,
     /// Decode steps (each extends every unfinished sequence by one token).
     pub decode_steps: usize,
 }
 
-/// The KV cache of the last request of one sequence and the tokens it holds, kept between
-/// requests: a prompt that starts as that request's prompt and completion did (a system prompt,
-/// a conversation's earlier turns) runs only what follows, as llama.cpp's server
-/// (`cache_prompt`) and vLLM's prefix caching do. It holds one row: the last request's sequence
-/// when it had one; else the prompt its sequences shared, or the start its prompts shared, copied
-/// before the batch's rows were made of it (one row beside the batch's own).
+/// The KV cache of the last job of one sequence to end and the tokens it holds, kept between
+/// requests: a prompt that starts as that job's prompt and completion did (a system prompt, a
+/// conversation's earlier turns) runs only what follows, as llama.cpp's server (`cache_prompt`)
+/// and vLLM's prefix caching do. It holds one row: that job's sequence; or, left by a job of
+/// several sequences when it started, the prompt they shared or the start their prompts
+/// shared, copied before the job's rows were made of it (one row beside the batch's own).
 #[derive(Debug, Default)]
 pub struct PromptCache {
     tokens: Vec<u32>,
@@ -166,7 +170,8 @@ pub trait JobHandler {
     /// requests). `Break` ends the job's sequences (`finish_reason: length`), not other jobs'.
     fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()>;
 
-    /// The job's completions once its last sequence ended, or why it failed.
+    /// The job's completions once its last sequence ended, or why it failed. Not called for a
+    /// job that `start` dropped, or whose generation panicked (the handler is dropped instead).
     fn done(self: Box<Self>, result: Result<Generated>);
 }
 
@@ -191,7 +196,8 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// servers do): a job that comes while others generate waits for one step, not for them. A
 /// joining job's prompts run on their own (through `prompt_cache` when the job asks), then its
 /// rows join the batch's (see [`KvCache::join`]). A job joins when the batch is empty or keeps
-/// within `max_rows` sequences with it; else it waits, and the jobs behind it too.
+/// within `max_rows` sequences with it; else it waits, and the jobs behind it too. Between two
+/// steps, jobs join until their prefills reach [`JOIN_POSITIONS`].
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
 /// this function; otherwise `None` says that no job is waiting.
@@ -203,21 +209,37 @@ pub fn generate_jobs<'a>(
     mut next_job: impl FnMut(bool) -> Option<Job<'a>>,
 ) {
     let mut batch = Batch::default();
-    let mut waiting: Option<Job<'a>> = None;
+    let mut waiting: VecDeque<Job<'a>> = VecDeque::new();
     loop {
-        while let Some(job) = waiting.take().or_else(|| next_job(batch.jobs.is_empty())) {
-            if !batch.jobs.is_empty() && batch.rows() + job.requests.len() > max_rows {
-                waiting = Some(job);
-                break;
+        loop {
+            let idle = batch.jobs.is_empty() && waiting.is_empty();
+            match next_job(idle) {
+                Some(job) => waiting.push_back(job),
+                None if idle => return,
+                None => break,
             }
-            batch.join(model, tokenizer, prompt_cache, job);
         }
-        if batch.jobs.is_empty() {
-            return;
+        let mut positions = 0;
+        while positions < JOIN_POSITIONS || batch.jobs.is_empty() {
+            match waiting.front() {
+                Some(job) if batch.jobs.is_empty() || batch.rows() + job.requests.len() <= max_rows => {}
+                _ => break,
+            }
+            let job = waiting.pop_front().expect("a job waits");
+            positions += batch.join(model, tokenizer, prompt_cache, job);
         }
-        batch.step(model, tokenizer, prompt_cache);
+        if !batch.jobs.is_empty() {
+            batch.step(model, tokenizer, prompt_cache);
+        }
     }
 }
+
+/// Prompt positions that jobs joining between two decode steps may prefill, the first job's
+/// whatever its length: the batch samples their first tokens before the next jobs' prompts run.
+/// Four 128-token prompts sent at once then get their first tokens after one, two, three and
+/// four prefills, not all after four; each later one pays with a decode step, a fraction of a
+/// prefill's time.
+const JOIN_POSITIONS: usize = 128;
 
 /// The jobs generating together, in the order they joined, and their rows: each job's in the
 /// order of its [`Running::rows`].
@@ -245,6 +267,8 @@ struct Running<'a> {
     cache_prompt: bool,
     stats: GenerationStats,
     decoding_since: Instant,
+    /// Why the job ended early; its sequences are finished.
+    failed: Option<EngineError>,
 }
 
 impl<'a> Batch<'a> {
@@ -252,14 +276,21 @@ impl<'a> Batch<'a> {
         self.jobs.iter().map(|job| job.rows.len()).sum()
     }
 
-    /// Runs the job's prompts and adds its rows, or hands it its error.
-    fn join(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache, job: Job<'a>) {
+    /// Runs the job's prompts and adds its rows, or hands it its error; the positions prefilled.
+    fn join(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache, job: Job<'a>) -> usize {
         let Job { requests, cache_prompt, mut handler } = job;
         if !handler.start() {
-            return;
+            return 0;
         }
-        let mut running =
-            Running { handler, seqs: Vec::new(), rows: Vec::new(), cache_prompt, stats: GenerationStats::default(), decoding_since: Instant::now() };
+        let mut running = Running {
+            handler,
+            seqs: Vec::new(),
+            rows: Vec::new(),
+            cache_prompt,
+            stats: GenerationStats::default(),
+            decoding_since: Instant::now(),
+            failed: None,
+        };
         let rows = running.prefill(model, &requests, prompt_cache).and_then(|rows| match (rows, &self.rows) {
             (Some(new), Some(old)) => {
                 let (cache, padding) = KvCache::join(&[(&old.cache, &old.padding), (&new.cache, &new.padding)])?;
@@ -267,6 +298,7 @@ impl<'a> Batch<'a> {
             }
             (rows, _) => Ok(rows),
         });
+        let prefilled = running.stats.prompt_tokens - running.stats.cached_prompt_tokens;
         match rows {
             Err(e) => running.handler.done(Err(e)),
             Ok(None) => running.finish(tokenizer),
@@ -275,15 +307,19 @@ impl<'a> Batch<'a> {
                 self.jobs.push(running);
             }
         }
+        prefilled
     }
 
     /// Samples every row's next token, lets the jobs whose sequences all ended leave, and runs
-    /// the rest one position further. An error fails every job in the batch: its rows may be
-    /// half updated.
+    /// the rest one position further. An error there fails every job in the batch (its rows
+    /// may be half updated): a job alone gets the error, several get its text.
     fn step(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache) {
         if let Err(e) = self.try_step(model, tokenizer, prompt_cache) {
-            let message = e.to_string();
             self.rows = None;
+            if let [_] = self.jobs.as_slice() {
+                return self.jobs.remove(0).handler.done(Err(e));
+            }
+            let message = e.to_string();
             for job in self.jobs.drain(..) {
                 job.handler.done(Err(EngineError::Generation(message.clone())));
             }
@@ -291,22 +327,29 @@ impl<'a> Batch<'a> {
     }
 
     fn try_step(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache) -> Result<()> {
-        let rows = self.rows.as_mut().expect("a batch with jobs has rows");
-        let logits = rows.logits.to_vec2::<f32>()?;
+        let batch_rows = self.rows.as_mut().expect("a batch with jobs has rows");
+        let logits = batch_rows.logits.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(logits.len());
         for job in &mut self.jobs {
             let mut stop = false;
             for &i in &job.rows {
                 let seq = &mut job.seqs[i];
-                let row = &logits[next.len()];
-                let token = seq.sampler.sample(row, &seq.context);
-                if let Some(top_n) = seq.top_logprobs {
-                    seq.logprobs.push(token_logprob(row, token, top_n));
-                }
-                let piece = seq.push(tokenizer, token)?;
-                job.stats.generated_tokens += 1;
-                stop |= job.handler.token(TokenEvent { index: i, token_id: Some(token), text: &piece, logprob: seq.logprobs.last() }).is_break();
+                let row_logits = &logits[next.len()];
+                let token = seq.sampler.sample(row_logits, &seq.context);
                 next.push(token);
+                if let Some(top_n) = seq.top_logprobs {
+                    seq.logprobs.push(token_logprob(row_logits, token, top_n));
+                }
+                match seq.push(tokenizer, token) {
+                    Ok(piece) => {
+                        job.stats.generated_tokens += 1;
+                        stop |= job.handler.token(TokenEvent { index: i, token_id: Some(token), text: &piece, logprob: seq.logprobs.last() }).is_break();
+                    }
+                    Err(e) => {
+                        job.failed.get_or_insert(e);
+                        stop = true;
+                    }
+                }
             }
             if stop {
                 for &i in &job.rows {
@@ -315,33 +358,31 @@ impl<'a> Batch<'a> {
             }
         }
 
-        // The rows that go on; a job of one sequence that asked leaves its row to the prompt cache.
-        let (mut keep, mut left_to_cache) = (Vec::new(), None);
+        let (mut keep, mut leaving) = (Vec::new(), None);
         let mut row = 0;
         for job in &mut self.jobs {
-            let ended: Vec<usize> = std::mem::take(&mut job.rows);
-            for i in ended {
+            for i in std::mem::take(&mut job.rows) {
                 if !job.seqs[i].finished() {
                     keep.push(row as u32);
                     job.rows.push(i);
-                } else if job.cache_prompt && job.seqs.len() == 1 {
-                    left_to_cache = Some((row, job.seqs[i].context.clone()));
+                } else if job.cache_prompt && job.seqs.len() == 1 && job.failed.is_none() {
+                    // The prompt cache holds one row: the last such job's to end.
+                    leaving = Some((row, job.seqs[i].context.clone()));
                 }
                 row += 1;
             }
         }
-        if let Some((row, tokens)) = left_to_cache {
-            let kv = if rows.padding.len() == 1 && rows.padding[0].is_empty() {
-                std::mem::replace(&mut rows.cache, model.new_cache())
-            } else {
-                KvCache::join(&[(&rows.cache.copy_rows(&[row as u32])?, std::slice::from_ref(&rows.padding[row]))])?.0
-            };
-            prompt_cache.keep(&tokens[..kv.len()], kv);
+        for mut job in std::mem::take(&mut self.jobs) {
+            match (job.rows.is_empty(), job.failed.take()) {
+                (false, _) => self.jobs.push(job),
+                (true, None) => job.finish(tokenizer),
+                (true, Some(e)) => job.handler.done(Err(e)),
+            }
         }
-        for job in std::mem::take(&mut self.jobs) {
-            match job.rows.is_empty() {
-                true => job.finish(tokenizer),
-                false => self.jobs.push(job),
+        if let Some((row, tokens)) = leaving {
+            // Best effort: a copy that fails leaves the cache empty, not the jobs failed.
+            if let Ok(kv) = batch_rows.take_row(model, row, keep.is_empty()) {
+                prompt_cache.keep(&tokens[..kv.len()], kv);
             }
         }
         if keep.is_empty() {
@@ -350,16 +391,27 @@ impl<'a> Batch<'a> {
         }
 
         if keep.len() < next.len() {
-            rows.cache.retain_rows(&keep)?;
-            rows.padding = keep.iter().map(|&row| rows.padding[row as usize].clone()).collect();
+            batch_rows.cache.retain_rows(&keep)?;
+            batch_rows.padding = keep.iter().map(|&row| batch_rows.padding[row as usize].clone()).collect();
             next = keep.iter().map(|&row| next[row as usize]).collect();
         }
         let input = Tensor::from_vec(next, (keep.len(), 1), model.device())?;
-        rows.logits = model.forward(&input, &rows.padding, &mut rows.cache, Logits::Last)?;
+        batch_rows.logits = model.forward(&input, &batch_rows.padding, &mut batch_rows.cache, Logits::Last)?;
         for job in &mut self.jobs {
             job.stats.decode_steps += 1;
         }
         Ok(())
+    }
+}
+
+impl Rows {
+    /// Row `row`'s cache without its padding: moved out when it is the only row, unpadded, and
+    /// `last` (nothing runs after it), else copied.
+    fn take_row(&mut self, model: &Llama, row: usize, last: bool) -> Result<KvCache> {
+        if last && self.padding.len() == 1 && self.padding[0].is_empty() {
+            return Ok(std::mem::replace(&mut self.cache, model.new_cache()));
+        }
+        Ok(KvCache::join(&[(&self.cache.copy_rows(&[row as u32])?, std::slice::from_ref(&self.padding[row]))])?.0)
     }
 }
 
@@ -412,15 +464,15 @@ impl Running<'_> {
     }
 }
 
-/// Runs `rows` (one prompt per row) as little as it can: the rows, each with its logits at its
+/// Runs `row_prompts` (one prompt per row) as little as it can: the rows, each with its logits at its
 /// last prompt position, and how many prompt tokens the prompt cache held. Identical prompts (a
 /// request's `n` choices) run once and their cache rows are copied. The start all prompts share
 /// (but the last token of the shortest, whose logits start its generation) comes from the
 /// prompt cache, or runs once in a row of its own when that saves enough; that row is copied to
 /// every prompt's, and each prompt's rest is padded after it, so that all end together.
-fn prefill_batch(model: &Llama, rows: &[&[u32]], prompt_cache: &mut PromptCache) -> Result<(Rows, usize)> {
+fn prefill_batch(model: &Llama, row_prompts: &[&[u32]], prompt_cache: &mut PromptCache) -> Result<(Rows, usize)> {
     let mut prompts: Vec<&[u32]> = Vec::new();
-    let row_of: Vec<u32> = rows
+    let row_of: Vec<u32> = row_prompts
         .iter()
         .map(|&prompt| {
             let row = prompts.iter().position(|p| *p == prompt).unwrap_or_else(|| {
@@ -452,7 +504,7 @@ fn prefill_batch(model: &Llama, rows: &[&[u32]], prompt_cache: &mut PromptCache)
     }
     let mut logits = prefill(model, &tokens, &prompt_padding, &mut cache)?;
     let padding = row_of.iter().map(|&row| prompt_padding[row as usize].clone()).collect();
-    if prompts.len() < rows.len() {
+    if prompts.len() < row_prompts.len() {
         let rows = cache.copy_rows(&row_of)?;
         let prompt = std::mem::replace(&mut cache, rows);
         if let [one] = prompts.as_slice() {

@@ -419,7 +419,9 @@ impl KvCache {
     pub fn join(parts: &[(&KvCache, &[Range<usize>])]) -> Result<(KvCache, Vec<Range<usize>>)> {
         let unpadded: Vec<usize> = parts.iter().flat_map(|(cache, padding)| padding.iter().map(|p| cache.len() - p.len())).collect();
         let len = unpadded.iter().copied().max().unwrap_or(0);
-        let capacity = capacity_for(len);
+        // Room for the next position, which the batch appends at once; and so every row's
+        // buffer is a copy of its own (a piece of one, alone, would be a view of the old buffer).
+        let capacity = capacity_for(len + 1);
         let layers = parts.first().map_or(0, |(cache, _)| cache.layers.len());
         let mut joined = Vec::with_capacity(layers);
         for layer in 0..layers {

@@ -41,7 +41,7 @@ pub struct Args {
     /// steps when its sequences fit (a larger one runs alone).
     #[arg(long, default_value_t = Limits::default().max_batch_sequences)]
     pub max_batch_sequences: usize,
-    /// Requests that may wait to join the running batch; more get 503.
+    /// Requests that may wait to join the running batch (one always may); more get 503.
     #[arg(long, default_value_t = Limits::default().max_queued)]
     pub max_queued: usize,
     /// Keep S3 downloads here, named by their sha256, for the next start.
