@@ -87,27 +87,14 @@ pub(crate) async fn answer(batch: Batch) -> Result<Response, ApiError> {
     Ok(Json(request.response(meta, &batch.model, &completions, usage)).into_response())
 }
 
-/// Runs one request's batch (see [`run_requests`]), stopping near its deadline.
+/// Runs one request's sequences in the engine's batch (see [`crate::engine`]), stopping near
+/// its deadline.
 pub(crate) async fn run_batch(
     batch: &Batch,
     requests: Vec<GenerationRequest>,
     on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
 ) -> Result<Generated, ApiError> {
-    run_requests(&batch.state, &batch.model, requests, batch.request.generation.cache_prompt, batch.stop_at(), on_token).await
-}
-
-/// Generates sequences in the engine's running batch (see [`crate::engine`]), through the
-/// prompt cache when `cache_prompt`. Generation stops early (`finish_reason: length`) when
-/// `on_token` breaks, `stop_at` passes or the caller goes away.
-pub(crate) async fn run_requests(
-    state: &AppState,
-    model: &Arc<LoadedModel>,
-    requests: Vec<GenerationRequest>,
-    cache_prompt: bool,
-    stop_at: Option<Instant>,
-    on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
-) -> Result<Generated, ApiError> {
-    state.engine.generate(model, requests, cache_prompt, stop_at, on_token).await
+    batch.state.engine.generate(&batch.model, requests, batch.request.generation.cache_prompt, batch.stop_at(), on_token).await
 }
 
 /// The request's log line and metrics (one EMF record); the first request of the process is

@@ -12,7 +12,7 @@ use llm_engine::{GenerationRequest, LoadedModel};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::batch::{run_requests, usage, Meta};
+use crate::batch::{usage, Meta};
 use crate::error::ApiError;
 use crate::openai::{ChatRequest, CompletionRequest};
 use crate::prepare::{check_chat, check_completion, Checked, Prepared};
@@ -205,7 +205,8 @@ async fn prepare(state: &AppState, model: &Arc<LoadedModel>, line: &Line) -> Res
     checked.prepare(state, model).await
 }
 
-/// Generates the group's sequences as one engine batch and answers each of its lines.
+/// Generates the group's sequences as one job of the engine's batch and answers each of its
+/// lines.
 async fn run_group(
     state: &AppState,
     model: &Arc<LoadedModel>,
@@ -216,7 +217,7 @@ async fn run_group(
     let requests: Vec<GenerationRequest> = group.iter().flat_map(|(_, _, r)| r.generation.requests(&r.prompts)).collect();
     let (lines, sequences) = (group.len(), requests.len());
     let cache_prompt = group.iter().all(|(_, _, r)| r.generation.cache_prompt);
-    match run_requests(state, model, requests, cache_prompt, None, |_| ControlFlow::Continue(())).await {
+    match state.engine.generate(model, requests, cache_prompt, None, |_| ControlFlow::Continue(())).await {
         Ok((completions, generated)) => {
             stats.engine_batches += 1;
             stats.sequences += sequences;
