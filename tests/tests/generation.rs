@@ -219,6 +219,11 @@ fn a_prompt_cache_serves_a_shared_start_as_a_fresh_prefill_would() {
     assert_eq!(cached(&[request(other)]).1, 10);
 }
 
+/// `n` token ids of the fixture's vocabulary, a different run for each `seed`.
+fn ids(n: usize, seed: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + seed) % 5000 + 10) as u32).collect()
+}
+
 /// A test job's handler: the order of all jobs' tokens, and each job's result.
 struct Recorder {
     job: usize,
@@ -312,7 +317,6 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
 fn a_row_left_to_the_prompt_cache_serves_the_next_prompt() {
     let loaded = llama3();
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
-    let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed) % 5000 + 10) as u32).collect() };
     let request = |prompt: Vec<u32>, max_tokens| GenerationRequest { prompt, max_tokens, ignore_eos: true, ..Default::default() };
     let jobs = [vec![request(ids(300, 1), 8)], vec![request(ids(253, 2), 4)], vec![request([&ids(253, 2)[..100], &[7, 8, 9]].concat(), 2)]];
     let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
@@ -344,7 +348,6 @@ fn joined_cache_rows_decode_as_alone() {
     use llm_engine::{KvCache, Logits};
     let loaded = llama3();
     let model = &loaded.model;
-    let ids = |n: usize, seed: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + seed) % 5000 + 10) as u32).collect() };
     let forward = |cache: &mut KvCache, padding: &[std::ops::Range<usize>], rows: &[&[u32]]| {
         let tokens: Vec<u32> = rows.concat();
         let input = candle_core::Tensor::from_vec(tokens, (rows.len(), rows[0].len()), model.device()).unwrap();

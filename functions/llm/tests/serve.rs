@@ -187,6 +187,38 @@ fn a_request_joins_a_running_batch() {
     drop(client);
 }
 
+/// A request whose client goes away while it waits for room frees its place in the queue at
+/// once: with one sequence running and one place to wait, the next request waits (it is not
+/// refused) and is answered when the running one ends.
+#[test]
+fn a_request_dropped_while_it_waits_frees_its_place() {
+    use std::io::Write;
+    let model = root().join("tests/fixtures/llama3/llama3-bf16.gguf");
+    let server = serve(&["--model", model.to_str().unwrap(), "--threads", "1", "--max-tokens", "50000", "--max-batch-sequences", "1", "--max-queued", "1"]);
+    let address = server.base_url.trim_start_matches("http://").trim_end_matches("/v1");
+    let send = |body: &str| {
+        let mut client = std::net::TcpStream::connect(address).unwrap();
+        write!(client, "POST /v1/completions HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+            .unwrap();
+        client
+    };
+    let running = send(r#"{"model": "llama3-bf16", "prompt": "Once", "max_tokens": 50000, "ignore_eos": true, "stream": true}"#);
+    let mut stream = BufReader::new(running.try_clone().unwrap()).lines();
+    assert!(stream.any(|line| line.unwrap().starts_with("data: {")), "the stream starts");
+    let waiting = send(r#"{"model": "llama3-bf16", "prompt": "Twice", "max_tokens": 2}"#);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(waiting);
+    std::thread::sleep(Duration::from_millis(300));
+    let next = std::thread::spawn({
+        let base_url = server.base_url.clone();
+        move || post(&base_url, "/v1/completions", r#"{"model": "llama3-bf16", "prompt": "Thrice", "max_tokens": 2}"#)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop((stream, running));
+    let (status, answer) = next.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+}
+
 /// A model whose chat template allocates without bound (a list concatenated with itself 40
 /// times, which minijinja materializes before charging fuel): the chat request gets a 400 from
 /// the template's bounded renderer, and the server goes on serving with its memory intact.

@@ -1,6 +1,6 @@
-//! Running one request's batch: validated prompts and settings to engine requests, generation
-//! in the engine's running batch (stopping near the deadline), and
-//! the request's log line and metrics. Answers as JSON, or hands over to [`crate::stream`].
+//! Running one request: validated prompts and settings to engine requests, generation in the
+//! engine's batch (stopping near the deadline), and the request's log line and metrics. Answers
+//! as JSON, or hands over to [`crate::stream`].
 
 use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
@@ -103,7 +103,8 @@ pub(crate) fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, compl
     let (state, load) = (&batch.state, &batch.load);
     let cold = state.cold.swap(false, Ordering::Relaxed);
     let decode_s = stats.decode.as_secs_f64();
-    let ttft_ms = stats.prefill.as_secs_f64() * 1e3 + load.load_ms.unwrap_or(0.0);
+    // Not the wait for room in the engine's batch: `llm serve`'s alone (see `--max-queued`).
+    let ttft_ms = stats.first_token.as_secs_f64() * 1e3 + load.load_ms.unwrap_or(0.0);
     tracing::info!(
         model = %state.slot.id,
         source = %load.source,

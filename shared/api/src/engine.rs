@@ -51,8 +51,8 @@ impl Engine {
         let place = self.enter()?;
         let (reply, answer) = oneshot::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
-        let _abandon_on_drop = SetOnDrop(abandoned.clone());
-        let handler = Handler { on_token, place: Some(place), abandoned, stop_at, span: Span::current(), reply };
+        let _abandon_on_drop = Abandon { abandoned: abandoned.clone(), place: place.clone() };
+        let handler = Handler { on_token, place, abandoned, stop_at, span: Span::current(), reply };
         self.send(Task::Generate { model: model.clone(), requests, cache_prompt, handler: Box::new(handler) })?;
         answer.await.map_err(|_| ApiError::internal("generation stopped"))?.map_err(ApiError::engine)
     }
@@ -63,7 +63,7 @@ impl Engine {
         let (reply, answer) = oneshot::channel();
         let span = Span::current();
         self.send(Task::Run(Box::new(move || {
-            drop(place);
+            place.leave();
             let _ = reply.send(span.in_scope(work));
         })))?;
         answer.await.map_err(|_| ApiError::internal("the engine's work stopped"))
@@ -73,7 +73,7 @@ impl Engine {
     /// none waiting is never refused.
     fn enter(&self) -> Result<Place, ApiError> {
         let ahead = self.queued.fetch_add(1, Ordering::SeqCst);
-        let place = Place(self.queued.clone());
+        let place = Place(Arc::new(Seat { queued: self.queued.clone(), left: AtomicBool::new(false) }));
         if ahead > 0 && ahead >= self.max_queued {
             return Err(ApiError::overloaded(ahead));
         }
@@ -96,6 +96,10 @@ fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
                 Task::Generate { model, requests, cache_prompt, handler } => return Some((model, Job { requests, cache_prompt, handler })),
                 Task::Run(work) => {
                     let _ = catch_unwind(AssertUnwindSafe(work));
+                    // One between two steps: scoring a prompt takes as long as a prefill.
+                    if !idle {
+                        return None;
+                    }
                 }
             }
         }
@@ -121,19 +125,40 @@ fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
     }
 }
 
-/// A task's place in the queue, left when it starts (or is refused or dropped).
-struct Place(Arc<AtomicUsize>);
+/// A task's place in the queue, left once: when it starts, when its request goes away (while
+/// its job may still sit in the engine's queue), or when the last of its holders is dropped.
+#[derive(Clone)]
+struct Place(Arc<Seat>);
 
-impl Drop for Place {
+struct Seat {
+    queued: Arc<AtomicUsize>,
+    left: AtomicBool,
+}
+
+impl Place {
+    fn leave(&self) {
+        self.0.leave();
+    }
+}
+
+impl Seat {
+    fn leave(&self) {
+        if !self.left.swap(true, Ordering::SeqCst) {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Seat {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.leave();
     }
 }
 
 /// A request's side of its job.
 struct Handler<F> {
     on_token: F,
-    place: Option<Place>,
+    place: Place,
     /// Set when the request's future is dropped.
     abandoned: Arc<AtomicBool>,
     stop_at: Option<Instant>,
@@ -144,8 +169,12 @@ struct Handler<F> {
 
 impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send> JobHandler for Handler<F> {
     fn start(&mut self) -> bool {
-        self.place = None;
-        !self.abandoned.load(Ordering::Relaxed)
+        self.place.leave();
+        !self.cancelled()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
     }
 
     fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()> {
@@ -168,10 +197,16 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send> JobHandler for Handler<
     }
 }
 
-struct SetOnDrop(Arc<AtomicBool>);
+/// Held by the request's future: when it is dropped (answered, or its client gone), the job
+/// stops at its next token or never starts, and its place in the queue is free.
+struct Abandon {
+    abandoned: Arc<AtomicBool>,
+    place: Place,
+}
 
-impl Drop for SetOnDrop {
+impl Drop for Abandon {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.abandoned.store(true, Ordering::Relaxed);
+        self.place.leave();
     }
 }

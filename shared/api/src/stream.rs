@@ -40,7 +40,7 @@ pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, in
     let model = batch.model.clone();
     let ignore_eos = batch.request.generation.ignore_eos;
     let task = async move {
-        let result = run_batch(&batch, requests, move |event| {
+        let generation = run_batch(&batch, requests, move |event| {
             let logprob = event.logprob.filter(|lp| logprobs::is_visible(&model.tokenizer, lp, ignore_eos)).cloned();
             if event.text.is_empty() && logprob.is_none() {
                 return ControlFlow::Continue(());
@@ -50,8 +50,13 @@ pub(crate) fn stream_response(batch: Batch, requests: Vec<GenerationRequest>, in
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
-        })
-        .await;
+        });
+        // A client that goes away while its request waits: dropping the generation takes the
+        // request out of the engine's queue (a running one stops at its next token anyway).
+        let result = tokio::select! {
+            result = generation => result,
+            () = tx.closed() => return,
+        };
         let done = result.map(|(completions, stats)| {
             let usage = usage(&batch.request.prompts, &completions);
             record(&batch, &stats, usage, &completions);

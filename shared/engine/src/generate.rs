@@ -69,6 +69,9 @@ pub struct GenerationStats {
     /// Prompt tokens whose keys and values came from the [`PromptCache`], not a prefill.
     pub cached_prompt_tokens: usize,
     pub prefill: Duration,
+    /// From the job's start to its first token: its prefill, and those of the jobs that joined
+    /// the batch with it.
+    pub first_token: Duration,
     /// From the end of the prefill to the last token (with other jobs' prefills that ran
     /// meanwhile).
     pub decode: Duration,
@@ -89,8 +92,8 @@ pub struct PromptCache {
 }
 
 impl PromptCache {
-    /// A cache for a batch whose prompts all start with `start`, and how many of those tokens
-    /// it already holds.
+    /// A cache for a job whose prompts all start with `start`, and how many of those tokens it
+    /// already holds.
     fn take(&mut self, model: &Llama, start: &[u32]) -> Result<(KvCache, usize)> {
         let shared = shared_start(&self.tokens, start);
         let kv = self.kv.take();
@@ -104,7 +107,7 @@ impl PromptCache {
         })
     }
 
-    /// Holds `kv`, one row whose positions hold `tokens`, for the next batch.
+    /// Holds `kv`, one row whose positions hold `tokens`, for the next job.
     fn keep(&mut self, tokens: &[u32], kv: KvCache) {
         self.tokens = tokens.to_vec();
         self.kv = Some(kv);
@@ -166,6 +169,11 @@ pub trait JobHandler {
         true
     }
 
+    /// Whether a waiting job's caller went away: it is dropped unrun, leaving room for the next.
+    fn cancelled(&self) -> bool {
+        false
+    }
+
     /// Each of the job's tokens as it is sampled ([`TokenEvent::index`] counts the job's own
     /// requests). `Break` ends the job's sequences (`finish_reason: length`), not other jobs'.
     fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()>;
@@ -219,10 +227,11 @@ pub fn generate_jobs<'a>(
                 None => break,
             }
         }
+        waiting.retain(|job| !job.handler.cancelled());
         let mut positions = 0;
         while positions < JOIN_POSITIONS || batch.jobs.is_empty() {
             match waiting.front() {
-                Some(job) if batch.jobs.is_empty() || batch.rows() + job.requests.len() <= max_rows => {}
+                Some(job) if batch.jobs.is_empty() || batch.sequences() + job.requests.len() <= max_rows => {}
                 _ => break,
             }
             let job = waiting.pop_front().expect("a job waits");
@@ -266,13 +275,14 @@ struct Running<'a> {
     rows: Vec<usize>,
     cache_prompt: bool,
     stats: GenerationStats,
+    started: Instant,
     decoding_since: Instant,
     /// Why the job ended early; its sequences are finished.
     failed: Option<EngineError>,
 }
 
 impl<'a> Batch<'a> {
-    fn rows(&self) -> usize {
+    fn sequences(&self) -> usize {
         self.jobs.iter().map(|job| job.rows.len()).sum()
     }
 
@@ -288,17 +298,18 @@ impl<'a> Batch<'a> {
             rows: Vec::new(),
             cache_prompt,
             stats: GenerationStats::default(),
+            started: Instant::now(),
             decoding_since: Instant::now(),
             failed: None,
         };
-        let rows = running.prefill(model, &requests, prompt_cache).and_then(|rows| match (rows, &self.rows) {
-            (Some(new), Some(old)) => {
-                let (cache, padding) = KvCache::join(&[(&old.cache, &old.padding), (&new.cache, &new.padding)])?;
-                Ok(Some(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? }))
-            }
-            (rows, _) => Ok(rows),
+        let mut prefilled = 0;
+        let rows = running.prefill(model, &requests, prompt_cache).and_then(|rows| {
+            let Some((new, positions)) = rows else { return Ok(None) };
+            prefilled = positions;
+            let Some(old) = &self.rows else { return Ok(Some(new)) };
+            let (cache, padding) = KvCache::join(&[(&old.cache, &old.padding), (&new.cache, &new.padding)])?;
+            Ok(Some(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? }))
         });
-        let prefilled = running.stats.prompt_tokens - running.stats.cached_prompt_tokens;
         match rows {
             Err(e) => running.handler.done(Err(e)),
             Ok(None) => running.finish(tokenizer),
@@ -342,6 +353,9 @@ impl<'a> Batch<'a> {
                 }
                 match seq.push(tokenizer, token) {
                     Ok(piece) => {
+                        if job.stats.generated_tokens == 0 {
+                            job.stats.first_token = job.started.elapsed();
+                        }
                         job.stats.generated_tokens += 1;
                         stop |= job.handler.token(TokenEvent { index: i, token_id: Some(token), text: &piece, logprob: seq.logprobs.last() }).is_break();
                     }
@@ -381,8 +395,9 @@ impl<'a> Batch<'a> {
         }
         if let Some((row, tokens)) = leaving {
             // Best effort: a copy that fails leaves the cache empty, not the jobs failed.
-            if let Ok(kv) = batch_rows.take_row(model, row, keep.is_empty()) {
-                prompt_cache.keep(&tokens[..kv.len()], kv);
+            match batch_rows.take_row(model, row, keep.is_empty()) {
+                Ok(kv) => prompt_cache.keep(&tokens[..kv.len()], kv),
+                Err(e) => tracing::warn!(error = %e, "the prompt cache keeps nothing: its row could not be copied"),
             }
         }
         if keep.is_empty() {
@@ -416,8 +431,9 @@ impl Rows {
 }
 
 impl Running<'_> {
-    /// Starts the job's sequences and runs the prompts of those that generate; their rows.
-    fn prefill(&mut self, model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Option<Rows>> {
+    /// Starts the job's sequences and runs the prompts of those that generate: their rows and
+    /// the positions that ran.
+    fn prefill(&mut self, model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Option<(Rows, usize)>> {
         let context = model.config().max_position_embeddings;
         let vocab = model.config().vocab_size;
         for r in requests {
@@ -431,14 +447,14 @@ impl Running<'_> {
         }
         let started = Instant::now();
         let prompts: Vec<&[u32]> = self.rows.iter().map(|&i| requests[i].prompt.as_slice()).collect();
-        let (rows, cached) = match self.cache_prompt {
+        let Prefilled { rows, cached, positions } = match self.cache_prompt {
             true => prefill_batch(model, &prompts, prompt_cache)?,
             false => prefill_batch(model, &prompts, &mut PromptCache::default())?,
         };
         self.stats.cached_prompt_tokens = cached;
         self.stats.prefill = started.elapsed();
         self.decoding_since = Instant::now();
-        Ok(Some(rows))
+        Ok(Some((rows, positions)))
     }
 
     /// Hands the job its completions (and each sequence's held-back text first).
@@ -464,13 +480,21 @@ impl Running<'_> {
     }
 }
 
-/// Runs `row_prompts` (one prompt per row) as little as it can: the rows, each with its logits at its
-/// last prompt position, and how many prompt tokens the prompt cache held. Identical prompts (a
-/// request's `n` choices) run once and their cache rows are copied. The start all prompts share
+/// Rows whose prompts ran: each with its logits at its last prompt position.
+struct Prefilled {
+    rows: Rows,
+    /// Prompt tokens the prompt cache held.
+    cached: usize,
+    /// Positions that ran, padding included.
+    positions: usize,
+}
+
+/// Runs `row_prompts` (one prompt per row) as little as it can. Identical prompts (a request's
+/// `n` choices) run once and their cache rows are copied. The start all prompts share
 /// (but the last token of the shortest, whose logits start its generation) comes from the
 /// prompt cache, or runs once in a row of its own when that saves enough; that row is copied to
 /// every prompt's, and each prompt's rest is padded after it, so that all end together.
-fn prefill_batch(model: &Llama, row_prompts: &[&[u32]], prompt_cache: &mut PromptCache) -> Result<(Rows, usize)> {
+fn prefill_batch(model: &Llama, row_prompts: &[&[u32]], prompt_cache: &mut PromptCache) -> Result<Prefilled> {
     let mut prompts: Vec<&[u32]> = Vec::new();
     let row_of: Vec<u32> = row_prompts
         .iter()
@@ -491,6 +515,7 @@ fn prefill_batch(model: &Llama, row_prompts: &[&[u32]], prompt_cache: &mut Promp
     } else {
         cached
     };
+    let shared_positions = start - cached;
     if start > 0 && prompts.len() > 1 {
         let rows = cache.copy_rows(&vec![0; prompts.len()])?;
         prompt_cache.keep(&prompts[0][..start], std::mem::replace(&mut cache, rows));
@@ -512,7 +537,7 @@ fn prefill_batch(model: &Llama, row_prompts: &[&[u32]], prompt_cache: &mut Promp
         }
         logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
     }
-    Ok((Rows { cache, padding, logits }, cached))
+    Ok(Prefilled { rows: Rows { cache, padding, logits }, cached, positions: shared_positions + tokens.len() })
 }
 
 /// Positions of all rows that one forward pass of a prompt takes at most, as llama.cpp's
