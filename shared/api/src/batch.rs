@@ -103,7 +103,7 @@ pub(crate) fn record(batch: &Batch, stats: &GenerationStats, usage: Usage, compl
     let (state, load) = (&batch.state, &batch.load);
     let cold = state.cold.swap(false, Ordering::Relaxed);
     let decode_s = stats.decode.as_secs_f64();
-    // Not the wait for room in the engine's batch: `llm serve`'s alone (see `--max-queued`).
+    // With the wait for room in the engine's batch (see `crate::engine`).
     let ttft_ms = stats.first_token.as_secs_f64() * 1e3 + load.load_ms.unwrap_or(0.0);
     tracing::info!(
         model = %state.slot.id,

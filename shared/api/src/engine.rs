@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llm_engine::{Generated, GenerationRequest, Job, JobHandler, LoadedModel, PromptCache, TokenEvent};
 use tokio::sync::oneshot;
@@ -52,7 +52,7 @@ impl Engine {
         let (reply, answer) = oneshot::channel();
         let abandoned = Arc::new(AtomicBool::new(false));
         let _abandon_on_drop = Abandon { abandoned: abandoned.clone(), place: place.clone() };
-        let handler = Handler { on_token, place, abandoned, stop_at, span: Span::current(), reply };
+        let handler = Handler { on_token, place, abandoned, stop_at, span: Span::current(), reply, sent: Instant::now(), waited: Duration::ZERO };
         self.send(Task::Generate { model: model.clone(), requests, cache_prompt, handler: Box::new(handler) })?;
         answer.await.map_err(|_| ApiError::internal("generation stopped"))?.map_err(ApiError::engine)
     }
@@ -165,10 +165,14 @@ struct Handler<F> {
     /// The request's span, for the lines logged on the engine thread.
     span: Span,
     reply: oneshot::Sender<llm_engine::Result<Generated>>,
+    sent: Instant,
+    /// From `sent` to the job's start: its wait for room in the batch.
+    waited: Duration,
 }
 
 impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send> JobHandler for Handler<F> {
     fn start(&mut self) -> bool {
+        self.waited = self.sent.elapsed();
         self.place.leave();
         !self.cancelled()
     }
@@ -192,8 +196,13 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send> JobHandler for Handler<
         flow
     }
 
+    /// The time to the first token counts the wait for room, as the caller saw it.
     fn done(self: Box<Self>, result: llm_engine::Result<Generated>) {
-        let _ = self.reply.send(result);
+        let waited = self.waited;
+        let _ = self.reply.send(result.map(|(completions, mut stats)| {
+            stats.first_token += waited;
+            (completions, stats)
+        }));
     }
 }
 
