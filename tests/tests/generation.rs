@@ -359,9 +359,9 @@ fn joined_cache_rows_decode_as_alone() {
         cache
     };
     let (mut long, mut short) = (prefilled(&ids(300, 1)), prefilled(&ids(256, 2)));
-    let (mut joined, padding) = KvCache::join(&[(&long, UNPADDED), (&short, UNPADDED)]).unwrap();
+    let (mut joined, padding) = KvCache::join(&[(&long, 0, &UNPADDED[0]), (&short, 0, &UNPADDED[0])]).unwrap();
     assert_eq!(padding, vec![0..0, 0..44]);
-    let (mut taken, unpadded) = KvCache::join(&[(&joined.copy_rows(&[1]).unwrap(), &padding[1..])]).unwrap();
+    let (mut taken, unpadded) = KvCache::join(&[(&joined, 1, &padding[1])]).unwrap();
     assert_eq!((taken.len(), unpadded.as_slice()), (256, UNPADDED));
 
     let together = forward(&mut joined, &padding, &[&[42], &[43]]);

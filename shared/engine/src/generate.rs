@@ -307,7 +307,7 @@ impl<'a> Batch<'a> {
             let Some((new, positions)) = rows else { return Ok(None) };
             prefilled = positions;
             let Some(old) = &self.rows else { return Ok(Some(new)) };
-            let (cache, padding) = KvCache::join(&[(&old.cache, &old.padding), (&new.cache, &new.padding)])?;
+            let (cache, padding) = KvCache::join(&old.each().chain(new.each()).collect::<Vec<_>>())?;
             Ok(Some(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? }))
         });
         match rows {
@@ -420,13 +420,18 @@ impl<'a> Batch<'a> {
 }
 
 impl Rows {
+    /// Every row, as [`KvCache::join`] takes them.
+    fn each(&self) -> impl Iterator<Item = (&KvCache, usize, &Range<usize>)> {
+        self.padding.iter().enumerate().map(|(row, padding)| (&self.cache, row, padding))
+    }
+
     /// Row `row`'s cache without its padding: moved out when it is the only row, unpadded, and
     /// `last` (nothing runs after it), else copied.
     fn take_row(&mut self, model: &Llama, row: usize, last: bool) -> Result<KvCache> {
         if last && self.padding.len() == 1 && self.padding[0].is_empty() {
             return Ok(std::mem::replace(&mut self.cache, model.new_cache()));
         }
-        Ok(KvCache::join(&[(&self.cache.copy_rows(&[row as u32])?, std::slice::from_ref(&self.padding[row]))])?.0)
+        Ok(KvCache::join(&[(&self.cache, row, &self.padding[row])])?.0)
     }
 }
 

@@ -410,32 +410,30 @@ impl KvCache {
         Ok(KvCache { layers })
     }
 
-    /// One cache of every row of `parts` (each a cache and its rows' padding), in that order,
-    /// as long as the longest row without its padding: each row's positions but its padding
-    /// move, in order, to the end, and the row is padded at its start instead; with that
+    /// One cache of the rows `rows` (each a cache, one of its rows and that row's padding), in
+    /// that order, as long as the longest row without its padding: each row's positions but its
+    /// padding move, in order, to the end, and the row is padded at its start instead; with that
     /// padding. This is how sequences of different lengths join one batch (and how one row
     /// leaves it without its padding); positions keep their keys, whose rotation is already
     /// applied, so the row attends as before.
-    pub fn join(parts: &[(&KvCache, &[Range<usize>])]) -> Result<(KvCache, Vec<Range<usize>>)> {
-        let unpadded: Vec<usize> = parts.iter().flat_map(|(cache, padding)| padding.iter().map(|p| cache.len() - p.len())).collect();
+    pub fn join(rows: &[(&KvCache, usize, &Range<usize>)]) -> Result<(KvCache, Vec<Range<usize>>)> {
+        let unpadded: Vec<usize> = rows.iter().map(|(cache, _, padding)| cache.len() - padding.len()).collect();
         let len = unpadded.iter().copied().max().unwrap_or(0);
         // Room for the next position, which the batch appends at once; and so every row's
         // buffer is a copy of its own (a piece of one, alone, would be a view of the old buffer).
         let capacity = capacity_for(len + 1);
-        let layers = parts.first().map_or(0, |(cache, _)| cache.layers.len());
+        let layers = rows.first().map_or(0, |(cache, ..)| cache.layers.len());
         let mut joined = Vec::with_capacity(layers);
         for layer in 0..layers {
             let (mut keys, mut values) = (Vec::new(), Vec::new());
-            for (cache, padding) in parts {
+            for &(cache, row, padding) in rows {
                 let source = &cache.layers[layer];
                 let (k, v) = source.buffers.as_ref().ok_or_else(|| candle_core::Error::Msg("cannot join an empty KV cache".into()))?;
-                for (row, padding) in padding.iter().enumerate() {
-                    let kept = [0..padding.start, padding.end..source.len];
-                    keys.push(moved_to_end(&k.narrow(0, row, 1)?, LayerCache::K_POSITIONS, &kept, len, capacity)?);
-                    values.push(moved_to_end(&v.narrow(0, row, 1)?, LayerCache::V_POSITIONS, &kept, len, capacity)?);
-                }
+                let kept = [0..padding.start, padding.end..source.len];
+                keys.push(moved_to_end(&k.narrow(0, row, 1)?, LayerCache::K_POSITIONS, &kept, len, capacity)?);
+                values.push(moved_to_end(&v.narrow(0, row, 1)?, LayerCache::V_POSITIONS, &kept, len, capacity)?);
             }
-            let dtype = parts[0].0.layers[layer].dtype;
+            let dtype = rows[0].0.layers[layer].dtype;
             joined.push(LayerCache { buffers: Some((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?)), len, dtype });
         }
         let padding = unpadded.iter().map(|&n| 0..len - n).collect();
