@@ -377,7 +377,7 @@ impl<'a> Batch<'a> {
         for job in &mut self.jobs {
             for i in std::mem::take(&mut job.rows) {
                 if !job.seqs[i].finished() {
-                    keep.push(row as u32);
+                    keep.push(row);
                     job.rows.push(i);
                 } else if job.cache_prompt && job.seqs.len() == 1 && job.failed.is_none() {
                     // The prompt cache holds one row: the last such job's to end.
@@ -406,9 +406,9 @@ impl<'a> Batch<'a> {
         }
 
         if keep.len() < next.len() {
-            batch_rows.cache.retain_rows(&keep)?;
-            batch_rows.padding = keep.iter().map(|&row| batch_rows.padding[row as usize].clone()).collect();
-            next = keep.iter().map(|&row| next[row as usize]).collect();
+            let rows: Vec<_> = keep.iter().map(|&row| (&batch_rows.cache, row, &batch_rows.padding[row])).collect();
+            (batch_rows.cache, batch_rows.padding) = KvCache::join(&rows)?;
+            next = keep.iter().map(|&row| next[row]).collect();
         }
         let input = Tensor::from_vec(next, (keep.len(), 1), model.device())?;
         batch_rows.logits = model.forward(&input, &batch_rows.padding, &mut batch_rows.cache, Logits::Last)?;
