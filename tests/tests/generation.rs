@@ -310,6 +310,62 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
     }
 }
 
+/// A long prompt that joins a running batch runs in parts, a decode step of the batch between
+/// each two (chunked prefill), and generates what it generates alone: B, one 600-token prompt
+/// (five parts of at most 128 positions), and C, two prompts whose 300-token shared start runs
+/// in a row of its own (three parts) before their own tokens; A decodes all along.
+#[test]
+fn long_prompts_run_in_parts_between_decode_steps() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let request = |prompt: Vec<u32>, max_tokens| GenerationRequest {
+        prompt,
+        max_tokens,
+        ignore_eos: true,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: Some(0),
+        ..Default::default()
+    };
+    let a = vec![request(ids(8, 1), 40)];
+    let b = vec![request(ids(600, 2), 3)];
+    let c = vec![request([ids(300, 3), ids(20, 4)].concat(), 3), request([ids(300, 3), ids(24, 5)].concat(), 3)];
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    /// Marks in `tokens` where a job was offered.
+    const OFFERED: usize = 100;
+    let mut offered = 0;
+    generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
+        let a_tokens = tokens.borrow().iter().filter(|&&j| j == 0).count();
+        let (job, requests) = match offered {
+            0 => (0, &a),
+            1 if a_tokens >= 2 => (1, &b),
+            2 => (2, &c),
+            _ => return None,
+        };
+        offered += 1;
+        tokens.borrow_mut().push(OFFERED + job);
+        Some(Job { requests: requests.clone(), cache_prompt: false, handler: Box::new(Recorder { job, tokens: tokens.clone(), results: results.clone() }) })
+    });
+
+    let tokens = tokens.borrow();
+    let a_tokens_before_first = |job: usize| {
+        let offer = tokens.iter().position(|&t| t == OFFERED + job).unwrap();
+        let first = tokens.iter().position(|&t| t == job).unwrap();
+        tokens[offer..first].iter().filter(|&&t| t == 0).count()
+    };
+    assert!(a_tokens_before_first(1) >= 4, "A decodes between B's parts: {tokens:?}");
+    assert!(a_tokens_before_first(2) >= 2 + 4, "A decodes between C's parts, after B's: {tokens:?}");
+    let results = results.borrow();
+    for (j, requests) in [(0, &a), (1, &b), (2, &c)] {
+        let alone = generate(model, tokenizer, requests, |_| ControlFlow::Continue(())).unwrap().0;
+        for (together, alone) in results[&j].0.iter().zip(&alone) {
+            assert_eq!(together.token_ids, alone.token_ids, "job {j}");
+            for (x, y) in together.logprobs.iter().zip(&alone.logprobs) {
+                assert!((x.logprob - y.logprob).abs() < 1e-3, "job {j}: {} against {}", x.logprob, y.logprob);
+            }
+        }
+    }
+}
+
 /// A row that leaves the batch for the prompt cache, padded at its start there and of 256
 /// positions (a whole number of the buffers' growth steps), serves the next prompt that starts
 /// as its prompt did, as a fresh prefill would.

@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
-use crate::model::{KvCache, Llama, Logits, ONE_UNPADDED_ROW};
+use crate::model::{KvCache, Llama, Logits};
+use crate::prefill::PromptRun;
 use crate::sampling::SamplingParams;
 use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
@@ -68,9 +69,10 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     /// Prompt tokens whose keys and values came from the [`PromptCache`], not a prefill.
     pub cached_prompt_tokens: usize,
+    /// The passes of the job's prompts (not the decode steps between their parts).
     pub prefill: Duration,
-    /// From the job's start to its first token: its prefill, and those of the jobs that joined
-    /// the batch with it.
+    /// From the job's start to its first token: its prefill, the decode steps between its
+    /// parts, and the prefills of the jobs that joined the batch with it.
     pub first_token: Duration,
     /// From the end of the prefill to the last token (with other jobs' prefills that ran
     /// meanwhile).
@@ -94,7 +96,7 @@ pub struct PromptCache {
 impl PromptCache {
     /// A cache for a job whose prompts all start with `start`, and how many of those tokens it
     /// already holds.
-    fn take(&mut self, model: &Llama, start: &[u32]) -> Result<(KvCache, usize)> {
+    pub(crate) fn take(&mut self, model: &Llama, start: &[u32]) -> Result<(KvCache, usize)> {
         let shared = shared_start(&self.tokens, start);
         let kv = self.kv.take();
         self.tokens.clear();
@@ -108,21 +110,16 @@ impl PromptCache {
     }
 
     /// Holds `kv`, one row whose positions hold `tokens`, for the next job.
-    fn keep(&mut self, tokens: &[u32], kv: KvCache) {
+    pub(crate) fn keep(&mut self, tokens: &[u32], kv: KvCache) {
         self.tokens = tokens.to_vec();
         self.kv = Some(kv);
     }
 }
 
 /// How many tokens `a` and `b` start with alike.
-fn shared_start(a: &[u32], b: &[u32]) -> usize {
+pub(crate) fn shared_start(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(a, b)| a == b).count()
 }
-
-/// Positions a batch's shared start must save (its length beyond the prompt cache's, times
-/// the rows but one) to run once in a pass of its own: a pass reads every weight, as a decode
-/// step does, whatever its length.
-const SHARED_START_SAVES: usize = 16;
 
 /// Generates completions for `requests` in one batch. `on_token` sees every token as it is
 /// sampled; returning `Break` ends generation for all sequences (`finish_reason: length`).
@@ -202,10 +199,11 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// Generates the jobs `next_job` hands over in one batch, which jobs join between decode steps
 /// and leave as their last sequence ends (continuous batching, as vLLM's and llama.cpp's
 /// servers do): a job that comes while others generate waits for one step, not for them. A
-/// joining job's prompts run on their own (through `prompt_cache` when the job asks), then its
-/// rows join the batch's (see [`KvCache::join`]). A job joins when the batch is empty or keeps
-/// within `max_rows` sequences with it; else it waits, and the jobs behind it too. Between two
-/// steps, jobs join until their prefills reach [`JOIN_POSITIONS`].
+/// joining job's prompts run on their own (through `prompt_cache` when the job asks), in parts
+/// of at most [`JOIN_POSITIONS`] between two steps while other rows decode, then its rows join
+/// the batch's (see [`KvCache::join`]). One job's prompts run at a time. A job starts when the
+/// batch is empty or keeps within `max_rows` sequences with it; else it waits, and the jobs
+/// behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
 /// this function; otherwise `None` says that no job is waiting.
@@ -220,7 +218,7 @@ pub fn generate_jobs<'a>(
     let mut waiting: VecDeque<Job<'a>> = VecDeque::new();
     loop {
         loop {
-            let idle = batch.jobs.is_empty() && waiting.is_empty();
+            let idle = batch.jobs.is_empty() && batch.joining.is_none() && waiting.is_empty();
             match next_job(idle) {
                 Some(job) => waiting.push_back(job),
                 None if idle => return,
@@ -229,25 +227,34 @@ pub fn generate_jobs<'a>(
         }
         waiting.retain(|job| !job.handler.cancelled());
         let mut positions = 0;
-        while positions < JOIN_POSITIONS || batch.jobs.is_empty() {
-            match waiting.front() {
-                Some(job) if batch.jobs.is_empty() || batch.sequences() + job.requests.len() <= max_rows => {}
-                _ => break,
+        loop {
+            // With no rows to decode, nothing waits for a prompt to run through.
+            let budget = if batch.rows.is_none() { usize::MAX } else { JOIN_POSITIONS.saturating_sub(positions) };
+            if budget == 0 {
+                break;
             }
-            let job = waiting.pop_front().expect("a job waits");
-            positions += batch.join(model, tokenizer, prompt_cache, job);
+            if batch.joining.is_none() {
+                match waiting.front() {
+                    Some(job) if batch.jobs.is_empty() || batch.sequences() + job.requests.len() <= max_rows => {}
+                    _ => break,
+                }
+                let job = waiting.pop_front().expect("a job waits");
+                batch.start(model, tokenizer, prompt_cache, job);
+                continue;
+            }
+            positions += batch.prefill(model, prompt_cache, budget);
         }
-        if !batch.jobs.is_empty() {
+        if batch.rows.is_some() {
             batch.step(model, tokenizer, prompt_cache);
         }
     }
 }
 
-/// Prompt positions that jobs joining between two decode steps may prefill, the first job's
-/// whatever its length: the batch samples their first tokens before the next jobs' prompts run.
-/// Four 128-token prompts sent at once then get their first tokens after one, two, three and
-/// four prefills, not all after four; each later one pays with a decode step, a fraction of a
-/// prefill's time.
+/// Prompt positions that run between two decode steps while rows decode (chunked prefill, as
+/// vLLM schedules it): a longer prompt runs in parts, a step of the batch between each two, so
+/// that the streams running meanwhile go on instead of waiting for all of it; the first of
+/// several prompts sent at once gets its first token before the next ones run. Each part costs
+/// the prompt a decode step, a fraction of the part's time.
 const JOIN_POSITIONS: usize = 128;
 
 /// The jobs generating together, in the order they joined, and their rows: each job's in the
@@ -257,14 +264,16 @@ struct Batch<'a> {
     jobs: Vec<Running<'a>>,
     /// `None` exactly when `jobs` is empty.
     rows: Option<Rows>,
+    /// The job whose prompts run, before its rows join.
+    joining: Option<(Running<'a>, PromptRun)>,
 }
 
 /// Rows of sequences that generate together.
-struct Rows {
-    cache: KvCache,
-    padding: Vec<Range<usize>>,
+pub(crate) struct Rows {
+    pub(crate) cache: KvCache,
+    pub(crate) padding: Vec<Range<usize>>,
     /// `[rows, vocab]`: what each row samples its next token from.
-    logits: Tensor,
+    pub(crate) logits: Tensor,
 }
 
 /// A job in the batch.
@@ -282,15 +291,17 @@ struct Running<'a> {
 }
 
 impl<'a> Batch<'a> {
+    /// Sequences that generate or are about to.
     fn sequences(&self) -> usize {
-        self.jobs.iter().map(|job| job.rows.len()).sum()
+        self.jobs.iter().chain(self.joining.as_ref().map(|(job, _)| job)).map(|job| job.rows.len()).sum()
     }
 
-    /// Runs the job's prompts and adds its rows, or hands it its error; the positions prefilled.
-    fn join(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache, job: Job<'a>) -> usize {
+    /// Starts the job: its sequences, and the run of their prompts; or hands it its end when
+    /// none generates, or its error.
+    fn start(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache, job: Job<'a>) {
         let Job { requests, cache_prompt, mut handler } = job;
         if !handler.start() {
-            return 0;
+            return;
         }
         let mut running = Running {
             handler,
@@ -302,23 +313,56 @@ impl<'a> Batch<'a> {
             decoding_since: Instant::now(),
             failed: None,
         };
-        let mut prefilled = 0;
-        let rows = running.prefill(model, &requests, prompt_cache).and_then(|rows| {
-            let Some((new, positions)) = rows else { return Ok(None) };
-            prefilled = positions;
-            let Some(old) = &self.rows else { return Ok(Some(new)) };
-            let (cache, padding) = KvCache::join(&old.each().chain(new.each()).collect::<Vec<_>>())?;
-            Ok(Some(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? }))
-        });
-        match rows {
+        let mut unshared = PromptCache::default();
+        let prompt_cache = if cache_prompt { prompt_cache } else { &mut unshared };
+        match running.begin(model, &requests, prompt_cache) {
             Err(e) => running.handler.done(Err(e)),
             Ok(None) => running.finish(tokenizer),
-            Ok(Some(rows)) => {
-                self.rows = Some(rows);
-                self.jobs.push(running);
+            Ok(Some(prompts)) => self.joining = Some((running, prompts)),
+        }
+    }
+
+    /// Runs at most `budget` positions of the joining job's prompts (at least one of each
+    /// row); once they are through, its rows join the batch's. The positions that ran. A job
+    /// whose caller went away meanwhile is dropped.
+    fn prefill(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize) -> usize {
+        let Some((running, prompts)) = &mut self.joining else { return 0 };
+        if running.handler.cancelled() {
+            self.joining = None;
+            return 0;
+        }
+        let mut unshared = PromptCache::default();
+        let prompt_cache = if running.cache_prompt { prompt_cache } else { &mut unshared };
+        let started = Instant::now();
+        let ran = prompts.advance(model, prompt_cache, budget);
+        running.stats.prefill += started.elapsed();
+        match ran {
+            Ok(ran) if !prompts.is_through() => ran,
+            Ok(ran) => {
+                let (mut running, prompts) = self.joining.take().expect("a job joins");
+                let rows = prompts.into_rows(prompt_cache).and_then(|new| match &self.rows {
+                    None => Ok(new),
+                    Some(old) => {
+                        let (cache, padding) = KvCache::join(&old.each().chain(new.each()).collect::<Vec<_>>())?;
+                        Ok(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? })
+                    }
+                });
+                match rows {
+                    Err(e) => running.handler.done(Err(e)),
+                    Ok(rows) => {
+                        running.decoding_since = Instant::now();
+                        self.rows = Some(rows);
+                        self.jobs.push(running);
+                    }
+                }
+                ran
+            }
+            Err(e) => {
+                let (running, _) = self.joining.take().expect("a job joins");
+                running.handler.done(Err(e));
+                0
             }
         }
-        prefilled
     }
 
     /// Samples every row's next token, lets the jobs whose sequences all ended leave, and runs
@@ -436,9 +480,8 @@ impl Rows {
 }
 
 impl Running<'_> {
-    /// Starts the job's sequences and runs the prompts of those that generate: their rows and
-    /// the positions that ran.
-    fn prefill(&mut self, model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Option<(Rows, usize)>> {
+    /// Starts the job's sequences, and plans the run of the prompts of those that generate.
+    fn begin(&mut self, model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Option<PromptRun>> {
         let context = model.config().max_position_embeddings;
         let vocab = model.config().vocab_size;
         for r in requests {
@@ -450,16 +493,10 @@ impl Running<'_> {
         if self.rows.is_empty() {
             return Ok(None);
         }
-        let started = Instant::now();
         let prompts: Vec<&[u32]> = self.rows.iter().map(|&i| requests[i].prompt.as_slice()).collect();
-        let Prefilled { rows, cached, positions } = match self.cache_prompt {
-            true => prefill_batch(model, &prompts, prompt_cache)?,
-            false => prefill_batch(model, &prompts, &mut PromptCache::default())?,
-        };
-        self.stats.cached_prompt_tokens = cached;
-        self.stats.prefill = started.elapsed();
-        self.decoding_since = Instant::now();
-        Ok(Some((rows, positions)))
+        let run = PromptRun::start(model, &prompts, prompt_cache)?;
+        self.stats.cached_prompt_tokens = run.cached;
+        Ok(Some(run))
     }
 
     /// Hands the job its completions (and each sequence's held-back text first).
@@ -482,88 +519,6 @@ impl Running<'_> {
             });
         }
         self.handler.done(Ok((completions, self.stats)))
-    }
-}
-
-/// Rows whose prompts ran: each with its logits at its last prompt position.
-struct Prefilled {
-    rows: Rows,
-    /// Prompt tokens the prompt cache held.
-    cached: usize,
-    /// Positions that ran, padding included.
-    positions: usize,
-}
-
-/// Runs `row_prompts` (one prompt per row) as little as it can. Identical prompts (a request's
-/// `n` choices) run once and their cache rows are copied. The start all prompts share
-/// (but the last token of the shortest, whose logits start its generation) comes from the
-/// prompt cache, or runs once in a row of its own when that saves enough; that row is copied to
-/// every prompt's, and each prompt's rest is padded after it, so that all end together.
-fn prefill_batch(model: &Llama, row_prompts: &[&[u32]], prompt_cache: &mut PromptCache) -> Result<Prefilled> {
-    let mut prompts: Vec<&[u32]> = Vec::new();
-    let row_of: Vec<u32> = row_prompts
-        .iter()
-        .map(|&prompt| {
-            let row = prompts.iter().position(|p| *p == prompt).unwrap_or_else(|| {
-                prompts.push(prompt);
-                prompts.len() - 1
-            });
-            row as u32
-        })
-        .collect();
-    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
-    let common = prompts.iter().map(|p| shared_start(p, prompts[0])).min().unwrap_or(0).min(shortest - 1);
-    let (mut cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
-    let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES {
-        prefill(model, &prompts[0][cached..common], ONE_UNPADDED_ROW, &mut cache)?;
-        common
-    } else {
-        cached
-    };
-    let shared_positions = start - cached;
-    if start > 0 && prompts.len() > 1 {
-        let rows = cache.copy_rows(&vec![0; prompts.len()])?;
-        prompt_cache.keep(&prompts[0][..start], std::mem::replace(&mut cache, rows));
-    }
-    let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);
-    let prompt_padding: Vec<Range<usize>> = prompts.iter().map(|p| start..start + longest - (p.len() - start)).collect();
-    let mut tokens = Vec::with_capacity(prompts.len() * longest);
-    for (p, padding) in prompts.iter().zip(&prompt_padding) {
-        tokens.extend(std::iter::repeat_n(0u32, padding.len()));
-        tokens.extend(&p[start..]);
-    }
-    let mut logits = prefill(model, &tokens, &prompt_padding, &mut cache)?;
-    let padding = row_of.iter().map(|&row| prompt_padding[row as usize].clone()).collect();
-    if prompts.len() < row_prompts.len() {
-        let rows = cache.copy_rows(&row_of)?;
-        let prompt = std::mem::replace(&mut cache, rows);
-        if let [one] = prompts.as_slice() {
-            prompt_cache.keep(one, prompt);
-        }
-        logits = logits.index_select(&Tensor::new(row_of.as_slice(), model.device())?, 0)?;
-    }
-    Ok(Prefilled { rows: Rows { cache, padding, logits }, cached, positions: shared_positions + tokens.len() })
-}
-
-/// Positions of all rows that one forward pass of a prompt takes at most, as llama.cpp's
-/// `n_ubatch` (512) bounds its: a pass's activations grow with its positions (one pass over a
-/// 2,000-token prompt of TinyLlama's shape peaked 130 MiB above the weights and KV cache).
-const PREFILL_POSITIONS: usize = 512;
-
-/// Runs `tokens` (rows of equal length, padded at `padding`) through `model` after what `cache`
-/// holds, in passes of at most [`PREFILL_POSITIONS`]; the last position's logits.
-fn prefill(model: &Llama, tokens: &[u32], padding: &[Range<usize>], cache: &mut KvCache) -> Result<Tensor> {
-    let (rows, len) = (padding.len(), tokens.len() / padding.len());
-    let chunk = (PREFILL_POSITIONS / rows).max(1);
-    let mut start = 0;
-    loop {
-        let n = chunk.min(len - start);
-        let part: Vec<u32> = tokens.chunks_exact(len).flat_map(|row| &row[start..start + n]).copied().collect();
-        let logits = model.forward(&Tensor::from_vec(part, (rows, n), model.device())?, padding, cache, Logits::Last)?;
-        start += n;
-        if start == len {
-            return Ok(logits);
-        }
     }
 }
 

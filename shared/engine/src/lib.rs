@@ -18,6 +18,7 @@ pub mod hf;
 pub mod loader;
 pub mod logprobs;
 pub mod model;
+mod prefill;
 pub mod quant;
 pub mod rope;
 pub mod sampling;

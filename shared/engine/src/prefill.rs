@@ -1,0 +1,159 @@
+//! A job's prompts running through the model, a bounded number of positions at a time, so that
+//! the batch's decode steps go on between the parts of a long prompt (chunked prefill, as vLLM
+//! schedules it): see [`PromptRun`].
+
+use std::ops::Range;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::generate::{shared_start, PromptCache, Rows};
+use crate::model::{KvCache, Llama, Logits, ONE_UNPADDED_ROW};
+
+/// Positions a batch's shared start must save (its length beyond the prompt cache's, times
+/// the rows but one) to run once in a pass of its own: a pass reads every weight, as a decode
+/// step does, whatever its length.
+const SHARED_START_SAVES: usize = 16;
+
+/// Positions of all rows that one forward pass of a prompt takes at most, as llama.cpp's
+/// `n_ubatch` (512) bounds its: a pass's activations grow with its positions (one pass over a
+/// 2,000-token prompt of TinyLlama's shape peaked 130 MiB above the weights and KV cache).
+const PREFILL_POSITIONS: usize = 512;
+
+/// The prompts of one job's generating sequences (one prompt per row), run as little as they
+/// can be. Identical prompts (a request's `n` choices) run once and their cache rows are
+/// copied. The start all prompts share (but the last token of the shortest, whose logits start
+/// its generation) comes from the prompt cache, or runs once in a row of its own when that
+/// saves enough; that row is copied to every prompt's, and each prompt's rest is padded after
+/// it, so that all end together.
+pub(crate) struct PromptRun {
+    /// The distinct prompts, and the one each row runs.
+    prompts: Vec<Vec<u32>>,
+    row_of: Vec<u32>,
+    cache: KvCache,
+    /// Prompt tokens the prompt cache held.
+    pub(crate) cached: usize,
+    /// The shared start, while it runs in a row of its own.
+    shared: Option<Part>,
+    /// Each distinct prompt's tokens after the start, padded to end together.
+    rest: Part,
+}
+
+/// Rows of tokens of equal length (padded at `padding`) that run after what a cache holds.
+struct Part {
+    tokens: Vec<u32>,
+    padding: Vec<Range<usize>>,
+    /// Positions of each row that ran.
+    done: usize,
+    /// The last position's logits, once every position ran.
+    logits: Option<Tensor>,
+}
+
+impl PromptRun {
+    /// Plans the run of `row_prompts`, taking from `prompt_cache` what it holds of their start.
+    pub(crate) fn start(model: &Llama, row_prompts: &[&[u32]], prompt_cache: &mut PromptCache) -> Result<Self> {
+        let mut prompts: Vec<Vec<u32>> = Vec::new();
+        let row_of: Vec<u32> = row_prompts
+            .iter()
+            .map(|&prompt| {
+                let row = prompts.iter().position(|p| p == prompt).unwrap_or_else(|| {
+                    prompts.push(prompt.to_vec());
+                    prompts.len() - 1
+                });
+                row as u32
+            })
+            .collect();
+        let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+        let common = prompts.iter().map(|p| shared_start(p, &prompts[0])).min().unwrap_or(0).min(shortest - 1);
+        let (cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
+        let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES { common } else { cached };
+        let shared = (start > cached).then(|| Part::new(prompts[0][cached..start].to_vec(), ONE_UNPADDED_ROW.to_vec()));
+        let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(prompts.len() * longest);
+        let mut padding = Vec::with_capacity(prompts.len());
+        for p in &prompts {
+            let pad = longest - (p.len() - start);
+            tokens.extend(std::iter::repeat_n(0u32, pad));
+            tokens.extend(&p[start..]);
+            padding.push(start..start + pad);
+        }
+        let mut run = Self { prompts, row_of, cache, cached, shared, rest: Part::new(tokens, padding) };
+        if run.shared.is_none() {
+            run.spread_start(prompt_cache, start)?;
+        }
+        Ok(run)
+    }
+
+    /// Runs at most `budget` positions (at least one of each row), in passes of at most
+    /// [`PREFILL_POSITIONS`]; the positions that ran, padding included.
+    pub(crate) fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize) -> Result<usize> {
+        let mut ran = 0;
+        if let Some(shared) = &mut self.shared {
+            ran += shared.run(model, &mut self.cache, budget)?;
+            if shared.logits.is_none() {
+                return Ok(ran);
+            }
+            self.shared = None;
+            self.spread_start(prompt_cache, self.rest.padding[0].start)?;
+            if ran >= budget {
+                return Ok(ran);
+            }
+        }
+        Ok(ran + self.rest.run(model, &mut self.cache, budget - ran)?)
+    }
+
+    pub(crate) fn is_through(&self) -> bool {
+        self.rest.logits.is_some()
+    }
+
+    /// The rows of a run that [`is_through`](Self::is_through), each with its logits at its
+    /// last prompt position.
+    pub(crate) fn into_rows(self, prompt_cache: &mut PromptCache) -> Result<Rows> {
+        let Self { prompts, row_of, mut cache, rest, .. } = self;
+        let mut logits = rest.logits.expect("the run is through");
+        let padding = row_of.iter().map(|&row| rest.padding[row as usize].clone()).collect();
+        if prompts.len() < row_of.len() {
+            let rows = cache.copy_rows(&row_of)?;
+            let prompt = std::mem::replace(&mut cache, rows);
+            if let [one] = prompts.as_slice() {
+                prompt_cache.keep(one, prompt);
+            }
+            logits = logits.index_select(&Tensor::new(row_of.as_slice(), logits.device())?, 0)?;
+        }
+        Ok(Rows { cache, padding, logits })
+    }
+
+    /// Once the cache holds the `start` all prompts share, makes it a row for each distinct
+    /// prompt, and leaves it to the prompt cache.
+    fn spread_start(&mut self, prompt_cache: &mut PromptCache, start: usize) -> Result<()> {
+        if start > 0 && self.prompts.len() > 1 {
+            let rows = self.cache.copy_rows(&vec![0; self.prompts.len()])?;
+            prompt_cache.keep(&self.prompts[0][..start], std::mem::replace(&mut self.cache, rows));
+        }
+        Ok(())
+    }
+}
+
+impl Part {
+    fn new(tokens: Vec<u32>, padding: Vec<Range<usize>>) -> Self {
+        Self { tokens, padding, done: 0, logits: None }
+    }
+
+    /// [`PromptRun::advance`] for these rows.
+    fn run(&mut self, model: &Llama, cache: &mut KvCache, budget: usize) -> Result<usize> {
+        let rows = self.padding.len();
+        let len = self.tokens.len() / rows;
+        let mut ran = 0;
+        while self.done < len && (ran == 0 || ran + rows <= budget) {
+            let n = (PREFILL_POSITIONS.min(budget - ran) / rows).clamp(1, len - self.done);
+            let part: Vec<u32> = self.tokens.chunks_exact(len).flat_map(|row| &row[self.done..self.done + n]).copied().collect();
+            let logits = model.forward(&Tensor::from_vec(part, (rows, n), model.device())?, &self.padding, cache, Logits::Last)?;
+            self.done += n;
+            ran += n * rows;
+            if self.done == len {
+                self.logits = Some(logits);
+            }
+        }
+        Ok(ran)
+    }
+}
