@@ -13,6 +13,11 @@ a warm-up request. Two kinds of request:
   the server runs the whole conversation again or only what is new (llama.cpp's server keeps
   the last prompt's KV cache and reuses its longest shared start, as `llm serve` does).
 
+With `--join-prompt-tokens N`, also a prompt of N tokens sent while a stream of `--max-tokens`
+runs: the stream's longest wait between two tokens after it came (`llm serve` runs a long prompt
+in parts, a decode step between each two), and the long prompt's time to its first token
+(llama-cpp-python's server runs it after the stream).
+
 With `--concurrency N`, also N new prompts sent at once: the tokens per second of all N
 streams together and the median time to the first token. `llm serve` lets requests join its
 running batch; llama-cpp-python's server answers one at a time (its `interrupt_requests` is
@@ -28,6 +33,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +91,27 @@ class Server:
             seconds = time.perf_counter() - started
         return len(prompts) * max_tokens / seconds, statistics.median(a[0] for a in answers)
 
+    def gap_while_joining(self, prompt, long_prompt, max_tokens):
+        """A stream of `max_tokens` runs; after its fourth token `long_prompt` comes. The stream's
+        longest wait between two tokens from then on (s), and the long prompt's time to its first
+        token (s). Where requests join a running batch, the stream should outlast the long
+        prompt's prefill, or its stalls are not all seen."""
+        times, streaming = [], threading.Event()
+
+        def run_stream():
+            for _ in self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True):
+                times.append(time.perf_counter())
+                if len(times) == 4:
+                    streaming.set()
+
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(run_stream)
+            streaming.wait()
+            sent = time.perf_counter()
+            first_token, _, _ = self.stream(long_prompt, 2)
+            running.result()
+        return max(b - a for a, b in zip(times, times[1:]) if b > sent), first_token
+
     def stop(self):
         self.process.terminate()
         self.process.wait()
@@ -102,7 +129,7 @@ def measure(model, threads, args):
                                   "--n_threads_batch", str(threads), "--n_ctx", "4096", "--interrupt_requests", "False",
                                   "--port", str(theirs_port)], theirs_port)
     both = (ours, theirs)
-    results = {s.name: {"new": [], "decode": [], "turn": [], "burst": [], "burst_first": []} for s in both}
+    results = {s.name: {"new": [], "decode": [], "turn": [], "burst": [], "burst_first": [], "gap": [], "join_first": []} for s in both}
     try:
         for server in both:
             server.stream("warm up", 4)
@@ -129,6 +156,13 @@ def measure(model, threads, args):
                 rate, first = server.burst(prompts, args.max_tokens)
                 results[server.name]["burst"].append(rate)
                 results[server.name]["burst_first"].append(first)
+        for _ in range(args.repeat if args.join_prompt_tokens else 0):
+            prompt = f"{rng.randrange(10**6)} " + words(rng, 16)
+            long_prompt = f"{rng.randrange(10**6)} " + words(rng, args.join_prompt_tokens)
+            for server in both:
+                gap, first = server.gap_while_joining(prompt, long_prompt, args.max_tokens)
+                results[server.name]["gap"].append(gap)
+                results[server.name]["join_first"].append(first)
     finally:
         for server in both:
             server.stop()
@@ -144,12 +178,16 @@ def main():
     ap.add_argument("--turn-tokens", type=int, default=32, help="new text in each turn of the conversation")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=0, help="also send this many new prompts at once")
+    ap.add_argument("--join-prompt-tokens", type=int, default=0,
+                    help="also send a prompt this long while a stream of --max-tokens runs")
     ap.add_argument("--llm", default=str(ROOT / "target/release/llm"))
     args = ap.parse_args()
     burst = f"| {args.concurrency} at once: tok/s ours | llama.cpp | ratio | first token s, ours | llama.cpp " if args.concurrency else ""
+    join = (f"| stream's longest gap s while {args.join_prompt_tokens} tokens join, ours | llama.cpp "
+            "| their first token s, ours | llama.cpp ") if args.join_prompt_tokens else ""
     print("| model | threads | new prompt: first token s, ours | llama.cpp | ratio | next turn: first token s, ours | llama.cpp | ratio "
-          f"| streamed tok/s ours | llama.cpp | ratio {burst}|")
-    print("|---" * (11 + 5 * bool(args.concurrency)) + "|")
+          f"| streamed tok/s ours | llama.cpp | ratio {burst}{join}|")
+    print("|---" * (11 + 5 * bool(args.concurrency) + 4 * bool(args.join_prompt_tokens)) + "|")
     for model in args.models:
         for threads in args.threads:
             r = measure(model, threads, args)
@@ -159,7 +197,9 @@ def main():
                   f"| {ours['turn']:.3f} | {theirs['turn']:.3f} | {theirs['turn'] / ours['turn']:.2f} "
                   f"| {ours['decode']:.1f} | {theirs['decode']:.1f} | {ours['decode'] / theirs['decode']:.2f} "
                   + (f"| {ours['burst']:.1f} | {theirs['burst']:.1f} | {ours['burst'] / theirs['burst']:.2f} "
-                     f"| {ours['burst_first']:.3f} | {theirs['burst_first']:.3f} " if args.concurrency else "") + "|", flush=True)
+                     f"| {ours['burst_first']:.3f} | {theirs['burst_first']:.3f} " if args.concurrency else "")
+                  + (f"| {ours['gap']:.3f} | {theirs['gap']:.3f} | {ours['join_first']:.3f} | {theirs['join_first']:.3f} "
+                     if args.join_prompt_tokens else "") + "|", flush=True)
 
 
 if __name__ == "__main__":

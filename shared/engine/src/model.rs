@@ -666,18 +666,8 @@ impl Llama {
     /// row `r` that hold padding, never attended to: at its start (left padding, so that prompts
     /// of different lengths end together), or after a start every row shares.
     pub fn forward(&self, tokens: &Tensor, padding: &[Range<usize>], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        let (b, s) = tokens.dims2()?;
-        let past = cache.len();
-        let positions = positions(b, s, past, padding, &self.device)?;
-        let cos_sin = self.rope.cos_sin(&positions)?;
-
-        let mut x = self.embed.forward(tokens)?;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, padding, layer_cache)?;
-            x = (x + h)?;
-            let h = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
-            x = (x + h)?;
-        }
+        let x = self.hidden_states(tokens, padding, cache)?;
+        let s = x.dim(1)?;
         let x = match which {
             Logits::Last => x.narrow(1, s - 1, 1)?,
             Logits::All => x,
@@ -687,6 +677,29 @@ impl Llama {
             Logits::Last => logits.squeeze(1)?,
             Logits::All => logits,
         })
+    }
+
+    /// [`Llama::forward`] without logits: the keys and values of a prompt's part that another
+    /// part follows, whose last position samples nothing (the output head reads as many
+    /// weights as a layer or more: TinyLlama's is 32,000 × 2,048).
+    pub fn extend(&self, tokens: &Tensor, padding: &[Range<usize>], cache: &mut KvCache) -> Result<()> {
+        self.hidden_states(tokens, padding, cache)?;
+        Ok(())
+    }
+
+    /// The last layer's output `[b, s, hidden]`, the positions' keys and values added to `cache`.
+    fn hidden_states(&self, tokens: &Tensor, padding: &[Range<usize>], cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s) = tokens.dims2()?;
+        let positions = positions(b, s, cache.len(), padding, &self.device)?;
+        let cos_sin = self.rope.cos_sin(&positions)?;
+        let mut x = self.embed.forward(tokens)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, padding, layer_cache)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        Ok(x)
     }
 }
 

@@ -147,11 +147,12 @@ impl Part {
         while self.done < len && (ran == 0 || ran + rows <= budget) {
             let n = (PREFILL_POSITIONS.min(budget - ran) / rows).clamp(1, len - self.done);
             let part: Vec<u32> = self.tokens.chunks_exact(len).flat_map(|row| &row[self.done..self.done + n]).copied().collect();
-            let logits = model.forward(&Tensor::from_vec(part, (rows, n), model.device())?, &self.padding, cache, Logits::Last)?;
+            let part = Tensor::from_vec(part, (rows, n), model.device())?;
             self.done += n;
             ran += n * rows;
-            if self.done == len {
-                self.logits = Some(logits);
+            match self.done == len {
+                true => self.logits = Some(model.forward(&part, &self.padding, cache, Logits::Last)?),
+                false => model.extend(&part, &self.padding, cache)?,
             }
         }
         Ok(ran)
