@@ -313,7 +313,7 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
 /// A long prompt that joins a running batch runs in parts, a decode step of the batch between
 /// each two (chunked prefill), and generates what it generates alone: B, one 600-token prompt
 /// (five parts of at most 128 positions), and C, two prompts whose 300-token shared start runs
-/// in a row of its own (three parts) before their own tokens; A decodes all along.
+/// in a row of its own, in parts, before their own tokens; A decodes all along.
 #[test]
 fn long_prompts_run_in_parts_between_decode_steps() {
     let loaded = llama3();

@@ -69,10 +69,11 @@ pub struct GenerationStats {
     pub generated_tokens: usize,
     /// Prompt tokens whose keys and values came from the [`PromptCache`], not a prefill.
     pub cached_prompt_tokens: usize,
-    /// The passes of the job's prompts (not the decode steps between their parts).
+    /// Running the job's prompts and making its rows of them (not the decode steps between
+    /// their parts).
     pub prefill: Duration,
     /// From the job's start to its first token: its prefill, the decode steps between its
-    /// parts, and the prefills of the jobs that joined the batch with it.
+    /// parts, and what ran of the next job's prompts before the step that sampled it.
     pub first_token: Duration,
     /// From the end of the prefill to the last token (with other jobs' prefills that ran
     /// meanwhile).
@@ -166,7 +167,8 @@ pub trait JobHandler {
         true
     }
 
-    /// Whether a waiting job's caller went away: it is dropped unrun, leaving room for the next.
+    /// Whether the job's caller went away while it waits, or while its prompts run: it is
+    /// dropped before it starts or before its prompts' next part, leaving room for the next.
     fn cancelled(&self) -> bool {
         false
     }
@@ -176,7 +178,8 @@ pub trait JobHandler {
     fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()>;
 
     /// The job's completions once its last sequence ended, or why it failed. Not called for a
-    /// job that `start` dropped, or whose generation panicked (the handler is dropped instead).
+    /// job that `start` or `cancelled` dropped, or whose generation panicked (the handler is
+    /// dropped instead).
     fn done(self: Box<Self>, result: Result<Generated>);
 }
 
@@ -198,12 +201,12 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 
 /// Generates the jobs `next_job` hands over in one batch, which jobs join between decode steps
 /// and leave as their last sequence ends (continuous batching, as vLLM's and llama.cpp's
-/// servers do): a job that comes while others generate waits for one step, not for them. A
+/// servers do): a job that comes while others generate does not wait for them to end. A
 /// joining job's prompts run on their own (through `prompt_cache` when the job asks), in parts
 /// of at most [`JOIN_POSITIONS`] between two steps while other rows decode, then its rows join
-/// the batch's (see [`KvCache::join`]). One job's prompts run at a time. A job starts when the
-/// batch is empty or keeps within `max_rows` sequences with it; else it waits, and the jobs
-/// behind it too.
+/// the batch's (see [`KvCache::join`]). One job's prompts run at a time, so a short prompt
+/// behind a long one waits for the long one's parts. A job starts when the batch is empty or
+/// keeps within `max_rows` sequences with it; else it waits, and the jobs behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
 /// this function; otherwise `None` says that no job is waiting.
@@ -253,8 +256,8 @@ pub fn generate_jobs<'a>(
 /// Prompt positions that run between two decode steps while rows decode (chunked prefill, as
 /// vLLM schedules it): a longer prompt runs in parts, a step of the batch between each two, so
 /// that the streams running meanwhile go on instead of waiting for all of it; the first of
-/// several prompts sent at once gets its first token before the next ones run. Each part costs
-/// the prompt a decode step, a fraction of the part's time.
+/// several prompts sent at once gets its first token after at most this many positions of the
+/// next ones. Each part costs the prompt a decode step, a fraction of the part's time.
 const JOIN_POSITIONS: usize = 128;
 
 /// The jobs generating together, in the order they joined, and their rows: each job's in the
@@ -291,9 +294,8 @@ struct Running<'a> {
 }
 
 impl<'a> Batch<'a> {
-    /// Sequences that generate or are about to.
     fn sequences(&self) -> usize {
-        self.jobs.iter().chain(self.joining.as_ref().map(|(job, _)| job)).map(|job| job.rows.len()).sum()
+        self.jobs.iter().map(|job| job.rows.len()).sum()
     }
 
     /// Starts the job: its sequences, and the run of their prompts; or hands it its end when
@@ -315,7 +317,9 @@ impl<'a> Batch<'a> {
         };
         let mut unshared = PromptCache::default();
         let prompt_cache = if cache_prompt { prompt_cache } else { &mut unshared };
-        match running.begin(model, &requests, prompt_cache) {
+        let begun = running.begin(model, &requests, prompt_cache);
+        running.stats.prefill = running.started.elapsed();
+        match begun {
             Err(e) => running.handler.done(Err(e)),
             Ok(None) => running.finish(tokenizer),
             Ok(Some(prompts)) => self.joining = Some((running, prompts)),
@@ -340,7 +344,10 @@ impl<'a> Batch<'a> {
             Ok(ran) if !prompts.is_through() => ran,
             Ok(ran) => {
                 let (mut running, prompts) = self.joining.take().expect("a job joins");
-                let rows = prompts.into_rows(prompt_cache).and_then(|new| match &self.rows {
+                let started = Instant::now();
+                let new = prompts.into_rows(prompt_cache);
+                running.stats.prefill += started.elapsed();
+                let rows = new.and_then(|new| match &self.rows {
                     None => Ok(new),
                     Some(old) => {
                         let (cache, padding) = KvCache::join(&old.each().chain(new.each()).collect::<Vec<_>>())?;

@@ -35,7 +35,8 @@ pub(crate) struct PromptRun {
     pub(crate) cached: usize,
     /// The shared start, while it runs in a row of its own.
     shared: Option<Part>,
-    /// Each distinct prompt's tokens after the start, padded to end together.
+    /// Each distinct prompt's tokens after the start, padded to end together: the last
+    /// position's logits start generation.
     rest: Part,
 }
 
@@ -45,7 +46,7 @@ struct Part {
     padding: Vec<Range<usize>>,
     /// Positions of each row that ran.
     done: usize,
-    /// The last position's logits, once every position ran.
+    /// The last position's logits, once every position ran, when they were asked for.
     logits: Option<Tensor>,
 }
 
@@ -89,21 +90,21 @@ impl PromptRun {
     pub(crate) fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize) -> Result<usize> {
         let mut ran = 0;
         if let Some(shared) = &mut self.shared {
-            ran += shared.run(model, &mut self.cache, budget)?;
-            if shared.logits.is_none() {
+            ran += shared.run(model, &mut self.cache, budget, false)?;
+            if !shared.is_through() {
                 return Ok(ran);
             }
             self.shared = None;
             self.spread_start(prompt_cache, self.rest.padding[0].start)?;
-            if ran >= budget {
+            if ran + self.rest.padding.len() > budget {
                 return Ok(ran);
             }
         }
-        Ok(ran + self.rest.run(model, &mut self.cache, budget - ran)?)
+        Ok(ran + self.rest.run(model, &mut self.cache, budget - ran, true)?)
     }
 
     pub(crate) fn is_through(&self) -> bool {
-        self.rest.logits.is_some()
+        self.rest.is_through()
     }
 
     /// The rows of a run that [`is_through`](Self::is_through), each with its logits at its
@@ -139,8 +140,12 @@ impl Part {
         Self { tokens, padding, done: 0, logits: None }
     }
 
-    /// [`PromptRun::advance`] for these rows.
-    fn run(&mut self, model: &Llama, cache: &mut KvCache, budget: usize) -> Result<usize> {
+    fn is_through(&self) -> bool {
+        self.done == self.tokens.len() / self.padding.len()
+    }
+
+    /// [`PromptRun::advance`] for these rows, the last position's logits kept when `logits`.
+    fn run(&mut self, model: &Llama, cache: &mut KvCache, budget: usize, logits: bool) -> Result<usize> {
         let rows = self.padding.len();
         let len = self.tokens.len() / rows;
         let mut ran = 0;
@@ -150,7 +155,7 @@ impl Part {
             let part = Tensor::from_vec(part, (rows, n), model.device())?;
             self.done += n;
             ran += n * rows;
-            match self.done == len {
+            match logits && self.done == len {
                 true => self.logits = Some(model.forward(&part, &self.padding, cache, Logits::Last)?),
                 false => model.extend(&part, &self.padding, cache)?,
             }
