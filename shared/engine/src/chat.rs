@@ -31,6 +31,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    #[cfg(target_os = "linux")]
+    renderer: crate::sandbox::Worker,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -52,7 +54,13 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         env.add_template_owned("chat", source.to_string()).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
+        Ok(Self {
+            env,
+            bos_token: bos_token.unwrap_or_default().to_string(),
+            eos_token: eos_token.unwrap_or_default().to_string(),
+            #[cfg(target_os = "linux")]
+            renderer: crate::sandbox::Worker::new(RENDERER),
+        })
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
@@ -61,28 +69,33 @@ impl ChatTemplate {
         self.render_all(&[(messages, add_generation_prompt)])?.pop().expect("one conversation in, one out")
     }
 
-    /// Renders each conversation (messages, `add_generation_prompt`), all in one child process
-    /// on Linux whose memory and silence are bounded ([`RENDERER`]): minijinja materializes some
-    /// values before charging fuel for them, so only a process of their own bounds what a
-    /// hostile template can allocate. The outer error is the renderer's (out of memory, silent);
-    /// the inner ones are each conversation's own (`raise_exception`, out of fuel, ...).
+    /// Renders each conversation (messages, `add_generation_prompt`), on Linux in the template's
+    /// child process, whose memory and silence are bounded ([`RENDERER`]): minijinja
+    /// materializes some values before charging fuel for them, so only a process of their own
+    /// bounds what a hostile template can allocate. The outer error is the renderer's (out of
+    /// memory, silent); the inner ones are each conversation's own (`raise_exception`, out of
+    /// fuel, ...).
     pub fn render_all(&self, conversations: &[(&[ChatMessage], bool)]) -> Result<Vec<Result<String>>> {
         #[cfg(target_os = "linux")]
         {
             if conversations.is_empty() {
                 return Ok(Vec::new());
             }
-            let frames = crate::sandbox::run(&RENDERER, |out| {
-                for &(messages, add_generation_prompt) in conversations {
-                    write_frame(out, self.render_in_this_process(messages, add_generation_prompt))?;
-                }
-                Ok(())
-            })
-            .map_err(|e| match e {
-                // Not the template's fault but this machine's (out of processes, say).
-                crate::sandbox::SandboxError::Start(source) => EngineError::io("chat template renderer", source),
-                other => EngineError::ChatTemplate(format!("the renderer {other}")),
-            })?;
+            let request = serde_json::to_vec(conversations).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+            let frames = self
+                .renderer
+                .call(&request, |request, out| {
+                    let conversations: Vec<(Vec<ChatMessage>, bool)> = serde_json::from_slice(request).map_err(std::io::Error::other)?;
+                    for (messages, add_generation_prompt) in &conversations {
+                        write_frame(out, self.render_in_this_process(messages, *add_generation_prompt))?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| match e {
+                    // Not the template's fault but this machine's (out of processes, say).
+                    crate::sandbox::SandboxError::Start(source) => EngineError::io("chat template renderer", source),
+                    other => EngineError::ChatTemplate(format!("the renderer {other}")),
+                })?;
             read_frames(&frames, conversations.len())
         }
         #[cfg(not(target_os = "linux"))]

@@ -5,8 +5,11 @@
 //! when the child has written nothing for a while, so the worst such work can do is fail with an
 //! error: it can neither take the serving process's memory nor hang it.
 //!
-//! Forking copies the page tables of the process's private memory (measured ~30 ms per GB), so
-//! big buffers that children never read are left out of them ([`exclude_from_children`]).
+//! The child ([`Worker`]) is forked once and serves request after request until one fails:
+//! forking copies the page tables of the process's private memory (measured ~30 ms per GB), and
+//! every page the parent writes afterwards faults once. Forked for each chat request, that was
+//! a quarter of `llm serve`'s time under the demo model's load. Big buffers that the child never
+//! reads are left out of it ([`exclude_from_children`]).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -16,6 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// What a child may use.
+#[derive(Clone, Copy)]
 pub struct Limits {
     /// Bytes by which the child's address space may grow beyond the parent's.
     pub memory: u64,
@@ -35,45 +39,101 @@ pub enum SandboxError {
     Failed(i32),
 }
 
-/// Children are forked one at a time: a child forked while another's pipe is open in this
-/// process would hold that pipe's write end too, and its reader would not see the end of the
-/// output until both children had exited.
+/// Children are forked one at a time: a child forked while another's pipes are being set up
+/// would hold their ends too, and that child's end of output would not be seen until both
+/// exited.
 static FORKING: Mutex<()> = Mutex::new(());
 
-/// Runs `work` in a child process and returns what it wrote. `work` must not need locks that
-/// other threads of this process may hold (only the forking thread lives on in the child);
-/// allocating is fine (glibc's malloc is made consistent across fork).
-pub fn run(limits: &Limits, work: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<Vec<u8>, SandboxError> {
-    let (reader, pid) = {
-        let _forking = FORKING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (reader, writer) = pipe().map_err(SandboxError::Start)?;
-        // SAFETY: the child runs `work`, writes to its pipe and leaves with `_exit`: it never
-        // returns into the frames it shares with this thread.
-        match unsafe { libc::fork() } {
-            -1 => return Err(SandboxError::Start(io::Error::last_os_error())),
-            0 => {
-                drop(reader);
-                child(limits.memory, writer, work)
+/// A child process that runs requests of bounded work, one at a time, forked when the first
+/// comes and again after one fails (the failed child is killed).
+pub struct Worker {
+    limits: Limits,
+    child: Mutex<Option<Child>>,
+}
+
+/// A running worker child: where requests go and replies come from.
+struct Child {
+    pid: libc::pid_t,
+    requests: File,
+    replies: File,
+}
+
+impl Worker {
+    pub const fn new(limits: Limits) -> Self {
+        Self { limits, child: Mutex::new(None) }
+    }
+
+    /// Hands `request` to the child and returns what it wrote for it. The child, when this call
+    /// forks it, answers this and later requests with `serve`: it must not need locks that other
+    /// threads of this process may hold (only the forking thread lives on in the child);
+    /// allocating is fine (glibc's malloc is made consistent across fork). A child that fails
+    /// (an error or panic in `serve`, a limit) is gone, and the next call forks a fresh one.
+    pub fn call(&self, request: &[u8], serve: impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> Result<Vec<u8>, SandboxError> {
+        let mut slot = self.child.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let child = match &mut *slot {
+            Some(child) => child,
+            None => slot.insert(Child::fork(&self.limits, serve)?),
+        };
+        child.exchange(request, self.limits.silence).map_err(|silent| {
+            let status = slot.take().expect("a child ran the request").stop();
+            match (silent, libc::WIFSIGNALED(status)) {
+                (true, _) => SandboxError::Silent(self.limits.silence),
+                (false, true) => SandboxError::Aborted { signal: libc::WTERMSIG(status), mib: self.limits.memory >> 20 },
+                (false, false) => SandboxError::Failed(libc::WEXITSTATUS(status)),
             }
-            pid => (reader, pid),
+        })
+    }
+}
+
+/// A copy forks a child of its own.
+impl Clone for Worker {
+    fn clone(&self) -> Self {
+        Self::new(self.limits)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
+            child.stop();
         }
-    };
-    let mut output = Vec::new();
-    let finished = read_to_end_or_silence(reader, &mut output, limits.silence);
-    if !finished {
+    }
+}
+
+impl Child {
+    fn fork(limits: &Limits, serve: impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> Result<Self, SandboxError> {
+        let _forking = FORKING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (request_reader, request_writer) = pipe().map_err(SandboxError::Start)?;
+        let (reply_reader, reply_writer) = pipe().map_err(SandboxError::Start)?;
+        // SAFETY: the child serves requests and leaves with `_exit`: it never returns into the
+        // frames it shares with this thread.
+        match unsafe { libc::fork() } {
+            -1 => Err(SandboxError::Start(io::Error::last_os_error())),
+            0 => {
+                drop((request_writer, reply_reader));
+                child(limits.memory, File::from(request_reader), File::from(reply_writer), serve)
+            }
+            pid => Ok(Self { pid, requests: File::from(request_writer), replies: File::from(reply_reader) }),
+        }
+    }
+
+    /// The child's reply to `request`; or, when it ended first, whether because it stayed
+    /// silent for `silence` (`true`) rather than closed its end.
+    fn exchange(&mut self, request: &[u8], silence: Duration) -> Result<Vec<u8>, bool> {
+        let length = u32::try_from(request.len()).map_err(|_| false)?.to_le_bytes();
+        self.requests.write_all(&length).and_then(|()| self.requests.write_all(request)).map_err(|_| false)?;
+        let mut length = [0u8; 4];
+        read_exact_or_silence(&mut self.replies, &mut length, silence)?;
+        let mut reply = vec![0u8; u32::from_le_bytes(length) as usize];
+        read_exact_or_silence(&mut self.replies, &mut reply, silence)?;
+        Ok(reply)
+    }
+
+    /// Kills the child (if it has not ended) and returns its wait status.
+    fn stop(self) -> i32 {
         // SAFETY: `pid` is our child and has not been waited for, so it is not reused yet.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    let status = wait(pid);
-    if !finished {
-        return Err(SandboxError::Silent(limits.silence));
-    }
-    if libc::WIFSIGNALED(status) {
-        return Err(SandboxError::Aborted { signal: libc::WTERMSIG(status), mib: limits.memory >> 20 });
-    }
-    match libc::WEXITSTATUS(status) {
-        0 => Ok(output),
-        code => Err(SandboxError::Failed(code)),
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        wait(self.pid)
     }
 }
 
@@ -94,7 +154,9 @@ pub fn exclude_from_children(bytes: &[u8]) {
     unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTFORK) };
 }
 
-fn child(memory: u64, writer: OwnedFd, work: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> ! {
+/// The child's life: requests (a little-endian u32 length, then the bytes) answered in turn
+/// (the same), until the parent closes its end or one fails.
+fn child(memory: u64, mut requests: File, replies: File, serve: impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> ! {
     // Rust reports a failed allocation on stderr before aborting; the parent reports it instead.
     // SAFETY: plain system calls on this process's own descriptors.
     unsafe {
@@ -103,16 +165,29 @@ fn child(memory: u64, writer: OwnedFd, work: impl FnOnce(&mut dyn Write) -> io::
             libc::dup2(null, libc::STDERR_FILENO);
         }
     }
+    let mut replies = io::BufWriter::new(replies);
     let code = match limit_address_space(memory) {
         Err(_) => 3,
-        Ok(()) => {
-            let mut out = io::BufWriter::new(File::from(writer));
-            match std::panic::catch_unwind(AssertUnwindSafe(|| work(&mut out).and_then(|()| out.flush()))) {
-                Ok(Ok(())) => 0,
-                Ok(Err(_)) => 1,
-                Err(_) => 2,
+        Ok(()) => loop {
+            let mut length = [0u8; 4];
+            if requests.read_exact(&mut length).is_err() {
+                break 0;
             }
-        }
+            let mut request = vec![0u8; u32::from_le_bytes(length) as usize];
+            if requests.read_exact(&mut request).is_err() {
+                break 0;
+            }
+            let mut reply = Vec::new();
+            match std::panic::catch_unwind(AssertUnwindSafe(|| serve(&request, &mut reply))) {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break 1,
+                Err(_) => break 2,
+            }
+            let sent = replies.write_all(&(reply.len() as u32).to_le_bytes()).and_then(|()| replies.write_all(&reply)).and_then(|()| replies.flush());
+            if sent.is_err() {
+                break 1;
+            }
+        },
     };
     // SAFETY: ends the child without running anything of the parent's (no atexit, no unwinding).
     unsafe { libc::_exit(code) }
@@ -153,26 +228,27 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Reads until the child closes its end (true) or stays silent for `silence` (false).
-fn read_to_end_or_silence(reader: OwnedFd, output: &mut Vec<u8>, silence: Duration) -> bool {
-    let mut file = File::from(reader);
-    let mut chunk = vec![0u8; 64 << 10];
-    loop {
+/// Fills `buffer` from the child; or, when it closes its end first, `false`, and when it stays
+/// silent for `silence`, `true`.
+fn read_exact_or_silence(file: &mut File, buffer: &mut [u8], silence: Duration) -> Result<(), bool> {
+    let mut filled = 0;
+    while filled < buffer.len() {
         let mut poll = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         match unsafe { libc::poll(&mut poll, 1, silence.as_millis().min(i32::MAX as u128) as i32) } {
-            0 => return false,
+            0 => return Err(true),
             -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
-            -1 => return false,
+            -1 => return Err(false),
             _ => {}
         }
-        match file.read(&mut chunk) {
-            Ok(0) => return true,
-            Ok(n) => output.extend_from_slice(&chunk[..n]),
+        match file.read(&mut buffer[filled..]) {
+            Ok(0) => return Err(false),
+            Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
+            Err(_) => return Err(false),
         }
     }
+    Ok(())
 }
 
 fn wait(pid: libc::pid_t) -> i32 {
@@ -188,37 +264,57 @@ mod tests {
 
     const LIMITS: Limits = Limits { memory: 64 << 20, silence: Duration::from_secs(2) };
 
-    #[test]
-    fn returns_everything_the_child_writes() {
-        let big = vec![7u8; 3 << 20];
-        let output = run(&LIMITS, |out| out.write_all(&big)).unwrap();
-        assert_eq!(output, big);
+    /// The child's process id, as `serve` writes it.
+    fn pid(reply: Vec<u8>) -> u32 {
+        u32::from_le_bytes(reply[..4].try_into().unwrap())
     }
 
     #[test]
-    fn a_child_that_allocates_past_its_limit_is_an_error_not_this_processs_problem() {
-        let error = run(&LIMITS, |out| {
-            let hoard = vec![1u8; 256 << 20];
-            out.write_all(&hoard[..1])
-        })
-        .unwrap_err();
+    fn one_child_answers_request_after_request_in_full() {
+        let worker = Worker::new(LIMITS);
+        let serve = |request: &[u8], out: &mut dyn Write| {
+            out.write_all(&std::process::id().to_le_bytes())?;
+            out.write_all(&request.repeat(3 << 20))
+        };
+        let (first, second) = (worker.call(b"a", serve).unwrap(), worker.call(b"b", serve).unwrap());
+        assert_eq!((&first[4..], &second[4..]), (&vec![b'a'; 3 << 20][..], &vec![b'b'; 3 << 20][..]));
+        assert_eq!(pid(first.clone()), pid(second));
+        assert_ne!(pid(first), std::process::id());
+    }
+
+    #[test]
+    fn a_child_that_allocates_past_its_limit_is_an_error_and_the_next_request_gets_a_new_one() {
+        let worker = Worker::new(LIMITS);
+        let serve = |request: &[u8], out: &mut dyn Write| {
+            if request == b"hoard" {
+                let hoard = vec![1u8; 256 << 20];
+                out.write_all(&hoard[..1])?;
+            }
+            out.write_all(&std::process::id().to_le_bytes())
+        };
+        let before = pid(worker.call(b"", serve).unwrap());
+        let error = worker.call(b"hoard", serve).unwrap_err();
         assert!(matches!(error, SandboxError::Aborted { mib: 64, .. }), "{error}");
+        assert_ne!(pid(worker.call(b"", serve).unwrap()), before);
     }
 
     #[test]
     fn a_silent_child_is_killed() {
-        let error = run(&LIMITS, |_| {
-            std::thread::sleep(Duration::from_secs(60));
-            Ok(())
-        })
-        .unwrap_err();
+        let worker = Worker::new(LIMITS);
+        let error = worker
+            .call(b"", |_, _| {
+                std::thread::sleep(Duration::from_secs(60));
+                Ok(())
+            })
+            .unwrap_err();
         assert!(matches!(error, SandboxError::Silent(_)), "{error}");
     }
 
     #[test]
     fn a_child_that_panics_or_fails_to_write_fails() {
-        assert!(matches!(run(&LIMITS, |_| panic!("inside the child")), Err(SandboxError::Failed(2))));
-        assert!(matches!(run(&LIMITS, |_| Err(io::Error::other("no"))), Err(SandboxError::Failed(1))));
+        let worker = Worker::new(LIMITS);
+        assert!(matches!(worker.call(b"", |_, _| panic!("inside the child")), Err(SandboxError::Failed(2))));
+        assert!(matches!(worker.call(b"", |_, _| Err(io::Error::other("no"))), Err(SandboxError::Failed(1))));
     }
 
     #[test]
@@ -227,12 +323,13 @@ mod tests {
         exclude_from_children(&weights);
         // The middle of the buffer is unmapped in the child: reading it there faults.
         let middle = weights.as_ptr() as usize + (40 << 20);
-        let error = run(&LIMITS, |out| {
-            // SAFETY: in the parent this is inside `weights`; the child is meant to fault here.
-            let byte = unsafe { std::ptr::read_volatile(middle as *const u8) };
-            out.write_all(&[byte])
-        })
-        .unwrap_err();
+        let error = Worker::new(LIMITS)
+            .call(b"", |_, out| {
+                // SAFETY: in the parent this is inside `weights`; the child is meant to fault here.
+                let byte = unsafe { std::ptr::read_volatile(middle as *const u8) };
+                out.write_all(&[byte])
+            })
+            .unwrap_err();
         assert!(matches!(error, SandboxError::Aborted { signal: libc::SIGSEGV, .. }), "{error}");
         assert_eq!(weights[40 << 20], 3);
     }
