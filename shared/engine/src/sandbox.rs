@@ -2,8 +2,8 @@
 //! inside: chat templates, which minijinja lets materialize some values (a list concatenated
 //! with itself dozens of times, a huge lazy list turned into a string) before it charges fuel
 //! for them. The child's address space may grow by a fixed amount, and the parent stops waiting
-//! when the child has written nothing for a while, so the worst such work can do is fail with an
-//! error: it can neither take the serving process's memory nor hang it.
+//! when the child has not answered a request in a while, so the worst such work can do is fail
+//! with an error: it can neither take the serving process's memory nor hang it.
 //!
 //! The child ([`Worker`]) is forked once and serves request after request until one fails:
 //! forking copies the page tables of the process's private memory (measured ~30 ms per GB), and
@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use std::time::Duration;
 pub struct Limits {
     /// Bytes by which the child's address space may grow beyond the parent's.
     pub memory: u64,
-    /// How long the parent waits for the child's next bytes before killing it.
+    /// How long the parent waits for the child's answer to a request before killing it.
     pub silence: Duration,
 }
 
@@ -31,7 +31,7 @@ pub struct Limits {
 pub enum SandboxError {
     #[error("could not start a child process: {0}")]
     Start(io::Error),
-    #[error("stopped after {0:?} without output")]
+    #[error("stopped after {0:?} without an answer")]
     Silent(Duration),
     #[error("aborted by signal {signal}: most likely it needed more than {mib} MiB of memory")]
     Aborted { signal: i32, mib: u64 },
@@ -39,9 +39,10 @@ pub enum SandboxError {
     Failed(i32),
 }
 
-/// Children are forked one at a time: a child forked while another's pipes are being set up
-/// would hold their ends too, and that child's end of output would not be seen until both
-/// exited.
+/// Children are forked one at a time: a child forked while another's socket is being set up
+/// would hold its child's end too, and that child's end would not be seen until both exited.
+/// (Each child closes the descriptors it inherits but its own: the server's sockets, other
+/// children's parent ends.)
 static FORKING: Mutex<()> = Mutex::new(());
 
 /// A child process that runs requests of bounded work, one at a time, forked when the first
@@ -51,11 +52,10 @@ pub struct Worker {
     child: Mutex<Option<Child>>,
 }
 
-/// A running worker child: where requests go and replies come from.
+/// A running worker child and this process's end of the socket to it.
 struct Child {
     pid: libc::pid_t,
-    requests: File,
-    replies: File,
+    socket: File,
 }
 
 impl Worker {
@@ -67,21 +67,35 @@ impl Worker {
     /// forks it, answers this and later requests with `serve`: it must not need locks that other
     /// threads of this process may hold (only the forking thread lives on in the child);
     /// allocating is fine (glibc's malloc is made consistent across fork). A child that fails
-    /// (an error or panic in `serve`, a limit) is gone, and the next call forks a fresh one.
+    /// (an error or panic in `serve`, a limit) is gone, and the next call forks a fresh one; so
+    /// does this call when the child it finds died while idle (killed from outside).
     pub fn call(&self, request: &[u8], serve: impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> Result<Vec<u8>, SandboxError> {
+        let length = u32::try_from(request.len()).map_err(|_| SandboxError::Start(io::Error::other("a request of 4 GiB or more")))?;
         let mut slot = self.child.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let child = match &mut *slot {
-            Some(child) => child,
-            None => slot.insert(Child::fork(&self.limits, serve)?),
-        };
-        child.exchange(request, self.limits.silence).map_err(|silent| {
+        loop {
+            let forked = slot.is_none();
+            if forked {
+                *slot = Some(Child::fork(&self.limits, &serve)?);
+            }
+            let child = slot.as_mut().expect("forked above");
+            if let Err(e) = child.send(length, request) {
+                slot.take().expect("a child took the request").stop();
+                match forked {
+                    true => return Err(SandboxError::Start(e)),
+                    false => continue,
+                }
+            }
+            let silent = match child.receive(self.limits.silence) {
+                Ok(reply) => return Ok(reply),
+                Err(silent) => silent,
+            };
             let status = slot.take().expect("a child ran the request").stop();
-            match (silent, libc::WIFSIGNALED(status)) {
+            return Err(match (silent, libc::WIFSIGNALED(status)) {
                 (true, _) => SandboxError::Silent(self.limits.silence),
                 (false, true) => SandboxError::Aborted { signal: libc::WTERMSIG(status), mib: self.limits.memory >> 20 },
                 (false, false) => SandboxError::Failed(libc::WEXITSTATUS(status)),
-            }
-        })
+            });
+        }
     }
 }
 
@@ -101,31 +115,41 @@ impl Drop for Worker {
 }
 
 impl Child {
-    fn fork(limits: &Limits, serve: impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> Result<Self, SandboxError> {
+    fn fork(limits: &Limits, serve: &impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> Result<Self, SandboxError> {
         let _forking = FORKING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (request_reader, request_writer) = pipe().map_err(SandboxError::Start)?;
-        let (reply_reader, reply_writer) = pipe().map_err(SandboxError::Start)?;
+        let (ours, theirs) = socket_pair().map_err(SandboxError::Start)?;
         // SAFETY: the child serves requests and leaves with `_exit`: it never returns into the
         // frames it shares with this thread.
         match unsafe { libc::fork() } {
             -1 => Err(SandboxError::Start(io::Error::last_os_error())),
-            0 => {
-                drop((request_writer, reply_reader));
-                child(limits.memory, File::from(request_reader), File::from(reply_writer), serve)
-            }
-            pid => Ok(Self { pid, requests: File::from(request_writer), replies: File::from(reply_reader) }),
+            0 => child(limits.memory, theirs.into_raw_fd(), serve),
+            pid => Ok(Self { pid, socket: File::from(ours) }),
         }
     }
 
-    /// The child's reply to `request`; or, when it ended first, whether because it stayed
-    /// silent for `silence` (`true`) rather than closed its end.
-    fn exchange(&mut self, request: &[u8], silence: Duration) -> Result<Vec<u8>, bool> {
-        let length = u32::try_from(request.len()).map_err(|_| false)?.to_le_bytes();
-        self.requests.write_all(&length).and_then(|()| self.requests.write_all(request)).map_err(|_| false)?;
+    /// Sends a request of `length` bytes. With `MSG_NOSIGNAL`: a child that died makes this an
+    /// error, not a SIGPIPE, which would end a process that does not ignore it (a fuzzer's).
+    fn send(&mut self, length: u32, request: &[u8]) -> io::Result<()> {
+        for mut bytes in [&length.to_le_bytes()[..], request] {
+            while !bytes.is_empty() {
+                // SAFETY: `bytes` is valid for its length; the socket is ours.
+                match unsafe { libc::send(self.socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) } {
+                    -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                    -1 => return Err(io::Error::last_os_error()),
+                    sent => bytes = &bytes[sent as usize..],
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The child's reply; or, when it ended first, whether because it stayed silent for
+    /// `silence` (`true`) rather than closed its end.
+    fn receive(&mut self, silence: Duration) -> Result<Vec<u8>, bool> {
         let mut length = [0u8; 4];
-        read_exact_or_silence(&mut self.replies, &mut length, silence)?;
+        read_exact_or_silence(&mut self.socket, &mut length, silence)?;
         let mut reply = vec![0u8; u32::from_le_bytes(length) as usize];
-        read_exact_or_silence(&mut self.replies, &mut reply, silence)?;
+        read_exact_or_silence(&mut self.socket, &mut reply, silence)?;
         Ok(reply)
     }
 
@@ -154,18 +178,28 @@ pub fn exclude_from_children(bytes: &[u8]) {
     unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTFORK) };
 }
 
-/// The child's life: requests (a little-endian u32 length, then the bytes) answered in turn
-/// (the same), until the parent closes its end or one fails.
-fn child(memory: u64, mut requests: File, replies: File, serve: impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> ! {
-    // Rust reports a failed allocation on stderr before aborting; the parent reports it instead.
-    // SAFETY: plain system calls on this process's own descriptors.
-    unsafe {
+/// The child's life: requests (a little-endian u32 length, then the bytes) on `socket`
+/// answered in turn (the same), until the parent closes its end or one fails.
+fn child(memory: u64, socket: RawFd, serve: &impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> ! {
+    /// Where the socket goes: the first descriptor after the standard ones.
+    const SOCKET: RawFd = 3;
+    // SAFETY: plain system calls on this process's own descriptors. Everything it inherited
+    // but the standard ones and its socket is closed: a server's connection whose descriptor
+    // a long-lived child held open would never be shut.
+    let socket = unsafe {
+        // Rust reports a failed allocation on stderr before aborting; the parent reports it.
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
         if null >= 0 {
             libc::dup2(null, libc::STDERR_FILENO);
         }
-    }
-    let mut replies = io::BufWriter::new(replies);
+        if socket != SOCKET {
+            libc::dup2(socket, SOCKET);
+        }
+        libc::close_range(SOCKET as u32 + 1, u32::MAX, 0);
+        File::from_raw_fd(SOCKET)
+    };
+    let mut requests = &socket;
+    let mut replies = io::BufWriter::new(&socket);
     let code = match limit_address_space(memory) {
         Err(_) => 3,
         Ok(()) => loop {
@@ -218,10 +252,11 @@ fn page_size() -> u64 {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+/// Two connected ends of a Unix stream socket: requests and replies both ways on one.
+fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just opened and are owned by nothing else.
@@ -296,6 +331,31 @@ mod tests {
         let error = worker.call(b"hoard", serve).unwrap_err();
         assert!(matches!(error, SandboxError::Aborted { mib: 64, .. }), "{error}");
         assert_ne!(pid(worker.call(b"", serve).unwrap()), before);
+    }
+
+    #[test]
+    fn a_child_killed_while_idle_is_replaced_for_the_next_request() {
+        let worker = Worker::new(LIMITS);
+        let serve = |_: &[u8], out: &mut dyn Write| out.write_all(&std::process::id().to_le_bytes());
+        let first = pid(worker.call(b"", serve).unwrap());
+        // SAFETY: signals our own worker's child.
+        unsafe { libc::kill(first as libc::pid_t, libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(50));
+        assert_ne!(pid(worker.call(b"", serve).unwrap()), first);
+    }
+
+    #[test]
+    fn the_child_keeps_none_of_this_processs_descriptors_but_its_own() {
+        let (kept, _other_end) = socket_pair().unwrap();
+        let fd = kept.as_raw_fd();
+        let open_in_child = Worker::new(LIMITS)
+            .call(b"", |_, out| {
+                // SAFETY: asks about a descriptor number; no memory is passed.
+                let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+                out.write_all(&[open as u8])
+            })
+            .unwrap();
+        assert_eq!(open_in_child, [0]);
     }
 
     #[test]
