@@ -34,14 +34,15 @@ pub(crate) struct PromptRun {
     /// Prompt tokens the prompt cache held.
     pub(crate) cached: usize,
     /// The shared start, while it runs in a row of its own.
-    shared: Option<Part>,
+    shared: Option<Segment>,
     /// Each distinct prompt's tokens after the start, padded to end together: the last
     /// position's logits start generation.
-    rest: Part,
+    rest: Segment,
 }
 
-/// Rows of tokens of equal length (padded at `padding`) that run after what a cache holds.
-struct Part {
+/// Rows of tokens of equal length (padded at `padding`) that run, part by part, after what a
+/// cache holds.
+struct Segment {
     tokens: Vec<u32>,
     padding: Vec<Range<usize>>,
     /// Positions of each row that ran.
@@ -68,7 +69,7 @@ impl PromptRun {
         let common = prompts.iter().map(|p| shared_start(p, &prompts[0])).min().unwrap_or(0).min(shortest - 1);
         let (cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
         let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES { common } else { cached };
-        let shared = (start > cached).then(|| Part::new(prompts[0][cached..start].to_vec(), ONE_UNPADDED_ROW.to_vec()));
+        let shared = (start > cached).then(|| Segment::new(prompts[0][cached..start].to_vec(), ONE_UNPADDED_ROW.to_vec()));
         let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);
         let mut tokens = Vec::with_capacity(prompts.len() * longest);
         let mut padding = Vec::with_capacity(prompts.len());
@@ -78,7 +79,7 @@ impl PromptRun {
             tokens.extend(&p[start..]);
             padding.push(start..start + pad);
         }
-        let mut run = Self { prompts, row_of, cache, cached, shared, rest: Part::new(tokens, padding) };
+        let mut run = Self { prompts, row_of, cache, cached, shared, rest: Segment::new(tokens, padding) };
         if run.shared.is_none() {
             run.spread_start(prompt_cache, start)?;
         }
@@ -135,7 +136,7 @@ impl PromptRun {
     }
 }
 
-impl Part {
+impl Segment {
     fn new(tokens: Vec<u32>, padding: Vec<Range<usize>>) -> Self {
         Self { tokens, padding, done: 0, logits: None }
     }
