@@ -195,7 +195,7 @@ fn child(memory: u64, socket: RawFd, serve: &impl Fn(&[u8], &mut dyn Write) -> i
         if socket != SOCKET {
             libc::dup2(socket, SOCKET);
         }
-        libc::close_range(SOCKET as u32 + 1, u32::MAX, 0);
+        close_from(SOCKET + 1);
         File::from_raw_fd(SOCKET)
     };
     let mut requests = &socket;
@@ -225,6 +225,25 @@ fn child(memory: u64, socket: RawFd, serve: &impl Fn(&[u8], &mut dyn Write) -> i
     };
     // SAFETY: ends the child without running anything of the parent's (no atexit, no unwinding).
     unsafe { libc::_exit(code) }
+}
+
+/// Closes every descriptor from `first` on: the `close_range` system call (Linux 5.9), called
+/// directly because glibc wraps it only from 2.34 and cargo-lambda links against an older one;
+/// else each descriptor `/proc/self/fd` lists.
+fn close_from(first: RawFd) {
+    // SAFETY: closes descriptors of this process only; no memory is passed.
+    if unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) } == 0 {
+        return;
+    }
+    let open: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd >= first).collect(),
+        Err(_) => return,
+    };
+    for fd in open {
+        // SAFETY: as above; the directory's own descriptor is already closed, so at worst
+        // this closes a number no longer open.
+        unsafe { libc::close(fd) };
+    }
 }
 
 /// Caps the address space at its present size plus `memory`, or keeps a lower limit the process
