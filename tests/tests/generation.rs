@@ -244,6 +244,32 @@ impl JobHandler for Recorder {
     }
 }
 
+/// A greedy request that ignores end-of-text and records its log-probabilities.
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        max_tokens,
+        ignore_eos: true,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Each job `j` (its requests `jobs[j]`) generated in a batch what it generates alone: the same
+/// greedy tokens, log-probabilities within 1e-3.
+fn assert_generated_as_alone(loaded: &llm_engine::LoadedModel, results: &HashMap<usize, Generated>, jobs: &[&Vec<GenerationRequest>]) {
+    for (j, requests) in jobs.iter().enumerate() {
+        let alone = generate(&loaded.model, &loaded.tokenizer, requests, |_| ControlFlow::Continue(())).unwrap().0;
+        for (together, alone) in results[&j].0.iter().zip(&alone) {
+            assert_eq!(together.token_ids, alone.token_ids, "job {j}");
+            for (x, y) in together.logprobs.iter().zip(&alone.logprobs) {
+                assert!((x.logprob - y.logprob).abs() < 1e-3, "job {j}: {} against {}", x.logprob, y.logprob);
+            }
+        }
+    }
+}
+
 /// Jobs join a running batch between its steps and leave it as they end, each generating what
 /// it generates alone (greedy; log-probabilities within 1e-3), with three rows at most:
 /// B (one sequence) joins while A generates and, ending first, leaves its row to the prompt
@@ -254,14 +280,7 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
     let loaded = llama3();
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let encode = |text: &str| tokenizer.encode(text, true).unwrap();
-    let request = |prompt: &[u32], max_tokens| GenerationRequest {
-        prompt: prompt.to_vec(),
-        max_tokens,
-        ignore_eos: true,
-        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
-        logprobs: Some(0),
-        ..Default::default()
-    };
+    let request = |prompt: &[u32], max_tokens| greedy(prompt.to_vec(), max_tokens);
     let a = vec![request(&encode("In a land far away, long before the rivers had names"), 16)];
     let b = vec![request(&encode("Once upon a time"), 4)];
     let d = vec![request(&encode("Hello"), 3), request(&encode("The quick brown fox jumps over"), 5)];
@@ -299,15 +318,7 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
     assert!(first(3) > last(2), "D waits for C's rows: {tokens:?}");
     let c = next_turn(&results[&1].0[0]);
     assert_eq!(results[&2].1.cached_prompt_tokens, b[0].prompt.len() + 4 - 1, "C starts from B's row");
-    for (j, requests) in [(0, &a), (1, &b), (2, &c), (3, &d)] {
-        let alone = generate(model, tokenizer, requests, |_| ControlFlow::Continue(())).unwrap().0;
-        for (together, alone) in results[&j].0.iter().zip(&alone) {
-            assert_eq!(together.token_ids, alone.token_ids, "job {j}");
-            for (x, y) in together.logprobs.iter().zip(&alone.logprobs) {
-                assert!((x.logprob - y.logprob).abs() < 1e-3, "job {j}: {} against {}", x.logprob, y.logprob);
-            }
-        }
-    }
+    assert_generated_as_alone(&loaded, &results, &[&a, &b, &c, &d]);
 }
 
 /// A long prompt that joins a running batch runs in parts, a decode step of the batch between
@@ -318,17 +329,9 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
 fn long_prompts_run_in_parts_between_decode_steps() {
     let loaded = llama3();
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
-    let request = |prompt: Vec<u32>, max_tokens| GenerationRequest {
-        prompt,
-        max_tokens,
-        ignore_eos: true,
-        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
-        logprobs: Some(0),
-        ..Default::default()
-    };
-    let a = vec![request(ids(8, 1), 40)];
-    let b = vec![request(ids(600, 2), 3)];
-    let c = vec![request([ids(300, 3), ids(20, 4)].concat(), 3), request([ids(300, 3), ids(24, 5)].concat(), 3)];
+    let a = vec![greedy(ids(8, 1), 40)];
+    let b = vec![greedy(ids(600, 2), 3)];
+    let c = vec![greedy([ids(300, 3), ids(20, 4)].concat(), 3), greedy([ids(300, 3), ids(24, 5)].concat(), 3)];
     let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
     /// Marks in `tokens` where a job was offered.
     const OFFERED: usize = 100;
@@ -354,16 +357,7 @@ fn long_prompts_run_in_parts_between_decode_steps() {
     };
     assert!(a_tokens_before_first(1) >= 4, "A decodes between B's parts: {tokens:?}");
     assert!(a_tokens_before_first(2) >= 2 + 4, "A decodes between C's parts, after B's: {tokens:?}");
-    let results = results.borrow();
-    for (j, requests) in [(0, &a), (1, &b), (2, &c)] {
-        let alone = generate(model, tokenizer, requests, |_| ControlFlow::Continue(())).unwrap().0;
-        for (together, alone) in results[&j].0.iter().zip(&alone) {
-            assert_eq!(together.token_ids, alone.token_ids, "job {j}");
-            for (x, y) in together.logprobs.iter().zip(&alone.logprobs) {
-                assert!((x.logprob - y.logprob).abs() < 1e-3, "job {j}: {} against {}", x.logprob, y.logprob);
-            }
-        }
-    }
+    assert_generated_as_alone(&loaded, &results.borrow(), &[&a, &b, &c]);
 }
 
 /// A row that leaves the batch for the prompt cache, padded at its start there and of 256
