@@ -366,9 +366,8 @@ impl KvCache {
     }
 
     /// Forgets every position from `len` on; later steps write over them. Buffers far larger
-    /// than what is left shrink to it: copies of a row (a batch's shared start) copy whole
-    /// buffers, and a long conversation's capacity copied to each row of a batch of short
-    /// prompts would take many times the memory they need.
+    /// than what is left shrink to it: a long conversation's cache cut back to the start a
+    /// short prompt shares would keep its whole capacity in the row that goes on.
     pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
         for layer in &mut self.layers {
             layer.len = layer.len.min(len);
@@ -383,24 +382,6 @@ impl KvCache {
             }
         }
         Ok(())
-    }
-
-    /// A cache of the rows `rows` of this one (in that order; a row may repeat), in buffers of
-    /// its own.
-    pub fn copy_rows(&self, rows: &[u32]) -> Result<KvCache> {
-        let index = match self.layers.iter().find_map(|layer| layer.buffers.as_ref()) {
-            Some((k, _)) => Some(Tensor::new(rows, k.device())?),
-            None => None,
-        };
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let buffers = match (&layer.buffers, &index) {
-                (Some((k, v)), Some(index)) => Some((k.index_select(index, 0)?, v.index_select(index, 0)?)),
-                _ => None,
-            };
-            layers.push(LayerCache { buffers, len: layer.len, dtype: layer.dtype });
-        }
-        Ok(KvCache { layers })
     }
 
     /// One cache of the rows `rows` (each a cache, one of its rows and that row's padding), in

@@ -111,25 +111,25 @@ impl PromptRun {
     /// The rows of a run that [`is_through`](Self::is_through), each with its logits at its
     /// last prompt position.
     pub(crate) fn into_rows(self, prompt_cache: &mut PromptCache) -> Result<Rows> {
-        let Self { prompts, row_of, mut cache, rest, .. } = self;
-        let mut logits = rest.logits.expect("the run is through");
-        let padding = row_of.iter().map(|&row| rest.padding[row as usize].clone()).collect();
-        if prompts.len() < row_of.len() {
-            let rows = cache.copy_rows(&row_of)?;
-            let prompt = std::mem::replace(&mut cache, rows);
-            if let [one] = prompts.as_slice() {
-                prompt_cache.keep(one, prompt);
-            }
-            logits = logits.index_select(&Tensor::new(row_of.as_slice(), logits.device())?, 0)?;
+        let Self { prompts, row_of, cache, rest, .. } = self;
+        let logits = rest.logits.expect("the run is through");
+        if prompts.len() == row_of.len() {
+            return Ok(Rows { cache, padding: rest.padding, logits });
         }
-        Ok(Rows { cache, padding, logits })
+        let rows: Vec<_> = row_of.iter().map(|&row| (&cache, row as usize, &rest.padding[row as usize])).collect();
+        let (rows, padding) = KvCache::join(&rows)?;
+        if let [one] = prompts.as_slice() {
+            prompt_cache.keep(one, cache);
+        }
+        let logits = logits.index_select(&Tensor::new(row_of.as_slice(), logits.device())?, 0)?;
+        Ok(Rows { cache: rows, padding, logits })
     }
 
     /// Once the cache holds the `start` all prompts share, makes it a row for each distinct
     /// prompt, and leaves it to the prompt cache.
     fn spread_start(&mut self, prompt_cache: &mut PromptCache, start: usize) -> Result<()> {
         if start > 0 && self.prompts.len() > 1 {
-            let rows = self.cache.copy_rows(&vec![0; self.prompts.len()])?;
+            let (rows, _) = KvCache::join(&vec![(&self.cache, 0, &(0..0)); self.prompts.len()])?;
             prompt_cache.keep(&self.prompts[0][..start], std::mem::replace(&mut self.cache, rows));
         }
         Ok(())
