@@ -39,12 +39,6 @@ pub enum SandboxError {
     Failed(i32),
 }
 
-/// Children are forked one at a time: a child forked while another's socket is being set up
-/// would hold its child's end too, and that child's end would not be seen until both exited.
-/// (Each child closes the descriptors it inherits but its own: the server's sockets, other
-/// children's parent ends.)
-static FORKING: Mutex<()> = Mutex::new(());
-
 /// A child process that runs requests of bounded work, one at a time, forked when the first
 /// comes and again after one fails (the failed child is killed).
 pub struct Worker {
@@ -116,7 +110,6 @@ impl Drop for Worker {
 
 impl Child {
     fn fork(limits: &Limits, serve: &impl Fn(&[u8], &mut dyn Write) -> io::Result<()>) -> Result<Self, SandboxError> {
-        let _forking = FORKING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (ours, theirs) = socket_pair().map_err(SandboxError::Start)?;
         // SAFETY: the child serves requests and leaves with `_exit`: it never returns into the
         // frames it shares with this thread.
@@ -185,7 +178,8 @@ fn child(memory: u64, socket: RawFd, serve: &impl Fn(&[u8], &mut dyn Write) -> i
     const SOCKET: RawFd = 3;
     // SAFETY: plain system calls on this process's own descriptors. Everything it inherited
     // but the standard ones and its socket is closed: a server's connection whose descriptor
-    // a long-lived child held open would never be shut.
+    // a long-lived child held open would never be shut, and another child's socket would not
+    // see that child end (so children may be forked at once, from any thread).
     let socket = unsafe {
         // Rust reports a failed allocation on stderr before aborting; the parent reports it.
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
