@@ -11,7 +11,11 @@ a warm-up request. Two kinds of request:
 - the next turn of a conversation: the previous turn's prompt and completion and
   `--turn-tokens` more, as a chat client resends them; its time to the first token shows whether
   the server runs the whole conversation again or only what is new (llama.cpp's server keeps
-  the last prompt's KV cache and reuses its longest shared start, as `llm serve` does).
+  the last prompt's KV cache and reuses its longest shared start; `llm serve` keeps several,
+  `--prompt-cache-mib` of them). With `--conversations K`, K conversations take turns, as
+  clients of one server do: a conversation's next turn comes after the other K − 1 conversations'
+  turns. `--llama-cpp-cache` turns on llama-cpp-python's own cache of several prompts' states
+  (`--cache True`, 2 GiB in RAM), off by default.
 
 With `--join-prompt-tokens N`, also a prompt of N tokens sent while a stream of `--max-tokens`
 runs: the stream's longest wait between two tokens after it came (`llm serve` runs a long prompt
@@ -127,7 +131,7 @@ def measure(model, threads, args):
     ours = Server("llm serve", [args.llm, "serve", "--model", model, "--threads", str(threads), "--port", str(ours_port)], ours_port)
     theirs = Server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
                                   "--n_threads_batch", str(threads), "--n_ctx", "4096", "--interrupt_requests", "False",
-                                  "--port", str(theirs_port)], theirs_port)
+                                  "--port", str(theirs_port)] + (["--cache", "True"] if args.llama_cpp_cache else []), theirs_port)
     both = (ours, theirs)
     results = {s.name: {"new": [], "decode": [], "turn": [], "burst": [], "burst_first": [], "gap": [], "join_first": []} for s in both}
     try:
@@ -140,16 +144,17 @@ def measure(model, threads, args):
                 ttft, rate, _ = server.stream(prompt, args.max_tokens)
                 results[server.name]["new"].append(ttft)
                 results[server.name]["decode"].append(rate)
-        # One conversation each: the same turns, each after that server's own completions.
-        opening = f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens)
-        conversation = {s.name: opening for s in both}
+        # The same conversations on each server, each turn after that server's own completions.
+        openings = [f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens) for _ in range(args.conversations)]
+        conversations = {s.name: list(openings) for s in both}
         for measured in [False] + [True] * args.repeat:
-            turn = " " + words(rng, args.turn_tokens)
-            for server in both:
-                ttft, _, completion = server.stream(conversation[server.name], args.max_tokens)
-                if measured:
-                    results[server.name]["turn"].append(ttft)
-                conversation[server.name] += completion + turn
+            for k in range(args.conversations):
+                turn = " " + words(rng, args.turn_tokens)
+                for server in both:
+                    ttft, _, completion = server.stream(conversations[server.name][k], args.max_tokens)
+                    if measured:
+                        results[server.name]["turn"].append(ttft)
+                    conversations[server.name][k] += completion + turn
         for _ in range(args.repeat if args.concurrency else 0):
             prompts = [f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens) for _ in range(args.concurrency)]
             for server in both:
@@ -176,6 +181,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=5, help="requests of each kind per server (medians)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--turn-tokens", type=int, default=32, help="new text in each turn of the conversation")
+    ap.add_argument("--conversations", type=int, default=1, help="conversations that take turns")
+    ap.add_argument("--llama-cpp-cache", action="store_true", help="llama-cpp-python's server with --cache True")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=0, help="also send this many new prompts at once")
     ap.add_argument("--join-prompt-tokens", type=int, default=0,

@@ -214,9 +214,47 @@ fn a_prompt_cache_serves_a_shared_start_as_a_fresh_prefill_would() {
     assert_eq!(cached(&[request(other.clone())]).1, 10);
     // The same prompt again runs its last token only.
     assert_eq!(cached(&[request(other.clone())]).1, other.len() - 1);
-    // A batch of two prompts takes the start they share with it, and leaves that start there.
+    // A batch of two prompts takes the start they share with the cache's entries; the entry
+    // of `other`'s last run, which holds that start too, stays.
     assert_eq!(cached(&[request(other.clone()), request(first)]).1, 10);
-    assert_eq!(cached(&[request(other)]).1, 10);
+    assert_eq!(cached(&[request(other.clone())]).1, other.len() - 1);
+}
+
+/// Conversations that take turns each find their own earlier turns in the prompt cache, and
+/// go on as a fresh prefill would; with no budget it keeps the last request's only.
+#[test]
+fn conversations_taking_turns_each_find_their_own_start() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let request = |prompt: Vec<u32>| GenerationRequest { prompt, max_tokens: 6, ignore_eos: true, logprobs: Some(0), ..Default::default() };
+    let encode = |text: &str, bos| tokenizer.encode(text, bos).unwrap();
+    let openings = ["The first conversation opens with a question about rivers", "Another one starts somewhere else, with mountains"];
+    for (budget, reused_in_turn) in [(llm_engine::DEFAULT_PROMPT_CACHE_BYTES, true), (0, false)] {
+        let mut prompt_cache = PromptCache::with_budget(budget);
+        let mut turns: Vec<Vec<u32>> = openings.iter().map(|text| encode(text, true)).collect();
+        for round in 0..3 {
+            for (conversation, turn) in turns.iter_mut().enumerate() {
+                let (completions, stats) =
+                    generate_cached(model, tokenizer, &[request(turn.clone())], &mut prompt_cache, |_| ControlFlow::Continue(())).unwrap();
+                let fresh = generate(model, tokenizer, &[request(turn.clone())], |_| ControlFlow::Continue(())).unwrap().0;
+                assert_eq!(completions[0].token_ids, fresh[0].token_ids);
+                for (a, b) in completions[0].logprobs.iter().zip(&fresh[0].logprobs) {
+                    assert!((a.logprob - b.logprob).abs() < 1e-3, "{} against {}", a.logprob, b.logprob);
+                }
+                // The last turn and its completion but the last token (never run); else only
+                // the begin-of-text token the openings share.
+                let expected = match (round, conversation) {
+                    (0, 0) => 0,
+                    (0, _) => 1,
+                    _ if reused_in_turn => turn.len() - encode(" Go on.", false).len() - 1,
+                    _ => 1,
+                };
+                assert_eq!(stats.cached_prompt_tokens, expected, "budget {budget}, round {round}");
+                turn.extend(&completions[0].token_ids);
+                turn.extend(encode(" Go on.", false));
+            }
+        }
+    }
 }
 
 /// `n` token ids of the fixture's vocabulary, a different run for each `seed`.

@@ -210,6 +210,38 @@ fn a_request_joins_a_running_batch() {
     drop(running);
 }
 
+/// Two conversations that take turns each find their earlier turn in the prompt cache; with
+/// `--prompt-cache-mib 0` it keeps the last request's only, and a conversation's next turn
+/// finds only the begin-of-text token the other conversation shares.
+#[test]
+fn conversations_taking_turns_find_their_earlier_turns() {
+    let model = llama3_fixture();
+    for (mib, reused) in [("256", true), ("0", false)] {
+        let server = serve_logging(&["--model", &model, "--threads", "1", "--prompt-cache-mib", mib], "info");
+        let complete = |prompt: &str| {
+            let body = serde_json::json!({"model": "llama3-bf16", "prompt": prompt, "max_tokens": 4, "ignore_eos": true, "temperature": 0});
+            let (status, answer) = post(&server.base_url, "/v1/completions", &body.to_string());
+            assert_eq!(status, 200, "{answer}");
+            (answer["choices"][0]["text"].as_str().unwrap().to_string(), answer["usage"]["prompt_tokens"].as_u64().unwrap())
+        };
+        let first = "A long and winding first conversation about rivers and their names";
+        let (completion, first_tokens) = complete(first);
+        complete("Another conversation entirely, about mountains");
+        complete(&format!("{first}{completion} and more"));
+        let log = wait_for_log(&server, "completed");
+        let cached: Vec<u64> = log
+            .lines()
+            .filter(|line| line.contains("completed"))
+            .map(|line| line.split("cached_prompt_tokens=").nth(1).and_then(|rest| rest.split(' ').next()).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(cached.len(), 3, "{log}");
+        match reused {
+            true => assert!(cached[2] >= first_tokens - 1, "budget {mib}: {cached:?} of a first turn of {first_tokens}\n{log}"),
+            false => assert_eq!(cached[2], 1, "budget {mib}\n{log}"),
+        }
+    }
+}
+
 /// A request whose client goes away while it waits for room frees its place in the queue at
 /// once: with one sequence running and one place to wait, the next request waits (it is not
 /// refused) and is answered when the running one ends.

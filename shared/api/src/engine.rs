@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tracing::Span;
 
 use crate::error::ApiError;
+use crate::Limits;
 
 /// The engine thread's queue. The thread ends when this is dropped.
 pub(crate) struct Engine {
@@ -30,11 +31,13 @@ enum Task {
 }
 
 impl Engine {
-    /// Starts the thread: batches of up to `max_rows` sequences (a larger request runs alone).
-    pub(crate) fn new(max_rows: usize, max_queued: usize) -> Self {
+    /// Starts the thread: batches of up to `max_batch_sequences` (a larger request runs alone),
+    /// a prompt cache of `prompt_cache_bytes`.
+    pub(crate) fn new(limits: &Limits) -> Self {
         let (tasks, receiver) = mpsc::channel();
-        std::thread::Builder::new().name("engine".into()).spawn(move || work(&receiver, max_rows)).expect("the engine thread starts");
-        Self { tasks, queued: Arc::default(), max_queued }
+        let (max_rows, cache_bytes) = (limits.max_batch_sequences, limits.prompt_cache_bytes);
+        std::thread::Builder::new().name("engine".into()).spawn(move || work(&receiver, max_rows, cache_bytes)).expect("the engine thread starts");
+        Self { tasks, queued: Arc::default(), max_queued: limits.max_queued }
     }
 
     /// Generates `requests` in the running batch, through the prompt cache when `cache_prompt`.
@@ -88,7 +91,7 @@ impl Engine {
 /// The engine thread's life: generations of the first request's model (a server serves one
 /// model), other tasks between their steps; a generation that panics fails the jobs of its
 /// batch and those waiting to join it (their answers are dropped), and the thread goes on.
-fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
+fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize, cache_bytes: usize) {
     let next = |idle: bool| -> Option<(Arc<LoadedModel>, Job<'static>)> {
         loop {
             let task = if idle { tasks.recv().ok()? } else { tasks.try_recv().ok()? };
@@ -104,7 +107,7 @@ fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
             }
         }
     };
-    let mut prompt_cache = PromptCache::default();
+    let mut prompt_cache = PromptCache::with_budget(cache_bytes);
     while let Some((model, first)) = next(true) {
         let mut first = Some(first);
         let jobs = |idle| {
@@ -121,7 +124,7 @@ fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize) {
             return;
         }
         tracing::error!("generation panicked: the requests in its batch failed");
-        prompt_cache = PromptCache::default();
+        prompt_cache = PromptCache::with_budget(cache_bytes);
     }
 }
 

@@ -24,6 +24,9 @@ pub struct Limits {
     /// Requests that may wait to join the running batch (one always may); more are refused with
     /// 503 (shed load rather than hold connections without bound).
     pub max_queued: usize,
+    /// What the prompt cache may hold, besides the last entry, which it always keeps (see
+    /// [`llm_engine::PromptCache`]).
+    pub prompt_cache_bytes: usize,
     /// Generation stops this long before a request's [`Deadline`](crate::Deadline), leaving
     /// time to send the answer.
     pub deadline_margin: Duration,
@@ -38,6 +41,7 @@ impl Default for Limits {
             max_sequences: 16,
             max_batch_sequences: 8,
             max_queued: 64,
+            prompt_cache_bytes: llm_engine::DEFAULT_PROMPT_CACHE_BYTES,
             deadline_margin: Duration::from_millis(1500),
         }
     }

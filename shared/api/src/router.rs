@@ -49,7 +49,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(slot: ModelSlot, limits: Limits, api_key: Option<String>) -> Self {
-        Self { engine: Engine::new(limits.max_batch_sequences, limits.max_queued), slot, limits, api_key, log_text: false, cold: AtomicBool::new(true) }
+        Self { engine: Engine::new(&limits), slot, limits, api_key, log_text: false, cold: AtomicBool::new(true) }
     }
 
     pub fn with_text_logging(self, log_text: bool) -> Self {

@@ -13,6 +13,7 @@ use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::model::{KvCache, Llama, Logits};
 use crate::prefill::PromptRun;
+use crate::prompt_cache::PromptCache;
 use crate::sampling::SamplingParams;
 use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
@@ -67,7 +68,8 @@ pub struct TokenEvent<'a> {
 pub struct GenerationStats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
-    /// Prompt tokens whose keys and values came from the [`PromptCache`], not a prefill.
+    /// Tokens at the start of each of the job's prompts whose keys and values came from the
+    /// [`PromptCache`], not a prefill.
     pub cached_prompt_tokens: usize,
     /// Running the job's prompts and making its rows of them (not the decode steps between
     /// their parts).
@@ -80,46 +82,6 @@ pub struct GenerationStats {
     pub decode: Duration,
     /// Decode steps (each extends every unfinished sequence by one token).
     pub decode_steps: usize,
-}
-
-/// The KV cache of the last job of one sequence to end and the tokens it holds, kept between
-/// requests: a prompt that starts as that job's prompt and completion did (a system prompt, a
-/// conversation's earlier turns) runs only what follows, as llama.cpp's server (`cache_prompt`)
-/// and vLLM's prefix caching do. It holds one row: that job's sequence; or, left by a job of
-/// several sequences when it started, the prompt they shared or the start their prompts
-/// shared, copied before the job's rows were made of it (one row beside the batch's own).
-#[derive(Debug, Default)]
-pub struct PromptCache {
-    tokens: Vec<u32>,
-    kv: Option<KvCache>,
-}
-
-impl PromptCache {
-    /// A cache for a job whose prompts all start with `start`, and how many of those tokens it
-    /// already holds.
-    pub(crate) fn take(&mut self, model: &Llama, start: &[u32]) -> Result<(KvCache, usize)> {
-        let shared = shared_start(&self.tokens, start);
-        let kv = self.kv.take();
-        self.tokens.clear();
-        Ok(match kv {
-            Some(mut kv) if shared > 0 => {
-                kv.truncate(shared)?;
-                (kv, shared)
-            }
-            _ => (model.new_cache(), 0),
-        })
-    }
-
-    /// Holds `kv`, one row whose positions hold `tokens`, for the next job.
-    pub(crate) fn keep(&mut self, tokens: &[u32], kv: KvCache) {
-        self.tokens = tokens.to_vec();
-        self.kv = Some(kv);
-    }
-}
-
-/// How many tokens `a` and `b` start with alike.
-pub(crate) fn shared_start(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(a, b)| a == b).count()
 }
 
 /// Generates completions for `requests` in one batch. `on_token` sees every token as it is
@@ -431,7 +393,6 @@ impl<'a> Batch<'a> {
                     keep.push(row);
                     job.rows.push(i);
                 } else if job.cache_prompt && job.seqs.len() == 1 && job.failed.is_none() {
-                    // The prompt cache holds one row: the last such job's to end.
                     leaving = Some((row, job.seqs[i].context.clone()));
                 }
                 row += 1;

@@ -19,6 +19,7 @@ pub mod loader;
 pub mod logprobs;
 pub mod model;
 mod prefill;
+mod prompt_cache;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
@@ -34,11 +35,12 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::LlamaConfig;
 pub use error::{EngineError, Result};
 pub use generate::{
-    generate, generate_cached, generate_jobs, Completion, FinishReason, Generated, GenerationRequest, GenerationStats, Job, JobHandler, PromptCache, TokenEvent,
+    generate, generate_cached, generate_jobs, Completion, FinishReason, Generated, GenerationRequest, GenerationStats, Job, JobHandler, TokenEvent,
 };
 pub use loader::{hf_tokenizer, load, load_gguf_bytes, GgufHead, LoadedModel, ModelFormat, DEMO_GGUF, DEMO_MODEL};
 pub use logprobs::{prompt_logprobs, TokenLogprob};
 pub use model::{KvCache, KvCacheType, Llama, LoadOptions, Logits};
+pub use prompt_cache::{PromptCache, DEFAULT_PROMPT_CACHE_BYTES};
 pub use quant::parse_ggml_dtype;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{byte_level_chars, IncrementalDecoder, Tokenizer};

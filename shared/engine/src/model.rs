@@ -365,6 +365,12 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Bytes its buffers take: every position they have room for, not only those filled.
+    pub(crate) fn bytes(&self) -> usize {
+        let layer = |(k, v): &(Tensor, Tensor)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes();
+        self.layers.iter().filter_map(|layer| layer.buffers.as_ref()).map(layer).sum()
+    }
+
     /// Forgets every position from `len` on; later steps write over them. Buffers far larger
     /// than what is left shrink to it: a long conversation's cache cut back to the start a
     /// short prompt shares would keep its whole capacity in the row that goes on.

@@ -7,8 +7,9 @@ use std::ops::Range;
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::generate::{shared_start, PromptCache, Rows};
+use crate::generate::Rows;
 use crate::model::{KvCache, Llama, Logits, ONE_UNPADDED_ROW};
+use crate::prompt_cache::{shared_start, PromptCache};
 
 /// Positions a batch's shared start must save (its length beyond the prompt cache's, times
 /// the rows but one) to run once in a pass of its own: a pass reads every weight, as a decode
@@ -67,7 +68,7 @@ impl PromptRun {
             .collect();
         let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
         let common = prompts.iter().map(|p| shared_start(p, &prompts[0])).min().unwrap_or(0).min(shortest - 1);
-        let (cache, cached) = prompt_cache.take(model, &prompts[0][..common])?;
+        let (cache, cached) = prompt_cache.take(model, &prompts[0][..common], prompts.len() == 1)?;
         let start = if (prompts.len() - 1) * (common - cached) >= SHARED_START_SAVES { common } else { cached };
         let shared = (start > cached).then(|| Segment::new(prompts[0][cached..start].to_vec(), ONE_UNPADDED_ROW.to_vec()));
         let longest = prompts.iter().map(|p| p.len() - start).max().unwrap_or(0);

@@ -44,6 +44,11 @@ pub struct Args {
     /// Requests that may wait to join the running batch (one always may); more get 503.
     #[arg(long, default_value_t = Limits::default().max_queued)]
     pub max_queued: usize,
+    /// MiB of KV cache kept between requests for prompts that start alike (conversations'
+    /// earlier turns, system prompts), the least recently used dropped first; the last request's
+    /// is kept whatever its size (0 keeps only it).
+    #[arg(long, default_value_t = Limits::default().prompt_cache_bytes >> 20)]
+    pub prompt_cache_mib: usize,
     /// Keep S3 downloads here, named by their sha256, for the next start.
     #[arg(long)]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -66,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         max_batch_sequences: args.max_batch_sequences,
         max_queued: args.max_queued,
+        prompt_cache_bytes: args.prompt_cache_mib << 20,
         ..Limits::default()
     };
     let state = Arc::new(AppState::new(ModelSlot::new(id, loader), limits, args.api_key).with_text_logging(args.log_text));

@@ -1,0 +1,86 @@
+//! The KV caches of earlier prompts, kept between requests: see [`PromptCache`].
+
+use crate::error::Result;
+use crate::model::{KvCache, Llama};
+
+/// What a [`PromptCache`] holds by default: 256 MiB, about 11,600 positions of TinyLlama's
+/// shape in f16 (22.5 KiB each), 8,200 of Llama 3.2 1B's (32 KiB), 2,000 of an 8B Llama 3's
+/// (128 KiB).
+pub const DEFAULT_PROMPT_CACHE_BYTES: usize = 256 << 20;
+
+/// The KV caches of the last jobs to end (each one row: its sequence's prompt and completion)
+/// and of the starts that batches' prompts shared, kept between requests. A prompt that starts
+/// as one of them did (a system prompt, a conversation's earlier turns) runs only what follows,
+/// as llama.cpp's server (`cache_prompt`, `--cache-ram`) and vLLM's prefix caching do.
+///
+/// Several are kept, not only the last, so that conversations taking turns on one server (or
+/// on one warm Lambda instance, which serves whichever conversation comes) each find their
+/// own: the least recently used go first once the entries hold more than the budget, but the
+/// newest stays whatever its size (a budget of zero keeps the last one only).
+#[derive(Debug)]
+pub struct PromptCache {
+    /// Least recently used first.
+    entries: Vec<Entry>,
+    budget: usize,
+}
+
+/// One row of keys and values, unpadded, whose positions hold `tokens`.
+#[derive(Debug)]
+struct Entry {
+    tokens: Vec<u32>,
+    kv: KvCache,
+}
+
+impl Default for PromptCache {
+    fn default() -> Self {
+        Self::with_budget(DEFAULT_PROMPT_CACHE_BYTES)
+    }
+}
+
+impl PromptCache {
+    /// A cache whose entries hold at most `bytes` together, but for the newest.
+    pub fn with_budget(bytes: usize) -> Self {
+        Self { entries: Vec::new(), budget: bytes }
+    }
+
+    /// A cache for a job whose prompts all start with `start`, and how many of those tokens it
+    /// already holds: from the entry that shares the longest start with them (the newest of
+    /// equals). The entry moves to the job when the job `leaves_one` in its place (it runs one
+    /// distinct prompt) and shares at least half of it (a conversation's next turn); otherwise
+    /// the shared positions are copied and the entry stays for others (a system prompt that
+    /// another conversation starts with too, a batch's prompts).
+    pub(crate) fn take(&mut self, model: &Llama, start: &[u32], leaves_one: bool) -> Result<(KvCache, usize)> {
+        let best = self.entries.iter().enumerate().map(|(i, entry)| (shared_start(&entry.tokens, start), i)).max();
+        let Some((shared, i)) = best.filter(|&(shared, _)| shared > 0) else {
+            return Ok((model.new_cache(), 0));
+        };
+        let entry = self.entries.remove(i);
+        if leaves_one && 2 * shared >= entry.tokens.len() {
+            let mut kv = entry.kv;
+            kv.truncate(shared)?;
+            return Ok((kv, shared));
+        }
+        let (kv, _) = KvCache::join(&[(&entry.kv, 0, &(shared..entry.kv.len()))])?;
+        self.entries.push(entry);
+        Ok((kv, shared))
+    }
+
+    /// Keeps `kv`, one unpadded row whose positions hold `tokens`, for the next jobs, unless an
+    /// entry holds these tokens already; entries it holds all of go.
+    pub(crate) fn keep(&mut self, tokens: &[u32], kv: KvCache) {
+        if self.entries.iter().any(|entry| entry.tokens.starts_with(tokens)) {
+            return;
+        }
+        self.entries.retain(|entry| !tokens.starts_with(&entry.tokens));
+        self.entries.push(Entry { tokens: tokens.to_vec(), kv });
+        let mut held: usize = self.entries.iter().map(|entry| entry.kv.bytes()).sum();
+        while held > self.budget && self.entries.len() > 1 {
+            held -= self.entries.remove(0).kv.bytes();
+        }
+    }
+}
+
+/// How many tokens `a` and `b` start with alike.
+pub(crate) fn shared_start(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(a, b)| a == b).count()
+}
