@@ -398,6 +398,34 @@ fn long_prompts_run_in_parts_between_decode_steps() {
     assert_generated_as_alone(&loaded, &results.borrow(), &[&a, &b, &c]);
 }
 
+/// Jobs that wait together start together: A, B and C, whose prompts share a 64-token start
+/// and are alike in length, run as one, their start once, and leave that start to the prompt
+/// cache, where E, which comes once they generate, finds it; D, a prompt five times as long,
+/// waits for their start and runs on its own. Each generates what it generates alone.
+#[test]
+fn jobs_that_wait_together_start_together() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let start = ids(64, 1);
+    let after_start = |tail: usize, seed: usize| vec![greedy([start.clone(), ids(tail, seed)].concat(), 4)];
+    let jobs = [after_start(10, 2), after_start(14, 3), after_start(20, 4), vec![greedy(ids(400, 5), 4)], after_start(8, 6)];
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let mut offered = 0;
+    generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
+        let ready = offered < 4 || !tokens.borrow().is_empty();
+        (offered < jobs.len() && ready).then(|| {
+            offered += 1;
+            let handler = Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() };
+            Job { requests: jobs[offered - 1].clone(), cache_prompt: true, handler: Box::new(handler) }
+        })
+    });
+    let (tokens, results) = (tokens.borrow(), results.borrow());
+    assert_eq!(tokens[..3], [0, 1, 2], "A, B and C sample their first tokens in one step: {tokens:?}");
+    let cached: Vec<usize> = (0..5).map(|j| results[&j].1.cached_prompt_tokens).collect();
+    assert_eq!(cached, [0, 0, 0, 0, start.len()], "E starts from the start A, B and C ran once");
+    assert_generated_as_alone(&loaded, &results, &jobs.iter().collect::<Vec<_>>());
+}
+
 /// A row that leaves the batch for the prompt cache, padded at its start there and of 256
 /// positions (a whole number of the buffers' growth steps), serves the next prompt that starts
 /// as its prompt did, as a fresh prefill would.

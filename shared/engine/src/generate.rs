@@ -166,9 +166,10 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// servers do): a job that comes while others generate does not wait for them to end. A
 /// joining job's prompts run on their own (through `prompt_cache` when the job asks), in parts
 /// of at most [`JOIN_POSITIONS`] between two steps while other rows decode, then its rows join
-/// the batch's (see [`KvCache::join`]). One job's prompts run at a time, so a short prompt
-/// behind a long one waits for the long one's parts. A job starts when the batch is empty or
-/// keeps within `max_rows` sequences with it; else it waits, and the jobs behind it too.
+/// the batch's (see [`KvCache::join`]). The jobs waiting when prompts can start start together
+/// (see [`starting`]): their prompts run as one, a start they share once; a job that comes
+/// meanwhile waits for them. A job starts when the batch is empty or keeps within `max_rows`
+/// sequences with it; else it waits, and the jobs behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
 /// this function; otherwise `None` says that no job is waiting.
@@ -199,12 +200,11 @@ pub fn generate_jobs<'a>(
                 break;
             }
             if batch.joining.is_none() {
-                match waiting.front() {
-                    Some(job) if batch.jobs.is_empty() || batch.sequences() + job.requests.len() <= max_rows => {}
-                    _ => break,
+                let jobs = starting(&mut waiting, batch.sequences(), max_rows);
+                if jobs.is_empty() {
+                    break;
                 }
-                let job = waiting.pop_front().expect("a job waits");
-                batch.start(model, tokenizer, prompt_cache, job);
+                batch.start(model, tokenizer, prompt_cache, jobs);
                 continue;
             }
             positions += batch.prefill(model, prompt_cache, budget);
@@ -213,6 +213,28 @@ pub fn generate_jobs<'a>(
             batch.step(model, tokenizer, prompt_cache);
         }
     }
+}
+
+/// The jobs at the front of `waiting` that start together beside `running` rows: the first when
+/// it keeps within `max_rows` (or nothing runs: a larger job runs alone), then each next one
+/// that keeps within it too, asks for the prompt cache as the first does, and whose prompts are
+/// alike enough in length that all of them padded to the longest at most double the positions
+/// that run (a prompt's rows run as long as the longest beside it).
+fn starting<'a>(waiting: &mut VecDeque<Job<'a>>, running: usize, max_rows: usize) -> Vec<Job<'a>> {
+    let mut jobs: Vec<Job<'a>> = Vec::new();
+    let (mut rows, mut positions, mut longest) = (0, 0, 0);
+    while let Some(job) = waiting.front() {
+        let lengths = job.requests.iter().map(|r| r.prompt.len());
+        let with = (rows + job.requests.len(), positions + lengths.clone().sum::<usize>(), lengths.max().unwrap_or(0).max(longest));
+        let fits = running + with.0 <= max_rows || (running == 0 && jobs.is_empty());
+        let alike = jobs.first().is_none_or(|first| first.cache_prompt == job.cache_prompt && with.0 * with.2 <= 2 * with.1);
+        if !(fits && alike) {
+            break;
+        }
+        (rows, positions, longest) = with;
+        jobs.extend(waiting.pop_front());
+    }
+    jobs
 }
 
 /// Prompt positions that run between two decode steps while rows decode (chunked prefill, as
@@ -229,8 +251,14 @@ struct Batch<'a> {
     jobs: Vec<Running<'a>>,
     /// `None` exactly when `jobs` is empty.
     rows: Option<Rows>,
-    /// The job whose prompts run, before its rows join.
-    joining: Option<(Running<'a>, PromptRun)>,
+    /// The jobs whose prompts run together, before their rows join.
+    joining: Option<Joining<'a>>,
+}
+
+/// Jobs whose prompts run as one, in the order their rows join.
+struct Joining<'a> {
+    jobs: Vec<Running<'a>>,
+    run: PromptRun,
 }
 
 /// Rows of sequences that generate together.
@@ -260,78 +288,83 @@ impl<'a> Batch<'a> {
         self.jobs.iter().map(|job| job.rows.len()).sum()
     }
 
-    /// Starts the job: its sequences, and the run of their prompts; or hands it its end when
-    /// none generates, or its error.
-    fn start(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache, job: Job<'a>) {
-        let Job { requests, cache_prompt, mut handler } = job;
-        if !handler.start() {
-            return;
+    /// Starts the jobs: their sequences, and the run of their prompts as one; or hands a job its
+    /// end when none of its sequences generates, or its error.
+    fn start(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache, jobs: Vec<Job<'a>>) {
+        let started = Instant::now();
+        let (mut joining, mut prompts) = (Vec::new(), Vec::new());
+        for Job { requests, cache_prompt, mut handler } in jobs {
+            if !handler.start() {
+                continue;
+            }
+            let mut running = Running::new(handler, cache_prompt);
+            match running.begin(model, &requests) {
+                Err(e) => running.handler.done(Err(e)),
+                Ok(()) if running.rows.is_empty() => running.finish(tokenizer),
+                Ok(()) => {
+                    prompts.extend(running.rows.iter().map(|&i| &requests[i].prompt).cloned());
+                    joining.push(running);
+                }
+            }
         }
-        let mut running = Running {
-            handler,
-            seqs: Vec::new(),
-            rows: Vec::new(),
-            cache_prompt,
-            stats: GenerationStats::default(),
-            started: Instant::now(),
-            decoding_since: Instant::now(),
-            failed: None,
-        };
+        let Some(first) = joining.first() else { return };
         let mut unshared = PromptCache::default();
-        let prompt_cache = if cache_prompt { prompt_cache } else { &mut unshared };
-        let begun = running.begin(model, &requests, prompt_cache);
-        running.stats.prefill = running.started.elapsed();
-        match begun {
-            Err(e) => running.handler.done(Err(e)),
-            Ok(None) => running.finish(tokenizer),
-            Ok(Some(prompts)) => self.joining = Some((running, prompts)),
+        let prompt_cache = if first.cache_prompt { prompt_cache } else { &mut unshared };
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        match PromptRun::start(model, &prompts, prompt_cache) {
+            Err(e) => fail(joining, e),
+            Ok(run) => {
+                for job in &mut joining {
+                    job.stats.cached_prompt_tokens = run.cached;
+                    job.stats.prefill = started.elapsed();
+                }
+                self.joining = Some(Joining { jobs: joining, run });
+            }
         }
     }
 
-    /// Runs at most `budget` positions of the joining job's prompts (at least one of each
-    /// row); once they are through, its rows join the batch's. The positions that ran. A job
-    /// whose caller went away meanwhile is dropped.
+    /// Runs at most `budget` positions of the joining jobs' prompts (at least one of each row);
+    /// once they are through, their rows join the batch's. The positions that ran. Jobs whose
+    /// callers all went away meanwhile are dropped (one of several goes on, to end at its
+    /// first token).
     fn prefill(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize) -> usize {
-        let Some((running, prompts)) = &mut self.joining else { return 0 };
-        if running.handler.cancelled() {
+        let Some(joining) = &mut self.joining else { return 0 };
+        if joining.jobs.iter().all(|job| job.handler.cancelled()) {
             self.joining = None;
             return 0;
         }
         let mut unshared = PromptCache::default();
-        let prompt_cache = if running.cache_prompt { prompt_cache } else { &mut unshared };
+        let prompt_cache = if joining.jobs[0].cache_prompt { prompt_cache } else { &mut unshared };
         let started = Instant::now();
-        let ran = prompts.advance(model, prompt_cache, budget);
-        running.stats.prefill += started.elapsed();
-        match ran {
-            Ok(ran) if !prompts.is_through() => ran,
-            Ok(ran) => {
-                let (mut running, prompts) = self.joining.take().expect("a job joins");
-                let started = Instant::now();
-                let new = prompts.into_rows(prompt_cache);
-                running.stats.prefill += started.elapsed();
-                let rows = new.and_then(|new| match &self.rows {
-                    None => Ok(new),
-                    Some(old) => {
-                        let (cache, padding) = KvCache::join(&old.each().chain(new.each()).collect::<Vec<_>>())?;
-                        Ok(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? })
-                    }
-                });
-                match rows {
-                    Err(e) => running.handler.done(Err(e)),
-                    Ok(rows) => {
-                        running.decoding_since = Instant::now();
-                        self.rows = Some(rows);
-                        self.jobs.push(running);
-                    }
-                }
-                ran
-            }
+        let ran = joining.run.advance(model, prompt_cache, budget);
+        if ran.is_ok() && !joining.run.is_through() {
+            add_prefill(&mut joining.jobs, started);
+            return ran.unwrap_or(0);
+        }
+        let Joining { mut jobs, run } = self.joining.take().expect("jobs join");
+        let joined = ran.and_then(|ran| Ok((ran, self.joined(run.into_rows(prompt_cache)?)?)));
+        add_prefill(&mut jobs, started);
+        match joined {
             Err(e) => {
-                let (running, _) = self.joining.take().expect("a job joins");
-                running.handler.done(Err(e));
+                fail(jobs, e);
                 0
             }
+            Ok((ran, rows)) => {
+                for job in &mut jobs {
+                    job.decoding_since = Instant::now();
+                }
+                self.rows = Some(rows);
+                self.jobs.extend(jobs);
+                ran
+            }
         }
+    }
+
+    /// The batch's rows, then `new`.
+    fn joined(&self, new: Rows) -> Result<Rows> {
+        let Some(old) = &self.rows else { return Ok(new) };
+        let (cache, padding) = KvCache::join(&old.each().chain(new.each()).collect::<Vec<_>>())?;
+        Ok(Rows { cache, padding, logits: Tensor::cat(&[&old.logits, &new.logits], 0)? })
     }
 
     /// Samples every row's next token, lets the jobs whose sequences all ended leave, and runs
@@ -340,13 +373,7 @@ impl<'a> Batch<'a> {
     fn step(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache) {
         if let Err(e) = self.try_step(model, tokenizer, prompt_cache) {
             self.rows = None;
-            if let [_] = self.jobs.as_slice() {
-                return self.jobs.remove(0).handler.done(Err(e));
-            }
-            let message = e.to_string();
-            for job in self.jobs.drain(..) {
-                job.handler.done(Err(EngineError::Generation(message.clone())));
-            }
+            fail(std::mem::take(&mut self.jobs), e);
         }
     }
 
@@ -431,6 +458,24 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// Hands `jobs` the error: a job alone gets it, several get its text.
+fn fail(mut jobs: Vec<Running>, e: EngineError) {
+    if let [_] = jobs.as_slice() {
+        return jobs.remove(0).handler.done(Err(e));
+    }
+    let message = e.to_string();
+    for job in jobs {
+        job.handler.done(Err(EngineError::Generation(message.clone())));
+    }
+}
+
+/// Adds the time since `started` to the jobs' prefill time.
+fn add_prefill(jobs: &mut [Running], started: Instant) {
+    for job in jobs {
+        job.stats.prefill += started.elapsed();
+    }
+}
+
 impl Rows {
     /// Every row, as [`KvCache::join`] takes them.
     fn each(&self) -> impl Iterator<Item = (&KvCache, usize, &Range<usize>)> {
@@ -447,9 +492,14 @@ impl Rows {
     }
 }
 
-impl Running<'_> {
-    /// Starts the job's sequences, and plans the run of the prompts of those that generate.
-    fn begin(&mut self, model: &Llama, requests: &[GenerationRequest], prompt_cache: &mut PromptCache) -> Result<Option<PromptRun>> {
+impl<'a> Running<'a> {
+    fn new(handler: Box<dyn JobHandler + 'a>, cache_prompt: bool) -> Self {
+        let now = Instant::now();
+        Self { handler, seqs: Vec::new(), rows: Vec::new(), cache_prompt, stats: GenerationStats::default(), started: now, decoding_since: now, failed: None }
+    }
+
+    /// Starts the job's sequences; [`Running::rows`] are those that generate.
+    fn begin(&mut self, model: &Llama, requests: &[GenerationRequest]) -> Result<()> {
         let context = model.config().max_position_embeddings;
         let vocab = model.config().vocab_size;
         for r in requests {
@@ -458,13 +508,7 @@ impl Running<'_> {
         self.seqs = requests.iter().map(|r| Sequence::new(r, context)).collect();
         self.stats.prompt_tokens = requests.iter().map(|r| r.prompt.len()).sum();
         self.rows = (0..self.seqs.len()).filter(|&i| !self.seqs[i].finished()).collect();
-        if self.rows.is_empty() {
-            return Ok(None);
-        }
-        let prompts: Vec<&[u32]> = self.rows.iter().map(|&i| requests[i].prompt.as_slice()).collect();
-        let run = PromptRun::start(model, &prompts, prompt_cache)?;
-        self.stats.cached_prompt_tokens = run.cached;
-        Ok(Some(run))
+        Ok(())
     }
 
     /// Hands the job its completions (and each sequence's held-back text first).
