@@ -127,7 +127,7 @@ pub fn batch_file(data: &[u8]) -> bool {
     let (lines, errors): (Vec<_>, Vec<_>) = parsed.into_iter().partition(Result::is_ok);
     let lines: Vec<_> = lines.into_iter().map(Result::unwrap).collect();
     let requests = lines.len();
-    let (answers, _) = served().runtime.block_on(llm_api::batch_file::answer(&served().state, lines, 4)).expect("the tiny model loads");
+    let (answers, _) = served().runtime.block_on(llm_api::batch_file::answer(&served().state, lines)).expect("the tiny model loads");
     assert_eq!(answers.len(), requests);
     assert!(errors.iter().all(|e| e.as_ref().is_err_and(|line| !line.succeeded())));
     answers.iter().any(|line| line.succeeded())
@@ -154,7 +154,7 @@ fn served() -> &'static Served {
         let dir = tiny_checkpoint(&config.to_string(), include_bytes!("../corpus/safetensors/seed-f32"));
         std::fs::write(dir.path().join("tokenizer_config.json"), include_str!("../tiny/tokenizer_config.json")).expect("write the checkpoint");
         let loader = model_source::loader(&dir.path().display().to_string(), LoadOptions::default(), Default::default()).expect("the loader");
-        let limits = Limits { max_tokens: 4, max_prompt_tokens: 512, max_sequences: 4, ..Limits::default() };
+        let limits = Limits { max_tokens: 4, max_prompt_tokens: 512, max_sequences: 4, max_batch_sequences: 4, ..Limits::default() };
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         Served { runtime, state: Arc::new(AppState::new(ModelSlot::new("demo", loader), limits, None)), _dir: dir }
     })

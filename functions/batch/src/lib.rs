@@ -32,15 +32,13 @@ pub const CONTINUE_PREFIX: &str = "batches/continue/";
 pub struct Config {
     /// Lines answered per chunk (`BATCH_CHUNK_LINES`): one chunk must fit in one invocation.
     pub chunk_lines: usize,
-    /// Most sequences in one engine batch (`BATCH_MAX_SEQUENCES`).
-    pub max_sequences: usize,
     /// Largest input file read (`BATCH_MAX_INPUT_MIB`).
     pub max_input_bytes: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { chunk_lines: 64, max_sequences: 32, max_input_bytes: 256 << 20 }
+        Self { chunk_lines: 64, max_input_bytes: 256 << 20 }
     }
 }
 
@@ -55,7 +53,6 @@ impl Config {
         };
         Ok(Self {
             chunk_lines: number("BATCH_CHUNK_LINES", defaults.chunk_lines as u64)? as usize,
-            max_sequences: number("BATCH_MAX_SEQUENCES", defaults.max_sequences as u64)? as usize,
             max_input_bytes: number("BATCH_MAX_INPUT_MIB", defaults.max_input_bytes >> 20)? << 20,
         })
     }
@@ -260,8 +257,7 @@ impl Job<'_> {
     fn answer(&self, chunk: &[Result<batch_file::Line, Box<OutputLine>>], stats: &mut RunStats) -> Result<Vec<OutputLine>, JobError> {
         let mut answers: Vec<OutputLine> = chunk.iter().filter_map(|e| e.as_ref().err().map(|line| OutputLine::clone(line))).collect();
         let lines = chunk.iter().filter_map(|e| e.as_ref().ok().cloned()).collect();
-        let (answered, chunk_stats) =
-            self.engine.block_on(batch_file::answer(self.state, lines, self.config.max_sequences)).map_err(|e| JobError::Model(e.message))?;
+        let (answered, chunk_stats) = self.engine.block_on(batch_file::answer(self.state, lines)).map_err(|e| JobError::Model(e.message))?;
         answers.extend(answered);
         stats.add(&chunk_stats);
         Ok(answers)

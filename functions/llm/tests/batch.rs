@@ -93,12 +93,12 @@ fn a_batch_file_is_answered_line_by_line_in_shared_engine_batches() {
     assert_eq!(reason(Some("chat-0"))["error"]["code"], "duplicate_custom_id");
 
     assert_eq!((status["requests"].as_u64(), status["succeeded"].as_u64(), status["failed"].as_u64()), (Some(14), Some(7), Some(7)));
-    assert_eq!(status["stats"]["engine_batches"], 1, "10 sequences in one batch of up to 32");
+    assert_eq!(status["stats"]["largest_batch"], 10, "10 sequences generate together, in a batch of up to 32");
     assert_eq!(status["stats"]["sequences"], 10);
 
-    // One request at a time: the same answers (greedy), in as many engine batches as requests.
+    // One request at a time (the one of four sequences runs alone): the same answers (greedy).
     let (alone, _, alone_status) = run(dir.path(), "alone", &["--max-batch-sequences", "1"]);
-    assert_eq!(alone_status["stats"]["engine_batches"], 7);
+    assert_eq!(alone_status["stats"]["largest_batch"], 4);
     for (id, answer) in &answers {
         let choices = |a: &Value| {
             a["response"]["body"]["choices"]

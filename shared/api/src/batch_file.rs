@@ -1,18 +1,20 @@
 //! OpenAI Batch API files: one request per line, `{"custom_id", "method": "POST", "url":
 //! "/v1/chat/completions" | "/v1/completions", "body"}`, answered as the same requests over HTTP
 //! would be (the same checks and response bodies, see [`crate::prepare`]), with the sequences of
-//! many lines generated together in engine batches. A bad line is answered with the reason and
-//! never stops the rest; every `custom_id` is answered once.
+//! many lines generated together in the engine's batch. A bad line is answered with the reason
+//! and never stops the rest; every `custom_id` is answered once.
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Instant;
 
-use llm_engine::{GenerationRequest, LoadedModel};
+use llm_engine::LoadedModel;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::batch::{usage, Meta};
+use crate::engine::Submitted;
 use crate::error::ApiError;
 use crate::openai::{ChatRequest, CompletionRequest};
 use crate::prepare::{check_chat, check_completion, Checked, Prepared};
@@ -122,18 +124,19 @@ fn parse_line(number: usize, text: &str) -> Result<Line, Box<OutputLine>> {
 /// What a run did, for the status object and the throughput comparison.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RunStats {
-    pub engine_batches: usize,
+    /// The most sequences that generated together in one decode step.
+    pub largest_batch: usize,
     pub sequences: usize,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// Time spent generating (prefill and decode of every engine batch).
+    /// Time spent generating, from the first request's start to the last one's end.
     pub generate_seconds: f64,
 }
 
 impl RunStats {
     /// Adds another run's counts and times (a file answered in chunks).
     pub fn add(&mut self, other: &RunStats) {
-        self.engine_batches += other.engine_batches;
+        self.largest_batch = self.largest_batch.max(other.largest_batch);
         self.sequences += other.sequences;
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
@@ -152,12 +155,13 @@ pub fn to_jsonl<'a>(lines: impl IntoIterator<Item = &'a OutputLine>) -> Vec<u8> 
     bytes
 }
 
-/// Answers `lines` in order; the sequences of requests share engine batches of at most
-/// `max_sequences` (a single request with more runs alone), requests taken in the order of their
-/// prompts' tokens, so that prompts that start alike (one system prompt) share a batch, which
-/// runs their start once. Fails only when the model
-/// cannot be loaded: every line would fail alike, so the run should be retried instead.
-pub async fn answer(state: &Arc<AppState>, lines: Vec<Line>, max_sequences: usize) -> Result<(Vec<OutputLine>, RunStats), ApiError> {
+/// Answers `lines` in order. Every request is a job of the engine's batch (see
+/// [`crate::Limits::max_batch_sequences`]), all queued at once in the order of their prompts'
+/// tokens: those that fit start together, prompts that start alike next to each other (one
+/// system prompt runs once), and the next join as sequences end, so the batch stays full when
+/// completions end at different lengths. Fails only when the model cannot be loaded: every
+/// line would fail alike, so the run should be retried instead.
+pub async fn answer(state: &Arc<AppState>, lines: Vec<Line>) -> Result<(Vec<OutputLine>, RunStats), ApiError> {
     let (model, _) = state.slot.get().await?;
     let mut answers: Vec<Option<OutputLine>> = vec![None; lines.len()];
     let mut ready = Vec::new();
@@ -168,17 +172,38 @@ pub async fn answer(state: &Arc<AppState>, lines: Vec<Line>, max_sequences: usiz
         }
     }
     ready.sort_by(|(_, _, a), (_, _, b)| a.prompts.cmp(&b.prompts));
-    let mut stats = RunStats::default();
-    let mut group: Vec<(usize, String, Prepared)> = Vec::new();
-    for item in ready {
-        let sequences: usize = group.iter().map(|(_, _, r)| r.sequences()).sum();
-        if !group.is_empty() && sequences + item.2.sequences() > max_sequences.max(1) {
-            run_group(state, &model, std::mem::take(&mut group), &mut answers, &mut stats).await;
-        }
-        group.push(item);
-    }
-    if !group.is_empty() {
-        run_group(state, &model, group, &mut answers, &mut stats).await;
+    let jobs = ready
+        .iter()
+        .map(|(_, _, r)| Submitted {
+            requests: r.generation.requests(&r.prompts),
+            cache_prompt: r.generation.cache_prompt,
+            stop_at: None,
+            on_token: Box::new(|_| ControlFlow::Continue(())),
+        })
+        .collect();
+    let started = Instant::now();
+    let results = state.engine.generate_each(&model, jobs).await;
+    let mut stats = RunStats { generate_seconds: started.elapsed().as_secs_f64(), ..RunStats::default() };
+    let results = match results {
+        Ok(results) => results,
+        Err(error) => ready.iter().map(|_| Err(error.clone())).collect(),
+    };
+    for ((position, custom_id, request), result) in ready.into_iter().zip(results) {
+        answers[position] = Some(match result {
+            Ok((completions, generated)) => {
+                let usage = usage(&request.prompts, &completions);
+                stats.largest_batch = stats.largest_batch.max(generated.batch_rows);
+                stats.sequences += completions.len();
+                stats.prompt_tokens += usage.prompt_tokens;
+                stats.completion_tokens += usage.completion_tokens;
+                let body = request.response(Meta::new(request.kind, &state.slot.id), &model, &completions, usage);
+                OutputLine::answered(custom_id, 200, serde_json::to_value(body).unwrap_or_default())
+            }
+            Err(error) => {
+                tracing::warn!(custom_id, message = %error.message, "request failed");
+                OutputLine::failed(custom_id, &error)
+            }
+        });
     }
     Ok((answers.into_iter().flatten().collect(), stats))
 }
@@ -203,42 +228,4 @@ async fn prepare(state: &AppState, model: &Arc<LoadedModel>, line: &Line) -> Res
         return Err(ApiError::invalid("stream", "`stream` is not supported in a batch file."));
     }
     checked.prepare(state, model).await
-}
-
-/// Generates the group's sequences as one job of the engine's batch and answers each of its
-/// lines.
-async fn run_group(
-    state: &AppState,
-    model: &Arc<LoadedModel>,
-    group: Vec<(usize, String, Prepared)>,
-    answers: &mut [Option<OutputLine>],
-    stats: &mut RunStats,
-) {
-    let requests: Vec<GenerationRequest> = group.iter().flat_map(|(_, _, r)| r.generation.requests(&r.prompts)).collect();
-    let (lines, sequences) = (group.len(), requests.len());
-    let cache_prompt = group.iter().all(|(_, _, r)| r.generation.cache_prompt);
-    match state.engine.generate(model, requests, cache_prompt, None, |_| ControlFlow::Continue(())).await {
-        Ok((completions, generated)) => {
-            stats.engine_batches += 1;
-            stats.sequences += sequences;
-            stats.generate_seconds += (generated.prefill + generated.decode).as_secs_f64();
-            let mut rest = completions.as_slice();
-            for (position, custom_id, request) in group {
-                let (mine, others) = rest.split_at(request.sequences());
-                rest = others;
-                let usage = usage(&request.prompts, mine);
-                stats.prompt_tokens += usage.prompt_tokens;
-                stats.completion_tokens += usage.completion_tokens;
-                let body = request.response(Meta::new(request.kind, &state.slot.id), model, mine, usage);
-                answers[position] = Some(OutputLine::answered(custom_id, 200, serde_json::to_value(body).unwrap_or_default()));
-            }
-            tracing::info!(lines, sequences, "engine batch answered");
-        }
-        Err(error) => {
-            tracing::warn!(sequences, message = %error.message, "engine batch failed");
-            for (position, custom_id, _) in group {
-                answers[position] = Some(OutputLine::failed(custom_id, &error));
-            }
-        }
-    }
 }

@@ -3,6 +3,7 @@
 //! model work (`echo`'s scoring) runs there between those steps. Requests queue for it; past
 //! [`Limits::max_queued`](crate::Limits) waiting, they are refused with 503.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,8 +27,24 @@ pub(crate) struct Engine {
 }
 
 enum Task {
-    Generate { model: Arc<LoadedModel>, requests: Vec<GenerationRequest>, cache_prompt: bool, handler: Box<dyn JobHandler + Send> },
+    /// Jobs that join the batch's queue together: each one's requests, whether through the
+    /// prompt cache, and its handler.
+    Generate {
+        model: Arc<LoadedModel>,
+        jobs: Vec<(Vec<GenerationRequest>, bool, Box<dyn JobHandler + Send>)>,
+    },
     Run(Box<dyn FnOnce() + Send>),
+}
+
+/// One job for [`Engine::generate_each`]: a request's sequences.
+pub(crate) struct Submitted {
+    pub(crate) requests: Vec<GenerationRequest>,
+    /// Through the prompt cache.
+    pub(crate) cache_prompt: bool,
+    /// Generation stops early (`finish_reason: length`) when this passes.
+    pub(crate) stop_at: Option<Instant>,
+    /// Sees each token; `Break` stops the job's sequences.
+    pub(crate) on_token: Box<dyn FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send>,
 }
 
 impl Engine {
@@ -51,13 +68,36 @@ impl Engine {
         stop_at: Option<Instant>,
         on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send + 'static,
     ) -> Result<Generated, ApiError> {
+        let job = Submitted { requests, cache_prompt, stop_at, on_token: Box::new(on_token) };
+        self.generate_each(model, vec![job]).await?.pop().expect("one job, one result")
+    }
+
+    /// Generates each job in the running batch, all queued at once (they take one place in the
+    /// queue): those that fit start together, and the rest join as rows leave. Each job's
+    /// result, in order; the error when the queue has no place. Dropping this future stops
+    /// them all, as [`Engine::generate`].
+    pub(crate) async fn generate_each(&self, model: &Arc<LoadedModel>, jobs: Vec<Submitted>) -> Result<Vec<Result<Generated, ApiError>>, ApiError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
         let place = self.enter()?;
-        let (reply, answer) = oneshot::channel();
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let _abandon_on_drop = Abandon { abandoned: abandoned.clone(), place: place.clone() };
-        let handler = Handler { on_token, place, abandoned, stop_at, span: Span::current(), reply, sent: Instant::now(), waited: Duration::ZERO };
-        self.send(Task::Generate { model: model.clone(), requests, cache_prompt, handler: Box::new(handler) })?;
-        answer.await.map_err(|_| ApiError::internal("generation stopped"))?.map_err(ApiError::engine)
+        let mut abandon_on_drop = Abandon { abandoned: Vec::new(), place: place.clone() };
+        let (mut queued, mut answers) = (Vec::new(), Vec::new());
+        for Submitted { requests, cache_prompt, stop_at, on_token } in jobs {
+            let (reply, answer) = oneshot::channel();
+            let abandoned = Arc::new(AtomicBool::new(false));
+            abandon_on_drop.abandoned.push(abandoned.clone());
+            let handler =
+                Handler { on_token, place: place.clone(), abandoned, stop_at, span: Span::current(), reply, sent: Instant::now(), waited: Duration::ZERO };
+            queued.push((requests, cache_prompt, Box::new(handler) as Box<dyn JobHandler + Send>));
+            answers.push(answer);
+        }
+        self.send(Task::Generate { model: model.clone(), jobs: queued })?;
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(answer.await.map_err(|_| ApiError::internal("generation stopped"))?.map_err(ApiError::engine));
+        }
+        Ok(results)
     }
 
     /// Runs `work` on the engine thread between two decode steps.
@@ -92,11 +132,15 @@ impl Engine {
 /// model), other tasks between their steps; a generation that panics fails the jobs of its
 /// batch and those waiting to join it (their answers are dropped), and the thread goes on.
 fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize, cache_bytes: usize) {
-    let next = |idle: bool| -> Option<(Arc<LoadedModel>, Job<'static>)> {
+    let next = |idle: bool| -> Option<(Arc<LoadedModel>, Vec<Job<'static>>)> {
         loop {
             let task = if idle { tasks.recv().ok()? } else { tasks.try_recv().ok()? };
             match task {
-                Task::Generate { model, requests, cache_prompt, handler } => return Some((model, Job { requests, cache_prompt, handler })),
+                Task::Generate { model, jobs } => {
+                    let jobs =
+                        jobs.into_iter().map(|(requests, cache_prompt, handler)| Job { requests, cache_prompt, handler: handler as Box<dyn JobHandler> });
+                    return Some((model, jobs.collect()));
+                }
                 Task::Run(work) => {
                     let _ = catch_unwind(AssertUnwindSafe(work));
                     // One between two steps: scoring a prompt takes as long as a prefill.
@@ -109,14 +153,14 @@ fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize, cache_bytes: usize) {
     };
     let mut prompt_cache = PromptCache::with_budget(cache_bytes);
     while let Some((model, first)) = next(true) {
-        let mut first = Some(first);
+        let mut queued = VecDeque::from(first);
         let jobs = |idle| {
-            first.take().or_else(|| {
-                next(idle).map(|(same, job)| {
-                    debug_assert!(Arc::ptr_eq(&same, &model), "one server, one model");
-                    job
-                })
-            })
+            if queued.is_empty() {
+                let (same, jobs) = next(idle)?;
+                debug_assert!(Arc::ptr_eq(&same, &model), "one server, one model");
+                queued.extend(jobs);
+            }
+            queued.pop_front()
         };
         let generation = AssertUnwindSafe(|| llm_engine::generate_jobs(&model.model, &model.tokenizer, &mut prompt_cache, max_rows, jobs));
         if catch_unwind(generation).is_ok() {
@@ -209,16 +253,19 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()> + Send> JobHandler for Handler<
     }
 }
 
-/// Held by the request's future: when it is dropped (answered, or its client gone), the job
-/// stops at its next token or never starts, and its place in the queue is free.
+/// Held by the request's future: when it is dropped (answered, or its client gone), its jobs
+/// stop at their next token or never start, and its place in the queue is free.
 struct Abandon {
-    abandoned: Arc<AtomicBool>,
+    /// Each job's flag.
+    abandoned: Vec<Arc<AtomicBool>>,
     place: Place,
 }
 
 impl Drop for Abandon {
     fn drop(&mut self) {
-        self.abandoned.store(true, Ordering::Relaxed);
+        for abandoned in &self.abandoned {
+            abandoned.store(true, Ordering::Relaxed);
+        }
         self.place.leave();
     }
 }

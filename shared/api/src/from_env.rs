@@ -14,7 +14,8 @@ use crate::{AppState, Limits, ModelSlot};
 /// unset, the demo model built into the binary (`cargo lambda watch` with no setup). Optional: `MODEL_ID`, `MODEL_TYPE` (a type of the alias's version),
 /// `DOWNLOAD_PART_MIB` (16), `DOWNLOAD_CONCURRENCY` (8), `MODEL_CACHE_DIR` (e.g. `/tmp/models`),
 /// `MODEL_ADAPTER` (a PEFT LoRA adapter: directory or `s3://` prefix),
-/// `MAX_BODY_BYTES`, `MAX_PROMPT_TOKENS`, `MAX_TOKENS`, `DEADLINE_MARGIN_MS`, `PROMPT_CACHE_MIB`, `LOG_TEXT`
+/// `MAX_BODY_BYTES`, `MAX_PROMPT_TOKENS`, `MAX_TOKENS`, `MAX_BATCH_SEQUENCES` (sequences that
+/// generate together: the batch function's file lines), `DEADLINE_MARGIN_MS`, `PROMPT_CACHE_MIB`, `LOG_TEXT`
 /// (`1` logs prompts and completions), and Lambda's `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`.
 pub fn state_from_env() -> Result<Arc<AppState>, String> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -27,6 +28,7 @@ pub fn state_from_env() -> Result<Arc<AppState>, String> {
         max_body_bytes: number("MAX_BODY_BYTES", defaults.max_body_bytes as u64)? as usize,
         max_prompt_tokens: number("MAX_PROMPT_TOKENS", defaults.max_prompt_tokens as u64)? as usize,
         max_tokens: number("MAX_TOKENS", defaults.max_tokens as u64)? as usize,
+        max_batch_sequences: number("MAX_BATCH_SEQUENCES", defaults.max_batch_sequences as u64)?.max(1) as usize,
         prompt_cache_bytes: (number("PROMPT_CACHE_MIB", (defaults.prompt_cache_bytes >> 20) as u64)? << 20) as usize,
         deadline_margin: Duration::from_millis(number("DEADLINE_MARGIN_MS", defaults.deadline_margin.as_millis() as u64)?),
         ..defaults

@@ -140,11 +140,6 @@ impl Checked {
 }
 
 impl Prepared {
-    /// Sequences this request adds to an engine batch: each prompt once per choice.
-    pub(crate) fn sequences(&self) -> usize {
-        self.prompts.len() * self.generation.n
-    }
-
     pub(crate) fn response(&self, meta: Meta, model: &LoadedModel, completions: &[Completion], usage: Usage) -> Answer {
         let generation = &self.generation;
         match self.kind {

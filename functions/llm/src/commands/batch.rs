@@ -29,7 +29,7 @@ pub struct Args {
     /// The name request bodies must give as `model` (default: as `llm serve` names it).
     #[arg(long)]
     pub model_id: Option<String>,
-    /// Most sequences generated together in one engine batch (1: one request at a time).
+    /// Most sequences that generate together (1: one request at a time).
     #[arg(long, default_value_t = 32)]
     pub max_batch_sequences: usize,
     #[command(flatten)]
@@ -64,10 +64,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let id = args.model_id.clone().unwrap_or_else(|| model_source::model_id(&args.model));
     let loader = model_source::loader(&args.model, LoadOptions::default(), DownloadSettings::default()).map_err(anyhow::Error::msg)?;
-    let state = Arc::new(AppState::new(ModelSlot::new(id, loader), Limits::default(), None));
+    let limits = Limits { max_batch_sequences: args.max_batch_sequences, ..Limits::default() };
+    let state = Arc::new(AppState::new(ModelSlot::new(id, loader), limits, None));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (answered, stats) =
-        runtime.block_on(batch_file::answer(&state, lines, args.max_batch_sequences)).map_err(|e| anyhow::anyhow!("cannot load the model: {}", e.message))?;
+    let (answered, stats) = runtime.block_on(batch_file::answer(&state, lines)).map_err(|e| anyhow::anyhow!("cannot load the model: {}", e.message))?;
     answers.extend(answered);
 
     let (succeeded, failed): (Vec<&OutputLine>, Vec<&OutputLine>) = answers.iter().partition(|a| a.succeeded());
