@@ -491,6 +491,50 @@ fn joined_cache_rows_decode_as_alone() {
     assert!(diff < 1e-3, "the taken row differs from alone by {diff}");
 }
 
+/// A batch's decode step and a prompt's part in one pass (`Llama::forward_parts`: their rows
+/// through every product together, each attending over its own cache) give what each gives in
+/// a pass of its own, and leave the same keys and values: the next step of each agrees too.
+#[test]
+fn a_decode_step_and_a_prompt_part_in_one_pass_run_as_apart() {
+    use llm_engine::model::ONE_UNPADDED_ROW as UNPADDED;
+    use llm_engine::{KvCache, Logits, Part};
+    let loaded = llama3();
+    let model = &loaded.model;
+    let tensor = |rows: &[&[u32]]| candle_core::Tensor::from_vec(rows.concat(), (rows.len(), rows[0].len()), model.device()).unwrap();
+    let prefilled = |rows: &[&[u32]], padding: &[std::ops::Range<usize>]| {
+        let mut cache = model.new_cache();
+        model.forward(&tensor(rows), padding, &mut cache, Logits::Last).unwrap();
+        cache
+    };
+    // Two rows decoding (the second padded at its start), and a prompt whose part follows
+    // the 40 positions of it that ran.
+    let decoding_padding = [0..0, 0..10];
+    let (a, b) = (ids(30, 1), [vec![0; 10], ids(20, 2)].concat());
+    let prompt = ids(90, 3);
+    let fresh = || (prefilled(&[&a, &b], &decoding_padding), prefilled(&[&prompt[..40]], UNPADDED));
+    let (step, part) = (tensor(&[&[42], &[43]]), tensor(&[&prompt[40..]]));
+
+    let (mut decoding, mut prompting) = fresh();
+    let apart =
+        [model.forward(&step, &decoding_padding, &mut decoding, Logits::Last).unwrap(), model.forward(&part, UNPADDED, &mut prompting, Logits::Last).unwrap()];
+    let (mut decoding_together, mut prompting_together) = fresh();
+    let together = model
+        .forward_parts(&mut [
+            Part { tokens: &step, padding: &decoding_padding, cache: &mut decoding_together, logits: Some(Logits::Last) },
+            Part { tokens: &part, padding: UNPADDED, cache: &mut prompting_together, logits: Some(Logits::Last) },
+        ])
+        .unwrap();
+    for (apart, together) in apart.iter().zip(&together) {
+        let diff = max_abs_diff(apart, together.as_ref().unwrap());
+        assert!(diff < 1e-3, "a part in one pass with another differs from it alone by {diff}");
+    }
+    let next = |cache: &mut KvCache, padding: &[std::ops::Range<usize>], rows: &[&[u32]]| model.forward(&tensor(rows), padding, cache, Logits::Last).unwrap();
+    let diff = max_abs_diff(&next(&mut decoding, &decoding_padding, &[&[7], &[8]]), &next(&mut decoding_together, &decoding_padding, &[&[7], &[8]]));
+    assert!(diff < 1e-3, "the step's keys and values differ by {diff}");
+    let diff = max_abs_diff(&next(&mut prompting, UNPADDED, &[&[9]]), &next(&mut prompting_together, UNPADDED, &[&[9]]));
+    assert!(diff < 1e-3, "the part's keys and values differ by {diff}");
+}
+
 /// A prompt longer than one prefill pass (512 positions of all rows) runs in several, and its
 /// first generated token has the log-probability one pass over the prompt gives it: alone
 /// (two passes) and beside a shorter prompt (256 positions a row, three passes).

@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
-use crate::model::{KvCache, Llama, Logits};
-use crate::prefill::PromptRun;
+use crate::model::{KvCache, Llama, Logits, Part};
+use crate::prefill::{PromptRun, Rider};
 use crate::prompt_cache::PromptCache;
 use crate::sampling::SamplingParams;
 use crate::sequence::Sequence;
@@ -194,25 +194,18 @@ pub fn generate_jobs<'a>(
             }
         }
         waiting.retain(|job| !job.handler.cancelled());
-        let mut positions = 0;
-        loop {
-            // With no rows to decode, nothing waits for a prompt to run through.
-            let budget = if batch.rows.is_none() { usize::MAX } else { JOIN_POSITIONS.saturating_sub(positions) };
-            if budget == 0 {
-                break;
-            }
-            if batch.joining.is_none() {
-                let jobs = starting(&mut waiting, batch.sequences(), max_rows, budget);
-                if jobs.is_empty() {
-                    break;
-                }
+        batch.drop_abandoned();
+        // With no rows to decode, nothing waits for prompts to run through.
+        let budget = if batch.rows.is_none() { usize::MAX } else { JOIN_POSITIONS };
+        if batch.joining.is_none() {
+            let jobs = starting(&mut waiting, batch.sequences(), max_rows, budget);
+            if !jobs.is_empty() {
                 batch.start(model, tokenizer, prompt_cache, jobs);
-                continue;
             }
-            positions += batch.prefill(model, prompt_cache, budget);
         }
-        if batch.rows.is_some() {
-            batch.step(model, tokenizer, prompt_cache);
+        match batch.rows {
+            Some(_) => batch.step(model, tokenizer, prompt_cache),
+            None => batch.prefill(model, prompt_cache),
         }
     }
 }
@@ -243,11 +236,11 @@ fn starting<'a>(waiting: &mut VecDeque<Job<'a>>, running: usize, max_rows: usize
     jobs
 }
 
-/// Prompt positions that run between two decode steps while rows decode (chunked prefill, as
-/// vLLM schedules it): a longer prompt runs in parts, a step of the batch between each two, so
-/// that the streams running meanwhile go on instead of waiting for all of it; the first of
-/// several prompts sent at once gets its first token after at most this many positions of the
-/// next ones. Each part costs the prompt a decode step, a fraction of the part's time.
+/// Prompt positions that run with each decode step while rows decode (chunked prefill, as vLLM
+/// schedules and mixes it): a longer prompt runs in parts, each in one pass with a step of the
+/// batch, so that the streams running meanwhile go on instead of waiting for all of it; the
+/// first of several prompts sent at once gets its first token after at most this many
+/// positions of the next ones.
 const JOIN_POSITIONS: usize = 128;
 
 /// The jobs generating together, in the order they joined, and their rows: each job's in the
@@ -265,6 +258,8 @@ struct Batch<'a> {
 struct Joining<'a> {
     jobs: Vec<Running<'a>>,
     run: PromptRun,
+    /// A throwaway prompt cache for jobs that do not use the batch's.
+    unshared: Option<PromptCache>,
 }
 
 /// Rows of sequences that generate together.
@@ -314,54 +309,54 @@ impl<'a> Batch<'a> {
             }
         }
         let Some(first) = joining.first() else { return };
-        let mut unshared = PromptCache::default();
-        let prompt_cache = if first.cache_prompt { prompt_cache } else { &mut unshared };
+        let mut unshared = (!first.cache_prompt).then(PromptCache::default);
         let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        match PromptRun::start(model, &prompts, prompt_cache) {
+        match PromptRun::start(model, &prompts, cache_for(&mut unshared, prompt_cache)) {
             Err(e) => fail(joining, e),
             Ok(run) => {
                 for job in &mut joining {
                     job.stats.cached_prompt_tokens = run.cached;
                     job.stats.prefill = started.elapsed();
                 }
-                self.joining = Some(Joining { jobs: joining, run });
+                self.joining = Some(Joining { jobs: joining, run, unshared });
             }
         }
     }
 
-    /// Runs at most `budget` positions of the joining jobs' prompts (at least one of each row);
-    /// once they are through, their rows join the batch's. The positions that ran. Jobs whose
-    /// callers all went away meanwhile are dropped (one of several goes on, to end at its
-    /// first token).
-    fn prefill(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize) -> usize {
-        let Some(joining) = &mut self.joining else { return 0 };
-        if joining.jobs.iter().all(|job| job.handler.cancelled()) {
+    /// Drops the joining jobs when all of their callers went away (one of several goes on, to
+    /// end at its first token).
+    fn drop_abandoned(&mut self) {
+        if self.joining.as_ref().is_some_and(|joining| joining.jobs.iter().all(|job| job.handler.cancelled())) {
             self.joining = None;
-            return 0;
         }
-        let mut unshared = PromptCache::default();
-        let prompt_cache = if joining.jobs[0].cache_prompt { prompt_cache } else { &mut unshared };
+    }
+
+    /// Runs the joining jobs' prompts through, with no rows decoding, and joins their rows.
+    fn prefill(&mut self, model: &Llama, prompt_cache: &mut PromptCache) {
+        let Some(joining) = &mut self.joining else { return };
+        match joining.advance(model, prompt_cache, usize::MAX, &mut Rider::default()) {
+            Ok(()) => self.join_through(prompt_cache),
+            Err(e) => fail(self.joining.take().expect("jobs join").jobs, e),
+        }
+    }
+
+    /// Once the joining jobs' prompts are through, their rows join the batch's.
+    fn join_through(&mut self, prompt_cache: &mut PromptCache) {
+        if !self.joining.as_ref().is_some_and(|joining| joining.run.is_through()) {
+            return;
+        }
+        let Joining { mut jobs, run, mut unshared } = self.joining.take().expect("jobs join");
         let started = Instant::now();
-        let ran = joining.run.advance(model, prompt_cache, budget);
-        if ran.is_ok() && !joining.run.is_through() {
-            add_prefill(&mut joining.jobs, started);
-            return ran.unwrap_or(0);
-        }
-        let Joining { mut jobs, run } = self.joining.take().expect("jobs join");
-        let joined = ran.and_then(|ran| Ok((ran, self.joined(run.into_rows(prompt_cache)?)?)));
+        let joined = run.into_rows(cache_for(&mut unshared, prompt_cache)).and_then(|new| self.joined(new));
         add_prefill(&mut jobs, started);
         match joined {
-            Err(e) => {
-                fail(jobs, e);
-                0
-            }
-            Ok((ran, rows)) => {
+            Err(e) => fail(jobs, e),
+            Ok(rows) => {
                 for job in &mut jobs {
                     job.decoding_since = Instant::now();
                 }
                 self.rows = Some(rows);
                 self.jobs.extend(jobs);
-                ran
             }
         }
     }
@@ -381,6 +376,7 @@ impl<'a> Batch<'a> {
             self.rows = None;
             fail(std::mem::take(&mut self.jobs), e);
         }
+        self.join_through(prompt_cache);
     }
 
     fn try_step(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache) -> Result<()> {
@@ -419,7 +415,7 @@ impl<'a> Batch<'a> {
             }
         }
 
-        let (mut keep, mut leaving) = (Vec::new(), None);
+        let (mut keep, mut leaving) = (Vec::new(), Vec::new());
         let mut row = 0;
         for job in &mut self.jobs {
             for i in std::mem::take(&mut job.rows) {
@@ -427,7 +423,8 @@ impl<'a> Batch<'a> {
                     keep.push(row);
                     job.rows.push(i);
                 } else if job.cache_prompt && job.seqs.len() == 1 && job.failed.is_none() {
-                    leaving = Some((row, job.seqs[i].context.clone()));
+                    let seq = &job.seqs[i];
+                    leaving.push((row, seq.context.clone(), seq.context.len() - seq.generated.len()));
                 }
                 row += 1;
             }
@@ -439,10 +436,10 @@ impl<'a> Batch<'a> {
                 (true, Some(e)) => job.handler.done(Err(e)),
             }
         }
-        if let Some((row, tokens)) = leaving {
-            // Best effort: a copy that fails leaves the cache empty, not the jobs failed.
+        for (row, tokens, prompt) in leaving {
+            // Best effort: a copy that fails leaves the row out of the cache, not the jobs failed.
             match batch_rows.take_row(model, row, keep.is_empty()) {
-                Ok(kv) => prompt_cache.keep(&tokens[..kv.len()], kv),
+                Ok(kv) => prompt_cache.keep(&tokens[..kv.len()], prompt, kv),
                 Err(e) => tracing::warn!(error = %e, "the prompt cache keeps nothing: its row could not be copied"),
             }
         }
@@ -457,7 +454,14 @@ impl<'a> Batch<'a> {
             next = keep.iter().map(|&row| next[row]).collect();
         }
         let input = Tensor::from_vec(next, (keep.len(), 1), model.device())?;
-        batch_rows.logits = model.forward(&input, &batch_rows.padding, &mut batch_rows.cache, Logits::Last)?;
+        let mut rider = Rider::new(Part { tokens: &input, padding: &batch_rows.padding, cache: &mut batch_rows.cache, logits: Some(Logits::Last) });
+        // The joining prompts' next part runs in one pass with the step (see `Llama::forward_parts`).
+        let joining = self.joining.as_mut().map(|joining| joining.advance(model, prompt_cache, JOIN_POSITIONS, &mut rider));
+        let logits = rider.logits(model);
+        if let Some(Err(e)) = joining {
+            fail(self.joining.take().expect("jobs join").jobs, e);
+        }
+        batch_rows.logits = logits?;
         for job in &mut self.jobs {
             job.stats.decode_steps += 1;
         }
@@ -473,6 +477,24 @@ fn fail(mut jobs: Vec<Running>, e: EngineError) {
     let message = e.to_string();
     for job in jobs {
         job.handler.done(Err(EngineError::Generation(message.clone())));
+    }
+}
+
+impl Joining<'_> {
+    /// Runs at most `budget` positions of the jobs' prompts, the first pass with `rider`.
+    fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) -> Result<()> {
+        let started = Instant::now();
+        let ran = self.run.advance(model, cache_for(&mut self.unshared, prompt_cache), budget, rider);
+        add_prefill(&mut self.jobs, started);
+        ran
+    }
+}
+
+/// `unshared`, when a job has one (it does not use the batch's prompt cache), else `shared`.
+fn cache_for<'c>(unshared: &'c mut Option<PromptCache>, shared: &'c mut PromptCache) -> &'c mut PromptCache {
+    match unshared {
+        Some(cache) => cache,
+        None => shared,
     }
 }
 

@@ -39,7 +39,7 @@ pub use generate::{
 };
 pub use loader::{hf_tokenizer, load, load_gguf_bytes, GgufHead, LoadedModel, ModelFormat, DEMO_GGUF, DEMO_MODEL};
 pub use logprobs::{prompt_logprobs, TokenLogprob};
-pub use model::{KvCache, KvCacheType, Llama, LoadOptions, Logits};
+pub use model::{KvCache, KvCacheType, Llama, LoadOptions, Logits, Part};
 pub use prompt_cache::{PromptCache, DEFAULT_PROMPT_CACHE_BYTES};
 pub use quant::parse_ggml_dtype;
 pub use sampling::{Sampler, SamplingParams};

@@ -167,19 +167,49 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, rope: &Rope, cos_sin: &(Tensor, Tensor), padding: &[Range<usize>], cache: &mut LayerCache) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+    /// Each part's attention output for its normed input `xs[i]`, over its own layer cache: the
+    /// products take every part's rows together, the attention each part's over its cache.
+    fn forward(&self, xs: &[Tensor], rope: &Rope, parts: &mut [PartLayer]) -> Result<Vec<Tensor>> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?) };
-        let [q, k, v] = Linear::forward_all([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
-        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
-        let q = rope.apply(&q, &cos_sin.0, &cos_sin.1)?;
-        let k = rope.apply(&k, &cos_sin.0, &cos_sin.1)?;
-
-        cache.append(&k, &v)?;
-        let out = cache.attend(&q, padding)?;
-        self.o_proj.forward(&out.reshape((b, s, nh * hd))?)
+        let qkv = together(xs, |x| Linear::forward_all([&self.q_proj, &self.k_proj, &self.v_proj], x))?;
+        let mut outs = Vec::with_capacity(xs.len());
+        for ([q, k, v], part) in qkv.into_iter().zip(parts.iter_mut()) {
+            let (b, s, _) = q.dims3()?;
+            let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?) };
+            let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+            let (cos, sin) = part.cos_sin;
+            let (q, k) = (rope.apply(&q, cos, sin)?, rope.apply(&k, cos, sin)?);
+            part.cache.append(&k, &v)?;
+            outs.push(part.cache.attend(&q, part.padding)?.reshape((b, s, nh * hd))?);
+        }
+        Ok(together(&outs, |x| Ok([self.o_proj.forward(x)?]))?.into_iter().map(|[y]| y).collect())
     }
+}
+
+/// What one part of a pass brings to a layer's attention.
+struct PartLayer<'a> {
+    cos_sin: (&'a Tensor, &'a Tensor),
+    padding: &'a [Range<usize>],
+    cache: &'a mut LayerCache,
+}
+
+/// `f` of the rows of every `[b, s, hidden]` tensor of `xs` at once (one product's weights read
+/// once for all of them), its outputs split back into each tensor's `[b, s, out]`.
+fn together<const N: usize>(xs: &[Tensor], f: impl FnOnce(&Tensor) -> Result<[Tensor; N]>) -> Result<Vec<[Tensor; N]>> {
+    if let [x] = xs {
+        return Ok(vec![f(x)?]);
+    }
+    let rows: Vec<Tensor> = xs.iter().map(|x| Ok(x.flatten_to(1)?)).collect::<Result<_>>()?;
+    let ys = f(&Tensor::cat(&rows, 0)?)?;
+    let mut offset = 0;
+    let mut split = Vec::with_capacity(xs.len());
+    for x in xs {
+        let (b, s, _) = x.dims3()?;
+        let part: Vec<Tensor> = ys.iter().map(|y| Ok(y.narrow(0, offset, b * s)?.reshape((b, s, y.dim(1)?))?)).collect::<Result<_>>()?;
+        split.push(part.try_into().expect("one of each output"));
+        offset += b * s;
+    }
+    Ok(split)
 }
 
 /// Whether the in-place kernels below can take these tensors: `f32`, contiguous, on the CPU.
@@ -653,41 +683,83 @@ impl Llama {
     /// row `r` that hold padding, never attended to: at its start (left padding, so that prompts
     /// of different lengths end together), or after a start every row shares.
     pub fn forward(&self, tokens: &Tensor, padding: &[Range<usize>], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
-        let x = self.hidden_states(tokens, padding, cache)?;
-        let s = x.dim(1)?;
-        let x = match which {
-            Logits::Last => x.narrow(1, s - 1, 1)?,
-            Logits::All => x,
-        };
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?.to_dtype(DType::F32)?;
-        Ok(match which {
-            Logits::Last => logits.squeeze(1)?,
-            Logits::All => logits,
-        })
+        let mut parts = [Part { tokens, padding, cache, logits: Some(which) }];
+        Ok(self.forward_parts(&mut parts)?.pop().flatten().expect("logits were asked for"))
     }
 
     /// [`Llama::forward`] without logits: the keys and values of a prompt's part that another
     /// part follows, whose last position samples nothing (the output head reads as many
     /// weights as a layer or more: TinyLlama's is 32,000 × 2,048).
     pub fn extend(&self, tokens: &Tensor, padding: &[Range<usize>], cache: &mut KvCache) -> Result<()> {
-        self.hidden_states(tokens, padding, cache)?;
+        self.forward_parts(&mut [Part { tokens, padding, cache, logits: None }])?;
         Ok(())
     }
 
-    /// The last layer's output `[b, s, hidden]`, the positions' keys and values added to `cache`.
-    fn hidden_states(&self, tokens: &Tensor, padding: &[Range<usize>], cache: &mut KvCache) -> Result<Tensor> {
-        let (b, s) = tokens.dims2()?;
-        let positions = positions(b, s, cache.len(), padding, &self.device)?;
-        let cos_sin = self.rope.cos_sin(&positions)?;
-        let mut x = self.embed.forward(tokens)?;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.attn.forward(&layer.attn_norm.forward(&x)?, &self.rope, &cos_sin, padding, layer_cache)?;
-            x = (x + h)?;
-            let h = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
-            x = (x + h)?;
+    /// Runs several parts in one pass, each as [`Llama::forward`] (or [`Llama::extend`] where
+    /// it asks for no logits) over its own cache: every weight product takes all of their rows
+    /// at once, so the weights are read once for all, and each part attends over its own cache.
+    /// A batch's decode step and the next part of a joining prompt run so (vLLM's chunked
+    /// prefill mixes them alike): the step's products, which read every weight for a few rows,
+    /// then cost the prompt's part little more than its own. Each part's logits, if asked for.
+    pub fn forward_parts(&self, parts: &mut [Part]) -> Result<Vec<Option<Tensor>>> {
+        let xs = self.hidden_states(parts)?;
+        let mut last = Vec::new();
+        for (x, part) in xs.iter().zip(parts.iter()) {
+            match part.logits {
+                Some(Logits::Last) => last.push(x.narrow(1, x.dim(1)? - 1, 1)?),
+                Some(Logits::All) => last.push(x.clone()),
+                None => {}
+            }
         }
-        Ok(x)
+        let head = |x: &Tensor| Ok([self.lm_head.forward(&self.norm.forward(x)?)?.to_dtype(DType::F32)?]);
+        let mut heads = if last.is_empty() { Vec::new() } else { together(&last, head)? }.into_iter();
+        let mut logits = Vec::with_capacity(parts.len());
+        for part in parts.iter() {
+            logits.push(match part.logits {
+                None => None,
+                Some(which) => {
+                    let [y] = heads.next().expect("one head per part that asks");
+                    Some(if which == Logits::Last { y.squeeze(1)? } else { y })
+                }
+            });
+        }
+        Ok(logits)
     }
+
+    /// Each part's last layer's output `[b, s, hidden]`, its positions' keys and values added
+    /// to its cache.
+    fn hidden_states(&self, parts: &mut [Part]) -> Result<Vec<Tensor>> {
+        let mut cos_sin = Vec::with_capacity(parts.len());
+        let mut xs = Vec::with_capacity(parts.len());
+        for part in parts.iter() {
+            let (b, s) = part.tokens.dims2()?;
+            cos_sin.push(self.rope.cos_sin(&positions(b, s, part.cache.len(), part.padding, &self.device)?)?);
+            xs.push(self.embed.forward(part.tokens)?);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed: Vec<Tensor> = xs.iter().map(|x| layer.attn_norm.forward(x)).collect::<Result<_>>()?;
+            let mut layers: Vec<PartLayer> = parts
+                .iter_mut()
+                .zip(&cos_sin)
+                .map(|(part, (cos, sin))| PartLayer { cos_sin: (cos, sin), padding: part.padding, cache: &mut part.cache.layers[l] })
+                .collect();
+            let hs = layer.attn.forward(&normed, &self.rope, &mut layers)?;
+            xs = xs.iter().zip(hs).map(|(x, h)| Ok((x + h)?)).collect::<Result<_>>()?;
+            let normed: Vec<Tensor> = xs.iter().map(|x| layer.ffn_norm.forward(x)).collect::<Result<_>>()?;
+            let hs = together(&normed, |x| Ok([layer.mlp.forward(x)?]))?;
+            xs = xs.iter().zip(hs).map(|(x, [h])| Ok((x + h)?)).collect::<Result<_>>()?;
+        }
+        Ok(xs)
+    }
+}
+
+/// One part of a [`Llama::forward_parts`] pass: rows of `tokens` (`[b, s]`, u32) after what
+/// `cache` holds, padded at `padding` (see [`Llama::forward`]), and the logits asked for.
+pub struct Part<'a> {
+    pub tokens: &'a Tensor,
+    pub padding: &'a [Range<usize>],
+    pub cache: &'a mut KvCache,
+    pub logits: Option<Logits>,
 }
 
 /// The padding of a batch of one row that has none.

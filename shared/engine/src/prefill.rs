@@ -1,14 +1,15 @@
 //! A job's prompts running through the model, a bounded number of positions at a time, so that
-//! the batch's decode steps go on between the parts of a long prompt (chunked prefill, as vLLM
-//! schedules it): see [`PromptRun`].
+//! the batch's decode steps go on between the parts of a long prompt, each step in one pass
+//! with a part (chunked prefill, as vLLM schedules and mixes it): see [`PromptRun`] and
+//! [`Rider`].
 
 use std::ops::Range;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::generate::Rows;
-use crate::model::{KvCache, Llama, Logits, ONE_UNPADDED_ROW};
+use crate::model::{KvCache, Llama, Logits, Part, ONE_UNPADDED_ROW};
 use crate::prompt_cache::{shared_start, PromptCache};
 
 /// Positions a batch's shared start must save (its length beyond the prompt cache's, times
@@ -88,21 +89,22 @@ impl PromptRun {
     }
 
     /// Runs at most `budget` positions (at least one of each row), in passes of at most
-    /// [`PREFILL_POSITIONS`]; the positions that ran, padding included.
-    pub(crate) fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize) -> Result<usize> {
+    /// [`PREFILL_POSITIONS`], the first with the `rider`'s part if it has one.
+    pub(crate) fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) -> Result<()> {
         let mut ran = 0;
         if let Some(shared) = &mut self.shared {
-            ran += shared.run(model, &mut self.cache, budget, false)?;
+            ran += shared.run(model, &mut self.cache, budget, false, rider)?;
             if !shared.is_through() {
-                return Ok(ran);
+                return Ok(());
             }
             self.shared = None;
             self.spread_start(prompt_cache, self.rest.padding[0].start)?;
             if ran + self.rest.padding.len() > budget {
-                return Ok(ran);
+                return Ok(());
             }
         }
-        Ok(ran + self.rest.run(model, &mut self.cache, budget - ran, true)?)
+        self.rest.run(model, &mut self.cache, budget - ran, true, rider)?;
+        Ok(())
     }
 
     pub(crate) fn is_through(&self) -> bool {
@@ -120,7 +122,7 @@ impl PromptRun {
         let rows: Vec<_> = row_of.iter().map(|&row| (&cache, row as usize, &rest.padding[row as usize])).collect();
         let (rows, padding) = KvCache::join(&rows)?;
         if let [one] = prompts.as_slice() {
-            prompt_cache.keep(one, cache);
+            prompt_cache.keep(one, one.len(), cache);
         }
         let logits = logits.index_select(&Tensor::new(row_of.as_slice(), logits.device())?, 0)?;
         Ok(Rows { cache: rows, padding, logits })
@@ -131,7 +133,7 @@ impl PromptRun {
     fn spread_start(&mut self, prompt_cache: &mut PromptCache, start: usize) -> Result<()> {
         if start > 0 && self.prompts.len() > 1 {
             let (rows, _) = KvCache::join(&vec![(&self.cache, 0, &(0..0)); self.prompts.len()])?;
-            prompt_cache.keep(&self.prompts[0][..start], std::mem::replace(&mut self.cache, rows));
+            prompt_cache.keep(&self.prompts[0][..start], start, std::mem::replace(&mut self.cache, rows));
         }
         Ok(())
     }
@@ -147,7 +149,7 @@ impl Segment {
     }
 
     /// [`PromptRun::advance`] for these rows, the last position's logits kept when `logits`.
-    fn run(&mut self, model: &Llama, cache: &mut KvCache, budget: usize, logits: bool) -> Result<usize> {
+    fn run(&mut self, model: &Llama, cache: &mut KvCache, budget: usize, logits: bool, rider: &mut Rider) -> Result<usize> {
         let rows = self.padding.len();
         let len = self.tokens.len() / rows;
         let mut ran = 0;
@@ -157,11 +159,46 @@ impl Segment {
             let part = Tensor::from_vec(part, (rows, n), model.device())?;
             self.done += n;
             ran += n * rows;
-            match logits && self.done == len {
-                true => self.logits = Some(model.forward(&part, &self.padding, cache, Logits::Last)?),
-                false => model.extend(&part, &self.padding, cache)?,
+            let which = (logits && self.done == len).then_some(Logits::Last);
+            let out = rider.run_with(model, Part { tokens: &part, padding: &self.padding, cache: &mut *cache, logits: which })?;
+            if which.is_some() {
+                self.logits = out;
             }
         }
         Ok(ran)
+    }
+}
+
+/// A batch's decode step that runs in one pass with the first part of a prompt that runs after
+/// it (see [`Llama::forward_parts`]), or alone when none does.
+#[derive(Default)]
+pub(crate) struct Rider<'r> {
+    /// The step's rows, until they ran.
+    part: Option<Part<'r>>,
+    logits: Option<Tensor>,
+}
+
+impl<'r> Rider<'r> {
+    pub(crate) fn new(part: Part<'r>) -> Self {
+        Self { part: Some(part), logits: None }
+    }
+
+    /// `part`'s logits (if it asks for them), run with the rider's part if that has not run.
+    fn run_with(&mut self, model: &Llama, part: Part) -> Result<Option<Tensor>> {
+        let Some(rider) = self.part.take() else {
+            return Ok(model.forward_parts(&mut [part])?.pop().flatten());
+        };
+        let mut logits = model.forward_parts(&mut [rider, part])?;
+        let mine = logits.pop().flatten();
+        self.logits = logits.pop().flatten();
+        Ok(mine)
+    }
+
+    /// The step's logits, its part run alone if no prompt's part took it along.
+    pub(crate) fn logits(mut self, model: &Llama) -> Result<Tensor> {
+        if let Some(rider) = self.part.take() {
+            self.logits = model.forward_parts(&mut [rider])?.pop().flatten();
+        }
+        self.logits.ok_or_else(|| EngineError::Generation("the pass with the batch's decode step failed".into()))
     }
 }

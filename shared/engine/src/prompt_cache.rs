@@ -15,8 +15,9 @@ pub const DEFAULT_PROMPT_CACHE_BYTES: usize = 256 << 20;
 ///
 /// Several are kept, not only the last, so that conversations taking turns on one server (or
 /// on one warm Lambda instance, which serves whichever conversation comes) each find their
-/// own: the least recently used go first once the entries hold more than the budget, but the
-/// newest stays whatever its size (a budget of zero keeps the last one only).
+/// own, and requests that run at once find a start they share: the least recently used go
+/// first once the entries hold more than the budget, but the newest stays whatever its size (a
+/// budget of zero keeps the last one only).
 #[derive(Debug)]
 pub struct PromptCache {
     /// Least recently used first.
@@ -24,10 +25,12 @@ pub struct PromptCache {
     budget: usize,
 }
 
-/// One row of keys and values, unpadded, whose positions hold `tokens`.
+/// One row of keys and values, unpadded, whose positions hold `tokens`: a job's `prompt`
+/// tokens, then what it generated, if any.
 #[derive(Debug)]
 struct Entry {
     tokens: Vec<u32>,
+    prompt: usize,
     kv: KvCache,
 }
 
@@ -45,17 +48,18 @@ impl PromptCache {
 
     /// A cache for a job whose prompts all start with `start`, and how many of those tokens it
     /// already holds: from the entry that shares the longest start with them (the newest of
-    /// equals). The entry moves to the job when the job `leaves_one` in its place (it runs one
-    /// distinct prompt) and shares at least half of it (a conversation's next turn); otherwise
-    /// the shared positions are copied and the entry stays for others (a system prompt that
-    /// another conversation starts with too, a batch's prompts).
+    /// equals). The entry moves to the job when it is a conversation's turn that the job goes on
+    /// with: the job shares all of the entry's prompt and some of its completion, and
+    /// `leaves_one` in its place (it runs one distinct prompt). Otherwise the shared positions
+    /// are copied and the entry stays for others: another conversation's turn that starts with
+    /// the same system prompt, a start that the prompts of requests running at once share.
     pub(crate) fn take(&mut self, model: &Llama, start: &[u32], leaves_one: bool) -> Result<(KvCache, usize)> {
         let best = self.entries.iter().enumerate().map(|(i, entry)| (shared_start(&entry.tokens, start), i)).max();
         let Some((shared, i)) = best.filter(|&(shared, _)| shared > 0) else {
             return Ok((model.new_cache(), 0));
         };
         let entry = self.entries.remove(i);
-        if leaves_one && 2 * shared >= entry.tokens.len() {
+        if leaves_one && entry.prompt < entry.tokens.len() && shared >= entry.prompt {
             let mut kv = entry.kv;
             kv.truncate(shared)?;
             return Ok((kv, shared));
@@ -65,14 +69,15 @@ impl PromptCache {
         Ok((kv, shared))
     }
 
-    /// Keeps `kv`, one unpadded row whose positions hold `tokens`, for the next jobs, unless an
-    /// entry holds these tokens already; entries it holds all of go.
-    pub(crate) fn keep(&mut self, tokens: &[u32], kv: KvCache) {
+    /// Keeps `kv`, one unpadded row whose positions hold `tokens` (a `prompt`, then what was
+    /// generated after it), for the next jobs, unless an entry holds these tokens already;
+    /// entries it holds all of go.
+    pub(crate) fn keep(&mut self, tokens: &[u32], prompt: usize, kv: KvCache) {
         if self.entries.iter().any(|entry| entry.tokens.starts_with(tokens)) {
             return;
         }
         self.entries.retain(|entry| !tokens.starts_with(&entry.tokens));
-        self.entries.push(Entry { tokens: tokens.to_vec(), kv });
+        self.entries.push(Entry { tokens: tokens.to_vec(), prompt: prompt.min(tokens.len()), kv });
         let mut held: usize = self.entries.iter().map(|entry| entry.kv.bytes()).sum();
         while held > self.budget && self.entries.len() > 1 {
             held -= self.entries.remove(0).kv.bytes();
