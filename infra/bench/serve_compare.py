@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
+from gguf import GGUFReader
 
 from cold_start import free_port
 
@@ -51,9 +52,16 @@ WORDS = ("river stone light garden number window music paper story winter market
          "harbor engine forest letter bridge candle morning valley question circle").split()
 
 
+def eos_id(model):
+    field = GGUFReader(model).fields["tokenizer.ggml.eos_token_id"]
+    return int(field.parts[field.data[0]][0])
+
+
 class Server:
-    def __init__(self, name, cmd, port):
-        self.name, self.port = name, port
+    def __init__(self, name, cmd, port, eos):
+        # Both servers take OpenAI's `logit_bias`: with the end-of-text token banned, every
+        # request generates all its tokens (a random model's greedy path may otherwise end early).
+        self.name, self.port, self.no_eos = name, port, {str(eos): -100}
         self.log = open(Path("/tmp") / f"serve_compare-{name}-{port}.log", "w")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
@@ -74,17 +82,18 @@ class Server:
         started = time.perf_counter()
         first = last = finish = None
         text = []
-        stream = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+        stream = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                logit_bias=self.no_eos, stream=True)
         for chunk in stream:
             last = time.perf_counter()
             first = first or last
             if chunk.choices:
                 text.append(chunk.choices[0].text)
                 finish = chunk.choices[0].finish_reason or finish
-        # Every token was generated (no end-of-text token), so the rate counts them all; the
-        # servers split the last token and the finish reason into chunks differently.
+        # Every token was generated, so the rate counts them all; the servers split the last
+        # token and the finish reason into chunks differently.
         if finish != "length":
-            sys.exit(f"{self.name} finished with {finish!r} before {max_tokens} tokens; choose other prompts")
+            sys.exit(f"{self.name} finished with {finish!r} before {max_tokens} tokens")
         return first - started, (max_tokens - 1) / (last - first), "".join(text)
 
     def burst(self, prompts, max_tokens):
@@ -103,7 +112,8 @@ class Server:
         times, streaming = [], threading.Event()
 
         def run_stream():
-            for _ in self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True):
+            for _ in self.client.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                    logit_bias=self.no_eos, stream=True):
                 times.append(time.perf_counter())
                 if len(times) == 4:
                     streaming.set()
@@ -128,10 +138,11 @@ def words(rng, n):
 
 def measure(model, threads, args):
     ours_port, theirs_port = free_port(), free_port()
-    ours = Server("llm serve", [args.llm, "serve", "--model", model, "--threads", str(threads), "--port", str(ours_port)], ours_port)
+    eos = eos_id(model)
+    ours = Server("llm serve", [args.llm, "serve", "--model", model, "--threads", str(threads), "--port", str(ours_port)], ours_port, eos)
     theirs = Server("llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(threads),
                                   "--n_threads_batch", str(threads), "--n_ctx", "4096", "--interrupt_requests", "False",
-                                  "--port", str(theirs_port)] + (["--cache", "True"] if args.llama_cpp_cache else []), theirs_port)
+                                  "--port", str(theirs_port)] + (["--cache", "True"] if args.llama_cpp_cache else []), theirs_port, eos)
     both = (ours, theirs)
     results = {s.name: {"new": [], "decode": [], "turn": [], "burst": [], "burst_first": [], "gap": [], "join_first": []} for s in both}
     try:

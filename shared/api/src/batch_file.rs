@@ -121,15 +121,17 @@ fn parse_line(number: usize, text: &str) -> Result<Line, Box<OutputLine>> {
     }
 }
 
-/// What a run did, for the status object and the throughput comparison.
+/// What a run did, for the status object and the throughput comparison. Read back from the
+/// batch function's progress and status objects, which earlier builds wrote with other fields.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct RunStats {
     /// The most sequences that generated together in one decode step.
     pub largest_batch: usize,
     pub sequences: usize,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// Time spent generating, from the first request's start to the last one's end.
+    /// Time spent generating, from the first request's queueing to the last one's end.
     pub generate_seconds: f64,
 }
 
@@ -228,4 +230,18 @@ async fn prepare(state: &AppState, model: &Arc<LoadedModel>, line: &Line) -> Res
         return Err(ApiError::invalid("stream", "`stream` is not supported in a batch file."));
     }
     checked.prepare(state, model).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A progress or status object that a build before `largest_batch` wrote (the batch
+    /// function reads them back on its next invocation, maybe after a deploy) still reads.
+    #[test]
+    fn stats_written_by_an_earlier_build_still_read() {
+        let old = r#"{"engine_batches": 2, "sequences": 3, "prompt_tokens": 40, "completion_tokens": 12, "generate_seconds": 1.5}"#;
+        let stats: RunStats = serde_json::from_str(old).unwrap();
+        assert_eq!(stats, RunStats { largest_batch: 0, sequences: 3, prompt_tokens: 40, completion_tokens: 12, generate_seconds: 1.5 });
+    }
 }

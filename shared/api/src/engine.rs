@@ -74,8 +74,8 @@ impl Engine {
 
     /// Generates each job in the running batch, all queued at once (they take one place in the
     /// queue): those that fit start together, and the rest join as rows leave. Each job's
-    /// result, in order; the error when the queue has no place. Dropping this future stops
-    /// them all, as [`Engine::generate`].
+    /// result, in order; the error when the queue has no place or the engine thread stopped.
+    /// Dropping this future stops them all, as [`Engine::generate`].
     pub(crate) async fn generate_each(&self, model: &Arc<LoadedModel>, jobs: Vec<Submitted>) -> Result<Vec<Result<Generated, ApiError>>, ApiError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -95,7 +95,8 @@ impl Engine {
         self.send(Task::Generate { model: model.clone(), jobs: queued })?;
         let mut results = Vec::with_capacity(answers.len());
         for answer in answers {
-            results.push(answer.await.map_err(|_| ApiError::internal("generation stopped"))?.map_err(ApiError::engine));
+            // A job whose generation panicked is dropped unanswered: it fails, the others not.
+            results.push(answer.await.map_err(|_| ApiError::internal("generation stopped")).and_then(|result| result.map_err(ApiError::engine)));
         }
         Ok(results)
     }
@@ -155,7 +156,7 @@ fn work(tasks: &mpsc::Receiver<Task>, max_rows: usize, cache_bytes: usize) {
     while let Some((model, first)) = next(true) {
         let mut queued = VecDeque::from(first);
         let jobs = |idle| {
-            if queued.is_empty() {
+            while queued.is_empty() {
                 let (same, jobs) = next(idle)?;
                 debug_assert!(Arc::ptr_eq(&same, &model), "one server, one model");
                 queued.extend(jobs);

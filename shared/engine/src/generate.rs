@@ -1,6 +1,7 @@
-//! Batched text generation: jobs (one caller's requests each) join one batch, each with a
-//! prefill of its own prompts, and leave it as they end; every step decodes one token of every
-//! sequence in it, each sequence with its own sampler, stop conditions and streaming text.
+//! Batched text generation: jobs (one caller's requests each) join one batch after a prefill of
+//! their prompts (of several jobs' at once when they wait together), and leave it as they end;
+//! every step decodes one token of every sequence in it, each sequence with its own sampler,
+//! stop conditions and streaming text.
 
 use std::collections::VecDeque;
 use std::ops::{ControlFlow, Range};
@@ -69,7 +70,7 @@ pub struct GenerationStats {
     pub prompt_tokens: usize,
     pub generated_tokens: usize,
     /// Tokens at the start of each of the job's prompts whose keys and values came from the
-    /// [`PromptCache`], not a prefill.
+    /// [`PromptCache`], not a prefill (the same for every job whose prompts ran with its).
     pub cached_prompt_tokens: usize,
     /// Running the job's prompts and making its rows of them (not the decode steps between
     /// their parts).
@@ -132,7 +133,9 @@ pub trait JobHandler {
     }
 
     /// Whether the job's caller went away while it waits, or while its prompts run: it is
-    /// dropped before it starts or before its prompts' next part, leaving room for the next.
+    /// dropped before it starts, or before its prompts' next part when the jobs whose prompts
+    /// run with its are all cancelled too (else it ends at its first token), leaving room for
+    /// the next.
     fn cancelled(&self) -> bool {
         false
     }
@@ -166,12 +169,13 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// Generates the jobs `next_job` hands over in one batch, which jobs join between decode steps
 /// and leave as their last sequence ends (continuous batching, as vLLM's and llama.cpp's
 /// servers do): a job that comes while others generate does not wait for them to end. A
-/// joining job's prompts run on their own (through `prompt_cache` when the job asks), in parts
-/// of at most [`JOIN_POSITIONS`] between two steps while other rows decode, then its rows join
-/// the batch's (see [`KvCache::join`]). The jobs waiting when prompts can start start together
-/// (see [`starting`]): their prompts run as one, a start they share once; a job that comes
-/// meanwhile waits for them. A job starts when the batch is empty or keeps within `max_rows`
-/// sequences with it; else it waits, and the jobs behind it too.
+/// joining job's prompts run beside the batch's rows (through `prompt_cache` when the job
+/// asks), in parts of at most [`JOIN_POSITIONS`] positions, each in one pass with a decode step
+/// while other rows decode, then its rows join the batch's (see [`KvCache::join`]). The jobs
+/// waiting when prompts can start start together (see [`starting`]): their prompts run as one,
+/// a start they share once; a job that comes meanwhile waits for them. A job starts when the
+/// batch is empty or keeps within `max_rows` sequences with it; else it waits, and the jobs
+/// behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
 /// this function; otherwise `None` says that no job is waiting.

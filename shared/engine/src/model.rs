@@ -736,17 +736,16 @@ impl Llama {
             cos_sin.push(self.rope.cos_sin(&positions(b, s, part.cache.len(), part.padding, &self.device)?)?);
             xs.push(self.embed.forward(part.tokens)?);
         }
+        let normed = |xs: &[Tensor], norm: &RmsNorm| xs.iter().map(|x| norm.forward(x)).collect::<Result<Vec<_>>>();
         for (l, layer) in self.layers.iter().enumerate() {
-            let normed: Vec<Tensor> = xs.iter().map(|x| layer.attn_norm.forward(x)).collect::<Result<_>>()?;
             let mut layers: Vec<PartLayer> = parts
                 .iter_mut()
                 .zip(&cos_sin)
                 .map(|(part, (cos, sin))| PartLayer { cos_sin: (cos, sin), padding: part.padding, cache: &mut part.cache.layers[l] })
                 .collect();
-            let hs = layer.attn.forward(&normed, &self.rope, &mut layers)?;
+            let hs = layer.attn.forward(&normed(&xs, &layer.attn_norm)?, &self.rope, &mut layers)?;
             xs = xs.iter().zip(hs).map(|(x, h)| Ok((x + h)?)).collect::<Result<_>>()?;
-            let normed: Vec<Tensor> = xs.iter().map(|x| layer.ffn_norm.forward(x)).collect::<Result<_>>()?;
-            let hs = together(&normed, |x| Ok([layer.mlp.forward(x)?]))?;
+            let hs = together(&normed(&xs, &layer.ffn_norm)?, |x| Ok([layer.mlp.forward(x)?]))?;
             xs = xs.iter().zip(hs).map(|(x, [h])| Ok((x + h)?)).collect::<Result<_>>()?;
         }
         Ok(xs)

@@ -1,4 +1,4 @@
-//! A job's prompts running through the model, a bounded number of positions at a time, so that
+//! Jobs' prompts running through the model, a bounded number of positions at a time, so that
 //! the batch's decode steps go on between the parts of a long prompt, each step in one pass
 //! with a part (chunked prefill, as vLLM schedules and mixes it): see [`PromptRun`] and
 //! [`Rider`].
@@ -22,7 +22,8 @@ const SHARED_START_SAVES: usize = 16;
 /// 2,000-token prompt of TinyLlama's shape peaked 130 MiB above the weights and KV cache).
 const PREFILL_POSITIONS: usize = 512;
 
-/// The prompts of one job's generating sequences (one prompt per row), run as little as they
+/// The prompts of the generating sequences of one job, or of jobs that start together (one
+/// prompt per row), run as little as they
 /// can be. Identical prompts (a request's `n` choices) run once and their cache rows are
 /// copied. The start all prompts share (but the last token of the shortest, whose logits start
 /// its generation) comes from the prompt cache, or runs once in a row of its own when that
@@ -175,12 +176,13 @@ impl Segment {
 pub(crate) struct Rider<'r> {
     /// The step's rows, until they ran.
     part: Option<Part<'r>>,
-    logits: Option<Tensor>,
+    /// What the pass that took them gave them: their logits, or why it failed.
+    ran: Option<std::result::Result<Tensor, String>>,
 }
 
 impl<'r> Rider<'r> {
     pub(crate) fn new(part: Part<'r>) -> Self {
-        Self { part: Some(part), logits: None }
+        Self { part: Some(part), ran: None }
     }
 
     /// `part`'s logits (if it asks for them), run with the rider's part if that has not run.
@@ -188,17 +190,27 @@ impl<'r> Rider<'r> {
         let Some(rider) = self.part.take() else {
             return Ok(model.forward_parts(&mut [part])?.pop().flatten());
         };
-        let mut logits = model.forward_parts(&mut [rider, part])?;
+        let mut logits = match model.forward_parts(&mut [rider, part]) {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.ran = Some(Err(e.to_string()));
+                return Err(e);
+            }
+        };
         let mine = logits.pop().flatten();
-        self.logits = logits.pop().flatten();
+        self.ran = logits.pop().flatten().map(Ok);
         Ok(mine)
     }
 
     /// The step's logits, its part run alone if no prompt's part took it along.
     pub(crate) fn logits(mut self, model: &Llama) -> Result<Tensor> {
         if let Some(rider) = self.part.take() {
-            self.logits = model.forward_parts(&mut [rider])?.pop().flatten();
+            return model.forward_parts(&mut [rider])?.pop().flatten().ok_or_else(|| EngineError::Generation("a decode step gave no logits".into()));
         }
-        self.logits.ok_or_else(|| EngineError::Generation("the pass with the batch's decode step failed".into()))
+        match self.ran {
+            Some(Ok(logits)) => Ok(logits),
+            Some(Err(message)) => Err(EngineError::Generation(message)),
+            None => Err(EngineError::Generation("a decode step gave no logits".into())),
+        }
     }
 }

@@ -49,7 +49,8 @@ impl PromptCache {
     /// A cache for a job whose prompts all start with `start`, and how many of those tokens it
     /// already holds: from the entry that shares the longest start with them (the newest of
     /// equals). The entry moves to the job when it is a conversation's turn that the job goes on
-    /// with: the job shares all of the entry's prompt and some of its completion, and
+    /// with: the job shares all of the entry's prompt and some of its completion (a reply the
+    /// caller changed or generated again leaves it for the next), and
     /// `leaves_one` in its place (it runs one distinct prompt). Otherwise the shared positions
     /// are copied and the entry stays for others: another conversation's turn that starts with
     /// the same system prompt, a start that the prompts of requests running at once share.
@@ -59,7 +60,7 @@ impl PromptCache {
             return Ok((model.new_cache(), 0));
         };
         let entry = self.entries.remove(i);
-        if leaves_one && entry.prompt < entry.tokens.len() && shared >= entry.prompt {
+        if leaves_one && shared > entry.prompt {
             let mut kv = entry.kv;
             kv.truncate(shared)?;
             return Ok((kv, shared));
@@ -70,10 +71,12 @@ impl PromptCache {
     }
 
     /// Keeps `kv`, one unpadded row whose positions hold `tokens` (a `prompt`, then what was
-    /// generated after it), for the next jobs, unless an entry holds these tokens already;
-    /// entries it holds all of go.
+    /// generated after it), for the next jobs, unless an entry holds these tokens already (it
+    /// is then the most recently used); entries it holds all of go.
     pub(crate) fn keep(&mut self, tokens: &[u32], prompt: usize, kv: KvCache) {
-        if self.entries.iter().any(|entry| entry.tokens.starts_with(tokens)) {
+        if let Some(i) = self.entries.iter().position(|entry| entry.tokens.starts_with(tokens)) {
+            let entry = self.entries.remove(i);
+            self.entries.push(entry);
             return;
         }
         self.entries.retain(|entry| !tokens.starts_with(&entry.tokens));
