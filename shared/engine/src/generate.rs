@@ -220,9 +220,8 @@ pub fn generate_jobs<'a>(
 /// alike enough in length that all of them padded to the longest at most double the positions
 /// that run (a prompt's rows run as long as the longest beside it), and, while rows decode, fit
 /// in the `budget` of positions with the others: the first's first token then waits for no other
-/// prompt. (Four 128-token prompts sent at once while one streamed, TinyLlama's shape: run as one
-/// in parts between decode steps, the median first token came after 1.03 s, against 0.68 s when
-/// each came after the one before it.)
+/// prompt (prompts run as one in parts would all get their first tokens after the last part;
+/// one after another, each gets its own as soon as its parts ran).
 fn starting<'a>(waiting: &mut VecDeque<Job<'a>>, running: usize, max_rows: usize, budget: usize) -> Vec<Job<'a>> {
     let mut jobs: Vec<Job<'a>> = Vec::new();
     let (mut rows, mut positions, mut longest) = (0, 0, 0);
