@@ -493,13 +493,20 @@ fn joined_cache_rows_decode_as_alone() {
 
 /// A batch's decode step and a prompt's part in one pass (`Llama::forward_parts`: their rows
 /// through every product together, each attending over its own cache) give what each gives in
-/// a pass of its own, and leave the same keys and values: the next step of each agrees too.
+/// a pass of its own, and leave the same keys and values: the next step of each agrees too. On
+/// candle's products (bf16) and the kernels' (Q8_0, whose product of the step's two rows alone
+/// goes through tiles, and beside the part's fifty through panels).
 #[test]
 fn a_decode_step_and_a_prompt_part_in_one_pass_run_as_apart() {
+    for file in ["llama3/llama3-bf16.gguf", "llama2/llama2-q8_0.gguf"] {
+        let loaded = load(&fixtures_dir().join(file), LoadOptions::default()).unwrap();
+        decode_step_and_prompt_part_run_as_apart(&loaded.model);
+    }
+}
+
+fn decode_step_and_prompt_part_run_as_apart(model: &llm_engine::Llama) {
     use llm_engine::model::ONE_UNPADDED_ROW as UNPADDED;
     use llm_engine::{KvCache, Logits, Part};
-    let loaded = llama3();
-    let model = &loaded.model;
     let tensor = |rows: &[&[u32]]| candle_core::Tensor::from_vec(rows.concat(), (rows.len(), rows[0].len()), model.device()).unwrap();
     let prefilled = |rows: &[&[u32]], padding: &[std::ops::Range<usize>]| {
         let mut cache = model.new_cache();
