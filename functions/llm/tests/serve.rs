@@ -145,8 +145,14 @@ fn start_long_stream(server: &Server) -> std::net::TcpStream {
 /// The server's log once it contains `needle` (which the engine thread may write after the
 /// answer that the test waited for), or after 30 s.
 fn wait_for_log(server: &Server, needle: &str) -> String {
+    wait_for_lines(server, needle, 1)
+}
+
+/// [`wait_for_log`] until `count` lines name `needle`: a request's log line may come after its
+/// answer.
+fn wait_for_lines(server: &Server, needle: &str, count: usize) -> String {
     for _ in 0..1500 {
-        if server.log.lock().unwrap().contains(needle) {
+        if server.log.lock().unwrap().matches(needle).count() >= count {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -228,7 +234,7 @@ fn conversations_taking_turns_find_their_earlier_turns() {
         let (completion, first_tokens) = complete(first);
         complete("Another conversation entirely, about mountains");
         complete(&format!("{first}{completion} and more"));
-        let log = wait_for_log(&server, "completed");
+        let log = wait_for_lines(&server, "completed", 3);
         let cached: Vec<u64> = log
             .lines()
             .filter(|line| line.contains("completed"))
