@@ -1,7 +1,7 @@
 //! Generation behaviour on a real (fixture) model: stop strings, streaming, seeds, limits, and the
 //! Hugging Face loading variants (sharded f32 checkpoints, `chat_template.jinja`).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::rc::Rc;
@@ -424,6 +424,61 @@ fn jobs_that_wait_together_start_together() {
     let cached: Vec<usize> = (0..5).map(|j| results[&j].1.cached_prompt_tokens).collect();
     assert_eq!(cached, [0, 0, 0, 0, start.len()], "E starts from the start A, B and C ran once");
     assert_generated_as_alone(&loaded, &results, &jobs.iter().collect::<Vec<_>>());
+}
+
+/// A [`Recorder`] whose caller goes away when `gone` is set.
+struct Abandoning {
+    recorder: Recorder,
+    gone: Rc<Cell<bool>>,
+}
+
+impl JobHandler for Abandoning {
+    fn cancelled(&self) -> bool {
+        self.gone.get()
+    }
+
+    fn token(&mut self, event: TokenEvent<'_>) -> ControlFlow<()> {
+        self.recorder.token(event)
+    }
+
+    fn done(self: Box<Self>, result: llm_engine::Result<Generated>) {
+        Box::new(self.recorder).done(result)
+    }
+}
+
+/// A job whose caller goes away while its long prompt runs in parts is dropped unanswered, and
+/// what ran of its prompt stays in the prompt cache: C, the same prompt sent again, starts from
+/// it and generates what it generates alone.
+#[test]
+fn a_prompt_abandoned_while_it_runs_leaves_what_ran_to_the_prompt_cache() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let a = vec![greedy(ids(8, 1), 40)];
+    let b = vec![greedy(ids(600, 2), 3)];
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let gone = Rc::new(Cell::new(false));
+    let mut offered = 0;
+    generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
+        let a_tokens = tokens.borrow().iter().filter(|&&j| j == 0).count();
+        let recorder = |job| Recorder { job, tokens: tokens.clone(), results: results.clone() };
+        let job: Box<dyn JobHandler> = match offered {
+            0 => Box::new(recorder(0)),
+            1 if a_tokens >= 2 => Box::new(Abandoning { recorder: recorder(1), gone: gone.clone() }),
+            2 if a_tokens >= 5 => {
+                gone.set(true);
+                Box::new(recorder(2))
+            }
+            _ => return None,
+        };
+        offered += 1;
+        Some(Job { requests: [&a, &b, &b][offered - 1].clone(), cache_prompt: true, handler: job })
+    });
+    let results = results.borrow();
+    assert!(!results.contains_key(&1), "B is dropped unanswered");
+    let cached = results[&2].1.cached_prompt_tokens;
+    assert!((128..600).contains(&cached), "C starts from the parts of B that ran: {cached}");
+    let alone = generate(model, tokenizer, &b, |_| ControlFlow::Continue(())).unwrap().0;
+    assert_eq!(results[&2].0[0].token_ids, alone[0].token_ids);
 }
 
 /// A row that leaves the batch for the prompt cache, padded at its start there and of 256

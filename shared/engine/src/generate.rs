@@ -135,7 +135,7 @@ pub trait JobHandler {
     /// Whether the job's caller went away while it waits, or while its prompts run: it is
     /// dropped before it starts, or before its prompts' next part when the jobs whose prompts
     /// run with its are all cancelled too (else it ends at its first token), leaving room for
-    /// the next.
+    /// the next; what ran of its prompt stays in the prompt cache.
     fn cancelled(&self) -> bool {
         false
     }
@@ -198,7 +198,7 @@ pub fn generate_jobs<'a>(
             }
         }
         waiting.retain(|job| !job.handler.cancelled());
-        batch.drop_abandoned();
+        batch.drop_abandoned(prompt_cache);
         // With no rows to decode, nothing waits for prompts to run through.
         let budget = if batch.rows.is_none() { usize::MAX } else { JOIN_POSITIONS };
         if batch.joining.is_none() {
@@ -327,10 +327,11 @@ impl<'a> Batch<'a> {
     }
 
     /// Drops the joining jobs when all of their callers went away (one of several goes on, to
-    /// end at its first token).
-    fn drop_abandoned(&mut self) {
+    /// end at its first token), leaving what ran of their prompt to the prompt cache.
+    fn drop_abandoned(&mut self, prompt_cache: &mut PromptCache) {
         if self.joining.as_ref().is_some_and(|joining| joining.jobs.iter().all(|job| job.handler.cancelled())) {
-            self.joining = None;
+            let Joining { run, mut unshared, .. } = self.joining.take().expect("jobs join");
+            run.abandon(cache_for(&mut unshared, prompt_cache));
         }
     }
 

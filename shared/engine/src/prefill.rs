@@ -129,6 +129,18 @@ impl PromptRun {
         Ok(Rows { cache: rows, padding, logits })
     }
 
+    /// Leaves what ran of a run dropped before it is through (its callers went away) to the
+    /// prompt cache, when it ran one prompt, whose start the cache then holds: a request sent
+    /// again, or a conversation's next turn, starts from it.
+    pub(crate) fn abandon(self, prompt_cache: &mut PromptCache) {
+        if let [one] = self.prompts.as_slice() {
+            let ran = self.cache.len();
+            if ran > 0 {
+                prompt_cache.keep(&one[..ran], ran, self.cache);
+            }
+        }
+    }
+
     /// Once the cache holds the `start` all prompts share, makes it a row for each distinct
     /// prompt, and leaves it to the prompt cache.
     fn spread_start(&mut self, prompt_cache: &mut PromptCache, start: usize) -> Result<()> {
