@@ -359,8 +359,8 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
     assert_generated_as_alone(&loaded, &results, &[&a, &b, &c, &d]);
 }
 
-/// A long prompt that joins a running batch runs in parts, a decode step of the batch between
-/// each two (chunked prefill), and generates what it generates alone: B, one 600-token prompt
+/// A long prompt that joins a running batch runs in parts, each in one pass with a decode step
+/// of the batch (chunked prefill), and generates what it generates alone: B, one 600-token prompt
 /// (five parts of at most 128 positions), and C, two prompts whose 300-token shared start runs
 /// in a row of its own, in parts, before their own tokens; A decodes all along.
 #[test]
