@@ -194,10 +194,13 @@ struct PartLayer<'a> {
 }
 
 /// `f` of the rows of every `[b, s, hidden]` tensor of `xs` at once (one product's weights read
-/// once for all of them), its outputs split back into each tensor's `[b, s, out]`.
+/// once for all of them), its outputs split back into each tensor's `[b, s, out]`; `f` is not
+/// called for no tensors.
 fn together<const N: usize>(xs: &[Tensor], f: impl FnOnce(&Tensor) -> Result<[Tensor; N]>) -> Result<Vec<[Tensor; N]>> {
-    if let [x] = xs {
-        return Ok(vec![f(x)?]);
+    match xs {
+        [] => return Ok(Vec::new()),
+        [x] => return Ok(vec![f(x)?]),
+        _ => {}
     }
     let rows: Vec<Tensor> = xs.iter().map(|x| Ok(x.flatten_to(1)?)).collect::<Result<_>>()?;
     let ys = f(&Tensor::cat(&rows, 0)?)?;
@@ -712,7 +715,7 @@ impl Llama {
             }
         }
         let head = |x: &Tensor| Ok([self.lm_head.forward(&self.norm.forward(x)?)?.to_dtype(DType::F32)?]);
-        let mut heads = if last.is_empty() { Vec::new() } else { together(&last, head)? }.into_iter();
+        let mut heads = together(&last, head)?.into_iter();
         let mut logits = Vec::with_capacity(parts.len());
         for part in parts.iter() {
             logits.push(match part.logits {
@@ -744,9 +747,13 @@ impl Llama {
                 .map(|(part, (cos, sin))| PartLayer { cos_sin: (cos, sin), padding: part.padding, cache: &mut part.cache.layers[l] })
                 .collect();
             let hs = layer.attn.forward(&normed(&xs, &layer.attn_norm)?, &self.rope, &mut layers)?;
-            xs = xs.iter().zip(hs).map(|(x, h)| Ok((x + h)?)).collect::<Result<_>>()?;
+            for (x, h) in xs.iter_mut().zip(hs) {
+                *x = (&*x + h)?;
+            }
             let hs = together(&normed(&xs, &layer.ffn_norm)?, |x| Ok([layer.mlp.forward(x)?]))?;
-            xs = xs.iter().zip(hs).map(|(x, [h])| Ok((x + h)?)).collect::<Result<_>>()?;
+            for (x, [h]) in xs.iter_mut().zip(hs) {
+                *x = (&*x + h)?;
+            }
         }
         Ok(xs)
     }

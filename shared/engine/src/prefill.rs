@@ -215,11 +215,12 @@ impl<'r> Rider<'r> {
     }
 
     /// The step's logits, its part run alone if no prompt's part took it along.
-    pub(crate) fn logits(mut self, model: &Llama) -> Result<Tensor> {
-        if let Some(rider) = self.part.take() {
-            return model.forward_parts(&mut [rider])?.pop().flatten().ok_or_else(|| EngineError::Generation("a decode step gave no logits".into()));
-        }
-        match self.ran {
+    pub(crate) fn logits(self, model: &Llama) -> Result<Tensor> {
+        let ran = match self.part {
+            Some(rider) => model.forward_parts(&mut [rider])?.pop().flatten().map(Ok),
+            None => self.ran,
+        };
+        match ran {
             Some(Ok(logits)) => Ok(logits),
             Some(Err(message)) => Err(EngineError::Generation(message)),
             None => Err(EngineError::Generation("a decode step gave no logits".into())),
