@@ -426,6 +426,76 @@ fn jobs_that_wait_together_start_together() {
     assert_generated_as_alone(&loaded, &results, &jobs.iter().collect::<Vec<_>>());
 }
 
+/// Jobs that come while a long prompt joins start beside it when what they run fits in half of
+/// a step: S, a short prompt, and Q, the next turn of P's conversation (P's row in the prompt
+/// cache), get their first tokens before B, a 600-token prompt that came with them, while A
+/// decodes between B's parts. Q runs apart from S (together they would share no start, and
+/// Q would lose what the cache holds). Each generates what it generates alone.
+#[test]
+fn short_prompts_that_come_while_a_long_one_joins_start_beside_it() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let p = vec![greedy(ids(200, 7), 2)];
+    let a = vec![greedy(ids(8, 1), 40)];
+    let b = vec![greedy(ids(600, 2), 3)];
+    let s = vec![greedy(ids(20, 3), 4)];
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let next_turn = |p: &Completion| vec![greedy([ids(200, 7), p.token_ids.clone(), ids(20, 9)].concat(), 4)];
+    let mut offered = 0;
+    generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
+        let a_tokens = tokens.borrow().iter().filter(|&&j| j == 1).count();
+        let p_done = results.borrow().get(&0).map(|(completions, _): &(Vec<Completion>, _)| completions[0].clone());
+        let requests = match (offered, p_done) {
+            (0, _) => p.clone(),
+            (1, Some(_)) => a.clone(),
+            (2, _) if a_tokens >= 2 => b.clone(),
+            (3, _) => s.clone(),
+            (4, Some(p)) => next_turn(&p),
+            _ => return None,
+        };
+        offered += 1;
+        Some(Job { requests, cache_prompt: true, handler: Box::new(Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() }) })
+    });
+
+    let (tokens, results) = (tokens.borrow(), results.borrow());
+    let first = |j: usize| tokens.iter().position(|&t| t == j).unwrap();
+    assert!(first(3) < first(2) && first(4) < first(2), "S and Q do not wait for B's parts: {tokens:?}");
+    let a_tokens_before_b = tokens[..first(2)].iter().filter(|&&t| t == 1).count();
+    assert!(a_tokens_before_b >= 2 + 4, "A decodes between B's parts: {tokens:?}");
+    assert_eq!(results[&4].1.cached_prompt_tokens, 200 + 2 - 1, "Q starts from P's row");
+    let q = next_turn(&results[&0].0[0]);
+    assert_generated_as_alone(&loaded, &results, &[&p, &a, &b, &s, &q]);
+}
+
+/// The next turns of two conversations that wait together (nothing else runs) each start from
+/// their own conversation's row in the prompt cache: prompts that run as one would take from it
+/// only the start they share, none.
+#[test]
+fn next_turns_that_wait_together_each_start_from_their_own_conversation() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let mut prompt_cache = PromptCache::default();
+    let firsts = [greedy(ids(60, 1), 2), greedy(ids(70, 2), 2)];
+    let mut turns = Vec::new();
+    for first in &firsts {
+        let (completions, _) = generate_cached(model, tokenizer, std::slice::from_ref(first), &mut prompt_cache, |_| ControlFlow::Continue(())).unwrap();
+        turns.push(vec![greedy([first.prompt.clone(), completions[0].token_ids.clone(), ids(10, 3)].concat(), 3)]);
+    }
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let mut waiting: Vec<Job> = (0..2)
+        .map(|job| Job {
+            requests: turns[job].clone(),
+            cache_prompt: true,
+            handler: Box::new(Recorder { job, tokens: tokens.clone(), results: results.clone() }) as Box<dyn JobHandler>,
+        })
+        .collect();
+    generate_jobs(model, tokenizer, &mut prompt_cache, 8, |_| (!waiting.is_empty()).then(|| waiting.remove(0)));
+    let results = results.borrow();
+    let cached: Vec<usize> = (0..2).map(|j| results[&j].1.cached_prompt_tokens).collect();
+    assert_eq!(cached, [60 + 1, 70 + 1], "each turn starts from its conversation's row");
+    assert_generated_as_alone(&loaded, &results, &[&turns[0], &turns[1]]);
+}
+
 /// A [`Recorder`] whose caller goes away when `gone` is set.
 struct Abandoning {
     recorder: Recorder,

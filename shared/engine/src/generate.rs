@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::model::{KvCache, Llama, Logits, Part};
-use crate::prefill::{PromptRun, Rider};
-use crate::prompt_cache::PromptCache;
+use crate::prefill::{PromptRun, Rider, PREFILL_POSITIONS};
+use crate::prompt_cache::{shared_start, PromptCache};
 use crate::sampling::SamplingParams;
 use crate::sequence::Sequence;
 use crate::tokenizer::Tokenizer;
@@ -173,9 +173,12 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// asks), in parts of at most [`JOIN_POSITIONS`] positions, each in one pass with a decode step
 /// while other rows decode, then its rows join the batch's (see [`KvCache::join`]). The jobs
 /// waiting when prompts can start start together (see [`starting`]): their prompts run as one,
-/// a start they share once; a job that comes meanwhile waits for them. A job starts when the
-/// batch is empty or keeps within `max_rows` sequences with it; else it waits, and the jobs
-/// behind it too.
+/// a start they share once. A job that comes while prompts join starts beside them when what
+/// it runs fits in half of a step's positions (a short prompt, a conversation's next turn
+/// whose start the prompt cache holds): its first token does not wait for a long prompt's
+/// parts, which take at least the other half of each step. A job starts when the batch is
+/// empty or keeps within `max_rows` sequences with it; else it waits, and the jobs behind it
+/// too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
 /// this function; otherwise `None` says that no job is waiting.
@@ -190,7 +193,7 @@ pub fn generate_jobs<'a>(
     let mut waiting: VecDeque<Job<'a>> = VecDeque::new();
     loop {
         loop {
-            let idle = batch.jobs.is_empty() && batch.joining.is_none() && waiting.is_empty();
+            let idle = batch.jobs.is_empty() && batch.joining.is_empty() && waiting.is_empty();
             match next_job(idle) {
                 Some(job) => waiting.push_back(job),
                 None if idle => return,
@@ -199,13 +202,17 @@ pub fn generate_jobs<'a>(
         }
         waiting.retain(|job| !job.handler.cancelled());
         batch.drop_abandoned(prompt_cache);
-        // With no rows to decode, nothing waits for prompts to run through.
-        let budget = if batch.rows.is_none() { usize::MAX } else { JOIN_POSITIONS };
-        if batch.joining.is_none() {
-            let jobs = starting(&mut waiting, batch.sequences(), max_rows, budget);
-            if !jobs.is_empty() {
-                batch.start(model, tokenizer, prompt_cache, jobs);
+        let positions = batch.step_positions();
+        let jobs = match batch.joining.as_slice() {
+            // With no rows to decode, nothing waits for prompts that start together to run through.
+            [] => starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, if batch.rows.is_some() { positions } else { usize::MAX }, false),
+            [_, cut_in @ ..] => {
+                let room = (positions / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
+                starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, room, true)
             }
+        };
+        if !jobs.is_empty() {
+            batch.start(model, tokenizer, prompt_cache, jobs);
         }
         match batch.rows {
             Some(_) => batch.step(model, tokenizer, prompt_cache),
@@ -214,29 +221,57 @@ pub fn generate_jobs<'a>(
     }
 }
 
-/// The jobs at the front of `waiting` that start together beside `running` rows: the first when
-/// it keeps within `max_rows` (or nothing runs: a larger job runs alone), then each next one
-/// that keeps within it too, asks for the prompt cache as the first does, and whose prompts are
-/// alike enough in length that all of them padded to the longest at most double the positions
-/// that run (a prompt's rows run as long as the longest beside it), and, while rows decode, fit
-/// in the `budget` of positions with the others: the first's first token then waits for no other
-/// prompt (prompts run as one in parts would all get their first tokens after the last part;
-/// one after another, each gets its own as soon as its parts ran).
-fn starting<'a>(waiting: &mut VecDeque<Job<'a>>, running: usize, max_rows: usize, budget: usize) -> Vec<Job<'a>> {
+/// The jobs at the front of `waiting` that start together beside `occupied` rows (decoding or
+/// joining): the first when it keeps within `max_rows` (or nothing runs: a larger job runs
+/// alone), then each next one that keeps within it too, asks for the prompt cache as the first
+/// does, loses nothing the cache holds of its prompts (the run takes from it only the start all
+/// prompts share), and whose prompts are alike enough in length that all of them padded to the
+/// longest at most double the positions that run (a prompt's rows run as long as the longest
+/// beside it); the positions that run, padded, keep within `budget` for the jobs but the first,
+/// or for all of them when they `cut_in` beside prompts that join already. While rows decode,
+/// the first's first token so waits for no other prompt (prompts run as one in parts would all
+/// get their first tokens after the last part; one after another, each gets its own as soon as
+/// its parts ran).
+fn starting<'a>(waiting: &mut VecDeque<Job<'a>>, prompt_cache: &PromptCache, occupied: usize, max_rows: usize, budget: usize, cut_in: bool) -> Vec<Job<'a>> {
     let mut jobs: Vec<Job<'a>> = Vec::new();
-    let (mut rows, mut positions, mut longest) = (0, 0, 0);
+    let mut run = Together { common: usize::MAX, ..Together::default() };
     while let Some(job) = waiting.front() {
-        let lengths = job.requests.iter().map(|r| r.prompt.len());
-        let with = (rows + job.requests.len(), positions + lengths.clone().sum::<usize>(), lengths.max().unwrap_or(0).max(longest));
-        let fits = running + with.0 <= max_rows || (running == 0 && jobs.is_empty());
-        let alike = jobs.first().is_none_or(|first| first.cache_prompt == job.cache_prompt && with.0 * with.2 <= 2 * with.1 && with.1 <= budget);
-        if !(fits && alike) {
+        let first = jobs.first().unwrap_or(job).requests.first().map_or(&[][..], |r| r.prompt.as_slice());
+        let mut with = run;
+        for r in &job.requests {
+            let held = if job.cache_prompt { prompt_cache.holds(&r.prompt) } else { 0 };
+            let to_run = (r.prompt.len() - held).max(1);
+            with = Together {
+                rows: with.rows + 1,
+                positions: with.positions + to_run,
+                longest: with.longest.max(to_run),
+                common: with.common.min(shared_start(&r.prompt, first)),
+                held: with.held.max(held),
+            };
+        }
+        let padded = with.rows * with.longest;
+        let fits = occupied + with.rows <= max_rows || (occupied == 0 && jobs.is_empty());
+        let within = (jobs.is_empty() && !cut_in) || padded <= budget;
+        let alike = jobs.first().is_none_or(|first| first.cache_prompt == job.cache_prompt && with.held <= with.common && padded <= 2 * with.positions);
+        if !(fits && within && alike) {
             break;
         }
-        (rows, positions, longest) = with;
+        run = with;
         jobs.extend(waiting.pop_front());
     }
     jobs
+}
+
+/// What the prompts of jobs that start together run: their rows, the positions that the prompt
+/// cache does not hold, and the longest row's; how long a start they share, and the most the
+/// cache holds of one.
+#[derive(Clone, Copy, Default)]
+struct Together {
+    rows: usize,
+    positions: usize,
+    longest: usize,
+    common: usize,
+    held: usize,
 }
 
 /// Prompt positions that run with each decode step while rows decode (chunked prefill, as vLLM
@@ -253,8 +288,9 @@ struct Batch<'a> {
     jobs: Vec<Running<'a>>,
     /// `None` exactly when `jobs` is empty.
     rows: Option<Rows>,
-    /// The jobs whose prompts run together, before their rows join.
-    joining: Option<Joining<'a>>,
+    /// The jobs whose prompts run, before their rows join: each run's jobs together, the runs in
+    /// the order they started.
+    joining: Vec<Joining<'a>>,
 }
 
 /// Jobs whose prompts run as one, in the order their rows join.
@@ -288,8 +324,18 @@ struct Running<'a> {
 }
 
 impl<'a> Batch<'a> {
+    /// Sequences that decode or join.
     fn sequences(&self) -> usize {
-        self.jobs.iter().map(|job| job.rows.len()).sum()
+        self.jobs.iter().chain(self.joining.iter().flat_map(|joining| &joining.jobs)).map(|job| job.rows.len()).sum()
+    }
+
+    /// Prompt positions that run in the next step: with a decode step or in a pass of their own.
+    fn step_positions(&self) -> usize {
+        if self.rows.is_some() {
+            JOIN_POSITIONS
+        } else {
+            PREFILL_POSITIONS
+        }
     }
 
     /// Starts the jobs: their sequences, and the run of their prompts as one; or hands a job its
@@ -321,46 +367,49 @@ impl<'a> Batch<'a> {
                     job.stats.cached_prompt_tokens = run.cached;
                     job.stats.prefill = started.elapsed();
                 }
-                self.joining = Some(Joining { jobs: joining, run, unshared });
+                self.joining.push(Joining { jobs: joining, run, unshared });
             }
         }
     }
 
-    /// Drops the joining jobs when all of their callers went away (one of several goes on, to
-    /// end at its first token), leaving what ran of their prompt to the prompt cache.
+    /// Drops each run of joining jobs whose callers all went away (one of several goes on, to
+    /// end at its first token), leaving what ran of its prompt to the prompt cache.
     fn drop_abandoned(&mut self, prompt_cache: &mut PromptCache) {
-        if self.joining.as_ref().is_some_and(|joining| joining.jobs.iter().all(|job| job.handler.cancelled())) {
-            let Joining { run, mut unshared, .. } = self.joining.take().expect("jobs join");
-            run.abandon(cache_for(&mut unshared, prompt_cache));
+        for Joining { jobs, run, mut unshared } in std::mem::take(&mut self.joining) {
+            if jobs.iter().all(|job| job.handler.cancelled()) {
+                run.abandon(cache_for(&mut unshared, prompt_cache));
+            } else {
+                self.joining.push(Joining { jobs, run, unshared });
+            }
         }
     }
 
-    /// Runs the joining jobs' prompts through, with no rows decoding, and joins their rows.
+    /// Runs the next pass of the joining jobs' prompts, with no rows decoding, and joins the
+    /// rows of those through.
     fn prefill(&mut self, model: &Llama, prompt_cache: &mut PromptCache) {
-        let Some(joining) = &mut self.joining else { return };
-        match joining.advance(model, prompt_cache, usize::MAX, &mut Rider::default()) {
-            Ok(()) => self.join_through(prompt_cache),
-            Err(e) => fail(self.joining.take().expect("jobs join").jobs, e),
-        }
+        advance(&mut self.joining, model, prompt_cache, PREFILL_POSITIONS, &mut Rider::default());
+        self.join_through(prompt_cache);
     }
 
-    /// Once the joining jobs' prompts are through, their rows join the batch's.
+    /// The rows of the joining jobs whose prompts are through join the batch's.
     fn join_through(&mut self, prompt_cache: &mut PromptCache) {
-        if !self.joining.as_ref().is_some_and(|joining| joining.run.is_through()) {
-            return;
-        }
-        let Joining { mut jobs, run, mut unshared } = self.joining.take().expect("jobs join");
-        let started = Instant::now();
-        let joined = run.into_rows(cache_for(&mut unshared, prompt_cache)).and_then(|new| self.joined(new));
-        add_prefill(&mut jobs, started);
-        match joined {
-            Err(e) => fail(jobs, e),
-            Ok(rows) => {
-                for job in &mut jobs {
-                    job.decoding_since = Instant::now();
+        for Joining { mut jobs, run, mut unshared } in std::mem::take(&mut self.joining) {
+            if !run.is_through() {
+                self.joining.push(Joining { jobs, run, unshared });
+                continue;
+            }
+            let started = Instant::now();
+            let joined = run.into_rows(cache_for(&mut unshared, prompt_cache)).and_then(|new| self.joined(new));
+            add_prefill(&mut jobs, started);
+            match joined {
+                Err(e) => fail(jobs, e),
+                Ok(rows) => {
+                    for job in &mut jobs {
+                        job.decoding_since = Instant::now();
+                    }
+                    self.rows = Some(rows);
+                    self.jobs.extend(jobs);
                 }
-                self.rows = Some(rows);
-                self.jobs.extend(jobs);
             }
         }
     }
@@ -460,12 +509,8 @@ impl<'a> Batch<'a> {
         let input = Tensor::from_vec(next, (keep.len(), 1), model.device())?;
         let mut rider = Rider::new(Part { tokens: &input, padding: &batch_rows.padding, cache: &mut batch_rows.cache, logits: Some(Logits::Last) });
         // The joining prompts' next part runs in one pass with the step (see `Llama::forward_parts`).
-        let joining = self.joining.as_mut().map(|joining| joining.advance(model, prompt_cache, JOIN_POSITIONS, &mut rider));
-        let logits = rider.logits(model);
-        if let Some(Err(e)) = joining {
-            fail(self.joining.take().expect("jobs join").jobs, e);
-        }
-        batch_rows.logits = logits?;
+        advance(&mut self.joining, model, prompt_cache, JOIN_POSITIONS, &mut rider);
+        batch_rows.logits = rider.logits(model)?;
         for job in &mut self.jobs {
             job.stats.decode_steps += 1;
         }
@@ -484,13 +529,25 @@ fn fail(mut jobs: Vec<Running>, e: EngineError) {
     }
 }
 
-impl Joining<'_> {
-    /// Runs at most `budget` positions of the jobs' prompts, the first pass with `rider`.
-    fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) -> Result<()> {
-        let started = Instant::now();
-        let ran = self.run.advance(model, cache_for(&mut self.unshared, prompt_cache), budget, rider);
-        add_prefill(&mut self.jobs, started);
-        ran
+/// Runs at most `budget` positions of the joining runs' prompts, the newest runs first (those
+/// that cut in, which fit in half of it), the first pass with `rider`; a run whose pass fails
+/// hands its jobs the error.
+fn advance(joining: &mut Vec<Joining>, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) {
+    let mut left = budget;
+    for Joining { mut jobs, mut run, mut unshared } in std::mem::take(joining).into_iter().rev() {
+        if left > 0 {
+            let started = Instant::now();
+            let ran = run.advance(model, cache_for(&mut unshared, prompt_cache), left, rider);
+            add_prefill(&mut jobs, started);
+            match ran {
+                Ok(ran) => left = left.saturating_sub(ran),
+                Err(e) => {
+                    fail(jobs, e);
+                    continue;
+                }
+            }
+        }
+        joining.insert(0, Joining { jobs, run, unshared });
     }
 }
 

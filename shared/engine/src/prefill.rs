@@ -20,7 +20,7 @@ const SHARED_START_SAVES: usize = 16;
 /// Positions of all rows that one forward pass of a prompt takes at most, as llama.cpp's
 /// `n_ubatch` (512) bounds its: a pass's activations grow with its positions (one pass over a
 /// 2,000-token prompt of TinyLlama's shape peaked 130 MiB above the weights and KV cache).
-const PREFILL_POSITIONS: usize = 512;
+pub(crate) const PREFILL_POSITIONS: usize = 512;
 
 /// The prompts of the generating sequences of one job, or of jobs that start together (one
 /// prompt per row), run as little as they
@@ -90,26 +90,31 @@ impl PromptRun {
     }
 
     /// Runs at most `budget` positions (at least one of each row), in passes of at most
-    /// [`PREFILL_POSITIONS`], the first with the `rider`'s part if it has one.
-    pub(crate) fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) -> Result<()> {
+    /// [`PREFILL_POSITIONS`], the first with the `rider`'s part if it has one; returns how
+    /// many ran.
+    pub(crate) fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) -> Result<usize> {
         let mut ran = 0;
         if let Some(shared) = &mut self.shared {
             ran += shared.run(model, &mut self.cache, budget, false, rider)?;
             if !shared.is_through() {
-                return Ok(());
+                return Ok(ran);
             }
             self.shared = None;
             self.spread_start(prompt_cache, self.rest.padding[0].start)?;
             if ran + self.rest.padding.len() > budget {
-                return Ok(());
+                return Ok(ran);
             }
         }
-        self.rest.run(model, &mut self.cache, budget - ran, true, rider)?;
-        Ok(())
+        Ok(ran + self.rest.run(model, &mut self.cache, budget - ran, true, rider)?)
     }
 
     pub(crate) fn is_through(&self) -> bool {
         self.rest.is_through()
+    }
+
+    /// Positions of all rows that are still to run.
+    pub(crate) fn left(&self) -> usize {
+        self.shared.as_ref().map_or(0, Segment::left) + self.rest.left()
     }
 
     /// The rows of a run that [`is_through`](Self::is_through), each with its logits at its
@@ -158,7 +163,11 @@ impl Segment {
     }
 
     fn is_through(&self) -> bool {
-        self.done == self.tokens.len() / self.padding.len()
+        self.left() == 0
+    }
+
+    fn left(&self) -> usize {
+        self.tokens.len() - self.done * self.padding.len()
     }
 
     /// [`PromptRun::advance`] for these rows, the last position's logits kept when `logits`.

@@ -46,6 +46,12 @@ impl PromptCache {
         Self { entries: Vec::new(), budget: bytes }
     }
 
+    /// How many tokens at the start of `prompt` the entry that shares the longest start with it
+    /// holds: what [`take`](Self::take) would give a job of this one prompt.
+    pub(crate) fn holds(&self, prompt: &[u32]) -> usize {
+        self.entries.iter().map(|entry| shared_start(&entry.tokens, prompt)).max().unwrap_or(0)
+    }
+
     /// A cache for a job whose prompts all start with `start`, and how many of those tokens it
     /// already holds: from the entry that shares the longest start with them (the newest of
     /// equals). The entry moves to the job when it is a conversation's turn that the job goes on
