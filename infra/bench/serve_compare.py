@@ -14,13 +14,17 @@ a warm-up request. Two kinds of request:
   the last prompt's KV cache and reuses its longest shared start; `llm serve` keeps several,
   `--prompt-cache-mib` of them). With `--conversations K`, K conversations take turns, as
   clients of one server do: a conversation's next turn comes after the other K − 1 conversations'
-  turns. `--llama-cpp-cache` turns on llama-cpp-python's own cache of several prompts' states
+  turns; with `--turns-at-once`, the K conversations' turns come at once, as K clients' would.
+  `--llama-cpp-cache` turns on llama-cpp-python's own cache of several prompts' states
   (`--cache True`, 2 GiB in RAM), off by default.
 
 With `--join-prompt-tokens N`, also a prompt of N tokens sent while a stream of `--max-tokens`
 runs: the stream's longest wait between two tokens after it came (`llm serve` runs a long prompt
 in parts, a decode step between each two), and the long prompt's time to its first token
-(llama-cpp-python's server runs it after the stream).
+(llama-cpp-python's server runs it after the stream). With `--join-short-prompt-tokens M` as
+well, a prompt of M tokens follows the long one after a quarter of a second: its time to the
+first token shows whether it waits for the long prompt's parts (`llm serve` starts it beside
+them when it is short enough).
 
 With `--concurrency N`, also N new prompts sent at once: the tokens per second of all N
 streams together and the median time to the first token. `llm serve` lets requests join its
@@ -104,11 +108,12 @@ class Server:
             seconds = time.perf_counter() - started
         return len(prompts) * max_tokens / seconds, statistics.median(a[0] for a in answers)
 
-    def gap_while_joining(self, prompt, long_prompt, max_tokens):
-        """A stream of `max_tokens` runs; after its fourth token `long_prompt` comes. The stream's
-        longest wait between two tokens from then on (s), and the long prompt's time to its first
-        token (s). Where requests join a running batch, the stream should outlast the long
-        prompt's prefill, or its stalls are not all seen."""
+    def gap_while_joining(self, prompt, long_prompt, max_tokens, short_prompt=None):
+        """A stream of `max_tokens` runs; after its fourth token `long_prompt` comes, and
+        `short_prompt` (if any) a quarter of a second later. The stream's longest wait between
+        two tokens from then on (s), and the long and the short prompt's times to their first
+        tokens (s; the short one's `None` without it). Where requests join a running batch, the
+        stream should outlast the long prompt's prefill, or its stalls are not all seen."""
         times, streaming = [], threading.Event()
 
         def run_stream():
@@ -118,13 +123,19 @@ class Server:
                 if len(times) == 4:
                     streaming.set()
 
-        with ThreadPoolExecutor(1) as pool:
+        def run_short():
+            time.sleep(0.25)
+            return self.stream(short_prompt, 2)[0] if short_prompt else None
+
+        with ThreadPoolExecutor(2) as pool:
             running = pool.submit(run_stream)
             streaming.wait()
             sent = time.perf_counter()
+            short = pool.submit(run_short)
             first_token, _, _ = self.stream(long_prompt, 2)
             running.result()
-        return max(b - a for a, b in zip(times, times[1:]) if b > sent), first_token
+            short_first = short.result()
+        return max(b - a for a, b in zip(times, times[1:]) if b > sent), first_token, short_first
 
     def stop(self):
         self.process.terminate()
@@ -144,7 +155,7 @@ def measure(model, threads, args):
                                   "--n_threads_batch", str(threads), "--n_ctx", "4096", "--interrupt_requests", "False",
                                   "--port", str(theirs_port)] + (["--cache", "True"] if args.llama_cpp_cache else []), theirs_port, eos)
     both = (ours, theirs)
-    results = {s.name: {"new": [], "decode": [], "turn": [], "burst": [], "burst_first": [], "gap": [], "join_first": []} for s in both}
+    results = {s.name: {"new": [], "decode": [], "turn": [], "burst": [], "burst_first": [], "gap": [], "join_first": [], "short_first": []} for s in both}
     try:
         for server in both:
             server.stream("warm up", 4)
@@ -159,13 +170,18 @@ def measure(model, threads, args):
         openings = [f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens) for _ in range(args.conversations)]
         conversations = {s.name: list(openings) for s in both}
         for measured in [False] + [True] * args.repeat:
-            for k in range(args.conversations):
-                turn = " " + words(rng, args.turn_tokens)
-                for server in both:
-                    ttft, _, completion = server.stream(conversations[server.name][k], args.max_tokens)
+            turns = [" " + words(rng, args.turn_tokens) for _ in range(args.conversations)]
+            for server in both:
+                history = conversations[server.name]
+                if args.turns_at_once:
+                    with ThreadPoolExecutor(args.conversations) as pool:
+                        answers = list(pool.map(lambda prompt: server.stream(prompt, args.max_tokens), history))
+                else:
+                    answers = [server.stream(prompt, args.max_tokens) for prompt in history]
+                for k, (ttft, _, completion) in enumerate(answers):
                     if measured:
                         results[server.name]["turn"].append(ttft)
-                    conversations[server.name][k] += completion + turn
+                    history[k] += completion + turns[k]
         for _ in range(args.repeat if args.concurrency else 0):
             prompts = [f"{rng.randrange(10**6)} " + words(rng, args.prompt_tokens) for _ in range(args.concurrency)]
             for server in both:
@@ -175,10 +191,13 @@ def measure(model, threads, args):
         for _ in range(args.repeat if args.join_prompt_tokens else 0):
             prompt = f"{rng.randrange(10**6)} " + words(rng, 16)
             long_prompt = f"{rng.randrange(10**6)} " + words(rng, args.join_prompt_tokens)
+            short_prompt = f"{rng.randrange(10**6)} " + words(rng, args.join_short_prompt_tokens) if args.join_short_prompt_tokens else None
             for server in both:
-                gap, first = server.gap_while_joining(prompt, long_prompt, args.max_tokens)
+                gap, first, short_first = server.gap_while_joining(prompt, long_prompt, args.max_tokens, short_prompt)
                 results[server.name]["gap"].append(gap)
                 results[server.name]["join_first"].append(first)
+                if short_first is not None:
+                    results[server.name]["short_first"].append(short_first)
     finally:
         for server in both:
             server.stop()
@@ -193,19 +212,24 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--turn-tokens", type=int, default=32, help="new text in each turn of the conversation")
     ap.add_argument("--conversations", type=int, default=1, help="conversations that take turns")
+    ap.add_argument("--turns-at-once", action="store_true", help="the conversations' turns come at once, not in turn")
     ap.add_argument("--llama-cpp-cache", action="store_true", help="llama-cpp-python's server with --cache True")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=0, help="also send this many new prompts at once")
     ap.add_argument("--join-prompt-tokens", type=int, default=0,
                     help="also send a prompt this long while a stream of --max-tokens runs")
+    ap.add_argument("--join-short-prompt-tokens", type=int, default=0,
+                    help="with --join-prompt-tokens, also send a prompt this long a quarter of a second after the long one")
     ap.add_argument("--llm", default=str(ROOT / "target/release/llm"))
     args = ap.parse_args()
     burst = f"| {args.concurrency} at once: tok/s ours | llama.cpp | ratio | first token s, ours | llama.cpp " if args.concurrency else ""
     join = (f"| stream's longest gap s while {args.join_prompt_tokens} tokens join, ours | llama.cpp "
             "| their first token s, ours | llama.cpp ") if args.join_prompt_tokens else ""
+    short = (f"| then {args.join_short_prompt_tokens} tokens: first token s, ours | llama.cpp "
+             if args.join_prompt_tokens and args.join_short_prompt_tokens else "")
     print("| model | threads | new prompt: first token s, ours | llama.cpp | ratio | next turn: first token s, ours | llama.cpp | ratio "
-          f"| streamed tok/s ours | llama.cpp | ratio {burst}{join}|")
-    print("|---" * (11 + 5 * bool(args.concurrency) + 4 * bool(args.join_prompt_tokens)) + "|")
+          f"| streamed tok/s ours | llama.cpp | ratio {burst}{join}{short}|")
+    print("|---" * (11 + 5 * bool(args.concurrency) + 4 * bool(args.join_prompt_tokens) + 2 * bool(short)) + "|")
     for model in args.models:
         for threads in args.threads:
             r = measure(model, threads, args)
@@ -217,7 +241,8 @@ def main():
                   + (f"| {ours['burst']:.1f} | {theirs['burst']:.1f} | {ours['burst'] / theirs['burst']:.2f} "
                      f"| {ours['burst_first']:.3f} | {theirs['burst_first']:.3f} " if args.concurrency else "")
                   + (f"| {ours['gap']:.3f} | {theirs['gap']:.3f} | {ours['join_first']:.3f} | {theirs['join_first']:.3f} "
-                     if args.join_prompt_tokens else "") + "|", flush=True)
+                     if args.join_prompt_tokens else "")
+                  + (f"| {ours['short_first']:.3f} | {theirs['short_first']:.3f} " if short else "") + "|", flush=True)
 
 
 if __name__ == "__main__":
