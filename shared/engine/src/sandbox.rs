@@ -359,8 +359,14 @@ mod tests {
 
     #[test]
     fn the_child_keeps_none_of_this_processs_descriptors_but_its_own() {
-        let (kept, _other_end) = socket_pair().unwrap();
-        let fd = kept.as_raw_fd();
+        let (socket, _other_end) = socket_pair().unwrap();
+        // Numbered above 3, which the child gives its own socket: a process that starts with
+        // nothing open past the standard descriptors would get 3 for `socket` itself.
+        // SAFETY: duplicates a descriptor this test owns.
+        let fd = unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+        assert!(fd >= 64, "{}", io::Error::last_os_error());
+        // SAFETY: `fd` is the open copy just made, owned by nothing else.
+        let _kept = unsafe { OwnedFd::from_raw_fd(fd) };
         let open_in_child = Worker::new(LIMITS)
             .call(b"", |_, out| {
                 // SAFETY: asks about a descriptor number; no memory is passed.
