@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::error::{EngineError, Result};
 use crate::logprobs::{token_logprob, TokenLogprob};
 use crate::model::{KvCache, Llama, Logits, Part};
-use crate::prefill::{PromptRun, Rider, PREFILL_POSITIONS};
+use crate::prefill::{PromptRun, PREFILL_POSITIONS};
 use crate::prompt_cache::{shared_start, PromptCache};
 use crate::sampling::SamplingParams;
 use crate::sequence::Sequence;
@@ -170,15 +170,15 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// and leave as their last sequence ends (continuous batching, as vLLM's and llama.cpp's
 /// servers do): a job that comes while others generate does not wait for them to end. A
 /// joining job's prompts run beside the batch's rows (through `prompt_cache` when the job
-/// asks), in parts of at most [`JOIN_POSITIONS`] positions, each in one pass with a decode step
-/// while other rows decode, then its rows join the batch's (see [`KvCache::join`]). The jobs
-/// waiting when prompts can start start together (see [`starting`]): their prompts run as one,
-/// a start they share once. A job that comes while prompts join starts beside them when what
-/// it runs fits in half of a step's positions (a short prompt, a conversation's next turn
-/// whose start the prompt cache holds): its first token does not wait for a long prompt's
-/// parts, which take at least the other half of each step. A job starts when the batch is
-/// empty or keeps within `max_rows` sequences with it; else it waits, and the jobs behind it
-/// too.
+/// asks), in parts of at most [`JOIN_POSITIONS`] positions while other rows decode, then its
+/// rows join the batch's (see [`KvCache::join`]); each step is one pass of the decode step and
+/// every joining run's next part (see [`pass`]). The jobs waiting when prompts can start start
+/// together (see [`starting`]): their prompts run as one, a start they share once. Jobs that
+/// come while prompts join start beside them, each run in the same passes, when what they run
+/// fits in half of a step's positions (short prompts, conversations' next turns whose starts
+/// the prompt cache holds): their first tokens do not wait for a long prompt's parts, which take
+/// at least the other half of each step. A job starts when the batch is empty or keeps within
+/// `max_rows` sequences with it; else it waits, and the jobs behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
 /// this function; otherwise `None` says that no job is waiting.
@@ -203,15 +203,24 @@ pub fn generate_jobs<'a>(
         waiting.retain(|job| !job.handler.cancelled());
         batch.drop_abandoned(prompt_cache);
         let positions = batch.step_positions();
-        let jobs = match batch.joining.as_slice() {
-            // With no rows to decode, nothing waits for prompts that start together to run through.
-            [] => starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, if batch.rows.is_some() { positions } else { usize::MAX }, false),
-            [_, cut_in @ ..] => {
-                let room = (positions / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
-                starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, room, true)
+        loop {
+            let jobs = match batch.joining.as_slice() {
+                // With no rows to decode, nothing waits for prompts that start together to run through.
+                [] => starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, if batch.rows.is_some() { positions } else { usize::MAX }, false),
+                [front, cut_in @ ..] => {
+                    // Passes are bound by arithmetic here, so prompts that share them each end
+                    // later than alone: p positions beside the front's f left, half a pass each,
+                    // end after 2p and f + p; after the front, after f + p and f. Starting
+                    // beside it lowers the two first tokens' total wait only when p < f / 2
+                    // (equal conversation turns that came at once and started together got
+                    // their first tokens later than one after another).
+                    let room = (positions.min(front.run.left()) / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
+                    starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, room, true)
+                }
+            };
+            if jobs.is_empty() {
+                break;
             }
-        };
-        if !jobs.is_empty() {
             batch.start(model, tokenizer, prompt_cache, jobs);
         }
         match batch.rows {
@@ -387,7 +396,8 @@ impl<'a> Batch<'a> {
     /// Runs the next pass of the joining jobs' prompts, with no rows decoding, and joins the
     /// rows of those through.
     fn prefill(&mut self, model: &Llama, prompt_cache: &mut PromptCache) {
-        advance(&mut self.joining, model, prompt_cache, PREFILL_POSITIONS, &mut Rider::default());
+        // A pass that fails hands its jobs the error itself.
+        let _ = pass(&mut self.joining, model, prompt_cache, PREFILL_POSITIONS, None);
         self.join_through(prompt_cache);
     }
 
@@ -507,10 +517,9 @@ impl<'a> Batch<'a> {
             next = keep.iter().map(|&row| next[row]).collect();
         }
         let input = Tensor::from_vec(next, (keep.len(), 1), model.device())?;
-        let mut rider = Rider::new(Part { tokens: &input, padding: &batch_rows.padding, cache: &mut batch_rows.cache, logits: Some(Logits::Last) });
-        // The joining prompts' next part runs in one pass with the step (see `Llama::forward_parts`).
-        advance(&mut self.joining, model, prompt_cache, JOIN_POSITIONS, &mut rider);
-        batch_rows.logits = rider.logits(model)?;
+        let step = Part { tokens: &input, padding: &batch_rows.padding, cache: &mut batch_rows.cache, logits: Some(Logits::Last) };
+        let logits = pass(&mut self.joining, model, prompt_cache, JOIN_POSITIONS, Some(step))?;
+        batch_rows.logits = logits.ok_or_else(|| EngineError::Generation("a decode step gave no logits".into()))?;
         for job in &mut self.jobs {
             job.stats.decode_steps += 1;
         }
@@ -529,26 +538,38 @@ fn fail(mut jobs: Vec<Running>, e: EngineError) {
     }
 }
 
-/// Runs at most `budget` positions of the joining runs' prompts, the newest runs first (those
-/// that cut in, which fit in half of it), the first pass with `rider`; a run whose pass fails
-/// hands its jobs the error.
-fn advance(joining: &mut Vec<Joining>, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) {
-    let mut left = budget;
-    for Joining { mut jobs, mut run, mut unshared } in std::mem::take(joining).into_iter().rev() {
-        if left > 0 {
-            let started = Instant::now();
-            let ran = run.advance(model, cache_for(&mut unshared, prompt_cache), left, rider);
-            add_prefill(&mut jobs, started);
-            match ran {
-                Ok(ran) => left = left.saturating_sub(ran),
-                Err(e) => {
-                    fail(jobs, e);
-                    continue;
-                }
-            }
+/// Runs one pass (see [`Llama::forward_parts`]): the batch's decode `step`, when rows decode,
+/// and the next part of each joining run, at most `budget` positions of them, planned newest
+/// run first (those that started beside the others fit in half of it; the oldest takes the
+/// rest); returns the step's logits. A pass that fails hands every joining job the error.
+fn pass(joining: &mut Vec<Joining>, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, step: Option<Part>) -> Result<Option<Tensor>> {
+    let ran = run_parts(joining, model, prompt_cache, budget, step);
+    if let Err(e) = &ran {
+        for Joining { jobs, .. } in std::mem::take(joining) {
+            fail(jobs, EngineError::Generation(e.to_string()));
         }
-        joining.insert(0, Joining { jobs, run, unshared });
     }
+    ran
+}
+
+fn run_parts(joining: &mut [Joining], model: &Llama, prompt_cache: &mut PromptCache, budget: usize, step: Option<Part>) -> Result<Option<Tensor>> {
+    let mut left = budget;
+    for joining in joining.iter_mut().rev() {
+        left = left.saturating_sub(joining.run.plan(model, left)?);
+    }
+    let started = Instant::now();
+    let stepped = step.is_some();
+    let mut parts: Vec<Part> = step.into_iter().chain(joining.iter_mut().filter_map(|joining| joining.run.part())).collect();
+    let mut logits = model.forward_parts(&mut parts)?.into_iter();
+    drop(parts);
+    let step_logits = if stepped { logits.next().flatten() } else { None };
+    for Joining { jobs, run, unshared } in joining {
+        if run.is_planned() {
+            run.ran(cache_for(unshared, prompt_cache), logits.next().flatten())?;
+            add_prefill(jobs, started);
+        }
+    }
+    Ok(step_logits)
 }
 
 /// `unshared`, when a job has one (it does not use the batch's prompt cache), else `shared`.

@@ -701,9 +701,9 @@ impl Llama {
     /// Runs several parts in one pass, each as [`Llama::forward`] (or [`Llama::extend`] where
     /// it asks for no logits) over its own cache: every weight product takes all of their rows
     /// at once, so the weights are read once for all, and each part attends over its own cache.
-    /// A batch's decode step and the next part of a joining prompt run so (vLLM's chunked
+    /// A batch's decode step and the next part of each joining prompt run so (vLLM's chunked
     /// prefill mixes them alike): the step's products, which read every weight for a few rows,
-    /// then cost the prompt's part little more than its own. Each part's logits, if asked for.
+    /// then cost the prompts' parts little more than their own. Each part's logits, if asked for.
     pub fn forward_parts(&self, parts: &mut [Part]) -> Result<Vec<Option<Tensor>>> {
         let xs = self.hidden_states(parts)?;
         let mut last = Vec::new();

@@ -1,13 +1,13 @@
 //! Jobs' prompts running through the model, a bounded number of positions at a time, so that
 //! the batch's decode steps go on between the parts of a long prompt, each step in one pass
-//! with a part (chunked prefill, as vLLM schedules and mixes it): see [`PromptRun`] and
-//! [`Rider`].
+//! with the parts that run beside it (chunked prefill, as vLLM schedules and mixes it): see
+//! [`PromptRun`].
 
 use std::ops::Range;
 
 use candle_core::Tensor;
 
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::generate::Rows;
 use crate::model::{KvCache, Llama, Logits, Part, ONE_UNPADDED_ROW};
 use crate::prompt_cache::{shared_start, PromptCache};
@@ -28,7 +28,8 @@ pub(crate) const PREFILL_POSITIONS: usize = 512;
 /// copied. The start all prompts share (but the last token of the shortest, whose logits start
 /// its generation) comes from the prompt cache, or runs once in a row of its own when that
 /// saves enough; that row is copied to every prompt's, and each prompt's rest is padded after
-/// it, so that all end together.
+/// it, so that all end together. Each pass runs one part of the run (see [`plan`](Self::plan)),
+/// beside the parts of other runs and a decode step.
 pub(crate) struct PromptRun {
     /// The distinct prompts, and the one each row runs.
     prompts: Vec<Vec<u32>>,
@@ -41,6 +42,9 @@ pub(crate) struct PromptRun {
     /// Each distinct prompt's tokens after the start, padded to end together: the last
     /// position's logits start generation.
     rest: Segment,
+    /// The tokens `[rows, n]` of the part that runs in the next pass, and whether it asks for
+    /// logits.
+    planned: Option<(Tensor, Option<Logits>)>,
 }
 
 /// Rows of tokens of equal length (padded at `padding`) that run, part by part, after what a
@@ -82,30 +86,59 @@ impl PromptRun {
             tokens.extend(&p[start..]);
             padding.push(start..start + pad);
         }
-        let mut run = Self { prompts, row_of, cache, cached, shared, rest: Segment::new(tokens, padding) };
+        let mut run = Self { prompts, row_of, cache, cached, shared, rest: Segment::new(tokens, padding), planned: None };
         if run.shared.is_none() {
             run.spread_start(prompt_cache, start)?;
         }
         Ok(run)
     }
 
-    /// Runs at most `budget` positions (at least one of each row), in passes of at most
-    /// [`PREFILL_POSITIONS`], the first with the `rider`'s part if it has one; returns how
-    /// many ran.
-    pub(crate) fn advance(&mut self, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, rider: &mut Rider) -> Result<usize> {
-        let mut ran = 0;
+    /// Plans the part that runs in the next pass: the next positions of the shared start while
+    /// it runs, else of the rest, at most `budget` of them, or [`PREFILL_POSITIONS`], but at
+    /// least one of each row (none when `budget` is 0); returns how many.
+    pub(crate) fn plan(&mut self, model: &Llama, budget: usize) -> Result<usize> {
+        let segment = self.shared.as_ref().unwrap_or(&self.rest);
+        let rows = segment.padding.len();
+        let len = segment.tokens.len() / rows;
+        if budget == 0 || segment.done == len {
+            return Ok(0);
+        }
+        let n = (PREFILL_POSITIONS.min(budget) / rows).clamp(1, len - segment.done);
+        let part: Vec<u32> = segment.tokens.chunks_exact(len).flat_map(|row| &row[segment.done..segment.done + n]).copied().collect();
+        let logits = (self.shared.is_none() && segment.done + n == len).then_some(Logits::Last);
+        self.planned = Some((Tensor::from_vec(part, (rows, n), model.device())?, logits));
+        Ok(n * rows)
+    }
+
+    /// The part [`plan`](Self::plan) planned, for [`Llama::forward_parts`].
+    pub(crate) fn part(&mut self) -> Option<Part<'_>> {
+        let (tokens, logits) = self.planned.as_ref()?;
+        let segment = self.shared.as_ref().unwrap_or(&self.rest);
+        Some(Part { tokens, padding: &segment.padding, cache: &mut self.cache, logits: *logits })
+    }
+
+    pub(crate) fn is_planned(&self) -> bool {
+        self.planned.is_some()
+    }
+
+    /// Records that the planned part ran, with the `logits` it asked for: a shared start that
+    /// is through becomes every prompt's (see [`PromptRun::start`]).
+    pub(crate) fn ran(&mut self, prompt_cache: &mut PromptCache, logits: Option<Tensor>) -> Result<()> {
+        let Some((tokens, _)) = self.planned.take() else { return Ok(()) };
+        let n = tokens.dim(1)?;
         if let Some(shared) = &mut self.shared {
-            ran += shared.run(model, &mut self.cache, budget, false, rider)?;
+            shared.done += n;
             if !shared.is_through() {
-                return Ok(ran);
+                return Ok(());
             }
             self.shared = None;
-            self.spread_start(prompt_cache, self.rest.padding[0].start)?;
-            if ran + self.rest.padding.len() > budget {
-                return Ok(ran);
-            }
+            return self.spread_start(prompt_cache, self.rest.padding[0].start);
         }
-        Ok(ran + self.rest.run(model, &mut self.cache, budget - ran, true, rider)?)
+        self.rest.done += n;
+        if logits.is_some() {
+            self.rest.logits = logits;
+        }
+        Ok(())
     }
 
     pub(crate) fn is_through(&self) -> bool {
@@ -168,71 +201,5 @@ impl Segment {
 
     fn left(&self) -> usize {
         self.tokens.len() - self.done * self.padding.len()
-    }
-
-    /// [`PromptRun::advance`] for these rows, the last position's logits kept when `logits`.
-    fn run(&mut self, model: &Llama, cache: &mut KvCache, budget: usize, logits: bool, rider: &mut Rider) -> Result<usize> {
-        let rows = self.padding.len();
-        let len = self.tokens.len() / rows;
-        let mut ran = 0;
-        while self.done < len && (ran == 0 || ran + rows <= budget) {
-            let n = (PREFILL_POSITIONS.min(budget - ran) / rows).clamp(1, len - self.done);
-            let part: Vec<u32> = self.tokens.chunks_exact(len).flat_map(|row| &row[self.done..self.done + n]).copied().collect();
-            let part = Tensor::from_vec(part, (rows, n), model.device())?;
-            self.done += n;
-            ran += n * rows;
-            let which = (logits && self.done == len).then_some(Logits::Last);
-            let out = rider.run_with(model, Part { tokens: &part, padding: &self.padding, cache: &mut *cache, logits: which })?;
-            if which.is_some() {
-                self.logits = out;
-            }
-        }
-        Ok(ran)
-    }
-}
-
-/// A batch's decode step that runs in one pass with the first part of a prompt that runs after
-/// it (see [`Llama::forward_parts`]), or alone when none does.
-#[derive(Default)]
-pub(crate) struct Rider<'r> {
-    /// The step's rows, until they ran.
-    part: Option<Part<'r>>,
-    /// What the pass that took them gave them: their logits, or why it failed.
-    ran: Option<std::result::Result<Tensor, String>>,
-}
-
-impl<'r> Rider<'r> {
-    pub(crate) fn new(part: Part<'r>) -> Self {
-        Self { part: Some(part), ran: None }
-    }
-
-    /// `part`'s logits (if it asks for them), run with the rider's part if that has not run.
-    fn run_with(&mut self, model: &Llama, part: Part) -> Result<Option<Tensor>> {
-        let Some(rider) = self.part.take() else {
-            return Ok(model.forward_parts(&mut [part])?.pop().flatten());
-        };
-        let mut logits = match model.forward_parts(&mut [rider, part]) {
-            Ok(logits) => logits,
-            Err(e) => {
-                self.ran = Some(Err(e.to_string()));
-                return Err(e);
-            }
-        };
-        let mine = logits.pop().flatten();
-        self.ran = logits.pop().flatten().map(Ok);
-        Ok(mine)
-    }
-
-    /// The step's logits, its part run alone if no prompt's part took it along.
-    pub(crate) fn logits(self, model: &Llama) -> Result<Tensor> {
-        let ran = match self.part {
-            Some(rider) => model.forward_parts(&mut [rider])?.pop().flatten().map(Ok),
-            None => self.ran,
-        };
-        match ran {
-            Some(Ok(logits)) => Ok(logits),
-            Some(Err(message)) => Err(EngineError::Generation(message)),
-            None => Err(EngineError::Generation("a decode step gave no logits".into())),
-        }
     }
 }
