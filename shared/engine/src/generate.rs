@@ -175,9 +175,10 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// every joining run's next part (see [`pass`]). The jobs waiting when prompts can start start
 /// together (see [`starting`]): their prompts run as one, a start they share once. Jobs that
 /// come while prompts join start beside them, each run in the same passes, when what they run
-/// fits in half of a step's positions (short prompts, conversations' next turns whose starts
-/// the prompt cache holds): their first tokens do not wait for a long prompt's parts, which take
-/// at least the other half of each step. A job starts when the batch is empty or keeps within
+/// fits in half of a step's positions and of what the oldest joining run has left (short
+/// prompts, conversations' next turns whose starts the prompt cache holds, behind a long
+/// prompt): their first tokens do not wait for the long prompt's parts, which take at least the
+/// other half of each step. A job starts when the batch is empty or keeps within
 /// `max_rows` sequences with it; else it waits, and the jobs behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
@@ -214,7 +215,7 @@ pub fn generate_jobs<'a>(
                     // beside it lowers the two first tokens' total wait only when p < f / 2
                     // (equal conversation turns that came at once and started together got
                     // their first tokens later than one after another).
-                    let room = (positions.min(front.run.left()) / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
+                    let room = (positions.min(front.run.left()).saturating_sub(1) / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
                     starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, room, true)
                 }
             };
@@ -249,12 +250,14 @@ fn starting<'a>(waiting: &mut VecDeque<Job<'a>>, prompt_cache: &PromptCache, occ
         let mut with = run;
         for r in &job.requests {
             let held = if job.cache_prompt { prompt_cache.holds(&r.prompt) } else { 0 };
-            let to_run = (r.prompt.len() - held).max(1);
+            let shared = shared_start(&r.prompt, first);
+            // The run takes from the cache only the start its prompts share.
+            let to_run = (r.prompt.len() - held.min(shared)).max(1);
             with = Together {
                 rows: with.rows + 1,
                 positions: with.positions + to_run,
                 longest: with.longest.max(to_run),
-                common: with.common.min(shared_start(&r.prompt, first)),
+                common: with.common.min(shared),
                 held: with.held.max(held),
             };
         }
@@ -287,7 +290,7 @@ struct Together {
 /// schedules and mixes it): a longer prompt runs in parts, each in one pass with a step of the
 /// batch, so that the streams running meanwhile go on instead of waiting for all of it; the
 /// first of several prompts sent at once gets its first token after at most this many
-/// positions of the next ones.
+/// positions of the next ones a step (half of them, of prompts that start beside it).
 const JOIN_POSITIONS: usize = 128;
 
 /// The jobs generating together, in the order they joined, and their rows: each job's in the
@@ -541,33 +544,41 @@ fn fail(mut jobs: Vec<Running>, e: EngineError) {
 /// Runs one pass (see [`Llama::forward_parts`]): the batch's decode `step`, when rows decode,
 /// and the next part of each joining run, at most `budget` positions of them, planned newest
 /// run first (those that started beside the others fit in half of it; the oldest takes the
-/// rest); returns the step's logits. A pass that fails hands every joining job the error.
+/// rest); returns the step's logits. A pass that fails hands every joining job the error; a run
+/// that fails before or after it, its own jobs.
 fn pass(joining: &mut Vec<Joining>, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, step: Option<Part>) -> Result<Option<Tensor>> {
-    let ran = run_parts(joining, model, prompt_cache, budget, step);
-    if let Err(e) = &ran {
-        for Joining { jobs, .. } in std::mem::take(joining) {
-            fail(jobs, EngineError::Generation(e.to_string()));
-        }
-    }
-    ran
-}
-
-fn run_parts(joining: &mut [Joining], model: &Llama, prompt_cache: &mut PromptCache, budget: usize, step: Option<Part>) -> Result<Option<Tensor>> {
     let mut left = budget;
-    for joining in joining.iter_mut().rev() {
-        left = left.saturating_sub(joining.run.plan(model, left)?);
+    for i in (0..joining.len()).rev() {
+        match joining[i].run.plan(model, left) {
+            Ok(planned) => left = left.saturating_sub(planned),
+            Err(e) => fail(joining.remove(i).jobs, e),
+        }
     }
     let started = Instant::now();
     let stepped = step.is_some();
     let mut parts: Vec<Part> = step.into_iter().chain(joining.iter_mut().filter_map(|joining| joining.run.part())).collect();
-    let mut logits = model.forward_parts(&mut parts)?.into_iter();
+    let ran = model.forward_parts(&mut parts);
     drop(parts);
-    let step_logits = if stepped { logits.next().flatten() } else { None };
-    for Joining { jobs, run, unshared } in joining {
-        if run.is_planned() {
-            run.ran(cache_for(unshared, prompt_cache), logits.next().flatten())?;
-            add_prefill(jobs, started);
+    let mut logits = match ran {
+        Ok(logits) => logits.into_iter(),
+        Err(e) => {
+            for Joining { jobs, .. } in std::mem::take(joining) {
+                fail(jobs, EngineError::Generation(e.to_string()));
+            }
+            return Err(e);
         }
+    };
+    let step_logits = if stepped { logits.next().flatten() } else { None };
+    for Joining { mut jobs, mut run, mut unshared } in std::mem::take(joining) {
+        if run.is_planned() {
+            let recorded = run.ran(cache_for(&mut unshared, prompt_cache), logits.next().flatten());
+            add_prefill(&mut jobs, started);
+            if let Err(e) = recorded {
+                fail(jobs, e);
+                continue;
+            }
+        }
+        joining.push(Joining { jobs, run, unshared });
     }
     Ok(step_logits)
 }
