@@ -400,7 +400,8 @@ impl<'a> Batch<'a> {
     /// rows of those through.
     fn prefill(&mut self, model: &Llama, prompt_cache: &mut PromptCache) {
         // A pass that fails hands its jobs the error itself.
-        let _ = pass(&mut self.joining, model, prompt_cache, PREFILL_POSITIONS, None);
+        let positions = self.step_positions();
+        let _ = pass(&mut self.joining, model, prompt_cache, positions, None);
         self.join_through(prompt_cache);
     }
 
@@ -446,6 +447,7 @@ impl<'a> Batch<'a> {
     }
 
     fn try_step(&mut self, model: &Llama, tokenizer: &Tokenizer, prompt_cache: &mut PromptCache) -> Result<()> {
+        let positions = self.step_positions();
         let batch_rows = self.rows.as_mut().expect("a batch with jobs has rows");
         let logits = batch_rows.logits.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(logits.len());
@@ -521,7 +523,7 @@ impl<'a> Batch<'a> {
         }
         let input = Tensor::from_vec(next, (keep.len(), 1), model.device())?;
         let step = Part { tokens: &input, padding: &batch_rows.padding, cache: &mut batch_rows.cache, logits: Some(Logits::Last) };
-        let logits = pass(&mut self.joining, model, prompt_cache, JOIN_POSITIONS, Some(step))?;
+        let logits = pass(&mut self.joining, model, prompt_cache, positions, Some(step))?;
         batch_rows.logits = logits.ok_or_else(|| EngineError::Generation("a decode step gave no logits".into()))?;
         for job in &mut self.jobs {
             job.stats.decode_steps += 1;
