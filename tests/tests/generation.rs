@@ -426,19 +426,20 @@ fn jobs_that_wait_together_start_together() {
     assert_generated_as_alone(&loaded, &results, &jobs.iter().collect::<Vec<_>>());
 }
 
-/// Jobs that come while a long prompt joins start beside it when what they run fits in half of
-/// a step: S, a short prompt, and Q, the next turn of P's conversation (P's row in the prompt
-/// cache), get their first tokens before B, a 600-token prompt that came with them, while A
-/// decodes between B's parts. Q runs apart from S (together they would share no start, and
-/// Q would lose what the cache holds). Each generates what it generates alone.
+/// Jobs that come while a long prompt joins start beside it when they run less than half of
+/// what it has left: S, a 150-token prompt (more than a step's half, so in parts), and Q, the
+/// next turn of P's conversation (P's row in the prompt cache), get their first tokens before
+/// B, a 600-token prompt that came with them, while A decodes between B's parts. Q runs apart
+/// from S (together they would share no start, and Q would lose what the cache holds). Each
+/// generates what it generates alone.
 #[test]
-fn short_prompts_that_come_while_a_long_one_joins_start_beside_it() {
+fn shorter_prompts_that_come_while_a_long_one_joins_start_beside_it() {
     let loaded = llama3();
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let p = vec![greedy(ids(200, 7), 2)];
     let a = vec![greedy(ids(8, 1), 40)];
     let b = vec![greedy(ids(600, 2), 3)];
-    let s = vec![greedy(ids(20, 3), 4)];
+    let s = vec![greedy(ids(150, 3), 4)];
     let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
     let next_turn = |p: &Completion| vec![greedy([ids(200, 7), p.token_ids.clone(), ids(20, 9)].concat(), 4)];
     let mut offered = 0;
@@ -465,6 +466,49 @@ fn short_prompts_that_come_while_a_long_one_joins_start_beside_it() {
     assert_eq!(results[&4].1.cached_prompt_tokens, 200 + 2 - 1, "Q starts from P's row");
     let q = next_turn(&results[&0].0[0]);
     assert_generated_as_alone(&loaded, &results, &[&p, &a, &b, &s, &q]);
+}
+
+/// A long prompt keeps at least half of each step however many shorter ones start beside it,
+/// and those run in the order they came: while two 60-token prompts come every step, B (600
+/// positions) gets its first token within 600 / 64 steps and one, and the 60-token prompts get
+/// theirs in the order they were offered.
+#[test]
+fn a_long_prompt_keeps_half_of_each_step_however_many_start_beside_it() {
+    let loaded = llama3();
+    let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+    let a = vec![greedy(ids(8, 1), 40)];
+    let b = vec![greedy(ids(600, 2), 1)];
+    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (mut offered, mut a_at_b, mut this_step) = (0, 0, (0, 0));
+    generate_jobs(model, tokenizer, &mut PromptCache::default(), 64, |_| {
+        let a_tokens = tokens.borrow().iter().filter(|&&j| j == 0).count();
+        let requests = match offered {
+            0 => a.clone(),
+            1 if a_tokens >= 2 => {
+                a_at_b = a_tokens;
+                b.clone()
+            }
+            2..26 if a_tokens > a_at_b => {
+                if this_step.0 != a_tokens {
+                    this_step = (a_tokens, 0);
+                }
+                if this_step.1 == 2 {
+                    return None;
+                }
+                this_step.1 += 1;
+                vec![greedy(ids(60, offered), 1)]
+            }
+            _ => return None,
+        };
+        offered += 1;
+        Some(Job { requests, cache_prompt: false, handler: Box::new(Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() }) })
+    });
+
+    let tokens = tokens.borrow();
+    let first = |j: usize| tokens.iter().position(|&t| t == j).unwrap();
+    let a_tokens_before_b = tokens[..first(1)].iter().filter(|&&t| t == 0).count();
+    assert!(a_tokens_before_b - a_at_b <= 600 / 64 + 1, "B waited {} steps: {tokens:?}", a_tokens_before_b - a_at_b);
+    assert!((3..26).all(|j| first(j - 1) < first(j)), "the shorter prompts end in the order they came: {tokens:?}");
 }
 
 /// The next turns of two conversations that wait together (nothing else runs) each start from

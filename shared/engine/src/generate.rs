@@ -175,10 +175,10 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// every joining run's next part (see [`pass`]). The jobs waiting when prompts can start start
 /// together (see [`starting`]): their prompts run as one, a start they share once. Jobs that
 /// come while prompts join start beside them, each run in the same passes, when what they run
-/// fits in half of a step's positions and of what the oldest joining run has left (short
-/// prompts, conversations' next turns whose starts the prompt cache holds, behind a long
-/// prompt): their first tokens do not wait for the long prompt's parts, which take at least the
-/// other half of each step. A job starts when the batch is empty or keeps within
+/// is less than half of what the oldest joining run has left (shorter prompts, conversations'
+/// next turns whose starts the prompt cache holds, behind a long prompt): they share half of
+/// each step's positions, the long prompt's parts take the other half, and their first tokens
+/// do not wait for all of its parts. A job starts when the batch is empty or keeps within
 /// `max_rows` sequences with it; else it waits, and the jobs behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
@@ -214,8 +214,9 @@ pub fn generate_jobs<'a>(
                     // end after 2p and f + p; after the front, after f + p and f. Starting
                     // beside it lowers the two first tokens' total wait only when p < f / 2
                     // (equal conversation turns that came at once and started together got
-                    // their first tokens later than one after another).
-                    let room = (positions.min(front.run.left()).saturating_sub(1) / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
+                    // their first tokens later than one after another). Runs beside the front
+                    // share half of each pass (see `pass`), so p may take several.
+                    let room = (front.run.left().saturating_sub(1) / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
                     starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, room, true)
                 }
             };
@@ -387,12 +388,8 @@ impl<'a> Batch<'a> {
     /// Drops each run of joining jobs whose callers all went away (one of several goes on, to
     /// end at its first token), leaving what ran of its prompt to the prompt cache.
     fn drop_abandoned(&mut self, prompt_cache: &mut PromptCache) {
-        for Joining { jobs, run, mut unshared } in std::mem::take(&mut self.joining) {
-            if jobs.iter().all(|job| job.handler.cancelled()) {
-                run.abandon(cache_for(&mut unshared, prompt_cache));
-            } else {
-                self.joining.push(Joining { jobs, run, unshared });
-            }
+        for Joining { run, mut unshared, .. } in self.joining.extract_if(.., |joining| joining.jobs.iter().all(|job| job.handler.cancelled())) {
+            run.abandon(cache_for(&mut unshared, prompt_cache));
         }
     }
 
@@ -407,11 +404,8 @@ impl<'a> Batch<'a> {
 
     /// The rows of the joining jobs whose prompts are through join the batch's.
     fn join_through(&mut self, prompt_cache: &mut PromptCache) {
-        for Joining { mut jobs, run, mut unshared } in std::mem::take(&mut self.joining) {
-            if !run.is_through() {
-                self.joining.push(Joining { jobs, run, unshared });
-                continue;
-            }
+        let through: Vec<Joining> = self.joining.extract_if(.., |joining| joining.run.is_through()).collect();
+        for Joining { mut jobs, run, mut unshared } in through {
             let started = Instant::now();
             let joined = run.into_rows(cache_for(&mut unshared, prompt_cache)).and_then(|new| self.joined(new));
             add_prefill(&mut jobs, started);
@@ -544,18 +538,26 @@ fn fail(mut jobs: Vec<Running>, e: EngineError) {
 }
 
 /// Runs one pass (see [`Llama::forward_parts`]): the batch's decode `step`, when rows decode,
-/// and the next part of each joining run, at most `budget` positions of them, planned newest
-/// run first (those that started beside the others fit in half of it; the oldest takes the
-/// rest); returns the step's logits. A pass that fails hands every joining job the error; a run
-/// that fails before or after it, its own jobs.
+/// and the next part of each joining run, at most `budget` positions of them: the oldest run's
+/// first, which leaves the runs that started beside it what they have left, up to half of the
+/// budget, and takes the rest; theirs next, oldest first. Returns the step's logits. A pass that
+/// fails hands every joining job the error; a run that fails before or after it, its own jobs.
 fn pass(joining: &mut Vec<Joining>, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, step: Option<Part>) -> Result<Option<Tensor>> {
-    let mut left = budget;
-    for i in (0..joining.len()).rev() {
-        match joining[i].run.plan(model, left) {
-            Ok(planned) => left = left.saturating_sub(planned),
-            Err(e) => fail(joining.remove(i).jobs, e),
+    let beside = joining.iter().skip(1).map(|joining| joining.run.left()).sum::<usize>().min(budget / 2);
+    let (mut left, mut oldest) = (budget, true);
+    joining.retain_mut(|Joining { jobs, run, .. }| {
+        let allowed = if std::mem::take(&mut oldest) { budget - beside } else { left };
+        match run.plan(model, allowed) {
+            Ok(planned) => {
+                left = left.saturating_sub(planned);
+                true
+            }
+            Err(e) => {
+                fail(std::mem::take(jobs), e);
+                false
+            }
         }
-    }
+    });
     let started = Instant::now();
     let stepped = step.is_some();
     let mut parts: Vec<Part> = step.into_iter().chain(joining.iter_mut().filter_map(|joining| joining.run.part())).collect();
@@ -571,17 +573,20 @@ fn pass(joining: &mut Vec<Joining>, model: &Llama, prompt_cache: &mut PromptCach
         }
     };
     let step_logits = if stepped { logits.next().flatten() } else { None };
-    for Joining { mut jobs, mut run, mut unshared } in std::mem::take(joining) {
-        if run.is_planned() {
-            let recorded = run.ran(cache_for(&mut unshared, prompt_cache), logits.next().flatten());
-            add_prefill(&mut jobs, started);
-            if let Err(e) = recorded {
-                fail(jobs, e);
-                continue;
+    joining.retain_mut(|Joining { jobs, run, unshared }| {
+        if !run.is_planned() {
+            return true;
+        }
+        let recorded = run.ran(cache_for(unshared, prompt_cache), logits.next().flatten());
+        add_prefill(jobs, started);
+        match recorded {
+            Ok(()) => true,
+            Err(e) => {
+                fail(std::mem::take(jobs), e);
+                false
             }
         }
-        joining.push(Joining { jobs, run, unshared });
-    }
+    });
     Ok(step_logits)
 }
 
