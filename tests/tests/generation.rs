@@ -429,9 +429,9 @@ fn jobs_that_wait_together_start_together() {
 /// Jobs that come while a long prompt joins start beside it when they run less than half of
 /// what it has left: S, a 150-token prompt (more than a step's half, so in parts), and Q, the
 /// next turn of P's conversation (P's row in the prompt cache), get their first tokens before
-/// B, a 600-token prompt that came with them, while A decodes between B's parts. Q runs apart
-/// from S (together they would share no start, and Q would lose what the cache holds). Each
-/// generates what it generates alone.
+/// B, a 600-token prompt that came with them, while A decodes between B's parts; Q, which runs
+/// fewer positions, before S. Q runs apart from S (together they would share no start, and Q
+/// would lose what the cache holds). Each generates what it generates alone.
 #[test]
 fn shorter_prompts_that_come_while_a_long_one_joins_start_beside_it() {
     let loaded = llama3();
@@ -461,6 +461,7 @@ fn shorter_prompts_that_come_while_a_long_one_joins_start_beside_it() {
     let (tokens, results) = (tokens.borrow(), results.borrow());
     let first = |j: usize| tokens.iter().position(|&t| t == j).unwrap();
     assert!(first(3) < first(2) && first(4) < first(2), "S and Q do not wait for B's parts: {tokens:?}");
+    assert!(first(4) < first(3), "Q, with fewer positions to run, goes before S: {tokens:?}");
     let a_tokens_before_b = tokens[..first(2)].iter().filter(|&&t| t == 1).count();
     assert!(a_tokens_before_b >= 2 + 4, "A decodes between B's parts: {tokens:?}");
     assert_eq!(results[&4].1.cached_prompt_tokens, 200 + 2 - 1, "Q starts from P's row");
@@ -469,9 +470,9 @@ fn shorter_prompts_that_come_while_a_long_one_joins_start_beside_it() {
 }
 
 /// A long prompt keeps at least half of each step however many shorter ones start beside it,
-/// and those run in the order they came: while two 60-token prompts come every step, B (600
-/// positions) gets its first token within 600 / 64 steps and one, and the 60-token prompts get
-/// theirs in the order they were offered.
+/// and those that start beside it run the older first when alike: while a 120-token prompt comes
+/// every step, B (600 positions) gets its first token within 600 / 64 steps (rounded up) and
+/// one, after the first of them, and the 120-token prompts get theirs in the order they came.
 #[test]
 fn a_long_prompt_keeps_half_of_each_step_however_many_start_beside_it() {
     let loaded = llama3();
@@ -479,7 +480,7 @@ fn a_long_prompt_keeps_half_of_each_step_however_many_start_beside_it() {
     let a = vec![greedy(ids(8, 1), 40)];
     let b = vec![greedy(ids(600, 2), 1)];
     let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
-    let (mut offered, mut a_at_b, mut this_step) = (0, 0, (0, 0));
+    let (mut offered, mut a_at_b, mut a_at_last) = (0, 0, 0);
     generate_jobs(model, tokenizer, &mut PromptCache::default(), 64, |_| {
         let a_tokens = tokens.borrow().iter().filter(|&&j| j == 0).count();
         let requests = match offered {
@@ -488,15 +489,9 @@ fn a_long_prompt_keeps_half_of_each_step_however_many_start_beside_it() {
                 a_at_b = a_tokens;
                 b.clone()
             }
-            2..26 if a_tokens > a_at_b => {
-                if this_step.0 != a_tokens {
-                    this_step = (a_tokens, 0);
-                }
-                if this_step.1 == 2 {
-                    return None;
-                }
-                this_step.1 += 1;
-                vec![greedy(ids(60, offered), 1)]
+            2..14 if a_tokens > a_at_last.max(a_at_b) => {
+                a_at_last = a_tokens;
+                vec![greedy(ids(120, offered), 1)]
             }
             _ => return None,
         };
@@ -506,9 +501,10 @@ fn a_long_prompt_keeps_half_of_each_step_however_many_start_beside_it() {
 
     let tokens = tokens.borrow();
     let first = |j: usize| tokens.iter().position(|&t| t == j).unwrap();
-    let a_tokens_before_b = tokens[..first(1)].iter().filter(|&&t| t == 0).count();
-    assert!(a_tokens_before_b - a_at_b <= 600 / 64 + 1, "B waited {} steps: {tokens:?}", a_tokens_before_b - a_at_b);
-    assert!((3..26).all(|j| first(j - 1) < first(j)), "the shorter prompts end in the order they came: {tokens:?}");
+    let b_waited = tokens[..first(1)].iter().filter(|&&t| t == 0).count() - a_at_b;
+    assert!(b_waited <= 600_usize.div_ceil(64) + 1, "B waited {b_waited} steps: {tokens:?}");
+    assert!(first(2) < first(1), "the first 120-token prompt ran beside B: {tokens:?}");
+    assert!((3..14).all(|j| first(j - 1) < first(j)), "the 120-token prompts end in the order they came: {tokens:?}");
 }
 
 /// The next turns of two conversations that wait together (nothing else runs) each start from

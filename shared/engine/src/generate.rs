@@ -176,9 +176,9 @@ impl<F: FnMut(TokenEvent<'_>) -> ControlFlow<()>> JobHandler for Collect<'_, F> 
 /// together (see [`starting`]): their prompts run as one, a start they share once. Jobs that
 /// come while prompts join start beside them, each run in the same passes, when what they run
 /// is less than half of what the oldest joining run has left (shorter prompts, conversations'
-/// next turns whose starts the prompt cache holds, behind a long prompt): they share half of
-/// each step's positions, the long prompt's parts take the other half, and their first tokens
-/// do not wait for all of its parts. A job starts when the batch is empty or keeps within
+/// next turns whose starts the prompt cache holds, behind a long prompt): they share up to half
+/// of each step's positions, the long prompt's parts take the rest, and their first tokens do
+/// not wait for all of its parts. A job starts when the batch is empty or keeps within
 /// `max_rows` sequences with it; else it waits, and the jobs behind it too.
 ///
 /// `next_job(idle)` may wait for a job when `idle` (nothing generates), and `None` then ends
@@ -540,24 +540,26 @@ fn fail(mut jobs: Vec<Running>, e: EngineError) {
 /// Runs one pass (see [`Llama::forward_parts`]): the batch's decode `step`, when rows decode,
 /// and the next part of each joining run, at most `budget` positions of them: the oldest run's
 /// first, which leaves the runs that started beside it what they have left, up to half of the
-/// budget, and takes the rest; theirs next, oldest first. Returns the step's logits. A pass that
-/// fails hands every joining job the error; a run that fails before or after it, its own jobs.
+/// budget, and takes the rest; theirs next, the one with the fewest positions left first (as
+/// the rule that starts them beside the oldest, this gives their first tokens the least total
+/// wait), the older of two alike. Returns the step's logits. A pass that fails hands every
+/// joining job the error; a run that fails before or after it, its own jobs.
 fn pass(joining: &mut Vec<Joining>, model: &Llama, prompt_cache: &mut PromptCache, budget: usize, step: Option<Part>) -> Result<Option<Tensor>> {
     let beside = joining.iter().skip(1).map(|joining| joining.run.left()).sum::<usize>().min(budget / 2);
-    let (mut left, mut oldest) = (budget, true);
-    joining.retain_mut(|Joining { jobs, run, .. }| {
-        let allowed = if std::mem::take(&mut oldest) { budget - beside } else { left };
-        match run.plan(model, allowed) {
-            Ok(planned) => {
-                left = left.saturating_sub(planned);
-                true
-            }
-            Err(e) => {
-                fail(std::mem::take(jobs), e);
-                false
-            }
+    let mut order: Vec<usize> = (0..joining.len()).collect();
+    order.sort_by_key(|&i| (i > 0, joining[i].run.left()));
+    let (mut left, mut failed) = (budget, Vec::new());
+    for i in order {
+        match joining[i].run.plan(model, if i == 0 { budget - beside } else { left }) {
+            Ok(planned) => left = left.saturating_sub(planned),
+            Err(e) => failed.push((i, e)),
         }
-    });
+    }
+    // From the last, so that the other indices stay.
+    failed.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+    for (i, e) in failed {
+        fail(joining.remove(i).jobs, e);
+    }
     let started = Instant::now();
     let stepped = step.is_some();
     let mut parts: Vec<Part> = step.into_iter().chain(joining.iter_mut().filter_map(|joining| joining.run.part())).collect();
