@@ -215,7 +215,7 @@ pub fn generate_jobs<'a>(
                     // beside it lowers the two first tokens' total wait only when p < f / 2
                     // (equal conversation turns that came at once and started together got
                     // their first tokens later than one after another). Runs beside the front
-                    // share half of each pass (see `pass`), so p may take several.
+                    // share up to half of each pass (see `pass`), so p may take several.
                     let room = (front.run.left().saturating_sub(1) / 2).saturating_sub(cut_in.iter().map(|joining| joining.run.left()).sum());
                     starting(&mut waiting, prompt_cache, batch.sequences(), max_rows, room, true)
                 }
