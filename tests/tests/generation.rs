@@ -262,11 +262,27 @@ fn ids(n: usize, seed: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + seed) % 5000 + 10) as u32).collect()
 }
 
-/// A test job's handler: the order of all jobs' tokens, and each job's result.
+/// Each token's job, in the order all of a test's jobs sampled them.
+type Tokens = Rc<RefCell<Vec<usize>>>;
+/// Each job's result.
+type Results = Rc<RefCell<HashMap<usize, Generated>>>;
+
+/// Empty lists for a test's [`Recorder`]s.
+fn recording() -> (Tokens, Results) {
+    (Rc::default(), Rc::default())
+}
+
+/// A test job's handler: records into [`recording`]'s lists.
 struct Recorder {
     job: usize,
-    tokens: Rc<RefCell<Vec<usize>>>,
-    results: Rc<RefCell<HashMap<usize, Generated>>>,
+    tokens: Tokens,
+    results: Results,
+}
+
+impl Recorder {
+    fn new(job: usize, tokens: &Tokens, results: &Results) -> Self {
+        Self { job, tokens: tokens.clone(), results: results.clone() }
+    }
 }
 
 impl JobHandler for Recorder {
@@ -322,11 +338,11 @@ fn jobs_join_a_running_batch_and_generate_as_alone() {
     let a = vec![request(&encode("In a land far away, long before the rivers had names"), 16)];
     let b = vec![request(&encode("Once upon a time"), 4)];
     let d = vec![request(&encode("Hello"), 3), request(&encode("The quick brown fox jumps over"), 5)];
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     let job = |job: usize, requests: &Vec<GenerationRequest>| Job {
         requests: requests.clone(),
         cache_prompt: true,
-        handler: Box::new(Recorder { job, tokens: tokens.clone(), results: results.clone() }),
+        handler: Box::new(Recorder::new(job, &tokens, &results)),
     };
     let next_turn = |b: &Completion| {
         let turn = [b.token_ids.clone(), tokenizer.encode(" and then", false).unwrap()].concat();
@@ -370,7 +386,7 @@ fn long_prompts_run_in_parts_between_decode_steps() {
     let a = vec![greedy(ids(8, 1), 40)];
     let b = vec![greedy(ids(600, 2), 3)];
     let c = vec![greedy([ids(300, 3), ids(20, 4)].concat(), 3), greedy([ids(300, 3), ids(24, 5)].concat(), 3)];
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     /// Marks in `tokens` where a job was offered.
     const OFFERED: usize = 100;
     let mut offered = 0;
@@ -384,7 +400,7 @@ fn long_prompts_run_in_parts_between_decode_steps() {
         };
         offered += 1;
         tokens.borrow_mut().push(OFFERED + job);
-        Some(Job { requests: requests.clone(), cache_prompt: false, handler: Box::new(Recorder { job, tokens: tokens.clone(), results: results.clone() }) })
+        Some(Job { requests: requests.clone(), cache_prompt: false, handler: Box::new(Recorder::new(job, &tokens, &results)) })
     });
 
     let tokens = tokens.borrow();
@@ -409,13 +425,13 @@ fn jobs_that_wait_together_start_together() {
     let start = ids(64, 1);
     let after_start = |tail: usize, seed: usize| vec![greedy([start.clone(), ids(tail, seed)].concat(), 4)];
     let jobs = [after_start(10, 2), after_start(14, 3), after_start(20, 4), vec![greedy(ids(400, 5), 4)], after_start(8, 6)];
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     let mut offered = 0;
     generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
         let ready = offered < 4 || !tokens.borrow().is_empty();
         (offered < jobs.len() && ready).then(|| {
             offered += 1;
-            let handler = Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() };
+            let handler = Recorder::new(offered - 1, &tokens, &results);
             Job { requests: jobs[offered - 1].clone(), cache_prompt: true, handler: Box::new(handler) }
         })
     });
@@ -440,7 +456,7 @@ fn shorter_prompts_that_come_while_a_long_one_joins_start_beside_it() {
     let a = vec![greedy(ids(8, 1), 40)];
     let b = vec![greedy(ids(600, 2), 3)];
     let s = vec![greedy(ids(150, 3), 4)];
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     let next_turn = |p: &Completion| vec![greedy([ids(200, 7), p.token_ids.clone(), ids(20, 9)].concat(), 4)];
     let mut offered = 0;
     generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
@@ -455,7 +471,7 @@ fn shorter_prompts_that_come_while_a_long_one_joins_start_beside_it() {
             _ => return None,
         };
         offered += 1;
-        Some(Job { requests, cache_prompt: true, handler: Box::new(Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() }) })
+        Some(Job { requests, cache_prompt: true, handler: Box::new(Recorder::new(offered - 1, &tokens, &results)) })
     });
 
     let (tokens, results) = (tokens.borrow(), results.borrow());
@@ -479,7 +495,7 @@ fn a_long_prompt_keeps_half_of_each_step_however_many_start_beside_it() {
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let a = vec![greedy(ids(8, 1), 40)];
     let b = vec![greedy(ids(600, 2), 1)];
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     let (mut offered, mut a_at_b, mut a_at_last) = (0, 0, 0);
     generate_jobs(model, tokenizer, &mut PromptCache::default(), 64, |_| {
         let a_tokens = tokens.borrow().iter().filter(|&&j| j == 0).count();
@@ -496,7 +512,7 @@ fn a_long_prompt_keeps_half_of_each_step_however_many_start_beside_it() {
             _ => return None,
         };
         offered += 1;
-        Some(Job { requests, cache_prompt: false, handler: Box::new(Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() }) })
+        Some(Job { requests, cache_prompt: false, handler: Box::new(Recorder::new(offered - 1, &tokens, &results)) })
     });
 
     let tokens = tokens.borrow();
@@ -521,13 +537,9 @@ fn next_turns_that_wait_together_each_start_from_their_own_conversation() {
         let (completions, _) = generate_cached(model, tokenizer, std::slice::from_ref(first), &mut prompt_cache, |_| ControlFlow::Continue(())).unwrap();
         turns.push(vec![greedy([first.prompt.clone(), completions[0].token_ids.clone(), ids(10, 3)].concat(), 3)]);
     }
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     let mut waiting: Vec<Job> = (0..2)
-        .map(|job| Job {
-            requests: turns[job].clone(),
-            cache_prompt: true,
-            handler: Box::new(Recorder { job, tokens: tokens.clone(), results: results.clone() }) as Box<dyn JobHandler>,
-        })
+        .map(|job| Job { requests: turns[job].clone(), cache_prompt: true, handler: Box::new(Recorder::new(job, &tokens, &results)) as Box<dyn JobHandler> })
         .collect();
     generate_jobs(model, tokenizer, &mut prompt_cache, 8, |_| (!waiting.is_empty()).then(|| waiting.remove(0)));
     let results = results.borrow();
@@ -565,12 +577,12 @@ fn a_prompt_abandoned_while_it_runs_leaves_what_ran_to_the_prompt_cache() {
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let a = vec![greedy(ids(8, 1), 40)];
     let b = vec![greedy(ids(600, 2), 3)];
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     let gone = Rc::new(Cell::new(false));
     let mut offered = 0;
     generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
         let a_tokens = tokens.borrow().iter().filter(|&&j| j == 0).count();
-        let recorder = |job| Recorder { job, tokens: tokens.clone(), results: results.clone() };
+        let recorder = |job| Recorder::new(job, &tokens, &results);
         let job: Box<dyn JobHandler> = match offered {
             0 => Box::new(recorder(0)),
             1 if a_tokens >= 2 => Box::new(Abandoning { recorder: recorder(1), gone: gone.clone() }),
@@ -600,7 +612,7 @@ fn a_row_left_to_the_prompt_cache_serves_the_next_prompt() {
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let request = |prompt: Vec<u32>, max_tokens| GenerationRequest { prompt, max_tokens, ignore_eos: true, ..Default::default() };
     let jobs = [vec![request(ids(300, 1), 8)], vec![request(ids(253, 2), 4)], vec![request([&ids(253, 2)[..100], &[7, 8, 9]].concat(), 2)]];
-    let (tokens, results) = (Rc::new(RefCell::new(Vec::new())), Rc::new(RefCell::new(HashMap::new())));
+    let (tokens, results) = recording();
     let mut offered = 0;
     generate_jobs(model, tokenizer, &mut PromptCache::default(), 8, |_| {
         let ready = match offered {
@@ -610,7 +622,7 @@ fn a_row_left_to_the_prompt_cache_serves_the_next_prompt() {
         };
         (offered < jobs.len() && ready).then(|| {
             offered += 1;
-            let handler = Recorder { job: offered - 1, tokens: tokens.clone(), results: results.clone() };
+            let handler = Recorder::new(offered - 1, &tokens, &results);
             Job { requests: jobs[offered - 1].clone(), cache_prompt: true, handler: Box::new(handler) }
         })
     });
