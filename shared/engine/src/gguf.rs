@@ -14,7 +14,7 @@ use candle_core::Device;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{EngineError, Result};
-use crate::weights::{kernel_type, FileBytes, InPlace, TensorName, Weight, WeightSource};
+use crate::weights::{kernel_format, FileBytes, InPlace, TensorName, Weight, WeightSource};
 
 /// An opened GGUF file: its metadata and tensor directory over the whole file's bytes (memory
 /// mapped, or downloaded), from which tensors are read on demand, in place where the kernels
@@ -255,12 +255,12 @@ impl WeightSource for GgufSource<'_> {
         let Some(info) = self.file.content.tensor_infos.get(&key) else {
             return Ok(None);
         };
-        if let (Some(ty), &[rows, cols]) = (kernel_type(info.ggml_dtype), info.shape.dims()) {
-            if self.device.is_cpu() && cols % ty.block_values() == 0 {
+        if let (Some(format), &[rows, cols]) = (kernel_format(info.ggml_dtype), info.shape.dims()) {
+            if self.device.is_cpu() && cols % format.row_multiple() == 0 {
                 // Inside the file: checked with the tensor directory when it was opened.
                 let start = (self.file.content.tensor_data_offset + info.offset) as usize;
-                let range = start..start + rows * ty.row_bytes(cols);
-                return Ok(Some(Weight::InPlace(InPlace::new(self.file.bytes.clone(), range, ty, vec![rows, cols]))));
+                let range = start..start + rows * format.row_bytes(cols);
+                return Ok(Some(Weight::InPlace(InPlace::new(self.file.bytes.clone(), range, format, vec![rows, cols]))));
             }
         }
         let tensor = self.file.content.tensor(&mut self.file.reader, &key, &self.device).map_err(|e| EngineError::tensor(&key, e))?;

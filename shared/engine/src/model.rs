@@ -7,13 +7,13 @@ use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, DType, Device, Layout, Module, Storage, Tensor};
-use llm_kernels::{AttentionShape, CachedKv, QMatrix};
+use llm_kernels::{AttentionShape, CachedKv, Matrix, WeightFormat};
 
 use crate::adapter::{layer_module, PeftAdapter};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::rope::{interleave_heads, Rope, RopeLayout};
-use crate::weights::{check_dims, kernel_type, load_expected, quantize_weight, InPlace, LayerTensor, TensorName, Weight, WeightSource};
+use crate::weights::{check_dims, kernel_format, load_expected, quantize_weight, InPlace, LayerTensor, TensorName, Weight, WeightSource};
 
 /// A weight matrix `[out, in]` applied as `x · Wᵀ`, dense or quantized, plus a LoRA update
 /// when an adapter was applied (kept apart, so a quantized base stays quantized).
@@ -24,8 +24,8 @@ struct Linear {
     lora: Option<LoraDelta>,
 }
 
-/// Who computes `x · Wᵀ`: this project's kernels ([`llm_kernels`]) for the block types they
-/// cover on a CPU they have SIMD code for, candle's for everything else.
+/// Who computes `x · Wᵀ`: this project's kernels ([`llm_kernels`]) for the formats they cover
+/// (GGML blocks, f16) on a CPU they have SIMD code for, candle's for everything else.
 #[derive(Debug, Clone)]
 enum Product {
     Candle(QMatMul),
@@ -37,38 +37,38 @@ impl Product {
         Ok(match weight {
             Weight::Dense(t) => Self::Candle(QMatMul::Tensor(t)),
             Weight::InPlace(t) => Self::Kernels(t),
-            Weight::Quantized(q) => match kernel_type(q.dtype()) {
-                Some(ty) if q.device().is_cpu() => Self::Kernels(InPlace::from_qtensor(&q, ty)?),
+            Weight::Quantized(q) => match kernel_format(q.dtype()) {
+                Some(format) if q.device().is_cpu() => Self::Kernels(InPlace::from_qtensor(&q, format)?),
                 _ => Self::Candle(QMatMul::from_arc(q)?),
             },
         })
     }
 
     /// `x · Wᵀ` for each of `products` (`[out, in]` weights), which take the same `x`: those of
-    /// the kernels in one [`llm_kernels::matmuls`] (one job of the compute pool, the activations
-    /// quantized once), candle's one by one.
+    /// the kernels in one [`llm_kernels::products`] (one job of the compute pool a format, the
+    /// activations quantized once), candle's one by one.
     fn forward_all<const N: usize>(products: [(&Self, (usize, usize)); N], x: &Tensor) -> Result<[Tensor; N]> {
         let mut outputs: [Option<Tensor>; N] = std::array::from_fn(|_| None);
         let mut kernels = Vec::with_capacity(N);
         for (i, (product, (out, input))) in products.into_iter().enumerate() {
             match product {
                 Self::Candle(m) => outputs[i] = Some(m.forward(x)?),
-                Self::Kernels(t) => kernels.push((i, QMatrix::new(t.ty, out, input, t.bytes()).map_err(kernel_error)?)),
+                Self::Kernels(t) => kernels.push((i, Matrix::new(t.format, out, input, t.bytes()).map_err(kernel_error)?)),
             }
         }
-        if let Some(&(_, first)) = kernels.first() {
+        if !kernels.is_empty() {
             // The kernels take the activations where they lie (weights in place are on the CPU,
             // and so is the model): a copy cost a prompt a fiftieth of its time.
             let x_f32 = x.contiguous()?.to_dtype(DType::F32)?;
             let (storage, layout) = x_f32.storage_and_layout();
             let xs = cpu_f32(&storage, layout)?;
-            let m = xs.len() / first.cols;
-            let mut ys: Vec<Vec<f32>> = kernels.iter().map(|(_, w)| vec![0f32; m * w.rows]).collect();
-            let mut jobs: Vec<(QMatrix, &mut [f32])> = kernels.iter().zip(&mut ys).map(|(&(_, w), y)| (w, y.as_mut_slice())).collect();
-            llm_kernels::matmuls(&mut jobs, xs).map_err(kernel_error)?;
+            let m = xs.len() / x.dims().last().expect("a matrix product's input has a last axis");
+            let mut ys: Vec<Vec<f32>> = kernels.iter().map(|(_, w)| vec![0f32; m * w.rows()]).collect();
+            let mut jobs: Vec<(Matrix, &mut [f32])> = kernels.iter().zip(&mut ys).map(|(&(_, w), y)| (w, y.as_mut_slice())).collect();
+            llm_kernels::products(&mut jobs, xs).map_err(kernel_error)?;
             for ((i, w), y) in kernels.into_iter().zip(ys) {
                 let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("a matrix product's input has a last axis") = w.rows;
+                *dims.last_mut().expect("a matrix product's input has a last axis") = w.rows();
                 outputs[i] = Some(Tensor::from_vec(y, dims, x.device())?);
             }
         }
@@ -96,9 +96,12 @@ impl Linear {
         Ok(Self { weight: Product::new(weight)?, dims, lora: None })
     }
 
-    /// Whether the weights stay in a GGML block format (not dequantized to a dense tensor).
+    /// Whether the weights stay in a GGML block format (not plain f16 or f32 values).
     fn is_quantized(&self) -> bool {
-        matches!(self.weight, Product::Kernels(_) | Product::Candle(QMatMul::QTensor(_)))
+        match &self.weight {
+            Product::Kernels(t) => matches!(t.format, WeightFormat::Blocks(_)),
+            Product::Candle(m) => matches!(m, QMatMul::QTensor(_)),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

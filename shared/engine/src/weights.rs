@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use llm_kernels::BlockType;
+use llm_kernels::{BlockType, WeightFormat};
 
 use crate::error::{EngineError, Result};
 
@@ -121,33 +121,33 @@ impl Weight {
 /// or the object downloaded from S3.
 pub type FileBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
-/// A matrix in a block format the kernels read, left where it lies in its file: loading it
-/// copies nothing, and the file's pages are its only memory.
+/// A matrix in a format the kernels read, left where it lies in its file: loading it copies
+/// nothing, and the file's pages are its only memory.
 #[derive(Clone)]
 pub struct InPlace {
     file: FileBytes,
     range: Range<usize>,
-    pub ty: BlockType,
+    pub format: WeightFormat,
     pub dims: Vec<usize>,
 }
 
 impl std::fmt::Debug for InPlace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InPlace").field("ty", &self.ty).field("dims", &self.dims).field("range", &self.range).finish()
+        f.debug_struct("InPlace").field("format", &self.format).field("dims", &self.dims).field("range", &self.range).finish()
     }
 }
 
 impl InPlace {
-    /// `file[range]`, a `dims` matrix of `ty` blocks (the caller checked the range).
-    pub fn new(file: FileBytes, range: Range<usize>, ty: BlockType, dims: Vec<usize>) -> Self {
-        Self { file, range, ty, dims }
+    /// `file[range]`, a `dims` matrix in `format` (the caller checked the range).
+    pub fn new(file: FileBytes, range: Range<usize>, format: WeightFormat, dims: Vec<usize>) -> Self {
+        Self { file, range, format, dims }
     }
 
-    /// A copy of a candle tensor's blocks (a weight quantized at load time).
-    pub fn from_qtensor(q: &QTensor, ty: BlockType) -> Result<Self> {
+    /// A copy of a candle tensor's bytes (a weight quantized at load time).
+    pub fn from_qtensor(q: &QTensor, format: WeightFormat) -> Result<Self> {
         let bytes = q.data()?.into_owned();
         let range = 0..bytes.len();
-        Ok(Self::new(Arc::new(bytes), range, ty, q.shape().dims().to_vec()))
+        Ok(Self::new(Arc::new(bytes), range, format, q.shape().dims().to_vec()))
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -160,20 +160,21 @@ impl InPlace {
         if i >= rows {
             return Err(EngineError::InvalidRequest(format!("row {i} of a matrix of {rows} rows (a token id outside the vocabulary?)")));
         }
-        let len = self.ty.row_bytes(cols);
-        let row = qtensor_from_ggml(ggml_type(self.ty), &self.bytes()[i * len..(i + 1) * len], vec![cols], &Device::Cpu)?;
+        let len = self.format.row_bytes(cols);
+        let row = qtensor_from_ggml(ggml_type(self.format), &self.bytes()[i * len..(i + 1) * len], vec![cols], &Device::Cpu)?;
         Ok(row.dequantize(&Device::Cpu)?.to_vec1()?)
     }
 
     /// A copy as candle's tensor, for the paths that need one.
     pub fn to_qtensor(&self) -> Result<QTensor> {
-        Ok(qtensor_from_ggml(ggml_type(self.ty), self.bytes(), self.dims.clone(), &Device::Cpu)?)
+        Ok(qtensor_from_ggml(ggml_type(self.format), self.bytes(), self.dims.clone(), &Device::Cpu)?)
     }
 }
 
-/// The kernels' block type for tensors of `dtype`, when they take them on this CPU.
-pub(crate) fn kernel_type(dtype: GgmlDType) -> Option<BlockType> {
+/// The kernels' format for tensors of `dtype`, when they take them on this CPU.
+pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<WeightFormat> {
     let ty = match dtype {
+        GgmlDType::F16 => return llm_kernels::available().then_some(WeightFormat::F16),
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
         GgmlDType::Q4_1 => BlockType::Q4_1,
@@ -186,10 +187,11 @@ pub(crate) fn kernel_type(dtype: GgmlDType) -> Option<BlockType> {
         GgmlDType::Q6K => BlockType::Q6K,
         _ => return None,
     };
-    llm_kernels::available().then_some(ty)
+    llm_kernels::available().then_some(WeightFormat::Blocks(ty))
 }
 
-fn ggml_type(ty: BlockType) -> GgmlDType {
+fn ggml_type(format: WeightFormat) -> GgmlDType {
+    let WeightFormat::Blocks(ty) = format else { return GgmlDType::F16 };
     match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
@@ -234,6 +236,7 @@ pub(crate) fn quantize_weight(weight: Weight, dtype: GgmlDType) -> Result<Weight
     let tensor = match &weight {
         Weight::Dense(t) => t.clone(),
         Weight::Quantized(q) if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => q.dequantize(&q.device())?,
+        Weight::InPlace(t) if t.format == WeightFormat::F16 => weight.to_f32()?,
         // Already quantized by whoever wrote the file: re-quantizing would only add error.
         Weight::Quantized(_) | Weight::InPlace(_) => return Ok(weight),
     };

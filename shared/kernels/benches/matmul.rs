@@ -1,4 +1,5 @@
-//! This crate's products (each kernel set the CPU runs) against candle's on one layer's shapes
+//! This crate's products (each kernel set the CPU runs; every block type, and f16) against
+//! candle's on one layer's shapes
 //! of TinyLlama-1.1B, for a decode step (1 activation row), a decode step of a batch of 2 to 32
 //! sequences (tiles of several activation rows and the rows left over, or panels from a number
 //! of rows that depends on the type and the instructions) and a 128- and a 512-token prompt:
@@ -11,9 +12,9 @@
 mod common;
 use common::{seconds, TYPES};
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use llm_kernels::{matmul_with, Kernels, QMatrix};
+use llm_kernels::{f16_matmuls_with, matmul_with, Kernels, Matrix, WeightFormat};
 
 /// `(name, out, in)`: attention q/o, k/v (GQA), the MLP's gate/up and down.
 const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 256, 2048), ("ffn_up", 5632, 2048), ("ffn_down", 2048, 5632)];
@@ -22,15 +23,16 @@ fn main() {
     let dev = Device::Cpu;
     let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    for (ty, dtype) in TYPES {
+    let formats = TYPES.map(|(ty, dtype)| (format!("{ty:?}"), WeightFormat::Blocks(ty), dtype));
+    for (ty, format, dtype) in formats.into_iter().chain([("F16".to_string(), WeightFormat::F16, GgmlDType::F16)]) {
         for (name, n, k) in SHAPES {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let bytes = q.data().unwrap().into_owned();
-            let ours = QMatrix::new(ty, n, k, &bytes).unwrap();
+            let ours = Matrix::new(format, n, k, &bytes).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
             for m in [1, 2, 4, 5, 7, 8, 12, 16, 24, 32, 128, 512] {
-                let line = format!("{ty:?} {name} {n}x{k} m={m}");
+                let line = format!("{ty} {name} {n}x{k} m={m}");
                 if !wanted.iter().all(|w| line.split(' ').any(|word| word == w)) {
                     continue;
                 }
@@ -40,7 +42,13 @@ fn main() {
                 let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
                 let ours: Vec<String> = kernels
                     .iter()
-                    .map(|&kernels| format!("{kernels:?} {:.1}", gflops(seconds(|| matmul_with(kernels, &ours, &xs, &mut y).unwrap()))))
+                    .map(|&kernels| {
+                        let product = |y: &mut [f32]| match ours {
+                            Matrix::Blocks(w) => matmul_with(kernels, &w, &xs, y).unwrap(),
+                            Matrix::F16(w) => f16_matmuls_with(kernels, &mut [(w, y)], &xs).unwrap(),
+                        };
+                        format!("{kernels:?} {:.1}", gflops(seconds(|| product(&mut y))))
+                    })
                     .collect();
                 let candle = gflops(seconds(|| {
                     theirs.forward(&x).unwrap();

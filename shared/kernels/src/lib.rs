@@ -8,7 +8,8 @@
 //! weight rows × activation rows, so prefill is a matrix product, not repeated vector products.
 //! Work is spread over the crate's own pool of threads ([`threads`]), whose waiting threads soon
 //! give up their CPU (to candle's pool among others), a product's rows in one contiguous share a
-//! thread (`shares`).
+//! thread (`shares`). Matrices of plain `f16` values go through tiles of their own
+//! ([`f16_matmuls`]), in place too, their activations left in `f32`.
 //!
 //! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
 //! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too; on
@@ -56,6 +57,7 @@ mod activations;
 mod attention;
 mod blocks;
 mod exp;
+mod f16_weights;
 mod pool;
 pub mod scalar;
 mod shares;
@@ -70,6 +72,7 @@ use std::sync::OnceLock;
 pub use activations::QuantizedRows;
 pub use attention::{attention, AttentionShape, CachedKv};
 pub use blocks::BlockType;
+pub use f16_weights::{f16_matmuls, f16_matmuls_with, F16Matrix, F16_ROW_MULTIPLE};
 pub use pool::threads;
 pub use swiglu::silu_mul;
 
@@ -195,6 +198,68 @@ impl<'a> QMatrix<'a> {
     }
 }
 
+/// How a matrix the kernels read stores its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    Blocks(BlockType),
+    /// Plain little-endian `f16` values ([`F16Matrix`]).
+    F16,
+}
+
+impl WeightFormat {
+    /// What a row's length must be a whole number of.
+    pub const fn row_multiple(self) -> usize {
+        match self {
+            Self::Blocks(ty) => ty.block_values(),
+            Self::F16 => F16_ROW_MULTIPLE,
+        }
+    }
+
+    pub const fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Self::Blocks(ty) => ty.row_bytes(cols),
+            Self::F16 => 2 * cols,
+        }
+    }
+}
+
+/// A weight matrix in any [`WeightFormat`].
+#[derive(Debug, Clone, Copy)]
+pub enum Matrix<'a> {
+    Blocks(QMatrix<'a>),
+    F16(F16Matrix<'a>),
+}
+
+impl<'a> Matrix<'a> {
+    pub fn new(format: WeightFormat, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
+        Ok(match format {
+            WeightFormat::Blocks(ty) => Self::Blocks(QMatrix::new(ty, rows, cols, bytes)?),
+            WeightFormat::F16 => Self::F16(F16Matrix::new(rows, cols, bytes)?),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Blocks(w) => w.rows,
+            Self::F16(w) => w.rows,
+        }
+    }
+}
+
+/// [`matmuls`] for matrices of any format: those in blocks in one job of the compute pool, those
+/// of `f16` ([`f16_matmuls`]) in another.
+pub fn products(products: &mut [(Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+    let (mut blocks, mut halves) = (Vec::new(), Vec::new());
+    for (w, y) in products.iter_mut() {
+        match *w {
+            Matrix::Blocks(w) => blocks.push((w, &mut **y)),
+            Matrix::F16(w) => halves.push((w, &mut **y)),
+        }
+    }
+    matmuls(&mut blocks, x)?;
+    f16_matmuls(&mut halves, x)
+}
+
 /// `y[m × w.rows] = x[m × w.cols] · Wᵀ`, row-major, on the compute pool, with [`Kernels::best`].
 pub fn matmul(w: &QMatrix, x: &[f32], y: &mut [f32]) -> Result<(), ShapeError> {
     matmuls(&mut [(*w, y)], x)
@@ -222,19 +287,8 @@ pub fn matmuls(products: &mut [(QMatrix, &mut [f32])], x: &[f32]) -> Result<(), 
 /// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
 pub fn matmuls_with(kernels: Kernels, products: &mut [(QMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
+    let m = input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
     let Some(cols) = products.first().map(|(w, _)| w.cols) else { return Ok(()) };
-    if !x.len().is_multiple_of(cols) {
-        return Err(ShapeError(format!("{} activations are not rows of {cols}", x.len())));
-    }
-    let m = x.len() / cols;
-    for (w, y) in products.iter() {
-        if w.cols != cols {
-            return Err(ShapeError(format!("products of one input take rows of {cols} values, not {}", w.cols)));
-        }
-        if y.len() != m * w.rows {
-            return Err(ShapeError(format!("the output of {m}×{} has {} values, not {}", w.rows, m * w.rows, y.len())));
-        }
-    }
     let mut forms: Vec<((usize, Option<activations::Interleaving>), QuantizedRows)> = Vec::new();
     let form_of: Vec<usize> = products
         .iter()
@@ -246,38 +300,51 @@ pub fn matmuls_with(kernels: Kernels, products: &mut [(QMatrix, &mut [f32])], x:
             })
         })
         .collect();
-    // Each work item owns a group of one matrix's weight rows, i.e. the same columns of every
-    // row of that matrix's output, so no two items write the same element.
-    let mut items = 0;
-    let parts: Vec<Part> = products
-        .iter_mut()
-        .zip(form_of)
-        .map(|((w, y), form)| {
-            let group = group_rows(w.rows, m);
-            let part = Part { w: *w, x: &forms[form].1, out: OutPtr(y.as_mut_ptr()), group, first_item: items };
-            items += w.rows.div_ceil(group);
-            part
-        })
-        .collect();
-    shares::in_shares(items, |item| {
-        let part = &parts[parts.partition_point(|p| p.first_item <= item) - 1];
-        let g = item - part.first_item;
-        let rows = g * part.group..part.w.rows.min((g + 1) * part.group);
-        // SAFETY: see above; the outputs outlive the pool's execution, which returns when all
-        // items are done.
-        unsafe { product_rows(kernels, &part.w, part.x, rows, &part.out) };
+    let parts: Vec<(QMatrix, &QuantizedRows, OutPtr<f32>)> =
+        products.iter_mut().zip(form_of).map(|((w, y), form)| (*w, &forms[form].1, OutPtr(y.as_mut_ptr()))).collect();
+    let rows: Vec<usize> = parts.iter().map(|(w, _, _)| w.rows).collect();
+    in_row_groups(&rows, m, |p, rows| {
+        let (w, x, out) = &parts[p];
+        // SAFETY: a group's rows are its own columns of the output, which outlives the pool's
+        // execution; `kernels` run here.
+        unsafe { product_rows(kernels, w, x, rows, out) };
     });
     Ok(())
 }
 
-/// One matrix of [`matmuls_with`]'s job: its work items are `first_item..`, one per `group`
-/// weight rows.
-struct Part<'a> {
-    w: QMatrix<'a>,
-    x: &'a QuantizedRows,
-    out: OutPtr<f32>,
-    group: usize,
-    first_item: usize,
+/// The rows of `x` (`x_len` values) that products of `(weight rows, cols, output values)` take
+/// as their one input, or why they cannot.
+fn input_rows(products: impl Iterator<Item = (usize, usize, usize)>, x_len: usize) -> Result<usize, ShapeError> {
+    let mut input_cols = None;
+    for (rows, cols, y_len) in products {
+        let first = *input_cols.get_or_insert(cols);
+        if cols != first {
+            return Err(ShapeError(format!("products of one input take rows of {first} values, not {cols}")));
+        }
+        if !x_len.is_multiple_of(cols) {
+            return Err(ShapeError(format!("{x_len} activations are not rows of {cols}")));
+        }
+        let m = x_len / cols;
+        if y_len != m * rows {
+            return Err(ShapeError(format!("the output of {m}×{rows} has {} values, not {y_len}", m * rows)));
+        }
+    }
+    Ok(input_cols.map_or(0, |cols| x_len / cols))
+}
+
+/// `f(product, weight rows)` for every group of each product's weight rows (`rows[product]` of
+/// them, against `m` activation rows), in one job of the compute pool. A group's rows are the
+/// same columns of every row of its product's output, so no two groups write the same element.
+fn in_row_groups(rows: &[usize], m: usize, f: impl Fn(usize, std::ops::Range<usize>) + Sync) {
+    let group: Vec<usize> = rows.iter().map(|&r| group_rows(r, m)).collect();
+    // Product p's work items are `first_item[p]..`, one per `group[p]` of its rows.
+    let first_item: Vec<usize> = rows.iter().zip(&group).scan(0, |items, (r, g)| Some(std::mem::replace(items, *items + r.div_ceil(*g)))).collect();
+    let items = rows.iter().zip(&group).map(|(r, g)| r.div_ceil(*g)).sum();
+    shares::in_shares(items, |item| {
+        let p = first_item.partition_point(|&first| first <= item) - 1;
+        let g = item - first_item[p];
+        f(p, g * group[p]..rows[p].min((g + 1) * group[p]));
+    });
 }
 
 /// Weight rows per work item: enough items for the pool to balance, few enough that a group

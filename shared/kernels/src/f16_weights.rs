@@ -1,0 +1,276 @@
+//! Products with `f16` weights (a GGUF's F16 tensors), read in place as the block formats are.
+//!
+//! Each weight becomes `f32` in a register as it is loaded (F16C's `vcvtph2ps`) and meets the
+//! activations as they are, in `f32`, with `f32` sums: llama.cpp rounds the activations to `f16`
+//! first; the conversion here costs nothing it would save. The same tiles as the block formats'
+//! (weight rows × activation rows, the sums in registers for a whole row) make a prompt a matrix
+//! product and a decode step one stream of weights a row.
+//!
+//! Before these, candle took an F16 file's matrices: dequantized to `f32` at load (the load three
+//! times a plain read, peak RSS three times the file) and multiplied by its `f32` matrix product.
+//! TinyLlama's shape, two threads, Ice Lake-SP: decode 2.0 tok/s against llama.cpp's 6.0, prefill
+//! 31.3 against 46.9, load 15.2 s, peak RSS 6,415 MiB for a 2,101 MiB file.
+
+use std::ops::Range;
+
+use crate::{Kernels, OutPtr, ShapeError};
+
+/// Values a row of an [`F16Matrix`] is a whole number of: the widest registers' lanes.
+pub const F16_ROW_MULTIPLE: usize = 16;
+
+/// A weight matrix of `rows` rows of `cols` little-endian `f16` values, row after row.
+#[derive(Debug, Clone, Copy)]
+pub struct F16Matrix<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> F16Matrix<'a> {
+    pub fn new(rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
+        if cols == 0 || !cols.is_multiple_of(F16_ROW_MULTIPLE) {
+            return Err(ShapeError(format!("an f16 row must be a whole number of {F16_ROW_MULTIPLE} values, not {cols}")));
+        }
+        if bytes.len() != 2 * rows * cols {
+            return Err(ShapeError(format!("a {rows}×{cols} f16 matrix takes {} bytes, not {}", 2 * rows * cols, bytes.len())));
+        }
+        Ok(Self { rows, cols, bytes })
+    }
+}
+
+/// [`crate::matmuls_with`] for `f16` weights: `y = x · Wᵀ` for each of `products`, which take
+/// the same `x`, in one job of the compute pool.
+///
+/// # Panics
+/// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
+pub fn f16_matmuls_with(kernels: Kernels, products: &mut [(F16Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+    assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
+    let m = crate::input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
+    let parts: Vec<(F16Matrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
+    let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
+    crate::in_row_groups(&rows, m, |p, rows| {
+        let (w, out) = &parts[p];
+        // SAFETY: each group of rows is its own columns of the output, which outlives the pool's
+        // execution; `kernels` run here.
+        unsafe { product_rows(kernels, w, x, m, rows, out.0) }
+    });
+    Ok(())
+}
+
+/// [`f16_matmuls_with`] with [`Kernels::best`].
+pub fn f16_matmuls(products: &mut [(F16Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+    f16_matmuls_with(Kernels::best(), products, x)
+}
+
+/// Columns `rows` of each of the `m` output rows.
+///
+/// # Safety
+/// `kernels` run here; `out` points to `m × w.rows` values that no other thread writes in these
+/// columns.
+unsafe fn product_rows(kernels: Kernels, w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,fma,f16c")]
+        unsafe fn avx512(w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+            rows_of::<x86::Avx512, 3, 4, 4>(w, x, m, rows, out)
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn avx2(w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+            rows_of::<x86::Avx2, 3, 4, 4>(w, x, m, rows, out)
+        }
+        match kernels {
+            Kernels::Avx512Vnni => return avx512(w, x, m, rows, out),
+            Kernels::Avx2 => return avx2(w, x, m, rows, out),
+            _ => {}
+        }
+    }
+    rows_of::<Portable, 2, 4, 4>(w, x, m, rows, out)
+}
+
+/// Weight rows `rows` against all `m` activation rows in tiles of `R × C` (a prompt) or `D × 1`
+/// (a decode step), and smaller ones for the rows left over; activation rows outside, so that a
+/// tile's few stay in L1 while the weight rows pass, each a stream from L2 (a prompt) or memory.
+///
+/// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one
+/// thread, GFLOP/s against AVX2's tiles of 3 × 4 in the same run):
+/// - AVX-512 tiles of 4 weight rows × 6 activation rows: 24–33 against 46–80; of 4 × 4, 22–40
+///   against 42–72; of 3 × 8, 26–51 against 43–77 (of 3 × 4, as AVX2's: 65–88 against 66–74);
+/// - copies of a group's weight rows, 128 or 256 values at a time, so that they stay in L1
+///   across tiles: no faster; each tile then reduces its sums across lanes once a block;
+/// - `gemm`'s matrix product (candle's, over the group's rows converted to `f32`): as fast from
+///   128 rows on, half as fast at 16 to 32.
+#[inline(always)]
+unsafe fn rows_of<L: Lanes, const R: usize, const C: usize, const D: usize>(w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+    let (weights, out) = (w.bytes.as_ptr().add(2 * rows.start * w.cols), out.add(rows.start));
+    let mut i = 0;
+    while i < m {
+        let (x, out) = (x.as_ptr().add(i * w.cols), out.add(i * w.rows));
+        i += match m - i {
+            left if left >= C => across::<L, R, C>(w, weights, rows.len(), x, out),
+            left if left >= 3 => across::<L, R, 3>(w, weights, rows.len(), x, out),
+            2 => across::<L, R, 2>(w, weights, rows.len(), x, out),
+            _ => across::<L, D, 1>(w, weights, rows.len(), x, out),
+        };
+    }
+}
+
+/// `rows` weight rows from `weights` against `CT` activation rows from `x`, into `out` (`CT`
+/// rows of the output), in tiles of `RT` weight rows and of one for the rows left over; returns
+/// `CT`.
+#[inline(always)]
+unsafe fn across<L: Lanes, const RT: usize, const CT: usize>(w: &F16Matrix, weights: *const u8, rows: usize, x: *const f32, out: *mut f32) -> usize {
+    let mut r = 0;
+    while r < rows {
+        let (weights, out) = (weights.add(2 * r * w.cols), out.add(r));
+        r += match rows - r >= RT {
+            true => tile::<L, RT, CT>(w, weights, x, out),
+            false => tile::<L, 1, CT>(w, weights, x, out),
+        };
+    }
+    CT
+}
+
+/// `RT` weight rows from `weights` against `CT` activation rows from `x`, into `out` (`CT` rows
+/// of `RT` sums); returns `RT`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // as in `x86`: one counter indexes the sums and the operands
+unsafe fn tile<L: Lanes, const RT: usize, const CT: usize>(w: &F16Matrix, weights: *const u8, x: *const f32, out: *mut f32) -> usize {
+    let mut acc = [[L::zero(); CT]; RT];
+    for k in (0..w.cols).step_by(L::LANES) {
+        let wv: [L::V; RT] = std::array::from_fn(|a| L::weights(weights.add(2 * (a * w.cols + k))));
+        for c in 0..CT {
+            let xv = L::acts(x.add(c * w.cols + k));
+            for a in 0..RT {
+                acc[a][c] = L::fma(wv[a], xv, acc[a][c]);
+            }
+        }
+    }
+    for (a, sums) in acc.iter().enumerate() {
+        for (c, &sum) in sums.iter().enumerate() {
+            *out.add(c * w.rows + a) = L::sum(sum);
+        }
+    }
+    RT
+}
+
+/// One instruction set's vector of `f32` lanes, as a tile uses it.
+trait Lanes {
+    type V: Copy;
+    const LANES: usize;
+    unsafe fn zero() -> Self::V;
+    /// `LANES` little-endian `f16` values at `p`, as `f32`.
+    unsafe fn weights(p: *const u8) -> Self::V;
+    unsafe fn acts(p: *const f32) -> Self::V;
+    /// `a · b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn sum(v: Self::V) -> f32;
+}
+
+/// Plain arrays that LLVM vectorizes where it can: arm64 (NEON is its baseline) and the scalar
+/// fallback.
+struct Portable;
+
+impl Lanes for Portable {
+    type V = [f32; 8];
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        [0.0; 8]
+    }
+
+    #[inline(always)]
+    unsafe fn weights(p: *const u8) -> Self::V {
+        std::array::from_fn(|j| half::f16::from_le_bytes([*p.add(2 * j), *p.add(2 * j + 1)]).to_f32())
+    }
+
+    #[inline(always)]
+    unsafe fn acts(p: *const f32) -> Self::V {
+        std::ptr::read_unaligned(p.cast())
+    }
+
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|j| a[j].mul_add(b[j], c[j]))
+    }
+
+    #[inline(always)]
+    unsafe fn sum(v: Self::V) -> f32 {
+        v.iter().sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Lanes;
+
+    /// 16 lanes in a 512-bit register.
+    pub struct Avx512;
+
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const LANES: usize = 16;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+
+        #[inline(always)]
+        unsafe fn weights(p: *const u8) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
+
+        #[inline(always)]
+        unsafe fn acts(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+
+        #[inline(always)]
+        unsafe fn sum(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
+    }
+
+    /// 8 lanes in a 256-bit register.
+    pub struct Avx2;
+
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const LANES: usize = 8;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+
+        #[inline(always)]
+        unsafe fn weights(p: *const u8) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+
+        #[inline(always)]
+        unsafe fn acts(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+
+        #[inline(always)]
+        unsafe fn sum(v: __m256) -> f32 {
+            let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+        }
+    }
+}
