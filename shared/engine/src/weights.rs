@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use llm_kernels::{BlockType, WeightFormat};
+use llm_kernels::{BlockType, Half, WeightFormat};
 
 use crate::error::{EngineError, Result};
 
@@ -174,7 +174,8 @@ impl InPlace {
 /// The kernels' format for tensors of `dtype`, when they take them on this CPU.
 pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<WeightFormat> {
     let ty = match dtype {
-        GgmlDType::F16 => return llm_kernels::available().then_some(WeightFormat::F16),
+        GgmlDType::F16 => return llm_kernels::available().then_some(WeightFormat::Half(Half::F16)),
+        GgmlDType::BF16 => return llm_kernels::available().then_some(WeightFormat::Half(Half::Bf16)),
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
         GgmlDType::Q4_1 => BlockType::Q4_1,
@@ -191,7 +192,11 @@ pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<WeightFormat> {
 }
 
 fn ggml_type(format: WeightFormat) -> GgmlDType {
-    let WeightFormat::Blocks(ty) = format else { return GgmlDType::F16 };
+    let ty = match format {
+        WeightFormat::Blocks(ty) => ty,
+        WeightFormat::Half(Half::F16) => return GgmlDType::F16,
+        WeightFormat::Half(Half::Bf16) => return GgmlDType::BF16,
+    };
     match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
@@ -236,7 +241,7 @@ pub(crate) fn quantize_weight(weight: Weight, dtype: GgmlDType) -> Result<Weight
     let tensor = match &weight {
         Weight::Dense(t) => t.clone(),
         Weight::Quantized(q) if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => q.dequantize(&q.device())?,
-        Weight::InPlace(t) if t.format == WeightFormat::F16 => weight.to_f32()?,
+        Weight::InPlace(t) if matches!(t.format, WeightFormat::Half(_)) => weight.to_f32()?,
         // Already quantized by whoever wrote the file: re-quantizing would only add error.
         Weight::Quantized(_) | Weight::InPlace(_) => return Ok(weight),
     };

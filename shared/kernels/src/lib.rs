@@ -8,8 +8,8 @@
 //! weight rows × activation rows, so prefill is a matrix product, not repeated vector products.
 //! Work is spread over the crate's own pool of threads ([`threads`]), whose waiting threads soon
 //! give up their CPU (to candle's pool among others), a product's rows in one contiguous share a
-//! thread (`shares`). Matrices of plain `f16` values go through tiles of their own
-//! ([`f16_matmuls`]), in place too, their activations left in `f32`.
+//! thread (`shares`). Matrices of 16-bit floats (f16, bf16) go through tiles of their own
+//! ([`half_matmuls`]), in place too, their activations left in `f32`.
 //!
 //! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
 //! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too; on
@@ -57,7 +57,7 @@ mod activations;
 mod attention;
 mod blocks;
 mod exp;
-mod f16_weights;
+mod halves;
 mod pool;
 pub mod scalar;
 mod shares;
@@ -72,7 +72,7 @@ use std::sync::OnceLock;
 pub use activations::QuantizedRows;
 pub use attention::{attention, AttentionShape, CachedKv};
 pub use blocks::BlockType;
-pub use f16_weights::{f16_matmuls, f16_matmuls_with, F16Matrix, F16_ROW_MULTIPLE};
+pub use halves::{half_matmuls, half_matmuls_with, Half, HalfMatrix, HALF_ROW_MULTIPLE};
 pub use pool::threads;
 pub use swiglu::silu_mul;
 
@@ -202,8 +202,8 @@ impl<'a> QMatrix<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
     Blocks(BlockType),
-    /// Plain little-endian `f16` values ([`F16Matrix`]).
-    F16,
+    /// Plain little-endian 16-bit floats ([`HalfMatrix`]).
+    Half(Half),
 }
 
 impl WeightFormat {
@@ -211,14 +211,14 @@ impl WeightFormat {
     pub const fn row_multiple(self) -> usize {
         match self {
             Self::Blocks(ty) => ty.block_values(),
-            Self::F16 => F16_ROW_MULTIPLE,
+            Self::Half(_) => HALF_ROW_MULTIPLE,
         }
     }
 
     pub const fn row_bytes(self, cols: usize) -> usize {
         match self {
             Self::Blocks(ty) => ty.row_bytes(cols),
-            Self::F16 => 2 * cols,
+            Self::Half(_) => 2 * cols,
         }
     }
 }
@@ -227,37 +227,37 @@ impl WeightFormat {
 #[derive(Debug, Clone, Copy)]
 pub enum Matrix<'a> {
     Blocks(QMatrix<'a>),
-    F16(F16Matrix<'a>),
+    Half(HalfMatrix<'a>),
 }
 
 impl<'a> Matrix<'a> {
     pub fn new(format: WeightFormat, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
         Ok(match format {
             WeightFormat::Blocks(ty) => Self::Blocks(QMatrix::new(ty, rows, cols, bytes)?),
-            WeightFormat::F16 => Self::F16(F16Matrix::new(rows, cols, bytes)?),
+            WeightFormat::Half(half) => Self::Half(HalfMatrix::new(half, rows, cols, bytes)?),
         })
     }
 
     pub fn rows(&self) -> usize {
         match self {
             Self::Blocks(w) => w.rows,
-            Self::F16(w) => w.rows,
+            Self::Half(w) => w.rows,
         }
     }
 }
 
 /// [`matmuls`] for matrices of any format: those in blocks in one job of the compute pool, those
-/// of `f16` ([`f16_matmuls`]) in another.
+/// of 16-bit floats ([`half_matmuls`]) in another.
 pub fn products(products: &mut [(Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     let (mut blocks, mut halves) = (Vec::new(), Vec::new());
     for (w, y) in products.iter_mut() {
         match *w {
             Matrix::Blocks(w) => blocks.push((w, &mut **y)),
-            Matrix::F16(w) => halves.push((w, &mut **y)),
+            Matrix::Half(w) => halves.push((w, &mut **y)),
         }
     }
     matmuls(&mut blocks, x)?;
-    f16_matmuls(&mut halves, x)
+    half_matmuls(&mut halves, x)
 }
 
 /// `y[m × w.rows] = x[m × w.cols] · Wᵀ`, row-major, on the compute pool, with [`Kernels::best`].

@@ -5,7 +5,8 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llm_kernels::{
-    f16_matmuls, f16_matmuls_with, matmul, matmul_with, matmuls, matmuls_with, scalar, BlockType, F16Matrix, Kernels, QMatrix, QuantizedRows, F16_ROW_MULTIPLE,
+    half_matmuls, half_matmuls_with, matmul, matmul_with, matmuls, matmuls_with, scalar, BlockType, Half, HalfMatrix, Kernels, QMatrix, QuantizedRows,
+    HALF_ROW_MULTIPLE,
 };
 use rand::{Rng, SeedableRng};
 
@@ -215,33 +216,43 @@ fn several_products_of_one_input_equal_each_alone() {
     }
 }
 
-/// `f16` weights: every kernel set this CPU runs (the scalar fallback, which arm64 takes, too)
-/// against the product in `f64` of the same `f16` values, for a decode step, the few rows of a
-/// batch, and a prompt's tiles with rows left over (weight rows and activation rows not whole
-/// tiles); several products in one job equal each alone.
+/// 16-bit float weights (f16, bf16): every kernel set this CPU runs (the scalar fallback, which
+/// arm64 takes, too) against the product in `f64` of the same values, for a decode step, the few
+/// rows of a batch, and a prompt's tiles with rows left over (weight rows and activation rows not
+/// whole tiles); several products in one job equal each alone.
 #[test]
-fn f16_products_equal_f64_sums_of_the_same_values() {
-    let cols = 2 * F16_ROW_MULTIPLE * 5;
-    let halves = |rows: usize, seed: u64| -> Vec<half::f16> { random(rows * cols, seed).into_iter().map(half::f16::from_f32).collect() };
+fn half_products_equal_f64_sums_of_the_same_values() {
+    let cols = 2 * HALF_ROW_MULTIPLE * 5;
     let shapes = [(37, 11), (4, 12), (1, 13), (0, 14)];
-    let matrices: Vec<Vec<half::f16>> = shapes.iter().map(|&(rows, seed)| halves(rows, seed)).collect();
-    let bytes: Vec<Vec<u8>> = matrices.iter().map(|w| w.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
-    let ws: Vec<F16Matrix> = shapes.iter().zip(&bytes).map(|(&(rows, _), b)| F16Matrix::new(rows, cols, b).unwrap()).collect();
-    for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
-        for m in [1, 2, 3, 5, 6, 7, 13] {
-            let x = random(m * cols, 5);
-            let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
-            let mut products: Vec<(F16Matrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
-            f16_matmuls_with(kernels, &mut products, &x).unwrap();
-            for ((w, values), y) in ws.iter().zip(&matrices).zip(&together) {
-                let mut alone = vec![f32::NAN; m * w.rows];
-                f16_matmuls_with(kernels, &mut [(*w, &mut alone)], &x).unwrap();
-                assert_eq!(&alone, y, "{kernels:?}, {m} activation rows: one job of several products");
-                for i in 0..m {
-                    for r in 0..w.rows {
-                        let exact: f64 = (0..cols).map(|k| f64::from(values[r * cols + k].to_f32()) * f64::from(x[i * cols + k])).sum();
-                        let got = y[i * w.rows + r];
-                        assert!((f64::from(got) - exact).abs() < 1e-5 * cols as f64, "{kernels:?}, {m} rows: y[{i}][{r}] = {got}, not {exact}");
+    for half in [Half::F16, Half::Bf16] {
+        // Each value as its 16 bits (what the file holds) and as the f32 they stand for.
+        let to_bits = |v: f32| match half {
+            Half::F16 => half::f16::from_f32(v).to_bits(),
+            Half::Bf16 => half::bf16::from_f32(v).to_bits(),
+        };
+        let from_bits = |b: u16| match half {
+            Half::F16 => half::f16::from_bits(b).to_f32(),
+            Half::Bf16 => half::bf16::from_bits(b).to_f32(),
+        };
+        let matrices: Vec<Vec<u16>> = shapes.iter().map(|&(rows, seed)| random(rows * cols, seed).into_iter().map(to_bits).collect()).collect();
+        let bytes: Vec<Vec<u8>> = matrices.iter().map(|w| w.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+        let ws: Vec<HalfMatrix> = shapes.iter().zip(&bytes).map(|(&(rows, _), b)| HalfMatrix::new(half, rows, cols, b).unwrap()).collect();
+        for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
+            for m in [1, 2, 3, 5, 6, 7, 13] {
+                let x = random(m * cols, 5);
+                let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+                let mut products: Vec<(HalfMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
+                half_matmuls_with(kernels, &mut products, &x).unwrap();
+                for ((w, values), y) in ws.iter().zip(&matrices).zip(&together) {
+                    let mut alone = vec![f32::NAN; m * w.rows];
+                    half_matmuls_with(kernels, &mut [(*w, &mut alone)], &x).unwrap();
+                    assert_eq!(&alone, y, "{half:?}, {kernels:?}, {m} activation rows: one job of several products");
+                    for i in 0..m {
+                        for r in 0..w.rows {
+                            let exact: f64 = (0..cols).map(|k| f64::from(from_bits(values[r * cols + k])) * f64::from(x[i * cols + k])).sum();
+                            let got = y[i * w.rows + r];
+                            assert!((f64::from(got) - exact).abs() < 1e-5 * cols as f64, "{half:?}, {kernels:?}, {m} rows: y[{i}][{r}] = {got}, not {exact}");
+                        }
                     }
                 }
             }
@@ -250,11 +261,11 @@ fn f16_products_equal_f64_sums_of_the_same_values() {
 }
 
 #[test]
-fn f16_shapes_that_do_not_match_are_refused() {
+fn half_shapes_that_do_not_match_are_refused() {
     let bytes = vec![0u8; 2 * 4 * 32];
-    assert!(F16Matrix::new(4, 24, &bytes[..2 * 4 * 24]).is_err(), "rows of 24 values are not whole registers");
-    assert!(F16Matrix::new(5, 32, &bytes).is_err(), "too few bytes for 5 rows");
-    let w = F16Matrix::new(4, 32, &bytes).unwrap();
-    assert!(f16_matmuls(&mut [(w, &mut [0.0; 4])], &[0.0; 33]).is_err());
-    assert!(f16_matmuls(&mut [(w, &mut [0.0; 3])], &[0.0; 32]).is_err());
+    assert!(HalfMatrix::new(Half::F16, 4, 24, &bytes[..2 * 4 * 24]).is_err(), "rows of 24 values are not whole registers");
+    assert!(HalfMatrix::new(Half::Bf16, 5, 32, &bytes).is_err(), "too few bytes for 5 rows");
+    let w = HalfMatrix::new(Half::F16, 4, 32, &bytes).unwrap();
+    assert!(half_matmuls(&mut [(w, &mut [0.0; 4])], &[0.0; 33]).is_err());
+    assert!(half_matmuls(&mut [(w, &mut [0.0; 3])], &[0.0; 32]).is_err());
 }

@@ -1,65 +1,82 @@
-//! Products with `f16` weights (a GGUF's F16 tensors), read in place as the block formats are.
+//! Products with 16-bit float weights (a GGUF's F16 and BF16 tensors), read in place as the
+//! block formats are.
 //!
-//! Each weight becomes `f32` in a register as it is loaded (F16C's `vcvtph2ps`) and meets the
-//! activations as they are, in `f32`, with `f32` sums: llama.cpp rounds the activations to `f16`
-//! first; the conversion here costs nothing it would save. The same tiles as the block formats'
-//! (weight rows × activation rows, the sums in registers for a whole row) make a prompt a matrix
-//! product and a decode step one stream of weights a row.
+//! Each weight becomes `f32` in a register as it is loaded (F16C's `vcvtph2ps`; a bf16 is the
+//! top half of an `f32`) and meets the activations as they are, in `f32`, with `f32` sums:
+//! llama.cpp rounds the activations to the weights' type first; the conversion here costs nothing
+//! it would save. Tiles as the block formats' (weight rows × activation rows, the sums in
+//! registers for a whole row) make a prompt a matrix product and a decode step one stream of
+//! weights a row.
 //!
-//! Before these, candle took an F16 file's matrices: dequantized to `f32` at load (the load three
-//! times a plain read, peak RSS three times the file) and multiplied by its `f32` matrix product.
-//! TinyLlama's shape, two threads, Ice Lake-SP: decode 2.0 tok/s against llama.cpp's 6.0, prefill
-//! 31.3 against 46.9, load 15.2 s, peak RSS 6,415 MiB for a 2,101 MiB file.
+//! Before these, candle took such a file's matrices: dequantized to `f32` at load and multiplied
+//! by its `f32` matrix product. TinyLlama's shape in f16, two threads, Ice Lake-SP
+//! (`compare.py`): decode 2.0 → 8.9 tok/s (llama.cpp 6.8), a 128-token prompt 31.3 → 52.9 tok/s
+//! (llama.cpp 52.8), load 15.2 → 0.08 s, peak RSS 6,415 → 2,023 MiB for a 2,101 MiB file.
 
 use std::ops::Range;
 
 use crate::{Kernels, OutPtr, ShapeError};
 
-/// Values a row of an [`F16Matrix`] is a whole number of: the widest registers' lanes.
-pub const F16_ROW_MULTIPLE: usize = 16;
+/// Values a row of a [`HalfMatrix`] is a whole number of: the widest registers' lanes.
+pub const HALF_ROW_MULTIPLE: usize = 16;
 
-/// A weight matrix of `rows` rows of `cols` little-endian `f16` values, row after row.
+/// A 16-bit float format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    /// IEEE half precision: 5 bits of exponent, 10 of mantissa.
+    F16,
+    /// bfloat16: the top 16 bits of an `f32`.
+    Bf16,
+}
+
+/// A weight matrix of `rows` rows of `cols` little-endian 16-bit floats, row after row.
 #[derive(Debug, Clone, Copy)]
-pub struct F16Matrix<'a> {
+pub struct HalfMatrix<'a> {
+    pub half: Half,
     pub rows: usize,
     pub cols: usize,
     pub bytes: &'a [u8],
 }
 
-impl<'a> F16Matrix<'a> {
-    pub fn new(rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
-        if cols == 0 || !cols.is_multiple_of(F16_ROW_MULTIPLE) {
-            return Err(ShapeError(format!("an f16 row must be a whole number of {F16_ROW_MULTIPLE} values, not {cols}")));
+impl<'a> HalfMatrix<'a> {
+    pub fn new(half: Half, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
+        if cols == 0 || !cols.is_multiple_of(HALF_ROW_MULTIPLE) {
+            return Err(ShapeError(format!("a {half:?} row must be a whole number of {HALF_ROW_MULTIPLE} values, not {cols}")));
         }
         if bytes.len() != 2 * rows * cols {
-            return Err(ShapeError(format!("a {rows}×{cols} f16 matrix takes {} bytes, not {}", 2 * rows * cols, bytes.len())));
+            return Err(ShapeError(format!("a {rows}×{cols} {half:?} matrix takes {} bytes, not {}", 2 * rows * cols, bytes.len())));
         }
-        Ok(Self { rows, cols, bytes })
+        Ok(Self { half, rows, cols, bytes })
     }
 }
 
-/// [`crate::matmuls_with`] for `f16` weights: `y = x · Wᵀ` for each of `products`, which take
-/// the same `x`, in one job of the compute pool.
+/// [`crate::matmuls_with`] for 16-bit float weights: `y = x · Wᵀ` for each of `products`, which
+/// take the same `x`, in one job of the compute pool.
 ///
 /// # Panics
 /// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
-pub fn f16_matmuls_with(kernels: Kernels, products: &mut [(F16Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+pub fn half_matmuls_with(kernels: Kernels, products: &mut [(HalfMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
     let m = crate::input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
-    let parts: Vec<(F16Matrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
+    let parts: Vec<(HalfMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
     let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
     crate::in_row_groups(&rows, m, |p, rows| {
         let (w, out) = &parts[p];
         // SAFETY: each group of rows is its own columns of the output, which outlives the pool's
         // execution; `kernels` run here.
-        unsafe { product_rows(kernels, w, x, m, rows, out.0) }
+        unsafe {
+            match w.half {
+                Half::F16 => product_rows::<F16s>(kernels, w, x, m, rows, out.0),
+                Half::Bf16 => product_rows::<Bf16s>(kernels, w, x, m, rows, out.0),
+            }
+        }
     });
     Ok(())
 }
 
-/// [`f16_matmuls_with`] with [`Kernels::best`].
-pub fn f16_matmuls(products: &mut [(F16Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
-    f16_matmuls_with(Kernels::best(), products, x)
+/// [`half_matmuls_with`] with [`Kernels::best`].
+pub fn half_matmuls(products: &mut [(HalfMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+    half_matmuls_with(Kernels::best(), products, x)
 }
 
 /// Columns `rows` of each of the `m` output rows.
@@ -67,24 +84,24 @@ pub fn f16_matmuls(products: &mut [(F16Matrix, &mut [f32])], x: &[f32]) -> Resul
 /// # Safety
 /// `kernels` run here; `out` points to `m × w.rows` values that no other thread writes in these
 /// columns.
-unsafe fn product_rows(kernels: Kernels, w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,fma,f16c")]
-        unsafe fn avx512(w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
-            rows_of::<x86::Avx512, 3, 4, 4>(w, x, m, rows, out)
+        #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+        unsafe fn avx512<H: Widen>(w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+            rows_of::<x86::Avx512, H, 3, 4, 4>(w, x, m, rows, out)
         }
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn avx2(w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
-            rows_of::<x86::Avx2, 3, 4, 4>(w, x, m, rows, out)
+        unsafe fn avx2<H: Widen>(w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+            rows_of::<x86::Avx2, H, 3, 4, 4>(w, x, m, rows, out)
         }
         match kernels {
-            Kernels::Avx512Vnni => return avx512(w, x, m, rows, out),
-            Kernels::Avx2 => return avx2(w, x, m, rows, out),
+            Kernels::Avx512Vnni => return avx512::<H>(w, x, m, rows, out),
+            Kernels::Avx2 => return avx2::<H>(w, x, m, rows, out),
             _ => {}
         }
     }
-    rows_of::<Portable, 2, 4, 4>(w, x, m, rows, out)
+    rows_of::<Portable, H, 2, 4, 4>(w, x, m, rows, out)
 }
 
 /// Weight rows `rows` against all `m` activation rows in tiles of `R × C` (a prompt) or `D × 1`
@@ -100,16 +117,16 @@ unsafe fn product_rows(kernels: Kernels, w: &F16Matrix, x: &[f32], m: usize, row
 /// - `gemm`'s matrix product (candle's, over the group's rows converted to `f32`): as fast from
 ///   128 rows on, half as fast at 16 to 32.
 #[inline(always)]
-unsafe fn rows_of<L: Lanes, const R: usize, const C: usize, const D: usize>(w: &F16Matrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: usize>(w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
     let (weights, out) = (w.bytes.as_ptr().add(2 * rows.start * w.cols), out.add(rows.start));
     let mut i = 0;
     while i < m {
         let (x, out) = (x.as_ptr().add(i * w.cols), out.add(i * w.rows));
         i += match m - i {
-            left if left >= C => across::<L, R, C>(w, weights, rows.len(), x, out),
-            left if left >= 3 => across::<L, R, 3>(w, weights, rows.len(), x, out),
-            2 => across::<L, R, 2>(w, weights, rows.len(), x, out),
-            _ => across::<L, D, 1>(w, weights, rows.len(), x, out),
+            left if left >= C => across::<L, H, R, C>(w, weights, rows.len(), x, out),
+            left if left >= 3 => across::<L, H, R, 3>(w, weights, rows.len(), x, out),
+            2 => across::<L, H, R, 2>(w, weights, rows.len(), x, out),
+            _ => across::<L, H, D, 1>(w, weights, rows.len(), x, out),
         };
     }
 }
@@ -118,13 +135,13 @@ unsafe fn rows_of<L: Lanes, const R: usize, const C: usize, const D: usize>(w: &
 /// rows of the output), in tiles of `RT` weight rows and of one for the rows left over; returns
 /// `CT`.
 #[inline(always)]
-unsafe fn across<L: Lanes, const RT: usize, const CT: usize>(w: &F16Matrix, weights: *const u8, rows: usize, x: *const f32, out: *mut f32) -> usize {
+unsafe fn across<L: Lanes, H: Widen, const RT: usize, const CT: usize>(w: &HalfMatrix, weights: *const u8, rows: usize, x: *const f32, out: *mut f32) -> usize {
     let mut r = 0;
     while r < rows {
         let (weights, out) = (weights.add(2 * r * w.cols), out.add(r));
         r += match rows - r >= RT {
-            true => tile::<L, RT, CT>(w, weights, x, out),
-            false => tile::<L, 1, CT>(w, weights, x, out),
+            true => tile::<L, H, RT, CT>(w, weights, x, out),
+            false => tile::<L, H, 1, CT>(w, weights, x, out),
         };
     }
     CT
@@ -134,10 +151,10 @@ unsafe fn across<L: Lanes, const RT: usize, const CT: usize>(w: &F16Matrix, weig
 /// of `RT` sums); returns `RT`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // as in `x86`: one counter indexes the sums and the operands
-unsafe fn tile<L: Lanes, const RT: usize, const CT: usize>(w: &F16Matrix, weights: *const u8, x: *const f32, out: *mut f32) -> usize {
+unsafe fn tile<L: Lanes, H: Widen, const RT: usize, const CT: usize>(w: &HalfMatrix, weights: *const u8, x: *const f32, out: *mut f32) -> usize {
     let mut acc = [[L::zero(); CT]; RT];
     for k in (0..w.cols).step_by(L::LANES) {
-        let wv: [L::V; RT] = std::array::from_fn(|a| L::weights(weights.add(2 * (a * w.cols + k))));
+        let wv: [L::V; RT] = std::array::from_fn(|a| H::widen::<L>(weights.add(2 * (a * w.cols + k))));
         for c in 0..CT {
             let xv = L::acts(x.add(c * w.cols + k));
             for a in 0..RT {
@@ -153,13 +170,40 @@ unsafe fn tile<L: Lanes, const RT: usize, const CT: usize>(w: &F16Matrix, weight
     RT
 }
 
+/// A 16-bit float format, as a tile widens it to `f32` lanes.
+trait Widen {
+    unsafe fn widen<L: Lanes>(p: *const u8) -> L::V;
+}
+
+/// [`Half::F16`].
+struct F16s;
+
+impl Widen for F16s {
+    #[inline(always)]
+    unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
+        L::f16(p)
+    }
+}
+
+/// [`Half::Bf16`].
+struct Bf16s;
+
+impl Widen for Bf16s {
+    #[inline(always)]
+    unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
+        L::bf16(p)
+    }
+}
+
 /// One instruction set's vector of `f32` lanes, as a tile uses it.
 trait Lanes {
     type V: Copy;
     const LANES: usize;
     unsafe fn zero() -> Self::V;
     /// `LANES` little-endian `f16` values at `p`, as `f32`.
-    unsafe fn weights(p: *const u8) -> Self::V;
+    unsafe fn f16(p: *const u8) -> Self::V;
+    /// `LANES` little-endian bf16 values at `p`, as `f32`.
+    unsafe fn bf16(p: *const u8) -> Self::V;
     unsafe fn acts(p: *const f32) -> Self::V;
     /// `a · b + c`.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
@@ -180,8 +224,13 @@ impl Lanes for Portable {
     }
 
     #[inline(always)]
-    unsafe fn weights(p: *const u8) -> Self::V {
+    unsafe fn f16(p: *const u8) -> Self::V {
         std::array::from_fn(|j| half::f16::from_le_bytes([*p.add(2 * j), *p.add(2 * j + 1)]).to_f32())
+    }
+
+    #[inline(always)]
+    unsafe fn bf16(p: *const u8) -> Self::V {
+        std::array::from_fn(|j| f32::from_bits(u32::from(u16::from_le_bytes([*p.add(2 * j), *p.add(2 * j + 1)])) << 16))
     }
 
     #[inline(always)]
@@ -219,8 +268,13 @@ mod x86 {
         }
 
         #[inline(always)]
-        unsafe fn weights(p: *const u8) -> __m512 {
+        unsafe fn f16(p: *const u8) -> __m512 {
             _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        }
+
+        #[inline(always)]
+        unsafe fn bf16(p: *const u8) -> __m512 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()))))
         }
 
         #[inline(always)]
@@ -252,8 +306,13 @@ mod x86 {
         }
 
         #[inline(always)]
-        unsafe fn weights(p: *const u8) -> __m256 {
+        unsafe fn f16(p: *const u8) -> __m256 {
             _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+
+        #[inline(always)]
+        unsafe fn bf16(p: *const u8) -> __m256 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()))))
         }
 
         #[inline(always)]
