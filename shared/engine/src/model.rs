@@ -25,7 +25,7 @@ struct Linear {
 }
 
 /// Who computes `x · Wᵀ`: this project's kernels ([`llm_kernels`]) for the formats they cover
-/// (GGML blocks, f16) on a CPU they have SIMD code for, candle's for everything else.
+/// (GGML blocks, f16, bf16) on a CPU they have SIMD code for, candle's for everything else.
 #[derive(Debug, Clone)]
 enum Product {
     Candle(QMatMul),
@@ -38,7 +38,11 @@ impl Product {
             Weight::Dense(t) => Self::Candle(QMatMul::Tensor(t)),
             Weight::InPlace(t) => Self::Kernels(t),
             Weight::Quantized(q) => match kernel_format(q.dtype()) {
-                Some(format) if q.device().is_cpu() => Self::Kernels(InPlace::from_qtensor(&q, format)?),
+                // A 16-bit row that is not whole registers stays with candle (a block type's rows
+                // are whole blocks by construction).
+                Some(format) if q.device().is_cpu() && q.shape().dims().last().is_some_and(|&cols| cols % format.row_multiple() == 0) => {
+                    Self::Kernels(InPlace::from_qtensor(&q, format)?)
+                }
                 _ => Self::Candle(QMatMul::from_arc(q)?),
             },
         })
@@ -96,7 +100,7 @@ impl Linear {
         Ok(Self { weight: Product::new(weight)?, dims, lora: None })
     }
 
-    /// Whether the weights stay in a GGML block format (not plain f16 or f32 values).
+    /// Whether the weights stay in a GGML block format (not plain f16, bf16 or f32 values).
     fn is_quantized(&self) -> bool {
         match &self.weight {
             Product::Kernels(t) => matches!(t.format, WeightFormat::Blocks(_)),
@@ -123,7 +127,7 @@ impl Linear {
     }
 }
 
-/// Token embedding table. A quantized table stays quantized: rows are dequantized on lookup.
+/// Token embedding table. A quantized or 16-bit table stays as it is: rows are converted on lookup.
 #[derive(Debug, Clone)]
 enum Embedding {
     Candle(QMatMul),
@@ -790,6 +794,18 @@ fn positions(b: usize, s: usize, past: usize, padding: &[Range<usize>], device: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 16-bit matrix whose rows are not whole registers of the kernels (`--quantize f16` of a
+    /// shape that llama.cpp's files never have) goes through candle, and its product works.
+    #[test]
+    fn sixteen_bit_rows_that_are_not_whole_registers_stay_with_candle() {
+        let values = Tensor::randn(0f32, 1.0, (4, 24), &Device::Cpu).unwrap();
+        let weight = candle_core::quantized::QTensor::quantize(&values, GgmlDType::F16).unwrap();
+        let linear = Linear::new(Weight::Quantized(std::sync::Arc::new(weight))).unwrap();
+        assert!(matches!(linear.weight, Product::Candle(_)), "{:?}", linear.weight);
+        let x = Tensor::randn(0f32, 1.0, (2, 24), &Device::Cpu).unwrap();
+        assert_eq!(linear.forward(&x).unwrap().dims(), [2, 4]);
+    }
 
     /// Additive mask `[b, 1, s, past + s]`: causal, and hiding each row's padding.
     fn attention_mask(b: usize, s: usize, past: usize, padding: &[Range<usize>], device: &Device) -> Tensor {

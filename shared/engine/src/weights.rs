@@ -89,8 +89,8 @@ impl TensorName {
     }
 }
 
-/// A loaded tensor: plain f32, still in a GGML block format, or in a block format that
-/// [`llm_kernels`] reads where it lies in the file.
+/// A loaded tensor: plain f32, still in a GGML block format, or in a format that
+/// [`llm_kernels`] reads where it lies in the file (its block types, f16 and bf16).
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),

@@ -58,6 +58,10 @@ impl<'a> HalfMatrix<'a> {
 pub fn half_matmuls_with(kernels: Kernels, products: &mut [(HalfMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
     let m = crate::input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
+    if products.is_empty() {
+        // No pool job: waking the pool for nothing cost a quantized model's every layer a job.
+        return Ok(());
+    }
     let parts: Vec<(HalfMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
     let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
     crate::in_row_groups(&rows, m, |p, rows| {
@@ -156,9 +160,13 @@ unsafe fn across<L: Lanes, H: Widen, const RT: usize, const CT: usize>(w: &HalfM
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // as in `x86`: one counter indexes the sums and the operands
 unsafe fn tile<L: Lanes, H: Widen, const RT: usize, const CT: usize>(w: &HalfMatrix, weights: *const u8, x: *const f32, out: *mut f32) -> usize {
-    let mut acc = [[L::zero(); CT]; RT];
+    let (mut acc, mut wv) = ([[L::zero(); CT]; RT], [L::zero(); RT]);
     for k in (0..w.cols).step_by(L::LANES) {
-        let wv: [L::V; RT] = std::array::from_fn(|a| H::widen::<L>(weights.add(2 * (a * w.cols + k))));
+        // A loop, not `array::from_fn`: a closure does not take the caller's target features,
+        // and its vector operations would be calls if LLVM did not inline it.
+        for a in 0..RT {
+            wv[a] = H::widen::<L>(weights.add(2 * (a * w.cols + k)));
+        }
         for c in 0..CT {
             let xv = L::acts(x.add(c * w.cols + k));
             for a in 0..RT {

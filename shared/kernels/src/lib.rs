@@ -1,4 +1,4 @@
-//! Quantized matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format.
+//! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of 16-bit floats).
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
 //! never repacked or copied); the activations are quantized once per product (once for the
@@ -244,11 +244,19 @@ impl<'a> Matrix<'a> {
             Self::Half(w) => w.rows,
         }
     }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Self::Blocks(w) => w.cols,
+            Self::Half(w) => w.cols,
+        }
+    }
 }
 
 /// [`matmuls`] for matrices of any format: those in blocks in one job of the compute pool, those
 /// of 16-bit floats ([`half_matmuls`]) in another.
 pub fn products(products: &mut [(Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+    input_rows(products.iter().map(|(w, y)| (w.rows(), w.cols(), y.len())), x.len())?;
     let (mut blocks, mut halves) = (Vec::new(), Vec::new());
     for (w, y) in products.iter_mut() {
         match *w {
@@ -375,7 +383,7 @@ fn in_chunks(x: &mut [f32], chunk: usize, f: impl Fn(std::ops::Range<usize>, &mu
 
 /// An output that the compute pool's work items write, each its own elements.
 struct OutPtr<T>(*mut T);
-// SAFETY: the work items of each user write disjoint elements (see `matmuls_with`,
+// SAFETY: the work items of each user write disjoint elements (see `in_row_groups`,
 // `attention`, `QuantizedRows::for_product`, `in_chunks`).
 unsafe impl<T: Send> Sync for OutPtr<T> {}
 

@@ -5,8 +5,8 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llm_kernels::{
-    half_matmuls, half_matmuls_with, matmul, matmul_with, matmuls, matmuls_with, scalar, BlockType, Half, HalfMatrix, Kernels, QMatrix, QuantizedRows,
-    HALF_ROW_MULTIPLE,
+    half_matmuls, half_matmuls_with, matmul, matmul_with, matmuls, matmuls_with, products, scalar, BlockType, Half, HalfMatrix, Kernels, Matrix, QMatrix,
+    QuantizedRows, HALF_ROW_MULTIPLE,
 };
 use rand::{Rng, SeedableRng};
 
@@ -268,4 +268,24 @@ fn half_shapes_that_do_not_match_are_refused() {
     let w = HalfMatrix::new(Half::F16, 4, 32, &bytes).unwrap();
     assert!(half_matmuls(&mut [(w, &mut [0.0; 4])], &[0.0; 33]).is_err());
     assert!(half_matmuls(&mut [(w, &mut [0.0; 3])], &[0.0; 32]).is_err());
+}
+
+/// [`products`]: block and 16-bit matrices that take one input, in one call, each giving what it
+/// gives alone; matrices of the two kinds whose rows differ in length are refused.
+#[test]
+fn products_of_both_kinds_equal_each_alone() {
+    let cols = 64;
+    let (blocks, _) = weights(BlockType::Q8_0, 5, cols);
+    let halves: Vec<u8> = random(3 * cols, 3).into_iter().flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect();
+    let (q, h) = (QMatrix::new(BlockType::Q8_0, 5, cols, &blocks).unwrap(), HalfMatrix::new(Half::F16, 3, cols, &halves).unwrap());
+    let x = random(2 * cols, 9);
+    let (mut yq, mut yh) = (vec![f32::NAN; 2 * 5], vec![f32::NAN; 2 * 3]);
+    products(&mut [(Matrix::Blocks(q), &mut yq), (Matrix::Half(h), &mut yh)], &x).unwrap();
+    let (mut alone_q, mut alone_h) = (vec![f32::NAN; 2 * 5], vec![f32::NAN; 2 * 3]);
+    matmul(&q, &x, &mut alone_q).unwrap();
+    half_matmuls(&mut [(h, &mut alone_h)], &x).unwrap();
+    assert_eq!((yq.clone(), yh), (alone_q, alone_h));
+    let wide = vec![0u8; 2 * 3 * 96];
+    let wide = HalfMatrix::new(Half::F16, 3, 96, &wide).unwrap();
+    assert!(products(&mut [(Matrix::Blocks(q), &mut yq), (Matrix::Half(wide), &mut [0.0; 6])], &x).is_err(), "one input, rows of one length");
 }
