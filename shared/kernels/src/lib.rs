@@ -346,8 +346,11 @@ fn input_rows(products: impl Iterator<Item = (usize, usize, usize)>, x_len: usiz
 fn in_row_groups(rows: &[usize], m: usize, f: impl Fn(usize, std::ops::Range<usize>) + Sync) {
     let group: Vec<usize> = rows.iter().map(|&r| group_rows(r, m)).collect();
     // Product p's work items are `first_item[p]..`, one per `group[p]` of its rows.
-    let first_item: Vec<usize> = rows.iter().zip(&group).scan(0, |items, (r, g)| Some(std::mem::replace(items, *items + r.div_ceil(*g)))).collect();
-    let items = rows.iter().zip(&group).map(|(r, g)| r.div_ceil(*g)).sum();
+    let (mut first_item, mut items) = (Vec::with_capacity(rows.len()), 0);
+    for (r, g) in rows.iter().zip(&group) {
+        first_item.push(items);
+        items += r.div_ceil(*g);
+    }
     shares::in_shares(items, |item| {
         let p = first_item.partition_point(|&first| first <= item) - 1;
         let g = item - first_item[p];
