@@ -255,8 +255,8 @@ impl WeightSource for GgufSource<'_> {
         let Some(info) = self.file.content.tensor_infos.get(&key) else {
             return Ok(None);
         };
-        if let (Some(format), &[rows, cols]) = (kernel_format(info.ggml_dtype), info.shape.dims()) {
-            if self.device.is_cpu() && cols % format.row_multiple() == 0 {
+        if let &[rows, cols] = info.shape.dims() {
+            if let Some(format) = kernel_format(info.ggml_dtype, cols).filter(|_| self.device.is_cpu()) {
                 // Inside the file: checked with the tensor directory when it was opened.
                 let start = (self.file.content.tensor_data_offset + info.offset) as usize;
                 let range = start..start + rows * format.row_bytes(cols);

@@ -37,12 +37,8 @@ impl Product {
         Ok(match weight {
             Weight::Dense(t) => Self::Candle(QMatMul::Tensor(t)),
             Weight::InPlace(t) => Self::Kernels(t),
-            Weight::Quantized(q) => match kernel_format(q.dtype()) {
-                // A 16-bit row that is not whole registers stays with candle (a block type's rows
-                // are whole blocks by construction).
-                Some(format) if q.device().is_cpu() && q.shape().dims().last().is_some_and(|&cols| cols % format.row_multiple() == 0) => {
-                    Self::Kernels(InPlace::from_qtensor(&q, format)?)
-                }
+            Weight::Quantized(q) => match q.shape().dims().last().and_then(|&cols| kernel_format(q.dtype(), cols)) {
+                Some(format) if q.device().is_cpu() => Self::Kernels(InPlace::from_qtensor(&q, format)?),
                 _ => Self::Candle(QMatMul::from_arc(q)?),
             },
         })

@@ -171,11 +171,13 @@ impl InPlace {
     }
 }
 
-/// The kernels' format for tensors of `dtype`, when they take them on this CPU.
-pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<WeightFormat> {
+/// The kernels' format for a matrix of `dtype` whose rows have `cols` values, when they take it
+/// on this CPU: a row must be whole blocks (always so for a block type that candle or the file
+/// holds) or, for 16-bit floats, whole registers.
+pub(crate) fn kernel_format(dtype: GgmlDType, cols: usize) -> Option<WeightFormat> {
     let ty = match dtype {
-        GgmlDType::F16 => return llm_kernels::available().then_some(WeightFormat::Half(Half::F16)),
-        GgmlDType::BF16 => return llm_kernels::available().then_some(WeightFormat::Half(Half::Bf16)),
+        GgmlDType::F16 => return whole_rows(WeightFormat::Half(Half::F16), cols),
+        GgmlDType::BF16 => return whole_rows(WeightFormat::Half(Half::Bf16), cols),
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
         GgmlDType::Q4_1 => BlockType::Q4_1,
@@ -188,7 +190,12 @@ pub(crate) fn kernel_format(dtype: GgmlDType) -> Option<WeightFormat> {
         GgmlDType::Q6K => BlockType::Q6K,
         _ => return None,
     };
-    llm_kernels::available().then_some(WeightFormat::Blocks(ty))
+    whole_rows(WeightFormat::Blocks(ty), cols)
+}
+
+/// `format`, when this CPU has the kernels and rows of `cols` values suit them.
+fn whole_rows(format: WeightFormat, cols: usize) -> Option<WeightFormat> {
+    (llm_kernels::available() && cols.is_multiple_of(format.row_multiple())).then_some(format)
 }
 
 fn ggml_type(format: WeightFormat) -> GgmlDType {

@@ -58,10 +58,6 @@ impl<'a> HalfMatrix<'a> {
 pub fn half_matmuls_with(kernels: Kernels, products: &mut [(HalfMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
     let m = crate::input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
-    if products.is_empty() {
-        // No pool job: waking the pool for nothing cost a quantized model's every layer a job.
-        return Ok(());
-    }
     let parts: Vec<(HalfMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
     let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
     crate::in_row_groups(&rows, m, |p, rows| {

@@ -21,6 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// only when every share is empty or its owner is still at work (only an owner adds to its
 /// share), so the last to leave has seen all done, whichever threads joined.
 pub(crate) fn in_shares(items: usize, f: impl Fn(usize) + Sync) {
+    if items == 0 {
+        // No pool job: woken for nothing (a list of products with no 16-bit ones), the pool
+        // cost a quantized model's every layer a job.
+        return;
+    }
     let threads = crate::pool::threads();
     let shares: Vec<Share> = (0..threads).map(|t| Share::new(items * t / threads..items * (t + 1) / threads)).collect();
     crate::pool::run(&|t| loop {
