@@ -222,36 +222,42 @@ fn several_products_of_one_input_equal_each_alone() {
 /// whole tiles); several products in one job equal each alone.
 #[test]
 fn half_products_equal_f64_sums_of_the_same_values() {
-    let cols = 2 * HALF_ROW_MULTIPLE * 5;
-    let shapes = [(37, 11), (4, 12), (1, 13), (0, 14)];
-    for half in [Half::F16, Half::Bf16] {
-        // Each value as its 16 bits (what the file holds) and as the f32 they stand for.
-        let to_bits = |v: f32| match half {
-            Half::F16 => half::f16::from_f32(v).to_bits(),
-            Half::Bf16 => half::bf16::from_f32(v).to_bits(),
-        };
-        let from_bits = |b: u16| match half {
-            Half::F16 => half::f16::from_bits(b).to_f32(),
-            Half::Bf16 => half::bf16::from_bits(b).to_f32(),
-        };
-        let matrices: Vec<Vec<u16>> = shapes.iter().map(|&(rows, seed)| random(rows * cols, seed).into_iter().map(to_bits).collect()).collect();
-        let bytes: Vec<Vec<u8>> = matrices.iter().map(|w| w.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
-        let ws: Vec<HalfMatrix> = shapes.iter().zip(&bytes).map(|(&(rows, _), b)| HalfMatrix::new(half, rows, cols, b).unwrap()).collect();
-        for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
-            for m in [1, 2, 3, 5, 6, 7, 13] {
-                let x = random(m * cols, 5);
-                let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
-                let mut products: Vec<(HalfMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
-                half_matmuls_with(kernels, &mut products, &x).unwrap();
-                for ((w, values), y) in ws.iter().zip(&matrices).zip(&together) {
-                    let mut alone = vec![f32::NAN; m * w.rows];
-                    half_matmuls_with(kernels, &mut [(*w, &mut alone)], &x).unwrap();
-                    assert_eq!(&alone, y, "{half:?}, {kernels:?}, {m} activation rows: one job of several products");
-                    for i in 0..m {
-                        for r in 0..w.rows {
-                            let exact: f64 = (0..cols).map(|k| f64::from(from_bits(values[r * cols + k])) * f64::from(x[i * cols + k])).sum();
-                            let got = y[i * w.rows + r];
-                            assert!((f64::from(got) - exact).abs() < 1e-5 * cols as f64, "{half:?}, {kernels:?}, {m} rows: y[{i}][{r}] = {got}, not {exact}");
+    // Short rows, and rows longer than a tile's block of activations from two activation rows on
+    // (so that later blocks add to the sums of the first).
+    for cols in [2 * HALF_ROW_MULTIPLE * 5, 2 * HALF_ROW_MULTIPLE * 130] {
+        let shapes = [(37, 11), (4, 12), (1, 13), (0, 14)];
+        for half in [Half::F16, Half::Bf16] {
+            // Each value as its 16 bits (what the file holds) and as the f32 they stand for.
+            let to_bits = |v: f32| match half {
+                Half::F16 => half::f16::from_f32(v).to_bits(),
+                Half::Bf16 => half::bf16::from_f32(v).to_bits(),
+            };
+            let from_bits = |b: u16| match half {
+                Half::F16 => half::f16::from_bits(b).to_f32(),
+                Half::Bf16 => half::bf16::from_bits(b).to_f32(),
+            };
+            let matrices: Vec<Vec<u16>> = shapes.iter().map(|&(rows, seed)| random(rows * cols, seed).into_iter().map(to_bits).collect()).collect();
+            let bytes: Vec<Vec<u8>> = matrices.iter().map(|w| w.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+            let ws: Vec<HalfMatrix> = shapes.iter().zip(&bytes).map(|(&(rows, _), b)| HalfMatrix::new(half, rows, cols, b).unwrap()).collect();
+            for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
+                for m in [1, 2, 3, 5, 6, 7, 13] {
+                    let x = random(m * cols, 5);
+                    let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+                    let mut products: Vec<(HalfMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
+                    half_matmuls_with(kernels, &mut products, &x).unwrap();
+                    for ((w, values), y) in ws.iter().zip(&matrices).zip(&together) {
+                        let mut alone = vec![f32::NAN; m * w.rows];
+                        half_matmuls_with(kernels, &mut [(*w, &mut alone)], &x).unwrap();
+                        assert_eq!(&alone, y, "{half:?}, {kernels:?}, {m}×{cols}: one job of several products");
+                        for i in 0..m {
+                            for r in 0..w.rows {
+                                let exact: f64 = (0..cols).map(|k| f64::from(from_bits(values[r * cols + k])) * f64::from(x[i * cols + k])).sum();
+                                let got = y[i * w.rows + r];
+                                assert!(
+                                    (f64::from(got) - exact).abs() < 1e-5 * cols as f64,
+                                    "{half:?}, {kernels:?}, {m}×{cols}: y[{i}][{r}] = {got}, not {exact}"
+                                );
+                            }
                         }
                     }
                 }
