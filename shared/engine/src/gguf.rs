@@ -276,25 +276,25 @@ impl WeightSource for GgufSource<'_> {
 mod tests {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     use candle_core::Tensor;
-    use llm_kernels::{Half, WeightFormat};
+    use llm_kernels::{Float, WeightFormat};
 
     use super::*;
 
-    /// F16 and BF16 matrices stay where they lie in the file, as the block formats do: candle
-    /// took them dequantized to `f32`, twice the file's memory again.
+    /// F32, F16 and BF16 matrices stay where they lie in the file, as the block formats do:
+    /// candle took them dequantized to `f32`, the file's memory again (twice for 16-bit ones).
     #[test]
-    fn sixteen_bit_matrices_are_read_in_place() {
+    fn float_matrices_are_read_in_place() {
         let values = Tensor::randn(0f32, 1.0, (4, 32), &Device::Cpu).unwrap();
-        let f16 = QTensor::quantize(&values, GgmlDType::F16).unwrap();
-        let bf16 = QTensor::quantize(&values, GgmlDType::BF16).unwrap();
+        let [f32, f16, bf16] = [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16].map(|dtype| QTensor::quantize(&values, dtype).unwrap());
         let mut bytes = Cursor::new(Vec::new());
-        gguf_file::write(&mut bytes, &[], &[("token_embd.weight", &f16), ("output.weight", &bf16)]).unwrap();
-        let mut file = GgufFile::from_bytes("sixteen-bit.gguf", bytes.into_inner()).unwrap();
+        gguf_file::write(&mut bytes, &[], &[("token_embd.weight", &f16), ("output.weight", &bf16), ("blk.0.attn_q.weight", &f32)]).unwrap();
+        let mut file = GgufFile::from_bytes("floats.gguf", bytes.into_inner()).unwrap();
         let mut source = GgufSource { file: &mut file, device: Device::Cpu };
-        for (name, half, written) in [(TensorName::TokenEmbedding, Half::F16, &f16), (TensorName::Output, Half::Bf16, &bf16)] {
+        let query = TensorName::Layer(0, crate::weights::LayerTensor::Q);
+        for (name, ty, written) in [(TensorName::TokenEmbedding, Float::F16, &f16), (TensorName::Output, Float::Bf16, &bf16), (query, Float::F32, &f32)] {
             let weight = source.load(name).unwrap().unwrap();
             let Weight::InPlace(matrix) = &weight else { panic!("{name:?} was copied: {weight:?}") };
-            assert_eq!(matrix.format, WeightFormat::Half(half));
+            assert_eq!(matrix.format, WeightFormat::Float(ty));
             let expected: Vec<f32> = written.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(weight.to_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
         }

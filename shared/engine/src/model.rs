@@ -25,7 +25,7 @@ struct Linear {
 }
 
 /// Who computes `x · Wᵀ`: this project's kernels ([`llm_kernels`]) for the formats they cover
-/// (GGML blocks, f16, bf16) on a CPU they have SIMD code for, candle's for everything else.
+/// (GGML blocks, f32, f16, bf16) on a CPU they have SIMD code for, candle's for everything else.
 #[derive(Debug, Clone)]
 enum Product {
     Candle(QMatMul),
@@ -123,7 +123,8 @@ impl Linear {
     }
 }
 
-/// Token embedding table. A quantized or 16-bit table stays as it is: rows are converted on lookup.
+/// Token embedding table. A table the kernels read in place stays where it lies: rows are
+/// converted on lookup.
 #[derive(Debug, Clone)]
 enum Embedding {
     Candle(QMatMul),
@@ -791,16 +792,18 @@ fn positions(b: usize, s: usize, past: usize, padding: &[Range<usize>], device: 
 mod tests {
     use super::*;
 
-    /// A 16-bit matrix whose rows are not whole registers of the kernels (`--quantize f16` of a
+    /// A float matrix whose rows are not whole registers of the kernels (`--quantize f16` of a
     /// shape that llama.cpp's files never have) goes through candle, and its product works.
     #[test]
-    fn sixteen_bit_rows_that_are_not_whole_registers_stay_with_candle() {
+    fn float_rows_that_are_not_whole_registers_stay_with_candle() {
         let values = Tensor::randn(0f32, 1.0, (4, 24), &Device::Cpu).unwrap();
-        let weight = candle_core::quantized::QTensor::quantize(&values, GgmlDType::F16).unwrap();
-        let linear = Linear::new(Weight::Quantized(std::sync::Arc::new(weight))).unwrap();
-        assert!(matches!(linear.weight, Product::Candle(_)), "{:?}", linear.weight);
-        let x = Tensor::randn(0f32, 1.0, (2, 24), &Device::Cpu).unwrap();
-        assert_eq!(linear.forward(&x).unwrap().dims(), [2, 4]);
+        for dtype in [GgmlDType::F16, GgmlDType::F32] {
+            let weight = candle_core::quantized::QTensor::quantize(&values, dtype).unwrap();
+            let linear = Linear::new(Weight::Quantized(std::sync::Arc::new(weight))).unwrap();
+            assert!(matches!(linear.weight, Product::Candle(_)), "{dtype:?}: {:?}", linear.weight);
+            let x = Tensor::randn(0f32, 1.0, (2, 24), &Device::Cpu).unwrap();
+            assert_eq!(linear.forward(&x).unwrap().dims(), [2, 4]);
+        }
     }
 
     /// Additive mask `[b, 1, s, past + s]`: causal, and hiding each row's padding.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use llm_kernels::{BlockType, Half, WeightFormat};
+use llm_kernels::{BlockType, Float, WeightFormat};
 
 use crate::error::{EngineError, Result};
 
@@ -90,7 +90,7 @@ impl TensorName {
 }
 
 /// A loaded tensor: plain f32, still in a GGML block format, or in a format that
-/// [`llm_kernels`] reads where it lies in the file (its block types, f16 and bf16).
+/// [`llm_kernels`] reads where it lies in the file (its block types, f32, f16 and bf16).
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
@@ -173,11 +173,12 @@ impl InPlace {
 
 /// The kernels' format for a matrix of `dtype` whose rows have `cols` values, when they take it
 /// on this CPU: a row must be whole blocks (always so for a block type that candle or the file
-/// holds) or, for 16-bit floats, whole registers.
+/// holds) or, for plain floats, whole registers.
 pub(crate) fn kernel_format(dtype: GgmlDType, cols: usize) -> Option<WeightFormat> {
     let ty = match dtype {
-        GgmlDType::F16 => return whole_rows(WeightFormat::Half(Half::F16), cols),
-        GgmlDType::BF16 => return whole_rows(WeightFormat::Half(Half::Bf16), cols),
+        GgmlDType::F32 => return whole_rows(WeightFormat::Float(Float::F32), cols),
+        GgmlDType::F16 => return whole_rows(WeightFormat::Float(Float::F16), cols),
+        GgmlDType::BF16 => return whole_rows(WeightFormat::Float(Float::Bf16), cols),
         GgmlDType::Q8_0 => BlockType::Q8_0,
         GgmlDType::Q4_0 => BlockType::Q4_0,
         GgmlDType::Q4_1 => BlockType::Q4_1,
@@ -201,8 +202,9 @@ fn whole_rows(format: WeightFormat, cols: usize) -> Option<WeightFormat> {
 fn ggml_type(format: WeightFormat) -> GgmlDType {
     let ty = match format {
         WeightFormat::Blocks(ty) => ty,
-        WeightFormat::Half(Half::F16) => return GgmlDType::F16,
-        WeightFormat::Half(Half::Bf16) => return GgmlDType::BF16,
+        WeightFormat::Float(Float::F32) => return GgmlDType::F32,
+        WeightFormat::Float(Float::F16) => return GgmlDType::F16,
+        WeightFormat::Float(Float::Bf16) => return GgmlDType::BF16,
     };
     match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
@@ -248,7 +250,7 @@ pub(crate) fn quantize_weight(weight: Weight, dtype: GgmlDType) -> Result<Weight
     let tensor = match &weight {
         Weight::Dense(t) => t.clone(),
         Weight::Quantized(q) if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => q.dequantize(&q.device())?,
-        Weight::InPlace(t) if matches!(t.format, WeightFormat::Half(_)) => weight.to_f32()?,
+        Weight::InPlace(t) if matches!(t.format, WeightFormat::Float(_)) => weight.to_f32()?,
         // Already quantized by whoever wrote the file: re-quantizing would only add error.
         Weight::Quantized(_) | Weight::InPlace(_) => return Ok(weight),
     };

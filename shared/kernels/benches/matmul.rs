@@ -14,7 +14,7 @@ use common::{seconds, TYPES};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use llm_kernels::{half_matmuls_with, matmul_with, Half, Kernels, Matrix, WeightFormat};
+use llm_kernels::{float_matmuls_with, matmul_with, Float, Kernels, Matrix, WeightFormat};
 
 /// `(name, out, in)`: attention q/o, k/v (GQA), the MLP's gate/up and down.
 const SHAPES: [(&str, usize, usize); 4] = [("attn_q", 2048, 2048), ("attn_k", 256, 2048), ("ffn_up", 5632, 2048), ("ffn_down", 2048, 5632)];
@@ -24,9 +24,9 @@ fn main() {
     let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let formats = TYPES.map(|(ty, dtype)| (format!("{ty:?}"), WeightFormat::Blocks(ty), dtype));
-    let halves = [("F16", Half::F16, GgmlDType::F16), ("BF16", Half::Bf16, GgmlDType::BF16)]
-        .map(|(name, half, dtype)| (name.to_string(), WeightFormat::Half(half), dtype));
-    for (ty, format, dtype) in formats.into_iter().chain(halves) {
+    let floats = [("F32", Float::F32, GgmlDType::F32), ("F16", Float::F16, GgmlDType::F16), ("BF16", Float::Bf16, GgmlDType::BF16)]
+        .map(|(name, ty, dtype)| (name.to_string(), WeightFormat::Float(ty), dtype));
+    for (ty, format, dtype) in formats.into_iter().chain(floats) {
         for (name, n, k) in SHAPES {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
@@ -47,7 +47,7 @@ fn main() {
                     .map(|&kernels| {
                         let product = |y: &mut [f32]| match ours {
                             Matrix::Blocks(w) => matmul_with(kernels, &w, &xs, y).unwrap(),
-                            Matrix::Half(w) => half_matmuls_with(kernels, &mut [(w, y)], &xs).unwrap(),
+                            Matrix::Float(w) => float_matmuls_with(kernels, &mut [(w, y)], &xs).unwrap(),
                         };
                         format!("{kernels:?} {:.1}", gflops(seconds(|| product(&mut y))))
                     })

@@ -1,4 +1,4 @@
-//! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of 16-bit floats).
+//! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of plain floats).
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
 //! never repacked or copied); the activations are quantized once per product (once for the
@@ -8,8 +8,8 @@
 //! weight rows × activation rows, so prefill is a matrix product, not repeated vector products.
 //! Work is spread over the crate's own pool of threads ([`threads`]), whose waiting threads soon
 //! give up their CPU (to candle's pool among others), a product's rows in one contiguous share a
-//! thread (`shares`). Matrices of 16-bit floats (f16, bf16) go through tiles of their own
-//! ([`half_matmuls`]), in place too, their activations left in `f32`.
+//! thread (`shares`). Matrices of plain floats (f32, f16, bf16) go through tiles of their own
+//! ([`float_matmuls`]), in place too, their activations left in `f32`.
 //!
 //! The SIMD kernels are chosen at run time ([`Kernels::best`]): the binary is built for the
 //! AVX2 that every Lambda x86_64 host has, and uses AVX-512 VNNI where the host has it too; on
@@ -57,7 +57,7 @@ mod activations;
 mod attention;
 mod blocks;
 mod exp;
-mod halves;
+mod floats;
 mod pool;
 pub mod scalar;
 mod shares;
@@ -72,7 +72,7 @@ use std::sync::OnceLock;
 pub use activations::QuantizedRows;
 pub use attention::{attention, AttentionShape, CachedKv};
 pub use blocks::BlockType;
-pub use halves::{half_matmuls, half_matmuls_with, Half, HalfMatrix, HALF_ROW_MULTIPLE};
+pub use floats::{float_matmuls, float_matmuls_with, Float, FloatMatrix, FLOAT_ROW_MULTIPLE};
 pub use pool::threads;
 pub use swiglu::silu_mul;
 
@@ -202,8 +202,8 @@ impl<'a> QMatrix<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
     Blocks(BlockType),
-    /// Plain little-endian 16-bit floats ([`HalfMatrix`]).
-    Half(Half),
+    /// Plain little-endian floats ([`FloatMatrix`]).
+    Float(Float),
 }
 
 impl WeightFormat {
@@ -211,14 +211,14 @@ impl WeightFormat {
     pub const fn row_multiple(self) -> usize {
         match self {
             Self::Blocks(ty) => ty.block_values(),
-            Self::Half(_) => HALF_ROW_MULTIPLE,
+            Self::Float(_) => FLOAT_ROW_MULTIPLE,
         }
     }
 
     pub const fn row_bytes(self, cols: usize) -> usize {
         match self {
             Self::Blocks(ty) => ty.row_bytes(cols),
-            Self::Half(_) => 2 * cols,
+            Self::Float(ty) => ty.bytes() * cols,
         }
     }
 }
@@ -227,45 +227,45 @@ impl WeightFormat {
 #[derive(Debug, Clone, Copy)]
 pub enum Matrix<'a> {
     Blocks(QMatrix<'a>),
-    Half(HalfMatrix<'a>),
+    Float(FloatMatrix<'a>),
 }
 
 impl<'a> Matrix<'a> {
     pub fn new(format: WeightFormat, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
         Ok(match format {
             WeightFormat::Blocks(ty) => Self::Blocks(QMatrix::new(ty, rows, cols, bytes)?),
-            WeightFormat::Half(half) => Self::Half(HalfMatrix::new(half, rows, cols, bytes)?),
+            WeightFormat::Float(ty) => Self::Float(FloatMatrix::new(ty, rows, cols, bytes)?),
         })
     }
 
     pub fn rows(&self) -> usize {
         match self {
             Self::Blocks(w) => w.rows,
-            Self::Half(w) => w.rows,
+            Self::Float(w) => w.rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
             Self::Blocks(w) => w.cols,
-            Self::Half(w) => w.cols,
+            Self::Float(w) => w.cols,
         }
     }
 }
 
 /// [`matmuls`] for matrices of any format: those in blocks in one job of the compute pool, those
-/// of 16-bit floats ([`half_matmuls`]) in another.
+/// of plain floats ([`float_matmuls`]) in another.
 pub fn products(products: &mut [(Matrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     input_rows(products.iter().map(|(w, y)| (w.rows(), w.cols(), y.len())), x.len())?;
-    let (mut blocks, mut halves) = (Vec::new(), Vec::new());
+    let (mut blocks, mut floats) = (Vec::new(), Vec::new());
     for (w, y) in products.iter_mut() {
         match *w {
             Matrix::Blocks(w) => blocks.push((w, &mut **y)),
-            Matrix::Half(w) => halves.push((w, &mut **y)),
+            Matrix::Float(w) => floats.push((w, &mut **y)),
         }
     }
     matmuls(&mut blocks, x)?;
-    half_matmuls(&mut halves, x)
+    float_matmuls(&mut floats, x)
 }
 
 /// `y[m × w.rows] = x[m × w.cols] · Wᵀ`, row-major, on the compute pool, with [`Kernels::best`].

@@ -5,8 +5,8 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use llm_kernels::{
-    half_matmuls, half_matmuls_with, matmul, matmul_with, matmuls, matmuls_with, products, scalar, BlockType, Half, HalfMatrix, Kernels, Matrix, QMatrix,
-    QuantizedRows, HALF_ROW_MULTIPLE,
+    float_matmuls, float_matmuls_with, matmul, matmul_with, matmuls, matmuls_with, products, scalar, BlockType, Float, FloatMatrix, Kernels, Matrix, QMatrix,
+    QuantizedRows, FLOAT_ROW_MULTIPLE,
 };
 use rand::{Rng, SeedableRng};
 
@@ -216,46 +216,36 @@ fn several_products_of_one_input_equal_each_alone() {
     }
 }
 
-/// 16-bit float weights (f16, bf16): every kernel set this CPU runs (the scalar fallback, which
+/// Float weights (f32, f16, bf16): every kernel set this CPU runs (the scalar fallback, which
 /// arm64 takes, too) against the product in `f64` of the same values, for a decode step, the few
 /// rows of a batch, and a prompt's tiles with rows left over (weight rows and activation rows not
 /// whole tiles); several products in one job equal each alone.
 #[test]
-fn half_products_equal_f64_sums_of_the_same_values() {
+fn float_products_equal_f64_sums_of_the_same_values() {
     // Short rows, and rows longer than a tile's block of activations from two activation rows on
     // (so that later blocks add to the sums of the first).
-    for cols in [2 * HALF_ROW_MULTIPLE * 5, 2 * HALF_ROW_MULTIPLE * 130] {
+    for cols in [2 * FLOAT_ROW_MULTIPLE * 5, 2 * FLOAT_ROW_MULTIPLE * 130] {
         let shapes = [(37, 11), (4, 12), (1, 13), (0, 14)];
-        for half in [Half::F16, Half::Bf16] {
-            // Each value as its 16 bits (what the file holds) and as the f32 they stand for.
-            let to_bits = |v: f32| match half {
-                Half::F16 => half::f16::from_f32(v).to_bits(),
-                Half::Bf16 => half::bf16::from_f32(v).to_bits(),
-            };
-            let from_bits = |b: u16| match half {
-                Half::F16 => half::f16::from_bits(b).to_f32(),
-                Half::Bf16 => half::bf16::from_bits(b).to_f32(),
-            };
-            let matrices: Vec<Vec<u16>> = shapes.iter().map(|&(rows, seed)| random(rows * cols, seed).into_iter().map(to_bits).collect()).collect();
-            let bytes: Vec<Vec<u8>> = matrices.iter().map(|w| w.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
-            let ws: Vec<HalfMatrix> = shapes.iter().zip(&bytes).map(|(&(rows, _), b)| HalfMatrix::new(half, rows, cols, b).unwrap()).collect();
+        for ty in [Float::F32, Float::F16, Float::Bf16] {
+            let matrices: Vec<(Vec<u8>, Vec<f32>)> = shapes.iter().map(|&(rows, seed)| stored(ty, &random(rows * cols, seed))).collect();
+            let ws: Vec<FloatMatrix> = shapes.iter().zip(&matrices).map(|(&(rows, _), (b, _))| FloatMatrix::new(ty, rows, cols, b).unwrap()).collect();
             for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
                 for m in [1, 2, 3, 5, 6, 7, 13] {
                     let x = random(m * cols, 5);
                     let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
-                    let mut products: Vec<(HalfMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
-                    half_matmuls_with(kernels, &mut products, &x).unwrap();
-                    for ((w, values), y) in ws.iter().zip(&matrices).zip(&together) {
+                    let mut products: Vec<(FloatMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
+                    float_matmuls_with(kernels, &mut products, &x).unwrap();
+                    for ((w, (_, values)), y) in ws.iter().zip(&matrices).zip(&together) {
                         let mut alone = vec![f32::NAN; m * w.rows];
-                        half_matmuls_with(kernels, &mut [(*w, &mut alone)], &x).unwrap();
-                        assert_eq!(&alone, y, "{half:?}, {kernels:?}, {m}×{cols}: one job of several products");
+                        float_matmuls_with(kernels, &mut [(*w, &mut alone)], &x).unwrap();
+                        assert_eq!(&alone, y, "{ty:?}, {kernels:?}, {m}×{cols}: one job of several products");
                         for i in 0..m {
                             for r in 0..w.rows {
-                                let exact: f64 = (0..cols).map(|k| f64::from(from_bits(values[r * cols + k])) * f64::from(x[i * cols + k])).sum();
+                                let exact: f64 = (0..cols).map(|k| f64::from(values[r * cols + k]) * f64::from(x[i * cols + k])).sum();
                                 let got = y[i * w.rows + r];
                                 assert!(
                                     (f64::from(got) - exact).abs() < 1e-5 * cols as f64,
-                                    "{half:?}, {kernels:?}, {m}×{cols}: y[{i}][{r}] = {got}, not {exact}"
+                                    "{ty:?}, {kernels:?}, {m}×{cols}: y[{i}][{r}] = {got}, not {exact}"
                                 );
                             }
                         }
@@ -266,32 +256,49 @@ fn half_products_equal_f64_sums_of_the_same_values() {
     }
 }
 
-#[test]
-fn half_shapes_that_do_not_match_are_refused() {
-    let bytes = vec![0u8; 2 * 4 * 32];
-    assert!(HalfMatrix::new(Half::F16, 4, 24, &bytes[..2 * 4 * 24]).is_err(), "rows of 24 values are not whole registers");
-    assert!(HalfMatrix::new(Half::Bf16, 5, 32, &bytes).is_err(), "too few bytes for 5 rows");
-    let w = HalfMatrix::new(Half::F16, 4, 32, &bytes).unwrap();
-    assert!(half_matmuls(&mut [(w, &mut [0.0; 4])], &[0.0; 33]).is_err());
-    assert!(half_matmuls(&mut [(w, &mut [0.0; 3])], &[0.0; 32]).is_err());
+/// `values` in `ty` as a file holds them (little-endian), and the values those bytes stand for.
+fn stored(ty: Float, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let each = |v: f32| match ty {
+        Float::F32 => (v.to_le_bytes().to_vec(), v),
+        Float::F16 => (half::f16::from_f32(v).to_le_bytes().to_vec(), half::f16::from_f32(v).to_f32()),
+        Float::Bf16 => (half::bf16::from_f32(v).to_le_bytes().to_vec(), half::bf16::from_f32(v).to_f32()),
+    };
+    let (mut bytes, mut exact) = (Vec::new(), Vec::new());
+    for (b, v) in values.iter().map(|&v| each(v)) {
+        bytes.extend(b);
+        exact.push(v);
+    }
+    (bytes, exact)
 }
 
-/// [`products`]: block and 16-bit matrices that take one input, in one call, each giving what it
+#[test]
+fn float_shapes_that_do_not_match_are_refused() {
+    let bytes = vec![0u8; 2 * 4 * 32];
+    assert!(FloatMatrix::new(Float::F16, 4, 24, &bytes[..2 * 4 * 24]).is_err(), "rows of 24 values are not whole registers");
+    assert!(FloatMatrix::new(Float::Bf16, 5, 32, &bytes).is_err(), "too few bytes for 5 rows");
+    assert!(FloatMatrix::new(Float::F32, 4, 32, &bytes).is_err(), "too few bytes for 4 rows of f32");
+    assert!(FloatMatrix::new(Float::F32, 2, 32, &bytes).is_ok());
+    let w = FloatMatrix::new(Float::F16, 4, 32, &bytes).unwrap();
+    assert!(float_matmuls(&mut [(w, &mut [0.0; 4])], &[0.0; 33]).is_err());
+    assert!(float_matmuls(&mut [(w, &mut [0.0; 3])], &[0.0; 32]).is_err());
+}
+
+/// [`products`]: block and float matrices that take one input, in one call, each giving what it
 /// gives alone; matrices of the two kinds whose rows differ in length are refused.
 #[test]
 fn products_of_both_kinds_equal_each_alone() {
     let cols = 64;
     let (blocks, _) = weights(BlockType::Q8_0, 5, cols);
     let halves: Vec<u8> = random(3 * cols, 3).into_iter().flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect();
-    let (q, h) = (QMatrix::new(BlockType::Q8_0, 5, cols, &blocks).unwrap(), HalfMatrix::new(Half::F16, 3, cols, &halves).unwrap());
+    let (q, h) = (QMatrix::new(BlockType::Q8_0, 5, cols, &blocks).unwrap(), FloatMatrix::new(Float::F16, 3, cols, &halves).unwrap());
     let x = random(2 * cols, 9);
     let (mut yq, mut yh) = (vec![f32::NAN; 2 * 5], vec![f32::NAN; 2 * 3]);
-    products(&mut [(Matrix::Blocks(q), &mut yq), (Matrix::Half(h), &mut yh)], &x).unwrap();
+    products(&mut [(Matrix::Blocks(q), &mut yq), (Matrix::Float(h), &mut yh)], &x).unwrap();
     let (mut alone_q, mut alone_h) = (vec![f32::NAN; 2 * 5], vec![f32::NAN; 2 * 3]);
     matmul(&q, &x, &mut alone_q).unwrap();
-    half_matmuls(&mut [(h, &mut alone_h)], &x).unwrap();
+    float_matmuls(&mut [(h, &mut alone_h)], &x).unwrap();
     assert_eq!((yq.clone(), yh), (alone_q, alone_h));
     let wide = vec![0u8; 2 * 3 * 96];
-    let wide = HalfMatrix::new(Half::F16, 3, 96, &wide).unwrap();
-    assert!(products(&mut [(Matrix::Blocks(q), &mut yq), (Matrix::Half(wide), &mut [0.0; 6])], &x).is_err(), "one input, rows of one length");
+    let wide = FloatMatrix::new(Float::F16, 3, 96, &wide).unwrap();
+    assert!(products(&mut [(Matrix::Blocks(q), &mut yq), (Matrix::Float(wide), &mut [0.0; 6])], &x).is_err(), "one input, rows of one length");
 }

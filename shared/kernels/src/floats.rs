@@ -1,4 +1,4 @@
-//! Products with 16-bit float weights (a GGUF's F16 and BF16 tensors), read in place as the
+//! Products with plain float weights (a GGUF's F32, F16 and BF16 tensors), read in place as the
 //! block formats are.
 //!
 //! Each weight becomes `f32` in a register as it is loaded (F16C's `vcvtph2ps`; a bf16 is the
@@ -17,66 +17,80 @@ use std::ops::Range;
 
 use crate::{Kernels, OutPtr, ShapeError};
 
-/// Values a row of a [`HalfMatrix`] is a whole number of: the widest registers' lanes.
-pub const HALF_ROW_MULTIPLE: usize = 16;
+/// Values a row of a [`FloatMatrix`] is a whole number of: the widest registers' lanes.
+pub const FLOAT_ROW_MULTIPLE: usize = 16;
 
-/// A 16-bit float format.
+/// A float format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Half {
+pub enum Float {
+    /// IEEE single precision.
+    F32,
     /// IEEE half precision: 5 bits of exponent, 10 of mantissa.
     F16,
     /// bfloat16: the top 16 bits of an `f32`.
     Bf16,
 }
 
-/// A weight matrix of `rows` rows of `cols` little-endian 16-bit floats, row after row.
+impl Float {
+    /// Bytes a value takes.
+    pub const fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+}
+
+/// A weight matrix of `rows` rows of `cols` little-endian floats, row after row.
 #[derive(Debug, Clone, Copy)]
-pub struct HalfMatrix<'a> {
-    pub half: Half,
+pub struct FloatMatrix<'a> {
+    pub ty: Float,
     pub rows: usize,
     pub cols: usize,
     pub bytes: &'a [u8],
 }
 
-impl<'a> HalfMatrix<'a> {
-    pub fn new(half: Half, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
-        if cols == 0 || !cols.is_multiple_of(HALF_ROW_MULTIPLE) {
-            return Err(ShapeError(format!("a {half:?} row must be a whole number of {HALF_ROW_MULTIPLE} values, not {cols}")));
+impl<'a> FloatMatrix<'a> {
+    pub fn new(ty: Float, rows: usize, cols: usize, bytes: &'a [u8]) -> Result<Self, ShapeError> {
+        if cols == 0 || !cols.is_multiple_of(FLOAT_ROW_MULTIPLE) {
+            return Err(ShapeError(format!("a {ty:?} row must be a whole number of {FLOAT_ROW_MULTIPLE} values, not {cols}")));
         }
-        if bytes.len() != 2 * rows * cols {
-            return Err(ShapeError(format!("a {rows}×{cols} {half:?} matrix takes {} bytes, not {}", 2 * rows * cols, bytes.len())));
+        let expected = ty.bytes() * rows * cols;
+        if bytes.len() != expected {
+            return Err(ShapeError(format!("a {rows}×{cols} {ty:?} matrix takes {expected} bytes, not {}", bytes.len())));
         }
-        Ok(Self { half, rows, cols, bytes })
+        Ok(Self { ty, rows, cols, bytes })
     }
 }
 
-/// [`crate::matmuls_with`] for 16-bit float weights: `y = x · Wᵀ` for each of `products`, which
+/// [`crate::matmuls_with`] for plain float weights: `y = x · Wᵀ` for each of `products`, which
 /// take the same `x`, in one job of the compute pool.
 ///
 /// # Panics
 /// If this CPU cannot run `kernels` ([`Kernels::runs_here`]).
-pub fn half_matmuls_with(kernels: Kernels, products: &mut [(HalfMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+pub fn float_matmuls_with(kernels: Kernels, products: &mut [(FloatMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
     let m = crate::input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
-    let parts: Vec<(HalfMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
+    let parts: Vec<(FloatMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
     let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
     crate::in_row_groups(&rows, m, |p, rows| {
         let (w, out) = &parts[p];
         // SAFETY: each group of rows is its own columns of the output, which outlives the pool's
         // execution; `kernels` run here.
         unsafe {
-            match w.half {
-                Half::F16 => product_rows::<F16s>(kernels, w, x, m, rows, out.0),
-                Half::Bf16 => product_rows::<Bf16s>(kernels, w, x, m, rows, out.0),
+            match w.ty {
+                Float::F32 => product_rows::<F32s>(kernels, w, x, m, rows, out.0),
+                Float::F16 => product_rows::<F16s>(kernels, w, x, m, rows, out.0),
+                Float::Bf16 => product_rows::<Bf16s>(kernels, w, x, m, rows, out.0),
             }
         }
     });
     Ok(())
 }
 
-/// [`half_matmuls_with`] with [`Kernels::best`].
-pub fn half_matmuls(products: &mut [(HalfMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
-    half_matmuls_with(Kernels::best(), products, x)
+/// [`float_matmuls_with`] with [`Kernels::best`].
+pub fn float_matmuls(products: &mut [(FloatMatrix, &mut [f32])], x: &[f32]) -> Result<(), ShapeError> {
+    float_matmuls_with(Kernels::best(), products, x)
 }
 
 /// Columns `rows` of each of the `m` output rows.
@@ -84,15 +98,15 @@ pub fn half_matmuls(products: &mut [(HalfMatrix, &mut [f32])], x: &[f32]) -> Res
 /// # Safety
 /// `kernels` run here; `out` points to `m × w.rows` values that no other thread writes in these
 /// columns.
-unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
-        unsafe fn avx512<H: Widen>(w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
-            rows_of::<x86::Avx512, H, 3, 4, 4>(w, x, m, rows, out)
+        unsafe fn avx512<H: Widen>(w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+            rows_of::<x86::Avx512, H, 3, 8, 4>(w, x, m, rows, out)
         }
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn avx2<H: Widen>(w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+        unsafe fn avx2<H: Widen>(w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
             rows_of::<x86::Avx2, H, 3, 4, 4>(w, x, m, rows, out)
         }
         match kernels {
@@ -109,10 +123,17 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &HalfMatrix, x: &[f32], m:
 /// tile's few (a block of them, [`across`]) stay in L1 while the weight rows pass, each a stream
 /// from L2 (a prompt) or memory.
 ///
+/// AVX-512 takes 3 × 8: eight activation rows share each weight register, which halves the
+/// weights read from L2 per product against 3 × 4, and the blocks of [`across`] keep the eight
+/// rows in L1 (`cargo bench -p llm-kernels -- m=128`, one thread, Ice Lake-SP, GFLOP/s against
+/// 3 × 4 the same hour: f16 84–91 against 74–93, f32 56–88 against 40–62; the f32 weights, twice
+/// the bytes, gained most). Before the blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77
+/// for AVX2's 3 × 4 in the same run).
+///
 /// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one
 /// thread, GFLOP/s against AVX2's tiles of 3 × 4 in the same run):
 /// - AVX-512 tiles of 4 weight rows × 6 activation rows: 24–33 against 46–80; of 4 × 4, 22–40
-///   against 42–72; of 3 × 8, 26–51 against 43–77 (of 3 × 4, as AVX2's: 65–88 against 66–74);
+///   against 42–72, and 38–42 with the blocks; of 2 × 8 with the blocks, 39–41 against 62–80;
 /// - copies of a group's weight rows, 128 or 256 values at a time, so that they stay in L1
 ///   across tiles: no faster; each tile then reduces its sums across lanes once a block;
 /// - `gemm`'s matrix product (candle's, over the group's rows converted to `f32`): as fast from
@@ -122,8 +143,8 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &HalfMatrix, x: &[f32], m:
 ///   against the tiles' 65–88. candle's own `f32` product reached 72–92 in the same runs: on this
 ///   VM, these products are near what its FMA units do on one thread.
 #[inline(always)]
-unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: usize>(w: &HalfMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
-    let (weights, out) = (w.bytes.as_ptr().add(2 * rows.start * w.cols), out.add(rows.start));
+unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: usize>(w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
+    let (weights, out) = (w.bytes.as_ptr().add(H::BYTES * rows.start * w.cols), out.add(rows.start));
     let mut i = 0;
     while i < m {
         let (x, out) = (x.as_ptr().add(i * w.cols), out.add(i * w.rows));
@@ -146,14 +167,20 @@ unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: u
 /// fit there, and its product ran at 49.5 GFLOP/s against 74.5 for the up projection's 2,048
 /// (`cargo bench -p llm-kernels -- F16 m=128`, AVX-512, one thread, Ice Lake-SP).
 #[inline(always)]
-unsafe fn across<L: Lanes, H: Widen, const RT: usize, const CT: usize>(w: &HalfMatrix, weights: *const u8, rows: usize, x: *const f32, out: *mut f32) -> usize {
+unsafe fn across<L: Lanes, H: Widen, const RT: usize, const CT: usize>(
+    w: &FloatMatrix,
+    weights: *const u8,
+    rows: usize,
+    x: *const f32,
+    out: *mut f32,
+) -> usize {
     let blocks = (CT * w.cols).div_ceil(TILE_ACTIVATIONS);
-    let block = w.cols.div_ceil(blocks).next_multiple_of(HALF_ROW_MULTIPLE);
+    let block = w.cols.div_ceil(blocks).next_multiple_of(FLOAT_ROW_MULTIPLE);
     for start in (0..w.cols).step_by(block) {
         let values = start..w.cols.min(start + block);
         let mut r = 0;
         while r < rows {
-            let (weights, out) = (weights.add(2 * r * w.cols), out.add(r));
+            let (weights, out) = (weights.add(H::BYTES * r * w.cols), out.add(r));
             r += match rows - r >= RT {
                 true => tile::<L, H, RT, CT>(w, weights, x, values.clone(), out),
                 false => tile::<L, H, 1, CT>(w, weights, x, values.clone(), out),
@@ -173,7 +200,7 @@ const TILE_ACTIVATIONS: usize = 8 * 1024;
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // as in `x86`: one counter indexes the sums and the operands
 unsafe fn tile<L: Lanes, H: Widen, const RT: usize, const CT: usize>(
-    w: &HalfMatrix,
+    w: &FloatMatrix,
     weights: *const u8,
     x: *const f32,
     values: Range<usize>,
@@ -185,10 +212,10 @@ unsafe fn tile<L: Lanes, H: Widen, const RT: usize, const CT: usize>(
         // A loop, not `array::from_fn`: a closure does not take the caller's target features,
         // and its vector operations would be calls if LLVM did not inline it.
         for a in 0..RT {
-            wv[a] = H::widen::<L>(weights.add(2 * (a * w.cols + k)));
+            wv[a] = H::widen::<L>(weights.add(H::BYTES * (a * w.cols + k)));
         }
         for c in 0..CT {
-            let xv = L::acts(x.add(c * w.cols + k));
+            let xv = L::f32(x.add(c * w.cols + k));
             for a in 0..RT {
                 acc[a][c] = L::fma(wv[a], xv, acc[a][c]);
             }
@@ -203,25 +230,43 @@ unsafe fn tile<L: Lanes, H: Widen, const RT: usize, const CT: usize>(
     RT
 }
 
-/// A 16-bit float format, as a tile widens it to `f32` lanes.
+/// A float format, as a tile widens it to `f32` lanes.
 trait Widen {
+    /// [`Float::bytes`].
+    const BYTES: usize;
     unsafe fn widen<L: Lanes>(p: *const u8) -> L::V;
 }
 
-/// [`Half::F16`].
+/// [`Float::F32`].
+struct F32s;
+
+impl Widen for F32s {
+    const BYTES: usize = 4;
+
+    #[inline(always)]
+    unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
+        L::f32(p.cast())
+    }
+}
+
+/// [`Float::F16`].
 struct F16s;
 
 impl Widen for F16s {
+    const BYTES: usize = 2;
+
     #[inline(always)]
     unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
         L::f16(p)
     }
 }
 
-/// [`Half::Bf16`].
+/// [`Float::Bf16`].
 struct Bf16s;
 
 impl Widen for Bf16s {
+    const BYTES: usize = 2;
+
     #[inline(always)]
     unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
         L::bf16(p)
@@ -237,7 +282,8 @@ trait Lanes {
     unsafe fn f16(p: *const u8) -> Self::V;
     /// `LANES` little-endian bf16 values at `p`, as `f32`.
     unsafe fn bf16(p: *const u8) -> Self::V;
-    unsafe fn acts(p: *const f32) -> Self::V;
+    /// `LANES` `f32` values at `p` (activations, or a row of `f32` weights).
+    unsafe fn f32(p: *const f32) -> Self::V;
     /// `a · b + c`.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn sum(v: Self::V) -> f32;
@@ -267,7 +313,7 @@ impl Lanes for Portable {
     }
 
     #[inline(always)]
-    unsafe fn acts(p: *const f32) -> Self::V {
+    unsafe fn f32(p: *const f32) -> Self::V {
         std::ptr::read_unaligned(p.cast())
     }
 
@@ -311,7 +357,7 @@ mod x86 {
         }
 
         #[inline(always)]
-        unsafe fn acts(p: *const f32) -> __m512 {
+        unsafe fn f32(p: *const f32) -> __m512 {
             _mm512_loadu_ps(p)
         }
 
@@ -349,7 +395,7 @@ mod x86 {
         }
 
         #[inline(always)]
-        unsafe fn acts(p: *const f32) -> __m256 {
+        unsafe fn f32(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
         }
 
