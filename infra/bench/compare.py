@@ -100,6 +100,17 @@ def side_by_side(model, threads, args):
     }, args.repeat)
 
 
+def read_through(path):
+    """Reads `path` once, so that its pages are in the page cache before the first run. Otherwise
+    the first run after a switch of files (ours: `llm bench` runs first) read it from disk while
+    mapping it lazily, inside its timed prompt: with several 2-4 GiB files on a 24 GiB machine,
+    the one-thread rows, which come first, had our prompt at 0.65-0.71 x llama.cpp's, against
+    0.9-1.0 x in runs on a warm file."""
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
 def print_table(args, more_columns, more_cells):
     """Prints the Markdown table of `args.models` × `args.threads`: prefill and decode against
     llama.cpp and against the copy bound, then `more_columns`, whose cells
@@ -112,6 +123,7 @@ def print_table(args, more_columns, more_cells):
     ran = True
     for model in args.models:
         per_token = weight_bytes_per_token(model)
+        read_through(model)
         for t in args.threads:
             try:
                 ours, theirs = side_by_side(model, t, args)
