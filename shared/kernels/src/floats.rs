@@ -129,7 +129,7 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 /// weights read from L2 per product against 3 × 4, and the blocks of [`across`] keep the eight
 /// rows in L1 (`cargo bench -p llm-kernels -- m=128`, one thread, Ice Lake-SP, GFLOP/s against
 /// 3 × 4 the same hour: f16 84–91 against 74–93, f32 56–88 against 40–62; the f32 weights, twice
-/// the bytes, gained most). Before the blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77
+/// the bytes, gained most, but stay under candle's own f32 product there, 75–83). Before the blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77
 /// for AVX2's 3 × 4 in the same run).
 ///
 /// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one
