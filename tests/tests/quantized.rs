@@ -75,7 +75,7 @@ fn f16_gguf_keeps_every_greedy_choice() {
 }
 
 /// The f32 file (read in place by the kernels' float tiles) gives transformers' f32 logits up to
-/// rounding: every greedy choice, and an RMS error a hundredth of the f16 file's.
+/// rounding: every greedy choice, and an RMS logit error under 1e-4 (the f16 file's is 0.0022).
 #[test]
 fn f32_gguf_gives_the_f32_reference() {
     let loaded = load(&fixtures_dir().join("tinyq/tinyq-f32.gguf"), LoadOptions::default()).unwrap();

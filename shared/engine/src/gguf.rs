@@ -145,7 +145,13 @@ impl GgufFile {
                 return Err(EngineError::tensor(name, format!("{elems} elements is not a whole number of {:?} blocks", info.ggml_dtype)));
             }
             let bytes = (elems / block).saturating_mul(info.ggml_dtype.type_size() as u64);
-            let end = self.content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+            let start = self.content.tensor_data_offset.saturating_add(info.offset);
+            // GGUF aligns tensor data to `general.alignment`, a multiple of 8; a tensor read in
+            // place is viewed as values of up to 4 bytes (an f32 row), which must not straddle it.
+            if start % 8 != 0 {
+                return Err(EngineError::invalid_file(&self.path, format!("tensor `{name}` starts at byte {start}, not a multiple of 8")));
+            }
+            let end = start.saturating_add(bytes);
             if end > file_len {
                 return Err(EngineError::invalid_file(
                     &self.path,
@@ -298,5 +304,21 @@ mod tests {
             let expected: Vec<f32> = written.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(weight.to_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
         }
+    }
+
+    /// A tensor whose data does not start on the file's alignment is refused when the file is
+    /// opened: read in place, its values would be viewed through a misaligned pointer.
+    #[test]
+    fn misaligned_tensor_data_is_refused() {
+        let values = QTensor::quantize(&Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let mut bytes = Cursor::new(Vec::new());
+        gguf_file::write(&mut bytes, &[], &[("output.weight", &values)]).unwrap();
+        let mut bytes = bytes.into_inner();
+        // The tensor's directory entry: its name, 2 dims, its type, then its offset.
+        let name_end = bytes.windows(13).position(|w| w == b"output.weight").unwrap() + 13;
+        let offset_at = name_end + 4 + 2 * 8 + 4;
+        bytes[offset_at..offset_at + 8].copy_from_slice(&4u64.to_le_bytes());
+        let err = GgufFile::from_bytes("misaligned.gguf", bytes).err().expect("a misaligned tensor is refused").to_string();
+        assert!(err.contains("not a multiple of 8"), "{err}");
     }
 }

@@ -1,4 +1,4 @@
-//! This crate's products (each kernel set the CPU runs; every block type, f16 and bf16) against
+//! This crate's products (each kernel set the CPU runs; every block type, f32, f16 and bf16) against
 //! candle's on one layer's shapes
 //! of TinyLlama-1.1B, for a decode step (1 activation row), a decode step of a batch of 2 to 32
 //! sequences (tiles of several activation rows and the rows left over, or panels from a number

@@ -163,9 +163,9 @@ unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: u
 /// rows of the output), in tiles of `RT` weight rows and of one for the rows left over; returns
 /// `CT`.
 ///
-/// A row's values in blocks of at most [`TILE_ACTIVATIONS`] for the `CT` rows together, all
-/// weight rows through one block before the next: the activations' block stays in L1 while the
-/// weights pass. Without blocks, four rows of the MLP's down projection (5,632 values) did not
+/// A row's values in blocks of about [`TILE_ACTIVATIONS`] for the `CT` rows together (rounded up
+/// to whole registers), all weight rows through one block before the next: the activations'
+/// block stays in L1 while the weights pass. Without blocks, four rows of the MLP's down projection (5,632 values) did not
 /// fit there, and its product ran at 49.5 GFLOP/s against 74.5 for the up projection's 2,048
 /// (`cargo bench -p llm-kernels -- F16 m=128`, AVX-512, one thread, Ice Lake-SP).
 #[inline(always)]

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// share), so the last to leave has seen all done, whichever threads joined.
 pub(crate) fn in_shares(items: usize, f: impl Fn(usize) + Sync) {
     if items == 0 {
-        // No pool job: woken for nothing (a list of products with no 16-bit ones), the pool
+        // No pool job: woken for nothing (a list of products with no float ones), the pool
         // cost a quantized model's every layer a job.
         return;
     }

@@ -222,15 +222,16 @@ fn several_products_of_one_input_equal_each_alone() {
 /// whole tiles); several products in one job equal each alone.
 #[test]
 fn float_products_equal_f64_sums_of_the_same_values() {
-    // Short rows, and rows longer than a tile's block of activations from two activation rows on
-    // (so that later blocks add to the sums of the first).
-    for cols in [2 * FLOAT_ROW_MULTIPLE * 5, 2 * FLOAT_ROW_MULTIPLE * 130] {
+    // Short rows; rows longer than a tile's block of activations from two activation rows on
+    // (later blocks add to the sums of the first, the last block shorter for every tile height);
+    // and rows longer than a block even for one activation row (a decode step).
+    for cols in [FLOAT_ROW_MULTIPLE * 10, FLOAT_ROW_MULTIPLE * 263, FLOAT_ROW_MULTIPLE * 523] {
         let shapes = [(37, 11), (4, 12), (1, 13), (0, 14)];
         for ty in [Float::F32, Float::F16, Float::Bf16] {
             let matrices: Vec<(Vec<u8>, Vec<f32>)> = shapes.iter().map(|&(rows, seed)| stored(ty, &random(rows * cols, seed))).collect();
             let ws: Vec<FloatMatrix> = shapes.iter().zip(&matrices).map(|(&(rows, _), (b, _))| FloatMatrix::new(ty, rows, cols, b).unwrap()).collect();
             for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
-                for m in [1, 2, 3, 5, 6, 7, 13] {
+                for m in [1, 2, 3, 5, 6, 7, 8, 13, 16] {
                     let x = random(m * cols, 5);
                     let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
                     let mut products: Vec<(FloatMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
