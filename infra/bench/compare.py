@@ -104,8 +104,8 @@ def read_through(path):
     """Reads `path` once, so that its pages are in the page cache before the first run. Otherwise
     the first run after a switch of files (ours: `llm bench` runs first) read it from disk while
     mapping it lazily, inside its timed prompt: with several 2-4 GiB files on a 24 GiB machine,
-    the one-thread rows, which come first, had our prompt at 0.65-0.71 x llama.cpp's, against
-    0.9-1.0 x in runs on a warm file."""
+    the one-thread rows, which come first, had our prompt at 0.54-0.71 x llama.cpp's, against
+    0.88-0.97 x with the files read first (float files, Ice Lake-SP, 2026-12-06)."""
     with open(path, "rb") as f:
         while f.read(64 << 20):
             pass

@@ -129,8 +129,8 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 /// weights read from L2 per product against 3 × 4, and the blocks of [`across`] keep the eight
 /// rows in L1 (`cargo bench -p llm-kernels -- m=128`, one thread, Ice Lake-SP, GFLOP/s against
 /// 3 × 4 the same hour: f16 84–91 against 74–93, f32 56–88 against 40–62; the f32 weights, twice
-/// the bytes, gained most, but stay under candle's own f32 product there, 75–83). Before the blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77
-/// for AVX2's 3 × 4 in the same run).
+/// the bytes, gained most, but stay under candle's own f32 product there, 75–83). Before the
+/// blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77 for AVX2's 3 × 4 in the same run).
 ///
 /// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one
 /// thread, GFLOP/s against AVX2's tiles of 3 × 4 in the same run):
@@ -165,9 +165,10 @@ unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: u
 ///
 /// A row's values in blocks of about [`TILE_ACTIVATIONS`] for the `CT` rows together (rounded up
 /// to whole registers), all weight rows through one block before the next: the activations'
-/// block stays in L1 while the weights pass. Without blocks, four rows of the MLP's down projection (5,632 values) did not
-/// fit there, and its product ran at 49.5 GFLOP/s against 74.5 for the up projection's 2,048
-/// (`cargo bench -p llm-kernels -- F16 m=128`, AVX-512, one thread, Ice Lake-SP).
+/// block stays in L1 while the weights pass. Without blocks, four rows of the MLP's down
+/// projection (5,632 values) did not fit there, and its product ran at 49.5 GFLOP/s against 74.5
+/// for the up projection's 2,048 (`cargo bench -p llm-kernels -- F16 m=128`, AVX-512, one thread,
+/// Ice Lake-SP).
 #[inline(always)]
 unsafe fn across<L: Lanes, H: Widen, const RT: usize, const CT: usize>(
     w: &FloatMatrix,
@@ -193,7 +194,8 @@ unsafe fn across<L: Lanes, H: Widen, const RT: usize, const CT: usize>(
 }
 
 /// Activation values (`f32`) a tile reads from L1: 32 KiB, of the 48 KiB an Ice Lake or later
-/// core has (and 32 KiB, the most common before it).
+/// core has. Half as many were as fast there; a core of 32 KiB (most before Ice Lake, and Zen 3)
+/// may want them, and was not measured.
 const TILE_ACTIVATIONS: usize = 8 * 1024;
 
 /// Values `values` of `RT` weight rows from `weights` against `CT` activation rows from `x`,
