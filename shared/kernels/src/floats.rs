@@ -236,16 +236,15 @@ unsafe fn tile<L: Lanes, H: Widen, const RT: usize, const CT: usize>(
 
 /// A float format, as a tile widens it to `f32` lanes.
 trait Widen {
-    /// [`Float::bytes`].
-    const BYTES: usize;
+    const TY: Float;
+    const BYTES: usize = Self::TY.bytes();
     unsafe fn widen<L: Lanes>(p: *const u8) -> L::V;
 }
 
-/// [`Float::F32`].
 struct F32s;
 
 impl Widen for F32s {
-    const BYTES: usize = 4;
+    const TY: Float = Float::F32;
 
     #[inline(always)]
     unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
@@ -253,11 +252,10 @@ impl Widen for F32s {
     }
 }
 
-/// [`Float::F16`].
 struct F16s;
 
 impl Widen for F16s {
-    const BYTES: usize = 2;
+    const TY: Float = Float::F16;
 
     #[inline(always)]
     unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
@@ -265,11 +263,10 @@ impl Widen for F16s {
     }
 }
 
-/// [`Float::Bf16`].
 struct Bf16s;
 
 impl Widen for Bf16s {
-    const BYTES: usize = 2;
+    const TY: Float = Float::Bf16;
 
     #[inline(always)]
     unsafe fn widen<L: Lanes>(p: *const u8) -> L::V {
