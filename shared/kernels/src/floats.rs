@@ -13,7 +13,11 @@
 //! (`compare.py`): decode 2.0 → 8.9 tok/s (llama.cpp 6.8), a 128-token prompt 31.3 → 52.9 tok/s
 //! (llama.cpp 52.8), load 15.2 → 0.08 s, peak RSS 6,415 → 2,023 MiB for a 2,101 MiB file. In f32,
 //! candle's copy: decode 2.4 → 5.2–6.3 tok/s, load 11 → 0.1 s, peak RSS 8,681 → 3,995 MiB for a
-//! 4,199 MiB file; a one-thread prompt is slower (32.6–37.7 → 24.7–26.7 tok/s, see `rows_of`).
+//! 4,199 MiB file. With AVX-512, an `f32` product of 16 or more activation rows goes through
+//! panels of its own ([`f32_panels`]), not the tiles.
+
+#[cfg(target_arch = "x86_64")]
+mod f32_panels;
 
 use std::ops::Range;
 
@@ -75,8 +79,16 @@ pub fn float_matmuls_with(kernels: Kernels, products: &mut [(FloatMatrix, &mut [
     let m = crate::input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
     let parts: Vec<(FloatMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
     let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
+    #[cfg(target_arch = "x86_64")]
+    let transposed = (kernels == Kernels::Avx512Vnni && m >= f32_panels::MIN_ACTIVATIONS && parts.iter().any(|(w, _)| w.ty == Float::F32))
+        .then(|| f32_panels::Transposed::new(x, m, parts[0].0.cols));
     crate::in_row_groups(&rows, m, |p, rows| {
         let (w, out) = &parts[p];
+        #[cfg(target_arch = "x86_64")]
+        if let (Float::F32, Some(x)) = (w.ty, &transposed) {
+            // SAFETY: as below; `transposed` is only made where AVX-512 runs.
+            return unsafe { f32_panels::product_rows(w, x, rows, out.0) };
+        }
         // SAFETY: each group of rows is its own columns of the output, which outlives the pool's
         // execution; `kernels` run here.
         unsafe {
@@ -129,7 +141,8 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 /// weights read from L2 per product against 3 × 4, and the blocks of [`across`] keep the eight
 /// rows in L1 (`cargo bench -p llm-kernels -- m=128`, one thread, Ice Lake-SP, GFLOP/s against
 /// 3 × 4 the same hour: f16 84–91 against 74–93, f32 56–88 against 40–62; the f32 weights, twice
-/// the bytes, gained most, but stay under candle's own f32 product there, 75–83). Before the
+/// the bytes, gained most, but stayed under candle's own f32 product there, 75–83, and now go
+/// through [`f32_panels`] from 16 rows on). Before the
 /// blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77 for AVX2's 3 × 4 in the same run).
 ///
 /// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one

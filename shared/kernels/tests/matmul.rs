@@ -231,7 +231,7 @@ fn float_products_equal_f64_sums_of_the_same_values() {
             let matrices: Vec<(Vec<u8>, Vec<f32>)> = shapes.iter().map(|&(rows, seed)| stored(ty, &random(rows * cols, seed))).collect();
             let ws: Vec<FloatMatrix> = shapes.iter().zip(&matrices).map(|(&(rows, _), (b, _))| FloatMatrix::new(ty, rows, cols, b).unwrap()).collect();
             for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
-                for m in [1, 2, 3, 5, 6, 7, 8, 13, 16] {
+                for m in [1, 2, 3, 5, 6, 7, 8, 13, 16, 32, 47, 100] {
                     let x = random(m * cols, 5);
                     let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
                     let mut products: Vec<(FloatMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();
