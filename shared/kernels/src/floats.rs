@@ -13,11 +13,12 @@
 //! (`compare.py`): decode 2.0 → 8.9 tok/s (llama.cpp 6.8), a 128-token prompt 31.3 → 52.9 tok/s
 //! (llama.cpp 52.8), load 15.2 → 0.08 s, peak RSS 6,415 → 2,023 MiB for a 2,101 MiB file. In f32,
 //! candle's copy: decode 2.4 → 5.2–6.3 tok/s, load 11 → 0.1 s, peak RSS 8,681 → 3,995 MiB for a
-//! 4,199 MiB file. With AVX-512, an `f32` product of 16 or more activation rows goes through
-//! panels of its own ([`f32_panels`]), not the tiles.
+//! 4,199 MiB file. With AVX-512, a prompt's products go through panels of transposed
+//! activations ([`panels`]), not the tiles: from 16 activation rows for `f32` weights, from 32
+//! for the 16-bit ones.
 
 #[cfg(target_arch = "x86_64")]
-mod f32_panels;
+mod panels;
 
 use std::ops::Range;
 
@@ -80,14 +81,14 @@ pub fn float_matmuls_with(kernels: Kernels, products: &mut [(FloatMatrix, &mut [
     let parts: Vec<(FloatMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
     let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
     #[cfg(target_arch = "x86_64")]
-    let transposed = (kernels == Kernels::Avx512Vnni && m >= f32_panels::MIN_ACTIVATIONS && parts.iter().any(|(w, _)| w.ty == Float::F32))
-        .then(|| f32_panels::Transposed::new(x, m, parts[0].0.cols));
+    let transposed = (kernels == Kernels::Avx512Vnni && parts.iter().any(|(w, _)| m >= panels::min_activations(w.ty)))
+        .then(|| panels::Transposed::new(x, m, parts[0].0.cols));
     crate::in_row_groups(&rows, m, |p, rows| {
         let (w, out) = &parts[p];
         #[cfg(target_arch = "x86_64")]
-        if let (Float::F32, Some(x)) = (w.ty, &transposed) {
+        if let Some(x) = transposed.as_ref().filter(|_| m >= panels::min_activations(w.ty)) {
             // SAFETY: as below; `transposed` is only made where AVX-512 runs.
-            return unsafe { f32_panels::product_rows(w, x, rows, out.0) };
+            return unsafe { panels::product_rows(w, x, rows, out.0) };
         }
         // SAFETY: each group of rows is its own columns of the output, which outlives the pool's
         // execution; `kernels` run here.
@@ -141,9 +142,10 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 /// weights read from L2 per product against 3 × 4, and the blocks of [`across`] keep the eight
 /// rows in L1 (`cargo bench -p llm-kernels -- m=128`, one thread, Ice Lake-SP, GFLOP/s against
 /// 3 × 4 the same hour: f16 84–91 against 74–93, f32 56–88 against 40–62; the f32 weights, twice
-/// the bytes, gained most, but stayed under candle's own f32 product there, 75–83, and now go
-/// through [`f32_panels`] from 16 rows on). Before the
+/// the bytes, gained most, but stayed under candle's own f32 product there, 75–83). Before the
 /// blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77 for AVX2's 3 × 4 in the same run).
+/// With AVX-512, the tiles now take a decode step and prompts of a few rows; longer ones go
+/// through [`panels`].
 ///
 /// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one
 /// thread, GFLOP/s against AVX2's tiles of 3 × 4 in the same run):
@@ -153,10 +155,10 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 ///   across tiles: no faster; each tile then reduces its sums across lanes once a block;
 /// - `gemm`'s matrix product (candle's, over the group's rows converted to `f32`): as fast from
 ///   128 rows on, half as fast at 16 to 32;
-/// - panels: a group's rows widened to `f32` once, each weight broadcast against one value of 16
-///   (AVX-512) or 8 activation rows transposed, a lane an output: AVX-512 51–90, AVX2 58–72
-///   against the tiles' 65–88. candle's own `f32` product reached 72–92 in the same runs: on this
-///   VM, these products are near what its FMA units do on one thread.
+/// - a first form of the panels: a group's rows widened to `f32` once, each weight broadcast
+///   against one register of 16 (AVX-512) or 8 activation rows transposed: AVX-512 51–90, AVX2
+///   58–72 against the tiles' 65–88. [`panels`] broadcast each weight against three registers,
+///   and widen a tile's block of 8 rows at a time.
 #[inline(always)]
 unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: usize>(w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
     let (weights, out) = (w.bytes.as_ptr().add(H::BYTES * rows.start * w.cols), out.add(rows.start));

@@ -1,32 +1,38 @@
-//! A prompt's products with `f32` weights on AVX-512: the activations transposed into panels of
+//! A prompt's products with float weights on AVX-512: the activations transposed into panels of
 //! up to [`PANEL_ACTIVATIONS`] rows, a lane each, and every weight broadcast against a panel's
-//! registers, so that a tile of [`TILE_ROWS`] weight rows keeps 24 sums in registers (one
-//! output each lane) and never reduces one across lanes. The weights are read in place; only
-//! the activations are copied, once a product.
+//! registers, so that a tile of [`TILE_ROWS`] weight rows keeps 24 sums in registers (one output
+//! a lane) and never reduces one across lanes. The weights are read in place (16-bit ones widened
+//! a tile's block at a time into a small buffer, [`weight_tile`]); only the activations are
+//! copied, once a product.
 //!
 //! The float tiles ([`super::rows_of`]) read a row of each operand per register and reduce their
-//! sums at the end: with `f32` weights, twice the bytes of the 16-bit ones, they ran at 56–88
+//! sums at the end. With `f32` weights, twice the bytes of the 16-bit ones, they ran at 56–88
 //! GFLOP/s at 128 activation rows (one thread, Ice Lake-SP), under candle's `f32` product
 //! (75–83), where this core's FMA units do 175 (24 independent 512-bit FMAs in a loop). These
 //! run at 101–117 there (`RAYON_NUM_THREADS=1 cargo bench -p llm-kernels -- F32`, two runs:
-//! candle's 76–89 in the same runs), 84–115 at 32 rows and 92–117 at 512; a whole 128-token
-//! prompt of TinyLlama's shape in f32 (`llm bench`, paired runs) went 28.4–29.8 → 37.5–42.2
-//! tok/s at one thread, 48.6–49.1 → 61.4–71.0 at two.
+//! candle's 76–89 in the same runs), 84–115 at 32 rows and 92–117 at 512. F16 at 128 rows, the
+//! tiles and these in turn, twice: 74–86 → 94–108; BF16 75–102 → 92–108.
 //!
-//! The 16-bit weights stay with the tiles: broadcast, each would be widened on its own, and
-//! a panel's block of them widened to `f32` first ran no faster than the tiles (a C model of
-//! this file, not kept: 79–98 against the tiles' 86–101 GFLOP/s).
+//! A 128-token prompt of TinyLlama's shape in f32 (`llm bench`, paired runs) went 28.4–29.8 →
+//! 37.5–42.2 tok/s at one thread, 48.6–49.1 → 61.4–71.0 at two.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::FloatMatrix;
+use super::x86::Avx512;
+use super::{Bf16s, F16s, F32s, Float, FloatMatrix, Widen};
 
-/// Activation rows from which an `f32` product goes through panels. At 16 rows (one register of
-/// lanes) they ran at 58–72 GFLOP/s against the AVX-512 tiles' 47–93 (faster on the MLP's two
-/// shapes, as fast on `attn_q`'s, slower on `attn_k`'s 256 rows), at 24 at 68–84 against 47–68;
-/// at 8 and 12 at 32–54, mostly under AVX2's tiles in the same runs (30–77).
-pub const MIN_ACTIVATIONS: usize = 16;
+/// Activation rows from which a product of `ty` goes through panels: below, the tiles' sums of a
+/// few rows cost less than a panel of one or two registers of lanes half used. GFLOP/s, one
+/// thread, tiles and panels in turn: `f32` at 16 rows 47–93 → 58–72 (faster on the MLP's two
+/// shapes, as fast on `attn_q`'s, slower on `attn_k`'s 256 rows), at 24 47–68 → 68–84; f16 at
+/// 16 rows 60–81 → 53–61, at 24 68–95 → 65–78, at 32 74–81 → 75–97.
+pub const fn min_activations(ty: Float) -> usize {
+    match ty {
+        Float::F32 => 16,
+        Float::F16 | Float::Bf16 => 32,
+    }
+}
 
 /// Activation rows a panel holds: three 512-bit registers of lanes.
 const PANEL_ACTIVATIONS: usize = 48;
@@ -94,37 +100,48 @@ impl Transposed {
 /// Columns `rows` of every output row (`x.m` rows of `w.rows`): `out[i][j] = Σₖ x[i][k] · w[j][k]`.
 ///
 /// # Safety
-/// AVX-512F runs here; `w` holds `f32` values and `x` rows of `w.cols`; `out` points to `x.m ×
-/// w.rows` values that no other thread writes in these columns.
-#[target_feature(enable = "avx512f")]
+/// AVX-512F and F16C run here; `x` has rows of `w.cols`; `out` points to `x.m × w.rows` values
+/// that no other thread writes in these columns.
+#[target_feature(enable = "avx512f,f16c")]
 pub unsafe fn product_rows(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
-    debug_assert!(w.ty == super::Float::F32 && w.cols == x.cols);
+    debug_assert_eq!(w.cols, x.cols);
+    match w.ty {
+        Float::F32 => panels::<F32s>(w, x, rows, out),
+        Float::F16 => panels::<F16s>(w, x, rows, out),
+        Float::Bf16 => panels::<Bf16s>(w, x, rows, out),
+    }
+}
+
+#[inline(always)]
+unsafe fn panels<H: Widen>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
     for p in 0..x.panels() {
         match x.width(p) / 16 {
-            3 => panel_rows::<3>(w, x, p, rows.clone(), out),
-            2 => panel_rows::<2>(w, x, p, rows.clone(), out),
-            _ => panel_rows::<1>(w, x, p, rows.clone(), out),
+            3 => panel_rows::<H, 3>(w, x, p, rows.clone(), out),
+            2 => panel_rows::<H, 2>(w, x, p, rows.clone(), out),
+            _ => panel_rows::<H, 1>(w, x, p, rows.clone(), out),
         }
     }
 }
 
 /// Columns `rows` of panel `p`'s output rows, whose `V` registers of lanes it has.
 #[inline(always)]
-unsafe fn panel_rows<const V: usize>(w: &FloatMatrix, x: &Transposed, p: usize, rows: Range<usize>, out: *mut f32) {
+unsafe fn panel_rows<H: Widen, const V: usize>(w: &FloatMatrix, x: &Transposed, p: usize, rows: Range<usize>, out: *mut f32) {
     let (width, first) = (16 * V, p * PANEL_ACTIVATIONS);
     let panel = x.values.as_ptr().add(x.start(p));
-    let weights = w.bytes.as_ptr().cast::<f32>();
     let mut sums = [0f32; SUM_ROWS * PANEL_ACTIVATIONS];
+    let mut widened = [0f32; TILE_ROWS * BLOCK_VALUES];
     for chunk in (rows.start..rows.end).step_by(SUM_ROWS) {
         let chunk = chunk..rows.end.min(chunk + SUM_ROWS);
         for block in (0..w.cols).step_by(BLOCK_VALUES) {
             let values = block..w.cols.min(block + BLOCK_VALUES);
+            let panel = panel.add(block * width);
             let mut j = chunk.start;
             while j < chunk.end {
-                let (row, sums) = (weights.add(j * w.cols), sums.as_mut_ptr().add((j - chunk.start) * width));
+                let row = w.bytes.as_ptr().add(H::BYTES * (j * w.cols + block));
+                let sums = sums.as_mut_ptr().add((j - chunk.start) * width);
                 j += match chunk.end - j >= TILE_ROWS {
-                    true => tile::<TILE_ROWS, V>(row, w.cols, panel, values.clone(), sums),
-                    false => tile::<1, V>(row, w.cols, panel, values.clone(), sums),
+                    true => weight_tile::<H, TILE_ROWS, V>(row, w.cols, values.len(), &mut widened, panel, block == 0, sums),
+                    false => weight_tile::<H, 1, V>(row, w.cols, values.len(), &mut widened, panel, block == 0, sums),
                 };
             }
         }
@@ -136,28 +153,53 @@ unsafe fn panel_rows<const V: usize>(w: &FloatMatrix, x: &Transposed, p: usize, 
     }
 }
 
-/// Values `values` of `R` weight rows from `row` (rows of `cols`) against a panel of `V`
-/// registers of lanes, into `sums` (`R` rows of `16 · V`), added to what is there unless
-/// `values` starts the rows; returns `R`.
+/// [`tile`] for `R` rows of `len` values of `H` from `row` (rows of `cols`): `f32` ones where they
+/// lie, others widened into `widened` first, so that each is widened once a panel, not once a
+/// broadcast.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weight_tile<H: Widen, const R: usize, const V: usize>(
+    row: *const u8,
+    cols: usize,
+    len: usize,
+    widened: &mut [f32; TILE_ROWS * BLOCK_VALUES],
+    panel: *const f32,
+    first: bool,
+    sums: *mut f32,
+) -> usize {
+    if H::TY == Float::F32 {
+        return tile::<R, V>(row.cast(), cols, panel, len, first, sums);
+    }
+    for a in 0..R {
+        for k in (0..len).step_by(16) {
+            _mm512_storeu_ps(widened.as_mut_ptr().add(a * BLOCK_VALUES + k), H::widen::<Avx512>(row.add(H::BYTES * (a * cols + k))));
+        }
+    }
+    tile::<R, V>(widened.as_ptr(), BLOCK_VALUES, panel, len, first, sums)
+}
+
+/// `len` values of `R` weight rows from `weights` (rows `stride` apart) against a panel's block
+/// of `V` registers of lanes, into `sums` (`R` rows of `16 · V`), added to what is there unless
+/// `first`; returns `R`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // one counter indexes the sums and the operands
-unsafe fn tile<const R: usize, const V: usize>(row: *const f32, cols: usize, panel: *const f32, values: Range<usize>, sums: *mut f32) -> usize {
+unsafe fn tile<const R: usize, const V: usize>(weights: *const f32, stride: usize, panel: *const f32, len: usize, first: bool, sums: *mut f32) -> usize {
     let width = 16 * V;
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    if values.start > 0 {
+    if !first {
         for a in 0..R {
             for b in 0..V {
                 acc[a][b] = _mm512_loadu_ps(sums.add(a * width + 16 * b));
             }
         }
     }
-    for k in values {
+    for k in 0..len {
         let mut xv = [_mm512_setzero_ps(); V];
         for b in 0..V {
             xv[b] = _mm512_loadu_ps(panel.add(k * width + 16 * b));
         }
         for a in 0..R {
-            let wv = _mm512_set1_ps(row.add(a * cols + k).read_unaligned());
+            let wv = _mm512_set1_ps(weights.add(a * stride + k).read_unaligned());
             for b in 0..V {
                 acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
             }
