@@ -14,7 +14,7 @@
 //! (llama.cpp 52.8), load 15.2 → 0.08 s, peak RSS 6,415 → 2,023 MiB for a 2,101 MiB file. In f32,
 //! candle's copy: decode 2.4 → 5.2–6.3 tok/s, load 11 → 0.1 s, peak RSS 8,681 → 3,995 MiB for a
 //! 4,199 MiB file. With AVX-512, a prompt's products go through panels of transposed
-//! activations ([`panels`]), not the tiles: from 16 activation rows for `f32` weights, from 32
+//! activations (`panels`), not the tiles: from 16 activation rows for `f32` weights, from 32
 //! for the 16-bit ones.
 
 #[cfg(target_arch = "x86_64")]
@@ -87,7 +87,8 @@ pub fn float_matmuls_with(kernels: Kernels, products: &mut [(FloatMatrix, &mut [
         let (w, out) = &parts[p];
         #[cfg(target_arch = "x86_64")]
         if let Some(x) = transposed.as_ref().filter(|_| m >= panels::min_activations(w.ty)) {
-            // SAFETY: as below; `transposed` is only made where AVX-512 runs.
+            // SAFETY: as below; `transposed` is only made where AVX-512 runs, from `x`, whose rows
+            // `input_rows` found as long as every product's.
             return unsafe { panels::product_rows(w, x, rows, out.0) };
         }
         // SAFETY: each group of rows is its own columns of the output, which outlives the pool's
@@ -145,7 +146,7 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 /// the bytes, gained most, but stayed under candle's own f32 product there, 75–83). Before the
 /// blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77 for AVX2's 3 × 4 in the same run).
 /// With AVX-512, the tiles now take a decode step and prompts of a few rows; longer ones go
-/// through [`panels`].
+/// through `panels`.
 ///
 /// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one
 /// thread, GFLOP/s against AVX2's tiles of 3 × 4 in the same run):
@@ -157,7 +158,7 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 ///   128 rows on, half as fast at 16 to 32;
 /// - a first form of the panels: a group's rows widened to `f32` once, each weight broadcast
 ///   against one register of 16 (AVX-512) or 8 activation rows transposed: AVX-512 51–90, AVX2
-///   58–72 against the tiles' 65–88. [`panels`] broadcast each weight against three registers,
+///   58–72 against the tiles' 65–88. `panels` broadcast each weight against three registers,
 ///   and widen a tile's block of 8 rows at a time.
 #[inline(always)]
 unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: usize>(w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {

@@ -225,13 +225,18 @@ fn float_products_equal_f64_sums_of_the_same_values() {
     // Short rows; rows longer than a tile's block of activations from two activation rows on
     // (later blocks add to the sums of the first, the last block shorter for every tile height);
     // and rows longer than a block even for one activation row (a decode step).
+    // From 16 (f32) or 32 (f16, bf16) activation rows, with AVX-512, the products go through
+    // panels of 48 activation rows: one just under each threshold, panels of one, two and three
+    // registers, a last panel narrower than the others (100) and as wide (80). The 520 rows of the
+    // shortest row length keep groups of 8 weight rows (a panel's tile) at up to 16 threads.
     for cols in [FLOAT_ROW_MULTIPLE * 10, FLOAT_ROW_MULTIPLE * 263, FLOAT_ROW_MULTIPLE * 523] {
-        let shapes = [(37, 11), (4, 12), (1, 13), (0, 14)];
+        let shapes =
+            if cols == FLOAT_ROW_MULTIPLE * 10 { vec![(520, 15), (37, 11), (4, 12), (1, 13), (0, 14)] } else { vec![(37, 11), (4, 12), (1, 13), (0, 14)] };
         for ty in [Float::F32, Float::F16, Float::Bf16] {
             let matrices: Vec<(Vec<u8>, Vec<f32>)> = shapes.iter().map(|&(rows, seed)| stored(ty, &random(rows * cols, seed))).collect();
             let ws: Vec<FloatMatrix> = shapes.iter().zip(&matrices).map(|(&(rows, _), (b, _))| FloatMatrix::new(ty, rows, cols, b).unwrap()).collect();
             for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
-                for m in [1, 2, 3, 5, 6, 7, 8, 13, 16, 32, 47, 100] {
+                for m in [1, 2, 3, 5, 6, 7, 8, 13, 15, 16, 31, 32, 47, 80, 100] {
                     let x = random(m * cols, 5);
                     let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
                     let mut products: Vec<(FloatMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();

@@ -1,9 +1,11 @@
 //! A prompt's products with float weights on AVX-512: the activations transposed into panels of
 //! up to [`PANEL_ACTIVATIONS`] rows, a lane each, and every weight broadcast against a panel's
-//! registers, so that a tile of [`TILE_ROWS`] weight rows keeps 24 sums in registers (one output
-//! a lane) and never reduces one across lanes. The weights are read in place (16-bit ones widened
+//! registers, so that a tile of [`TILE_ROWS`] weight rows keeps its sums in 24 registers (8 weight
+//! rows × 48 activation rows, one output a lane) and never reduces one across lanes. The weights are read in place (16-bit ones widened
 //! a tile's block at a time into a small buffer, [`weight_tile`]); only the activations are
-//! copied, once a product.
+//! copied: transposed once a call, on the calling thread, and shared by the call's products
+//! (in a C model of this file, 0.6–8 ms for 128 to 512 rows of 2,048 to 5,632 values, 2–7 %
+//! of a product of them; not measured here).
 //!
 //! The float tiles ([`super::rows_of`]) read a row of each operand per register and reduce their
 //! sums at the end. With `f32` weights, twice the bytes of the 16-bit ones, they ran at 56–88
@@ -38,11 +40,13 @@ pub const fn min_activations(ty: Float) -> usize {
 const PANEL_ACTIVATIONS: usize = 48;
 
 /// Weight rows a tile broadcasts against a panel: 8 × 3 sums and the panel's 3 registers take
-/// 27 of the 32.
+/// 28 of the 32
+/// with the broadcast weight.
 const TILE_ROWS: usize = 8;
 
 /// Values of a row each tile runs over before the next tile takes them: a panel's block of them
-/// (128 × 48 `f32`, 24 KiB) stays in L1 while the weight rows pass. In the C model, 64, 128,
+/// (128 × 48 `f32`, 24 KiB) stays in L1 while the weight rows pass. In a C model of this file
+/// (a one-off, not kept), 64, 128,
 /// 256 and 512 were alike within this VM's noise (79–110 GFLOP/s); the whole row at once fell
 /// to 70 on the down projection's 5,632 values (a panel's rows, 1 MiB, then come from L3).
 const BLOCK_VALUES: usize = 128;
@@ -66,13 +70,13 @@ impl Transposed {
         let len = panels.checked_sub(1).map_or(0, |last| t.start(last) + t.width(last) * cols);
         t.values = vec![0.0; len];
         for p in 0..panels {
-            let (start, width, first) = (t.start(p), t.width(p), p * PANEL_ACTIVATIONS);
-            let live = (m - first).min(PANEL_ACTIVATIONS);
+            let (start, width, first_row) = (t.start(p), t.width(p), p * PANEL_ACTIVATIONS);
+            let live = (m - first_row).min(PANEL_ACTIVATIONS);
             let panel = &mut t.values[start..start + width * cols];
             // A block of values at a time, so that the panel's part it writes stays in cache.
             for block in (0..cols).step_by(64) {
                 let values = block..cols.min(block + 64);
-                for (lane, row) in x[first * cols..].chunks_exact(cols).take(live).enumerate() {
+                for (lane, row) in x[first_row * cols..].chunks_exact(cols).take(live).enumerate() {
                     for k in values.clone() {
                         panel[k * width + lane] = row[k];
                     }
@@ -100,7 +104,7 @@ impl Transposed {
 /// Columns `rows` of every output row (`x.m` rows of `w.rows`): `out[i][j] = Σₖ x[i][k] · w[j][k]`.
 ///
 /// # Safety
-/// AVX-512F and F16C run here; `x` has rows of `w.cols`; `out` points to `x.m × w.rows` values
+/// AVX-512F runs here (and F16C, as on every AVX-512 CPU); `x` has rows of `w.cols`; `out` points to `x.m × w.rows` values
 /// that no other thread writes in these columns.
 #[target_feature(enable = "avx512f,f16c")]
 pub unsafe fn product_rows(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
@@ -118,7 +122,8 @@ unsafe fn panels<H: Widen>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, 
         match x.width(p) / 16 {
             3 => panel_rows::<H, 3>(w, x, p, rows.clone(), out),
             2 => panel_rows::<H, 2>(w, x, p, rows.clone(), out),
-            _ => panel_rows::<H, 1>(w, x, p, rows.clone(), out),
+            1 => panel_rows::<H, 1>(w, x, p, rows.clone(), out),
+            lanes => unreachable!("a panel of {lanes} registers"),
         }
     }
 }
@@ -126,7 +131,7 @@ unsafe fn panels<H: Widen>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, 
 /// Columns `rows` of panel `p`'s output rows, whose `V` registers of lanes it has.
 #[inline(always)]
 unsafe fn panel_rows<H: Widen, const V: usize>(w: &FloatMatrix, x: &Transposed, p: usize, rows: Range<usize>, out: *mut f32) {
-    let (width, first) = (16 * V, p * PANEL_ACTIVATIONS);
+    let (width, first_row) = (16 * V, p * PANEL_ACTIVATIONS);
     let panel = x.values.as_ptr().add(x.start(p));
     let mut sums = [0f32; SUM_ROWS * PANEL_ACTIVATIONS];
     let mut widened = [0f32; TILE_ROWS * BLOCK_VALUES];
@@ -146,8 +151,8 @@ unsafe fn panel_rows<H: Widen, const V: usize>(w: &FloatMatrix, x: &Transposed, 
             }
         }
         for (j, sums) in chunk.zip(sums.chunks_exact(width)) {
-            for (i, &sum) in sums.iter().take(x.m - first).enumerate() {
-                *out.add((first + i) * w.rows + j) = sum;
+            for (i, &sum) in sums.iter().take(x.m - first_row).enumerate() {
+                *out.add((first_row + i) * w.rows + j) = sum;
             }
         }
     }
@@ -164,29 +169,29 @@ unsafe fn weight_tile<H: Widen, const R: usize, const V: usize>(
     len: usize,
     widened: &mut [f32; TILE_ROWS * BLOCK_VALUES],
     panel: *const f32,
-    first: bool,
+    first_block: bool,
     sums: *mut f32,
 ) -> usize {
     if H::TY == Float::F32 {
-        return tile::<R, V>(row.cast(), cols, panel, len, first, sums);
+        return tile::<R, V>(row.cast(), cols, panel, len, first_block, sums);
     }
     for a in 0..R {
         for k in (0..len).step_by(16) {
             _mm512_storeu_ps(widened.as_mut_ptr().add(a * BLOCK_VALUES + k), H::widen::<Avx512>(row.add(H::BYTES * (a * cols + k))));
         }
     }
-    tile::<R, V>(widened.as_ptr(), BLOCK_VALUES, panel, len, first, sums)
+    tile::<R, V>(widened.as_ptr(), BLOCK_VALUES, panel, len, first_block, sums)
 }
 
 /// `len` values of `R` weight rows from `weights` (rows `stride` apart) against a panel's block
 /// of `V` registers of lanes, into `sums` (`R` rows of `16 · V`), added to what is there unless
-/// `first`; returns `R`.
+/// `first_block`; returns `R`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // one counter indexes the sums and the operands
-unsafe fn tile<const R: usize, const V: usize>(weights: *const f32, stride: usize, panel: *const f32, len: usize, first: bool, sums: *mut f32) -> usize {
+unsafe fn tile<const R: usize, const V: usize>(weights: *const f32, stride: usize, panel: *const f32, len: usize, first_block: bool, sums: *mut f32) -> usize {
     let width = 16 * V;
     let mut acc = [[_mm512_setzero_ps(); V]; R];
-    if !first {
+    if !first_block {
         for a in 0..R {
             for b in 0..V {
                 acc[a][b] = _mm512_loadu_ps(sums.add(a * width + 16 * b));
