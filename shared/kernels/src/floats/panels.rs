@@ -1,11 +1,12 @@
 //! A prompt's products with float weights on AVX-512: the activations transposed into panels of
 //! up to [`PANEL_ACTIVATIONS`] rows, a lane each, and every weight broadcast against a panel's
-//! registers, so that a tile of [`TILE_ROWS`] weight rows keeps its sums in 24 registers (8 weight
-//! rows × 48 activation rows, one output a lane) and never reduces one across lanes. The weights are read in place (16-bit ones widened
-//! a tile's block at a time into a small buffer, [`weight_tile`]); only the activations are
-//! copied: transposed once a call, on the calling thread, and shared by the call's products
-//! (in a C model of this file, 0.6–8 ms for 128 to 512 rows of 2,048 to 5,632 values, 2–7 %
-//! of a product of them; not measured here).
+//! registers, so that a tile of [`TILE_ROWS`] weight rows keeps its sums in 24 registers (8
+//! weight rows × 48 activation rows, one output a lane) and never reduces one across lanes.
+//!
+//! The weights are read in place (16-bit ones widened a tile's block at a time into a small
+//! buffer, [`weight_tile`]). Only the activations are copied: transposed once a call, on the
+//! calling thread, and shared by the call's products (in a C model of this file, 0.6–8 ms for
+//! 128 to 512 rows of 2,048 to 5,632 values, 2–7 % of a product of them; not measured here).
 //!
 //! The float tiles ([`super::rows_of`]) read a row of each operand per register and reduce their
 //! sums at the end. With `f32` weights, twice the bytes of the 16-bit ones, they ran at 56–88
@@ -39,16 +40,15 @@ pub const fn min_activations(ty: Float) -> usize {
 /// Activation rows a panel holds: three 512-bit registers of lanes.
 const PANEL_ACTIVATIONS: usize = 48;
 
-/// Weight rows a tile broadcasts against a panel: 8 × 3 sums and the panel's 3 registers take
-/// 28 of the 32
-/// with the broadcast weight.
+/// Weight rows a tile broadcasts against a panel: 8 × 3 sums, the panel's 3 registers and the
+/// broadcast weight take 28 of the 32.
 const TILE_ROWS: usize = 8;
 
 /// Values of a row each tile runs over before the next tile takes them: a panel's block of them
 /// (128 × 48 `f32`, 24 KiB) stays in L1 while the weight rows pass. In a C model of this file
-/// (a one-off, not kept), 64, 128,
-/// 256 and 512 were alike within this VM's noise (79–110 GFLOP/s); the whole row at once fell
-/// to 70 on the down projection's 5,632 values (a panel's rows, 1 MiB, then come from L3).
+/// (a one-off, not kept), 64, 128, 256 and 512 were alike within this VM's noise (79–110
+/// GFLOP/s); the whole row at once fell to 70 on the down projection's 5,632 values (a panel's
+/// rows, 1 MiB, then come from L3).
 const BLOCK_VALUES: usize = 128;
 
 /// Weight rows whose sums a pass over a panel keeps, on the stack.
@@ -104,8 +104,8 @@ impl Transposed {
 /// Columns `rows` of every output row (`x.m` rows of `w.rows`): `out[i][j] = Σₖ x[i][k] · w[j][k]`.
 ///
 /// # Safety
-/// AVX-512F runs here (and F16C, as on every AVX-512 CPU); `x` has rows of `w.cols`; `out` points to `x.m × w.rows` values
-/// that no other thread writes in these columns.
+/// AVX-512F runs here (and F16C, as on every AVX-512 CPU); `x` has rows of `w.cols`; `out`
+/// points to `x.m × w.rows` values that no other thread writes in these columns.
 #[target_feature(enable = "avx512f,f16c")]
 pub unsafe fn product_rows(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
     debug_assert_eq!(w.cols, x.cols);
@@ -116,6 +116,7 @@ pub unsafe fn product_rows(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, 
     }
 }
 
+/// [`product_rows`] for weights of `H`, panel after panel.
 #[inline(always)]
 unsafe fn panels<H: Widen>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
     for p in 0..x.panels() {
