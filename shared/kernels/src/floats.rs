@@ -81,14 +81,14 @@ pub fn float_matmuls_with(kernels: Kernels, products: &mut [(FloatMatrix, &mut [
     let parts: Vec<(FloatMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
     let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
     #[cfg(target_arch = "x86_64")]
-    let through_panels = |ty: Float| kernels == Kernels::Avx512Vnni && m >= panels::min_activations(ty);
+    let through_panels = |ty: Float| panels::through_panels(kernels, ty, m);
     #[cfg(target_arch = "x86_64")]
-    let transposed = parts.iter().any(|(w, _)| through_panels(w.ty)).then(|| panels::Transposed::new(x, m, parts[0].0.cols));
+    let transposed = parts.iter().any(|(w, _)| through_panels(w.ty)).then(|| panels::Transposed::new(kernels, x, m, parts[0].0.cols));
     crate::in_row_groups(&rows, m, |p, rows| {
         let (w, out) = &parts[p];
         #[cfg(target_arch = "x86_64")]
         if let Some(x) = transposed.as_ref().filter(|_| through_panels(w.ty)) {
-            // SAFETY: as below; `transposed` is only made where AVX-512 runs, from `x`, whose rows
+            // SAFETY: as below; `transposed` is made for `kernels`, from `x`, whose rows
             // `input_rows` found as long as every product's.
             return unsafe { panels::product_rows(w, x, rows, out.0) };
         }

@@ -1,77 +1,137 @@
-//! A prompt's products with float weights on AVX-512: the activations transposed into panels of
-//! up to [`PANEL_ACTIVATIONS`] rows, a lane each, and every weight broadcast against a panel's
-//! registers, so that a tile of [`TILE_ROWS`] weight rows keeps its sums in 24 registers (8
-//! weight rows × 48 activation rows, one output a lane) and never reduces one across lanes.
+//! A prompt's products with float weights on x86: the activations transposed into panels of
+//! a few registers of rows, a lane each, and every weight broadcast against a panel's registers,
+//! so that a tile of weight rows keeps its sums in registers (one output a lane) and never
+//! reduces one across lanes. AVX-512: tiles of 8 weight rows × 48 activation rows, 24 registers
+//! of sums; AVX2, `f32` weights only: 6 × 16, 12 registers ([`Broadcast`]).
 //!
-//! The weights are read in place (16-bit ones widened a tile's block at a time into a small
-//! buffer, [`weight_tile`]). Only the activations are copied: transposed once a call, on the
-//! calling thread, and shared by the call's products (in a C model of this file, 0.6–8 ms for
-//! 128 to 512 rows of 2,048 to 5,632 values, 2–7 % of a product of them; not measured here).
+//! A product takes its weight rows a chunk at a time ([`CHUNK_ROWS`]), and a chunk a block of
+//! values at a time: every panel's block passes the chunk's block while it is in cache, so each
+//! weight comes from memory once a product (16-bit ones widened to `f32` once, into a buffer).
+//! Only the activations are copied: transposed once a call, on the calling thread, and shared by
+//! the call's products (in a C model of this file, 0.6–8 ms for 128 to 512 rows of 2,048 to
+//! 5,632 values, 2–7 % of a product of them; not measured here).
 //!
 //! The float tiles ([`super::rows_of`]) read a row of each operand per register and reduce their
 //! sums at the end. With `f32` weights, twice the bytes of the 16-bit ones, they ran at 56–88
 //! GFLOP/s at 128 activation rows (one thread, Ice Lake-SP), under candle's `f32` product
-//! (75–83), where this core's FMA units do 175 (24 independent 512-bit FMAs in a loop). These
-//! run at 101–117 there (`RAYON_NUM_THREADS=1 cargo bench -p llm-kernels -- F32`, two runs:
-//! candle's 76–89 in the same runs), 84–115 at 32 rows and 92–117 at 512. F16 at 128 rows, the
-//! tiles and these in turn, twice: 74–86 → 94–108; BF16 75–102 → 92–108.
+//! (75–83), where this core's FMA units do 175 (24 independent 512-bit FMAs in a loop). The
+//! panels, a panel after another over all of a group's rows, ran at 101–117 there
+//! (`RAYON_NUM_THREADS=1 cargo bench -p llm-kernels -- F32`, two runs: candle's 76–89 in the
+//! same runs), 84–115 at 32 rows and 92–117 at 512. F16 at 128 rows, the tiles and the panels
+//! in turn, twice: 74–86 → 94–108; BF16 75–102 → 92–108. A 128-token prompt of TinyLlama's
+//! shape in f32 (`llm bench`, paired runs) went 28.4–29.8 → 37.5–42.2 tok/s at one thread,
+//! 48.6–49.1 → 61.4–71.0 at two.
 //!
-//! A 128-token prompt of TinyLlama's shape in f32 (`llm bench`, paired runs) went 28.4–29.8 →
-//! 37.5–42.2 tok/s at one thread, 48.6–49.1 → 61.4–71.0 at two.
+//! With AVX2 alone, panels a panel after another ran `f32` at 49–57 GFLOP/s (tiles of 4 × 24,
+//! their sums partly on the stack) and 65–75 (6 × 16) against the tiles' 36–69 (the weights,
+//! read once a panel of 16 rows, came from memory 8 times for 128 rows); chunk after chunk,
+//! MEASURE. f16 through AVX2's panels stayed under its tiles (128 rows: 63–75 against 74–81),
+//! which read half the bytes of `f32` ones, so 16-bit weights keep the tiles there.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::x86::Avx512;
-use super::{Bf16s, F16s, F32s, Float, FloatMatrix, Widen};
+use super::x86::{Avx2, Avx512};
+use super::{Bf16s, F16s, F32s, Float, FloatMatrix, Lanes, Widen};
+use crate::Kernels;
 
-/// Activation rows from which a product of `ty` goes through panels: below, the tiles' sums of a
-/// few rows cost less than a panel of one or two registers of lanes half used. GFLOP/s, one
-/// thread, tiles and panels in turn: `f32` at 16 rows 47–93 → 58–72 (faster on the MLP's two
-/// shapes, as fast on `attn_q`'s, slower on `attn_k`'s 256 rows), at 24 47–68 → 68–84; f16 at
-/// 16 rows 60–81 → 53–61, at 24 68–95 → 65–78, at 32 74–81 → 75–97.
-pub const fn min_activations(ty: Float) -> usize {
-    match ty {
-        Float::F32 => 16,
-        Float::F16 | Float::Bf16 => 32,
+/// Whether a product of `ty` weights against `m` activation rows goes through panels with
+/// `kernels`: below the threshold, the tiles' sums of a few rows cost less than a panel of one or
+/// two registers of lanes half used. GFLOP/s, one thread, AVX-512, tiles and panels in turn:
+/// `f32` at 16 rows 47–93 → 58–72 (faster on the MLP's two shapes, as fast on `attn_q`'s, slower
+/// on `attn_k`'s 256 rows), at 24 47–68 → 68–84; f16 at 16 rows 60–81 → 53–61, at 24 68–95 →
+/// 65–78, at 32 74–81 → 75–97.
+pub fn through_panels(kernels: Kernels, ty: Float, m: usize) -> bool {
+    let from = match (kernels, ty) {
+        (Kernels::Avx512Vnni | Kernels::Avx2, Float::F32) => 16,
+        (Kernels::Avx512Vnni, Float::F16 | Float::Bf16) => 32,
+        (Kernels::Avx2, Float::F16 | Float::Bf16) | (Kernels::NeonDot | Kernels::Scalar, _) => return false,
+    };
+    m >= from
+}
+
+/// Values of a row each tile runs over before the next tile takes them: a panel's block of them
+/// (128 × 48 `f32`, 24 KiB, with AVX-512) stays in L1 while the weight rows pass. In a C model
+/// of this file (a one-off, not kept), 64, 128, 256 and 512 were alike within this VM's noise
+/// (79–110 GFLOP/s); the whole row at once fell to 70 on the down projection's 5,632 values (a
+/// panel's rows, 1 MiB, then come from L3).
+const BLOCK_VALUES: usize = 128;
+
+/// Weight rows a pass over the panels takes: their block of values (widened to `f32` where
+/// they are not) stays in L1 or L2 while every panel's block passes.
+const CHUNK_ROWS: usize = 64;
+
+/// A register of `f32` lanes, as a panel's tile broadcasts weights against it.
+trait Broadcast: Lanes {
+    /// Registers of lanes a panel holds: a tile's sums for each of its weight rows.
+    const PANEL_REGISTERS: usize;
+    /// Weight rows a tile broadcasts against a panel: as many as the sums (`PANEL_REGISTERS` a
+    /// row), the panel's registers and the broadcast weight leave room for.
+    const TILE_ROWS: usize;
+    unsafe fn splat(value: f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+}
+
+impl Broadcast for Avx512 {
+    /// 24 sums, 3 panel registers and the weight: 28 of the 32 registers.
+    const PANEL_REGISTERS: usize = 3;
+    const TILE_ROWS: usize = 8;
+
+    #[inline(always)]
+    unsafe fn splat(value: f32) -> __m512 {
+        _mm512_set1_ps(value)
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        _mm512_storeu_ps(p, v)
     }
 }
 
-/// Activation rows a panel holds: three 512-bit registers of lanes.
-const PANEL_ACTIVATIONS: usize = 48;
+impl Broadcast for Avx2 {
+    /// 12 sums, 2 panel registers and the weight: 15 of the 16 registers. Tiles of 4 rows × 3
+    /// registers, all 16, kept some sums on the stack: `f32` at 49–57 GFLOP/s against 65–75 (128
+    /// rows, one thread, Ice Lake-SP).
+    const PANEL_REGISTERS: usize = 2;
+    const TILE_ROWS: usize = 6;
 
-/// Weight rows a tile broadcasts against a panel: 8 × 3 sums, the panel's 3 registers and the
-/// broadcast weight take 28 of the 32.
-const TILE_ROWS: usize = 8;
+    #[inline(always)]
+    unsafe fn splat(value: f32) -> __m256 {
+        _mm256_set1_ps(value)
+    }
 
-/// Values of a row each tile runs over before the next tile takes them: a panel's block of them
-/// (128 × 48 `f32`, 24 KiB) stays in L1 while the weight rows pass. In a C model of this file
-/// (a one-off, not kept), 64, 128, 256 and 512 were alike within this VM's noise (79–110
-/// GFLOP/s); the whole row at once fell to 70 on the down projection's 5,632 values (a panel's
-/// rows, 1 MiB, then come from L3).
-const BLOCK_VALUES: usize = 128;
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        _mm256_storeu_ps(p, v)
+    }
+}
 
-/// Weight rows whose sums a pass over a panel keeps, on the stack.
-const SUM_ROWS: usize = 64;
-
-/// `m` activation rows of `cols` values, transposed into panels: panel `p` holds rows
-/// `PANEL_ACTIVATIONS · p..`, value `k` of them at `[k][lane]`, in `width(p)` lanes (its rows
-/// rounded up to whole registers; the lanes past them are zero).
+/// `m` activation rows of `cols` values, transposed into panels for `kernels`' registers of
+/// `lanes`: panel `p` holds rows `3 · lanes · p..`, value `k` of them at `[k][lane]`, in
+/// `width(p)` lanes (its rows rounded up to whole registers; the lanes past them are zero).
 pub struct Transposed {
     values: Vec<f32>,
+    kernels: Kernels,
+    lanes: usize,
+    registers: usize,
     m: usize,
     cols: usize,
 }
 
 impl Transposed {
-    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
-        let panels = m.div_ceil(PANEL_ACTIVATIONS);
-        let mut t = Self { values: Vec::new(), m, cols };
-        let len = panels.checked_sub(1).map_or(0, |last| t.start(last) + t.width(last) * cols);
-        t.values = vec![0.0; len];
-        for p in 0..panels {
-            let (start, width, first_row) = (t.start(p), t.width(p), p * PANEL_ACTIVATIONS);
-            let live = (m - first_row).min(PANEL_ACTIVATIONS);
+    /// # Panics
+    /// If `kernels` have no panels ([`through_panels`]).
+    pub fn new(kernels: Kernels, x: &[f32], m: usize, cols: usize) -> Self {
+        let (lanes, registers) = match kernels {
+            Kernels::Avx512Vnni => (Avx512::LANES, Avx512::PANEL_REGISTERS),
+            Kernels::Avx2 => (Avx2::LANES, Avx2::PANEL_REGISTERS),
+            Kernels::NeonDot | Kernels::Scalar => panic!("the {kernels:?} kernels have no panels"),
+        };
+        let mut t = Self { values: Vec::new(), kernels, lanes, registers, m, cols };
+        t.values = vec![0.0; t.lanes() * cols];
+        for p in 0..t.panels() {
+            let (start, width, first_row) = (t.start(p), t.width(p), p * t.activations());
+            let live = (m - first_row).min(t.activations());
             let panel = &mut t.values[start..start + width * cols];
             // A block of values at a time, so that the panel's part it writes stays in cache.
             for block in (0..cols).step_by(64) {
@@ -86,134 +146,170 @@ impl Transposed {
         t
     }
 
+    /// Activation rows a full panel holds.
+    fn activations(&self) -> usize {
+        self.registers * self.lanes
+    }
+
     fn panels(&self) -> usize {
-        self.m.div_ceil(PANEL_ACTIVATIONS)
+        self.m.div_ceil(self.activations())
     }
 
     /// Lanes of panel `p`: its rows rounded up to whole registers.
     fn width(&self, p: usize) -> usize {
-        (self.m - p * PANEL_ACTIVATIONS).min(PANEL_ACTIVATIONS).next_multiple_of(16)
+        (self.m - p * self.activations()).min(self.activations()).next_multiple_of(self.lanes)
     }
 
     /// Where panel `p` starts: every panel before it is full.
     fn start(&self, p: usize) -> usize {
-        p * PANEL_ACTIVATIONS * self.cols
+        self.first_lane(p) * self.cols
+    }
+
+    /// Lanes of the panels before panel `p`.
+    fn first_lane(&self, p: usize) -> usize {
+        p * self.activations()
+    }
+
+    /// Lanes of all the panels.
+    fn lanes(&self) -> usize {
+        self.panels().checked_sub(1).map_or(0, |last| self.first_lane(last) + self.width(last))
     }
 }
 
 /// Columns `rows` of every output row (`x.m` rows of `w.rows`): `out[i][j] = Σₖ x[i][k] · w[j][k]`.
 ///
 /// # Safety
-/// AVX-512F runs here (and F16C, as on every AVX-512 CPU); `x` has rows of `w.cols`; `out`
-/// points to `x.m × w.rows` values that no other thread writes in these columns.
-#[target_feature(enable = "avx512f,f16c")]
+/// The kernels `x` was transposed for run here; `x` has rows of `w.cols`; `out` points to
+/// `x.m × w.rows` values that no other thread writes in these columns.
 pub unsafe fn product_rows(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
     debug_assert_eq!(w.cols, x.cols);
-    match w.ty {
-        Float::F32 => panels::<F32s>(w, x, rows, out),
-        Float::F16 => panels::<F16s>(w, x, rows, out),
-        Float::Bf16 => panels::<Bf16s>(w, x, rows, out),
+    #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+    unsafe fn avx512<H: Widen>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
+        panels::<Avx512, H, { Avx512::TILE_ROWS }>(w, x, rows, out)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_f32(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
+        panels::<Avx2, F32s, { Avx2::TILE_ROWS }>(w, x, rows, out)
+    }
+    match (x.kernels, w.ty) {
+        (Kernels::Avx512Vnni, Float::F32) => avx512::<F32s>(w, x, rows, out),
+        (Kernels::Avx512Vnni, Float::F16) => avx512::<F16s>(w, x, rows, out),
+        (Kernels::Avx512Vnni, Float::Bf16) => avx512::<Bf16s>(w, x, rows, out),
+        (Kernels::Avx2, Float::F32) => avx2_f32(w, x, rows, out),
+        (kernels, ty) => unreachable!("{ty:?} weights against panels for {kernels:?}"),
     }
 }
 
-/// [`product_rows`] for weights of `H`, panel after panel.
+/// [`product_rows`] for weights of `H` in tiles of `R` weight rows: [`CHUNK_ROWS`] weight rows
+/// at a time, and for each block of their values every panel in turn, so that the chunk's block
+/// comes from memory (and is widened) once a product, not once a panel.
 #[inline(always)]
-unsafe fn panels<H: Widen>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
-    for p in 0..x.panels() {
-        match x.width(p) / 16 {
-            3 => panel_rows::<H, 3>(w, x, p, rows.clone(), out),
-            2 => panel_rows::<H, 2>(w, x, p, rows.clone(), out),
-            1 => panel_rows::<H, 1>(w, x, p, rows.clone(), out),
-            lanes => unreachable!("a panel of {lanes} registers"),
-        }
-    }
-}
-
-/// Columns `rows` of panel `p`'s output rows, whose `V` registers of lanes it has.
-#[inline(always)]
-unsafe fn panel_rows<H: Widen, const V: usize>(w: &FloatMatrix, x: &Transposed, p: usize, rows: Range<usize>, out: *mut f32) {
-    let (width, first_row) = (16 * V, p * PANEL_ACTIVATIONS);
-    let panel = x.values.as_ptr().add(x.start(p));
-    let mut sums = [0f32; SUM_ROWS * PANEL_ACTIVATIONS];
-    let mut widened = [0f32; TILE_ROWS * BLOCK_VALUES];
-    for chunk in (rows.start..rows.end).step_by(SUM_ROWS) {
-        let chunk = chunk..rows.end.min(chunk + SUM_ROWS);
+unsafe fn panels<L: Broadcast, H: Widen, const R: usize>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
+    let mut sums = vec![0f32; CHUNK_ROWS * x.lanes()];
+    let mut widened = vec![0f32; if H::TY == Float::F32 { 0 } else { CHUNK_ROWS * BLOCK_VALUES }];
+    for chunk in (rows.start..rows.end).step_by(CHUNK_ROWS) {
+        let chunk = chunk..rows.end.min(chunk + CHUNK_ROWS);
         for block in (0..w.cols).step_by(BLOCK_VALUES) {
-            let values = block..w.cols.min(block + BLOCK_VALUES);
-            let panel = panel.add(block * width);
-            let mut j = chunk.start;
-            while j < chunk.end {
-                let row = w.bytes.as_ptr().add(H::BYTES * (j * w.cols + block));
-                let sums = sums.as_mut_ptr().add((j - chunk.start) * width);
-                j += match chunk.end - j >= TILE_ROWS {
-                    true => weight_tile::<H, TILE_ROWS, V>(row, w.cols, values.len(), &mut widened, panel, block == 0, sums),
-                    false => weight_tile::<H, 1, V>(row, w.cols, values.len(), &mut widened, panel, block == 0, sums),
-                };
+            let len = w.cols.min(block + BLOCK_VALUES) - block;
+            let first = w.bytes.as_ptr().add(H::BYTES * (chunk.start * w.cols + block));
+            let (weights, stride) = match H::TY {
+                Float::F32 => (first.cast::<f32>(), w.cols),
+                _ => {
+                    for a in 0..chunk.len() {
+                        for k in (0..len).step_by(L::LANES) {
+                            L::store(widened.as_mut_ptr().add(a * BLOCK_VALUES + k), H::widen::<L>(first.add(H::BYTES * (a * w.cols + k))));
+                        }
+                    }
+                    (widened.as_ptr(), BLOCK_VALUES)
+                }
+            };
+            for p in 0..x.panels() {
+                let panel = x.values.as_ptr().add(x.start(p) + block * x.width(p));
+                let sums = sums.as_mut_ptr().add(CHUNK_ROWS * x.first_lane(p));
+                // Calls, not a function pointer chosen here: that would be a function of its own,
+                // compiled without the caller's target features.
+                match x.width(p) / L::LANES {
+                    3 => tiles::<L, R, 3>(weights, stride, chunk.len(), panel, len, block == 0, sums),
+                    2 => tiles::<L, R, 2>(weights, stride, chunk.len(), panel, len, block == 0, sums),
+                    1 => tiles::<L, R, 1>(weights, stride, chunk.len(), panel, len, block == 0, sums),
+                    registers => unreachable!("a panel of {registers} registers"),
+                }
             }
         }
-        for (j, sums) in chunk.zip(sums.chunks_exact(width)) {
-            for (i, &sum) in sums.iter().take(x.m - first_row).enumerate() {
-                *out.add((first_row + i) * w.rows + j) = sum;
+        for p in 0..x.panels() {
+            let (width, first_row) = (x.width(p), p * x.activations());
+            let sums = &sums[CHUNK_ROWS * x.first_lane(p)..][..chunk.len() * width];
+            for (j, sums) in chunk.clone().zip(sums.chunks_exact(width)) {
+                for (i, &sum) in sums.iter().take(x.m - first_row).enumerate() {
+                    *out.add((first_row + i) * w.rows + j) = sum;
+                }
             }
         }
     }
 }
 
-/// [`tile`] for `R` rows of `len` values of `H` from `row` (rows of `cols`): `f32` ones where they
-/// lie, others widened into `widened` first, so that each is widened once a panel, not once a
-/// broadcast.
+/// `rows` weight rows of `len` values from `weights` (rows `stride` apart) against a panel's
+/// block of `V` registers of lanes, in tiles of `R` rows and of one for the rows left over, into
+/// `sums` (`rows` rows of `V` registers).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn weight_tile<H: Widen, const R: usize, const V: usize>(
-    row: *const u8,
-    cols: usize,
-    len: usize,
-    widened: &mut [f32; TILE_ROWS * BLOCK_VALUES],
+unsafe fn tiles<L: Broadcast, const R: usize, const V: usize>(
+    weights: *const f32,
+    stride: usize,
+    rows: usize,
     panel: *const f32,
+    len: usize,
     first_block: bool,
     sums: *mut f32,
-) -> usize {
-    if H::TY == Float::F32 {
-        return tile::<R, V>(row.cast(), cols, panel, len, first_block, sums);
+) {
+    let width = L::LANES * V;
+    let mut a = 0;
+    while a < rows {
+        let (weights, sums) = (weights.add(a * stride), sums.add(a * width));
+        a += match rows - a {
+            left if left >= R => tile::<L, R, V>(weights, stride, panel, len, first_block, sums),
+            left if left >= 4 => tile::<L, 4, V>(weights, stride, panel, len, first_block, sums),
+            _ => tile::<L, 1, V>(weights, stride, panel, len, first_block, sums),
+        };
     }
-    for a in 0..R {
-        for k in (0..len).step_by(16) {
-            _mm512_storeu_ps(widened.as_mut_ptr().add(a * BLOCK_VALUES + k), H::widen::<Avx512>(row.add(H::BYTES * (a * cols + k))));
-        }
-    }
-    tile::<R, V>(widened.as_ptr(), BLOCK_VALUES, panel, len, first_block, sums)
 }
 
 /// `len` values of `R` weight rows from `weights` (rows `stride` apart) against a panel's block
-/// of `V` registers of lanes, into `sums` (`R` rows of `16 · V`), added to what is there unless
-/// `first_block`; returns `R`.
+/// of `V` registers of lanes, into `sums` (`R` rows of `V` registers), added to what is there
+/// unless `first_block`; returns `R`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // one counter indexes the sums and the operands
-unsafe fn tile<const R: usize, const V: usize>(weights: *const f32, stride: usize, panel: *const f32, len: usize, first_block: bool, sums: *mut f32) -> usize {
-    let width = 16 * V;
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
+unsafe fn tile<L: Broadcast, const R: usize, const V: usize>(
+    weights: *const f32,
+    stride: usize,
+    panel: *const f32,
+    len: usize,
+    first_block: bool,
+    sums: *mut f32,
+) -> usize {
+    let width = L::LANES * V;
+    let mut acc = [[L::zero(); V]; R];
     if !first_block {
         for a in 0..R {
             for b in 0..V {
-                acc[a][b] = _mm512_loadu_ps(sums.add(a * width + 16 * b));
+                acc[a][b] = L::f32(sums.add(a * width + L::LANES * b));
             }
         }
     }
     for k in 0..len {
-        let mut xv = [_mm512_setzero_ps(); V];
+        let mut xv = [L::zero(); V];
         for b in 0..V {
-            xv[b] = _mm512_loadu_ps(panel.add(k * width + 16 * b));
+            xv[b] = L::f32(panel.add(k * width + L::LANES * b));
         }
         for a in 0..R {
-            let wv = _mm512_set1_ps(weights.add(a * stride + k).read_unaligned());
+            let wv = L::splat(weights.add(a * stride + k).read_unaligned());
             for b in 0..V {
-                acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
+                acc[a][b] = L::fma(wv, xv[b], acc[a][b]);
             }
         }
     }
     for a in 0..R {
         for b in 0..V {
-            _mm512_storeu_ps(sums.add(a * width + 16 * b), acc[a][b]);
+            L::store(sums.add(a * width + L::LANES * b), acc[a][b]);
         }
     }
     R
