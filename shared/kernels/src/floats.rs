@@ -13,9 +13,9 @@
 //! (`compare.py`): decode 2.0 → 8.9 tok/s (llama.cpp 6.8), a 128-token prompt 31.3 → 52.9 tok/s
 //! (llama.cpp 52.8), load 15.2 → 0.08 s, peak RSS 6,415 → 2,023 MiB for a 2,101 MiB file. In f32,
 //! candle's copy: decode 2.4 → 5.2–6.3 tok/s, load 11 → 0.1 s, peak RSS 8,681 → 3,995 MiB for a
-//! 4,199 MiB file. With AVX-512, a prompt's products go through panels of transposed
-//! activations (`panels`), not the tiles: from 16 activation rows for `f32` weights, from 32
-//! for the 16-bit ones.
+//! 4,199 MiB file. A prompt's products go through panels of transposed activations (`panels`),
+//! not the tiles: from 16 activation rows for `f32` weights (AVX-512 or AVX2), from 32 for the
+//! 16-bit ones (AVX-512 only).
 
 #[cfg(target_arch = "x86_64")]
 mod panels;
@@ -146,8 +146,8 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 /// 3 × 4 the same hour: f16 84–91 against 74–93, f32 56–88 against 40–62; the f32 weights, twice
 /// the bytes, gained most, but stayed under candle's own f32 product there, 75–83). Before the
 /// blocks, 3 × 8 was slower than 3 × 4 (26–51 against 43–77 for AVX2's 3 × 4 in the same run).
-/// With AVX-512, the tiles now take a decode step and prompts of a few rows; longer ones go
-/// through `panels`.
+/// The tiles now take a decode step, prompts of a few rows, and with AVX2 the 16-bit weights'
+/// prompts; the others go through `panels`.
 ///
 /// Tried for prompts and not kept (`cargo bench -p llm-kernels -- F16`, Ice Lake-SP, one
 /// thread, GFLOP/s against AVX2's tiles of 3 × 4 in the same run):
@@ -159,8 +159,8 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 ///   128 rows on, half as fast at 16 to 32;
 /// - a first form of the panels: a group's rows widened to `f32` once, each weight broadcast
 ///   against one register of 16 (AVX-512) or 8 activation rows transposed: AVX-512 51–90, AVX2
-///   58–72 against the tiles' 65–88. `panels` broadcast each weight against three registers,
-///   and widen a tile's block of 8 rows at a time.
+///   58–72 against the tiles' 65–88. `panels` broadcast each weight against two or three
+///   registers, and widen a block of a chunk's rows at a time.
 #[inline(always)]
 unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: usize>(w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
     let (weights, out) = (w.bytes.as_ptr().add(H::BYTES * rows.start * w.cols), out.add(rows.start));

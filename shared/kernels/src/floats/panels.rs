@@ -22,11 +22,15 @@
 //! shape in f32 (`llm bench`, paired runs) went 28.4–29.8 → 37.5–42.2 tok/s at one thread,
 //! 48.6–49.1 → 61.4–71.0 at two.
 //!
-//! With AVX2 alone, panels a panel after another ran `f32` at 49–57 GFLOP/s (tiles of 4 × 24,
-//! their sums partly on the stack) and 65–75 (6 × 16) against the tiles' 36–69 (the weights,
-//! read once a panel of 16 rows, came from memory 8 times for 128 rows); chunk after chunk,
-//! MEASURE. f16 through AVX2's panels stayed under its tiles (128 rows: 63–75 against 74–81),
-//! which read half the bytes of `f32` ones, so 16-bit weights keep the tiles there.
+//! With AVX2 alone, `f32` panels a panel after another ran at 49–57 GFLOP/s with tiles of
+//! 4 × 24 (their sums partly on the stack) and 65–75 with 6 × 16, against the tiles' 36–69: the
+//! weights, read once a panel of 16 rows, came from memory 8 times for 128 rows. Chunk after
+//! chunk, with tiles of 4 rows for a chunk's last 4 (64 = 10 × 6 + 4; tiles of one took 12 %
+//! of a prompt's samples): 77–84 in two runs (one cell 44, in a slow phase of the VM), 70–87 at
+//! 16 rows against the tiles' 36–84. AVX-512's panels, chunk after chunk: `f32` 101–125, f16
+//! 99–114, bf16 91–117 at 128 rows. Through AVX2's panels, f16 ran no faster than its tiles
+//! (128 rows, one thread, in turn: 43–82 against 46–79 in a slow phase, 63–76 against 74–81 in
+//! a quieter one), which read half the bytes of `f32` ones: 16-bit weights keep the tiles there.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -40,7 +44,8 @@ use crate::Kernels;
 /// two registers of lanes half used. GFLOP/s, one thread, AVX-512, tiles and panels in turn:
 /// `f32` at 16 rows 47–93 → 58–72 (faster on the MLP's two shapes, as fast on `attn_q`'s, slower
 /// on `attn_k`'s 256 rows), at 24 47–68 → 68–84; f16 at 16 rows 60–81 → 53–61, at 24 68–95 →
-/// 65–78, at 32 74–81 → 75–97.
+/// 65–78, at 32 74–81 → 75–97. AVX2, `f32` at 16 rows: 36–84 → 70–87. With AVX2, 16-bit
+/// weights keep the tiles (above).
 pub fn through_panels(kernels: Kernels, ty: Float, m: usize) -> bool {
     let from = match (kernels, ty) {
         (Kernels::Avx512Vnni | Kernels::Avx2, Float::F32) => 16,
@@ -249,8 +254,9 @@ unsafe fn panels<L: Broadcast, H: Widen, const R: usize>(w: &FloatMatrix, x: &Tr
 }
 
 /// `rows` weight rows of `len` values from `weights` (rows `stride` apart) against a panel's
-/// block of `V` registers of lanes, in tiles of `R` rows and of one for the rows left over, into
-/// `sums` (`rows` rows of `V` registers).
+/// block of `V` registers of lanes, in tiles of `R` rows, then 4 (groups of rows are multiples of
+/// 4, and AVX2's 6 leave 4 of 64) and one for the rows left over, into `sums` (`rows` rows of `V`
+/// registers).
 #[inline(always)]
 unsafe fn tiles<L: Broadcast, const R: usize, const V: usize>(
     weights: *const f32,
