@@ -226,11 +226,11 @@ fn float_products_equal_f64_sums_of_the_same_values() {
     // (later blocks add to the sums of the first, the last block shorter for every tile height);
     // and rows longer than a block even for one activation row (a decode step).
     // From 16 (f32) or 32 (f16, bf16) activation rows, with AVX-512, the products go through
-    // panels of 48 activation rows, and f32 ones with AVX2 through panels of 16: one just under
-    // each threshold, panels of one, two and three registers, a last panel narrower than the
-    // others (100) and as wide (80). The 520 rows of the shortest row length make groups of 12
-    // weight rows at 16 threads: tiles of 8 and 4 rows (AVX-512) or 6 (AVX2); the 37 rows
-    // leave rows for tiles of one.
+    // panels of 48 activation rows, and f32 ones with AVX2 (and AVX-512 under 24 rows) through
+    // panels of 16: one just under each threshold, panels of one, two and three registers, a
+    // last panel narrower than the others (100) and as wide (80). The 520 rows of the shortest
+    // row length make groups of 12 weight rows at 16 threads: tiles of 8 and 4 rows (AVX-512)
+    // or 6 (AVX2); the 37 rows leave rows for tiles of one.
     for cols in [FLOAT_ROW_MULTIPLE * 10, FLOAT_ROW_MULTIPLE * 263, FLOAT_ROW_MULTIPLE * 523] {
         let shapes =
             if cols == FLOAT_ROW_MULTIPLE * 10 { vec![(520, 15), (37, 11), (4, 12), (1, 13), (0, 14)] } else { vec![(37, 11), (4, 12), (1, 13), (0, 14)] };

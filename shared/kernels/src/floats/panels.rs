@@ -2,14 +2,15 @@
 //! a few registers of rows, a lane each, and every weight broadcast against a panel's registers,
 //! so that a tile of weight rows keeps its sums in registers (one output a lane) and never
 //! reduces one across lanes. AVX-512: tiles of 8 weight rows × 48 activation rows, 24 registers
-//! of sums; AVX2, `f32` weights only: 6 × 16, 12 registers ([`Broadcast`]).
+//! of sums; AVX2, `f32` weights only: 6 × 16, 12 registers ([`Broadcast`]), which AVX-512 takes
+//! too for fewer than 24 activation rows ([`layout`]).
 //!
 //! A product takes its weight rows a chunk at a time ([`CHUNK_ROWS`]), and a chunk a block of
 //! values at a time: every panel's block passes the chunk's block while it is in cache, so each
 //! weight comes from memory once a product (16-bit ones widened to `f32` once, into a buffer).
 //! Only the activations are copied: transposed once a call, on the calling thread, and shared by
-//! the call's products (in a C model of this file, 0.6–8 ms for 128 to 512 rows of 2,048 to
-//! 5,632 values, 2–7 % of a product of them; not measured here).
+//! the call's products (0.8 % of the samples of a one-thread 128-token prompt of TinyLlama's
+//! shape in f32 with AVX2, `perf`).
 //!
 //! The float tiles ([`super::rows_of`]) read a row of each operand per register and reduce their
 //! sums at the end. With `f32` weights, twice the bytes of the 16-bit ones, they ran at 56–88
@@ -43,9 +44,10 @@ use crate::Kernels;
 /// `kernels`: below the threshold, the tiles' sums of a few rows cost less than a panel of one or
 /// two registers of lanes half used. GFLOP/s, one thread, AVX-512, tiles and panels in turn:
 /// `f32` at 16 rows 47–93 → 58–72 (faster on the MLP's two shapes, as fast on `attn_q`'s, slower
-/// on `attn_k`'s 256 rows), at 24 47–68 → 68–84; f16 at 16 rows 60–81 → 53–61, at 24 68–95 →
-/// 65–78, at 32 74–81 → 75–97. AVX2, `f32` at 16 rows: 36–84 → 70–87. With AVX2, 16-bit
-/// weights keep the tiles (above).
+/// on `attn_k`'s 256 rows; AVX2's panels, which [`layout`] now takes there, 68–85), at 24 47–68
+/// → 68–84; f16 at 16 rows 60–81 → 53–61, at 24 68–95 → 65–78, at 32 74–81 → 75–97. AVX2, `f32`
+/// at 16 rows: 36–84 → 70–87. With AVX2, 16-bit weights keep the tiles (above); with AVX-512,
+/// they start where its own panels do.
 pub fn through_panels(kernels: Kernels, ty: Float, m: usize) -> bool {
     let from = match (kernels, ty) {
         (Kernels::Avx512Vnni | Kernels::Avx2, Float::F32) => 16,
@@ -53,6 +55,18 @@ pub fn through_panels(kernels: Kernels, ty: Float, m: usize) -> bool {
         (Kernels::Avx2, Float::F16 | Float::Bf16) | (Kernels::NeonDot | Kernels::Scalar, _) => return false,
     };
     m >= from
+}
+
+/// The kernels whose panels a product of `m` activation rows takes with `kernels`. Up to 16
+/// rows, AVX-512's panel is one register of lanes, and its tiles of 8 sums ran `f32` at 55–65
+/// GFLOP/s where AVX2's panels of 16 (6 × 2 sums) ran at 68–85 on the same CPU (one cell 36;
+/// one thread, in turn, two runs); at 24 rows, 52–86 against 60–77. Only `f32` weights go
+/// through panels of so few rows ([`through_panels`]).
+fn layout(kernels: Kernels, m: usize) -> Kernels {
+    match kernels {
+        Kernels::Avx512Vnni if m < 24 => Kernels::Avx2,
+        _ => kernels,
+    }
 }
 
 /// Values of a row each tile runs over before the next tile takes them: a panel's block of them
@@ -111,9 +125,10 @@ impl Broadcast for Avx2 {
     }
 }
 
-/// `m` activation rows of `cols` values, transposed into panels for `kernels`' registers of
-/// `lanes`: panel `p` holds rows `3 · lanes · p..`, value `k` of them at `[k][lane]`, in
-/// `width(p)` lanes (its rows rounded up to whole registers; the lanes past them are zero).
+/// `m` activation rows of `cols` values, transposed into panels of `registers` registers of
+/// `lanes` (as `kernels`, [`layout`]'s choice, have them): panel `p` holds rows `registers · lanes · p..`, value `k` of
+/// them at `[k][lane]`, in `width(p)` lanes (its rows rounded up to whole registers; the lanes
+/// past them are zero).
 pub struct Transposed {
     values: Vec<f32>,
     kernels: Kernels,
@@ -127,13 +142,14 @@ impl Transposed {
     /// # Panics
     /// If `kernels` have no panels ([`through_panels`]).
     pub fn new(kernels: Kernels, x: &[f32], m: usize, cols: usize) -> Self {
+        let kernels = layout(kernels, m);
         let (lanes, registers) = match kernels {
             Kernels::Avx512Vnni => (Avx512::LANES, Avx512::PANEL_REGISTERS),
             Kernels::Avx2 => (Avx2::LANES, Avx2::PANEL_REGISTERS),
             Kernels::NeonDot | Kernels::Scalar => panic!("the {kernels:?} kernels have no panels"),
         };
         let mut t = Self { values: Vec::new(), kernels, lanes, registers, m, cols };
-        t.values = vec![0.0; t.lanes() * cols];
+        t.values = vec![0.0; t.total_lanes() * cols];
         for p in 0..t.panels() {
             let (start, width, first_row) = (t.start(p), t.width(p), p * t.activations());
             let live = (m - first_row).min(t.activations());
@@ -176,7 +192,7 @@ impl Transposed {
     }
 
     /// Lanes of all the panels.
-    fn lanes(&self) -> usize {
+    fn total_lanes(&self) -> usize {
         self.panels().checked_sub(1).map_or(0, |last| self.first_lane(last) + self.width(last))
     }
 }
@@ -210,7 +226,7 @@ pub unsafe fn product_rows(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, 
 /// comes from memory (and is widened) once a product, not once a panel.
 #[inline(always)]
 unsafe fn panels<L: Broadcast, H: Widen, const R: usize>(w: &FloatMatrix, x: &Transposed, rows: Range<usize>, out: *mut f32) {
-    let mut sums = vec![0f32; CHUNK_ROWS * x.lanes()];
+    let mut sums = vec![0f32; CHUNK_ROWS * x.total_lanes()];
     let mut widened = vec![0f32; if H::TY == Float::F32 { 0 } else { CHUNK_ROWS * BLOCK_VALUES }];
     for chunk in (rows.start..rows.end).step_by(CHUNK_ROWS) {
         let chunk = chunk..rows.end.min(chunk + CHUNK_ROWS);
