@@ -88,8 +88,9 @@ pub fn float_matmuls_with(kernels: Kernels, products: &mut [(FloatMatrix, &mut [
         let (w, out) = &parts[p];
         #[cfg(target_arch = "x86_64")]
         if let Some(x) = transposed.as_ref().filter(|_| through_panels(w.ty)) {
-            // SAFETY: as below; `transposed` is made for `kernels`, from `x`, whose rows
-            // `input_rows` found as long as every product's.
+            // SAFETY: as below; `transposed` is made for `kernels` or, under AVX-512, AVX2's
+            // panels (which every AVX-512 CPU runs), from `x`, whose rows `input_rows` found as
+            // long as every product's.
             return unsafe { panels::product_rows(w, x, rows, out.0) };
         }
         // SAFETY: each group of rows is its own columns of the output, which outlives the pool's
@@ -159,7 +160,7 @@ unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m
 ///   128 rows on, half as fast at 16 to 32;
 /// - a first form of the panels: a group's rows widened to `f32` once, each weight broadcast
 ///   against one register of 16 (AVX-512) or 8 activation rows transposed: AVX-512 51–90, AVX2
-///   58–72 against the tiles' 65–88. `panels` broadcast each weight against two or three
+///   58–72 against the tiles' 65–88. `panels` broadcast each weight against up to three
 ///   registers, and widen a block of a chunk's rows at a time.
 #[inline(always)]
 unsafe fn rows_of<L: Lanes, H: Widen, const R: usize, const C: usize, const D: usize>(w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {

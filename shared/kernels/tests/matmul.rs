@@ -226,11 +226,11 @@ fn float_products_equal_f64_sums_of_the_same_values() {
     // (later blocks add to the sums of the first, the last block shorter for every tile height);
     // and rows longer than a block even for one activation row (a decode step).
     // From 16 (f32) or 32 (f16, bf16) activation rows, with AVX-512, the products go through
-    // panels of 48 activation rows, and f32 ones with AVX2 (and AVX-512 under 24 rows) through
-    // panels of 16: one just under each threshold, panels of one, two and three registers, a
-    // last panel narrower than the others (100) and as wide (80). The 520 rows of the shortest
-    // row length make groups of 12 weight rows at 16 threads: tiles of 8 and 4 rows (AVX-512)
-    // or 6 (AVX2); the 37 rows leave rows for tiles of one.
+    // panels of 48 activation rows, and f32 ones with AVX2 (and AVX-512 under 24 rows: 16, 20)
+    // through panels of 16: one just under each threshold, panels of one, two and three
+    // registers, a last panel narrower than the others (100) and as wide (80). Groups of 64
+    // weight rows leave 4 to a tile of 4 with AVX2's tiles of 6, and so do groups of 12 (520
+    // rows at 16 threads) with AVX-512's tiles of 8; the 37 rows leave rows for tiles of one.
     for cols in [FLOAT_ROW_MULTIPLE * 10, FLOAT_ROW_MULTIPLE * 263, FLOAT_ROW_MULTIPLE * 523] {
         let shapes =
             if cols == FLOAT_ROW_MULTIPLE * 10 { vec![(520, 15), (37, 11), (4, 12), (1, 13), (0, 14)] } else { vec![(37, 11), (4, 12), (1, 13), (0, 14)] };
@@ -238,7 +238,7 @@ fn float_products_equal_f64_sums_of_the_same_values() {
             let matrices: Vec<(Vec<u8>, Vec<f32>)> = shapes.iter().map(|&(rows, seed)| stored(ty, &random(rows * cols, seed))).collect();
             let ws: Vec<FloatMatrix> = shapes.iter().zip(&matrices).map(|(&(rows, _), (b, _))| FloatMatrix::new(ty, rows, cols, b).unwrap()).collect();
             for kernels in Kernels::SIMD.into_iter().chain([Kernels::Scalar]).filter(|k| k.runs_here()) {
-                for m in [1, 2, 3, 5, 6, 7, 8, 13, 15, 16, 31, 32, 47, 80, 100] {
+                for m in [1, 2, 3, 5, 6, 7, 8, 13, 15, 16, 20, 24, 31, 32, 47, 80, 100] {
                     let x = random(m * cols, 5);
                     let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
                     let mut products: Vec<(FloatMatrix, &mut [f32])> = ws.iter().copied().zip(together.iter_mut().map(Vec::as_mut_slice)).collect();

@@ -8,7 +8,7 @@
 //! A product takes its weight rows a chunk at a time ([`CHUNK_ROWS`]), and a chunk a block of
 //! values at a time: every panel's block passes the chunk's block while it is in cache, so each
 //! weight comes from memory once a product (16-bit ones widened to `f32` once, into a buffer).
-//! Only the activations are copied: transposed once a call, on the calling thread, and shared by
+//! Only the activations are copied whole: transposed once a call, on the calling thread, shared by
 //! the call's products (0.8 % of the samples of a one-thread 128-token prompt of TinyLlama's
 //! shape in f32 with AVX2, `perf`).
 //!
@@ -51,7 +51,7 @@ use crate::Kernels;
 pub fn through_panels(kernels: Kernels, ty: Float, m: usize) -> bool {
     let from = match (kernels, ty) {
         (Kernels::Avx512Vnni | Kernels::Avx2, Float::F32) => 16,
-        (Kernels::Avx512Vnni, Float::F16 | Float::Bf16) => 32,
+        (Kernels::Avx512Vnni, Float::F16 | Float::Bf16) => SIXTEEN_BIT_FROM,
         (Kernels::Avx2, Float::F16 | Float::Bf16) | (Kernels::NeonDot | Kernels::Scalar, _) => return false,
     };
     m >= from
@@ -64,10 +64,19 @@ pub fn through_panels(kernels: Kernels, ty: Float, m: usize) -> bool {
 /// through panels of so few rows ([`through_panels`]).
 fn layout(kernels: Kernels, m: usize) -> Kernels {
     match kernels {
-        Kernels::Avx512Vnni if m < 24 => Kernels::Avx2,
+        Kernels::Avx512Vnni if m < AVX512_PANELS_FROM => Kernels::Avx2,
         _ => kernels,
     }
 }
+
+/// Activation rows from which AVX-512 takes its own panels ([`layout`]).
+const AVX512_PANELS_FROM: usize = 24;
+
+/// Activation rows from which 16-bit weights go through AVX-512's panels ([`through_panels`]).
+const SIXTEEN_BIT_FROM: usize = 32;
+
+// AVX2's panels take `f32` weights alone: 16-bit ones must never meet them on AVX-512.
+const _: () = assert!(AVX512_PANELS_FROM <= SIXTEEN_BIT_FROM);
 
 /// Values of a row each tile runs over before the next tile takes them: a panel's block of them
 /// (128 × 48 `f32`, 24 KiB, with AVX-512) stays in L1 while the weight rows pass. In a C model
@@ -126,9 +135,9 @@ impl Broadcast for Avx2 {
 }
 
 /// `m` activation rows of `cols` values, transposed into panels of `registers` registers of
-/// `lanes` (as `kernels`, [`layout`]'s choice, have them): panel `p` holds rows `registers · lanes · p..`, value `k` of
-/// them at `[k][lane]`, in `width(p)` lanes (its rows rounded up to whole registers; the lanes
-/// past them are zero).
+/// `lanes` (as `kernels`, [`layout`]'s choice, have them): panel `p` holds rows
+/// `registers · lanes · p..`, value `k` of them at `[k][lane]`, in `width(p)` lanes (its rows
+/// rounded up to whole registers; the lanes past them are zero).
 pub struct Transposed {
     values: Vec<f32>,
     kernels: Kernels,
@@ -250,7 +259,8 @@ unsafe fn panels<L: Broadcast, H: Widen, const R: usize>(w: &FloatMatrix, x: &Tr
                 // Calls, not a function pointer chosen here: that would be a function of its own,
                 // compiled without the caller's target features.
                 match x.width(p) / L::LANES {
-                    3 => tiles::<L, R, 3>(weights, stride, chunk.len(), panel, len, block == 0, sums),
+                    // Only where a panel has three registers: AVX2's 6 × 3 sums would not fit.
+                    3 if L::PANEL_REGISTERS >= 3 => tiles::<L, R, 3>(weights, stride, chunk.len(), panel, len, block == 0, sums),
                     2 => tiles::<L, R, 2>(weights, stride, chunk.len(), panel, len, block == 0, sums),
                     1 => tiles::<L, R, 1>(weights, stride, chunk.len(), panel, len, block == 0, sums),
                     registers => unreachable!("a panel of {registers} registers"),
@@ -271,8 +281,8 @@ unsafe fn panels<L: Broadcast, H: Widen, const R: usize>(w: &FloatMatrix, x: &Tr
 
 /// `rows` weight rows of `len` values from `weights` (rows `stride` apart) against a panel's
 /// block of `V` registers of lanes, in tiles of `R` rows, then 4 (groups of rows are multiples of
-/// 4, and AVX2's 6 leave 4 of 64) and one for the rows left over, into `sums` (`rows` rows of `V`
-/// registers).
+/// 4 but for a product's last, and AVX2's 6 leave 4 of 64) and one for the rows left over, into
+/// `sums` (`rows` rows of `V` registers).
 #[inline(always)]
 unsafe fn tiles<L: Broadcast, const R: usize, const V: usize>(
     weights: *const f32,
@@ -335,4 +345,37 @@ unsafe fn tile<L: Broadcast, const R: usize, const V: usize>(
         }
     }
     R
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`product_rows`] over more weight rows than a chunk takes, which the compute pool's groups
+    /// (64 rows at most) never give it: every chunk's sums start afresh. Weights and activations
+    /// are small multiples of a power of two, so every sum is exact in `f32`.
+    #[test]
+    fn rows_past_a_chunk_give_exact_sums() {
+        let (rows, cols, m) = (150, 272, 50);
+        let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 7) % 17) as f32 / 8.0 - 1.0).collect();
+        let x: Vec<f32> = (0..m * cols).map(|i| ((i * 5) % 13) as f32 / 4.0 - 1.5).collect();
+        for kernels in [Kernels::Avx512Vnni, Kernels::Avx2].into_iter().filter(|k| k.runs_here()) {
+            for ty in [Float::F32, Float::F16].into_iter().filter(|&ty| through_panels(kernels, ty, m)) {
+                let bytes: Vec<u8> = match ty {
+                    Float::F32 => weights.iter().flat_map(|w| w.to_le_bytes()).collect(),
+                    _ => weights.iter().flat_map(|&w| half::f16::from_f32(w).to_le_bytes()).collect(),
+                };
+                let w = FloatMatrix::new(ty, rows, cols, &bytes).unwrap();
+                let mut out = vec![f32::NAN; m * rows];
+                // SAFETY: `kernels` run here; `out` is `m × rows`, this thread's alone.
+                unsafe { product_rows(&w, &Transposed::new(kernels, &x, m, cols), 0..rows, out.as_mut_ptr()) };
+                for i in 0..m {
+                    for j in 0..rows {
+                        let exact: f32 = (0..cols).map(|k| weights[j * cols + k] * x[i * cols + k]).sum();
+                        assert_eq!(out[i * rows + j], exact, "{kernels:?}, {ty:?}: out[{i}][{j}]");
+                    }
+                }
+            }
+        }
+    }
 }
