@@ -160,13 +160,12 @@ impl Transposed {
         let mut t = Self { values: Vec::new(), kernels, lanes, registers, m, cols };
         t.values = vec![0.0; t.total_lanes() * cols];
         for p in 0..t.panels() {
-            let (start, width, first_row) = (t.start(p), t.width(p), p * t.activations());
-            let live = (m - first_row).min(t.activations());
+            let (start, width, first_row, rows) = (t.start(p), t.width(p), t.first_row(p), t.rows(p));
             let panel = &mut t.values[start..start + width * cols];
             // A block of values at a time, so that the panel's part it writes stays in cache.
             for block in (0..cols).step_by(64) {
                 let values = block..cols.min(block + 64);
-                for (lane, row) in x[first_row * cols..].chunks_exact(cols).take(live).enumerate() {
+                for (lane, row) in x[first_row * cols..].chunks_exact(cols).take(rows).enumerate() {
                     for k in values.clone() {
                         panel[k * width + lane] = row[k];
                     }
@@ -185,24 +184,30 @@ impl Transposed {
         self.m.div_ceil(self.activations())
     }
 
+    /// Panel `p`'s first activation row, and its first lane among all the panels' (every panel
+    /// before it is full).
+    fn first_row(&self, p: usize) -> usize {
+        p * self.activations()
+    }
+
+    /// Activation rows panel `p` holds.
+    fn rows(&self, p: usize) -> usize {
+        (self.m - self.first_row(p)).min(self.activations())
+    }
+
     /// Lanes of panel `p`: its rows rounded up to whole registers.
     fn width(&self, p: usize) -> usize {
-        (self.m - p * self.activations()).min(self.activations()).next_multiple_of(self.lanes)
+        self.rows(p).next_multiple_of(self.lanes)
     }
 
-    /// Where panel `p` starts: every panel before it is full.
+    /// Where panel `p` starts.
     fn start(&self, p: usize) -> usize {
-        self.first_lane(p) * self.cols
-    }
-
-    /// Lanes of the panels before panel `p`.
-    fn first_lane(&self, p: usize) -> usize {
-        p * self.activations()
+        self.first_row(p) * self.cols
     }
 
     /// Lanes of all the panels.
     fn total_lanes(&self) -> usize {
-        self.panels().checked_sub(1).map_or(0, |last| self.first_lane(last) + self.width(last))
+        self.panels().checked_sub(1).map_or(0, |last| self.first_row(last) + self.width(last))
     }
 }
 
@@ -255,7 +260,7 @@ unsafe fn panels<L: Broadcast, H: Widen, const R: usize>(w: &FloatMatrix, x: &Tr
             };
             for p in 0..x.panels() {
                 let panel = x.values.as_ptr().add(x.start(p) + block * x.width(p));
-                let sums = sums.as_mut_ptr().add(CHUNK_ROWS * x.first_lane(p));
+                let sums = sums.as_mut_ptr().add(CHUNK_ROWS * x.first_row(p));
                 // Calls, not a function pointer chosen here: that would be a function of its own,
                 // compiled without the caller's target features.
                 match x.width(p) / L::LANES {
@@ -268,10 +273,10 @@ unsafe fn panels<L: Broadcast, H: Widen, const R: usize>(w: &FloatMatrix, x: &Tr
             }
         }
         for p in 0..x.panels() {
-            let (width, first_row) = (x.width(p), p * x.activations());
-            let sums = &sums[CHUNK_ROWS * x.first_lane(p)..][..chunk.len() * width];
+            let (width, first_row) = (x.width(p), x.first_row(p));
+            let sums = &sums[CHUNK_ROWS * first_row..][..chunk.len() * width];
             for (j, sums) in chunk.clone().zip(sums.chunks_exact(width)) {
-                for (i, &sum) in sums.iter().take(x.m - first_row).enumerate() {
+                for (i, &sum) in sums.iter().take(x.rows(p)).enumerate() {
                     *out.add((first_row + i) * w.rows + j) = sum;
                 }
             }
