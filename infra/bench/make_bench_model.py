@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""A random model with the shapes of TinyLlama-1.1B (the default) or of Llama-3.2-1B
+"""A random model with the shapes of TinyLlama-1.1B (the default), of Llama-3.2-1B
 (`--shape llama3.2-1b`: a 128,256-token vocabulary, its embeddings tied to the output head, Llama 3
-RoPE scaling), as GGUF files in several types, for benchmarks.
+RoPE scaling) or of SmolLM2-360M's layers (`--shape smollm2-360m`: 32 narrow layers, hidden 960,
+which is not a whole number of K-quants' 256-value blocks, so llama.cpp's K-quant mixtures fall
+back to Q5_0, Q5_1 and Q8_0 for most matrices; tied embeddings, but TinyLlama's 32,000-token
+vocabulary, not its own 49,152), as GGUF files in several types, for benchmarks.
 
 Weights are random (speed does not depend on them), drawn with numpy as transformers initialises
 a Llama (normal, std 0.02; norms 1), so no torch is needed; the tokenizer is the llama2 fixture's
-(TinyLlama) or the llama3 one's. The f16 GGUF is written by `llm quantize` (checked against
+(TinyLlama, SmolLM2) or the llama3 one's. The f16 GGUF is written by `llm quantize` (checked against
 llama.cpp by the fixture tests), the quantized ones by llama.cpp's own quantizer, so both engines
 are timed on llama.cpp's files. Writes infra/.work/bench/hf/ (TinyLlama's safetensors checkpoint;
-llama3.2-1b-hf/ for the other) and infra/.work/bench/SHAPE-shape-{f16,q8_0,q4_0,q4_1,q5_0,q5_1,
+llama3.2-1b-hf/ and smollm2-360m-hf/ for the others) and infra/.work/bench/SHAPE-shape-{f16,q8_0,q4_0,q4_1,q5_0,q5_1,
 q2_k,q3_k_m,q4_k_m,q5_k_m}.gguf (git-ignored).
 
     cargo build --release -p llm-cli
-    .venv/bin/python infra/bench/make_bench_model.py [--shape llama3.2-1b] [--types q8_0 q4_0 q4_k_m]
+    .venv/bin/python infra/bench/make_bench_model.py [--shape llama3.2-1b|smollm2-360m] [--types q8_0 q4_0 q4_k_m]
 """
 
 import argparse
@@ -47,6 +50,11 @@ SHAPES = {
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128009,
     }, "llama3", "llama3.2-1b-hf"),
+    "smollm2-360m": ({
+        "vocab_size": 32000, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+        "num_attention_heads": 15, "num_key_value_heads": 5, "max_position_embeddings": 8192,
+        "rope_theta": 100000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    }, "llama2", "smollm2-360m-hf"),
 }
 
 
