@@ -3,16 +3,18 @@
 (`--shape llama3.2-1b`: a 128,256-token vocabulary, its embeddings tied to the output head, Llama 3
 RoPE scaling) or of SmolLM2-360M's layers (`--shape smollm2-360m`: 32 narrow layers, hidden 960,
 which is not a whole number of K-quants' 256-value blocks, so llama.cpp's K-quant mixtures fall
-back to Q5_0, Q5_1 and Q8_0 for most matrices; tied embeddings, but TinyLlama's 32,000-token
+back to Q4_0, Q5_0, Q5_1 and Q8_0 for most matrices; tied embeddings, but TinyLlama's 32,000-token
 vocabulary, not its own 49,152), as GGUF files in several types, for benchmarks.
 
 Weights are random (speed does not depend on them), drawn with numpy as transformers initialises
-a Llama (normal, std 0.02; norms 1), so no torch is needed; the tokenizer is the llama2 fixture's
-(TinyLlama, SmolLM2) or the llama3 one's. The f16 GGUF is written by `llm quantize` (checked against
-llama.cpp by the fixture tests), the quantized ones by llama.cpp's own quantizer, so both engines
-are timed on llama.cpp's files. Writes infra/.work/bench/hf/ (TinyLlama's safetensors checkpoint;
-llama3.2-1b-hf/ and smollm2-360m-hf/ for the others) and infra/.work/bench/SHAPE-shape-{f16,q8_0,q4_0,q4_1,q5_0,q5_1,
-q2_k,q3_k_m,q4_k_m,q5_k_m}.gguf (git-ignored).
+a Llama (normal, std 0.02; norms 1), so no torch is needed; the tokenizer is the llama2
+fixture's (for TinyLlama's and SmolLM2's shapes) or the llama3 one's. The f16 GGUF is written by
+`llm quantize` (checked against llama.cpp by the fixture tests), the quantized ones by
+llama.cpp's own quantizer, so both engines are timed on llama.cpp's files. Writes
+infra/.work/bench/hf/ (TinyLlama's safetensors checkpoint; llama3.2-1b-hf/ and smollm2-360m-hf/
+for the others) and
+infra/.work/bench/SHAPE-shape-{f16,q8_0,q4_0,q4_1,q5_0,q5_1,q2_k,q3_k_m,q4_k_m,q5_k_m}.gguf
+(git-ignored).
 
     cargo build --release -p llm-cli
     .venv/bin/python infra/bench/make_bench_model.py [--shape llama3.2-1b|smollm2-360m] [--types q8_0 q4_0 q4_k_m]
