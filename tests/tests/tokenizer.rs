@@ -127,3 +127,39 @@ fn incremental_decoding_is_utf8_safe() {
     streamed.push_str(&decoder.flush(&loaded.tokenizer).unwrap());
     assert_eq!(streamed, text);
 }
+
+/// SmolLM's and SmolLM2's tokenizers split every digit alone before GPT-2's split (their
+/// tokenizer.json's `Digits` pre-tokenizer; llama.cpp's `smollm`). Llama 3's vocabulary under
+/// SmolLM2's pre-tokenizer, converted: the file names `smollm`, and the tokenizer rebuilt from its
+/// `tokenizer.ggml.*` keys (as from llama.cpp's SmolLM2 files) tokenizes as transformers' does.
+#[test]
+fn smollm_digits_from_gguf_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hf");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["config.json", "tokenizer_config.json", "model.safetensors"] {
+        std::fs::copy(fixtures_dir().join("llama3/hf").join(f), dir.join(f)).unwrap();
+    }
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("llama3/hf/tokenizer.json")).unwrap()).unwrap();
+    json["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": true},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+    ]});
+    json["model"]["ignore_merges"] = false.into();
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    let theirs: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+
+    let mut bytes = Vec::new();
+    let source = llm_convert::CheckpointSource::open(llm_store::Location::Local(dir)).unwrap();
+    llm_convert::convert(&source, &mut bytes, llm_convert::QuantType::F16, |_| {}).unwrap();
+    let mut gguf = llm_engine::gguf::GgufFile::from_bytes("smollm.gguf", bytes).unwrap();
+    assert_eq!(gguf.get_string("tokenizer.ggml.pre"), Some("smollm"));
+    gguf.take("tokenizer.huggingface.json").expect("the converter keeps tokenizer.json");
+    let ours = llm_engine::gguf_tokenizer::read(&mut gguf).unwrap();
+
+    for text in ["In 2024, 365 days.", "pi = 3.14159; x1y22z333", "  spaced   out 42\n\n7 ½ ٣"] {
+        let expected = theirs.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ours.encode(text, false).unwrap(), expected, "{text:?}");
+    }
+    assert_eq!(ours.encode("2024", false).unwrap().len(), 4, "each digit alone");
+}

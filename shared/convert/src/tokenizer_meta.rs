@@ -16,6 +16,24 @@ const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const BYTE: i32 = 6;
 
+/// llama.cpp's name for a byte-level tokenizer's split: Llama 3's regex (`llama-bpe`), every
+/// digit alone before GPT-2's split (`smollm`: SmolLM's and SmolLM2's `Digits` pre-tokenizer),
+/// or GPT-2's (`default`). llama.cpp's converter tells them apart by their tokens on a test
+/// text; a `default` for SmolLM2 split "2024" as one piece where transformers splits four.
+fn pre_tokenizer(json: &Value, text: &str) -> &'static str {
+    let steps = match &json["pre_tokenizer"]["pretokenizers"] {
+        Value::Array(steps) => steps.as_slice(),
+        _ => std::slice::from_ref(&json["pre_tokenizer"]),
+    };
+    if text.contains(r"\\p{N}{1,3}") {
+        "llama-bpe"
+    } else if steps.iter().any(|step| step["type"] == "Digits" && step["individual_digits"] == true) {
+        "smollm"
+    } else {
+        "default"
+    }
+}
+
 pub fn tokenizer_metadata(input: &CheckpointSource) -> Result<Vec<(String, MetaValue)>> {
     let path = input.describe("tokenizer.json");
     let text = input.read_text("tokenizer.json")?.ok_or_else(|| ConvertError::input(&path, "missing"))?;
@@ -65,9 +83,8 @@ pub fn tokenizer_metadata(input: &CheckpointSource) -> Result<Vec<(String, MetaV
     let mut meta = Vec::new();
     let key = |k: &str| format!("tokenizer.ggml.{k}");
     if byte_level {
-        let pre = if text.contains(r"\\p{N}{1,3}") { "llama-bpe" } else { "default" };
         meta.push((key("model"), MetaValue::Str("gpt2".into())));
-        meta.push((key("pre"), MetaValue::Str(pre.into())));
+        meta.push((key("pre"), MetaValue::Str(pre_tokenizer(&json, &text).into())));
         meta.push((key("tokens"), MetaValue::StrArray(tokens.clone())));
         meta.push((key("token_type"), MetaValue::I32Array(types)));
         meta.push((key("merges"), MetaValue::StrArray(merges)));

@@ -43,6 +43,9 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// GPT-2's split, llama.cpp's `default` pre-tokenizer.
 const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// Every digit alone, before GPT-2's split: llama.cpp's `smollm` pre-tokenizer, which SmolLM's
+/// and SmolLM2's files name (their tokenizer.json's `Digits` with `individual_digits`).
+const DIGITS_SPLIT: &str = r"\p{N}";
 
 /// The file's tokenizer, its `tokenizer.` metadata dropped once read (for Llama 3's: 408,403
 /// strings and a copy of tokenizer.json, 52 MiB). A tokenizer.json is taken out first and the
@@ -138,10 +141,11 @@ fn ggml_tokenizer(gguf: &mut GgufFile, special: &SpecialTokens) -> Result<tokeni
 
     let (bpe, pre_tokenizer, decoder): (_, PreTokenizerWrapper, DecoderWrapper) = match model.as_str() {
         "gpt2" => {
-            let (split, ignore_merges) = match pre.as_str() {
-                "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => (LLAMA3_SPLIT, true),
-                "default" | "gpt-2" | "gpt2" => (GPT2_SPLIT, false),
-                other => return Err(EngineError::Tokenizer(format!("unsupported BPE pre-tokenizer `{other}` (supported: llama-bpe, default)"))),
+            let (splits, ignore_merges): (&[&str], bool) = match pre.as_str() {
+                "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => (&[LLAMA3_SPLIT], true),
+                "smollm" => (&[DIGITS_SPLIT, GPT2_SPLIT], false),
+                "default" | "gpt-2" | "gpt2" => (&[GPT2_SPLIT], false),
+                other => return Err(EngineError::Tokenizer(format!("unsupported BPE pre-tokenizer `{other}` (supported: llama-bpe, smollm, default)"))),
             };
             let merges = take_strings(gguf, "tokenizer.ggml.merges")?
                 .unwrap_or_default()
@@ -151,10 +155,16 @@ fn ggml_tokenizer(gguf: &mut GgufFile, special: &SpecialTokens) -> Result<tokeni
                     None => Err(EngineError::Tokenizer(format!("malformed merge `{m}`"))),
                 })
                 .collect::<Result<Merges>>()?;
-            let split = Split::new(SplitPattern::Regex(split.into()), SplitDelimiterBehavior::Isolated, false).map_err(EngineError::tokenizer)?;
+            let mut pre_tokenizers = splits
+                .iter()
+                .map(|&split| {
+                    Ok(Split::new(SplitPattern::Regex(split.into()), SplitDelimiterBehavior::Isolated, false).map_err(EngineError::tokenizer)?.into())
+                })
+                .collect::<Result<Vec<PreTokenizerWrapper>>>()?;
+            pre_tokenizers.push(ByteLevel::new(false, true, false).into());
             (
                 BPE::builder().vocab_and_merges(vocab(tokens), merges).ignore_merges(ignore_merges),
-                PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into(),
+                PreTokenizerSequence::new(pre_tokenizers).into(),
                 ByteLevel::new(true, true, true).into(),
             )
         }
