@@ -163,3 +163,17 @@ fn smollm_digits_from_gguf_keys() {
     }
     assert_eq!(ours.encode("2024", false).unwrap().len(), 4, "each digit alone");
 }
+
+/// A Llama 3 GGUF without `tokenizer.ggml.add_bos_token` adds BOS, as llama.cpp does for Llama
+/// 3's split (`llama-bpe` and the names it reads as the same).
+#[test]
+fn llama3_split_adds_bos_without_the_key() {
+    let bytes = std::fs::read(fixtures_dir().join("llama3/llama3-bf16.gguf")).unwrap();
+    let mut gguf = llm_engine::gguf::GgufFile::from_bytes("llama3.gguf", bytes).unwrap();
+    assert!(gguf.take("tokenizer.ggml.add_bos_token").is_some(), "the fixture has the key");
+    let tokenizer = llm_engine::gguf_tokenizer::read(&mut gguf).unwrap();
+    let fixture = read_json("llama3/tokenizer_cases.json");
+    let case = &fixture["cases"][0];
+    assert_eq!(tokenizer.encode(case["text"].as_str().unwrap(), true).unwrap(), ids(&case["ids"]));
+    assert_eq!(ids(&case["ids"])[0], 128000, "the fixture's ids start with BOS");
+}

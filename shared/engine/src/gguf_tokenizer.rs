@@ -39,6 +39,9 @@ const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
+/// The `tokenizer.ggml.pre` names llama.cpp reads as Llama 3's split (Falcon 3's and Pixtral's
+/// files name theirs), adding BOS unless the file says otherwise.
+const LLAMA3_NAMES: [&str; 5] = ["llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"];
 /// Llama 3's pre-tokenizer split (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// GPT-2's split, llama.cpp's `default` pre-tokenizer.
@@ -119,7 +122,8 @@ fn ggml_tokenizer(gguf: &mut GgufFile, special: &SpecialTokens) -> Result<tokeni
         .ok_or_else(|| EngineError::Tokenizer("the GGUF file has no tokenizer (tokenizer.ggml.model)".into()))?
         .to_string();
     let pre = gguf.get_string("tokenizer.ggml.pre").unwrap_or("default").to_string();
-    let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
+    // Without the key, llama.cpp adds BOS for SentencePiece and for Llama 3's split.
+    let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama" || LLAMA3_NAMES.contains(&pre.as_str()));
     let add_eos = gguf.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
     let add_space_prefix = gguf.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
     let tokens = take_strings(gguf, "tokenizer.ggml.tokens")?.ok_or_else(|| EngineError::Tokenizer("missing tokenizer.ggml.tokens".into()))?;
@@ -142,7 +146,9 @@ fn ggml_tokenizer(gguf: &mut GgufFile, special: &SpecialTokens) -> Result<tokeni
     let (bpe, pre_tokenizer, decoder): (_, PreTokenizerWrapper, DecoderWrapper) = match model.as_str() {
         "gpt2" => {
             let (splits, ignore_merges): (&[&str], bool) = match pre.as_str() {
-                "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => (&[LLAMA3_SPLIT], true),
+                name if LLAMA3_NAMES.contains(&name) => (&[LLAMA3_SPLIT], true),
+                // Llama 3's split, but its merges kept, as llama.cpp reads Smaug's files.
+                "smaug-bpe" => (&[LLAMA3_SPLIT], false),
                 "smollm" => (&[DIGITS_SPLIT, GPT2_SPLIT], false),
                 "default" | "gpt-2" | "gpt2" => (&[GPT2_SPLIT], false),
                 other => return Err(EngineError::Tokenizer(format!("unsupported BPE pre-tokenizer `{other}` (supported: llama-bpe, smollm, default)"))),
