@@ -21,6 +21,17 @@ pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// A copy of fixture `model`'s Hugging Face checkpoint in `dir/hf`, for a test to change.
+pub fn hf_copy(model: &str, dir: &std::path::Path) -> PathBuf {
+    let dst = dir.join("hf");
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(fixtures_dir().join(model).join("hf")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+    dst
+}
+
 pub fn read_json(relative: &str) -> serde_json::Value {
     let path = fixtures_dir().join(relative);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

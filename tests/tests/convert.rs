@@ -164,11 +164,7 @@ fn sentencepiece_scores_reproduce_the_merge_order() {
 #[test]
 fn bad_checkpoints_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("hf");
-    std::fs::create_dir(&dir).unwrap();
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixtures_dir().join("llama2/hf").join(f), dir.join(f)).unwrap();
-    }
+    let dir = hf_copy("llama2", tmp.path());
     let weights = std::fs::read(fixtures_dir().join("llama2/hf/model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
     let mut sink = Vec::new();

@@ -13,18 +13,6 @@ fn load_err(path: &Path) -> String {
     }
 }
 
-/// A copy of the llama2 Hugging Face fixture that a test may damage.
-fn hf_copy(dir: &Path) -> std::path::PathBuf {
-    let src = fixtures_dir().join("llama2/hf");
-    let dst = dir.join("hf");
-    std::fs::create_dir_all(&dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
-    }
-    dst
-}
-
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join("config.json");
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -63,7 +51,7 @@ fn unknown_architecture_in_gguf_and_config() {
     drop(file);
     assert!(matches!(load(&path, LoadOptions::default()), Err(EngineError::UnsupportedArchitecture(a)) if a == "gpt2"));
 
-    let dir = hf_copy(tmp.path());
+    let dir = hf_copy("llama2", tmp.path());
     edit_config(&dir, |c| {
         c["model_type"] = "mistral".into();
         c["architectures"] = serde_json::json!(["MistralForCausalLM"]);
@@ -74,7 +62,7 @@ fn unknown_architecture_in_gguf_and_config() {
 #[test]
 fn missing_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = hf_copy(tmp.path());
+    let dir = hf_copy("llama2", tmp.path());
     let mut tensors: HashMap<String, candle_core::Tensor> = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
     tensors.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
@@ -85,7 +73,7 @@ fn missing_tensor_is_named() {
 #[test]
 fn misshapen_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = hf_copy(tmp.path());
+    let dir = hf_copy("llama2", tmp.path());
     edit_config(&dir, |c| c["intermediate_size"] = 80.into());
     let err = load_err(&dir);
     assert!(err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[64, 32]"), "{err}");
@@ -94,7 +82,7 @@ fn misshapen_tensor_is_named() {
 #[test]
 fn truncated_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = hf_copy(tmp.path());
+    let dir = hf_copy("llama2", tmp.path());
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
@@ -104,7 +92,7 @@ fn truncated_safetensors() {
 #[test]
 fn tokenizer_larger_than_vocabulary() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = hf_copy(tmp.path());
+    let dir = hf_copy("llama2", tmp.path());
     std::fs::copy(fixtures_dir().join("llama3/hf/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let err = load_err(&dir);
     assert!(err.contains("tokenizer") && err.contains("32000"), "{err}");

@@ -135,19 +135,16 @@ fn incremental_decoding_is_utf8_safe() {
 #[test]
 fn smollm_digits_from_gguf_keys() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("hf");
-    std::fs::create_dir(&dir).unwrap();
-    for f in ["config.json", "tokenizer_config.json", "model.safetensors"] {
-        std::fs::copy(fixtures_dir().join("llama3/hf").join(f), dir.join(f)).unwrap();
-    }
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("llama3/hf/tokenizer.json")).unwrap()).unwrap();
+    let dir = hf_copy("llama3", tmp.path());
+    let mut json = read_json("llama3/hf/tokenizer.json");
     json["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": true},
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
     ]});
     json["model"]["ignore_merges"] = false.into();
-    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
-    let theirs: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+    let text = json.to_string();
+    std::fs::write(dir.join("tokenizer.json"), &text).unwrap();
+    let theirs: tokenizers::Tokenizer = text.parse().unwrap();
 
     let mut bytes = Vec::new();
     let source = llm_convert::CheckpointSource::open(llm_store::Location::Local(dir)).unwrap();
@@ -168,8 +165,7 @@ fn smollm_digits_from_gguf_keys() {
 /// 3's split (`llama-bpe` and the names it reads as the same).
 #[test]
 fn llama3_split_adds_bos_without_the_key() {
-    let bytes = std::fs::read(fixtures_dir().join("llama3/llama3-bf16.gguf")).unwrap();
-    let mut gguf = llm_engine::gguf::GgufFile::from_bytes("llama3.gguf", bytes).unwrap();
+    let mut gguf = llm_engine::gguf::GgufFile::open(&fixtures_dir().join("llama3/llama3-bf16.gguf")).unwrap();
     assert!(gguf.take("tokenizer.ggml.add_bos_token").is_some(), "the fixture has the key");
     let tokenizer = llm_engine::gguf_tokenizer::read(&mut gguf).unwrap();
     let fixture = read_json("llama3/tokenizer_cases.json");
