@@ -26,9 +26,10 @@ pub fn keep_activation_memory() {
     }
 }
 
-/// Gives the memory malloc holds free back to the system. Called once a model's tokenizer is
-/// built: reading Llama 3's frees tens of MiB that the thresholds above would otherwise keep
-/// while the weights are paged in or downloaded, which is when the process peaks.
+/// Gives the memory malloc holds free back to the system, from every thread's heap. Called once
+/// a model's tokenizer is built (reading Llama 3's frees tens of MiB that the thresholds above
+/// would otherwise keep while the weights are paged in or downloaded, which is when the process
+/// peaks) and once a download ends (`llm_api::model_source`).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `malloc_trim` only returns free pages, under malloc's own locks.

@@ -310,23 +310,27 @@ struct LayerCache {
     dtype: DType,
 }
 
-/// Positions a layer's buffers grow by once they hold this many: a copy every this many tokens,
-/// and at most this many positions allocated and unused.
+/// The most positions a layer's buffers grow by at once: a copy every this many tokens, and at
+/// most this many positions allocated and unused.
 const CACHE_GROWTH: usize = 256;
 
-/// The fewest positions a layer's buffers hold.
-const CACHE_FIRST: usize = 16;
+/// Positions a layer's buffers are counted in.
+const CACHE_STEP: usize = 16;
 
-/// The positions a layer's buffers hold for `len` filled ones: twice as many at each growth up
-/// to [`CACHE_GROWTH`], so that a short request, and each short entry of the prompt cache, holds
-/// about what it fills, for four more copies of at most 128 positions. 256 positions from the
-/// first were all resident (candle writes `f16` zeros one by one): 10 MiB a request on
-/// SmolLM2-360M's shape, 5.5 MiB on TinyLlama's.
-fn capacity_for(len: usize) -> usize {
-    match len {
-        0..=CACHE_GROWTH => len.next_power_of_two().max(CACHE_FIRST),
-        _ => len.next_multiple_of(CACHE_GROWTH),
-    }
+/// The positions a layer's buffers hold for `len` filled ones when they are allocated whole
+/// (a prompt's first pass, a truncated or joined cache): those, rounded up to [`CACHE_STEP`].
+/// Every allocated position is resident (candle writes `f16` zeros one by one), so room beyond
+/// what is filled is memory the request holds for nothing: 256 positions for a 135-token
+/// prompt were 10 MiB on SmolLM2-360M's shape, where the prompt needs 5.3.
+fn fitted(len: usize) -> usize {
+    len.next_multiple_of(CACHE_STEP).max(CACHE_STEP)
+}
+
+/// The positions buffers of `capacity` grow to once `len` are filled: twice as many, but at most
+/// [`CACHE_GROWTH`] more, so that generation copies a short cache a few times and a long one
+/// every 256 tokens.
+fn grown(len: usize, capacity: usize) -> usize {
+    fitted(len).max(capacity + capacity.min(CACHE_GROWTH))
 }
 
 impl LayerCache {
@@ -346,8 +350,8 @@ impl LayerCache {
         let len = self.len + s;
         let capacity = self.buffers.as_ref().map_or(0, |(_, v)| v.dims()[Self::V_POSITIONS]);
         if len > capacity {
-            let capacity = capacity_for(len);
-            let grown = |old: Option<&Tensor>, shape: (usize, usize, usize, usize), positions: usize| -> Result<Tensor> {
+            let capacity = grown(len, capacity);
+            let larger = |old: Option<&Tensor>, shape: (usize, usize, usize, usize), positions: usize| -> Result<Tensor> {
                 let buffer = Tensor::zeros(shape, self.dtype, k.device())?;
                 if let Some(old) = old {
                     buffer.slice_set(&old.narrow(positions, 0, self.len)?.contiguous()?, positions, 0)?;
@@ -356,8 +360,8 @@ impl LayerCache {
             };
             let old = self.buffers.as_ref();
             self.buffers = Some((
-                grown(old.map(|(k, _)| k), (b, nkv, hd, capacity), Self::K_POSITIONS)?,
-                grown(old.map(|(_, v)| v), (b, nkv, capacity, hd), Self::V_POSITIONS)?,
+                larger(old.map(|(k, _)| k), (b, nkv, hd, capacity), Self::K_POSITIONS)?,
+                larger(old.map(|(_, v)| v), (b, nkv, capacity, hd), Self::V_POSITIONS)?,
             ));
         }
         let (k_buffer, v_buffer) = self.buffers.as_ref().expect("allocated above");
@@ -418,15 +422,17 @@ impl KvCache {
         self.layers.iter().filter_map(|layer| layer.buffers.as_ref()).map(layer).sum()
     }
 
-    /// Forgets every position from `len` on; later steps write over them. Buffers far larger
-    /// than what is left shrink to it: a long conversation's cache cut back to the start a
-    /// short prompt shares would keep its whole capacity in the row that goes on.
+    /// Forgets every position from `len` on; later steps write over them. Buffers larger than
+    /// what is left would grow to shrink to fit it: a long conversation's cache cut back to the
+    /// start a short prompt shares would keep its whole capacity in the row that goes on. Cut
+    /// back a few positions (a conversation's next turn goes on from its cached reply but for
+    /// its last tokens), they stay, instead of a copy now and another as they grow again.
     pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
         for layer in &mut self.layers {
             layer.len = layer.len.min(len);
-            let capacity = capacity_for(layer.len);
+            let capacity = fitted(layer.len);
             if let Some((k, v)) = &mut layer.buffers {
-                if v.dims()[LayerCache::V_POSITIONS] > capacity {
+                if v.dims()[LayerCache::V_POSITIONS] > grown(capacity + 1, capacity) {
                     // Always a copy: a narrowed buffer that is already contiguous would keep the
                     // whole old one alive (`contiguous` returns it as it is).
                     let shrunk = |t: &Tensor, positions| t.narrow(positions, 0, capacity)?.force_contiguous();
@@ -451,7 +457,7 @@ impl KvCache {
         let unpadded: Vec<usize> = rows.iter().map(|(cache, _, padding)| cache.len() - padding.len()).collect();
         let len = unpadded.iter().copied().max().unwrap_or(0);
         // Room for the next position, which the batch appends at once.
-        let capacity = capacity_for(len + 1);
+        let capacity = fitted(len + 1);
         let layers = rows.first().map_or(0, |(cache, ..)| cache.layers.len());
         let mut joined = Vec::with_capacity(layers);
         for layer in 0..layers {
@@ -873,7 +879,25 @@ mod tests {
         }
     }
 
-    /// Cut far back, a cache's buffers shrink to the positions it keeps, which keep their values.
+    /// A prompt's buffers hold what it fills; generation after it doubles them, by at most
+    /// [`CACHE_GROWTH`] positions a time.
+    #[test]
+    fn buffers_fit_a_prompt_then_grow_by_doubling_up_to_a_limit() {
+        assert_eq!((fitted(0), fitted(1), fitted(135), fitted(608)), (16, 16, 144, 608));
+        let mut capacity = fitted(135);
+        let mut sizes = vec![capacity];
+        for len in 136..=1200 {
+            if len > capacity {
+                capacity = grown(len, capacity);
+                sizes.push(capacity);
+            }
+        }
+        assert_eq!(sizes, [144, 288, 544, 800, 1056, 1312]);
+        assert_eq!(grown(1000, 16), 1008, "a pass longer than the growth takes what it needs");
+    }
+
+    /// Cut back a few positions, a cache keeps its buffers; cut far back, they shrink to the
+    /// positions it keeps, which keep their values.
     #[test]
     fn a_truncated_cache_keeps_its_start_in_smaller_buffers() {
         let dev = Device::Cpu;
@@ -881,9 +905,11 @@ mod tests {
         let (k, v) = (Tensor::randn(0f32, 1.0, (1, 2, 600, 8), &dev).unwrap(), Tensor::randn(0f32, 1.0, (1, 2, 600, 8), &dev).unwrap());
         cache.layers[0].append(&k, &v).unwrap();
         let capacity = |cache: &KvCache| cache.layers[0].buffers.as_ref().unwrap().1.dims()[LayerCache::V_POSITIONS];
-        assert_eq!(capacity(&cache), 768);
+        assert_eq!(capacity(&cache), 608);
+        cache.truncate(590).unwrap();
+        assert_eq!((cache.len(), capacity(&cache)), (590, 608));
         cache.truncate(10).unwrap();
-        assert_eq!((cache.len(), capacity(&cache)), (10, CACHE_FIRST));
+        assert_eq!((cache.len(), capacity(&cache)), (10, CACHE_STEP));
         let (k_t, v_kept) = cache.layers[0].buffers.as_ref().unwrap();
         let kept = |t: &Tensor, dim| t.narrow(dim, 0, 10).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(kept(v_kept, 2), kept(&v, 2));
