@@ -134,7 +134,7 @@ fn download(s3: &S3, resolved: &ResolvedModel, source: &str, settings: &Download
     let download_s = started.elapsed().as_secs_f64();
     // The HTTP client's buffers, freed on the runtime's threads, stay in their heaps (the engine
     // keeps freed memory for its activations: `llm_engine::allocator`); given back here, a cold
-    // start from S3 peaked 2–3 MiB lower (SmolLM2-360M's shape in Q4_0, a 202 MiB file).
+    // start from S3 peaked 1–3 MiB lower (SmolLM2-360M's shape in Q4_0, a 202 MiB file).
     llm_engine::allocator::release_free_memory();
     tracing::info!(
         key = resolved.key,

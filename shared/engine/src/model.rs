@@ -422,11 +422,12 @@ impl KvCache {
         self.layers.iter().filter_map(|layer| layer.buffers.as_ref()).map(layer).sum()
     }
 
-    /// Forgets every position from `len` on; later steps write over them. Buffers larger than
-    /// what is left would grow to shrink to fit it: a long conversation's cache cut back to the
-    /// start a short prompt shares would keep its whole capacity in the row that goes on. Cut
-    /// back a few positions (a conversation's next turn goes on from its cached reply but for
-    /// its last tokens), they stay, instead of a copy now and another as they grow again.
+    /// Forgets every position from `len` on; later steps write over them. Buffers shrink to fit
+    /// what is left when they are larger than a fitted buffer would grow to: a long
+    /// conversation's cache cut back to the start a short prompt shares would keep its whole
+    /// capacity in the row that goes on. Cut back a few positions (a conversation's next turn
+    /// goes on from its cached reply but for its last tokens), they stay, instead of a copy now
+    /// and another as they grow again.
     pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
         for layer in &mut self.layers {
             layer.len = layer.len.min(len);
