@@ -10,10 +10,13 @@
 //! Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a batch's last rows) take four
 //! weight rows to a register instead, one to each 128-bit lane, the rows left over going
 //! through AVX2's tiles. A K-quant's tile is one weight row, two runs of 32 values to a 512-bit
-//! register, by one activation row, four (a batch's), or the two or three a batch leaves.
+//! register, by one activation row, four (a batch's), or the two or three a batch leaves. On a
+//! host whose 512-bit instructions take two passes (AMD Zen 4), most types' decode steps go
+//! through AVX2's tiles ([`avx2_decodes_faster`]).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
@@ -46,6 +49,9 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
             (_, false) => panel_rows::<BLOCK, false>(w, x, rows, out),
         };
     }
+    if x.rows() == 1 && two_passes() && avx2_decodes_faster(w.ty) {
+        return avx2::product_rows(w, x, rows, out);
+    }
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<NibbleTiles<false, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
@@ -58,6 +64,41 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q3K => rows_of::<RowTiles<Sixteens<avx2::Q3K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
         BlockType::Q6K => rows_of::<RowTiles<Sixteens<avx2::Q6K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
     }
+}
+
+/// Whether this host runs a 512-bit instruction as two passes through 256-bit units: AMD's Zen 4.
+/// Detected once: `cpuid` in a virtual machine exits to the hypervisor.
+fn two_passes() -> bool {
+    static TWO_PASSES: OnceLock<bool> = OnceLock::new();
+    *TWO_PASSES.get_or_init(|| {
+        // `__cpuid` is safe from Rust 1.95, unsafe in the workspace's oldest (1.94).
+        #[allow(unused_unsafe)]
+        // SAFETY: every x86_64 CPU has `cpuid` and its leaves 0 and 1.
+        let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1).eax) };
+        is_zen_4(&vendor, signature)
+    })
+}
+
+/// Whether `cpuid`'s leaf 0 (`vendor`) and leaf 1's `eax` (`signature`) name an AMD CPU of family
+/// 0x19 that has AVX-512: a Zen 4 (its Zen 3 has no AVX-512; Zen 5 is family 0x1A).
+fn is_zen_4(vendor: &CpuidResult, signature: u32) -> bool {
+    let amd = [vendor.ebx, vendor.edx, vendor.ecx].map(u32::to_le_bytes) == [*b"Auth", *b"enti", *b"cAMD"];
+    let base_family = (signature >> 8) & 0xF;
+    let family = if base_family == 0xF { base_family + ((signature >> 20) & 0xFF) } else { base_family };
+    amd && family == 0x19
+}
+
+/// The types whose decode step (one activation row) goes through AVX2's tiles where a 512-bit
+/// instruction takes [`two_passes`]: there they read a layer's weights out of memory faster than
+/// this module's (AMD Zen 4, `--bench stream`, two rounds each, GB/s of weights, one thread: Q4_0
+/// 18.1–18.3 → 20.0, Q4_1 18.5–19.3 → 20.3–20.4, Q4_K 19.3 → 22.1–22.2, Q5_K 19.6 → 20.2–20.4,
+/// Q6_K 21.7–22.5 → 24.0–24.4, Q2_K 13.4 → 13.8–13.9; two threads: Q4_0 32.8–33.9 → 34.9–35.9,
+/// Q4_K 33.4–34.6 → 35.4–36.2, Q6_K 33.5–35.2 → 35.8–36.1). The others stay with this module's:
+/// Q8_0 (AVX2's 21.6–21.8 against 21.7–22.9; two threads 32.4–33.8 against 34.6–34.8), Q5_0 and
+/// Q5_1 (14.8–15.4 against 15.4–16.5), Q3_K (13.4 against 13.5–13.6). A batch's rows keep this
+/// module's tiles, which unpack each block once for all of them.
+fn avx2_decodes_faster(ty: BlockType) -> bool {
+    matches!(ty, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K | BlockType::Q2K)
 }
 
 /// How far ahead this module's decode tiles ask for their weights: twice AVX2's
@@ -315,8 +356,10 @@ const QUAD_ROWS: usize = 4;
 /// GB/s, Q4_0 29.0 → 31.8 (41.3 → 43.9 at two threads), Q4_1 30.2 → 31.8; whole model's decode
 /// (`llm bench`, four rounds in turn), tok/s, TinyLlama-shape Q4_0 42.0–45.8 → 48.2–49.5 at one
 /// thread, 59.5–62.9 → 63.1–66.5 at two, Llama 3.2 1B-shape Q4_0 36.0–38.0 → 39.4–40.6 and
-/// 54.2–54.4 → 55.0–56.2. A batch's last rows (`-- m=5`, `m=7`) no slower. Not measured on a
-/// Zen 4, whose 512-bit instructions take two passes, nor on the Xeons. Q5_0 and Q5_1 (their
+/// 54.2–54.4 → 55.0–56.2. A batch's last rows (`-- m=5`, `m=7`) no slower. On a Zen 4, whose
+/// 512-bit instructions take two passes, AVX2's tile stays faster for Q4_0 and Q4_1 (in cache,
+/// Q4_0 69–73 against 72–75 GFLOP/s; out of memory, [`avx2_decodes_faster`]), which take it there.
+/// Not measured on the Xeons. Q5_0 and Q5_1 (their
 /// fifth bits a byte mask per block, added to the codes), against AVX2's tile, same
 /// measures: in cache 61–68 → 84–91 GFLOP/s; out of memory 21.3–22.4 → 27.7–29.8 GB/s at one
 /// thread, 39.2–41.9 → 42.8–46.5 at two; TinyLlama-shape decode (three rounds in turn), tok/s at
@@ -433,8 +476,9 @@ impl<S: PairedRuns> DecodeRow for Sixteens<S> {
 /// 43.7–48.4 / 65.0–76.1, Llama 3.2 1B-shape 36.0–36.6 / 53.0–57.5 → 38.1–39.6 / 53.5–62.5.
 /// Two rows, one to each half of a register, ran faster still in cache (154–173 GFLOP/s) and at
 /// one thread out of memory, but slower at two (48.5–50.5 → 44.5–46.1 GB/s; two streams of
-/// weights a thread). Not measured on a Zen 4, whose 512-bit instructions take two passes, where
-/// a tile pairing sub-blocks of a row was slower than AVX2's, nor on the Xeons. Q5_K, same
+/// weights a thread). On a Zen 4, whose 512-bit instructions take two passes, it is slower than
+/// AVX2's (in cache, `m=1`, 78–86 against 87–96 GFLOP/s; out of memory, [`avx2_decodes_faster`]),
+/// which takes a decode step there. Not measured on the Xeons. Q5_K, same
 /// measures: in cache 89–96 → 128–147 GFLOP/s; out of memory 28.2–29.7 → 34.7–35.8 GB/s at one
 /// thread, 50.2–52.4 → 51.5–61.0 at two; TinyLlama-shape Q5_K_M decode 38.5–39.0 / 63.3–65.4 →
 /// 45.3–45.9 / 72.7–75.6 tok/s.
@@ -506,8 +550,10 @@ unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &Qua
 /// 116–123, Q6_K 97–102 → 148–154; out of memory (two rounds in turn), GB/s at one / two threads,
 /// Q2_K 17.3–18.5 / 33.4–33.9 → 22.1–22.6 / 39.1–40.2, Q3_K 16.5–17.5 / 31.9–32.9 → 24.2–25.4 /
 /// 43.7–44.3; TinyLlama-shape decode (three rounds in turn), tok/s, Q2_K 44.0–45.4 / 73.1–75.1 →
-/// 55.1–57.2 / 86.6–90.1, Q3_K_M 41.5–43.3 / 64.9–66.7 → 52.9–53.8 / 74.0–77.6. Not measured on a
-/// Zen 4 nor on the Xeons.
+/// 55.1–57.2 / 86.6–90.1, Q3_K_M 41.5–43.3 / 64.9–66.7 → 52.9–53.8 / 74.0–77.6. On a Zen 4 it
+/// is faster in cache (`m=1`, Q6_K 74–79 against 69–71 GFLOP/s) but slower out of memory for Q6_K
+/// and Q2_K, whose decode steps take AVX2's tile there ([`avx2_decodes_faster`]). Not measured on
+/// the Xeons.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn sixteens_tile<S: PairedRuns, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<1, CT>(w, x, r, i);
@@ -740,4 +786,24 @@ unsafe fn f16_scales<W: Block>(first: *const u8, blocks: __mmask16) -> __m512 {
 #[inline(always)]
 unsafe fn hsum(v: __m512) -> f32 {
     _mm512_reduce_add_ps(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zen_4_is_amd_family_0x19() {
+        let vendor = |name: &[u8; 12]| {
+            let word = |at: usize| u32::from_le_bytes(name[at..at + 4].try_into().unwrap());
+            CpuidResult { eax: 0x10, ebx: word(0), edx: word(4), ecx: word(8) }
+        };
+        let (amd, intel) = (vendor(b"AuthenticAMD"), vendor(b"GenuineIntel"));
+        // Signatures as leaf 1 reports them: EPYC 9004 (Zen 4), EPYC 9005 (Zen 5), Xeon 6th gen.
+        assert!(is_zen_4(&amd, 0x00A1_0F11));
+        assert!(!is_zen_4(&amd, 0x00B0_0F21));
+        assert!(!is_zen_4(&intel, 0x0008_06F8));
+        // A family 0x19 signature from another vendor is not AMD's.
+        assert!(!is_zen_4(&intel, 0x00A1_0F11));
+    }
 }
