@@ -94,7 +94,7 @@ fn is_zen_4(vendor: &CpuidResult, signature: u32) -> bool {
 /// 18.1–18.3 → 20.0, Q4_1 18.5–19.3 → 20.3–20.4, Q4_K 19.3 → 22.1–22.2, Q5_K 19.6 → 20.2–20.4,
 /// Q6_K 21.7–22.5 → 24.0–24.4, Q2_K 13.4 → 13.8–13.9; two threads: Q4_0 32.8–33.9 → 34.9–35.9,
 /// Q4_K 33.4–34.6 → 35.4–36.2, Q6_K 33.5–35.2 → 35.8–36.1). The others stay with this module's:
-/// Q8_0 (AVX2's 21.6–21.8 against 21.7–22.9; two threads 32.4–33.8 against 34.6–34.8), Q5_0 and
+/// Q8_0 (AVX2's 21.6–22.0 against 21.7–22.9; two threads 32.4–33.8 against 34.6–34.8), Q5_0 and
 /// Q5_1 (14.8–15.4 against 15.4–16.5), Q3_K (13.4 against 13.5–13.6). A batch's rows keep this
 /// module's tiles, which unpack each block once for all of them.
 fn avx2_decodes_faster(ty: BlockType) -> bool {
@@ -551,7 +551,7 @@ unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &Qua
 /// Q2_K 17.3–18.5 / 33.4–33.9 → 22.1–22.6 / 39.1–40.2, Q3_K 16.5–17.5 / 31.9–32.9 → 24.2–25.4 /
 /// 43.7–44.3; TinyLlama-shape decode (three rounds in turn), tok/s, Q2_K 44.0–45.4 / 73.1–75.1 →
 /// 55.1–57.2 / 86.6–90.1, Q3_K_M 41.5–43.3 / 64.9–66.7 → 52.9–53.8 / 74.0–77.6. On a Zen 4 it
-/// is faster in cache (`m=1`, Q6_K 74–79 against 69–71 GFLOP/s) but slower out of memory for Q6_K
+/// is faster in cache (`m=1`, Q6_K 74–79 against 68–71 GFLOP/s) but slower out of memory for Q6_K
 /// and Q2_K, whose decode steps take AVX2's tile there ([`avx2_decodes_faster`]). Not measured on
 /// the Xeons.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -799,7 +799,8 @@ mod tests {
             CpuidResult { eax: 0x10, ebx: word(0), edx: word(4), ecx: word(8) }
         };
         let (amd, intel) = (vendor(b"AuthenticAMD"), vendor(b"GenuineIntel"));
-        // Signatures as leaf 1 reports them: EPYC 9004 (Zen 4), EPYC 9005 (Zen 5), Xeon 6th gen.
+        // Signatures as leaf 1 reports them: EPYC 9004 (Zen 4), EPYC 9005 (Zen 5), Xeon
+        // (Sapphire Rapids).
         assert!(is_zen_4(&amd, 0x00A1_0F11));
         assert!(!is_zen_4(&amd, 0x00B0_0F21));
         assert!(!is_zen_4(&intel, 0x0008_06F8));
