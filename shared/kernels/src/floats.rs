@@ -116,6 +116,7 @@ pub fn float_matmuls(products: &mut [(FloatMatrix, &mut [f32])], x: &[f32]) -> R
 /// # Safety
 /// `kernels` run here; `out` points to `m × w.rows` values that no other thread writes in these
 /// columns.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has float kernels of its own
 unsafe fn product_rows<H: Widen>(kernels: Kernels, w: &FloatMatrix, x: &[f32], m: usize, rows: Range<usize>, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     {
