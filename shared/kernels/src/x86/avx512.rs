@@ -80,7 +80,8 @@ fn two_passes() -> bool {
 }
 
 /// Whether `cpuid`'s leaf 0 (`vendor`) and leaf 1's `eax` (`signature`) name an AMD CPU of family
-/// 0x19 that has AVX-512: a Zen 4 (its Zen 3 has no AVX-512; Zen 5 is family 0x1A).
+/// 0x19: on a host with this module's AVX-512, a Zen 4 (family 0x19's Zen 3 has no AVX-512; Zen 5
+/// is family 0x1A).
 fn is_zen_4(vendor: &CpuidResult, signature: u32) -> bool {
     let amd = [vendor.ebx, vendor.edx, vendor.ecx].map(u32::to_le_bytes) == [*b"Auth", *b"enti", *b"cAMD"];
     let base_family = (signature >> 8) & 0xF;
