@@ -4,22 +4,26 @@
 //!
 //!     RAYON_NUM_THREADS=1 cargo bench -p llm-kernels --bench stream
 //!
-//! Prints the weights' bytes read per second, one line per type; `infra/bench/bandwidth.py`
-//! gives the machine's copy bandwidth to hold it against. Arguments keep the types named
-//! (`-- Q4_0 Q8_0`).
+//! Prints the weights' bytes read per second for each kernel set the machine runs, one line per
+//! type; `infra/bench/bandwidth.py` gives the machine's copy bandwidth to hold it against.
+//! Arguments keep the types named (`-- Q4_0 Q8_0`); `m=N` multiplies `N` activation rows at once
+//! (a decode step of a batch of `N` sequences; default 1).
 
 mod common;
 use common::{seconds, TYPES};
 
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
-use llm_kernels::{matmul, QMatrix};
+use llm_kernels::{matmul_with, Kernels, QMatrix};
 
 const COPIES_BYTES: usize = 512 << 20;
 
 fn main() {
     let (n, k) = (5632, 2048);
-    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let (rows, wanted): (Vec<String>, Vec<String>) = args.into_iter().partition(|a| a.starts_with("m="));
+    let m: usize = rows.last().map_or(1, |a| a["m=".len()..].parse().expect("m=N takes a number of activation rows"));
+    let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     for (ty, dtype) in TYPES {
         if !wanted.is_empty() && !wanted.contains(&format!("{ty:?}")) {
             continue;
@@ -27,13 +31,19 @@ fn main() {
         let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
         let one = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
         let copies: Vec<Vec<u8>> = (0..COPIES_BYTES / one.len()).map(|_| one.clone()).collect();
-        let x: Vec<f32> = (0..k).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
-        let mut y = vec![0f32; n];
-        let pass = seconds(|| {
-            for bytes in &copies {
-                matmul(&QMatrix::new(ty, n, k, bytes).unwrap(), &x, &mut y).unwrap();
-            }
-        });
-        println!("{ty:?} {n}x{k} m=1 from memory: {:.2} GB/s of weights", (copies.len() * one.len()) as f64 / pass / 1e9);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
+        let mut y = vec![0f32; m * n];
+        let rates: Vec<String> = kernels
+            .iter()
+            .map(|&kernels| {
+                let pass = seconds(|| {
+                    for bytes in &copies {
+                        matmul_with(kernels, &QMatrix::new(ty, n, k, bytes).unwrap(), &x, &mut y).unwrap();
+                    }
+                });
+                format!("{kernels:?} {:.2}", (copies.len() * one.len()) as f64 / pass / 1e9)
+            })
+            .collect();
+        println!("{ty:?} {n}x{k} m={m} from memory, GB/s of weights: {}", rates.join(", "));
     }
 }

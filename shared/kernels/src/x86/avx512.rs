@@ -3,16 +3,18 @@
 //! Zen 4); the binary itself is built for AVX2.
 //!
 //! A product of many activation rows (a prompt; a batch's decode step from
-//! [`super::panel::panel_min_activations`] rows: 7 for the K-quants, 12 for the legacy types)
-//! goes through [`super::panel`]s of 16 weight rows. Otherwise (decode, small batches) a 512-bit
-//! register holds two 32-value blocks of a row: the legacy types go two blocks at a time (a row
-//! with an odd number of blocks ends with one, the other half zero). The nibble types' (Q4_0,
+//! [`super::panel::panel_min_activations`] rows: 7 for the K-quants, 12 for the legacy types, 8
+//! for Q4_0 and Q4_1 on a Zen 4) goes through [`super::panel`]s of 16 weight rows. Otherwise
+//! (decode, small batches) a 512-bit register holds two 32-value blocks of a row: the legacy
+//! types go two blocks at a time (a row with an odd number of blocks ends with one, the other
+//! half zero). The nibble types' (Q4_0,
 //! Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a batch's last rows) take four
 //! weight rows to a register instead, one to each 128-bit lane, the rows left over going
 //! through AVX2's tiles. A K-quant's tile is one weight row, two runs of 32 values to a 512-bit
 //! register, by one activation row, four (a batch's), or the two or three a batch leaves. On a
 //! host whose 512-bit instructions take two passes (AMD Zen 4), most types' decode steps go
-//! through AVX2's tiles ([`avx2_decodes_faster`]).
+//! through AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of
+//! two and three rows.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -49,7 +51,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
             (_, false) => panel_rows::<BLOCK, false>(w, x, rows, out),
         };
     }
-    if x.rows() == 1 && two_passes() && avx2_decodes_faster(w.ty) {
+    if two_passes() && avx2_decodes_faster(w.ty, x.rows()) {
         return avx2::product_rows(w, x, rows, out);
     }
     match w.ty {
@@ -68,7 +70,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 
 /// Whether this host runs a 512-bit instruction as two passes through 256-bit units: AMD's Zen 4.
 /// Detected once: `cpuid` in a virtual machine exits to the hypervisor.
-fn two_passes() -> bool {
+pub(super) fn two_passes() -> bool {
     static TWO_PASSES: OnceLock<bool> = OnceLock::new();
     *TWO_PASSES.get_or_init(|| {
         // `__cpuid` is safe from Rust 1.95, unsafe in the workspace's oldest (1.94).
@@ -89,17 +91,34 @@ fn is_zen_4(vendor: &CpuidResult, signature: u32) -> bool {
     amd && family == 0x19
 }
 
-/// The types whose decode step (one activation row) goes through AVX2's tiles where a 512-bit
-/// instruction takes [`two_passes`]: there they read a layer's weights out of memory faster than
-/// this module's (AMD Zen 4, `--bench stream`, two rounds each, GB/s of weights, one thread: Q4_0
-/// 18.1–18.3 → 20.0, Q4_1 18.5–19.3 → 20.3–20.4, Q4_K 19.3 → 22.1–22.2, Q5_K 19.6 → 20.2–20.4,
-/// Q6_K 21.7–22.5 → 24.0–24.4, Q2_K 13.4 → 13.8–13.9; two threads: Q4_0 32.8–33.9 → 34.9–35.9,
-/// Q4_K 33.4–34.6 → 35.4–36.2, Q6_K 33.5–35.2 → 35.8–36.1). The others stay with this module's:
-/// Q8_0 (AVX2's 21.6–22.0 against 21.7–22.9; two threads 32.4–33.8 against 34.6–34.8), Q5_0 and
-/// Q5_1 (14.8–15.4 against 15.4–16.5), Q3_K (13.4 against 13.5–13.6). A batch's rows keep this
-/// module's tiles, which unpack each block once for all of them.
-fn avx2_decodes_faster(ty: BlockType) -> bool {
-    matches!(ty, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K | BlockType::Q2K)
+/// Whether a product of `rows` activation rows (fewer than the panels take) of `ty`'s weights
+/// goes through AVX2's tiles where a 512-bit instruction takes [`two_passes`].
+///
+/// A decode step (one row) of most types: there AVX2's tiles read a layer's weights out of
+/// memory faster than this module's (AMD Zen 4, `--bench stream`, two rounds each, GB/s of
+/// weights, one thread: Q4_0 18.1–18.3 → 20.0, Q4_1 18.5–19.3 → 20.3–20.4, Q4_K 19.3 →
+/// 22.1–22.2, Q5_K 19.6 → 20.2–20.4, Q6_K 21.7–22.5 → 24.0–24.4, Q2_K 13.4 → 13.8–13.9; two
+/// threads: Q4_0 32.8–33.9 → 34.9–35.9, Q4_K 33.4–34.6 → 35.4–36.2, Q6_K 33.5–35.2 →
+/// 35.8–36.1). The others stay with this module's: Q8_0 (AVX2's 21.6–22.0 against 21.7–22.9;
+/// two threads 32.4–33.8 against 34.6–34.8), Q5_0 and Q5_1 (14.8–15.4 against 15.4–16.5), Q3_K
+/// (13.4 against 13.5–13.6).
+///
+/// A batch's step of 2 or 3 rows of Q4_0 and Q4_1, whose tiles here are bound by instructions
+/// even out of memory (`--bench stream -- m=N`, three rounds each, this module's → AVX2's, GB/s):
+/// one thread, Q4_0 at 2 rows 10.4–10.6 → 11.7–12.1, 3 rows 8.1–8.3 → 9.0–9.2, Q4_1 at 2 rows
+/// 9.8–10.0 → 12.6–12.8, 3 rows 7.8–7.9 → 9.4–9.7; two threads, Q4_0 at 2 rows 21.1 → 24.2.
+/// From 4 rows the kernel benchmark still favoured AVX2 (one thread, Q4_0 1–7 %, Q4_1 14–23 %;
+/// two threads, Q4_0 at 4 rows level), but a whole model's batches of four ran slower through it
+/// (`batch_throughput.py --requests 12 --batch 4 --threads 2`, TinyLlama's shape in Q4_0, five
+/// rounds in turn: 66.1–71.6 → 59.0–67.8 tok/s). The K-quants' batch tiles here are faster (Q4_K
+/// at 2 rows 13.1–13.4 against 12.8–12.9, Q6_K 16.1–17.3 against 10.3–15.7); Q8_0 gains little
+/// (2 rows 17.5–18.2 → 18.7–19.6, 3 rows none).
+fn avx2_decodes_faster(ty: BlockType, rows: usize) -> bool {
+    match rows {
+        1 => matches!(ty, BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K | BlockType::Q2K),
+        2 | 3 => matches!(ty, BlockType::Q4_0 | BlockType::Q4_1),
+        _ => false,
+    }
 }
 
 /// How far ahead this module's decode tiles ask for their weights: twice AVX2's
