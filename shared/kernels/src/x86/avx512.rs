@@ -3,7 +3,7 @@
 //! Zen 4); the binary itself is built for AVX2.
 //!
 //! A product of many activation rows (a prompt; a batch's decode step from
-//! [`super::panel::panel_min_activations`] rows: 7 for the K-quants, 12 for the legacy types, 8
+//! [`super::panel::panel_min_activations`] rows: 7 for the K-quants, 12 for the legacy types, 7
 //! for Q4_0 and Q4_1 on a Zen 4) goes through [`super::panel`]s of 16 weight rows. Otherwise
 //! (decode, small batches) a 512-bit register holds two 32-value blocks of a row: the legacy
 //! types go two blocks at a time (a row with an odd number of blocks ends with one, the other
@@ -107,7 +107,7 @@ fn is_zen_4(vendor: &CpuidResult, signature: u32) -> bool {
 /// even out of memory (`--bench stream -- m=N`, three rounds each, this module's → AVX2's, GB/s):
 /// one thread, Q4_0 at 2 rows 10.4–10.6 → 11.7–12.1, 3 rows 8.1–8.3 → 9.0–9.2, Q4_1 at 2 rows
 /// 9.8–10.0 → 12.6–12.8, 3 rows 7.8–7.9 → 9.4–9.7; two threads, Q4_0 at 2 rows 21.1 → 24.2.
-/// From 4 rows the kernel benchmark still favoured AVX2 (one thread, Q4_0 1–7 %, Q4_1 14–23 %;
+/// From 4 rows the kernel benchmark still favoured AVX2 (one thread, Q4_0 1–7 %, Q4_1 13–23 %;
 /// two threads, Q4_0 at 4 rows level), but a whole model's batches of four ran slower through it
 /// (`batch_throughput.py --requests 12 --batch 4 --threads 2`, TinyLlama's shape in Q4_0, five
 /// rounds in turn: 66.1–71.6 → 59.0–67.8 tok/s). The K-quants' batch tiles here are faster (Q4_K

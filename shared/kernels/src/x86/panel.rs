@@ -53,16 +53,16 @@ pub const PANEL_ROWS: usize = 16;
 /// 92.1–94.2 → 112.5–114.7. Not measured on a host with AVX2 alone.
 ///
 /// Where a 512-bit instruction takes two passes (`two_passes`: AMD Zen 4), Q4_0's and Q4_1's
-/// panels start at 8 rows, where they read the weights faster out of memory than the tiles there,
-/// which are bound by instructions (`--bench stream -- m=N`, one thread, two rounds, GB/s, the
-/// AVX-512 tiles / AVX2's → panels): Q4_0 at 8 rows 3.29–3.31 / 3.05–3.39 → 4.15–4.22, 10 rows
-/// — / 2.67–2.69 → 3.16–3.18, 11 rows 2.38–2.39 / 2.43–2.46 → 2.84; Q4_1 at 8 rows 3.22–3.30 /
-/// 3.90–3.97 → 4.32–4.36, 10 rows — / 3.03–3.05 → 3.28–3.29. At 7 rows no clear gain (Q4_0
-/// 3.62–3.70 / 3.84–3.94 → 4.08–4.21, Q4_1 3.49–3.54 / 4.39–4.40 → 4.36–4.42), at 6 a loss
-/// (Q4_0 AVX2's 4.29–4.36 → 3.67–4.19).
+/// panels start at 7 rows, as the K-quants' do: from there they read the weights faster out of
+/// memory than the tiles, which are bound by instructions (`--bench stream -- m=N`, one thread,
+/// two rounds, GB/s, AVX-512's tiles / AVX2's → panels): Q4_0 at 7 rows 3.62–3.70 / 3.84–3.94 →
+/// 4.08–4.21, 8 rows 3.29–3.31 / 3.01–3.39 → 4.15–4.22, 10 rows — / 2.67–2.69 → 3.16–3.18, 11
+/// rows 2.38–2.39 / 2.43–2.46 → 2.84; Q4_1 at 7 rows 3.49–3.54 / 4.26–4.40 → 4.36–4.42, 8 rows
+/// 3.22–3.30 / 3.56–3.97 → 4.32–4.36, 10 rows — / 3.03–3.05 → 3.28–3.29. At 6 rows they lost
+/// (Q4_0 AVX-512's tiles 4.05–4.12, AVX2's 4.29–4.36 → 3.67–4.19).
 pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool) -> usize {
     match (avx512, ty) {
-        (true, BlockType::Q4_0 | BlockType::Q4_1) if two_passes => 8,
+        (true, BlockType::Q4_0 | BlockType::Q4_1) if two_passes => 7,
         (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 12,
         (false, BlockType::Q4_0 | BlockType::Q4_1) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_1) => 20,
