@@ -1,6 +1,6 @@
 //! A decode step's products with the weights out of memory, as in a whole model (the `matmul`
 //! benchmark's single layer stays in cache): `ffn_up` products of TinyLlama-1.1B's shape, one
-//! activation row, each on its own copy of the weights, 512 MiB of copies in all:
+//! activation row (or `m=N`), each on its own copy of the weights, 512 MiB of copies in all:
 //!
 //!     RAYON_NUM_THREADS=1 cargo bench -p llm-kernels --bench stream
 //!

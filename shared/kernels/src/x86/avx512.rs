@@ -7,14 +7,13 @@
 //! for Q4_0 and Q4_1 on a Zen 4) goes through [`super::panel`]s of 16 weight rows. Otherwise
 //! (decode, small batches) a 512-bit register holds two 32-value blocks of a row: the legacy
 //! types go two blocks at a time (a row with an odd number of blocks ends with one, the other
-//! half zero). The nibble types' (Q4_0,
-//! Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode step, a batch's last rows) take four
-//! weight rows to a register instead, one to each 128-bit lane, the rows left over going
-//! through AVX2's tiles. A K-quant's tile is one weight row, two runs of 32 values to a 512-bit
-//! register, by one activation row, four (a batch's), or the two or three a batch leaves. On a
-//! host whose 512-bit instructions take two passes (AMD Zen 4), most types' decode steps go
-//! through AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of
-//! two and three rows.
+//! half zero). The nibble types' (Q4_0, Q4_1, Q5_0, Q5_1) tiles of one activation row (a decode
+//! step, a batch's last rows) take four weight rows to a register instead, one to each 128-bit
+//! lane, the rows left over going through AVX2's tiles. A K-quant's tile is one weight row, two
+//! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
+//! or three a batch leaves. On a host whose 512-bit instructions take two passes (AMD Zen 4),
+//! most types' decode steps go through AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's
+//! and Q4_1's batch steps of two and three rows.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
