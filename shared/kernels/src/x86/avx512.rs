@@ -67,7 +67,8 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     }
 }
 
-/// Whether this host runs a 512-bit instruction as two passes through 256-bit units: AMD's Zen 4.
+/// Whether this host runs this module's 512-bit instructions as two passes through 256-bit
+/// units: AMD's Zen 4, an AMD CPU of family 0x19 with AVX-512 (family 0x19's Zen 3 has none).
 /// Detected once: `cpuid` in a virtual machine exits to the hypervisor.
 pub(super) fn two_passes() -> bool {
     static TWO_PASSES: OnceLock<bool> = OnceLock::new();
@@ -76,14 +77,13 @@ pub(super) fn two_passes() -> bool {
         #[allow(unused_unsafe)]
         // SAFETY: every x86_64 CPU has `cpuid` and its leaves 0 and 1.
         let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1).eax) };
-        is_zen_4(&vendor, signature)
+        detected() && is_amd_family_0x19(&vendor, signature)
     })
 }
 
 /// Whether `cpuid`'s leaf 0 (`vendor`) and leaf 1's `eax` (`signature`) name an AMD CPU of family
-/// 0x19: on a host with this module's AVX-512, a Zen 4 (family 0x19's Zen 3 has no AVX-512; Zen 5
-/// is family 0x1A).
-fn is_zen_4(vendor: &CpuidResult, signature: u32) -> bool {
+/// 0x19 (Zen 3 or Zen 4; Zen 5 is family 0x1A).
+fn is_amd_family_0x19(vendor: &CpuidResult, signature: u32) -> bool {
     let amd = [vendor.ebx, vendor.edx, vendor.ecx].map(u32::to_le_bytes) == [*b"Auth", *b"enti", *b"cAMD"];
     let base_family = (signature >> 8) & 0xF;
     let family = if base_family == 0xF { base_family + ((signature >> 20) & 0xFF) } else { base_family };
@@ -812,7 +812,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zen_4_is_amd_family_0x19() {
+    fn amd_family_0x19_is_read_from_cpuid() {
         let vendor = |name: &[u8; 12]| {
             let word = |at: usize| u32::from_le_bytes(name[at..at + 4].try_into().unwrap());
             CpuidResult { eax: 0x10, ebx: word(0), edx: word(4), ecx: word(8) }
@@ -820,10 +820,10 @@ mod tests {
         let (amd, intel) = (vendor(b"AuthenticAMD"), vendor(b"GenuineIntel"));
         // Signatures as leaf 1 reports them: EPYC 9004 (Zen 4), EPYC 9005 (Zen 5), Xeon
         // (Sapphire Rapids).
-        assert!(is_zen_4(&amd, 0x00A1_0F11));
-        assert!(!is_zen_4(&amd, 0x00B0_0F21));
-        assert!(!is_zen_4(&intel, 0x0008_06F8));
+        assert!(is_amd_family_0x19(&amd, 0x00A1_0F11));
+        assert!(!is_amd_family_0x19(&amd, 0x00B0_0F21));
+        assert!(!is_amd_family_0x19(&intel, 0x0008_06F8));
         // A family 0x19 signature from another vendor is not AMD's.
-        assert!(!is_zen_4(&intel, 0x00A1_0F11));
+        assert!(!is_amd_family_0x19(&intel, 0x00A1_0F11));
     }
 }

@@ -17,7 +17,7 @@ use panel::{code_offset, group_values, panel_min_activations};
 /// How the panels read `m` activation rows against `ty`'s weights, if a product of `m` rows goes
 /// through panels with AVX-512 (`avx512`) or AVX2.
 pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleaving> {
-    (m >= panel_min_activations(ty, avx512, avx512 && avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
+    (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
 /// How far ahead of the current block a decode step asks for its weight rows: measured over a
