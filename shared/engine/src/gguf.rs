@@ -1,6 +1,6 @@
 //! GGUF files as llama.cpp writes them for `general.architecture = llama`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -11,10 +11,12 @@ use candle_core::quantized::gguf_file::{Content, Value};
 /// A GGUF metadata value (re-exported so callers need not depend on candle).
 pub use candle_core::quantized::gguf_file::Value as GgufValue;
 use candle_core::Device;
+use rayon::prelude::*;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{EngineError, Result};
-use crate::weights::{kernel_format, FileBytes, InPlace, TensorName, Weight, WeightSource};
+use crate::weights::{kernel_format, laid_out, lay_out, FileBytes, InPlace, TensorName, Weight, WeightSource};
+use llm_kernels::WeightFormat;
 
 /// An opened GGUF file: its metadata and tensor directory over the whole file's bytes (memory
 /// mapped, or downloaded), from which tensors are read on demand, in place where the kernels
@@ -24,6 +26,9 @@ pub struct GgufFile {
     bytes: FileBytes,
     reader: Cursor<Shared>,
     content: Content,
+    /// The matrices rearranged in place into the layout the kernels read fastest
+    /// ([`crate::weights::laid_out`]).
+    laid_out: HashSet<String>,
 }
 
 /// A downloaded file's bytes, shared by the tensors read from them.
@@ -42,6 +47,9 @@ fn read_content<R: std::io::Read + std::io::Seek>(path: &Path, reader: &mut R) -
         .map_err(|e| EngineError::invalid_file(path, e))
 }
 
+/// About how many bytes of a matrix one task of rayon's pool rearranges for the kernels.
+const PIECE_BYTES: usize = 1 << 20;
+
 /// The file's bytes as a reader reads them.
 struct Shared(FileBytes);
 
@@ -52,11 +60,10 @@ impl AsRef<[u8]> for Shared {
 }
 
 impl GgufFile {
-    /// Maps the file rather than reading it: the tensors the kernels take stay in the page cache,
-    /// read from disk when first used and never copied.
+    /// Maps the file rather than reading it, its tensors as the file has them (to look at it:
+    /// `llm inspect`).
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        let (file, len) = Self::open_file(path)?;
         let bytes: FileBytes = match len {
             0 => Arc::new(Vec::<u8>::new()),
             // SAFETY: the file is not written while it is mapped (downloads are written under a
@@ -66,10 +73,34 @@ impl GgufFile {
         Self::read(path.to_path_buf(), bytes)
     }
 
-    /// A GGUF held in memory (a model downloaded from S3), kept as it is: tensors are read from
-    /// it in place. `name` (e.g. its S3 URI) appears in errors.
+    /// Maps the file to run its model: the tensors the kernels take are read in place, from disk
+    /// when first used and never copied, except the matrices laid out anew for the kernels
+    /// (Q4_0 on x86), which the mapping keeps private: their pages are copied from the page cache
+    /// as they are rewritten, at load.
+    pub fn open_for_kernels(path: &Path) -> Result<Self> {
+        let (file, len) = Self::open_file(path)?;
+        if len == 0 {
+            return Self::read(path.to_path_buf(), Arc::new(Vec::<u8>::new()));
+        }
+        // SAFETY: as in `open`; writes go to the process's own copies of the pages.
+        let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(|e| EngineError::io(path, e))?;
+        let content = read_content(path, &mut Cursor::new(&map[..]))?;
+        Self::laid_out_for_kernels(path.to_path_buf(), content, map, |map| Arc::new(map))
+    }
+
+    fn open_file(path: &Path) -> Result<(File, u64)> {
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        Ok((file, len))
+    }
+
+    /// A GGUF held in memory (a model downloaded from S3): tensors are read from it in place,
+    /// laid out for the kernels as [`Self::open_for_kernels`] does. `name` (e.g. its S3 URI)
+    /// appears in errors.
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
-        Self::read(PathBuf::from(name), downloaded(bytes))
+        let path = PathBuf::from(name);
+        let content = read_content(&path, &mut Cursor::new(&bytes[..]))?;
+        Self::laid_out_for_kernels(path, content, bytes, downloaded)
     }
 
     /// The header (metadata and tensor directory) of a GGUF whose first bytes are `prefix`: a
@@ -79,24 +110,64 @@ impl GgufFile {
         let path = PathBuf::from(name);
         let content = read_content(&path, &mut Cursor::new(prefix)).ok()?;
         let bytes: FileBytes = Arc::new(Vec::<u8>::new());
-        Some(Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content })
+        Some(Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content, laid_out: HashSet::new() })
     }
 
     /// This header over the whole file, downloaded: `bytes` start with the prefix it was read from.
     pub fn complete(self, bytes: Vec<u8>) -> Result<Self> {
-        let bytes = downloaded(bytes);
-        let gguf = Self { reader: Cursor::new(Shared(bytes.clone())), bytes, ..self };
-        gguf.check_tensor_bounds((*gguf.bytes).as_ref().len() as u64)?;
-        Ok(gguf)
+        Self::laid_out_for_kernels(self.path, self.content, bytes, downloaded)
     }
 
     fn read(path: PathBuf, bytes: FileBytes) -> Result<Self> {
         let len = (*bytes).as_ref().len() as u64;
         let mut reader = Cursor::new(Shared(bytes.clone()));
         let content = read_content(&path, &mut reader)?;
-        let gguf = Self { path, bytes, reader, content };
-        gguf.check_tensor_bounds(len)?;
-        Ok(gguf)
+        Self::check_tensor_bounds(&path, &content, len)?;
+        Ok(Self { path, bytes, reader, content, laid_out: HashSet::new() })
+    }
+
+    /// The file of `content` over `bytes` (the whole file), once every tensor is known to lie
+    /// inside it, with the matrices the kernels multiply by rearranged in place into the layout
+    /// they read fastest ([`crate::weights::laid_out`]), in pieces of rows on rayon's pool (the
+    /// vCPUs); `share` makes the bytes the tensors' own. The token embeddings are left as they
+    /// are unless the output multiplies by them (tied): a lookup reads a few rows.
+    fn laid_out_for_kernels<B: AsMut<[u8]>>(path: PathBuf, content: Content, mut bytes: B, share: impl FnOnce(B) -> FileBytes) -> Result<Self> {
+        Self::check_tensor_bounds(&path, &content, bytes.as_mut().len() as u64)?;
+        let tied = !content.tensor_infos.contains_key(&TensorName::Output.gguf());
+        let mut matrices: Vec<(&String, usize, usize, usize, WeightFormat)> = Vec::new();
+        for (name, info) in &content.tensor_infos {
+            let &[rows, cols] = info.shape.dims() else { continue };
+            match kernel_format(info.ggml_dtype, cols) {
+                Some(format) if laid_out(format) != format && (tied || *name != TensorName::TokenEmbedding.gguf()) => {
+                    let start = (content.tensor_data_offset + info.offset) as usize;
+                    matrices.push((name, start, rows * format.row_bytes(cols), cols, format));
+                }
+                _ => {}
+            }
+        }
+        matrices.sort_by_key(|&(_, start, ..)| start);
+        let (mut pieces, mut rest, mut at) = (Vec::new(), bytes.as_mut(), 0);
+        for &(name, start, len, cols, format) in &matrices {
+            let Some(gap) = start.checked_sub(at) else {
+                return Err(EngineError::invalid_file(&path, format!("tensor `{name}` overlaps the one before it")));
+            };
+            let (matrix, after) = std::mem::take(&mut rest)[gap..].split_at_mut(len);
+            let rows_per_piece = (PIECE_BYTES / format.row_bytes(cols)).max(1);
+            pieces.extend(matrix.chunks_mut(rows_per_piece * format.row_bytes(cols)).map(|piece| (piece, cols, format)));
+            (rest, at) = (after, start + len);
+        }
+        pieces.into_par_iter().for_each(|(piece, cols, format)| {
+            lay_out(format, piece, cols);
+        });
+        let laid_out = matrices.into_iter().map(|(name, ..)| name.clone()).collect();
+        let bytes = share(bytes);
+        Ok(Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content, laid_out })
+    }
+
+    /// How the kernels read the matrix `name`, of `dtype` with rows of `cols` values, in this
+    /// file's bytes, if they take it.
+    fn kernel_format(&self, name: &str, dtype: candle_core::quantized::GgmlDType, cols: usize) -> Option<WeightFormat> {
+        kernel_format(dtype, cols).map(|format| if self.laid_out.contains(name) { laid_out(format) } else { format })
     }
 
     /// Drops the metadata keys under `prefix` (`tokenizer.` once the tokenizer is built from
@@ -127,8 +198,8 @@ impl GgufFile {
     }
 
     /// Every tensor must lie inside the file before anything is allocated for it.
-    fn check_tensor_bounds(&self, file_len: u64) -> Result<()> {
-        for (name, info) in &self.content.tensor_infos {
+    fn check_tensor_bounds(path: &Path, content: &Content, file_len: u64) -> Result<()> {
+        for (name, info) in &content.tensor_infos {
             let elems = info
                 .shape
                 .dims()
@@ -145,16 +216,16 @@ impl GgufFile {
                 return Err(EngineError::tensor(name, format!("{elems} elements is not a whole number of {:?} blocks", info.ggml_dtype)));
             }
             let bytes = (elems / block).saturating_mul(info.ggml_dtype.type_size() as u64);
-            let start = self.content.tensor_data_offset.saturating_add(info.offset);
+            let start = content.tensor_data_offset.saturating_add(info.offset);
             // GGUF aligns tensor data to `general.alignment`, a multiple of 8; a tensor read in
             // place is viewed as values of up to 4 bytes (an f32 row), which must not straddle it.
             if start % 8 != 0 {
-                return Err(EngineError::invalid_file(&self.path, format!("tensor `{name}` starts at byte {start}, not a multiple of 8")));
+                return Err(EngineError::invalid_file(path, format!("tensor `{name}` starts at byte {start}, not a multiple of 8")));
             }
             let end = start.saturating_add(bytes);
             if end > file_len {
                 return Err(EngineError::invalid_file(
-                    &self.path,
+                    path,
                     format!("tensor `{name}` ends at byte {end}, past the end of the file ({file_len} bytes): truncated?"),
                 ));
             }
@@ -249,10 +320,9 @@ impl GgufFile {
     }
 }
 
-/// Reads tensors from a [`GgufFile`], keeping quantized ones quantized.
+/// Reads tensors from a [`GgufFile`] onto the CPU, keeping quantized ones quantized.
 pub struct GgufSource<'a> {
     pub file: &'a mut GgufFile,
-    pub device: Device,
 }
 
 impl WeightSource for GgufSource<'_> {
@@ -262,14 +332,14 @@ impl WeightSource for GgufSource<'_> {
             return Ok(None);
         };
         if let &[rows, cols] = info.shape.dims() {
-            if let Some(format) = kernel_format(info.ggml_dtype, cols).filter(|_| self.device.is_cpu()) {
+            if let Some(format) = self.file.kernel_format(&key, info.ggml_dtype, cols) {
                 // Inside the file: checked with the tensor directory when it was opened.
                 let start = (self.file.content.tensor_data_offset + info.offset) as usize;
                 let range = start..start + rows * format.row_bytes(cols);
                 return Ok(Some(Weight::InPlace(InPlace::new(self.file.bytes.clone(), range, format, vec![rows, cols]))));
             }
         }
-        let tensor = self.file.content.tensor(&mut self.file.reader, &key, &self.device).map_err(|e| EngineError::tensor(&key, e))?;
+        let tensor = self.file.content.tensor(&mut self.file.reader, &key, &Device::Cpu).map_err(|e| EngineError::tensor(&key, e))?;
         Ok(Some(Weight::Quantized(Arc::new(tensor))))
     }
 
@@ -282,7 +352,7 @@ impl WeightSource for GgufSource<'_> {
 mod tests {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     use candle_core::Tensor;
-    use llm_kernels::{Float, WeightFormat};
+    use llm_kernels::{BlockType, Float, WeightFormat};
 
     use super::*;
 
@@ -295,7 +365,7 @@ mod tests {
         let mut bytes = Cursor::new(Vec::new());
         gguf_file::write(&mut bytes, &[], &[("token_embd.weight", &f16), ("output.weight", &bf16), ("blk.0.attn_q.weight", &f32)]).unwrap();
         let mut file = GgufFile::from_bytes("floats.gguf", bytes.into_inner()).unwrap();
-        let mut source = GgufSource { file: &mut file, device: Device::Cpu };
+        let mut source = GgufSource { file: &mut file };
         let query = TensorName::Layer(0, crate::weights::LayerTensor::Q);
         for (name, ty, written) in [(TensorName::TokenEmbedding, Float::F16, &f16), (TensorName::Output, Float::Bf16, &bf16), (query, Float::F32, &f32)] {
             let weight = source.load(name).unwrap().unwrap();
@@ -303,6 +373,39 @@ mod tests {
             assert_eq!(matrix.format, WeightFormat::Float(ty));
             let expected: Vec<f32> = written.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(weight.to_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+        }
+    }
+
+    /// Q4_0 matrices are laid out anew where the kernels read another layout faster (x86), and
+    /// read back as written: whole, and as the rows an embedding lookup takes. The token
+    /// embeddings of a model with its own output matrix stay as the file has them.
+    #[test]
+    fn q4_0_matrices_are_laid_out_for_the_kernels_and_read_back_as_written() {
+        let values = Tensor::randn(0f32, 1.0, (6, 96), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&values, GgmlDType::Q4_0).unwrap();
+        let written: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let file = |tensors: &[(&str, &QTensor)]| {
+            let mut bytes = Cursor::new(Vec::new());
+            gguf_file::write(&mut bytes, &[], tensors).unwrap();
+            GgufFile::from_bytes("q4_0.gguf", bytes.into_inner()).unwrap()
+        };
+        let kernels = WeightFormat::Blocks(llm_kernels::Kernels::best().layout(BlockType::Q4_0));
+        let untied = [("token_embd.weight", &q), ("output.weight", &q), ("blk.0.attn_q.weight", &q)];
+        let tied = [("token_embd.weight", &q), ("blk.0.attn_q.weight", &q)];
+        let query = TensorName::Layer(0, crate::weights::LayerTensor::Q);
+        for (tensors, expected) in [
+            (&untied[..], [(TensorName::TokenEmbedding, WeightFormat::Blocks(BlockType::Q4_0)), (TensorName::Output, kernels), (query, kernels)]),
+            (&tied[..], [(TensorName::TokenEmbedding, kernels), (query, kernels), (query, kernels)]),
+        ] {
+            let mut file = file(tensors);
+            let mut source = GgufSource { file: &mut file };
+            for (name, format) in expected {
+                let weight = source.load(name).unwrap().unwrap();
+                let Weight::InPlace(matrix) = &weight else { panic!("{name:?} was copied: {weight:?}") };
+                assert_eq!(matrix.format, format, "{name:?}");
+                assert_eq!(weight.to_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), written, "{name:?}");
+                assert_eq!(matrix.dequantize_row(4).unwrap(), written[4 * 96..5 * 96], "{name:?}'s row 4");
+            }
         }
     }
 

@@ -63,7 +63,7 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let device = Device::Cpu;
     let format = detect_format(path)?;
     let parts = match format {
-        ModelFormat::Gguf => GgufHead::new(GgufFile::open(path)?)?.load_weights(options, &device)?,
+        ModelFormat::Gguf => GgufHead::new(GgufFile::open_for_kernels(path)?)?.load_weights(options)?,
         ModelFormat::HuggingFace => load_hf(path, options, &device)?,
     };
     assemble(parts, format, path.to_path_buf())
@@ -117,12 +117,13 @@ impl GgufHead {
 
     fn finish(self, options: LoadOptions) -> Result<LoadedModel> {
         let path = self.gguf.path().to_path_buf();
-        assemble(self.load_weights(options, &Device::Cpu)?, ModelFormat::Gguf, path)
+        assemble(self.load_weights(options)?, ModelFormat::Gguf, path)
     }
 
-    fn load_weights(mut self, options: LoadOptions, device: &Device) -> Result<Parts> {
-        let mut source = GgufSource { file: &mut self.gguf, device: device.clone() };
-        let model = Llama::load(self.config, &mut source, RopeLayout::Interleaved, options, device)?;
+    /// A GGUF's model runs on the CPU, where the kernels read its matrices in place.
+    fn load_weights(mut self, options: LoadOptions) -> Result<Parts> {
+        let mut source = GgufSource { file: &mut self.gguf };
+        let model = Llama::load(self.config, &mut source, RopeLayout::Interleaved, options, &Device::Cpu)?;
         Ok((model, self.tokenizer, self.chat_template))
     }
 }

@@ -3,12 +3,13 @@
 //! Each file format (Hugging Face safetensors, GGUF) implements [`WeightSource`]; the model is
 //! built from canonical [`TensorName`]s and never sees format-specific names.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use llm_kernels::{BlockType, Float, WeightFormat};
+use llm_kernels::{BlockType, Float, Kernels, WeightFormat};
 
 use crate::error::{EngineError, Result};
 
@@ -143,11 +144,13 @@ impl InPlace {
         Self { file, range, format, dims }
     }
 
-    /// A copy of a candle tensor's bytes (a weight quantized at load time).
+    /// A copy of a candle tensor's bytes (a weight quantized at load time, in `format`), laid out
+    /// as the kernels read them fastest ([`laid_out`]).
     pub fn from_qtensor(q: &QTensor, format: WeightFormat) -> Result<Self> {
-        let bytes = q.data()?.into_owned();
+        let (mut bytes, dims) = (q.data()?.into_owned(), q.shape().dims().to_vec());
+        let format = lay_out(format, &mut bytes, dims[dims.len() - 1]);
         let range = 0..bytes.len();
-        Ok(Self::new(Arc::new(bytes), range, format, q.shape().dims().to_vec()))
+        Ok(Self::new(Arc::new(bytes), range, format, dims))
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -161,14 +164,44 @@ impl InPlace {
             return Err(EngineError::InvalidRequest(format!("row {i} of a matrix of {rows} rows (a token id outside the vocabulary?)")));
         }
         let len = self.format.row_bytes(cols);
-        let row = qtensor_from_ggml(ggml_type(self.format), &self.bytes()[i * len..(i + 1) * len], vec![cols], &Device::Cpu)?;
+        let row = qtensor_from_ggml(ggml_type(self.format), &self.in_file_layout(&self.bytes()[i * len..(i + 1) * len]), vec![cols], &Device::Cpu)?;
         Ok(row.dequantize(&Device::Cpu)?.to_vec1()?)
     }
 
     /// A copy as candle's tensor, for the paths that need one.
     pub fn to_qtensor(&self) -> Result<QTensor> {
-        Ok(qtensor_from_ggml(ggml_type(self.format), self.bytes(), self.dims.clone(), &Device::Cpu)?)
+        Ok(qtensor_from_ggml(ggml_type(self.format), &self.in_file_layout(self.bytes()), self.dims.clone(), &Device::Cpu)?)
     }
+
+    /// Whole rows of the matrix as a file has them (rearranged back from the kernels' layout).
+    fn in_file_layout<'b>(&self, rows: &'b [u8]) -> Cow<'b, [u8]> {
+        match self.format {
+            WeightFormat::Blocks(ty) if ty != ty.in_file() => {
+                let mut copy = rows.to_vec();
+                ty.rearrange(&mut copy, self.dims[1], true);
+                Cow::Owned(copy)
+            }
+            _ => Cow::Borrowed(rows),
+        }
+    }
+}
+
+/// The layout the kernels read a matrix in `format` (as a file has it) fastest.
+pub(crate) fn laid_out(format: WeightFormat) -> WeightFormat {
+    match format {
+        WeightFormat::Blocks(ty) => WeightFormat::Blocks(Kernels::best().layout(ty)),
+        floats => floats,
+    }
+}
+
+/// Rows of `cols` values in `format` (as a file has them) rearranged in place into the layout
+/// the kernels read fastest, which it returns.
+pub(crate) fn lay_out(format: WeightFormat, rows: &mut [u8], cols: usize) -> WeightFormat {
+    let laid_out = laid_out(format);
+    if let WeightFormat::Blocks(ty) = laid_out {
+        ty.rearrange(rows, cols, false);
+    }
+    laid_out
 }
 
 /// The kernels' format for a matrix of `dtype` whose rows have `cols` values, when they take it
@@ -208,7 +241,7 @@ fn ggml_type(format: WeightFormat) -> GgmlDType {
     };
     match ty {
         BlockType::Q8_0 => GgmlDType::Q8_0,
-        BlockType::Q4_0 => GgmlDType::Q4_0,
+        BlockType::Q4_0 | BlockType::Q4_0ScalesFirst => GgmlDType::Q4_0,
         BlockType::Q4_1 => GgmlDType::Q4_1,
         BlockType::Q5_0 => GgmlDType::Q5_0,
         BlockType::Q5_1 => GgmlDType::Q5_1,

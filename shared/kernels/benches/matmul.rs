@@ -30,7 +30,10 @@ fn main() {
         for (name, n, k) in SHAPES {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let bytes = q.data().unwrap().into_owned();
+            let mut bytes = q.data().unwrap().into_owned();
+            if let WeightFormat::Blocks(ty) = format {
+                ty.rearrange(&mut bytes, k, false);
+            }
             let ours = Matrix::new(format, n, k, &bytes).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
             for m in [1, 2, 4, 5, 7, 8, 12, 16, 24, 32, 128, 512] {

@@ -29,7 +29,8 @@ fn main() {
             continue;
         }
         let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu).unwrap();
-        let one = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
+        let mut one = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
+        ty.rearrange(&mut one, k, false);
         let copies: Vec<Vec<u8>> = (0..COPIES_BYTES / one.len()).map(|_| one.clone()).collect();
         let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect();
         let mut y = vec![0f32; m * n];

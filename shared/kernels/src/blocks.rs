@@ -39,13 +39,17 @@ pub enum BlockType {
     /// 256 values in 16 sub-blocks of 16: 128 bytes of low nibbles, 64 bytes of high bit pairs,
     /// 16 `i8` scales, `f16` d: value = d · scale_j · (q − 32), q of 6 bits (see [`q6_k_value`]).
     Q6K,
+    /// Q4_0 as AVX2's tiles read it fastest, not a file's type: each run of eight blocks of a row
+    /// (the last run may be shorter) keeps its `f16` scales first, one after another, then each
+    /// block's 16 bytes of nibbles ([`BlockType::rearrange`]).
+    Q4_0ScalesFirst,
 }
 
 impl BlockType {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
-            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => BLOCK,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => BLOCK,
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
@@ -53,7 +57,7 @@ impl BlockType {
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 2 + BLOCK,
-            Self::Q4_0 => 2 + BLOCK / 2,
+            Self::Q4_0 | Self::Q4_0ScalesFirst => 2 + BLOCK / 2,
             Self::Q4_1 => 2 + 2 + BLOCK / 2,
             Self::Q5_0 => 2 + 4 + BLOCK / 2,
             Self::Q5_1 => 2 + 2 + 4 + BLOCK / 2,
@@ -90,7 +94,7 @@ impl BlockType {
     /// others (Q8_0's are signed; the rest have minimums).
     pub const fn code_offset(self) -> Option<i8> {
         match self {
-            Self::Q4_0 => Some(8),
+            Self::Q4_0 | Self::Q4_0ScalesFirst => Some(8),
             Self::Q5_0 => Some(16),
             Self::Q3K => Some(4),
             Self::Q6K => Some(32),
@@ -101,6 +105,41 @@ impl BlockType {
     /// Whether a legacy block's codes have a fifth bit (Q5_0, Q5_1).
     pub const fn has_fifth_bit(self) -> bool {
         matches!(self, Self::Q5_0 | Self::Q5_1)
+    }
+
+    /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`].
+    pub const fn in_file(self) -> Self {
+        match self {
+            Self::Q4_0ScalesFirst => Self::Q4_0,
+            other => other,
+        }
+    }
+
+    /// Rows of `cols` values rearranged in place from the file's layout ([`BlockType::in_file`])
+    /// into this one, or with `back` from this one into the file's; nothing for a file's type.
+    pub fn rearrange(self, rows: &mut [u8], cols: usize, back: bool) {
+        if self == Self::Q4_0ScalesFirst {
+            scales_first(rows, cols, back);
+        }
+    }
+}
+
+/// Rows of Q4_0 blocks, `cols` values each, rearranged in place as [`BlockType::Q4_0ScalesFirst`]
+/// (each run's scales, then its nibbles), or with `back` from that layout to Q4_0's.
+fn scales_first(rows: &mut [u8], cols: usize, back: bool) {
+    let (blocks, bytes, nibbles) = (cols / BLOCK, BlockType::Q4_0.block_bytes(), BLOCK / 2);
+    let mut copy = vec![0u8; BlockType::Q4_0.row_bytes(cols)];
+    for row in rows.chunks_exact_mut(copy.len()) {
+        copy.copy_from_slice(row);
+        for b in 0..blocks {
+            // Block `b`'s scale, then its nibbles: where Q4_0 has them, where the other layout does.
+            let (block, run) = (bytes * b, b & !7);
+            let (scale, codes) = (bytes * run + 2 * (b - run), bytes * run + 2 * (blocks - run).min(8) + nibbles * (b - run));
+            for (file, split) in [(block..block + 2, scale..scale + 2), (block + 2..block + bytes, codes..codes + nibbles)] {
+                let (from, to) = if back { (split, file) } else { (file, split) };
+                row[to].copy_from_slice(&copy[from]);
+            }
+        }
     }
 }
 
@@ -224,4 +263,28 @@ pub fn q6_k_value(block: &[u8], v: usize) -> u8 {
     let qh = block[128 + 32 * half + l];
     let low = if run < 2 { ql & 0xF } else { ql >> 4 };
     low | ((qh >> (2 * run)) & 3) << 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scales_first_puts_each_runs_scales_first_and_back() {
+        // Eleven blocks a row: a run of eight, then one of three.
+        let (rows, cols) = (3, 11 * BLOCK);
+        let row_bytes = BlockType::Q4_0.row_bytes(cols);
+        let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();
+        let mut split = file.clone();
+        scales_first(&mut split, cols, false);
+        for (r, (file, split)) in file.chunks_exact(row_bytes).zip(split.chunks_exact(row_bytes)).enumerate() {
+            for b in 0..11 {
+                let (scale, codes) = if b < 8 { (2 * b, 16 + 16 * b) } else { (144 + 2 * (b - 8), 144 + 6 + 16 * (b - 8)) };
+                assert_eq!(split[scale..scale + 2], file[18 * b..18 * b + 2], "row {r}, block {b}'s scale");
+                assert_eq!(split[codes..codes + 16], file[18 * b + 2..18 * (b + 1)], "row {r}, block {b}'s nibbles");
+            }
+        }
+        scales_first(&mut split, cols, true);
+        assert_eq!(split, file);
+    }
 }

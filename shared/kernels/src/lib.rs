@@ -137,6 +137,17 @@ impl Kernels {
         }
     }
 
+    /// The layout these kernels read `ty`'s matrices in fastest, which the loader may rearrange
+    /// them into: [`BlockType::Q4_0ScalesFirst`] for Q4_0 where AVX2's tiles decode it (AVX2,
+    /// and AVX-512 on a Zen 4), otherwise `ty` as the file has it.
+    pub fn layout(self, ty: BlockType) -> BlockType {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni | Self::Avx2 => x86::layout(ty, self == Self::Avx512Vnni),
+            _ => ty,
+        }
+    }
+
     /// Whether this CPU has the instructions these kernels need.
     pub fn runs_here(self) -> bool {
         match self {
@@ -412,8 +423,9 @@ unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: s
         Kernels::Avx512Vnni => return x86::avx512::product_rows(w, x, rows, out.0),
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx2 => return x86::avx2::product_rows(w, x, rows, out.0),
+        // NEON reads Q4_0 as the file has it ([`Kernels::layout`]); the other layout is scalar's.
         #[cfg(target_arch = "aarch64")]
-        Kernels::NeonDot => return aarch64::product_rows(w, x, rows, out.0),
+        Kernels::NeonDot if w.ty != BlockType::Q4_0ScalesFirst => return aarch64::product_rows(w, x, rows, out.0),
         _ => {}
     }
     for r in rows {

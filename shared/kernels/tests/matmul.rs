@@ -15,9 +15,10 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-const TYPES: [BlockType; 10] = [
+const TYPES: [BlockType; 11] = [
     BlockType::Q8_0,
     BlockType::Q4_0,
+    BlockType::Q4_0ScalesFirst,
     BlockType::Q4_1,
     BlockType::Q5_0,
     BlockType::Q5_1,
@@ -33,9 +34,9 @@ fn weights(ty: BlockType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
     weights_of(ty, random(rows * cols, 7), rows, cols)
 }
 
-/// `values`, `rows × cols`, quantized by candle, and their f32 value.
+/// `values`, `rows × cols`, quantized by candle (and laid out as `ty`), and their f32 value.
 fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
-    let dtype = match ty {
+    let dtype = match ty.in_file() {
         BlockType::Q8_0 => GgmlDType::Q8_0,
         BlockType::Q4_0 => GgmlDType::Q4_0,
         BlockType::Q4_1 => GgmlDType::Q4_1,
@@ -46,11 +47,14 @@ fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
+        BlockType::Q4_0ScalesFirst => unreachable!("a file holds it as Q4_0"),
     };
     let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
     let dense = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    (q.data().unwrap().into_owned(), dense)
+    let mut bytes = q.data().unwrap().into_owned();
+    ty.rearrange(&mut bytes, cols, false);
+    (bytes, dense)
 }
 
 #[test]
@@ -194,6 +198,7 @@ fn several_products_of_one_input_equal_each_alone() {
         (BlockType::Q8_0, 33),
         (BlockType::Q2K, 0),
         (BlockType::Q4_0, 20),
+        (BlockType::Q4_0ScalesFirst, 7),
         (BlockType::Q4K, 5),
     ];
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();

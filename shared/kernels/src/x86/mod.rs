@@ -20,6 +20,15 @@ pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleavin
     (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
+/// See [`crate::Kernels::layout`]: with AVX-512, only where a 512-bit instruction takes two
+/// passes, whose Q4_0 decode steps go through AVX2's tiles ([`avx512::two_passes`]).
+pub fn layout(ty: BlockType, avx512: bool) -> BlockType {
+    match ty {
+        BlockType::Q4_0 if !avx512 || avx512::two_passes() => BlockType::Q4_0ScalesFirst,
+        _ => ty,
+    }
+}
+
 /// How far ahead of the current block a decode step asks for its weight rows: measured over a
 /// whole model (Q4_K_M, one thread, one row per tile), none 8.4 tok/s, 1 KiB 10.9–11.1, 2 KiB
 /// 12.0–13.3, 4 KiB 13.4–13.8, 8 KiB and more no better and less steady. A type with more bytes

@@ -62,13 +62,13 @@ pub const PANEL_ROWS: usize = 16;
 /// (Q4_0 AVX-512's tiles 4.05–4.12, AVX2's 4.29–4.36 → 3.67–4.19).
 pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool) -> usize {
     match (avx512, ty) {
-        (true, BlockType::Q4_0 | BlockType::Q4_1) if two_passes => 7,
+        (true, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) if two_passes => 7,
         (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 12,
-        (false, BlockType::Q4_0 | BlockType::Q4_1) => 16,
+        (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_1) => 20,
         (false, BlockType::Q8_0) => 32,
         (true, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 7,
-        (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
+        (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
     }
 }
 
@@ -105,7 +105,7 @@ pub const fn largest_code(ty: BlockType) -> i32 {
         BlockType::Q8_0 => 255,
         BlockType::Q2K => 3,
         BlockType::Q3K => 7,
-        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q4K => 15,
+        BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q4K => 15,
         BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5K => 31,
         BlockType::Q6K => 63,
     }
