@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Cursor;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -45,6 +46,26 @@ fn read_content<R: std::io::Read + std::io::Seek>(path: &Path, reader: &mut R) -
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(reader)))
         .map_err(|_| EngineError::invalid_file(path, "malformed GGUF header"))?
         .map_err(|e| EngineError::invalid_file(path, e))
+}
+
+/// A whole file's bytes that its matrices can be rearranged in.
+trait Rewritable: AsMut<[u8]> {
+    /// Makes `range` ready to be rewritten.
+    fn prepare(&mut self, _range: Range<usize>) {}
+}
+
+impl Rewritable for Vec<u8> {}
+
+impl Rewritable for memmap2::MmapMut {
+    /// Copies the range's pages of a private mapping at once rather than at a fault each
+    /// (`llm bench`, TinyLlama-shape Q4_0, load: 0.43–0.50 → 0.32–0.37 s at one thread,
+    /// 0.80–0.81 → 0.28–0.31 at two, whose faults waited on each other; 0.045 s with nothing
+    /// laid out). Best effort: a kernel before Linux 5.14 takes the faults.
+    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+    fn prepare(&mut self, range: Range<usize>) {
+        #[cfg(target_os = "linux")]
+        let _ = self.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
+    }
 }
 
 /// About how many bytes of a matrix one task of rayon's pool rearranges for the kernels.
@@ -131,7 +152,7 @@ impl GgufFile {
     /// they read fastest ([`crate::weights::laid_out`]), in pieces of rows on rayon's pool (the
     /// vCPUs); `share` makes the bytes the tensors' own. The token embeddings are left as they
     /// are unless the output multiplies by them (tied): a lookup reads a few rows.
-    fn laid_out_for_kernels<B: AsMut<[u8]>>(path: PathBuf, content: Content, mut bytes: B, share: impl FnOnce(B) -> FileBytes) -> Result<Self> {
+    fn laid_out_for_kernels<B: Rewritable>(path: PathBuf, content: Content, mut bytes: B, share: impl FnOnce(B) -> FileBytes) -> Result<Self> {
         Self::check_tensor_bounds(&path, &content, bytes.as_mut().len() as u64)?;
         let tied = !content.tensor_infos.contains_key(&TensorName::Output.gguf());
         let mut matrices: Vec<(&String, usize, usize, usize, WeightFormat)> = Vec::new();
@@ -146,6 +167,9 @@ impl GgufFile {
             }
         }
         matrices.sort_by_key(|&(_, start, ..)| start);
+        for &(_, start, len, ..) in &matrices {
+            bytes.prepare(start..start + len);
+        }
         let (mut pieces, mut rest, mut at) = (Vec::new(), bytes.as_mut(), 0);
         for &(name, start, len, cols, format) in &matrices {
             let Some(gap) = start.checked_sub(at) else {
