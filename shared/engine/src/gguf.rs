@@ -400,18 +400,21 @@ mod tests {
         }
     }
 
-    /// Q4_0 matrices are laid out anew where the kernels read another layout faster (x86), and
-    /// read back as written: whole, and as the rows an embedding lookup takes. The token
-    /// embeddings of a model with its own output matrix stay as the file has them.
+    /// Q4_0 matrices are laid out anew where the kernels read another layout faster (x86), in a
+    /// download and in a mapped file, which stays as it was on disk, and read back as written:
+    /// whole, and as the rows an embedding lookup takes. The token embeddings of a model with its
+    /// own output matrix stay as the file has them.
     #[test]
     fn q4_0_matrices_are_laid_out_for_the_kernels_and_read_back_as_written() {
         let values = Tensor::randn(0f32, 1.0, (6, 96), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&values, GgmlDType::Q4_0).unwrap();
         let written: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let file = |tensors: &[(&str, &QTensor)]| {
+        let on_disk = std::env::temp_dir().join(format!("llm-engine-laid-out-{}.gguf", std::process::id()));
+        let files = |tensors: &[(&str, &QTensor)]| {
             let mut bytes = Cursor::new(Vec::new());
             gguf_file::write(&mut bytes, &[], tensors).unwrap();
-            GgufFile::from_bytes("q4_0.gguf", bytes.into_inner()).unwrap()
+            std::fs::write(&on_disk, bytes.get_ref()).unwrap();
+            [GgufFile::from_bytes("q4_0.gguf", bytes.into_inner()).unwrap(), GgufFile::open_for_kernels(&on_disk).unwrap()]
         };
         let kernels = WeightFormat::Blocks(llm_kernels::Kernels::best().layout(BlockType::Q4_0));
         let untied = [("token_embd.weight", &q), ("output.weight", &q), ("blk.0.attn_q.weight", &q)];
@@ -421,16 +424,26 @@ mod tests {
             (&untied[..], [(TensorName::TokenEmbedding, WeightFormat::Blocks(BlockType::Q4_0)), (TensorName::Output, kernels), (query, kernels)]),
             (&tied[..], [(TensorName::TokenEmbedding, kernels), (query, kernels), (query, kernels)]),
         ] {
-            let mut file = file(tensors);
-            let mut source = GgufSource { file: &mut file };
-            for (name, format) in expected {
-                let weight = source.load(name).unwrap().unwrap();
-                let Weight::InPlace(matrix) = &weight else { panic!("{name:?} was copied: {weight:?}") };
-                assert_eq!(matrix.format, format, "{name:?}");
-                assert_eq!(weight.to_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), written, "{name:?}");
-                assert_eq!(matrix.dequantize_row(4).unwrap(), written[4 * 96..5 * 96], "{name:?}'s row 4");
+            for mut file in files(tensors) {
+                let mut source = GgufSource { file: &mut file };
+                for (name, format) in expected {
+                    let weight = source.load(name).unwrap().unwrap();
+                    let Weight::InPlace(matrix) = &weight else { panic!("{name:?} was copied: {weight:?}") };
+                    assert_eq!(matrix.format, format, "{name:?}");
+                    assert_eq!(weight.to_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), written, "{name:?}");
+                    assert_eq!(matrix.dequantize_row(4).unwrap(), written[4 * 96..5 * 96], "{name:?}'s row 4");
+                }
             }
+            let mut reread = GgufFile::open(&on_disk).unwrap();
+            let Some(Weight::InPlace(matrix)) = GgufSource { file: &mut reread }.load(query).unwrap() else { panic!("the query matrix is read in place") };
+            assert_eq!(matrix.format, WeightFormat::Blocks(BlockType::Q4_0), "as the file has it");
+            assert_eq!(
+                matrix.to_qtensor().unwrap().dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                written,
+                "on disk as written"
+            );
         }
+        std::fs::remove_file(on_disk).unwrap();
     }
 
     /// A tensor whose data does not start on the file's alignment is refused when the file is
