@@ -122,8 +122,9 @@ impl Weight {
 /// or the object downloaded from S3.
 pub type FileBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
-/// A matrix in a format the kernels read, left where it lies in its file: loading it copies
-/// nothing, and the file's pages are its only memory.
+/// A matrix in a format the kernels read, left where it lies in its file (rearranged there if
+/// the kernels read another layout faster, [`laid_out`]): loading it copies nothing, and the
+/// file's pages are its only memory.
 #[derive(Clone)]
 pub struct InPlace {
     file: FileBytes,

@@ -132,7 +132,8 @@ fn scales_first(rows: &mut [u8], cols: usize, back: bool) {
     for row in rows.chunks_exact_mut(copy.len()) {
         copy.copy_from_slice(row);
         for b in 0..blocks {
-            // Block `b`'s scale, then its nibbles: where Q4_0 has them, where the other layout does.
+            // Block `b`'s scale, then its nibbles: where Q4_0 has them, where its run of eight
+            // has them.
             let (block, run) = (bytes * b, b & !7);
             let (scale, codes) = (bytes * run + 2 * (b - run), bytes * run + 2 * (blocks - run).min(8) + nibbles * (b - run));
             for (file, split) in [(block..block + 2, scale..scale + 2), (block + 2..block + bytes, codes..codes + nibbles)] {

@@ -1,7 +1,8 @@
 //! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of plain floats).
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
-//! never repacked or copied); the activations are quantized once per product (once for the
+//! never copied; only Q4_0's are rearranged, in place, where AVX2's tiles read it:
+//! [`Kernels::layout`]); the activations are quantized once per product (once for the
 //! products of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp
 //! does, so that each weight block meets an activation block in an integer dot product. Many
 //! activation rows (a prompt) share every weight load: the product is computed in tiles of

@@ -218,7 +218,8 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>, next: Ran
     // `[group of the block][row of the panel]`.
     let mut groups = [[Group::ZERO; PANEL_ROWS]; SUPER_BLOCK / 16];
     // The loop over the blocks, once for each type: `$unpack` puts block `$b` of row `$row` into
-    // groups through `$put`.
+    // groups through `$put`; `$per_block`, before the rows, what is the same for all of them
+    // (LLVM left Q4_0ScalesFirst's offsets in the loop over the rows: `m=8` 4.09–4.20 → 4.25–4.29).
     macro_rules! each_block {
         (|$row:ident, $b:ident, $put:ident| $unpack:expr) => {
             each_block!(|$row, $b, $put| {}; $unpack)
@@ -1088,8 +1089,9 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Block for Nibbles<FIFTH_BIT, MIN> {
 /// 74.0–75.3 → 85.3–86.7 GFLOP/s; out of memory (`--bench stream`) 19.9–20.3 → 22.5–23.2 GB/s
 /// of weights, and at two threads, bound by memory there, no different (35.2–35.9 → 35.0–35.8).
 /// A run's scales and nibbles lie together: with all of a row's scales first, 22.3–22.4 GB/s.
-/// Its panels pack a little slower than Q4_0's (`m=8`, AVX-512's panels, 4.25 against 4.56 GB/s;
-/// `m=32` 2.14 against 2.22), though faster than Q4_0's did before [`pack`]'s loop per type.
+/// Its panels pack a little slower than Q4_0's (`m=8`, AVX-512's panels, 4.25–4.29 against
+/// 4.56–4.62 GB/s; `m=32` 2.14–2.15 against 2.22–2.23), though faster than Q4_0's did before
+/// [`pack`]'s loop per type.
 struct Q4_0ScalesFirst;
 
 impl Block for Q4_0ScalesFirst {
