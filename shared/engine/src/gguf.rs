@@ -421,12 +421,12 @@ mod tests {
         let tied = [("token_embd.weight", &q), ("blk.0.attn_q.weight", &q)];
         let query = TensorName::Layer(0, crate::weights::LayerTensor::Q);
         for (tensors, expected) in [
-            (&untied[..], [(TensorName::TokenEmbedding, WeightFormat::Blocks(BlockType::Q4_0)), (TensorName::Output, kernels), (query, kernels)]),
-            (&tied[..], [(TensorName::TokenEmbedding, kernels), (query, kernels), (query, kernels)]),
+            (&untied[..], &[(TensorName::TokenEmbedding, WeightFormat::Blocks(BlockType::Q4_0)), (TensorName::Output, kernels), (query, kernels)][..]),
+            (&tied[..], &[(TensorName::TokenEmbedding, kernels), (query, kernels)][..]),
         ] {
             for mut file in files(tensors) {
                 let mut source = GgufSource { file: &mut file };
-                for (name, format) in expected {
+                for &(name, format) in expected {
                     let weight = source.load(name).unwrap().unwrap();
                     let Weight::InPlace(matrix) = &weight else { panic!("{name:?} was copied: {weight:?}") };
                     assert_eq!(matrix.format, format, "{name:?}");
