@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{code_offset, group_values, largest_code, Group, Panel, PANEL_ROWS};
-use super::{f16_at, prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
+use super::{f16_at, prefetch_ahead, tiles_ahead, with_ahead_cache, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, Row, TILE_ROWS};
 use crate::blocks::{legacy_layout, q4_k_scales, BlockType, BLOCK, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile, PROMPT};
@@ -231,7 +231,7 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>, next: Ran
                     let $row = w.bytes.as_ptr().add(r * row_bytes);
                     let step = $b * rows.len() + j;
                     if step < next_blocks {
-                        prefetch_ahead(next_first, step, bytes, 0);
+                        prefetch_ahead::<false>(next_first, step, bytes, 0);
                     }
                     let mut $put = |sub: usize, u: __m256i, scale: f32, offset: f32| groups[sub][j] = Group { u, scale, offset };
                     $unpack;
@@ -311,8 +311,8 @@ impl<W: Block> Tile for W {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
         match takes_pairs::<W>(RT, CT) {
-            true => decode_pairs_tile::<W, RT>(w, x, r, i, out),
-            false => legacy_tile::<W, RT, CT>(w, x, r, i, out),
+            true => with_ahead_cache!(w, RT, decode_pairs_tile::<W, RT, L2>(w, x, r, i, out)),
+            false => with_ahead_cache!(w, RT, legacy_tile::<W, RT, CT, L2>(w, x, r, i, out)),
         }
     }
 }
@@ -362,7 +362,7 @@ pub(super) unsafe fn chunk_scales<W: Block, const RT: usize, const CT: usize>(
 
 /// The tile of a 32-value block type: each block pair's integer sum is scaled into `f32`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let blocks = w.cols / BLOCK;
     let ones = _mm256_set1_epi16(1);
@@ -386,7 +386,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
         let run = W::run_at(chunk, n);
         for k in 0..n {
             let b = chunk + k;
-            prefetch_ahead(weights[0], b, RT * W::BYTES, ahead);
+            prefetch_ahead::<L2>(weights[0], b, RT * W::BYTES, ahead);
             let mut codes = [[_mm256_setzero_si256(); 2]; RT];
             for a in 0..RT {
                 codes[a] = W::weights(weights[a].add(run + k * W::STRIDE));
@@ -405,8 +405,8 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
 
 /// [`decode_pairs`] with AVX2's products.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    decode_pairs::<W, Maddubs, RT>(w, x, r, i, out)
+unsafe fn decode_pairs_tile<W: Block, const RT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    decode_pairs::<W, Maddubs, RT, L2>(w, x, r, i, out)
 }
 
 /// A decode step's tile (one activation row) of an even number of weight rows, two to a
@@ -416,7 +416,13 @@ unsafe fn decode_pairs_tile<W: Block, const RT: usize>(w: &QMatrix, x: &Quantize
 /// one in-lane shuffle (per row, [`legacy_tile`] takes a conversion, a multiply-add and two
 /// shuffles). Inlined into a function that enables the features `D` needs.
 #[inline(always)]
-pub(super) unsafe fn decode_pairs<W: Block, D: Dot, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+pub(super) unsafe fn decode_pairs<W: Block, D: Dot, const RT: usize, const L2: bool>(
+    w: &QMatrix,
+    x: &QuantizedRows,
+    r: usize,
+    i: usize,
+    out: *mut f32,
+) -> usize {
     let (weights, acts) = operands::<RT, 1>(w, x, r, i);
     let blocks = w.cols / BLOCK;
     let ahead = tiles_ahead(w, RT, W::PREFETCH);
@@ -444,7 +450,7 @@ pub(super) unsafe fn decode_pairs<W: Block, D: Dot, const RT: usize>(w: &QMatrix
             let b = chunk + k;
             let xv = acts[0].1.as_ptr().add(b * BLOCK);
             let halves = [0, 16].map(|at| _mm256_broadcastsi128_si256(_mm_loadu_si128(xv.add(at) as *const __m128i)));
-            prefetch_ahead(weights[0], b, RT * W::BYTES, ahead);
+            prefetch_ahead::<L2>(weights[0], b, RT * W::BYTES, ahead);
             if k == 4 {
                 for quads in quads.iter_mut().take(RT / 2) {
                     quads[0] = quads[1];
@@ -548,7 +554,7 @@ unsafe fn q4_k_tile<const RT: usize, const CT: usize, const FIFTH_BIT: bool>(w: 
         let mut mins = [_mm256_setzero_si256(); RT];
         let mut d = [_mm_setzero_ps(); RT];
         let mut high_bits = [_mm256_setzero_si256(); RT];
-        prefetch_ahead(weights[0], b, RT * bytes, ahead);
+        prefetch_ahead::<false>(weights[0], b, RT * bytes, ahead);
         for a in 0..RT {
             let block = weights[a].add(b * bytes);
             high_bits[a] = q4_k_high_bits::<FIFTH_BIT>(block);
@@ -845,7 +851,7 @@ unsafe fn sixteens_tile<S: Sixteens, const RT: usize, const CT: usize>(w: &QMatr
     for b in 0..w.cols / SUPER_BLOCK {
         let mut d = [(0f32, 0f32); RT];
         let mut scales = [(_mm_setzero_si128(), _mm_setzero_si128()); RT];
-        prefetch_ahead(weights[0], b, RT * S::BYTES, ahead);
+        prefetch_ahead::<false>(weights[0], b, RT * S::BYTES, ahead);
         for a in 0..RT {
             let block = weights[a].add(b * S::BYTES);
             d[a] = S::d(block);

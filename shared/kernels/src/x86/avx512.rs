@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
-use super::{prefetch_ahead, tiles_ahead, PREFETCH_BYTES};
+use super::{prefetch_ahead, tiles_ahead, with_ahead_cache, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
 use crate::blocks::{legacy_layout, BlockType, BLOCK, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
@@ -341,10 +341,12 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
         match CT {
-            1 if RT == QUAD_ROWS => decode_quads_tile::<FIFTH_BIT, MIN>(w, x, r, i, out),
-            1 if avx2::takes_pairs::<avx2::Nibbles<FIFTH_BIT, MIN>>(RT, CT) => decode_pairs_tile::<avx2::Nibbles<FIFTH_BIT, MIN>, RT>(w, x, r, i, out),
+            1 if RT == QUAD_ROWS => with_ahead_cache!(w, RT, decode_quads_tile::<FIFTH_BIT, MIN, L2>(w, x, r, i, out)),
+            1 if avx2::takes_pairs::<avx2::Nibbles<FIFTH_BIT, MIN>>(RT, CT) => {
+                with_ahead_cache!(w, RT, decode_pairs_tile::<avx2::Nibbles<FIFTH_BIT, MIN>, RT, L2>(w, x, r, i, out))
+            }
             1 => <avx2::Nibbles<FIFTH_BIT, MIN> as Tile>::tile::<RT, 1>(w, x, r, i, out),
-            _ => legacy_tile::<Nibbles<FIFTH_BIT, MIN>, RT, CT>(w, x, r, i, out),
+            _ => with_ahead_cache!(w, RT, legacy_tile::<Nibbles<FIFTH_BIT, MIN>, RT, CT, L2>(w, x, r, i, out)),
         }
     }
 }
@@ -360,8 +362,8 @@ impl<const FIFTH_BIT: bool, const MIN: bool> Tile for NibbleTiles<FIFTH_BIT, MIN
 /// against 22.2–22.8 tok/s at one thread, 41.1–44.5 against 42.3–43.2 at two). Not measured on
 /// the Zen 4, where decode of Q4_0 was bound by instructions.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn decode_pairs_tile<W: avx2::Block, const RT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-    avx2::decode_pairs::<W, Vnni, RT>(w, x, r, i, out)
+unsafe fn decode_pairs_tile<W: avx2::Block, const RT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+    avx2::decode_pairs::<W, Vnni, RT, L2>(w, x, r, i, out)
 }
 
 /// Weight rows of [`decode_quads_tile`]: one to each 128-bit lane.
@@ -391,7 +393,13 @@ const QUAD_ROWS: usize = 4;
 /// 51.3–51.8 → 36.8–37.1 / 51.3–55.5; a batch's last rows faster too (`m=5`, `m=7`: Q5_0
 /// 98–138 → 130–162, Q5_1 92–119 → 115–125).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool, const L2: bool>(
+    w: &QMatrix,
+    x: &QuantizedRows,
+    r: usize,
+    i: usize,
+    out: *mut f32,
+) -> usize {
     let (weights, acts) = operands::<QUAD_ROWS, 1>(w, x, r, i);
     let (bytes, (high_bits, nibbles_at)) = (w.ty.block_bytes(), legacy_layout(w.ty));
     let blocks = w.cols / BLOCK;
@@ -416,7 +424,7 @@ unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool>(w: &QMatrix,
         }
         for k in 0..n {
             let b = chunk + k;
-            prefetch_ahead(weights[0], b, QUAD_ROWS * bytes, ahead);
+            prefetch_ahead::<L2>(weights[0], b, QUAD_ROWS * bytes, ahead);
             let xv = acts[0].1.as_ptr().add(b * BLOCK);
             let x_halves = [0, 16].map(|at| _mm512_broadcast_i32x4(_mm_loadu_si128(xv.add(at) as *const __m128i)));
             let lane = |a: usize| _mm_loadu_si128(weights[a].add(b * bytes + nibbles_at) as *const __m128i);
@@ -518,7 +526,7 @@ unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &Qua
     let mut scaled = [_mm512_setzero_ps(); CT];
     let mut minimums = [_mm256_setzero_ps(); CT];
     for b in 0..w.cols / SUPER_BLOCK {
-        prefetch_ahead(weights[0], b, bytes, ahead);
+        prefetch_ahead::<false>(weights[0], b, bytes, ahead);
         let block = weights[0].add(b * bytes);
         let (d, scales, mins) = avx2::q4_k_block_scales(block);
         let scales = _mm512_broadcast_i64x4(scales);
@@ -593,7 +601,7 @@ unsafe fn sixteens_tile<S: PairedRuns, const CT: usize>(w: &QMatrix, x: &Quantiz
     };
     let mut acc = [_mm256_setzero_ps(); CT];
     for b in 0..w.cols / SUPER_BLOCK {
-        prefetch_ahead(weights[0], b, S::BYTES, ahead);
+        prefetch_ahead::<false>(weights[0], b, S::BYTES, ahead);
         let block = weights[0].add(b * S::BYTES);
         let (scales, mins) = S::scales(block);
         let mut sums = [_mm512_setzero_si512(); CT];
@@ -724,14 +732,14 @@ struct Legacy<W>(std::marker::PhantomData<W>);
 impl<W: Block> Tile for Legacy<W> {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        legacy_tile::<W, RT, CT>(w, x, r, i, out)
+        with_ahead_cache!(w, RT, legacy_tile::<W, RT, CT, L2>(w, x, r, i, out))
     }
 }
 
 /// The tile of a 32-value block type, two blocks at a time: each pair's integer sums are scaled
 /// into `f32` by the pair's scales, one per half of the register.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<RT, CT>(w, x, r, i);
     let blocks = w.cols / BLOCK;
     let ahead = tiles_ahead(w, RT, AHEAD_BYTES);
@@ -759,7 +767,7 @@ unsafe fn legacy_tile<W: Block, const RT: usize, const CT: usize>(w: &QMatrix, x
             let spread = _mm512_loadu_si512(PAIR_LANES[pair].as_ptr() as *const __m512i);
             let mut wv = [[_mm512_setzero_si512(); 2]; RT];
             let mut scales = [_mm512_setzero_ps(); RT];
-            prefetch_ahead(weights[0], b / 2, RT * 2 * W::BYTES, ahead);
+            prefetch_ahead::<L2>(weights[0], b / 2, RT * 2 * W::BYTES, ahead);
             for a in 0..RT {
                 let block = weights[a].add(b * W::BYTES);
                 wv[a] = W::weights(block, two);

@@ -52,6 +52,46 @@ fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
     at_least.div_ceil(tile) * tile
 }
 
+/// Whether a tile of `tile_rows` weight rows asks for the tiles ahead into L2 only
+/// ([`L1_TILE_BYTES`]). The tiles take the answer as a constant (`with_ahead_cache!`): a branch
+/// at every ask cost a Q4_K_M decode step 3.5 % (31.0–32.0 → 30.0–30.7 tok/s).
+#[inline(always)]
+fn ahead_into_l2(w: &crate::QMatrix, tile_rows: usize) -> bool {
+    tile_rows * w.ty.row_bytes(w.cols) > L1_TILE_BYTES
+}
+
+/// `$tile` with the constant `L2` that [`ahead_into_l2`] gives for tiles of `$rows` rows of `$w`.
+macro_rules! with_ahead_cache {
+    ($w:expr, $rows:expr, $tile:expr) => {
+        match $crate::x86::ahead_into_l2($w, $rows) {
+            true => {
+                const L2: bool = true;
+                $tile
+            }
+            false => {
+                const L2: bool = false;
+                $tile
+            }
+        }
+    };
+}
+use with_ahead_cache;
+
+/// The largest tile whose next tiles a decode step asks for into L1; a larger one's go into L2
+/// only. A whole tile ahead of a tile of long rows, with the tile being read, no longer fits
+/// L1's 32 KiB, and lines asked for early were evicted before they were read. Zen 4, `--bench
+/// stream` (one thread, pinned), GB/s of weights, two rounds of each in turn, into L1 → L2:
+/// TinyLlama's `ffn_down`, 2048 × 5632 (tiles of 12.4 KiB for Q4_0's four rows, 11.7 KiB for
+/// AVX-512's two rows of Q8_0, 23.4 KiB for AVX2's four), Q4_0 17.6–18.4 → 19.3–20.2 (laid out
+/// for AVX2's tiles, 17.8–19.1 → 20.7–21.4), Q8_0 20.7–21.4 → 22.0–23.1 (AVX2's 18.0–18.6 →
+/// 27.0–28.1); Llama 3.2 1B's, 2048 × 8192, Q4_0 15.6–16.2 → 19.9–20.4 (laid out 14.3–15.2 →
+/// 20.3–21.6), Q8_0 15.2–17.0 → 21.3–24.2 (AVX2's 16.9–18.5 → 25.1–30.0). Small tiles lost in
+/// L2 (every ask into L2 against every ask into L1): `ffn_up`, 5632 × 2048, Q4_0 (4.5 KiB)
+/// 19.9–20.3 → 13.8–14.0, Q4_K (a row of 1.1 KiB) 19.7–20.5 → 15.8–16.0, and 2048 × 8192's Q4_K
+/// (4.5 KiB) 19.3–21.1 → 17.0; with 8 KiB here, AVX2's Q8_0 tile of `ffn_up` (8.5 KiB) went
+/// into L2 and lost up to 9 % in one round.
+const L1_TILE_BYTES: usize = 10 << 10;
+
 /// A decode step streams the weights from memory: while a tile multiplies step `step` of its
 /// rows (`step_bytes`: a block, or two, of each row), ask for the cache lines of the same share
 /// of the bytes `ahead` of it, in memory order.
@@ -66,12 +106,16 @@ fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
 /// → 15.6–16.6 in three pairs of four, two threads 14.8–22.9 → 23.0–24.0; Q5_1 8.7–9.5 →
 /// 10.1–11.4; Q8_0 6.8–8.7 → 7.2–9.4. The K-quants' tiles have one row: no different.
 #[inline(always)]
-unsafe fn prefetch_ahead(first_row: *const u8, step: usize, step_bytes: usize, ahead: usize) {
+unsafe fn prefetch_ahead<const L2: bool>(first_row: *const u8, step: usize, step_bytes: usize, ahead: usize) {
     // The bytes ahead of the last rows lie past the matrix: a prefetch of them does not fault,
     // but `add` past an allocation would be undefined behaviour, so the address wraps.
     let from = first_row.wrapping_add(step * step_bytes + ahead);
     for line in (0..step_bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(line) as *const i8);
+        let at = from.wrapping_add(line) as *const i8;
+        match L2 {
+            true => _mm_prefetch::<_MM_HINT_T1>(at),
+            false => _mm_prefetch::<_MM_HINT_T0>(at),
+        }
     }
 }
 
