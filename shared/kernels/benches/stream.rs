@@ -7,7 +7,8 @@
 //! Prints the weights' bytes read per second for each kernel set the machine runs, one line per
 //! type; `infra/bench/bandwidth.py` gives the machine's copy bandwidth to hold it against.
 //! Arguments keep the types named (`-- Q4_0 Q8_0`); `m=N` multiplies `N` activation rows at once
-//! (a decode step of a batch of `N` sequences; default 1).
+//! (a decode step of a batch of `N` sequences; default 1); `shape=NxK` takes another layer's
+//! shape (`shape=2048x8192`: Llama 3.2 1B's `ffn_down`).
 
 mod common;
 use common::{seconds, TYPES};
@@ -19,10 +20,14 @@ use llm_kernels::{matmul_with, Kernels, QMatrix};
 const COPIES_BYTES: usize = 512 << 20;
 
 fn main() {
-    let (n, k) = (5632, 2048);
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let (rows, wanted): (Vec<String>, Vec<String>) = args.into_iter().partition(|a| a.starts_with("m="));
-    let m: usize = rows.last().map_or(1, |a| a["m=".len()..].parse().expect("m=N takes a number of activation rows"));
+    let (options, wanted): (Vec<String>, Vec<String>) = args.into_iter().partition(|a| a.contains('='));
+    let option = |name: &str| options.iter().rev().find_map(|a| a.strip_prefix(name)?.strip_prefix('='));
+    let m: usize = option("m").map_or(1, |m| m.parse().expect("m=N takes a number of activation rows"));
+    let (n, k): (usize, usize) = option("shape").map_or((5632, 2048), |shape| {
+        let sides = shape.split_once('x').and_then(|(n, k)| Some((n.parse().ok()?, k.parse().ok()?)));
+        sides.expect("shape=NxK takes two numbers")
+    });
     let kernels: Vec<Kernels> = Kernels::SIMD.into_iter().filter(|k| k.runs_here()).collect();
     for (ty, dtype) in TYPES {
         if !wanted.is_empty() && !wanted.contains(&format!("{ty:?}")) {
