@@ -3,7 +3,6 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Cursor;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use crate::weights::{kernel_format, laid_out, lay_out, FileBytes, InPlace, Tenso
 use llm_kernels::WeightFormat;
 
 /// An opened GGUF file: its metadata and tensor directory over the whole file's bytes (memory
-/// mapped, or downloaded), from which tensors are read on demand, in place where the kernels
+/// mapped, or held in memory), from which tensors are read on demand, in place where the kernels
 /// take them.
 pub struct GgufFile {
     path: PathBuf,
@@ -32,8 +31,8 @@ pub struct GgufFile {
     laid_out: HashSet<String>,
 }
 
-/// A downloaded file's bytes, shared by the tensors read from them.
-fn downloaded(bytes: Vec<u8>) -> FileBytes {
+/// A file's bytes held in memory (downloaded, or read), shared by the tensors read from them.
+fn in_memory(bytes: Vec<u8>) -> FileBytes {
     // Chat templates render in forked children, which never read weights.
     #[cfg(target_os = "linux")]
     crate::sandbox::exclude_from_children(&bytes);
@@ -46,26 +45,6 @@ fn read_content<R: std::io::Read + std::io::Seek>(path: &Path, reader: &mut R) -
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(reader)))
         .map_err(|_| EngineError::invalid_file(path, "malformed GGUF header"))?
         .map_err(|e| EngineError::invalid_file(path, e))
-}
-
-/// A whole file's bytes that its matrices can be rearranged in.
-trait Rewritable: AsMut<[u8]> {
-    /// Makes `range` ready to be rewritten.
-    fn prepare(&mut self, _range: Range<usize>) {}
-}
-
-impl Rewritable for Vec<u8> {}
-
-impl Rewritable for memmap2::MmapMut {
-    /// Copies the range's pages of a private mapping at once rather than at a fault each
-    /// (`llm bench`, TinyLlama-shape Q4_0, load: 0.43–0.50 → 0.32–0.37 s at one thread,
-    /// 0.80–0.81 → 0.28–0.31 at two, whose faults waited on each other; 0.045 s with nothing
-    /// laid out). Best effort: a kernel before Linux 5.14 takes the faults.
-    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
-    fn prepare(&mut self, range: Range<usize>) {
-        #[cfg(target_os = "linux")]
-        let _ = self.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
-    }
 }
 
 /// About how many bytes of a matrix one task of rayon's pool rearranges for the kernels.
@@ -84,7 +63,8 @@ impl GgufFile {
     /// Maps the file rather than reading it, its tensors as the file has them (to look at it:
     /// `llm inspect`).
     pub fn open(path: &Path) -> Result<Self> {
-        let (file, len) = Self::open_file(path)?;
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
         let bytes: FileBytes = match len {
             0 => Arc::new(Vec::<u8>::new()),
             // SAFETY: the file is not written while it is mapped (downloads are written under a
@@ -94,34 +74,20 @@ impl GgufFile {
         Self::read(path.to_path_buf(), bytes)
     }
 
-    /// Maps the file to run its model: the tensors the kernels take are read in place, from disk
-    /// when first used and never copied, except the matrices laid out anew for the kernels
-    /// (Q4_0 on x86), which the mapping keeps private: their pages are copied from the page cache
-    /// as they are rewritten, at load.
+    /// Reads the file into memory to run its model, as a download is held ([`Self::from_bytes`]):
+    /// in huge pages where the system gives them (`crate::memory`), its matrices laid out for
+    /// the kernels.
     pub fn open_for_kernels(path: &Path) -> Result<Self> {
-        let (file, len) = Self::open_file(path)?;
-        if len == 0 {
-            return Self::read(path.to_path_buf(), Arc::new(Vec::<u8>::new()));
-        }
-        // SAFETY: as in `open`; writes go to the process's own copies of the pages.
-        let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(|e| EngineError::io(path, e))?;
-        let content = read_content(path, &mut Cursor::new(&map[..]))?;
-        Self::laid_out_for_kernels(path.to_path_buf(), content, map, |map| Arc::new(map))
+        let bytes = crate::memory::read_file(path).map_err(|e| EngineError::io(path, e))?;
+        Self::from_bytes(&path.to_string_lossy(), bytes)
     }
 
-    fn open_file(path: &Path) -> Result<(File, u64)> {
-        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
-        Ok((file, len))
-    }
-
-    /// A GGUF held in memory (a model downloaded from S3): tensors are read from it in place,
-    /// laid out for the kernels as [`Self::open_for_kernels`] does. `name` (e.g. its S3 URI)
-    /// appears in errors.
+    /// A GGUF held in memory (downloaded from S3, or read from disk): tensors are read from it in
+    /// place, the matrices laid out for the kernels. `name` (e.g. its S3 URI) appears in errors.
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
         let path = PathBuf::from(name);
         let content = read_content(&path, &mut Cursor::new(&bytes[..]))?;
-        Self::laid_out_for_kernels(path, content, bytes, downloaded)
+        Self::laid_out_for_kernels(path, content, bytes)
     }
 
     /// The header (metadata and tensor directory) of a GGUF whose first bytes are `prefix`: a
@@ -136,7 +102,7 @@ impl GgufFile {
 
     /// This header over the whole file, downloaded: `bytes` start with the prefix it was read from.
     pub fn complete(self, bytes: Vec<u8>) -> Result<Self> {
-        Self::laid_out_for_kernels(self.path, self.content, bytes, downloaded)
+        Self::laid_out_for_kernels(self.path, self.content, bytes)
     }
 
     fn read(path: PathBuf, bytes: FileBytes) -> Result<Self> {
@@ -150,10 +116,10 @@ impl GgufFile {
     /// The file of `content` over `bytes` (the whole file), once every tensor is known to lie
     /// inside it, with the matrices the kernels multiply by rearranged in place into the layout
     /// they read fastest ([`crate::weights::laid_out`]), in pieces of rows on rayon's pool (the
-    /// vCPUs); `share` makes the bytes the tensors' own. The token embeddings are left as they
-    /// are unless the output multiplies by them (tied): a lookup reads a few rows.
-    fn laid_out_for_kernels<B: Rewritable>(path: PathBuf, content: Content, mut bytes: B, share: impl FnOnce(B) -> FileBytes) -> Result<Self> {
-        Self::check_tensor_bounds(&path, &content, bytes.as_mut().len() as u64)?;
+    /// vCPUs). The token embeddings are left as they are unless the output multiplies by them
+    /// (tied): a lookup reads a few rows.
+    fn laid_out_for_kernels(path: PathBuf, content: Content, mut bytes: Vec<u8>) -> Result<Self> {
+        Self::check_tensor_bounds(&path, &content, bytes.len() as u64)?;
         let tied = !content.tensor_infos.contains_key(&TensorName::Output.gguf());
         let mut matrices: Vec<(&String, usize, usize, usize, WeightFormat)> = Vec::new();
         for (name, info) in &content.tensor_infos {
@@ -167,10 +133,7 @@ impl GgufFile {
             }
         }
         matrices.sort_by_key(|&(_, start, ..)| start);
-        for &(_, start, len, ..) in &matrices {
-            bytes.prepare(start..start + len);
-        }
-        let (mut pieces, mut rest, mut at) = (Vec::new(), bytes.as_mut(), 0);
+        let (mut pieces, mut rest, mut at) = (Vec::new(), &mut bytes[..], 0);
         for &(name, start, len, cols, format) in &matrices {
             let Some(gap) = start.checked_sub(at) else {
                 return Err(EngineError::invalid_file(&path, format!("tensor `{name}` overlaps the one before it")));
@@ -184,7 +147,7 @@ impl GgufFile {
             lay_out(format, piece, cols);
         });
         let laid_out = matrices.into_iter().map(|(name, ..)| name.clone()).collect();
-        let bytes = share(bytes);
+        let bytes = in_memory(bytes);
         Ok(Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content, laid_out })
     }
 
@@ -401,7 +364,7 @@ mod tests {
     }
 
     /// Q4_0 matrices are laid out anew where the kernels read another layout faster (x86), in a
-    /// download and in a mapped file, which stays as it was on disk, and read back as written:
+    /// download and in a file read from disk, which stays as it was, and read back as written:
     /// whole, and as the rows an embedding lookup takes. The token embeddings of a model with its
     /// own output matrix stay as the file has them.
     #[test]

@@ -17,6 +17,7 @@ pub mod gguf_tokenizer;
 pub mod hf;
 pub mod loader;
 pub mod logprobs;
+mod memory;
 pub mod model;
 mod prefill;
 mod prompt_cache;

@@ -156,19 +156,13 @@ impl Child {
 
 /// Leaves `bytes` out of every child forked from now on (Linux's `MADV_DONTFORK`), for buffers
 /// that only this process reads, like a model's weights. Only buffers of their own mapping are
-/// marked (glibc maps every allocation over 32 MiB by itself): a mark on part of the heap would
-/// stay there after the buffer is freed, and a child's malloc could then touch an unmapped page.
+/// marked ([`crate::memory::own_pages`]): a mark on part of the heap would stay there after the
+/// buffer is freed, and a child's malloc could then touch an unmapped page.
 pub fn exclude_from_children(bytes: &[u8]) {
-    const OWN_MAPPING: usize = 64 << 20;
-    if bytes.len() < OWN_MAPPING {
-        return;
-    }
-    let page = page_size() as usize;
-    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
-    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
-    // SAFETY: the range lies inside `bytes`, whole pages of this process's memory; the advice
-    // changes only what children inherit. Failing is harmless (forks just cost more).
-    unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTFORK) };
+    let Some(pages) = crate::memory::own_pages(bytes, page_size() as usize) else { return };
+    // SAFETY: the range is whole pages of this process's memory; the advice changes only what
+    // children inherit. Failing is harmless (forks just cost more).
+    unsafe { libc::madvise(pages.as_ptr() as *mut libc::c_void, pages.len(), libc::MADV_DONTFORK) };
 }
 
 /// The child's life: requests (a little-endian u32 length, then the bytes) on `socket`
