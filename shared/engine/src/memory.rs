@@ -11,20 +11,25 @@ const READ_PIECE_BYTES: usize = 16 << 20;
 
 /// A zeroed buffer of `len` bytes for a model's file, in huge pages where the system gives them
 /// on request (Linux's transparent huge pages in their `madvise` mode). A decode step reads
-/// every weight once, from memory: in pages of 4 KiB it needs another TLB entry every 4 KiB of
-/// them, in huge pages every 2 MiB. AMD Zen 4 VM, `compare.py`, decode tok/s at one thread, the
-/// file mapped (as before) → read into huge pages: Llama 3.2 1B-shape Q4_K_M 24.6 → 27.3
-/// (0.95 → 1.05 × llama.cpp), TinyLlama-shape Q4_K_M 30.3 → 33.4, Q4_0 32.7 → 34.4, Q8_0 18.5
-/// → 19.8; read into 4 KiB pages it was no faster than mapped (`llm bench`, 1B-shape Q4_K_M,
-/// 25.7–25.9 mapped, 24.9–25.2 read, 26.8–28.1 in huge pages). The price is at load, where
+/// every weight once, from memory, and reads it fastest in a buffer of its own: in huge pages
+/// every 2 MiB of it is one page, in one piece of physical memory, with one TLB entry, where a
+/// mapped file's pages lie wherever the page cache put them. AMD Zen 4 VM, `compare.py`, decode
+/// tok/s at one thread, the file mapped (as before) → read into huge pages: Llama 3.2 1B-shape
+/// Q4_K_M 24.6 → 27.3 (0.95 → 1.05 × llama.cpp), TinyLlama-shape Q4_K_M 30.3 → 33.4, Q4_0 32.7
+/// → 34.4, Q8_0 18.5 → 19.8. Read into pages of 4 KiB, the 1B shape decoded as fast as in huge
+/// pages in some rounds and no faster than mapped in others (`llm bench`, rounds in turn:
+/// 26.8–27.6 against 27.0–27.3, and 24.9–25.2 against 26.8–28.1, mapped 25.7–25.9), by what
+/// the allocator had free; in huge pages it was fast in every round. The price is at load, where
 /// nothing was copied before: the pages are zeroed and filled (0.04 → 0.54 s for TinyLlama's
-/// Q4_K_M at one thread, 2.6 s for the 1B shape's Q8_0, on a VM whose memory the host backs
-/// on first touch; 0.3–0.9 s when it was touched before).
+/// Q4_K_M at one thread, up to 3.2 s for the 1B shape's Q8_0, on a VM whose memory the host
+/// backs at first touch; 0.3–0.9 s when it was touched before; in pages of 4 KiB 0.6–0.7 s).
 ///
 /// A download from S3 (`llm_api`) stays in pages of 4 KiB: advised into huge pages there, a
 /// cold start from the local S3 server loaded in 1.48–1.58 s instead of 0.94–0.96 (1B-shape
 /// Q4_K_M; load ÷ plain GET 0.56–0.59 → 0.94–1.18, over the 1.1 × target) for a warm decode of
-/// 48.4–52.4 tok/s instead of 46.4–47.8 at two threads.
+/// 48.4–52.4 tok/s instead of 46.4–47.8 at two threads. Advised once downloaded, its pages were
+/// all collapsed into huge ones by `khugepaged` within nine minutes, for 28.3–28.9 tok/s against
+/// 28.1–28.6 at one thread.
 fn weights_buffer(len: usize) -> Vec<u8> {
     let bytes = vec![0u8; len];
     #[cfg(target_os = "linux")]
