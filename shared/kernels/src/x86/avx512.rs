@@ -64,11 +64,13 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
-        BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
-        BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>>, 1, TILE_ACTS, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
-        BlockType::Q2K => rows_of::<RowTiles<Sixteens<avx2::Q2K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out),
-        BlockType::Q3K => rows_of::<RowTiles<Sixteens<avx2::Q3K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out),
-        BlockType::Q6K => rows_of::<RowTiles<Sixteens<avx2::Q6K>>, 1, TILE_ACTS, { decode_rows(BlockType::Q6K) }>(w, x, rows, out),
+        // The K-quants' tiles are a row each: the choice is made once a product, not per row.
+        // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
+        BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
+        BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
+        BlockType::Q2K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q2K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out)),
+        BlockType::Q3K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q3K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out)),
+        BlockType::Q6K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q6K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q6K) }>(w, x, rows, out)),
     }
 }
 
@@ -457,17 +459,17 @@ unsafe fn decode_quads_tile<const FIFTH_BIT: bool, const MIN: bool, const L2: bo
 trait DecodeRow {
     /// # Safety
     /// As [`Tile::tile`] of one weight row and `CT` activation rows.
-    unsafe fn row<const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize;
+    unsafe fn row<const CT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize;
 }
 
 /// The tiles of a [`DecodeRow`] type.
-struct RowTiles<K>(std::marker::PhantomData<K>);
+struct RowTiles<K, const L2: bool>(std::marker::PhantomData<K>);
 
-impl<K: DecodeRow> Tile for RowTiles<K> {
+impl<K: DecodeRow, const L2: bool> Tile for RowTiles<K, L2> {
     #[inline(always)]
     unsafe fn tile<const RT: usize, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
         debug_assert_eq!(RT, 1, "a K-quant's tile is one weight row");
-        K::row::<CT>(w, x, r, i, out)
+        K::row::<CT, L2>(w, x, r, i, out)
     }
 }
 
@@ -476,8 +478,8 @@ struct KNibbles<const FIFTH_BIT: bool>;
 
 impl<const FIFTH_BIT: bool> DecodeRow for KNibbles<FIFTH_BIT> {
     #[inline(always)]
-    unsafe fn row<const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        q4_k_tile::<FIFTH_BIT, CT>(w, x, r, i, out)
+    unsafe fn row<const CT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        q4_k_tile::<FIFTH_BIT, CT, L2>(w, x, r, i, out)
     }
 }
 
@@ -486,8 +488,8 @@ struct Sixteens<S>(std::marker::PhantomData<S>);
 
 impl<S: PairedRuns> DecodeRow for Sixteens<S> {
     #[inline(always)]
-    unsafe fn row<const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
-        sixteens_tile::<S, CT>(w, x, r, i, out)
+    unsafe fn row<const CT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+        sixteens_tile::<S, CT, L2>(w, x, r, i, out)
     }
 }
 
@@ -515,7 +517,7 @@ impl<S: PairedRuns> DecodeRow for Sixteens<S> {
 /// thread, 50.2–52.4 → 51.5–61.0 at two; TinyLlama-shape Q5_K_M decode 38.5–39.0 / 63.3–65.4 →
 /// 45.3–45.9 / 72.7–75.6 tok/s.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (bytes, nibbles_at) = avx2::q4_k_layout(FIFTH_BIT);
     let (weights, acts) = operands::<1, CT>(w, x, r, i);
     let ahead = tiles_ahead(w, 1, AHEAD_BYTES);
@@ -526,7 +528,7 @@ unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &Qua
     let mut scaled = [_mm512_setzero_ps(); CT];
     let mut minimums = [_mm256_setzero_ps(); CT];
     for b in 0..w.cols / SUPER_BLOCK {
-        prefetch_ahead::<false>(weights[0], b, bytes, ahead);
+        prefetch_ahead::<L2>(weights[0], b, bytes, ahead);
         let block = weights[0].add(b * bytes);
         let (d, scales, mins) = avx2::q4_k_block_scales(block);
         let scales = _mm512_broadcast_i64x4(scales);
@@ -587,7 +589,7 @@ unsafe fn q4_k_tile<const FIFTH_BIT: bool, const CT: usize>(w: &QMatrix, x: &Qua
 /// and Q2_K, whose decode steps take AVX2's tile there ([`avx2_decodes_faster`]). Not measured on
 /// the Xeons.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn sixteens_tile<S: PairedRuns, const CT: usize>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
+unsafe fn sixteens_tile<S: PairedRuns, const CT: usize, const L2: bool>(w: &QMatrix, x: &QuantizedRows, r: usize, i: usize, out: *mut f32) -> usize {
     let (weights, acts) = operands::<1, CT>(w, x, r, i);
     let mut x_sums16: [&[i16]; CT] = [&[]; CT];
     for (c, sums) in x_sums16.iter_mut().enumerate() {
@@ -601,7 +603,7 @@ unsafe fn sixteens_tile<S: PairedRuns, const CT: usize>(w: &QMatrix, x: &Quantiz
     };
     let mut acc = [_mm256_setzero_ps(); CT];
     for b in 0..w.cols / SUPER_BLOCK {
-        prefetch_ahead::<false>(weights[0], b, S::BYTES, ahead);
+        prefetch_ahead::<L2>(weights[0], b, S::BYTES, ahead);
         let block = weights[0].add(b * S::BYTES);
         let (scales, mins) = S::scales(block);
         let mut sums = [_mm512_setzero_si512(); CT];

@@ -55,7 +55,10 @@ fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
 /// Whether a tile of `tile_rows` weight rows asks for the tiles ahead into L2 only
 /// ([`L1_TILE_BYTES`]). The tiles take the answer as a constant (`with_ahead_cache!`): a branch
 /// at every ask cost a Q4_K_M decode step 3.5 % (31.0–32.0 → 30.0–30.7 tok/s). The K-quants'
-/// tiles of one row ask into L1 whatever its size (rows of more than 10 KiB not measured).
+/// tiles are one row, so they take it once a product; a row of more than 10 KiB ran at half
+/// speed asking into L1: Zen 4, `--bench stream -- shape=1024x24576` (Q6_K rows of 20 KiB), one thread, 11.3–11.4 →
+/// 24.8–24.9 GB/s (Q4_K's 13.5 KiB rows 10.6–10.8 → 22.2–23.7 with the same change, which Q4_K
+/// and Q5_K do not take: `avx2::product_rows` says why); 5632 × 2048 level.
 #[inline(always)]
 fn ahead_into_l2(w: &crate::QMatrix, tile_rows: usize) -> bool {
     tile_rows * w.ty.row_bytes(w.cols) > L1_TILE_BYTES
@@ -90,7 +93,10 @@ use with_ahead_cache;
 /// L2 (every ask into L2 against every ask into L1): `ffn_up`, 5632 × 2048, Q4_0 (4.5 KiB)
 /// 19.9–20.3 → 13.8–14.0, Q4_K (a row of 1.1 KiB) 19.7–20.5 → 15.8–16.0, and 2048 × 8192's Q4_K
 /// (4.5 KiB) 19.3–21.1 → 17.0; with 8 KiB here, AVX2's Q8_0 tile of `ffn_up` (8.5 KiB) went
-/// into L2 and lost up to 9 % in one round.
+/// into L2 and lost up to 9 % in one round. A batch's tiles (2 or 4 activation rows) of long rows
+/// gain too, 2048 × 8192, two rounds in turn, into L1 → L2: Q8_0 (AVX-512's tiles) at 2 rows
+/// 6.3–12.3 → 18.6–20.8 GB/s, at 4 rows 8.8–10.8 → 12.8–13.7; Q4_0 laid out (AVX2's) 9.7–11.4
+/// → 11.1–11.5 and 4.9–6.4 → 6.7–7.0.
 const L1_TILE_BYTES: usize = 10 << 10;
 
 /// A decode step streams the weights from memory: while a tile multiplies step `step` of its
