@@ -47,6 +47,27 @@ fn read_content<R: std::io::Read + std::io::Seek>(path: &Path, reader: &mut R) -
         .map_err(|e| EngineError::invalid_file(path, e))
 }
 
+/// The matrices of `content` that the kernels read fastest in another layout
+/// ([`crate::weights::laid_out`]), in the file's order: name, first byte, length, row length and
+/// format as the file has it. The token embeddings are left as they are unless the output
+/// multiplies by them (tied): a lookup reads a few rows.
+fn matrices_to_lay_out(content: &Content) -> Vec<(&String, usize, usize, usize, WeightFormat)> {
+    let tied = !content.tensor_infos.contains_key(&TensorName::Output.gguf());
+    let mut matrices = Vec::new();
+    for (name, info) in &content.tensor_infos {
+        let &[rows, cols] = info.shape.dims() else { continue };
+        match kernel_format(info.ggml_dtype, cols) {
+            Some(format) if laid_out(format) != format && (tied || *name != TensorName::TokenEmbedding.gguf()) => {
+                let start = (content.tensor_data_offset + info.offset) as usize;
+                matrices.push((name, start, rows * format.row_bytes(cols), cols, format));
+            }
+            _ => {}
+        }
+    }
+    matrices.sort_by_key(|&(_, start, ..)| start);
+    matrices
+}
+
 /// About how many bytes of a matrix one task of rayon's pool rearranges for the kernels.
 const PIECE_BYTES: usize = 1 << 20;
 
@@ -67,19 +88,24 @@ impl GgufFile {
         let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
         let bytes: FileBytes = match len {
             0 => Arc::new(Vec::<u8>::new()),
-            // SAFETY: the file is not written while it is mapped (downloads are written under a
-            // temporary name and renamed into place).
-            _ => Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?),
+            _ => Arc::new(crate::memory::map(&file).map_err(|e| EngineError::io(path, e))?),
         };
         Self::read(path.to_path_buf(), bytes)
     }
 
-    /// Reads the file into memory to run its model, as a download is held ([`Self::from_bytes`]):
-    /// in huge pages where the system gives them (`crate::memory`), its matrices laid out for
-    /// the kernels.
+    /// Opens the file to run its model: its mapping, where it lies in huge pages and no matrix
+    /// of it is laid out for the kernels; otherwise read into memory, as a download is held
+    /// ([`Self::from_bytes`]), in huge pages where the system gives them (`crate::memory`).
     pub fn open_for_kernels(path: &Path) -> Result<Self> {
-        let bytes = crate::memory::read_file(path).map_err(|e| EngineError::io(path, e))?;
-        Self::from_bytes(&path.to_string_lossy(), bytes)
+        let mapped = Self::open(path)?;
+        if matrices_to_lay_out(&mapped.content).is_empty() && crate::memory::mapped_in_huge_pages((*mapped.bytes).as_ref()) {
+            return Ok(mapped);
+        }
+        let Self { path, content, bytes, reader, .. } = mapped;
+        // Unmapped before the file is read: both at once would hold it twice.
+        drop((reader, bytes));
+        let bytes = crate::memory::read_file(&path).map_err(|e| EngineError::io(&path, e))?;
+        Self::laid_out_for_kernels(path, content, bytes)
     }
 
     /// A GGUF held in memory (downloaded from S3, or read from disk): tensors are read from it in
@@ -115,24 +141,10 @@ impl GgufFile {
 
     /// The file of `content` over `bytes` (the whole file), once every tensor is known to lie
     /// inside it, with the matrices the kernels multiply by rearranged in place into the layout
-    /// they read fastest ([`crate::weights::laid_out`]), in pieces of rows on rayon's pool (the
-    /// vCPUs). The token embeddings are left as they are unless the output multiplies by them
-    /// (tied): a lookup reads a few rows.
+    /// they read fastest ([`matrices_to_lay_out`]), in pieces of rows on rayon's pool (the vCPUs).
     fn laid_out_for_kernels(path: PathBuf, content: Content, mut bytes: Vec<u8>) -> Result<Self> {
         Self::check_tensor_bounds(&path, &content, bytes.len() as u64)?;
-        let tied = !content.tensor_infos.contains_key(&TensorName::Output.gguf());
-        let mut matrices: Vec<(&String, usize, usize, usize, WeightFormat)> = Vec::new();
-        for (name, info) in &content.tensor_infos {
-            let &[rows, cols] = info.shape.dims() else { continue };
-            match kernel_format(info.ggml_dtype, cols) {
-                Some(format) if laid_out(format) != format && (tied || *name != TensorName::TokenEmbedding.gguf()) => {
-                    let start = (content.tensor_data_offset + info.offset) as usize;
-                    matrices.push((name, start, rows * format.row_bytes(cols), cols, format));
-                }
-                _ => {}
-            }
-        }
-        matrices.sort_by_key(|&(_, start, ..)| start);
+        let matrices = matrices_to_lay_out(&content);
         let (mut pieces, mut rest, mut at) = (Vec::new(), &mut bytes[..], 0);
         for &(name, start, len, cols, format) in &matrices {
             let Some(gap) = start.checked_sub(at) else {

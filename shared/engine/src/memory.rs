@@ -1,6 +1,8 @@
-//! The memory a local model's weights are read into: the whole GGUF file in one buffer, which
-//! the kernels read in place.
+//! The memory a local model's weights are held in: the file's mapping where the page cache
+//! holds it in huge pages, otherwise the whole file read into one buffer of huge pages. The
+//! kernels read either in place.
 
+use std::fs::File;
 use std::io;
 use std::path::Path;
 
@@ -9,20 +11,80 @@ use rayon::prelude::*;
 /// How many bytes of a file one task of rayon's pool reads.
 const READ_PIECE_BYTES: usize = 16 << 20;
 
+/// The file mapped read-only, advised into huge pages: where the file system caches files in
+/// large folios (ext4 since Linux 6.16, XFS), a fault in an advised mapping reads the file ahead
+/// in folios of 2 MiB, which it maps whole. AMD Zen 4 VM, Linux 6.18, ext4, Llama 3.2 1B-shape
+/// Q4_K_M (778 MiB), out of the page cache and every page touched: all its whole 2 MiB pages
+/// mapped so advised, 736 of its 778 MiB unadvised.
+pub(crate) fn map(file: &File) -> io::Result<memmap2::Mmap> {
+    // SAFETY: the file is not written while it is mapped (downloads are written under a
+    // temporary name and renamed into place).
+    let map = unsafe { memmap2::Mmap::map(file) }?;
+    #[cfg(target_os = "linux")]
+    // A system without huge pages refuses the advice, harmlessly.
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
+}
+
+/// Whether a file's [`map`]ping lies in huge pages once every page of it is faulted in
+/// (`MADV_POPULATE_READ`, Linux 5.14): seven eighths of its whole 2 MiB pages or more, by its
+/// `FilePmdMapped` in `/proc/self/smaps`. Then the kernels read it as fast as a copy in a
+/// [`weights_buffer`], and the copy's cost at load is saved (Zen 4 VM, `llm bench`, three
+/// rounds in turn, one thread, load s: TinyLlama-shape Q4_K_M 1.59–1.70 → 0.05–0.08, Llama 3.2
+/// 1B-shape Q8_0 1.81–2.02 → 0.26–0.35; decode tok/s 30.5–32.6 against 30.8–32.7 and 14.8–15.7
+/// against 13.7–16.1). How the page cache holds a file depends on its history: read in by faults
+/// or by `read`, in large folios (94–95 % of it mapped in huge pages unadvised); just written
+/// (a `cp`'s copy), in small ones (none); and on that VM the large folios did not last: files
+/// read in whole were down to 56–72 % an hour later.
+#[cfg(target_os = "linux")]
+pub(crate) fn mapped_in_huge_pages(map: &[u8]) -> bool {
+    let address = map.as_ptr() as usize;
+    let whole = ((address + map.len()) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES).saturating_sub(address.next_multiple_of(HUGE_PAGE_BYTES));
+    // SAFETY: the range is a mapping of this process's, starting on a page; populating it only
+    // faults its pages in, as reading them would.
+    let populated = whole > 0 && unsafe { libc::madvise(map.as_ptr() as *mut libc::c_void, map.len(), libc::MADV_POPULATE_READ) } == 0;
+    let huge = || field_of_mapping_at(address, "FilePmdMapped:")?.trim().strip_suffix("kB")?.trim().parse::<usize>().ok();
+    populated && huge().is_some_and(|kib| kib << 10 >= whole / 8 * 7)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn mapped_in_huge_pages(_: &[u8]) -> bool {
+    false
+}
+
+/// The value of `field` (e.g. `VmFlags:`) of the mapping that holds `address`, from
+/// `/proc/self/smaps`.
+#[cfg(target_os = "linux")]
+fn field_of_mapping_at(address: usize, field: &str) -> Option<String> {
+    let mut holds = false;
+    for line in std::fs::read_to_string("/proc/self/smaps").ok()?.lines() {
+        match line.split_once(' ') {
+            // A mapping's first line: `start-end permissions offset ...`.
+            Some((range, _)) if !range.ends_with(':') => {
+                let (start, end) = range.split_once('-')?;
+                holds = (usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?).contains(&address);
+            }
+            _ if holds && line.starts_with(field) => return Some(line[field.len()..].to_string()),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// A zeroed buffer of `len` bytes for a model's file, in huge pages where the system gives them
 /// on request (Linux's transparent huge pages in their `madvise` mode). A decode step reads
-/// every weight once, from memory, and reads it fastest in a buffer of its own: in huge pages
-/// every 2 MiB of it is one page, in one piece of physical memory, with one TLB entry, where a
-/// mapped file's pages lie wherever the page cache put them. AMD Zen 4 VM, `compare.py`, decode
-/// tok/s at one thread, the file mapped (as before) → read into huge pages: Llama 3.2 1B-shape
-/// Q4_K_M 24.6 → 27.3 (0.95 → 1.05 × llama.cpp), TinyLlama-shape Q4_K_M 30.3 → 33.4, Q4_0 32.7
-/// → 34.4, Q8_0 18.5 → 19.8. Read into pages of 4 KiB, the 1B shape decoded as fast as in huge
-/// pages in some rounds and no faster than mapped in others (`llm bench`, rounds in turn:
-/// 26.8–27.6 against 27.0–27.3, and 24.9–25.2 against 26.8–28.1, mapped 25.7–25.9), by what
-/// the allocator had free; in huge pages it was fast in every round. The price is at load, where
-/// nothing was copied before: the pages are zeroed and filled (0.04 → 0.54 s for TinyLlama's
-/// Q4_K_M at one thread, up to 3.2 s for the 1B shape's Q8_0, on a VM whose memory the host
-/// backs at first touch; 0.3–0.9 s when it was touched before; in pages of 4 KiB 0.6–0.7 s).
+/// every weight once, from memory, and reads it fastest from huge pages: every 2 MiB of it one
+/// page, in one piece of physical memory, with one TLB entry. AMD Zen 4 VM, `compare.py`,
+/// decode tok/s at one thread, the file mapped in pages of 4 KiB (28 of the 1B shape's 778 MiB
+/// in huge ones) → read into huge pages: Llama 3.2 1B-shape Q4_K_M 24.6 → 27.3 (0.95 → 1.05 ×
+/// llama.cpp), TinyLlama-shape Q4_K_M 30.3 → 33.4, Q4_0 32.7 → 34.4, Q8_0 18.5 → 19.8. Read into
+/// pages of 4 KiB, the 1B shape decoded as fast as in huge pages in some rounds and no faster
+/// than mapped in others (`llm bench`, rounds in turn: 26.8–27.6 against 27.0–27.3, and
+/// 24.9–25.2 against 26.8–28.1, mapped 25.7–25.9), by what the allocator had free; in huge
+/// pages it was fast in every round. The price is at load: the pages are zeroed and filled
+/// (0.04 → 0.54 s for TinyLlama's Q4_K_M at one thread, up to 3.2 s for the 1B shape's Q8_0, on
+/// a VM whose memory the host backs at first touch; 0.3–0.9 s when it was touched before; in
+/// pages of 4 KiB 0.6–0.7 s).
 ///
 /// A download from S3 (`llm_api`) stays in pages of 4 KiB: advised into huge pages there, a
 /// cold start from the local S3 server loaded in 1.48–1.58 s instead of 0.94–0.96 (1B-shape
@@ -93,25 +155,38 @@ mod tests {
             return;
         }
         let buffer = weights_buffer(80 << 20);
-        let flags = flags_of_mapping_at(buffer.as_ptr() as usize + buffer.len() / 2).expect("a mapping holds the buffer");
+        let flags = field_of_mapping_at(buffer.as_ptr() as usize + buffer.len() / 2, "VmFlags:").expect("a mapping holds the buffer");
         assert!(flags.split_whitespace().any(|flag| flag == "hg"), "VmFlags:{flags}");
     }
 
-    /// The `VmFlags` of the mapping that holds `address`, from `/proc/self/smaps`.
+    /// A mapping is taken as it is only when it lies in huge pages: a file of less than a huge
+    /// page never is; one of 16 MiB when at least seven eighths of it are (its cached pages
+    /// dropped first, so that the mapping reads it in: in huge pages where the file system
+    /// caches large folios, as ext4 does on Linux 6.18). Every mapping is advised into huge pages.
     #[cfg(target_os = "linux")]
-    fn flags_of_mapping_at(address: usize) -> Option<String> {
-        let mut holds = false;
-        for line in std::fs::read_to_string("/proc/self/smaps").unwrap().lines() {
-            match line.split_once(' ') {
-                // A mapping's first line: `start-end permissions offset ...`.
-                Some((range, _)) if !range.ends_with(':') => {
-                    let (start, end) = range.split_once('-')?;
-                    holds = (usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?).contains(&address);
-                }
-                _ if holds && line.starts_with("VmFlags:") => return Some(line["VmFlags:".len()..].to_string()),
-                _ => {}
-            }
+    #[test]
+    fn only_a_file_mapped_in_huge_pages_is_kept_mapped() {
+        use std::os::fd::AsRawFd;
+        let path = std::env::temp_dir().join(format!("llm-engine-map-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 100 << 10]).unwrap();
+        let small = map(&File::open(&path).unwrap()).unwrap();
+        assert!(!mapped_in_huge_pages(&small), "100 KiB");
+        if Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            let flags = field_of_mapping_at(small.as_ptr() as usize, "VmFlags:").expect("a mapping holds the file");
+            assert!(flags.split_whitespace().any(|flag| flag == "hg"), "VmFlags:{flags}");
         }
-        None
+        std::fs::write(&path, vec![7u8; 16 << 20]).unwrap();
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: advice on this process's own descriptor.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mapped = map(&file).unwrap();
+        let kept = mapped_in_huge_pages(&mapped);
+        let huge = field_of_mapping_at(mapped.as_ptr() as usize, "FilePmdMapped:").expect("smaps has the field");
+        let kib: usize = huge.trim().trim_end_matches("kB").trim().parse().unwrap();
+        // An unaligned mapping has no page mapped whole (its offsets and the file's differ).
+        assert_eq!(kept, kib >= 14 << 10, "FilePmdMapped:{huge}");
+        assert_eq!(mapped[(16 << 20) - 1], 7);
+        std::fs::remove_file(&path).unwrap();
     }
 }
