@@ -111,6 +111,10 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
             (37, 256, 20),
             (67, 96, 31),
             (67, 96, 32),
+            // Rows of more than 10 KiB in every type but Q4_K and Q5_K, whose tiles then ask
+            // for the tiles ahead into L2.
+            (3, 32768, 1),
+            (2, 32768, 2),
         ];
         for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
             let (bytes, dense) = weights(ty, rows, cols);
