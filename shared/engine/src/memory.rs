@@ -11,9 +11,9 @@ use rayon::prelude::*;
 /// How many bytes of a file one task of rayon's pool reads.
 const READ_PIECE_BYTES: usize = 16 << 20;
 
-/// The file mapped read-only, advised into huge pages: where the file system caches files in
-/// large folios (ext4 since Linux 6.16, XFS), a fault in an advised mapping reads the file ahead
-/// in folios of 2 MiB, which it maps whole. AMD Zen 4 VM, Linux 6.18, ext4, Llama 3.2 1B-shape
+/// The file mapped read-only, advised into huge pages: where the page cache takes large folios
+/// (ext4 on Linux 6.18 does), a fault in an advised mapping reads the file ahead in folios of 2
+/// MiB, which it maps whole. AMD Zen 4 VM, Linux 6.18, ext4, Llama 3.2 1B-shape
 /// Q4_K_M (778 MiB), out of the page cache and every page touched: all its whole 2 MiB pages
 /// mapped so advised, 736 of its 778 MiB unadvised.
 pub(crate) fn map(file: &File) -> io::Result<memmap2::Mmap> {
@@ -35,7 +35,7 @@ pub(crate) fn map(file: &File) -> io::Result<memmap2::Mmap> {
 /// against 13.7–16.1). How the page cache holds a file depends on its history: read in by faults
 /// or by `read`, in large folios (94–95 % of it mapped in huge pages unadvised); just written
 /// (a `cp`'s copy), in small ones (none); and on that VM the large folios did not last: files
-/// read in whole were down to 56–72 % an hour later.
+/// read in whole were down to 56–72 % minutes later, after other runs.
 #[cfg(target_os = "linux")]
 pub(crate) fn mapped_in_huge_pages(map: &[u8]) -> bool {
     let address = map.as_ptr() as usize;
