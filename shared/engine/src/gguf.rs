@@ -81,8 +81,8 @@ impl AsRef<[u8]> for Shared {
 }
 
 impl GgufFile {
-    /// Maps the file rather than reading it, its tensors as the file has them (to look at it:
-    /// `llm inspect`).
+    /// Maps the file (`crate::memory::map`), its tensors as the file has them: to look at it
+    /// (`llm inspect`), and the first step of [`Self::open_for_kernels`].
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();

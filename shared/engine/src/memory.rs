@@ -13,9 +13,9 @@ const READ_PIECE_BYTES: usize = 16 << 20;
 
 /// The file mapped read-only, advised into huge pages: where the page cache takes large folios
 /// (ext4 on Linux 6.18 does), a fault in an advised mapping reads the file ahead in folios of 2
-/// MiB, which it maps whole. AMD Zen 4 VM, Linux 6.18, ext4, Llama 3.2 1B-shape
-/// Q4_K_M (778 MiB), out of the page cache and every page touched: all its whole 2 MiB pages
-/// mapped so advised, 736 of its 778 MiB unadvised.
+/// MiB, which it maps whole. AMD Zen 4 VM, Llama 3.2 1B-shape Q4_K_M (778 MiB), out of the page
+/// cache and every page touched: all its whole 2 MiB pages mapped so advised, 736 MiB
+/// unadvised.
 pub(crate) fn map(file: &File) -> io::Result<memmap2::Mmap> {
     // SAFETY: the file is not written while it is mapped (downloads are written under a
     // temporary name and renamed into place).
@@ -175,6 +175,8 @@ mod tests {
             let flags = field_of_mapping_at(small.as_ptr() as usize, "VmFlags:").expect("a mapping holds the file");
             assert!(flags.split_whitespace().any(|flag| flag == "hg"), "VmFlags:{flags}");
         }
+        // A mapped file is not written: unmapped first.
+        drop(small);
         std::fs::write(&path, vec![7u8; 16 << 20]).unwrap();
         let file = File::open(&path).unwrap();
         file.sync_all().unwrap();
