@@ -112,8 +112,8 @@ impl GgufFile {
         Self::laid_out_for_kernels(path, content, bytes)
     }
 
-    /// A GGUF held in memory (downloaded from S3, or read from disk): tensors are read from it in
-    /// place, the matrices laid out for the kernels. `name` (e.g. its S3 URI) appears in errors.
+    /// A GGUF held in memory (downloaded from S3, or the built-in demo): tensors are read from it
+    /// in place, the matrices laid out for the kernels. `name` (e.g. its S3 URI) appears in errors.
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
         let path = PathBuf::from(name);
         let content = read_content(&path, &mut Cursor::new(&bytes[..]))?;
