@@ -38,12 +38,11 @@ pub(crate) fn map(file: &File) -> io::Result<memmap2::Mmap> {
 /// read in whole were down to 56–72 % minutes later, after other runs.
 #[cfg(target_os = "linux")]
 pub(crate) fn mapped_in_huge_pages(map: &[u8]) -> bool {
-    let address = map.as_ptr() as usize;
-    let whole = ((address + map.len()) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES).saturating_sub(address.next_multiple_of(HUGE_PAGE_BYTES));
+    let whole = whole_pages(map, HUGE_PAGE_BYTES).len();
     // SAFETY: the range is a mapping of this process's, starting on a page; populating it only
     // faults its pages in, as reading them would.
     let populated = whole > 0 && unsafe { libc::madvise(map.as_ptr() as *mut libc::c_void, map.len(), libc::MADV_POPULATE_READ) } == 0;
-    let huge = || field_of_mapping_at(address, "FilePmdMapped:")?.trim().strip_suffix("kB")?.trim().parse::<usize>().ok();
+    let huge = || field_of_mapping_at(map.as_ptr() as usize, "FilePmdMapped:")?.trim().strip_suffix("kB")?.trim().parse::<usize>().ok();
     populated && huge().is_some_and(|kib| kib << 10 >= whole / 8 * 7)
 }
 
@@ -122,13 +121,16 @@ const HUGE_PAGE_BYTES: usize = 2 << 20;
 #[cfg(target_os = "linux")]
 pub(crate) fn own_pages(bytes: &[u8], page: usize) -> Option<&[u8]> {
     const OWN_MAPPING: usize = 64 << 20;
-    if bytes.len() < OWN_MAPPING {
-        return None;
-    }
+    (bytes.len() >= OWN_MAPPING).then(|| whole_pages(bytes, page))
+}
+
+/// The whole pages, of `page` bytes, inside `bytes` (empty if none is).
+#[cfg(target_os = "linux")]
+fn whole_pages(bytes: &[u8], page: usize) -> &[u8] {
     let address = bytes.as_ptr() as usize;
-    let start = address.next_multiple_of(page) - address;
-    let end = (address + bytes.len()) / page * page - address;
-    Some(&bytes[start..end])
+    let start = (address.next_multiple_of(page) - address).min(bytes.len());
+    let end = ((address + bytes.len()) / page * page).saturating_sub(address).max(start);
+    &bytes[start..end]
 }
 
 #[cfg(test)]

@@ -56,9 +56,9 @@ fn tiles_ahead(w: &crate::QMatrix, tile_rows: usize, at_least: usize) -> usize {
 /// ([`L1_TILE_BYTES`]). The tiles take the answer as a constant (`with_ahead_cache!`): a branch
 /// at every ask cost a Q4_K_M decode step 3.5 % (31.0–32.0 → 30.0–30.7 tok/s). The K-quants'
 /// tiles are one row, so they take it once a product; a row of more than 10 KiB ran at half
-/// speed asking into L1: Zen 4, `--bench stream -- shape=1024x24576` (Q6_K rows of 20 KiB), one thread, 11.3–11.4 →
-/// 24.8–24.9 GB/s (Q4_K's 13.5 KiB rows 10.6–10.8 → 22.2–23.7 with the same change, which Q4_K
-/// and Q5_K do not take: `avx2::product_rows` says why); 5632 × 2048 level.
+/// speed asking into L1: Zen 4, `--bench stream -- shape=1024x24576` (Q6_K rows of 20 KiB), one
+/// thread, 11.3–11.4 → 24.8–24.9 GB/s (Q4_K's 13.5 KiB rows 10.6–10.8 → 22.2–23.7 with the same
+/// change, which Q4_K and Q5_K do not take: `avx2::product_rows` says why); 5632 × 2048 level.
 #[inline(always)]
 fn ahead_into_l2(w: &crate::QMatrix, tile_rows: usize) -> bool {
     tile_rows * w.ty.row_bytes(w.cols) > L1_TILE_BYTES
