@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{EngineError, Result};
-use crate::weights::{kernel_format, laid_out, lay_out, FileBytes, InPlace, TensorName, Weight, WeightSource};
+use crate::weights::{kernel_format, laid_out, FileBytes, InPlace, TensorName, Weight, WeightSource};
 use llm_kernels::WeightFormat;
 
 /// An opened GGUF file: its metadata and tensor directory over the whole file's bytes (memory
@@ -49,7 +49,7 @@ fn read_content<R: std::io::Read + std::io::Seek>(path: &Path, reader: &mut R) -
 
 /// The matrices of `content` that the kernels read fastest in another layout
 /// ([`crate::weights::laid_out`]), in the file's order: name, first byte, length, row length and
-/// format as the file has it. The token embeddings are left as they are unless the output
+/// the layout it goes into. The token embeddings are left as they are unless the output
 /// multiplies by them (tied): a lookup reads a few rows.
 fn matrices_to_lay_out(content: &Content) -> Vec<(&String, usize, usize, usize, WeightFormat)> {
     let tied = !content.tensor_infos.contains_key(&TensorName::Output.gguf());
@@ -57,9 +57,9 @@ fn matrices_to_lay_out(content: &Content) -> Vec<(&String, usize, usize, usize, 
     for (name, info) in &content.tensor_infos {
         let &[rows, cols] = info.shape.dims() else { continue };
         match kernel_format(info.ggml_dtype, cols) {
-            Some(format) if laid_out(format) != format && (tied || *name != TensorName::TokenEmbedding.gguf()) => {
+            Some(format) if laid_out(format, rows) != format && (tied || *name != TensorName::TokenEmbedding.gguf()) => {
                 let start = (content.tensor_data_offset + info.offset) as usize;
-                matrices.push((name, start, rows * format.row_bytes(cols), cols, format));
+                matrices.push((name, start, rows * format.row_bytes(cols), cols, laid_out(format, rows)));
             }
             _ => {}
         }
@@ -155,22 +155,24 @@ impl GgufFile {
                 return Err(EngineError::invalid_file(&path, format!("tensor `{name}` overlaps the one before it")));
             };
             let (matrix, after) = std::mem::take(&mut rest)[gap..].split_at_mut(len);
-            let rows_per_piece = (PIECE_BYTES / format.row_bytes(cols)).max(1);
+            let rows_per_piece = (PIECE_BYTES / format.row_bytes(cols)).max(1).next_multiple_of(format.rows_together());
             pieces.extend(matrix.chunks_mut(rows_per_piece * format.row_bytes(cols)).map(|piece| (piece, cols, format)));
             (rest, at) = (after, start + len);
         }
         pieces.into_par_iter().for_each(|(piece, cols, format)| {
-            lay_out(format, piece, cols);
+            if let WeightFormat::Blocks(ty) = format {
+                ty.rearrange(piece, cols, false);
+            }
         });
         let laid_out = matrices.into_iter().map(|(name, ..)| name.clone()).collect();
         let bytes = in_memory(bytes);
         Ok(Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content, laid_out })
     }
 
-    /// How the kernels read the matrix `name`, of `dtype` with rows of `cols` values, in this
+    /// How the kernels read the matrix `name`, of `dtype`, `rows` rows of `cols` values, in this
     /// file's bytes, if they take it.
-    fn kernel_format(&self, name: &str, dtype: candle_core::quantized::GgmlDType, cols: usize) -> Option<WeightFormat> {
-        kernel_format(dtype, cols).map(|format| if self.laid_out.contains(name) { laid_out(format) } else { format })
+    fn kernel_format(&self, name: &str, dtype: candle_core::quantized::GgmlDType, rows: usize, cols: usize) -> Option<WeightFormat> {
+        kernel_format(dtype, cols).map(|format| if self.laid_out.contains(name) { laid_out(format, rows) } else { format })
     }
 
     /// Drops the metadata keys under `prefix` (`tokenizer.` once the tokenizer is built from
@@ -335,7 +337,7 @@ impl WeightSource for GgufSource<'_> {
             return Ok(None);
         };
         if let &[rows, cols] = info.shape.dims() {
-            if let Some(format) = self.file.kernel_format(&key, info.ggml_dtype, cols) {
+            if let Some(format) = self.file.kernel_format(&key, info.ggml_dtype, rows, cols) {
                 // Inside the file: checked with the tensor directory when it was opened.
                 let start = (self.file.content.tensor_data_offset + info.offset) as usize;
                 let range = start..start + rows * format.row_bytes(cols);
@@ -379,28 +381,35 @@ mod tests {
         }
     }
 
-    /// Q4_0 matrices are laid out anew where the kernels read another layout faster (x86), in a
-    /// download and in a file read from disk, which stays as it was, and read back as written:
+    /// Q4_0 and Q4_K matrices are laid out anew where the kernels read another layout faster
+    /// (x86; Q4_K with AVX-512), in a download and in a file read from disk, which stays as it was, and read back as written:
     /// whole, and as the rows an embedding lookup takes. The token embeddings of a model with its
     /// own output matrix stay as the file has them.
     #[test]
-    fn q4_0_matrices_are_laid_out_for_the_kernels_and_read_back_as_written() {
-        let values = Tensor::randn(0f32, 1.0, (6, 96), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&values, GgmlDType::Q4_0).unwrap();
+    fn matrices_are_laid_out_for_the_kernels_and_read_back_as_written() {
+        // Q4_K's layout keeps 16 rows together: row 20 is read back from the second group.
+        for (dtype, ty, rows, cols, row) in [(GgmlDType::Q4_0, BlockType::Q4_0, 6, 96, 4), (GgmlDType::Q4K, BlockType::Q4K, 32, 256, 20)] {
+            laid_out_and_read_back(dtype, ty, rows, cols, row);
+        }
+    }
+
+    fn laid_out_and_read_back(dtype: GgmlDType, ty: BlockType, rows: usize, cols: usize, row: usize) {
+        let values = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&values, dtype).unwrap();
         let written: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let on_disk = std::env::temp_dir().join(format!("llm-engine-laid-out-{}.gguf", std::process::id()));
         let files = |tensors: &[(&str, &QTensor)]| {
             let mut bytes = Cursor::new(Vec::new());
             gguf_file::write(&mut bytes, &[], tensors).unwrap();
             std::fs::write(&on_disk, bytes.get_ref()).unwrap();
-            [GgufFile::from_bytes("q4_0.gguf", bytes.into_inner()).unwrap(), GgufFile::open_for_kernels(&on_disk).unwrap()]
+            [GgufFile::from_bytes("laid-out.gguf", bytes.into_inner()).unwrap(), GgufFile::open_for_kernels(&on_disk).unwrap()]
         };
-        let kernels = WeightFormat::Blocks(llm_kernels::Kernels::best().layout(BlockType::Q4_0));
+        let kernels = WeightFormat::Blocks(llm_kernels::Kernels::best().layout(ty, rows));
         let untied = [("token_embd.weight", &q), ("output.weight", &q), ("blk.0.attn_q.weight", &q)];
         let tied = [("token_embd.weight", &q), ("blk.0.attn_q.weight", &q)];
         let query = TensorName::Layer(0, crate::weights::LayerTensor::Q);
         for (tensors, expected) in [
-            (&untied[..], &[(TensorName::TokenEmbedding, WeightFormat::Blocks(BlockType::Q4_0)), (TensorName::Output, kernels), (query, kernels)][..]),
+            (&untied[..], &[(TensorName::TokenEmbedding, WeightFormat::Blocks(ty)), (TensorName::Output, kernels), (query, kernels)][..]),
             (&tied[..], &[(TensorName::TokenEmbedding, kernels), (query, kernels)][..]),
         ] {
             for mut file in files(tensors) {
@@ -410,12 +419,12 @@ mod tests {
                     let Weight::InPlace(matrix) = &weight else { panic!("{name:?} was copied: {weight:?}") };
                     assert_eq!(matrix.format, format, "{name:?}");
                     assert_eq!(weight.to_f32().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), written, "{name:?}");
-                    assert_eq!(matrix.dequantize_row(4).unwrap(), written[4 * 96..5 * 96], "{name:?}'s row 4");
+                    assert_eq!(matrix.dequantize_row(row).unwrap(), written[row * cols..(row + 1) * cols], "{name:?}'s row {row}");
                 }
             }
             let mut reread = GgufFile::open(&on_disk).unwrap();
             let Some(Weight::InPlace(matrix)) = GgufSource { file: &mut reread }.load(query).unwrap() else { panic!("the query matrix is read in place") };
-            assert_eq!(matrix.format, WeightFormat::Blocks(BlockType::Q4_0), "as the file has it");
+            assert_eq!(matrix.format, WeightFormat::Blocks(ty), "as the file has it");
             assert_eq!(
                 matrix.to_qtensor().unwrap().dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 written,

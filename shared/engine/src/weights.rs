@@ -164,8 +164,11 @@ impl InPlace {
         if i >= rows {
             return Err(EngineError::InvalidRequest(format!("row {i} of a matrix of {rows} rows (a token id outside the vocabulary?)")));
         }
-        let len = self.format.row_bytes(cols);
-        let row = qtensor_from_ggml(ggml_type(self.format), &self.in_file_layout(&self.bytes()[i * len..(i + 1) * len]), vec![cols], &Device::Cpu)?;
+        // A layout that keeps rows together is read back a group at a time.
+        let (len, together) = (self.format.row_bytes(cols), self.format.rows_together());
+        let first = i / together * together;
+        let rows = self.in_file_layout(&self.bytes()[first * len..(first + together) * len]);
+        let row = qtensor_from_ggml(ggml_type(self.format), &rows[(i - first) * len..][..len], vec![cols], &Device::Cpu)?;
         Ok(row.dequantize(&Device::Cpu)?.to_vec1()?)
     }
 
@@ -187,18 +190,18 @@ impl InPlace {
     }
 }
 
-/// The layout the kernels read a matrix in `format` (as a file has it) fastest.
-pub(crate) fn laid_out(format: WeightFormat) -> WeightFormat {
+/// The layout the kernels read a matrix of `rows` rows in `format` (as a file has it) fastest.
+pub(crate) fn laid_out(format: WeightFormat, rows: usize) -> WeightFormat {
     match format {
-        WeightFormat::Blocks(ty) => WeightFormat::Blocks(Kernels::best().layout(ty)),
+        WeightFormat::Blocks(ty) => WeightFormat::Blocks(Kernels::best().layout(ty, rows)),
         floats => floats,
     }
 }
 
-/// Rows of `cols` values in `format` (as a file has them) rearranged in place into the layout
-/// the kernels read fastest, which it returns.
+/// A matrix's rows of `cols` values in `format` (as a file has them) rearranged in place into
+/// the layout the kernels read fastest, which it returns.
 pub(crate) fn lay_out(format: WeightFormat, rows: &mut [u8], cols: usize) -> WeightFormat {
-    let laid_out = laid_out(format);
+    let laid_out = laid_out(format, rows.len() / format.row_bytes(cols));
     if let WeightFormat::Blocks(ty) = laid_out {
         ty.rearrange(rows, cols, false);
     }
@@ -240,9 +243,9 @@ fn ggml_type(format: WeightFormat) -> GgmlDType {
         WeightFormat::Float(Float::F16) => return GgmlDType::F16,
         WeightFormat::Float(Float::Bf16) => return GgmlDType::BF16,
     };
-    match ty {
+    match ty.in_file() {
         BlockType::Q8_0 => GgmlDType::Q8_0,
-        BlockType::Q4_0 | BlockType::Q4_0ScalesFirst => GgmlDType::Q4_0,
+        BlockType::Q4_0 => GgmlDType::Q4_0,
         BlockType::Q4_1 => GgmlDType::Q4_1,
         BlockType::Q5_0 => GgmlDType::Q5_0,
         BlockType::Q5_1 => GgmlDType::Q5_1,
@@ -251,6 +254,7 @@ fn ggml_type(format: WeightFormat) -> GgmlDType {
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
+        BlockType::Q4_0ScalesFirst | BlockType::Q4KInterleaved => unreachable!("`in_file` is a file's type"),
     }
 }
 

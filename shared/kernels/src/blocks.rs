@@ -43,14 +43,23 @@ pub enum BlockType {
     /// (the last run may be shorter) keeps its `f16` scales first, one after another, then each
     /// block's 16 bytes of nibbles ([`BlockType::rearrange`]).
     Q4_0ScalesFirst,
+    /// Q4_K as AVX-512's decode tiles read it, not a file's type: each [`INTERLEAVED_ROWS`] rows
+    /// keep their blocks together, one 2,304-byte group per super-block, every field's 2 or 4
+    /// bytes of the 16 rows side by side, so that one 512-bit register holds the same field of
+    /// every row ([`BlockType::rearrange`]): the 16 `f16` d, the 16 `f16` dmin, then each of the
+    /// three words of scales, then each of the 32 words of nibbles.
+    Q4KInterleaved,
 }
+
+/// Rows whose blocks [`BlockType::Q4KInterleaved`] keeps together.
+pub const INTERLEAVED_ROWS: usize = 16;
 
 impl BlockType {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
             Self::Q8_0 | Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => BLOCK,
-            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => SUPER_BLOCK,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
 
@@ -63,7 +72,7 @@ impl BlockType {
             Self::Q5_1 => 2 + 2 + 4 + BLOCK / 2,
             Self::Q2K => SUPER_BLOCK / 16 + SUPER_BLOCK / 4 + 2 + 2,
             Self::Q3K => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
-            Self::Q4K => 2 + 2 + 12 + SUPER_BLOCK / 2,
+            Self::Q4K | Self::Q4KInterleaved => 2 + 2 + 12 + SUPER_BLOCK / 2,
             Self::Q5K => 2 + 2 + 12 + SUPER_BLOCK / 8 + SUPER_BLOCK / 2,
             Self::Q6K => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
         }
@@ -71,6 +80,14 @@ impl BlockType {
 
     pub const fn row_bytes(self, cols: usize) -> usize {
         cols / self.block_values() * self.block_bytes()
+    }
+
+    /// How many rows this layout keeps together: a matrix's rows are a whole number of them.
+    pub const fn rows_together(self) -> usize {
+        match self {
+            Self::Q4KInterleaved => INTERLEAVED_ROWS,
+            _ => 1,
+        }
     }
 
     /// Whether a legacy block adds a minimum `m` (Q4_1, Q5_1) rather than subtracting an offset
@@ -107,22 +124,59 @@ impl BlockType {
         matches!(self, Self::Q5_0 | Self::Q5_1)
     }
 
-    /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`].
+    /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`], Q4_K for
+    /// [`BlockType::Q4KInterleaved`].
     pub const fn in_file(self) -> Self {
         match self {
             Self::Q4_0ScalesFirst => Self::Q4_0,
+            Self::Q4KInterleaved => Self::Q4K,
             other => other,
         }
     }
 
     /// Rows of `cols` values rearranged in place from the file's layout ([`BlockType::in_file`])
     /// into this one, or with `back` from this one into the file's; nothing for a file's type.
+    /// `rows` holds a whole number of [`BlockType::rows_together`].
     pub fn rearrange(self, rows: &mut [u8], cols: usize, back: bool) {
-        if self == Self::Q4_0ScalesFirst {
-            scales_first(rows, cols, back);
+        match self {
+            Self::Q4_0ScalesFirst => scales_first(rows, cols, back),
+            Self::Q4KInterleaved => interleave(rows, cols, back),
+            _ => {}
         }
     }
 }
+
+/// Bytes of one super-block of [`INTERLEAVED_ROWS`] rows in [`BlockType::Q4KInterleaved`].
+pub const INTERLEAVED_BLOCK_BYTES: usize = INTERLEAVED_ROWS * BlockType::Q4K.block_bytes();
+
+/// Rows of Q4_K blocks, `cols` values each, rearranged in place as [`BlockType::Q4KInterleaved`],
+/// or with `back` from that layout to Q4_K's.
+fn interleave(rows: &mut [u8], cols: usize, back: bool) {
+    let row_bytes = BlockType::Q4K.row_bytes(cols);
+    let mut copy = vec![0u8; INTERLEAVED_ROWS * row_bytes];
+    assert!(rows.len().is_multiple_of(copy.len()), "Q4_K rows are interleaved 16 at a time");
+    for group in rows.chunks_exact_mut(copy.len()) {
+        copy.copy_from_slice(group);
+        for b in 0..cols / SUPER_BLOCK {
+            let split = b * INTERLEAVED_BLOCK_BYTES;
+            // Field `at` (d at 0, dmin at 2, then 4-byte words: three of scales, 32 of nibbles)
+            // of row `r`'s block goes to `at · 16 + len · r` of the rows' super-block: one field
+            // of every row after another, each run of 16 written (or read back) in order.
+            for (at, len) in [(0, 2), (2, 2)].into_iter().chain((4..Q4_K_BYTES).step_by(4).map(|at| (at, 4))) {
+                for r in 0..INTERLEAVED_ROWS {
+                    let (file, split) = (r * row_bytes + b * Q4_K_BYTES + at, split + at * INTERLEAVED_ROWS + len * r);
+                    let (from, to) = if back { (split, file) } else { (file, split) };
+                    match len {
+                        2 => group[to..to + 2].copy_from_slice(&copy[from..from + 2]),
+                        _ => group[to..to + 4].copy_from_slice(&copy[from..from + 4]),
+                    }
+                }
+            }
+        }
+    }
+}
+
+const Q4_K_BYTES: usize = BlockType::Q4K.block_bytes();
 
 /// Rows of Q4_0 blocks, `cols` values each, rearranged in place as [`BlockType::Q4_0ScalesFirst`]
 /// (each run's scales, then its nibbles), or with `back` from that layout to Q4_0's.
@@ -286,6 +340,28 @@ mod tests {
             }
         }
         scales_first(&mut split, cols, true);
+        assert_eq!(split, file);
+    }
+
+    #[test]
+    fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
+        let (rows, cols) = (32, 2 * SUPER_BLOCK);
+        let (row_bytes, bytes) = (BlockType::Q4K.row_bytes(cols), BlockType::Q4K.block_bytes());
+        let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();
+        let mut split = file.clone();
+        interleave(&mut split, cols, false);
+        for r in 0..rows {
+            for b in 0..2 {
+                let block = &file[r * row_bytes + b * bytes..][..bytes];
+                let (group, lane) = (r / 16 * 16 * row_bytes + b * INTERLEAVED_BLOCK_BYTES, r % 16);
+                assert_eq!(split[group + 2 * lane..][..2], block[..2], "row {r}, block {b}'s d");
+                assert_eq!(split[group + 32 + 2 * lane..][..2], block[2..4], "row {r}, block {b}'s dmin");
+                for w in 1..bytes / 4 {
+                    assert_eq!(split[group + 64 * w + 4 * lane..][..4], block[4 * w..4 * w + 4], "row {r}, block {b}'s word {w}");
+                }
+            }
+        }
+        interleave(&mut split, cols, true);
         assert_eq!(split, file);
     }
 }

@@ -79,7 +79,7 @@ pub fn float_matmuls_with(kernels: Kernels, products: &mut [(FloatMatrix, &mut [
     assert!(kernels.runs_here(), "this CPU cannot run the {kernels:?} kernels");
     let m = crate::input_rows(products.iter().map(|(w, y)| (w.rows, w.cols, y.len())), x.len())?;
     let parts: Vec<(FloatMatrix, OutPtr<f32>)> = products.iter_mut().map(|(w, y)| (*w, OutPtr(y.as_mut_ptr()))).collect();
-    let rows: Vec<usize> = parts.iter().map(|(w, _)| w.rows).collect();
+    let rows: Vec<(usize, usize)> = parts.iter().map(|(w, _)| (w.rows, 1)).collect();
     #[cfg(target_arch = "x86_64")]
     let through_panels = |ty: Float| panels::through_panels(kernels, ty, m);
     #[cfg(target_arch = "x86_64")]

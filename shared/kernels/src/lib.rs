@@ -1,8 +1,8 @@
 //! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of plain floats).
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
-//! never copied; only Q4_0's are rearranged, in place, where AVX2's tiles read it:
-//! [`Kernels::layout`]); the activations are quantized once per product (once for the
+//! never copied; only Q4_0's are rearranged, in place, where AVX2's tiles read it, and Q4_K's,
+//! 16 rows together, where AVX-512's do: [`Kernels::layout`]); the activations are quantized once per product (once for the
 //! products of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp
 //! does, so that each weight block meets an activation block in an integer dot product. Many
 //! activation rows (a prompt) share every weight load: the product is computed in tiles of
@@ -68,6 +68,7 @@ mod tiles;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 pub use activations::QuantizedRows;
@@ -138,13 +139,15 @@ impl Kernels {
         }
     }
 
-    /// The layout these kernels read `ty`'s matrices in fastest, which the loader may rearrange
-    /// them into: [`BlockType::Q4_0ScalesFirst`] for Q4_0 where AVX2's tiles decode it (AVX2,
-    /// and AVX-512 on a Zen 4), otherwise `ty` as the file has it.
-    pub fn layout(self, ty: BlockType) -> BlockType {
+    /// The layout these kernels read `ty`'s matrices of `rows` rows in fastest, which the loader
+    /// may rearrange them into: [`BlockType::Q4_0ScalesFirst`] for Q4_0 where AVX2's tiles
+    /// decode it (AVX2, and AVX-512 on a Zen 4), [`BlockType::Q4KInterleaved`] for Q4_K with
+    /// AVX-512 (a whole number of its groups of rows), otherwise `ty` as the file has it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has layouts
+    pub fn layout(self, ty: BlockType, rows: usize) -> BlockType {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512Vnni | Self::Avx2 => x86::layout(ty, self == Self::Avx512Vnni),
+            Self::Avx512Vnni | Self::Avx2 => x86::layout(ty, rows, self == Self::Avx512Vnni),
             _ => ty,
         }
     }
@@ -197,6 +200,9 @@ impl<'a> QMatrix<'a> {
         if cols == 0 || !cols.is_multiple_of(ty.block_values()) {
             return Err(ShapeError(format!("a {ty:?} row must be a whole number of {}-value blocks, not {cols}", ty.block_values())));
         }
+        if !rows.is_multiple_of(ty.rows_together()) {
+            return Err(ShapeError(format!("a {ty:?} matrix has rows in groups of {}, not {rows}", ty.rows_together())));
+        }
         let expected = rows * ty.row_bytes(cols);
         if bytes.len() != expected {
             return Err(ShapeError(format!("a {rows}×{cols} {ty:?} matrix takes {expected} bytes, not {}", bytes.len())));
@@ -204,9 +210,18 @@ impl<'a> QMatrix<'a> {
         Ok(Self { ty, rows, cols, bytes })
     }
 
-    fn row(&self, r: usize) -> &'a [u8] {
-        let len = self.ty.row_bytes(self.cols);
-        &self.bytes[r * len..(r + 1) * len]
+    /// Row `r` as a file has it, in `self.ty.in_file()`'s blocks (rearranged back from a
+    /// kernels' layout: [`scalar::dot`] reads it).
+    pub fn row_in_file(&self, r: usize) -> Cow<'a, [u8]> {
+        let (len, together) = (self.ty.row_bytes(self.cols), self.ty.rows_together());
+        let first = r / together * together;
+        let rows = &self.bytes[first * len..(first + together) * len];
+        if self.ty == self.ty.in_file() {
+            return Cow::Borrowed(&rows[(r - first) * len..][..len]);
+        }
+        let mut rows = rows.to_vec();
+        self.ty.rearrange(&mut rows, self.cols, true);
+        Cow::Owned(rows[(r - first) * len..][..len].to_vec())
     }
 }
 
@@ -231,6 +246,14 @@ impl WeightFormat {
         match self {
             Self::Blocks(ty) => ty.row_bytes(cols),
             Self::Float(ty) => ty.bytes() * cols,
+        }
+    }
+
+    /// How many rows the layout keeps together ([`BlockType::rows_together`]).
+    pub const fn rows_together(self) -> usize {
+        match self {
+            Self::Blocks(ty) => ty.rows_together(),
+            Self::Float(_) => 1,
         }
     }
 }
@@ -322,7 +345,7 @@ pub fn matmuls_with(kernels: Kernels, products: &mut [(QMatrix, &mut [f32])], x:
         .collect();
     let parts: Vec<(QMatrix, &QuantizedRows, OutPtr<f32>)> =
         products.iter_mut().zip(form_of).map(|((w, y), form)| (*w, &forms[form].1, OutPtr(y.as_mut_ptr()))).collect();
-    let rows: Vec<usize> = parts.iter().map(|(w, _, _)| w.rows).collect();
+    let rows: Vec<(usize, usize)> = parts.iter().map(|(w, _, _)| (w.rows, w.ty.rows_together())).collect();
     in_row_groups(&rows, m, |p, rows| {
         let (w, x, out) = &parts[p];
         // SAFETY: a group's rows are its own columns of the output, which outlives the pool's
@@ -352,29 +375,31 @@ fn input_rows(products: impl Iterator<Item = (usize, usize, usize)>, x_len: usiz
     Ok(input_cols.map_or(0, |cols| x_len / cols))
 }
 
-/// `f(product, weight rows)` for every group of each product's weight rows (`rows[product]` of
-/// them, against `m` activation rows), in one job of the compute pool. A group's rows are the
-/// same columns of every row of its product's output, so no two groups write the same element.
-fn in_row_groups(rows: &[usize], m: usize, f: impl Fn(usize, std::ops::Range<usize>) + Sync) {
-    let group: Vec<usize> = rows.iter().map(|&r| group_rows(r, m)).collect();
+/// `f(product, weight rows)` for every group of each product's weight rows (`rows[product]` is
+/// how many, and how many its layout keeps together; against `m` activation rows), in one job
+/// of the compute pool. A group's rows are the same columns of every row of its product's
+/// output, so no two groups write the same element.
+fn in_row_groups(rows: &[(usize, usize)], m: usize, f: impl Fn(usize, std::ops::Range<usize>) + Sync) {
+    let group: Vec<usize> = rows.iter().map(|&(r, together)| group_rows(r, together, m)).collect();
     // Product p's work items are `first_item[p]..`, one per `group[p]` of its rows.
     let (mut first_item, mut items) = (Vec::with_capacity(rows.len()), 0);
-    for (r, g) in rows.iter().zip(&group) {
+    for ((r, _), g) in rows.iter().zip(&group) {
         first_item.push(items);
         items += r.div_ceil(*g);
     }
     shares::in_shares(items, |item| {
         let p = first_item.partition_point(|&first| first <= item) - 1;
         let g = item - first_item[p];
-        f(p, g * group[p]..rows[p].min((g + 1) * group[p]));
+        f(p, g * group[p]..rows[p].0.min((g + 1) * group[p]));
     });
 }
 
 /// Weight rows per work item: enough items for the pool to balance, few enough that a group
-/// (its rows re-read from cache for every activation row) stays in L2.
-fn group_rows(rows: usize, m: usize) -> usize {
+/// (its rows re-read from cache for every activation row) stays in L2; whole groups of the
+/// `together` rows of the weights' layout.
+fn group_rows(rows: usize, together: usize, m: usize) -> usize {
     let per_item = if m == 1 { 16 } else { 64 };
-    per_item.min(rows.div_ceil(4 * pool::threads()).next_multiple_of(4)).max(4)
+    per_item.min(rows.div_ceil(4 * pool::threads()).next_multiple_of(4)).max(4).next_multiple_of(together)
 }
 
 /// Values per work item of [`in_chunks`]' users (64 KiB of `f32`).
@@ -423,15 +448,17 @@ unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: s
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx512Vnni => return x86::avx512::product_rows(w, x, rows, out.0),
         #[cfg(target_arch = "x86_64")]
-        Kernels::Avx2 => return x86::avx2::product_rows(w, x, rows, out.0),
-        // NEON reads Q4_0 as the file has it ([`Kernels::layout`]); the other layout is scalar's.
+        Kernels::Avx2 if w.ty != BlockType::Q4KInterleaved => return x86::avx2::product_rows(w, x, rows, out.0),
+        // NEON reads Q4_0 and Q4_K as the file has them ([`Kernels::layout`]); other kernels'
+        // layouts go through the scalar definition.
         #[cfg(target_arch = "aarch64")]
-        Kernels::NeonDot if w.ty != BlockType::Q4_0ScalesFirst => return aarch64::product_rows(w, x, rows, out.0),
+        Kernels::NeonDot if w.ty == w.ty.in_file() => return aarch64::product_rows(w, x, rows, out.0),
         _ => {}
     }
     for r in rows {
+        let row = w.row_in_file(r);
         for i in 0..x.rows() {
-            *out.0.add(i * w.rows + r) = scalar::dot(w.ty, w.row(r), x, i);
+            *out.0.add(i * w.rows + r) = scalar::dot(w.ty.in_file(), &row, x, i);
         }
     }
 }

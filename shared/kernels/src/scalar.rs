@@ -3,14 +3,10 @@
 use crate::activations::QuantizedRows;
 use crate::blocks::{f16_at, legacy_code, legacy_scale_offset, q2_k_code, q3_k_code, q3_k_scales, q4_k_scales, q5_k_value, q6_k_value, BlockType, BLOCK};
 
-/// `Σ w·x` over weight row `w` (in `ty`'s blocks) and activation row `i` of `x` (quantized in
-/// groups of `ty.block_values()`).
+/// `Σ w·x` over weight row `w` (in `ty`'s blocks, a file's type: [`crate::QMatrix::row_in_file`]
+/// reads a row of the kernels' layouts so) and activation row `i` of `x` (quantized in groups of
+/// `ty.block_values()`).
 pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
-    if ty == BlockType::Q4_0ScalesFirst {
-        let mut blocks = w.to_vec();
-        ty.rearrange(&mut blocks, w.len() / ty.block_bytes() * BLOCK, true);
-        return dot(BlockType::Q4_0, &blocks, x, i);
-    }
     let (xd, xq, xsums) = x.row(i);
     let blocks = w.chunks_exact(ty.block_bytes()).zip(xd).zip(xq.chunks_exact(ty.block_values()));
     let mut sum = 0f32;
@@ -65,7 +61,7 @@ pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
                     let scaled: i32 = (0..256).map(|v| scales[v / 16] as i8 as i32 * (q6_k_value(wb, v) as i32 - 32) * xb[v] as i32).sum();
                     f16_at(wb, 208) * scaled as f32
                 }
-                BlockType::Q4_0ScalesFirst => unreachable!("put back in Q4_0's blocks above"),
+                BlockType::Q4_0ScalesFirst | BlockType::Q4KInterleaved => panic!("{ty:?} is the kernels' layout, not a file's type"),
             };
     }
     sum

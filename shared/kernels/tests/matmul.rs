@@ -15,7 +15,7 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-const TYPES: [BlockType; 11] = [
+const TYPES: [BlockType; 12] = [
     BlockType::Q8_0,
     BlockType::Q4_0,
     BlockType::Q4_0ScalesFirst,
@@ -25,6 +25,7 @@ const TYPES: [BlockType; 11] = [
     BlockType::Q2K,
     BlockType::Q3K,
     BlockType::Q4K,
+    BlockType::Q4KInterleaved,
     BlockType::Q5K,
     BlockType::Q6K,
 ];
@@ -47,7 +48,7 @@ fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
-        BlockType::Q4_0ScalesFirst => unreachable!("a file holds it as Q4_0"),
+        BlockType::Q4_0ScalesFirst | BlockType::Q4KInterleaved => unreachable!("the kernels' layouts, not a file's type"),
     };
     let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
@@ -115,8 +116,18 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
             // for the tiles ahead into L2.
             (3, 32768, 1),
             (2, 32768, 2),
+            // Whole groups of 16 rows, which Q4_K's interleaved layout takes, by every tile of
+            // 1–4 activation rows, tiles left over, and panels (from 32 rows for that layout).
+            (16, 768, 1),
+            (32, 256, 2),
+            (48, 512, 3),
+            (16, 256, 6),
+            (32, 768, 7),
+            (16, 512, 13),
+            (16, 256, 33),
+            (16, 32768, 1),
         ];
-        for (rows, cols, m) in shapes.into_iter().filter(|(_, cols, _)| cols % ty.block_values() == 0) {
+        for (rows, cols, m) in shapes.into_iter().filter(|(rows, cols, _)| cols % ty.block_values() == 0 && rows % ty.rows_together() == 0) {
             let (bytes, dense) = weights(ty, rows, cols);
             let w = QMatrix::new(ty, rows, cols, &bytes).unwrap();
             let x = random(m * cols, 11);
@@ -145,7 +156,7 @@ fn assert_scalar(kernels: Kernels, w: &QMatrix, x: &[f32], y: &[f32]) {
     for i in 0..x.len() / cols {
         for r in 0..rows {
             let got = y[i * rows + r];
-            let exact = scalar::dot(ty, &w.bytes[r * ty.row_bytes(cols)..(r + 1) * ty.row_bytes(cols)], &q, i);
+            let exact = scalar::dot(ty.in_file(), &w.row_in_file(r), &q, i);
             assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "{kernels:?} {ty:?} {rows}x{cols} [{i},{r}]: {got} vs {exact}");
         }
     }
@@ -204,6 +215,7 @@ fn several_products_of_one_input_equal_each_alone() {
         (BlockType::Q4_0, 20),
         (BlockType::Q4_0ScalesFirst, 7),
         (BlockType::Q4K, 5),
+        (BlockType::Q4KInterleaved, 32),
     ];
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
     let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();

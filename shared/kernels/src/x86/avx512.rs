@@ -11,7 +11,9 @@
 //! step, a batch's last rows) take four weight rows to a register instead, one to each 128-bit
 //! lane, the rows left over going through AVX2's tiles. A K-quant's tile is one weight row, two
 //! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
-//! or three a batch leaves. On a host whose 512-bit instructions take two passes (AMD Zen 4),
+//! or three a batch leaves; Q4_K's matrices are laid out 16 rows together instead
+//! ([`BlockType::Q4KInterleaved`]), whose tiles take one 32-bit lane of each register per row
+//! and up to 32 activation rows before the panels do. On a host whose 512-bit instructions take two passes (AMD Zen 4),
 //! most types' decode steps go through AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's
 //! and Q4_1's batch steps of two and three rows.
 
@@ -23,7 +25,7 @@ use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, with_ahead_cache, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{legacy_layout, BlockType, BLOCK, SUPER_BLOCK};
+use crate::blocks::{legacy_layout, BlockType, BLOCK, INTERLEAVED_BLOCK_BYTES, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
 use crate::QMatrix;
 
@@ -67,6 +69,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         // The K-quants' tiles are a row each: the choice is made once a product, not per row.
         // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
         BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
+        BlockType::Q4KInterleaved => interleaved_rows(w, x, rows, out),
         BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
         BlockType::Q2K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q2K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out)),
         BlockType::Q3K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q3K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out)),
@@ -126,6 +129,157 @@ fn avx2_decodes_faster(ty: BlockType, rows: usize) -> bool {
         _ => false,
     }
 }
+
+/// A [`BlockType::Q4KInterleaved`] matrix's columns `rows` (whole groups of
+/// [`INTERLEAVED_ROWS`]) of every output row, up to four activation rows at a time.
+#[inline(always)]
+unsafe fn interleaved_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+    let mut i = 0;
+    while i < x.rows() {
+        i += match x.rows() - i {
+            1 => interleaved_tile::<1>(w, x, rows.clone(), i, out),
+            2 => interleaved_tile::<2>(w, x, rows.clone(), i, out),
+            3 => interleaved_tile::<3>(w, x, rows.clone(), i, out),
+            _ => interleaved_tile::<4>(w, x, rows.clone(), i, out),
+        };
+    }
+}
+
+/// Sixteen interleaved Q4_K rows by `CT` activation rows: each 512-bit register holds the same
+/// four bytes of nibbles of every row, so `vpdpbusd` against four activation bytes broadcast
+/// adds eight values' products to each row's own lane: no sum is ever reduced across a register,
+/// and a block's scales and minimums are unpacked for the 16 rows at once. A sub-block's high
+/// nibbles are read in place, as 16 × their code (the mask without the shift), and its sum meets
+/// a scale 16 times smaller than the low nibbles' ([`interleaved_scales`]).
+///
+/// Against the Q4_K row tiles (AVX2's for a decode step on this Zen 4), one thread, in cache
+/// (`--bench matmul -- ffn_up`, GFLOP/s): 1 activation row 89 → 208, 2 rows 103 → 305, 4 rows
+/// 116 → 321, 5 rows 108 → 302, and from 7 rows, where panels took Q4_K, 143–278 → 313–320 up
+/// to 32 rows. Out of memory, where a decode step reads its weights, level: they come no faster
+/// (`--bench stream`, two rounds, GB/s, one thread 21.3–21.5 → 21.7–22.0, two threads 30.8 and
+/// 39.7 → 31.2 and 39.2).
+///
+/// It asks for each line twice: 2 KiB ahead into L1 and 16 KiB ahead into L2. Into L1 alone,
+/// at one thread, 1 KiB ahead read 19.2 GB/s, 2 KiB 21.3–22.9, from 4 KiB 10.3–12.2 (an L1
+/// miss outstanding for a line still in memory holds one of the few buffers L1 has); with 2
+/// KiB alone, two threads read 30.3 against Q4_K's 32.8, with both asks level.
+#[inline(always)]
+unsafe fn interleaved_tile<const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, i: usize, out: *mut f32) -> usize {
+    let group_bytes = INTERLEAVED_ROWS * w.ty.row_bytes(w.cols);
+    let (mut values, mut scales, mut sums16) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
+    for c in 0..CT {
+        let (d, q, _) = x.row(i + c);
+        (values[c], scales[c], sums16[c]) = (q.as_ptr(), d.as_ptr(), x.sums16(i + c).as_ptr());
+    }
+    let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
+    for first in rows.step_by(INTERLEAVED_ROWS) {
+        let group = w.bytes.as_ptr().add(first / INTERLEAVED_ROWS * group_bytes);
+        let mut acc = [_mm512_setzero_ps(); CT];
+        for b in 0..w.cols / SUPER_BLOCK {
+            let block = group.add(b * INTERLEAVED_BLOCK_BYTES);
+            let ahead = block.wrapping_add(AHEAD_BYTES / 4);
+            let far = block.wrapping_add(2 * AHEAD_BYTES);
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * line) as *const i8);
+            }
+            let (sub_scales, mins, d, dmin) = interleaved_scales(block);
+            let (mut scaled, mut min_part) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
+            for pair in 0..4 {
+                // Sub-blocks 2·pair (the low nibbles) and 2·pair + 1 (the high).
+                let (mut low_sums, mut high_sums) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
+                for k in 0..8 {
+                    let at = 4 * INTERLEAVED_ROWS * (4 + 8 * pair + k);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(at) as *const i8);
+                    let q = _mm512_loadu_si512(block.add(at) as *const _);
+                    let (q_low, q_high) = (_mm512_and_si512(q, low), _mm512_and_si512(q, high));
+                    for c in 0..CT {
+                        let x = values[c].add(b * SUPER_BLOCK + 2 * BLOCK * pair + 4 * k);
+                        low_sums[c] = _mm512_dpbusd_epi32(low_sums[c], q_low, broadcast_word(x));
+                        high_sums[c] = _mm512_dpbusd_epi32(high_sums[c], q_high, broadcast_word(x.add(BLOCK)));
+                    }
+                }
+                for c in 0..CT {
+                    let low_part = _mm512_mullo_epi32(low_sums[c], sub_scales[2 * pair]);
+                    scaled[c] = _mm512_add_epi32(scaled[c], _mm512_add_epi32(low_part, _mm512_mullo_epi32(high_sums[c], sub_scales[2 * pair + 1])));
+                }
+            }
+            for j in 0..8 {
+                for c in 0..CT {
+                    // Σ x of the sub-block's two halves, beside the minimum in both halves of a lane.
+                    let sums = sums16[c].add(b * SUPER_BLOCK / 16 + 2 * j) as *const i8;
+                    min_part[c] = _mm512_dpwssd_epi32(min_part[c], mins[j], broadcast_word(sums));
+                }
+            }
+            for c in 0..CT {
+                let dx = _mm512_set1_ps(*scales[c].add(b));
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[c]), _mm512_mul_ps(d, dx), acc[c]);
+                acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(min_part[c]), _mm512_mul_ps(dmin, dx), acc[c]);
+            }
+        }
+        for c in 0..CT {
+            _mm512_storeu_ps(out.add((i + c) * w.rows + first), acc[c]);
+        }
+    }
+    CT
+}
+
+/// A [`BlockType::Q4KInterleaved`] super-block's scales and minimums, each sub-block's in a
+/// register of one 32-bit lane per row, and its `d / 16` and `dmin`: the scales of the sub-blocks
+/// of low nibbles times 16 (their codes are read as they are, the high nibbles' as 16 × theirs);
+/// each minimum in both 16-bit halves of its lane (for `vpdpwssd` against the sums of a
+/// sub-block's two halves). Unpacked as [`crate::blocks::q4_k_scales`] does, on every row's three
+/// words at once.
+#[inline(always)]
+pub(super) unsafe fn interleaved_scales(block: *const u8) -> ([__m512i; 8], [__m512i; 8], __m512, __m512) {
+    let w0 = _mm512_loadu_si512(block.add(4 * INTERLEAVED_ROWS) as *const _);
+    let w1 = _mm512_loadu_si512(block.add(8 * INTERLEAVED_ROWS) as *const _);
+    let w2 = _mm512_loadu_si512(block.add(12 * INTERLEAVED_ROWS) as *const _);
+    let (low6, low4, low2) = (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
+    // The top two bits of bytes 0..8, as bits 4 and 5 of the upper sub-blocks' scales and minimums.
+    let (top0, top1) = (
+        _mm512_and_si512(_mm512_srli_epi32::<2>(w0), _mm512_slli_epi32::<4>(low2)),
+        _mm512_and_si512(_mm512_srli_epi32::<2>(w1), _mm512_slli_epi32::<4>(low2)),
+    );
+    let scales = [_mm512_and_si512(w0, low6), _mm512_or_si512(_mm512_and_si512(w2, low4), top0)];
+    let mins = [_mm512_and_si512(w1, low6), _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(w2), low4), top1)];
+    let (mut sub_scales, mut sub_mins) = ([_mm512_setzero_si512(); 8], [_mm512_setzero_si512(); 8]);
+    for j in 0..8 {
+        let byte = _mm512_loadu_si512(BYTE_OF_LANE[0][j % 4].as_ptr() as *const _);
+        let scale = _mm512_shuffle_epi8(scales[j / 4], byte);
+        sub_scales[j] = if j % 2 == 0 { _mm512_slli_epi32::<4>(scale) } else { scale };
+        sub_mins[j] = _mm512_shuffle_epi8(mins[j / 4], _mm512_loadu_si512(BYTE_OF_LANE[1][j % 4].as_ptr() as *const _));
+    }
+    let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(block as *const _)), _mm512_set1_ps(1.0 / 16.0));
+    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(2 * INTERLEAVED_ROWS) as *const _));
+    (sub_scales, sub_mins, d, dmin)
+}
+
+/// Four bytes of activations at `at`, in every 32-bit lane.
+#[inline(always)]
+unsafe fn broadcast_word(at: *const i8) -> __m512i {
+    _mm512_set1_epi32((at as *const i32).read_unaligned())
+}
+
+/// `vpshufb` controls that put byte `k` of each 32-bit lane in the lane's low byte
+/// (`[0][k]`), or in the low byte of both its 16-bit halves (`[1][k]`), zeros elsewhere.
+static BYTE_OF_LANE: [[[i8; 64]; 4]; 2] = {
+    let mut controls = [[[-128i8; 64]; 4]; 2];
+    let mut k = 0;
+    while k < 4 {
+        let mut at = 0;
+        while at < 64 {
+            let byte = (at % 16 + k) as i8;
+            controls[0][k][at] = byte;
+            controls[1][k][at] = byte;
+            controls[1][k][at + 2] = byte;
+            at += 4;
+        }
+        k += 1;
+    }
+    controls
+};
 
 /// How far ahead this module's decode tiles ask for their weights: twice AVX2's
 /// [`PREFETCH_BYTES`]. They take their bytes faster than AVX2's, so the same memory latency needs
