@@ -2,11 +2,12 @@
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
 //! never copied; only Q4_0's are rearranged, in place, where AVX2's tiles read it, and Q4_K's,
-//! 16 rows together, where AVX-512's do: [`Kernels::layout`]); the activations are quantized once per product (once for the
-//! products of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp
-//! does, so that each weight block meets an activation block in an integer dot product. Many
-//! activation rows (a prompt) share every weight load: the product is computed in tiles of
-//! weight rows × activation rows, so prefill is a matrix product, not repeated vector products.
+//! 16 rows together, where AVX-512's do: [`Kernels::layout`]); the activations are quantized
+//! once per product (once for the products of one input that read them alike, [`matmuls`]) to
+//! 8-bit blocks, as llama.cpp does, so that each weight block meets an activation block in an
+//! integer dot product. Many activation rows (a prompt) share every weight load: the product is
+//! computed in tiles of weight rows × activation rows, so prefill is a matrix product, not
+//! repeated vector products.
 //! Work is spread over the crate's own pool of threads ([`threads`]), whose waiting threads soon
 //! give up their CPU (to candle's pool among others), a product's rows in one contiguous share a
 //! thread (`shares`). Matrices of plain floats (f32, f16, bf16) go through tiles of their own
@@ -447,10 +448,10 @@ unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: s
     match kernels {
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx512Vnni => return x86::avx512::product_rows(w, x, rows, out.0),
+        // AVX2 reads Q4_K as the file has it, NEON Q4_0 and Q4_K ([`Kernels::layout`]); other
+        // kernels' layouts go through the scalar definition.
         #[cfg(target_arch = "x86_64")]
         Kernels::Avx2 if w.ty != BlockType::Q4KInterleaved => return x86::avx2::product_rows(w, x, rows, out.0),
-        // NEON reads Q4_0 and Q4_K as the file has them ([`Kernels::layout`]); other kernels'
-        // layouts go through the scalar definition.
         #[cfg(target_arch = "aarch64")]
         Kernels::NeonDot if w.ty == w.ty.in_file() => return aarch64::product_rows(w, x, rows, out.0),
         _ => {}

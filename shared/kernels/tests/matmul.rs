@@ -189,6 +189,9 @@ fn shapes_that_do_not_match_are_refused() {
     let (bytes, _) = weights(BlockType::Q8_0, 4, 64);
     assert!(QMatrix::new(BlockType::Q8_0, 4, 48, &bytes).is_err(), "48 values are not whole blocks");
     assert!(QMatrix::new(BlockType::Q8_0, 5, 64, &bytes).is_err(), "too few bytes for 5 rows");
+    let (q4_k, _) = weights(BlockType::Q4K, 8, 256);
+    assert!(QMatrix::new(BlockType::Q4K, 8, 256, &q4_k).is_ok());
+    assert!(QMatrix::new(BlockType::Q4KInterleaved, 8, 256, &q4_k).is_err(), "its layout takes rows 16 at a time");
     let w = QMatrix::new(BlockType::Q8_0, 4, 64, &bytes).unwrap();
     assert!(matmul(&w, &[0.0; 65], &mut [0.0; 4]).is_err());
     assert!(matmul(&w, &[0.0; 64], &mut [0.0; 3]).is_err());

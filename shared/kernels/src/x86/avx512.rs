@@ -13,9 +13,9 @@
 //! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
 //! or three a batch leaves; Q4_K's matrices are laid out 16 rows together instead
 //! ([`BlockType::Q4KInterleaved`]), whose tiles take one 32-bit lane of each register per row
-//! and up to 32 activation rows before the panels do. On a host whose 512-bit instructions take two passes (AMD Zen 4),
-//! most types' decode steps go through AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's
-//! and Q4_1's batch steps of two and three rows.
+//! and up to 32 activation rows before the panels do. On a host whose 512-bit instructions take
+//! two passes (AMD Zen 4), most types' decode steps go through AVX2's tiles
+//! ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of two and three rows.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -207,7 +207,8 @@ unsafe fn interleaved_tile<const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows
             }
             for j in 0..8 {
                 for c in 0..CT {
-                    // Σ x of the sub-block's two halves, beside the minimum in both halves of a lane.
+                    // Σ x of the sub-block's two halves, against the minimum in both halves of a
+                    // lane.
                     let sums = sums16[c].add(b * SUPER_BLOCK / 16 + 2 * j) as *const i8;
                     min_part[c] = _mm512_dpwssd_epi32(min_part[c], mins[j], broadcast_word(sums));
                 }
