@@ -67,7 +67,7 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_1) => 20,
         (false, BlockType::Q8_0) => 32,
-        // Its tiles of up to four activation rows read every 16 rows' weights with no packing:
+        // The 16-row layout's tiles of up to four activation rows read its weights unpacked:
         // Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels: 7 rows
         // 316 / 207, 8 rows 319 / 236, 12 rows 319 / 216, 16 rows 313 / 286, 24 rows 320 / 307,
         // 32 rows 318 / 318, 128 rows 313 / 330, 512 rows 314 / 352.
