@@ -56,12 +56,14 @@ fn matrices_to_lay_out(content: &Content) -> Vec<(&String, usize, usize, usize, 
     let mut matrices = Vec::new();
     for (name, info) in &content.tensor_infos {
         let &[rows, cols] = info.shape.dims() else { continue };
-        match kernel_format(info.ggml_dtype, cols) {
-            Some(format) if laid_out(format, rows) != format && (tied || *name != TensorName::TokenEmbedding.gguf()) => {
-                let start = (content.tensor_data_offset + info.offset) as usize;
-                matrices.push((name, start, rows * format.row_bytes(cols), cols, laid_out(format, rows)));
-            }
-            _ => {}
+        let Some(format) = kernel_format(info.ggml_dtype, cols) else { continue };
+        if !tied && *name == TensorName::TokenEmbedding.gguf() {
+            continue;
+        }
+        let layout = laid_out(format, rows);
+        if layout != format {
+            let start = (content.tensor_data_offset + info.offset) as usize;
+            matrices.push((name, start, rows * format.row_bytes(cols), cols, layout));
         }
     }
     matrices.sort_by_key(|&(_, start, ..)| start);

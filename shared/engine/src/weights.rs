@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use llm_kernels::{BlockType, Float, Kernels, WeightFormat};
+use llm_kernels::{BlockType, Float, Kernels, QMatrix, WeightFormat};
 
 use crate::error::{EngineError, Result};
 
@@ -164,11 +164,12 @@ impl InPlace {
         if i >= rows {
             return Err(EngineError::InvalidRequest(format!("row {i} of a matrix of {rows} rows (a token id outside the vocabulary?)")));
         }
-        // A layout that keeps rows together is read back a group at a time.
-        let (len, together) = (self.format.row_bytes(cols), self.format.rows_together());
-        let first = i / together * together;
-        let rows = self.in_file_layout(&self.bytes()[first * len..(first + together) * len]);
-        let row = qtensor_from_ggml(ggml_type(self.format), &rows[(i - first) * len..][..len], vec![cols], &Device::Cpu)?;
+        // A kernels' layout is read back as the file has the row (`QMatrix::row_in_file`).
+        let row = match self.format {
+            WeightFormat::Blocks(ty) => QMatrix::new(ty, rows, cols, self.bytes()).map_err(|e| EngineError::InvalidRequest(e.to_string()))?.row_in_file(i),
+            float => Cow::Borrowed(&self.bytes()[i * float.row_bytes(cols)..][..float.row_bytes(cols)]),
+        };
+        let row = qtensor_from_ggml(ggml_type(self.format), &row, vec![cols], &Device::Cpu)?;
         Ok(row.dequantize(&Device::Cpu)?.to_vec1()?)
     }
 

@@ -149,6 +149,14 @@ impl BlockType {
 /// Bytes of one super-block of [`INTERLEAVED_ROWS`] rows in [`BlockType::Q4KInterleaved`].
 pub const INTERLEAVED_BLOCK_BYTES: usize = INTERLEAVED_ROWS * BlockType::Q4K.block_bytes();
 
+/// Where [`BlockType::Q4KInterleaved`] keeps the 16 rows' copies of the field at byte `at` of a
+/// Q4_K block (d at 0, dmin at 2, then 4-byte words: scales from 4, nibbles from 16), from the
+/// start of their super-block: row `r`'s at `len · r` past it (2 bytes for d and dmin, 4 for a
+/// word).
+pub const fn interleaved_at(at: usize) -> usize {
+    at * INTERLEAVED_ROWS
+}
+
 /// Rows of Q4_K blocks, `cols` values each, rearranged in place as [`BlockType::Q4KInterleaved`],
 /// or with `back` from that layout to Q4_K's.
 fn interleave(rows: &mut [u8], cols: usize, back: bool) {
@@ -159,13 +167,12 @@ fn interleave(rows: &mut [u8], cols: usize, back: bool) {
         copy.copy_from_slice(group);
         for b in 0..cols / SUPER_BLOCK {
             let split = b * INTERLEAVED_BLOCK_BYTES;
-            // Field `at` (d at 0, dmin at 2, then 4-byte words: three of scales, 32 of nibbles)
-            // of row `r`'s block goes to `at · 16 + len · r` of the rows' super-block: one field
-            // of every row after another, each run of 16 written (or read back) in order (one
-            // thread, 6.5 MiB: 1.9 ms; row after row, every field of one row first, 7.0–8.4).
+            // One field of every row after another ([`interleaved_at`]), each run of 16 written
+            // (or read back) in order (one thread, 6.5 MiB: 1.9 ms; row after row, every field of
+            // one row first, 7.0–8.4).
             for (at, len) in [(0, 2), (2, 2)].into_iter().chain((4..Q4_K_BYTES).step_by(4).map(|at| (at, 4))) {
                 for r in 0..INTERLEAVED_ROWS {
-                    let (file, split) = (r * row_bytes + b * Q4_K_BYTES + at, split + at * INTERLEAVED_ROWS + len * r);
+                    let (file, split) = (r * row_bytes + b * Q4_K_BYTES + at, split + interleaved_at(at) + len * r);
                     let (from, to) = if back { (split, file) } else { (file, split) };
                     match len {
                         2 => group[to..to + 2].copy_from_slice(&copy[from..from + 2]),

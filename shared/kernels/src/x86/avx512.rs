@@ -25,7 +25,7 @@ use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, with_ahead_cache, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{legacy_layout, BlockType, BLOCK, INTERLEAVED_BLOCK_BYTES, INTERLEAVED_ROWS, SUPER_BLOCK};
+use crate::blocks::{interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_BLOCK_BYTES, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
 use crate::QMatrix;
 
@@ -189,7 +189,7 @@ unsafe fn interleaved_tile<const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows
                 // Sub-blocks 2·pair (the low nibbles) and 2·pair + 1 (the high).
                 let (mut low_sums, mut high_sums) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
                 for k in 0..8 {
-                    let at = 4 * INTERLEAVED_ROWS * (4 + 8 * pair + k);
+                    let at = interleaved_at(16 + 32 * pair + 4 * k);
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
                     _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(at) as *const i8);
                     let q = _mm512_loadu_si512(block.add(at) as *const _);
@@ -234,9 +234,9 @@ unsafe fn interleaved_tile<const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows
 /// words at once.
 #[inline(always)]
 pub(super) unsafe fn interleaved_scales(block: *const u8) -> ([__m512i; 8], [__m512i; 8], __m512, __m512) {
-    let w0 = _mm512_loadu_si512(block.add(4 * INTERLEAVED_ROWS) as *const _);
-    let w1 = _mm512_loadu_si512(block.add(8 * INTERLEAVED_ROWS) as *const _);
-    let w2 = _mm512_loadu_si512(block.add(12 * INTERLEAVED_ROWS) as *const _);
+    let w0 = _mm512_loadu_si512(block.add(interleaved_at(4)) as *const _);
+    let w1 = _mm512_loadu_si512(block.add(interleaved_at(8)) as *const _);
+    let w2 = _mm512_loadu_si512(block.add(interleaved_at(12)) as *const _);
     let (low6, low4, low2) = (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
     // The top two bits of bytes 0..8, as bits 4 and 5 of the upper sub-blocks' scales and minimums.
     let (top0, top1) = (
@@ -252,8 +252,8 @@ pub(super) unsafe fn interleaved_scales(block: *const u8) -> ([__m512i; 8], [__m
         sub_scales[j] = if j % 2 == 0 { _mm512_slli_epi32::<4>(scale) } else { scale };
         sub_mins[j] = _mm512_shuffle_epi8(mins[j / 4], _mm512_loadu_si512(BYTE_OF_LANE[1][j % 4].as_ptr() as *const _));
     }
-    let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(block as *const _)), _mm512_set1_ps(1.0 / 16.0));
-    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(2 * INTERLEAVED_ROWS) as *const _));
+    let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(0)) as *const _)), _mm512_set1_ps(1.0 / 16.0));
+    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(2)) as *const _));
     (sub_scales, sub_mins, d, dmin)
 }
 

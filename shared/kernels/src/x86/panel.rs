@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use crate::blocks::{BlockType, BLOCK, INTERLEAVED_BLOCK_BYTES, INTERLEAVED_ROWS, SUPER_BLOCK};
+use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_BLOCK_BYTES, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::{activations::Interleaved, QuantizedRows};
@@ -253,7 +253,7 @@ impl Panel {
             for pair in 0..4 {
                 let g = b * SUPER_BLOCK / BLOCK + 2 * pair;
                 for k in 0..quads {
-                    let q = _mm512_loadu_si512(block.add(4 * INTERLEAVED_ROWS * (4 + 8 * pair + k)) as *const _);
+                    let q = _mm512_loadu_si512(block.add(interleaved_at(16 + 32 * pair + 4 * k)) as *const _);
                     _mm512_store_si512(self.quads[g * quads + k].0.as_mut_ptr() as *mut _, _mm512_and_si512(q, low));
                     _mm512_store_si512(self.quads[(g + 1) * quads + k].0.as_mut_ptr() as *mut _, _mm512_and_si512(_mm512_srli_epi16::<4>(q), low));
                 }
