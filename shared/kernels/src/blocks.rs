@@ -49,16 +49,21 @@ pub enum BlockType {
     /// every row ([`BlockType::rearrange`]): the 16 `f16` d, the 16 `f16` dmin, then each of the
     /// three words of scales, then each of the 32 words of nibbles.
     Q4KInterleaved,
+    /// Q4_0 laid out as [`BlockType::Q4KInterleaved`] is, for AVX-512's tiles: one 288-byte
+    /// group per block of [`INTERLEAVED_ROWS`] rows, the 16 `f16` scales, then each of the four
+    /// words of nibbles of the 16 rows side by side.
+    Q4_0Interleaved,
 }
 
-/// Rows whose blocks [`BlockType::Q4KInterleaved`] keeps together.
+/// Rows whose blocks [`BlockType::Q4KInterleaved`] and [`BlockType::Q4_0Interleaved`] keep
+/// together.
 pub const INTERLEAVED_ROWS: usize = 16;
 
 impl BlockType {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
-            Self::Q8_0 | Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => BLOCK,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => BLOCK,
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
@@ -66,7 +71,7 @@ impl BlockType {
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => 2 + BLOCK,
-            Self::Q4_0 | Self::Q4_0ScalesFirst => 2 + BLOCK / 2,
+            Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => 2 + BLOCK / 2,
             Self::Q4_1 => 2 + 2 + BLOCK / 2,
             Self::Q5_0 => 2 + 4 + BLOCK / 2,
             Self::Q5_1 => 2 + 2 + 4 + BLOCK / 2,
@@ -85,7 +90,7 @@ impl BlockType {
     /// How many rows this layout keeps together: a matrix's rows are a whole number of them.
     pub const fn rows_together(self) -> usize {
         match self {
-            Self::Q4KInterleaved => INTERLEAVED_ROWS,
+            Self::Q4KInterleaved | Self::Q4_0Interleaved => INTERLEAVED_ROWS,
             _ => 1,
         }
     }
@@ -111,7 +116,7 @@ impl BlockType {
     /// others (Q8_0's are signed; the rest have minimums).
     pub const fn code_offset(self) -> Option<i8> {
         match self {
-            Self::Q4_0 | Self::Q4_0ScalesFirst => Some(8),
+            Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => Some(8),
             Self::Q5_0 => Some(16),
             Self::Q3K => Some(4),
             Self::Q6K => Some(32),
@@ -124,11 +129,11 @@ impl BlockType {
         matches!(self, Self::Q5_0 | Self::Q5_1)
     }
 
-    /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`], Q4_K for
-    /// [`BlockType::Q4KInterleaved`].
+    /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`] and
+    /// [`BlockType::Q4_0Interleaved`], Q4_K for [`BlockType::Q4KInterleaved`].
     pub const fn in_file(self) -> Self {
         match self {
-            Self::Q4_0ScalesFirst => Self::Q4_0,
+            Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => Self::Q4_0,
             Self::Q4KInterleaved => Self::Q4K,
             other => other,
         }
@@ -140,39 +145,44 @@ impl BlockType {
     pub fn rearrange(self, rows: &mut [u8], cols: usize, back: bool) {
         match self {
             Self::Q4_0ScalesFirst => scales_first(rows, cols, back),
-            Self::Q4KInterleaved => interleave(rows, cols, back),
+            Self::Q4KInterleaved | Self::Q4_0Interleaved => interleave(self.in_file(), rows, cols, back),
             _ => {}
         }
     }
 }
 
 /// Bytes of one super-block of [`INTERLEAVED_ROWS`] rows in [`BlockType::Q4KInterleaved`].
-pub const INTERLEAVED_BLOCK_BYTES: usize = INTERLEAVED_ROWS * BlockType::Q4K.block_bytes();
+pub const Q4_K_INTERLEAVED_BLOCK_BYTES: usize = INTERLEAVED_ROWS * BlockType::Q4K.block_bytes();
 
-/// Where [`BlockType::Q4KInterleaved`] keeps the 16 rows' copies of the field at byte `at` of a
-/// Q4_K block (d at 0, dmin at 2, then 4-byte words: scales from 4, nibbles from 16), from the
-/// start of their super-block: row `r`'s at `len · r` past it (2 bytes for d and dmin, 4 for a
-/// word).
+/// Bytes of one block of [`INTERLEAVED_ROWS`] rows in [`BlockType::Q4_0Interleaved`].
+pub const Q4_0_INTERLEAVED_BLOCK_BYTES: usize = INTERLEAVED_ROWS * BlockType::Q4_0.block_bytes();
+
+/// Where the 16-row layouts keep the 16 rows' copies of the field at byte `at` of a block
+/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q4_0: d at 0,
+/// then words of nibbles from 2), from the start of their group: row `r`'s at `len · r` past it
+/// (2 bytes for an `f16`, 4 for a word).
 pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of Q4_K blocks, `cols` values each, rearranged in place as [`BlockType::Q4KInterleaved`],
-/// or with `back` from that layout to Q4_K's.
-fn interleave(rows: &mut [u8], cols: usize, back: bool) {
-    let row_bytes = BlockType::Q4K.row_bytes(cols);
+/// Rows of Q4_K or Q4_0 blocks (`file`), `cols` values each, rearranged in place as the 16-row
+/// layout of that type, or with `back` from that layout to the file's.
+fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
+    let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
+    // The `f16` fields: Q4_K's d and dmin, Q4_0's d; the rest of a block is words.
+    let header = if file == BlockType::Q4K { 4 } else { 2 };
     let mut copy = vec![0u8; INTERLEAVED_ROWS * row_bytes];
-    assert!(rows.len().is_multiple_of(copy.len()), "Q4_K rows are interleaved 16 at a time");
+    assert!(rows.len().is_multiple_of(copy.len()), "{file:?} rows are interleaved 16 at a time");
     for group in rows.chunks_exact_mut(copy.len()) {
         copy.copy_from_slice(group);
-        for b in 0..cols / SUPER_BLOCK {
-            let split = b * INTERLEAVED_BLOCK_BYTES;
+        for b in 0..cols / file.block_values() {
+            let split = b * INTERLEAVED_ROWS * bytes;
             // One field of every row after another ([`interleaved_at`]), each run of 16 written
             // (or read back) in order (one thread, 6.5 MiB: 1.9 ms; row after row, every field of
             // one row first, 7.0–8.4).
-            for (at, len) in [(0, 2), (2, 2)].into_iter().chain((4..Q4_K_BYTES).step_by(4).map(|at| (at, 4))) {
+            for (at, len) in (0..header).step_by(2).map(|at| (at, 2)).chain((header..bytes).step_by(4).map(|at| (at, 4))) {
                 for r in 0..INTERLEAVED_ROWS {
-                    let (file, split) = (r * row_bytes + b * Q4_K_BYTES + at, split + interleaved_at(at) + len * r);
+                    let (file, split) = (r * row_bytes + b * bytes + at, split + interleaved_at(at) + len * r);
                     let (from, to) = if back { (split, file) } else { (file, split) };
                     match len {
                         2 => group[to..to + 2].copy_from_slice(&copy[from..from + 2]),
@@ -183,8 +193,6 @@ fn interleave(rows: &mut [u8], cols: usize, back: bool) {
         }
     }
 }
-
-const Q4_K_BYTES: usize = BlockType::Q4K.block_bytes();
 
 /// Rows of Q4_0 blocks, `cols` values each, rearranged in place as [`BlockType::Q4_0ScalesFirst`]
 /// (each run's scales, then its nibbles), or with `back` from that layout to Q4_0's.
@@ -353,23 +361,28 @@ mod tests {
 
     #[test]
     fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
-        let (rows, cols) = (32, 2 * SUPER_BLOCK);
-        let (row_bytes, bytes) = (BlockType::Q4K.row_bytes(cols), BlockType::Q4K.block_bytes());
-        let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();
-        let mut split = file.clone();
-        interleave(&mut split, cols, false);
-        for r in 0..rows {
-            for b in 0..2 {
-                let block = &file[r * row_bytes + b * bytes..][..bytes];
-                let (group, lane) = (r / 16 * 16 * row_bytes + b * INTERLEAVED_BLOCK_BYTES, r % 16);
-                assert_eq!(split[group + 2 * lane..][..2], block[..2], "row {r}, block {b}'s d");
-                assert_eq!(split[group + 32 + 2 * lane..][..2], block[2..4], "row {r}, block {b}'s dmin");
-                for w in 1..bytes / 4 {
-                    assert_eq!(split[group + 64 * w + 4 * lane..][..4], block[4 * w..4 * w + 4], "row {r}, block {b}'s word {w}");
+        // Q4_K's d and dmin, then 35 words; Q4_0's d, then 4 words.
+        for (ty, halves) in [(BlockType::Q4K, 2), (BlockType::Q4_0, 1)] {
+            let (rows, cols) = (32, 2 * ty.block_values());
+            let (row_bytes, bytes) = (ty.row_bytes(cols), ty.block_bytes());
+            let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();
+            let mut split = file.clone();
+            interleave(ty, &mut split, cols, false);
+            for r in 0..rows {
+                for b in 0..2 {
+                    let block = &file[r * row_bytes + b * bytes..][..bytes];
+                    let (group, lane) = (r / 16 * 16 * row_bytes + b * 16 * bytes, r % 16);
+                    for h in 0..halves {
+                        assert_eq!(split[group + 32 * h + 2 * lane..][..2], block[2 * h..2 * h + 2], "{ty:?} row {r}, block {b}'s f16 {h}");
+                    }
+                    for (w, at) in (2 * halves..bytes).step_by(4).enumerate() {
+                        let laid = group + 32 * halves + 64 * w + 4 * lane;
+                        assert_eq!(split[laid..][..4], block[at..at + 4], "{ty:?} row {r}, block {b}'s word {w}");
+                    }
                 }
             }
+            interleave(ty, &mut split, cols, true);
+            assert_eq!(split, file);
         }
-        interleave(&mut split, cols, true);
-        assert_eq!(split, file);
     }
 }

@@ -451,7 +451,7 @@ unsafe fn product_rows(kernels: Kernels, w: &QMatrix, x: &QuantizedRows, rows: s
         // AVX2 reads Q4_K as the file has it, NEON Q4_0 and Q4_K ([`Kernels::layout`]); other
         // kernels' layouts go through the scalar definition.
         #[cfg(target_arch = "x86_64")]
-        Kernels::Avx2 if w.ty != BlockType::Q4KInterleaved => return x86::avx2::product_rows(w, x, rows, out.0),
+        Kernels::Avx2 if w.ty.rows_together() == 1 => return x86::avx2::product_rows(w, x, rows, out.0),
         #[cfg(target_arch = "aarch64")]
         Kernels::NeonDot if w.ty == w.ty.in_file() => return aarch64::product_rows(w, x, rows, out.0),
         _ => {}

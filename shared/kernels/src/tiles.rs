@@ -36,7 +36,9 @@ pub(crate) const fn decode_rows(ty: BlockType) -> usize {
         // Q4_1, Q5_0 and Q5_1 are Q4_0's tile with a minimum or a fifth bit.
         BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => 4,
         BlockType::Q8_0 => 4,
-        BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K => 1,
+        BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => 1,
+        // Their tiles are a group of rows ([`BlockType::rows_together`]).
+        BlockType::Q4_0Interleaved | BlockType::Q4KInterleaved => crate::blocks::INTERLEAVED_ROWS,
     }
 }
 

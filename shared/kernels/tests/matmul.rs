@@ -15,10 +15,11 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-const TYPES: [BlockType; 12] = [
+const TYPES: [BlockType; 13] = [
     BlockType::Q8_0,
     BlockType::Q4_0,
     BlockType::Q4_0ScalesFirst,
+    BlockType::Q4_0Interleaved,
     BlockType::Q4_1,
     BlockType::Q5_0,
     BlockType::Q5_1,
@@ -48,7 +49,7 @@ fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
-        BlockType::Q4_0ScalesFirst | BlockType::Q4KInterleaved => unreachable!("the kernels' layouts, not a file's type"),
+        BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4KInterleaved => unreachable!("the kernels' layouts, not a file's type"),
     };
     let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
@@ -116,8 +117,9 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
             // for the tiles ahead into L2.
             (3, 32768, 1),
             (2, 32768, 2),
-            // Whole groups of 16 rows, which Q4_K's interleaved layout takes, by every tile of
-            // 1–4 activation rows, tiles left over, and panels (from 32 rows for that layout).
+            // Whole groups of 16 rows, which the 16-row layouts take, by every tile of 1–4
+            // activation rows, tiles left over, and panels (from 32 rows for those layouts).
+            (16, 96, 4),
             (16, 768, 1),
             (32, 256, 2),
             (48, 512, 3),
@@ -192,6 +194,8 @@ fn shapes_that_do_not_match_are_refused() {
     let (q4_k, _) = weights(BlockType::Q4K, 8, 256);
     assert!(QMatrix::new(BlockType::Q4K, 8, 256, &q4_k).is_ok());
     assert!(QMatrix::new(BlockType::Q4KInterleaved, 8, 256, &q4_k).is_err(), "its layout takes rows 16 at a time");
+    let (q4_0, _) = weights(BlockType::Q4_0, 24, 64);
+    assert!(QMatrix::new(BlockType::Q4_0Interleaved, 24, 64, &q4_0).is_err(), "its layout takes rows 16 at a time");
     let w = QMatrix::new(BlockType::Q8_0, 4, 64, &bytes).unwrap();
     assert!(matmul(&w, &[0.0; 65], &mut [0.0; 4]).is_err());
     assert!(matmul(&w, &[0.0; 64], &mut [0.0; 3]).is_err());
@@ -219,6 +223,7 @@ fn several_products_of_one_input_equal_each_alone() {
         (BlockType::Q4_0ScalesFirst, 7),
         (BlockType::Q4K, 5),
         (BlockType::Q4KInterleaved, 32),
+        (BlockType::Q4_0Interleaved, 16),
     ];
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
     let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();

@@ -25,7 +25,9 @@ use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, with_ahead_cache, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_BLOCK_BYTES, INTERLEAVED_ROWS, SUPER_BLOCK};
+use crate::blocks::{
+    interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_0_INTERLEAVED_BLOCK_BYTES, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK,
+};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
 use crate::QMatrix;
 
@@ -63,13 +65,14 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         // Q4_0 (`--bench stream -- m=N`, one thread, GB/s: 4 rows 6.63 → 7.31, 5 rows 5.05 →
         // 5.70, 6 rows 4.16 → 4.74).
         BlockType::Q4_0ScalesFirst => avx2::product_rows(w, x, rows, out),
+        BlockType::Q4_0Interleaved => interleaved_rows::<Q4_0Groups>(w, x, rows, out),
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         // The K-quants' tiles are a row each: the choice is made once a product, not per row.
         // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
         BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
-        BlockType::Q4KInterleaved => interleaved_rows(w, x, rows, out),
+        BlockType::Q4KInterleaved => interleaved_rows::<Q4KGroups>(w, x, rows, out),
         BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
         BlockType::Q2K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q2K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out)),
         BlockType::Q3K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q3K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out)),
@@ -130,20 +133,46 @@ fn avx2_decodes_faster(ty: BlockType, rows: usize) -> bool {
     }
 }
 
-/// A [`BlockType::Q4KInterleaved`] matrix's columns `rows` (whole groups of
-/// [`INTERLEAVED_ROWS`]) of every output row, up to four activation rows at a time.
+/// The sums of a 16-row layout's groups: its [`INTERLEAVED_ROWS`] weight rows by `CT` activation
+/// rows, one 32-bit lane per weight row.
+trait Groups {
+    /// The sums of the group at `group` against activation rows `i..i + CT`, one register each.
+    ///
+    /// # Safety
+    /// AVX-512 with VNNI is available; `group` is the start of one of `w`'s groups.
+    unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT];
+}
+
+/// A 16-row layout's columns `rows` (whole groups of [`INTERLEAVED_ROWS`]) of every output row,
+/// up to four activation rows at a time.
 #[inline(always)]
-unsafe fn interleaved_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
+unsafe fn interleaved_rows<G: Groups>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, out: *mut f32) {
     let mut i = 0;
     while i < x.rows() {
         i += match x.rows() - i {
-            1 => interleaved_tile::<1>(w, x, rows.clone(), i, out),
-            2 => interleaved_tile::<2>(w, x, rows.clone(), i, out),
-            3 => interleaved_tile::<3>(w, x, rows.clone(), i, out),
-            _ => interleaved_tile::<4>(w, x, rows.clone(), i, out),
+            1 => interleaved_tile::<G, 1>(w, x, rows.clone(), i, out),
+            2 => interleaved_tile::<G, 2>(w, x, rows.clone(), i, out),
+            3 => interleaved_tile::<G, 3>(w, x, rows.clone(), i, out),
+            _ => interleaved_tile::<G, 4>(w, x, rows.clone(), i, out),
         };
     }
 }
+
+/// Columns `rows` of output rows `i..i + CT`, a group at a time; returns `CT`.
+#[inline(always)]
+unsafe fn interleaved_tile<G: Groups, const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, i: usize, out: *mut f32) -> usize {
+    let group_bytes = INTERLEAVED_ROWS * w.ty.row_bytes(w.cols);
+    for first in rows.step_by(INTERLEAVED_ROWS) {
+        let sums = G::sums::<CT>(w, x, i, w.bytes.as_ptr().add(first / INTERLEAVED_ROWS * group_bytes));
+        for c in 0..CT {
+            _mm512_storeu_ps(out.add((i + c) * w.rows + first), sums[c]);
+        }
+    }
+    CT
+}
+
+/// [`BlockType::Q4KInterleaved`]'s groups.
+struct Q4KGroups;
 
 /// Sixteen interleaved Q4_K rows by `CT` activation rows: each 512-bit register holds the same
 /// four bytes of nibbles of every row, so `vpdpbusd` against four activation bytes broadcast
@@ -163,20 +192,18 @@ unsafe fn interleaved_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
 /// at one thread, 1 KiB ahead read 19.2 GB/s, 2 KiB 21.3–22.9, from 4 KiB 10.3–12.2 (an L1
 /// miss outstanding for a line still in memory holds one of the few buffers L1 has); with 2
 /// KiB alone, two threads read 30.3 against Q4_K's 32.8, with both asks level.
-#[inline(always)]
-unsafe fn interleaved_tile<const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, i: usize, out: *mut f32) -> usize {
-    let group_bytes = INTERLEAVED_ROWS * w.ty.row_bytes(w.cols);
-    let (mut values, mut scales, mut sums16) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
-    for c in 0..CT {
-        let (d, q, _) = x.row(i + c);
-        (values[c], scales[c], sums16[c]) = (q.as_ptr(), d.as_ptr(), x.sums16(i + c).as_ptr());
-    }
-    let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
-    for first in rows.step_by(INTERLEAVED_ROWS) {
-        let group = w.bytes.as_ptr().add(first / INTERLEAVED_ROWS * group_bytes);
+impl Groups for Q4KGroups {
+    #[inline(always)]
+    unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
+        let (mut values, mut scales, mut sums16) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
+        for c in 0..CT {
+            let (d, q, _) = x.row(i + c);
+            (values[c], scales[c], sums16[c]) = (q.as_ptr(), d.as_ptr(), x.sums16(i + c).as_ptr());
+        }
+        let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
         let mut acc = [_mm512_setzero_ps(); CT];
         for b in 0..w.cols / SUPER_BLOCK {
-            let block = group.add(b * INTERLEAVED_BLOCK_BYTES);
+            let block = group.add(b * Q4_K_INTERLEAVED_BLOCK_BYTES);
             let ahead = block.wrapping_add(AHEAD_BYTES / 4);
             let far = block.wrapping_add(2 * AHEAD_BYTES);
             for line in 0..4 {
@@ -219,11 +246,59 @@ unsafe fn interleaved_tile<const CT: usize>(w: &QMatrix, x: &QuantizedRows, rows
                 acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(min_part[c]), _mm512_mul_ps(dmin, dx), acc[c]);
             }
         }
-        for c in 0..CT {
-            _mm512_storeu_ps(out.add((i + c) * w.rows + first), acc[c]);
-        }
+        acc
     }
-    CT
+}
+
+/// [`BlockType::Q4_0Interleaved`]'s groups.
+struct Q4_0Groups;
+
+/// Sixteen interleaved Q4_0 rows by `CT` activation rows, read as [`Q4KGroups`] reads Q4_K's:
+/// each of a block's four registers of nibbles holds the same four bytes of every row, its low
+/// nibbles four of the first 16 values and its high nibbles (shifted down) four of the last
+/// 16, and `vpdpbusd` adds their products in each row's own lane. The code offset meets the
+/// activations' sums: each row's integer sum of a block starts from −8 · Σ x.
+///
+/// It asks for its weights ahead as [`Q4KGroups`]' tiles do.
+impl Groups for Q4_0Groups {
+    #[inline(always)]
+    unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
+        let (mut values, mut scales, mut sums) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
+        for c in 0..CT {
+            let (d, q, s) = x.row(i + c);
+            (values[c], scales[c], sums[c]) = (q.as_ptr(), d.as_ptr(), s.as_ptr());
+        }
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); CT];
+        for b in 0..w.cols / BLOCK {
+            let block = group.add(b * Q4_0_INTERLEAVED_BLOCK_BYTES);
+            let (ahead, far) = (block.wrapping_add(AHEAD_BYTES / 4), block.wrapping_add(2 * AHEAD_BYTES));
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
+            let (mut low_sums, mut high_sums) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
+            for c in 0..CT {
+                low_sums[c] = _mm512_set1_epi32(-8 * *sums[c].add(b));
+            }
+            for k in 0..4 {
+                let at = interleaved_at(2 + 4 * k);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(at) as *const i8);
+                let q = _mm512_loadu_si512(block.add(at) as *const _);
+                let (q_low, q_high) = (_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low));
+                for c in 0..CT {
+                    let x = values[c].add(b * BLOCK + 4 * k);
+                    low_sums[c] = _mm512_dpbusd_epi32(low_sums[c], q_low, broadcast_word(x));
+                    high_sums[c] = _mm512_dpbusd_epi32(high_sums[c], q_high, broadcast_word(x.add(BLOCK / 2)));
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block as *const _));
+            for c in 0..CT {
+                let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(low_sums[c], high_sums[c]));
+                acc[c] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(*scales[c].add(b))), acc[c]);
+            }
+        }
+        acc
+    }
 }
 
 /// A [`BlockType::Q4KInterleaved`] super-block's scales and minimums, each sub-block's in a

@@ -20,13 +20,16 @@ pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleavin
     (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
-/// See [`crate::Kernels::layout`]: Q4_0's with AVX-512 only where a 512-bit instruction takes
-/// two passes, whose Q4_0 decode steps go through AVX2's tiles ([`avx512::two_passes`]); Q4_K's
-/// with AVX-512 only, for a matrix of whole groups of its rows.
+/// See [`crate::Kernels::layout`]: with AVX-512, Q4_0's and Q4_K's 16-row layouts for a matrix
+/// of whole groups of their rows; otherwise Q4_0's scales first with AVX2, and with AVX-512
+/// where a 512-bit instruction takes two passes, whose Q4_0 decode steps then go through AVX2's
+/// tiles ([`avx512::two_passes`]).
 pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
+    let in_groups = rows.is_multiple_of(crate::blocks::INTERLEAVED_ROWS);
     match ty {
+        BlockType::Q4_0 if avx512 && in_groups => BlockType::Q4_0Interleaved,
         BlockType::Q4_0 if !avx512 || avx512::two_passes() => BlockType::Q4_0ScalesFirst,
-        BlockType::Q4K if avx512 && rows.is_multiple_of(BlockType::Q4KInterleaved.rows_together()) => BlockType::Q4KInterleaved,
+        BlockType::Q4K if avx512 && in_groups => BlockType::Q4KInterleaved,
         _ => ty,
     }
 }

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_BLOCK_BYTES, INTERLEAVED_ROWS, SUPER_BLOCK};
+use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::{activations::Interleaved, QuantizedRows};
@@ -64,7 +64,7 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
     match (avx512, ty) {
         (true, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) if two_passes => 7,
         (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K) => 12,
-        (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) => 16,
+        (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_1) => 20,
         (false, BlockType::Q8_0) => 32,
         // The 16-row layout's tiles of up to four activation rows read its weights unpacked:
@@ -72,6 +72,14 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // 316 / 207, 8 rows 319 / 236, 12 rows 319 / 216, 16 rows 313 / 286, 24 rows 320 / 307,
         // 32 rows 318 / 318, 128 rows 313 / 330, 512 rows 314 / 352.
         (true, BlockType::Q4KInterleaved) => 32,
+        // Q4_0's 16-row layout has no panels: in cache its tiles ran as fast or faster at every
+        // count (Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels
+        // from 32 rows: 16 rows 361 / 325, 32 rows 360 / 313, 128 rows 354 / 334, 512 rows 353
+        // / 352), and level over a whole model (`llm bench`, TinyLlama's shape, rounds in turn,
+        // prefill tok/s: a 128-token prompt, three rounds, one thread 128–159 / 140–149, two
+        // threads 246–293 / 148–263; 512 tokens, two rounds, one thread 140–142 / 132–145, two
+        // threads 235–256 / 239–248).
+        (true, BlockType::Q4_0Interleaved) => usize::MAX,
         (true, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 7,
         (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
     }
@@ -110,7 +118,7 @@ pub const fn largest_code(ty: BlockType) -> i32 {
         BlockType::Q8_0 => 255,
         BlockType::Q2K => 3,
         BlockType::Q3K => 7,
-        BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q4KInterleaved => 15,
+        BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q4KInterleaved => 15,
         BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5K => 31,
         BlockType::Q6K => 63,
     }
@@ -217,6 +225,7 @@ impl Panel {
             // SAFETY: only AVX-512's products take this layout to the panels
             // (`crate::product_rows` sends the others' to the scalar definition).
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved(w, rows, next) },
+            BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
             // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
             _ => unsafe { super::avx2::pack(self, w, rows, next) },
         }
@@ -237,9 +246,9 @@ impl Panel {
         let (low, quads) = (_mm512_set1_epi8(0x0F), self.group / 4);
         for b in 0..w.cols / SUPER_BLOCK {
             if !next.is_empty() {
-                super::prefetch_ahead::<false>(next_group, b, INTERLEAVED_BLOCK_BYTES, 0);
+                super::prefetch_ahead::<false>(next_group, b, Q4_K_INTERLEAVED_BLOCK_BYTES, 0);
             }
-            let block = group.add(b * INTERLEAVED_BLOCK_BYTES);
+            let block = group.add(b * Q4_K_INTERLEAVED_BLOCK_BYTES);
             let (sub_scales, mins, d_16th, dmin) = super::avx512::interleaved_scales(block);
             let d = _mm512_mul_ps(d_16th, _mm512_set1_ps(16.0));
             for j in 0..SUPER_BLOCK / BLOCK {
