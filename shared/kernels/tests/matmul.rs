@@ -15,13 +15,14 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-const TYPES: [BlockType; 13] = [
+const TYPES: [BlockType; 14] = [
     BlockType::Q8_0,
     BlockType::Q4_0,
     BlockType::Q4_0ScalesFirst,
     BlockType::Q4_0Interleaved,
     BlockType::Q4_1,
     BlockType::Q5_0,
+    BlockType::Q5_0Interleaved,
     BlockType::Q5_1,
     BlockType::Q2K,
     BlockType::Q3K,
@@ -49,7 +50,9 @@ fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
-        BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4KInterleaved => unreachable!("the kernels' layouts, not a file's type"),
+        BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q5_0Interleaved | BlockType::Q4KInterleaved => {
+            unreachable!("the kernels' layouts, not a file's type")
+        }
     };
     let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();
@@ -224,6 +227,7 @@ fn several_products_of_one_input_equal_each_alone() {
         (BlockType::Q4K, 5),
         (BlockType::Q4KInterleaved, 32),
         (BlockType::Q4_0Interleaved, 16),
+        (BlockType::Q5_0Interleaved, 32),
     ];
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
     let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();

@@ -25,9 +25,7 @@ use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, with_ahead_cache, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{
-    interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_0_INTERLEAVED_BLOCK_BYTES, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK,
-};
+use crate::blocks::{interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
 use crate::QMatrix;
 
@@ -65,9 +63,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         // Q4_0 (`--bench stream -- m=N`, one thread, GB/s: 4 rows 6.63 → 7.31, 5 rows 5.05 →
         // 5.70, 6 rows 4.16 → 4.74).
         BlockType::Q4_0ScalesFirst => avx2::product_rows(w, x, rows, out),
-        BlockType::Q4_0Interleaved => interleaved_rows::<Q4_0Groups>(w, x, rows, out),
+        BlockType::Q4_0Interleaved => interleaved_rows::<LegacyGroups<false>>(w, x, rows, out),
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
+        BlockType::Q5_0Interleaved => interleaved_rows::<LegacyGroups<true>>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         // The K-quants' tiles are a row each: the choice is made once a product, not per row.
         // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
@@ -250,17 +249,19 @@ impl Groups for Q4KGroups {
     }
 }
 
-/// [`BlockType::Q4_0Interleaved`]'s groups.
-struct Q4_0Groups;
+/// [`BlockType::Q4_0Interleaved`]'s groups (no fifth bits) and [`BlockType::Q5_0Interleaved`]'s.
+struct LegacyGroups<const FIFTH_BIT: bool>;
 
-/// Sixteen interleaved Q4_0 rows by `CT` activation rows, read as [`Q4KGroups`] reads Q4_K's:
-/// each of a block's four registers of nibbles holds the same four bytes of every row, its low
-/// nibbles four of the first 16 values and its high nibbles (shifted down) four of the last
-/// 16, and `vpdpbusd` adds their products in each row's own lane. The code offset meets the
-/// activations' sums: each row's integer sum of a block starts from −8 · Σ x.
+/// Sixteen interleaved Q4_0 or Q5_0 rows by `CT` activation rows, read as [`Q4KGroups`] reads
+/// Q4_K's: each of a block's four registers of nibbles holds the same four bytes of every row,
+/// its low nibbles four of the first 16 values and its high nibbles (shifted down) four of the
+/// last 16, and `vpdpbusd` adds their products in each row's own lane. Q5_0's fifth bits are
+/// tested four values of every row at once ([`fifth_bits_set`]) and add 16 to the codes they
+/// are set for. The code offset meets the activations' sums: each row's
+/// integer sum of a block starts from −8 (Q4_0) or −16 (Q5_0) · Σ x.
 ///
 /// It asks for its weights ahead as [`Q4KGroups`]' tiles do.
-impl Groups for Q4_0Groups {
+impl<const FIFTH_BIT: bool> Groups for LegacyGroups<FIFTH_BIT> {
     #[inline(always)]
     unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
         let (mut values, mut scales, mut sums) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
@@ -268,23 +269,25 @@ impl Groups for Q4_0Groups {
             let (d, q, s) = x.row(i + c);
             (values[c], scales[c], sums[c]) = (q.as_ptr(), d.as_ptr(), s.as_ptr());
         }
-        let low = _mm512_set1_epi8(0x0F);
+        let (high_bits, nibbles) = legacy_layout(w.ty.in_file());
+        let offset = -i32::from(w.ty.code_offset().expect("Q4_0 and Q5_0 codes are offset"));
+        let block_bytes = INTERLEAVED_ROWS * w.ty.block_bytes();
         let mut acc = [_mm512_setzero_ps(); CT];
         for b in 0..w.cols / BLOCK {
-            let block = group.add(b * Q4_0_INTERLEAVED_BLOCK_BYTES);
+            let block = group.add(b * block_bytes);
             let (ahead, far) = (block.wrapping_add(AHEAD_BYTES / 4), block.wrapping_add(2 * AHEAD_BYTES));
             _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
             _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
+            let fifth_bits = legacy_fifth_bits::<FIFTH_BIT>(block, high_bits);
             let (mut low_sums, mut high_sums) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
             for c in 0..CT {
-                low_sums[c] = _mm512_set1_epi32(-8 * *sums[c].add(b));
+                low_sums[c] = _mm512_set1_epi32(offset * *sums[c].add(b));
             }
             for k in 0..4 {
-                let at = interleaved_at(2 + 4 * k);
+                let at = interleaved_at(nibbles + 4 * k);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
                 _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(at) as *const i8);
-                let q = _mm512_loadu_si512(block.add(at) as *const _);
-                let (q_low, q_high) = (_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low));
+                let (q_low, q_high) = legacy_codes::<FIFTH_BIT>(block.add(at), fifth_bits, k);
                 for c in 0..CT {
                     let x = values[c].add(b * BLOCK + 4 * k);
                     low_sums[c] = _mm512_dpbusd_epi32(low_sums[c], q_low, broadcast_word(x));
@@ -299,6 +302,43 @@ impl Groups for Q4_0Groups {
         }
         acc
     }
+}
+
+/// The 16 rows' words of fifth bits of a Q5_0 group's block (`high_bits` into a block of the
+/// file); nothing for Q4_0.
+#[inline(always)]
+pub(super) unsafe fn legacy_fifth_bits<const FIFTH_BIT: bool>(block: *const u8, high_bits: usize) -> __m512i {
+    match FIFTH_BIT {
+        true => _mm512_loadu_si512(block.add(interleaved_at(high_bits)) as *const _),
+        false => _mm512_setzero_si512(),
+    }
+}
+
+/// The unsigned codes of word `k` of a Q4_0 or Q5_0 group's nibbles at `at`: values 4k..4k + 4
+/// (the low nibbles) and 16 + 4k.. (the high) of every row, a row to a lane, with their fifth
+/// bits (bits 4k.. and 16 + 4k.. of the row's word of `fifth_bits`) for Q5_0.
+#[inline(always)]
+pub(super) unsafe fn legacy_codes<const FIFTH_BIT: bool>(at: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
+    let (q, low) = (_mm512_loadu_si512(at as *const _), _mm512_set1_epi8(0x0F));
+    let (q_low, q_high) = (_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low));
+    if !FIFTH_BIT {
+        return (q_low, q_high);
+    }
+    let sixteen = _mm512_set1_epi8(16);
+    (
+        _mm512_mask_add_epi8(q_low, fifth_bits_set(fifth_bits, 4 * k), q_low, sixteen),
+        _mm512_mask_add_epi8(q_high, fifth_bits_set(fifth_bits, 16 + 4 * k), q_high, sixteen),
+    )
+}
+
+/// Which bytes of a register of four values of every row take a fifth bit: byte `j` of row
+/// `r`'s lane where bit `first + j` of the row's word of fifth bits (lane `r` of `words`) is
+/// set. `first` is a multiple of 4: the four bits lie in one byte of the word.
+#[inline(always)]
+unsafe fn fifth_bits_set(words: __m512i, first: usize) -> __mmask64 {
+    let byte = _mm512_shuffle_epi8(words, _mm512_loadu_si512(BYTE_OF_LANE[2][first / 8].as_ptr() as *const _));
+    let bits = if first.is_multiple_of(8) { 0x0804_0201 } else { 0x8040_2010u32 as i32 };
+    _mm512_test_epi8_mask(byte, _mm512_set1_epi32(bits))
 }
 
 /// A [`BlockType::Q4KInterleaved`] super-block's scales and minimums, each sub-block's in a
@@ -339,9 +379,10 @@ unsafe fn broadcast_word(at: *const i8) -> __m512i {
 }
 
 /// `vpshufb` controls that put byte `k` of each 32-bit lane in the lane's low byte
-/// (`[0][k]`), or in the low byte of both its 16-bit halves (`[1][k]`), zeros elsewhere.
-static BYTE_OF_LANE: [[[i8; 64]; 4]; 2] = {
-    let mut controls = [[[-128i8; 64]; 4]; 2];
+/// (`[0][k]`), in the low byte of both its 16-bit halves (`[1][k]`), zeros elsewhere, or in all
+/// four of its bytes (`[2][k]`).
+static BYTE_OF_LANE: [[[i8; 64]; 4]; 3] = {
+    let mut controls = [[[-128i8; 64]; 4]; 3];
     let mut k = 0;
     while k < 4 {
         let mut at = 0;
@@ -350,6 +391,11 @@ static BYTE_OF_LANE: [[[i8; 64]; 4]; 2] = {
             controls[0][k][at] = byte;
             controls[1][k][at] = byte;
             controls[1][k][at + 2] = byte;
+            let mut j = 0;
+            while j < 4 {
+                controls[2][k][at + j] = byte;
+                j += 1;
+            }
             at += 4;
         }
         k += 1;

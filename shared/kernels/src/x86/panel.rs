@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK};
+use crate::blocks::{interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::{activations::Interleaved, QuantizedRows};
@@ -65,7 +65,7 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         (true, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) if two_passes => 7,
         (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K) => 12,
         (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1) => 16,
-        (false, BlockType::Q5_0 | BlockType::Q5_1) => 20,
+        (false, BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1) => 20,
         (false, BlockType::Q8_0) => 32,
         // The 16-row layout's tiles of up to four activation rows read its weights unpacked:
         // Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels: 7 rows
@@ -80,6 +80,10 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // threads 246–293 / 148–263; 512 tokens, two rounds, one thread 140–142 / 132–145, two
         // threads 235–256 / 239–248).
         (true, BlockType::Q4_0Interleaved) => usize::MAX,
+        // Q5_0's, whose tiles spend more on each block (its fifth bits), from 24 rows: tiles
+        // against panels (packed from the layout), same measure, 12 rows 281 / 199, 16 rows 266–282
+        // / 270, 24 rows 275–278 / 286, 32 rows 273 / 293, 128 rows 275 / 331, 512 rows 251 / 351.
+        (true, BlockType::Q5_0Interleaved) => 24,
         (true, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 7,
         (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
     }
@@ -119,7 +123,7 @@ pub const fn largest_code(ty: BlockType) -> i32 {
         BlockType::Q2K => 3,
         BlockType::Q3K => 7,
         BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q4KInterleaved => 15,
-        BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5K => 31,
+        BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5K => 31,
         BlockType::Q6K => 63,
     }
 }
@@ -226,6 +230,8 @@ impl Panel {
             // (`crate::product_rows` sends the others' to the scalar definition).
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
+            // SAFETY: as Q4_K's.
+            BlockType::Q5_0Interleaved => unsafe { self.pack_q5_0_interleaved(w, rows, next) },
             // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
             _ => unsafe { super::avx2::pack(self, w, rows, next) },
         }
@@ -266,6 +272,34 @@ impl Panel {
                     _mm512_store_si512(self.quads[g * quads + k].0.as_mut_ptr() as *mut _, _mm512_and_si512(q, low));
                     _mm512_store_si512(self.quads[(g + 1) * quads + k].0.as_mut_ptr() as *mut _, _mm512_and_si512(_mm512_srli_epi16::<4>(q), low));
                 }
+            }
+        }
+    }
+
+    /// Packs the 16 rows from `rows.start` of a [`BlockType::Q5_0Interleaved`] matrix: a block's
+    /// four registers of nibbles, with their fifth bits, are its eight quads of every row, and its
+    /// 16 scales one conversion; the code offset comes with the activations ([`code_offset`]).
+    ///
+    /// # Safety
+    /// AVX-512 with VNNI is available; `rows` is a whole group of the layout's rows.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pack_q5_0_interleaved(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
+        debug_assert_eq!(rows.len(), INTERLEAVED_ROWS);
+        let (row_bytes, block_bytes) = (w.ty.row_bytes(w.cols), INTERLEAVED_ROWS * w.ty.block_bytes());
+        let (group, next_group) = (w.bytes.as_ptr().add(rows.start * row_bytes), w.bytes.as_ptr().wrapping_add(next.start * row_bytes));
+        let (high_bits, nibbles) = legacy_layout(BlockType::Q5_0);
+        for b in 0..w.cols / BLOCK {
+            if !next.is_empty() {
+                super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
+            }
+            let block = group.add(b * block_bytes);
+            _mm512_storeu_ps(self.scales[b * PANEL_ROWS..].as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(block as *const _)));
+            _mm512_storeu_ps(self.offsets[b * PANEL_ROWS..].as_mut_ptr(), _mm512_setzero_ps());
+            let fifth_bits = super::avx512::legacy_fifth_bits::<true>(block, high_bits);
+            for k in 0..4 {
+                let (low, high) = super::avx512::legacy_codes::<true>(block.add(interleaved_at(nibbles + 4 * k)), fifth_bits, k);
+                _mm512_store_si512(self.quads[8 * b + k].0.as_mut_ptr() as *mut _, low);
+                _mm512_store_si512(self.quads[8 * b + 4 + k].0.as_mut_ptr() as *mut _, high);
             }
         }
     }
