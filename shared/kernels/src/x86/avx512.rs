@@ -11,9 +11,11 @@
 //! step, a batch's last rows) take four weight rows to a register instead, one to each 128-bit
 //! lane, the rows left over going through AVX2's tiles. A K-quant's tile is one weight row, two
 //! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
-//! or three a batch leaves; Q4_K's matrices are laid out 16 rows together instead
-//! ([`BlockType::Q4KInterleaved`]), whose tiles take one 32-bit lane of each register per row
-//! and up to 32 activation rows before the panels do. On a host whose 512-bit instructions take
+//! or three a batch leaves. Q4_K's, Q4_0's and Q5_0's matrices are laid out 16 rows together
+//! instead ([`BlockType::Q4KInterleaved`], [`BlockType::Q4_0Interleaved`],
+//! [`BlockType::Q5_0Interleaved`]), whose tiles take one 32-bit lane of each register per row
+//! and up to 32 activation rows before the panels do (24 for Q5_0; Q4_0's take every
+//! product). On a host whose 512-bit instructions take
 //! two passes (AMD Zen 4), most types' decode steps go through AVX2's tiles
 //! ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of two and three rows.
 
@@ -58,7 +60,8 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<NibbleTiles<false, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
-        // Laid out so only where AVX2's tiles decode Q4_0 (`crate::Kernels::layout`), whose
+        // Laid out so only where AVX2's tiles decode Q4_0 (`crate::Kernels::layout`: here a
+        // Zen 4's matrices of other than whole groups of 16 rows), whose
         // tiles of this layout also took a Zen 4's steps of 4–6 rows faster than this set's of
         // Q4_0 (`--bench stream -- m=N`, one thread, GB/s: 4 rows 6.63 → 7.31, 5 rows 5.05 →
         // 5.70, 6 rows 4.16 → 4.74).
