@@ -389,11 +389,16 @@ mod tests {
     /// embeddings of a model with its own output matrix stay as the file has them.
     #[test]
     fn matrices_are_laid_out_for_the_kernels_and_read_back_as_written() {
-        // With AVX-512, Q4_0's and Q4_K's layouts keep 16 rows together: row 20 is read back from
-        // the second group; 6 rows of Q4_0 are laid out otherwise (scales first with AVX2 and on
-        // a Zen 4) or not at all.
-        let shapes =
-            [(GgmlDType::Q4_0, BlockType::Q4_0, 6, 96, 4), (GgmlDType::Q4_0, BlockType::Q4_0, 32, 96, 20), (GgmlDType::Q4K, BlockType::Q4K, 32, 256, 20)];
+        // With AVX-512, the 16-row layouts keep 16 rows together: row 20 is read back from the
+        // second group; 6 rows of Q4_0 are laid out otherwise (scales first with AVX2 and on a
+        // Zen 4) or not at all.
+        let shapes = [
+            (GgmlDType::Q4_0, BlockType::Q4_0, 6, 96, 4),
+            (GgmlDType::Q4_0, BlockType::Q4_0, 32, 96, 20),
+            (GgmlDType::Q5_0, BlockType::Q5_0, 32, 64, 20),
+            (GgmlDType::Q8_0, BlockType::Q8_0, 32, 64, 20),
+            (GgmlDType::Q4K, BlockType::Q4K, 32, 256, 20),
+        ];
         for (dtype, ty, rows, cols, row) in shapes {
             laid_out_and_read_back(dtype, ty, rows, cols, row);
         }

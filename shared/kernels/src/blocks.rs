@@ -56,24 +56,36 @@ pub enum BlockType {
     /// Q5_0 laid out as [`BlockType::Q4_0Interleaved`] is: the 16 `f16` scales, the 16 words of
     /// fifth bits, then each of the four words of nibbles of the 16 rows side by side.
     Q5_0Interleaved,
+    /// Q8_0 laid out as [`BlockType::Q4_0Interleaved`] is: the 16 `f16` scales, then each of the
+    /// eight words of codes of the 16 rows side by side.
+    Q8_0Interleaved,
 }
 
 /// Rows whose blocks the 16-row layouts ([`BlockType::Q4KInterleaved`],
-/// [`BlockType::Q4_0Interleaved`], [`BlockType::Q5_0Interleaved`]) keep together.
+/// [`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`],
+/// [`BlockType::Q5_0Interleaved`]) keep together.
 pub const INTERLEAVED_ROWS: usize = 16;
 
 impl BlockType {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
-            Self::Q8_0 | Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved | Self::Q4_1 | Self::Q5_0 | Self::Q5_0Interleaved | Self::Q5_1 => BLOCK,
+            Self::Q8_0
+            | Self::Q8_0Interleaved
+            | Self::Q4_0
+            | Self::Q4_0ScalesFirst
+            | Self::Q4_0Interleaved
+            | Self::Q4_1
+            | Self::Q5_0
+            | Self::Q5_0Interleaved
+            | Self::Q5_1 => BLOCK,
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
 
     pub const fn block_bytes(self) -> usize {
         match self {
-            Self::Q8_0 => 2 + BLOCK,
+            Self::Q8_0 | Self::Q8_0Interleaved => 2 + BLOCK,
             Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => 2 + BLOCK / 2,
             Self::Q4_1 => 2 + 2 + BLOCK / 2,
             Self::Q5_0 | Self::Q5_0Interleaved => 2 + 4 + BLOCK / 2,
@@ -93,7 +105,7 @@ impl BlockType {
     /// How many rows this layout keeps together: a matrix's rows are a whole number of them.
     pub const fn rows_together(self) -> usize {
         match self {
-            Self::Q4KInterleaved | Self::Q4_0Interleaved | Self::Q5_0Interleaved => INTERLEAVED_ROWS,
+            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q5_0Interleaved => INTERLEAVED_ROWS,
             _ => 1,
         }
     }
@@ -133,10 +145,11 @@ impl BlockType {
     }
 
     /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`] and
-    /// [`BlockType::Q4_0Interleaved`], Q5_0 for [`BlockType::Q5_0Interleaved`], Q4_K for
-    /// [`BlockType::Q4KInterleaved`].
+    /// [`BlockType::Q4_0Interleaved`], Q5_0 for [`BlockType::Q5_0Interleaved`], Q8_0 for
+    /// [`BlockType::Q8_0Interleaved`], Q4_K for [`BlockType::Q4KInterleaved`].
     pub const fn in_file(self) -> Self {
         match self {
+            Self::Q8_0Interleaved => Self::Q8_0,
             Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => Self::Q4_0,
             Self::Q5_0Interleaved => Self::Q5_0,
             Self::Q4KInterleaved => Self::Q4K,
@@ -150,25 +163,22 @@ impl BlockType {
     pub fn rearrange(self, rows: &mut [u8], cols: usize, back: bool) {
         match self {
             Self::Q4_0ScalesFirst => scales_first(rows, cols, back),
-            Self::Q4KInterleaved | Self::Q4_0Interleaved | Self::Q5_0Interleaved => interleave(self.in_file(), rows, cols, back),
+            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q5_0Interleaved => interleave(self.in_file(), rows, cols, back),
             _ => {}
         }
     }
 }
 
-/// Bytes of one super-block of [`INTERLEAVED_ROWS`] rows in [`BlockType::Q4KInterleaved`].
-pub const Q4_K_INTERLEAVED_BLOCK_BYTES: usize = INTERLEAVED_ROWS * BlockType::Q4K.block_bytes();
-
 /// Where the 16-row layouts keep the 16 rows' copies of the field at byte `at` of a block
-/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q4_0 and Q5_0:
-/// d at 0, then words from 2, [`legacy_layout`]), from the start of their group: row `r`'s at
-/// `len · r` past it (2 bytes for an `f16`, 4 for a word).
+/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q8_0, Q4_0 and
+/// Q5_0: d at 0, then words from 2, [`legacy_layout`]), from the start of their group: row
+/// `r`'s at `len · r` past it (2 bytes for an `f16`, 4 for a word).
 pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of Q4_K, Q4_0 or Q5_0 blocks (`file`), `cols` values each, rearranged in place as the
-/// 16-row layout of that type, or with `back` from that layout to the file's.
+/// Rows of Q4_K, Q8_0, Q4_0 or Q5_0 blocks (`file`), `cols` values each, rearranged in place as
+/// the 16-row layout of that type, or with `back` from that layout to the file's.
 fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
     let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
     // The `f16` fields (Q4_K's d and dmin, the legacy types' d); the rest of a block is words.
@@ -363,8 +373,8 @@ mod tests {
 
     #[test]
     fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
-        // Q4_K's d and dmin, then 35 words; Q4_0's d, then 4 words; Q5_0's d, then 5.
-        for (ty, halves) in [(BlockType::Q4K, 2), (BlockType::Q4_0, 1), (BlockType::Q5_0, 1)] {
+        // Q4_K's d and dmin, then 35 words; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5.
+        for (ty, halves) in [(BlockType::Q4K, 2), (BlockType::Q8_0, 1), (BlockType::Q4_0, 1), (BlockType::Q5_0, 1)] {
             let (rows, cols) = (32, 2 * ty.block_values());
             let (row_bytes, bytes) = (ty.row_bytes(cols), ty.block_bytes());
             let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();

@@ -22,8 +22,9 @@ pub fn seconds(mut f: impl FnMut()) -> f64 {
 
 /// Every block type the kernels take, with candle's name for it (to quantize test weights).
 #[allow(dead_code)] // the attention benchmark has no weights
-pub const TYPES: [(BlockType, GgmlDType); 14] = [
+pub const TYPES: [(BlockType, GgmlDType); 15] = [
     (BlockType::Q8_0, GgmlDType::Q8_0),
+    (BlockType::Q8_0Interleaved, GgmlDType::Q8_0),
     (BlockType::Q4_0, GgmlDType::Q4_0),
     (BlockType::Q4_0ScalesFirst, GgmlDType::Q4_0),
     (BlockType::Q4_0Interleaved, GgmlDType::Q4_0),

@@ -27,7 +27,7 @@ use super::avx2;
 use super::panel::{Panel, PANEL_ROWS};
 use super::{prefetch_ahead, tiles_ahead, with_ahead_cache, PREFETCH_BYTES};
 use crate::activations::{Interleaved, QuantizedRows, TILE_ROWS};
-use crate::blocks::{interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK};
+use crate::blocks::{interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::tiles::{decode_rows, operands, rows_of, store, Tile};
 use crate::QMatrix;
 
@@ -59,6 +59,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
     }
     match w.ty {
         BlockType::Q8_0 => rows_of::<Legacy<Q8_0>, 4, TILE_ACTS, DECODE_ROWS>(w, x, rows, out),
+        BlockType::Q8_0Interleaved => interleaved_rows::<LegacyGroups<Q8_0Codes>>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<NibbleTiles<false, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
         // Laid out so only where AVX2's tiles decode Q4_0 (`crate::Kernels::layout`: here a
         // Zen 4's matrices of other than whole groups of 16 rows), whose
@@ -66,10 +67,10 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         // Q4_0 (`--bench stream -- m=N`, one thread, GB/s: 4 rows 6.63 → 7.31, 5 rows 5.05 →
         // 5.70, 6 rows 4.16 → 4.74).
         BlockType::Q4_0ScalesFirst => avx2::product_rows(w, x, rows, out),
-        BlockType::Q4_0Interleaved => interleaved_rows::<LegacyGroups<false>>(w, x, rows, out),
+        BlockType::Q4_0Interleaved => interleaved_rows::<LegacyGroups<Q4_0Codes>>(w, x, rows, out),
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
-        BlockType::Q5_0Interleaved => interleaved_rows::<LegacyGroups<true>>(w, x, rows, out),
+        BlockType::Q5_0Interleaved => interleaved_rows::<LegacyGroups<Q5_0Codes>>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
         // The K-quants' tiles are a row each: the choice is made once a product, not per row.
         // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
@@ -203,9 +204,10 @@ impl Groups for Q4KGroups {
             (values[c], scales[c], sums16[c]) = (q.as_ptr(), d.as_ptr(), x.sums16(i + c).as_ptr());
         }
         let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
+        let block_bytes = INTERLEAVED_ROWS * w.ty.block_bytes();
         let mut acc = [_mm512_setzero_ps(); CT];
         for b in 0..w.cols / SUPER_BLOCK {
-            let block = group.add(b * Q4_K_INTERLEAVED_BLOCK_BYTES);
+            let block = group.add(b * block_bytes);
             let ahead = block.wrapping_add(AHEAD_BYTES / 4);
             let far = block.wrapping_add(2 * AHEAD_BYTES);
             for line in 0..4 {
@@ -252,19 +254,18 @@ impl Groups for Q4KGroups {
     }
 }
 
-/// [`BlockType::Q4_0Interleaved`]'s groups (no fifth bits) and [`BlockType::Q5_0Interleaved`]'s.
-struct LegacyGroups<const FIFTH_BIT: bool>;
+/// The groups of [`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`] and
+/// [`BlockType::Q5_0Interleaved`], whose blocks' codes `C` reads.
+struct LegacyGroups<C>(std::marker::PhantomData<C>);
 
-/// Sixteen interleaved Q4_0 or Q5_0 rows by `CT` activation rows, read as [`Q4KGroups`] reads
-/// Q4_K's: each of a block's four registers of nibbles holds the same four bytes of every row,
-/// its low nibbles four of the first 16 values and its high nibbles (shifted down) four of the
-/// last 16, and `vpdpbusd` adds their products in each row's own lane. Q5_0's fifth bits are
-/// tested four values of every row at once ([`fifth_bits_set`]) and add 16 to the codes they
-/// are set for. The code offset meets the activations' sums: each row's
-/// integer sum of a block starts from −8 (Q4_0) or −16 (Q5_0) · Σ x.
+/// Sixteen interleaved Q8_0, Q4_0 or Q5_0 rows by `CT` activation rows, read as [`Q4KGroups`]
+/// reads Q4_K's: a block's codes come as four pairs of registers ([`LegacyCodes::codes`]),
+/// each register four values of every row, one row to a 32-bit lane, and `vpdpbusd` adds
+/// their products in each row's own lane. The code offset meets the activations' sums: each
+/// row's integer sum of a block starts from −[`LegacyCodes::OFFSET`] · Σ x.
 ///
 /// It asks for its weights ahead as [`Q4KGroups`]' tiles do.
-impl<const FIFTH_BIT: bool> Groups for LegacyGroups<FIFTH_BIT> {
+impl<C: LegacyCodes> Groups for LegacyGroups<C> {
     #[inline(always)]
     unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
         let (mut values, mut scales, mut sums) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
@@ -272,25 +273,22 @@ impl<const FIFTH_BIT: bool> Groups for LegacyGroups<FIFTH_BIT> {
             let (d, q, s) = x.row(i + c);
             (values[c], scales[c], sums[c]) = (q.as_ptr(), d.as_ptr(), s.as_ptr());
         }
-        let (high_bits, nibbles) = legacy_layout(w.ty.in_file());
-        let offset = -i32::from(w.ty.code_offset().expect("Q4_0 and Q5_0 codes are offset"));
         let block_bytes = INTERLEAVED_ROWS * w.ty.block_bytes();
         let mut acc = [_mm512_setzero_ps(); CT];
         for b in 0..w.cols / BLOCK {
             let block = group.add(b * block_bytes);
             let (ahead, far) = (block.wrapping_add(AHEAD_BYTES / 4), block.wrapping_add(2 * AHEAD_BYTES));
-            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
-            let fifth_bits = legacy_fifth_bits::<FIFTH_BIT>(block, high_bits);
+            for line in (0..block_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(line) as *const i8);
+            }
+            let fifth_bits = C::fifth_bits(block);
             let (mut low_sums, mut high_sums) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
             for c in 0..CT {
-                low_sums[c] = _mm512_set1_epi32(offset * *sums[c].add(b));
+                low_sums[c] = _mm512_set1_epi32(-C::OFFSET * *sums[c].add(b));
             }
             for k in 0..4 {
-                let at = interleaved_at(nibbles + 4 * k);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
-                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(at) as *const i8);
-                let (q_low, q_high) = legacy_codes::<FIFTH_BIT>(block.add(at), fifth_bits, k);
+                let (q_low, q_high) = C::codes(block, fifth_bits, k);
                 for c in 0..CT {
                     let x = values[c].add(b * BLOCK + 4 * k);
                     low_sums[c] = _mm512_dpbusd_epi32(low_sums[c], q_low, broadcast_word(x));
@@ -307,31 +305,79 @@ impl<const FIFTH_BIT: bool> Groups for LegacyGroups<FIFTH_BIT> {
     }
 }
 
-/// The 16 rows' words of fifth bits of a Q5_0 group's block (`high_bits` into a block of the
-/// file); nothing for Q4_0.
-#[inline(always)]
-pub(super) unsafe fn legacy_fifth_bits<const FIFTH_BIT: bool>(block: *const u8, high_bits: usize) -> __m512i {
-    match FIFTH_BIT {
-        true => _mm512_loadu_si512(block.add(interleaved_at(high_bits)) as *const _),
-        false => _mm512_setzero_si512(),
+/// How a legacy type's 16-row layout holds a block's codes, after the 16 rows' `f16` scales:
+/// as unsigned bytes offset by [`LegacyCodes::OFFSET`] (value = d · (code − offset)).
+pub(super) trait LegacyCodes {
+    const OFFSET: i32;
+
+    /// The 16 rows' words of fifth bits of the group's block at `block`, for types that have
+    /// them.
+    #[inline(always)]
+    unsafe fn fifth_bits(_block: *const u8) -> __m512i {
+        _mm512_setzero_si512()
+    }
+
+    /// The codes of values 4k..4k + 4 and 16 + 4k.. of every row of the group's block at
+    /// `block` (k < 4), a row to a lane.
+    unsafe fn codes(block: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i);
+}
+
+/// [`BlockType::Q8_0Interleaved`]'s: eight words of signed bytes, made unsigned by adding 128.
+pub(super) struct Q8_0Codes;
+
+impl LegacyCodes for Q8_0Codes {
+    const OFFSET: i32 = 128;
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, _: __m512i, k: usize) -> (__m512i, __m512i) {
+        let word = |k: usize| _mm512_xor_si512(_mm512_loadu_si512(block.add(interleaved_at(2 + 4 * k)) as *const _), _mm512_set1_epi8(-128));
+        (word(k), word(k + 4))
     }
 }
 
-/// The unsigned codes of word `k` of a Q4_0 or Q5_0 group's nibbles at `at`: values 4k..4k + 4
-/// (the low nibbles) and 16 + 4k.. (the high) of every row, a row to a lane, with their fifth
-/// bits (bits 4k.. and 16 + 4k.. of the row's word of `fifth_bits`) for Q5_0.
-#[inline(always)]
-pub(super) unsafe fn legacy_codes<const FIFTH_BIT: bool>(at: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
-    let (q, low) = (_mm512_loadu_si512(at as *const _), _mm512_set1_epi8(0x0F));
-    let (q_low, q_high) = (_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low));
-    if !FIFTH_BIT {
-        return (q_low, q_high);
+/// [`BlockType::Q4_0Interleaved`]'s: four words of nibbles, a word's low nibbles four of the
+/// first 16 values, its high nibbles four of the last 16.
+pub(super) struct Q4_0Codes;
+
+impl LegacyCodes for Q4_0Codes {
+    const OFFSET: i32 = 8;
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, _: __m512i, k: usize) -> (__m512i, __m512i) {
+        nibbles(block.add(interleaved_at(2 + 4 * k)))
     }
-    let sixteen = _mm512_set1_epi8(16);
-    (
-        _mm512_mask_add_epi8(q_low, fifth_bits_set(fifth_bits, 4 * k), q_low, sixteen),
-        _mm512_mask_add_epi8(q_high, fifth_bits_set(fifth_bits, 16 + 4 * k), q_high, sixteen),
-    )
+}
+
+/// [`BlockType::Q5_0Interleaved`]'s: Q4_0's nibbles after a word of fifth bits, which are tested
+/// four values of every row at once ([`fifth_bits_set`]) and add 16 to the codes they are set
+/// for.
+pub(super) struct Q5_0Codes;
+
+impl LegacyCodes for Q5_0Codes {
+    const OFFSET: i32 = 16;
+
+    #[inline(always)]
+    unsafe fn fifth_bits(block: *const u8) -> __m512i {
+        _mm512_loadu_si512(block.add(interleaved_at(2)) as *const _)
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
+        let (low, high) = nibbles(block.add(interleaved_at(6 + 4 * k)));
+        let sixteen = _mm512_set1_epi8(16);
+        // Values 4k.. take bits 4k.. of the word, values 16 + 4k.. bits 16 + 4k...
+        (
+            _mm512_mask_add_epi8(low, fifth_bits_set(fifth_bits, 4 * k), low, sixteen),
+            _mm512_mask_add_epi8(high, fifth_bits_set(fifth_bits, 16 + 4 * k), high, sixteen),
+        )
+    }
+}
+
+/// The low and the high nibbles of the register at `at`, each in a byte of its own.
+#[inline(always)]
+unsafe fn nibbles(at: *const u8) -> (__m512i, __m512i) {
+    let (q, low) = (_mm512_loadu_si512(at as *const _), _mm512_set1_epi8(0x0F));
+    (_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low))
 }
 
 /// Which bytes of a register of four values of every row take a fifth bit: byte `j` of row

@@ -20,13 +20,14 @@ pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleavin
     (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
-/// See [`crate::Kernels::layout`]: with AVX-512, Q4_0's, Q5_0's and Q4_K's 16-row layouts for
-/// a matrix of whole groups of their rows; otherwise Q4_0's scales first with AVX2, and with
-/// AVX-512 where a 512-bit instruction takes two passes, whose Q4_0 decode steps then go
-/// through AVX2's tiles ([`avx512::two_passes`]).
+/// See [`crate::Kernels::layout`]: with AVX-512, Q8_0's, Q4_0's, Q5_0's and Q4_K's 16-row
+/// layouts for a matrix of whole groups of their rows; otherwise Q4_0's scales first with AVX2,
+/// and with AVX-512 where a 512-bit instruction takes two passes, whose Q4_0 decode steps then
+/// go through AVX2's tiles ([`avx512::two_passes`]).
 pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
     let in_groups = rows.is_multiple_of(crate::blocks::INTERLEAVED_ROWS);
     match ty {
+        BlockType::Q8_0 if avx512 && in_groups => BlockType::Q8_0Interleaved,
         BlockType::Q4_0 if avx512 && in_groups => BlockType::Q4_0Interleaved,
         BlockType::Q5_0 if avx512 && in_groups => BlockType::Q5_0Interleaved,
         BlockType::Q4_0 if !avx512 || avx512::two_passes() => BlockType::Q4_0ScalesFirst,

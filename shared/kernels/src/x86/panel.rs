@@ -22,7 +22,8 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use crate::blocks::{interleaved_at, legacy_layout, BlockType, BLOCK, INTERLEAVED_ROWS, Q4_K_INTERLEAVED_BLOCK_BYTES, SUPER_BLOCK};
+use super::avx512::{LegacyCodes, Q5_0Codes, Q8_0Codes};
+use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
 use crate::{activations::Interleaved, QuantizedRows};
@@ -66,7 +67,7 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K) => 12,
         (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1) => 20,
-        (false, BlockType::Q8_0) => 32,
+        (false, BlockType::Q8_0 | BlockType::Q8_0Interleaved) => 32,
         // The 16-row layout's tiles of up to four activation rows read its weights unpacked:
         // Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels: 7 rows
         // 316 / 207, 8 rows 319 / 236, 12 rows 319 / 216, 16 rows 313 / 286, 24 rows 320 / 307,
@@ -84,6 +85,9 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // against panels (packed from the layout), same measure, 12 rows 281 / 199, 16 rows 266–282
         // / 270, 24 rows 275–278 / 286, 32 rows 273 / 293, 128 rows 275 / 331, 512 rows 251 / 351.
         (true, BlockType::Q5_0Interleaved) => 24,
+        // Q8_0's from 32 rows as Q4_K's (tiles against panels: 12 rows 264 / 201, 16 rows 309 /
+        // 265, 24 rows 301 / 288, 32 rows 309 / 303, 128 rows 310 / 325, 512 rows 314 / 353).
+        (true, BlockType::Q8_0Interleaved) => 32,
         (true, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 7,
         (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
     }
@@ -109,7 +113,7 @@ pub const fn group_values(ty: BlockType) -> usize {
 pub const fn code_offset(ty: BlockType) -> Option<i32> {
     match (ty, ty.code_offset()) {
         // Q8_0's signed codes plus 128 ([`super::avx2::pack`]).
-        (BlockType::Q8_0, _) => Some(128),
+        (BlockType::Q8_0 | BlockType::Q8_0Interleaved, _) => Some(128),
         (_, Some(k)) => Some(k as i32),
         (_, None) => None,
     }
@@ -119,7 +123,7 @@ pub const fn code_offset(ty: BlockType) -> Option<i32> {
 /// unsigned): how many products AVX2 may add up in 16 bits.
 pub const fn largest_code(ty: BlockType) -> i32 {
     match ty {
-        BlockType::Q8_0 => 255,
+        BlockType::Q8_0 | BlockType::Q8_0Interleaved => 255,
         BlockType::Q2K => 3,
         BlockType::Q3K => 7,
         BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q4KInterleaved => 15,
@@ -231,7 +235,8 @@ impl Panel {
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
             // SAFETY: as Q4_K's.
-            BlockType::Q5_0Interleaved => unsafe { self.pack_q5_0_interleaved(w, rows, next) },
+            BlockType::Q8_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q8_0Codes>(w, rows, next) },
+            BlockType::Q5_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q5_0Codes>(w, rows, next) },
             // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
             _ => unsafe { super::avx2::pack(self, w, rows, next) },
         }
@@ -247,14 +252,14 @@ impl Panel {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn pack_interleaved(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
         debug_assert_eq!(rows.len(), INTERLEAVED_ROWS);
-        let row_bytes = w.ty.row_bytes(w.cols);
+        let (row_bytes, block_bytes) = (w.ty.row_bytes(w.cols), INTERLEAVED_ROWS * w.ty.block_bytes());
         let (group, next_group) = (w.bytes.as_ptr().add(rows.start * row_bytes), w.bytes.as_ptr().wrapping_add(next.start * row_bytes));
         let (low, quads) = (_mm512_set1_epi8(0x0F), self.group / 4);
         for b in 0..w.cols / SUPER_BLOCK {
             if !next.is_empty() {
-                super::prefetch_ahead::<false>(next_group, b, Q4_K_INTERLEAVED_BLOCK_BYTES, 0);
+                super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
             }
-            let block = group.add(b * Q4_K_INTERLEAVED_BLOCK_BYTES);
+            let block = group.add(b * block_bytes);
             let (sub_scales, mins, d_16th, dmin) = super::avx512::interleaved_scales(block);
             let d = _mm512_mul_ps(d_16th, _mm512_set1_ps(16.0));
             for j in 0..SUPER_BLOCK / BLOCK {
@@ -276,18 +281,17 @@ impl Panel {
         }
     }
 
-    /// Packs the 16 rows from `rows.start` of a [`BlockType::Q5_0Interleaved`] matrix: a block's
-    /// four registers of nibbles, with their fifth bits, are its eight quads of every row, and its
+    /// Packs the 16 rows from `rows.start` of a legacy type's 16-row layout, whose codes `C`
+    /// reads: a block's four pairs of registers of codes are its eight quads of every row, and its
     /// 16 scales one conversion; the code offset comes with the activations ([`code_offset`]).
     ///
     /// # Safety
     /// AVX-512 with VNNI is available; `rows` is a whole group of the layout's rows.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pack_q5_0_interleaved(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
+    unsafe fn pack_legacy_interleaved<C: LegacyCodes>(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
         debug_assert_eq!(rows.len(), INTERLEAVED_ROWS);
         let (row_bytes, block_bytes) = (w.ty.row_bytes(w.cols), INTERLEAVED_ROWS * w.ty.block_bytes());
         let (group, next_group) = (w.bytes.as_ptr().add(rows.start * row_bytes), w.bytes.as_ptr().wrapping_add(next.start * row_bytes));
-        let (high_bits, nibbles) = legacy_layout(BlockType::Q5_0);
         for b in 0..w.cols / BLOCK {
             if !next.is_empty() {
                 super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
@@ -295,9 +299,9 @@ impl Panel {
             let block = group.add(b * block_bytes);
             _mm512_storeu_ps(self.scales[b * PANEL_ROWS..].as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(block as *const _)));
             _mm512_storeu_ps(self.offsets[b * PANEL_ROWS..].as_mut_ptr(), _mm512_setzero_ps());
-            let fifth_bits = super::avx512::legacy_fifth_bits::<true>(block, high_bits);
+            let fifth_bits = C::fifth_bits(block);
             for k in 0..4 {
-                let (low, high) = super::avx512::legacy_codes::<true>(block.add(interleaved_at(nibbles + 4 * k)), fifth_bits, k);
+                let (low, high) = C::codes(block, fifth_bits, k);
                 _mm512_store_si512(self.quads[8 * b + k].0.as_mut_ptr() as *mut _, low);
                 _mm512_store_si512(self.quads[8 * b + 4 + k].0.as_mut_ptr() as *mut _, high);
             }
