@@ -82,8 +82,9 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // threads 235–256 / 239–248).
         (true, BlockType::Q4_0Interleaved) => usize::MAX,
         // Q5_0's, whose tiles spend more on each block (its fifth bits), from 24 rows: tiles
-        // against panels (packed from the layout), same measure, 12 rows 281 / 199, 16 rows 266–282
-        // / 270, 24 rows 275–278 / 286, 32 rows 273 / 293, 128 rows 275 / 331, 512 rows 251 / 351.
+        // against panels (packed from the layout), same measure, 12 rows 281 / 199, 16 rows
+        // 266–282 / 270, 24 rows 275–278 / 286, 32 rows 273 / 293, 128 rows 275 / 331, 512 rows
+        // 251 / 351.
         (true, BlockType::Q5_0Interleaved) => 24,
         // Q8_0's from 32 rows as Q4_K's (tiles against panels: 12 rows 264 / 201, 16 rows 309 /
         // 265, 24 rows 301 / 288, 32 rows 309 / 303, 128 rows 310 / 325, 512 rows 314 / 353).
