@@ -269,7 +269,7 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>, next: Ran
         BlockType::Q5_1 => each_block!(|row, b, put| pack_nibbles::<Q5_1>(row.add(b * bytes), &mut put)),
         BlockType::Q4K => each_block!(|row, b, put| pack_q4_k::<false>(row.add(b * bytes), &mut put)),
         BlockType::Q8_0Interleaved | BlockType::Q4_0Interleaved | BlockType::Q5_0Interleaved | BlockType::Q4KInterleaved => {
-            unreachable!("AVX-512's layouts: `Panel::pack_interleaved` packs Q4_K's")
+            unreachable!("AVX-512's layouts: `Panel::pack` packs them itself")
         }
         BlockType::Q5K => each_block!(|row, b, put| pack_q4_k::<true>(row.add(b * bytes), &mut put)),
         BlockType::Q2K => each_block!(|row, b, put| pack_sixteens::<Q2K>(row.add(b * bytes), &mut put)),

@@ -68,7 +68,7 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1) => 20,
         (false, BlockType::Q8_0 | BlockType::Q8_0Interleaved) => 32,
-        // The 16-row layout's tiles of up to four activation rows read its weights unpacked:
+        // Q4_K's 16-row layout's tiles of up to four activation rows read its weights unpacked:
         // Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels: 7 rows
         // 316 / 207, 8 rows 319 / 236, 12 rows 319 / 216, 16 rows 313 / 286, 24 rows 320 / 307,
         // 32 rows 318 / 318, 128 rows 313 / 330, 512 rows 314 / 352.
@@ -231,11 +231,10 @@ impl Panel {
         grow(&mut self.scales, groups * PANEL_ROWS, 0.0);
         grow(&mut self.offsets, groups * PANEL_ROWS, 0.0);
         match w.ty {
-            // SAFETY: only AVX-512's products take this layout to the panels
+            // SAFETY (the three): only AVX-512's products take the 16-row layouts to the panels
             // (`crate::product_rows` sends the others' to the scalar definition).
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
-            // SAFETY: as Q4_K's.
             BlockType::Q8_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q8_0Codes>(w, rows, next) },
             BlockType::Q5_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q5_0Codes>(w, rows, next) },
             // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
