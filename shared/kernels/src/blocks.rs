@@ -59,11 +59,16 @@ pub enum BlockType {
     /// Q8_0 laid out as [`BlockType::Q4_0Interleaved`] is: the 16 `f16` scales, then each of the
     /// eight words of codes of the 16 rows side by side.
     Q8_0Interleaved,
+    /// Q4_1 laid out as [`BlockType::Q4_0Interleaved`] is, the 16 `f16` minimums after the
+    /// scales.
+    Q4_1Interleaved,
+    /// Q5_1 laid out as [`BlockType::Q5_0Interleaved`] is, the 16 `f16` minimums after the
+    /// scales.
+    Q5_1Interleaved,
 }
 
 /// Rows whose blocks the 16-row layouts ([`BlockType::Q4KInterleaved`],
-/// [`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`],
-/// [`BlockType::Q5_0Interleaved`]) keep together.
+/// [`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`], ...) keep together.
 pub const INTERLEAVED_ROWS: usize = 16;
 
 impl BlockType {
@@ -76,9 +81,11 @@ impl BlockType {
             | Self::Q4_0ScalesFirst
             | Self::Q4_0Interleaved
             | Self::Q4_1
+            | Self::Q4_1Interleaved
             | Self::Q5_0
             | Self::Q5_0Interleaved
-            | Self::Q5_1 => BLOCK,
+            | Self::Q5_1
+            | Self::Q5_1Interleaved => BLOCK,
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q6K => SUPER_BLOCK,
         }
     }
@@ -87,9 +94,9 @@ impl BlockType {
         match self {
             Self::Q8_0 | Self::Q8_0Interleaved => 2 + BLOCK,
             Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => 2 + BLOCK / 2,
-            Self::Q4_1 => 2 + 2 + BLOCK / 2,
+            Self::Q4_1 | Self::Q4_1Interleaved => 2 + 2 + BLOCK / 2,
             Self::Q5_0 | Self::Q5_0Interleaved => 2 + 4 + BLOCK / 2,
-            Self::Q5_1 => 2 + 2 + 4 + BLOCK / 2,
+            Self::Q5_1 | Self::Q5_1Interleaved => 2 + 2 + 4 + BLOCK / 2,
             Self::Q2K => SUPER_BLOCK / 16 + SUPER_BLOCK / 4 + 2 + 2,
             Self::Q3K => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
             Self::Q4K | Self::Q4KInterleaved => 2 + 2 + 12 + SUPER_BLOCK / 2,
@@ -105,7 +112,9 @@ impl BlockType {
     /// How many rows this layout keeps together: a matrix's rows are a whole number of them.
     pub const fn rows_together(self) -> usize {
         match self {
-            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q5_0Interleaved => INTERLEAVED_ROWS,
+            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q4_1Interleaved | Self::Q5_0Interleaved | Self::Q5_1Interleaved => {
+                INTERLEAVED_ROWS
+            }
             _ => 1,
         }
     }
@@ -144,14 +153,15 @@ impl BlockType {
         matches!(self, Self::Q5_0 | Self::Q5_1)
     }
 
-    /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`] and
-    /// [`BlockType::Q4_0Interleaved`], Q5_0 for [`BlockType::Q5_0Interleaved`], Q8_0 for
-    /// [`BlockType::Q8_0Interleaved`], Q4_K for [`BlockType::Q4KInterleaved`].
+    /// The type a file holds these blocks as: Q4_0 for [`BlockType::Q4_0ScalesFirst`], and the
+    /// type a 16-row layout ([`BlockType::Q4_0Interleaved`], ...) is of.
     pub const fn in_file(self) -> Self {
         match self {
             Self::Q8_0Interleaved => Self::Q8_0,
             Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => Self::Q4_0,
+            Self::Q4_1Interleaved => Self::Q4_1,
             Self::Q5_0Interleaved => Self::Q5_0,
+            Self::Q5_1Interleaved => Self::Q5_1,
             Self::Q4KInterleaved => Self::Q4K,
             other => other,
         }
@@ -163,25 +173,27 @@ impl BlockType {
     pub fn rearrange(self, rows: &mut [u8], cols: usize, back: bool) {
         match self {
             Self::Q4_0ScalesFirst => scales_first(rows, cols, back),
-            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q5_0Interleaved => interleave(self.in_file(), rows, cols, back),
+            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q4_1Interleaved | Self::Q5_0Interleaved | Self::Q5_1Interleaved => {
+                interleave(self.in_file(), rows, cols, back)
+            }
             _ => {}
         }
     }
 }
 
 /// Where the 16-row layouts keep the 16 rows' copies of the field at byte `at` of a block
-/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q8_0, Q4_0 and
-/// Q5_0: d at 0, then words from 2, [`legacy_layout`]), from the start of their group: row
-/// `r`'s at `len · r` past it (2 bytes for an `f16`, 4 for a word).
+/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; the legacy
+/// types: d at 0, Q4_1's and Q5_1's m at 2, then words, [`legacy_layout`]), from the start of
+/// their group: row `r`'s at `len · r` past it (2 bytes for an `f16`, 4 for a word).
 pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of Q4_K, Q8_0, Q4_0 or Q5_0 blocks (`file`), `cols` values each, rearranged in place as
-/// the 16-row layout of that type, or with `back` from that layout to the file's.
+/// Rows of Q4_K or legacy blocks (`file`), `cols` values each, rearranged in place as the
+/// 16-row layout of that type, or with `back` from that layout to the file's.
 fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
     let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
-    // The `f16` fields (Q4_K's d and dmin, the legacy types' d); the rest of a block is words.
+    // The `f16` fields (Q4_K's d and dmin, the legacy types' d and m); the rest is words.
     let header = if file == BlockType::Q4K { 4 } else { legacy_layout(file).0 };
     let mut copy = vec![0u8; INTERLEAVED_ROWS * row_bytes];
     assert!(rows.len().is_multiple_of(copy.len()), "{file:?} rows are interleaved 16 at a time");
@@ -373,8 +385,10 @@ mod tests {
 
     #[test]
     fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
-        // Q4_K's d and dmin, then 35 words; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5.
-        for (ty, halves) in [(BlockType::Q4K, 2), (BlockType::Q8_0, 1), (BlockType::Q4_0, 1), (BlockType::Q5_0, 1)] {
+        // Q4_K's d and dmin, then 35 words; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's
+        // d and m, then 4 words; Q5_1's, 5.
+        let types = [(BlockType::Q4K, 2), (BlockType::Q8_0, 1), (BlockType::Q4_0, 1), (BlockType::Q5_0, 1), (BlockType::Q4_1, 2), (BlockType::Q5_1, 2)];
+        for (ty, halves) in types {
             let (rows, cols) = (32, 2 * ty.block_values());
             let (row_bytes, bytes) = (ty.row_bytes(cols), ty.block_bytes());
             let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();

@@ -64,7 +64,9 @@ pub fn dot(ty: BlockType, w: &[u8], x: &QuantizedRows, i: usize) -> f32 {
                 BlockType::Q4_0ScalesFirst
                 | BlockType::Q8_0Interleaved
                 | BlockType::Q4_0Interleaved
+                | BlockType::Q4_1Interleaved
                 | BlockType::Q5_0Interleaved
+                | BlockType::Q5_1Interleaved
                 | BlockType::Q4KInterleaved => {
                     panic!("{ty:?} is the kernels' layout, not a file's type")
                 }

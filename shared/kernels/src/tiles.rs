@@ -38,7 +38,12 @@ pub(crate) const fn decode_rows(ty: BlockType) -> usize {
         BlockType::Q8_0 => 4,
         BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => 1,
         // Their tiles are a group of rows ([`BlockType::rows_together`]).
-        BlockType::Q8_0Interleaved | BlockType::Q4_0Interleaved | BlockType::Q5_0Interleaved | BlockType::Q4KInterleaved => crate::blocks::INTERLEAVED_ROWS,
+        BlockType::Q8_0Interleaved
+        | BlockType::Q4_0Interleaved
+        | BlockType::Q4_1Interleaved
+        | BlockType::Q5_0Interleaved
+        | BlockType::Q5_1Interleaved
+        | BlockType::Q4KInterleaved => crate::blocks::INTERLEAVED_ROWS,
     }
 }
 

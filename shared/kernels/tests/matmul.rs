@@ -15,16 +15,18 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-const TYPES: [BlockType; 15] = [
+const TYPES: [BlockType; 17] = [
     BlockType::Q8_0,
     BlockType::Q8_0Interleaved,
     BlockType::Q4_0,
     BlockType::Q4_0ScalesFirst,
     BlockType::Q4_0Interleaved,
     BlockType::Q4_1,
+    BlockType::Q4_1Interleaved,
     BlockType::Q5_0,
     BlockType::Q5_0Interleaved,
     BlockType::Q5_1,
+    BlockType::Q5_1Interleaved,
     BlockType::Q2K,
     BlockType::Q3K,
     BlockType::Q4K,
@@ -51,7 +53,13 @@ fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
-        BlockType::Q4_0ScalesFirst | BlockType::Q8_0Interleaved | BlockType::Q4_0Interleaved | BlockType::Q5_0Interleaved | BlockType::Q4KInterleaved => {
+        BlockType::Q4_0ScalesFirst
+        | BlockType::Q8_0Interleaved
+        | BlockType::Q4_0Interleaved
+        | BlockType::Q4_1Interleaved
+        | BlockType::Q5_0Interleaved
+        | BlockType::Q5_1Interleaved
+        | BlockType::Q4KInterleaved => {
             unreachable!("the kernels' layouts, not a file's type")
         }
     };
@@ -230,6 +238,8 @@ fn several_products_of_one_input_equal_each_alone() {
         (BlockType::Q4_0Interleaved, 16),
         (BlockType::Q5_0Interleaved, 32),
         (BlockType::Q8_0Interleaved, 16),
+        (BlockType::Q4_1Interleaved, 16),
+        (BlockType::Q5_1Interleaved, 32),
     ];
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
     let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();

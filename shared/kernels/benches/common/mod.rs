@@ -22,16 +22,18 @@ pub fn seconds(mut f: impl FnMut()) -> f64 {
 
 /// Every block type the kernels take, with candle's name for it (to quantize test weights).
 #[allow(dead_code)] // the attention benchmark has no weights
-pub const TYPES: [(BlockType, GgmlDType); 15] = [
+pub const TYPES: [(BlockType, GgmlDType); 17] = [
     (BlockType::Q8_0, GgmlDType::Q8_0),
     (BlockType::Q8_0Interleaved, GgmlDType::Q8_0),
     (BlockType::Q4_0, GgmlDType::Q4_0),
     (BlockType::Q4_0ScalesFirst, GgmlDType::Q4_0),
     (BlockType::Q4_0Interleaved, GgmlDType::Q4_0),
     (BlockType::Q4_1, GgmlDType::Q4_1),
+    (BlockType::Q4_1Interleaved, GgmlDType::Q4_1),
     (BlockType::Q5_0, GgmlDType::Q5_0),
     (BlockType::Q5_0Interleaved, GgmlDType::Q5_0),
     (BlockType::Q5_1, GgmlDType::Q5_1),
+    (BlockType::Q5_1Interleaved, GgmlDType::Q5_1),
     (BlockType::Q2K, GgmlDType::Q2K),
     (BlockType::Q3K, GgmlDType::Q3K),
     (BlockType::Q4K, GgmlDType::Q4K),

@@ -37,7 +37,12 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
             BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true, { code_offset(BlockType::Q8_0).is_none() }>(w, x, rows, out),
             BlockType::Q4_0 => panels!(BlockType::Q4_0),
             BlockType::Q4_0ScalesFirst => panels!(BlockType::Q4_0ScalesFirst),
-            BlockType::Q8_0Interleaved | BlockType::Q4_0Interleaved | BlockType::Q5_0Interleaved | BlockType::Q4KInterleaved => {
+            BlockType::Q8_0Interleaved
+            | BlockType::Q4_0Interleaved
+            | BlockType::Q4_1Interleaved
+            | BlockType::Q5_0Interleaved
+            | BlockType::Q5_1Interleaved
+            | BlockType::Q4KInterleaved => {
                 unreachable!("AVX-512's layouts: `crate::product_rows` sends them elsewhere")
             }
             BlockType::Q4_1 => panels!(BlockType::Q4_1),
@@ -56,7 +61,12 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q8_0 => rows_of::<Q8_0, R, C, { decode_rows(BlockType::Q8_0) }>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Q4_0, R, C, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
         BlockType::Q4_0ScalesFirst => rows_of::<Q4_0ScalesFirst, R, C, { decode_rows(BlockType::Q4_0ScalesFirst) }>(w, x, rows, out),
-        BlockType::Q8_0Interleaved | BlockType::Q4_0Interleaved | BlockType::Q5_0Interleaved | BlockType::Q4KInterleaved => {
+        BlockType::Q8_0Interleaved
+        | BlockType::Q4_0Interleaved
+        | BlockType::Q4_1Interleaved
+        | BlockType::Q5_0Interleaved
+        | BlockType::Q5_1Interleaved
+        | BlockType::Q4KInterleaved => {
             unreachable!("AVX-512's layouts: `crate::product_rows` sends them elsewhere")
         }
         BlockType::Q4_1 => rows_of::<Q4_1, R, C, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
@@ -268,7 +278,12 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>, next: Ran
         BlockType::Q5_0 => each_block!(|row, b, put| pack_nibbles::<Q5_0>(row.add(b * bytes), &mut put)),
         BlockType::Q5_1 => each_block!(|row, b, put| pack_nibbles::<Q5_1>(row.add(b * bytes), &mut put)),
         BlockType::Q4K => each_block!(|row, b, put| pack_q4_k::<false>(row.add(b * bytes), &mut put)),
-        BlockType::Q8_0Interleaved | BlockType::Q4_0Interleaved | BlockType::Q5_0Interleaved | BlockType::Q4KInterleaved => {
+        BlockType::Q8_0Interleaved
+        | BlockType::Q4_0Interleaved
+        | BlockType::Q4_1Interleaved
+        | BlockType::Q5_0Interleaved
+        | BlockType::Q5_1Interleaved
+        | BlockType::Q4KInterleaved => {
             unreachable!("AVX-512's layouts: `Panel::pack` packs them itself")
         }
         BlockType::Q5K => each_block!(|row, b, put| pack_q4_k::<true>(row.add(b * bytes), &mut put)),

@@ -69,9 +69,11 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q4_0ScalesFirst => avx2::product_rows(w, x, rows, out),
         BlockType::Q4_0Interleaved => interleaved_rows::<LegacyGroups<Q4_0Codes>>(w, x, rows, out),
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
+        BlockType::Q4_1Interleaved => interleaved_rows::<LegacyGroups<Q4_1Codes>>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_0Interleaved => interleaved_rows::<LegacyGroups<Q5_0Codes>>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
+        BlockType::Q5_1Interleaved => interleaved_rows::<LegacyGroups<Q5_1Codes>>(w, x, rows, out),
         // The K-quants' tiles are a row each: the choice is made once a product, not per row.
         // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
         BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
@@ -254,15 +256,16 @@ impl Groups for Q4KGroups {
     }
 }
 
-/// The groups of [`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`] and
-/// [`BlockType::Q5_0Interleaved`], whose blocks' codes `C` reads.
+/// The groups of the legacy types' 16-row layouts ([`BlockType::Q8_0Interleaved`],
+/// [`BlockType::Q4_0Interleaved`], ...), whose blocks' codes `C` reads.
 struct LegacyGroups<C>(std::marker::PhantomData<C>);
 
-/// Sixteen interleaved Q8_0, Q4_0 or Q5_0 rows by `CT` activation rows, read as [`Q4KGroups`]
+/// Sixteen interleaved rows of a legacy type by `CT` activation rows, read as [`Q4KGroups`]
 /// reads Q4_K's: a block's codes come as four pairs of registers ([`LegacyCodes::codes`]),
 /// each register four values of every row, one row to a 32-bit lane, and `vpdpbusd` adds
 /// their products in each row's own lane. The code offset meets the activations' sums: each
-/// row's integer sum of a block starts from −[`LegacyCodes::OFFSET`] · Σ x.
+/// row's integer sum of a block starts from −[`LegacyCodes::OFFSET`] · Σ x; a minimum meets
+/// them once the sum is scaled.
 ///
 /// It asks for a block's lines 2 KiB ahead into L1 and 16 KiB ahead into L2, as [`Q4KGroups`]'
 /// tiles do, all at the block's start: asked for beside each load instead, Q5_0's tile read
@@ -300,18 +303,26 @@ impl<C: LegacyCodes> Groups for LegacyGroups<C> {
             }
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(block as *const _));
             for c in 0..CT {
-                let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(low_sums[c], high_sums[c]));
-                acc[c] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(*scales[c].add(b))), acc[c]);
+                let (sum, dx) = (_mm512_cvtepi32_ps(_mm512_add_epi32(low_sums[c], high_sums[c])), *scales[c].add(b));
+                acc[c] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[c]);
+                if C::MIN {
+                    // The minimum against the activations' sum, dx · Σ x.
+                    let min = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(2)) as *const _));
+                    acc[c] = _mm512_fmadd_ps(min, _mm512_set1_ps(dx * *sums[c].add(b) as f32), acc[c]);
+                }
             }
         }
         acc
     }
 }
 
-/// How a legacy type's 16-row layout holds a block's codes, after the 16 rows' `f16` scales:
-/// as unsigned bytes offset by [`LegacyCodes::OFFSET`] (value = d · (code − offset)).
+/// How a legacy type's 16-row layout holds a block's codes, after the 16 rows' `f16` scales
+/// (and, with [`LegacyCodes::MIN`], their `f16` minimums): as unsigned bytes offset by
+/// [`LegacyCodes::OFFSET`] (value = d · (code − offset), plus the minimum).
 pub(super) trait LegacyCodes {
     const OFFSET: i32;
+    /// Whether the 16 rows' `f16` minimums follow their scales (Q4_1, Q5_1).
+    const MIN: bool = false;
 
     /// The 16 rows' words of fifth bits of the group's block at `block`, for types that have
     /// them.
@@ -351,9 +362,20 @@ impl LegacyCodes for Q4_0Codes {
     }
 }
 
-/// [`BlockType::Q5_0Interleaved`]'s: Q4_0's nibbles after a word of fifth bits, which are tested
-/// four values of every row at once ([`fifth_bits_set`]) and add 16 to the codes they are set
-/// for.
+/// [`BlockType::Q4_1Interleaved`]'s: Q4_0's nibbles after the minimums.
+pub(super) struct Q4_1Codes;
+
+impl LegacyCodes for Q4_1Codes {
+    const OFFSET: i32 = 0;
+    const MIN: bool = true;
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, _: __m512i, k: usize) -> (__m512i, __m512i) {
+        nibbles(block.add(interleaved_at(4 + 4 * k)))
+    }
+}
+
+/// [`BlockType::Q5_0Interleaved`]'s: Q4_0's nibbles after a word of fifth bits.
 pub(super) struct Q5_0Codes;
 
 impl LegacyCodes for Q5_0Codes {
@@ -366,14 +388,38 @@ impl LegacyCodes for Q5_0Codes {
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
-        let (low, high) = nibbles(block.add(interleaved_at(6 + 4 * k)));
-        let sixteen = _mm512_set1_epi8(16);
-        // Values 4k.. take bits 4k.. of the word, values 16 + 4k.. bits 16 + 4k...
-        (
-            _mm512_mask_add_epi8(low, fifth_bits_set(fifth_bits, 4 * k), low, sixteen),
-            _mm512_mask_add_epi8(high, fifth_bits_set(fifth_bits, 16 + 4 * k), high, sixteen),
-        )
+        with_fifth_bits(nibbles(block.add(interleaved_at(6 + 4 * k))), fifth_bits, k)
     }
+}
+
+/// [`BlockType::Q5_1Interleaved`]'s: Q5_0's fifth bits and nibbles after the minimums.
+pub(super) struct Q5_1Codes;
+
+impl LegacyCodes for Q5_1Codes {
+    const OFFSET: i32 = 0;
+    const MIN: bool = true;
+
+    #[inline(always)]
+    unsafe fn fifth_bits(block: *const u8) -> __m512i {
+        _mm512_loadu_si512(block.add(interleaved_at(4)) as *const _)
+    }
+
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
+        with_fifth_bits(nibbles(block.add(interleaved_at(8 + 4 * k))), fifth_bits, k)
+    }
+}
+
+/// Codes `(low, high)` of values 4k.. and 16 + 4k.. with their fifth bits: bits 4k.. and 16 +
+/// 4k.. of each row's word, tested four values of every row at once ([`fifth_bits_set`]), add 16
+/// to the codes they are set for.
+#[inline(always)]
+unsafe fn with_fifth_bits((low, high): (__m512i, __m512i), fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
+    let sixteen = _mm512_set1_epi8(16);
+    (
+        _mm512_mask_add_epi8(low, fifth_bits_set(fifth_bits, 4 * k), low, sixteen),
+        _mm512_mask_add_epi8(high, fifth_bits_set(fifth_bits, 16 + 4 * k), high, sixteen),
+    )
 }
 
 /// The low and the high nibbles of the register at `at`, each in a byte of its own.

@@ -29,7 +29,9 @@ pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
     match ty {
         BlockType::Q8_0 if avx512 && in_groups => BlockType::Q8_0Interleaved,
         BlockType::Q4_0 if avx512 && in_groups => BlockType::Q4_0Interleaved,
+        BlockType::Q4_1 if avx512 && in_groups => BlockType::Q4_1Interleaved,
         BlockType::Q5_0 if avx512 && in_groups => BlockType::Q5_0Interleaved,
+        BlockType::Q5_1 if avx512 && in_groups => BlockType::Q5_1Interleaved,
         BlockType::Q4_0 if !avx512 || avx512::two_passes() => BlockType::Q4_0ScalesFirst,
         BlockType::Q4K if avx512 && in_groups => BlockType::Q4KInterleaved,
         _ => ty,

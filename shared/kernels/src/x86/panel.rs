@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use super::avx512::{LegacyCodes, Q5_0Codes, Q8_0Codes};
+use super::avx512::{LegacyCodes, Q4_1Codes, Q5_0Codes, Q5_1Codes, Q8_0Codes};
 use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
@@ -65,8 +65,8 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
     match (avx512, ty) {
         (true, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) if two_passes => 7,
         (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K) => 12,
-        (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1) => 16,
-        (false, BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1) => 20,
+        (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1 | BlockType::Q4_1Interleaved) => 16,
+        (false, BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5_1Interleaved) => 20,
         (false, BlockType::Q8_0 | BlockType::Q8_0Interleaved) => 32,
         // Q4_K's 16-row layout's tiles of up to four activation rows read its weights unpacked:
         // Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels: 7 rows
@@ -89,6 +89,11 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // Q8_0's from 32 rows as Q4_K's (tiles against panels: 12 rows 264 / 201, 16 rows 309 /
         // 265, 24 rows 301 / 288, 32 rows 309 / 303, 128 rows 310 / 325, 512 rows 314 / 353).
         (true, BlockType::Q8_0Interleaved) => 32,
+        // Q4_1's (tiles against panels: 24 rows 309 / 285, 32 rows 309 / 250, 128 rows 303 /
+        // 309, 512 rows 303 / 323) and Q5_1's (24 rows 237 / 273, 32 rows 238 / 245, 128 rows
+        // 234 / 303, 512 rows 233 / 321).
+        (true, BlockType::Q4_1Interleaved) => 128,
+        (true, BlockType::Q5_1Interleaved) => 24,
         (true, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q5K | BlockType::Q6K) => 7,
         (true, BlockType::Q8_0 | BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1) => 12,
     }
@@ -127,8 +132,14 @@ pub const fn largest_code(ty: BlockType) -> i32 {
         BlockType::Q8_0 | BlockType::Q8_0Interleaved => 255,
         BlockType::Q2K => 3,
         BlockType::Q3K => 7,
-        BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1 | BlockType::Q4K | BlockType::Q4KInterleaved => 15,
-        BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5K => 31,
+        BlockType::Q4_0
+        | BlockType::Q4_0ScalesFirst
+        | BlockType::Q4_0Interleaved
+        | BlockType::Q4_1
+        | BlockType::Q4_1Interleaved
+        | BlockType::Q4K
+        | BlockType::Q4KInterleaved => 15,
+        BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5_1Interleaved | BlockType::Q5K => 31,
         BlockType::Q6K => 63,
     }
 }
@@ -236,7 +247,9 @@ impl Panel {
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
             BlockType::Q8_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q8_0Codes>(w, rows, next) },
+            BlockType::Q4_1Interleaved => unsafe { self.pack_legacy_interleaved::<Q4_1Codes>(w, rows, next) },
             BlockType::Q5_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q5_0Codes>(w, rows, next) },
+            BlockType::Q5_1Interleaved => unsafe { self.pack_legacy_interleaved::<Q5_1Codes>(w, rows, next) },
             // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
             _ => unsafe { super::avx2::pack(self, w, rows, next) },
         }
@@ -283,7 +296,7 @@ impl Panel {
 
     /// Packs the 16 rows from `rows.start` of a legacy type's 16-row layout, whose codes `C`
     /// reads: a block's four pairs of registers of codes are its eight quads of every row, and its
-    /// 16 scales one conversion; the code offset comes with the activations ([`code_offset`]).
+    /// 16 scales (and minimums) one conversion.
     ///
     /// # Safety
     /// AVX-512 with VNNI is available; `rows` is a whole group of the layout's rows.
@@ -298,7 +311,13 @@ impl Panel {
             }
             let block = group.add(b * block_bytes);
             _mm512_storeu_ps(self.scales[b * PANEL_ROWS..].as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(block as *const _)));
-            _mm512_storeu_ps(self.offsets[b * PANEL_ROWS..].as_mut_ptr(), _mm512_setzero_ps());
+            // A minimum is the panel's (value = scale · u − offset); a code offset comes with the
+            // activations ([`code_offset`]).
+            let offsets = match C::MIN {
+                true => _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(2)) as *const _))),
+                false => _mm512_setzero_ps(),
+            };
+            _mm512_storeu_ps(self.offsets[b * PANEL_ROWS..].as_mut_ptr(), offsets);
             let fifth_bits = C::fifth_bits(block);
             for k in 0..4 {
                 let (low, high) = C::codes(block, fifth_bits, k);
