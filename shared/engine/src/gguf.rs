@@ -397,6 +397,8 @@ mod tests {
             (GgmlDType::Q4_0, BlockType::Q4_0, 32, 96, 20),
             (GgmlDType::Q5_0, BlockType::Q5_0, 32, 64, 20),
             (GgmlDType::Q8_0, BlockType::Q8_0, 32, 64, 20),
+            (GgmlDType::Q4_1, BlockType::Q4_1, 32, 64, 20),
+            (GgmlDType::Q5_1, BlockType::Q5_1, 32, 64, 20),
             (GgmlDType::Q4K, BlockType::Q4K, 32, 256, 20),
         ];
         for (dtype, ty, rows, cols, row) in shapes {

@@ -50,8 +50,8 @@ pub enum BlockType {
     /// three words of scales, then each of the 32 words of nibbles.
     Q4KInterleaved,
     /// Q4_0 laid out as [`BlockType::Q4KInterleaved`] is, for AVX-512's tiles: one 288-byte
-    /// group per block of [`INTERLEAVED_ROWS`] rows, the 16 `f16` scales, then each of the four
-    /// words of nibbles of the 16 rows side by side.
+    /// group per block of 16 rows, the 16 `f16` scales, then each of the four words of nibbles
+    /// of the 16 rows side by side.
     Q4_0Interleaved,
     /// Q5_0 laid out as [`BlockType::Q4_0Interleaved`] is: the 16 `f16` scales, the 16 words of
     /// fifth bits, then each of the four words of nibbles of the 16 rows side by side.

@@ -1,11 +1,11 @@
 //! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of plain floats).
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
-//! never copied; only Q8_0's, Q4_0's, Q5_0's and Q4_K's are rearranged, in place, 16 rows
-//! together where AVX-512's tiles read them, and Q4_0's otherwise where AVX2's do:
-//! [`Kernels::layout`]); the activations are quantized once per product (once for the products
-//! of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp does, so that
-//! each weight block meets an activation block in an integer dot product. Many activation rows
+//! never copied; only the legacy types' and Q4_K's are rearranged, in place, 16 rows together
+//! where AVX-512's tiles read them, and Q4_0's otherwise where AVX2's do: [`Kernels::layout`]);
+//! the activations are quantized once per product (once for the products of one input that
+//! read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp does, so that each weight block
+//! meets an activation block in an integer dot product. Many activation rows
 //! (a prompt) share every weight load: the product is computed in tiles of weight rows ×
 //! activation rows, so prefill is a matrix product, not repeated vector products.
 //! Work is spread over the crate's own pool of threads ([`threads`]), whose waiting threads soon
@@ -141,10 +141,9 @@ impl Kernels {
     }
 
     /// The layout these kernels read `ty`'s matrices of `rows` rows in fastest, which the loader
-    /// may rearrange them into: with AVX-512, the 16-row layouts for Q8_0, Q4_0, Q5_0 and Q4_K
-    /// ([`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`],
-    /// [`BlockType::Q5_0Interleaved`], [`BlockType::Q4KInterleaved`]; a whole number of their
-    /// groups of rows);
+    /// may rearrange them into: with AVX-512, the 16-row layouts for the legacy types and Q4_K
+    /// ([`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`], ...,
+    /// [`BlockType::Q4KInterleaved`]; a whole number of their groups of rows);
     /// [`BlockType::Q4_0ScalesFirst`] for other Q4_0 matrices where AVX2's tiles decode them
     /// (AVX2, and AVX-512 on a Zen 4); otherwise `ty` as the file has it.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has layouts

@@ -11,13 +11,14 @@
 //! step, a batch's last rows) take four weight rows to a register instead, one to each 128-bit
 //! lane, the rows left over going through AVX2's tiles. A K-quant's tile is one weight row, two
 //! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
-//! or three a batch leaves. Q4_K's, Q8_0's, Q4_0's and Q5_0's matrices are laid out 16 rows
-//! together instead ([`BlockType::Q4KInterleaved`], [`BlockType::Q8_0Interleaved`],
-//! [`BlockType::Q4_0Interleaved`], [`BlockType::Q5_0Interleaved`]), whose tiles take one 32-bit
-//! lane of each register per row and up to 32 activation rows before the panels do (24 for
-//! Q5_0; Q4_0's take every product). On a host whose 512-bit instructions take
-//! two passes (AMD Zen 4), most types' decode steps go through AVX2's tiles
-//! ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of two and three rows.
+//! or three a batch leaves. Those tiles take the matrices that are not a whole number of 16
+//! rows: Q4_K's and the legacy types' others are laid out 16 rows together
+//! ([`BlockType::Q4KInterleaved`], [`BlockType::Q8_0Interleaved`], ...), whose tiles take one
+//! 32-bit lane of each register per row and some activation rows before the panels do (32 for
+//! Q4_K and Q8_0, 24 for Q5_0 and Q5_1, 128 for Q4_1; Q4_0's take every product). On a host
+//! whose 512-bit instructions take two passes (AMD Zen 4), most types' decode steps go through
+//! AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of two and
+//! three rows.
 
 use std::arch::x86_64::*;
 use std::ops::Range;

@@ -20,8 +20,8 @@ pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleavin
     (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
-/// See [`crate::Kernels::layout`]: with AVX-512, Q8_0's, Q4_0's, Q5_0's and Q4_K's 16-row
-/// layouts for a matrix of whole groups of their rows; otherwise Q4_0's scales first with AVX2,
+/// See [`crate::Kernels::layout`]: with AVX-512, the legacy types' and Q4_K's 16-row layouts
+/// for a matrix of whole groups of their rows; otherwise Q4_0's scales first with AVX2,
 /// and with AVX-512 where a 512-bit instruction takes two passes, whose Q4_0 decode steps then
 /// go through AVX2's tiles ([`avx512::two_passes`]).
 pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
