@@ -255,15 +255,7 @@ fn ggml_type(format: WeightFormat) -> GgmlDType {
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
-        BlockType::Q4_0ScalesFirst
-        | BlockType::Q8_0Interleaved
-        | BlockType::Q4_0Interleaved
-        | BlockType::Q4_1Interleaved
-        | BlockType::Q5_0Interleaved
-        | BlockType::Q5_1Interleaved
-        | BlockType::Q4KInterleaved => {
-            unreachable!("`in_file` is a file's type")
-        }
+        _ => unreachable!("`in_file` is a file's type"),
     }
 }
 

@@ -53,15 +53,7 @@ fn weights_of(ty: BlockType, values: Vec<f32>, rows: usize, cols: usize) -> (Vec
         BlockType::Q4K => GgmlDType::Q4K,
         BlockType::Q5K => GgmlDType::Q5K,
         BlockType::Q6K => GgmlDType::Q6K,
-        BlockType::Q4_0ScalesFirst
-        | BlockType::Q8_0Interleaved
-        | BlockType::Q4_0Interleaved
-        | BlockType::Q4_1Interleaved
-        | BlockType::Q5_0Interleaved
-        | BlockType::Q5_1Interleaved
-        | BlockType::Q4KInterleaved => {
-            unreachable!("the kernels' layouts, not a file's type")
-        }
+        _ => unreachable!("the kernels' layouts, not a file's type"),
     };
     let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
     let q = QTensor::quantize(&t, dtype).unwrap();

@@ -37,14 +37,6 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
             BlockType::Q8_0 => panel_rows::<{ group_values(BlockType::Q8_0) }, 1, true, { code_offset(BlockType::Q8_0).is_none() }>(w, x, rows, out),
             BlockType::Q4_0 => panels!(BlockType::Q4_0),
             BlockType::Q4_0ScalesFirst => panels!(BlockType::Q4_0ScalesFirst),
-            BlockType::Q8_0Interleaved
-            | BlockType::Q4_0Interleaved
-            | BlockType::Q4_1Interleaved
-            | BlockType::Q5_0Interleaved
-            | BlockType::Q5_1Interleaved
-            | BlockType::Q4KInterleaved => {
-                unreachable!("AVX-512's layouts: `crate::product_rows` sends them elsewhere")
-            }
             BlockType::Q4_1 => panels!(BlockType::Q4_1),
             BlockType::Q5_0 => panels!(BlockType::Q5_0),
             BlockType::Q5_1 => panels!(BlockType::Q5_1),
@@ -53,6 +45,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
             BlockType::Q4K => panels!(BlockType::Q4K),
             BlockType::Q5K => panels!(BlockType::Q5K),
             BlockType::Q6K => panels!(BlockType::Q6K),
+            _ => unreachable!("AVX-512's layouts: `crate::product_rows` sends them elsewhere"),
         };
     }
     const R: usize = PROMPT.0;
@@ -61,14 +54,6 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q8_0 => rows_of::<Q8_0, R, C, { decode_rows(BlockType::Q8_0) }>(w, x, rows, out),
         BlockType::Q4_0 => rows_of::<Q4_0, R, C, { decode_rows(BlockType::Q4_0) }>(w, x, rows, out),
         BlockType::Q4_0ScalesFirst => rows_of::<Q4_0ScalesFirst, R, C, { decode_rows(BlockType::Q4_0ScalesFirst) }>(w, x, rows, out),
-        BlockType::Q8_0Interleaved
-        | BlockType::Q4_0Interleaved
-        | BlockType::Q4_1Interleaved
-        | BlockType::Q5_0Interleaved
-        | BlockType::Q5_1Interleaved
-        | BlockType::Q4KInterleaved => {
-            unreachable!("AVX-512's layouts: `crate::product_rows` sends them elsewhere")
-        }
         BlockType::Q4_1 => rows_of::<Q4_1, R, C, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<Q5_0, R, C, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<Q5_1, R, C, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
@@ -81,6 +66,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q4K => rows_of::<Q4K, R, C, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
         BlockType::Q5K => rows_of::<Q5K, R, C, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
         BlockType::Q6K => with_ahead_cache!(w, 1, rows_of::<Per16<Q6K, L2>, R, C, { decode_rows(BlockType::Q6K) }>(w, x, rows, out)),
+        _ => unreachable!("AVX-512's layouts: `crate::product_rows` sends them elsewhere"),
     }
 }
 
@@ -278,18 +264,11 @@ pub unsafe fn pack(panel: &mut Panel, w: &QMatrix, rows: Range<usize>, next: Ran
         BlockType::Q5_0 => each_block!(|row, b, put| pack_nibbles::<Q5_0>(row.add(b * bytes), &mut put)),
         BlockType::Q5_1 => each_block!(|row, b, put| pack_nibbles::<Q5_1>(row.add(b * bytes), &mut put)),
         BlockType::Q4K => each_block!(|row, b, put| pack_q4_k::<false>(row.add(b * bytes), &mut put)),
-        BlockType::Q8_0Interleaved
-        | BlockType::Q4_0Interleaved
-        | BlockType::Q4_1Interleaved
-        | BlockType::Q5_0Interleaved
-        | BlockType::Q5_1Interleaved
-        | BlockType::Q4KInterleaved => {
-            unreachable!("AVX-512's layouts: `Panel::pack` packs them itself")
-        }
         BlockType::Q5K => each_block!(|row, b, put| pack_q4_k::<true>(row.add(b * bytes), &mut put)),
         BlockType::Q2K => each_block!(|row, b, put| pack_sixteens::<Q2K>(row.add(b * bytes), &mut put)),
         BlockType::Q3K => each_block!(|row, b, put| pack_sixteens::<Q3K>(row.add(b * bytes), &mut put)),
         BlockType::Q6K => each_block!(|row, b, put| pack_sixteens::<Q6K>(row.add(b * bytes), &mut put)),
+        _ => unreachable!("AVX-512's layouts: `Panel::pack` packs them itself"),
     }
 }
 
