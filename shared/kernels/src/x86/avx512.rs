@@ -425,7 +425,7 @@ unsafe fn with_fifth_bits((low, high): (__m512i, __m512i), fifth_bits: __m512i, 
 
 /// The low and the high nibbles of the register at `at`, each in a byte of its own.
 #[inline(always)]
-unsafe fn nibbles(at: *const u8) -> (__m512i, __m512i) {
+pub(super) unsafe fn nibbles(at: *const u8) -> (__m512i, __m512i) {
     let (q, low) = (_mm512_loadu_si512(at as *const _), _mm512_set1_epi8(0x0F));
     (_mm512_and_si512(q, low), _mm512_and_si512(_mm512_srli_epi16::<4>(q), low))
 }

@@ -267,7 +267,7 @@ impl Panel {
         debug_assert_eq!(rows.len(), INTERLEAVED_ROWS);
         let (row_bytes, block_bytes) = (w.ty.row_bytes(w.cols), INTERLEAVED_ROWS * w.ty.block_bytes());
         let (group, next_group) = (w.bytes.as_ptr().add(rows.start * row_bytes), w.bytes.as_ptr().wrapping_add(next.start * row_bytes));
-        let (low, quads) = (_mm512_set1_epi8(0x0F), self.group / 4);
+        let quads = self.group / 4;
         for b in 0..w.cols / SUPER_BLOCK {
             if !next.is_empty() {
                 super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
@@ -286,9 +286,9 @@ impl Panel {
             for pair in 0..4 {
                 let g = b * SUPER_BLOCK / BLOCK + 2 * pair;
                 for k in 0..quads {
-                    let q = _mm512_loadu_si512(block.add(interleaved_at(16 + 32 * pair + 4 * k)) as *const _);
-                    _mm512_store_si512(self.quads[g * quads + k].0.as_mut_ptr() as *mut _, _mm512_and_si512(q, low));
-                    _mm512_store_si512(self.quads[(g + 1) * quads + k].0.as_mut_ptr() as *mut _, _mm512_and_si512(_mm512_srli_epi16::<4>(q), low));
+                    let (low, high) = super::avx512::nibbles(block.add(interleaved_at(16 + 32 * pair + 4 * k)));
+                    _mm512_store_si512(self.quads[g * quads + k].0.as_mut_ptr() as *mut _, low);
+                    _mm512_store_si512(self.quads[(g + 1) * quads + k].0.as_mut_ptr() as *mut _, high);
                 }
             }
         }
