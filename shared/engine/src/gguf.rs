@@ -383,10 +383,11 @@ mod tests {
         }
     }
 
-    /// Q4_0 and Q4_K matrices are laid out anew where the kernels read another layout faster
-    /// (x86; Q4_K with AVX-512), in a download and in a file read from disk, which stays as it
-    /// was, and read back as written: whole, and as the rows an embedding lookup takes. The token
-    /// embeddings of a model with its own output matrix stay as the file has them.
+    /// Matrices are laid out anew where the kernels read another layout faster (x86: Q4_0 with
+    /// AVX2, the legacy types and Q4_K with AVX-512), in a download and in a file read from disk,
+    /// which stays as it was, and read back as written: whole, and as the rows an embedding
+    /// lookup takes. The token embeddings of a model with its own output matrix stay as the file
+    /// has them.
     #[test]
     fn matrices_are_laid_out_for_the_kernels_and_read_back_as_written() {
         // With AVX-512, the 16-row layouts keep 16 rows together: row 20 is read back from the
