@@ -384,7 +384,7 @@ mod tests {
     }
 
     /// Matrices are laid out anew where the kernels read another layout faster (x86: Q4_0 with
-    /// AVX2, the legacy types and Q4_K with AVX-512), in a download and in a file read from disk,
+    /// AVX2, the legacy types, Q4_K and Q6_K with AVX-512), in a download and in a file read from disk,
     /// which stays as it was, and read back as written: whole, and as the rows an embedding
     /// lookup takes. The token embeddings of a model with its own output matrix stay as the file
     /// has them.
@@ -401,6 +401,7 @@ mod tests {
             (GgmlDType::Q4_1, BlockType::Q4_1, 32, 64, 20),
             (GgmlDType::Q5_1, BlockType::Q5_1, 32, 64, 20),
             (GgmlDType::Q4K, BlockType::Q4K, 32, 256, 20),
+            (GgmlDType::Q6K, BlockType::Q6K, 32, 256, 20),
         ];
         for (dtype, ty, rows, cols, row) in shapes {
             laid_out_and_read_back(dtype, ty, rows, cols, row);

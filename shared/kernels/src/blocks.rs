@@ -65,6 +65,11 @@ pub enum BlockType {
     /// Q5_1 laid out as [`BlockType::Q5_0Interleaved`] is, the 16 `f16` minimums after the
     /// scales.
     Q5_1Interleaved,
+    /// Q6_K laid out as [`BlockType::Q4KInterleaved`] is, its fields in the file's order: one
+    /// 3,360-byte group per super-block of 16 rows, each of the 32 words of low nibbles, each of
+    /// the 16 words of high bit pairs and each of the four words of `i8` scales of the 16 rows
+    /// side by side, then the 16 `f16` d.
+    Q6KInterleaved,
 }
 
 /// Rows whose blocks the 16-row layouts ([`BlockType::Q4KInterleaved`],
@@ -86,7 +91,7 @@ impl BlockType {
             | Self::Q5_0Interleaved
             | Self::Q5_1
             | Self::Q5_1Interleaved => BLOCK,
-            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q6K => SUPER_BLOCK,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q6K | Self::Q6KInterleaved => SUPER_BLOCK,
         }
     }
 
@@ -101,7 +106,7 @@ impl BlockType {
             Self::Q3K => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
             Self::Q4K | Self::Q4KInterleaved => 2 + 2 + 12 + SUPER_BLOCK / 2,
             Self::Q5K => 2 + 2 + 12 + SUPER_BLOCK / 8 + SUPER_BLOCK / 2,
-            Self::Q6K => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
+            Self::Q6K | Self::Q6KInterleaved => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
         }
     }
 
@@ -112,9 +117,13 @@ impl BlockType {
     /// How many rows this layout keeps together: a matrix's rows are a whole number of them.
     pub const fn rows_together(self) -> usize {
         match self {
-            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q4_1Interleaved | Self::Q5_0Interleaved | Self::Q5_1Interleaved => {
-                INTERLEAVED_ROWS
-            }
+            Self::Q4KInterleaved
+            | Self::Q6KInterleaved
+            | Self::Q8_0Interleaved
+            | Self::Q4_0Interleaved
+            | Self::Q4_1Interleaved
+            | Self::Q5_0Interleaved
+            | Self::Q5_1Interleaved => INTERLEAVED_ROWS,
             _ => 1,
         }
     }
@@ -143,7 +152,7 @@ impl BlockType {
             Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => Some(8),
             Self::Q5_0 | Self::Q5_0Interleaved => Some(16),
             Self::Q3K => Some(4),
-            Self::Q6K => Some(32),
+            Self::Q6K | Self::Q6KInterleaved => Some(32),
             _ => None,
         }
     }
@@ -163,6 +172,7 @@ impl BlockType {
             Self::Q5_0Interleaved => Self::Q5_0,
             Self::Q5_1Interleaved => Self::Q5_1,
             Self::Q4KInterleaved => Self::Q4K,
+            Self::Q6KInterleaved => Self::Q6K,
             other => other,
         }
     }
@@ -173,28 +183,38 @@ impl BlockType {
     pub fn rearrange(self, rows: &mut [u8], cols: usize, back: bool) {
         match self {
             Self::Q4_0ScalesFirst => scales_first(rows, cols, back),
-            Self::Q4KInterleaved | Self::Q8_0Interleaved | Self::Q4_0Interleaved | Self::Q4_1Interleaved | Self::Q5_0Interleaved | Self::Q5_1Interleaved => {
-                interleave(self.in_file(), rows, cols, back)
-            }
+            _ if self.rows_together() == INTERLEAVED_ROWS => interleave(self.in_file(), rows, cols, back),
             _ => {}
         }
     }
 }
 
 /// Where the 16-row layouts keep the 16 rows' copies of the field at byte `at` of a block
-/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; the legacy
+/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q6_K: words,
+/// low nibbles from 0, high bit pairs from 128, scales from 192, then d at 208; the legacy
 /// types: d at 0, Q4_1's and Q5_1's m at 2, then words, [`legacy_layout`]), from the start of
 /// their group: row `r`'s at `len · r` past it (2 bytes for an `f16`, 4 for a word).
 pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of Q4_K or legacy blocks (`file`), `cols` values each, rearranged in place as the
+/// Rows of Q4_K, Q6_K or legacy blocks (`file`), `cols` values each, rearranged in place as the
 /// 16-row layout of that type, or with `back` from that layout to the file's.
 fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
     let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
-    // The `f16` fields (Q4_K's d and dmin, the legacy types' d and m); the rest is words.
-    let header = if file == BlockType::Q4K { 4 } else { legacy_layout(file).0 };
+    // The `f16` fields (Q4_K's d and dmin, Q6_K's d, the legacy types' d and m); the rest is
+    // words.
+    let halves = match file {
+        BlockType::Q4K => 0..4,
+        BlockType::Q6K => bytes - 2..bytes,
+        _ => 0..legacy_layout(file).0,
+    };
+    let (mut fields, mut at) = (Vec::new(), 0);
+    while at < bytes {
+        let len = if halves.contains(&at) { 2 } else { 4 };
+        fields.push((at, len));
+        at += len;
+    }
     let mut copy = vec![0u8; INTERLEAVED_ROWS * row_bytes];
     assert!(rows.len().is_multiple_of(copy.len()), "{file:?} rows are interleaved 16 at a time");
     for group in rows.chunks_exact_mut(copy.len()) {
@@ -204,7 +224,7 @@ fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
             // One field of every row after another ([`interleaved_at`]), each run of 16 written
             // (or read back) in order (one thread, 6.5 MiB: 1.9 ms; row after row, every field of
             // one row first, 7.0–8.4).
-            for (at, len) in (0..header).step_by(2).map(|at| (at, 2)).chain((header..bytes).step_by(4).map(|at| (at, 4))) {
+            for &(at, len) in &fields {
                 for r in 0..INTERLEAVED_ROWS {
                     let (file, split) = (r * row_bytes + b * bytes + at, split + interleaved_at(at) + len * r);
                     let (from, to) = if back { (split, file) } else { (file, split) };
@@ -385,9 +405,18 @@ mod tests {
 
     #[test]
     fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
-        // Q4_K's d and dmin, then 35 words; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's
-        // d and m, then 4 words; Q5_1's, 5.
-        let types = [(BlockType::Q4K, 2), (BlockType::Q8_0, 1), (BlockType::Q4_0, 1), (BlockType::Q5_0, 1), (BlockType::Q4_1, 2), (BlockType::Q5_1, 2)];
+        // Each type with the bytes of its `f16` fields: Q4_K's d and dmin, then 35 words; Q6_K's
+        // 52 words, then d; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's d and m, then 4
+        // words; Q5_1's, 5.
+        let types = [
+            (BlockType::Q4K, 0..4),
+            (BlockType::Q6K, 208..210),
+            (BlockType::Q8_0, 0..2),
+            (BlockType::Q4_0, 0..2),
+            (BlockType::Q5_0, 0..2),
+            (BlockType::Q4_1, 0..4),
+            (BlockType::Q5_1, 0..4),
+        ];
         for (ty, halves) in types {
             let (rows, cols) = (32, 2 * ty.block_values());
             let (row_bytes, bytes) = (ty.row_bytes(cols), ty.block_bytes());
@@ -398,12 +427,11 @@ mod tests {
                 for b in 0..2 {
                     let block = &file[r * row_bytes + b * bytes..][..bytes];
                     let (group, lane) = (r / 16 * 16 * row_bytes + b * 16 * bytes, r % 16);
-                    for h in 0..halves {
-                        assert_eq!(split[group + 32 * h + 2 * lane..][..2], block[2 * h..2 * h + 2], "{ty:?} row {r}, block {b}'s f16 {h}");
+                    for at in halves.clone().step_by(2) {
+                        assert_eq!(split[group + 16 * at + 2 * lane..][..2], block[at..at + 2], "{ty:?} row {r}, block {b}'s f16 at {at}");
                     }
-                    for (w, at) in (2 * halves..bytes).step_by(4).enumerate() {
-                        let laid = group + 32 * halves + 64 * w + 4 * lane;
-                        assert_eq!(split[laid..][..4], block[at..at + 4], "{ty:?} row {r}, block {b}'s word {w}");
+                    for at in (0..halves.start).chain(halves.end..bytes).step_by(4) {
+                        assert_eq!(split[group + 16 * at + 4 * lane..][..4], block[at..at + 4], "{ty:?} row {r}, block {b}'s word at {at}");
                     }
                 }
             }

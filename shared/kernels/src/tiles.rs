@@ -43,7 +43,8 @@ pub(crate) const fn decode_rows(ty: BlockType) -> usize {
         | BlockType::Q4_1Interleaved
         | BlockType::Q5_0Interleaved
         | BlockType::Q5_1Interleaved
-        | BlockType::Q4KInterleaved => crate::blocks::INTERLEAVED_ROWS,
+        | BlockType::Q4KInterleaved
+        | BlockType::Q6KInterleaved => crate::blocks::INTERLEAVED_ROWS,
     }
 }
 

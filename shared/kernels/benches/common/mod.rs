@@ -22,7 +22,7 @@ pub fn seconds(mut f: impl FnMut()) -> f64 {
 
 /// Every block type the kernels take, with candle's name for it (to quantize test weights).
 #[allow(dead_code)] // the attention benchmark has no weights
-pub const TYPES: [(BlockType, GgmlDType); 17] = [
+pub const TYPES: [(BlockType, GgmlDType); 18] = [
     (BlockType::Q8_0, GgmlDType::Q8_0),
     (BlockType::Q8_0Interleaved, GgmlDType::Q8_0),
     (BlockType::Q4_0, GgmlDType::Q4_0),
@@ -40,4 +40,5 @@ pub const TYPES: [(BlockType, GgmlDType); 17] = [
     (BlockType::Q4KInterleaved, GgmlDType::Q4K),
     (BlockType::Q5K, GgmlDType::Q5K),
     (BlockType::Q6K, GgmlDType::Q6K),
+    (BlockType::Q6KInterleaved, GgmlDType::Q6K),
 ];

@@ -12,10 +12,10 @@
 //! lane, the rows left over going through AVX2's tiles. A K-quant's tile is one weight row, two
 //! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
 //! or three a batch leaves. Those tiles take the matrices that are not a whole number of 16
-//! rows: Q4_K's and the legacy types' others are laid out 16 rows together
+//! rows: Q4_K's, Q6_K's and the legacy types' others are laid out 16 rows together
 //! ([`BlockType::Q4KInterleaved`], [`BlockType::Q8_0Interleaved`], ...), whose tiles take one
 //! 32-bit lane of each register per row and some activation rows before the panels do (32 for
-//! Q4_K and Q8_0, 24 for Q5_0 and Q5_1, 128 for Q4_1; Q4_0's take every product). On a host
+//! Q4_K and Q8_0, 24 for Q6_K, Q5_0 and Q5_1, 128 for Q4_1; Q4_0's take every product). On a host
 //! whose 512-bit instructions take two passes (AMD Zen 4), most types' decode steps go through
 //! AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of two and
 //! three rows.
@@ -83,6 +83,7 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q2K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q2K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out)),
         BlockType::Q3K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q3K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out)),
         BlockType::Q6K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q6K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q6K) }>(w, x, rows, out)),
+        BlockType::Q6KInterleaved => interleaved_rows::<Q6KGroups>(w, x, rows, out),
     }
 }
 
@@ -177,6 +178,18 @@ unsafe fn interleaved_tile<G: Groups, const CT: usize>(w: &QMatrix, x: &Quantize
     CT
 }
 
+/// Activation rows `i..i + CT` as a K-quant's 16-row tiles read them: each row's values, its
+/// super-blocks' scales and its sums of 16 values.
+#[inline(always)]
+fn k_quant_rows<const CT: usize>(x: &QuantizedRows, i: usize) -> ([*const i8; CT], [*const f32; CT], [*const i16; CT]) {
+    let (mut values, mut scales, mut sums16) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
+    for c in 0..CT {
+        let (d, q, _) = x.row(i + c);
+        (values[c], scales[c], sums16[c]) = (q.as_ptr(), d.as_ptr(), x.sums16(i + c).as_ptr());
+    }
+    (values, scales, sums16)
+}
+
 /// [`BlockType::Q4KInterleaved`]'s groups.
 struct Q4KGroups;
 
@@ -201,11 +214,7 @@ struct Q4KGroups;
 impl Groups for Q4KGroups {
     #[inline(always)]
     unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
-        let (mut values, mut scales, mut sums16) = ([std::ptr::null(); CT], [std::ptr::null(); CT], [std::ptr::null(); CT]);
-        for c in 0..CT {
-            let (d, q, _) = x.row(i + c);
-            (values[c], scales[c], sums16[c]) = (q.as_ptr(), d.as_ptr(), x.sums16(i + c).as_ptr());
-        }
+        let (values, scales, sums16) = k_quant_rows::<CT>(x, i);
         let (low, high) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0xF0u8 as i8));
         let block_bytes = INTERLEAVED_ROWS * w.ty.block_bytes();
         let mut acc = [_mm512_setzero_ps(); CT];
@@ -255,6 +264,110 @@ impl Groups for Q4KGroups {
         }
         acc
     }
+}
+
+/// [`BlockType::Q6KInterleaved`]'s groups.
+struct Q6KGroups;
+
+/// Sixteen interleaved Q6_K rows by `CT` activation rows, read as [`Q4KGroups`] reads Q4_K's:
+/// each half of a super-block comes as eight steps of four registers of 6-bit codes
+/// ([`q6_k_codes`]), one row to a 32-bit lane, and `vpdpbusd` sums each of the half's 16-value
+/// sub-blocks in a register of its own, from −32 · Σ x (the code offset), until it meets its
+/// scale ([`q6_k_scale`]).
+///
+/// Against Q6_K's row tiles (AVX2's for a decode step on this Zen 4), one thread, in cache
+/// (`--bench matmul -- ffn_up`, GFLOP/s): 1 activation row 70 → 123, 2 rows 108 → 200, 4 rows
+/// 126 → 236, 8 rows 104 → 196 (panels there before), 16 rows 163 → 236. Out of memory
+/// (`--bench stream`, two rounds, GB/s): one row level (AVX2's 23.3–23.8 against 22.7–22.8), 2
+/// rows 17.9–18.0 → 20.8–20.9, 4 rows 10.7–11.5 → 17.7–21.6, 8 rows 4.8–5.1 → 10.0–11.2.
+///
+/// It asks for the lines each step reads 2 KiB ahead into L1 and 16 KiB ahead into L2, beside
+/// the step; all at a block's start, as [`LegacyGroups`] asks for its smaller blocks, a 3,360-byte
+/// block's 106 asks at once read 14.3–14.6 GB/s out of memory and ran at 99 GFLOP/s in cache.
+impl Groups for Q6KGroups {
+    #[inline(always)]
+    unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
+        let (values, scales, sums16) = k_quant_rows::<CT>(x, i);
+        let block_bytes = INTERLEAVED_ROWS * w.ty.block_bytes();
+        let mut acc = [_mm512_setzero_ps(); CT];
+        for b in 0..w.cols / SUPER_BLOCK {
+            let block = group.add(b * block_bytes);
+            let (ahead, far) = (block.wrapping_add(AHEAD_BYTES / 4), block.wrapping_add(2 * AHEAD_BYTES));
+            for line in (interleaved_at(Q6K_SCALES)..block_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(line) as *const i8);
+            }
+            let mut scaled = [_mm512_setzero_si512(); CT];
+            for half in 0..2 {
+                // Steps 4·quarter.. read the sub-blocks 8·half + 2·run + quarter of the four runs.
+                for quarter in 0..2 {
+                    let sub_block = |run: usize| b * SUPER_BLOCK / 16 + 8 * half + 2 * run + quarter;
+                    let mut sums = [[_mm512_setzero_si512(); 4]; CT];
+                    for c in 0..CT {
+                        for run in 0..4 {
+                            sums[c][run] = _mm512_set1_epi32(-32 * *sums16[c].add(sub_block(run)) as i32);
+                        }
+                    }
+                    for k in 4 * quarter..4 * quarter + 4 {
+                        for at in [64 * half + 4 * k, 64 * half + BLOCK + 4 * k, SUPER_BLOCK / 2 + BLOCK * half + 4 * k] {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(interleaved_at(at)) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(interleaved_at(at)) as *const i8);
+                        }
+                        let codes = q6_k_codes(block, half, k);
+                        for c in 0..CT {
+                            let x = values[c].add(b * SUPER_BLOCK + 128 * half + 4 * k);
+                            for run in 0..4 {
+                                sums[c][run] = _mm512_dpbusd_epi32(sums[c][run], codes[run], broadcast_word(x.add(BLOCK * run)));
+                            }
+                        }
+                    }
+                    for run in 0..4 {
+                        let scale = q6_k_scale(block, 8 * half + 2 * run + quarter);
+                        for c in 0..CT {
+                            scaled[c] = _mm512_add_epi32(scaled[c], _mm512_mullo_epi32(sums[c][run], scale));
+                        }
+                    }
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(Q6K_D)) as *const _));
+            for c in 0..CT {
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[c]), _mm512_mul_ps(d, _mm512_set1_ps(*scales[c].add(b))), acc[c]);
+            }
+        }
+        acc
+    }
+}
+
+/// Where a Q6_K block keeps its scales and its `f16` d.
+const Q6K_SCALES: usize = SUPER_BLOCK / 2 + SUPER_BLOCK / 4;
+pub(super) const Q6K_D: usize = Q6K_SCALES + SUPER_BLOCK / 16;
+
+/// Step `k` (< 8) of half `half` of a [`BlockType::Q6KInterleaved`] group's block at `block`:
+/// the 6-bit codes of values 128 · half + 32 · run + 4k.. of every row (runs 0..4), a row to a
+/// 32-bit lane, as [`crate::blocks::q6_k_value`] reads them: runs 0 and 2 from the low and high
+/// nibbles of one word, 1 and 3 of the word 32 bytes on, each with its pair of the word of high
+/// bits (bits 0–1 for run 0, 2–3 for run 1, ...) put above.
+#[inline(always)]
+pub(super) unsafe fn q6_k_codes(block: *const u8, half: usize, k: usize) -> [__m512i; 4] {
+    let word = |at: usize| _mm512_loadu_si512(block.add(interleaved_at(at)) as *const _);
+    let (first, second, high) = (word(64 * half + 4 * k), word(64 * half + BLOCK + 4 * k), word(SUPER_BLOCK / 2 + BLOCK * half + 4 * k));
+    let pair = _mm512_set1_epi8(0x30);
+    // The low nibble of each byte of `nibbles`, bits 4 and 5 of `pairs` above it: (a & b) | c.
+    let code = |nibbles, pairs| _mm512_ternarylogic_epi32::<0xEA>(_mm512_set1_epi8(0x0F), nibbles, _mm512_and_si512(pairs, pair));
+    [
+        code(first, _mm512_slli_epi16::<4>(high)),
+        code(second, _mm512_slli_epi16::<2>(high)),
+        code(_mm512_srli_epi16::<4>(first), high),
+        code(_mm512_srli_epi16::<4>(second), _mm512_srli_epi16::<2>(high)),
+    ]
+}
+
+/// Sub-block `j`'s `i8` scale of every row of a [`BlockType::Q6KInterleaved`] group's block at
+/// `block`, a row to a 32-bit lane: byte `j % 4` of the rows' word of scales `j / 4`.
+#[inline(always)]
+pub(super) unsafe fn q6_k_scale(block: *const u8, j: usize) -> __m512i {
+    let word = _mm512_loadu_si512(block.add(interleaved_at(Q6K_SCALES + 4 * (j / 4))) as *const _);
+    _mm512_srai_epi32::<24>(_mm512_sllv_epi32(word, _mm512_set1_epi32(24 - 8 * (j % 4) as i32)))
 }
 
 /// The groups of the legacy types' 16-row layouts ([`BlockType::Q8_0Interleaved`],

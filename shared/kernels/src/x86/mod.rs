@@ -20,8 +20,8 @@ pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleavin
     (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
-/// See [`crate::Kernels::layout`]: with AVX-512, the legacy types' and Q4_K's 16-row layouts
-/// for a matrix of whole groups of their rows; otherwise Q4_0's scales first with AVX2,
+/// See [`crate::Kernels::layout`]: with AVX-512, the legacy types', Q4_K's and Q6_K's 16-row
+/// layouts for a matrix of whole groups of their rows; otherwise Q4_0's scales first with AVX2,
 /// and with AVX-512 where a 512-bit instruction takes two passes, whose Q4_0 decode steps then
 /// go through AVX2's tiles ([`avx512::two_passes`]).
 pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
@@ -34,6 +34,7 @@ pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
         BlockType::Q5_1 if avx512 && in_groups => BlockType::Q5_1Interleaved,
         BlockType::Q4_0 if !avx512 || avx512::two_passes() => BlockType::Q4_0ScalesFirst,
         BlockType::Q4K if avx512 && in_groups => BlockType::Q4KInterleaved,
+        BlockType::Q6K if avx512 && in_groups => BlockType::Q6KInterleaved,
         _ => ty,
     }
 }

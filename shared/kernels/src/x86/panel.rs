@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use super::avx512::{LegacyCodes, Q4_1Codes, Q5_0Codes, Q5_1Codes, Q8_0Codes};
+use super::avx512::{q6_k_codes, q6_k_scale, LegacyCodes, Q4_1Codes, Q5_0Codes, Q5_1Codes, Q8_0Codes, Q6K_D};
 use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
@@ -64,7 +64,9 @@ pub const PANEL_ROWS: usize = 16;
 pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool) -> usize {
     match (avx512, ty) {
         (true, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) if two_passes => 7,
-        (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K) => 12,
+        (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K | BlockType::Q6KInterleaved) => {
+            12
+        }
         (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1 | BlockType::Q4_1Interleaved) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5_1Interleaved) => 20,
         (false, BlockType::Q8_0 | BlockType::Q8_0Interleaved) => 32,
@@ -73,6 +75,10 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // 316 / 207, 8 rows 319 / 236, 12 rows 319 / 216, 16 rows 313 / 286, 24 rows 320 / 307,
         // 32 rows 318 / 318, 128 rows 313 / 330, 512 rows 314 / 352.
         (true, BlockType::Q4KInterleaved) => 32,
+        // Q6_K's from 24 rows (tiles against panels, two rounds: 12 rows 213–237 / 123–183, 16
+        // rows 214–236 / 160–228, 24 rows 212–236 / 251–264, 32 rows 211–237 / 269–298, 128 rows
+        // 207–237 / 298–305, 512 rows 201–232 / 271–334).
+        (true, BlockType::Q6KInterleaved) => 24,
         // Q4_0's 16-row layout has no panels: in cache its tiles ran as fast or faster at every
         // count (Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels
         // from 32 rows: 16 rows 361 / 325, 32 rows 360 / 313, 128 rows 354 / 334, 512 rows 353
@@ -102,7 +108,7 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
 /// Values per group: those that share a scale in `ty`.
 pub const fn group_values(ty: BlockType) -> usize {
     match ty {
-        BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => BLOCK / 2,
+        BlockType::Q2K | BlockType::Q3K | BlockType::Q6K | BlockType::Q6KInterleaved => BLOCK / 2,
         _ => BLOCK,
     }
 }
@@ -140,7 +146,7 @@ pub const fn largest_code(ty: BlockType) -> i32 {
         | BlockType::Q4K
         | BlockType::Q4KInterleaved => 15,
         BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5_1Interleaved | BlockType::Q5K => 31,
-        BlockType::Q6K => 63,
+        BlockType::Q6K | BlockType::Q6KInterleaved => 63,
     }
 }
 
@@ -245,6 +251,7 @@ impl Panel {
             // SAFETY (the three): only AVX-512's products take the 16-row layouts to the panels
             // (`crate::product_rows` sends the others' to the scalar definition).
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved(w, rows, next) },
+            BlockType::Q6KInterleaved => unsafe { self.pack_q6_k_interleaved(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
             BlockType::Q8_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q8_0Codes>(w, rows, next) },
             BlockType::Q4_1Interleaved => unsafe { self.pack_legacy_interleaved::<Q4_1Codes>(w, rows, next) },
@@ -289,6 +296,42 @@ impl Panel {
                     let (low, high) = super::avx512::nibbles(block.add(interleaved_at(16 + 32 * pair + 4 * k)));
                     _mm512_store_si512(self.quads[g * quads + k].0.as_mut_ptr() as *mut _, low);
                     _mm512_store_si512(self.quads[(g + 1) * quads + k].0.as_mut_ptr() as *mut _, high);
+                }
+            }
+        }
+    }
+
+    /// Packs the 16 rows from `rows.start` of a [`BlockType::Q6KInterleaved`] matrix: each of a
+    /// block's registers of codes is a quad of every row, and its scales are the rows' scale
+    /// bytes times their d.
+    ///
+    /// # Safety
+    /// AVX-512 with VNNI is available; `rows` is a whole group of the layout's rows.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pack_q6_k_interleaved(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
+        debug_assert_eq!(rows.len(), INTERLEAVED_ROWS);
+        let (row_bytes, block_bytes) = (w.ty.row_bytes(w.cols), INTERLEAVED_ROWS * w.ty.block_bytes());
+        let (group, next_group) = (w.bytes.as_ptr().add(rows.start * row_bytes), w.bytes.as_ptr().wrapping_add(next.start * row_bytes));
+        let groups = SUPER_BLOCK / self.group;
+        for b in 0..w.cols / SUPER_BLOCK {
+            if !next.is_empty() {
+                super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
+            }
+            let block = group.add(b * block_bytes);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(Q6K_D)) as *const _));
+            for j in 0..groups {
+                let g = b * groups + j;
+                _mm512_storeu_ps(self.scales[g * PANEL_ROWS..].as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(q6_k_scale(block, j))));
+                // The code offset comes with the activations ([`code_offset`]).
+                _mm512_storeu_ps(self.offsets[g * PANEL_ROWS..].as_mut_ptr(), _mm512_setzero_ps());
+            }
+            for half in 0..2 {
+                for k in 0..8 {
+                    // Run `run`'s values 4k.. are quad k % 4 of group 8 · half + 2 · run + k / 4.
+                    for (run, codes) in q6_k_codes(block, half, k).into_iter().enumerate() {
+                        let g = b * groups + 8 * half + 2 * run + k / 4;
+                        _mm512_store_si512(self.quads[4 * g + k % 4].0.as_mut_ptr() as *mut _, codes);
+                    }
                 }
             }
         }
