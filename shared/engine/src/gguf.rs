@@ -384,10 +384,10 @@ mod tests {
     }
 
     /// Matrices are laid out anew where the kernels read another layout faster (x86: Q4_0 with
-    /// AVX2, the legacy types, Q4_K and Q6_K with AVX-512), in a download and in a file read from disk,
-    /// which stays as it was, and read back as written: whole, and as the rows an embedding
-    /// lookup takes. The token embeddings of a model with its own output matrix stay as the file
-    /// has them.
+    /// AVX2, the legacy types, Q4_K, Q5_K and Q6_K with AVX-512), in a download and in a file
+    /// read from disk, which stays as it was, and read back as written: whole, and as the rows
+    /// an embedding lookup takes. The token embeddings of a model with its own output matrix stay
+    /// as the file has them.
     #[test]
     fn matrices_are_laid_out_for_the_kernels_and_read_back_as_written() {
         // With AVX-512, the 16-row layouts keep 16 rows together: row 20 is read back from the
@@ -401,6 +401,7 @@ mod tests {
             (GgmlDType::Q4_1, BlockType::Q4_1, 32, 64, 20),
             (GgmlDType::Q5_1, BlockType::Q5_1, 32, 64, 20),
             (GgmlDType::Q4K, BlockType::Q4K, 32, 256, 20),
+            (GgmlDType::Q5K, BlockType::Q5K, 32, 256, 20),
             (GgmlDType::Q6K, BlockType::Q6K, 32, 256, 20),
         ];
         for (dtype, ty, rows, cols, row) in shapes {

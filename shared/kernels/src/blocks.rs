@@ -49,6 +49,10 @@ pub enum BlockType {
     /// every row ([`BlockType::rearrange`]): the 16 `f16` d, the 16 `f16` dmin, then each of the
     /// three words of scales, then each of the 32 words of nibbles.
     Q4KInterleaved,
+    /// Q5_K laid out as [`BlockType::Q4KInterleaved`] is: one 2,816-byte group per super-block
+    /// of 16 rows, the 16 `f16` d, the 16 `f16` dmin, then each of the three words of scales,
+    /// the eight words of high bits and the 32 words of nibbles of the 16 rows side by side.
+    Q5KInterleaved,
     /// Q4_0 laid out as [`BlockType::Q4KInterleaved`] is, for AVX-512's tiles: one 288-byte
     /// group per block of 16 rows, the 16 `f16` scales, then each of the four words of nibbles
     /// of the 16 rows side by side.
@@ -91,7 +95,7 @@ impl BlockType {
             | Self::Q5_0Interleaved
             | Self::Q5_1
             | Self::Q5_1Interleaved => BLOCK,
-            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q6K | Self::Q6KInterleaved => SUPER_BLOCK,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q5KInterleaved | Self::Q6K | Self::Q6KInterleaved => SUPER_BLOCK,
         }
     }
 
@@ -105,7 +109,7 @@ impl BlockType {
             Self::Q2K => SUPER_BLOCK / 16 + SUPER_BLOCK / 4 + 2 + 2,
             Self::Q3K => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
             Self::Q4K | Self::Q4KInterleaved => 2 + 2 + 12 + SUPER_BLOCK / 2,
-            Self::Q5K => 2 + 2 + 12 + SUPER_BLOCK / 8 + SUPER_BLOCK / 2,
+            Self::Q5K | Self::Q5KInterleaved => 2 + 2 + 12 + SUPER_BLOCK / 8 + SUPER_BLOCK / 2,
             Self::Q6K | Self::Q6KInterleaved => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
         }
     }
@@ -118,6 +122,7 @@ impl BlockType {
     pub const fn rows_together(self) -> usize {
         match self {
             Self::Q4KInterleaved
+            | Self::Q5KInterleaved
             | Self::Q6KInterleaved
             | Self::Q8_0Interleaved
             | Self::Q4_0Interleaved
@@ -172,6 +177,7 @@ impl BlockType {
             Self::Q5_0Interleaved => Self::Q5_0,
             Self::Q5_1Interleaved => Self::Q5_1,
             Self::Q4KInterleaved => Self::Q4K,
+            Self::Q5KInterleaved => Self::Q5K,
             Self::Q6KInterleaved => Self::Q6K,
             other => other,
         }
@@ -190,7 +196,8 @@ impl BlockType {
 }
 
 /// Where the 16-row layouts keep the 16 rows' copies of the field at byte `at` of a block
-/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q6_K: words,
+/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16, Q5_K's high
+/// bits from 16 and nibbles from 48; Q6_K: words,
 /// low nibbles from 0, high bit pairs from 128, scales from 192, then d at 208; the legacy
 /// types: d at 0, Q4_1's and Q5_1's m at 2, then words, [`legacy_layout`]), from the start of
 /// their group: row `r`'s at `len · r` past it (2 bytes for an `f16`, 4 for a word).
@@ -198,14 +205,14 @@ pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of Q4_K, Q6_K or legacy blocks (`file`), `cols` values each, rearranged in place as the
+/// Rows of K-quant (Q4_K, Q5_K, Q6_K) or legacy blocks (`file`), `cols` values each, rearranged in place as the
 /// 16-row layout of that type, or with `back` from that layout to the file's.
 fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
     let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
-    // The `f16` fields (Q4_K's d and dmin, Q6_K's d, the legacy types' d and m); the rest is
-    // words.
+    // The `f16` fields (Q4_K's and Q5_K's d and dmin, Q6_K's d, the legacy types' d and m);
+    // the rest is words.
     let halves = match file {
-        BlockType::Q4K => 0..4,
+        BlockType::Q4K | BlockType::Q5K => 0..4,
         BlockType::Q6K => bytes - 2..bytes,
         _ => 0..legacy_layout(file).0,
     };
@@ -405,11 +412,13 @@ mod tests {
 
     #[test]
     fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
-        // Each type with the bytes of its `f16` fields: Q4_K's d and dmin, then 35 words; Q6_K's
+        // Each type with the bytes of its `f16` fields: Q4_K's d and dmin, then 35 words; Q5_K's,
+        // 43; Q6_K's
         // 52 words, then d; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's d and m, then 4
         // words; Q5_1's, 5.
         let types = [
             (BlockType::Q4K, 0..4),
+            (BlockType::Q5K, 0..4),
             (BlockType::Q6K, 208..210),
             (BlockType::Q8_0, 0..2),
             (BlockType::Q4_0, 0..2),

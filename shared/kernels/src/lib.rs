@@ -141,10 +141,10 @@ impl Kernels {
     }
 
     /// The layout these kernels read `ty`'s matrices of `rows` rows in fastest, which the loader
-    /// may rearrange them into: with AVX-512, the 16-row layouts for the legacy types, Q4_K and
-    /// Q6_K ([`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`], ...,
-    /// [`BlockType::Q4KInterleaved`], [`BlockType::Q6KInterleaved`]; a whole number of their
-    /// groups of rows);
+    /// may rearrange them into: with AVX-512, the 16-row layouts for the legacy types, Q4_K, Q5_K
+    /// and Q6_K ([`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`], ...,
+    /// [`BlockType::Q4KInterleaved`], [`BlockType::Q5KInterleaved`],
+    /// [`BlockType::Q6KInterleaved`]; a whole number of their groups of rows);
     /// [`BlockType::Q4_0ScalesFirst`] for other Q4_0 matrices where AVX2's tiles decode them
     /// (AVX2, and AVX-512 on a Zen 4); otherwise `ty` as the file has it.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has layouts

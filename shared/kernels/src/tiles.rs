@@ -44,6 +44,7 @@ pub(crate) const fn decode_rows(ty: BlockType) -> usize {
         | BlockType::Q5_0Interleaved
         | BlockType::Q5_1Interleaved
         | BlockType::Q4KInterleaved
+        | BlockType::Q5KInterleaved
         | BlockType::Q6KInterleaved => crate::blocks::INTERLEAVED_ROWS,
     }
 }

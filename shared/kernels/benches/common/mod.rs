@@ -22,7 +22,7 @@ pub fn seconds(mut f: impl FnMut()) -> f64 {
 
 /// Every block type the kernels take, with candle's name for it (to quantize test weights).
 #[allow(dead_code)] // the attention benchmark has no weights
-pub const TYPES: [(BlockType, GgmlDType); 18] = [
+pub const TYPES: [(BlockType, GgmlDType); 19] = [
     (BlockType::Q8_0, GgmlDType::Q8_0),
     (BlockType::Q8_0Interleaved, GgmlDType::Q8_0),
     (BlockType::Q4_0, GgmlDType::Q4_0),
@@ -39,6 +39,7 @@ pub const TYPES: [(BlockType, GgmlDType); 18] = [
     (BlockType::Q4K, GgmlDType::Q4K),
     (BlockType::Q4KInterleaved, GgmlDType::Q4K),
     (BlockType::Q5K, GgmlDType::Q5K),
+    (BlockType::Q5KInterleaved, GgmlDType::Q5K),
     (BlockType::Q6K, GgmlDType::Q6K),
     (BlockType::Q6KInterleaved, GgmlDType::Q6K),
 ];

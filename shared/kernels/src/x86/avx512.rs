@@ -12,13 +12,13 @@
 //! lane, the rows left over going through AVX2's tiles. A K-quant's tile is one weight row, two
 //! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
 //! or three a batch leaves. Those tiles take the matrices that are not a whole number of 16
-//! rows: Q4_K's, Q6_K's and the legacy types' others are laid out 16 rows together
+//! rows: Q4_K's, Q5_K's, Q6_K's and the legacy types' others are laid out 16 rows together
 //! ([`BlockType::Q4KInterleaved`], [`BlockType::Q8_0Interleaved`], ...), whose tiles take one
 //! 32-bit lane of each register per row and some activation rows before the panels do (32 for
-//! Q4_K and Q8_0, 24 for Q6_K, Q5_0 and Q5_1, 128 for Q4_1; Q4_0's take every product). On a host
-//! whose 512-bit instructions take two passes (AMD Zen 4), most types' decode steps go through
-//! AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of two and
-//! three rows.
+//! Q4_K and Q8_0, 24 for Q6_K, Q5_0 and Q5_1, 16 for Q5_K, 128 for Q4_1; Q4_0's take every
+//! product). On a host whose 512-bit instructions take two passes (AMD Zen 4), most types'
+//! decode steps go through AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's
+//! batch steps of two and three rows.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -78,7 +78,8 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         // The K-quants' tiles are a row each: the choice is made once a product, not per row.
         // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
         BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
-        BlockType::Q4KInterleaved => interleaved_rows::<Q4KGroups>(w, x, rows, out),
+        BlockType::Q4KInterleaved => interleaved_rows::<Q4KGroups<false>>(w, x, rows, out),
+        BlockType::Q5KInterleaved => interleaved_rows::<Q4KGroups<true>>(w, x, rows, out),
         BlockType::Q5K => rows_of::<RowTiles<KNibbles<true>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q5K) }>(w, x, rows, out),
         BlockType::Q2K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q2K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out)),
         BlockType::Q3K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q3K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out)),
@@ -178,6 +179,29 @@ unsafe fn interleaved_tile<G: Groups, const CT: usize>(w: &QMatrix, x: &Quantize
     CT
 }
 
+/// Where a Q4_K block (Q5_K's with `FIFTH_BIT`, after its high bits) keeps its nibbles.
+const fn k_nibbles<const FIFTH_BIT: bool>() -> usize {
+    if FIFTH_BIT {
+        16 + SUPER_BLOCK / 8
+    } else {
+        16
+    }
+}
+
+/// Step `k` (< 8) of sub-blocks 2 · pair and 2 · pair + 1 of a [`BlockType::Q5KInterleaved`]
+/// group's block at `block`: the 5-bit codes of their values 4k.. of every row, a row to a
+/// 32-bit lane, as [`crate::blocks::q5_k_value`] reads them: the low and high nibbles of a word,
+/// each with 16 added where bit 2 · pair (2 · pair + 1) of its byte of the word of high bits is
+/// set.
+#[inline(always)]
+pub(super) unsafe fn q5_k_codes(block: *const u8, pair: usize, k: usize) -> (__m512i, __m512i) {
+    let (low, high) = nibbles(block.add(interleaved_at(k_nibbles::<true>() + 32 * pair + 4 * k)));
+    let high_bits = _mm512_loadu_si512(block.add(interleaved_at(16 + 4 * k)) as *const _);
+    let set = |bit: usize| _mm512_test_epi8_mask(high_bits, _mm512_set1_epi8((1u8 << bit) as i8));
+    let sixteen = _mm512_set1_epi8(16);
+    (_mm512_mask_add_epi8(low, set(2 * pair), low, sixteen), _mm512_mask_add_epi8(high, set(2 * pair + 1), high, sixteen))
+}
+
 /// Activation rows `i..i + CT` as a K-quant's 16-row tiles read them: each row's values, its
 /// super-blocks' scales and its sums of 16 values.
 #[inline(always)]
@@ -190,15 +214,17 @@ fn k_quant_rows<const CT: usize>(x: &QuantizedRows, i: usize) -> ([*const i8; CT
     (values, scales, sums16)
 }
 
-/// [`BlockType::Q4KInterleaved`]'s groups.
-struct Q4KGroups;
+/// [`BlockType::Q4KInterleaved`]'s groups, and with `FIFTH_BIT` [`BlockType::Q5KInterleaved`]'s.
+struct Q4KGroups<const FIFTH_BIT: bool>;
 
 /// Sixteen interleaved Q4_K rows by `CT` activation rows: each 512-bit register holds the same
 /// four bytes of nibbles of every row, so `vpdpbusd` against four activation bytes broadcast
 /// adds eight values' products to each row's own lane: no sum is ever reduced across a register,
 /// and a block's scales and minimums are unpacked for the 16 rows at once. A sub-block's high
 /// nibbles are read in place, as 16 × their code (the mask without the shift), and its sum meets
-/// a scale 16 times smaller than the low nibbles' ([`interleaved_scales`]).
+/// a scale 16 times smaller than the low nibbles' ([`interleaved_scales`]). Q5_K's codes, of
+/// five bits, come whole ([`q5_k_codes`]), and its high sub-blocks' scales are made 16 times
+/// as large as the file has them, as the low ones' are.
 ///
 /// Against the Q4_K row tiles (AVX2's for a decode step on this Zen 4), one thread, in cache
 /// (`--bench matmul -- ffn_up`, GFLOP/s): 1 activation row 89 → 208, 2 rows 103 → 305, 4 rows
@@ -207,11 +233,16 @@ struct Q4KGroups;
 /// (`--bench stream`, two rounds, GB/s, one thread 21.3–21.5 → 21.7–22.0, two threads 30.8 and
 /// 39.7 → 31.2 and 39.2).
 ///
+/// Q5_K's against its row tiles, the same measures: in cache 1 row 68 → 122, 2 rows 91 → 201,
+/// 4 rows 109 → 264, 8 rows 154 → 267 (panels there before); out of memory 1 row 20.1–20.4
+/// (AVX2's) → 22.7–24.0, 2 rows 13.5–14.5 → 23.3–25.5, 4 rows 8.9–9.1 → 20.7–21.0, 8 rows
+/// 5.3–5.5 → 10.7–10.8.
+///
 /// It asks for each line twice: 2 KiB ahead into L1 and 16 KiB ahead into L2. Into L1 alone,
 /// at one thread, 1 KiB ahead read 19.2 GB/s, 2 KiB 21.3–22.9, from 4 KiB 10.3–12.2 (an L1
 /// miss outstanding for a line still in memory holds one of the few buffers L1 has); with 2
 /// KiB alone, two threads read 30.3 against Q4_K's 32.8, with both asks level.
-impl Groups for Q4KGroups {
+impl<const FIFTH_BIT: bool> Groups for Q4KGroups<FIFTH_BIT> {
     #[inline(always)]
     unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
         let (values, scales, sums16) = k_quant_rows::<CT>(x, i);
@@ -222,21 +253,31 @@ impl Groups for Q4KGroups {
             let block = group.add(b * block_bytes);
             let ahead = block.wrapping_add(AHEAD_BYTES / 4);
             let far = block.wrapping_add(2 * AHEAD_BYTES);
-            for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * line) as *const i8);
+            for line in (0..interleaved_at(k_nibbles::<FIFTH_BIT>())).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(line) as *const i8);
             }
-            let (sub_scales, mins, d, dmin) = interleaved_scales(block);
+            let (mut sub_scales, mins, d, dmin) = interleaved_scales(block);
+            if FIFTH_BIT {
+                for j in (1..8).step_by(2) {
+                    sub_scales[j] = _mm512_slli_epi32::<4>(sub_scales[j]);
+                }
+            }
             let (mut scaled, mut min_part) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
             for pair in 0..4 {
                 // Sub-blocks 2·pair (the low nibbles) and 2·pair + 1 (the high).
                 let (mut low_sums, mut high_sums) = ([_mm512_setzero_si512(); CT], [_mm512_setzero_si512(); CT]);
                 for k in 0..8 {
-                    let at = interleaved_at(16 + 32 * pair + 4 * k);
+                    let at = interleaved_at(k_nibbles::<FIFTH_BIT>() + 32 * pair + 4 * k);
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at) as *const i8);
                     _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(at) as *const i8);
-                    let q = _mm512_loadu_si512(block.add(at) as *const _);
-                    let (q_low, q_high) = (_mm512_and_si512(q, low), _mm512_and_si512(q, high));
+                    let (q_low, q_high) = match FIFTH_BIT {
+                        true => q5_k_codes(block, pair, k),
+                        false => {
+                            let q = _mm512_loadu_si512(block.add(at) as *const _);
+                            (_mm512_and_si512(q, low), _mm512_and_si512(q, high))
+                        }
+                    };
                     for c in 0..CT {
                         let x = values[c].add(b * SUPER_BLOCK + 2 * BLOCK * pair + 4 * k);
                         low_sums[c] = _mm512_dpbusd_epi32(low_sums[c], q_low, broadcast_word(x));

@@ -20,10 +20,10 @@ pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleavin
     (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
-/// See [`crate::Kernels::layout`]: with AVX-512, the legacy types', Q4_K's and Q6_K's 16-row
-/// layouts for a matrix of whole groups of their rows; otherwise Q4_0's scales first with AVX2,
-/// and with AVX-512 where a 512-bit instruction takes two passes, whose Q4_0 decode steps then
-/// go through AVX2's tiles ([`avx512::two_passes`]).
+/// See [`crate::Kernels::layout`]: with AVX-512, the 16-row layouts of the legacy types, Q4_K,
+/// Q5_K and Q6_K for a matrix of whole groups of their rows; otherwise Q4_0's scales first with
+/// AVX2, and with AVX-512 where a 512-bit instruction takes two passes, whose Q4_0 decode steps
+/// then go through AVX2's tiles ([`avx512::two_passes`]).
 pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
     let in_groups = rows.is_multiple_of(crate::blocks::INTERLEAVED_ROWS);
     match ty {

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use super::avx512::{q6_k_codes, q6_k_scale, LegacyCodes, Q4_1Codes, Q5_0Codes, Q5_1Codes, Q8_0Codes, Q6K_D};
+use super::avx512::{q5_k_codes, q6_k_codes, q6_k_scale, LegacyCodes, Q4_1Codes, Q5_0Codes, Q5_1Codes, Q8_0Codes, Q6K_D};
 use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
@@ -64,9 +64,17 @@ pub const PANEL_ROWS: usize = 16;
 pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool) -> usize {
     match (avx512, ty) {
         (true, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_1) if two_passes => 7,
-        (false, BlockType::Q2K | BlockType::Q3K | BlockType::Q4K | BlockType::Q4KInterleaved | BlockType::Q5K | BlockType::Q6K | BlockType::Q6KInterleaved) => {
-            12
-        }
+        (
+            false,
+            BlockType::Q2K
+            | BlockType::Q3K
+            | BlockType::Q4K
+            | BlockType::Q4KInterleaved
+            | BlockType::Q5K
+            | BlockType::Q5KInterleaved
+            | BlockType::Q6K
+            | BlockType::Q6KInterleaved,
+        ) => 12,
         (false, BlockType::Q4_0 | BlockType::Q4_0ScalesFirst | BlockType::Q4_0Interleaved | BlockType::Q4_1 | BlockType::Q4_1Interleaved) => 16,
         (false, BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5_1Interleaved) => 20,
         (false, BlockType::Q8_0 | BlockType::Q8_0Interleaved) => 32,
@@ -79,6 +87,10 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // rows 214–236 / 160–228, 24 rows 212–236 / 251–264, 32 rows 211–237 / 269–298, 128 rows
         // 207–237 / 298–305, 512 rows 201–232 / 271–334).
         (true, BlockType::Q6KInterleaved) => 24,
+        // Q5_K's from 16 rows (tiles against panels, two rounds: 8 rows 267 / 218–227, 12 rows
+        // 268 / 189–204, 16 rows 264–265 / 273–277, 24 rows 263–265 / 277–297, 32 rows 264 /
+        // 299–300, 128 rows 261 / 321, 512 rows 259–261 / 343–345).
+        (true, BlockType::Q5KInterleaved) => 16,
         // Q4_0's 16-row layout has no panels: in cache its tiles ran as fast or faster at every
         // count (Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels
         // from 32 rows: 16 rows 361 / 325, 32 rows 360 / 313, 128 rows 354 / 334, 512 rows 353
@@ -145,7 +157,7 @@ pub const fn largest_code(ty: BlockType) -> i32 {
         | BlockType::Q4_1Interleaved
         | BlockType::Q4K
         | BlockType::Q4KInterleaved => 15,
-        BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5_1Interleaved | BlockType::Q5K => 31,
+        BlockType::Q5_0 | BlockType::Q5_0Interleaved | BlockType::Q5_1 | BlockType::Q5_1Interleaved | BlockType::Q5K | BlockType::Q5KInterleaved => 31,
         BlockType::Q6K | BlockType::Q6KInterleaved => 63,
     }
 }
@@ -250,7 +262,8 @@ impl Panel {
         match w.ty {
             // SAFETY (the three): only AVX-512's products take the 16-row layouts to the panels
             // (`crate::product_rows` sends the others' to the scalar definition).
-            BlockType::Q4KInterleaved => unsafe { self.pack_interleaved(w, rows, next) },
+            BlockType::Q4KInterleaved => unsafe { self.pack_interleaved::<false>(w, rows, next) },
+            BlockType::Q5KInterleaved => unsafe { self.pack_interleaved::<true>(w, rows, next) },
             BlockType::Q6KInterleaved => unsafe { self.pack_q6_k_interleaved(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
             BlockType::Q8_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q8_0Codes>(w, rows, next) },
@@ -262,15 +275,16 @@ impl Panel {
         }
     }
 
-    /// Packs the 16 rows from `rows.start` of a [`BlockType::Q4KInterleaved`] matrix: each
-    /// register of its nibbles is a quad of every row already, twice (the low nibbles and the
-    /// high), so packing is two masks and two stores a register, and a block's scales are
-    /// unpacked for all the rows at once.
+    /// Packs the 16 rows from `rows.start` of a [`BlockType::Q4KInterleaved`] matrix (with
+    /// `FIFTH_BIT`, [`BlockType::Q5KInterleaved`]): each register of its nibbles is a quad of
+    /// every row already, twice (the low nibbles and the high), so packing is two masks (and
+    /// Q5_K's fifth bits) and two stores a register, and a block's scales are unpacked for all
+    /// the rows at once.
     ///
     /// # Safety
     /// AVX-512 with VNNI is available; `rows` is a whole group of the layout's rows.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pack_interleaved(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
+    unsafe fn pack_interleaved<const FIFTH_BIT: bool>(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
         debug_assert_eq!(rows.len(), INTERLEAVED_ROWS);
         let (row_bytes, block_bytes) = (w.ty.row_bytes(w.cols), INTERLEAVED_ROWS * w.ty.block_bytes());
         let (group, next_group) = (w.bytes.as_ptr().add(rows.start * row_bytes), w.bytes.as_ptr().wrapping_add(next.start * row_bytes));
@@ -293,7 +307,10 @@ impl Panel {
             for pair in 0..4 {
                 let g = b * SUPER_BLOCK / BLOCK + 2 * pair;
                 for k in 0..quads {
-                    let (low, high) = super::avx512::nibbles(block.add(interleaved_at(16 + 32 * pair + 4 * k)));
+                    let (low, high) = match FIFTH_BIT {
+                        true => q5_k_codes(block, pair, k),
+                        false => super::avx512::nibbles(block.add(interleaved_at(16 + 32 * pair + 4 * k))),
+                    };
                     _mm512_store_si512(self.quads[g * quads + k].0.as_mut_ptr() as *mut _, low);
                     _mm512_store_si512(self.quads[(g + 1) * quads + k].0.as_mut_ptr() as *mut _, high);
                 }
