@@ -196,17 +196,17 @@ impl BlockType {
 }
 
 /// Where the 16-row layouts keep the 16 rows' copies of the field at byte `at` of a block
-/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16, Q5_K's high
-/// bits from 16 and nibbles from 48; Q6_K: words,
-/// low nibbles from 0, high bit pairs from 128, scales from 192, then d at 208; the legacy
-/// types: d at 0, Q4_1's and Q5_1's m at 2, then words, [`legacy_layout`]), from the start of
-/// their group: row `r`'s at `len · r` past it (2 bytes for an `f16`, 4 for a word).
+/// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q5_K: high bits
+/// from 16, nibbles from 48; Q6_K: words, low nibbles from 0, high bit pairs from 128, scales
+/// from 192, then d at 208; the legacy types: d at 0, Q4_1's and Q5_1's m at 2, then words,
+/// [`legacy_layout`]), from the start of their group: row `r`'s at `len · r` past it (2 bytes
+/// for an `f16`, 4 for a word).
 pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of K-quant (Q4_K, Q5_K, Q6_K) or legacy blocks (`file`), `cols` values each, rearranged in place as the
-/// 16-row layout of that type, or with `back` from that layout to the file's.
+/// Rows of Q4_K, Q5_K, Q6_K or legacy blocks (`file`), `cols` values each, rearranged in place
+/// as the 16-row layout of that type, or with `back` from that layout to the file's.
 fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
     let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
     // The `f16` fields (Q4_K's and Q5_K's d and dmin, Q6_K's d, the legacy types' d and m);
@@ -413,9 +413,8 @@ mod tests {
     #[test]
     fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
         // Each type with the bytes of its `f16` fields: Q4_K's d and dmin, then 35 words; Q5_K's,
-        // 43; Q6_K's
-        // 52 words, then d; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's d and m, then 4
-        // words; Q5_1's, 5.
+        // 43; Q6_K's 52 words, then d; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's d
+        // and m, then 4 words; Q5_1's, 5.
         let types = [
             (BlockType::Q4K, 0..4),
             (BlockType::Q5K, 0..4),

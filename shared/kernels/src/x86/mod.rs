@@ -34,6 +34,7 @@ pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
         BlockType::Q5_1 if avx512 && in_groups => BlockType::Q5_1Interleaved,
         BlockType::Q4_0 if !avx512 || avx512::two_passes() => BlockType::Q4_0ScalesFirst,
         BlockType::Q4K if avx512 && in_groups => BlockType::Q4KInterleaved,
+        BlockType::Q5K if avx512 && in_groups => BlockType::Q5KInterleaved,
         BlockType::Q6K if avx512 && in_groups => BlockType::Q6KInterleaved,
         _ => ty,
     }
@@ -141,4 +142,24 @@ unsafe fn prefetch_ahead<const L2: bool>(first_row: *const u8, step: usize, step
 unsafe fn f16_at(block: *const u8, at: usize) -> f32 {
     let bits = u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With AVX-512, every type that has a 16-row layout gets it for whole groups of 16 rows,
+    /// and none for other row counts: a layout built but not named here would never be used.
+    #[test]
+    fn avx512_lays_out_whole_groups_of_every_type_with_a_16_row_layout() {
+        let laid_out = [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4_1, BlockType::Q5_0, BlockType::Q5_1, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K];
+        for ty in laid_out {
+            let whole = layout(ty, 32, true);
+            assert_eq!((whole.rows_together(), whole.in_file()), (crate::blocks::INTERLEAVED_ROWS, ty), "{ty:?}");
+            assert_eq!(layout(ty, 24, true).rows_together(), 1, "{ty:?} in 24 rows");
+        }
+        for ty in [BlockType::Q2K, BlockType::Q3K] {
+            assert_eq!(layout(ty, 32, true), ty);
+        }
+    }
 }

@@ -260,7 +260,7 @@ impl Panel {
         grow(&mut self.scales, groups * PANEL_ROWS, 0.0);
         grow(&mut self.offsets, groups * PANEL_ROWS, 0.0);
         match w.ty {
-            // SAFETY (the three): only AVX-512's products take the 16-row layouts to the panels
+            // SAFETY (each): only AVX-512's products take the 16-row layouts to the panels
             // (`crate::product_rows` sends the others' to the scalar definition).
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved::<false>(w, rows, next) },
             BlockType::Q5KInterleaved => unsafe { self.pack_interleaved::<true>(w, rows, next) },
