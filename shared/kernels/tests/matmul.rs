@@ -124,7 +124,7 @@ fn simd_equals_the_scalar_definition_and_f32_within_activation_rounding() {
             (3, 32768, 1),
             (2, 32768, 2),
             // Whole groups of 16 rows, which the 16-row layouts take, by every tile of 1–4
-            // activation rows, tiles left over, and panels (from 24, 32 or 128 rows for those
+            // activation rows, tiles left over, and panels (from 16, 24, 32 or 128 rows for those
             // layouts).
             (16, 96, 4),
             (16, 256, 130),
