@@ -68,13 +68,13 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         // Q4_0 (`--bench stream -- m=N`, one thread, GB/s: 4 rows 6.63 → 7.31, 5 rows 5.05 →
         // 5.70, 6 rows 4.16 → 4.74).
         BlockType::Q4_0ScalesFirst => avx2::product_rows(w, x, rows, out),
-        BlockType::Q4_0Interleaved => interleaved_rows::<LegacyGroups<Q4_0Codes>>(w, x, rows, out),
+        BlockType::Q4_0Interleaved => interleaved_rows::<LegacyGroups<NibbleCodes<false, false>>>(w, x, rows, out),
         BlockType::Q4_1 => rows_of::<NibbleTiles<false, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q4_1) }>(w, x, rows, out),
-        BlockType::Q4_1Interleaved => interleaved_rows::<LegacyGroups<Q4_1Codes>>(w, x, rows, out),
+        BlockType::Q4_1Interleaved => interleaved_rows::<LegacyGroups<NibbleCodes<false, true>>>(w, x, rows, out),
         BlockType::Q5_0 => rows_of::<NibbleTiles<true, false>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_0) }>(w, x, rows, out),
-        BlockType::Q5_0Interleaved => interleaved_rows::<LegacyGroups<Q5_0Codes>>(w, x, rows, out),
+        BlockType::Q5_0Interleaved => interleaved_rows::<LegacyGroups<NibbleCodes<true, false>>>(w, x, rows, out),
         BlockType::Q5_1 => rows_of::<NibbleTiles<true, true>, 4, TILE_ACTS, { decode_rows(BlockType::Q5_1) }>(w, x, rows, out),
-        BlockType::Q5_1Interleaved => interleaved_rows::<LegacyGroups<Q5_1Codes>>(w, x, rows, out),
+        BlockType::Q5_1Interleaved => interleaved_rows::<LegacyGroups<NibbleCodes<true, true>>>(w, x, rows, out),
         // The K-quants' tiles are a row each: the choice is made once a product, not per row.
         // Into L1 at every size, as AVX2's Q4_K and Q5_K tiles ask (`avx2::product_rows`).
         BlockType::Q4K => rows_of::<RowTiles<KNibbles<false>, false>, 1, TILE_ACTS, { decode_rows(BlockType::Q4K) }>(w, x, rows, out),
@@ -504,64 +504,40 @@ impl LegacyCodes for Q8_0Codes {
     }
 }
 
-/// [`BlockType::Q4_0Interleaved`]'s: four words of nibbles, a word's low nibbles four of the
-/// first 16 values, its high nibbles four of the last 16.
-pub(super) struct Q4_0Codes;
+/// The nibble types' ([`BlockType::Q4_0Interleaved`], [`BlockType::Q4_1Interleaved`],
+/// [`BlockType::Q5_0Interleaved`], [`BlockType::Q5_1Interleaved`]): four words of nibbles, a
+/// word's low nibbles four of the first 16 values, its high nibbles four of the last 16; with
+/// `FIFTH_BIT` after a word of fifth bits, with `MIN` after the minimums, where
+/// [`legacy_layout`] puts them.
+pub(super) struct NibbleCodes<const FIFTH_BIT: bool, const MIN: bool>;
 
-impl LegacyCodes for Q4_0Codes {
-    const OFFSET: i32 = 8;
-
-    #[inline(always)]
-    unsafe fn codes(block: *const u8, _: __m512i, k: usize) -> (__m512i, __m512i) {
-        nibbles(block.add(interleaved_at(2 + 4 * k)))
-    }
+impl<const FIFTH_BIT: bool, const MIN: bool> NibbleCodes<FIFTH_BIT, MIN> {
+    /// Where a block keeps its fifth bits and its nibbles.
+    const LAYOUT: (usize, usize) = legacy_layout(BlockType::nibbles(FIFTH_BIT, MIN));
 }
 
-/// [`BlockType::Q4_1Interleaved`]'s: Q4_0's nibbles after the minimums.
-pub(super) struct Q4_1Codes;
-
-impl LegacyCodes for Q4_1Codes {
-    const OFFSET: i32 = 0;
-    const MIN: bool = true;
-
-    #[inline(always)]
-    unsafe fn codes(block: *const u8, _: __m512i, k: usize) -> (__m512i, __m512i) {
-        nibbles(block.add(interleaved_at(4 + 4 * k)))
-    }
-}
-
-/// [`BlockType::Q5_0Interleaved`]'s: Q4_0's nibbles after a word of fifth bits.
-pub(super) struct Q5_0Codes;
-
-impl LegacyCodes for Q5_0Codes {
-    const OFFSET: i32 = 16;
+impl<const FIFTH_BIT: bool, const MIN: bool> LegacyCodes for NibbleCodes<FIFTH_BIT, MIN> {
+    const OFFSET: i32 = match BlockType::nibbles(FIFTH_BIT, MIN).code_offset() {
+        Some(k) => k as i32,
+        None => 0,
+    };
+    const MIN: bool = MIN;
 
     #[inline(always)]
     unsafe fn fifth_bits(block: *const u8) -> __m512i {
-        _mm512_loadu_si512(block.add(interleaved_at(2)) as *const _)
+        match FIFTH_BIT {
+            true => _mm512_loadu_si512(block.add(interleaved_at(Self::LAYOUT.0)) as *const _),
+            false => _mm512_setzero_si512(),
+        }
     }
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
-        with_fifth_bits(nibbles(block.add(interleaved_at(6 + 4 * k))), fifth_bits, k)
-    }
-}
-
-/// [`BlockType::Q5_1Interleaved`]'s: Q5_0's fifth bits and nibbles after the minimums.
-pub(super) struct Q5_1Codes;
-
-impl LegacyCodes for Q5_1Codes {
-    const OFFSET: i32 = 0;
-    const MIN: bool = true;
-
-    #[inline(always)]
-    unsafe fn fifth_bits(block: *const u8) -> __m512i {
-        _mm512_loadu_si512(block.add(interleaved_at(4)) as *const _)
-    }
-
-    #[inline(always)]
-    unsafe fn codes(block: *const u8, fifth_bits: __m512i, k: usize) -> (__m512i, __m512i) {
-        with_fifth_bits(nibbles(block.add(interleaved_at(8 + 4 * k))), fifth_bits, k)
+        let codes = nibbles(block.add(interleaved_at(Self::LAYOUT.1 + 4 * k)));
+        match FIFTH_BIT {
+            true => with_fifth_bits(codes, fifth_bits, k),
+            false => codes,
+        }
     }
 }
 

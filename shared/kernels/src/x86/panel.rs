@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use super::avx512::{q5_k_codes, q6_k_codes, q6_k_scale, LegacyCodes, Q4_1Codes, Q5_0Codes, Q5_1Codes, Q8_0Codes, Q6K_D};
+use super::avx512::{q5_k_codes, q6_k_codes, q6_k_scale, LegacyCodes, NibbleCodes, Q8_0Codes, Q6K_D};
 use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
@@ -267,9 +267,9 @@ impl Panel {
             BlockType::Q6KInterleaved => unsafe { self.pack_q6_k_interleaved(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
             BlockType::Q8_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q8_0Codes>(w, rows, next) },
-            BlockType::Q4_1Interleaved => unsafe { self.pack_legacy_interleaved::<Q4_1Codes>(w, rows, next) },
-            BlockType::Q5_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q5_0Codes>(w, rows, next) },
-            BlockType::Q5_1Interleaved => unsafe { self.pack_legacy_interleaved::<Q5_1Codes>(w, rows, next) },
+            BlockType::Q4_1Interleaved => unsafe { self.pack_legacy_interleaved::<NibbleCodes<false, true>>(w, rows, next) },
+            BlockType::Q5_0Interleaved => unsafe { self.pack_legacy_interleaved::<NibbleCodes<true, false>>(w, rows, next) },
+            BlockType::Q5_1Interleaved => unsafe { self.pack_legacy_interleaved::<NibbleCodes<true, true>>(w, rows, next) },
             // SAFETY: every x86_64 host these kernels run on has AVX2 (`Kernels::runs_here`).
             _ => unsafe { super::avx2::pack(self, w, rows, next) },
         }
