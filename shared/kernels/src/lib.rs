@@ -1,13 +1,13 @@
 //! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of plain floats).
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
-//! never copied; only the legacy types' and Q4_K's are rearranged, in place, 16 rows together
-//! where AVX-512's tiles read them, and Q4_0's otherwise where AVX2's do: [`Kernels::layout`]);
-//! the activations are quantized once per product (once for the products of one input that
-//! read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp does, so that each weight block
-//! meets an activation block in an integer dot product. Many activation rows (a prompt) share
-//! every weight load: the product is computed in tiles of weight rows × activation rows, so
-//! prefill is a matrix product, not repeated vector products.
+//! never copied; only the legacy types', Q4_K's, Q5_K's and Q6_K's are rearranged, in place,
+//! 16 rows together where AVX-512's tiles read them, and Q4_0's otherwise where AVX2's do:
+//! [`Kernels::layout`]); the activations are quantized once per product (once for the products
+//! of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp does, so that
+//! each weight block meets an activation block in an integer dot product. Many activation rows
+//! (a prompt) share every weight load: the product is computed in tiles of weight rows ×
+//! activation rows, so prefill is a matrix product, not repeated vector products.
 //! Work is spread over the crate's own pool of threads ([`threads`]), whose waiting threads soon
 //! give up their CPU (to candle's pool among others), a product's rows in one contiguous share a
 //! thread (`shares`). Matrices of plain floats (f32, f16, bf16) go through tiles of their own
