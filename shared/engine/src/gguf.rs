@@ -403,6 +403,8 @@ mod tests {
             (GgmlDType::Q4K, BlockType::Q4K, 32, 256, 20),
             (GgmlDType::Q5K, BlockType::Q5K, 32, 256, 20),
             (GgmlDType::Q6K, BlockType::Q6K, 32, 256, 20),
+            (GgmlDType::Q3K, BlockType::Q3K, 32, 256, 20),
+            (GgmlDType::Q2K, BlockType::Q2K, 32, 256, 20),
         ];
         for (dtype, ty, rows, cols, row) in shapes {
             laid_out_and_read_back(dtype, ty, rows, cols, row);

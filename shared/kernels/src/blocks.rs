@@ -74,6 +74,14 @@ pub enum BlockType {
     /// the 16 words of high bit pairs and each of the four words of `i8` scales of the 16 rows
     /// side by side, then the 16 `f16` d.
     Q6KInterleaved,
+    /// Q3_K laid out as [`BlockType::Q6KInterleaved`] is: one 1,760-byte group per super-block
+    /// of 16 rows, each of the eight words of high bits, the 16 words of 2-bit codes and the
+    /// three words of scales of the 16 rows side by side, then the 16 `f16` d.
+    Q3KInterleaved,
+    /// Q2_K laid out as [`BlockType::Q6KInterleaved`] is: one 1,344-byte group per super-block
+    /// of 16 rows, each of the four words of scales and minimums and the 16 words of 2-bit codes
+    /// of the 16 rows side by side, then the 16 `f16` d and the 16 `f16` dmin.
+    Q2KInterleaved,
 }
 
 /// Rows whose blocks the 16-row layouts ([`BlockType::Q4KInterleaved`],
@@ -95,7 +103,16 @@ impl BlockType {
             | Self::Q5_0Interleaved
             | Self::Q5_1
             | Self::Q5_1Interleaved => BLOCK,
-            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q4KInterleaved | Self::Q5K | Self::Q5KInterleaved | Self::Q6K | Self::Q6KInterleaved => SUPER_BLOCK,
+            Self::Q2K
+            | Self::Q2KInterleaved
+            | Self::Q3K
+            | Self::Q3KInterleaved
+            | Self::Q4K
+            | Self::Q4KInterleaved
+            | Self::Q5K
+            | Self::Q5KInterleaved
+            | Self::Q6K
+            | Self::Q6KInterleaved => SUPER_BLOCK,
         }
     }
 
@@ -106,8 +123,8 @@ impl BlockType {
             Self::Q4_1 | Self::Q4_1Interleaved => 2 + 2 + BLOCK / 2,
             Self::Q5_0 | Self::Q5_0Interleaved => 2 + 4 + BLOCK / 2,
             Self::Q5_1 | Self::Q5_1Interleaved => 2 + 2 + 4 + BLOCK / 2,
-            Self::Q2K => SUPER_BLOCK / 16 + SUPER_BLOCK / 4 + 2 + 2,
-            Self::Q3K => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
+            Self::Q2K | Self::Q2KInterleaved => SUPER_BLOCK / 16 + SUPER_BLOCK / 4 + 2 + 2,
+            Self::Q3K | Self::Q3KInterleaved => SUPER_BLOCK / 8 + SUPER_BLOCK / 4 + 12 + 2,
             Self::Q4K | Self::Q4KInterleaved => 2 + 2 + 12 + SUPER_BLOCK / 2,
             Self::Q5K | Self::Q5KInterleaved => 2 + 2 + 12 + SUPER_BLOCK / 8 + SUPER_BLOCK / 2,
             Self::Q6K | Self::Q6KInterleaved => SUPER_BLOCK / 2 + SUPER_BLOCK / 4 + SUPER_BLOCK / 16 + 2,
@@ -124,6 +141,8 @@ impl BlockType {
             Self::Q4KInterleaved
             | Self::Q5KInterleaved
             | Self::Q6KInterleaved
+            | Self::Q3KInterleaved
+            | Self::Q2KInterleaved
             | Self::Q8_0Interleaved
             | Self::Q4_0Interleaved
             | Self::Q4_1Interleaved
@@ -156,7 +175,7 @@ impl BlockType {
         match self {
             Self::Q4_0 | Self::Q4_0ScalesFirst | Self::Q4_0Interleaved => Some(8),
             Self::Q5_0 | Self::Q5_0Interleaved => Some(16),
-            Self::Q3K => Some(4),
+            Self::Q3K | Self::Q3KInterleaved => Some(4),
             Self::Q6K | Self::Q6KInterleaved => Some(32),
             _ => None,
         }
@@ -179,6 +198,8 @@ impl BlockType {
             Self::Q4KInterleaved => Self::Q4K,
             Self::Q5KInterleaved => Self::Q5K,
             Self::Q6KInterleaved => Self::Q6K,
+            Self::Q3KInterleaved => Self::Q3K,
+            Self::Q2KInterleaved => Self::Q2K,
             other => other,
         }
     }
@@ -198,22 +219,25 @@ impl BlockType {
 /// Where the 16-row layouts keep the 16 rows' copies of the field at byte `at` of a block
 /// (Q4_K: d at 0, dmin at 2, then 4-byte words, scales from 4, nibbles from 16; Q5_K: high bits
 /// from 16, nibbles from 48; Q6_K: words, low nibbles from 0, high bit pairs from 128, scales
-/// from 192, then d at 208; the legacy types: d at 0, Q4_1's and Q5_1's m at 2, then words,
+/// from 192, then d at 208; Q3_K: words, high bits from 0, 2-bit codes from 32, scales from
+/// 96, then d at 108; Q2_K: words, scales from 0, codes from 16, then d at 80 and dmin at 82;
+/// the legacy types: d at 0, Q4_1's and Q5_1's m at 2, then words,
 /// [`legacy_layout`]), from the start of their group: row `r`'s at `len · r` past it (2 bytes
 /// for an `f16`, 4 for a word).
 pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of Q4_K, Q5_K, Q6_K or legacy blocks (`file`), `cols` values each, rearranged in place
+/// Rows of K-quant or legacy blocks (`file`), `cols` values each, rearranged in place
 /// as the 16-row layout of that type, or with `back` from that layout to the file's.
 fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
     let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
-    // The `f16` fields (Q4_K's and Q5_K's d and dmin, Q6_K's d, the legacy types' d and m);
-    // the rest is words.
+    // The `f16` fields (Q4_K's and Q5_K's d and dmin, Q3_K's and Q6_K's d, Q2_K's d and dmin,
+    // the legacy types' d and m); the rest is words.
     let halves = match file {
         BlockType::Q4K | BlockType::Q5K => 0..4,
-        BlockType::Q6K => bytes - 2..bytes,
+        BlockType::Q3K | BlockType::Q6K => bytes - 2..bytes,
+        BlockType::Q2K => bytes - 4..bytes,
         _ => 0..legacy_layout(file).0,
     };
     let (mut fields, mut at) = (Vec::new(), 0);
@@ -413,12 +437,14 @@ mod tests {
     #[test]
     fn interleave_puts_each_field_of_16_rows_side_by_side_and_back() {
         // Each type with the bytes of its `f16` fields: Q4_K's d and dmin, then 35 words; Q5_K's,
-        // 43; Q6_K's 52 words, then d; Q8_0's d, then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's d
-        // and m, then 4 words; Q5_1's, 5.
+        // 43; Q6_K's 52 words, then d; Q3_K's 27, then d; Q2_K's 20, then d and dmin; Q8_0's d,
+        // then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's d and m, then 4 words; Q5_1's, 5.
         let types = [
             (BlockType::Q4K, 0..4),
             (BlockType::Q5K, 0..4),
             (BlockType::Q6K, 208..210),
+            (BlockType::Q3K, 108..110),
+            (BlockType::Q2K, 80..84),
             (BlockType::Q8_0, 0..2),
             (BlockType::Q4_0, 0..2),
             (BlockType::Q5_0, 0..2),

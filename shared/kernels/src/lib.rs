@@ -1,8 +1,8 @@
 //! Matrix products on the CPU: `y = x · Wᵀ` with `W` in a GGML block format (or of plain floats).
 //!
 //! Owns the hot loop of inference. The weights are read in place (the bytes of the GGUF tensor,
-//! never copied; only the legacy types', Q4_K's, Q5_K's and Q6_K's are rearranged, in place,
-//! 16 rows together where AVX-512's tiles read them, and Q4_0's otherwise where AVX2's do:
+//! never copied; only the quantized types' are rearranged, in place, 16 rows together where
+//! AVX-512's tiles read them, and Q4_0's otherwise where AVX2's do:
 //! [`Kernels::layout`]); the activations are quantized once per product (once for the products
 //! of one input that read them alike, [`matmuls`]) to 8-bit blocks, as llama.cpp does, so that
 //! each weight block meets an activation block in an integer dot product. Many activation rows
@@ -141,10 +141,10 @@ impl Kernels {
     }
 
     /// The layout these kernels read `ty`'s matrices of `rows` rows in fastest, which the loader
-    /// may rearrange them into: with AVX-512, the 16-row layouts for the legacy types, Q4_K, Q5_K
-    /// and Q6_K ([`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`], ...,
-    /// [`BlockType::Q4KInterleaved`], [`BlockType::Q5KInterleaved`],
-    /// [`BlockType::Q6KInterleaved`]; a whole number of their groups of rows);
+    /// may rearrange them into: with AVX-512, the 16-row layouts of every quantized type
+    /// ([`BlockType::Q8_0Interleaved`], [`BlockType::Q4_0Interleaved`], ...,
+    /// [`BlockType::Q4KInterleaved`], ..., [`BlockType::Q2KInterleaved`]; a whole number of their
+    /// groups of rows);
     /// [`BlockType::Q4_0ScalesFirst`] for other Q4_0 matrices where AVX2's tiles decode them
     /// (AVX2, and AVX-512 on a Zen 4); otherwise `ty` as the file has it.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // only x86 has layouts

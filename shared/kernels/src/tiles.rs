@@ -45,7 +45,9 @@ pub(crate) const fn decode_rows(ty: BlockType) -> usize {
         | BlockType::Q5_1Interleaved
         | BlockType::Q4KInterleaved
         | BlockType::Q5KInterleaved
-        | BlockType::Q6KInterleaved => crate::blocks::INTERLEAVED_ROWS,
+        | BlockType::Q6KInterleaved
+        | BlockType::Q3KInterleaved
+        | BlockType::Q2KInterleaved => crate::blocks::INTERLEAVED_ROWS,
     }
 }
 

@@ -15,7 +15,7 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-const TYPES: [BlockType; 19] = [
+const TYPES: [BlockType; 21] = [
     BlockType::Q8_0,
     BlockType::Q8_0Interleaved,
     BlockType::Q4_0,
@@ -28,7 +28,9 @@ const TYPES: [BlockType; 19] = [
     BlockType::Q5_1,
     BlockType::Q5_1Interleaved,
     BlockType::Q2K,
+    BlockType::Q2KInterleaved,
     BlockType::Q3K,
+    BlockType::Q3KInterleaved,
     BlockType::Q4K,
     BlockType::Q4KInterleaved,
     BlockType::Q5K,
@@ -238,6 +240,8 @@ fn several_products_of_one_input_equal_each_alone() {
         (BlockType::Q5_1Interleaved, 32),
         (BlockType::Q6KInterleaved, 16),
         (BlockType::Q5KInterleaved, 32),
+        (BlockType::Q3KInterleaved, 16),
+        (BlockType::Q2KInterleaved, 32),
     ];
     let matrices: Vec<(Vec<u8>, usize)> = shapes.iter().map(|&(ty, rows)| (weights(ty, rows, cols).0, rows)).collect();
     let ws: Vec<QMatrix> = shapes.iter().zip(&matrices).map(|(&(ty, rows), (bytes, _))| QMatrix::new(ty, rows, cols, bytes).unwrap()).collect();

@@ -22,7 +22,7 @@ pub fn seconds(mut f: impl FnMut()) -> f64 {
 
 /// Every block type the kernels take, with candle's name for it (to quantize test weights).
 #[allow(dead_code)] // the attention benchmark has no weights
-pub const TYPES: [(BlockType, GgmlDType); 19] = [
+pub const TYPES: [(BlockType, GgmlDType); 21] = [
     (BlockType::Q8_0, GgmlDType::Q8_0),
     (BlockType::Q8_0Interleaved, GgmlDType::Q8_0),
     (BlockType::Q4_0, GgmlDType::Q4_0),
@@ -35,7 +35,9 @@ pub const TYPES: [(BlockType, GgmlDType); 19] = [
     (BlockType::Q5_1, GgmlDType::Q5_1),
     (BlockType::Q5_1Interleaved, GgmlDType::Q5_1),
     (BlockType::Q2K, GgmlDType::Q2K),
+    (BlockType::Q2KInterleaved, GgmlDType::Q2K),
     (BlockType::Q3K, GgmlDType::Q3K),
+    (BlockType::Q3KInterleaved, GgmlDType::Q3K),
     (BlockType::Q4K, GgmlDType::Q4K),
     (BlockType::Q4KInterleaved, GgmlDType::Q4K),
     (BlockType::Q5K, GgmlDType::Q5K),

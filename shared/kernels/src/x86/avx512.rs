@@ -11,14 +11,13 @@
 //! step, a batch's last rows) take four weight rows to a register instead, one to each 128-bit
 //! lane, the rows left over going through AVX2's tiles. A K-quant's tile is one weight row, two
 //! runs of 32 values to a 512-bit register, by one activation row, four (a batch's), or the two
-//! or three a batch leaves. Those tiles take the matrices that are not a whole number of 16
-//! rows: Q4_K's, Q5_K's, Q6_K's and the legacy types' others are laid out 16 rows together
-//! ([`BlockType::Q4KInterleaved`], [`BlockType::Q8_0Interleaved`], ...), whose tiles take one
-//! 32-bit lane of each register per row and some activation rows before the panels do (32 for
-//! Q4_K and Q8_0, 24 for Q6_K, Q5_0 and Q5_1, 16 for Q5_K, 128 for Q4_1; Q4_0's take every
-//! product). On a host whose 512-bit instructions take two passes (AMD Zen 4), most types'
-//! decode steps go through AVX2's tiles ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's
-//! batch steps of two and three rows.
+//! or three a batch leaves. Those tiles take the matrices that are not a whole number of 16 rows:
+//! every type's others are laid out 16 rows together ([`BlockType::Q4KInterleaved`],
+//! [`BlockType::Q8_0Interleaved`], ...), whose tiles take one 32-bit lane of each register per row
+//! and some activation rows before the panels do (32 for Q4_K and Q8_0, 24 for Q6_K, Q5_0 and Q5_1,
+//! 16 for Q5_K and Q3_K, 128 for Q4_1 and Q2_K; Q4_0's take every product). On a host whose 512-bit
+//! instructions take two passes (AMD Zen 4), most types' decode steps go through AVX2's tiles
+//! ([`avx2_decodes_faster`]), and so do Q4_0's and Q4_1's batch steps of two and three rows.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -84,7 +83,9 @@ pub unsafe fn product_rows(w: &QMatrix, x: &QuantizedRows, rows: Range<usize>, o
         BlockType::Q2K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q2K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q2K) }>(w, x, rows, out)),
         BlockType::Q3K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q3K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q3K) }>(w, x, rows, out)),
         BlockType::Q6K => with_ahead_cache!(w, 1, rows_of::<RowTiles<Sixteens<avx2::Q6K>, L2>, 1, TILE_ACTS, { decode_rows(BlockType::Q6K) }>(w, x, rows, out)),
-        BlockType::Q6KInterleaved => interleaved_rows::<Q6KGroups>(w, x, rows, out),
+        BlockType::Q6KInterleaved => interleaved_rows::<SixteensGroups<Q6KCodes>>(w, x, rows, out),
+        BlockType::Q3KInterleaved => interleaved_rows::<SixteensGroups<Q3KCodes>>(w, x, rows, out),
+        BlockType::Q2KInterleaved => interleaved_rows::<SixteensGroups<Q2KCodes>>(w, x, rows, out),
     }
 }
 
@@ -307,54 +308,53 @@ impl<const FIFTH_BIT: bool> Groups for Q4KGroups<FIFTH_BIT> {
     }
 }
 
-/// [`BlockType::Q6KInterleaved`]'s groups.
-struct Q6KGroups;
+/// The groups of the 16-row layouts of the K-quants of 16-value sub-blocks
+/// ([`BlockType::Q6KInterleaved`], [`BlockType::Q3KInterleaved`], [`BlockType::Q2KInterleaved`]),
+/// whose blocks `S` reads.
+struct SixteensGroups<S>(std::marker::PhantomData<S>);
 
-/// Sixteen interleaved Q6_K rows by `CT` activation rows, read as [`Q4KGroups`] reads Q4_K's:
-/// each half of a super-block comes as eight steps of four registers of 6-bit codes
-/// ([`q6_k_codes`]), one row to a 32-bit lane, and `vpdpbusd` sums each of the half's 16-value
-/// sub-blocks in a register of its own, from −32 · Σ x (the code offset), until it meets its
-/// scale ([`q6_k_scale`]).
+/// Sixteen interleaved rows of Q6_K, Q3_K or Q2_K by `CT` activation rows, read as
+/// [`Q4KGroups`] reads Q4_K's: each half of a super-block comes as eight steps of four registers
+/// of codes ([`SixteensCodes::codes`]), one row to a 32-bit lane, and `vpdpbusd` sums each of the
+/// half's 16-value sub-blocks in a register of its own, from −offset · Σ x (the code offset),
+/// until it meets its scale ([`SixteensCodes::scales`]); Q2_K's minimums meet the sub-blocks'
+/// sums of activations once a block, two sub-blocks to a `vpdpwssd`.
 ///
-/// Against Q6_K's row tiles (AVX2's for a decode step on this Zen 4), one thread, in cache
+/// Q6_K's against its row tiles (AVX2's for a decode step on this Zen 4), one thread, in cache
 /// (`--bench matmul -- ffn_up`, GFLOP/s): 1 activation row 70 → 123, 2 rows 108 → 200, 4 rows
 /// 126 → 236, 8 rows 104 → 196 (panels there before), 16 rows 163 → 236. Out of memory
 /// (`--bench stream`, two rounds, GB/s): one row level (AVX2's 23.3–23.8 against 22.7–22.8), 2
 /// rows 17.9–18.0 → 20.8–20.9, 4 rows 10.7–11.5 → 17.7–21.6, 8 rows 4.8–5.1 → 10.0–11.2.
 ///
-/// It asks for the lines each step reads 2 KiB ahead into L1 and 16 KiB ahead into L2, beside
-/// the step; all at a block's start, as [`LegacyGroups`] asks for its smaller blocks, a 3,360-byte
-/// block's 106 asks at once read 14.3–14.6 GB/s out of memory and ran at 99 GFLOP/s in cache.
-impl Groups for Q6KGroups {
+/// Each step asks for its share of the block's lines (a sixteenth) 2 KiB ahead into L1 and 16
+/// KiB ahead into L2; all at a block's start, as [`LegacyGroups`] asks for its smaller blocks,
+/// a Q6_K block's 106 asks at once read 14.3–14.6 GB/s out of memory and ran at 99 GFLOP/s in
+/// cache.
+impl<S: SixteensCodes> Groups for SixteensGroups<S> {
     #[inline(always)]
     unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
         let (values, scales, sums16) = k_quant_rows::<CT>(x, i);
         let block_bytes = INTERLEAVED_ROWS * w.ty.block_bytes();
+        let step_bytes = block_bytes.div_ceil(16);
         let mut acc = [_mm512_setzero_ps(); CT];
         for b in 0..w.cols / SUPER_BLOCK {
             let block = group.add(b * block_bytes);
-            let (ahead, far) = (block.wrapping_add(AHEAD_BYTES / 4), block.wrapping_add(2 * AHEAD_BYTES));
-            for line in (interleaved_at(Q6K_SCALES)..block_bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
-                _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(line) as *const i8);
-            }
+            let sub_scales = S::scales(block);
             let mut scaled = [_mm512_setzero_si512(); CT];
             for half in 0..2 {
                 // Steps 4·quarter.. read the sub-blocks 8·half + 2·run + quarter of the four runs.
                 for quarter in 0..2 {
-                    let sub_block = |run: usize| b * SUPER_BLOCK / 16 + 8 * half + 2 * run + quarter;
+                    let sub_block = |run: usize| 8 * half + 2 * run + quarter;
                     let mut sums = [[_mm512_setzero_si512(); 4]; CT];
                     for c in 0..CT {
                         for run in 0..4 {
-                            sums[c][run] = _mm512_set1_epi32(-32 * *sums16[c].add(sub_block(run)) as i32);
+                            sums[c][run] = _mm512_set1_epi32(-S::OFFSET * *sums16[c].add(b * SUPER_BLOCK / 16 + sub_block(run)) as i32);
                         }
                     }
                     for k in 4 * quarter..4 * quarter + 4 {
-                        for at in [64 * half + 4 * k, 64 * half + BLOCK + 4 * k, SUPER_BLOCK / 2 + BLOCK * half + 4 * k] {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(interleaved_at(at)) as *const i8);
-                            _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(interleaved_at(at)) as *const i8);
-                        }
-                        let codes = q6_k_codes(block, half, k);
+                        prefetch_ahead::<false>(block, 8 * half + k, step_bytes, AHEAD_BYTES / 4);
+                        prefetch_ahead::<true>(block, 8 * half + k, step_bytes, 2 * AHEAD_BYTES);
+                        let codes = S::codes(block, half, k);
                         for c in 0..CT {
                             let x = values[c].add(b * SUPER_BLOCK + 128 * half + 4 * k);
                             for run in 0..4 {
@@ -363,52 +363,190 @@ impl Groups for Q6KGroups {
                         }
                     }
                     for run in 0..4 {
-                        let scale = q6_k_scale(block, 8 * half + 2 * run + quarter);
+                        let scale = sub_block_byte(&sub_scales, sub_block(run));
                         for c in 0..CT {
                             scaled[c] = _mm512_add_epi32(scaled[c], _mm512_mullo_epi32(sums[c][run], scale));
                         }
                     }
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(Q6K_D)) as *const _));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(S::D)) as *const _));
             for c in 0..CT {
                 acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[c]), _mm512_mul_ps(d, _mm512_set1_ps(*scales[c].add(b))), acc[c]);
+            }
+            if S::MIN {
+                let (mins, dmin) = (S::min_pairs(block), _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(S::D + 2)) as *const _)));
+                for c in 0..CT {
+                    let mut min_part = _mm512_setzero_si512();
+                    for (pair, mins) in mins.into_iter().enumerate() {
+                        // Σ x of sub-blocks 2·pair and 2·pair + 1, against their minimums.
+                        let sums = sums16[c].add(b * SUPER_BLOCK / 16 + 2 * pair) as *const i8;
+                        min_part = _mm512_dpwssd_epi32(min_part, mins, broadcast_word(sums));
+                    }
+                    acc[c] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(min_part), _mm512_mul_ps(dmin, _mm512_set1_ps(*scales[c].add(b))), acc[c]);
+                }
             }
         }
         acc
     }
 }
 
-/// Where a Q6_K block keeps its scales and its `f16` d.
-const Q6K_SCALES: usize = SUPER_BLOCK / 2 + SUPER_BLOCK / 4;
-pub(super) const Q6K_D: usize = Q6K_SCALES + SUPER_BLOCK / 16;
+/// How a 16-row layout of a K-quant of 16-value sub-blocks holds a block of every row: its
+/// codes as unsigned bytes offset by [`SixteensCodes::OFFSET`], each sub-block's scale, an `f16`
+/// d and, with [`SixteensCodes::MIN`], an `f16` dmin after it and a minimum per sub-block (value
+/// = d · scale_j · (code − offset) − dmin · min_j).
+pub(super) trait SixteensCodes {
+    /// The file's type.
+    const FILE: BlockType;
+    const OFFSET: i32 = match Self::FILE.code_offset() {
+        Some(k) => k as i32,
+        None => 0,
+    };
+    /// Where a block keeps its `f16` d: last but for Q2_K's dmin.
+    const D: usize = Self::FILE.block_bytes() - if Self::MIN { 4 } else { 2 };
+    /// Whether the block has minimums (Q2_K).
+    const MIN: bool = false;
 
-/// Step `k` (< 8) of half `half` of a [`BlockType::Q6KInterleaved`] group's block at `block`:
-/// the 6-bit codes of values 128 · half + 32 · run + 4k.. of every row (runs 0..4), a row to a
-/// 32-bit lane, as [`crate::blocks::q6_k_value`] reads them: runs 0 and 2 from the low and high
-/// nibbles of one word, 1 and 3 of the word 32 bytes on, each with its pair of the word of high
-/// bits (bits 0–1 for run 0, 2–3 for run 1, ...) put above.
-#[inline(always)]
-pub(super) unsafe fn q6_k_codes(block: *const u8, half: usize, k: usize) -> [__m512i; 4] {
-    let word = |at: usize| _mm512_loadu_si512(block.add(interleaved_at(at)) as *const _);
-    let (first, second, high) = (word(64 * half + 4 * k), word(64 * half + BLOCK + 4 * k), word(SUPER_BLOCK / 2 + BLOCK * half + 4 * k));
-    let pair = _mm512_set1_epi8(0x30);
-    // The low nibble of each byte of `nibbles`, bits 4 and 5 of `pairs` above it: (a & b) | c.
-    let code = |nibbles, pairs| _mm512_ternarylogic_epi32::<0xEA>(_mm512_set1_epi8(0x0F), nibbles, _mm512_and_si512(pairs, pair));
-    [
-        code(first, _mm512_slli_epi16::<4>(high)),
-        code(second, _mm512_slli_epi16::<2>(high)),
-        code(_mm512_srli_epi16::<4>(first), high),
-        code(_mm512_srli_epi16::<4>(second), _mm512_srli_epi16::<2>(high)),
-    ]
+    /// Step `k` (< 8) of half `half` of the block at `block`: the codes of values 128 · half +
+    /// 32 · run + 4k.. of every row (runs 0..4), a row to a 32-bit lane.
+    unsafe fn codes(block: *const u8, half: usize, k: usize) -> [__m512i; 4];
+
+    /// The sub-blocks' scales of every row, sub-block `j`'s a signed byte of each lane: byte
+    /// `j % 4` of register `j / 4` ([`sub_block_byte`]).
+    unsafe fn scales(block: *const u8) -> [__m512i; 4];
+
+    /// For a type with minimums: those of sub-blocks 2 · pair and 2 · pair + 1 of every row, in
+    /// the low and the high 16 bits of its lane.
+    #[inline(always)]
+    unsafe fn min_pairs(_block: *const u8) -> [__m512i; 8] {
+        [_mm512_setzero_si512(); 8]
+    }
 }
 
-/// Sub-block `j`'s `i8` scale of every row of a [`BlockType::Q6KInterleaved`] group's block at
-/// `block`, a row to a 32-bit lane: byte `j % 4` of the rows' word of scales `j / 4`.
+/// The register of four bytes of every row at byte `at` of a 16-row layout's block at `block`
+/// ([`interleaved_at`]).
 #[inline(always)]
-pub(super) unsafe fn q6_k_scale(block: *const u8, j: usize) -> __m512i {
-    let word = _mm512_loadu_si512(block.add(interleaved_at(Q6K_SCALES + 4 * (j / 4))) as *const _);
-    _mm512_srai_epi32::<24>(_mm512_sllv_epi32(word, _mm512_set1_epi32(24 - 8 * (j % 4) as i32)))
+unsafe fn word_at(block: *const u8, at: usize) -> __m512i {
+    _mm512_loadu_si512(block.add(interleaved_at(at)) as *const _)
+}
+
+/// Sub-block `j`'s signed byte of every row, a row to a 32-bit lane: byte `j % 4` of each lane
+/// of `words[j / 4]`, sign-extended.
+#[inline(always)]
+pub(super) unsafe fn sub_block_byte(words: &[__m512i; 4], j: usize) -> __m512i {
+    _mm512_srai_epi32::<24>(_mm512_sllv_epi32(words[j / 4], _mm512_set1_epi32(24 - 8 * (j % 4) as i32)))
+}
+
+/// [`BlockType::Q6KInterleaved`]'s: 6-bit codes, `i8` scales.
+pub(super) struct Q6KCodes;
+
+impl SixteensCodes for Q6KCodes {
+    const FILE: BlockType = BlockType::Q6K;
+
+    /// As [`crate::blocks::q6_k_value`] reads them: runs 0 and 2 from the low and high nibbles of
+    /// one word, 1 and 3 of the word 32 bytes on, each with its pair of the word of high bits
+    /// (bits 0–1 for run 0, 2–3 for run 1, ...) put above.
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, half: usize, k: usize) -> [__m512i; 4] {
+        let (first, second, high) =
+            (word_at(block, 64 * half + 4 * k), word_at(block, 64 * half + BLOCK + 4 * k), word_at(block, SUPER_BLOCK / 2 + BLOCK * half + 4 * k));
+        let pair = _mm512_set1_epi8(0x30);
+        // The low nibble of each byte of `nibbles`, bits 4 and 5 of `pairs` above it: (a & b) | c.
+        let code = |nibbles, pairs| _mm512_ternarylogic_epi32::<0xEA>(_mm512_set1_epi8(0x0F), nibbles, _mm512_and_si512(pairs, pair));
+        [
+            code(first, _mm512_slli_epi16::<4>(high)),
+            code(second, _mm512_slli_epi16::<2>(high)),
+            code(_mm512_srli_epi16::<4>(first), high),
+            code(_mm512_srli_epi16::<4>(second), _mm512_srli_epi16::<2>(high)),
+        ]
+    }
+
+    /// The file's four words of `i8` scales as they are.
+    #[inline(always)]
+    unsafe fn scales(block: *const u8) -> [__m512i; 4] {
+        let at = SUPER_BLOCK / 2 + SUPER_BLOCK / 4;
+        [word_at(block, at), word_at(block, at + 4), word_at(block, at + 8), word_at(block, at + 12)]
+    }
+}
+
+/// [`BlockType::Q3KInterleaved`]'s: 3-bit codes, 6-bit scales less 32.
+pub(super) struct Q3KCodes;
+
+impl SixteensCodes for Q3KCodes {
+    const FILE: BlockType = BlockType::Q3K;
+
+    /// As [`crate::blocks::q3_k_code`] reads them: run `run`'s bit pair of the half's word of
+    /// 2-bit codes, and 4 added where bit 4 · half + run of its byte of the word of high bits
+    /// (the same for both halves) is set.
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, half: usize, k: usize) -> [__m512i; 4] {
+        let (low, high) = (word_at(block, SUPER_BLOCK / 8 + BLOCK * half + 4 * k), word_at(block, 4 * k));
+        let (three, four) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
+        let code = |low: __m512i, run: usize| {
+            let (low, set) = (_mm512_and_si512(low, three), _mm512_test_epi8_mask(high, _mm512_set1_epi8((1u8 << (4 * half + run)) as i8)));
+            _mm512_mask_add_epi8(low, set, low, four)
+        };
+        [code(low, 0), code(_mm512_srli_epi16::<2>(low), 1), code(_mm512_srli_epi16::<4>(low), 2), code(_mm512_srli_epi16::<6>(low), 3)]
+    }
+
+    /// Unpacked as [`crate::blocks::q3_k_scales`] does, on every row's three words at once, then
+    /// 32 taken from each byte.
+    #[inline(always)]
+    unsafe fn scales(block: *const u8) -> [__m512i; 4] {
+        let at = SUPER_BLOCK / 8 + SUPER_BLOCK / 4;
+        let (w0, w1, top) = (word_at(block, at), word_at(block, at + 4), word_at(block, at + 8));
+        let (low4, top2) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        // The low nibble of each byte of `low`, bits 4 and 5 of `top` (shifted there): (a & b) | (c & d).
+        let scale =
+            |low: __m512i, top: __m512i| _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(low, low4), _mm512_and_si512(top, top2)), _mm512_set1_epi8(32));
+        [
+            scale(w0, _mm512_slli_epi32::<4>(top)),
+            scale(w1, _mm512_slli_epi32::<2>(top)),
+            scale(_mm512_srli_epi32::<4>(w0), top),
+            scale(_mm512_srli_epi32::<4>(w1), _mm512_srli_epi32::<2>(top)),
+        ]
+    }
+}
+
+/// [`BlockType::Q2KInterleaved`]'s: 2-bit codes, a 4-bit scale and a 4-bit minimum a sub-block.
+pub(super) struct Q2KCodes;
+
+impl SixteensCodes for Q2KCodes {
+    const FILE: BlockType = BlockType::Q2K;
+    const MIN: bool = true;
+
+    /// As [`crate::blocks::q2_k_code`] reads them: run `run`'s bit pair of the half's word.
+    #[inline(always)]
+    unsafe fn codes(block: *const u8, half: usize, k: usize) -> [__m512i; 4] {
+        let (codes, three) = (word_at(block, SUPER_BLOCK / 16 + BLOCK * half + 4 * k), _mm512_set1_epi8(3));
+        [
+            _mm512_and_si512(codes, three),
+            _mm512_and_si512(_mm512_srli_epi16::<2>(codes), three),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(codes), three),
+            _mm512_and_si512(_mm512_srli_epi16::<6>(codes), three),
+        ]
+    }
+
+    /// The low nibbles of the four words of scales and minimums.
+    #[inline(always)]
+    unsafe fn scales(block: *const u8) -> [__m512i; 4] {
+        let low = |w: usize| _mm512_and_si512(word_at(block, 4 * w), _mm512_set1_epi8(0x0F));
+        [low(0), low(1), low(2), low(3)]
+    }
+
+    /// The high nibbles of the same words, bytes 0 and 1 (2 and 3) of a lane spread to its two
+    /// 16-bit halves.
+    #[inline(always)]
+    unsafe fn min_pairs(block: *const u8) -> [__m512i; 8] {
+        let spread = |two: __m512i| _mm512_and_si512(_mm512_or_si512(two, _mm512_slli_epi32::<8>(two)), _mm512_set1_epi32(0x00FF_00FF));
+        let mut pairs = [_mm512_setzero_si512(); 8];
+        for w in 0..4 {
+            let mins = _mm512_and_si512(_mm512_srli_epi32::<4>(word_at(block, 4 * w)), _mm512_set1_epi8(0x0F));
+            pairs[2 * w] = spread(_mm512_and_si512(mins, _mm512_set1_epi32(0xFFFF)));
+            pairs[2 * w + 1] = spread(_mm512_srli_epi32::<16>(mins));
+        }
+        pairs
+    }
 }
 
 /// The groups of the legacy types' 16-row layouts ([`BlockType::Q8_0Interleaved`],

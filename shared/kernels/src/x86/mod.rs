@@ -20,10 +20,10 @@ pub fn interleaving(ty: BlockType, m: usize, avx512: bool) -> Option<Interleavin
     (m >= panel_min_activations(ty, avx512, avx512::two_passes())).then(|| Interleaving { group: group_values(ty), code_offset: code_offset(ty) })
 }
 
-/// See [`crate::Kernels::layout`]: with AVX-512, the 16-row layouts of the legacy types, Q4_K,
-/// Q5_K and Q6_K for a matrix of whole groups of their rows; otherwise Q4_0's scales first with
-/// AVX2, and with AVX-512 where a 512-bit instruction takes two passes, whose Q4_0 decode steps
-/// then go through AVX2's tiles ([`avx512::two_passes`]).
+/// See [`crate::Kernels::layout`]: with AVX-512, the 16-row layout of every quantized type for a
+/// matrix of whole groups of its rows; otherwise Q4_0's scales first with AVX2, and with AVX-512
+/// where a 512-bit instruction takes two passes, whose Q4_0 decode steps then go through AVX2's
+/// tiles ([`avx512::two_passes`]).
 pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
     let in_groups = rows.is_multiple_of(crate::blocks::INTERLEAVED_ROWS);
     match ty {
@@ -36,6 +36,8 @@ pub fn layout(ty: BlockType, rows: usize, avx512: bool) -> BlockType {
         BlockType::Q4K if avx512 && in_groups => BlockType::Q4KInterleaved,
         BlockType::Q5K if avx512 && in_groups => BlockType::Q5KInterleaved,
         BlockType::Q6K if avx512 && in_groups => BlockType::Q6KInterleaved,
+        BlockType::Q3K if avx512 && in_groups => BlockType::Q3KInterleaved,
+        BlockType::Q2K if avx512 && in_groups => BlockType::Q2KInterleaved,
         _ => ty,
     }
 }
@@ -148,18 +150,26 @@ unsafe fn f16_at(block: *const u8, at: usize) -> f32 {
 mod tests {
     use super::*;
 
-    /// With AVX-512, every type that has a 16-row layout gets it for whole groups of 16 rows,
+    /// With AVX-512, every quantized type gets its 16-row layout for whole groups of 16 rows,
     /// and none for other row counts: a layout built but not named here would never be used.
     #[test]
     fn avx512_lays_out_whole_groups_of_every_type_with_a_16_row_layout() {
-        let laid_out = [BlockType::Q8_0, BlockType::Q4_0, BlockType::Q4_1, BlockType::Q5_0, BlockType::Q5_1, BlockType::Q4K, BlockType::Q5K, BlockType::Q6K];
+        let laid_out = [
+            BlockType::Q8_0,
+            BlockType::Q4_0,
+            BlockType::Q4_1,
+            BlockType::Q5_0,
+            BlockType::Q5_1,
+            BlockType::Q2K,
+            BlockType::Q3K,
+            BlockType::Q4K,
+            BlockType::Q5K,
+            BlockType::Q6K,
+        ];
         for ty in laid_out {
             let whole = layout(ty, 32, true);
             assert_eq!((whole.rows_together(), whole.in_file()), (crate::blocks::INTERLEAVED_ROWS, ty), "{ty:?}");
             assert_eq!(layout(ty, 24, true).rows_together(), 1, "{ty:?} in 24 rows");
-        }
-        for ty in [BlockType::Q2K, BlockType::Q3K] {
-            assert_eq!(layout(ty, 32, true), ty);
         }
     }
 }

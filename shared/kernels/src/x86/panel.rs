@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use super::avx512::{q5_k_codes, q6_k_codes, q6_k_scale, LegacyCodes, NibbleCodes, Q8_0Codes, Q6K_D};
+use super::avx512::{q5_k_codes, sub_block_byte, LegacyCodes, NibbleCodes, Q2KCodes, Q3KCodes, Q6KCodes, Q8_0Codes, SixteensCodes};
 use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
@@ -67,7 +67,9 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         (
             false,
             BlockType::Q2K
+            | BlockType::Q2KInterleaved
             | BlockType::Q3K
+            | BlockType::Q3KInterleaved
             | BlockType::Q4K
             | BlockType::Q4KInterleaved
             | BlockType::Q5K
@@ -91,6 +93,13 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
         // 268 / 189–204, 16 rows 264–265 / 273–277, 24 rows 263–265 / 277–297, 32 rows 264 /
         // 299–300, 128 rows 261 / 321, 512 rows 259–261 / 343–345).
         (true, BlockType::Q5KInterleaved) => 16,
+        // Q3_K's from 16 rows (tiles against panels, two rounds: 8 rows 220 / 227, 12 rows 237 /
+        // 205, 16 rows 235–237 / 252–275, 24 rows 234–237 / 244–250, 128 rows 229–233 / 304–324).
+        (true, BlockType::Q3KInterleaved) => 16,
+        // Q2_K's, whose tiles spend the least on each value, from 128 rows (tiles against panels:
+        // 16 rows 278 / 248, 24 rows 279 / 264, 32 rows 279 / 270, 128 rows 274 / 283–284, 512
+        // rows 270 / 288).
+        (true, BlockType::Q2KInterleaved) => 128,
         // Q4_0's 16-row layout has no panels: in cache its tiles ran as fast or faster at every
         // count (Zen 4, `--bench matmul -- ffn_up`, one thread, GFLOP/s, tiles against panels
         // from 32 rows: 16 rows 361 / 325, 32 rows 360 / 313, 128 rows 354 / 334, 512 rows 353
@@ -120,7 +129,7 @@ pub const fn panel_min_activations(ty: BlockType, avx512: bool, two_passes: bool
 /// Values per group: those that share a scale in `ty`.
 pub const fn group_values(ty: BlockType) -> usize {
     match ty {
-        BlockType::Q2K | BlockType::Q3K | BlockType::Q6K | BlockType::Q6KInterleaved => BLOCK / 2,
+        BlockType::Q2K | BlockType::Q2KInterleaved | BlockType::Q3K | BlockType::Q3KInterleaved | BlockType::Q6K | BlockType::Q6KInterleaved => BLOCK / 2,
         _ => BLOCK,
     }
 }
@@ -148,8 +157,8 @@ pub const fn code_offset(ty: BlockType) -> Option<i32> {
 pub const fn largest_code(ty: BlockType) -> i32 {
     match ty {
         BlockType::Q8_0 | BlockType::Q8_0Interleaved => 255,
-        BlockType::Q2K => 3,
-        BlockType::Q3K => 7,
+        BlockType::Q2K | BlockType::Q2KInterleaved => 3,
+        BlockType::Q3K | BlockType::Q3KInterleaved => 7,
         BlockType::Q4_0
         | BlockType::Q4_0ScalesFirst
         | BlockType::Q4_0Interleaved
@@ -264,7 +273,9 @@ impl Panel {
             // (`crate::product_rows` sends the others' to the scalar definition).
             BlockType::Q4KInterleaved => unsafe { self.pack_interleaved::<false>(w, rows, next) },
             BlockType::Q5KInterleaved => unsafe { self.pack_interleaved::<true>(w, rows, next) },
-            BlockType::Q6KInterleaved => unsafe { self.pack_q6_k_interleaved(w, rows, next) },
+            BlockType::Q6KInterleaved => unsafe { self.pack_sixteens_interleaved::<Q6KCodes>(w, rows, next) },
+            BlockType::Q3KInterleaved => unsafe { self.pack_sixteens_interleaved::<Q3KCodes>(w, rows, next) },
+            BlockType::Q2KInterleaved => unsafe { self.pack_sixteens_interleaved::<Q2KCodes>(w, rows, next) },
             BlockType::Q4_0Interleaved => unreachable!("its tiles take every product (`panel_min_activations`)"),
             BlockType::Q8_0Interleaved => unsafe { self.pack_legacy_interleaved::<Q8_0Codes>(w, rows, next) },
             BlockType::Q4_1Interleaved => unsafe { self.pack_legacy_interleaved::<NibbleCodes<false, true>>(w, rows, next) },
@@ -318,14 +329,14 @@ impl Panel {
         }
     }
 
-    /// Packs the 16 rows from `rows.start` of a [`BlockType::Q6KInterleaved`] matrix: each of a
-    /// block's registers of codes is a quad of every row, and its scales are the rows' scale
-    /// bytes times their d.
+    /// Packs the 16 rows from `rows.start` of a 16-row layout of Q6_K, Q3_K or Q2_K, whose
+    /// blocks `S` reads: each of a block's registers of codes is a quad of every row, its scales
+    /// are the rows' scale bytes times their d, and Q2_K's offsets its minimums times dmin.
     ///
     /// # Safety
     /// AVX-512 with VNNI is available; `rows` is a whole group of the layout's rows.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn pack_q6_k_interleaved(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
+    unsafe fn pack_sixteens_interleaved<S: SixteensCodes>(&mut self, w: &QMatrix, rows: Range<usize>, next: Range<usize>) {
         debug_assert_eq!(rows.len(), INTERLEAVED_ROWS);
         let (row_bytes, block_bytes) = (w.ty.row_bytes(w.cols), INTERLEAVED_ROWS * w.ty.block_bytes());
         let (group, next_group) = (w.bytes.as_ptr().add(rows.start * row_bytes), w.bytes.as_ptr().wrapping_add(next.start * row_bytes));
@@ -335,17 +346,27 @@ impl Panel {
                 super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
             }
             let block = group.add(b * block_bytes);
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(Q6K_D)) as *const _));
+            let half = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(at)) as *const _));
+            let (sub_scales, mins, d) = (S::scales(block), S::min_pairs(block), half(S::D));
             for j in 0..groups {
                 let g = b * groups + j;
-                _mm512_storeu_ps(self.scales[g * PANEL_ROWS..].as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(q6_k_scale(block, j))));
-                // The code offset comes with the activations ([`code_offset`]).
-                _mm512_storeu_ps(self.offsets[g * PANEL_ROWS..].as_mut_ptr(), _mm512_setzero_ps());
+                _mm512_storeu_ps(self.scales[g * PANEL_ROWS..].as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sub_block_byte(&sub_scales, j))));
+                // A minimum is the panel's (value = scale · u − offset); a code offset comes with
+                // the activations ([`code_offset`]).
+                let offsets = match S::MIN {
+                    true => {
+                        let pair = mins[j / 2];
+                        let min = if j % 2 == 0 { _mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF)) } else { _mm512_srli_epi32::<16>(pair) };
+                        _mm512_mul_ps(half(S::D + 2), _mm512_cvtepi32_ps(min))
+                    }
+                    false => _mm512_setzero_ps(),
+                };
+                _mm512_storeu_ps(self.offsets[g * PANEL_ROWS..].as_mut_ptr(), offsets);
             }
             for half in 0..2 {
                 for k in 0..8 {
                     // Run `run`'s values 4k.. are quad k % 4 of group 8 · half + 2 · run + k / 4.
-                    for (run, codes) in q6_k_codes(block, half, k).into_iter().enumerate() {
+                    for (run, codes) in S::codes(block, half, k).into_iter().enumerate() {
                         let g = b * groups + 8 * half + 2 * run + k / 4;
                         _mm512_store_si512(self.quads[4 * g + k % 4].0.as_mut_ptr() as *mut _, codes);
                     }
