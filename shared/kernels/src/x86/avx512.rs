@@ -325,11 +325,16 @@ struct SixteensGroups<S>(std::marker::PhantomData<S>);
 /// 126 → 236, 8 rows 104 → 196 (panels there before), 16 rows 163 → 236. Out of memory
 /// (`--bench stream`, two rounds, GB/s): one row level (AVX2's 23.3–23.8 against 22.7–22.8), 2
 /// rows 17.9–18.0 → 20.8–20.9, 4 rows 10.7–11.5 → 17.7–21.6, 8 rows 4.8–5.1 → 10.0–11.2.
+/// Q3_K's, the same measures: in cache 1 row 65 → 111, 2 rows 96 → 175, 4 rows 116 → 219; out
+/// of memory 1 row 10.6–12.1 → 15.8–19.7. Q2_K's: in cache 1 row 87 → 161, 2 rows 112 → 155, 4
+/// rows 126 → 276; out of memory 1 row (AVX2's) 13.8 → 17.5–23.2.
 ///
 /// Each step asks for its share of the block's lines (a sixteenth) 2 KiB ahead into L1 and 16
 /// KiB ahead into L2; all at a block's start, as [`LegacyGroups`] asks for its smaller blocks,
 /// a Q6_K block's 106 asks at once read 14.3–14.6 GB/s out of memory and ran at 99 GFLOP/s in
-/// cache.
+/// cache. Against asking for the lines each step reads (three rounds in turn, Q6_K): out of
+/// memory 19.3–23.0 → 21.1–23.4 GB/s, in cache 1 row 116.8–117.7 → 113.4–114.7 GFLOP/s, 4 rows
+/// 235.8–237.3 → 248.1–249.6.
 impl<S: SixteensCodes> Groups for SixteensGroups<S> {
     #[inline(always)]
     unsafe fn sums<const CT: usize>(w: &QMatrix, x: &QuantizedRows, i: usize, group: *const u8) -> [__m512; CT] {
