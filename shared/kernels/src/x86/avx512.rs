@@ -197,7 +197,7 @@ const fn k_nibbles<const FIFTH_BIT: bool>() -> usize {
 #[inline(always)]
 pub(super) unsafe fn q5_k_codes(block: *const u8, pair: usize, k: usize) -> (__m512i, __m512i) {
     let (low, high) = nibbles(block.add(interleaved_at(k_nibbles::<true>() + 32 * pair + 4 * k)));
-    let high_bits = _mm512_loadu_si512(block.add(interleaved_at(16 + 4 * k)) as *const _);
+    let high_bits = word_at(block, 16 + 4 * k);
     let set = |bit: usize| _mm512_test_epi8_mask(high_bits, _mm512_set1_epi8((1u8 << bit) as i8));
     let sixteen = _mm512_set1_epi8(16);
     (_mm512_mask_add_epi8(low, set(2 * pair), low, sixteen), _mm512_mask_add_epi8(high, set(2 * pair + 1), high, sixteen))
@@ -403,6 +403,7 @@ impl<S: SixteensCodes> Groups for SixteensGroups<S> {
 pub(super) trait SixteensCodes {
     /// The file's type.
     const FILE: BlockType;
+    /// What the codes are less (Q3_K's 4, Q6_K's 32; none for Q2_K, which has minimums).
     const OFFSET: i32 = match Self::FILE.code_offset() {
         Some(k) => k as i32,
         None => 0,
@@ -426,13 +427,6 @@ pub(super) trait SixteensCodes {
     unsafe fn min_pairs(_block: *const u8) -> [__m512i; 8] {
         [_mm512_setzero_si512(); 8]
     }
-}
-
-/// The register of four bytes of every row at byte `at` of a 16-row layout's block at `block`
-/// ([`interleaved_at`]).
-#[inline(always)]
-unsafe fn word_at(block: *const u8, at: usize) -> __m512i {
-    _mm512_loadu_si512(block.add(interleaved_at(at)) as *const _)
 }
 
 /// Sub-block `j`'s signed byte of every row, a row to a 32-bit lane: byte `j % 4` of each lane
@@ -642,7 +636,7 @@ impl LegacyCodes for Q8_0Codes {
 
     #[inline(always)]
     unsafe fn codes(block: *const u8, _: __m512i, k: usize) -> (__m512i, __m512i) {
-        let word = |k: usize| _mm512_xor_si512(_mm512_loadu_si512(block.add(interleaved_at(2 + 4 * k)) as *const _), _mm512_set1_epi8(-128));
+        let word = |k: usize| _mm512_xor_si512(word_at(block, 2 + 4 * k), _mm512_set1_epi8(-128));
         (word(k), word(k + 4))
     }
 }
@@ -669,7 +663,7 @@ impl<const FIFTH_BIT: bool, const MIN: bool> LegacyCodes for NibbleCodes<FIFTH_B
     #[inline(always)]
     unsafe fn fifth_bits(block: *const u8) -> __m512i {
         match FIFTH_BIT {
-            true => _mm512_loadu_si512(block.add(interleaved_at(Self::LAYOUT.0)) as *const _),
+            true => word_at(block, Self::LAYOUT.0),
             false => _mm512_setzero_si512(),
         }
     }
@@ -721,9 +715,7 @@ unsafe fn fifth_bits_set(words: __m512i, first: usize) -> __mmask64 {
 /// words at once.
 #[inline(always)]
 pub(super) unsafe fn interleaved_scales(block: *const u8) -> ([__m512i; 8], [__m512i; 8], __m512, __m512) {
-    let w0 = _mm512_loadu_si512(block.add(interleaved_at(4)) as *const _);
-    let w1 = _mm512_loadu_si512(block.add(interleaved_at(8)) as *const _);
-    let w2 = _mm512_loadu_si512(block.add(interleaved_at(12)) as *const _);
+    let (w0, w1, w2) = (word_at(block, 4), word_at(block, 8), word_at(block, 12));
     let (low6, low4, low2) = (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
     // The top two bits of bytes 0..8, as bits 4 and 5 of the upper sub-blocks' scales and minimums.
     let (top0, top1) = (
@@ -742,6 +734,13 @@ pub(super) unsafe fn interleaved_scales(block: *const u8) -> ([__m512i; 8], [__m
     let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(0)) as *const _)), _mm512_set1_ps(1.0 / 16.0));
     let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(2)) as *const _));
     (sub_scales, sub_mins, d, dmin)
+}
+
+/// The register of four bytes of every row at byte `at` of a 16-row layout's block at `block`
+/// ([`interleaved_at`]).
+#[inline(always)]
+unsafe fn word_at(block: *const u8, at: usize) -> __m512i {
+    _mm512_loadu_si512(block.add(interleaved_at(at)) as *const _)
 }
 
 /// Four bytes of activations at `at`, in every 32-bit lane.

@@ -346,8 +346,8 @@ impl Panel {
                 super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
             }
             let block = group.add(b * block_bytes);
-            let half = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(at)) as *const _));
-            let (sub_scales, mins, d) = (S::scales(block), S::min_pairs(block), half(S::D));
+            let f16s = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(at)) as *const _));
+            let (sub_scales, mins, d) = (S::scales(block), S::min_pairs(block), f16s(S::D));
             for j in 0..groups {
                 let g = b * groups + j;
                 _mm512_storeu_ps(self.scales[g * PANEL_ROWS..].as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sub_block_byte(&sub_scales, j))));
@@ -357,7 +357,7 @@ impl Panel {
                     true => {
                         let pair = mins[j / 2];
                         let min = if j % 2 == 0 { _mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF)) } else { _mm512_srli_epi32::<16>(pair) };
-                        _mm512_mul_ps(half(S::D + 2), _mm512_cvtepi32_ps(min))
+                        _mm512_mul_ps(f16s(S::D + 2), _mm512_cvtepi32_ps(min))
                     }
                     false => _mm512_setzero_ps(),
                 };
