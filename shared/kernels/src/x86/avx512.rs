@@ -330,9 +330,11 @@ struct SixteensGroups<S>(std::marker::PhantomData<S>);
 /// rows 126 → 276; out of memory 1 row (AVX2's) 13.8 → 17.5–23.2.
 ///
 /// Each step asks for its share of the block's lines (a sixteenth) 2 KiB ahead into L1 and 16
-/// KiB ahead into L2; all at a block's start, as [`LegacyGroups`] asks for its smaller blocks,
+/// KiB ahead into L2. All at a block's start, as [`LegacyGroups`] asks for its smaller blocks,
 /// a Q6_K block's 106 asks at once read 14.3–14.6 GB/s out of memory and ran at 99 GFLOP/s in
-/// cache. Against asking for the lines each step reads (three rounds in turn, Q6_K): out of
+/// cache; Q3_K's and Q2_K's smaller blocks lost as much (three rounds in turn, GB/s, shares →
+/// all at the start: Q3_K 20.1–20.9 → 13.7–13.9, Q2_K 22.4–22.5 → 15.7–16.1, Q6_K 22.5–23.8 →
+/// 13.3–13.9). Against asking for the lines each step reads (three rounds in turn, Q6_K): out of
 /// memory 19.3–23.0 → 21.1–23.4 GB/s, in cache 1 row 116.8–117.7 → 113.4–114.7 GFLOP/s, 4 rows
 /// 235.8–237.3 → 248.1–249.6.
 impl<S: SixteensCodes> Groups for SixteensGroups<S> {
