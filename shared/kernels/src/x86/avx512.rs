@@ -326,7 +326,7 @@ struct SixteensGroups<S>(std::marker::PhantomData<S>);
 /// (`--bench stream`, two rounds, GB/s): one row level (AVX2's 23.3–23.8 against 22.7–22.8), 2
 /// rows 17.9–18.0 → 20.8–20.9, 4 rows 10.7–11.5 → 17.7–21.6, 8 rows 4.8–5.1 → 10.0–11.2.
 /// Q3_K's, the same measures: in cache 1 row 65 → 111, 2 rows 96 → 175, 4 rows 116 → 219; out
-/// of memory 1 row 10.6–12.1 → 15.8–19.7. Q2_K's: in cache 1 row 87 → 161, 2 rows 112 → 155, 4
+/// of memory 1 row 10.6–12.1 → 15.8–20.9. Q2_K's: in cache 1 row 87 → 161, 2 rows 112 → 155, 4
 /// rows 126 → 276; out of memory 1 row (AVX2's) 13.8 → 17.5–23.2.
 ///
 /// Each step asks for its share of the block's lines (a sixteenth) 2 KiB ahead into L1 and 16
