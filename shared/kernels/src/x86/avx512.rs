@@ -198,9 +198,7 @@ const fn k_nibbles<const FIFTH_BIT: bool>() -> usize {
 pub(super) unsafe fn q5_k_codes(block: *const u8, pair: usize, k: usize) -> (__m512i, __m512i) {
     let (low, high) = nibbles(block.add(interleaved_at(k_nibbles::<true>() + 32 * pair + 4 * k)));
     let high_bits = word_at(block, 16 + 4 * k);
-    let set = |bit: usize| _mm512_test_epi8_mask(high_bits, _mm512_set1_epi8((1u8 << bit) as i8));
-    let sixteen = _mm512_set1_epi8(16);
-    (_mm512_mask_add_epi8(low, set(2 * pair), low, sixteen), _mm512_mask_add_epi8(high, set(2 * pair + 1), high, sixteen))
+    (add_where_bit(low, high_bits, 2 * pair, 16), add_where_bit(high, high_bits, 2 * pair + 1, 16))
 }
 
 /// Activation rows `i..i + CT` as a K-quant's 16-row tiles read them: each row's values, its
@@ -377,12 +375,12 @@ impl<S: SixteensCodes> Groups for SixteensGroups<S> {
                     }
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(S::D)) as *const _));
+            let d = f16s_at(block, S::D);
             for c in 0..CT {
                 acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled[c]), _mm512_mul_ps(d, _mm512_set1_ps(*scales[c].add(b))), acc[c]);
             }
             if S::MIN {
-                let (mins, dmin) = (S::min_pairs(block), _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(S::D + 2)) as *const _)));
+                let (mins, dmin) = (S::min_pairs(block), f16s_at(block, S::D + 2));
                 for c in 0..CT {
                     let mut min_part = _mm512_setzero_si512();
                     for (pair, mins) in mins.into_iter().enumerate() {
@@ -482,11 +480,7 @@ impl SixteensCodes for Q3KCodes {
     #[inline(always)]
     unsafe fn codes(block: *const u8, half: usize, k: usize) -> [__m512i; 4] {
         let (low, high) = (word_at(block, SUPER_BLOCK / 8 + BLOCK * half + 4 * k), word_at(block, 4 * k));
-        let (three, four) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
-        let code = |low: __m512i, run: usize| {
-            let (low, set) = (_mm512_and_si512(low, three), _mm512_test_epi8_mask(high, _mm512_set1_epi8((1u8 << (4 * half + run)) as i8)));
-            _mm512_mask_add_epi8(low, set, low, four)
-        };
+        let code = |low: __m512i, run: usize| add_where_bit(_mm512_and_si512(low, _mm512_set1_epi8(3)), high, 4 * half + run, 4);
         [code(low, 0), code(_mm512_srli_epi16::<2>(low), 1), code(_mm512_srli_epi16::<4>(low), 2), code(_mm512_srli_epi16::<6>(low), 3)]
     }
 
@@ -595,13 +589,13 @@ impl<C: LegacyCodes> Groups for LegacyGroups<C> {
                     high_sums[c] = _mm512_dpbusd_epi32(high_sums[c], q_high, broadcast_word(x.add(BLOCK / 2)));
                 }
             }
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(block as *const _));
+            let d = f16s_at(block, 0);
             for c in 0..CT {
                 let (sum, dx) = (_mm512_cvtepi32_ps(_mm512_add_epi32(low_sums[c], high_sums[c])), *scales[c].add(b));
                 acc[c] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[c]);
                 if C::MIN {
                     // The minimum against the activations' sum, dx · Σ x.
-                    let min = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(2)) as *const _));
+                    let min = f16s_at(block, 2);
                     acc[c] = _mm512_fmadd_ps(min, _mm512_set1_ps(dx * *sums[c].add(b) as f32), acc[c]);
                 }
             }
@@ -733,8 +727,7 @@ pub(super) unsafe fn interleaved_scales(block: *const u8) -> ([__m512i; 8], [__m
         sub_scales[j] = if j % 2 == 0 { _mm512_slli_epi32::<4>(scale) } else { scale };
         sub_mins[j] = _mm512_shuffle_epi8(mins[j / 4], _mm512_loadu_si512(BYTE_OF_LANE[1][j % 4].as_ptr() as *const _));
     }
-    let d = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(0)) as *const _)), _mm512_set1_ps(1.0 / 16.0));
-    let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(2)) as *const _));
+    let (d, dmin) = (_mm512_mul_ps(f16s_at(block, 0), _mm512_set1_ps(1.0 / 16.0)), f16s_at(block, 2));
     (sub_scales, sub_mins, d, dmin)
 }
 
@@ -743,6 +736,20 @@ pub(super) unsafe fn interleaved_scales(block: *const u8) -> ([__m512i; 8], [__m
 #[inline(always)]
 unsafe fn word_at(block: *const u8, at: usize) -> __m512i {
     _mm512_loadu_si512(block.add(interleaved_at(at)) as *const _)
+}
+
+/// The 16 rows' `f16` field at byte `at` of a 16-row layout's block at `block`, as `f32`s.
+#[inline(always)]
+pub(super) unsafe fn f16s_at(block: *const u8, at: usize) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(at)) as *const _))
+}
+
+/// `codes` with `plus` added to each byte whose byte of `bits` has bit `bit` set: a code's high
+/// bit (Q3_K's third, Q5_K's fifth) tested four values of every row at once.
+#[inline(always)]
+unsafe fn add_where_bit(codes: __m512i, bits: __m512i, bit: usize, plus: i8) -> __m512i {
+    let set = _mm512_test_epi8_mask(bits, _mm512_set1_epi8((1u8 << bit) as i8));
+    _mm512_mask_add_epi8(codes, set, codes, _mm512_set1_epi8(plus))
 }
 
 /// Four bytes of activations at `at`, in every 32-bit lane.

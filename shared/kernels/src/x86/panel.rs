@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 use std::ops::{Deref, Range};
 
-use super::avx512::{q5_k_codes, sub_block_byte, LegacyCodes, NibbleCodes, Q2KCodes, Q3KCodes, Q6KCodes, Q8_0Codes, SixteensCodes};
+use super::avx512::{f16s_at, q5_k_codes, sub_block_byte, LegacyCodes, NibbleCodes, Q2KCodes, Q3KCodes, Q6KCodes, Q8_0Codes, SixteensCodes};
 use crate::blocks::{interleaved_at, BlockType, BLOCK, INTERLEAVED_ROWS, SUPER_BLOCK};
 use crate::QMatrix;
 #[cfg(doc)]
@@ -346,8 +346,7 @@ impl Panel {
                 super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
             }
             let block = group.add(b * block_bytes);
-            let f16s = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(at)) as *const _));
-            let (sub_scales, mins, d) = (S::scales(block), S::min_pairs(block), f16s(S::D));
+            let (sub_scales, mins, d) = (S::scales(block), S::min_pairs(block), f16s_at(block, S::D));
             for j in 0..groups {
                 let g = b * groups + j;
                 _mm512_storeu_ps(self.scales[g * PANEL_ROWS..].as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sub_block_byte(&sub_scales, j))));
@@ -357,7 +356,7 @@ impl Panel {
                     true => {
                         let pair = mins[j / 2];
                         let min = if j % 2 == 0 { _mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF)) } else { _mm512_srli_epi32::<16>(pair) };
-                        _mm512_mul_ps(f16s(S::D + 2), _mm512_cvtepi32_ps(min))
+                        _mm512_mul_ps(f16s_at(block, S::D + 2), _mm512_cvtepi32_ps(min))
                     }
                     false => _mm512_setzero_ps(),
                 };
@@ -391,11 +390,11 @@ impl Panel {
                 super::prefetch_ahead::<false>(next_group, b, block_bytes, 0);
             }
             let block = group.add(b * block_bytes);
-            _mm512_storeu_ps(self.scales[b * PANEL_ROWS..].as_mut_ptr(), _mm512_cvtph_ps(_mm256_loadu_si256(block as *const _)));
+            _mm512_storeu_ps(self.scales[b * PANEL_ROWS..].as_mut_ptr(), f16s_at(block, 0));
             // A minimum is the panel's (value = scale · u − offset); a code offset comes with the
             // activations ([`code_offset`]).
             let offsets = match C::MIN {
-                true => _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256(block.add(interleaved_at(2)) as *const _))),
+                true => _mm512_sub_ps(_mm512_setzero_ps(), f16s_at(block, 2)),
                 false => _mm512_setzero_ps(),
             };
             _mm512_storeu_ps(self.offsets[b * PANEL_ROWS..].as_mut_ptr(), offsets);
