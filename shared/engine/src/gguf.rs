@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::weights::{kernel_format, laid_out, FileBytes, InPlace, TensorName, Weight, WeightSource};
-use llm_kernels::WeightFormat;
+use llm_kernels::{BlockType, WeightFormat};
 
 /// An opened GGUF file: its metadata and tensor directory over the whole file's bytes (memory
 /// mapped, or held in memory), from which tensors are read on demand, in place where the kernels
@@ -51,7 +51,7 @@ fn read_content<R: std::io::Read + std::io::Seek>(path: &Path, reader: &mut R) -
 /// ([`crate::weights::laid_out`]), in the file's order: name, first byte, length, row length and
 /// the layout it goes into. The token embeddings are left as they are unless the output
 /// multiplies by them (tied): a lookup reads a few rows.
-fn matrices_to_lay_out(content: &Content) -> Vec<(&String, usize, usize, usize, WeightFormat)> {
+fn matrices_to_lay_out(content: &Content) -> Vec<(&String, usize, usize, usize, BlockType)> {
     let tied = !content.tensor_infos.contains_key(&TensorName::Output.gguf());
     let mut matrices = Vec::new();
     for (name, info) in &content.tensor_infos {
@@ -60,18 +60,55 @@ fn matrices_to_lay_out(content: &Content) -> Vec<(&String, usize, usize, usize, 
         if !tied && *name == TensorName::TokenEmbedding.gguf() {
             continue;
         }
-        let layout = laid_out(format, rows);
-        if layout != format {
-            let start = (content.tensor_data_offset + info.offset) as usize;
-            matrices.push((name, start, rows * format.row_bytes(cols), cols, layout));
+        match laid_out(format, rows) {
+            WeightFormat::Blocks(layout) if WeightFormat::Blocks(layout) != format => {
+                let start = (content.tensor_data_offset + info.offset) as usize;
+                matrices.push((name, start, rows * format.row_bytes(cols), cols, layout));
+            }
+            _ => {}
         }
     }
     matrices.sort_by_key(|&(_, start, ..)| start);
     matrices
 }
 
-/// About how many bytes of a matrix one task of rayon's pool rearranges for the kernels.
+/// About how many bytes of a file one task of rayon's pool reads or rearranges for the kernels.
 const PIECE_BYTES: usize = 1 << 20;
+
+/// A piece of a file's bytes on their way into memory: where it starts in the file, and the
+/// layout its rows go into with how many values each holds, where they are a matrix's the
+/// kernels read in another layout.
+struct Piece<'a> {
+    at: usize,
+    bytes: &'a mut [u8],
+    layout: Option<(BlockType, usize)>,
+}
+
+/// `bytes` (the whole file, or the memory it is read into) cut into [`Piece`]s of about
+/// [`PIECE_BYTES`], in order: each matrix [`matrices_to_lay_out`] names in whole
+/// [`BlockType::rows_together`], and what lies between them. With them, the names of those
+/// matrices.
+fn pieces<'a>(path: &Path, content: &'a Content, bytes: &'a mut [u8]) -> Result<(Vec<Piece<'a>>, HashSet<String>)> {
+    fn cut(bytes: &mut [u8], at: usize, piece_bytes: usize, layout: Option<(BlockType, usize)>) -> impl Iterator<Item = Piece<'_>> {
+        let pieces = bytes.chunks_mut(piece_bytes).enumerate();
+        pieces.map(move |(i, bytes)| Piece { at: at + i * piece_bytes, bytes, layout })
+    }
+    let matrices = matrices_to_lay_out(content);
+    let (mut pieces, mut rest, mut at) = (Vec::new(), bytes, 0);
+    for &(name, start, len, cols, layout) in &matrices {
+        let Some(gap) = start.checked_sub(at) else {
+            return Err(EngineError::invalid_file(path, format!("tensor `{name}` overlaps the one before it")));
+        };
+        let (between, after) = rest.split_at_mut(gap);
+        let (matrix, after) = after.split_at_mut(len);
+        let row_bytes = layout.row_bytes(cols);
+        let piece_bytes = (PIECE_BYTES / row_bytes).max(1).next_multiple_of(layout.rows_together()) * row_bytes;
+        pieces.extend(cut(between, at, PIECE_BYTES, None).chain(cut(matrix, start, piece_bytes, Some((layout, cols)))));
+        (rest, at) = (after, start + len);
+    }
+    pieces.extend(cut(rest, at, PIECE_BYTES, None));
+    Ok((pieces, matrices.into_iter().map(|(name, ..)| name.clone()).collect()))
+}
 
 /// The file's bytes as a reader reads them.
 struct Shared(FileBytes);
@@ -110,8 +147,32 @@ impl GgufFile {
         let Self { path, content, bytes, reader, .. } = mapped;
         // Unmapped before the file is read: both at once would hold it twice.
         drop((reader, bytes));
-        let bytes = crate::memory::read_file(&path).map_err(|e| EngineError::io(&path, e))?;
-        Self::laid_out_for_kernels(path, content, bytes)
+        Self::read_for_kernels(path, content)
+    }
+
+    /// The file of `content` at `path` read into memory ([`crate::memory::weights_buffer`]) in
+    /// pieces on rayon's pool, each matrix the kernels read in another layout read a piece at a
+    /// time into memory of the task's own and laid out from there into its place. Read whole and
+    /// then laid out in place, as a download is, every byte of those matrices would go through
+    /// memory twice more.
+    fn read_for_kernels(path: PathBuf, content: Content) -> Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(&path).map_err(|e| EngineError::io(&path, e))?;
+        let len = file.metadata().map_err(|e| EngineError::io(&path, e))?.len();
+        Self::check_tensor_bounds(&path, &content, len)?;
+        let mut bytes = crate::memory::weights_buffer(len as usize);
+        let (pieces, laid_out) = pieces(&path, &content, &mut bytes)?;
+        let read = pieces.into_par_iter().try_for_each_init(Vec::new, |file_rows, piece| match piece.layout {
+            Some((layout, cols)) => {
+                file_rows.resize(piece.bytes.len(), 0);
+                file.read_exact_at(file_rows, piece.at as u64)?;
+                layout.rearrange_into(file_rows, piece.bytes, cols, false);
+                Ok(())
+            }
+            None => file.read_exact_at(piece.bytes, piece.at as u64),
+        });
+        read.map_err(|e| EngineError::io(&path, e))?;
+        Ok(Self::held(path, content, bytes, laid_out))
     }
 
     /// A GGUF held in memory (downloaded from S3, or the built-in demo): tensors are read from it
@@ -150,25 +211,19 @@ impl GgufFile {
     /// they read fastest ([`matrices_to_lay_out`]), in pieces of rows on rayon's pool (the vCPUs).
     fn laid_out_for_kernels(path: PathBuf, content: Content, mut bytes: Vec<u8>) -> Result<Self> {
         Self::check_tensor_bounds(&path, &content, bytes.len() as u64)?;
-        let matrices = matrices_to_lay_out(&content);
-        let (mut pieces, mut rest, mut at) = (Vec::new(), &mut bytes[..], 0);
-        for &(name, start, len, cols, format) in &matrices {
-            let Some(gap) = start.checked_sub(at) else {
-                return Err(EngineError::invalid_file(&path, format!("tensor `{name}` overlaps the one before it")));
-            };
-            let (matrix, after) = std::mem::take(&mut rest)[gap..].split_at_mut(len);
-            let rows_per_piece = (PIECE_BYTES / format.row_bytes(cols)).max(1).next_multiple_of(format.rows_together());
-            pieces.extend(matrix.chunks_mut(rows_per_piece * format.row_bytes(cols)).map(|piece| (piece, cols, format)));
-            (rest, at) = (after, start + len);
-        }
-        pieces.into_par_iter().for_each(|(piece, cols, format)| {
-            if let WeightFormat::Blocks(ty) = format {
-                ty.rearrange(piece, cols, false);
+        let (pieces, laid_out) = pieces(&path, &content, &mut bytes)?;
+        pieces.into_par_iter().for_each(|piece| {
+            if let Some((layout, cols)) = piece.layout {
+                layout.rearrange(piece.bytes, cols, false);
             }
         });
-        let laid_out = matrices.into_iter().map(|(name, ..)| name.clone()).collect();
+        Ok(Self::held(path, content, bytes, laid_out))
+    }
+
+    /// The file of `content` held in memory, `bytes`, the matrices `laid_out` for the kernels.
+    fn held(path: PathBuf, content: Content, bytes: Vec<u8>, laid_out: HashSet<String>) -> Self {
         let bytes = in_memory(bytes);
-        Ok(Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content, laid_out })
+        Self { path, reader: Cursor::new(Shared(bytes.clone())), bytes, content, laid_out }
     }
 
     /// How the kernels read the matrix `name`, of `dtype`, `rows` rows of `cols` values, in this
@@ -450,6 +505,27 @@ mod tests {
             );
         }
         std::fs::remove_file(on_disk).unwrap();
+    }
+
+    /// A file on disk is laid out on its way into memory as a download is in place, byte for
+    /// byte, the pieces of a matrix (Q8_0's here, of 1,088 KiB) and of the tensors around them
+    /// (2.5 MiB of f32 before, 3 MiB of norm after) each put in its place.
+    #[test]
+    fn a_file_is_read_into_memory_as_a_download_is_laid_out() {
+        let random = |rows: usize, cols: usize, dtype| QTensor::quantize(&Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap(), dtype).unwrap();
+        let (embeddings, q8_0, q4_0) = (random(640, 1024, GgmlDType::F32), random(1024, 1024, GgmlDType::Q8_0), random(64, 1024, GgmlDType::Q4_0));
+        let norm = QTensor::quantize(&Tensor::randn(0f32, 1.0, 3 << 18, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let tensors = [("token_embd.weight", &embeddings), ("output.weight", &q8_0), ("blk.0.attn_q.weight", &q4_0), ("output_norm.weight", &norm)];
+        let mut written = Cursor::new(Vec::new());
+        gguf_file::write(&mut written, &[], &tensors).unwrap();
+        let on_disk = std::env::temp_dir().join(format!("llm-engine-read-{}.gguf", std::process::id()));
+        std::fs::write(&on_disk, written.get_ref()).unwrap();
+        let GgufFile { path, content, .. } = GgufFile::open(&on_disk).unwrap();
+        let read = GgufFile::read_for_kernels(path, content);
+        std::fs::remove_file(&on_disk).unwrap();
+        let (read, downloaded) = (read.unwrap(), GgufFile::from_bytes("downloaded.gguf", written.into_inner()).unwrap());
+        assert_eq!(read.laid_out, downloaded.laid_out);
+        assert!((*read.bytes).as_ref() == (*downloaded.bytes).as_ref(), "read as the download is laid out");
     }
 
     /// A tensor whose data does not start on the file's alignment is refused when the file is

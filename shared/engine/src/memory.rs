@@ -4,12 +4,6 @@
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
-
-use rayon::prelude::*;
-
-/// How many bytes of a file one task of rayon's pool reads.
-const READ_PIECE_BYTES: usize = 16 << 20;
 
 /// The file mapped read-only, advised into huge pages: where the page cache takes large folios
 /// (ext4 on Linux 6.18 does), a fault in an advised mapping reads the file ahead in folios of 2
@@ -91,7 +85,7 @@ fn field_of_mapping_at(address: usize, field: &str) -> Option<String> {
 /// 48.4–52.4 tok/s instead of 46.4–47.8 at two threads. Advised once downloaded, its pages were
 /// all collapsed into huge ones by `khugepaged` within nine minutes, for 28.3–28.9 tok/s against
 /// 28.1–28.6 at one thread.
-fn weights_buffer(len: usize) -> Vec<u8> {
+pub(crate) fn weights_buffer(len: usize) -> Vec<u8> {
     let bytes = vec![0u8; len];
     #[cfg(target_os = "linux")]
     if let Some(pages) = own_pages(&bytes, HUGE_PAGE_BYTES) {
@@ -101,15 +95,6 @@ fn weights_buffer(len: usize) -> Vec<u8> {
         unsafe { libc::madvise(pages.as_ptr() as *mut libc::c_void, pages.len(), libc::MADV_HUGEPAGE) };
     }
     bytes
-}
-
-/// The file at `path`, whole, in a [`weights_buffer`]: read in pieces on rayon's pool.
-pub(crate) fn read_file(path: &Path) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path)?;
-    let mut bytes = weights_buffer(file.metadata()?.len() as usize);
-    bytes.par_chunks_mut(READ_PIECE_BYTES).enumerate().try_for_each(|(i, piece)| file.read_exact_at(piece, (i * READ_PIECE_BYTES) as u64))?;
-    Ok(bytes)
 }
 
 #[cfg(target_os = "linux")]
@@ -135,18 +120,9 @@ fn whole_pages(bytes: &[u8], page: usize) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
 
-    /// A file of several pieces (the last one short) comes back byte for byte.
-    #[test]
-    fn a_file_is_read_whole() {
-        let path = std::env::temp_dir().join(format!("llm-engine-read-file-{}", std::process::id()));
-        let written: Vec<u8> = (0..2 * READ_PIECE_BYTES + 12_345).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::write(&path, &written).unwrap();
-        let read = read_file(&path);
-        std::fs::remove_file(&path).unwrap();
-        assert!(read.unwrap() == written);
-    }
+    use super::*;
 
     /// A buffer of its own mapping is asked for in huge pages (`hg` among its mapping's flags),
     /// where the kernel has transparent huge pages at all.

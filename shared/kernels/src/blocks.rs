@@ -208,10 +208,29 @@ impl BlockType {
     /// into this one, or with `back` from this one into the file's; nothing for a file's type.
     /// `rows` holds a whole number of [`BlockType::rows_together`].
     pub fn rearrange(self, rows: &mut [u8], cols: usize, back: bool) {
-        match self {
-            Self::Q4_0ScalesFirst => scales_first(rows, cols, back),
-            _ if self.rows_together() == INTERLEAVED_ROWS => interleave(self.in_file(), rows, cols, back),
-            _ => {}
+        if self == self.in_file() {
+            return;
+        }
+        let mut copy = vec![0u8; self.rows_together() * self.row_bytes(cols)];
+        for rows in rows.chunks_exact_mut(copy.len()) {
+            copy.copy_from_slice(rows);
+            self.rearrange_into(&copy, rows, cols, back);
+        }
+    }
+
+    /// Rows of `cols` values in the file's layout ([`BlockType::in_file`]), `from`, written into
+    /// `to` in this one (a copy for a file's type), or with `back` from this one into the file's:
+    /// a model read from a file is laid out on its way into memory, not read, then rearranged.
+    /// Both hold a whole number of [`BlockType::rows_together`], as many bytes.
+    pub fn rearrange_into(self, from: &[u8], to: &mut [u8], cols: usize, back: bool) {
+        assert_eq!(from.len(), to.len(), "{self:?} rows are rearranged into as many bytes");
+        let unit = self.rows_together() * self.row_bytes(cols);
+        for (from, to) in from.chunks_exact(unit).zip(to.chunks_exact_mut(unit)) {
+            match self {
+                Self::Q4_0ScalesFirst => scales_first(from, to, cols, back),
+                _ if self.rows_together() == INTERLEAVED_ROWS => interleave(self.in_file(), from, to, cols, back),
+                _ => to.copy_from_slice(from),
+            }
         }
     }
 }
@@ -228,9 +247,9 @@ pub const fn interleaved_at(at: usize) -> usize {
     at * INTERLEAVED_ROWS
 }
 
-/// Rows of K-quant or legacy blocks (`file`), `cols` values each, rearranged in place
-/// as the 16-row layout of that type, or with `back` from that layout to the file's.
-fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
+/// 16 rows of K-quant or legacy blocks (`file`), `cols` values each, written from `from` into
+/// `to` as the 16-row layout of that type, or with `back` from that layout to the file's.
+fn interleave(file: BlockType, from: &[u8], to: &mut [u8], cols: usize, back: bool) {
     let (row_bytes, bytes) = (file.row_bytes(cols), file.block_bytes());
     // The `f16` fields (Q4_K's and Q5_K's d and dmin, Q3_K's and Q6_K's d, Q2_K's d and dmin,
     // the legacy types' d and m); the rest is words.
@@ -246,45 +265,37 @@ fn interleave(file: BlockType, rows: &mut [u8], cols: usize, back: bool) {
         fields.push((at, len));
         at += len;
     }
-    let mut copy = vec![0u8; INTERLEAVED_ROWS * row_bytes];
-    assert!(rows.len().is_multiple_of(copy.len()), "{file:?} rows are interleaved 16 at a time");
-    for group in rows.chunks_exact_mut(copy.len()) {
-        copy.copy_from_slice(group);
-        for b in 0..cols / file.block_values() {
-            let split = b * INTERLEAVED_ROWS * bytes;
-            // One field of every row after another ([`interleaved_at`]), each run of 16 written
-            // (or read back) in order (one thread, 6.5 MiB: 1.9 ms; row after row, every field of
-            // one row first, 7.0–8.4).
-            for &(at, len) in &fields {
-                for r in 0..INTERLEAVED_ROWS {
-                    let (file, split) = (r * row_bytes + b * bytes + at, split + interleaved_at(at) + len * r);
-                    let (from, to) = if back { (split, file) } else { (file, split) };
-                    match len {
-                        2 => group[to..to + 2].copy_from_slice(&copy[from..from + 2]),
-                        _ => group[to..to + 4].copy_from_slice(&copy[from..from + 4]),
-                    }
+    for b in 0..cols / file.block_values() {
+        let split = b * INTERLEAVED_ROWS * bytes;
+        // One field of every row after another ([`interleaved_at`]), each run of 16 written (or
+        // read back) in order (one thread, 6.5 MiB: 1.9 ms; row after row, every field of one
+        // row first, 7.0–8.4).
+        for &(at, len) in &fields {
+            for r in 0..INTERLEAVED_ROWS {
+                let (file, split) = (r * row_bytes + b * bytes + at, split + interleaved_at(at) + len * r);
+                let (source, target) = if back { (split, file) } else { (file, split) };
+                match len {
+                    2 => to[target..target + 2].copy_from_slice(&from[source..source + 2]),
+                    _ => to[target..target + 4].copy_from_slice(&from[source..source + 4]),
                 }
             }
         }
     }
 }
 
-/// Rows of Q4_0 blocks, `cols` values each, rearranged in place as [`BlockType::Q4_0ScalesFirst`]
-/// (each run's scales, then its nibbles), or with `back` from that layout to Q4_0's.
-fn scales_first(rows: &mut [u8], cols: usize, back: bool) {
+/// A row of Q4_0 blocks, `cols` values, written from `from` into `to` as
+/// [`BlockType::Q4_0ScalesFirst`] (each run's scales, then its nibbles), or with `back` from that
+/// layout to Q4_0's.
+fn scales_first(from: &[u8], to: &mut [u8], cols: usize, back: bool) {
     let (blocks, bytes, nibbles) = (cols / BLOCK, BlockType::Q4_0.block_bytes(), BLOCK / 2);
-    let mut copy = vec![0u8; BlockType::Q4_0.row_bytes(cols)];
-    for row in rows.chunks_exact_mut(copy.len()) {
-        copy.copy_from_slice(row);
-        for b in 0..blocks {
-            // Block `b`'s scale, then its nibbles: where Q4_0 has them, where its run of eight
-            // has them.
-            let (block, run) = (bytes * b, b & !7);
-            let (scale, codes) = (bytes * run + 2 * (b - run), bytes * run + 2 * (blocks - run).min(8) + nibbles * (b - run));
-            for (file, split) in [(block..block + 2, scale..scale + 2), (block + 2..block + bytes, codes..codes + nibbles)] {
-                let (from, to) = if back { (split, file) } else { (file, split) };
-                row[to].copy_from_slice(&copy[from]);
-            }
+    for b in 0..blocks {
+        // Block `b`'s scale, then its nibbles: where Q4_0 has them, where its run of eight has
+        // them.
+        let (block, run) = (bytes * b, b & !7);
+        let (scale, codes) = (bytes * run + 2 * (b - run), bytes * run + 2 * (blocks - run).min(8) + nibbles * (b - run));
+        for (file, split) in [(block..block + 2, scale..scale + 2), (block + 2..block + bytes, codes..codes + nibbles)] {
+            let (source, target) = if back { (split, file) } else { (file, split) };
+            to[target].copy_from_slice(&from[source]);
         }
     }
 }
@@ -422,7 +433,7 @@ mod tests {
         let row_bytes = BlockType::Q4_0.row_bytes(cols);
         let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();
         let mut split = file.clone();
-        scales_first(&mut split, cols, false);
+        BlockType::Q4_0ScalesFirst.rearrange(&mut split, cols, false);
         for (r, (file, split)) in file.chunks_exact(row_bytes).zip(split.chunks_exact(row_bytes)).enumerate() {
             for b in 0..11 {
                 let (scale, codes) = if b < 8 { (2 * b, 16 + 16 * b) } else { (144 + 2 * (b - 8), 144 + 6 + 16 * (b - 8)) };
@@ -430,8 +441,18 @@ mod tests {
                 assert_eq!(split[codes..codes + 16], file[18 * b + 2..18 * (b + 1)], "row {r}, block {b}'s nibbles");
             }
         }
-        scales_first(&mut split, cols, true);
-        assert_eq!(split, file);
+        assert_eq!(in_file_and_back(BlockType::Q4_0ScalesFirst, &file, &split, cols), file);
+    }
+
+    /// `laid_out`, `cols` values a row, back in the file's layout, after checking that the file's
+    /// rows written out of place come out as `laid_out` (rearranged in place).
+    fn in_file_and_back(ty: BlockType, file: &[u8], laid_out: &[u8], cols: usize) -> Vec<u8> {
+        let mut into = vec![0; file.len()];
+        ty.rearrange_into(file, &mut into, cols, false);
+        assert!(into == laid_out, "{ty:?} laid out in place and out of place alike");
+        let mut back = laid_out.to_vec();
+        ty.rearrange(&mut back, cols, true);
+        back
     }
 
     #[test]
@@ -440,23 +461,24 @@ mod tests {
         // 43; Q6_K's 52 words, then d; Q3_K's 27, then d; Q2_K's 20, then d and dmin; Q8_0's d,
         // then 8 words; Q4_0's, 4; Q5_0's, 5; Q4_1's d and m, then 4 words; Q5_1's, 5.
         let types = [
-            (BlockType::Q4K, 0..4),
-            (BlockType::Q5K, 0..4),
-            (BlockType::Q6K, 208..210),
-            (BlockType::Q3K, 108..110),
-            (BlockType::Q2K, 80..84),
-            (BlockType::Q8_0, 0..2),
-            (BlockType::Q4_0, 0..2),
-            (BlockType::Q5_0, 0..2),
-            (BlockType::Q4_1, 0..4),
-            (BlockType::Q5_1, 0..4),
+            (BlockType::Q4KInterleaved, 0..4),
+            (BlockType::Q5KInterleaved, 0..4),
+            (BlockType::Q6KInterleaved, 208..210),
+            (BlockType::Q3KInterleaved, 108..110),
+            (BlockType::Q2KInterleaved, 80..84),
+            (BlockType::Q8_0Interleaved, 0..2),
+            (BlockType::Q4_0Interleaved, 0..2),
+            (BlockType::Q5_0Interleaved, 0..2),
+            (BlockType::Q4_1Interleaved, 0..4),
+            (BlockType::Q5_1Interleaved, 0..4),
         ];
-        for (ty, halves) in types {
+        for (layout, halves) in types {
+            let ty = layout.in_file();
             let (rows, cols) = (32, 2 * ty.block_values());
             let (row_bytes, bytes) = (ty.row_bytes(cols), ty.block_bytes());
             let file: Vec<u8> = (0..rows * row_bytes).map(|at| (at * 7 % 251) as u8).collect();
             let mut split = file.clone();
-            interleave(ty, &mut split, cols, false);
+            layout.rearrange(&mut split, cols, false);
             for r in 0..rows {
                 for b in 0..2 {
                     let block = &file[r * row_bytes + b * bytes..][..bytes];
@@ -469,8 +491,7 @@ mod tests {
                     }
                 }
             }
-            interleave(ty, &mut split, cols, true);
-            assert_eq!(split, file);
+            assert!(in_file_and_back(layout, &file, &split, cols) == file, "{ty:?} back as the file has it");
         }
     }
 }
