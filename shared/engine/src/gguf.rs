@@ -139,7 +139,7 @@ impl GgufFile {
         let mapped = Self::open(path)?;
         let keep = matrices_to_lay_out(&mapped.content).is_empty() && crate::memory::mapped_in_huge_pages((*mapped.bytes).as_ref());
         // Which of the two a load took explains its time (on the Zen 4 VM 0.05–0.54 s mapped,
-        // 0.4–4.0 s read, for the same files).
+        // 0.13–3.6 s read, for the same files: slowest where the host backs fresh memory).
         tracing::info!(file = %path.display(), mapped = keep, "weights held");
         if keep {
             return Ok(mapped);
