@@ -26,7 +26,7 @@ pub struct GgufFile {
     bytes: FileBytes,
     reader: Cursor<Shared>,
     content: Content,
-    /// The matrices rearranged in place into the layout the kernels read fastest
+    /// The matrices laid out anew, in the layout the kernels read fastest
     /// ([`crate::weights::laid_out`]).
     laid_out: HashSet<String>,
 }
