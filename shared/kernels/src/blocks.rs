@@ -291,8 +291,8 @@ fn gather<const N: usize, const LEN: usize>(rows: &[u8], first: usize, row_bytes
         row.copy_from_slice(&rows[first + r * row_bytes..][..N]);
     }
     // Through a copy of fixed size, which the compiler moves in registers (shuffles), as it
-    // does not into `lanes` (one thread, 576 KiB of Q4_K rows in cache: 10.0 GB/s, 8.7 written
-    // into `lanes`, 5.3 a field at a time).
+    // does not into `lanes` (`--bench layout`, one thread, Q4_K: 10.0 GB/s, 8.7 written into
+    // `lanes`, 5.3 a field at a time).
     let mut side_by_side = [[0u8; N]; INTERLEAVED_ROWS];
     let out = side_by_side.as_flattened_mut();
     for k in 0..N / LEN {
