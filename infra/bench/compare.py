@@ -61,11 +61,14 @@ def last_json(engine, cmd):
 
 def median_runs(cmds, repeat):
     """Per engine (`cmds` maps each to its command), each number the median of `repeat` runs, the
-    engines taking turns: a shared machine's neighbours move single runs, and a slow spell then
-    falls on every engine alike."""
+    engines taking turns, in the other order each round: a shared machine's neighbours move single
+    runs, and a slow spell then falls on every engine alike; and where the host backs memory at
+    first touch (the Zen 4 VM), a run that follows another process pays for the memory it takes
+    afresh (our loads there 0.2 s or up to 3 s), which would fall on one engine each round."""
     runs = {engine: [] for engine in cmds}
-    for _ in range(repeat):
-        for engine, cmd in cmds.items():
+    for nth in range(repeat):
+        turns = list(cmds.items())
+        for engine, cmd in turns if nth % 2 == 0 else reversed(turns):
             runs[engine].append(last_json(engine, cmd))
     return [{key: statistics.median(run[key] for run in done) for key in done[0] if isinstance(done[0][key], (int, float))}
             for done in runs.values()]
