@@ -347,6 +347,8 @@ impl Panel {
             }
             let block = group.add(b * block_bytes);
             let (sub_scales, mins, d) = (S::scales(block), S::min_pairs(block), f16s_at(block, S::D));
+            // Only a type with minimums has a dmin after its d.
+            let dmin = if S::MIN { f16s_at(block, S::D + 2) } else { _mm512_setzero_ps() };
             for j in 0..groups {
                 let g = b * groups + j;
                 _mm512_storeu_ps(self.scales[g * PANEL_ROWS..].as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sub_block_byte(&sub_scales, j))));
@@ -356,7 +358,7 @@ impl Panel {
                     true => {
                         let pair = mins[j / 2];
                         let min = if j % 2 == 0 { _mm512_and_si512(pair, _mm512_set1_epi32(0xFFFF)) } else { _mm512_srli_epi32::<16>(pair) };
-                        _mm512_mul_ps(f16s_at(block, S::D + 2), _mm512_cvtepi32_ps(min))
+                        _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(min))
                     }
                     false => _mm512_setzero_ps(),
                 };
